@@ -1,0 +1,18 @@
+//! Pure authentication logic: everything `/verify` and the session endpoints decide, with no I/O.
+//!
+//! Each function here is synchronous and deterministic given its inputs (the clock is passed in),
+//! so it is tested exhaustively against the knox vectors without servers.
+
+mod basic;
+mod decide;
+mod expiry;
+mod header;
+mod token;
+
+pub use basic::{BasicError, LoginCredentials, parse_basic};
+pub use decide::{DenyReason, Outcome, TokenRow, UserInfo, decide, refreshed_expiry};
+pub use expiry::{format_drf_expiry, format_isoformat, parse_isoformat};
+pub use header::{Credential, parse_authorization};
+pub use token::{
+    HashAlgorithm, PresentedToken, TOKEN_KEY_LENGTH, digests_equal, generate_token, token_key_of,
+};

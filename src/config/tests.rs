@@ -1,0 +1,162 @@
+use super::*;
+
+fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[test]
+fn empty_file_gives_documented_defaults() {
+    let c = Config::from_toml_str("").unwrap();
+    assert_eq!(c.server.listen.to_string(), "0.0.0.0:8080");
+    assert_eq!(c.server.admin_listen.to_string(), "0.0.0.0:9090");
+    assert_eq!(c.knox.hash_algorithm, HashAlgorithm::Sha512);
+    assert_eq!(c.knox.token_ttl, Some(Duration::from_secs(36_000)));
+    assert_eq!(c.redis.max_cache_ttl, Duration::from_secs(300));
+    assert_eq!(c.redis.command_timeout, Duration::from_millis(250));
+    assert_eq!(c.cache.consistency, Consistency::Notify);
+    assert_eq!(c.verify.path, "/verify");
+    assert_eq!(c.sessions.base_path, "/api/auth/");
+}
+
+#[test]
+fn shipped_config_file_is_valid_and_matches_defaults() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/knoxgate.toml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let file: FileConfig = toml::from_str(&text).unwrap();
+    // Every key the code knows is in the documented file, with the same default value.
+    let shipped = toml::Table::try_from(&file).unwrap();
+    let defaults = toml::Table::try_from(FileConfig::default()).unwrap();
+    assert_eq!(shipped, defaults);
+    let raw: toml::Table = toml::from_str(&text).unwrap();
+    for (section, keys) in &defaults {
+        for key in keys.as_table().unwrap().keys() {
+            assert!(
+                raw[section].as_table().unwrap().contains_key(key),
+                "{section}.{key} undocumented"
+            );
+        }
+    }
+}
+
+#[test]
+fn env_overrides_file_and_works_without_file() {
+    let c = Config::from_toml_and_env(
+        "[server]\nlisten = \"127.0.0.1:1\"\n",
+        env(&[
+            ("KNOXGATE_LISTEN", "127.0.0.1:8081"),
+            ("KNOXGATE_ADMIN_LISTEN", "127.0.0.1:9091"),
+            ("KNOXGATE_POSTGRES_URL", "postgres://u@db:5432/app"),
+            ("KNOXGATE_REDIS_URL", "redis://cache:6379/2"),
+            ("KNOXGATE_KNOX_TOKEN_TTL", "none"),
+            ("KNOXGATE_KNOX_AUTO_REFRESH", "true"),
+            ("KNOXGATE_SESSIONS_TRUSTED_PROXIES", "10.0.0.0/8, 127.0.0.1"),
+            ("KNOXGATE_CACHE_MEMORY_MAX_ENTRIES", "5"),
+            ("KNOXGATE_CONFIG", "/ignored"),
+            ("PATH", "/bin"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(c.server.listen.to_string(), "127.0.0.1:8081");
+    assert_eq!(c.server.admin_listen.to_string(), "127.0.0.1:9091");
+    assert_eq!(c.postgres.url, "postgres://u@db:5432/app");
+    assert_eq!(c.redis.url.as_deref(), Some("redis://cache:6379/2"));
+    assert_eq!(c.knox.token_ttl, None);
+    assert!(c.knox.auto_refresh);
+    assert_eq!(c.sessions.trusted_proxies.len(), 2);
+    assert_eq!(c.cache.memory_max_entries, 5);
+}
+
+#[test]
+fn errors_name_the_key() {
+    let cases: &[(&str, &str)] = &[
+        ("[server]\nlisten = \"nowhere\"", "server.listen"),
+        (
+            "[server]\nrequest_timeout = \"5\"",
+            "server.request_timeout",
+        ),
+        (
+            "[server]\nrequest_timeout = \"5 parsecs\"",
+            "server.request_timeout",
+        ),
+        (
+            "[knox]\ntoken_prefix = \"elevenchars\"",
+            "knox.token_prefix",
+        ),
+        ("[knox]\nhash_algorithm = \"md5\"", "knox.hash_algorithm"),
+        ("[cache]\nconsistency = \"eventual\"", "cache.consistency"),
+        (
+            "[postgres]\ntoken_table = \"x; drop table y\"",
+            "postgres.token_table",
+        ),
+        ("[postgres]\nurl = \"mysql://nope\"", "postgres.url"),
+        ("[redis]\nurl = \"http://nope\"", "redis.url"),
+        (
+            "[verify]\nuser_id_header = \"bad header\"",
+            "verify.user_id_header",
+        ),
+        ("[log]\nformat = \"xml\"", "log.format"),
+    ];
+    for (text, key) in cases {
+        let err = Config::from_toml_str(text).unwrap_err().to_string();
+        assert!(err.contains(key), "{text:?} gave {err:?}");
+    }
+}
+
+#[test]
+fn unknown_keys_and_variables_fail() {
+    let err = Config::from_toml_str("[server]\nlisen = \"x\"")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("lisen"), "{err}");
+    let err = Config::from_toml_str("[nosuch]\na = 1")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("nosuch"), "{err}");
+    let err = Config::from_toml_and_env("", env(&[("KNOXGATE_REDIS_URLL", "x")])).unwrap_err();
+    assert!(err.to_string().contains("KNOXGATE_REDIS_URLL"));
+    let err =
+        Config::from_toml_and_env("", env(&[("KNOXGATE_MAX_CONNECTIONS", "many")])).unwrap_err();
+    assert!(err.to_string().contains("KNOXGATE_MAX_CONNECTIONS"));
+}
+
+#[test]
+fn durations_need_units() {
+    assert_eq!(
+        parse_duration("k", "250ms").unwrap(),
+        Duration::from_millis(250)
+    );
+    assert_eq!(
+        parse_duration("k", "1.5s").unwrap(),
+        Duration::from_millis(1500)
+    );
+    assert_eq!(
+        parse_duration("k", "10h").unwrap(),
+        Duration::from_secs(36000)
+    );
+    assert!(parse_duration("k", "10").is_err());
+    assert!(parse_duration("k", "s").is_err());
+}
+
+#[test]
+fn empty_redis_url_disables_redis() {
+    let c = Config::from_toml_str("[redis]\nurl = \"\"").unwrap();
+    assert!(c.redis.url.is_none());
+}
+
+#[test]
+fn trusted_proxy_matching() {
+    use std::net::IpAddr;
+    let net = ipnet_lite::IpNet::parse("10.1.0.0/16").unwrap();
+    assert!(net.contains("10.1.2.3".parse::<IpAddr>().unwrap()));
+    assert!(!net.contains("10.2.0.1".parse::<IpAddr>().unwrap()));
+    assert!(net.contains("::ffff:10.1.0.9".parse::<IpAddr>().unwrap()));
+    assert!(ipnet_lite::IpNet::parse("10.0.0.0/33").is_none());
+    assert!(
+        ipnet_lite::IpNet::parse("::1")
+            .unwrap()
+            .contains("::1".parse().unwrap())
+    );
+}

@@ -1,0 +1,73 @@
+//! The admin listener: `/metrics`, `/healthz` (process alive), `/readyz` (Postgres reachable).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode, body::Incoming, header};
+
+use super::respond::Body;
+use crate::{app::App, config::Consistency};
+
+pub async fn admin_service(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
+    match req.uri().path() {
+        "/metrics" => {
+            app.metrics
+                .memory_entries
+                .set(app.store.memory_entries() as i64);
+            let redis_up = app.store.redis().is_some_and(|r| r.is_connected());
+            app.metrics.redis_connected.set(i64::from(redis_up));
+            let mut r = Response::new(Full::new(Bytes::from(app.metrics.encode())));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+            );
+            r
+        }
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" => readiness(&app).await,
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain"),
+    );
+    r
+}
+
+/// 200 only when Postgres answers; the body reports each dependency.
+async fn readiness(app: &App) -> Response<Body> {
+    let postgres_ok = app.store.postgres().ping().await.is_ok();
+    let redis = match app.store.redis() {
+        None => "disabled",
+        Some(r) if r.is_connected() => "connected",
+        Some(_) => "disconnected",
+    };
+    let feed = match app.config.cache.consistency {
+        Consistency::Notify if app.store.feed_live() => "live",
+        // Answers stay correct (cached ones are confirmed with Postgres) but cost SQL.
+        Consistency::Notify => "down",
+        _ => "off",
+    };
+    let body = serde_json::json!({
+        "postgres": if postgres_ok { "ok" } else { "unreachable" },
+        "redis": redis,
+        "feed": feed,
+    });
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = if postgres_ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    r
+}

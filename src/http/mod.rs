@@ -1,0 +1,72 @@
+//! HTTP routing. The main listener serves `/verify` and the session endpoints; the admin
+//! listener serves metrics and health. Request-wide limits (in-flight cap, deadline) are
+//! applied here, around every handler.
+
+pub mod admin;
+pub mod respond;
+pub mod session;
+pub mod throttle;
+pub mod verify;
+
+use std::{net::SocketAddr, sync::Arc};
+
+use hyper::{Request, Response, body::Incoming};
+
+use crate::{app::App, error::Error};
+use respond::Body;
+use session::Endpoint;
+
+/// Entry point of the main listener.
+pub async fn main_service(
+    app: Arc<App>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<Body> {
+    // Shed load rather than queue: a forward-auth answer that comes late is worth nothing.
+    let Ok(_permit) = Arc::clone(&app.in_flight).try_acquire_owned() else {
+        app.metrics.load_shed.inc();
+        return respond::error(&Error::Overloaded);
+    };
+    match tokio::time::timeout(app.config.server.request_timeout, route(&app, req, peer)).await {
+        Ok(response) => response,
+        Err(_) => {
+            app.metrics
+                .verify_outcomes
+                .get_or_create(&crate::metrics::OutcomeLabels {
+                    outcome: "error",
+                    reason: "deadline_exceeded",
+                })
+                .inc();
+            respond::error(&Error::DeadlineExceeded)
+        }
+    }
+}
+
+async fn route(app: &Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    let path = req.uri().path();
+    let verify_path = app.config.verify.path.as_str();
+    if path
+        .strip_prefix(verify_path)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    {
+        return verify::verify(app, req.method(), req.headers()).await;
+    }
+    let sessions = &app.config.sessions;
+    let endpoint = sessions
+        .enabled
+        .then(|| {
+            path.strip_prefix(sessions.base_path.as_str())
+                .and_then(Endpoint::from_path)
+        })
+        .flatten();
+    let Some(endpoint) = endpoint else {
+        return respond::not_found();
+    };
+    let (parts, body) = req.into_parts();
+    let result = match endpoint {
+        Endpoint::Login => session::login(app, parts, body, peer.ip()).await,
+        Endpoint::Logout => session::logout(app, &parts, false).await,
+        Endpoint::LogoutAll => session::logout(app, &parts, true).await,
+    };
+    result.unwrap_or_else(|e| respond::error(&e))
+}

@@ -1,0 +1,182 @@
+//! The only place a status code is chosen: decisions and errors become responses here, and
+//! errors are logged and counted here, once.
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{
+    Response, StatusCode,
+    header::{self, HeaderValue},
+};
+
+use crate::{
+    auth::{DenyReason, TokenRow, format_drf_expiry},
+    config::VerifyConfig,
+    error::Error,
+};
+
+pub type Body = Full<Bytes>;
+
+fn json(status: StatusCode, body: String) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn detail(status: StatusCode, text: &str) -> Response<Body> {
+    json(status, serde_json::json!({ "detail": text }).to_string())
+}
+
+fn header_value(s: &str) -> HeaderValue {
+    // Values come from the database; anything a header cannot carry is dropped, not sent raw.
+    HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// 200 for an allowed token, with the identity headers. The user id header is always present.
+pub fn allow(row: &TokenRow, cfg: &VerifyConfig) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::new()));
+    let h = r.headers_mut();
+    h.insert(cfg.user_id_header.clone(), header_value(&row.user_id));
+    if let Some(name) = &cfg.username_header {
+        h.insert(name.clone(), header_value(&row.user.username));
+    }
+    if let Some(name) = &cfg.email_header {
+        h.insert(name.clone(), header_value(&row.user.email));
+    }
+    if let Some(name) = &cfg.expiry_header {
+        let v = row
+            .expiry
+            .map_or_else(|| "none".to_owned(), format_drf_expiry);
+        h.insert(name.clone(), header_value(&v));
+    }
+    r
+}
+
+/// 200 for a CORS preflight let through without a token: no identity headers.
+pub fn preflight() -> Response<Body> {
+    Response::new(Full::new(Bytes::new()))
+}
+
+/// 401 with knox's `detail` and `WWW-Authenticate: <keyword>`.
+pub fn deny(reason: DenyReason, keyword: &str) -> Response<Body> {
+    let mut r = detail(StatusCode::UNAUTHORIZED, reason.detail());
+    r.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, header_value(keyword));
+    r
+}
+
+/// 401 from a login: DRF's BasicAuthentication header.
+pub fn login_refused(text: &str) -> Response<Body> {
+    let mut r = detail(StatusCode::UNAUTHORIZED, text);
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Basic realm=\"api\""),
+    );
+    drf_view_headers(&mut r);
+    r
+}
+
+/// knox's login body: `{"expiry":…,"token":…}`, keys in that order.
+pub fn login_ok(expiry: Option<time::OffsetDateTime>, token: &str) -> Response<Body> {
+    let expiry = expiry.map_or(serde_json::Value::Null, |e| format_drf_expiry(e).into());
+    let body = format!(
+        "{{\"expiry\":{},\"token\":{}}}",
+        expiry,
+        serde_json::Value::from(token)
+    );
+    let mut r = json(StatusCode::OK, body);
+    drf_view_headers(&mut r);
+    r
+}
+
+/// 403 when TOKEN_LIMIT_PER_USER is reached (knox uses the key `error`, not `detail`).
+pub fn token_limit_reached() -> Response<Body> {
+    let mut r = json(
+        StatusCode::FORBIDDEN,
+        "{\"error\":\"Maximum amount of tokens allowed per user exceeded.\"}".into(),
+    );
+    drf_view_headers(&mut r);
+    r
+}
+
+/// 204 after logout / logout-all.
+pub fn no_content() -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = StatusCode::NO_CONTENT;
+    drf_view_headers(&mut r);
+    r
+}
+
+/// 405 as DRF words it.
+pub fn method_not_allowed(method: &hyper::Method) -> Response<Body> {
+    let mut r = detail(
+        StatusCode::METHOD_NOT_ALLOWED,
+        &format!("Method \"{}\" not allowed.", method.as_str()),
+    );
+    drf_view_headers(&mut r);
+    r
+}
+
+/// 429 for a throttled login.
+pub fn throttled(retry_after_secs: u64) -> Response<Body> {
+    let mut r = detail(
+        StatusCode::TOO_MANY_REQUESTS,
+        &format!("Request was throttled. Expected available in {retry_after_secs} seconds."),
+    );
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+    r
+}
+
+pub fn not_found() -> Response<Body> {
+    detail(StatusCode::NOT_FOUND, "Not found.")
+}
+
+/// Headers DRF adds to every response of knox's views.
+fn drf_view_headers(r: &mut Response<Body>) {
+    let h = r.headers_mut();
+    h.insert(header::VARY, HeaderValue::from_static("Accept"));
+    h.insert(header::ALLOW, HeaderValue::from_static("POST, OPTIONS"));
+}
+
+/// The response for a failure. Outages are 503 (never 401, never 2xx); client mistakes 4xx.
+pub fn error(e: &Error) -> Response<Body> {
+    match e {
+        Error::StoreUnavailable(inner) => {
+            tracing::warn!(error = %inner, "cannot decide: token store unavailable");
+            detail(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Authentication service unavailable.",
+            )
+        }
+        Error::DeadlineExceeded => {
+            tracing::warn!("request deadline exceeded");
+            detail(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Authentication service unavailable.",
+            )
+        }
+        Error::Overloaded => {
+            let mut r = detail(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Authentication service overloaded.",
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            r
+        }
+        Error::BadRequest(what) => detail(StatusCode::BAD_REQUEST, what),
+        Error::PayloadTooLarge => detail(StatusCode::PAYLOAD_TOO_LARGE, "Request body too large."),
+        Error::UnsupportedMediaType => detail(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "Unsupported media type in request; send application/json or HTTP Basic credentials.",
+        ),
+        Error::Internal(what) => {
+            tracing::error!(error = %what, "internal error");
+            detail(StatusCode::INTERNAL_SERVER_ERROR, "Internal error.")
+        }
+    }
+}

@@ -1,0 +1,111 @@
+//! `/verify`: parse → tiered lookup → decide → respond. Also the token authentication that
+//! logout and logout-all share with it.
+
+use std::sync::Arc;
+
+use hyper::{HeaderMap, Method, Response, header};
+use time::OffsetDateTime;
+
+use super::respond::{self, Body};
+use crate::{
+    app::App,
+    auth::{DenyReason, Outcome, TokenRow, decide, parse_authorization, refreshed_expiry},
+    error::Error,
+    metrics::OutcomeLabels,
+};
+
+/// The token row behind the request's `Authorization` header, or why it is refused.
+pub async fn authenticate(
+    app: &Arc<App>,
+    headers: &HeaderMap,
+) -> Result<Result<TokenRow, DenyReason>, Error> {
+    let cfg = &app.config;
+    let values: Vec<&[u8]> = headers
+        .get_all(header::AUTHORIZATION)
+        .iter()
+        .map(|v| v.as_bytes())
+        .collect();
+    let presented = match parse_authorization(&values, &cfg.knox.auth_header_prefix)
+        .into_presented(cfg.verify.max_token_chars)
+    {
+        Ok(p) => p,
+        Err(reason) => return Ok(Err(reason)),
+    };
+    let digest = presented.digest(cfg.knox.hash_algorithm);
+    let key = presented.key();
+    let lookup = app.store.lookup(key, &digest).await?;
+    let now = OffsetDateTime::now_utc();
+    match decide(&lookup.entry.rows, &digest, now) {
+        Outcome::Allow(row) => {
+            if cfg.knox.auto_refresh {
+                let k = &cfg.knox;
+                let ttl = k.token_ttl.and_then(|d| time::Duration::try_from(d).ok());
+                let max = k
+                    .auto_refresh_max_ttl
+                    .and_then(|d| time::Duration::try_from(d).ok());
+                let min = time::Duration::try_from(k.min_refresh_interval)
+                    .unwrap_or(time::Duration::MINUTE);
+                if let Some(new_expiry) = refreshed_expiry(row, now, ttl, max, min) {
+                    app.store.refresh(row, new_expiry);
+                }
+            }
+            Ok(Ok(row.clone()))
+        }
+        Outcome::Expired(_) => {
+            // knox deletes an expired token when it is presented. The answer is 401 either way,
+            // so a failed delete (Postgres down) is only logged; the row stays refused.
+            if let Err(e) = app.store.delete_expired(key, &digest).await {
+                tracing::debug!(error = %e, "could not delete an expired token");
+            }
+            Ok(Err(DenyReason::InvalidToken))
+        }
+        other => Ok(Err(other.deny_reason().unwrap_or(DenyReason::InvalidToken))),
+    }
+}
+
+/// Handles `/verify` and its sub-paths, any method. The body is never read.
+pub async fn verify(app: &Arc<App>, method: &Method, headers: &HeaderMap) -> Response<Body> {
+    let started = std::time::Instant::now();
+    let cfg = &app.config;
+    let (response, labels) = if cfg.verify.allow_cors_preflight
+        && method == Method::OPTIONS
+        && headers.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
+    {
+        (
+            respond::preflight(),
+            OutcomeLabels {
+                outcome: "allow",
+                reason: "cors_preflight",
+            },
+        )
+    } else {
+        match authenticate(app, headers).await {
+            Ok(Ok(row)) => (
+                respond::allow(&row, &cfg.verify),
+                OutcomeLabels {
+                    outcome: "allow",
+                    reason: "valid",
+                },
+            ),
+            Ok(Err(reason)) => (
+                respond::deny(reason, &cfg.knox.auth_header_prefix),
+                OutcomeLabels {
+                    outcome: "deny",
+                    reason: reason.label(),
+                },
+            ),
+            Err(e) => (
+                respond::error(&e),
+                OutcomeLabels {
+                    outcome: "error",
+                    reason: e.label(),
+                },
+            ),
+        }
+    };
+    app.metrics.verify_outcomes.get_or_create(&labels).inc();
+    app.metrics
+        .verify_duration
+        .observe(started.elapsed().as_secs_f64());
+    response
+}

@@ -1,0 +1,29 @@
+//! knoxgate: a forward-auth sidecar that verifies django-rest-knox tokens.
+//!
+//! # Layout
+//!
+//! - [`auth`]: pure logic with no I/O — `Authorization` parsing exactly as knox does it, token
+//!   digests, the allow/deny decision, knox's expiry formatting and refresh rule, Basic credentials.
+//! - [`password`]: Django password hashes (verify every hasher Django ships, make pbkdf2_sha256).
+//! - [`store`]: the tiered token lookup — in-process cache → Redis → Postgres — and the writes
+//!   (login, logout, expired-token cleanup) that keep all tiers consistent.
+//! - [`feed`]: the Postgres change feed (LISTEN + revocation log) that evicts revoked tokens.
+//! - [`http`]: routing and handlers; `http::respond` is the only place a status code is chosen.
+//! - [`server`]: listeners, connection and in-flight limits, timeouts, graceful drain.
+//! - [`config`]: TOML file + `KNOXGATE_*` environment → validated, typed [`config::Config`].
+//! - [`metrics`]: the Prometheus metric families, registered once.
+//! - [`schema`]: `knoxgate migrate`: Django-compatible tables and the revocation triggers.
+//! - [`app`]: wiring — builds the runtime handles from a `Config` and runs the service.
+
+pub mod app;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod feed;
+pub mod http;
+pub mod metrics;
+pub mod password;
+pub mod schema;
+pub mod server;
+pub mod store;

@@ -1,0 +1,222 @@
+//! Prometheus metrics: one struct of typed families, registered once and shared.
+//!
+//! Labels are bounded enums (tier, result, reason, statement); never tokens, user ids or paths.
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TierLabels {
+    pub tier: &'static str,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatementLabels {
+    pub statement: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabels {
+    pub op: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: &'static str,
+}
+
+/// Every metric knoxgate exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Cache lookups by tier (memory, redis) and result (hit, miss, negative_hit).
+    pub cache_lookups: Family<TierLabels, Counter>,
+    /// `/verify` answers by outcome (allow, deny, error) and reason.
+    pub verify_outcomes: Family<OutcomeLabels, Counter>,
+    /// `/verify` latency, from request head to response.
+    pub verify_duration: Histogram,
+    /// SQL statements sent, by statement.
+    pub sql_statements: Family<StatementLabels, Counter>,
+    /// Postgres failures (unreachable, timeout, error).
+    pub postgres_errors: Counter,
+    /// Redis commands sent, by operation.
+    pub redis_commands: Family<OpLabels, Counter>,
+    /// Redis failures (disconnected, timeout, error), by operation.
+    pub redis_errors: Family<OpLabels, Counter>,
+    /// Answers served from cache while Postgres could not be reached (stale-if-error).
+    pub stale_answers: Counter,
+    /// Concurrent cache misses that waited for another request's lookup instead of querying.
+    pub coalesced_misses: Counter,
+    /// Login attempts by result.
+    pub logins: Family<ResultLabels, Counter>,
+    /// Logouts by kind (logout, logoutall).
+    pub logouts: Family<KindLabels, Counter>,
+    /// Time spent checking a password hash.
+    pub password_check_duration: Histogram,
+    /// Requests refused with 503 because `server.max_in_flight` was reached.
+    pub load_shed: Counter,
+    /// 1 while the change-feed listener is connected and caught up.
+    pub feed_connected: Gauge,
+    /// Change-feed events applied, by kind (token, user, insert).
+    pub feed_events: Family<KindLabels, Counter>,
+    /// 1 while Redis is connected.
+    pub redis_connected: Gauge,
+    /// Entries in the in-process cache (sampled at scrape).
+    pub memory_entries: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("knoxgate");
+        let m = Metrics {
+            cache_lookups: Family::default(),
+            verify_outcomes: Family::default(),
+            // 50 µs … ~1.6 s
+            verify_duration: Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.00005, 2.0, 16),
+            ),
+            sql_statements: Family::default(),
+            postgres_errors: Counter::default(),
+            redis_commands: Family::default(),
+            redis_errors: Family::default(),
+            stale_answers: Counter::default(),
+            coalesced_misses: Counter::default(),
+            logins: Family::default(),
+            logouts: Family::default(),
+            password_check_duration: Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.005, 2.0, 10),
+            ),
+            load_shed: Counter::default(),
+            feed_connected: Gauge::default(),
+            feed_events: Family::default(),
+            redis_connected: Gauge::default(),
+            memory_entries: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "cache_lookups",
+            "Cache lookups by tier and result",
+            m.cache_lookups.clone(),
+        );
+        registry.register(
+            "verify",
+            "/verify answers by outcome and reason",
+            m.verify_outcomes.clone(),
+        );
+        registry.register(
+            "verify_duration_seconds",
+            "/verify latency in seconds",
+            m.verify_duration.clone(),
+        );
+        registry.register(
+            "sql_statements",
+            "SQL statements sent to Postgres",
+            m.sql_statements.clone(),
+        );
+        registry.register(
+            "postgres_errors",
+            "Postgres failures",
+            m.postgres_errors.clone(),
+        );
+        registry.register(
+            "redis_commands",
+            "Redis commands sent",
+            m.redis_commands.clone(),
+        );
+        registry.register("redis_errors", "Redis failures", m.redis_errors.clone());
+        registry.register(
+            "stale_answers",
+            "Answers served from cache while Postgres was unreachable",
+            m.stale_answers.clone(),
+        );
+        registry.register(
+            "coalesced_misses",
+            "Cache misses that shared another request's lookup",
+            m.coalesced_misses.clone(),
+        );
+        registry.register("logins", "Login attempts by result", m.logins.clone());
+        registry.register("logouts", "Logouts by kind", m.logouts.clone());
+        registry.register(
+            "password_check_duration_seconds",
+            "Time to check a password hash",
+            m.password_check_duration.clone(),
+        );
+        registry.register(
+            "load_shed",
+            "Requests refused because max_in_flight was reached",
+            m.load_shed.clone(),
+        );
+        registry.register(
+            "feed_connected",
+            "1 while the Postgres change feed is connected and caught up",
+            m.feed_connected.clone(),
+        );
+        registry.register(
+            "feed_events",
+            "Change-feed events applied",
+            m.feed_events.clone(),
+        );
+        registry.register(
+            "redis_connected",
+            "1 while Redis is connected",
+            m.redis_connected.clone(),
+        );
+        registry.register(
+            "memory_cache_entries",
+            "Entries in the in-process cache",
+            m.memory_entries.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// The registry in Prometheus text format (0.0.4).
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(8192);
+        prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+
+    pub fn sql(&self, statement: &'static str) {
+        self.sql_statements
+            .get_or_create(&StatementLabels { statement })
+            .inc();
+    }
+
+    pub fn redis_command(&self, op: &'static str) {
+        self.redis_commands.get_or_create(&OpLabels { op }).inc();
+    }
+
+    pub fn redis_error(&self, op: &'static str) {
+        self.redis_errors.get_or_create(&OpLabels { op }).inc();
+    }
+
+    pub fn lookup(&self, tier: &'static str, result: &'static str) {
+        self.cache_lookups
+            .get_or_create(&TierLabels { tier, result })
+            .inc();
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The content type of [`Metrics::encode`].
+pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;

@@ -1,0 +1,240 @@
+//! django-rest-knox-redis cache entries (schema v2): encoding and tolerant decoding.
+//!
+//! The JSON is written the way Python's `json.dumps` writes it (", " and ": " separators, fields
+//! in knox-redis's order) so a Django app reading the same Redis cannot tell who wrote an entry.
+//! knoxgate adds one field, `knoxgate`, carrying the user's status; knox-redis ignores it.
+//! Anything we cannot read for certain is a miss, never an error and never an allow.
+
+use serde_json::Value;
+
+use crate::auth::{TokenRow, UserInfo, format_isoformat, parse_isoformat};
+
+/// A token row as read from a cache entry. `user` is `None` for entries written by
+/// django-rest-knox-redis, which does not record the user's status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CachedRow {
+    pub digest: String,
+    pub token_key: String,
+    pub user_id: String,
+    pub created: time::OffsetDateTime,
+    pub expiry: Option<time::OffsetDateTime>,
+    pub user: Option<UserInfo>,
+}
+
+impl CachedRow {
+    /// The row with a known user, if the entry carried one.
+    pub fn into_row(self) -> Option<TokenRow> {
+        match self.user {
+            Some(user) => Some(TokenRow {
+                digest: self.digest,
+                token_key: self.token_key,
+                user_id: self.user_id,
+                created: self.created,
+                expiry: self.expiry,
+                user,
+            }),
+            None => None,
+        }
+    }
+}
+
+/// Largest entry we parse; real ones are ~400 bytes.
+pub const MAX_PAYLOAD_BYTES: usize = 4096;
+
+fn json_str(s: &str) -> String {
+    serde_json::to_string(s).expect("strings always serialise")
+}
+
+/// Writes the user id as knox-redis does: a JSON number for integer keys, else a string.
+fn json_user_id(id: &str) -> String {
+    match id.parse::<i64>() {
+        Ok(n) if n.to_string() == id => n.to_string(),
+        _ => json_str(id),
+    }
+}
+
+/// The entry for `row`, byte-compatible with django-rest-knox-redis 0.2.0.
+pub fn encode(row: &TokenRow) -> String {
+    let expiry = row
+        .expiry
+        .map_or_else(|| "null".to_owned(), |e| json_str(&format_isoformat(e)));
+    format!(
+        "{{\"schema_version\": 2, \"digest\": {}, \"user_id\": {}, \"created\": {}, \"expiry\": {}, \"token_key\": {}, \"knoxgate\": {{\"is_active\": {}, \"username\": {}, \"email\": {}}}}}",
+        json_str(&row.digest),
+        json_user_id(&row.user_id),
+        json_str(&format_isoformat(row.created)),
+        expiry,
+        json_str(&row.token_key),
+        row.user.is_active,
+        json_str(&row.user.username),
+        json_str(&row.user.email),
+    )
+}
+
+/// Reads an entry stored under `token_key`, with knox-redis's acceptance rules.
+pub fn decode(token_key: &str, payload: &str) -> Option<CachedRow> {
+    if payload.len() > MAX_PAYLOAD_BYTES {
+        return None;
+    }
+    let v: Value = serde_json::from_str(payload).ok()?;
+    let obj = v.as_object()?;
+    if obj.get("schema_version")?.as_i64()? != 2 {
+        return None;
+    }
+    let digest = obj.get("digest")?.as_str()?;
+    // A digest is lowercase hex; anything else cannot match a real token anyway.
+    if digest.is_empty() || digest.len() > 128 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    if obj.get("token_key")?.as_str()? != token_key {
+        return None;
+    }
+    let created = parse_isoformat(obj.get("created")?.as_str()?)?;
+    let expiry = match obj.get("expiry") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(parse_isoformat(v.as_str()?)?),
+    };
+    let user_id = match obj.get("user_id")? {
+        Value::Number(n) if n.is_i64() || n.is_u64() => n.to_string(),
+        Value::String(s) if !s.is_empty() && s.len() <= 64 => s.clone(),
+        _ => return None,
+    };
+    let user = match obj.get("knoxgate") {
+        Some(Value::Object(k)) => Some(UserInfo {
+            is_active: k.get("is_active")?.as_bool()?,
+            username: k.get("username")?.as_str()?.to_owned(),
+            email: k.get("email")?.as_str()?.to_owned(),
+        }),
+        // A malformed extra makes the whole entry suspect.
+        Some(_) => return None,
+        None => None,
+    };
+    Some(CachedRow {
+        digest: digest.to_owned(),
+        token_key: token_key.to_owned(),
+        user_id,
+        created,
+        expiry,
+        user,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    fn redis_json() -> Value {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../shared/knox-compat/redis.json");
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    }
+
+    fn row() -> TokenRow {
+        TokenRow {
+            digest: "3c34a6be886bd514".into(),
+            token_key: "3a97fcfba3ee5cc".into(),
+            user_id: "13".into(),
+            created: datetime!(2026-11-25 04:06:00.570372 UTC),
+            expiry: Some(datetime!(2026-11-25 14:06:00.570105 UTC)),
+            user: UserInfo {
+                is_active: true,
+                username: "zoë".into(),
+                email: "z@x".into(),
+            },
+        }
+    }
+
+    #[test]
+    fn entries_written_by_knox_redis_are_read() {
+        let v = redis_json();
+        for ex in v["examples"].as_array().unwrap() {
+            let key = ex["db_row"]["token_key"].as_str().unwrap();
+            let got = decode(key, ex["redis_value_raw"].as_str().unwrap()).expect("readable");
+            assert_eq!(got.digest, ex["db_row"]["digest"].as_str().unwrap());
+            assert_eq!(got.user_id, ex["db_row"]["user_id"].to_string());
+            assert_eq!(
+                format_isoformat(got.created),
+                ex["db_row"]["created"].as_str().unwrap()
+            );
+            assert_eq!(
+                got.expiry.map(format_isoformat).as_deref(),
+                ex["db_row"]["expiry"].as_str()
+            );
+            assert_eq!(got.user, None);
+        }
+        let foreign = v["foreign_writer_check"]["payload"].as_str().unwrap();
+        assert!(decode("7f84a8dd1717525", foreign).is_some());
+    }
+
+    #[test]
+    fn our_entry_is_knox_redis_bytes_plus_one_field() {
+        let v = redis_json();
+        let ex = &v["examples"][0];
+        let db = &ex["db_row"];
+        let mut r = row();
+        r.digest = db["digest"].as_str().unwrap().into();
+        let ours = encode(&r);
+        let theirs = ex["redis_value_raw"].as_str().unwrap();
+        // Same bytes up to the closing brace, then our extra field.
+        let prefix = &theirs[..theirs.len() - 1];
+        assert!(ours.starts_with(prefix), "{ours}\n{theirs}");
+        assert!(ours[prefix.len()..].starts_with(", \"knoxgate\": {"));
+        assert_eq!(decode(&r.token_key, &ours).unwrap().into_row().unwrap(), r);
+    }
+
+    #[test]
+    fn variants_follow_knox_redis_acceptance() {
+        let base = encode(&row());
+        let variant = |from: &str, to: &str| base.replace(from, to);
+        // Accepted by knox-redis and by us.
+        assert!(
+            decode(
+                "3a97fcfba3ee5cc",
+                &variant("\"user_id\": 13", "\"user_id\": \"13\"")
+            )
+            .is_some()
+        );
+        assert!(
+            decode(
+                "3a97fcfba3ee5cc",
+                &variant("04:06:00.570372+00:00", "04:06:00.570372Z")
+            )
+            .is_some()
+        );
+        // Misses.
+        for (from, to) in [
+            ("\"schema_version\": 2", "\"schema_version\": 1"),
+            (
+                "\"token_key\": \"3a97fcfba3ee5cc\"",
+                "\"token_key\": \"other\"",
+            ),
+            ("2026-11-25T04:06:00.570372+00:00", "yesterday"),
+            ("\"user_id\": 13, ", ""),
+            ("\"digest\": \"3c34a6be886bd514\"", "\"digest\": 5"),
+            ("\"is_active\": true", "\"is_active\": \"yes\""),
+        ] {
+            assert_eq!(
+                decode("3a97fcfba3ee5cc", &variant(from, to)),
+                None,
+                "{from} -> {to}"
+            );
+        }
+        assert_eq!(decode("3a97fcfba3ee5cc", "not json"), None);
+        assert_eq!(decode("3a97fcfba3ee5cc", "[]"), None);
+        assert_eq!(
+            decode("3a97fcfba3ee5cc", &" ".repeat(MAX_PAYLOAD_BYTES + 1)),
+            None
+        );
+    }
+
+    #[test]
+    fn non_integer_user_ids_are_strings() {
+        let mut r = row();
+        r.user_id = "2f1e-uuid".into();
+        r.expiry = None;
+        let e = encode(&r);
+        assert!(e.contains("\"user_id\": \"2f1e-uuid\"") && e.contains("\"expiry\": null"));
+        assert_eq!(decode(&r.token_key, &e).unwrap().into_row().unwrap(), r);
+    }
+}

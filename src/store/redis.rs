@@ -1,0 +1,218 @@
+//! The Redis tier: django-rest-knox-redis's keys, read and written through a fred pool that
+//! never stalls a request.
+//!
+//! fred's defaults would hang (no command timeout) or never reconnect; every one is set here
+//! from config. Reads use `fail_fast`, so while Redis is down they fail in microseconds and the
+//! request goes on to Postgres; the pool reconnects in the background. No command touches two
+//! keys at once and nothing uses MULTI, so the same code runs on Redis Cluster.
+
+use std::{sync::Arc, time::Duration};
+
+use fred::{
+    interfaces::{ClientLike, KeysInterface, SetsInterface},
+    prelude::{Builder, Pool},
+    types::{
+        Expiration,
+        config::{Config as FredConfig, Options, ReconnectPolicy, UnresponsiveConfig},
+    },
+};
+use time::OffsetDateTime;
+
+use super::payload::{self, CachedRow};
+use crate::{auth::TokenRow, config::RedisConfig, metrics::Metrics};
+
+/// A Redis failure. Never a reason to deny: callers fall back to Postgres.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("redis: {0}")]
+pub struct RedisError(String);
+
+impl From<fred::error::Error> for RedisError {
+    fn from(e: fred::error::Error) -> Self {
+        RedisError(e.to_string())
+    }
+}
+
+/// Handle to the Redis tier.
+#[derive(Clone)]
+pub struct RedisTier {
+    pool: Pool,
+    prefix: Arc<str>,
+    max_ttl: Duration,
+    read_options: Options,
+    write_options: Options,
+    metrics: Arc<Metrics>,
+}
+
+impl RedisTier {
+    /// Builds the pool and starts connecting in the background; never waits for Redis.
+    pub fn connect(
+        cfg: &RedisConfig,
+        url: &str,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, RedisError> {
+        let mut config = FredConfig::from_url(url)?;
+        // Start even while Redis is down; the reconnect policy brings it in later.
+        config.fail_fast = false;
+        let mut builder = Builder::from_config(config);
+        builder
+            .with_connection_config(|c| {
+                c.connection_timeout = cfg.connect_timeout;
+                c.internal_command_timeout = cfg.connect_timeout;
+                c.max_command_attempts = 1;
+                c.unresponsive = UnresponsiveConfig {
+                    max_timeout: Some(cfg.unresponsive_timeout),
+                    interval: (cfg.unresponsive_timeout / 4).max(Duration::from_millis(10)),
+                };
+                c.tcp.nodelay = Some(true);
+            })
+            .with_performance_config(|p| {
+                p.default_command_timeout = cfg.command_timeout;
+            })
+            .set_policy(ReconnectPolicy::new_exponential(
+                0, // retry forever
+                100,
+                cfg.reconnect_max_delay
+                    .as_millis()
+                    .min(u128::from(u32::MAX)) as u32,
+                2,
+            ));
+        let pool = builder.build_pool(cfg.pool_size)?;
+        let _ = pool.connect_pool();
+        let read_options = Options {
+            fail_fast: true,
+            timeout: Some(cfg.command_timeout),
+            max_attempts: Some(1),
+            ..Default::default()
+        };
+        let write_options = read_options.clone();
+        Ok(Self {
+            pool,
+            prefix: cfg.key_prefix.as_str().into(),
+            max_ttl: cfg.max_cache_ttl,
+            read_options,
+            write_options,
+            metrics,
+        })
+    }
+
+    /// Whether at least one pooled connection is up.
+    pub fn is_connected(&self) -> bool {
+        self.pool.clients().iter().any(|c| c.is_connected())
+    }
+
+    fn token_key(&self, token_key: &str) -> String {
+        format!("{}:token:{}", self.prefix, token_key)
+    }
+
+    fn user_key(&self, user_id: &str) -> String {
+        format!("{}:user:{}:tokens", self.prefix, user_id)
+    }
+
+    fn record<T>(
+        &self,
+        op: &'static str,
+        r: Result<T, fred::error::Error>,
+    ) -> Result<T, RedisError> {
+        self.metrics.redis_command(op);
+        r.map_err(|e| {
+            self.metrics.redis_error(op);
+            tracing::debug!(op, error = %e, "redis command failed");
+            RedisError::from(e)
+        })
+    }
+
+    /// Reads the entry for `token_key`: `Ok(None)` on a miss or an unreadable entry.
+    pub async fn get(&self, token_key: &str) -> Result<Option<CachedRow>, RedisError> {
+        if !self.is_connected() {
+            // Skip the command entirely: fail-fast would cancel it anyway.
+            self.metrics.redis_error("get");
+            return Err(RedisError("disconnected".into()));
+        }
+        let r = self
+            .pool
+            .with_options(&self.read_options)
+            .get::<Option<String>, _>(self.token_key(token_key))
+            .await;
+        let value = self.record("get", r)?;
+        Ok(value.and_then(|v| {
+            let row = payload::decode(token_key, &v);
+            if row.is_none() {
+                tracing::warn!(
+                    token_key_len = token_key.len(),
+                    "unreadable cache entry treated as a miss"
+                );
+            }
+            row
+        }))
+    }
+
+    /// Writes `row` as knox-redis does: the entry expires at the token's expiry or after the max
+    /// cache TTL, whichever is sooner; nothing is written with less than a second left.
+    pub async fn put(&self, row: &TokenRow, now: OffsetDateTime) -> Result<(), RedisError> {
+        let cap = now + self.max_ttl;
+        let until = row.expiry.map_or(cap, |e| e.min(cap));
+        let exat = until.unix_timestamp();
+        if until - now < time::Duration::SECOND || exat <= now.unix_timestamp() {
+            return Ok(());
+        }
+        let client = self.pool.with_options(&self.write_options);
+        let set = client.set::<(), _, _>(
+            self.token_key(&row.token_key),
+            payload::encode(row),
+            Some(Expiration::EXAT(exat)),
+            None,
+            false,
+        );
+        let user_key = self.user_key(&row.user_id);
+        let sadd = client.sadd::<(), _, _>(user_key.as_str(), row.token_key.as_str());
+        let (set, sadd) = tokio::join!(set, sadd);
+        self.record("set", set)?;
+        self.record("sadd", sadd)?;
+        let r = client
+            .expire_at::<(), _>(user_key.as_str(), cap.unix_timestamp(), None)
+            .await;
+        self.record("expireat", r)
+    }
+
+    /// Removes the entries of these tokens (and their user-index members).
+    pub async fn delete(&self, tokens: &[(String, String)]) -> Result<(), RedisError> {
+        let client = self.pool.with_options(&self.write_options);
+        for (token_key, user_id) in tokens {
+            let del = client.del::<(), _>(self.token_key(token_key));
+            let srem = client.srem::<(), _, _>(self.user_key(user_id), token_key.as_str());
+            let (del, srem) = tokio::join!(del, srem);
+            self.record("del", del)?;
+            self.record("srem", srem)?;
+        }
+        Ok(())
+    }
+
+    /// Removes the entry of one token key (whoever it belongs to).
+    pub async fn delete_key(&self, token_key: &str) -> Result<(), RedisError> {
+        let r = self
+            .pool
+            .with_options(&self.write_options)
+            .del::<(), _>(self.token_key(token_key))
+            .await;
+        self.record("del", r)
+    }
+
+    /// Removes every entry of `user_id`, found through its user index.
+    pub async fn delete_user(&self, user_id: &str) -> Result<(), RedisError> {
+        let client = self.pool.with_options(&self.write_options);
+        let user_key = self.user_key(user_id);
+        let members = client.smembers::<Vec<String>, _>(user_key.as_str()).await;
+        let members = self.record("smembers", members)?;
+        for token_key in &members {
+            let r = client.del::<(), _>(self.token_key(token_key)).await;
+            self.record("del", r)?;
+        }
+        let r = client.del::<(), _>(user_key).await;
+        self.record("del", r)
+    }
+
+    /// Closes the connections.
+    pub async fn quit(&self) {
+        let _ = self.pool.quit().await;
+    }
+}
