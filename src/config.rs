@@ -116,6 +116,7 @@ file_section!(RedisFile {
     pool_size: u64 = 2u64,
     reconnect_max_delay: String = "2s",
     unresponsive_timeout: String = "1s",
+    breaker_cooldown: String = "1s",
 });
 
 file_section!(CacheFile {
@@ -246,6 +247,7 @@ pub struct RedisConfig {
     pub pool_size: usize,
     pub reconnect_max_delay: Duration,
     pub unresponsive_timeout: Duration,
+    pub breaker_cooldown: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -405,6 +407,14 @@ impl Config {
 /// Variables that belong to the CLI rather than to a config key.
 const CLI_ENV: &[&str] = &["KNOXGATE_CONFIG"];
 
+/// Kubernetes injects `<SERVICE>_SERVICE_HOST`, `<SERVICE>_PORT`, `<SERVICE>_PORT_8080_TCP…` for
+/// every Service in the namespace; a Service named `knoxgate` must not stop the pod.
+fn is_service_link(var: &str) -> bool {
+    var == "KNOXGATE_PORT"
+        || var.starts_with("KNOXGATE_SERVICE_")
+        || var.starts_with("KNOXGATE_PORT_")
+}
+
 /// Maps `KNOXGATE_*` variables onto the TOML table, typed like the key's default.
 fn apply_env(
     table: &mut toml::Table,
@@ -424,7 +434,8 @@ fn apply_env(
         }
     }
     for (var, value) in env {
-        if !var.starts_with("KNOXGATE_") || CLI_ENV.contains(&var.as_str()) {
+        if !var.starts_with("KNOXGATE_") || CLI_ENV.contains(&var.as_str()) || is_service_link(&var)
+        {
             continue;
         }
         let Some((section, key)) = names.get(&var) else {
@@ -637,7 +648,10 @@ impl FileConfig {
                     "rediss-cluster://",
                 ];
                 if !SCHEMES.iter().any(|s| redis.url.starts_with(s)) {
-                    return Err(invalid("redis.url", format!("use one of {}", SCHEMES.join(", "))));
+                    return Err(invalid(
+                        "redis.url",
+                        format!("use one of {}", SCHEMES.join(", ")),
+                    ));
                 }
                 fred::types::config::Config::from_url(&redis.url)
                     .map_err(|e| invalid("redis.url", format!("not a Redis URL: {e}")))?;
@@ -670,6 +684,7 @@ impl FileConfig {
                 "redis.unresponsive_timeout",
                 &redis.unresponsive_timeout,
             )?,
+            breaker_cooldown: parse_duration("redis.breaker_cooldown", &redis.breaker_cooldown)?,
         };
         let cache = CacheConfig {
             consistency: match cache.consistency.as_str() {

@@ -115,7 +115,8 @@ where
     T: MakeTlsConnect<Socket> + 'static,
     T::Stream: Send + 'static,
 {
-    let pg = postgres::pg_config(&config.postgres).map_err(|e| e.to_string())?;
+    let mut pg = postgres::pg_config(&config.postgres).map_err(|e| e.to_string())?;
+    pg.application_name(postgres::FEED_APPLICATION_NAME);
     let (client, mut connection) = pg.connect(tls).await.map_err(|e| format!("connect: {e}"))?;
     // The connection must be polled for notifications to arrive; pooled connections cannot.
     let (events_tx, mut events) = mpsc::unbounded_channel::<String>();

@@ -55,6 +55,9 @@ fn env_overrides_file_and_works_without_file() {
             ("KNOXGATE_SESSIONS_TRUSTED_PROXIES", "10.0.0.0/8, 127.0.0.1"),
             ("KNOXGATE_CACHE_MEMORY_MAX_ENTRIES", "5"),
             ("KNOXGATE_CONFIG", "/ignored"),
+            ("KNOXGATE_SERVICE_HOST", "10.0.0.1"),
+            ("KNOXGATE_PORT", "tcp://10.0.0.1:8080"),
+            ("KNOXGATE_PORT_8080_TCP_ADDR", "10.0.0.1"),
             ("PATH", "/bin"),
         ]),
     )

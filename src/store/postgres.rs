@@ -101,6 +101,11 @@ pub struct Postgres {
     metrics: Arc<Metrics>,
 }
 
+/// `application_name` of pooled connections, as seen in `pg_stat_activity`.
+pub const APPLICATION_NAME: &str = "knoxgate";
+/// `application_name` of the change-feed listener connection.
+pub const FEED_APPLICATION_NAME: &str = "knoxgate-feed";
+
 /// Connection settings shared by the pool and the change-feed listener.
 pub fn pg_config(cfg: &PostgresConfig) -> Result<tokio_postgres::Config, StoreError> {
     let mut pg: tokio_postgres::Config = cfg
@@ -111,7 +116,7 @@ pub fn pg_config(cfg: &PostgresConfig) -> Result<tokio_postgres::Config, StoreEr
     pg.keepalives(true);
     pg.keepalives_idle(Duration::from_secs(30));
     pg.tcp_user_timeout(cfg.connect_timeout.max(Duration::from_secs(5)));
-    pg.application_name("knoxgate");
+    pg.application_name(APPLICATION_NAME);
     let options = format!(
         "{} -c statement_timeout={} -c idle_in_transaction_session_timeout={}",
         pg.get_options().unwrap_or(""),

@@ -6,7 +6,13 @@
 //! request goes on to Postgres; the pool reconnects in the background. No command touches two
 //! keys at once and nothing uses MULTI, so the same code runs on Redis Cluster.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use fred::{
     interfaces::{ClientLike, KeysInterface, SetsInterface},
@@ -41,6 +47,32 @@ pub struct RedisTier {
     read_options: Options,
     write_options: Options,
     metrics: Arc<Metrics>,
+    breaker: Arc<Breaker>,
+}
+
+/// A circuit breaker: after a failure, Redis is skipped for a cool-down, so an outage costs one
+/// failed command per cool-down instead of one per request. fred's own connection state lags
+/// behind a dead peer, so it is not enough on its own.
+struct Breaker {
+    epoch: Instant,
+    /// Milliseconds since `epoch` until which Redis is skipped.
+    open_until_ms: AtomicU64,
+    cooldown: Duration,
+}
+
+impl Breaker {
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn is_open(&self) -> bool {
+        self.now_ms() < self.open_until_ms.load(Ordering::Relaxed)
+    }
+
+    fn trip(&self) {
+        let until = self.now_ms() + self.cooldown.as_millis() as u64;
+        self.open_until_ms.store(until, Ordering::Relaxed);
+    }
 }
 
 impl RedisTier {
@@ -92,12 +124,26 @@ impl RedisTier {
             read_options,
             write_options,
             metrics,
+            breaker: Arc::new(Breaker {
+                epoch: Instant::now(),
+                open_until_ms: AtomicU64::new(0),
+                cooldown: cfg.breaker_cooldown,
+            }),
         })
     }
 
-    /// Whether at least one pooled connection is up.
+    /// Whether Redis is worth asking: a pooled connection is up and the breaker is closed.
     pub fn is_connected(&self) -> bool {
-        self.pool.clients().iter().any(|c| c.is_connected())
+        !self.breaker.is_open() && self.pool.clients().iter().any(|c| c.is_connected())
+    }
+
+    /// Fails at once while Redis is known to be unusable; such calls are never sent.
+    fn ensure_available(&self) -> Result<(), RedisError> {
+        if self.is_connected() {
+            Ok(())
+        } else {
+            Err(RedisError("unavailable".into()))
+        }
     }
 
     fn token_key(&self, token_key: &str) -> String {
@@ -116,6 +162,14 @@ impl RedisTier {
         self.metrics.redis_command(op);
         r.map_err(|e| {
             self.metrics.redis_error(op);
+            if matches!(
+                e.kind(),
+                fred::error::ErrorKind::IO
+                    | fred::error::ErrorKind::Timeout
+                    | fred::error::ErrorKind::Canceled
+            ) {
+                self.breaker.trip();
+            }
             tracing::debug!(op, error = %e, "redis command failed");
             RedisError::from(e)
         })
@@ -123,11 +177,7 @@ impl RedisTier {
 
     /// Reads the entry for `token_key`: `Ok(None)` on a miss or an unreadable entry.
     pub async fn get(&self, token_key: &str) -> Result<Option<CachedRow>, RedisError> {
-        if !self.is_connected() {
-            // Skip the command entirely: fail-fast would cancel it anyway.
-            self.metrics.redis_error("get");
-            return Err(RedisError("disconnected".into()));
-        }
+        self.ensure_available()?;
         let r = self
             .pool
             .with_options(&self.read_options)
@@ -149,6 +199,7 @@ impl RedisTier {
     /// Writes `row` as knox-redis does: the entry expires at the token's expiry or after the max
     /// cache TTL, whichever is sooner; nothing is written with less than a second left.
     pub async fn put(&self, row: &TokenRow, now: OffsetDateTime) -> Result<(), RedisError> {
+        self.ensure_available()?;
         let cap = now + self.max_ttl;
         let until = row.expiry.map_or(cap, |e| e.min(cap));
         let exat = until.unix_timestamp();
@@ -176,6 +227,7 @@ impl RedisTier {
 
     /// Removes the entries of these tokens (and their user-index members).
     pub async fn delete(&self, tokens: &[(String, String)]) -> Result<(), RedisError> {
+        self.ensure_available()?;
         let client = self.pool.with_options(&self.write_options);
         for (token_key, user_id) in tokens {
             let del = client.del::<(), _>(self.token_key(token_key));
@@ -189,6 +241,7 @@ impl RedisTier {
 
     /// Removes the entry of one token key (whoever it belongs to).
     pub async fn delete_key(&self, token_key: &str) -> Result<(), RedisError> {
+        self.ensure_available()?;
         let r = self
             .pool
             .with_options(&self.write_options)
@@ -199,6 +252,7 @@ impl RedisTier {
 
     /// Removes every entry of `user_id`, found through its user index.
     pub async fn delete_user(&self, user_id: &str) -> Result<(), RedisError> {
+        self.ensure_available()?;
         let client = self.pool.with_options(&self.write_options);
         let user_key = self.user_key(user_id);
         let members = client.smembers::<Vec<String>, _>(user_key.as_str()).await;

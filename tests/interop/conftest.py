@@ -297,6 +297,8 @@ class Stack:
     knoxgate_url: str = ""
     admin_url: str = ""
     services: list[Service] = field(default_factory=list)
+    #: the running `knoxgate serve`, if any
+    knoxgate: Service | None = None
     http: requests.Session = field(default_factory=requests.Session)
     redis: redis.Redis = field(default_factory=redis_client)
 
@@ -415,6 +417,28 @@ class Stack:
     def logout_all(self, token: str) -> requests.Response:
         return self._post_with_token(self.knoxgate_url + "/api/auth/logoutall/", token)
 
+    def start_knoxgate(self) -> None:
+        """`knoxgate serve`; returns once /readyz answers 200."""
+        assert self.knoxgate is None, "knoxgate is already running"
+        runs = sum(1 for s in self.services if s.name == "knoxgate")
+        server = Service(
+            "knoxgate",
+            [str(knoxgate_binary()), "serve"],
+            env={**base_env(), **self.knoxgate_env},
+            cwd=REPO,
+            log=self.logdir / ("knoxgate.log" if runs == 0 else f"knoxgate-{runs + 1}.log"),
+        )
+        self.services.append(server)
+        self.knoxgate = server
+        server.wait_ready(self.admin_url + "/readyz", lambda r: r.status_code == 200)
+
+    def stop_knoxgate(self) -> None:
+        """SIGTERM; knoxgate must exit with status 0."""
+        server, self.knoxgate = self.knoxgate, None
+        assert server is not None, "knoxgate is not running"
+        code = server.stop()
+        assert code == 0, f"knoxgate exited with status {code} after SIGTERM (expected 0)"
+
     def knoxgate_migrate(self) -> CommandResult:
         return run_knoxgate_migrate(self.knoxgate_env, self.logdir / "knoxgate-migrate-again.log")
 
@@ -471,7 +495,9 @@ def knoxgate_bin() -> Path:
 
 @pytest.fixture
 def start_stack(request, tmp_path) -> Callable[..., Stack]:
-    """Factory: `start_stack(**Settings fields, django=True, knoxgate=True)` -> Stack.
+    """Factory: `start_stack(**Settings fields, django=True, knoxgate=True, knoxgate_env={})`.
+
+    `knoxgate_env` adds KNOXGATE_* variables beyond those derived from the settings.
 
     A test starts at most one stack (they share the suite's Redis DB).
     """
@@ -479,7 +505,13 @@ def start_stack(request, tmp_path) -> Callable[..., Stack]:
     request.node.stash[STACKS] = stacks
     cleanups: list[tuple[str, Callable[[], None]]] = []
 
-    def start(*, django: bool = True, knoxgate: bool = True, **overrides: Any) -> Stack:
+    def start(
+        *,
+        django: bool = True,
+        knoxgate: bool = True,
+        knoxgate_env: dict[str, str] | None = None,
+        **overrides: Any,
+    ) -> Stack:
         assert not stacks, "one stack per test: they would share the Redis DB"
         if knoxgate:
             request.getfixturevalue("knoxgate_bin")
@@ -533,27 +565,21 @@ def start_stack(request, tmp_path) -> Callable[..., Stack]:
 
         if knoxgate:
             listen, admin = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-            stack.knoxgate_env = settings.knoxgate_env(db_name, redis_url, listen, admin)
+            stack.knoxgate_env = {
+                **settings.knoxgate_env(db_name, redis_url, listen, admin),
+                **(knoxgate_env or {}),
+            }
+            stack.knoxgate_url = f"http://{listen}"
+            stack.admin_url = f"http://{admin}"
             migrated = run_knoxgate_migrate(stack.knoxgate_env, logdir / "knoxgate-migrate.log")
             assert migrated.returncode == 0, f"knoxgate migrate failed: {migrated}"
 
-            server = Service(
-                "knoxgate",
-                [str(knoxgate_binary()), "serve"],
-                env={**base_env(), **stack.knoxgate_env},
-                cwd=REPO,
-                log=logdir / "knoxgate.log",
-            )
-            stack.services.append(server)
-
             def stop_knoxgate() -> None:
-                code = server.stop()
-                assert code == 0, f"knoxgate exited with status {code} after SIGTERM (expected 0)"
+                if stack.knoxgate is not None:
+                    stack.stop_knoxgate()
 
             cleanups.append(("stop knoxgate", stop_knoxgate))
-            stack.knoxgate_url = f"http://{listen}"
-            stack.admin_url = f"http://{admin}"
-            server.wait_ready(stack.admin_url + "/readyz", lambda r: r.status_code == 200)
+            stack.start_knoxgate()
         return stack
 
     yield start

@@ -1,0 +1,243 @@
+//! Revocation through the Postgres change feed, the in-process tier and the consistency modes.
+
+use std::time::Duration;
+
+use knoxgate::auth::HashAlgorithm;
+
+use crate::support::*;
+
+/// The bound the tests hold revocation to; the benchmark measures the real latency.
+const BOUND: Duration = Duration::from_secs(2);
+
+async fn refused_within(s: &TestServer, token: &str) -> Option<Duration> {
+    eventually(BOUND, || async { s.verify(token).await.status == 401 }).await
+}
+
+#[tokio::test]
+async fn raw_sql_delete_is_refused_by_both_instances_with_zero_sql_hits() {
+    let db = TestDb::migrated().await;
+    let t = user_with_token(&db, "alice").await;
+    let a = TestServer::start(&db, "").await;
+    let b = TestServer::start_with_prefix(&db, &a.prefix, "").await;
+    for _ in 0..3 {
+        assert_eq!(a.verify(&t.token).await.status, 200);
+        assert_eq!(b.verify(&t.token).await.status, 200);
+    }
+    // Warm hits cost no SQL in notify mode.
+    let sql_a = a.metric("knoxgate_sql_statements_total").await;
+    for _ in 0..10 {
+        assert_eq!(a.verify(&t.token).await.status, 200);
+    }
+    assert_eq!(a.metric("knoxgate_sql_statements_total").await, sql_a);
+    db.client()
+        .await
+        .execute("DELETE FROM knox_authtoken", &[])
+        .await
+        .unwrap();
+    assert!(refused_within(&a, &t.token).await.is_some());
+    assert!(refused_within(&b, &t.token).await.is_some());
+    assert_eq!(
+        redis_cli(
+            6379,
+            &["EXISTS", &format!("{}:token:{}", a.prefix, &t.token[..15])]
+        ),
+        "0"
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn user_deactivated_by_sql_is_refused() {
+    let db = TestDb::migrated().await;
+    let t = user_with_token(&db, "alice").await;
+    let s = TestServer::start(&db, "").await;
+    assert_eq!(s.verify(&t.token).await.status, 200);
+    db.client()
+        .await
+        .execute("UPDATE auth_user SET is_active = false", &[])
+        .await
+        .unwrap();
+    let refused = refused_within(&s, &t.token).await;
+    assert!(
+        refused.is_some(),
+        "events {} answer {}",
+        s.metric("knoxgate_feed_events_total").await,
+        s.verify(&t.token).await.body_text()
+    );
+    assert_eq!(
+        s.verify(&t.token).await.body_text(),
+        r#"{"detail":"User inactive or deleted."}"#
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn listener_killed_loses_no_revocation_made_while_down() {
+    let db = TestDb::migrated().await;
+    let t = user_with_token(&db, "alice").await;
+    let s = TestServer::start(&db, "").await;
+    assert_eq!(s.verify(&t.token).await.status, 200);
+    let key = format!("{}:token:{}", s.prefix, &t.token[..15]);
+    assert_eq!(redis_cli(6379, &["EXISTS", &key]), "1");
+    let admin = connect(PG_ADMIN).await;
+    // Kill the listener and, in the same breath, revoke the token.
+    let killed = admin
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND application_name = 'knoxgate-feed'",
+            &[&db.name],
+        )
+        .await
+        .unwrap();
+    assert_eq!(killed.len(), 1, "one listener connection");
+    db.client()
+        .await
+        .execute("DELETE FROM knox_authtoken", &[])
+        .await
+        .unwrap();
+    // Whatever the feed's state, the token is refused …
+    assert!(refused_within(&s, &t.token).await.is_some());
+    // … and once the feed is back it has replayed the log, deleting the Redis entry too.
+    let live = eventually(Duration::from_secs(5), || async {
+        s.running.app.store.feed_live() && redis_cli(6379, &["EXISTS", &key]) == "0"
+    })
+    .await;
+    assert!(
+        live.is_some(),
+        "feed back and redis entry evicted by the replay"
+    );
+    assert_eq!(s.verify(&t.token).await.status, 401);
+    assert!(s.metric("knoxgate_feed_connected").await == 1.0);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn negative_cache_does_not_hide_a_token_created_later() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    let id = insert_user(&client, "alice", "pw", true).await;
+    let s = TestServer::start(&db, "").await;
+    let token = knoxgate::auth::generate_token("", 64);
+    assert_eq!(s.verify(&token).await.status, 401);
+    let lookups = s
+        .metric("knoxgate_sql_statements_total{statement=\"lookup\"}")
+        .await;
+    for _ in 0..5 {
+        assert_eq!(s.verify(&token).await.status, 401);
+    }
+    assert_eq!(
+        s.metric("knoxgate_sql_statements_total{statement=\"lookup\"}")
+            .await,
+        lookups,
+        "negative hits cost no SQL"
+    );
+    // Now Django creates exactly that token.
+    client
+        .execute(
+            "INSERT INTO knox_authtoken (digest, created, user_id, expiry, token_key) VALUES ($1, now(), $2, NULL, $3)",
+            &[&HashAlgorithm::Sha512.hex_digest(token.as_bytes()), &id, &&token[..15]],
+        )
+        .await
+        .unwrap();
+    let took = eventually(BOUND, || async { s.verify(&token).await.status == 200 }).await;
+    assert!(took.is_some_and(|d| d < Duration::from_secs(1)), "{took:?}");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn strict_mode_confirms_every_hit_with_one_query() {
+    let db = TestDb::migrated().await;
+    let t = user_with_token(&db, "alice").await;
+    let s = TestServer::start(&db, "[cache]\nconsistency = \"strict\"").await;
+    assert_eq!(s.verify(&t.token).await.status, 200);
+    let before = s.metric("knoxgate_sql_statements_total").await;
+    for _ in 0..10 {
+        assert_eq!(s.verify(&t.token).await.status, 200);
+    }
+    assert_eq!(
+        s.metric("knoxgate_sql_statements_total").await - before,
+        10.0
+    );
+    db.client()
+        .await
+        .execute("DELETE FROM knox_authtoken", &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        s.verify(&t.token).await.status,
+        401,
+        "strict sees the delete at once"
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn ttl_mode_runs_without_triggers_and_serves_stale_until_ttl() {
+    let db = TestDb::new().await;
+    let cfg = config_for(&db, "kgx", "");
+    knoxgate::schema::migrate(&mut db.client().await, &cfg.postgres, false)
+        .await
+        .unwrap();
+    let t = user_with_token(&db, "alice").await;
+    let s = TestServer::start(
+        &db,
+        "[cache]\nconsistency = \"ttl\"\n[redis]\nmax_cache_ttl = \"2s\"",
+    )
+    .await;
+    assert_eq!(s.verify(&t.token).await.status, 200);
+    db.client()
+        .await
+        .execute("DELETE FROM knox_authtoken", &[])
+        .await
+        .unwrap();
+    // Documented: ttl mode does not see raw SQL deletes until the entry expires.
+    assert_eq!(s.verify(&t.token).await.status, 200);
+    let took = eventually(Duration::from_secs(4), || async {
+        s.verify(&t.token).await.status == 401
+    })
+    .await;
+    assert!(took.is_some(), "refused once max_cache_ttl passed");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn stale_if_error_serves_cached_tokens_while_postgres_is_gone() {
+    // The feed goes down with Postgres, so hits want confirming; the confirmation fails and the
+    // cached answer is served. An unknown token gets 503, never 401.
+    let db = TestDb::migrated().await;
+    let t = user_with_token(&db, "alice").await;
+    let s = TestServer::start(&db, "").await;
+    assert_eq!(s.verify(&t.token).await.status, 200);
+    // Make Postgres unreachable for this database only.
+    let admin = connect(PG_ADMIN).await;
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {} WITH ALLOW_CONNECTIONS false",
+            db.name
+        ))
+        .await
+        .unwrap();
+    admin
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+            &[&db.name],
+        )
+        .await
+        .unwrap();
+    let down = eventually(Duration::from_secs(5), || async {
+        !s.running.app.store.feed_live()
+    })
+    .await;
+    assert!(down.is_some());
+    assert_eq!(s.verify(&t.token).await.status, 200);
+    assert!(s.metric("knoxgate_stale_answers_total").await >= 1.0);
+    assert_eq!(s.verify(&"1".repeat(64)).await.status, 503);
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {} WITH ALLOW_CONNECTIONS true",
+            db.name
+        ))
+        .await
+        .unwrap();
+    s.stop().await;
+}
