@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Runs every test: Rust unit and integration tests (real Postgres and Redis), the Django interop
+# suite, the nginx/Caddy end-to-end suite and the static checks of the deploy files.
+#
+#   ./scripts/test.sh
+#
+# Needs Postgres on 127.0.0.1:5432 (user postgres, trust auth) and Redis on 127.0.0.1:6379.
+# Everything else (Python packages, nginx, caddy, linters) the suites install themselves.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+failed=()
+step() {
+    local name=$1
+    shift
+    echo
+    echo "=== $name"
+    if ! "$@"; then
+        failed+=("$name")
+    fi
+}
+
+step "cargo build" cargo build --locked
+step "cargo test" cargo test --locked
+step "django interop" tests/interop/run.sh
+step "e2e proxies" tests/e2e/run.sh
+step "deploy files" scripts/validate-deploy.sh
+
+echo
+if ((${#failed[@]})); then
+    echo "FAILED: ${failed[*]}"
+    exit 1
+fi
+echo "all suites passed"
