@@ -61,8 +61,13 @@ impl App {
         let pg = Postgres::new(&config.postgres, Arc::clone(&metrics))?;
         let redis = match &config.redis.url {
             Some(url) => Some(
-                RedisTier::connect(&config.redis, url, Arc::clone(&metrics))
-                    .map_err(|e| StartError::Redis(e.to_string()))?,
+                RedisTier::connect(
+                    &config.redis,
+                    url,
+                    config.verify.needs_identity(),
+                    Arc::clone(&metrics),
+                )
+                .map_err(|e| StartError::Redis(e.to_string()))?,
             ),
             None => None,
         };
@@ -166,6 +171,9 @@ async fn check_triggers(config: &Config) -> Result<(), StartError> {
     }
 }
 
+/// Open connections allowed on the admin listener (probes and scrapes only).
+const MAX_ADMIN_CONNECTIONS: usize = 64;
+
 /// How often failed Redis deletions are retried.
 const REDIS_RETRY_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -210,7 +218,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     tasks.push(tokio::spawn(server::serve(
         admin_listener,
         limits,
-        connections,
+        // Its own cap: a flood on the main port must not starve probes and scrapes.
+        Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS)),
         move |req, _peer| http::admin::admin_service(Arc::clone(&admin_app), req),
         shutdown_rx.clone(),
     )));

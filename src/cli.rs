@@ -128,8 +128,13 @@ fn offline_store(config: &Config) -> anyhow::Result<Arc<Store>> {
     let pg = Postgres::new(&config.postgres, Arc::clone(&metrics))?;
     let redis = match &config.redis.url {
         Some(url) => Some(
-            RedisTier::connect(&config.redis, url, Arc::clone(&metrics))
-                .map_err(|e| anyhow::anyhow!(e.to_string()))?,
+            RedisTier::connect(
+                &config.redis,
+                url,
+                config.verify.needs_identity(),
+                Arc::clone(&metrics),
+            )
+            .map_err(|e| anyhow::anyhow!(e.to_string()))?,
         ),
         None => None,
     };

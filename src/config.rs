@@ -197,6 +197,13 @@ pub struct VerifyConfig {
     pub max_token_chars: usize,
 }
 
+impl VerifyConfig {
+    /// Whether answers carry the username or email, which caches must then keep.
+    pub fn needs_identity(&self) -> bool {
+        self.username_header.is_some() || self.email_header.is_some()
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct KnoxConfig {
     pub auth_header_prefix: String,

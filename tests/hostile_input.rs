@@ -71,7 +71,7 @@ fn basic_parsing_never_panics() {
 fn cache_entries_never_panic_and_garbage_is_a_miss() {
     let mut rng = rand::rng();
     let valid = r#"{"schema_version": 2, "digest": "ab12", "user_id": 7, "created": "2026-11-25T04:05:50.083570+00:00", "expiry": null, "token_key": "0123456789abcde"}"#;
-    assert!(payload::decode("0123456789abcde", valid).is_some());
+    assert!(payload::decode("0123456789abcde", valid, false).is_some());
     for _ in 0..CASES {
         // Mutate a valid entry: flip, insert or delete a few bytes.
         let mut bytes = valid.as_bytes().to_vec();
@@ -86,7 +86,7 @@ fn cache_entries_never_panic_and_garbage_is_a_miss() {
             }
         }
         let text = String::from_utf8_lossy(&bytes);
-        if let Some(row) = payload::decode("0123456789abcde", &text) {
+        if let Some(row) = payload::decode("0123456789abcde", &text, false) {
             // Whatever was accepted still names this key and carries a hex digest.
             assert_eq!(row.token_key, "0123456789abcde");
             assert!(row.digest.bytes().all(|b| b.is_ascii_hexdigit()));

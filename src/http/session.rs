@@ -121,17 +121,13 @@ async fn credentials(
     {
         return Err(Error::UnsupportedMediaType);
     }
-    #[derive(serde::Deserialize)]
-    struct Body {
-        username: String,
-        password: String,
-    }
-    match serde_json::from_slice::<Body>(&bytes) {
-        Ok(b) => Ok(Ok(LoginCredentials {
-            username: b.username,
-            password: b.password,
-        })),
-        Err(_) => Err(Error::BadRequest(
+    // An object only: serde would also accept a struct written as an array
+    // (`["alice","pw"]`), which is not what the endpoint documents.
+    let object = serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&bytes).ok();
+    let field = |k: &str| Some(object.as_ref()?.get(k)?.as_str()?.to_owned());
+    match (field("username"), field("password")) {
+        (Some(username), Some(password)) => Ok(Ok(LoginCredentials { username, password })),
+        _ => Err(Error::BadRequest(
             "Expected a JSON object with string fields username and password.",
         )),
     }
@@ -177,7 +173,9 @@ pub async fn login(
     let throttle: &Throttle = &app.login_throttle;
     if let Some(wait) = throttle.blocked(&creds.username, ip) {
         count_login(app, "throttled");
-        return Ok(respond::throttled(wait.as_secs().max(1)));
+        // Rounded up, as DRF does: a client that waits Retry-After seconds must get through.
+        let secs = wait.as_secs();
+        return Ok(respond::throttled(secs.max(1)));
     }
     let user = app.store.postgres().login_user(&creds.username).await?;
     let iterations = app.config.sessions.password_iterations;
@@ -260,6 +258,9 @@ pub async fn logout(app: &Arc<App>, parts: &Parts, all: bool) -> Result<Response
         Ok(row) => row,
         Err(reason) => {
             let mut r = respond::deny(reason, &app.config.knox.auth_header_prefix);
+            // DRF adds these to every response of knox's views, refusals included.
+            r.headers_mut()
+                .insert(header::VARY, header::HeaderValue::from_static("Accept"));
             r.headers_mut().insert(
                 header::ALLOW,
                 header::HeaderValue::from_static("POST, OPTIONS"),

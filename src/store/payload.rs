@@ -53,26 +53,36 @@ fn json_user_id(id: &str) -> String {
     }
 }
 
-/// The entry for `row`, byte-compatible with django-rest-knox-redis 0.2.0.
-pub fn encode(row: &TokenRow) -> String {
+/// The entry for `row`, byte-compatible with django-rest-knox-redis 0.2.0 plus one field with the
+/// user's status. The username and email are added only when `with_identity` (identity headers
+/// are configured): knox-redis keeps no personal data in Redis, and neither do we by default.
+pub fn encode(row: &TokenRow, with_identity: bool) -> String {
     let expiry = row
         .expiry
         .map_or_else(|| "null".to_owned(), |e| json_str(&format_isoformat(e)));
+    let identity = if with_identity {
+        format!(
+            ", \"username\": {}, \"email\": {}",
+            json_str(&row.user.username),
+            json_str(&row.user.email)
+        )
+    } else {
+        String::new()
+    };
     format!(
-        "{{\"schema_version\": 2, \"digest\": {}, \"user_id\": {}, \"created\": {}, \"expiry\": {}, \"token_key\": {}, \"knoxgate\": {{\"is_active\": {}, \"username\": {}, \"email\": {}}}}}",
+        "{{\"schema_version\": 2, \"digest\": {}, \"user_id\": {}, \"created\": {}, \"expiry\": {}, \"token_key\": {}, \"knoxgate\": {{\"is_active\": {}{identity}}}}}",
         json_str(&row.digest),
         json_user_id(&row.user_id),
         json_str(&format_isoformat(row.created)),
         expiry,
         json_str(&row.token_key),
         row.user.is_active,
-        json_str(&row.user.username),
-        json_str(&row.user.email),
     )
 }
 
-/// Reads an entry stored under `token_key`, with knox-redis's acceptance rules.
-pub fn decode(token_key: &str, payload: &str) -> Option<CachedRow> {
+/// Reads an entry stored under `token_key`, with knox-redis's acceptance rules. The user's status
+/// counts as known only if the entry has it — and, when `need_identity`, the username and email.
+pub fn decode(token_key: &str, payload: &str, need_identity: bool) -> Option<CachedRow> {
     if payload.len() > MAX_PAYLOAD_BYTES {
         return None;
     }
@@ -100,11 +110,29 @@ pub fn decode(token_key: &str, payload: &str) -> Option<CachedRow> {
         _ => return None,
     };
     let user = match obj.get("knoxgate") {
-        Some(Value::Object(k)) => Some(UserInfo {
-            is_active: k.get("is_active")?.as_bool()?,
-            username: k.get("username")?.as_str()?.to_owned(),
-            email: k.get("email")?.as_str()?.to_owned(),
-        }),
+        Some(Value::Object(k)) => {
+            let is_active = k.get("is_active")?.as_bool()?;
+            let text = |name: &str| match k.get(name) {
+                None => Some(None),
+                Some(Value::String(s)) => Some(Some(s.clone())),
+                Some(_) => None,
+            };
+            let (username, email) = (text("username")?, text("email")?);
+            match (username, email) {
+                (Some(username), Some(email)) => Some(UserInfo {
+                    is_active,
+                    username,
+                    email,
+                }),
+                // Status known, identity not recorded: fine unless identity headers need it.
+                _ if !need_identity => Some(UserInfo {
+                    is_active,
+                    username: String::new(),
+                    email: String::new(),
+                }),
+                _ => None,
+            }
+        }
         // A malformed extra makes the whole entry suspect.
         Some(_) => return None,
         None => None,
@@ -150,7 +178,8 @@ mod tests {
         let v = redis_json();
         for ex in v["examples"].as_array().unwrap() {
             let key = ex["db_row"]["token_key"].as_str().unwrap();
-            let got = decode(key, ex["redis_value_raw"].as_str().unwrap()).expect("readable");
+            let got =
+                decode(key, ex["redis_value_raw"].as_str().unwrap(), false).expect("readable");
             assert_eq!(got.digest, ex["db_row"]["digest"].as_str().unwrap());
             assert_eq!(got.user_id, ex["db_row"]["user_id"].to_string());
             assert_eq!(
@@ -164,7 +193,7 @@ mod tests {
             assert_eq!(got.user, None);
         }
         let foreign = v["foreign_writer_check"]["payload"].as_str().unwrap();
-        assert!(decode("7f84a8dd1717525", foreign).is_some());
+        assert!(decode("7f84a8dd1717525", foreign, false).is_some());
     }
 
     #[test]
@@ -174,29 +203,50 @@ mod tests {
         let db = &ex["db_row"];
         let mut r = row();
         r.digest = db["digest"].as_str().unwrap().into();
-        let ours = encode(&r);
+        let ours = encode(&r, false);
         let theirs = ex["redis_value_raw"].as_str().unwrap();
         // Same bytes up to the closing brace, then our extra field.
         let prefix = &theirs[..theirs.len() - 1];
         assert!(ours.starts_with(prefix), "{ours}\n{theirs}");
-        assert!(ours[prefix.len()..].starts_with(", \"knoxgate\": {"));
-        assert_eq!(decode(&r.token_key, &ours).unwrap().into_row().unwrap(), r);
+        assert_eq!(
+            &ours[prefix.len()..],
+            ", \"knoxgate\": {\"is_active\": true}}"
+        );
+        // Without identity the entry still gives the status; with identity required it does not.
+        let read = decode(&r.token_key, &ours, false)
+            .unwrap()
+            .into_row()
+            .unwrap();
+        assert!(read.user.is_active && read.user.username.is_empty());
+        assert_eq!(decode(&r.token_key, &ours, true).unwrap().user, None);
+        let full = encode(&r, true);
+        assert_eq!(
+            decode(&r.token_key, &full, true)
+                .unwrap()
+                .into_row()
+                .unwrap(),
+            r
+        );
+    }
+
+    fn decode_any(key: &str, payload: &str) -> Option<CachedRow> {
+        decode(key, payload, true)
     }
 
     #[test]
     fn variants_follow_knox_redis_acceptance() {
-        let base = encode(&row());
+        let base = encode(&row(), true);
         let variant = |from: &str, to: &str| base.replace(from, to);
         // Accepted by knox-redis and by us.
         assert!(
-            decode(
+            decode_any(
                 "3a97fcfba3ee5cc",
                 &variant("\"user_id\": 13", "\"user_id\": \"13\"")
             )
             .is_some()
         );
         assert!(
-            decode(
+            decode_any(
                 "3a97fcfba3ee5cc",
                 &variant("04:06:00.570372+00:00", "04:06:00.570372Z")
             )
@@ -215,15 +265,15 @@ mod tests {
             ("\"is_active\": true", "\"is_active\": \"yes\""),
         ] {
             assert_eq!(
-                decode("3a97fcfba3ee5cc", &variant(from, to)),
+                decode_any("3a97fcfba3ee5cc", &variant(from, to)),
                 None,
                 "{from} -> {to}"
             );
         }
-        assert_eq!(decode("3a97fcfba3ee5cc", "not json"), None);
-        assert_eq!(decode("3a97fcfba3ee5cc", "[]"), None);
+        assert_eq!(decode_any("3a97fcfba3ee5cc", "not json"), None);
+        assert_eq!(decode_any("3a97fcfba3ee5cc", "[]"), None);
         assert_eq!(
-            decode("3a97fcfba3ee5cc", &" ".repeat(MAX_PAYLOAD_BYTES + 1)),
+            decode_any("3a97fcfba3ee5cc", &" ".repeat(MAX_PAYLOAD_BYTES + 1)),
             None
         );
     }
@@ -233,8 +283,11 @@ mod tests {
         let mut r = row();
         r.user_id = "2f1e-uuid".into();
         r.expiry = None;
-        let e = encode(&r);
+        let e = encode(&r, true);
         assert!(e.contains("\"user_id\": \"2f1e-uuid\"") && e.contains("\"expiry\": null"));
-        assert_eq!(decode(&r.token_key, &e).unwrap().into_row().unwrap(), r);
+        assert_eq!(
+            decode(&r.token_key, &e, true).unwrap().into_row().unwrap(),
+            r
+        );
     }
 }

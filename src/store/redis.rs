@@ -48,6 +48,8 @@ pub struct RedisTier {
     write_options: Options,
     metrics: Arc<Metrics>,
     breaker: Arc<Breaker>,
+    /// Identity headers are configured: entries carry username and email.
+    with_identity: bool,
 }
 
 /// A circuit breaker: after a failure, Redis is skipped for a cool-down, so an outage costs one
@@ -80,6 +82,7 @@ impl RedisTier {
     pub fn connect(
         cfg: &RedisConfig,
         url: &str,
+        with_identity: bool,
         metrics: Arc<Metrics>,
     ) -> Result<Self, RedisError> {
         let mut config = FredConfig::from_url(url)?;
@@ -124,6 +127,7 @@ impl RedisTier {
             read_options,
             write_options,
             metrics,
+            with_identity,
             breaker: Arc::new(Breaker {
                 epoch: Instant::now(),
                 open_until_ms: AtomicU64::new(0),
@@ -185,7 +189,7 @@ impl RedisTier {
             .await;
         let value = self.record("get", r)?;
         Ok(value.and_then(|v| {
-            let row = payload::decode(token_key, &v);
+            let row = payload::decode(token_key, &v, self.with_identity);
             if row.is_none() {
                 tracing::warn!(
                     token_key_len = token_key.len(),
@@ -209,7 +213,7 @@ impl RedisTier {
         let client = self.pool.with_options(&self.write_options);
         let set = client.set::<(), _, _>(
             self.token_key(&row.token_key),
-            payload::encode(row),
+            payload::encode(row, self.with_identity),
             Some(Expiration::EXAT(exat)),
             None,
             false,

@@ -4,4 +4,6 @@
 mod support;
 
 mod feed;
+mod overload;
+mod sessions;
 mod verify;

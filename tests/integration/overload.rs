@@ -1,0 +1,148 @@
+//! Bounded everything: in-flight cap with load shedding, connection cap, header read timeout.
+
+use std::time::{Duration, Instant};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+use crate::support::*;
+
+/// Holds an ACCESS EXCLUSIVE lock on knox_authtoken so lookups wait for it.
+async fn lock_tokens(db: &TestDb) -> tokio_postgres::Client {
+    let c = db.client().await;
+    c.batch_execute("BEGIN; LOCK TABLE knox_authtoken IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    c
+}
+
+#[tokio::test]
+async fn requests_beyond_max_in_flight_are_shed_at_once_with_503() {
+    let db = TestDb::migrated().await;
+    let t = user_with_token(&db, "alice").await;
+    let s = TestServer::start(
+        &db,
+        "[server]\nmax_in_flight = 1\n[postgres]\nstatement_timeout = \"1500ms\"",
+    )
+    .await;
+    let _lock = lock_tokens(&db).await;
+    // One request waits on the lock…
+    let addr = s.addr();
+    let slow = tokio::spawn(async move {
+        http(
+            addr,
+            "GET",
+            "/verify",
+            &[("Authorization", "Token 1111111111111111")],
+            b"",
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // …so the next one is refused immediately rather than queued.
+    let started = Instant::now();
+    let r = s.verify(&t.token).await;
+    assert_eq!(r.status, 503);
+    assert!(r.body_text().contains("overloaded"));
+    assert!(
+        started.elapsed() < Duration::from_millis(300),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(s.metric("knoxgate_load_shed_total").await, 1.0);
+    // The stuck one fails closed when its statement times out: 503, never 401.
+    assert_eq!(slow.await.unwrap().status, 503);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn connections_beyond_the_cap_are_closed_and_admin_stays_reachable() {
+    let db = TestDb::migrated().await;
+    let t = user_with_token(&db, "alice").await;
+    let s = TestServer::start(&db, "[server]\nmax_connections = 4").await;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(TcpStream::connect(s.addr()).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The fifth is accepted by the kernel and closed by knoxgate without an answer.
+    let mut extra = TcpStream::connect(s.addr()).await.unwrap();
+    let _ = extra
+        .write_all(b"GET /verify HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(2), extra.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0, "closed without an answer");
+    // Probes are on their own cap.
+    assert_eq!(
+        http(s.admin(), "GET", "/healthz", &[], b"").await.status,
+        200
+    );
+    // Freed slots serve again.
+    held.clear();
+    let ok = eventually(Duration::from_secs(2), || async {
+        s.verify(&t.token).await.status == 200
+    })
+    .await;
+    assert!(ok.is_some());
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn slowloris_clients_are_cut_off_and_do_not_starve_others() {
+    let db = TestDb::migrated().await;
+    let t = user_with_token(&db, "alice").await;
+    let s = TestServer::start(
+        &db,
+        "[server]\nmax_connections = 40\nheader_read_timeout = \"500ms\"",
+    )
+    .await;
+    // 30 clients that send half a request head and stall.
+    let mut slow = Vec::new();
+    for _ in 0..30 {
+        let mut c = TcpStream::connect(s.addr()).await.unwrap();
+        c.write_all(b"GET /verify HTTP/1.1\r\nHost: x\r\nAuthori")
+            .await
+            .unwrap();
+        slow.push(c);
+    }
+    // Others are served meanwhile.
+    for _ in 0..5 {
+        assert_eq!(s.verify(&t.token).await.status, 200);
+    }
+    // The stalled ones are closed once the header read timeout passes.
+    let started = Instant::now();
+    for c in &mut slow {
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(3), c.read_to_end(&mut buf))
+            .await
+            .expect("closed by the server");
+    }
+    assert!(started.elapsed() < Duration::from_secs(3));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn request_deadline_turns_a_stuck_lookup_into_503() {
+    let db = TestDb::migrated().await;
+    let s = TestServer::start(
+        &db,
+        "[server]\nrequest_timeout = \"300ms\"\n[postgres]\nstatement_timeout = \"5s\"",
+    )
+    .await;
+    let _lock = lock_tokens(&db).await;
+    let started = Instant::now();
+    let r = s.verify(&"2".repeat(64)).await;
+    assert_eq!(r.status, 503);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    s.stop().await;
+}
