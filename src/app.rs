@@ -16,7 +16,7 @@ use crate::{
     metrics::Metrics,
     schema,
     server::{self, Limits},
-    store::{Store, StoreError, postgres::Postgres, redis::RedisTier},
+    store::{Store, StoreError},
 };
 
 /// Shared state of a running knoxgate.
@@ -44,8 +44,8 @@ pub enum StartError {
     },
     #[error("{0}")]
     Store(#[from] StoreError),
-    #[error("redis: {0}")]
-    Redis(String),
+    #[error("{0}")]
+    Build(#[from] crate::store::BuildError),
     #[error(
         "cache.consistency = \"notify\" needs the change-feed triggers, which are not installed. \
          Run `knoxgate migrate` to install them, or set cache.consistency to \"ttl\" \
@@ -58,20 +58,7 @@ impl App {
     pub fn new(config: Config) -> Result<Arc<App>, StartError> {
         let config = Arc::new(config);
         let metrics = Arc::new(Metrics::new());
-        let pg = Postgres::new(&config.postgres, Arc::clone(&metrics))?;
-        let redis = match &config.redis.url {
-            Some(url) => Some(
-                RedisTier::connect(
-                    &config.redis,
-                    url,
-                    config.verify.needs_identity(),
-                    Arc::clone(&metrics),
-                )
-                .map_err(|e| StartError::Redis(e.to_string()))?,
-            ),
-            None => None,
-        };
-        let store = Arc::new(Store::new(&config, pg, redis, Arc::clone(&metrics)));
+        let store = Arc::new(Store::connect(&config, Arc::clone(&metrics))?);
         let s = &config.sessions;
         Ok(Arc::new(App {
             in_flight: Arc::new(Semaphore::new(config.server.max_in_flight)),
@@ -125,30 +112,11 @@ async fn check_triggers(config: &Config) -> Result<(), StartError> {
     if config.cache.consistency != Consistency::Notify {
         return Ok(());
     }
-    let pg = crate::store::postgres::pg_config(&config.postgres)?;
     let attempt = async {
-        match crate::store::postgres::tls_connector(&config.postgres)? {
-            Some(tls) => {
-                let (client, conn) = pg
-                    .connect(tls)
-                    .await
-                    .map_err(|e| StoreError::Postgres(e.to_string()))?;
-                tokio::spawn(conn);
-                schema::triggers_installed(&client, &config.postgres)
-                    .await
-                    .map_err(|e| StoreError::Postgres(e.to_string()))
-            }
-            None => {
-                let (client, conn) = pg
-                    .connect(tokio_postgres::NoTls)
-                    .await
-                    .map_err(|e| StoreError::Postgres(e.to_string()))?;
-                tokio::spawn(conn);
-                schema::triggers_installed(&client, &config.postgres)
-                    .await
-                    .map_err(|e| StoreError::Postgres(e.to_string()))
-            }
-        }
+        let client = crate::store::postgres::connect_one(&config.postgres).await?;
+        schema::triggers_installed(&client, &config.postgres)
+            .await
+            .map_err(|e| StoreError::Postgres(e.to_string()))
     };
     match tokio::time::timeout(
         config.postgres.connect_timeout + config.postgres.statement_timeout,

@@ -15,7 +15,6 @@ use crate::{
     store::{
         Store,
         postgres::{self, NewToken, NewUser, Postgres},
-        redis::RedisTier,
     },
 };
 
@@ -124,21 +123,7 @@ fn read_password(arg: &PasswordArg) -> anyhow::Result<String> {
 }
 
 fn offline_store(config: &Config) -> anyhow::Result<Arc<Store>> {
-    let metrics = Arc::new(Metrics::new());
-    let pg = Postgres::new(&config.postgres, Arc::clone(&metrics))?;
-    let redis = match &config.redis.url {
-        Some(url) => Some(
-            RedisTier::connect(
-                &config.redis,
-                url,
-                config.verify.needs_identity(),
-                Arc::clone(&metrics),
-            )
-            .map_err(|e| anyhow::anyhow!(e.to_string()))?,
-        ),
-        None => None,
-    };
-    Ok(Arc::new(Store::new(config, pg, redis, metrics)))
+    Ok(Arc::new(Store::connect(config, Arc::new(Metrics::new()))?))
 }
 
 /// Runs `migrate` and prints what it did.

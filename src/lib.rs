@@ -27,3 +27,13 @@ pub mod password;
 pub mod schema;
 pub mod server;
 pub mod store;
+
+/// The knox-compat facts files (produced by the real Django/knox stack), for unit tests.
+#[cfg(test)]
+pub(crate) fn knox_compat(file: &str) -> serde_json::Value {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/knox-compat")
+        .join(file);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).expect("valid JSON")
+}

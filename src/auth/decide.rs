@@ -251,14 +251,7 @@ mod tests {
 
     #[test]
     fn details_match_knox_word_for_word() {
-        let http: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(
-                std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                    .join("../shared/knox-compat/http.json"),
-            )
-            .unwrap(),
-        )
-        .unwrap();
+        let http = crate::knox_compat("http.json");
         let body_of = |name: &str| {
             let case = http["cases"]
                 .as_array()

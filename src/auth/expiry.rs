@@ -47,14 +47,7 @@ mod tests {
 
     #[test]
     fn drf_examples_from_http_json() {
-        let http: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(
-                std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                    .join("../shared/knox-compat/http.json"),
-            )
-            .unwrap(),
-        )
-        .unwrap();
+        let http = crate::knox_compat("http.json");
         let ex = &http["expiry_format_examples"];
         let base = datetime!(2030-01-02 03:04:05 UTC);
         assert_eq!(

@@ -95,9 +95,7 @@ mod tests {
     use serde_json::Value;
 
     fn vectors() -> Value {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../shared/knox-compat/vectors.json");
-        serde_json::from_str(&std::fs::read_to_string(path).expect("vectors.json")).unwrap()
+        crate::knox_compat("vectors.json")
     }
 
     #[test]

@@ -174,7 +174,7 @@ pub async fn login(
     if let Some(wait) = throttle.blocked(&creds.username, ip) {
         count_login(app, "throttled");
         // Rounded up, as DRF does: a client that waits Retry-After seconds must get through.
-        let secs = wait.as_secs();
+        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
         return Ok(respond::throttled(secs.max(1)));
     }
     let user = app.store.postgres().login_user(&creds.username).await?;

@@ -3,7 +3,6 @@
 
 use super::*;
 use serde_json::Value;
-use std::path::Path;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -12,13 +11,7 @@ const CHEAP_ITERATIONS: u32 = 1_000;
 
 fn fixtures() -> &'static Value {
     static FIXTURES: OnceLock<Value> = OnceLock::new();
-    FIXTURES.get_or_init(|| {
-        let path =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/knox-compat/passwords.json");
-        let text = std::fs::read_to_string(&path)
-            .unwrap_or_else(|err| panic!("read {}: {err}", path.display()));
-        serde_json::from_str(&text).expect("passwords.json is valid JSON")
-    })
+    FIXTURES.get_or_init(|| crate::knox_compat("passwords.json"))
 }
 
 fn str_at<'a>(value: &'a Value, key: &str) -> &'a str {

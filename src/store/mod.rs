@@ -39,6 +39,15 @@ pub enum StoreError {
     Postgres(String),
 }
 
+/// The tiers could not be built from the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Postgres(#[from] StoreError),
+    #[error(transparent)]
+    Redis(#[from] redis::RedisError),
+}
+
 /// Where an answer came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tier {
@@ -109,6 +118,22 @@ pub struct Store {
 }
 
 impl Store {
+    /// Builds every tier from the configuration. Never waits for Postgres or Redis: both are
+    /// connected lazily, so knoxgate starts while they are down.
+    pub fn connect(config: &Config, metrics: Arc<Metrics>) -> Result<Store, BuildError> {
+        let pg = Postgres::new(&config.postgres, Arc::clone(&metrics))?;
+        let redis = match &config.redis.url {
+            Some(url) => Some(RedisTier::connect(
+                &config.redis,
+                url,
+                config.verify.needs_identity(),
+                Arc::clone(&metrics),
+            )?),
+            None => None,
+        };
+        Ok(Store::new(config, pg, redis, metrics))
+    }
+
     pub fn new(
         config: &Config,
         pg: Postgres,

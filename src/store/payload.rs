@@ -153,9 +153,7 @@ mod tests {
     use time::macros::datetime;
 
     fn redis_json() -> Value {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../shared/knox-compat/redis.json");
-        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+        crate::knox_compat("redis.json")
     }
 
     fn row() -> TokenRow {
