@@ -77,6 +77,10 @@ pub struct Metrics {
     pub redis_connected: Gauge,
     /// Entries in the in-process cache (sampled at scrape).
     pub memory_entries: Gauge,
+    /// Pre-resolved series of the two labels every hot request bumps, so the hot path skips
+    /// the family's map lookup.
+    memory_hits: Counter,
+    allowed: Counter,
 }
 
 impl Metrics {
@@ -105,8 +109,24 @@ impl Metrics {
             feed_events: Family::default(),
             redis_connected: Gauge::default(),
             memory_entries: Gauge::default(),
+            memory_hits: Counter::default(),
+            allowed: Counter::default(),
             registry: Registry::default(),
         };
+        let memory_hits = m
+            .cache_lookups
+            .get_or_create(&TierLabels {
+                tier: "memory",
+                result: "hit",
+            })
+            .clone();
+        let allowed = m
+            .verify_outcomes
+            .get_or_create(&OutcomeLabels {
+                outcome: "allow",
+                reason: "valid",
+            })
+            .clone();
         registry.register(
             "cache_lookups",
             "Cache lookups by tier and result",
@@ -180,7 +200,12 @@ impl Metrics {
             "Entries in the in-process cache",
             m.memory_entries.clone(),
         );
-        Metrics { registry, ..m }
+        Metrics {
+            registry,
+            memory_hits,
+            allowed,
+            ..m
+        }
     }
 
     /// The registry in Prometheus text format (0.0.4).
@@ -206,9 +231,24 @@ impl Metrics {
     }
 
     pub fn lookup(&self, tier: &'static str, result: &'static str) {
-        self.cache_lookups
-            .get_or_create(&TierLabels { tier, result })
-            .inc();
+        if (tier, result) == ("memory", "hit") {
+            self.memory_hits.inc();
+        } else {
+            self.cache_lookups
+                .get_or_create(&TierLabels { tier, result })
+                .inc();
+        }
+    }
+
+    /// Counts a `/verify` answer.
+    pub fn verify_outcome(&self, outcome: &'static str, reason: &'static str) {
+        if (outcome, reason) == ("allow", "valid") {
+            self.allowed.inc();
+        } else {
+            self.verify_outcomes
+                .get_or_create(&OutcomeLabels { outcome, reason })
+                .inc();
+        }
     }
 }
 

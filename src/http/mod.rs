@@ -30,13 +30,7 @@ pub async fn main_service(
     match tokio::time::timeout(app.config.server.request_timeout, route(&app, req, peer)).await {
         Ok(response) => response,
         Err(_) => {
-            app.metrics
-                .verify_outcomes
-                .get_or_create(&crate::metrics::OutcomeLabels {
-                    outcome: "error",
-                    reason: "deadline_exceeded",
-                })
-                .inc();
+            app.metrics.verify_outcome("error", "deadline_exceeded");
             respond::error(&Error::DeadlineExceeded)
         }
     }

@@ -254,8 +254,8 @@ pub async fn login(
 
 /// POST logout/ and logoutall/.
 pub async fn logout(app: &Arc<App>, parts: &Parts, all: bool) -> Result<Response<Body>, Error> {
-    let row = match authenticate(app, &parts.headers).await? {
-        Ok(row) => row,
+    let auth = match authenticate(app, &parts.headers).await? {
+        Ok(auth) => auth,
         Err(reason) => {
             let mut r = respond::deny(reason, &app.config.knox.auth_header_prefix);
             // DRF adds these to every response of knox's views, refusals included.
@@ -271,6 +271,7 @@ pub async fn logout(app: &Arc<App>, parts: &Parts, all: bool) -> Result<Response
     if parts.method != Method::POST {
         return Ok(respond::method_not_allowed(&parts.method));
     }
+    let row = auth.row();
     if all {
         app.store.logout_all(&row.digest, &row.user_id).await?;
     } else {

@@ -12,13 +12,26 @@ use crate::{
     auth::{DenyReason, Outcome, TokenRow, decide, parse_authorization, refreshed_expiry},
     error::Error,
     metrics::OutcomeLabels,
+    store::memory::Entry,
 };
+
+/// An allowed token: its row, shared with the cache entry it came from (no copy on the hot path).
+pub struct Authenticated {
+    entry: Arc<Entry>,
+    index: usize,
+}
+
+impl Authenticated {
+    pub fn row(&self) -> &TokenRow {
+        &self.entry.rows[self.index]
+    }
+}
 
 /// The token row behind the request's `Authorization` header, or why it is refused.
 pub async fn authenticate(
     app: &Arc<App>,
     headers: &HeaderMap,
-) -> Result<Result<TokenRow, DenyReason>, Error> {
+) -> Result<Result<Authenticated, DenyReason>, Error> {
     let cfg = &app.config;
     let values: Vec<&[u8]> = headers
         .get_all(header::AUTHORIZATION)
@@ -49,7 +62,16 @@ pub async fn authenticate(
                     app.store.refresh(row, new_expiry);
                 }
             }
-            Ok(Ok(row.clone()))
+            let index = lookup
+                .entry
+                .rows
+                .iter()
+                .position(|r| std::ptr::eq(r, row))
+                .unwrap_or(0);
+            Ok(Ok(Authenticated {
+                entry: Arc::clone(&lookup.entry),
+                index,
+            }))
         }
         Outcome::Expired(_) => {
             // knox deletes an expired token when it is presented. The answer is 401 either way,
@@ -80,8 +102,8 @@ pub async fn verify(app: &Arc<App>, method: &Method, headers: &HeaderMap) -> Res
         )
     } else {
         match authenticate(app, headers).await {
-            Ok(Ok(row)) => (
-                respond::allow(&row, &cfg.verify),
+            Ok(Ok(auth)) => (
+                respond::allow(auth.row(), &cfg.verify),
                 OutcomeLabels {
                     outcome: "allow",
                     reason: "valid",
@@ -103,7 +125,7 @@ pub async fn verify(app: &Arc<App>, method: &Method, headers: &HeaderMap) -> Res
             ),
         }
     };
-    app.metrics.verify_outcomes.get_or_create(&labels).inc();
+    app.metrics.verify_outcome(labels.outcome, labels.reason);
     app.metrics
         .verify_duration
         .observe(started.elapsed().as_secs_f64());
