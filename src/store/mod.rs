@@ -13,9 +13,10 @@ pub mod redis;
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
+    future::Future,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -111,6 +112,8 @@ pub struct Store {
     /// Bumped by every change applied; a load that sees it move evicts what it just cached, so
     /// a revocation that lands while a load is in flight cannot be overwritten by the load.
     epoch: AtomicU64,
+    /// Changes being applied right now (see `Store::changing`).
+    changes_in_flight: AtomicUsize,
     /// True while the change feed is connected and caught up.
     feed_live: AtomicBool,
     refreshing: Mutex<HashSet<String>>,
@@ -156,6 +159,7 @@ impl Store {
             metrics,
             inflight: Mutex::default(),
             epoch: AtomicU64::new(0),
+            changes_in_flight: AtomicUsize::new(0),
             feed_live: AtomicBool::new(false),
             refreshing: Mutex::default(),
             pending_redis: Mutex::default(),
@@ -213,10 +217,11 @@ impl Store {
         })
     }
 
-    /// Caches `entry` unless a change landed since `epoch`, in which case it may be stale.
+    /// Caches `entry` unless a change landed since `epoch` or is under way, in which case it may
+    /// be stale. Checked after inserting, so a change that starts meanwhile is seen too.
     fn remember(&self, key: &str, entry: Arc<Entry>, epoch: u64) {
         self.memory.insert(key, entry);
-        if self.epoch.load(Ordering::SeqCst) != epoch {
+        if !self.unchanged_since(epoch) {
             self.memory.remove(key);
         }
     }
@@ -392,7 +397,7 @@ impl Store {
         if let (Some(row), Some(redis)) = (usable, &self.redis)
             && redis.is_connected()
             && redis.put(&row, now).await.is_ok()
-            && self.epoch.load(Ordering::SeqCst) != epoch
+            && !self.unchanged_since(epoch)
         {
             // A change landed while we were writing; our entry may predate it.
             self.forget_key(key).await;
@@ -441,17 +446,44 @@ impl Store {
         }
     }
 
+    /// Runs `change` between two epoch bumps. A load that overlaps any part of it — even one
+    /// that read Redis after the in-process eviction but before the Redis deletion — sees the
+    /// epoch move and drops what it read instead of caching it.
+    async fn changing<T>(&self, change: impl Future<Output = T>) -> T {
+        struct InFlight<'a>(&'a Store);
+        impl Drop for InFlight<'_> {
+            fn drop(&mut self) {
+                // Bump again on the way out (even if cancelled), then leave the window.
+                self.0.epoch.fetch_add(1, Ordering::SeqCst);
+                self.0.changes_in_flight.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        self.changes_in_flight.fetch_add(1, Ordering::SeqCst);
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        let _in_flight = InFlight(self);
+        change.await
+    }
+
+    /// True when no change has started since `epoch` and none is under way: then what a load
+    /// read after reading `epoch` may be cached.
+    fn unchanged_since(&self, epoch: u64) -> bool {
+        self.changes_in_flight.load(Ordering::SeqCst) == 0
+            && self.epoch.load(Ordering::SeqCst) == epoch
+    }
+
     /// Applies a change reported by the feed to every tier.
     pub async fn apply(&self, change: &Change) {
-        self.epoch.fetch_add(1, Ordering::SeqCst);
-        match change {
-            Change::Token { token_key, user_id } => {
-                self.forget(&[(token_key.clone(), user_id.clone())]).await;
+        self.changing(async {
+            match change {
+                Change::Token { token_key, user_id } => {
+                    self.forget(&[(token_key.clone(), user_id.clone())]).await;
+                }
+                Change::Inserted { token_key } => self.memory.remove(token_key),
+                Change::User { user_id } => self.forget_user(user_id).await,
+                Change::Everything => self.memory.clear(),
             }
-            Change::Inserted { token_key } => self.memory.remove(token_key),
-            Change::User { user_id } => self.forget_user(user_id).await,
-            Change::Everything => self.memory.clear(),
-        }
+        })
+        .await
     }
 
     /// Retries Redis deletions that failed earlier. Returns how many are still pending.
@@ -501,27 +533,34 @@ impl Store {
     /// Deletes the expired tokens of the presented token's user (knox deletes an expired token
     /// when it is presented, with the user's other expired tokens).
     pub async fn delete_expired(&self, key: &str, digest: &str) -> Result<(), StoreError> {
-        self.memory.remove(key);
-        let removed = self.pg.delete_expired_of_user(digest).await?;
-        self.forget(&removed).await;
-        Ok(())
+        self.changing(async {
+            self.memory.remove(key);
+            let removed = self.pg.delete_expired_of_user(digest).await?;
+            self.forget(&removed).await;
+            Ok(())
+        })
+        .await
     }
 
     /// Logout: deletes one token everywhere.
     pub async fn logout(&self, digest: &str) -> Result<(), StoreError> {
-        self.epoch.fetch_add(1, Ordering::SeqCst);
-        let removed = self.pg.delete_token(digest).await?;
-        self.forget(&removed).await;
-        Ok(())
+        self.changing(async {
+            let removed = self.pg.delete_token(digest).await?;
+            self.forget(&removed).await;
+            Ok(())
+        })
+        .await
     }
 
     /// Logout-all: deletes every token of the presented token's user, everywhere.
     pub async fn logout_all(&self, digest: &str, user_id: &str) -> Result<(), StoreError> {
-        self.epoch.fetch_add(1, Ordering::SeqCst);
-        let removed = self.pg.delete_all_of_user(digest).await?;
-        self.forget(&removed).await;
-        self.memory.remove_user(user_id);
-        Ok(())
+        self.changing(async {
+            let removed = self.pg.delete_all_of_user(digest).await?;
+            self.forget(&removed).await;
+            self.memory.remove_user(user_id);
+            Ok(())
+        })
+        .await
     }
 
     /// Caches a token just created (login), replacing any negative entry for its key.

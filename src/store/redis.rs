@@ -9,13 +9,13 @@
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
 
 use fred::{
-    interfaces::{ClientLike, KeysInterface, SetsInterface},
+    interfaces::{ClientLike, EventInterface, KeysInterface, SetsInterface},
     prelude::{Builder, Pool},
     types::{
         Expiration,
@@ -52,28 +52,67 @@ pub struct RedisTier {
     with_identity: bool,
 }
 
-/// A circuit breaker: after a failure, Redis is skipped for a cool-down, so an outage costs one
-/// failed command per cool-down instead of one per request. fred's own connection state lags
-/// behind a dead peer, so it is not enough on its own.
+/// A circuit breaker. After a failure Redis is skipped for a cool-down; then one request probes
+/// it (half-open) while the others keep skipping, and a success closes the breaker. A dead Redis
+/// therefore costs one failed command per cool-down, not one per request. fred's connection
+/// events trip and close it too, because fred's own connection state lags behind a dead peer.
 struct Breaker {
     epoch: Instant,
-    /// Milliseconds since `epoch` until which Redis is skipped.
-    open_until_ms: AtomicU64,
+    tripped: AtomicBool,
+    /// Milliseconds since `epoch` before which no request may probe.
+    next_probe_ms: AtomicU64,
     cooldown: Duration,
 }
 
 impl Breaker {
+    fn new(cooldown: Duration) -> Self {
+        Breaker {
+            epoch: Instant::now(),
+            tripped: AtomicBool::new(false),
+            next_probe_ms: AtomicU64::new(0),
+            cooldown,
+        }
+    }
+
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    fn is_open(&self) -> bool {
-        self.now_ms() < self.open_until_ms.load(Ordering::Relaxed)
+    /// Whether this request may use Redis: always while closed; once per cool-down while open.
+    fn admit(&self) -> bool {
+        if !self.tripped.load(Ordering::Acquire) {
+            return true;
+        }
+        let now = self.now_ms();
+        let next = self.next_probe_ms.load(Ordering::Acquire);
+        now >= next
+            && self
+                .next_probe_ms
+                .compare_exchange(
+                    next,
+                    now + self.cooldown.as_millis() as u64,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
+                .is_ok()
+    }
+
+    fn is_closed(&self) -> bool {
+        !self.tripped.load(Ordering::Acquire)
     }
 
     fn trip(&self) {
-        let until = self.now_ms() + self.cooldown.as_millis() as u64;
-        self.open_until_ms.store(until, Ordering::Relaxed);
+        self.next_probe_ms.store(
+            self.now_ms() + self.cooldown.as_millis() as u64,
+            Ordering::Release,
+        );
+        self.tripped.store(true, Ordering::Release);
+    }
+
+    fn close(&self) {
+        if self.tripped.load(Ordering::Acquire) {
+            self.tripped.store(false, Ordering::Release);
+        }
     }
 }
 
@@ -112,6 +151,26 @@ impl RedisTier {
                 2,
             ));
         let pool = builder.build_pool(cfg.pool_size)?;
+        let breaker = Arc::new(Breaker::new(cfg.breaker_cooldown));
+        for client in pool.clients() {
+            // A dropped or stalled connection opens the breaker at once, before any request
+            // has to wait out a command timeout to find out; a reconnection closes it.
+            let b = Arc::clone(&breaker);
+            client.on_error(move |_| {
+                b.trip();
+                std::future::ready(Ok(()))
+            });
+            let b = Arc::clone(&breaker);
+            client.on_unresponsive(move |_| {
+                b.trip();
+                std::future::ready(Ok(()))
+            });
+            let b = Arc::clone(&breaker);
+            client.on_reconnect(move |_| {
+                b.close();
+                std::future::ready(Ok(()))
+            });
+        }
         let _ = pool.connect_pool();
         let read_options = Options {
             fail_fast: true,
@@ -128,22 +187,20 @@ impl RedisTier {
             write_options,
             metrics,
             with_identity,
-            breaker: Arc::new(Breaker {
-                epoch: Instant::now(),
-                open_until_ms: AtomicU64::new(0),
-                cooldown: cfg.breaker_cooldown,
-            }),
+            breaker,
         })
     }
 
-    /// Whether Redis is worth asking: a pooled connection is up and the breaker is closed.
+    /// Whether Redis is up as far as we know: a pooled connection is up and the breaker closed.
     pub fn is_connected(&self) -> bool {
-        !self.breaker.is_open() && self.pool.clients().iter().any(|c| c.is_connected())
+        self.breaker.is_closed() && self.pool.clients().iter().any(|c| c.is_connected())
     }
 
-    /// Fails at once while Redis is known to be unusable; such calls are never sent.
+    /// Fails at once while Redis is known to be unusable (no connection, or the breaker open and
+    /// this request not its probe); such calls are never sent.
     fn ensure_available(&self) -> Result<(), RedisError> {
-        if self.is_connected() {
+        let connected = self.pool.clients().iter().any(|c| c.is_connected());
+        if connected && self.breaker.admit() {
             Ok(())
         } else {
             Err(RedisError("unavailable".into()))
@@ -164,6 +221,9 @@ impl RedisTier {
         r: Result<T, fred::error::Error>,
     ) -> Result<T, RedisError> {
         self.metrics.redis_command(op);
+        if r.is_ok() {
+            self.breaker.close();
+        }
         r.map_err(|e| {
             self.metrics.redis_error(op);
             if matches!(

@@ -241,3 +241,48 @@ async fn stale_if_error_serves_cached_tokens_while_postgres_is_gone() {
         .unwrap();
     s.stop().await;
 }
+
+/// Hammers one token from 16 clients while it is revoked, so cache loads race the eviction
+/// (one may read Redis between the in-process eviction and the Redis deletion). Afterwards no
+/// tier may still hold the old answer.
+async fn revocation_under_concurrent_hits(revoke: &str) {
+    let db = TestDb::migrated().await;
+    let t = user_with_token(&db, "alice").await;
+    let s = TestServer::start(&db, "").await;
+    assert_eq!(s.verify(&t.token).await.status, 200);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = tokio::task::JoinSet::new();
+    for _ in 0..16 {
+        let (addr, auth, stop) = (s.addr(), format!("Token {}", t.token), stop.clone());
+        clients.spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                http(addr, "GET", "/verify", &[("Authorization", &auth)], b"").await;
+            }
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    db.client().await.execute(revoke, &[]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    clients.join_all().await;
+    assert!(refused_within(&s, &t.token).await.is_some(), "still allowed after: {revoke}");
+    // And it stays refused: nothing stale was cached by a racing load.
+    for _ in 0..20 {
+        assert_eq!(s.verify(&t.token).await.status, 401, "{revoke}");
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn deactivation_under_concurrent_hits_sticks() {
+    for _ in 0..3 {
+        revocation_under_concurrent_hits("UPDATE auth_user SET is_active = false").await;
+    }
+}
+
+#[tokio::test]
+async fn deletion_under_concurrent_hits_sticks() {
+    for _ in 0..3 {
+        revocation_under_concurrent_hits("DELETE FROM knox_authtoken").await;
+    }
+}
