@@ -177,7 +177,12 @@ pub async fn login(
         let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
         return Ok(respond::throttled(secs.max(1)));
     }
-    let user = app.store.postgres().login_user(&creds.username).await?;
+    // Postgres text cannot hold NUL: no user has such a name, and asking would fail (503).
+    let user = if creds.username.contains('\0') {
+        None
+    } else {
+        app.store.postgres().login_user(&creds.username).await?
+    };
     let iterations = app.config.sessions.password_iterations;
     // An unknown user costs one hash too, so timing does not reveal which usernames exist.
     let encoded = user

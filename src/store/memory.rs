@@ -2,10 +2,18 @@
 //!
 //! It holds digests and the user's status, never raw tokens. Each entry lives no longer than
 //! its own time-to-live (the max cache TTL, the negative TTL, or the soonest token expiry).
+//!
+//! A plain sharded map rather than a general-purpose cache crate: a hit is one short lock and
+//! one hash lookup, an entry costs a few hundred bytes, and the bounds are what the operator set.
+//! Beyond a bound, a shard drops expired entries and then an arbitrary eighth of its entries at
+//! once (hash order is random), so eviction work is amortised over many inserts.
 
-use std::{sync::Arc, time::Duration};
-
-use moka::sync::Cache;
+use std::{
+    collections::HashMap,
+    hash::BuildHasher,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use crate::auth::TokenRow;
 
@@ -21,106 +29,275 @@ pub struct Entry {
     pub ttl: Duration,
 }
 
+/// Bytes the allocator hands out for a request of `n` bytes (16-byte classes plus a header).
+fn heap(n: usize) -> usize {
+    if n == 0 { 0 } else { n.div_ceil(16) * 16 + 16 }
+}
+
 impl Entry {
     pub fn is_negative(&self) -> bool {
         self.rows.is_empty()
     }
 
-    /// Approximate heap footprint, for the byte bound.
+    /// Estimated memory held for this entry under `key`, map slot included, for the byte bound.
     fn weight(&self, key: &str) -> usize {
         let rows: usize = self
             .rows
             .iter()
             .map(|r| {
-                std::mem::size_of::<TokenRow>()
-                    + r.digest.len()
-                    + r.token_key.len()
-                    + r.user_id.len()
-                    + r.user.username.len()
-                    + r.user.email.len()
+                heap(r.digest.capacity())
+                    + heap(r.token_key.capacity())
+                    + heap(r.user_id.capacity())
+                    + heap(r.user.username.capacity())
+                    + heap(r.user.email.capacity())
             })
             .sum();
-        // Key, Arc and entry headers, plus moka's own bookkeeping per entry (~100 bytes).
-        key.len() + std::mem::size_of::<Entry>() + rows + 160
+        let slot = std::mem::size_of::<(Box<str>, Slot)>() * 8 / 7 + 1; // load factor, control byte
+        slot + heap(key.len())
+            + heap(std::mem::size_of::<Entry>() + 16)
+            + heap(self.rows.capacity() * std::mem::size_of::<TokenRow>())
+            + rows
     }
 }
 
-struct PerEntryTtl;
+#[derive(Debug)]
+struct Slot {
+    entry: Arc<Entry>,
+    expires: Instant,
+    weight: usize,
+}
 
-impl moka::Expiry<Arc<str>, Arc<Entry>> for PerEntryTtl {
-    fn expire_after_create(
-        &self,
-        _key: &Arc<str>,
-        value: &Arc<Entry>,
-        _created_at: std::time::Instant,
-    ) -> Option<Duration> {
-        Some(value.ttl)
+#[derive(Debug, Default)]
+struct Shard {
+    map: HashMap<Box<str>, Slot>,
+    bytes: usize,
+}
+
+impl Shard {
+    fn remove(&mut self, key: &str) {
+        if let Some(old) = self.map.remove(key) {
+            self.bytes -= old.weight;
+        }
     }
 
-    fn expire_after_update(
-        &self,
-        _key: &Arc<str>,
-        value: &Arc<Entry>,
-        _updated_at: std::time::Instant,
-        _duration_until_expiry: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(value.ttl)
+    fn retain(&mut self, mut keep: impl FnMut(&Slot) -> bool) {
+        let mut freed = 0;
+        self.map.retain(|_, slot| {
+            let k = keep(slot);
+            if !k {
+                freed += slot.weight;
+            }
+            k
+        });
+        self.bytes -= freed;
     }
 }
+
+/// Number of independently locked shards.
+const SHARDS: usize = 16;
 
 /// The bounded in-process cache.
-#[derive(Clone)]
 pub struct MemoryCache {
-    cache: Cache<Arc<str>, Arc<Entry>>,
+    shards: Box<[Mutex<Shard>]>,
+    hasher: std::hash::RandomState,
+    max_entries_per_shard: usize,
+    max_bytes_per_shard: usize,
 }
 
 impl MemoryCache {
-    /// A cache holding at most `max_entries` entries and about `max_bytes` bytes.
+    /// A cache of at most about `max_entries` entries and `max_bytes` bytes. The bounds hold per
+    /// shard, so they are rounded up to a multiple of 16.
     pub fn new(max_entries: u64, max_bytes: u64) -> Self {
-        // moka bounds one weight; giving each entry at least max_bytes/max_entries of weight
-        // makes the byte bound imply the entry bound as well.
-        let floor = (max_bytes / max_entries.max(1)).max(1);
-        let cache = Cache::builder()
-            .max_capacity(max_bytes)
-            .weigher(move |k: &Arc<str>, v: &Arc<Entry>| {
-                (v.weight(k) as u64).max(floor).min(u64::from(u32::MAX)) as u32
-            })
-            .expire_after(PerEntryTtl)
-            .support_invalidation_closures()
-            .build();
-        Self { cache }
+        MemoryCache {
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            hasher: std::hash::RandomState::new(),
+            max_entries_per_shard: (max_entries as usize).div_ceil(SHARDS),
+            max_bytes_per_shard: (max_bytes as usize).div_ceil(SHARDS),
+        }
+    }
+
+    fn shard(&self, key: &str) -> std::sync::MutexGuard<'_, Shard> {
+        let i = self.hasher.hash_one(key) as usize % SHARDS;
+        // A panic while holding a shard lock cannot leave a map half-updated in a way that
+        // matters here, so a poisoned lock is still usable.
+        self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn get(&self, key: &str) -> Option<Arc<Entry>> {
-        self.cache.get(key)
+        let mut shard = self.shard(key);
+        let slot = shard.map.get(key)?;
+        if slot.expires > Instant::now() {
+            return Some(Arc::clone(&slot.entry));
+        }
+        shard.remove(key);
+        None
     }
 
     pub fn insert(&self, key: &str, entry: Arc<Entry>) {
-        if entry.ttl.is_zero() {
+        let weight = entry.weight(key);
+        if entry.ttl.is_zero()
+            || weight > self.max_bytes_per_shard
+            || self.max_entries_per_shard == 0
+        {
             return;
         }
-        self.cache.insert(Arc::from(key), entry);
+        let expires = Instant::now() + entry.ttl;
+        let mut shard = self.shard(key);
+        shard.remove(key);
+        if shard.map.len() >= self.max_entries_per_shard
+            || shard.bytes + weight > self.max_bytes_per_shard
+        {
+            let now = Instant::now();
+            shard.retain(|s| s.expires > now);
+            if shard.map.len() >= self.max_entries_per_shard
+                || shard.bytes + weight > self.max_bytes_per_shard
+            {
+                // Drop an arbitrary eighth (at least what makes room) in one pass.
+                let mut drop = (shard.map.len() / 8).max(1);
+                let target_bytes = self.max_bytes_per_shard.saturating_sub(weight);
+                let mut bytes = shard.bytes;
+                shard.retain(|s| {
+                    if drop > 0 || bytes > target_bytes {
+                        drop = drop.saturating_sub(1);
+                        bytes -= s.weight;
+                        false
+                    } else {
+                        true
+                    }
+                });
+            }
+        }
+        shard.bytes += weight;
+        shard.map.insert(
+            key.into(),
+            Slot {
+                entry,
+                expires,
+                weight,
+            },
+        );
     }
 
     pub fn remove(&self, key: &str) {
-        self.cache.invalidate(key);
+        self.shard(key).remove(key);
     }
 
-    /// Evicts every entry holding a token of `user_id`.
+    /// Evicts every entry holding a token of `user_id`. Walks every shard: user-level changes
+    /// (deactivation, password change) are rare.
     pub fn remove_user(&self, user_id: &str) {
-        let user_id = user_id.to_owned();
-        // Only fails when invalidation closures are not enabled, which `new` always does.
-        let _ = self
-            .cache
-            .invalidate_entries_if(move |_, e| e.rows.iter().any(|r| r.user_id == user_id));
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            shard.retain(|s| !s.entry.rows.iter().any(|r| r.user_id == user_id));
+        }
     }
 
     pub fn clear(&self) {
-        self.cache.invalidate_all();
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            shard.map.clear();
+            shard.bytes = 0;
+        }
     }
 
     pub fn entry_count(&self) -> u64 {
-        self.cache.run_pending_tasks();
-        self.cache.entry_count()
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).map.len() as u64)
+            .sum()
+    }
+
+    /// Estimated bytes held.
+    pub fn weighted_size(&self) -> u64 {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).bytes as u64)
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::UserInfo;
+
+    fn entry(user: &str, ttl: Duration) -> Arc<Entry> {
+        Arc::new(Entry {
+            rows: vec![TokenRow {
+                digest: "a".repeat(128),
+                token_key: "k".repeat(15),
+                user_id: user.into(),
+                created: time::OffsetDateTime::UNIX_EPOCH,
+                expiry: None,
+                user: UserInfo {
+                    is_active: true,
+                    username: String::new(),
+                    email: String::new(),
+                },
+            }],
+            complete: true,
+            ttl,
+        })
+    }
+
+    const MIN: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn get_insert_remove() {
+        let c = MemoryCache::new(1000, 1 << 20);
+        assert!(c.get("a").is_none());
+        c.insert("a", entry("1", MIN));
+        assert_eq!(c.get("a").unwrap().rows[0].user_id, "1");
+        c.insert("a", entry("2", MIN));
+        assert_eq!(c.get("a").unwrap().rows[0].user_id, "2");
+        assert_eq!(c.entry_count(), 1);
+        c.remove("a");
+        assert!(c.get("a").is_none());
+        assert_eq!(c.weighted_size(), 0);
+    }
+
+    #[test]
+    fn entries_expire() {
+        let c = MemoryCache::new(1000, 1 << 20);
+        c.insert("a", entry("1", Duration::from_millis(30)));
+        assert!(c.get("a").is_some());
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(c.get("a").is_none());
+        c.insert("z", entry("1", Duration::ZERO));
+        assert!(c.get("z").is_none());
+    }
+
+    #[test]
+    fn bounds_hold() {
+        let c = MemoryCache::new(160, 1 << 30);
+        for i in 0..10_000 {
+            c.insert(&format!("key{i}"), entry("1", MIN));
+        }
+        assert!(c.entry_count() <= 160, "{}", c.entry_count());
+        assert!(
+            c.entry_count() >= 80,
+            "eviction is not wholesale: {}",
+            c.entry_count()
+        );
+        let w = entry("1", MIN).weight("key0");
+        let c = MemoryCache::new(1_000_000, (w * 16 * 10) as u64);
+        for i in 0..10_000 {
+            c.insert(&format!("key{i}"), entry("1", MIN));
+        }
+        assert!(c.weighted_size() <= (w * 16 * 10) as u64);
+        // A bound below one entry disables the tier.
+        let c = MemoryCache::new(1, 1);
+        c.insert("a", entry("1", MIN));
+        assert!(c.get("a").is_none());
+    }
+
+    #[test]
+    fn remove_user_and_clear() {
+        let c = MemoryCache::new(1000, 1 << 20);
+        c.insert("a", entry("1", MIN));
+        c.insert("b", entry("2", MIN));
+        c.remove_user("1");
+        assert!(c.get("a").is_none() && c.get("b").is_some());
+        c.clear();
+        assert_eq!(c.entry_count(), 0);
     }
 }
