@@ -139,12 +139,11 @@ async fn main() {
         .await
         .expect("postgres");
     tokio::spawn(conn);
-    admin
-        .batch_execute(&format!(
-            "DROP DATABASE IF EXISTS {db}; CREATE DATABASE {db}"
-        ))
-        .await
-        .unwrap();
+    // Separate statements: a multi-statement string runs as one transaction, which
+    // CREATE/DROP DATABASE refuse.
+    for sql in [format!("DROP DATABASE IF EXISTS {db}"), format!("CREATE DATABASE {db}")] {
+        admin.batch_execute(&sql).await.unwrap();
+    }
     let db_url = format!("postgres://postgres@127.0.0.1:5432/{db}");
     let (client, conn) = tokio_postgres::connect(&db_url, NoTls).await.unwrap();
     tokio::spawn(conn);
