@@ -124,7 +124,10 @@ pub fn method_not_allowed(method: &hyper::Method) -> Response<Body> {
 pub fn throttled(retry_after_secs: u64) -> Response<Body> {
     let mut r = detail(
         StatusCode::TOO_MANY_REQUESTS,
-        &format!("Request was throttled. Expected available in {retry_after_secs} seconds."),
+        &format!(
+            "Request was throttled. Expected available in {retry_after_secs} second{}.",
+            if retry_after_secs == 1 { "" } else { "s" }
+        ),
     );
     r.headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));

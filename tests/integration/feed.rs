@@ -265,7 +265,10 @@ async fn revocation_under_concurrent_hits(revoke: &str) {
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     clients.join_all().await;
-    assert!(refused_within(&s, &t.token).await.is_some(), "still allowed after: {revoke}");
+    assert!(
+        refused_within(&s, &t.token).await.is_some(),
+        "still allowed after: {revoke}"
+    );
     // And it stays refused: nothing stale was cached by a racing load.
     for _ in 0..20 {
         assert_eq!(s.verify(&t.token).await.status, 401, "{revoke}");

@@ -477,6 +477,29 @@ async fn login_refusals_match_knox_word_for_word() {
 }
 
 #[tokio::test]
+async fn a_nul_character_in_the_credentials_is_a_refusal_not_an_outage() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    insert_user(&client, "alice", "alice-pass", true).await;
+    let s = TestServer::start(&db, "").await;
+    // Postgres text cannot hold NUL, so no such user exists: 401, never 5xx.
+    let r = login(&s, "ali\0ce", "alice-pass").await;
+    assert_login_refused(&r, "Invalid username/password.");
+    let r = http(
+        s.addr(),
+        "POST",
+        LOGIN,
+        &[("Content-Type", "application/json")],
+        br#"{"username":"alice\u0000","password":"alice-pass"}"#,
+    )
+    .await;
+    assert_login_refused(&r, "Invalid username/password.");
+    assert_eq!(s.metric("knoxgate_postgres_errors_total").await, 0.0);
+    login_ok(&s, "alice", "alice-pass").await;
+    s.stop().await;
+}
+
+#[tokio::test]
 async fn authenticated_get_on_login_is_405_and_creates_nothing() {
     let db = TestDb::migrated().await;
     let client = db.client().await;
@@ -636,6 +659,9 @@ async fn logout_revokes_only_the_presented_token_at_once() {
     assert_eq!(v.header("www-authenticate"), Some("Token"));
     assert_eq!(rows_matching(&client, &t1).await, 0);
     assert_eq!(redis_cli(6379, &["EXISTS", &redis_key(&s, &t1)]), "0");
+    let index = format!("{}:user:{id}:tokens", s.prefix);
+    assert_eq!(redis_cli(6379, &["SISMEMBER", &index, &t1[..15]]), "0");
+    assert_eq!(redis_cli(6379, &["SISMEMBER", &index, &t2[..15]]), "1");
     // The other token of the user is untouched.
     assert_eq!(rows_matching(&client, &t2).await, 1);
     assert_eq!(rows_of_user(&client, id).await, 1);
@@ -681,6 +707,8 @@ async fn logout_all_revokes_every_token_of_the_user_and_only_theirs() {
         assert_detail(&v, 401, "Invalid token.");
         assert_eq!(redis_cli(6379, &["EXISTS", &redis_key(&s, t)]), "0");
     }
+    let index = format!("{}:user:{id}:tokens", s.prefix);
+    assert_eq!(redis_cli(6379, &["SCARD", &index]), "0");
     assert_eq!(s.verify(&other.token).await.status, 200);
     assert_eq!(rows_of_user(&client, other.user_id).await, 1);
     s.stop().await;
@@ -1155,6 +1183,8 @@ async fn operator_cli_creates_users_and_tokens_and_revokes_them() {
     assert_eq!(rows_matching(&client, &token).await, 0);
     assert_eq!(s.verify(&login_token).await.status, 200);
 
+    // This step used to fail about 1 run in 5: see
+    // deactivating_a_user_under_concurrent_requests_refuses_their_tokens_within_two_seconds.
     let out = cli(&db, &p, &["user", "deactivate", "bob"], None).await;
     assert!(out.success, "{}{}", out.stdout, out.stderr);
     let refused = eventually(Duration::from_secs(2), || async {
@@ -1181,5 +1211,72 @@ async fn operator_cli_creates_users_and_tokens_and_revokes_them() {
     assert!(!out.success);
     let out = cli(&db, &p, &["user", "deactivate", "nobody"], None).await;
     assert!(!out.success);
+    s.stop().await;
+}
+
+// Regression test for a race in src/store/mod.rs: the feed's user eviction cleared the
+// in-process entries, then deleted the user's Redis entries (after an SMEMBERS round trip),
+// having bumped the epoch only before both. A request in that window missed memory, read the
+// still-present Redis entry (user active) and cached it under the new epoch, so the token kept
+// verifying for up to redis.max_cache_ttl (300 s). Failed 20 of 20 runs before the epoch
+// window (`Store::changing`) that now surrounds every change.
+#[tokio::test]
+async fn deactivating_a_user_under_concurrent_requests_refuses_their_tokens_within_two_seconds() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    let s = TestServer::start(&db, "").await;
+    insert_user(&client, "bob", "bob-pass", true).await;
+    let token = login_ok(&s, "bob", "bob-pass").await;
+    assert_eq!(s.verify(&token).await.status, 200);
+    // Requests for the token keep arriving while Django deactivates the user.
+    let addr = s.addr();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut pollers = tokio::task::JoinSet::new();
+    for _ in 0..32 {
+        let (auth, stop) = (format!("Token {token}"), stop.clone());
+        pollers.spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                http(addr, "GET", "/verify", &[("Authorization", &auth)], b"").await;
+            }
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    client
+        .execute(
+            "UPDATE auth_user SET is_active = false WHERE username = 'bob'",
+            &[],
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    pollers.join_all().await;
+    let refused = eventually(Duration::from_secs(2), || async {
+        s.verify(&token).await.status == 401
+    })
+    .await;
+    if refused.is_none() {
+        let key = redis_key(&s, &token);
+        panic!(
+            "a deactivated user's token still verifies 2 s later: redis entry exists={} \
+             memory hits={} redis hits={} postgres hits={} feed live={} feed events={} \
+             is_active in db={}",
+            redis_cli(6379, &["EXISTS", &key]),
+            s.metric("knoxgate_cache_lookups_total{tier=\"memory\",result=\"hit\"}")
+                .await,
+            s.metric("knoxgate_cache_lookups_total{tier=\"redis\",result=\"hit\"}")
+                .await,
+            s.metric("knoxgate_cache_lookups_total{tier=\"postgres\",result=\"hit\"}")
+                .await,
+            s.running.app.store.feed_live(),
+            s.metric("knoxgate_feed_events_total").await,
+            client
+                .query_one("SELECT is_active FROM auth_user WHERE username='bob'", &[])
+                .await
+                .unwrap()
+                .get::<_, bool>(0),
+        );
+    }
+    assert_detail(&s.verify(&token).await, 401, "User inactive or deleted.");
     s.stop().await;
 }
