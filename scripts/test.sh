@@ -23,8 +23,10 @@ step() {
 step "cargo build" cargo build --locked
 step "cargo test" cargo test --locked
 step "django interop" tests/interop/run.sh
-step "e2e proxies" tests/e2e/run.sh
+# Deploy checks first: they install the linters and tools (promtool, a second Caddy) that the
+# end-to-end suite uses too.
 step "deploy files" scripts/validate-deploy.sh
+step "e2e proxies" tests/e2e/run.sh
 
 echo
 if ((${#failed[@]})); then

@@ -312,6 +312,19 @@ if [[ $RC -ne 0 && $FAILED -eq 0 ]]; then
     printf 'not ok - e2e.py exited with status %s (timeout or crash)\n' "$RC"
     FAILED=$((FAILED + 1))
 fi
+# A live /metrics scrape (after the traffic above) must pass Prometheus' own checker.
+command -v promtool >/dev/null 2>&1 || ensure_apt promtool:prometheus
+if python3 -c 'import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())' \
+        "http://127.0.0.1:$KG2_ADMIN/metrics" >"$WORK/metrics.txt" 2>"$WORK/metrics.err" \
+    && grep -q '^knoxgate_verify_total' "$WORK/metrics.txt" \
+    && promtool check metrics <"$WORK/metrics.txt" >"$WORK/promtool.log" 2>&1; then
+    printf 'ok - promtool check metrics accepts a live /metrics scrape\n'
+    PASSED=$((PASSED + 1))
+else
+    printf 'not ok - promtool check metrics on a live /metrics scrape: %s\n' \
+        "$(head -n 3 "$WORK/promtool.log" "$WORK/metrics.err" 2>/dev/null | tr '\n' ' ')"
+    FAILED=$((FAILED + 1))
+fi
 if ((FAILED > 0)); then dump_logs; fi
 printf '%s passed, %s failed\n' "$PASSED" "$FAILED"
 ((FAILED == 0))
