@@ -4,6 +4,7 @@
 mod support;
 
 mod feed;
+mod hostile;
 mod overload;
 mod sessions;
 mod verify;
