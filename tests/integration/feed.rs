@@ -289,3 +289,42 @@ async fn deletion_under_concurrent_hits_sticks() {
         revocation_under_concurrent_hits("DELETE FROM knox_authtoken").await;
     }
 }
+
+#[tokio::test]
+async fn concurrent_misses_for_one_token_share_one_query() {
+    let db = TestDb::migrated().await;
+    let t = user_with_token(&db, "alice").await;
+    let s = TestServer::start(&db, "[postgres]\nstatement_timeout = \"5s\"").await;
+    // Hold the table so the first lookup waits, and every other request arrives meanwhile.
+    let lock = db.client().await;
+    lock.batch_execute("BEGIN; LOCK TABLE knox_authtoken IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let mut requests = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        let (addr, auth) = (s.addr(), format!("Token {}", t.token));
+        requests.spawn(async move {
+            http(addr, "GET", "/verify", &[("Authorization", &auth)], b"")
+                .await
+                .status
+        });
+    }
+    let waiting = eventually(Duration::from_secs(3), || async {
+        s.metric("knoxgate_coalesced_misses_total").await >= 19.0
+    })
+    .await;
+    assert!(
+        waiting.is_some(),
+        "19 requests joined the first one's lookup"
+    );
+    lock.batch_execute("ROLLBACK").await.unwrap();
+    for status in requests.join_all().await {
+        assert_eq!(status, 200);
+    }
+    assert_eq!(
+        s.metric("knoxgate_sql_statements_total{statement=\"lookup\"}")
+            .await,
+        1.0
+    );
+    s.stop().await;
+}
