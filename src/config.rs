@@ -105,6 +105,12 @@ file_section!(PostgresFile {
     ca_file: String = "",
     token_table: String = "knox_authtoken",
     user_table: String = "auth_user",
+    user_id_column: String = "id",
+    username_column: String = "username",
+    email_column: String = "email",
+    is_active_column: String = "is_active",
+    password_column: String = "password",
+    last_login_column: String = "last_login",
 });
 
 file_section!(RedisFile {
@@ -241,6 +247,33 @@ pub struct PostgresConfig {
     pub ca_file: Option<String>,
     pub token_table: String,
     pub user_table: String,
+    pub user_columns: UserColumns,
+}
+
+/// Column names of the user table, for custom `AUTH_USER_MODEL`s.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserColumns {
+    pub id: String,
+    pub username: String,
+    /// `None`: the model has no email column.
+    pub email: Option<String>,
+    pub is_active: String,
+    pub password: String,
+    /// `None`: the model has no last-login column; logins then stamp nothing.
+    pub last_login: Option<String>,
+}
+
+impl Default for UserColumns {
+    fn default() -> Self {
+        UserColumns {
+            id: "id".into(),
+            username: "username".into(),
+            email: Some("email".into()),
+            is_active: "is_active".into(),
+            password: "password".into(),
+            last_login: Some("last_login".into()),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -362,6 +395,21 @@ fn sql_identifier(key: &str, s: &str) -> Result<String, ConfigError> {
         Ok(s.to_owned())
     } else {
         Err(invalid(key, format!("`{s}` is not a plain SQL identifier")))
+    }
+}
+
+fn column(key: &str, s: &str) -> Result<String, ConfigError> {
+    if s.contains('.') {
+        return Err(invalid(key, "a column name, without a table"));
+    }
+    sql_identifier(key, s)
+}
+
+fn optional_column(key: &str, s: &str) -> Result<Option<String>, ConfigError> {
+    if s.is_empty() {
+        Ok(None)
+    } else {
+        column(key, s).map(Some)
     }
 }
 
@@ -641,6 +689,17 @@ impl FileConfig {
             ca_file: (!postgres.ca_file.is_empty()).then_some(postgres.ca_file),
             token_table: sql_identifier("postgres.token_table", &postgres.token_table)?,
             user_table: sql_identifier("postgres.user_table", &postgres.user_table)?,
+            user_columns: UserColumns {
+                id: column("postgres.user_id_column", &postgres.user_id_column)?,
+                username: column("postgres.username_column", &postgres.username_column)?,
+                email: optional_column("postgres.email_column", &postgres.email_column)?,
+                is_active: column("postgres.is_active_column", &postgres.is_active_column)?,
+                password: column("postgres.password_column", &postgres.password_column)?,
+                last_login: optional_column(
+                    "postgres.last_login_column",
+                    &postgres.last_login_column,
+                )?,
+            },
         };
         let redis = RedisConfig {
             url: if redis.url.trim().is_empty() {

@@ -8,7 +8,7 @@
 
 use tokio_postgres::Client;
 
-use crate::config::PostgresConfig;
+use crate::config::{PostgresConfig, UserColumns};
 
 /// The NOTIFY channel the triggers signal on.
 pub const CHANNEL: &str = "knoxgate";
@@ -58,7 +58,8 @@ CREATE INDEX knox_authtoken_user_id_e5a5d899 ON {tok} USING btree (user_id);"
 }
 
 /// The log table, trigger functions and triggers. Each statement is idempotent.
-fn triggers_ddl(tok: &str, usr: &str) -> String {
+fn triggers_ddl(tok: &str, usr: &str, cols: &UserColumns) -> String {
+    let (id, active, pw) = (&cols.id, &cols.is_active, &cols.password);
     format!(
         "CREATE TABLE IF NOT EXISTS {LOG_TABLE} (
     id bigserial PRIMARY KEY,
@@ -87,8 +88,8 @@ END $$;
 
 CREATE OR REPLACE FUNCTION knoxgate_user_changed() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    INSERT INTO {LOG_TABLE} (kind, user_id) VALUES ('u', OLD.id::text);
-    PERFORM pg_notify('{CHANNEL}', 'u|' || OLD.id::text || '|');
+    INSERT INTO {LOG_TABLE} (kind, user_id) VALUES ('u', OLD.{id}::text);
+    PERFORM pg_notify('{CHANNEL}', 'u|' || OLD.{id}::text || '|');
     RETURN NULL;
 END $$;
 
@@ -99,9 +100,9 @@ CREATE TRIGGER knoxgate_token_changed
 
 DROP TRIGGER IF EXISTS knoxgate_user_changed ON {usr};
 CREATE TRIGGER knoxgate_user_changed
-    AFTER UPDATE OF is_active, password ON {usr}
+    AFTER UPDATE OF {active}, {pw} ON {usr}
     FOR EACH ROW
-    WHEN (OLD.is_active IS DISTINCT FROM NEW.is_active OR OLD.password IS DISTINCT FROM NEW.password)
+    WHEN (OLD.{active} IS DISTINCT FROM NEW.{active} OR OLD.{pw} IS DISTINCT FROM NEW.{pw})
     EXECUTE FUNCTION knoxgate_user_changed();
 
 DROP TRIGGER IF EXISTS knoxgate_user_deleted ON {usr};
@@ -139,12 +140,24 @@ async fn table_exists(
     row.try_get(0)
 }
 
+/// Why `migrate` stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error(transparent)]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error(
+        "table {0} does not exist and custom user columns are configured: run Django's migrate \
+         first (knoxgate only creates Django's default schema)"
+    )]
+    CustomSchemaAbsent(String),
+}
+
 /// Creates the tables that are absent and (re)installs the triggers, in one transaction.
 pub async fn migrate(
     client: &mut Client,
     cfg: &PostgresConfig,
     install_triggers: bool,
-) -> Result<MigrateReport, tokio_postgres::Error> {
+) -> Result<MigrateReport, MigrateError> {
     let (tok, usr) = (cfg.token_table.as_str(), cfg.user_table.as_str());
     let tx = client.transaction().await?;
     // Two knoxgate instances migrating at once must not race on CREATE TABLE.
@@ -157,16 +170,24 @@ pub async fn migrate(
     tx.batch_execute("SET LOCAL client_min_messages = warning")
         .await?;
     let mut report = MigrateReport::default();
-    if !table_exists(&tx, usr).await? {
-        tx.batch_execute(&auth_user_ddl(usr)).await?;
-        report.created_tables.push(usr.to_owned());
-    }
-    if !table_exists(&tx, tok).await? {
-        tx.batch_execute(&knox_authtoken_ddl(tok, usr)).await?;
-        report.created_tables.push(tok.to_owned());
+    let default_columns = cfg.user_columns == UserColumns::default();
+    for (table, ddl) in [
+        (usr, auth_user_ddl(usr)),
+        (tok, knox_authtoken_ddl(tok, usr)),
+    ] {
+        if table_exists(&tx, table).await? {
+            continue;
+        }
+        if !default_columns {
+            // Only Django's default schema is ours to create; a custom user model is Django's.
+            return Err(MigrateError::CustomSchemaAbsent(table.to_owned()));
+        }
+        tx.batch_execute(&ddl).await?;
+        report.created_tables.push(table.to_owned());
     }
     if install_triggers {
-        tx.batch_execute(&triggers_ddl(tok, usr)).await?;
+        tx.batch_execute(&triggers_ddl(tok, usr, &cfg.user_columns))
+            .await?;
         report.installed_triggers = true;
     }
     tx.commit().await?;

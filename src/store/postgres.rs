@@ -13,7 +13,7 @@ use tokio_postgres::{Row, types::ToSql};
 use super::StoreError;
 use crate::{
     auth::{TokenRow, UserInfo},
-    config::PostgresConfig,
+    config::{PostgresConfig, UserColumns},
     metrics::Metrics,
 };
 
@@ -41,20 +41,29 @@ struct Statements {
     lock_user: String,
     count_live: String,
     insert_token: String,
-    set_last_login: String,
+    /// `None` when the user model has no last-login column.
+    set_last_login: Option<String>,
     set_password: String,
+    set_active: String,
 }
 
 impl Statements {
-    fn new(tok: &str, usr: &str) -> Self {
-        let row_cols = "t.digest, t.token_key, t.user_id::text, t.created, t.expiry, \
-                        u.is_active, u.username::text, u.email::text";
+    fn new(tok: &str, usr: &str, c: &UserColumns) -> Self {
+        let (id, name, active, pw) = (&c.id, &c.username, &c.is_active, &c.password);
+        let email = c
+            .email
+            .as_ref()
+            .map_or_else(|| "''".to_owned(), |e| format!("u.{e}::text"));
+        let row_cols = format!(
+            "t.digest, t.token_key, t.user_id::text, t.created, t.expiry, \
+             u.{active}, u.{name}::text, {email}"
+        );
         Statements {
             lookup: format!(
-                "SELECT {row_cols} FROM {tok} t JOIN {usr} u ON u.id = t.user_id WHERE t.token_key = $1"
+                "SELECT {row_cols} FROM {tok} t JOIN {usr} u ON u.{id} = t.user_id WHERE t.token_key = $1"
             ),
             confirm: format!(
-                "SELECT {row_cols} FROM {tok} t JOIN {usr} u ON u.id = t.user_id WHERE t.digest = $1"
+                "SELECT {row_cols} FROM {tok} t JOIN {usr} u ON u.{id} = t.user_id WHERE t.digest = $1"
             ),
             // knox's _cleanup_token: every expired token of the presented token's user.
             delete_expired_of_user: format!(
@@ -70,21 +79,25 @@ impl Statements {
             ),
             refresh_expiry: format!("UPDATE {tok} SET expiry = $2 WHERE digest = $1"),
             login_user: format!(
-                "SELECT id::text, password, is_active, email::text FROM {usr} WHERE username = $1"
+                "SELECT u.{id}::text, u.{pw}, u.{active}, {email} FROM {usr} u WHERE u.{name} = $1"
             ),
             // Serialises concurrent logins of one user so TOKEN_LIMIT_PER_USER holds exactly.
-            lock_user: format!("SELECT id FROM {usr} WHERE username = $1 FOR UPDATE"),
+            lock_user: format!("SELECT {id} FROM {usr} WHERE {name} = $1 FOR UPDATE"),
             count_live: format!(
-                "SELECT count(*) FROM {tok} t JOIN {usr} u ON u.id = t.user_id \
-                 WHERE u.username = $1 AND (t.expiry > now() OR t.expiry IS NULL)"
+                "SELECT count(*) FROM {tok} t JOIN {usr} u ON u.{id} = t.user_id \
+                 WHERE u.{name} = $1 AND (t.expiry > now() OR t.expiry IS NULL)"
             ),
             insert_token: format!(
                 "INSERT INTO {tok} (digest, token_key, created, expiry, user_id) \
-                 SELECT $1, $2, $3, $4, u.id FROM {usr} u WHERE u.username = $5 \
+                 SELECT $1, $2, $3, $4, u.{id} FROM {usr} u WHERE u.{name} = $5 \
                  RETURNING user_id::text"
             ),
-            set_last_login: format!("UPDATE {usr} SET last_login = $2 WHERE username = $1"),
-            set_password: format!("UPDATE {usr} SET password = $2 WHERE username = $1"),
+            set_last_login: c
+                .last_login
+                .as_ref()
+                .map(|ll| format!("UPDATE {usr} SET {ll} = $2 WHERE {name} = $1")),
+            set_password: format!("UPDATE {usr} SET {pw} = $2 WHERE {name} = $1"),
+            set_active: format!("UPDATE {usr} SET {active} = $2 WHERE {name} = $1 RETURNING {id}"),
         }
     }
 }
@@ -205,7 +218,11 @@ impl Postgres {
             .map_err(|e| StoreError::Postgres(e.to_string()))?;
         Ok(Self {
             pool,
-            sql: Arc::new(Statements::new(&cfg.token_table, &cfg.user_table)),
+            sql: Arc::new(Statements::new(
+                &cfg.token_table,
+                &cfg.user_table,
+                &cfg.user_columns,
+            )),
             user_table: cfg.user_table.as_str().into(),
             statement_deadline: cfg.statement_timeout + Duration::from_millis(250),
             metrics,
@@ -376,9 +393,11 @@ impl Postgres {
                 return Ok(None);
             };
             let user_id: String = row.try_get(0)?;
-            metrics.sql("set_last_login");
-            let stmt = tx.prepare_cached(&sql.set_last_login).await?;
-            tx.execute(&stmt, &[&new.username, &new.created]).await?;
+            if let Some(set_last_login) = &sql.set_last_login {
+                metrics.sql("set_last_login");
+                let stmt = tx.prepare_cached(set_last_login).await?;
+                tx.execute(&stmt, &[&new.username, &new.created]).await?;
+            }
             tx.commit().await?;
             Ok::<_, tokio_postgres::Error>(Some(user_id))
         };
@@ -431,12 +450,8 @@ impl Postgres {
 
     /// Sets `is_active`; returns whether the user exists.
     pub async fn set_active(&self, username: &str, active: bool) -> Result<bool, StoreError> {
-        let sql = format!(
-            "UPDATE {} SET is_active = $2 WHERE username = $1 RETURNING id",
-            self.user_table
-        );
         Ok(!self
-            .query("set_active", &sql, &[&username, &active])
+            .query("set_active", &self.sql.set_active, &[&username, &active])
             .await?
             .is_empty())
     }

@@ -679,3 +679,73 @@ async fn columns(c: &tokio_postgres::Client) -> Vec<String> {
     })
     .collect()
 }
+
+#[tokio::test]
+async fn custom_user_model_columns_are_configurable() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "CREATE TABLE accounts_member (uid integer PRIMARY KEY, login varchar(254) UNIQUE NOT NULL, \
+             secret varchar(128) NOT NULL, enabled boolean NOT NULL);
+             CREATE TABLE knox_authtoken (digest varchar(128) PRIMARY KEY, created timestamptz NOT NULL, \
+             user_id integer NOT NULL REFERENCES accounts_member(uid) DEFERRABLE INITIALLY DEFERRED, \
+             expiry timestamptz, token_key varchar(25) NOT NULL);",
+        )
+        .await
+        .unwrap();
+    let encoded = knoxgate::password::make_password("pw", 1000);
+    client
+        .execute(
+            "INSERT INTO accounts_member VALUES (41, 'ada@example.com', $1, true)",
+            &[&encoded],
+        )
+        .await
+        .unwrap();
+    let t = insert_token(&client, 41, TEN_HOURS, "", HashAlgorithm::Sha512).await;
+    let columns = "[postgres]\nuser_table = \"accounts_member\"\nuser_id_column = \"uid\"\n\
+                   username_column = \"login\"\nemail_column = \"\"\nis_active_column = \"enabled\"\n\
+                   password_column = \"secret\"\nlast_login_column = \"\"";
+    let cfg = config_for(&db, "kgx", columns);
+    knoxgate::schema::migrate(&mut db.client().await, &cfg.postgres, true)
+        .await
+        .unwrap();
+    let s = TestServer::start(&db, columns).await;
+    let r = s.verify(&t.token).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-auth-user-id"), Some("41"));
+    // Login through the custom columns (no last_login column to stamp).
+    let basic = format!("Basic {}", base64_of("ada@example.com:pw"));
+    let r = http(
+        s.addr(),
+        "POST",
+        "/api/auth/login/",
+        &[("Authorization", &basic)],
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body_text());
+    // The trigger on the custom active column reaches the cache.
+    client
+        .execute("UPDATE accounts_member SET enabled = false", &[])
+        .await
+        .unwrap();
+    let refused = eventually(Duration::from_secs(2), || async {
+        s.verify(&t.token).await.status == 401
+    })
+    .await;
+    assert!(refused.is_some());
+    s.stop().await;
+    // With custom columns, knoxgate does not invent the tables.
+    let empty = TestDb::new().await;
+    let cfg = config_for(&empty, "kgx", columns);
+    let err = knoxgate::schema::migrate(&mut empty.client().await, &cfg.postgres, true)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("Django's migrate"), "{err}");
+}
+
+fn base64_of(s: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
