@@ -62,7 +62,7 @@ impl App {
         let s = &config.sessions;
         Ok(Arc::new(App {
             in_flight: Arc::new(Semaphore::new(config.server.max_in_flight)),
-            hash_slots: Arc::new(Semaphore::new(s.hash_concurrency)),
+            hash_slots: Arc::new(Semaphore::new(s.hash_slots())),
             login_throttle: Throttle::new(s.throttle_failures, s.throttle_window),
             // Well-formed, so checking it runs the full derivation; computing a real one here
             // would cost a hash at every startup for nothing.
@@ -142,8 +142,8 @@ async fn check_triggers(config: &Config) -> Result<(), StartError> {
 /// Open connections allowed on the admin listener (probes and scrapes only).
 const MAX_ADMIN_CONNECTIONS: usize = 64;
 
-/// How often failed Redis deletions are retried.
-const REDIS_RETRY_INTERVAL: Duration = Duration::from_secs(1);
+/// How often expired in-process entries are freed and failed Redis deletions retried.
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Binds both listeners and starts serving.
 pub async fn start(config: Config) -> Result<Running, StartError> {
@@ -199,19 +199,17 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             shutdown_rx.clone(),
         )));
     }
-    if app.store.redis().is_some() {
-        let store = Arc::clone(&app.store);
-        let mut stop = shutdown_rx.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(REDIS_RETRY_INTERVAL);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => { store.retry_pending_redis().await; }
-                    _ = stop.changed() => return,
-                }
+    let store = Arc::clone(&app.store);
+    let mut stop = shutdown_rx.clone();
+    tasks.push(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(HOUSEKEEPING_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => store.housekeeping().await,
+                _ = stop.changed() => return,
             }
-        }));
-    }
+        }
+    }));
     tracing::info!(%addr, %admin_addr, consistency = ?cfg.cache.consistency, "knoxgate serving");
     Ok(Running {
         addr,

@@ -87,7 +87,7 @@ file_section!(SessionsFile {
     enabled: bool = true,
     base_path: String = "/api/auth/",
     password_iterations: u64 = 1_000_000u64,
-    hash_concurrency: u64 = 2u64,
+    hash_concurrency: u64 = 0u64,
     hash_queue_timeout: String = "5s",
     max_body_bytes: u64 = 8_192u64,
     throttle_failures: u64 = 10u64,
@@ -234,6 +234,17 @@ pub struct SessionsConfig {
     pub throttle_failures: u32,
     pub throttle_window: Duration,
     pub trusted_proxies: Vec<ipnet_lite::IpNet>,
+}
+
+impl SessionsConfig {
+    /// Password checks allowed at once: `hash_concurrency`, or with 0 one core fewer than the
+    /// machine has (at least 1), so that logins always leave a core to `/verify`.
+    pub fn hash_slots(&self) -> usize {
+        if self.hash_concurrency > 0 {
+            return self.hash_concurrency;
+        }
+        std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -652,8 +663,7 @@ impl FileConfig {
                 }
                 n as u32
             },
-            hash_concurrency: nonzero("sessions.hash_concurrency", sessions.hash_concurrency)?
-                as usize,
+            hash_concurrency: sessions.hash_concurrency as usize,
             hash_queue_timeout: parse_duration(
                 "sessions.hash_queue_timeout",
                 &sessions.hash_queue_timeout,

@@ -203,7 +203,6 @@ where
                     // A dead peer goes quiet rather than failing: ask it something.
                     let r = tokio::time::timeout(deadline, client.simple_query("SELECT 1")).await;
                     timed("health check", r)?;
-                    store.retry_pending_redis().await;
                 }
                 _ = prune.tick() => {
                     let r = tokio::time::timeout(deadline * 5, client.execute(

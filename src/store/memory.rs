@@ -199,6 +199,18 @@ impl MemoryCache {
         }
     }
 
+    /// Drops every expired entry. Run periodically so that short-lived entries (negative ones
+    /// above all) free their memory when they expire, not when the cache next fills up.
+    pub fn purge_expired(&self) {
+        let now = Instant::now();
+        for shard in self.shards.iter() {
+            shard
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|s| s.expires > now);
+        }
+    }
+
     pub fn entry_count(&self) -> u64 {
         self.shards
             .iter()
@@ -288,6 +300,17 @@ mod tests {
         let c = MemoryCache::new(1, 1);
         c.insert("a", entry("1", MIN));
         assert!(c.get("a").is_none());
+    }
+
+    #[test]
+    fn purge_frees_expired_entries() {
+        let c = MemoryCache::new(1000, 1 << 20);
+        c.insert("short", entry("1", Duration::from_millis(20)));
+        c.insert("long", entry("1", MIN));
+        std::thread::sleep(Duration::from_millis(30));
+        c.purge_expired();
+        assert_eq!(c.entry_count(), 1);
+        assert_eq!(c.weighted_size() as usize, entry("1", MIN).weight("long"));
     }
 
     #[test]

@@ -174,6 +174,12 @@ impl Store {
         self.redis.as_ref()
     }
 
+    /// Periodic upkeep: frees expired in-process entries and retries failed Redis deletions.
+    pub async fn housekeeping(&self) {
+        self.memory.purge_expired();
+        self.retry_pending_redis().await;
+    }
+
     pub fn memory_entries(&self) -> u64 {
         self.memory.entry_count()
     }
