@@ -163,3 +163,16 @@ fn trusted_proxy_matching() {
             .contains("::1".parse().unwrap())
     );
 }
+
+#[test]
+fn redis_urls_for_tls_sentinel_and_cluster_are_accepted() {
+    for url in [
+        "redis://:secret@cache:6379/2",
+        "rediss://cache.example.com:6380/0",
+        "redis-sentinel://sentinel-1:26379/0?sentinelServiceName=mymaster&node=sentinel-2:26379",
+        "redis-cluster://node-1:6379?node=node-2:6379&node=node-3:6379",
+    ] {
+        let c = Config::from_toml_str(&format!("[redis]\nurl = \"{url}\""));
+        assert!(c.is_ok(), "{url}: {:?}", c.err());
+    }
+}
