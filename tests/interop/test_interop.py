@@ -491,6 +491,46 @@ def test_token_deleted_through_django_orm_is_refused_by_knoxgate(start_stack):
 
 
 @knoxgate("verify", "notify")
+def test_token_deleted_through_django_orm_is_refused_by_two_knoxgate_instances(start_stack):
+    from conftest import Service, base_env, free_port, knoxgate_binary, REPO
+
+    stack = start_stack(knox_redis=True)
+    user = stack.create_user("alice", PASSWORD, tokens=2)
+    gone, kept = (t["token"] for t in user["tokens"])
+    # A second knoxgate sharing the database and Redis.
+    listen, admin = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    env = {**base_env(), **stack.knoxgate_env, "KNOXGATE_LISTEN": listen, "KNOXGATE_ADMIN_LISTEN": admin}
+    second = Service("knoxgate (second)", [str(knoxgate_binary()), "serve"], env=env, cwd=REPO,
+                     log=stack.logdir / "knoxgate-second.log")
+    try:
+        second.wait_ready(f"http://{admin}/readyz", lambda r: r.status_code == 200)
+
+        def verify_second(token):
+            return stack.http.get(f"http://{listen}/verify", headers={"Authorization": f"Token {token}"},
+                                  timeout=5)
+
+        for token in (gone, kept):
+            assert_verified(stack.verify(token), user["id"])
+            assert_verified(verify_second(token), user["id"])
+
+        assert stack.interop("delete-token", "--token-key", gone[:15])["deleted"] == 1
+
+        refused_by_knoxgate_within(stack, gone, INVALID_TOKEN)
+        response, elapsed = eventually(
+            lambda: verify_second(gone),
+            lambda r: r.status_code != 200,
+            within=REVOCATION_BUDGET,
+            what="the second knoxgate refusing the deleted token",
+            show=describe,
+        )
+        assert_token_refused(response, INVALID_TOKEN)
+        assert_verified(stack.verify(kept), user["id"])
+        assert_verified(verify_second(kept), user["id"])
+    finally:
+        assert second.stop() == 0
+
+
+@knoxgate("verify", "notify")
 def test_logout_all_through_django_orm_is_refused_by_knoxgate(start_stack):
     stack = start_stack()
     user = stack.create_user("alice", PASSWORD, tokens=2)
