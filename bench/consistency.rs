@@ -141,7 +141,10 @@ async fn main() {
     tokio::spawn(conn);
     // Separate statements: a multi-statement string runs as one transaction, which
     // CREATE/DROP DATABASE refuse.
-    for sql in [format!("DROP DATABASE IF EXISTS {db}"), format!("CREATE DATABASE {db}")] {
+    for sql in [
+        format!("DROP DATABASE IF EXISTS {db}"),
+        format!("CREATE DATABASE {db}"),
+    ] {
         admin.batch_execute(&sql).await.unwrap();
     }
     let db_url = format!("postgres://postgres@127.0.0.1:5432/{db}");
