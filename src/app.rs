@@ -98,11 +98,6 @@ impl Running {
             redis.quit().await;
         }
     }
-
-    /// Waits until every task ends (after a shutdown signal).
-    pub fn shutdown_sender(&self) -> watch::Sender<bool> {
-        self.shutdown.clone()
-    }
 }
 
 /// In notify mode, refuses to start against a reachable database without the triggers. An

@@ -422,6 +422,7 @@ impl Postgres {
     }
 
     /// Creates a user the way Django's `create_user` does (every NOT NULL column supplied).
+    /// Django's default user table only: a custom user model's columns are not known here.
     pub async fn create_user(&self, new: &NewUser<'_>) -> Result<String, StoreError> {
         let sql = format!(
             "INSERT INTO {} (password, last_login, is_superuser, username, first_name, last_name, \
