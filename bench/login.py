@@ -334,6 +334,7 @@ def main():
     conc = set(S.concurrent_activity())
     log(f"login bench: {CLIENTS} clients, {SECONDS}s phases, verify at {VERIFY_RATE}/s, "
         f"hash_concurrency {HASH_CONC}; concurrent: {sorted(conc) or 'none'}")
+    S.preflight()
     B.start_redis()
     S.setup_db_knoxgate_only()
     users, hashdesc = create_users()

@@ -20,6 +20,7 @@ import random
 import re
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -143,6 +144,18 @@ def wrk_finish(p, outf, timeout):
     return r
 
 
+def preflight():
+    """Refuse to run over another run: our ports must be free and our database unused."""
+    for port in (B.KG_PORT, B.KG_ADMIN_PORT, B.REDIS_PORT):
+        with socket.socket() as sk:
+            if sk.connect_ex(("127.0.0.1", port)) == 0:
+                raise RuntimeError(f"127.0.0.1:{port} is already in use: another run? (pick other ports)")
+    busy = B.psql(f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{B.DB}'", db="postgres")
+    if busy != "0":
+        raise RuntimeError(f"database {B.DB} has {busy} open connections: another run using it? "
+                           "(pick another SOAK_DB / LOGIN_DB and ports)")
+
+
 def setup_db_knoxgate_only(users=2500, tokens_per_user=4):
     """Fresh DB, `knoxgate migrate` (no Django needed), bench.py's seeding SQL, tokens.txt."""
     log(f"fresh database {B.DB}")
@@ -150,6 +163,7 @@ def setup_db_knoxgate_only(users=2500, tokens_per_user=4):
     B.LOGS.mkdir(parents=True, exist_ok=True)
     B.psql(f"DROP DATABASE IF EXISTS {B.DB} WITH (FORCE)", db="postgres")
     B.psql(f"CREATE DATABASE {B.DB}", db="postgres")
+    CREATED_DB.append(B.DB)
     p = B.run([str(B.KNOXGATE), "migrate"], env=B.kg_env(), timeout=120)
     (B.LOGS / "knoxgate-migrate.log").write_text(p.stdout + p.stderr)
     t = time.monotonic()
@@ -183,7 +197,12 @@ ANALYZE;
     return n
 
 
+CREATED_DB = []   # drop_db() only drops a database this process created
+
+
 def drop_db():
+    if B.DB not in CREATED_DB:
+        return
     try:
         B.psql(f"DROP DATABASE IF EXISTS {B.DB} WITH (FORCE)", db="postgres")
         log(f"dropped database {B.DB}")
@@ -352,6 +371,7 @@ def main():
     before = concurrent_activity()
     log(f"soak: {SOAK_WARMUP}s warm-up + {SOAK_SECONDS}s at {SOAK_RATE} req/s "
         f"({100 - SOAK_UNKNOWN_PCT}% valid / {SOAK_UNKNOWN_PCT}% unknown); concurrent: {before or 'none'}")
+    preflight()
     B.start_redis()
     ntok = setup_db_knoxgate_only()
     kg = B.Knoxgate("soak", {})

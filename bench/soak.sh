@@ -10,7 +10,8 @@
 # 127.0.0.1:16392, knoxgate (default config) on 127.0.0.1:18581 (admin 18591): ports and database
 # differ from bench/run.sh so both can run at once (but they compete for the CPU). Load: paced wrk,
 # 85 % random valid tokens + 15 % fresh random unknown tokens; every 5 s one token is DELETEd and
-# one INSERTed by SQL. RSS / cache entries sampled every 10 s.
+# one INSERTed by SQL. RSS / cache entries sampled every 10 s. Refuses to start if its ports are
+# in use or its database has open connections (another run); drops only a database it created.
 # Output: bench/out/soak.md, bench/out/soak-rss.csv; scratch and logs in bench/out/soak/.
 #
 # Knobs: SOAK_SECONDS=600 SOAK_WARMUP=30 SOAK_RATE=3000 SOAK_CONNECTIONS=32 SOAK_UNKNOWN_PCT=15
