@@ -1,6 +1,7 @@
 //! Helpers for the chaos test: private redis-server and Postgres processes that are killed on
-//! drop, a keep-alive HTTP/1.1 client, Django-style row inserts. Copied and adapted from
-//! `tests/integration/support.rs` (test targets cannot share modules cleanly).
+//! drop, a keep-alive HTTP/1.1 client, Django-style row inserts. Kept apart from
+//! `tests/integration/support.rs` because these processes must also survive SIGSTOP, restarts on
+//! the same port and a private Postgres cluster, which the integration tests never need.
 
 #![allow(dead_code)]
 
