@@ -260,12 +260,12 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                         anyhow::bail!("no user named {user}");
                     };
                     let token = generate_token(&knox.token_prefix, knox.token_character_length);
-                    let digest = knox.hash_algorithm.hex_digest(token.as_bytes());
+                    let digest = knox.hash_algorithm.digest(token.as_bytes());
                     let now = OffsetDateTime::now_utc();
                     let expiry = knox.token_ttl.map(|ttl| now + ttl);
                     let new = NewToken {
                         username: &user,
-                        digest: &digest,
+                        digest: &digest.to_hex(),
                         token_key: token_key_of(&token),
                         created: now,
                         expiry,
@@ -276,15 +276,15 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                     };
                     store
                         .remember_new(TokenRow {
-                            digest,
-                            token_key: token_key_of(&token).to_owned(),
-                            user_id,
+                            digest: digest.into(),
+                            token_key: token_key_of(&token).into(),
+                            user_id: user_id.into(),
                             created: now,
                             expiry,
                             user: UserInfo {
                                 is_active: u.is_active,
-                                username: user,
-                                email: u.email,
+                                username: user.into(),
+                                email: u.email.into(),
                             },
                         })
                         .await;
@@ -304,10 +304,10 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                         anyhow::bail!("no such token");
                     };
                     if all {
-                        store.logout_all(&digest, &row.user_id).await?;
+                        store.logout_all(&row.digest, &row.user_id).await?;
                         println!("revoked every token of user {}", row.user_id);
                     } else {
-                        store.logout(&digest).await?;
+                        store.logout(&row.digest).await?;
                         println!("token revoked");
                     }
                 }

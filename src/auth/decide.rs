@@ -1,25 +1,29 @@
 //! The allow/deny decision for a presented token, and knox's `renew_token` rule.
 
+use compact_str::CompactString;
 use time::{Duration, OffsetDateTime};
 
-use super::token::digests_equal;
+use super::token::{StoredDigest, TokenDigest};
 
 /// What knoxgate knows of the user behind a token.
+///
+/// Strings are `CompactString`s, kept inline up to 24 bytes: these rows fill the in-process
+/// cache, and most of their strings are short (or empty when no identity headers are set).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserInfo {
     pub is_active: bool,
-    pub username: String,
-    pub email: String,
+    pub username: CompactString,
+    pub email: CompactString,
 }
 
 /// One `knox_authtoken` row joined with its user.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenRow {
-    pub digest: String,
-    pub token_key: String,
+    pub digest: StoredDigest,
+    pub token_key: CompactString,
     /// The user's primary key as text: integer for Django's default user, but custom user
     /// models may use other key types, and the value only ever ends up in a header.
-    pub user_id: String,
+    pub user_id: CompactString,
     pub created: OffsetDateTime,
     /// `None` for tokens made with `TOKEN_TTL=None`: they never expire.
     pub expiry: Option<OffsetDateTime>,
@@ -99,10 +103,10 @@ impl Outcome<'_> {
 ///
 /// Every candidate is compared in constant time, so timing does not tell how many rows share
 /// a key or which one matched.
-pub fn decide<'r>(rows: &'r [TokenRow], digest: &str, now: OffsetDateTime) -> Outcome<'r> {
+pub fn decide<'r>(rows: &'r [TokenRow], digest: &TokenDigest, now: OffsetDateTime) -> Outcome<'r> {
     let mut matched = None;
     for row in rows {
-        if digests_equal(&row.digest, digest) && matched.is_none() {
+        if row.digest.matches(digest) && matched.is_none() {
             matched = Some(row);
         }
     }
@@ -136,9 +140,13 @@ mod tests {
     use super::*;
     use time::macros::datetime;
 
+    fn d(hex: &str) -> TokenDigest {
+        TokenDigest::from_hex(hex).unwrap()
+    }
+
     fn row(digest: &str, expiry: Option<OffsetDateTime>, active: bool) -> TokenRow {
         TokenRow {
-            digest: digest.into(),
+            digest: StoredDigest::parse(digest),
             token_key: "k".into(),
             user_id: "7".into(),
             created: datetime!(2026-01-01 00:00 UTC),
@@ -146,7 +154,7 @@ mod tests {
             user: UserInfo {
                 is_active: active,
                 username: "u".into(),
-                email: String::new(),
+                email: CompactString::default(),
             },
         }
     }
@@ -156,14 +164,14 @@ mod tests {
     #[test]
     fn valid_token_is_allowed() {
         let rows = [row("aa", Some(datetime!(2026-01-01 10:00 UTC)), true)];
-        assert_eq!(decide(&rows, "aa", NOW), Outcome::Allow(&rows[0]));
+        assert_eq!(decide(&rows, &d("aa"), NOW), Outcome::Allow(&rows[0]));
     }
 
     #[test]
     fn token_without_expiry_never_expires() {
         let rows = [row("aa", None, true)];
         assert_eq!(
-            decide(&rows, "aa", datetime!(2999-01-01 0:00 UTC)),
+            decide(&rows, &d("aa"), datetime!(2999-01-01 0:00 UTC)),
             Outcome::Allow(&rows[0])
         );
     }
@@ -175,7 +183,7 @@ mod tests {
             Some(datetime!(2026-01-01 04:59:59.999999 UTC)),
             false,
         )];
-        let out = decide(&rows, "aa", NOW);
+        let out = decide(&rows, &d("aa"), NOW);
         assert_eq!(out, Outcome::Expired(&rows[0]));
         assert_eq!(out.deny_reason(), Some(DenyReason::InvalidToken));
     }
@@ -184,13 +192,13 @@ mod tests {
     fn expiry_equal_to_now_is_still_valid() {
         // knox: expired means expiry < now.
         let rows = [row("aa", Some(NOW), true)];
-        assert_eq!(decide(&rows, "aa", NOW), Outcome::Allow(&rows[0]));
+        assert_eq!(decide(&rows, &d("aa"), NOW), Outcome::Allow(&rows[0]));
     }
 
     #[test]
     fn inactive_user_is_refused_with_its_own_message() {
         let rows = [row("aa", None, false)];
-        let out = decide(&rows, "aa", NOW);
+        let out = decide(&rows, &d("aa"), NOW);
         assert_eq!(out.deny_reason(), Some(DenyReason::UserInactive));
         assert_eq!(
             out.deny_reason().unwrap().detail(),
@@ -201,9 +209,9 @@ mod tests {
     #[test]
     fn wrong_digest_and_no_rows_are_unknown() {
         let rows = [row("aa", None, true), row("bb", None, true)];
-        assert_eq!(decide(&rows, "cc", NOW), Outcome::Unknown);
-        assert_eq!(decide(&[], "cc", NOW), Outcome::Unknown);
-        assert_eq!(decide(&rows, "bb", NOW), Outcome::Allow(&rows[1]));
+        assert_eq!(decide(&rows, &d("cc"), NOW), Outcome::Unknown);
+        assert_eq!(decide(&[], &d("cc"), NOW), Outcome::Unknown);
+        assert_eq!(decide(&rows, &d("bb"), NOW), Outcome::Allow(&rows[1]));
     }
 
     #[test]

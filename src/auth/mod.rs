@@ -14,5 +14,6 @@ pub use decide::{DenyReason, Outcome, TokenRow, UserInfo, decide, refreshed_expi
 pub use expiry::{format_drf_expiry, format_isoformat, parse_isoformat};
 pub use header::{Credential, parse_authorization};
 pub use token::{
-    HashAlgorithm, PresentedToken, TOKEN_KEY_LENGTH, digests_equal, generate_token, token_key_of,
+    HashAlgorithm, PresentedToken, StoredDigest, TOKEN_KEY_LENGTH, TokenDigest, generate_token,
+    token_key_of,
 };

@@ -28,13 +28,135 @@ impl HashAlgorithm {
         }
     }
 
-    /// Lowercase hex digest of `data`, as Python's `hexdigest()`.
-    pub fn hex_digest(self, data: &[u8]) -> String {
+    /// The digest of `data`.
+    pub fn digest(self, data: &[u8]) -> TokenDigest {
         match self {
-            Self::Sha512 => hex::encode(sha2::Sha512::digest(data)),
-            Self::Sha384 => hex::encode(sha2::Sha384::digest(data)),
-            Self::Sha256 => hex::encode(sha2::Sha256::digest(data)),
-            Self::Sha3_512 => hex::encode(sha3::Sha3_512::digest(data)),
+            Self::Sha512 => TokenDigest::from_bytes(&sha2::Sha512::digest(data)),
+            Self::Sha384 => TokenDigest::from_bytes(&sha2::Sha384::digest(data)),
+            Self::Sha256 => TokenDigest::from_bytes(&sha2::Sha256::digest(data)),
+            Self::Sha3_512 => TokenDigest::from_bytes(&sha3::Sha3_512::digest(data)),
+        }
+    }
+
+    /// Lowercase hex digest of `data`, as Python's `hexdigest()`: what knox stores.
+    pub fn hex_digest(self, data: &[u8]) -> String {
+        self.digest(data).to_hex()
+    }
+}
+
+/// Bytes in the longest supported digest (SHA-512, SHA3-512).
+const MAX_DIGEST_BYTES: usize = 64;
+
+/// A digest in binary: half the size of its hex text, and compared without encoding.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TokenDigest {
+    len: u8,
+    bytes: [u8; MAX_DIGEST_BYTES],
+}
+
+impl TokenDigest {
+    fn from_bytes(digest: &[u8]) -> Self {
+        let mut bytes = [0; MAX_DIGEST_BYTES];
+        bytes[..digest.len()].copy_from_slice(digest);
+        Self {
+            len: digest.len() as u8,
+            bytes,
+        }
+    }
+
+    /// Parses knox's text form: lowercase hex only, as `hexdigest()` writes it. Anything else
+    /// (upper case, odd length, too long) is `None`, because knox would compare it as text
+    /// and no computed digest could ever equal it.
+    pub fn from_hex(text: &str) -> Option<Self> {
+        fn nibble(c: u8) -> Option<u8> {
+            match c {
+                b'0'..=b'9' => Some(c - b'0'),
+                b'a'..=b'f' => Some(c - b'a' + 10),
+                _ => None,
+            }
+        }
+        let text = text.as_bytes();
+        if !text.len().is_multiple_of(2) || text.len() > 2 * MAX_DIGEST_BYTES {
+            return None;
+        }
+        let mut bytes = [0; MAX_DIGEST_BYTES];
+        for (out, pair) in bytes.iter_mut().zip(text.chunks_exact(2)) {
+            *out = nibble(pair[0])? << 4 | nibble(pair[1])?;
+        }
+        Some(Self {
+            len: (text.len() / 2) as u8,
+            bytes,
+        })
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+
+    /// Lowercase hex, as knox stores it.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.as_bytes())
+    }
+
+    /// Constant-time equality (knox uses `hmac.compare_digest`).
+    pub fn ct_eq(&self, other: &TokenDigest) -> bool {
+        self.len == other.len && bool::from(self.as_bytes().ct_eq(other.as_bytes()))
+    }
+}
+
+impl std::fmt::Debug for TokenDigest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+/// A `knox_authtoken.digest` value as read from Postgres or a Redis entry, held compactly.
+///
+/// Knox writes lowercase hex, kept here in binary. Any other text is kept verbatim so that it
+/// round-trips unchanged, and it matches nothing, just as knox's text comparison against a
+/// computed `hexdigest()` would.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub enum StoredDigest {
+    Hex(TokenDigest),
+    Other(Box<str>),
+}
+
+impl StoredDigest {
+    pub fn parse(text: &str) -> Self {
+        match TokenDigest::from_hex(text) {
+            Some(d) => Self::Hex(d),
+            None => Self::Other(text.into()),
+        }
+    }
+
+    /// The stored text, exactly as read.
+    pub fn to_text(&self) -> std::borrow::Cow<'_, str> {
+        match self {
+            Self::Hex(d) => d.to_hex().into(),
+            Self::Other(text) => text.as_ref().into(),
+        }
+    }
+
+    /// Whether a presented token's digest equals this one, in constant time.
+    pub fn matches(&self, digest: &TokenDigest) -> bool {
+        match self {
+            Self::Hex(d) => d.ct_eq(digest),
+            Self::Other(_) => false,
+        }
+    }
+}
+
+impl From<TokenDigest> for StoredDigest {
+    fn from(digest: TokenDigest) -> Self {
+        Self::Hex(digest)
+    }
+}
+
+impl std::fmt::Debug for StoredDigest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Hex(d) => d.fmt(f),
+            Self::Other(text) => text.fmt(f),
         }
     }
 }
@@ -68,15 +190,10 @@ impl<'a> PresentedToken<'a> {
         token_key_of(self.token)
     }
 
-    /// The hex digest knox stores for this token.
-    pub fn digest(&self, algorithm: HashAlgorithm) -> String {
-        algorithm.hex_digest(self.token.as_bytes())
+    /// The digest knox stores (in hex) for this token.
+    pub fn digest(&self, algorithm: HashAlgorithm) -> TokenDigest {
+        algorithm.digest(self.token.as_bytes())
     }
-}
-
-/// Constant-time equality of two hex digests (knox uses `hmac.compare_digest`).
-pub fn digests_equal(a: &str, b: &str) -> bool {
-    a.len() == b.len() && bool::from(a.as_bytes().ct_eq(b.as_bytes()))
 }
 
 /// A new knox token: `prefix` + lowercase hex of `character_length / 2` bytes from the OS CSPRNG.
@@ -108,12 +225,15 @@ mod tests {
             let token = PresentedToken::new(row["token"].as_str().unwrap());
             assert_eq!(token.key(), row["token_key"].as_str().unwrap());
             let digest = token.digest(alg);
-            assert_eq!(digest, row["digest"].as_str().unwrap());
-            assert!(digests_equal(&digest, row["digest"].as_str().unwrap()));
+            assert_eq!(digest.to_hex(), row["digest"].as_str().unwrap());
+            let stored = StoredDigest::parse(row["digest"].as_str().unwrap());
+            assert!(matches!(stored, StoredDigest::Hex(_)));
+            assert_eq!(stored.to_text(), row["digest"].as_str().unwrap());
+            assert!(stored.matches(&digest));
             if let Some(wrong) = row.get("same_token_key_wrong_tail") {
                 let wrong = PresentedToken::new(wrong["token"].as_str().unwrap());
                 assert_eq!(wrong.key(), token.key());
-                assert!(!digests_equal(&wrong.digest(alg), &digest));
+                assert!(!stored.matches(&wrong.digest(alg)));
             }
         }
     }
@@ -137,7 +257,7 @@ mod tests {
                 ("sha3_512", HashAlgorithm::Sha3_512),
             ] {
                 assert_eq!(
-                    token.digest(alg),
+                    token.digest(alg).to_hex(),
                     row[name].as_str().unwrap(),
                     "{} {name}",
                     row["case"]
@@ -194,7 +314,27 @@ mod tests {
 
     #[test]
     fn digest_comparison_rejects_length_mismatch() {
-        assert!(!digests_equal("ab", "abc"));
-        assert!(digests_equal("", ""));
+        let short = TokenDigest::from_hex("ab").unwrap();
+        let long = TokenDigest::from_hex("ab00").unwrap();
+        assert!(!short.ct_eq(&long) && !long.ct_eq(&short));
+        assert!(short.ct_eq(&TokenDigest::from_hex("ab").unwrap()));
+        let empty = TokenDigest::from_hex("").unwrap();
+        assert!(empty.ct_eq(&empty) && !empty.ct_eq(&short));
+    }
+
+    #[test]
+    fn stored_digests_other_than_lowercase_hex_round_trip_and_never_match() {
+        let digest = HashAlgorithm::Sha512.digest(b"token");
+        let upper = digest.to_hex().to_uppercase();
+        let too_long = "a".repeat(130);
+        for text in [upper.as_str(), "abc", "zz", too_long.as_str(), "é1"] {
+            let stored = StoredDigest::parse(text);
+            assert!(matches!(stored, StoredDigest::Other(_)), "{text}");
+            assert_eq!(stored.to_text(), text);
+            assert!(!stored.matches(&digest));
+        }
+        let stored = StoredDigest::parse(&digest.to_hex());
+        assert!(stored.matches(&digest));
+        assert_eq!(stored, StoredDigest::from(digest));
     }
 }

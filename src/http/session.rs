@@ -221,14 +221,14 @@ pub async fn login(
     }
     let knox = &app.config.knox;
     let token = generate_token(&knox.token_prefix, knox.token_character_length);
-    let digest = knox.hash_algorithm.hex_digest(token.as_bytes());
+    let digest = knox.hash_algorithm.digest(token.as_bytes());
     let token_key = token_key_of(&token);
     let now = OffsetDateTime::now_utc();
     let expiry = knox.token_ttl.map(|ttl| now + ttl);
     let created = OffsetDateTime::now_utc();
     let new = NewToken {
         username: &creds.username,
-        digest: &digest,
+        digest: &digest.to_hex(),
         token_key,
         created,
         expiry,
@@ -241,15 +241,15 @@ pub async fn login(
     throttle.record_success(&creds.username);
     app.store
         .remember_new(TokenRow {
-            digest,
-            token_key: token_key.to_owned(),
-            user_id,
+            digest: digest.into(),
+            token_key: token_key.into(),
+            user_id: user_id.into(),
             created,
             expiry,
             user: UserInfo {
                 is_active: true,
-                username: creds.username,
-                email: user.email,
+                username: creds.username.as_str().into(),
+                email: user.email.into(),
             },
         })
         .await;

@@ -5,6 +5,9 @@
 //!
 //! A plain sharded map rather than a general-purpose cache crate: a hit is one short lock and
 //! one hash lookup, an entry costs a few hundred bytes, and the bounds are what the operator set.
+//! Entries are laid out for size, since 100,000 of them must fit in a sidecar's memory: the
+//! key and short strings inline, digests in binary, and the usual single row inside the
+//! entry's own allocation, so a cached token costs two heap blocks and a map slot.
 //! Beyond a bound, a shard drops expired entries and then an arbitrary eighth of its entries at
 //! once (hash order is random), so eviction work is amortised over many inserts.
 
@@ -15,13 +18,19 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::auth::TokenRow;
+use compact_str::CompactString;
+use smallvec::SmallVec;
+
+use crate::auth::{StoredDigest, TokenRow};
+
+/// The rows stored under one `token_key`: nearly always one, held inline.
+pub type Rows = SmallVec<[TokenRow; 1]>;
 
 /// What is cached for one `token_key`.
 #[derive(Debug)]
 pub struct Entry {
     /// The rows stored under the key (empty: the key is unknown).
-    pub rows: Vec<TokenRow>,
+    pub rows: Rows,
     /// True when `rows` came from Postgres and so is every row under the key; false when it came
     /// from a Redis entry, which holds one row only.
     pub complete: bool,
@@ -41,22 +50,44 @@ impl Entry {
 
     /// Estimated memory held for this entry under `key`, map slot included, for the byte bound.
     fn weight(&self, key: &str) -> usize {
-        let rows: usize = self
+        fn text(s: &CompactString) -> usize {
+            if s.is_heap_allocated() {
+                heap(s.capacity())
+            } else {
+                0
+            }
+        }
+        let strings: usize = self
             .rows
             .iter()
             .map(|r| {
-                heap(r.digest.capacity())
-                    + heap(r.token_key.capacity())
-                    + heap(r.user_id.capacity())
-                    + heap(r.user.username.capacity())
-                    + heap(r.user.email.capacity())
+                let digest = match &r.digest {
+                    StoredDigest::Hex(_) => 0,
+                    StoredDigest::Other(text) => heap(text.len()),
+                };
+                digest
+                    + text(&r.token_key)
+                    + text(&r.user_id)
+                    + text(&r.user.username)
+                    + text(&r.user.email)
             })
             .sum();
-        let slot = std::mem::size_of::<(Box<str>, Slot)>() * 8 / 7 + 1; // load factor, control byte
-        slot + heap(key.len())
-            + heap(std::mem::size_of::<Entry>() + 16)
-            + heap(self.rows.capacity() * std::mem::size_of::<TokenRow>())
-            + rows
+        // A `CompactString` holds up to its own size inline.
+        let key = if key.len() > std::mem::size_of::<CompactString>() {
+            heap(key.len())
+        } else {
+            0
+        };
+        // Map slots are kept at most 7/8 full and tables double, so a slot costs up to twice
+        // its size; count one and a half, plus the control byte.
+        let slot = std::mem::size_of::<(CompactString, Slot)>() * 3 / 2 + 1;
+        let spilled = if self.rows.spilled() {
+            heap(self.rows.capacity() * std::mem::size_of::<TokenRow>())
+        } else {
+            0
+        };
+        // The Arc's two counters sit in front of the entry.
+        slot + key + heap(std::mem::size_of::<Entry>() + 16) + spilled + strings
     }
 }
 
@@ -69,7 +100,7 @@ struct Slot {
 
 #[derive(Debug, Default)]
 struct Shard {
-    map: HashMap<Box<str>, Slot>,
+    map: HashMap<CompactString, Slot>,
     bytes: usize,
 }
 
@@ -234,16 +265,16 @@ mod tests {
 
     fn entry(user: &str, ttl: Duration) -> Arc<Entry> {
         Arc::new(Entry {
-            rows: vec![TokenRow {
-                digest: "a".repeat(128),
-                token_key: "k".repeat(15),
+            rows: smallvec::smallvec![TokenRow {
+                digest: StoredDigest::parse(&"a".repeat(128)),
+                token_key: "k".repeat(15).into(),
                 user_id: user.into(),
                 created: time::OffsetDateTime::UNIX_EPOCH,
                 expiry: None,
                 user: UserInfo {
                     is_active: true,
-                    username: String::new(),
-                    email: String::new(),
+                    username: CompactString::default(),
+                    email: CompactString::default(),
                 },
             }],
             complete: true,
@@ -300,6 +331,25 @@ mod tests {
         let c = MemoryCache::new(1, 1);
         c.insert("a", entry("1", MIN));
         assert!(c.get("a").is_none());
+    }
+
+    #[test]
+    fn a_typical_entry_stays_small() {
+        // One sha512 row, a 15-character key, an integer user id, no identity headers: the
+        // estimate must let the default byte bound (64 MiB) hold well over 100,000 of these.
+        let e = entry("123456", MIN);
+        let w = e.weight("0123456789abcde");
+        assert!(w <= 400, "{w} bytes per entry");
+        assert!(!e.rows.spilled());
+        // Long strings (a UUID user id, an email) are counted where they spill to the heap.
+        let mut row = e.rows[0].clone();
+        row.user_id = "0b5cfc2a-6d55-4b0e-9b55-2d0f3c8f6b1e".into();
+        let long = Entry {
+            rows: smallvec::smallvec![row],
+            complete: true,
+            ttl: MIN,
+        };
+        assert!(long.weight("0123456789abcde") > w);
     }
 
     #[test]

@@ -25,11 +25,11 @@ use time::OffsetDateTime;
 use tokio::sync::OnceCell;
 
 use crate::{
-    auth::{TokenRow, digests_equal},
+    auth::{StoredDigest, TokenDigest, TokenRow},
     config::{Config, Consistency},
     metrics::Metrics,
 };
-use memory::{Entry, MemoryCache};
+use memory::{Entry, MemoryCache, Rows};
 use postgres::{Postgres, Removed};
 use redis::RedisTier;
 
@@ -116,7 +116,7 @@ pub struct Store {
     changes_in_flight: AtomicUsize,
     /// True while the change feed is connected and caught up.
     feed_live: AtomicBool,
-    refreshing: Mutex<HashSet<String>>,
+    refreshing: Mutex<HashSet<StoredDigest>>,
     pending_redis: Mutex<PendingRedis>,
 }
 
@@ -214,7 +214,7 @@ impl Store {
             .fold(self.settings.max_cache_ttl, Duration::min)
     }
 
-    fn entry(&self, rows: Vec<TokenRow>, complete: bool) -> Arc<Entry> {
+    fn entry(&self, rows: Rows, complete: bool) -> Arc<Entry> {
         let ttl = self.ttl_for(&rows, OffsetDateTime::now_utc());
         Arc::new(Entry {
             rows,
@@ -235,9 +235,9 @@ impl Store {
     // === Reads ===
 
     /// The rows stored under `key`, from the cheapest tier that can answer for `digest`.
-    pub async fn lookup(&self, key: &str, digest: &str) -> Result<Lookup, StoreError> {
+    pub async fn lookup(&self, key: &str, digest: &TokenDigest) -> Result<Lookup, StoreError> {
         if let Some(entry) = self.memory.get(key) {
-            let matched = entry.rows.iter().any(|r| digests_equal(&r.digest, digest));
+            let matched = entry.rows.iter().any(|r| r.digest.matches(digest));
             if matched && self.must_confirm() {
                 self.metrics.lookup("memory", "hit");
                 return self.confirm(key, digest, entry).await;
@@ -261,7 +261,7 @@ impl Store {
         }
         self.metrics.lookup("memory", "miss");
         let (entry, tier) = self.load_shared(key, digest).await?;
-        if !entry.complete && !entry.rows.iter().any(|r| digests_equal(&r.digest, digest)) {
+        if !entry.complete && !entry.rows.iter().any(|r| r.digest.matches(digest)) {
             // Another request's load found a Redis entry for a different token under this key.
             let entry = self
                 .load_from_postgres(key, digest, self.epoch.load(Ordering::SeqCst))
@@ -283,16 +283,16 @@ impl Store {
     async fn confirm(
         &self,
         key: &str,
-        digest: &str,
+        digest: &TokenDigest,
         cached: Arc<Entry>,
     ) -> Result<Lookup, StoreError> {
         let epoch = self.epoch.load(Ordering::SeqCst);
-        match self.pg.confirm(digest).await {
+        match self.pg.confirm(&digest.to_hex()).await {
             Ok(fresh) => {
-                let mut rows: Vec<TokenRow> = cached
+                let mut rows: Rows = cached
                     .rows
                     .iter()
-                    .filter(|r| !digests_equal(&r.digest, digest))
+                    .filter(|r| !r.digest.matches(digest))
                     .cloned()
                     .collect();
                 rows.extend(fresh);
@@ -318,7 +318,11 @@ impl Store {
     }
 
     /// Loads `key` below the in-process tier, sharing one load among concurrent callers.
-    async fn load_shared(&self, key: &str, digest: &str) -> Result<(Arc<Entry>, Tier), StoreError> {
+    async fn load_shared(
+        &self,
+        key: &str,
+        digest: &TokenDigest,
+    ) -> Result<(Arc<Entry>, Tier), StoreError> {
         let (flight, leader) = {
             let mut inflight = self.inflight.lock().expect("inflight lock");
             match inflight.get(key) {
@@ -342,18 +346,22 @@ impl Store {
     }
 
     /// Redis, then Postgres.
-    async fn load(&self, key: &str, digest: &str) -> Result<(Arc<Entry>, Tier), StoreError> {
+    async fn load(
+        &self,
+        key: &str,
+        digest: &TokenDigest,
+    ) -> Result<(Arc<Entry>, Tier), StoreError> {
         let epoch = self.epoch.load(Ordering::SeqCst);
         if let Some(redis) = &self.redis {
             match redis.get(key).await {
-                Ok(Some(cached)) if digests_equal(&cached.digest, digest) => {
+                Ok(Some(cached)) if cached.digest.matches(digest) => {
                     self.metrics.lookup("redis", "hit");
                     let row = match cached.into_row() {
                         // Written by knoxgate: carries the user's status.
                         Some(row) if !self.must_confirm() => Some(row),
                         // Written by django-rest-knox-redis (no user status), or a mode that
                         // wants confirmation: one primary-key query settles it.
-                        Some(row) => match self.pg.confirm(digest).await {
+                        Some(row) => match self.pg.confirm(&digest.to_hex()).await {
                             Ok(fresh) => fresh,
                             Err(e) if self.settings.stale_if_error => {
                                 self.metrics.stale_answers.inc();
@@ -362,11 +370,11 @@ impl Store {
                             }
                             Err(e) => return Err(e),
                         },
-                        None => self.pg.confirm(digest).await?,
+                        None => self.pg.confirm(&digest.to_hex()).await?,
                     };
                     match row {
                         Some(row) => {
-                            let entry = self.entry(vec![row], false);
+                            let entry = self.entry(smallvec::smallvec![row], false);
                             self.remember(key, entry.clone(), epoch);
                             return Ok((entry, Tier::Redis));
                         }
@@ -387,7 +395,7 @@ impl Store {
     async fn load_from_postgres(
         &self,
         key: &str,
-        digest: &str,
+        digest: &TokenDigest,
         epoch: u64,
     ) -> Result<Arc<Entry>, StoreError> {
         let rows = self.pg.lookup(key).await?;
@@ -396,7 +404,7 @@ impl Store {
         let now = OffsetDateTime::now_utc();
         let usable = rows
             .iter()
-            .find(|r| digests_equal(&r.digest, digest) && !r.is_expired(now) && r.user.is_active)
+            .find(|r| r.digest.matches(digest) && !r.is_expired(now) && r.user.is_active)
             .cloned();
         let entry = self.entry(rows, true);
         self.remember(key, entry.clone(), epoch);
@@ -538,10 +546,10 @@ impl Store {
 
     /// Deletes the expired tokens of the presented token's user (knox deletes an expired token
     /// when it is presented, with the user's other expired tokens).
-    pub async fn delete_expired(&self, key: &str, digest: &str) -> Result<(), StoreError> {
+    pub async fn delete_expired(&self, key: &str, digest: &TokenDigest) -> Result<(), StoreError> {
         self.changing(async {
             self.memory.remove(key);
-            let removed = self.pg.delete_expired_of_user(digest).await?;
+            let removed = self.pg.delete_expired_of_user(&digest.to_hex()).await?;
             self.forget(&removed).await;
             Ok(())
         })
@@ -549,9 +557,9 @@ impl Store {
     }
 
     /// Logout: deletes one token everywhere.
-    pub async fn logout(&self, digest: &str) -> Result<(), StoreError> {
+    pub async fn logout(&self, digest: &StoredDigest) -> Result<(), StoreError> {
         self.changing(async {
-            let removed = self.pg.delete_token(digest).await?;
+            let removed = self.pg.delete_token(&digest.to_text()).await?;
             self.forget(&removed).await;
             Ok(())
         })
@@ -559,9 +567,9 @@ impl Store {
     }
 
     /// Logout-all: deletes every token of the presented token's user, everywhere.
-    pub async fn logout_all(&self, digest: &str, user_id: &str) -> Result<(), StoreError> {
+    pub async fn logout_all(&self, digest: &StoredDigest, user_id: &str) -> Result<(), StoreError> {
         self.changing(async {
-            let removed = self.pg.delete_all_of_user(digest).await?;
+            let removed = self.pg.delete_all_of_user(&digest.to_text()).await?;
             self.forget(&removed).await;
             self.memory.remove_user(user_id);
             Ok(())
@@ -579,7 +587,7 @@ impl Store {
             let _ = redis.put(&row, OffsetDateTime::now_utc()).await;
         }
         // Only this row is known for the key, so the entry is partial.
-        let entry = self.entry(vec![row], false);
+        let entry = self.entry(smallvec::smallvec![row], false);
         self.memory.insert(&key, entry);
     }
 
@@ -616,7 +624,7 @@ impl Store {
         tokio::spawn(async move {
             if store
                 .pg
-                .refresh_expiry(&updated.digest, new_expiry)
+                .refresh_expiry(&updated.digest.to_text(), new_expiry)
                 .await
                 .is_ok()
                 && let Some(redis) = &store.redis

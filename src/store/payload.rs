@@ -5,17 +5,18 @@
 //! knoxgate adds one field, `knoxgate`, carrying the user's status; knox-redis ignores it.
 //! Anything we cannot read for certain is a miss, never an error and never an allow.
 
+use compact_str::CompactString;
 use serde_json::Value;
 
-use crate::auth::{TokenRow, UserInfo, format_isoformat, parse_isoformat};
+use crate::auth::{StoredDigest, TokenRow, UserInfo, format_isoformat, parse_isoformat};
 
 /// A token row as read from a cache entry. `user` is `None` for entries written by
 /// django-rest-knox-redis, which does not record the user's status.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CachedRow {
-    pub digest: String,
-    pub token_key: String,
-    pub user_id: String,
+    pub digest: StoredDigest,
+    pub token_key: CompactString,
+    pub user_id: CompactString,
     pub created: time::OffsetDateTime,
     pub expiry: Option<time::OffsetDateTime>,
     pub user: Option<UserInfo>,
@@ -71,7 +72,7 @@ pub fn encode(row: &TokenRow, with_identity: bool) -> String {
     };
     format!(
         "{{\"schema_version\": 2, \"digest\": {}, \"user_id\": {}, \"created\": {}, \"expiry\": {}, \"token_key\": {}, \"knoxgate\": {{\"is_active\": {}{identity}}}}}",
-        json_str(&row.digest),
+        json_str(&row.digest.to_text()),
         json_user_id(&row.user_id),
         json_str(&format_isoformat(row.created)),
         expiry,
@@ -105,8 +106,8 @@ pub fn decode(token_key: &str, payload: &str, need_identity: bool) -> Option<Cac
         Some(v) => Some(parse_isoformat(v.as_str()?)?),
     };
     let user_id = match obj.get("user_id")? {
-        Value::Number(n) if n.is_i64() || n.is_u64() => n.to_string(),
-        Value::String(s) if !s.is_empty() && s.len() <= 64 => s.clone(),
+        Value::Number(n) if n.is_i64() || n.is_u64() => CompactString::from(n.to_string()),
+        Value::String(s) if !s.is_empty() && s.len() <= 64 => s.as_str().into(),
         _ => return None,
     };
     let user = match obj.get("knoxgate") {
@@ -114,7 +115,7 @@ pub fn decode(token_key: &str, payload: &str, need_identity: bool) -> Option<Cac
             let is_active = k.get("is_active")?.as_bool()?;
             let text = |name: &str| match k.get(name) {
                 None => Some(None),
-                Some(Value::String(s)) => Some(Some(s.clone())),
+                Some(Value::String(s)) => Some(Some(CompactString::from(s.as_str()))),
                 Some(_) => None,
             };
             let (username, email) = (text("username")?, text("email")?);
@@ -127,8 +128,8 @@ pub fn decode(token_key: &str, payload: &str, need_identity: bool) -> Option<Cac
                 // Status known, identity not recorded: fine unless identity headers need it.
                 _ if !need_identity => Some(UserInfo {
                     is_active,
-                    username: String::new(),
-                    email: String::new(),
+                    username: CompactString::default(),
+                    email: CompactString::default(),
                 }),
                 _ => None,
             }
@@ -138,8 +139,8 @@ pub fn decode(token_key: &str, payload: &str, need_identity: bool) -> Option<Cac
         None => None,
     };
     Some(CachedRow {
-        digest: digest.to_owned(),
-        token_key: token_key.to_owned(),
+        digest: StoredDigest::parse(digest),
+        token_key: token_key.into(),
         user_id,
         created,
         expiry,
@@ -158,7 +159,7 @@ mod tests {
 
     fn row() -> TokenRow {
         TokenRow {
-            digest: "3c34a6be886bd514".into(),
+            digest: StoredDigest::parse("3c34a6be886bd514"),
             token_key: "3a97fcfba3ee5cc".into(),
             user_id: "13".into(),
             created: datetime!(2026-11-25 04:06:00.570372 UTC),
@@ -178,7 +179,11 @@ mod tests {
             let key = ex["db_row"]["token_key"].as_str().unwrap();
             let got =
                 decode(key, ex["redis_value_raw"].as_str().unwrap(), false).expect("readable");
-            assert_eq!(got.digest, ex["db_row"]["digest"].as_str().unwrap());
+            assert!(matches!(got.digest, StoredDigest::Hex(_)));
+            assert_eq!(
+                got.digest.to_text(),
+                ex["db_row"]["digest"].as_str().unwrap()
+            );
             assert_eq!(got.user_id, ex["db_row"]["user_id"].to_string());
             assert_eq!(
                 format_isoformat(got.created),
@@ -200,7 +205,7 @@ mod tests {
         let ex = &v["examples"][0];
         let db = &ex["db_row"];
         let mut r = row();
-        r.digest = db["digest"].as_str().unwrap().into();
+        r.digest = StoredDigest::parse(db["digest"].as_str().unwrap());
         let ours = encode(&r, false);
         let theirs = ex["redis_value_raw"].as_str().unwrap();
         // Same bytes up to the closing brace, then our extra field.

@@ -12,9 +12,10 @@ use tokio_postgres::{Row, types::ToSql};
 
 use super::StoreError;
 use crate::{
-    auth::{TokenRow, UserInfo},
+    auth::{StoredDigest, TokenRow, UserInfo},
     config::{PostgresConfig, UserColumns},
     metrics::Metrics,
+    store::memory::Rows,
 };
 
 /// A token removed from the database: its key and its owner, to evict from the caches.
@@ -176,15 +177,15 @@ pub fn tls_connector(
 
 fn row_of(r: &Row) -> Result<TokenRow, tokio_postgres::Error> {
     Ok(TokenRow {
-        digest: r.try_get(0)?,
-        token_key: r.try_get(1)?,
-        user_id: r.try_get(2)?,
+        digest: StoredDigest::parse(r.try_get(0)?),
+        token_key: r.try_get::<_, &str>(1)?.into(),
+        user_id: r.try_get::<_, &str>(2)?.into(),
         created: r.try_get(3)?,
         expiry: r.try_get(4)?,
         user: UserInfo {
             is_active: r.try_get(5)?,
-            username: r.try_get::<_, Option<String>>(6)?.unwrap_or_default(),
-            email: r.try_get::<_, Option<String>>(7)?.unwrap_or_default(),
+            username: r.try_get::<_, Option<&str>>(6)?.unwrap_or_default().into(),
+            email: r.try_get::<_, Option<&str>>(7)?.unwrap_or_default().into(),
         },
     })
 }
@@ -273,7 +274,7 @@ impl Postgres {
     }
 
     /// All rows stored under `token_key`, with their users.
-    pub async fn lookup(&self, token_key: &str) -> Result<Vec<TokenRow>, StoreError> {
+    pub async fn lookup(&self, token_key: &str) -> Result<Rows, StoreError> {
         let rows = self
             .query("lookup", &self.sql.lookup, &[&token_key])
             .await?;
