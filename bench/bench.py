@@ -44,6 +44,10 @@ COLD_DURATION = env_int("BENCH_COLD_DURATION", 3)
 DJANGO_PICK_DURATION = env_int("BENCH_DJANGO_PICK_DURATION", 5)
 BUDGET = env_int("BENCH_BUDGET", 900)             # seconds; optional steps are skipped past it
 SKIP_FIXED = os.environ.get("BENCH_SKIP_FIXED", "0") == "1"
+# Comma-separated step names (prefixes, case-insensitive) to run alone, e.g.
+# BENCH_ONLY="nginx floor,knoxgate Redis tier". A partial run writes bench/out/ only and leaves
+# the published bench/RESULTS.md and chart alone.
+ONLY = [n.strip().lower() for n in os.environ.get("BENCH_ONLY", "").split(",") if n.strip()]
 MAIN_USERS = env_int("BENCH_USERS", 2500)
 TOKENS_PER_USER = env_int("BENCH_TOKENS_PER_USER", 4)
 EXTRA_USERS = env_int("BENCH_EXTRA_USERS", 22500)  # for the 100k RSS / cold runs
@@ -854,6 +858,8 @@ def chart():
 
 
 def step(name, fn, *args):
+    if ONLY and name != "chart" and not any(name.lower().startswith(n) for n in ONLY):
+        return None
     if over_budget():
         FAILURES.append(f"{name}: skipped, time budget BENCH_BUDGET={BUDGET}s exhausted")
         log(f"SKIP {name} (budget)")
@@ -916,9 +922,10 @@ def main():
     if ok is None:
         report(rss100k, info)  # record a chart failure in the report
     save_raw()
-    shutil.copyfile(OUT / "results.md", BENCH / "RESULTS.md")
-    if (OUT / "chart.png").exists():
-        shutil.copyfile(OUT / "chart.png", BENCH / "chart.png")
+    if not ONLY:
+        shutil.copyfile(OUT / "results.md", BENCH / "RESULTS.md")
+        if (OUT / "chart.png").exists():
+            shutil.copyfile(OUT / "chart.png", BENCH / "chart.png")
     log(f"done in {time.monotonic() - T0:.0f}s: {OUT / 'results.md'}")
     return 1 if FAILURES else 0
 

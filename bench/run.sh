@@ -13,13 +13,15 @@
 # Output: bench/out/results.md, results.json, chart.png, logs/ (copied to bench/RESULTS.md and
 # bench/chart.png).
 #
-# Needs: Postgres at 127.0.0.1:5432 (trust, user postgres), redis-server/redis-cli, psql, wrk,
-# nginx (Debian: apt-get install -y wrk nginx-light), cargo. Everything listens on 127.0.0.1.
+# Needs: Postgres at 127.0.0.1:5432 (trust, user postgres) and cargo; wrk, nginx, psql and
+# redis-server are installed with apt-get when missing (as root). Everything listens on 127.0.0.1.
 #
 # Knobs (environment):
 #   BENCH_DURATION=10        seconds per measured run (saturation and fixed rate each)
 #   BENCH_RATE=2000          fixed-rate target in req/s (capped at 50% of each target's saturation)
 #   BENCH_SKIP_FIXED=0       1 = saturation runs only
+#   BENCH_ONLY=""            comma-separated step names to run alone (prefixes, e.g. "nginx floor,
+#                            knoxgate redis tier"); a partial run leaves bench/RESULTS.md alone
 #   BENCH_CONNECTIONS=64     wrk connections at saturation (threads: BENCH_THREADS=2)
 #   BENCH_RATE_CONNECTIONS=32  connections for the fixed-rate runs
 #   BENCH_BUDGET=900         seconds after which the remaining steps are skipped (and reported)
@@ -28,21 +30,40 @@
 #   BENCH_HOT_SET=1000  BENCH_USERS=2500  BENCH_TOKENS_PER_USER=4  BENCH_EXTRA_USERS=22500
 #   BENCH_REDIS_PORT=16390 BENCH_KNOXGATE_PORT=18480 BENCH_KNOXGATE_ADMIN_PORT=18490
 #   BENCH_NGINX_PORT=18481 BENCH_DJANGO_PORT=18482
-#   KNOXGATE_BIN=target/release/knoxgate (built with `cargo build --release` when absent)
+#   KNOXGATE_BIN=...         measure this binary instead of building target/release/knoxgate
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/.." && pwd)"
 cd "$repo"
 
-for tool in wrk nginx psql redis-server redis-cli; do
-    command -v "$tool" >/dev/null || { echo "run.sh: $tool not found (apt-get install -y wrk nginx-light postgresql-client redis-server)" >&2; exit 2; }
+# Install what is missing from the distribution (root only). policy-rc.d keeps the nginx
+# package from starting a system-wide nginx on port 80.
+missing=()
+for pair in wrk:wrk nginx:nginx-light psql:postgresql-client redis-server:redis-server redis-cli:redis-tools; do
+    command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
 done
+if [[ ${#missing[@]} -gt 0 ]]; then
+    if [[ $EUID -ne 0 ]]; then
+        echo "run.sh: missing ${missing[*]}; install them (apt-get install -y ${missing[*]})" >&2
+        exit 2
+    fi
+    echo "run.sh: apt-get install ${missing[*]}" >&2
+    policy_created=
+    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+        chmod 0755 /usr/sbin/policy-rc.d
+        policy_created=1
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null 2>&1 || true
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+    [[ -n $policy_created ]] && rm -f /usr/sbin/policy-rc.d
+fi
 
-bin="${KNOXGATE_BIN:-$repo/target/release/knoxgate}"
-if [[ ! -x "$bin" ]]; then
-    echo "run.sh: building knoxgate (cargo build --release)" >&2
-    timeout 1800 cargo build --release
+# Always (re)build unless a binary is named: a stale release build would be measured silently.
+if [[ -z "${KNOXGATE_BIN:-}" ]]; then
+    echo "run.sh: building knoxgate (cargo build --release --locked)" >&2
+    timeout 1800 cargo build --release --locked
 fi
 
 # Django + knox + knox-redis + gunicorn (shared with the interop suite; idempotent)

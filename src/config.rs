@@ -119,7 +119,7 @@ file_section!(RedisFile {
     max_cache_ttl: String = "300s",
     command_timeout: String = "250ms",
     connect_timeout: String = "1s",
-    pool_size: u64 = 2u64,
+    pool_size: u64 = 1u64,
     reconnect_max_delay: String = "2s",
     unresponsive_timeout: String = "1s",
     breaker_cooldown: String = "1s",

@@ -57,10 +57,11 @@ async fn route(app: &Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> Resp
         return respond::not_found();
     };
     let (parts, body) = req.into_parts();
+    // Boxed so that their large futures do not size (and slow) every `/verify` request's.
     let result = match endpoint {
-        Endpoint::Login => session::login(app, parts, body, peer.ip()).await,
-        Endpoint::Logout => session::logout(app, &parts, false).await,
-        Endpoint::LogoutAll => session::logout(app, &parts, true).await,
+        Endpoint::Login => Box::pin(session::login(app, parts, body, peer.ip())).await,
+        Endpoint::Logout => Box::pin(session::logout(app, &parts, false)).await,
+        Endpoint::LogoutAll => Box::pin(session::logout(app, &parts, true)).await,
     };
     result.unwrap_or_else(|e| respond::error(&e))
 }

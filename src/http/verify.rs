@@ -33,7 +33,8 @@ pub async fn authenticate(
     headers: &HeaderMap,
 ) -> Result<Result<Authenticated, DenyReason>, Error> {
     let cfg = &app.config;
-    let values: Vec<&[u8]> = headers
+    // Nearly always one value: kept on the stack.
+    let values: smallvec::SmallVec<[&[u8]; 2]> = headers
         .get_all(header::AUTHORIZATION)
         .iter()
         .map(|v| v.as_bytes())
@@ -76,7 +77,7 @@ pub async fn authenticate(
         Outcome::Expired(_) => {
             // knox deletes an expired token when it is presented. The answer is 401 either way,
             // so a failed delete (Postgres down) is only logged; the row stays refused.
-            if let Err(e) = app.store.delete_expired(key, &digest).await {
+            if let Err(e) = Box::pin(app.store.delete_expired(key, &digest)).await {
                 tracing::debug!(error = %e, "could not delete an expired token");
             }
             Ok(Err(DenyReason::InvalidToken))

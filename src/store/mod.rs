@@ -240,7 +240,7 @@ impl Store {
             let matched = entry.rows.iter().any(|r| r.digest.matches(digest));
             if matched && self.must_confirm() {
                 self.metrics.lookup("memory", "hit");
-                return self.confirm(key, digest, entry).await;
+                return Box::pin(self.confirm(key, digest, entry)).await;
             }
             // A feed outage may have hidden the INSERT that would have cleared a negative entry.
             let negative_in_doubt =
@@ -260,12 +260,13 @@ impl Store {
             }
         }
         self.metrics.lookup("memory", "miss");
-        let (entry, tier) = self.load_shared(key, digest).await?;
+        // Boxed: the loads below are large state machines, and kept inline they would make
+        // every request's future (hits included) that large to create and move.
+        let (entry, tier) = Box::pin(self.load_shared(key, digest)).await?;
         if !entry.complete && !entry.rows.iter().any(|r| r.digest.matches(digest)) {
             // Another request's load found a Redis entry for a different token under this key.
-            let entry = self
-                .load_from_postgres(key, digest, self.epoch.load(Ordering::SeqCst))
-                .await?;
+            let epoch = self.epoch.load(Ordering::SeqCst);
+            let entry = Box::pin(self.load_from_postgres(key, digest, epoch)).await?;
             return Ok(Lookup {
                 entry,
                 tier: Tier::Postgres,

@@ -6,7 +6,7 @@
 //! Anything we cannot read for certain is a miss, never an error and never an allow.
 
 use compact_str::CompactString;
-use serde_json::Value;
+use std::borrow::Cow;
 
 use crate::auth::{StoredDigest, TokenRow, UserInfo, format_isoformat, parse_isoformat};
 
@@ -81,67 +81,112 @@ pub fn encode(row: &TokenRow, with_identity: bool) -> String {
     )
 }
 
+/// An entry as stored, borrowing from the payload. Typed rather than a `serde_json::Value`:
+/// this runs on every Redis-tier hit, and a map of owned strings costs more than the lookup.
+/// Unknown fields are ignored, as knox-redis ignores them; a field of the wrong type fails
+/// the whole entry.
+#[derive(serde::Deserialize)]
+struct StoredEntry<'a> {
+    schema_version: i64,
+    #[serde(borrow)]
+    digest: Cow<'a, str>,
+    user_id: StoredUserId<'a>,
+    #[serde(borrow)]
+    created: Cow<'a, str>,
+    #[serde(default, borrow)]
+    expiry: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    token_key: Cow<'a, str>,
+    #[serde(default, borrow)]
+    knoxgate: Option<StoredStatus<'a>>,
+}
+
+/// knoxgate's extra field.
+#[derive(serde::Deserialize)]
+struct StoredStatus<'a> {
+    is_active: bool,
+    #[serde(default, borrow)]
+    username: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    email: Option<Cow<'a, str>>,
+}
+
+/// `user_id`: a JSON integer (Django's default key) or a string (other key types).
+struct StoredUserId<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for StoredUserId<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = StoredUserId<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an integer or a string")
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Self::Value, E> {
+                Ok(StoredUserId(n.to_string().into()))
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Self::Value, E> {
+                Ok(StoredUserId(n.to_string().into()))
+            }
+            fn visit_borrowed_str<E: serde::de::Error>(
+                self,
+                s: &'de str,
+            ) -> Result<Self::Value, E> {
+                Ok(StoredUserId(s.into()))
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Self::Value, E> {
+                Ok(StoredUserId(s.to_owned().into()))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
 /// Reads an entry stored under `token_key`, with knox-redis's acceptance rules. The user's status
 /// counts as known only if the entry has it — and, when `need_identity`, the username and email.
 pub fn decode(token_key: &str, payload: &str, need_identity: bool) -> Option<CachedRow> {
     if payload.len() > MAX_PAYLOAD_BYTES {
         return None;
     }
-    let v: Value = serde_json::from_str(payload).ok()?;
-    let obj = v.as_object()?;
-    if obj.get("schema_version")?.as_i64()? != 2 {
+    let entry: StoredEntry = serde_json::from_str(payload).ok()?;
+    if entry.schema_version != 2 || entry.token_key != token_key {
         return None;
     }
-    let digest = obj.get("digest")?.as_str()?;
-    // A digest is lowercase hex; anything else cannot match a real token anyway.
+    let digest = &entry.digest;
+    // A digest is hex; anything else cannot match a real token anyway.
     if digest.is_empty() || digest.len() > 128 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
-    if obj.get("token_key")?.as_str()? != token_key {
+    let created = parse_isoformat(&entry.created)?;
+    let expiry = match &entry.expiry {
+        None => None,
+        Some(e) => Some(parse_isoformat(e)?),
+    };
+    let user_id = entry.user_id.0;
+    if user_id.is_empty() || user_id.len() > 64 {
         return None;
     }
-    let created = parse_isoformat(obj.get("created")?.as_str()?)?;
-    let expiry = match obj.get("expiry") {
-        None | Some(Value::Null) => None,
-        Some(v) => Some(parse_isoformat(v.as_str()?)?),
-    };
-    let user_id = match obj.get("user_id")? {
-        Value::Number(n) if n.is_i64() || n.is_u64() => CompactString::from(n.to_string()),
-        Value::String(s) if !s.is_empty() && s.len() <= 64 => s.as_str().into(),
-        _ => return None,
-    };
-    let user = match obj.get("knoxgate") {
-        Some(Value::Object(k)) => {
-            let is_active = k.get("is_active")?.as_bool()?;
-            let text = |name: &str| match k.get(name) {
-                None => Some(None),
-                Some(Value::String(s)) => Some(Some(CompactString::from(s.as_str()))),
-                Some(_) => None,
-            };
-            let (username, email) = (text("username")?, text("email")?);
-            match (username, email) {
-                (Some(username), Some(email)) => Some(UserInfo {
-                    is_active,
-                    username,
-                    email,
-                }),
-                // Status known, identity not recorded: fine unless identity headers need it.
-                _ if !need_identity => Some(UserInfo {
-                    is_active,
-                    username: CompactString::default(),
-                    email: CompactString::default(),
-                }),
-                _ => None,
-            }
-        }
-        // A malformed extra makes the whole entry suspect.
-        Some(_) => return None,
+    let user = match entry.knoxgate {
+        Some(status) => match (status.username, status.email) {
+            (Some(username), Some(email)) => Some(UserInfo {
+                is_active: status.is_active,
+                username: username.as_ref().into(),
+                email: email.as_ref().into(),
+            }),
+            // Status known, identity not recorded: fine unless identity headers need it.
+            _ if !need_identity => Some(UserInfo {
+                is_active: status.is_active,
+                username: CompactString::default(),
+                email: CompactString::default(),
+            }),
+            _ => None,
+        },
         None => None,
     };
     Some(CachedRow {
         digest: StoredDigest::parse(digest),
         token_key: token_key.into(),
-        user_id,
+        user_id: user_id.as_ref().into(),
         created,
         expiry,
         user,
@@ -151,6 +196,7 @@ pub fn decode(token_key: &str, payload: &str, need_identity: bool) -> Option<Cac
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
     use time::macros::datetime;
 
     fn redis_json() -> Value {
@@ -255,8 +301,17 @@ mod tests {
             )
             .is_some()
         );
+        // JSON escapes are read as Python writes them (ensure_ascii).
+        let escaped = variant("\"username\": \"zo\u{eb}\"", "\"username\": \"zo\\u00eb\"");
+        assert_ne!(escaped, base);
+        let read = decode_any("3a97fcfba3ee5cc", &escaped).unwrap();
+        assert_eq!(read.user.unwrap().username, "zo\u{eb}");
         // Misses.
         for (from, to) in [
+            ("\"user_id\": 13", "\"user_id\": 1.5"),
+            ("\"user_id\": 13", "\"user_id\": \"\""),
+            ("\"knoxgate\": {", "\"knoxgate\": 5, \"other\": {"),
+            ("\"username\": \"zo\u{eb}\"", "\"username\": 5"),
             ("\"schema_version\": 2", "\"schema_version\": 1"),
             (
                 "\"token_key\": \"3a97fcfba3ee5cc\"",
@@ -267,8 +322,10 @@ mod tests {
             ("\"digest\": \"3c34a6be886bd514\"", "\"digest\": 5"),
             ("\"is_active\": true", "\"is_active\": \"yes\""),
         ] {
+            let changed = variant(from, to);
+            assert_ne!(changed, base, "{from} not in the entry");
             assert_eq!(
-                decode_any("3a97fcfba3ee5cc", &variant(from, to)),
+                decode_any("3a97fcfba3ee5cc", &changed),
                 None,
                 "{from} -> {to}"
             );
