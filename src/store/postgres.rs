@@ -242,7 +242,20 @@ impl Postgres {
 
     /// Runs one statement with the client-side deadline. A connection that missed the deadline
     /// is taken out of the pool: it may still be stuck on the query.
+    ///
+    /// The pool and driver futures are large (tens of KB); boxed here, they cost an allocation
+    /// on the Postgres path only, instead of inflating every future that might reach it,
+    /// in-process and Redis hits included.
     async fn query(
+        &self,
+        label: &'static str,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, StoreError> {
+        Box::pin(self.query_unboxed(label, sql, params)).await
+    }
+
+    async fn query_unboxed(
         &self,
         label: &'static str,
         sql: &str,

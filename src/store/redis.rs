@@ -27,6 +27,11 @@ use time::OffsetDateTime;
 use super::payload::{self, CachedRow};
 use crate::{auth::TokenRow, config::RedisConfig, metrics::Metrics};
 
+/// The writes return boxed futures: fred's command futures are several KB each, and a caller
+/// holding one inline grows by that much, even on paths that never write (the request path
+/// reaches these writes only on a cache miss or a revocation).
+pub type Boxed<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
 /// A Redis failure. Never a reason to deny: callers fall back to Postgres.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("redis: {0}")]
@@ -240,16 +245,21 @@ impl RedisTier {
     }
 
     /// Reads the entry for `token_key`: `Ok(None)` on a miss or an unreadable entry.
+    ///
+    /// Not boxed, unlike the writes below: this is the Redis-tier hit path.
     pub async fn get(&self, token_key: &str) -> Result<Option<CachedRow>, RedisError> {
         self.ensure_available()?;
         let r = self
             .pool
             .with_options(&self.read_options)
-            .get::<Option<String>, _>(self.token_key(token_key))
+            .get::<Option<bytes::Bytes>, _>(self.token_key(token_key))
             .await;
         let value = self.record("get", r)?;
         Ok(value.and_then(|v| {
-            let row = payload::decode(token_key, &v, self.with_identity);
+            // Read in place from the reply buffer; not UTF-8 is unreadable like any garbage.
+            let row = std::str::from_utf8(&v)
+                .ok()
+                .and_then(|v| payload::decode(token_key, v, self.with_identity));
             if row.is_none() {
                 tracing::warn!(
                     token_key_len = token_key.len(),
@@ -262,71 +272,86 @@ impl RedisTier {
 
     /// Writes `row` as knox-redis does: the entry expires at the token's expiry or after the max
     /// cache TTL, whichever is sooner; nothing is written with less than a second left.
-    pub async fn put(&self, row: &TokenRow, now: OffsetDateTime) -> Result<(), RedisError> {
-        self.ensure_available()?;
-        let cap = now + self.max_ttl;
-        let until = row.expiry.map_or(cap, |e| e.min(cap));
-        let exat = until.unix_timestamp();
-        if until - now < time::Duration::SECOND || exat <= now.unix_timestamp() {
-            return Ok(());
-        }
-        let client = self.pool.with_options(&self.write_options);
-        let set = client.set::<(), _, _>(
-            self.token_key(&row.token_key),
-            payload::encode(row, self.with_identity),
-            Some(Expiration::EXAT(exat)),
-            None,
-            false,
-        );
-        let user_key = self.user_key(&row.user_id);
-        let sadd = client.sadd::<(), _, _>(user_key.as_str(), row.token_key.as_str());
-        let (set, sadd) = tokio::join!(set, sadd);
-        self.record("set", set)?;
-        self.record("sadd", sadd)?;
-        let r = client
-            .expire_at::<(), _>(user_key.as_str(), cap.unix_timestamp(), None)
-            .await;
-        self.record("expireat", r)
+    pub fn put<'a>(
+        &'a self,
+        row: &'a TokenRow,
+        now: OffsetDateTime,
+    ) -> Boxed<'a, Result<(), RedisError>> {
+        Box::pin(async move {
+            self.ensure_available()?;
+            let cap = now + self.max_ttl;
+            let until = row.expiry.map_or(cap, |e| e.min(cap));
+            let exat = until.unix_timestamp();
+            if until - now < time::Duration::SECOND || exat <= now.unix_timestamp() {
+                return Ok(());
+            }
+            let client = self.pool.with_options(&self.write_options);
+            let set = client.set::<(), _, _>(
+                self.token_key(&row.token_key),
+                payload::encode(row, self.with_identity),
+                Some(Expiration::EXAT(exat)),
+                None,
+                false,
+            );
+            let user_key = self.user_key(&row.user_id);
+            let sadd = client.sadd::<(), _, _>(user_key.as_str(), row.token_key.as_str());
+            let (set, sadd) = tokio::join!(set, sadd);
+            self.record("set", set)?;
+            self.record("sadd", sadd)?;
+            let r = client
+                .expire_at::<(), _>(user_key.as_str(), cap.unix_timestamp(), None)
+                .await;
+            self.record("expireat", r)
+        })
     }
 
     /// Removes the entries of these tokens (and their user-index members).
-    pub async fn delete(&self, tokens: &[(String, String)]) -> Result<(), RedisError> {
-        self.ensure_available()?;
-        let client = self.pool.with_options(&self.write_options);
-        for (token_key, user_id) in tokens {
-            let del = client.del::<(), _>(self.token_key(token_key));
-            let srem = client.srem::<(), _, _>(self.user_key(user_id), token_key.as_str());
-            let (del, srem) = tokio::join!(del, srem);
-            self.record("del", del)?;
-            self.record("srem", srem)?;
-        }
-        Ok(())
+    pub fn delete<'a>(
+        &'a self,
+        tokens: &'a [(String, String)],
+    ) -> Boxed<'a, Result<(), RedisError>> {
+        Box::pin(async move {
+            self.ensure_available()?;
+            let client = self.pool.with_options(&self.write_options);
+            for (token_key, user_id) in tokens {
+                let del = client.del::<(), _>(self.token_key(token_key));
+                let srem = client.srem::<(), _, _>(self.user_key(user_id), token_key.as_str());
+                let (del, srem) = tokio::join!(del, srem);
+                self.record("del", del)?;
+                self.record("srem", srem)?;
+            }
+            Ok(())
+        })
     }
 
     /// Removes the entry of one token key (whoever it belongs to).
-    pub async fn delete_key(&self, token_key: &str) -> Result<(), RedisError> {
-        self.ensure_available()?;
-        let r = self
-            .pool
-            .with_options(&self.write_options)
-            .del::<(), _>(self.token_key(token_key))
-            .await;
-        self.record("del", r)
+    pub fn delete_key<'a>(&'a self, token_key: &'a str) -> Boxed<'a, Result<(), RedisError>> {
+        Box::pin(async move {
+            self.ensure_available()?;
+            let r = self
+                .pool
+                .with_options(&self.write_options)
+                .del::<(), _>(self.token_key(token_key))
+                .await;
+            self.record("del", r)
+        })
     }
 
     /// Removes every entry of `user_id`, found through its user index.
-    pub async fn delete_user(&self, user_id: &str) -> Result<(), RedisError> {
-        self.ensure_available()?;
-        let client = self.pool.with_options(&self.write_options);
-        let user_key = self.user_key(user_id);
-        let members = client.smembers::<Vec<String>, _>(user_key.as_str()).await;
-        let members = self.record("smembers", members)?;
-        for token_key in &members {
-            let r = client.del::<(), _>(self.token_key(token_key)).await;
-            self.record("del", r)?;
-        }
-        let r = client.del::<(), _>(user_key).await;
-        self.record("del", r)
+    pub fn delete_user<'a>(&'a self, user_id: &'a str) -> Boxed<'a, Result<(), RedisError>> {
+        Box::pin(async move {
+            self.ensure_available()?;
+            let client = self.pool.with_options(&self.write_options);
+            let user_key = self.user_key(user_id);
+            let members = client.smembers::<Vec<String>, _>(user_key.as_str()).await;
+            let members = self.record("smembers", members)?;
+            for token_key in &members {
+                let r = client.del::<(), _>(self.token_key(token_key)).await;
+                self.record("del", r)?;
+            }
+            let r = client.del::<(), _>(user_key).await;
+            self.record("del", r)
+        })
     }
 
     /// Closes the connections.

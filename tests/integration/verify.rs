@@ -406,6 +406,34 @@ async fn hostile_redis_entry_is_a_miss_never_an_allow() {
         "garbage entry falls back to postgres"
     );
     s.stop().await;
+    // Not UTF-8 (redis-cli unescapes "\xff" in commands read from stdin), read by a fresh
+    // instance so that nothing is cached in-process.
+    let mut cli = std::process::Command::new("redis-cli")
+        .args(["-p", "6379"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-cli on PATH");
+    std::io::Write::write_all(
+        cli.stdin.as_mut().unwrap(),
+        format!("SET {key} \"{{\\xff\\xfe\" EX 300\n").as_bytes(),
+    )
+    .unwrap();
+    drop(cli.stdin.take());
+    assert!(cli.wait().unwrap().success());
+    assert_eq!(redis_cli(6379, &["STRLEN", &key]), "3");
+    let s = TestServer::start_with_prefix(&db, &prefix, "").await;
+    assert_eq!(
+        s.verify(&t.token).await.status,
+        200,
+        "a non-UTF-8 entry falls back to postgres"
+    );
+    assert_eq!(
+        s.metric("knoxgate_cache_lookups_total{tier=\"redis\",result=\"miss\"}")
+            .await,
+        1.0
+    );
+    s.stop().await;
     // A forged entry in strict mode is confirmed against Postgres and refused.
     redis_cli(6379, &["SET", &key, &forged, "EX", "300"]);
     let s = TestServer::start_with_prefix(&db, &prefix, "[cache]\nconsistency = \"strict\"").await;
