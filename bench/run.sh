@@ -18,8 +18,9 @@
 #
 # Knobs (environment):
 #   BENCH_DURATION=10        seconds per measured run (saturation and fixed rate each)
-#   BENCH_RATE=2000          fixed-rate target in req/s (capped at 50% of each target's saturation)
+#   BENCH_RATE=10000         fixed-rate target in req/s (capped at 50% of each target's saturation)
 #   BENCH_SKIP_FIXED=0       1 = saturation runs only
+#   BENCH_ROUNDS=3           interleaved floor / hot / Redis-tier rounds for the floor ratios
 #   BENCH_ONLY=""            comma-separated step names to run alone (prefixes, e.g. "nginx floor,
 #                            knoxgate redis tier"); a partial run leaves bench/RESULTS.md alone
 #   BENCH_CONNECTIONS=64     wrk connections at saturation (threads: BENCH_THREADS=2)
