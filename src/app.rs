@@ -12,6 +12,7 @@ use tokio::{
 use crate::{
     config::{Config, Consistency},
     feed,
+    hash_pool::HashPool,
     http::{self, throttle::Throttle},
     metrics::Metrics,
     schema,
@@ -26,8 +27,10 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     /// Caps requests in flight on the main listener.
     pub in_flight: Arc<Semaphore>,
-    /// Caps password checks running at once.
+    /// Caps password checks admitted at once (and so how long a login may queue).
     pub hash_slots: Arc<Semaphore>,
+    /// Where password hashes are computed: low-priority threads, one per slot.
+    pub hash_pool: HashPool,
     pub login_throttle: Throttle,
     /// A well-formed hash with the configured cost, checked for unknown usernames so that they
     /// take as long as wrong passwords.
@@ -42,6 +45,8 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot start the password hashing threads: {0}")]
+    Threads(std::io::Error),
     #[error("{0}")]
     Store(#[from] StoreError),
     #[error("{0}")]
@@ -63,6 +68,7 @@ impl App {
         Ok(Arc::new(App {
             in_flight: Arc::new(Semaphore::new(config.server.max_in_flight)),
             hash_slots: Arc::new(Semaphore::new(s.hash_slots())),
+            hash_pool: HashPool::new(s.hash_slots(), s.hash_nice).map_err(StartError::Threads)?,
             login_throttle: Throttle::new(s.throttle_failures, s.throttle_window),
             // Well-formed, so checking it runs the full derivation; computing a real one here
             // would cost a hash at every startup for nothing.

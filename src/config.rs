@@ -89,6 +89,7 @@ file_section!(SessionsFile {
     password_iterations: u64 = 1_000_000u64,
     hash_concurrency: u64 = 0u64,
     hash_queue_timeout: String = "5s",
+    hash_nice: u64 = 10u64,
     max_body_bytes: u64 = 8_192u64,
     throttle_failures: u64 = 10u64,
     throttle_window: String = "5m",
@@ -230,6 +231,8 @@ pub struct SessionsConfig {
     pub password_iterations: u32,
     pub hash_concurrency: usize,
     pub hash_queue_timeout: Duration,
+    /// Added to the nice value of the password-hashing threads (0–19).
+    pub hash_nice: i32,
     pub max_body_bytes: usize,
     pub throttle_failures: u32,
     pub throttle_window: Duration,
@@ -668,6 +671,15 @@ impl FileConfig {
                 "sessions.hash_queue_timeout",
                 &sessions.hash_queue_timeout,
             )?,
+            hash_nice: match sessions.hash_nice {
+                n @ 0..=19 => n as i32,
+                _ => {
+                    return Err(invalid(
+                        "sessions.hash_nice",
+                        "a nice increment from 0 to 19",
+                    ));
+                }
+            },
             max_body_bytes: nonzero("sessions.max_body_bytes", sessions.max_body_bytes)? as usize,
             throttle_failures: u32::try_from(sessions.throttle_failures)
                 .map_err(|_| invalid("sessions.throttle_failures", "too large"))?,

@@ -5,6 +5,7 @@
 //! - [`auth`]: pure logic with no I/O — `Authorization` parsing exactly as knox does it, token
 //!   digests, the allow/deny decision, knox's expiry formatting and refresh rule, Basic credentials.
 //! - [`password`]: Django password hashes (verify every hasher Django ships, make pbkdf2_sha256).
+//! - [`hash_pool`]: the low-priority threads those hashes are computed on.
 //! - [`store`]: the tiered token lookup — in-process cache → Redis → Postgres — and the writes
 //!   (login, logout, expired-token cleanup) that keep all tiers consistent.
 //! - [`feed`]: the Postgres change feed (LISTEN + revocation log) that evicts revoked tokens.
@@ -21,6 +22,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod feed;
+pub mod hash_pool;
 pub mod http;
 pub mod metrics;
 pub mod password;

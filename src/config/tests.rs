@@ -101,6 +101,7 @@ fn errors_name_the_key() {
             "verify.user_id_header",
         ),
         ("[log]\nformat = \"xml\"", "log.format"),
+        ("[sessions]\nhash_nice = 20", "sessions.hash_nice"),
     ];
     for (text, key) in cases {
         let err = Config::from_toml_str(text).unwrap_err().to_string();

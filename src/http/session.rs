@@ -143,12 +143,14 @@ async fn check_password(app: &App, password: String, encoded: String) -> Result<
     .map_err(|_| Error::Overloaded)?
     .map_err(|_| Error::Internal("hash semaphore closed".into()))?;
     let started = Instant::now();
-    let ok = tokio::task::spawn_blocking(move || {
-        let _permit = permit;
-        password::check_password(&password, &encoded)
-    })
-    .await
-    .map_err(|e| Error::Internal(format!("password check panicked: {e}")))?;
+    let ok = app
+        .hash_pool
+        .run(move || {
+            let _permit = permit;
+            password::check_password(&password, &encoded)
+        })
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))?;
     app.metrics
         .password_check_duration
         .observe(started.elapsed().as_secs_f64());
@@ -206,8 +208,10 @@ pub async fn login(
         let app2 = Arc::clone(app);
         let (username, pw) = (creds.username.clone(), creds.password.clone());
         tokio::spawn(async move {
-            let encoded =
-                tokio::task::spawn_blocking(move || password::make_password(&pw, iterations)).await;
+            let encoded = app2
+                .hash_pool
+                .run(move || password::make_password(&pw, iterations))
+                .await;
             if let Ok(encoded) = encoded
                 && let Err(e) = app2
                     .store

@@ -1,0 +1,129 @@
+//! Password hashing on a few dedicated threads that run at a lower CPU priority than the
+//! request workers.
+//!
+//! A Django password check is ~100 ms of pure CPU (pbkdf2 at a million iterations). On a small
+//! host the request workers and the checks compete for the same cores, and at equal priority a
+//! burst of logins shows up in `/verify`'s tail latency. With a higher nice value the kernel
+//! runs a check only when a worker does not want the core, and preempts it as soon as one does:
+//! logins slow down under load, `/verify` does not. How many checks may *wait* for these
+//! threads, and for how long, is bounded by the caller (`sessions.hash_queue_timeout`).
+
+use std::{
+    panic::AssertUnwindSafe,
+    sync::{Arc, Mutex, mpsc},
+};
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The job's thread panicked, or the pool has shut down.
+#[derive(Debug, thiserror::Error)]
+#[error("the password hashing thread failed")]
+pub struct HashPoolError;
+
+/// A fixed set of hashing threads fed by one queue.
+pub struct HashPool {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl HashPool {
+    /// Starts `threads` threads whose nice value is the process's plus `nice` (at most 19).
+    pub fn new(threads: usize, nice: i32) -> std::io::Result<HashPool> {
+        let (jobs, queue) = mpsc::channel::<Job>();
+        let queue = Arc::new(Mutex::new(queue));
+        for i in 0..threads.max(1) {
+            let queue = Arc::clone(&queue);
+            std::thread::Builder::new()
+                .name(format!("knoxgate-hash-{i}"))
+                .spawn(move || {
+                    lower_priority(nice);
+                    loop {
+                        // The lock is held only while waiting for the next job.
+                        let job = queue.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                        let Ok(job) = job else { return };
+                        // A panicking job drops its reply sender; the caller sees an error and
+                        // the thread lives on.
+                        let _ = std::panic::catch_unwind(AssertUnwindSafe(job));
+                    }
+                })?;
+        }
+        Ok(HashPool { jobs })
+    }
+
+    /// Runs `f` on a hashing thread and waits for its result without blocking the caller's
+    /// runtime thread.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, HashPoolError> {
+        let (reply, result) = tokio::sync::oneshot::channel();
+        self.jobs
+            .send(Box::new(move || {
+                let _ = reply.send(f());
+            }))
+            .map_err(|_| HashPoolError)?;
+        result.await.map_err(|_| HashPoolError)
+    }
+}
+
+/// Adds `nice` to the calling thread's nice value (at most 19). On Linux the nice value
+/// belongs to the thread, and `setpriority(PRIO_PROCESS, tid)` sets it for that thread alone.
+/// Elsewhere the call would renice the whole process, so it is not made.
+fn lower_priority(nice: i32) {
+    if nice == 0 {
+        return;
+    }
+    #[cfg(target_os = "linux")]
+    {
+        use rustix::process::{getpriority_process, setpriority_process};
+        let tid = Some(rustix::thread::gettid());
+        let lowered = getpriority_process(tid)
+            .and_then(|current| setpriority_process(tid, (current + nice).min(19)));
+        if let Err(e) = lowered {
+            tracing::warn!(nice, error = %e, "could not lower the priority of a hashing thread");
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    tracing::info!(
+        nice,
+        "hashing threads keep the process priority on this platform"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The nice value of the calling thread, from `/proc/thread-self/stat` (field 19).
+    #[cfg(target_os = "linux")]
+    fn own_nice() -> i32 {
+        let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+        // The command name (field 2) may hold spaces; fields after its closing paren are plain.
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        after.split(' ').nth(16).unwrap().parse().unwrap()
+    }
+
+    #[tokio::test]
+    async fn jobs_run_on_the_pool_and_survive_panics() {
+        let pool = HashPool::new(2, 0).unwrap();
+        let name = pool
+            .run(|| std::thread::current().name().map(str::to_owned))
+            .await
+            .unwrap();
+        assert!(name.unwrap().starts_with("knoxgate-hash-"));
+        assert!(pool.run(|| panic!("boom")).await.is_err());
+        // Both threads still serve after a panic.
+        for i in 0..4 {
+            assert_eq!(pool.run(move || i * 2).await.unwrap(), i * 2);
+        }
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn hashing_threads_run_at_the_configured_nice_value() {
+        let base = own_nice();
+        let pool = HashPool::new(1, 7).unwrap();
+        assert_eq!(pool.run(own_nice).await.unwrap(), (base + 7).min(19));
+        // This thread is untouched.
+        assert_eq!(own_nice(), base);
+    }
+}
