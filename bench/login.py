@@ -5,7 +5,7 @@ Stdlib only; reuses bench/bench.py's and bench/soak.py's helpers.
 Fresh database LOGIN_DB (default knoxgate_bench_login; DROPPED first and at the end), `knoxgate
 migrate`, 10k seeded knox tokens, LOGIN_CLIENTS users created by `knoxgate user create` with the
 default hash cost (pbkdf2_sha256, 1,000,000 iterations unless LOGIN_ITERATIONS is set), a private
-redis-server. For each KNOXGATE_SESSIONS_HASH_CONCURRENCY in LOGIN_HASH_CONCURRENCY (default "2 1"):
+redis-server. For each hash_concurrency:hash_nice pair in LOGIN_CONFIGS (default "1:0 1:10 2:10"):
 a fresh knoxgate (login throttling off), its 10k tokens warmed, then
   (a) logins only: LOGIN_CLIENTS clients POST /api/auth/login/ back to back for LOGIN_SECONDS;
   (b) /verify only: wrk paced at LOGIN_VERIFY_RATE req/s (random warmed tokens) for LOGIN_SECONDS;
@@ -37,7 +37,9 @@ SECONDS = env_int("LOGIN_SECONDS", 20)
 CLIENTS = env_int("LOGIN_CLIENTS", 4)
 VERIFY_RATE = env_int("LOGIN_VERIFY_RATE", 5000)
 VERIFY_CONNS = env_int("LOGIN_VERIFY_CONNECTIONS", 32)
-HASH_CONC = [int(x) for x in os.environ.get("LOGIN_HASH_CONCURRENCY", "2 1").split()]
+# hash_concurrency:hash_nice pairs, one fresh knoxgate each
+CONFIGS = [tuple(int(v) for v in x.split(":"))
+           for x in os.environ.get("LOGIN_CONFIGS", "1:0 1:10 2:10").split()]
 ITERATIONS = os.environ.get("LOGIN_ITERATIONS", "")   # empty = knoxgate's default (1,000,000)
 KEEP_DB = os.environ.get("LOGIN_KEEP_DB", "0") == "1"
 FINAL = Path(os.environ.get("LOGIN_FINAL_DIR", HERE / "out"))
@@ -55,9 +57,10 @@ log = B.log
 ROWS = []
 
 
-def kg_extra(hc):
+def kg_extra(hc, nice=10):
     e = {"KNOXGATE_SESSIONS_THROTTLE_FAILURES": "0",
-         "KNOXGATE_SESSIONS_HASH_CONCURRENCY": str(hc)}
+         "KNOXGATE_SESSIONS_HASH_CONCURRENCY": str(hc),
+         "KNOXGATE_SESSIONS_HASH_NICE": str(nice)}
     if ITERATIONS:
         e["KNOXGATE_SESSIONS_PASSWORD_ITERATIONS"] = ITERATIONS
     return e
@@ -177,10 +180,10 @@ def verify_run(kg, name, clients=None):
     return row
 
 
-def run_config(hc, users):
-    label = f"hc{hc}"
-    kg = B.Knoxgate(f"login-{label}", kg_extra(hc))
-    res = dict(hash_concurrency=hc, idle_rss=kg.idle_rss)
+def run_config(hc, nice, users):
+    label = f"hc{hc}-nice{nice}"
+    kg = B.Knoxgate(f"login-{label}", kg_extra(hc, nice))
+    res = dict(config=f"{hc} / {nice}", hash_concurrency=hc, hash_nice=nice, idle_rss=kg.idle_rss)
     try:
         # warm all 10k tokens into the in-process tier (seq pass), as bench.py does for the hot set
         p, outf = S.wrk_start(f"{label}-warm", kg.url, B.BENCH / "verify.lua", 5, 32, 0,
@@ -259,25 +262,25 @@ def report(all_res, info):
          f"{SECONDS} s per phase, /verify paced at {VERIFY_RATE} req/s (wrk -t{B.THREADS} "
          f"-c{VERIFY_CONNS}, random over 10,000 warmed tokens).\n",
          "## Logins\n",
-         "| hash_concurrency | phase | logins | logins/s | login p50 ms | login p99 ms | login max ms | failed | password check mean ms (server) | knoxgate CPU % |",
+         "| hash_concurrency / hash_nice | phase | logins | logins/s | login p50 ms | login p99 ms | login max ms | failed | password check mean ms (server) | knoxgate CPU % |",
          "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for res in all_res:
         for ph, name in (("a", "(a) logins only"), ("c", "(c) during /verify load")):
             if ph not in res:
                 continue
             l, s = res[ph]["logins"], res[ph]["server"]
-            L.append(f"| {res['hash_concurrency']} | {name} | {l['ok']} | {fmt(l['per_s'])} | {fmt(l['p50_ms'], 0)} | "
+            L.append(f"| {res['config']} | {name} | {l['ok']} | {fmt(l['per_s'])} | {fmt(l['p50_ms'], 0)} | "
                      f"{fmt(l['p99_ms'], 0)} | {fmt(l['max_ms'], 0)} | {l['failed']} | {fmt(s['pw_check_mean_ms'], 0)} | "
                      f"{fmt(s['cpu_pct'], 0)} |")
     L += ["", "## /verify latency with and without logins\n",
-          "| hash_concurrency | phase | req/s | p50 ms | p99 ms | p99.9 ms | max ms | errors | non-2xx | server p99 ≤ ms | knoxgate CPU % |",
+          "| hash_concurrency / hash_nice | phase | req/s | p50 ms | p99 ms | p99.9 ms | max ms | errors | non-2xx | server p99 ≤ ms | knoxgate CPU % |",
           "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for res in all_res:
         for ph, name in (("b", "(b) no logins"), ("c", f"(c) with {CLIENTS} login clients"), ("b2", "(b2) no logins, again")):
             if ph not in res:
                 continue
             r, s = res[ph]["wrk"], res[ph]["server"]
-            L.append(f"| {res['hash_concurrency']} | {name} | {r['rps']:,.0f} | {r['p50_us']/1000:.2f} | "
+            L.append(f"| {res['config']} | {name} | {r['rps']:,.0f} | {r['p50_us']/1000:.2f} | "
                      f"{r['p99_us']/1000:.2f} | {r['p999_us']/1000:.2f} | {r['lat_max_us']/1000:.1f} | {r['errors']} | "
                      f"{r['non2xx3xx']} | {fmt(s['verify_p99_le_ms'])} | {fmt(s['cpu_pct'], 0)} |")
     L += ["", "## Ratios\n"]
@@ -287,7 +290,7 @@ def report(all_res, info):
         b, c, b2 = (res[k]["wrk"] for k in ("b", "c", "b2"))
         base = (b["p99_us"] + b2["p99_us"]) / 2
         base9 = (b["p999_us"] + b2["p999_us"]) / 2
-        L.append(f"- hash_concurrency={res['hash_concurrency']}: /verify p99 with logins / without = "
+        L.append(f"- hash_concurrency={res['hash_concurrency']}, hash_nice={res['hash_nice']}: /verify p99 with logins / without = "
                  f"**{c['p99_us'] / base:.2f}×** ({c['p99_us']/1000:.2f} ms vs {base/1000:.2f} ms, the mean of "
                  f"(b) {b['p99_us']/1000:.2f} and (b2) {b2['p99_us']/1000:.2f}); p50 {c['p50_us'] / max((b['p50_us'] + b2['p50_us']) / 2, 1):.2f}×; "
                  f"p99.9 {c['p999_us'] / base9:.2f}×. Logins/s during the /verify load: "
@@ -298,7 +301,8 @@ def report(all_res, info):
           "--password-stdin`, i.e. Django pbkdf2_sha256 hashes at knoxgate's configured iteration "
           f"count), private redis-server on 127.0.0.1:{B.REDIS_PORT}, knoxgate release binary on "
           f"127.0.0.1:{B.KG_PORT} with `KNOXGATE_SESSIONS_THROTTLE_FAILURES=0` and "
-          "`KNOXGATE_SESSIONS_HASH_CONCURRENCY` = 2 (default) or 1, otherwise default config. A fresh "
+          "`KNOXGATE_SESSIONS_HASH_CONCURRENCY` and `KNOXGATE_SESSIONS_HASH_NICE` as listed (defaults on "
+          "2 cores: 1 and 10), otherwise default config. A fresh "
           "knoxgate per configuration; its 10k tokens are first warmed into the in-process tier by a 5 s "
           f"sequential wrk pass. Login clients: {CLIENTS} Python threads (`http.client`, one keep-alive "
           "connection each, each its own user), `POST /api/auth/login/` with HTTP Basic back to back; "
@@ -310,21 +314,21 @@ def report(all_res, info):
           "uses the mean of (b) and (b2). *server p99* = upper bound of the bucket holding the 99th "
           "percentile in the delta of `knoxgate_verify_duration_seconds` (coarse: ×2 buckets); "
           "*password check mean* = sum/count delta of `knoxgate_password_check_duration_seconds` "
-          "(time on the blocking thread, without the queue wait for a hash slot); *knoxgate CPU %* = "
+          "(time on the hashing thread, without the queue wait for a hash slot); *knoxgate CPU %* = "
           "utime+stime delta of the process over the phase (200 % = both cores).\n",
           "**Caveat:** one shared 2-core machine runs wrk, the login clients, knoxgate, Postgres and "
-          "Redis. A 1M-iteration PBKDF2 check is CPU-bound for its whole duration, so with "
-          "hash_concurrency=2 two checks can occupy both cores, and the tokio workers serving /verify "
-          "compete with them for CPU; hash_concurrency=1 leaves one core's worth for everything else.",
+          "Redis. A 1M-iteration PBKDF2 check is CPU-bound for its whole duration. At hash_nice=0 the "
+          "hashing threads compete with the tokio workers serving /verify as equals; at hash_nice=10 the "
+          "kernel runs a check only on CPU time the workers leave, and preempts it when they wake.",
           ]
     conc = info.get("concurrent")
     L.append("\nOther activity seen while measuring (pgrep): " + (", ".join(conc) if conc else "none") + ".")
     for res in all_res:
         errs = (res.get("a", {}).get("errors") or []) + (res.get("c", {}).get("errors") or [])
         if errs:
-            L.append(f"\nLogin errors (hash_concurrency={res['hash_concurrency']}): " + "; ".join(errs))
+            L.append(f"\nLogin errors ({res['config']}): " + "; ".join(errs))
         if res.get("failure"):
-            L.append(f"\nFAILED (hash_concurrency={res['hash_concurrency']}): {res['failure']}")
+            L.append(f"\nFAILED ({res['config']}): {res['failure']}")
     L.append("")
     (FINAL / "login.md").write_text("\n".join(L))
 
@@ -333,18 +337,19 @@ def main():
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     conc = set(S.concurrent_activity())
     log(f"login bench: {CLIENTS} clients, {SECONDS}s phases, verify at {VERIFY_RATE}/s, "
-        f"hash_concurrency {HASH_CONC}; concurrent: {sorted(conc) or 'none'}")
+        f"hash_concurrency:hash_nice {CONFIGS}; concurrent: {sorted(conc) or 'none'}")
     S.preflight()
     B.start_redis()
     S.setup_db_knoxgate_only()
     users, hashdesc = create_users()
     all_res = []
-    for hc in HASH_CONC:
+    for hc, nice in CONFIGS:
         try:
-            all_res.append(run_config(hc, users))
+            all_res.append(run_config(hc, nice, users))
         except Exception as e:  # noqa: BLE001
-            log(f"FAILED hash_concurrency={hc}: {e}")
-            all_res.append(dict(hash_concurrency=hc, failure=f"{type(e).__name__}: {e}"))
+            log(f"FAILED hash_concurrency={hc} hash_nice={nice}: {e}")
+            all_res.append(dict(config=f"{hc} / {nice}", hash_concurrency=hc, hash_nice=nice,
+                                failure=f"{type(e).__name__}: {e}"))
         conc |= set(S.concurrent_activity())
         (B.OUT / "login.json").write_text(json.dumps(all_res, indent=1, default=str))
     info = dict(date=date, machine=S.machine(), hash=hashdesc,

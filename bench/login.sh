@@ -1,24 +1,24 @@
 #!/usr/bin/env bash
 # knoxgate logins: what a login costs, and whether concurrent logins raise /verify tail latency.
-# Bounded in time (about 4 minutes with the defaults; hard limit 15 minutes).
+# Bounded in time (about 5 minutes with the defaults; hard limit 15 minutes).
 #
 #   bench/login.sh
-#   LOGIN_HASH_CONCURRENCY="2" LOGIN_SECONDS=10 bench/login.sh   # quicker
+#   LOGIN_CONFIGS="1:10" LOGIN_SECONDS=10 bench/login.sh   # quicker
 #
 # Fresh database knoxgate_bench_login (DROPPED if it exists, and again at the end unless
 # LOGIN_KEEP_DB=1), `knoxgate migrate`, 10k knox tokens seeded by SQL, 4 users created by
 # `knoxgate user create` with the default hash cost (pbkdf2_sha256, 1,000,000 iterations), a
 # private redis-server on 127.0.0.1:16391, knoxgate on 127.0.0.1:18580 (admin 18590) with login
 # throttling off. Database and ports differ from bench/run.sh and bench/soak.sh (they would still
-# compete for the CPU: run it alone for meaningful figures). For hash_concurrency 2 and 1:
+# compete for the CPU: run it alone for meaningful figures). For each hash_concurrency:hash_nice:
 # (a) 4 clients log in back to back; (b) /verify paced at 5,000 req/s; (c) (b) with the 4 login
 # clients running; (b2) (b) again.
 # Output: bench/out/login.md; scratch, wrk logs and login.json in bench/out/login/.
 #
 # Knobs: LOGIN_SECONDS=20 LOGIN_CLIENTS=4 LOGIN_VERIFY_RATE=5000 LOGIN_VERIFY_CONNECTIONS=32
-#        LOGIN_HASH_CONCURRENCY="2 1" LOGIN_ITERATIONS= (empty: knoxgate's default) LOGIN_DB
+#        LOGIN_CONFIGS="1:0 1:10 2:10" (hash_concurrency:hash_nice) LOGIN_ITERATIONS= (empty: knoxgate's default) LOGIN_DB
 #        LOGIN_REDIS_PORT LOGIN_KNOXGATE_PORT LOGIN_KNOXGATE_ADMIN_PORT LOGIN_KEEP_DB=0
-#        KNOXGATE_BIN=target/release/knoxgate
+#        KNOXGATE_BIN= (a binary to measure instead of building)
 #        LOGIN_FINAL_DIR=bench/out  (a second run elsewhere: LOGIN_FINAL_DIR=bench/out/login-run2)
 # Needs: Postgres at 127.0.0.1:5432 (trust, user postgres), psql, redis-server, redis-cli, wrk,
 # python3 (stdlib only; bench/bench.py's and bench/soak.py's helpers are imported).
@@ -28,8 +28,10 @@ cd "$here/.."
 for tool in wrk psql redis-server redis-cli python3; do
     command -v "$tool" >/dev/null || { echo "login.sh: $tool not found" >&2; exit 2; }
 done
+# Build what is measured unless a binary is named: a stale release build would be measured silently.
+[[ -n "${KNOXGATE_BIN:-}" ]] || timeout 1800 cargo build --release --locked
 bin="${KNOXGATE_BIN:-$PWD/target/release/knoxgate}"
-[[ -x "$bin" ]] || { echo "login.sh: $bin not found (cargo build --release)" >&2; exit 2; }
+[[ -x "$bin" ]] || { echo "login.sh: $bin not found" >&2; exit 2; }
 export KNOXGATE_BIN="$bin"
 work="${LOGIN_FINAL_DIR:-$here/out}/login"
 mkdir -p "$work"

@@ -16,7 +16,7 @@
 #
 # Knobs: SOAK_SECONDS=600 SOAK_WARMUP=30 SOAK_RATE=3000 SOAK_CONNECTIONS=32 SOAK_UNKNOWN_PCT=15
 #        SOAK_SAMPLE=10 SOAK_CHURN_EVERY=5 SOAK_DB SOAK_REDIS_PORT SOAK_KNOXGATE_PORT
-#        SOAK_KNOXGATE_ADMIN_PORT SOAK_KEEP_DB=0 KNOXGATE_BIN=target/release/knoxgate
+#        SOAK_KNOXGATE_ADMIN_PORT SOAK_KEEP_DB=0 KNOXGATE_BIN= (a binary to measure instead of building)
 #        SOAK_TAG=x  -> bench/out/soak-x.md, soak-rss-x.csv, bench/out/soak-x/ (keeps the default run's)
 # Re-render the report from the saved data: python3 bench/soak.py --report
 # Needs: Postgres at 127.0.0.1:5432 (trust, user postgres), psql, redis-server, redis-cli, wrk,
@@ -27,8 +27,10 @@ cd "$here/.."
 for tool in wrk psql redis-server redis-cli python3; do
     command -v "$tool" >/dev/null || { echo "soak.sh: $tool not found" >&2; exit 2; }
 done
+# Build what is measured unless a binary is named: a stale release build would be measured silently.
+[[ -n "${KNOXGATE_BIN:-}" ]] || timeout 1800 cargo build --release --locked
 bin="${KNOXGATE_BIN:-$PWD/target/release/knoxgate}"
-[[ -x "$bin" ]] || { echo "soak.sh: $bin not found (cargo build --release)" >&2; exit 2; }
+[[ -x "$bin" ]] || { echo "soak.sh: $bin not found" >&2; exit 2; }
 export KNOXGATE_BIN="$bin"
 work="$here/out/soak${SOAK_TAG:+-$SOAK_TAG}"
 mkdir -p "$work"
