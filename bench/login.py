@@ -5,7 +5,7 @@ Stdlib only; reuses bench/bench.py's and bench/soak.py's helpers.
 Fresh database LOGIN_DB (default knoxgate_bench_login; DROPPED first and at the end), `knoxgate
 migrate`, 10k seeded knox tokens, LOGIN_CLIENTS users created by `knoxgate user create` with the
 default hash cost (pbkdf2_sha256, 1,000,000 iterations unless LOGIN_ITERATIONS is set), a private
-redis-server. For each hash_concurrency:hash_nice pair in LOGIN_CONFIGS (default "1:0 1:10 2:10"):
+redis-server. For each hash_concurrency:hash_nice pair in LOGIN_CONFIGS (default "2:0 2:10 1:0 1:10"):
 a fresh knoxgate (login throttling off), its 10k tokens warmed, then
   (a) logins only: LOGIN_CLIENTS clients POST /api/auth/login/ back to back for LOGIN_SECONDS;
   (b) /verify only: wrk paced at LOGIN_VERIFY_RATE req/s (random warmed tokens) for LOGIN_SECONDS;
@@ -39,7 +39,7 @@ VERIFY_RATE = env_int("LOGIN_VERIFY_RATE", 5000)
 VERIFY_CONNS = env_int("LOGIN_VERIFY_CONNECTIONS", 32)
 # hash_concurrency:hash_nice pairs, one fresh knoxgate each
 CONFIGS = [tuple(int(v) for v in x.split(":"))
-           for x in os.environ.get("LOGIN_CONFIGS", "1:0 1:10 2:10").split()]
+           for x in os.environ.get("LOGIN_CONFIGS", "2:0 2:10 1:0 1:10").split()]
 ITERATIONS = os.environ.get("LOGIN_ITERATIONS", "")   # empty = knoxgate's default (1,000,000)
 KEEP_DB = os.environ.get("LOGIN_KEEP_DB", "0") == "1"
 FINAL = Path(os.environ.get("LOGIN_FINAL_DIR", HERE / "out"))

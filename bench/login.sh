@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # knoxgate logins: what a login costs, and whether concurrent logins raise /verify tail latency.
-# Bounded in time (about 5 minutes with the defaults; hard limit 15 minutes).
+# Bounded in time (about 7 minutes with the defaults; hard limit 15 minutes).
 #
 #   bench/login.sh
 #   LOGIN_CONFIGS="1:10" LOGIN_SECONDS=10 bench/login.sh   # quicker
@@ -16,7 +16,7 @@
 # Output: bench/out/login.md; scratch, wrk logs and login.json in bench/out/login/.
 #
 # Knobs: LOGIN_SECONDS=20 LOGIN_CLIENTS=4 LOGIN_VERIFY_RATE=5000 LOGIN_VERIFY_CONNECTIONS=32
-#        LOGIN_CONFIGS="1:0 1:10 2:10" (hash_concurrency:hash_nice) LOGIN_ITERATIONS= (empty: knoxgate's default) LOGIN_DB
+#        LOGIN_CONFIGS="2:0 2:10 1:0 1:10" (hash_concurrency:hash_nice) LOGIN_ITERATIONS= (empty: knoxgate's default) LOGIN_DB
 #        LOGIN_REDIS_PORT LOGIN_KNOXGATE_PORT LOGIN_KNOXGATE_ADMIN_PORT LOGIN_KEEP_DB=0
 #        KNOXGATE_BIN= (a binary to measure instead of building)
 #        LOGIN_FINAL_DIR=bench/out  (a second run elsewhere: LOGIN_FINAL_DIR=bench/out/login-run2)
