@@ -478,8 +478,9 @@ def main():
 
 
 def derive(res, samples):
-    """Phase after the in-process cache first hit its bound (entries fell between two samples, or
-    reached 95 % of memory_max_entries): from then on eviction runs, and RSS should be flat."""
+    """Phase after the in-process cache reached its steady size (entries fell between two samples, or
+    reached 95 % of memory_max_entries): from then on entries leave as fast as they come, and RSS
+    should be flat."""
     post = [s for s in samples if s["t"] >= res["warmup"] - 0.5 and s["rss_mib"] is not None]
     cap = float(os.environ.get("KNOXGATE_CACHE_MEMORY_MAX_ENTRIES", "200000"))
     t_bound = None
@@ -533,7 +534,7 @@ def report(res, st):
          f"| VmHWM (peak RSS) at the end | {f(res['final']['hwm_mib'])} MiB |",
          f"| **RSS slope** (least squares, all post-warm-up samples) | **{f(res['slope_mib_per_10min'], 2)} MiB / 10 min** |",
          f"| RSS slope, second half only | {f(res['slope2_mib_per_10min'], 2)} MiB / 10 min |",
-         f"| in-process cache first at its bound (eviction running) | "
+         "| in-process cache at its steady size (entries first fell) | "
          + (f"t = {res['t_bound']:.0f} s |" if res.get("t_bound") is not None else "not reached |"),
          *([f"| **after that** ({res['bound']['n']} samples): RSS first / last / min / max | "
             f"{f(res['bound']['rss_first'])} / {f(res['bound']['rss_last'])} / {f(res['bound']['rss_min'])} / "
@@ -554,11 +555,9 @@ def report(res, st):
         L.append("Change-feed events applied: " + ", ".join(f"{k}: {v:,}" for k, v in sorted(res["feed_events"].items())) + ".\n")
     if res.get("entries_max") and res["entries_max"] > 1.1 * res["tokens"]:
         L.append(f"**Why entries exceed the {res['tokens']:,} seeded tokens:** each unknown token leaves a "
-                 "negative entry (negative_ttl 5 s) in the in-process tier. Per src/store/memory.rs, "
-                 "expired entries are only dropped when a shard reaches its bound (200,000 entries / "
-                 "64 MiB by default), so the map fills with expired negatives and RSS climbs until "
-                 "the bound is reached; from then on inserts evict (expired first, then an arbitrary "
-                 "eighth of the shard). Memory is bounded by the cache bound, not flat from the start.\n")
+                 "negative entry (negative_ttl 5 s) in the in-process tier until the once-a-second "
+                 "housekeeping purges it, so about 5 s of unknown tokens are cached on top of the "
+                 "known ones; the count settles once that many have expired and been purged.\n")
     L.append("## Method\n")
     L.append(f"Fresh database `{B.DB}` (`knoxgate migrate`, then bench.py's seeding SQL: "
              f"{res['tokens']:,} knox tokens over 2,500 users), private redis-server on "
