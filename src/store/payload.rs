@@ -152,9 +152,16 @@ pub fn decode(token_key: &str, payload: &str, need_identity: bool) -> Option<Cac
     if entry.schema_version != 2 || entry.token_key != token_key {
         return None;
     }
-    let digest = &entry.digest;
-    // A digest is hex; anything else cannot match a real token anyway.
-    if digest.is_empty() || digest.len() > 128 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+    // A digest is hex; anything else cannot match a real token anyway. Lowercase hex (what knox
+    // writes) is checked by the parse itself; only other text needs looking at again.
+    let digest = StoredDigest::parse(&entry.digest);
+    let readable = match &digest {
+        StoredDigest::Hex(d) => !d.as_bytes().is_empty(),
+        StoredDigest::Other(text) => {
+            !text.is_empty() && text.len() <= 128 && text.bytes().all(|b| b.is_ascii_hexdigit())
+        }
+    };
+    if !readable {
         return None;
     }
     let created = parse_isoformat(&entry.created)?;
@@ -184,7 +191,7 @@ pub fn decode(token_key: &str, payload: &str, need_identity: bool) -> Option<Cac
         None => None,
     };
     Some(CachedRow {
-        digest: StoredDigest::parse(digest),
+        digest,
         token_key: token_key.into(),
         user_id: user_id.as_ref().into(),
         created,
@@ -301,6 +308,14 @@ mod tests {
             )
             .is_some()
         );
+        // Upper-case hex is readable, kept as written, and matches nothing.
+        let upper = decode_any(
+            "3a97fcfba3ee5cc",
+            &variant("3c34a6be886bd514", "3C34A6BE886BD514"),
+        )
+        .unwrap();
+        assert_eq!(upper.digest.to_text(), "3C34A6BE886BD514");
+        assert!(matches!(upper.digest, StoredDigest::Other(_)));
         // JSON escapes are read as Python writes them (ensure_ascii).
         let escaped = variant("\"username\": \"zo\u{eb}\"", "\"username\": \"zo\\u00eb\"");
         assert_ne!(escaped, base);
@@ -320,6 +335,11 @@ mod tests {
             ("2026-11-25T04:06:00.570372+00:00", "yesterday"),
             ("\"user_id\": 13, ", ""),
             ("\"digest\": \"3c34a6be886bd514\"", "\"digest\": 5"),
+            ("\"digest\": \"3c34a6be886bd514\"", "\"digest\": \"\""),
+            (
+                "\"digest\": \"3c34a6be886bd514\"",
+                "\"digest\": \"3c34-not-hex\"",
+            ),
             ("\"is_active\": true", "\"is_active\": \"yes\""),
         ] {
             let changed = variant(from, to);
