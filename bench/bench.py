@@ -378,6 +378,39 @@ def kg_env(extra=None):
     return e
 
 
+def seed_tokens(main_users, extra_users, tokens_per_user, main_file, all_file=None):
+    """Users `bench_1…` and `tokens_per_user` knox tokens each, written with SQL exactly as knox
+    stores them (sha512 hex digest, token_key = first 15 characters, expiry now()+10h). The raw
+    tokens of the first `main_users` users go to `main_file` (shuffled), all of them to `all_file`."""
+    all_copy = (f"\\copy (SELECT tok FROM bench_tok ORDER BY random()) TO '{all_file}'\n"
+                if all_file else "")
+    sql = f"""
+\\set ON_ERROR_STOP 1
+BEGIN;
+INSERT INTO auth_user (password, last_login, is_superuser, username, first_name, last_name,
+                       email, is_staff, is_active, date_joined)
+SELECT '!bench-unusable', NULL, false, 'bench_' || g, '', '', '', false, true, now()
+FROM generate_series(1, {main_users + extra_users}) g;
+CREATE TEMP TABLE bench_tok AS
+SELECT u.id AS user_id,
+       (substr(u.username, 7)::int <= {main_users}) AS main,
+       md5(random()::text) || md5(random()::text) AS tok
+FROM auth_user u CROSS JOIN generate_series(1, {tokens_per_user}) j
+WHERE u.username LIKE 'bench\\_%';
+INSERT INTO knox_authtoken (digest, created, user_id, expiry, token_key)
+SELECT encode(sha512(convert_to(tok, 'UTF8')), 'hex'), now(), user_id,
+       now() + interval '10 hours', left(tok, 15)
+FROM bench_tok;
+COMMIT;
+\\copy (SELECT tok FROM bench_tok WHERE main ORDER BY random()) TO '{main_file}'
+{all_copy}ANALYZE;
+"""
+    seed = OUT / "seed.sql"
+    seed.write_text(sql)
+    run(["psql", "-h", PG_HOST, "-p", PG_PORT, "-U", PG_USER, "-d", DB, "-X", "-q", "-f", str(seed)],
+        timeout=600)
+
+
 def setup_db():
     log(f"fresh database {DB}")
     psql(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)", db="postgres")
@@ -390,32 +423,7 @@ def setup_db():
     (LOGS / "knoxgate-migrate.log").write_text(p.stdout + p.stderr)
     t = time.monotonic()
     n_main = MAIN_USERS * TOKENS_PER_USER
-    sql = f"""
-\\set ON_ERROR_STOP 1
-BEGIN;
-INSERT INTO auth_user (password, last_login, is_superuser, username, first_name, last_name,
-                       email, is_staff, is_active, date_joined)
-SELECT '!bench-unusable', NULL, false, 'bench_' || g, '', '', '', false, true, now()
-FROM generate_series(1, {MAIN_USERS + EXTRA_USERS}) g;
-CREATE TEMP TABLE bench_tok AS
-SELECT u.id AS user_id,
-       (substr(u.username, 7)::int <= {MAIN_USERS}) AS main,
-       md5(random()::text) || md5(random()::text) AS tok
-FROM auth_user u CROSS JOIN generate_series(1, {TOKENS_PER_USER}) j
-WHERE u.username LIKE 'bench\\_%';
-INSERT INTO knox_authtoken (digest, created, user_id, expiry, token_key)
-SELECT encode(sha512(convert_to(tok, 'UTF8')), 'hex'), now(), user_id,
-       now() + interval '10 hours', left(tok, 15)
-FROM bench_tok;
-COMMIT;
-\\copy (SELECT tok FROM bench_tok WHERE main ORDER BY random()) TO '{TOKENS}'
-\\copy (SELECT tok FROM bench_tok ORDER BY random()) TO '{TOKENS_ALL}'
-ANALYZE;
-"""
-    seed = OUT / "seed.sql"
-    seed.write_text(sql)
-    run(["psql", "-h", PG_HOST, "-p", PG_PORT, "-U", PG_USER, "-d", DB, "-X", "-q", "-f", str(seed)],
-        timeout=600)
+    seed_tokens(MAIN_USERS, EXTRA_USERS, TOKENS_PER_USER, TOKENS, TOKENS_ALL)
     n1 = sum(1 for _ in TOKENS.open())
     n2 = sum(1 for _ in TOKENS_ALL.open())
     rows = psql("SELECT count(*) FROM knox_authtoken")

@@ -20,19 +20,14 @@
 #        LOGIN_REDIS_PORT LOGIN_KNOXGATE_PORT LOGIN_KNOXGATE_ADMIN_PORT LOGIN_KEEP_DB=0
 #        KNOXGATE_BIN= (a binary to measure instead of building)
 #        LOGIN_FINAL_DIR=bench/out  (a second run elsewhere: LOGIN_FINAL_DIR=bench/out/login-run2)
-# Needs: Postgres at 127.0.0.1:5432 (trust, user postgres), psql, redis-server, redis-cli, wrk,
-# python3 (stdlib only; bench/bench.py's and bench/soak.py's helpers are imported).
+# Needs: Postgres at 127.0.0.1:5432 (trust, user postgres) and cargo; psql, redis-server, wrk and
+# python3 are installed with apt-get when missing (as root; bench/lib.sh). Stdlib Python only.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$here/.."
-for tool in wrk psql redis-server redis-cli python3; do
-    command -v "$tool" >/dev/null || { echo "login.sh: $tool not found" >&2; exit 2; }
-done
-# Build what is measured unless a binary is named: a stale release build would be measured silently.
-[[ -n "${KNOXGATE_BIN:-}" ]] || timeout 1800 cargo build --release --locked
-bin="${KNOXGATE_BIN:-$PWD/target/release/knoxgate}"
-[[ -x "$bin" ]] || { echo "login.sh: $bin not found" >&2; exit 2; }
-export KNOXGATE_BIN="$bin"
+source "$here/lib.sh"
+bench_install wrk:wrk psql:postgresql-client redis-server:redis-server redis-cli:redis-tools python3:python3
+bench_knoxgate
 work="${LOGIN_FINAL_DIR:-$here/out}/login"
 mkdir -p "$work"
 timeout --signal=TERM --kill-after=30 "${LOGIN_TIMEOUT:-900}" python3 "$here/login.py" > >(tee "$work/run.log") 2>&1 &

@@ -38,34 +38,9 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/.." && pwd)"
 cd "$repo"
 
-# Install what is missing from the distribution (root only). policy-rc.d keeps the nginx
-# package from starting a system-wide nginx on port 80.
-missing=()
-for pair in wrk:wrk nginx:nginx-light psql:postgresql-client redis-server:redis-server redis-cli:redis-tools; do
-    command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
-done
-if [[ ${#missing[@]} -gt 0 ]]; then
-    if [[ $EUID -ne 0 ]]; then
-        echo "run.sh: missing ${missing[*]}; install them (apt-get install -y ${missing[*]})" >&2
-        exit 2
-    fi
-    echo "run.sh: apt-get install ${missing[*]}" >&2
-    policy_created=
-    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
-        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
-        chmod 0755 /usr/sbin/policy-rc.d
-        policy_created=1
-    fi
-    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null 2>&1 || true
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
-    [[ -n $policy_created ]] && rm -f /usr/sbin/policy-rc.d
-fi
-
-# Always (re)build unless a binary is named: a stale release build would be measured silently.
-if [[ -z "${KNOXGATE_BIN:-}" ]]; then
-    echo "run.sh: building knoxgate (cargo build --release --locked)" >&2
-    timeout 1800 cargo build --release --locked
-fi
+source "$here/lib.sh"
+bench_install wrk:wrk nginx:nginx-light psql:postgresql-client redis-server:redis-server redis-cli:redis-tools
+bench_knoxgate
 
 # Django + knox + knox-redis + gunicorn (shared with the interop suite; idempotent)
 "$repo/tests/interop/setup.sh"

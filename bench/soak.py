@@ -157,7 +157,7 @@ def preflight():
 
 
 def setup_db_knoxgate_only(users=2500, tokens_per_user=4):
-    """Fresh DB, `knoxgate migrate` (no Django needed), bench.py's seeding SQL, tokens.txt."""
+    """Fresh DB, `knoxgate migrate` (no Django needed), bench.py's seeding, tokens.txt."""
     log(f"fresh database {B.DB}")
     B.OUT.mkdir(parents=True, exist_ok=True)
     B.LOGS.mkdir(parents=True, exist_ok=True)
@@ -167,29 +167,7 @@ def setup_db_knoxgate_only(users=2500, tokens_per_user=4):
     p = B.run([str(B.KNOXGATE), "migrate"], env=B.kg_env(), timeout=120)
     (B.LOGS / "knoxgate-migrate.log").write_text(p.stdout + p.stderr)
     t = time.monotonic()
-    sql = f"""
-\\set ON_ERROR_STOP 1
-BEGIN;
-INSERT INTO auth_user (password, last_login, is_superuser, username, first_name, last_name,
-                       email, is_staff, is_active, date_joined)
-SELECT '!bench-unusable', NULL, false, 'bench_' || g, '', '', '', false, true, now()
-FROM generate_series(1, {users}) g;
-CREATE TEMP TABLE bench_tok AS
-SELECT u.id AS user_id, md5(random()::text) || md5(random()::text) AS tok
-FROM auth_user u CROSS JOIN generate_series(1, {tokens_per_user}) j
-WHERE u.username LIKE 'bench\\_%';
-INSERT INTO knox_authtoken (digest, created, user_id, expiry, token_key)
-SELECT encode(sha512(convert_to(tok, 'UTF8')), 'hex'), now(), user_id,
-       now() + interval '10 hours', left(tok, 15)
-FROM bench_tok;
-COMMIT;
-\\copy (SELECT tok FROM bench_tok ORDER BY random()) TO '{B.TOKENS}'
-ANALYZE;
-"""
-    seed = B.OUT / "seed.sql"
-    seed.write_text(sql)
-    B.run(["psql", "-h", B.PG_HOST, "-p", B.PG_PORT, "-U", B.PG_USER, "-d", B.DB, "-X", "-q",
-           "-f", str(seed)], timeout=600)
+    B.seed_tokens(users, 0, tokens_per_user, B.TOKENS)
     n = sum(1 for _ in B.TOKENS.open())
     rows = B.psql("SELECT count(*) FROM knox_authtoken")
     log(f"seeded {rows} tokens over {users} users in {time.monotonic() - t:.1f}s ({n} in tokens.txt)")

@@ -19,19 +19,14 @@
 #        SOAK_KNOXGATE_ADMIN_PORT SOAK_KEEP_DB=0 KNOXGATE_BIN= (a binary to measure instead of building)
 #        SOAK_TAG=x  -> bench/out/soak-x.md, soak-rss-x.csv, bench/out/soak-x/ (keeps the default run's)
 # Re-render the report from the saved data: python3 bench/soak.py --report
-# Needs: Postgres at 127.0.0.1:5432 (trust, user postgres), psql, redis-server, redis-cli, wrk,
-# python3 (stdlib only; bench/bench.py's helpers are imported).
+# Needs: Postgres at 127.0.0.1:5432 (trust, user postgres) and cargo; psql, redis-server, wrk and
+# python3 are installed with apt-get when missing (as root; bench/lib.sh). Stdlib Python only.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$here/.."
-for tool in wrk psql redis-server redis-cli python3; do
-    command -v "$tool" >/dev/null || { echo "soak.sh: $tool not found" >&2; exit 2; }
-done
-# Build what is measured unless a binary is named: a stale release build would be measured silently.
-[[ -n "${KNOXGATE_BIN:-}" ]] || timeout 1800 cargo build --release --locked
-bin="${KNOXGATE_BIN:-$PWD/target/release/knoxgate}"
-[[ -x "$bin" ]] || { echo "soak.sh: $bin not found" >&2; exit 2; }
-export KNOXGATE_BIN="$bin"
+source "$here/lib.sh"
+bench_install wrk:wrk psql:postgresql-client redis-server:redis-server redis-cli:redis-tools python3:python3
+bench_knoxgate
 work="$here/out/soak${SOAK_TAG:+-$SOAK_TAG}"
 mkdir -p "$work"
 limit=$(( ${SOAK_SECONDS:-600} + ${SOAK_WARMUP:-30} + 300 ))
