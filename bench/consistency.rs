@@ -153,7 +153,7 @@ async fn main() {
     let base = config(&db_url, "x", "");
     let (mut mig, conn) = tokio_postgres::connect(&db_url, NoTls).await.unwrap();
     tokio::spawn(conn);
-    knoxgate::schema::migrate(&mut mig, &base.postgres, true)
+    knoxgate::store::schema::migrate(&mut mig, &base.postgres, true)
         .await
         .unwrap();
     client

@@ -9,80 +9,13 @@ use tokio::{
     task::JoinHandle,
 };
 
+pub use crate::state::{App, StartError};
 use crate::{
     config::{Config, Consistency},
-    feed,
-    hash_pool::HashPool,
-    http::{self, throttle::Throttle},
-    metrics::Metrics,
-    schema,
+    http,
     server::{self, Limits},
-    store::{Store, StoreError},
+    store::{feed, schema},
 };
-
-/// Shared state of a running knoxgate.
-pub struct App {
-    pub config: Arc<Config>,
-    pub store: Arc<Store>,
-    pub metrics: Arc<Metrics>,
-    /// Caps requests in flight on the main listener.
-    pub in_flight: Arc<Semaphore>,
-    /// Caps password checks admitted at once (and so how long a login may queue).
-    pub hash_slots: Arc<Semaphore>,
-    /// Where password hashes are computed: low-priority threads, one per slot.
-    pub hash_pool: HashPool,
-    pub login_throttle: Throttle,
-    /// A well-formed hash with the configured cost, checked for unknown usernames so that they
-    /// take as long as wrong passwords.
-    pub dummy_hash: String,
-}
-
-/// Why knoxgate could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
-    #[error("cannot start the password hashing threads: {0}")]
-    Threads(std::io::Error),
-    #[error("{0}")]
-    Store(#[from] StoreError),
-    #[error("{0}")]
-    Build(#[from] crate::store::BuildError),
-    #[error(
-        "cache.consistency = \"notify\" needs the change-feed triggers, which are not installed. \
-         Run `knoxgate migrate` to install them, or set cache.consistency to \"ttl\" \
-         (KNOXGATE_CACHE_CONSISTENCY=ttl) to run without them"
-    )]
-    TriggersMissing,
-}
-
-impl App {
-    pub fn new(config: Config) -> Result<Arc<App>, StartError> {
-        let config = Arc::new(config);
-        let metrics = Arc::new(Metrics::new());
-        let store = Arc::new(Store::connect(&config, Arc::clone(&metrics))?);
-        let s = &config.sessions;
-        Ok(Arc::new(App {
-            in_flight: Arc::new(Semaphore::new(config.server.max_in_flight)),
-            hash_slots: Arc::new(Semaphore::new(s.hash_slots())),
-            hash_pool: HashPool::new(s.hash_slots(), s.hash_nice).map_err(StartError::Threads)?,
-            login_throttle: Throttle::new(s.throttle_failures, s.throttle_window),
-            // Well-formed, so checking it runs the full derivation; computing a real one here
-            // would cost a hash at every startup for nothing.
-            dummy_hash: format!(
-                "pbkdf2_sha256${}$knoxgatetimingsalt0000${}=",
-                s.password_iterations,
-                "A".repeat(43)
-            ),
-            config,
-            store,
-            metrics,
-        }))
-    }
-}
 
 /// A running knoxgate, as returned by [`start`].
 pub struct Running {
@@ -106,6 +39,22 @@ impl Running {
     }
 }
 
+/// Waits for SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
 /// In notify mode, refuses to start against a reachable database without the triggers. An
 /// unreachable database is not a reason to refuse: the feed retries, and answers meanwhile are
 /// confirmed with Postgres.
@@ -114,10 +63,10 @@ async fn check_triggers(config: &Config) -> Result<(), StartError> {
         return Ok(());
     }
     let attempt = async {
-        let client = crate::store::postgres::connect_one(&config.postgres).await?;
+        let client = crate::store::pg::connect_one(&config.postgres).await?;
         schema::triggers_installed(&client, &config.postgres)
             .await
-            .map_err(|e| StoreError::Postgres(e.to_string()))
+            .map_err(|e| crate::store::pg::classify("trigger check", &e))
     };
     match tokio::time::timeout(
         config.postgres.connect_timeout + config.postgres.statement_timeout,

@@ -8,14 +8,12 @@ use time::OffsetDateTime;
 
 use crate::{
     app,
-    auth::{TokenRow, UserInfo, generate_token, token_key_of},
+    auth::UserInfo,
     config::Config,
+    login,
     metrics::Metrics,
-    password, schema,
-    store::{
-        Store,
-        postgres::{self, NewToken, NewUser, Postgres},
-    },
+    password,
+    store::{NewUser, Store, pg, postgres::Postgres, schema},
 };
 
 /// knoxgate: forward-auth for django-rest-knox tokens.
@@ -47,6 +45,10 @@ pub enum Command {
         /// Remove the triggers, their functions and the revocation log.
         #[arg(long)]
         uninstall_triggers: bool,
+        /// Print the trigger SQL (or, with --uninstall-triggers, the removal SQL) for the
+        /// configured tables instead of running it; connects to nothing.
+        #[arg(long, conflicts_with = "no_triggers")]
+        print_sql: bool,
     },
     /// Validate the configuration and exit.
     CheckConfig,
@@ -122,13 +124,9 @@ fn read_password(arg: &PasswordArg) -> anyhow::Result<String> {
     anyhow::bail!("give the password with --password-stdin (or --password)")
 }
 
-fn offline_store(config: &Config) -> anyhow::Result<Arc<Store>> {
-    Ok(Arc::new(Store::connect(config, Arc::new(Metrics::new()))?))
-}
-
 /// Runs `migrate` and prints what it did.
 pub async fn migrate(config: &Config, triggers: bool) -> anyhow::Result<()> {
-    let mut client = postgres::connect_one(&config.postgres).await?;
+    let mut client = pg::connect_one(&config.postgres).await?;
     let report = schema::migrate(&mut client, &config.postgres, triggers).await?;
     for t in &report.created_tables {
         println!("created table {t}");
@@ -142,22 +140,6 @@ pub async fn migrate(config: &Config, triggers: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Waits for SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-}
-
 /// Executes a parsed command line with a loaded configuration.
 pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
     match command {
@@ -165,157 +147,161 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             println!("configuration is valid");
             Ok(())
         }
-        Command::Serve {
-            migrate: do_migrate,
-        } => {
-            if do_migrate {
-                migrate(&config, true).await?;
-            }
-            let running = app::start(config).await?;
-            shutdown_signal().await;
-            tracing::info!("shutting down: draining in-flight requests");
-            running.shutdown().await;
-            tracing::info!("stopped");
-            Ok(())
-        }
+        Command::Serve { migrate: first } => serve(config, first).await,
         Command::Migrate {
             no_triggers,
             uninstall_triggers,
+            print_sql,
         } => {
-            if uninstall_triggers {
-                let mut client = postgres::connect_one(&config.postgres).await?;
+            if print_sql {
+                print_trigger_sql(&config, uninstall_triggers);
+                Ok(())
+            } else if uninstall_triggers {
+                let mut client = pg::connect_one(&config.postgres).await?;
                 schema::uninstall_triggers(&mut client, &config.postgres).await?;
                 println!("change-feed triggers removed");
-                return Ok(());
+                Ok(())
+            } else {
+                migrate(&config, !no_triggers).await
             }
-            migrate(&config, !no_triggers).await
         }
-        Command::User(cmd) => {
-            let pg = Postgres::new(&config.postgres, Arc::new(Metrics::new()))?;
-            let iterations = config.sessions.password_iterations;
-            match cmd {
-                UserCommand::Create {
-                    username,
-                    password,
-                    email,
+        Command::User(cmd) => user(cmd, &config).await,
+        Command::Token(cmd) => token(cmd, &config).await,
+    }
+}
+
+/// Serves until SIGTERM or SIGINT, then drains.
+async fn serve(config: Config, migrate_first: bool) -> anyhow::Result<()> {
+    if migrate_first {
+        migrate(&config, true).await?;
+    }
+    let running = app::start(config).await?;
+    app::shutdown_signal().await;
+    tracing::info!("shutting down: draining in-flight requests");
+    running.shutdown().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Prints the trigger SQL that `migrate` would run (or the removal SQL).
+fn print_trigger_sql(config: &Config, uninstall: bool) {
+    let sql = if uninstall {
+        schema::uninstall_triggers_sql(&config.postgres)
+    } else {
+        schema::install_triggers_sql(&config.postgres)
+    };
+    println!("{sql}");
+}
+
+/// Reads the password an operator gives and hashes it as Django would, off the runtime.
+async fn hashed_password(arg: &PasswordArg, config: &Config) -> anyhow::Result<String> {
+    let pw = read_password(arg)?;
+    let iterations = config.sessions.password_iterations;
+    Ok(tokio::task::spawn_blocking(move || password::make_password(&pw, iterations)).await?)
+}
+
+async fn user(cmd: UserCommand, config: &Config) -> anyhow::Result<()> {
+    let pg = Postgres::new(&config.postgres, Arc::new(Metrics::new()))?;
+    match cmd {
+        UserCommand::Create {
+            username,
+            password,
+            email,
+            superuser,
+            inactive,
+        } => {
+            let encoded = hashed_password(&password, config).await?;
+            let id = pg
+                .create_user(&NewUser {
+                    username: &username,
+                    encoded_password: &encoded,
+                    email: &email,
                     superuser,
-                    inactive,
-                } => {
-                    let pw = read_password(&password)?;
-                    let encoded = tokio::task::spawn_blocking(move || {
-                        password::make_password(&pw, iterations)
-                    })
-                    .await?;
-                    let id = pg
-                        .create_user(&NewUser {
-                            username: &username,
-                            encoded_password: &encoded,
-                            email: &email,
-                            superuser,
-                            active: !inactive,
-                        })
-                        .await?;
-                    println!("created user {username} (id {id})");
-                }
-                UserCommand::SetPassword { username, password } => {
-                    let pw = read_password(&password)?;
-                    let encoded = tokio::task::spawn_blocking(move || {
-                        password::make_password(&pw, iterations)
-                    })
-                    .await?;
-                    if pg.login_user(&username).await?.is_none() {
-                        anyhow::bail!("no user named {username}");
-                    }
-                    pg.set_password(&username, &encoded).await?;
-                    println!("password of {username} replaced");
-                }
-                UserCommand::Deactivate { username } | UserCommand::Activate { username }
-                    if false =>
-                {
-                    let _ = username;
-                }
-                UserCommand::Deactivate { username } => {
-                    anyhow::ensure!(
-                        pg.set_active(&username, false).await?,
-                        "no user named {username}"
-                    );
-                    println!("user {username} deactivated");
-                }
-                UserCommand::Activate { username } => {
-                    anyhow::ensure!(
-                        pg.set_active(&username, true).await?,
-                        "no user named {username}"
-                    );
-                    println!("user {username} activated");
-                }
-            }
-            Ok(())
+                    active: !inactive,
+                })
+                .await?;
+            println!("created user {username} (id {id})");
         }
-        Command::Token(cmd) => {
-            let store = offline_store(&config)?;
-            let knox = &config.knox;
-            match cmd {
-                TokenCommand::Create { user } => {
-                    let Some(u) = store.postgres().login_user(&user).await? else {
-                        anyhow::bail!("no user named {user}");
-                    };
-                    let token = generate_token(&knox.token_prefix, knox.token_character_length);
-                    let digest = knox.hash_algorithm.digest(token.as_bytes());
-                    let now = OffsetDateTime::now_utc();
-                    let expiry = knox.token_ttl.map(|ttl| now + ttl);
-                    let new = NewToken {
-                        username: &user,
-                        digest: &digest.to_hex(),
-                        token_key: token_key_of(&token),
-                        created: now,
-                        expiry,
-                        limit: knox.token_limit_per_user,
-                    };
-                    let Some(user_id) = store.postgres().create_token(&new).await? else {
-                        anyhow::bail!("{user} already holds the maximum number of tokens");
-                    };
-                    store
-                        .remember_new(TokenRow {
-                            digest: digest.into(),
-                            token_key: token_key_of(&token).into(),
-                            user_id: user_id.into(),
-                            created: now,
-                            expiry,
-                            user: UserInfo {
-                                is_active: u.is_active,
-                                username: user.into(),
-                                email: u.email.into(),
-                            },
-                        })
-                        .await;
-                    println!("{token}");
-                }
-                TokenCommand::Revoke { token, all } => {
-                    let token = match token {
-                        Some(t) => t,
-                        None => {
-                            let mut line = String::new();
-                            std::io::stdin().lock().read_line(&mut line)?;
-                            line.trim().to_owned()
-                        }
-                    };
-                    let digest = knox.hash_algorithm.hex_digest(token.as_bytes());
-                    let Some(row) = store.postgres().confirm(&digest).await? else {
-                        anyhow::bail!("no such token");
-                    };
-                    if all {
-                        store.logout_all(&row.digest, &row.user_id).await?;
-                        println!("revoked every token of user {}", row.user_id);
-                    } else {
-                        store.logout(&row.digest).await?;
-                        println!("token revoked");
-                    }
-                }
+        UserCommand::SetPassword { username, password } => {
+            let encoded = hashed_password(&password, config).await?;
+            if pg.login_user(&username).await?.is_none() {
+                anyhow::bail!("no user named {username}");
             }
-            if let Some(redis) = store.redis() {
-                redis.quit().await;
-            }
-            Ok(())
+            pg.set_password(&username, &encoded).await?;
+            println!("password of {username} replaced");
+        }
+        UserCommand::Deactivate { username } => {
+            anyhow::ensure!(
+                pg.set_active(&username, false).await?,
+                "no user named {username}"
+            );
+            println!("user {username} deactivated");
+        }
+        UserCommand::Activate { username } => {
+            anyhow::ensure!(
+                pg.set_active(&username, true).await?,
+                "no user named {username}"
+            );
+            println!("user {username} activated");
         }
     }
+    Ok(())
+}
+
+async fn token(cmd: TokenCommand, config: &Config) -> anyhow::Result<()> {
+    // The whole store, so that what a command changes reaches Redis as well as Postgres.
+    let store = Store::connect(config, Arc::new(Metrics::new()))?;
+    let result = match cmd {
+        TokenCommand::Create { user } => create_token(&store, config, &user).await,
+        TokenCommand::Revoke { token, all } => revoke_token(&store, config, token, all).await,
+    };
+    if let Some(redis) = store.redis() {
+        redis.quit().await;
+    }
+    result
+}
+
+async fn create_token(store: &Store, config: &Config, username: &str) -> anyhow::Result<()> {
+    let Some(u) = store.postgres().login_user(username).await? else {
+        anyhow::bail!("no user named {username}");
+    };
+    let user = UserInfo {
+        is_active: u.is_active,
+        username: username.into(),
+        email: u.email.into(),
+    };
+    let now = OffsetDateTime::now_utc();
+    let Some(issued) = login::issue_token(store, &config.knox, user, now).await? else {
+        anyhow::bail!("{username} already holds the maximum number of tokens");
+    };
+    println!("{}", issued.token);
+    Ok(())
+}
+
+async fn revoke_token(
+    store: &Store,
+    config: &Config,
+    token: Option<String>,
+    all: bool,
+) -> anyhow::Result<()> {
+    let token = match token {
+        Some(t) => t,
+        None => {
+            let mut line = String::new();
+            std::io::stdin().lock().read_line(&mut line)?;
+            line.trim().to_owned()
+        }
+    };
+    let digest = config.knox.hash_algorithm.hex_digest(token.as_bytes());
+    let Some(row) = store.postgres().confirm(&digest).await? else {
+        anyhow::bail!("no such token");
+    };
+    if all {
+        store.logout_all(&row.digest, &row.user_id).await?;
+        println!("revoked every token of user {}", row.user_id);
+    } else {
+        store.logout(&row.digest).await?;
+        println!("token revoked");
+    }
+    Ok(())
 }

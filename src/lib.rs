@@ -5,29 +5,31 @@
 //! - [`auth`]: pure logic with no I/O — `Authorization` parsing exactly as knox does it, token
 //!   digests, the allow/deny decision, knox's expiry formatting and refresh rule, Basic credentials.
 //! - [`password`]: Django password hashes (verify every hasher Django ships, make pbkdf2_sha256).
-//! - [`hash_pool`]: the low-priority threads those hashes are computed on.
+//! - [`login`]: logging in and issuing tokens (password checks on low-priority threads, the
+//!   failed-login throttle, the client-address rule), for the HTTP endpoints and the CLI.
 //! - [`store`]: the tiered token lookup — in-process cache → Redis → Postgres — and the writes
-//!   (login, logout, expired-token cleanup) that keep all tiers consistent.
-//! - [`feed`]: the Postgres change feed (LISTEN + revocation log) that evicts revoked tokens.
+//!   (login, logout, expired-token cleanup) that keep all tiers consistent; with the Postgres
+//!   change feed (`store::feed`) and `knoxgate migrate`'s tables and triggers (`store::schema`).
 //! - [`http`]: routing and handlers; `http::respond` is the only place a status code is chosen.
 //! - [`server`]: listeners, connection and in-flight limits, timeouts, graceful drain.
 //! - [`config`]: TOML file + `KNOXGATE_*` environment → validated, typed [`config::Config`].
 //! - [`metrics`]: the Prometheus metric families, registered once.
-//! - [`schema`]: `knoxgate migrate`: Django-compatible tables and the revocation triggers.
-//! - [`app`]: wiring — builds the runtime handles from a `Config` and runs the service.
+//! - [`state`]: the shared state every handler reads (`App`).
+//! - [`app`]: wiring — builds the state from a `Config`, runs the service, stops on a signal.
+//! - [`cli`]: the command line: `serve`, `migrate`, `check-config`, user and token commands.
+//! - [`error`]: failures and who is at fault (mapped to statuses in `http::respond`).
 
 pub mod app;
 pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod error;
-pub mod feed;
-pub mod hash_pool;
 pub mod http;
+pub mod login;
 pub mod metrics;
 pub mod password;
-pub mod schema;
 pub mod server;
+pub mod state;
 pub mod store;
 
 /// The knox-compat facts files (produced by the real Django/knox stack), for unit tests.

@@ -51,8 +51,8 @@ pub struct Metrics {
     pub verify_duration: Histogram,
     /// SQL statements sent, by statement.
     pub sql_statements: Family<StatementLabels, Counter>,
-    /// Postgres failures (unreachable, timeout, error).
-    pub postgres_errors: Counter,
+    /// Postgres failures by kind (timeout, unavailable, query).
+    pub postgres_errors: Family<KindLabels, Counter>,
     /// Redis commands sent, by operation.
     pub redis_commands: Family<OpLabels, Counter>,
     /// Redis failures (disconnected, timeout, error), by operation.
@@ -94,7 +94,7 @@ impl Metrics {
                 prometheus_client::metrics::histogram::exponential_buckets(0.00005, 2.0, 16),
             ),
             sql_statements: Family::default(),
-            postgres_errors: Counter::default(),
+            postgres_errors: Family::default(),
             redis_commands: Family::default(),
             redis_errors: Family::default(),
             stale_answers: Counter::default(),
@@ -149,7 +149,7 @@ impl Metrics {
         );
         registry.register(
             "postgres_errors",
-            "Postgres failures",
+            "Postgres failures by kind (timeout, unavailable, query)",
             m.postgres_errors.clone(),
         );
         registry.register(
@@ -219,6 +219,12 @@ impl Metrics {
     pub fn sql(&self, statement: &'static str) {
         self.sql_statements
             .get_or_create(&StatementLabels { statement })
+            .inc();
+    }
+
+    pub fn postgres_error(&self, kind: &'static str) {
+        self.postgres_errors
+            .get_or_create(&KindLabels { kind })
             .inc();
     }
 

@@ -723,7 +723,7 @@ feed_health_interval = "250ms"
 
     // --- Schema and seed ---
     let mut client = pg_connect_retry(&pg.url(), Duration::from_secs(5)).await;
-    knoxgate::schema::migrate(&mut client, &cfg.postgres, true)
+    knoxgate::store::schema::migrate(&mut client, &cfg.postgres, true)
         .await
         .expect("migrate");
     let mut users = Vec::new();

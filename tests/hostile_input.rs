@@ -4,8 +4,8 @@
 
 use knoxgate::{
     auth::{Credential, DenyReason, parse_authorization, parse_basic},
-    feed::parse_payload,
     password::check_password,
+    store::feed::parse_payload,
     store::payload,
 };
 use rand::RngExt;

@@ -7,7 +7,7 @@ use http_body_util::Full;
 use hyper::{Request, Response, StatusCode, body::Incoming, header};
 
 use super::respond::Body;
-use crate::{app::App, config::Consistency};
+use crate::{config::Consistency, state::App};
 
 pub async fn admin_service(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     match req.uri().path() {

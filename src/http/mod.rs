@@ -5,14 +5,13 @@
 pub mod admin;
 pub mod respond;
 pub mod session;
-pub mod throttle;
 pub mod verify;
 
 use std::{net::SocketAddr, sync::Arc};
 
 use hyper::{Request, Response, body::Incoming};
 
-use crate::{app::App, error::Error};
+use crate::{error::Error, state::App};
 use respond::Body;
 use session::Endpoint;
 

@@ -183,3 +183,50 @@ pub fn error(e: &Error) -> Response<Body> {
         }
     }
 }
+
+#[cfg(test)]
+mod error_status_tests {
+    use super::*;
+    use crate::store::StoreError;
+
+    /// The whole failure → status table, pinned: outages are 503 (never 401, never 2xx).
+    #[test]
+    fn every_error_maps_to_its_status() {
+        let table = [
+            (
+                Error::StoreUnavailable(StoreError::Timeout("t".into())),
+                StatusCode::SERVICE_UNAVAILABLE,
+            ),
+            (
+                Error::StoreUnavailable(StoreError::Unavailable("u".into())),
+                StatusCode::SERVICE_UNAVAILABLE,
+            ),
+            (
+                Error::StoreUnavailable(StoreError::Query("q".into())),
+                StatusCode::SERVICE_UNAVAILABLE,
+            ),
+            (Error::DeadlineExceeded, StatusCode::SERVICE_UNAVAILABLE),
+            (Error::Overloaded, StatusCode::SERVICE_UNAVAILABLE),
+            (Error::BadRequest("b"), StatusCode::BAD_REQUEST),
+            (Error::PayloadTooLarge, StatusCode::PAYLOAD_TOO_LARGE),
+            (
+                Error::UnsupportedMediaType,
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ),
+            (
+                Error::Internal("i".into()),
+                StatusCode::INTERNAL_SERVER_ERROR,
+            ),
+        ];
+        for (failure, status) in table {
+            let r = error(&failure);
+            assert_eq!(r.status(), status, "{failure:?}");
+            assert!(!r.status().is_success() && r.status() != StatusCode::UNAUTHORIZED);
+        }
+        // Only overload tells the client when to retry.
+        assert_eq!(
+            error(&Error::Overloaded).headers()[header::RETRY_AFTER],
+            "1"
+        );
+    }
+}

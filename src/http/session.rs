@@ -1,27 +1,22 @@
-//! knox's LoginView, LogoutView and LogoutAllView: same statuses, headers and bodies.
+//! knox's LoginView, LogoutView and LogoutAllView over HTTP: same statuses, headers and
+//! bodies. The login logic itself lives in `crate::login`; this file parses and responds.
 
-use std::{net::IpAddr, sync::Arc, time::Instant};
+use std::{net::IpAddr, sync::Arc};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
-use hyper::{HeaderMap, Method, Response, body::Incoming, header, http::request::Parts};
-use time::OffsetDateTime;
+use hyper::{Method, Response, body::Incoming, header, http::request::Parts};
 
 use super::{
     respond::{self, Body},
-    throttle::Throttle,
     verify::authenticate,
 };
 use crate::{
-    app::App,
-    auth::{
-        BasicError, LoginCredentials, TokenRow, UserInfo, generate_token, parse_basic, token_key_of,
-    },
-    config::ipnet_lite::IpNet,
+    auth::{BasicError, LoginCredentials, parse_basic},
     error::Error,
+    login::{LoginOutcome, client_ip},
     metrics::{KindLabels, ResultLabels},
-    password,
-    store::postgres::NewToken,
+    state::App,
 };
 
 /// Which session endpoint a path names.
@@ -42,37 +37,6 @@ impl Endpoint {
             _ => None,
         }
     }
-}
-
-/// The client's address: the peer, or what a trusted proxy in front of us says it is.
-pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
-    let is_trusted = |ip: IpAddr| trusted.iter().any(|n| n.contains(ip));
-    if !is_trusted(peer) {
-        return peer;
-    }
-    // Walk X-Forwarded-For from the right: the first hop we do not trust is the client.
-    let forwarded: Vec<IpAddr> = headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|s| s.trim().parse().ok())
-        .collect();
-    if let Some(ip) = forwarded.iter().rev().find(|ip| !is_trusted(**ip)) {
-        return *ip;
-    }
-    headers
-        .get("x-real-ip")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(peer)
-}
-
-fn count_login(app: &App, result: &'static str) {
-    app.metrics
-        .logins
-        .get_or_create(&ResultLabels { result })
-        .inc();
 }
 
 /// Reads the credentials: HTTP Basic first (knox's documented pattern), else a JSON body.
@@ -133,31 +97,7 @@ async fn credentials(
     }
 }
 
-/// Checks a password off the async workers, within the configured concurrency.
-async fn check_password(app: &App, password: String, encoded: String) -> Result<bool, Error> {
-    let permit = tokio::time::timeout(
-        app.config.sessions.hash_queue_timeout,
-        Arc::clone(&app.hash_slots).acquire_owned(),
-    )
-    .await
-    .map_err(|_| Error::Overloaded)?
-    .map_err(|_| Error::Internal("hash semaphore closed".into()))?;
-    let started = Instant::now();
-    let ok = app
-        .hash_pool
-        .run(move || {
-            let _permit = permit;
-            password::check_password(&password, &encoded)
-        })
-        .await
-        .map_err(|e| Error::Internal(e.to_string()))?;
-    app.metrics
-        .password_check_duration
-        .observe(started.elapsed().as_secs_f64());
-    Ok(ok)
-}
-
-/// POST login/.
+/// POST login/: parse → log in → respond.
 pub async fn login(
     app: &Arc<App>,
     parts: Parts,
@@ -171,94 +111,26 @@ pub async fn login(
             return Ok(respond::login_refused(e.detail()));
         }
     };
-    let ip = client_ip(peer, &parts.headers, &app.config.sessions.trusted_proxies);
-    let throttle: &Throttle = &app.login_throttle;
-    if let Some(wait) = throttle.blocked(&creds.username, ip) {
-        count_login(app, "throttled");
-        // Rounded up, as DRF does: a client that waits Retry-After seconds must get through.
-        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-        return Ok(respond::throttled(secs.max(1)));
-    }
-    // Postgres text cannot hold NUL: no user has such a name, and asking would fail (503).
-    let user = if creds.username.contains('\0') {
-        None
-    } else {
-        app.store.postgres().login_user(&creds.username).await?
-    };
-    let iterations = app.config.sessions.password_iterations;
-    // An unknown user costs one hash too, so timing does not reveal which usernames exist.
-    let encoded = user
-        .as_ref()
-        .map_or_else(|| app.dummy_hash.clone(), |u| u.password.clone());
-    let password_ok = check_password(app, creds.password.clone(), encoded).await?;
-    let user = match user {
-        // Django's ModelBackend refuses inactive users exactly like a wrong password.
-        Some(u) if password_ok && u.is_active => u,
-        _ => {
-            throttle.record_failure(&creds.username, ip);
-            count_login(app, "refused");
-            return Ok(respond::login_refused("Invalid username/password."));
-        }
-    };
-    if parts.method != Method::POST {
-        return Ok(respond::method_not_allowed(&parts.method));
-    }
-    if password::must_update(&user.password, iterations) {
-        // Django re-hashes on login with its preferred hasher; so do we, off the workers.
-        let app2 = Arc::clone(app);
-        let (username, pw) = (creds.username.clone(), creds.password.clone());
-        tokio::spawn(async move {
-            let encoded = app2
-                .hash_pool
-                .run(move || password::make_password(&pw, iterations))
-                .await;
-            if let Ok(encoded) = encoded
-                && let Err(e) = app2
-                    .store
-                    .postgres()
-                    .set_password(&username, &encoded)
-                    .await
-            {
-                tracing::warn!(error = %e, "could not store the upgraded password hash");
-            }
-        });
-    }
-    let knox = &app.config.knox;
-    let token = generate_token(&knox.token_prefix, knox.token_character_length);
-    let digest = knox.hash_algorithm.digest(token.as_bytes());
-    let token_key = token_key_of(&token);
-    let now = OffsetDateTime::now_utc();
-    let expiry = knox.token_ttl.map(|ttl| now + ttl);
-    let created = OffsetDateTime::now_utc();
-    let new = NewToken {
-        username: &creds.username,
-        digest: &digest.to_hex(),
-        token_key,
-        created,
-        expiry,
-        limit: knox.token_limit_per_user,
-    };
-    let Some(user_id) = app.store.postgres().create_token(&new).await? else {
-        count_login(app, "token_limit");
-        return Ok(respond::token_limit_reached());
-    };
-    throttle.record_success(&creds.username);
-    app.store
-        .remember_new(TokenRow {
-            digest: digest.into(),
-            token_key: token_key.into(),
-            user_id: user_id.into(),
-            created,
-            expiry,
-            user: UserInfo {
-                is_active: true,
-                username: creds.username.as_str().into(),
-                email: user.email.into(),
-            },
-        })
-        .await;
-    count_login(app, "ok");
-    Ok(respond::login_ok(expiry, &token))
+    let client = client_ip(peer, &parts.headers, &app.config.sessions.trusted_proxies);
+    let outcome = app
+        .login
+        .log_in(creds, client, parts.method == Method::POST)
+        .await?;
+    count_login(app, outcome.label());
+    Ok(match outcome {
+        LoginOutcome::Issued(issued) => respond::login_ok(issued.expiry, &issued.token),
+        LoginOutcome::Refused => respond::login_refused("Invalid username/password."),
+        LoginOutcome::Throttled { retry_after_secs } => respond::throttled(retry_after_secs),
+        LoginOutcome::TokenLimit => respond::token_limit_reached(),
+        LoginOutcome::MethodNotAllowed => respond::method_not_allowed(&parts.method),
+    })
+}
+
+fn count_login(app: &App, result: &'static str) {
+    app.metrics
+        .logins
+        .get_or_create(&ResultLabels { result })
+        .inc();
 }
 
 /// POST logout/ and logoutall/.

@@ -8,24 +8,15 @@ use time::OffsetDateTime;
 
 use super::respond::{self, Body};
 use crate::{
-    app::App,
-    auth::{DenyReason, Outcome, TokenRow, decide, parse_authorization, refreshed_expiry},
+    auth::{DenyReason, Outcome, decide, parse_authorization, refreshed_expiry},
     error::Error,
     metrics::OutcomeLabels,
-    store::memory::Entry,
+    state::App,
+    store::KeptRow,
 };
 
 /// An allowed token: its row, shared with the cache entry it came from (no copy on the hot path).
-pub struct Authenticated {
-    entry: Arc<Entry>,
-    index: usize,
-}
-
-impl Authenticated {
-    pub fn row(&self) -> &TokenRow {
-        &self.entry.rows[self.index]
-    }
-}
+pub type Authenticated = KeptRow;
 
 /// The token row behind the request's `Authorization` header, or why it is refused.
 pub async fn authenticate(
@@ -49,7 +40,7 @@ pub async fn authenticate(
     let key = presented.key();
     let lookup = app.store.lookup(key, &digest).await?;
     let now = OffsetDateTime::now_utc();
-    match decide(&lookup.entry.rows, &digest, now) {
+    match decide(lookup.rows(), &digest, now) {
         Outcome::Allow(row) => {
             if cfg.knox.auto_refresh {
                 let k = &cfg.knox;
@@ -63,16 +54,10 @@ pub async fn authenticate(
                     app.store.refresh(row, new_expiry);
                 }
             }
-            let index = lookup
-                .entry
-                .rows
-                .iter()
-                .position(|r| std::ptr::eq(r, row))
-                .unwrap_or(0);
-            Ok(Ok(Authenticated {
-                entry: Arc::clone(&lookup.entry),
-                index,
-            }))
+            let kept = lookup.keep(row).ok_or_else(|| {
+                Error::Internal("decided row is not among the looked-up rows".into())
+            })?;
+            Ok(Ok(kept))
         }
         Outcome::Expired(_) => {
             // knox deletes an expired token when it is presented. The answer is 401 either way,

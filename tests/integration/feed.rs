@@ -175,7 +175,7 @@ async fn strict_mode_confirms_every_hit_with_one_query() {
 async fn ttl_mode_runs_without_triggers_and_serves_stale_until_ttl() {
     let db = TestDb::new().await;
     let cfg = config_for(&db, "kgx", "");
-    knoxgate::schema::migrate(&mut db.client().await, &cfg.postgres, false)
+    knoxgate::store::schema::migrate(&mut db.client().await, &cfg.postgres, false)
         .await
         .unwrap();
     let t = user_with_token(&db, "alice").await;

@@ -51,7 +51,7 @@ impl TestDb {
         let db = TestDb::new().await;
         let cfg = config_for(&db, &unique("kg"), "");
         let mut client = connect(&db.url).await;
-        knoxgate::schema::migrate(&mut client, &cfg.postgres, true)
+        knoxgate::store::schema::migrate(&mut client, &cfg.postgres, true)
             .await
             .expect("migrate");
         db

@@ -570,7 +570,7 @@ async fn notify_mode_without_triggers_refuses_to_start_naming_both_fixes() {
     let db = TestDb::new().await;
     let cfg = config_for(&db, "kgx", "");
     let mut client = db.client().await;
-    knoxgate::schema::migrate(&mut client, &cfg.postgres, false)
+    knoxgate::store::schema::migrate(&mut client, &cfg.postgres, false)
         .await
         .unwrap();
     let err = knoxgate::app::start(cfg).await.err().expect("refused");
@@ -586,7 +586,7 @@ async fn migrate_creates_django_schema_once_and_never_alters() {
     let db = TestDb::new().await;
     let cfg = config_for(&db, "kgx", "");
     let mut client = db.client().await;
-    let first = knoxgate::schema::migrate(&mut client, &cfg.postgres, true)
+    let first = knoxgate::store::schema::migrate(&mut client, &cfg.postgres, true)
         .await
         .unwrap();
     assert_eq!(first.created_tables, vec!["auth_user", "knox_authtoken"]);
@@ -597,25 +597,25 @@ async fn migrate_creates_django_schema_once_and_never_alters() {
     );
     assert!(cols.contains(&"knox_authtoken.token_key character varying NO 25".to_owned()));
     assert!(cols.contains(&"auth_user.username character varying NO 150".to_owned()));
-    let second = knoxgate::schema::migrate(&mut client, &cfg.postgres, true)
+    let second = knoxgate::store::schema::migrate(&mut client, &cfg.postgres, true)
         .await
         .unwrap();
     assert!(second.created_tables.is_empty());
     assert_eq!(columns(&client).await, cols);
     assert!(
-        knoxgate::schema::triggers_installed(&client, &cfg.postgres)
+        knoxgate::store::schema::triggers_installed(&client, &cfg.postgres)
             .await
             .unwrap()
     );
-    knoxgate::schema::uninstall_triggers(&mut client, &cfg.postgres)
+    knoxgate::store::schema::uninstall_triggers(&mut client, &cfg.postgres)
         .await
         .unwrap();
     assert!(
-        !knoxgate::schema::triggers_installed(&client, &cfg.postgres)
+        !knoxgate::store::schema::triggers_installed(&client, &cfg.postgres)
             .await
             .unwrap()
     );
-    knoxgate::schema::uninstall_triggers(&mut client, &cfg.postgres)
+    knoxgate::store::schema::uninstall_triggers(&mut client, &cfg.postgres)
         .await
         .unwrap();
 }
@@ -735,7 +735,7 @@ async fn custom_user_model_columns_are_configurable() {
                    username_column = \"login\"\nemail_column = \"\"\nis_active_column = \"enabled\"\n\
                    password_column = \"secret\"\nlast_login_column = \"\"";
     let cfg = config_for(&db, "kgx", columns);
-    knoxgate::schema::migrate(&mut db.client().await, &cfg.postgres, true)
+    knoxgate::store::schema::migrate(&mut db.client().await, &cfg.postgres, true)
         .await
         .unwrap();
     let s = TestServer::start(&db, columns).await;
@@ -767,7 +767,7 @@ async fn custom_user_model_columns_are_configurable() {
     // With custom columns, knoxgate does not invent the tables.
     let empty = TestDb::new().await;
     let cfg = config_for(&empty, "kgx", columns);
-    let err = knoxgate::schema::migrate(&mut empty.client().await, &cfg.postgres, true)
+    let err = knoxgate::store::schema::migrate(&mut empty.client().await, &cfg.postgres, true)
         .await
         .unwrap_err();
     assert!(err.to_string().contains("Django's migrate"), "{err}");

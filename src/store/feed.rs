@@ -12,11 +12,10 @@ use std::{sync::Arc, time::Duration};
 use tokio::sync::{mpsc, watch};
 use tokio_postgres::{AsyncMessage, Socket, tls::MakeTlsConnect};
 
+use super::{Change, Store, pg, schema};
 use crate::{
     config::Config,
     metrics::{KindLabels, Metrics},
-    schema,
-    store::{Change, Store, postgres},
 };
 
 /// How far before the max cache TTL window the replay reaches, for transactions whose trigger
@@ -74,7 +73,7 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
-        let result = match postgres::tls_connector(&config.postgres) {
+        let result = match pg::tls_connector(&config.postgres) {
             Ok(Some(tls)) => session(&store, &config, &metrics, tls, &mut shutdown).await,
             Ok(None) => {
                 session(
@@ -115,8 +114,8 @@ where
     T: MakeTlsConnect<Socket> + 'static,
     T::Stream: Send + 'static,
 {
-    let mut pg = postgres::pg_config(&config.postgres).map_err(|e| e.to_string())?;
-    pg.application_name(postgres::FEED_APPLICATION_NAME);
+    let mut pg = pg::pg_config(&config.postgres).map_err(|e| e.to_string())?;
+    pg.application_name(pg::FEED_APPLICATION_NAME);
     let (client, mut connection) = pg.connect(tls).await.map_err(|e| format!("connect: {e}"))?;
     // The connection must be polled for notifications to arrive; pooled connections cannot.
     let (events_tx, mut events) = mpsc::unbounded_channel::<String>();

@@ -123,6 +123,17 @@ DROP TABLE IF EXISTS {LOG_TABLE};"
     )
 }
 
+/// The SQL that installs the change-feed triggers for this configuration, exactly as
+/// `migrate` runs it (`knoxgate migrate --print-sql`, and the Django package's migration).
+pub fn install_triggers_sql(cfg: &PostgresConfig) -> String {
+    triggers_ddl(&cfg.token_table, &cfg.user_table, &cfg.user_columns)
+}
+
+/// The SQL that removes them (`knoxgate migrate --print-sql --uninstall-triggers`).
+pub fn uninstall_triggers_sql(cfg: &PostgresConfig) -> String {
+    uninstall_ddl(&cfg.token_table, &cfg.user_table)
+}
+
 /// What `migrate` did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct MigrateReport {
@@ -186,8 +197,7 @@ pub async fn migrate(
         report.created_tables.push(table.to_owned());
     }
     if install_triggers {
-        tx.batch_execute(&triggers_ddl(tok, usr, &cfg.user_columns))
-            .await?;
+        tx.batch_execute(&install_triggers_sql(cfg)).await?;
         report.installed_triggers = true;
     }
     tx.commit().await?;
@@ -200,8 +210,7 @@ pub async fn uninstall_triggers(
     cfg: &PostgresConfig,
 ) -> Result<(), tokio_postgres::Error> {
     let tx = client.transaction().await?;
-    tx.batch_execute(&uninstall_ddl(&cfg.token_table, &cfg.user_table))
-        .await?;
+    tx.batch_execute(&uninstall_triggers_sql(cfg)).await?;
     tx.commit().await
 }
 

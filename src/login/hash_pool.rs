@@ -6,31 +6,47 @@
 //! burst of logins shows up in `/verify`'s tail latency. With a higher nice value the kernel
 //! runs a check only when a worker does not want the core, and preempts it as soon as one does:
 //! logins slow down under load, `/verify` does not. How many checks may *wait* for these
-//! threads, and for how long, is bounded by the caller (`sessions.hash_queue_timeout`).
+//! threads, and for how long, is bounded by [`HashPool::run_within`]
+//! (`sessions.hash_queue_timeout`).
 
 use std::{
     panic::AssertUnwindSafe,
     sync::{Arc, Mutex, mpsc},
+    time::Duration,
 };
+
+use tokio::sync::Semaphore;
 
 type Job = Box<dyn FnOnce() + Send>;
 
-/// The job's thread panicked, or the pool has shut down.
+/// Why a job did not run to completion.
 #[derive(Debug, thiserror::Error)]
-#[error("the password hashing thread failed")]
-pub struct HashPoolError;
+pub enum HashPoolError {
+    /// No thread became free within the allowed wait.
+    #[error("no password hashing thread was free in time")]
+    Busy,
+    /// The job's thread panicked, or the pool has shut down.
+    #[error("the password hashing thread failed")]
+    Failed,
+}
 
-/// A fixed set of hashing threads fed by one queue.
+/// A fixed set of hashing threads fed by one queue, with one admission slot per thread.
+/// Clones share the threads and the slots.
+#[derive(Clone)]
 pub struct HashPool {
     jobs: mpsc::Sender<Job>,
+    /// Admits as many jobs as there are threads, so an admitted job never queues behind others
+    /// and a caller that cannot be admitted in time is told so at once.
+    slots: Arc<Semaphore>,
 }
 
 impl HashPool {
     /// Starts `threads` threads whose nice value is the process's plus `nice` (at most 19).
     pub fn new(threads: usize, nice: i32) -> std::io::Result<HashPool> {
+        let threads = threads.max(1);
         let (jobs, queue) = mpsc::channel::<Job>();
         let queue = Arc::new(Mutex::new(queue));
-        for i in 0..threads.max(1) {
+        for i in 0..threads {
             let queue = Arc::clone(&queue);
             std::thread::Builder::new()
                 .name(format!("knoxgate-hash-{i}"))
@@ -46,7 +62,27 @@ impl HashPool {
                     }
                 })?;
         }
-        Ok(HashPool { jobs })
+        Ok(HashPool {
+            jobs,
+            slots: Arc::new(Semaphore::new(threads)),
+        })
+    }
+
+    /// Runs `f` once a thread is free, waiting at most `wait` for one.
+    pub async fn run_within<T: Send + 'static>(
+        &self,
+        wait: Duration,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, HashPoolError> {
+        let permit = tokio::time::timeout(wait, Arc::clone(&self.slots).acquire_owned())
+            .await
+            .map_err(|_| HashPoolError::Busy)?
+            .map_err(|_| HashPoolError::Failed)?;
+        self.run(move || {
+            let _permit = permit;
+            f()
+        })
+        .await
     }
 
     /// Runs `f` on a hashing thread and waits for its result without blocking the caller's
@@ -60,8 +96,8 @@ impl HashPool {
             .send(Box::new(move || {
                 let _ = reply.send(f());
             }))
-            .map_err(|_| HashPoolError)?;
-        result.await.map_err(|_| HashPoolError)
+            .map_err(|_| HashPoolError::Failed)?;
+        result.await.map_err(|_| HashPoolError::Failed)
     }
 }
 
@@ -115,6 +151,32 @@ mod tests {
         for i in 0..4 {
             assert_eq!(pool.run(move || i * 2).await.unwrap(), i * 2);
         }
+    }
+
+    #[tokio::test]
+    async fn run_within_admits_one_job_per_thread_and_reports_busy() {
+        let pool = Arc::new(HashPool::new(1, 0).unwrap());
+        let (release, hold) = std::sync::mpsc::channel::<()>();
+        let busy = Arc::clone(&pool);
+        let first = tokio::spawn(async move {
+            busy.run_within(Duration::from_secs(5), move || hold.recv().is_ok())
+                .await
+        });
+        // Wait until the first job holds the only slot.
+        while pool.slots.available_permits() == 1 {
+            tokio::task::yield_now().await;
+        }
+        let second = pool.run_within(Duration::from_millis(50), || ()).await;
+        assert!(matches!(second, Err(HashPoolError::Busy)), "{second:?}");
+        release.send(()).unwrap();
+        assert!(first.await.unwrap().unwrap());
+        // The slot is free again.
+        assert_eq!(
+            pool.run_within(Duration::from_millis(50), || 7)
+                .await
+                .unwrap(),
+            7
+        );
     }
 
     #[cfg(target_os = "linux")]

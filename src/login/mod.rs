@@ -1,0 +1,218 @@
+//! Logging in and issuing tokens: knox's `LoginView` without the HTTP. The HTTP handler
+//! (`http::session`) and the operator CLI (`knoxgate token create`) both issue tokens here.
+//!
+//! A login is: throttle check → user lookup → one password check on the low-priority hashing
+//! threads (a dummy one for unknown users, so timing does not reveal which names exist) →
+//! token row inserted within the per-user limit → the new token cached in every tier.
+
+pub mod client_ip;
+pub mod hash_pool;
+pub mod throttle;
+
+use std::{net::IpAddr, sync::Arc, time::Instant};
+
+use time::OffsetDateTime;
+
+use crate::{
+    auth::{LoginCredentials, TokenRow, UserInfo, generate_token, token_key_of},
+    config::{Config, KnoxConfig},
+    error::Error,
+    metrics::Metrics,
+    password,
+    store::{NewToken, Store, StoreError},
+};
+pub use client_ip::client_ip;
+use hash_pool::{HashPool, HashPoolError};
+use throttle::Throttle;
+
+/// A token just issued: the only time its plain text exists.
+#[derive(Debug)]
+pub struct Issued {
+    pub token: String,
+    pub expiry: Option<OffsetDateTime>,
+}
+
+/// How a login attempt ended (errors aside).
+#[derive(Debug)]
+pub enum LoginOutcome {
+    Issued(Issued),
+    /// Unknown user, wrong password or inactive user: knox says the same for all three.
+    Refused,
+    /// Too many failures for this username or address; retry after this many seconds.
+    Throttled {
+        retry_after_secs: u64,
+    },
+    /// The user already holds `TOKEN_LIMIT_PER_USER` live tokens.
+    TokenLimit,
+    /// Right credentials, wrong method: DRF authenticates before it checks the method.
+    MethodNotAllowed,
+}
+
+impl LoginOutcome {
+    /// A bounded metrics label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            LoginOutcome::Issued(_) => "ok",
+            LoginOutcome::Refused => "refused",
+            LoginOutcome::Throttled { .. } => "throttled",
+            LoginOutcome::TokenLimit => "token_limit",
+            LoginOutcome::MethodNotAllowed => "method_not_allowed",
+        }
+    }
+}
+
+/// The login machinery of a running knoxgate.
+pub struct Login {
+    config: Arc<Config>,
+    store: Arc<Store>,
+    metrics: Arc<Metrics>,
+    hashes: HashPool,
+    throttle: Throttle,
+    /// Checked for unknown usernames so that they take as long as wrong passwords.
+    dummy_hash: String,
+}
+
+impl Login {
+    /// Starts the hashing threads.
+    pub fn new(
+        config: Arc<Config>,
+        store: Arc<Store>,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<Login> {
+        let s = &config.sessions;
+        Ok(Login {
+            hashes: HashPool::new(s.hash_slots(), s.hash_nice)?,
+            throttle: Throttle::new(s.throttle_failures, s.throttle_window),
+            dummy_hash: password::timing_dummy(s.password_iterations),
+            config,
+            store,
+            metrics,
+        })
+    }
+
+    /// Checks `creds` and, if they are right and `method_allowed`, issues a token.
+    pub async fn log_in(
+        &self,
+        creds: LoginCredentials,
+        client: IpAddr,
+        method_allowed: bool,
+    ) -> Result<LoginOutcome, Error> {
+        if let Some(wait) = self.throttle.blocked(&creds.username, client) {
+            // Rounded up, as DRF does: a client that waits Retry-After seconds must get through.
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            return Ok(LoginOutcome::Throttled {
+                retry_after_secs: secs.max(1),
+            });
+        }
+        // Postgres text cannot hold NUL: no user has such a name, and asking would fail (503).
+        let user = if creds.username.contains('\0') {
+            None
+        } else {
+            self.store.postgres().login_user(&creds.username).await?
+        };
+        // An unknown user costs one hash too, so timing does not reveal which usernames exist.
+        let encoded = user
+            .as_ref()
+            .map_or_else(|| self.dummy_hash.clone(), |u| u.password.clone());
+        let password_ok = self.check_password(creds.password.clone(), encoded).await?;
+        let user = match user {
+            // Django's ModelBackend refuses inactive users exactly like a wrong password.
+            Some(u) if password_ok && u.is_active => u,
+            _ => {
+                self.throttle.record_failure(&creds.username, client);
+                return Ok(LoginOutcome::Refused);
+            }
+        };
+        // After the password check, as DRF: a wrong password on GET is a 401, not a 405.
+        if !method_allowed {
+            return Ok(LoginOutcome::MethodNotAllowed);
+        }
+        let iterations = self.config.sessions.password_iterations;
+        if password::must_update(&user.password, iterations) {
+            self.rehash_later(creds.username.clone(), creds.password, iterations);
+        }
+        let now = OffsetDateTime::now_utc();
+        let user_info = UserInfo {
+            is_active: true,
+            username: creds.username.as_str().into(),
+            email: user.email.into(),
+        };
+        let Some(issued) = issue_token(&self.store, &self.config.knox, user_info, now).await?
+        else {
+            return Ok(LoginOutcome::TokenLimit);
+        };
+        self.throttle.record_success(&creds.username);
+        Ok(LoginOutcome::Issued(issued))
+    }
+
+    /// Checks a password on the hashing threads, within the configured queueing time.
+    async fn check_password(&self, password: String, encoded: String) -> Result<bool, Error> {
+        let started = Instant::now();
+        let ok = self
+            .hashes
+            .run_within(self.config.sessions.hash_queue_timeout, move || {
+                password::check_password(&password, &encoded)
+            })
+            .await
+            .map_err(|e| match e {
+                HashPoolError::Busy => Error::Overloaded,
+                HashPoolError::Failed => Error::Internal(e.to_string()),
+            })?;
+        self.metrics
+            .password_check_duration
+            .observe(started.elapsed().as_secs_f64());
+        Ok(ok)
+    }
+
+    /// Django re-hashes on login with its preferred hasher; so do we, off the request.
+    fn rehash_later(&self, username: String, password: String, iterations: u32) {
+        let store = Arc::clone(&self.store);
+        let hashes = self.hashes.clone();
+        tokio::spawn(async move {
+            let hashed = hashes
+                .run(move || password::make_password(&password, iterations))
+                .await;
+            if let Ok(encoded) = hashed
+                && let Err(e) = store.postgres().set_password(&username, &encoded).await
+            {
+                tracing::warn!(error = %e, "could not store the upgraded password hash");
+            }
+        });
+    }
+}
+
+/// Creates a token for `user` as knox's `AuthToken.objects.create` does (within
+/// `TOKEN_LIMIT_PER_USER`) and caches it. `Ok(None)`: the limit is reached.
+pub async fn issue_token(
+    store: &Store,
+    knox: &KnoxConfig,
+    user: UserInfo,
+    now: OffsetDateTime,
+) -> Result<Option<Issued>, StoreError> {
+    let token = generate_token(&knox.token_prefix, knox.token_character_length);
+    let digest = knox.hash_algorithm.digest(token.as_bytes());
+    let token_key = token_key_of(&token);
+    let expiry = knox.token_ttl.map(|ttl| now + ttl);
+    let new = NewToken {
+        username: &user.username,
+        digest: &digest.to_hex(),
+        token_key,
+        created: now,
+        expiry,
+        limit: knox.token_limit_per_user,
+    };
+    let Some(user_id) = store.postgres().create_token(&new).await? else {
+        return Ok(None);
+    };
+    store
+        .remember_new(TokenRow {
+            digest: digest.into(),
+            token_key: token_key.into(),
+            user_id: user_id.into(),
+            created: now,
+            expiry,
+            user,
+        })
+        .await;
+    Ok(Some(Issued { token, expiry }))
+}

@@ -1,0 +1,67 @@
+//! The shared state of a running knoxgate, which every handler reads: the configuration, the
+//! token store, the metrics, the request limits and the login machinery. It sits below `http/`
+//! (which reads it) and `app` (which builds and runs it).
+
+use std::{net::SocketAddr, sync::Arc};
+
+use tokio::sync::Semaphore;
+
+use crate::{
+    config::Config,
+    login::Login,
+    metrics::Metrics,
+    store::{Store, StoreError},
+};
+
+/// Shared state of a running knoxgate.
+pub struct App {
+    pub config: Arc<Config>,
+    pub store: Arc<Store>,
+    pub metrics: Arc<Metrics>,
+    /// Caps requests in flight on the main listener.
+    pub in_flight: Arc<Semaphore>,
+    /// Logging in and issuing tokens (password checks, throttle).
+    pub login: Login,
+}
+
+/// Why knoxgate could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot start the password hashing threads: {0}")]
+    Threads(std::io::Error),
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Build(#[from] crate::store::BuildError),
+    #[error(
+        "cache.consistency = \"notify\" needs the change-feed triggers, which are not installed. \
+         Run `knoxgate migrate` to install them, or set cache.consistency to \"ttl\" \
+         (KNOXGATE_CACHE_CONSISTENCY=ttl) to run without them"
+    )]
+    TriggersMissing,
+}
+
+impl App {
+    pub fn new(config: Config) -> Result<Arc<App>, StartError> {
+        let config = Arc::new(config);
+        let metrics = Arc::new(Metrics::new());
+        let store = Arc::new(Store::connect(&config, Arc::clone(&metrics))?);
+        Ok(Arc::new(App {
+            in_flight: Arc::new(Semaphore::new(config.server.max_in_flight)),
+            login: Login::new(
+                Arc::clone(&config),
+                Arc::clone(&store),
+                Arc::clone(&metrics),
+            )
+            .map_err(StartError::Threads)?,
+            config,
+            store,
+            metrics,
+        }))
+    }
+}

@@ -1,0 +1,91 @@
+//! The change window: how a load tells whether a change (logout, revocation from the feed)
+//! overlapped it, so that what it read is not cached over the change.
+//!
+//! Every change runs between two bumps of an epoch counter and is counted while it runs. A load
+//! reads the epoch before it reads any tier, and may cache what it read only if, after caching,
+//! the epoch has not moved and no change is under way. A change that started after the load's
+//! read — even one that evicted the in-process entry before the load wrote it — is therefore
+//! always seen, and the load's entry is dropped.
+
+use std::{
+    future::Future,
+    sync::atomic::{AtomicU64, AtomicUsize, Ordering},
+};
+
+/// A position in the sequence of changes, read before a load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Epoch(u64);
+
+#[derive(Debug, Default)]
+pub struct ChangeWindow {
+    epoch: AtomicU64,
+    in_flight: AtomicUsize,
+}
+
+impl ChangeWindow {
+    /// The current position; read it before reading a tier.
+    pub fn current(&self) -> Epoch {
+        Epoch(self.epoch.load(Ordering::SeqCst))
+    }
+
+    /// True when no change has started since `epoch` and none is under way: then what a load
+    /// read after reading `epoch` may be cached.
+    pub fn unchanged_since(&self, epoch: Epoch) -> bool {
+        self.in_flight.load(Ordering::SeqCst) == 0 && self.epoch.load(Ordering::SeqCst) == epoch.0
+    }
+
+    /// Runs `change` between two epoch bumps, counted as under way meanwhile (also when the
+    /// future is cancelled).
+    pub async fn changing<T>(&self, change: impl Future<Output = T>) -> T {
+        struct InFlight<'a>(&'a ChangeWindow);
+        impl Drop for InFlight<'_> {
+            fn drop(&mut self) {
+                // Bump again on the way out (even if cancelled), then leave the window.
+                self.0.epoch.fetch_add(1, Ordering::SeqCst);
+                self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        let _in_flight = InFlight(self);
+        change.await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_load_with_no_change_since_may_cache() {
+        let w = ChangeWindow::default();
+        let e = w.current();
+        assert!(w.unchanged_since(e));
+    }
+
+    #[tokio::test]
+    async fn a_change_during_or_after_the_read_is_seen() {
+        let w = ChangeWindow::default();
+        let before = w.current();
+        w.changing(async {
+            // Under way: neither an old nor a fresh reading may cache.
+            assert!(!w.unchanged_since(before));
+            assert!(!w.unchanged_since(w.current()));
+        })
+        .await;
+        // Finished: the old reading is stale, a fresh one is fine.
+        assert!(!w.unchanged_since(before));
+        assert!(w.unchanged_since(w.current()));
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_change_still_closes_the_window() {
+        let w = ChangeWindow::default();
+        let before = w.current();
+        let change = w.changing(std::future::pending::<()>());
+        // Polled once (enters the window), then dropped.
+        let _ = tokio::time::timeout(std::time::Duration::from_millis(1), change).await;
+        assert!(!w.unchanged_since(before));
+        assert!(w.unchanged_since(w.current()), "no change left under way");
+    }
+}

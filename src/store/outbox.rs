@@ -1,0 +1,166 @@
+//! Redis deletions that failed, kept and retried until Redis answers. A deletion older than the
+//! longest a Redis entry can live (`redis.max_cache_ttl`) is moot: the entry it targets has
+//! expired by itself, so it is dropped.
+
+use std::{
+    collections::VecDeque,
+    future::Future,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use super::postgres::Removed;
+
+/// Upper bound on remembered failed Redis deletions.
+const MAX_PENDING: usize = 100_000;
+
+/// One deletion to make in Redis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisEviction {
+    /// A token row's entry and its membership of the user's index.
+    Token(Removed),
+    /// Whatever entry a token key holds.
+    Key(String),
+    /// Every entry of a user (through the user's index).
+    User(String),
+}
+
+/// The queue of deletions still to make.
+pub struct Outbox {
+    pending: Mutex<VecDeque<(Instant, RedisEviction)>>,
+    /// How long a deletion stays worth making.
+    horizon: Duration,
+}
+
+impl Outbox {
+    pub fn new(horizon: Duration) -> Self {
+        Outbox {
+            pending: Mutex::default(),
+            horizon,
+        }
+    }
+
+    /// Remembers a deletion that failed.
+    pub fn push(&self, eviction: RedisEviction) {
+        self.push_at(eviction, Instant::now());
+    }
+
+    fn push_at(&self, eviction: RedisEviction, at: Instant) {
+        let mut pending = self.pending.lock().expect("outbox lock");
+        if pending.len() >= MAX_PENDING {
+            tracing::warn!(
+                "too many pending redis deletions; dropping the oldest (it expires by TTL)"
+            );
+            pending.pop_front();
+        }
+        pending.push_back((at, eviction));
+    }
+
+    /// How many deletions are pending.
+    pub fn len(&self) -> usize {
+        self.pending.lock().expect("outbox lock").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Drops moot deletions, then, if `ready`, tries each of the others with `delete` (true:
+    /// done) and keeps those that failed. Returns how many are still pending.
+    pub async fn retry<F, Fut>(&self, ready: bool, delete: F) -> usize
+    where
+        F: Fn(RedisEviction) -> Fut,
+        Fut: Future<Output = bool>,
+    {
+        self.retry_at(Instant::now(), ready, delete).await
+    }
+
+    async fn retry_at<F, Fut>(&self, now: Instant, ready: bool, delete: F) -> usize
+    where
+        F: Fn(RedisEviction) -> Fut,
+        Fut: Future<Output = bool>,
+    {
+        let due = {
+            let mut pending = self.pending.lock().expect("outbox lock");
+            let oldest_useful = now.checked_sub(self.horizon);
+            pending.retain(|(at, _)| oldest_useful.is_none_or(|h| *at > h));
+            if pending.is_empty() || !ready {
+                return pending.len();
+            }
+            std::mem::take(&mut *pending)
+        };
+        let mut failed = VecDeque::new();
+        for (at, eviction) in due {
+            if !delete(eviction.clone()).await {
+                failed.push_back((at, eviction));
+            }
+        }
+        let mut pending = self.pending.lock().expect("outbox lock");
+        // Failures first: they are older than anything pushed while we were retrying.
+        failed.extend(pending.drain(..));
+        *pending = failed;
+        pending.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    fn key(k: &str) -> RedisEviction {
+        RedisEviction::Key(k.to_owned())
+    }
+
+    #[tokio::test]
+    async fn failed_deletions_are_kept_and_retried_until_they_succeed() {
+        let outbox = Outbox::new(Duration::from_secs(60));
+        outbox.push(key("a"));
+        outbox.push(RedisEviction::User("7".into()));
+        outbox.push(RedisEviction::Token(("b".into(), "7".into())));
+        // Redis not ready: nothing is tried.
+        let tried = Arc::new(Mutex::new(Vec::new()));
+        let record = |ok: bool| {
+            let tried = Arc::clone(&tried);
+            move |e: RedisEviction| {
+                tried.lock().unwrap().push(e);
+                async move { ok }
+            }
+        };
+        assert_eq!(outbox.retry(false, record(true)).await, 3);
+        assert!(tried.lock().unwrap().is_empty());
+        // Ready but failing: all tried, all kept, in order.
+        assert_eq!(outbox.retry(true, record(false)).await, 3);
+        assert_eq!(tried.lock().unwrap().len(), 3);
+        assert_eq!(tried.lock().unwrap()[0], key("a"));
+        // Succeeding: the queue empties.
+        assert_eq!(outbox.retry(true, record(true)).await, 0);
+        assert!(outbox.is_empty());
+    }
+
+    #[tokio::test]
+    async fn deletions_older_than_the_longest_entry_life_are_dropped() {
+        let outbox = Outbox::new(Duration::from_secs(60));
+        let now = Instant::now();
+        if let Some(long_ago) = now.checked_sub(Duration::from_secs(61)) {
+            outbox.push_at(key("old"), long_ago);
+        }
+        outbox.push_at(key("new"), now);
+        let left = outbox
+            .retry_at(now, false, |_| async { unreachable!("not ready") })
+            .await;
+        assert_eq!(left, 1);
+    }
+
+    #[test]
+    fn the_queue_is_bounded_and_drops_the_oldest() {
+        let outbox = Outbox::new(Duration::from_secs(60));
+        for i in 0..MAX_PENDING + 5 {
+            outbox.push(key(&i.to_string()));
+        }
+        assert_eq!(outbox.len(), MAX_PENDING);
+        let first = outbox.pending.lock().unwrap().front().cloned();
+        assert_eq!(first.map(|(_, e)| e), Some(key("5")));
+    }
+}

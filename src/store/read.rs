@@ -1,0 +1,165 @@
+//! The read path: answer a presented token from the cheapest tier that can, confirming with
+//! Postgres when the consistency mode or the feed's state asks for it.
+
+use std::sync::Arc;
+
+use time::OffsetDateTime;
+
+use super::{
+    Lookup, Store, StoreError,
+    epoch::Epoch,
+    memory::{Entry, Rows},
+};
+use crate::{
+    auth::{Outcome, TokenDigest, decide},
+    config::Consistency,
+};
+
+impl Store {
+    /// The rows stored under `key`, from the cheapest tier that can answer for `digest`.
+    pub async fn lookup(&self, key: &str, digest: &TokenDigest) -> Result<Lookup, StoreError> {
+        if let Some(entry) = self.memory.get(key) {
+            let matched = entry.rows.iter().any(|r| r.digest.matches(digest));
+            if matched && self.must_confirm() {
+                self.metrics.lookup("memory", "hit");
+                return Box::pin(self.confirm(key, digest, entry)).await;
+            }
+            // A feed outage may have hidden the INSERT that would have cleared a negative entry.
+            let negative_in_doubt =
+                !matched && self.settings.consistency == Consistency::Notify && !self.feed_live();
+            if matched || (entry.complete && !negative_in_doubt) {
+                let result = if entry.is_negative() {
+                    "negative_hit"
+                } else {
+                    "hit"
+                };
+                self.metrics.lookup("memory", result);
+                return Ok(Lookup { entry });
+            }
+        }
+        self.metrics.lookup("memory", "miss");
+        // Boxed: the loads below are large state machines, and kept inline they would make
+        // every request's future (hits included) that large to create and move.
+        let entry = Box::pin(self.load_shared(key, digest)).await?;
+        if !entry.complete && !entry.rows.iter().any(|r| r.digest.matches(digest)) {
+            // Another request's load found a Redis entry for a different token under this key.
+            let epoch = self.changes.current();
+            let entry = Box::pin(self.load_from_postgres(key, digest, epoch)).await?;
+            return Ok(Lookup { entry });
+        }
+        Ok(Lookup { entry })
+    }
+
+    /// Re-reads the row with this digest by primary key before a cached answer is used.
+    async fn confirm(
+        &self,
+        key: &str,
+        digest: &TokenDigest,
+        cached: Arc<Entry>,
+    ) -> Result<Lookup, StoreError> {
+        let epoch = self.changes.current();
+        match self.pg.confirm(&digest.to_hex()).await {
+            Ok(fresh) => {
+                let mut rows: Rows = cached
+                    .rows
+                    .iter()
+                    .filter(|r| !r.digest.matches(digest))
+                    .cloned()
+                    .collect();
+                rows.extend(fresh);
+                let entry = self.entry(rows, cached.complete);
+                self.remember(key, entry.clone(), epoch);
+                Ok(Lookup { entry })
+            }
+            Err(e) if self.settings.stale_if_error => {
+                self.metrics.stale_answers.inc();
+                tracing::debug!(error = %e, "serving a cached answer while postgres is unreachable");
+                Ok(Lookup { entry: cached })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Loads `key` below the in-process tier, sharing one load among concurrent callers.
+    async fn load_shared(&self, key: &str, digest: &TokenDigest) -> Result<Arc<Entry>, StoreError> {
+        self.flights
+            .run(
+                key,
+                || self.load(key, digest),
+                || {
+                    self.metrics.coalesced_misses.inc();
+                },
+            )
+            .await
+    }
+
+    /// Redis, then Postgres.
+    async fn load(&self, key: &str, digest: &TokenDigest) -> Result<Arc<Entry>, StoreError> {
+        let epoch = self.changes.current();
+        if let Some(redis) = &self.redis {
+            match redis.get(key).await {
+                Ok(Some(cached)) if cached.digest.matches(digest) => {
+                    self.metrics.lookup("redis", "hit");
+                    let row = match cached.into_row() {
+                        // Written by knoxgate: carries the user's status.
+                        Some(row) if !self.must_confirm() => Some(row),
+                        // Written by django-rest-knox-redis (no user status), or a mode that
+                        // wants confirmation: one primary-key query settles it.
+                        Some(row) => match self.pg.confirm(&digest.to_hex()).await {
+                            Ok(fresh) => fresh,
+                            Err(e) if self.settings.stale_if_error => {
+                                self.metrics.stale_answers.inc();
+                                tracing::debug!(error = %e, "serving a redis entry while postgres is unreachable");
+                                Some(row)
+                            }
+                            Err(e) => return Err(e),
+                        },
+                        None => self.pg.confirm(&digest.to_hex()).await?,
+                    };
+                    match row {
+                        Some(row) => {
+                            let entry = self.entry(smallvec::smallvec![row], false);
+                            self.remember(key, entry.clone(), epoch);
+                            return Ok(entry);
+                        }
+                        None => {
+                            // The entry outlived its row: drop it and ask Postgres for the key.
+                            self.forget_key(key).await;
+                        }
+                    }
+                }
+                Ok(_) => self.metrics.lookup("redis", "miss"),
+                Err(_) => self.metrics.lookup("redis", "error"),
+            }
+        }
+        self.load_from_postgres(key, digest, epoch).await
+    }
+
+    async fn load_from_postgres(
+        &self,
+        key: &str,
+        digest: &TokenDigest,
+        epoch: Epoch,
+    ) -> Result<Arc<Entry>, StoreError> {
+        let rows = self.pg.lookup(key).await?;
+        self.metrics
+            .lookup("postgres", if rows.is_empty() { "miss" } else { "hit" });
+        let now = OffsetDateTime::now_utc();
+        // Only a token that would be allowed is worth sharing through Redis.
+        let usable = match decide(&rows, digest, now) {
+            Outcome::Allow(row) => Some(row.clone()),
+            _ => None,
+        };
+        let entry = self.entry(rows, true);
+        self.remember(key, entry.clone(), epoch);
+        if let (Some(row), Some(redis)) = (usable, &self.redis)
+            && redis.is_connected()
+            && redis.put(&row, now).await.is_ok()
+            && !self.changes.unchanged_since(epoch)
+        {
+            // A change landed while we were writing; our entry may predate it.
+            self.forget_key(key).await;
+        }
+        Ok(entry)
+    }
+}

@@ -1,0 +1,161 @@
+//! User administration and login SQL, beside the token SQL of the Postgres tier: the user a
+//! login names, token creation within the per-user limit, and the operator's user commands.
+
+use deadpool_postgres::Object;
+use time::OffsetDateTime;
+
+use super::{StoreError, postgres::Postgres};
+
+/// A user as needed to check a login.
+#[derive(Debug, Clone)]
+pub struct LoginUser {
+    pub user_id: String,
+    pub password: String,
+    pub is_active: bool,
+    pub email: String,
+}
+
+/// The values of a token row to insert.
+pub struct NewToken<'a> {
+    pub username: &'a str,
+    pub digest: &'a str,
+    pub token_key: &'a str,
+    pub created: OffsetDateTime,
+    pub expiry: Option<OffsetDateTime>,
+    pub limit: Option<u64>,
+}
+
+/// A user to create.
+pub struct NewUser<'a> {
+    pub username: &'a str,
+    pub encoded_password: &'a str,
+    pub email: &'a str,
+    pub superuser: bool,
+    pub active: bool,
+}
+
+impl Postgres {
+    /// The user a login names, if any.
+    pub async fn login_user(&self, username: &str) -> Result<Option<LoginUser>, StoreError> {
+        let rows = self
+            .query("login_user", &self.sql.login_user, &[&username])
+            .await?;
+        rows.first()
+            .map(|r| {
+                Ok(LoginUser {
+                    user_id: r.try_get(0)?,
+                    password: r.try_get(1)?,
+                    is_active: r.try_get(2)?,
+                    email: r.try_get::<_, Option<String>>(3)?.unwrap_or_default(),
+                })
+            })
+            .transpose()
+            .map_err(|e: tokio_postgres::Error| self.failed("login_user", &e))
+    }
+
+    /// Creates a token row for `username` as knox's `AuthToken.objects.create` does, after
+    /// checking the per-user limit, and stamps `last_login`, in one transaction.
+    /// Returns `Ok(None)` when the limit is reached.
+    pub async fn create_token(&self, new: &NewToken<'_>) -> Result<Option<String>, StoreError> {
+        let mut client = self.client().await?;
+        let sql = &self.sql;
+        let metrics = &self.metrics;
+        let work = async {
+            let tx = client.transaction().await?;
+            metrics.sql("lock_user");
+            let stmt = tx.prepare_cached(&sql.lock_user).await?;
+            tx.query(&stmt, &[&new.username]).await?;
+            if let Some(limit) = new.limit {
+                metrics.sql("count_live");
+                let stmt = tx.prepare_cached(&sql.count_live).await?;
+                let live: i64 = tx.query_one(&stmt, &[&new.username]).await?.try_get(0)?;
+                if live >= limit as i64 {
+                    tx.rollback().await?;
+                    return Ok(None);
+                }
+            }
+            metrics.sql("insert_token");
+            let stmt = tx.prepare_cached(&sql.insert_token).await?;
+            let rows = tx
+                .query(
+                    &stmt,
+                    &[
+                        &new.digest,
+                        &new.token_key,
+                        &new.created,
+                        &new.expiry,
+                        &new.username,
+                    ],
+                )
+                .await?;
+            let Some(row) = rows.first() else {
+                tx.rollback().await?;
+                return Ok(None);
+            };
+            let user_id: String = row.try_get(0)?;
+            if let Some(set_last_login) = &sql.set_last_login {
+                metrics.sql("set_last_login");
+                let stmt = tx.prepare_cached(set_last_login).await?;
+                tx.execute(&stmt, &[&new.username, &new.created]).await?;
+            }
+            tx.commit().await?;
+            Ok::<_, tokio_postgres::Error>(Some(user_id))
+        };
+        match tokio::time::timeout(self.statement_deadline * 4, work).await {
+            Ok(r) => r.map_err(|e| self.failed("create_token", &e)),
+            Err(_) => {
+                let _ = Object::take(client);
+                Err(self.fail(StoreError::Timeout(
+                    "create_token: no answer within the transaction deadline".into(),
+                )))
+            }
+        }
+    }
+
+    /// Replaces a user's password hash (re-hash on login, `user set-password`).
+    pub async fn set_password(&self, username: &str, encoded: &str) -> Result<(), StoreError> {
+        self.query(
+            "set_password",
+            &self.sql.set_password,
+            &[&username, &encoded],
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Creates a user the way Django's `create_user` does (every NOT NULL column supplied).
+    /// Django's default user table only: a custom user model's columns are not known here.
+    pub async fn create_user(&self, new: &NewUser<'_>) -> Result<String, StoreError> {
+        let sql = format!(
+            "INSERT INTO {} (password, last_login, is_superuser, username, first_name, last_name, \
+             email, is_staff, is_active, date_joined) \
+             VALUES ($1, NULL, $2, $3, '', '', $4, $2, $5, now()) RETURNING id::text",
+            self.user_table
+        );
+        let rows = self
+            .query(
+                "create_user",
+                &sql,
+                &[
+                    &new.encoded_password,
+                    &new.superuser,
+                    &new.username,
+                    &new.email,
+                    &new.active,
+                ],
+            )
+            .await?;
+        let row = rows
+            .first()
+            .ok_or_else(|| StoreError::Query("create_user: the insert returned no row".into()))?;
+        row.try_get(0).map_err(|e| self.failed("create_user", &e))
+    }
+
+    /// Sets `is_active`; returns whether the user exists.
+    pub async fn set_active(&self, username: &str, active: bool) -> Result<bool, StoreError> {
+        Ok(!self
+            .query("set_active", &self.sql.set_active, &[&username, &active])
+            .await?
+            .is_empty())
+    }
+}

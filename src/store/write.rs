@@ -1,0 +1,174 @@
+//! The write path: logout, logout-all, expired-token cleanup, new tokens, AUTO_REFRESH, and the
+//! changes the feed reports. Postgres first, then every cache; each change runs inside the
+//! change window (`epoch`), so a load that overlaps it cannot cache what the change removed.
+
+use std::sync::Arc;
+
+use time::OffsetDateTime;
+
+use super::{Change, Store, StoreError, outbox::RedisEviction, postgres::Removed};
+use crate::auth::{StoredDigest, TokenDigest, TokenRow};
+
+impl Store {
+    /// Evicts these tokens from every tier.
+    pub async fn forget(&self, removed: &[Removed]) {
+        for (key, _) in removed {
+            self.memory.remove(key);
+        }
+        if let Some(redis) = &self.redis
+            && redis.delete(removed).await.is_err()
+        {
+            for r in removed {
+                self.redis_outbox.push(RedisEviction::Token(r.clone()));
+            }
+        }
+    }
+
+    pub(super) async fn forget_key(&self, key: &str) {
+        self.memory.remove(key);
+        if let Some(redis) = &self.redis
+            && redis.delete_key(key).await.is_err()
+        {
+            self.redis_outbox.push(RedisEviction::Key(key.to_owned()));
+        }
+    }
+
+    async fn forget_user(&self, user_id: &str) {
+        self.memory.remove_user(user_id);
+        if let Some(redis) = &self.redis
+            && redis.delete_user(user_id).await.is_err()
+        {
+            self.redis_outbox
+                .push(RedisEviction::User(user_id.to_owned()));
+        }
+    }
+
+    /// Applies a change reported by the feed to every tier.
+    pub async fn apply(&self, change: &Change) {
+        self.changes
+            .changing(async {
+                match change {
+                    Change::Token { token_key, user_id } => {
+                        self.forget(&[(token_key.clone(), user_id.clone())]).await;
+                    }
+                    Change::Inserted { token_key } => self.memory.remove(token_key),
+                    Change::User { user_id } => self.forget_user(user_id).await,
+                    Change::Everything => self.memory.clear(),
+                }
+            })
+            .await
+    }
+
+    /// Retries Redis deletions that failed earlier. Returns how many are still pending.
+    pub async fn retry_pending_redis(&self) -> usize {
+        let Some(redis) = &self.redis else { return 0 };
+        self.redis_outbox
+            .retry(redis.is_connected(), |eviction| async move {
+                match &eviction {
+                    RedisEviction::Token(r) => redis.delete(std::slice::from_ref(r)).await,
+                    RedisEviction::Key(k) => redis.delete_key(k).await,
+                    RedisEviction::User(u) => redis.delete_user(u).await,
+                }
+                .is_ok()
+            })
+            .await
+    }
+
+    /// Deletes the expired tokens of the presented token's user (knox deletes an expired token
+    /// when it is presented, with the user's other expired tokens).
+    pub async fn delete_expired(&self, key: &str, digest: &TokenDigest) -> Result<(), StoreError> {
+        self.changes
+            .changing(async {
+                self.memory.remove(key);
+                let removed = self.pg.delete_expired_of_user(&digest.to_hex()).await?;
+                self.forget(&removed).await;
+                Ok(())
+            })
+            .await
+    }
+
+    /// Logout: deletes one token everywhere.
+    pub async fn logout(&self, digest: &StoredDigest) -> Result<(), StoreError> {
+        self.changes
+            .changing(async {
+                let removed = self.pg.delete_token(&digest.to_text()).await?;
+                self.forget(&removed).await;
+                Ok(())
+            })
+            .await
+    }
+
+    /// Logout-all: deletes every token of the presented token's user, everywhere.
+    pub async fn logout_all(&self, digest: &StoredDigest, user_id: &str) -> Result<(), StoreError> {
+        self.changes
+            .changing(async {
+                let removed = self.pg.delete_all_of_user(&digest.to_text()).await?;
+                self.forget(&removed).await;
+                self.memory.remove_user(user_id);
+                Ok(())
+            })
+            .await
+    }
+
+    /// Caches a token just created (login), replacing any negative entry for its key.
+    pub async fn remember_new(&self, row: TokenRow) {
+        let key = row.token_key.clone();
+        self.memory.remove(&key);
+        if let Some(redis) = &self.redis
+            && redis.is_connected()
+        {
+            let _ = redis.put(&row, OffsetDateTime::now_utc()).await;
+        }
+        // Only this row is known for the key, so the entry is partial.
+        let entry = self.entry(smallvec::smallvec![row], false);
+        self.memory.insert(&key, entry);
+    }
+
+    /// AUTO_REFRESH: moves a token's expiry in every tier, once per token at a time.
+    pub fn refresh(self: &Arc<Self>, row: &TokenRow, new_expiry: OffsetDateTime) {
+        if !self
+            .refreshing
+            .lock()
+            .expect("refresh lock")
+            .insert(row.digest.clone())
+        {
+            return; // another request is already writing this token's refresh
+        }
+        let mut updated = row.clone();
+        updated.expiry = Some(new_expiry);
+        // Update the in-process entry now, so requests arriving before the write lands see the
+        // new expiry and do not schedule writes of their own.
+        if let Some(entry) = self.memory.get(&row.token_key) {
+            let rows = entry
+                .rows
+                .iter()
+                .map(|r| {
+                    if r.digest == row.digest {
+                        updated.clone()
+                    } else {
+                        r.clone()
+                    }
+                })
+                .collect();
+            self.memory
+                .insert(&row.token_key, self.entry(rows, entry.complete));
+        }
+        let store = Arc::clone(self);
+        tokio::spawn(async move {
+            if store
+                .pg
+                .refresh_expiry(&updated.digest.to_text(), new_expiry)
+                .await
+                .is_ok()
+                && let Some(redis) = &store.redis
+            {
+                let _ = redis.put(&updated, OffsetDateTime::now_utc()).await;
+            }
+            store
+                .refreshing
+                .lock()
+                .expect("refresh lock")
+                .remove(&updated.digest);
+        });
+    }
+}
