@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """knoxgate login cost, and whether logins raise /verify tail latency (run through bench/login.sh).
-Stdlib only; reuses bench/bench.py's and bench/soak.py's helpers.
+Stdlib only; reuses bench/knoxbench's and bench/soak.py's helpers.
 
 Fresh database LOGIN_DB (default knoxgate_bench_login; DROPPED first and at the end), `knoxgate
 migrate`, 10k seeded knox tokens, LOGIN_CLIENTS users created by `knoxgate user create` with the
@@ -50,10 +50,11 @@ os.environ["BENCH_KNOXGATE_PORT"] = os.environ.get("LOGIN_KNOXGATE_PORT", "18580
 os.environ["BENCH_KNOXGATE_ADMIN_PORT"] = os.environ.get("LOGIN_KNOXGATE_ADMIN_PORT", "18590")
 os.environ["BENCH_OUT"] = str(FINAL / "login")
 sys.path.insert(0, str(HERE))
-import bench as B  # noqa: E402
-import soak as S  # noqa: E402  (helpers only; its env defaults are skipped since bench is loaded)
+from knoxbench import config as cfg  # noqa: E402
+from knoxbench import counters, procs, servers  # noqa: E402
+import soak as S  # noqa: E402  (helpers only; its env defaults are skipped: knoxbench.config is loaded)
 
-log = B.log
+log = cfg.log
 ROWS = []
 
 
@@ -67,15 +68,15 @@ def kg_extra(hc, nice=10):
 
 
 def create_users():
-    env = B.kg_env(kg_extra(2))
+    env = servers.kg_env(kg_extra(2))
     users = []
     t = time.monotonic()
     for i in range(CLIENTS):
         name, pw = f"login_{i}", f"bench-password-{i}"
-        B.run([str(B.KNOXGATE), "user", "create", name, "--password-stdin"], env=env,
+        procs.run([str(cfg.KNOXGATE), "user", "create", name, "--password-stdin"], env=env,
               input=pw + "\n", timeout=120)
         users.append((name, pw))
-    enc = B.psql("SELECT password FROM auth_user WHERE username = 'login_0'")
+    enc = procs.psql("SELECT password FROM auth_user WHERE username = 'login_0'")
     log(f"created {CLIENTS} users in {time.monotonic() - t:.1f}s; hash {enc.split('$')[0]}"
         f"${enc.split('$')[1]}$…")
     return users, enc.split("$")[0] + "$" + enc.split("$")[1]
@@ -98,7 +99,7 @@ class LoginClients:
         while not self.stop_ev.is_set():
             try:
                 if conn is None:
-                    conn = http.client.HTTPConnection("127.0.0.1", B.KG_PORT, timeout=30)
+                    conn = http.client.HTTPConnection("127.0.0.1", cfg.KG_PORT, timeout=30)
                 t = time.perf_counter()
                 conn.request("POST", "/api/auth/login/", headers={"Authorization": auth,
                                                                  "Content-Length": "0"})
@@ -167,9 +168,9 @@ def server_stats(m0, m1, pid_cpu0, pid_cpu1, wall):
 
 
 def verify_run(kg, name, clients=None):
-    env = {"BENCH_TOKENS": str(B.TOKENS), "BENCH_TOKENS_LIMIT": "0"}
+    env = {"BENCH_TOKENS": str(cfg.TOKENS), "BENCH_TOKENS_LIMIT": "0"}
     m0, c0, t0 = S.parse_metrics(kg.admin), S.cpu_seconds(kg.p.pid), time.monotonic()
-    p, outf = S.wrk_start(name, kg.url, B.BENCH / "verify.lua", SECONDS, VERIFY_CONNS, VERIFY_RATE, env)
+    p, outf = S.wrk_start(name, kg.url, cfg.BENCH / "verify.lua", SECONDS, VERIFY_CONNS, VERIFY_RATE, env)
     w0 = time.monotonic()
     r = S.wrk_finish(p, outf, SECONDS + 60)
     w1 = time.monotonic()
@@ -182,17 +183,17 @@ def verify_run(kg, name, clients=None):
 
 def run_config(hc, nice, users):
     label = f"hc{hc}-nice{nice}"
-    kg = B.Knoxgate(f"login-{label}", kg_extra(hc, nice))
+    kg = servers.Knoxgate(f"login-{label}", kg_extra(hc, nice))
     res = dict(config=f"{hc} / {nice}", hash_concurrency=hc, hash_nice=nice, idle_rss=kg.idle_rss)
     try:
         # warm all 10k tokens into the in-process tier (seq pass), as bench.py does for the hot set
-        p, outf = S.wrk_start(f"{label}-warm", kg.url, B.BENCH / "verify.lua", 5, 32, 0,
-                              {"BENCH_TOKENS": str(B.TOKENS), "BENCH_TOKENS_LIMIT": "0", "BENCH_MODE": "seq"})
+        p, outf = S.wrk_start(f"{label}-warm", kg.url, cfg.BENCH / "verify.lua", 5, 32, 0,
+                              {"BENCH_TOKENS": str(cfg.TOKENS), "BENCH_TOKENS_LIMIT": "0", "BENCH_MODE": "seq"})
         S.wrk_finish(p, outf, 70)
         ents = S.msum(S.parse_metrics(kg.admin), "knoxgate_memory_cache_entries")
         log(f"[{label}] warmed: {ents:.0f} in-process entries")
         # sanity: one login
-        c = http.client.HTTPConnection("127.0.0.1", B.KG_PORT, timeout=30)
+        c = http.client.HTTPConnection("127.0.0.1", cfg.KG_PORT, timeout=30)
         auth = "Basic " + base64.b64encode(f"{users[0][0]}:{users[0][1]}".encode()).decode()
         c.request("POST", "/api/auth/login/", headers={"Authorization": auth, "Content-Length": "0"})
         rr = c.getresponse()
@@ -238,7 +239,7 @@ def run_config(hc, nice, users):
         # (b2) verify only again
         res["b2"] = verify_run(kg, f"{label}-verify-only-again")
         log_verify(label, "(b2) verify only, again", res["b2"])
-        res["rss_end"] = B.rss_mib(kg.p.pid)
+        res["rss_end"] = counters.rss_mib(kg.p.pid)
     finally:
         kg.stop()
     return res
@@ -259,7 +260,7 @@ def report(all_res, info):
     L = ["# knoxgate logins: cost, and effect on /verify latency\n",
          f"Measured {info['date']} by `bench/login.sh` on {info['machine']}. Password hashes: "
          f"`{info['hash']}` ({info['iterations']} iterations), {CLIENTS} login clients, "
-         f"{SECONDS} s per phase, /verify paced at {VERIFY_RATE} req/s (wrk -t{B.THREADS} "
+         f"{SECONDS} s per phase, /verify paced at {VERIFY_RATE} req/s (wrk -t{cfg.THREADS} "
          f"-c{VERIFY_CONNS}, random over 10,000 warmed tokens).\n",
          "## Logins\n",
          "| hash_concurrency / hash_nice | phase | logins | logins/s | login p50 ms | login p99 ms | login max ms | failed | password check mean ms (server) | knoxgate CPU % |",
@@ -296,11 +297,11 @@ def report(all_res, info):
                  f"p99.9 {c['p999_us'] / base9:.2f}×. Logins/s during the /verify load: "
                  f"{fmt(res['c']['logins']['per_s'])} (vs {fmt(res['a']['logins']['per_s'])} alone).")
     L += ["", "## Method\n",
-          f"Fresh database `{B.DB}` (`knoxgate migrate`; bench.py's seeding SQL, 10,000 knox tokens "
+          f"Fresh database `{cfg.DB}` (`knoxgate migrate`; bench.py's seeding SQL, 10,000 knox tokens "
           f"over 2,500 users; {CLIENTS} users `login_0…` created by `knoxgate user create "
           "--password-stdin`, i.e. Django pbkdf2_sha256 hashes at knoxgate's configured iteration "
-          f"count), private redis-server on 127.0.0.1:{B.REDIS_PORT}, knoxgate release binary on "
-          f"127.0.0.1:{B.KG_PORT} with `KNOXGATE_SESSIONS_THROTTLE_FAILURES=0` and "
+          f"count), private redis-server on 127.0.0.1:{cfg.REDIS_PORT}, knoxgate release binary on "
+          f"127.0.0.1:{cfg.KG_PORT} with `KNOXGATE_SESSIONS_THROTTLE_FAILURES=0` and "
           "`KNOXGATE_SESSIONS_HASH_CONCURRENCY` and `KNOXGATE_SESSIONS_HASH_NICE` as listed (defaults on "
           "2 cores: 1 and 10), otherwise default config. A fresh "
           "knoxgate per configuration; its 10k tokens are first warmed into the in-process tier by a 5 s "
@@ -339,7 +340,7 @@ def main():
     log(f"login bench: {CLIENTS} clients, {SECONDS}s phases, verify at {VERIFY_RATE}/s, "
         f"hash_concurrency:hash_nice {CONFIGS}; concurrent: {sorted(conc) or 'none'}")
     S.preflight()
-    B.start_redis()
+    servers.start_redis()
     S.setup_db_knoxgate_only()
     users, hashdesc = create_users()
     all_res = []
@@ -351,7 +352,7 @@ def main():
             all_res.append(dict(config=f"{hc} / {nice}", hash_concurrency=hc, hash_nice=nice,
                                 failure=f"{type(e).__name__}: {e}"))
         conc |= set(S.concurrent_activity())
-        (B.OUT / "login.json").write_text(json.dumps(all_res, indent=1, default=str))
+        (cfg.OUT / "login.json").write_text(json.dumps(all_res, indent=1, default=str))
     info = dict(date=date, machine=S.machine(), hash=hashdesc,
                 iterations=hashdesc.split("$")[-1] if "$" in hashdesc else "?", concurrent=sorted(conc))
     report(all_res, info)
@@ -369,7 +370,7 @@ if __name__ == "__main__":
     try:
         code = main()
     finally:
-        B.stop_all()
+        procs.stop_all()
         if not KEEP_DB:
             S.drop_db()
     sys.exit(code)

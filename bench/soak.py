@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""knoxgate memory soak (run through bench/soak.sh). Stdlib only; reuses bench/bench.py's helpers.
+"""knoxgate memory soak (run through bench/soak.sh). Stdlib only; reuses bench/knoxbench's helpers.
 
 A fresh database (SOAK_DB, default knoxgate_bench_soak; DROPPED first and at the end), `knoxgate
-migrate`, 10k seeded knox tokens (bench.py's seeding SQL), a private redis-server, knoxgate with its
+migrate`, 10k seeded knox tokens (SQL, knoxbench.seed), a private redis-server, knoxgate with its
 default configuration, then one paced wrk run of SOAK_WARMUP + SOAK_SECONDS seconds at SOAK_RATE
 req/s: each request is a random valid seeded token (100 - SOAK_UNKNOWN_PCT %) or a fresh random
 unknown 64-hex token (SOAK_UNKNOWN_PCT %). In the background, every SOAK_CHURN_EVERY seconds one
@@ -47,10 +47,10 @@ FINAL = Path(os.environ.get("SOAK_FINAL_DIR", HERE / "out"))
 TAG = ("-" + os.environ["SOAK_TAG"]) if os.environ.get("SOAK_TAG") else ""   # output name suffix
 MD, CSV = f"soak{TAG}.md", f"soak-rss{TAG}.csv"
 
-# bench.py reads its configuration from the environment at import time: point it at our own
-# database, ports and scratch directory so we never collide with a concurrent bench/run.sh.
-# (Skipped when bench is already imported: bench/login.py imports this module for its helpers.)
-if "bench" not in sys.modules:
+# knoxbench.config reads the configuration from the environment at import time: point it at our
+# own database, ports and scratch directory so we never collide with a concurrent bench/run.sh.
+# (Skipped when it is already imported: bench/login.py imports this module for its helpers.)
+if "knoxbench.config" not in sys.modules:
     os.environ["BENCH_DB"] = os.environ.get("SOAK_DB", "knoxgate_bench_soak")
     os.environ["BENCH_REDIS_PORT"] = os.environ.get("SOAK_REDIS_PORT", "16392")
     os.environ["BENCH_KNOXGATE_PORT"] = os.environ.get("SOAK_KNOXGATE_PORT", "18581")
@@ -60,16 +60,17 @@ if "bench" not in sys.modules:
     os.environ["BENCH_TOKENS_PER_USER"] = "4"
     os.environ["BENCH_EXTRA_USERS"] = "0"
 sys.path.insert(0, str(HERE))
-import bench as B  # noqa: E402
+from knoxbench import config as cfg  # noqa: E402
+from knoxbench import counters, procs, seed, servers  # noqa: E402
 
-log = B.log
+log = cfg.log
 
 
 # ---------------------------------------------------------------- shared bits (login.py imports)
 
 def parse_metrics(admin):
     """Prometheus text -> {(name, ((label, value), ...)): float}."""
-    _, body = B.http_get(f"http://{admin}/metrics", timeout=5)
+    _, body = procs.http_get(f"http://{admin}/metrics", timeout=5)
     out = {}
     for line in body.splitlines():
         if not line or line.startswith("#"):
@@ -113,17 +114,17 @@ def cpu_seconds(pid):
 
 
 def wrk_start(name, url, script, duration, conns, rate, extra_env):
-    """wrk in its own session, registered with bench.py's PROCS so stop_all() kills it."""
-    env = dict(os.environ, BENCH_RATE=str(rate), BENCH_THREADS=str(B.THREADS), **extra_env)
-    cmd = ["wrk", f"-t{B.THREADS}", f"-c{conns}", f"-d{duration}s", "--timeout", "5s", "--latency",
+    """wrk in its own session, registered in procs.PROCS so stop_all() kills it."""
+    env = dict(os.environ, BENCH_RATE=str(rate), BENCH_THREADS=str(cfg.THREADS), **extra_env)
+    cmd = ["wrk", f"-t{cfg.THREADS}", f"-c{conns}", f"-d{duration}s", "--timeout", "5s", "--latency",
            "-s", str(script), url]
-    B.LOGS.mkdir(parents=True, exist_ok=True)
-    outf = B.LOGS / f"wrk-{name}.txt"
+    cfg.LOGS.mkdir(parents=True, exist_ok=True)
+    outf = cfg.LOGS / f"wrk-{name}.txt"
     fh = open(outf, "w")
     fh.write(" ".join(cmd) + "\n" + json.dumps(extra_env) + "\n\n")
     fh.flush()
     p = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    B.PROCS.append((f"wrk-{name}", p))
+    procs.PROCS.append((f"wrk-{name}", p))
     return p, outf
 
 
@@ -146,30 +147,30 @@ def wrk_finish(p, outf, timeout):
 
 def preflight():
     """Refuse to run over another run: our ports must be free and our database unused."""
-    for port in (B.KG_PORT, B.KG_ADMIN_PORT, B.REDIS_PORT):
+    for port in (cfg.KG_PORT, cfg.KG_ADMIN_PORT, cfg.REDIS_PORT):
         with socket.socket() as sk:
             if sk.connect_ex(("127.0.0.1", port)) == 0:
                 raise RuntimeError(f"127.0.0.1:{port} is already in use: another run? (pick other ports)")
-    busy = B.psql(f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{B.DB}'", db="postgres")
+    busy = procs.psql(f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{cfg.DB}'", db="postgres")
     if busy != "0":
-        raise RuntimeError(f"database {B.DB} has {busy} open connections: another run using it? "
+        raise RuntimeError(f"database {cfg.DB} has {busy} open connections: another run using it? "
                            "(pick another SOAK_DB / LOGIN_DB and ports)")
 
 
 def setup_db_knoxgate_only(users=2500, tokens_per_user=4):
-    """Fresh DB, `knoxgate migrate` (no Django needed), bench.py's seeding, tokens.txt."""
-    log(f"fresh database {B.DB}")
-    B.OUT.mkdir(parents=True, exist_ok=True)
-    B.LOGS.mkdir(parents=True, exist_ok=True)
-    B.psql(f"DROP DATABASE IF EXISTS {B.DB} WITH (FORCE)", db="postgres")
-    B.psql(f"CREATE DATABASE {B.DB}", db="postgres")
-    CREATED_DB.append(B.DB)
-    p = B.run([str(B.KNOXGATE), "migrate"], env=B.kg_env(), timeout=120)
-    (B.LOGS / "knoxgate-migrate.log").write_text(p.stdout + p.stderr)
+    """Fresh DB, `knoxgate migrate` (no Django needed), knoxbench.seed's seeding, tokens.txt."""
+    log(f"fresh database {cfg.DB}")
+    cfg.OUT.mkdir(parents=True, exist_ok=True)
+    cfg.LOGS.mkdir(parents=True, exist_ok=True)
+    procs.psql(f"DROP DATABASE IF EXISTS {cfg.DB} WITH (FORCE)", db="postgres")
+    procs.psql(f"CREATE DATABASE {cfg.DB}", db="postgres")
+    CREATED_DB.append(cfg.DB)
+    p = procs.run([str(cfg.KNOXGATE), "migrate"], env=servers.kg_env(), timeout=120)
+    (cfg.LOGS / "knoxgate-migrate.log").write_text(p.stdout + p.stderr)
     t = time.monotonic()
-    B.seed_tokens(users, 0, tokens_per_user, B.TOKENS)
-    n = sum(1 for _ in B.TOKENS.open())
-    rows = B.psql("SELECT count(*) FROM knox_authtoken")
+    seed.seed_tokens(users, 0, tokens_per_user, cfg.TOKENS)
+    n = sum(1 for _ in cfg.TOKENS.open())
+    rows = procs.psql("SELECT count(*) FROM knox_authtoken")
     log(f"seeded {rows} tokens over {users} users in {time.monotonic() - t:.1f}s ({n} in tokens.txt)")
     assert n == users * tokens_per_user, n
     return n
@@ -179,18 +180,18 @@ CREATED_DB = []   # drop_db() only drops a database this process created
 
 
 def drop_db():
-    if B.DB not in CREATED_DB:
+    if cfg.DB not in CREATED_DB:
         return
     try:
-        B.psql(f"DROP DATABASE IF EXISTS {B.DB} WITH (FORCE)", db="postgres")
-        log(f"dropped database {B.DB}")
+        procs.psql(f"DROP DATABASE IF EXISTS {cfg.DB} WITH (FORCE)", db="postgres")
+        log(f"dropped database {cfg.DB}")
     except Exception as e:  # noqa: BLE001
-        log(f"could not drop {B.DB}: {e}")
+        log(f"could not drop {cfg.DB}: {e}")
 
 
 def concurrent_activity():
     """Other benchmark-ish processes running right now (for the report)."""
-    ours = {p.pid for _, p in B.PROCS} | {os.getpid(), os.getppid()}
+    ours = {p.pid for _, p in procs.PROCS} | {os.getpid(), os.getppid()}
     checks = {"bench.py (bench/run.sh)": ["-f", r"python.*bench\.py"],
               "bench/login.py": ["-f", r"python.*login\.py"],
               "cargo": ["-x", "cargo"], "rustc": ["-x", "rustc"],
@@ -210,8 +211,8 @@ def machine():
         if line.startswith("model name"):
             cpu = line.split(":", 1)[1].strip()
             break
-    ver = subprocess.run([str(B.KNOXGATE), "--version"], capture_output=True, text=True).stdout.strip()
-    git = subprocess.run(["git", "-C", str(B.REPO), "rev-parse", "--short", "HEAD"],
+    ver = subprocess.run([str(cfg.KNOXGATE), "--version"], capture_output=True, text=True).stdout.strip()
+    git = subprocess.run(["git", "-C", str(cfg.REPO), "rev-parse", "--short", "HEAD"],
                          capture_output=True, text=True).stdout.strip()
     return (f"{os.cpu_count()} CPUs ({cpu}), "
             f"{round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30, 1)} GiB RAM; "
@@ -300,7 +301,7 @@ class Churn(threading.Thread):
                 digest = hashlib.sha512(tok.encode()).hexdigest()
                 new = secrets.token_hex(32)
                 nd = hashlib.sha512(new.encode()).hexdigest()
-                out = B.psql(
+                out = procs.psql(
                     f"WITH d AS (DELETE FROM knox_authtoken WHERE digest = '{digest}' RETURNING 1), "
                     f"i AS (INSERT INTO knox_authtoken (digest, created, user_id, expiry, token_key) "
                     f"SELECT '{nd}', now(), id, now() + interval '10 hours', '{new[:15]}' "
@@ -323,7 +324,7 @@ class Churn(threading.Thread):
 
     def check(self, tok):
         try:
-            status, _ = B.http_get(self.url + "/verify", {"Authorization": f"Token {tok}"})
+            status, _ = procs.http_get(self.url + "/verify", {"Authorization": f"Token {tok}"})
         except Exception:  # noqa: BLE001
             status = None
         if status == 401:
@@ -350,20 +351,20 @@ def main():
     log(f"soak: {SOAK_WARMUP}s warm-up + {SOAK_SECONDS}s at {SOAK_RATE} req/s "
         f"({100 - SOAK_UNKNOWN_PCT}% valid / {SOAK_UNKNOWN_PCT}% unknown); concurrent: {before or 'none'}")
     preflight()
-    B.start_redis()
+    servers.start_redis()
     ntok = setup_db_knoxgate_only()
-    kg = B.Knoxgate("soak", {})
+    kg = servers.Knoxgate("soak", {})
     pid = kg.p.pid
     log(f"knoxgate pid {pid}, idle RSS {kg.idle_rss} MiB")
-    script = B.OUT / "soak-mix.lua"
+    script = cfg.OUT / "soak-mix.lua"
     script.write_text(MIX_LUA.replace("@BENCH@", str(HERE)))
     total = SOAK_WARMUP + SOAK_SECONDS
     m0 = parse_metrics(kg.admin)
     wp, wout = wrk_start("soak", kg.url, script, total, SOAK_CONNS, SOAK_RATE,
-                         {"BENCH_TOKENS": str(B.TOKENS), "BENCH_TOKENS_LIMIT": "0",
+                         {"BENCH_TOKENS": str(cfg.TOKENS), "BENCH_TOKENS_LIMIT": "0",
                           "SOAK_UNKNOWN_PCT": str(SOAK_UNKNOWN_PCT)})
     t0 = time.monotonic()
-    churn = Churn([line.strip() for line in B.TOKENS.open() if line.strip()][1:], kg.url)
+    churn = Churn([line.strip() for line in cfg.TOKENS.open() if line.strip()][1:], kg.url)
     churn.start()
     samples = []
     seen_concurrent = set(before)
@@ -376,10 +377,10 @@ def main():
         tt = time.monotonic()
         cpu_pct = (cpu - cpu_prev) / (tt - t_prev) * 100 if k and cpu is not None else None
         cpu_prev, t_prev = cpu, tt
-        hwm = B.proc_status_kib(pid, "VmHWM")
-        rinfo = B.redis_cli("INFO", "memory")
+        hwm = counters.proc_status_kib(pid, "VmHWM")
+        rinfo = procs.redis_cli("INFO", "memory")
         rmem = re.search(r"used_memory:(\d+)", rinfo)
-        s = dict(t=round(now, 1), rss_mib=B.rss_mib(pid), hwm_mib=round(hwm / 1024, 1) if hwm else None,
+        s = dict(t=round(now, 1), rss_mib=counters.rss_mib(pid), hwm_mib=round(hwm / 1024, 1) if hwm else None,
                  memory_cache_entries=msum(ms, "knoxgate_memory_cache_entries"),
                  verify_total=msum(ms, "knoxgate_verify_total"),
                  redis_used_mib=round(int(rmem.group(1)) / 2**20, 2) if rmem else None,
@@ -387,7 +388,7 @@ def main():
                  loadavg1=float(Path("/proc/loadavg").read_text().split()[0]),
                  churn_deleted=churn.deleted)
         samples.append(s)
-        with open(B.OUT / "samples-partial.csv", "a" if k else "w") as pf:   # survives a kill
+        with open(cfg.OUT / "samples-partial.csv", "a" if k else "w") as pf:   # survives a kill
             if not k:
                 pf.write(",".join(s.keys()) + "\n")
             pf.write(",".join("" if v is None else str(v) for v in s.values()) + "\n")
@@ -405,7 +406,7 @@ def main():
     r = wrk_finish(wp, wout, 60)
     churn.join(30)
     m1 = parse_metrics(kg.admin)
-    final = dict(rss_mib=B.rss_mib(pid), hwm_mib=round(B.proc_status_kib(pid, "VmHWM") / 1024, 1))
+    final = dict(rss_mib=counters.rss_mib(pid), hwm_mib=round(counters.proc_status_kib(pid, "VmHWM") / 1024, 1))
     kg.stop()
 
     with open(FINAL / CSV, "w") as f:
@@ -448,7 +449,7 @@ def main():
                                               checks_stale=churn.checks_stale, notes=churn.notes),
                concurrent=sorted(seen_concurrent), samples=len(samples))
     derive(res, samples)
-    (B.OUT / "soak.json").write_text(json.dumps(res, indent=1))
+    (cfg.OUT / "soak.json").write_text(json.dumps(res, indent=1))
     report(res, st)
     log(f"soak done: RSS start {res['rss_start']} end {res['rss_end']} max {res['rss_max']} MiB, "
         f"slope {res['slope_mib_per_10min']:.2f} MiB/10min; {FINAL / MD}")
@@ -480,12 +481,12 @@ def derive(res, samples):
 
 def report_only():
     """Rebuild soak.md from bench/out/soak/soak.json and bench/out/soak-rss.csv."""
-    res = json.loads((B.OUT / "soak.json").read_text())
+    res = json.loads((cfg.OUT / "soak.json").read_text())
     lines = (FINAL / CSV).read_text().splitlines()
     cols = lines[0].split(",")
     samples = [{c: (float(v) if v else None) for c, v in zip(cols, line.split(","))} for line in lines[1:]]
     derive(res, samples)
-    (B.OUT / "soak.json").write_text(json.dumps(res, indent=1))
+    (cfg.OUT / "soak.json").write_text(json.dumps(res, indent=1))
     report(res, res["wrk"].get("status") or {"s200": None, "s401": None, "other": None, "unknown_sent": None})
 
 
@@ -537,11 +538,11 @@ def report(res, st):
                  "housekeeping purges it, so about 5 s of unknown tokens are cached on top of the "
                  "known ones; the count settles once that many have expired and been purged.\n")
     L.append("## Method\n")
-    L.append(f"Fresh database `{B.DB}` (`knoxgate migrate`, then bench.py's seeding SQL: "
+    L.append(f"Fresh database `{cfg.DB}` (`knoxgate migrate`, then bench.py's seeding SQL: "
              f"{res['tokens']:,} knox tokens over 2,500 users), private redis-server on "
-             f"127.0.0.1:{B.REDIS_PORT}, knoxgate release binary with its default configuration "
-             f"(consistency notify, in-process tier + Redis) on 127.0.0.1:{B.KG_PORT}. One wrk run "
-             f"(-t{B.THREADS} -c{res['conns']}, {res['warmup'] + res['seconds']} s) paced at "
+             f"127.0.0.1:{cfg.REDIS_PORT}, knoxgate release binary with its default configuration "
+             f"(consistency notify, in-process tier + Redis) on 127.0.0.1:{cfg.KG_PORT}. One wrk run "
+             f"(-t{cfg.THREADS} -c{res['conns']}, {res['warmup'] + res['seconds']} s) paced at "
              f"{res['rate']} req/s with `bench/common.lua`'s delay() pacing; each request carries a "
              f"random seeded token ({100 - res['unknown_pct']} %) or a fresh random unknown 64-hex "
              f"token ({res['unknown_pct']} %, always 401). Every {SOAK_CHURN_EVERY:g} s a background "
@@ -574,7 +575,7 @@ if __name__ == "__main__":
     try:
         code = main()
     finally:
-        B.stop_all()
+        procs.stop_all()
         if not KEEP_DB:
             drop_db()
     sys.exit(code)
