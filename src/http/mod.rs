@@ -53,7 +53,7 @@ async fn answer(
             let e = Error::DeadlineExceeded;
             if route == Route::Verify {
                 app.metrics
-                    .verify_outcome(VerifyOutcome::Error, Reason::failed(&e));
+                    .verify_outcome(VerifyOutcome::Error, Reason::Failed(e.label()));
             }
             respond::error(&e)
         }

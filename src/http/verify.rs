@@ -96,7 +96,11 @@ pub async fn verify(app: &Arc<App>, method: &Method, headers: &HeaderMap) -> Res
                 VerifyOutcome::Deny,
                 Reason::Denied(reason),
             ),
-            Err(e) => (respond::error(&e), VerifyOutcome::Error, Reason::failed(&e)),
+            Err(e) => (
+                respond::error(&e),
+                VerifyOutcome::Error,
+                Reason::Failed(e.label()),
+            ),
         }
     };
     app.metrics.verify_outcome(outcome, reason);
