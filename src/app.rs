@@ -66,7 +66,7 @@ impl App {
         let store = Arc::new(Store::connect(&config, Arc::clone(&metrics))?);
         let s = &config.sessions;
         Ok(Arc::new(App {
-            in_flight: Arc::new(Semaphore::new(config.server.max_in_flight)),
+            in_flight: Arc::new(Semaphore::new(config.server.max_in_flight.get())),
             hash_slots: Arc::new(Semaphore::new(s.hash_slots())),
             hash_pool: HashPool::new(s.hash_slots(), s.hash_nice).map_err(StartError::Threads)?,
             login_throttle: Throttle::new(s.throttle_failures, s.throttle_window),
@@ -171,7 +171,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             source,
         })?;
     let (shutdown, shutdown_rx) = watch::channel(false);
-    let connections = Arc::new(Semaphore::new(cfg.server.max_connections));
+    let connections = Arc::new(Semaphore::new(cfg.server.max_connections.get()));
     let limits = Limits::from(&cfg.server);
     let mut tasks = Vec::new();
 

@@ -5,6 +5,7 @@ use std::{net::IpAddr, sync::Arc, time::Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
 use hyper::{HeaderMap, Method, Response, body::Incoming, header, http::request::Parts};
+use ipnet::IpNet;
 use time::OffsetDateTime;
 
 use super::{
@@ -17,7 +18,6 @@ use crate::{
     auth::{
         BasicError, LoginCredentials, TokenRow, UserInfo, generate_token, parse_basic, token_key_of,
     },
-    config::ipnet_lite::IpNet,
     error::Error,
     metrics::{KindLabels, ResultLabels},
     password,
@@ -46,7 +46,7 @@ impl Endpoint {
 
 /// The client's address: the peer, or what a trusted proxy in front of us says it is.
 pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
-    let is_trusted = |ip: IpAddr| trusted.iter().any(|n| n.contains(ip));
+    let is_trusted = |ip: IpAddr| trusted.iter().any(|n| n.contains(&ip.to_canonical()));
     if !is_trusted(peer) {
         return peer;
     }
@@ -95,7 +95,7 @@ async fn credentials(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let limit = app.config.sessions.max_body_bytes;
+    let limit = app.config.sessions.max_body_bytes.get();
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(Error::PayloadTooLarge);
     }

@@ -208,7 +208,7 @@ impl Postgres {
             None => Manager::from_config(pg, tokio_postgres::NoTls, mgr_cfg),
         };
         let pool = Pool::builder(manager)
-            .max_size(cfg.pool_size)
+            .max_size(cfg.pool_size.get())
             .runtime(Runtime::Tokio1)
             .timeouts(Timeouts {
                 wait: Some(cfg.pool_wait_timeout),
