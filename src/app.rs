@@ -119,12 +119,7 @@ async fn check_triggers(config: &Config) -> Result<(), StartError> {
             .await
             .map_err(|e| StoreError::Postgres(e.to_string()))
     };
-    match tokio::time::timeout(
-        config.postgres.connect_timeout + config.postgres.statement_timeout,
-        attempt,
-    )
-    .await
-    {
+    match tokio::time::timeout(config.postgres.connect_and_query_deadline(), attempt).await {
         Ok(Ok(true)) => Ok(()),
         Ok(Ok(false)) => Err(StartError::TriggersMissing),
         Ok(Err(e)) => {

@@ -1,5 +1,5 @@
 //! `[postgres]`: the Django database, its pool and deadlines, and the table and column names of
-//! the token and user models.
+//! the token and user models; also the deadlines derived from them.
 
 use std::{num::NonZeroUsize, time::Duration};
 
@@ -96,6 +96,50 @@ pub struct PostgresConfig {
     pub user_table: String,
     /// Column names of the user table.
     pub user_columns: UserColumns,
+}
+
+impl PostgresConfig {
+    /// Client-side bound on one statement. The server's `statement_timeout` cannot fire when the
+    /// server is unreachable, so we also stop waiting ourselves; 250 ms later than the server,
+    /// so that a reachable server's own cancellation arrives first.
+    pub fn query_deadline(&self) -> Duration {
+        self.statement_timeout + Duration::from_millis(250)
+    }
+
+    /// Client-side bound on the login transaction, which sends up to four statements (lock the
+    /// user, count live tokens, insert the token, stamp `last_login`).
+    pub fn login_transaction_deadline(&self) -> Duration {
+        self.query_deadline() * 4
+    }
+
+    /// Server-side `idle_in_transaction_session_timeout`: a session left open inside a
+    /// transaction by a client that went away gives up its locks after a few statements' time.
+    pub fn idle_in_transaction_timeout(&self) -> Duration {
+        self.statement_timeout * 5
+    }
+
+    /// `TCP_USER_TIMEOUT`: a connection whose peer vanished without a reset fails after this
+    /// instead of after the kernel's retransmission limit (minutes). At least 5 s, so that a short
+    /// `connect_timeout` does not cut a slow but live link.
+    pub fn tcp_user_timeout(&self) -> Duration {
+        self.connect_timeout.max(Duration::from_secs(5))
+    }
+
+    /// Bound on a one-off check at startup: open a connection, then ask one question.
+    pub fn connect_and_query_deadline(&self) -> Duration {
+        self.connect_timeout + self.statement_timeout
+    }
+
+    /// Bound on one statement of the change-feed listener. Its connection is its own, outside the
+    /// pool, and no request waits on it, so it is allowed a whole second past the server's timeout.
+    pub fn feed_query_deadline(&self) -> Duration {
+        self.statement_timeout + Duration::from_secs(1)
+    }
+
+    /// Bound on the listener's replay and prune, which read or delete many log rows, not one.
+    pub fn feed_bulk_deadline(&self) -> Duration {
+        self.feed_query_deadline() * 5
+    }
 }
 
 /// Column names of the user table, for custom `AUTH_USER_MODEL`s.

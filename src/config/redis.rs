@@ -96,6 +96,14 @@ pub struct RedisConfig {
     pub breaker_cooldown: Duration,
 }
 
+impl RedisConfig {
+    /// How often a connection is checked against `unresponsive_timeout`: a quarter of it, so a
+    /// stall is noticed within 125% of the timeout, but not more often than every 10 ms.
+    pub fn unresponsive_check_interval(&self) -> Duration {
+        (self.unresponsive_timeout / 4).max(Duration::from_millis(10))
+    }
+}
+
 impl TryFrom<RedisFile> for RedisConfig {
     type Error = ConfigError;
 

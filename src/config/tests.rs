@@ -212,6 +212,27 @@ fn duration_errors_keep_their_messages() {
 }
 
 #[test]
+fn derived_deadlines_follow_their_timeouts() {
+    let c = Config::from_toml_str(
+        "[postgres]\nstatement_timeout = \"2s\"\nconnect_timeout = \"1s\"\n\
+         [redis]\nunresponsive_timeout = \"20ms\"",
+    )
+    .unwrap();
+    let pg = &c.postgres;
+    assert_eq!(pg.query_deadline(), Duration::from_millis(2250));
+    assert_eq!(pg.login_transaction_deadline(), Duration::from_millis(9000));
+    assert_eq!(pg.idle_in_transaction_timeout(), Duration::from_secs(10));
+    assert_eq!(pg.tcp_user_timeout(), Duration::from_secs(5));
+    assert_eq!(pg.connect_and_query_deadline(), Duration::from_secs(3));
+    assert_eq!(pg.feed_query_deadline(), Duration::from_secs(3));
+    assert_eq!(pg.feed_bulk_deadline(), Duration::from_secs(15));
+    assert_eq!(
+        c.redis.unresponsive_check_interval(),
+        Duration::from_millis(10)
+    );
+}
+
+#[test]
 fn zero_limits_are_refused() {
     for (text, key) in [
         ("[server]\nmax_in_flight = 0", "server.max_in_flight"),

@@ -112,6 +112,8 @@ pub struct Postgres {
     /// Client-side bound on one statement: the server-side statement_timeout cannot fire when
     /// the server is unreachable, so we also stop waiting ourselves.
     statement_deadline: Duration,
+    /// [`PostgresConfig::login_transaction_deadline`].
+    login_deadline: Duration,
     metrics: Arc<Metrics>,
 }
 
@@ -129,13 +131,13 @@ pub fn pg_config(cfg: &PostgresConfig) -> Result<tokio_postgres::Config, StoreEr
     pg.connect_timeout(cfg.connect_timeout);
     pg.keepalives(true);
     pg.keepalives_idle(Duration::from_secs(30));
-    pg.tcp_user_timeout(cfg.connect_timeout.max(Duration::from_secs(5)));
+    pg.tcp_user_timeout(cfg.tcp_user_timeout());
     pg.application_name(APPLICATION_NAME);
     let options = format!(
         "{} -c statement_timeout={} -c idle_in_transaction_session_timeout={}",
         pg.get_options().unwrap_or(""),
         cfg.statement_timeout.as_millis(),
-        (cfg.statement_timeout * 5).as_millis(),
+        cfg.idle_in_transaction_timeout().as_millis(),
     );
     pg.options(options.trim());
     Ok(pg)
@@ -225,7 +227,8 @@ impl Postgres {
                 &cfg.user_columns,
             )),
             user_table: cfg.user_table.as_str().into(),
-            statement_deadline: cfg.statement_timeout + Duration::from_millis(250),
+            statement_deadline: cfg.query_deadline(),
+            login_deadline: cfg.login_transaction_deadline(),
             metrics,
         })
     }
@@ -415,7 +418,7 @@ impl Postgres {
             tx.commit().await?;
             Ok::<_, tokio_postgres::Error>(Some(user_id))
         };
-        match tokio::time::timeout(self.statement_deadline * 4, work).await {
+        match tokio::time::timeout(self.login_deadline, work).await {
             Ok(r) => r.map_err(|e| self.fail("create_token", e)),
             Err(_) => {
                 let _ = Object::take(client);

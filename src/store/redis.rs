@@ -140,7 +140,7 @@ impl RedisTier {
                 c.max_command_attempts = 1;
                 c.unresponsive = UnresponsiveConfig {
                     max_timeout: Some(cfg.unresponsive_timeout),
-                    interval: (cfg.unresponsive_timeout / 4).max(Duration::from_millis(10)),
+                    interval: cfg.unresponsive_check_interval(),
                 };
                 c.tcp.nodelay = Some(true);
             })
