@@ -31,7 +31,7 @@ pub async fn authenticate(
         .map(|v| v.as_bytes())
         .collect();
     let presented = match parse_authorization(&values, &cfg.knox.auth_header_prefix)
-        .into_presented(cfg.verify.max_token_chars)
+        .into_presented(cfg.verify.max_token_chars.get())
     {
         Ok(p) => p,
         Err(reason) => return Ok(Err(reason)),
