@@ -14,10 +14,8 @@ const TEN_HOURS: time::Duration = time::Duration::hours(10);
 
 #[tokio::test]
 async fn basic_login_returns_knox_body_and_stores_the_row_as_knox_does() {
-    let db = TestDb::migrated().await;
-    let client = db.client().await;
-    let id = insert_user(&client, "alice", "alice-pass", true).await;
-    let s = TestServer::start(&db, "").await;
+    let (_db, client, s) = Fixture::new().user("alice").start().await;
+    let id = user_id(&client, "alice").await;
     let before = OffsetDateTime::now_utc();
     let r = login(&s, "alice", "alice-pass").await;
     assert_eq!(r.status, 200, "{}", r.body_text());
@@ -64,10 +62,7 @@ async fn basic_login_returns_knox_body_and_stores_the_row_as_knox_does() {
 
 #[tokio::test]
 async fn login_without_the_trailing_slash_works_too() {
-    let db = TestDb::migrated().await;
-    let client = db.client().await;
-    insert_user(&client, "alice", "alice-pass", true).await;
-    let s = TestServer::start(&db, "").await;
+    let (_db, _client, s) = Fixture::new().user("alice").start().await;
     let r = http(
         s.addr(),
         "POST",
@@ -82,10 +77,8 @@ async fn login_without_the_trailing_slash_works_too() {
 
 #[tokio::test]
 async fn json_body_login_works_and_bad_bodies_are_4xx() {
-    let db = TestDb::migrated().await;
-    let client = db.client().await;
-    let id = insert_user(&client, "alice", "alice-pass", true).await;
-    let s = TestServer::start(&db, "").await;
+    let (_db, client, s) = Fixture::new().user("alice").start().await;
+    let id = user_id(&client, "alice").await;
     for content_type in ["application/json", "application/json; charset=utf-8"] {
         let r = http(
             s.addr(),
@@ -285,10 +278,7 @@ async fn login_refusals_match_knox_word_for_word() {
 
 #[tokio::test]
 async fn a_nul_character_in_the_credentials_is_a_refusal_not_an_outage() {
-    let db = TestDb::migrated().await;
-    let client = db.client().await;
-    insert_user(&client, "alice", "alice-pass", true).await;
-    let s = TestServer::start(&db, "").await;
+    let (_db, _client, s) = Fixture::new().user("alice").start().await;
     // Postgres text cannot hold NUL, so no such user exists: 401, never 5xx.
     let r = login(&s, "ali\0ce", "alice-pass").await;
     assert_login_refused(&r, "Invalid username/password.");
@@ -308,10 +298,8 @@ async fn a_nul_character_in_the_credentials_is_a_refusal_not_an_outage() {
 
 #[tokio::test]
 async fn authenticated_get_on_login_is_405_and_creates_nothing() {
-    let db = TestDb::migrated().await;
-    let client = db.client().await;
-    let id = insert_user(&client, "alice", "alice-pass", true).await;
-    let s = TestServer::start(&db, "").await;
+    let (_db, client, s) = Fixture::new().user("alice").start().await;
+    let id = user_id(&client, "alice").await;
     let r = http(
         s.addr(),
         "GET",
@@ -379,14 +367,12 @@ async fn token_limit_counts_tokens_without_expiry_as_knox_does() {
 
 #[tokio::test]
 async fn concurrent_logins_never_exceed_the_token_limit() {
-    let db = TestDb::migrated().await;
-    let client = db.client().await;
-    let id = insert_user(&client, "carol", "carol-pass", true).await;
-    let s = TestServer::start(
-        &db,
-        "[knox]\ntoken_limit_per_user = 2\n[sessions]\nhash_concurrency = 8",
-    )
-    .await;
+    let (_db, client, s) = Fixture::new()
+        .user("carol")
+        .config("[knox]\ntoken_limit_per_user = 2\n[sessions]\nhash_concurrency = 8")
+        .start()
+        .await;
+    let id = user_id(&client, "carol").await;
     // Eight logins at once; the per-user row lock must serialise the count and the insert.
     let addr = s.addr();
     let auth = basic("carol", "carol-pass");
@@ -409,10 +395,11 @@ async fn concurrent_logins_never_exceed_the_token_limit() {
 
 #[tokio::test]
 async fn token_ttl_none_gives_null_expiry_and_a_null_row_expiry() {
-    let db = TestDb::migrated().await;
-    let client = db.client().await;
-    insert_user(&client, "erin", "erin-pass", true).await;
-    let s = TestServer::start(&db, "[knox]\ntoken_ttl = \"none\"").await;
+    let (_db, client, s) = Fixture::new()
+        .user("erin")
+        .config("[knox]\ntoken_ttl = \"none\"")
+        .start()
+        .await;
     let r = login(&s, "erin", "erin-pass").await;
     assert_eq!(r.status, 200, "{}", r.body_text());
     assert!(r.body_text().starts_with("{\"expiry\":null,\"token\":\""));
@@ -425,10 +412,11 @@ async fn token_ttl_none_gives_null_expiry_and_a_null_row_expiry() {
 
 #[tokio::test]
 async fn token_prefix_is_prepended_to_new_tokens() {
-    let db = TestDb::migrated().await;
-    let client = db.client().await;
-    insert_user(&client, "alice", "alice-pass", true).await;
-    let s = TestServer::start(&db, "[knox]\ntoken_prefix = \"myapp_\"").await;
+    let (_db, client, s) = Fixture::new()
+        .user("alice")
+        .config("[knox]\ntoken_prefix = \"myapp_\"")
+        .start()
+        .await;
     let token = login_ok(&s, "alice", "alice-pass").await;
     assert_eq!(token.len(), 70, "{token}");
     let random = token

@@ -6,10 +6,8 @@ use crate::support::*;
 
 #[tokio::test]
 async fn logout_revokes_only_the_presented_token_at_once() {
-    let db = TestDb::migrated().await;
-    let client = db.client().await;
-    let id = insert_user(&client, "alice", "alice-pass", true).await;
-    let s = TestServer::start(&db, "").await;
+    let (_db, client, s) = Fixture::new().user("alice").start().await;
+    let id = user_id(&client, "alice").await;
     let t1 = login_ok(&s, "alice", "alice-pass").await;
     let t2 = login_ok(&s, "alice", "alice-pass").await;
     // Cached in every tier before the logout.

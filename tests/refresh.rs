@@ -12,10 +12,11 @@ const REFRESH_WRITES: &str = "knoxgate_sql_statements_total{statement=\"refresh_
 
 #[tokio::test]
 async fn auto_refresh_writes_only_when_expiry_moves_more_than_min_refresh_interval() {
-    let db = TestDb::migrated().await;
-    let client = db.client().await;
-    insert_user(&client, "erin", "erin-pass", true).await;
-    let s = TestServer::start(&db, "[knox]\nauto_refresh = true").await;
+    let (_db, client, s) = Fixture::new()
+        .user("erin")
+        .config("[knox]\nauto_refresh = true")
+        .start()
+        .await;
     let token = login_ok(&s, "erin", "erin-pass").await;
     let at_login = db_expiry(&client, &token).await.unwrap();
     // Right after login the refresh would move expiry by less than 60 s: nothing is written.
@@ -69,14 +70,11 @@ async fn auto_refresh_writes_only_when_expiry_moves_more_than_min_refresh_interv
 
 #[tokio::test]
 async fn auto_refresh_is_capped_at_created_plus_auto_refresh_max_ttl() {
-    let db = TestDb::migrated().await;
-    let client = db.client().await;
-    insert_user(&client, "erin", "erin-pass", true).await;
-    let s = TestServer::start(
-        &db,
-        "[knox]\nauto_refresh = true\nauto_refresh_max_ttl = \"2h\"",
-    )
-    .await;
+    let (_db, client, s) = Fixture::new()
+        .user("erin")
+        .config("[knox]\nauto_refresh = true\nauto_refresh_max_ttl = \"2h\"")
+        .start()
+        .await;
     let token = login_ok(&s, "erin", "erin-pass").await;
     assert_eq!(s.verify(&token).await.status, 200);
     client
@@ -108,10 +106,11 @@ async fn auto_refresh_is_capped_at_created_plus_auto_refresh_max_ttl() {
 
 #[tokio::test]
 async fn auto_refresh_never_touches_tokens_without_expiry() {
-    let db = TestDb::migrated().await;
-    let client = db.client().await;
-    insert_user(&client, "erin", "erin-pass", true).await;
-    let s = TestServer::start(&db, "[knox]\nauto_refresh = true\ntoken_ttl = \"none\"").await;
+    let (_db, client, s) = Fixture::new()
+        .user("erin")
+        .config("[knox]\nauto_refresh = true\ntoken_ttl = \"none\"")
+        .start()
+        .await;
     let token = login_ok(&s, "erin", "erin-pass").await;
     for _ in 0..3 {
         assert_eq!(s.verify(&token).await.status, 200);

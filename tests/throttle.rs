@@ -18,11 +18,14 @@ fn assert_throttled(r: &Response) {
 
 #[tokio::test]
 async fn three_failed_logins_throttle_the_username_and_the_address() {
-    let db = TestDb::migrated().await;
-    let client = db.client().await;
-    let alice = insert_user(&client, "alice", "alice-pass", true).await;
-    let bob = insert_user(&client, "bob", "bob-pass", true).await;
-    let s = TestServer::start(&db, THROTTLE).await;
+    let (_db, client, s) = Fixture::new()
+        .user("alice")
+        .user("bob")
+        .config(THROTTLE)
+        .start()
+        .await;
+    let alice = user_id(&client, "alice").await;
+    let bob = user_id(&client, "bob").await;
     for _ in 0..3 {
         assert_login_refused(
             &login(&s, "alice", "wrong").await,
@@ -42,14 +45,11 @@ async fn three_failed_logins_throttle_the_username_and_the_address() {
 
 #[tokio::test]
 async fn waiting_retry_after_seconds_is_enough_to_log_in_again() {
-    let db = TestDb::migrated().await;
-    let client = db.client().await;
-    insert_user(&client, "alice", "alice-pass", true).await;
-    let s = TestServer::start(
-        &db,
-        "[sessions]\nthrottle_failures = 1\nthrottle_window = \"2s\"",
-    )
-    .await;
+    let (_db, _client, s) = Fixture::new()
+        .user("alice")
+        .config("[sessions]\nthrottle_failures = 1\nthrottle_window = \"2s\"")
+        .start()
+        .await;
     assert_eq!(login(&s, "alice", "wrong").await.status, 401);
     let r = login(&s, "alice", "alice-pass").await;
     assert_throttled(&r);
@@ -64,15 +64,12 @@ async fn waiting_retry_after_seconds_is_enough_to_log_in_again() {
 
 #[tokio::test]
 async fn behind_a_trusted_proxy_the_forwarded_client_address_is_throttled() {
-    let db = TestDb::migrated().await;
-    let client = db.client().await;
-    insert_user(&client, "alice", "alice-pass", true).await;
-    insert_user(&client, "bob", "bob-pass", true).await;
-    let s = TestServer::start(
-        &db,
-        &format!("{THROTTLE}\ntrusted_proxies = [\"127.0.0.1\"]"),
-    )
-    .await;
+    let (_db, _client, s) = Fixture::new()
+        .user("alice")
+        .user("bob")
+        .config(&format!("{THROTTLE}\ntrusted_proxies = [\"127.0.0.1\"]"))
+        .start()
+        .await;
     let from = |ip: &'static str| [("X-Forwarded-For", ip)];
     for _ in 0..3 {
         assert_login_refused(
@@ -92,14 +89,11 @@ async fn behind_a_trusted_proxy_the_forwarded_client_address_is_throttled() {
 
 #[tokio::test]
 async fn a_successful_login_clears_the_usernames_failures() {
-    let db = TestDb::migrated().await;
-    let client = db.client().await;
-    insert_user(&client, "alice", "alice-pass", true).await;
-    let s = TestServer::start(
-        &db,
-        &format!("{THROTTLE}\ntrusted_proxies = [\"127.0.0.1\"]"),
-    )
-    .await;
+    let (_db, _client, s) = Fixture::new()
+        .user("alice")
+        .config(&format!("{THROTTLE}\ntrusted_proxies = [\"127.0.0.1\"]"))
+        .start()
+        .await;
     let from = |ip: &'static str| [("X-Forwarded-For", ip)];
     for ip in ["10.0.0.1", "10.0.0.2"] {
         assert_eq!(

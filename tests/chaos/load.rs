@@ -12,9 +12,7 @@ use std::{
 
 use crate::{
     CLIENT_TIMEOUT, Class, NO_ANSWER_IO, NO_ANSWER_TIMEOUT, PACE, REVOKED, Sample, Tokens, VALID,
-    secs,
-    support::*,
-    truth::status_name,
+    secs, support::*, truth::status_name,
 };
 
 /// xorshift64: enough randomness for picking tokens, no dependency on rand's API.

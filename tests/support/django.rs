@@ -147,3 +147,12 @@ pub async fn stored_password(client: &tokio_postgres::Client, username: &str) ->
 pub fn within(a: OffsetDateTime, b: OffsetDateTime, tolerance: time::Duration) -> bool {
     (a - b).abs() <= tolerance
 }
+
+/// The id of the user called `username`.
+pub async fn user_id(client: &tokio_postgres::Client, username: &str) -> i32 {
+    client
+        .query_one("SELECT id FROM auth_user WHERE username = $1", &[&username])
+        .await
+        .expect("user row")
+        .get(0)
+}

@@ -2,37 +2,25 @@
 //! server running against them.
 //!
 //! ```ignore
-//! let Fixture { db, client, s, users } = Fixture::new().user("alice").start().await;
+//! let (db, client, s) = Fixture::new().user("alice").start().await;
+//! let alice = user_id(&client, "alice").await;
 //! ```
-
-use std::collections::HashMap;
 
 use super::{TestDb, TestServer, insert_user};
 
-/// A running server with its database; built by [`Fixture::new`].
-pub struct Fixture {
-    pub db: TestDb,
-    pub client: tokio_postgres::Client,
-    pub s: TestServer,
-    /// User ids by username.
-    pub users: HashMap<String, i32>,
-}
-
-/// What [`FixtureBuilder::start`] sets up.
+/// What [`Fixture::start`] sets up.
 #[derive(Default)]
-pub struct FixtureBuilder {
+pub struct Fixture {
     /// (username, active)
     users: Vec<(String, bool)>,
     config: String,
 }
 
 impl Fixture {
-    pub fn new() -> FixtureBuilder {
-        FixtureBuilder::default()
+    pub fn new() -> Fixture {
+        Fixture::default()
     }
-}
 
-impl FixtureBuilder {
     /// An active user whose password is `<username>-pass`.
     pub fn user(mut self, username: &str) -> Self {
         self.users.push((username.to_owned(), true));
@@ -46,20 +34,14 @@ impl FixtureBuilder {
     }
 
     /// Creates the database and the users, then starts the server and waits until it is ready.
-    pub async fn start(self) -> Fixture {
+    /// Keep the database bound until the end of the test: dropping it drops the database.
+    pub async fn start(self) -> (TestDb, tokio_postgres::Client, TestServer) {
         let db = TestDb::migrated().await;
         let client = db.client().await;
-        let mut users = HashMap::new();
         for (name, active) in &self.users {
-            let id = insert_user(&client, name, &format!("{name}-pass"), *active).await;
-            users.insert(name.clone(), id);
+            insert_user(&client, name, &format!("{name}-pass"), *active).await;
         }
         let s = TestServer::start(&db, &self.config).await;
-        Fixture {
-            db,
-            client,
-            s,
-            users,
-        }
+        (db, client, s)
     }
 }
