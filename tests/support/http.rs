@@ -64,20 +64,6 @@ impl Client {
         headers: &[(&str, &str)],
         body: &[u8],
     ) -> std::io::Result<Response> {
-        let result = self.send(method, path, headers, body).await;
-        if result.is_err() {
-            self.closed = true;
-        }
-        result
-    }
-
-    async fn send(
-        &mut self,
-        method: &str,
-        path: &str,
-        headers: &[(&str, &str)],
-        body: &[u8],
-    ) -> std::io::Result<Response> {
         let mut req = hyper::Request::builder()
             .method(method)
             .uri(path)
@@ -88,6 +74,14 @@ impl Client {
         let req = req
             .body(Full::new(Bytes::copy_from_slice(body)))
             .map_err(std::io::Error::other)?;
+        let result = self.send(req).await;
+        if result.is_err() {
+            self.closed = true;
+        }
+        result
+    }
+
+    async fn send(&mut self, req: hyper::Request<Full<Bytes>>) -> std::io::Result<Response> {
         self.sender.ready().await.map_err(std::io::Error::other)?;
         let res = self
             .sender
