@@ -37,6 +37,15 @@ impl Running {
             redis.quit().await;
         }
     }
+
+    /// Whether the service is ready: Redis connected (if configured) and, in notify mode, the
+    /// change feed live.
+    pub fn ready(&self) -> bool {
+        let store = &self.app.store;
+        let redis_ok = store.redis().is_none_or(|r| r.is_connected());
+        let notify = self.app.config.cache.consistency == Consistency::Notify;
+        redis_ok && (!notify || store.feed_live())
+    }
 }
 
 /// Waits for SIGTERM or SIGINT.
