@@ -12,22 +12,29 @@ one query (plain deferred loading would cost one query per field).
 
 from __future__ import annotations
 
-import types
 from typing import Any
 
 from django.contrib.auth import get_user_model
 from django.db import router
 
 
-def _load_rest(self: Any, using: Any = None, fields: Any = None, **kwargs: Any) -> None:
+class _LoadRest:
     """``refresh_from_db`` for a knoxgate user: when Django loads one deferred field, load them
-    all, so that reading first_name and then last_name costs one query, not two."""
-    if fields is not None:
-        deferred = self.get_deferred_fields()
-        fields = set(fields)
-        if fields and fields <= deferred:
-            fields = deferred
-    type(self).refresh_from_db(self, using=using, fields=fields, **kwargs)
+    all, so that reading first_name and then last_name costs one query, not two.
+
+    An object rather than a bound method so that the user still pickles and deep-copies."""
+
+    def __init__(self, user: Any) -> None:
+        self.user = user
+
+    def __call__(self, using: Any = None, fields: Any = None, **kwargs: Any) -> None:
+        user = self.user
+        if fields is not None:
+            deferred = user.get_deferred_fields()
+            fields = set(fields)
+            if fields and fields <= deferred:
+                fields = deferred
+        type(user).refresh_from_db(user, using=using, fields=fields, **kwargs)
 
 
 def build_user(user_id: int, attributes: dict[str, Any]) -> Any:
@@ -46,7 +53,7 @@ def build_user(user_id: int, attributes: dict[str, Any]) -> Any:
     db = router.db_for_read(model)
     user = model.from_db(db, names, [known[n] for n in names])
     # An instance attribute shadows the method for this object only; the class is untouched.
-    user.refresh_from_db = types.MethodType(_load_rest, user)
+    user.refresh_from_db = _LoadRest(user)
     return user
 
 

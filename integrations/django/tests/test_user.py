@@ -175,3 +175,14 @@ def test_utf8_username_header(client, django_user_model, django_assert_num_queri
         r = client.get("/api/names", headers={"X-Auth-User-Id": str(u.pk), "X-Auth-Username": raw, "X-Auth-Email": "z@example.com", "X-Auth-Is-Staff": "0", "X-Auth-Is-Superuser": "0"})
     assert r.json()["username"] == "zoë"
 
+
+
+def test_pickle_and_copy_keep_a_usable_user(alice):
+    import copy
+    import pickle
+
+    for clone in (pickle.loads(pickle.dumps(build_user(alice.pk, {}))), copy.deepcopy(build_user(alice.pk, {}))):
+        assert clone == alice and clone._state.adding is False
+        with CaptureQueriesContext(connection) as ctx:
+            assert (clone.first_name, clone.last_name) == ("Alice", "Liddell")
+        assert len(ctx.captured_queries) == 1
