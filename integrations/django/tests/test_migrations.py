@@ -162,3 +162,22 @@ def test_django_migrate_installs_what_knoxgate_migrate_installs(scratch_db):
     assert removed.returncode == 0, removed.stderr
     with psycopg.connect(dbname=name, **PG) as conn, conn.cursor() as cur:
         assert catalog_snapshot(cur) == {"functions": [], "triggers": [], "log_columns": [], "log_indexes": []}
+
+
+def test_trigger_sql_dir_setting(settings, tmp_path):
+    """KNOXGATE["TRIGGER_SQL_DIR"] replaces the shipped SQL (other table names)."""
+    import importlib
+
+    module = importlib.import_module("knoxgate_django.migrations.0001_triggers")
+    (tmp_path / "install.sql").write_text("SELECT 'install for accounts_user';\n")
+    (tmp_path / "uninstall.sql").write_text("SELECT 'uninstall for accounts_user';\n")
+    settings.KNOXGATE = {**settings.KNOXGATE, "TRIGGER_SQL_DIR": str(tmp_path)}
+    try:
+        (op,) = importlib.reload(module).Migration.operations
+        assert op.sql == ["SELECT 'install for accounts_user';\n"]
+        assert op.reverse_sql == ["SELECT 'uninstall for accounts_user';\n"]
+    finally:
+        del settings.KNOXGATE["TRIGGER_SQL_DIR"]
+        importlib.reload(module)
+    (op,) = module.Migration.operations
+    assert op.sql == [(SQL_DIR / "install.sql").read_text()]
