@@ -148,3 +148,22 @@ def test_asgi_spoofed_spellings_are_refused(alice, django_user_model, headers):
 def test_asgi_underscore_twin_of_an_attribute_header_is_refused(alice):
     headers = [(b"x-auth-user-id", str(alice.pk).encode()), (b"x_auth_is_staff", b"true")]
     assert asgi_get("/plain/whoami", headers) == (200, {"authenticated": False, "id": None})
+
+
+def test_middleware_runs_natively_in_async_stacks(rf, alice):
+    import asyncio
+
+    from knoxgate_django.middleware import KnoxgateMiddleware
+
+    async def view(request):
+        return request.user
+
+    mw = KnoxgateMiddleware(view)
+    assert asyncio.iscoroutinefunction(mw)
+    request = rf.get("/", headers={"X-Auth-User-Id": str(alice.pk)})
+    user = asyncio.run(mw(request))
+    assert user.pk == alice.pk and user.is_authenticated
+
+    sync_mw = KnoxgateMiddleware(lambda request: request.user)
+    assert not asyncio.iscoroutinefunction(sync_mw)
+    assert sync_mw(rf.get("/", headers={"X-Auth-User-Id": "x"})).is_anonymous
