@@ -167,3 +167,11 @@ def test_middleware_runs_natively_in_async_stacks(rf, alice):
     sync_mw = KnoxgateMiddleware(lambda request: request.user)
     assert not asyncio.iscoroutinefunction(sync_mw)
     assert sync_mw(rf.get("/", headers={"X-Auth-User-Id": "x"})).is_anonymous
+
+
+def test_refusals_are_logged(client, alice, caplog):
+    with caplog.at_level("WARNING", logger="knoxgate_django"):
+        client.get("/plain/whoami", headers={"X-Auth-User-Id": "1,2"})
+    assert [r.getMessage() for r in caplog.records if r.name == "knoxgate_django"] == [
+        "knoxgate identity refused: header 'x-auth-user-id' is not a single user id"
+    ]
