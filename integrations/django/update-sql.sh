@@ -24,6 +24,7 @@ print_sql() {
     env "${clean_env[@]}" KNOXGATE_POSTGRES_URL="postgres://unused@127.0.0.1:1/unused" \
         cargo run --quiet --locked -- migrate --print-sql "$@"
 }
+trap 'rm -f "$out/install.sql.new" "$out/uninstall.sql.new"' EXIT
 print_sql >"$out/install.sql.new"
 print_sql --uninstall-triggers >"$out/uninstall.sql.new"
 mv "$out/install.sql.new" "$out/install.sql"
