@@ -13,4 +13,5 @@ mod overload;
 mod refresh;
 mod startup;
 mod throttle;
+mod tracing;
 mod verify;
