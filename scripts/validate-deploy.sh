@@ -27,7 +27,7 @@ VALIDATE_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/validate-deploy" && pwd)
 source "$VALIDATE_DIR/lib.sh"
 # shellcheck source=validate-deploy/tools.sh
 source "$VALIDATE_DIR/tools.sh"
-for part in dockerfile lint nginx caddy kubernetes prometheus knoxgate semantic; do
+for part in dockerfile lint nginx caddy kubernetes prometheus knoxgate monitoring semantic; do
     # shellcheck source=/dev/null
     source "$VALIDATE_DIR/$part.sh"
 done
