@@ -3,9 +3,10 @@
 
 # --- shell --------------------------------------------------------------------------------------
 
-SHELL_FILES=(scripts/validate-deploy.sh scripts/validate-deploy/*.sh deploy/docker/stub-cargo-targets.sh)
+SHELL_FILES=(scripts/validate-deploy.sh scripts/validate-deploy/*.sh scripts/container-test.sh
+    scripts/container-test/postgres/entrypoint.sh deploy/docker/stub-cargo-targets.sh)
 # -x follows `source`, so the driver is checked together with the parts it runs.
-check "shellcheck -x (${#SHELL_FILES[@]} files: validate-deploy and its parts, the stub script)" \
+check "shellcheck -x (${#SHELL_FILES[@]} files: validate-deploy, container-test, the postgres stand-in, the stub script)" \
     "$LINT_VENV/bin/shellcheck" -x -P SCRIPTDIR "${SHELL_FILES[@]}"
 
 # --- YAML ---------------------------------------------------------------------------------------
