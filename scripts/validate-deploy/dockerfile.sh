@@ -28,3 +28,8 @@ EOF
 }
 check "deploy/docker/stub-cargo-targets.sh stubs every declared cargo target" stub_test
 
+# The base-image stand-ins of scripts/container-test.sh. They install Debian 12's current package
+# versions on purpose (DL3008) and run as the Debian packages' named users (DL3066).
+mapfile -t STANDIN_FILES < <(find scripts/container-test -name Containerfile | sort)
+check "hadolint scripts/container-test/*/Containerfile (${#STANDIN_FILES[@]} stand-ins; DL3008, DL3066 ignored)" \
+    "$LINT_VENV/bin/hadolint" --ignore DL3008 --ignore DL3066 "${STANDIN_FILES[@]}"
