@@ -213,21 +213,13 @@ resolve_image() {
 RUST_FROM=$(awk '$1 == "FROM" && $2 ~ /^rust:/ {print $2; exit}' Dockerfile)
 RUNTIME_FROM=$(awk '$1 == "FROM" {last = $2} END {print last}' Dockerfile)
 [[ -n $RUST_FROM && -n $RUNTIME_FROM ]] || fail "Dockerfile: expected FROM rust:... and a runtime FROM"
-RUST_VERSION=$(sed -E 's/^rust:([0-9.]+).*/\1/' <<<"$RUST_FROM")
 
-# The Rust stand-in gets the host's rustup toolchain of the Dockerfile's version when there is
-# one (the exact compiler users get), else Debian's rustc-web (bookworm-security).
-HOST_SYSROOT=$(rustc "+$RUST_VERSION" --print sysroot 2>/dev/null || true)
+# The Rust stand-in's build context gets the host's extra CA certificates (if any).
 rust_context() {
-    mkdir -p "$1/local-ca" "$1/toolchain"
+    mkdir -p "$1/local-ca"
     cp /usr/local/share/ca-certificates/*.crt "$1/local-ca/" 2>/dev/null || true
-    if [[ -n $HOST_SYSROOT ]]; then
-        cp -al "$HOST_SYSROOT/." "$1/toolchain/" 2>/dev/null || cp -a "$HOST_SYSROOT/." "$1/toolchain/"
-        rm -rf "$1/toolchain/share/doc"
-    fi
 }
-RUST_EXTRA="toolchain=$(rustc "+$RUST_VERSION" --version 2>/dev/null || echo debian-rustc-web)"
-RUST_EXTRA+=" ca=$(cat /usr/local/share/ca-certificates/*.crt 2>/dev/null | sha256sum | cut -c1-16)"
+RUST_EXTRA="ca=$(cat /usr/local/share/ca-certificates/*.crt 2>/dev/null | sha256sum | cut -c1-16)"
 
 # from_image NAME DIR EXTRA: like resolve_image, but a stand-in is tagged NAME for the build.
 from_image() {
