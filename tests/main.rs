@@ -11,6 +11,7 @@ mod login;
 mod logout;
 mod overload;
 mod refresh;
+mod revocation;
 mod startup;
 mod throttle;
 mod tracing;
