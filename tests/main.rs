@@ -10,6 +10,7 @@ mod hostile;
 mod login;
 mod logout;
 mod overload;
+mod redis_tls;
 mod refresh;
 mod revocation;
 mod startup;

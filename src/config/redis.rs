@@ -55,6 +55,12 @@ pub struct RedisFile {
     pub unresponsive_timeout: Duration,
     #[serde(with = "value::duration")]
     pub breaker_cooldown: Duration,
+    /// PEM file of the CA(s) that sign the server's certificate (`rediss://`); empty: the
+    /// system's roots.
+    pub ca_file: String,
+    /// PEM client certificate chain and key, for servers that require client certificates.
+    pub client_cert_file: String,
+    pub client_key_file: String,
 }
 
 impl Default for RedisFile {
@@ -69,6 +75,9 @@ impl Default for RedisFile {
             reconnect_max_delay: DEFAULT_RECONNECT_MAX_DELAY,
             unresponsive_timeout: DEFAULT_UNRESPONSIVE_TIMEOUT,
             breaker_cooldown: DEFAULT_BREAKER_COOLDOWN,
+            ca_file: String::new(),
+            client_cert_file: String::new(),
+            client_key_file: String::new(),
         }
     }
 }
@@ -94,6 +103,16 @@ pub struct RedisConfig {
     pub unresponsive_timeout: Duration,
     /// After a failure, Redis is skipped for this long.
     pub breaker_cooldown: Duration,
+    /// TLS trust and client identity for `rediss://` URLs.
+    pub tls: RedisTls,
+}
+
+/// Files for TLS to Redis; all `None`: the system's roots, no client certificate.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RedisTls {
+    pub ca_file: Option<String>,
+    /// Certificate chain and key, set together.
+    pub client_cert: Option<(String, String)>,
 }
 
 impl RedisConfig {
@@ -127,6 +146,35 @@ impl TryFrom<RedisFile> for RedisConfig {
                 "must be non-empty, without braces",
             ));
         }
+        let file_key = |key: &str, path: &str| -> Result<Option<String>, ConfigError> {
+            let path = path.trim();
+            if path.is_empty() {
+                return Ok(None);
+            }
+            std::fs::metadata(path).map_err(|e| invalid(key, format!("`{path}`: {e}")))?;
+            Ok(Some(path.to_owned()))
+        };
+        let ca_file = file_key("redis.ca_file", &file.ca_file)?;
+        let client_cert = match (
+            file_key("redis.client_cert_file", &file.client_cert_file)?,
+            file_key("redis.client_key_file", &file.client_key_file)?,
+        ) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            _ => {
+                return Err(invalid(
+                    "redis.client_cert_file",
+                    "set redis.client_cert_file and redis.client_key_file together",
+                ));
+            }
+        };
+        let tls_files = ca_file.is_some() || client_cert.is_some();
+        if tls_files && !url.as_deref().is_some_and(|u| u.starts_with("rediss")) {
+            return Err(invalid(
+                "redis.ca_file",
+                "TLS files need a TLS URL (rediss://, rediss-sentinel://, rediss-cluster://)",
+            ));
+        }
         if file.max_cache_ttl < MIN_MAX_CACHE_TTL {
             return Err(invalid("redis.max_cache_ttl", "must be at least 1s"));
         }
@@ -140,6 +188,10 @@ impl TryFrom<RedisFile> for RedisConfig {
             reconnect_max_delay: file.reconnect_max_delay,
             unresponsive_timeout: file.unresponsive_timeout,
             breaker_cooldown: file.breaker_cooldown,
+            tls: RedisTls {
+                ca_file,
+                client_cert,
+            },
         })
     }
 }

@@ -29,6 +29,7 @@ pub mod postgres;
 mod read;
 pub mod redis;
 pub mod schema;
+pub mod tls;
 pub mod tombstones;
 mod users;
 mod write;

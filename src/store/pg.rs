@@ -1,7 +1,7 @@
 //! Postgres connection set-up shared by the pool, the change-feed listener, migrations and the
 //! operator CLI: the URL with every timeout set, and TLS when the URL asks for it.
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
 use super::StoreError;
 use crate::config::PostgresConfig;
@@ -40,30 +40,8 @@ pub fn tls_connector(
     if pg.get_ssl_mode() != tokio_postgres::config::SslMode::Require {
         return Ok(None);
     }
-    let mut roots = rustls::RootCertStore::empty();
-    match &cfg.ca_file {
-        Some(path) => {
-            use rustls::pki_types::{CertificateDer, pem::PemObject};
-            let certs = CertificateDer::pem_file_iter(path)
-                .map_err(|e| StoreError::Unavailable(format!("postgres.ca_file {path}: {e}")))?;
-            for cert in certs {
-                let cert = cert.map_err(|e| {
-                    StoreError::Unavailable(format!("postgres.ca_file {path}: {e}"))
-                })?;
-                roots.add(cert).map_err(|e| {
-                    StoreError::Unavailable(format!("postgres.ca_file {path}: {e}"))
-                })?;
-            }
-        }
-        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| StoreError::Unavailable(format!("TLS set-up: {e}")))?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let config = super::tls::client_config(cfg.ca_file.as_deref(), None)
+        .map_err(|e| StoreError::Unavailable(format!("postgres.ca_file {e}")))?;
     Ok(Some(tokio_postgres_rustls::MakeRustlsConnect::new(config)))
 }
 

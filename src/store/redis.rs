@@ -106,18 +106,18 @@ impl Breaker {
         !self.tripped.load(Ordering::Acquire)
     }
 
-    fn trip(&self) {
+    /// Opens the breaker; true when it was closed (a change of state worth logging).
+    fn trip(&self) -> bool {
         self.next_probe_ms.store(
             self.now_ms() + self.cooldown.as_millis() as u64,
             Ordering::Release,
         );
-        self.tripped.store(true, Ordering::Release);
+        !self.tripped.swap(true, Ordering::AcqRel)
     }
 
-    fn close(&self) {
-        if self.tripped.load(Ordering::Acquire) {
-            self.tripped.store(false, Ordering::Release);
-        }
+    /// Closes the breaker; true when it was open.
+    fn close(&self) -> bool {
+        self.tripped.swap(false, Ordering::AcqRel)
     }
 }
 
@@ -130,6 +130,17 @@ impl RedisTier {
         metrics: Arc<Metrics>,
     ) -> Result<Self, RedisError> {
         let mut config = FredConfig::from_url(url)?;
+        let tls = &cfg.tls;
+        if config.tls.is_some() && (tls.ca_file.is_some() || tls.client_cert.is_some()) {
+            let client = crate::store::tls::client_config(
+                tls.ca_file.as_deref(),
+                tls.client_cert
+                    .as_ref()
+                    .map(|(c, k)| (c.as_str(), k.as_str())),
+            )
+            .map_err(|e| RedisError(format!("redis TLS files: {e}")))?;
+            config.tls = Some(fred::types::config::TlsConfig::from(client));
+        }
         // Start even while Redis is down; the reconnect policy brings it in later.
         config.fail_fast = false;
         let mut builder = Builder::from_config(config);
@@ -160,19 +171,28 @@ impl RedisTier {
         for client in pool.clients() {
             // A dropped or stalled connection opens the breaker at once, before any request
             // has to wait out a command timeout to find out; a reconnection closes it.
+            // Logged once per change of state, with the cause (a refused TLS certificate, a
+            // refused connection, an authentication error), at the default level.
             let b = Arc::clone(&breaker);
-            client.on_error(move |_| {
-                b.trip();
+            client.on_error(move |(error, server)| {
+                if b.trip() {
+                    let server = server.map(|s| s.to_string()).unwrap_or_default();
+                    tracing::warn!(%error, %server, "redis unavailable; answering from Postgres until it is back");
+                }
                 std::future::ready(Ok(()))
             });
             let b = Arc::clone(&breaker);
-            client.on_unresponsive(move |_| {
-                b.trip();
+            client.on_unresponsive(move |server| {
+                if b.trip() {
+                    tracing::warn!(%server, "redis stopped answering; answering from Postgres until it is back");
+                }
                 std::future::ready(Ok(()))
             });
             let b = Arc::clone(&breaker);
-            client.on_reconnect(move |_| {
-                b.close();
+            client.on_reconnect(move |server| {
+                if b.close() {
+                    tracing::info!(%server, "redis connection re-established");
+                }
                 std::future::ready(Ok(()))
             });
         }
@@ -226,20 +246,26 @@ impl RedisTier {
         r: Result<T, fred::error::Error>,
     ) -> Result<T, RedisError> {
         self.metrics.redis_command(op);
-        if r.is_ok() {
-            self.breaker.close();
+        if r.is_ok() && self.breaker.close() {
+            tracing::info!(op, "redis answers again");
         }
         r.map_err(|e| {
             self.metrics.redis_error(op);
-            if matches!(
+            let connection_lost = matches!(
                 e.kind(),
                 fred::error::ErrorKind::IO
                     | fred::error::ErrorKind::Timeout
                     | fred::error::ErrorKind::Canceled
-            ) {
-                self.breaker.trip();
+            );
+            if connection_lost && self.breaker.trip() {
+                tracing::warn!(op, error = %e, "redis unavailable; answering from Postgres until it is back");
+            } else if !matches!(op, "get" | "smembers") {
+                // A refused write (READONLY, MISCONF, NOREPLICAS, OOM) leaves Redis behind a
+                // revocation or a login: worth a line each, and they are rare.
+                tracing::warn!(op, error = %e, "redis refused a write");
+            } else {
+                tracing::debug!(op, error = %e, "redis command failed");
             }
-            tracing::debug!(op, error = %e, "redis command failed");
             RedisError::from(e)
         })
     }
@@ -357,5 +383,25 @@ impl RedisTier {
     /// Closes the connections.
     pub async fn quit(&self) {
         let _ = self.pool.quit().await;
+    }
+}
+
+#[cfg(test)]
+mod breaker_tests {
+    use super::*;
+
+    #[test]
+    fn closed_admits_everyone_open_admits_one_probe_per_cooldown() {
+        let b = Breaker::new(Duration::from_millis(50));
+        assert!(b.admit() && b.admit(), "closed: every request");
+        assert!(b.trip(), "a change of state");
+        assert!(!b.trip(), "already open");
+        assert!(!b.admit(), "open: nobody during the cool-down");
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(b.admit(), "one probe after the cool-down");
+        assert!(!b.admit(), "and only one");
+        assert!(b.close(), "a change of state");
+        assert!(!b.close());
+        assert!(b.is_closed() && b.admit());
     }
 }

@@ -12,11 +12,14 @@ pub struct Binary {
     child: std::process::Child,
     pub addr: SocketAddr,
     pub admin: SocketAddr,
+    /// Where its stderr (the log) goes.
+    log: tempfile::NamedTempFile,
 }
 
 impl Binary {
     pub fn spawn(db_url: &str, env: &[(&str, String)]) -> Binary {
         let (port, admin) = (super::free_port(), super::free_port());
+        let log = tempfile::NamedTempFile::new().expect("log file");
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_knoxgate"))
             .arg("serve")
             .env("KNOXGATE_POSTGRES_URL", db_url)
@@ -25,14 +28,20 @@ impl Binary {
             .env("KNOXGATE_LISTEN", format!("127.0.0.1:{port}"))
             .env("KNOXGATE_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .stderr(std::process::Stdio::null())
+            .stderr(log.reopen().expect("log file"))
             .spawn()
             .expect("start the knoxgate binary");
         Binary {
             child,
+            log,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             admin: SocketAddr::from(([127, 0, 0, 1], admin)),
         }
+    }
+
+    /// What it has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
     }
 
     /// Waits until the admin port accepts connections.
