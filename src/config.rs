@@ -98,7 +98,11 @@ file_section!(SessionsFile {
 
 file_section!(PostgresFile {
     url: String = "postgres://postgres@127.0.0.1:5432/postgres",
-    pool_size: u64 = 16u64,
+    // Fleet keys (issue #12): a sidecar-sized pool, idle reaping, PgBouncer, the feed's URL.
+    pool_size: u64 = 4u64,
+    idle_timeout: String = "30s",
+    pgbouncer: bool = false,
+    feed_url: String = "",
     connect_timeout: String = "2s",
     pool_wait_timeout: String = "1s",
     pool_recycle_timeout: String = "1s",
@@ -135,6 +139,7 @@ file_section!(CacheFile {
     feed_retention: String = "1d",
     feed_reconnect_delay: String = "500ms",
     feed_health_interval: String = "5s",
+    feed_echo_timeout: String = "2s",
 });
 
 file_section!(LogFile {
@@ -254,6 +259,12 @@ impl SessionsConfig {
 pub struct PostgresConfig {
     pub url: String,
     pub pool_size: usize,
+    /// Pooled connections unused this long are closed.
+    pub idle_timeout: Duration,
+    /// `url` is a PgBouncer in transaction mode: no startup options, no named statements.
+    pub pgbouncer: bool,
+    /// The change feed's connection (direct to the primary); `url` when not set.
+    pub feed_url: String,
     pub connect_timeout: Duration,
     pub pool_wait_timeout: Duration,
     pub pool_recycle_timeout: Duration,
@@ -314,6 +325,7 @@ pub struct CacheConfig {
     pub feed_retention: Duration,
     pub feed_reconnect_delay: Duration,
     pub feed_health_interval: Duration,
+    pub feed_echo_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -410,6 +422,13 @@ fn sql_identifier(key: &str, s: &str) -> Result<String, ConfigError> {
     } else {
         Err(invalid(key, format!("`{s}` is not a plain SQL identifier")))
     }
+}
+
+/// A Postgres URL (one host or several, `host1:5432,host2:5432`), checked but kept as written.
+fn postgres_url(key: &str, s: &str) -> Result<String, ConfigError> {
+    s.parse::<tokio_postgres::Config>()
+        .map_err(|e| invalid(key, format!("not a Postgres URL: {e}")))?;
+    Ok(s.to_owned())
 }
 
 fn column(key: &str, s: &str) -> Result<String, ConfigError> {
@@ -687,14 +706,14 @@ impl FileConfig {
             trusted_proxies,
         };
         let postgres = PostgresConfig {
-            url: {
-                postgres
-                    .url
-                    .parse::<tokio_postgres::Config>()
-                    .map_err(|e| invalid("postgres.url", format!("not a Postgres URL: {e}")))?;
-                postgres.url
+            feed_url: match postgres.feed_url.trim() {
+                "" => postgres.url.clone(),
+                url => postgres_url("postgres.feed_url", url)?,
             },
+            url: postgres_url("postgres.url", &postgres.url)?,
             pool_size: nonzero("postgres.pool_size", postgres.pool_size)? as usize,
+            idle_timeout: parse_duration("postgres.idle_timeout", &postgres.idle_timeout)?,
+            pgbouncer: postgres.pgbouncer,
             connect_timeout: parse_duration("postgres.connect_timeout", &postgres.connect_timeout)?,
             pool_wait_timeout: parse_duration(
                 "postgres.pool_wait_timeout",
@@ -799,6 +818,7 @@ impl FileConfig {
                 "cache.feed_health_interval",
                 &cache.feed_health_interval,
             )?,
+            feed_echo_timeout: parse_duration("cache.feed_echo_timeout", &cache.feed_echo_timeout)?,
         };
         let log = LogConfig {
             format: match log.format.as_str() {
