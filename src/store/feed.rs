@@ -9,11 +9,12 @@
 //!
 //! A connected listener is not proof of a hearing one: behind PgBouncer in transaction mode the
 //! LISTEN lands on a server connection that goes back to PgBouncer's pool, and notifications
-//! never arrive. So the feed proves it hears: after catching up, and on every health tick, it
-//! sends a NOTIFY through the pool on a channel of its own (payload `h|<instance>|<seq>`) and
-//! expects it back within `cache.feed_echo_timeout`. Until the first echo it is not live; when
+//! never arrive. So the feed proves it hears: after catching up, and on every health tick while
+//! requests use the pool, it sends a NOTIFY through the pool on a channel of its own (payload
+//! `h|<instance>|<seq>`) and expects it back within `cache.feed_echo_timeout`. Until the first echo it is not live; when
 //! one is missed it is reported deaf (not live, `/readyz` not ready) and answers are confirmed
 //! with Postgres. If it starts hearing again it reconnects, to replay what it may have missed.
+//! Its statements are unnamed, so that even through a transaction pooler it gets that far.
 
 use std::{sync::Arc, time::Duration};
 
@@ -21,7 +22,7 @@ use tokio::{
     sync::{mpsc, watch},
     time::Instant,
 };
-use tokio_postgres::{AsyncMessage, Socket, tls::MakeTlsConnect};
+use tokio_postgres::{AsyncMessage, Socket, tls::MakeTlsConnect, types::Type};
 
 use super::{Change, Store, StoreError, pg, schema};
 use crate::{
@@ -243,13 +244,13 @@ where
         let window = config.redis.max_cache_ttl + REPLAY_SLACK;
         let replay = tokio::time::timeout(
             deadline * 5,
-            client.query(
+            client.query_typed(
                 &format!(
                     "SELECT kind, user_id, coalesce(token_key, '') FROM {} \
                      WHERE logged_at > now() - make_interval(secs => $1) ORDER BY id",
                     schema::LOG_TABLE
                 ),
-                &[&window.as_secs_f64()],
+                &[(&window.as_secs_f64(), Type::FLOAT8)],
             ),
         )
         .await;
@@ -264,12 +265,12 @@ where
         }
         let pruned = tokio::time::timeout(
             deadline * 5,
-            client.execute(
+            client.execute_typed(
                 &format!(
                     "DELETE FROM {} WHERE logged_at < now() - make_interval(secs => $1)",
                     schema::LOG_TABLE
                 ),
-                &[&config.cache.feed_retention.as_secs_f64()],
+                &[(&config.cache.feed_retention.as_secs_f64(), Type::FLOAT8)],
             ),
         )
         .await;
@@ -345,14 +346,18 @@ where
                     // A dead peer goes quiet rather than failing: ask it something.
                     let r = tokio::time::timeout(deadline, client.simple_query("SELECT 1")).await;
                     timed(metrics, "health check", r)?;
-                    if pending.is_none() {
+                    // Re-checked only while requests use the pool anyway: an idle instance's
+                    // self-test must not hold a pooled connection open. A session that heard
+                    // once keeps hearing (LISTEN belongs to the session); the check at each
+                    // (re)connect is the one that catches a transaction pooler.
+                    if pending.is_none() && !store.postgres().quiet() {
                         pending = send_echo(store, echo, config).await;
                     }
                 }
                 _ = prune.tick() => {
-                    let r = tokio::time::timeout(deadline * 5, client.execute(
+                    let r = tokio::time::timeout(deadline * 5, client.execute_typed(
                         &format!("DELETE FROM {} WHERE logged_at < now() - make_interval(secs => $1)", schema::LOG_TABLE),
-                        &[&config.cache.feed_retention.as_secs_f64()],
+                        &[(&config.cache.feed_retention.as_secs_f64(), Type::FLOAT8)],
                     )).await;
                     timed(metrics, "prune", r)?;
                 }

@@ -12,7 +12,13 @@
 //! Idle connections are closed after `postgres.idle_timeout` ([`Postgres::close_idle`]), so an
 //! idle sidecar holds no pooled connection.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime, Timeouts};
 use time::OffsetDateTime;
@@ -124,6 +130,23 @@ pub struct Postgres {
     pub(super) statement_timeout: Duration,
     pub(super) idle_in_transaction_timeout: Duration,
     idle_timeout: Duration,
+    /// When a request last used the pool: milliseconds since `born`, plus one; 0 = never.
+    /// Readiness probes and the feed's self-test do not count, so they cannot keep an
+    /// otherwise idle instance's connections open.
+    last_request: Arc<AtomicU64>,
+    born: Instant,
+}
+
+/// Why a statement is sent: it decides whether it is counted in
+/// `knoxgate_sql_statements_total` and whether it keeps pooled connections open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    /// A request's SQL: counted, and the pool is in use.
+    Request,
+    /// `/readyz`: counted, but not use.
+    Probe,
+    /// The change feed's self-test: neither.
+    Feed,
 }
 
 /// One statement parameter with its Postgres type.
@@ -204,16 +227,40 @@ impl Postgres {
             statement_timeout: cfg.statement_timeout,
             idle_in_transaction_timeout: idle_in_transaction_timeout(cfg),
             idle_timeout: cfg.idle_timeout,
+            last_request: Arc::default(),
+            born: Instant::now(),
         })
     }
 
-    /// Closes pooled connections unused for `postgres.idle_timeout`; returns how many.
-    /// deadpool never closes idle connections itself: without this a sidecar that served one
-    /// burst would hold `pool_size` backends (or PgBouncer client slots) forever.
+    /// Records that a request used the pool.
+    pub(super) fn note_request(&self) {
+        let ms = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+        self.last_request.store(ms + 1, Ordering::Relaxed);
+    }
+
+    /// True when no request has used the pool for `postgres.idle_timeout` (or ever).
+    pub fn quiet(&self) -> bool {
+        match self.last_request.load(Ordering::Relaxed) {
+            0 => true,
+            ms => {
+                self.born
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(ms - 1))
+                    >= self.idle_timeout
+            }
+        }
+    }
+
+    /// Closes pooled connections unused for `postgres.idle_timeout`, and every idle one once
+    /// no request has used the pool for that long (probes and the feed's self-test would
+    /// otherwise keep one open); returns how many. deadpool never closes idle connections
+    /// itself: without this a sidecar that served one burst would hold `pool_size` backends
+    /// (or PgBouncer client slots) forever.
     pub fn close_idle(&self) -> usize {
         let idle_timeout = self.idle_timeout;
+        let quiet = self.quiet();
         self.pool
-            .retain(|_, m| m.last_used() < idle_timeout)
+            .retain(|_, m| !quiet && m.last_used() < idle_timeout)
             .removed
             .len()
     }
@@ -254,18 +301,7 @@ impl Postgres {
         sql: &str,
         params: &[Param<'_>],
     ) -> Result<Vec<Row>, StoreError> {
-        Box::pin(self.query_unboxed(label, sql, params, true)).await
-    }
-
-    /// [`Postgres::query`] without counting the statement in `knoxgate_sql_statements_total`,
-    /// which counts the SQL that requests cost; the feed's own statements are not among them.
-    async fn query_uncounted(
-        &self,
-        label: &'static str,
-        sql: &str,
-        params: &[Param<'_>],
-    ) -> Result<Vec<Row>, StoreError> {
-        Box::pin(self.query_unboxed(label, sql, params, false)).await
+        Box::pin(self.query_unboxed(label, sql, params, Purpose::Request)).await
     }
 
     async fn query_unboxed(
@@ -273,10 +309,14 @@ impl Postgres {
         label: &'static str,
         sql: &str,
         params: &[Param<'_>],
-        counted: bool,
+        purpose: Purpose,
     ) -> Result<Vec<Row>, StoreError> {
+        if purpose == Purpose::Request {
+            self.note_request();
+        }
         let client = self.client().await?;
-        if counted {
+        // The feed's statements are not among the SQL that requests cost.
+        if purpose != Purpose::Feed {
             self.metrics.sql(label);
         }
         let result = tokio::time::timeout(self.statement_deadline, async {
@@ -384,17 +424,21 @@ impl Postgres {
 
     /// Sends a notification through the pool (the change feed's self-test).
     pub async fn notify(&self, channel: &str, payload: &str) -> Result<(), StoreError> {
-        self.query_uncounted(
+        let params: &[Param<'_>] = &[(&channel, Type::TEXT), (&payload, Type::TEXT)];
+        Box::pin(self.query_unboxed(
             "feed_echo",
             "SELECT pg_notify($1, $2)",
-            &[(&channel, Type::TEXT), (&payload, Type::TEXT)],
-        )
+            params,
+            Purpose::Feed,
+        ))
         .await
         .map(drop)
     }
 
     /// A round trip, for readiness.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        self.query("ping", "SELECT 1", &[]).await.map(drop)
+        Box::pin(self.query_unboxed("ping", "SELECT 1", &[], Purpose::Probe))
+            .await
+            .map(drop)
     }
 }

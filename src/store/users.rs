@@ -65,6 +65,7 @@ impl Postgres {
     /// checking the per-user limit, and stamps `last_login`, in one transaction.
     /// Returns `Ok(None)` when the limit is reached.
     pub async fn create_token(&self, new: &NewToken<'_>) -> Result<Option<String>, StoreError> {
+        self.note_request();
         let mut client = self.client().await?;
         let sql = &self.sql;
         let metrics = &self.metrics;

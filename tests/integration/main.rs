@@ -3,6 +3,12 @@
 
 mod support;
 
+// Fleet: private Postgres clusters, PgBouncer, failover, connection budget.
+mod cluster;
+mod connections;
+mod failover;
+mod pgbouncer;
+
 mod feed;
 mod hostile;
 mod overload;
