@@ -10,7 +10,7 @@ use super::respond::{self, Body};
 use crate::{
     auth::{DenyReason, Outcome, decide, parse_authorization, refreshed_expiry},
     error::Error,
-    metrics::OutcomeLabels,
+    metrics::{Reason, VerifyOutcome},
     state::App,
     store::KeptRow,
 };
@@ -31,7 +31,7 @@ pub async fn authenticate(
         .map(|v| v.as_bytes())
         .collect();
     let presented = match parse_authorization(&values, &cfg.knox.auth_header_prefix)
-        .into_presented(cfg.verify.max_token_chars)
+        .into_presented(cfg.verify.max_token_chars.get())
     {
         Ok(p) => p,
         Err(reason) => return Ok(Err(reason)),
@@ -75,43 +75,35 @@ pub async fn authenticate(
 pub async fn verify(app: &Arc<App>, method: &Method, headers: &HeaderMap) -> Response<Body> {
     let started = std::time::Instant::now();
     let cfg = &app.config;
-    let (response, labels) = if cfg.verify.allow_cors_preflight
+    let (response, outcome, reason) = if cfg.verify.allow_cors_preflight
         && method == Method::OPTIONS
         && headers.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
     {
         (
             respond::preflight(),
-            OutcomeLabels {
-                outcome: "allow",
-                reason: "cors_preflight",
-            },
+            VerifyOutcome::Allow,
+            Reason::CorsPreflight,
         )
     } else {
         match authenticate(app, headers).await {
             Ok(Ok(auth)) => (
                 respond::allow(auth.row(), &cfg.verify),
-                OutcomeLabels {
-                    outcome: "allow",
-                    reason: "valid",
-                },
+                VerifyOutcome::Allow,
+                Reason::Valid,
             ),
             Ok(Err(reason)) => (
                 respond::deny(reason, &cfg.knox.auth_header_prefix),
-                OutcomeLabels {
-                    outcome: "deny",
-                    reason: reason.label(),
-                },
+                VerifyOutcome::Deny,
+                Reason::Denied(reason),
             ),
             Err(e) => (
                 respond::error(&e),
-                OutcomeLabels {
-                    outcome: "error",
-                    reason: e.label(),
-                },
+                VerifyOutcome::Error,
+                Reason::Failed(e.label()),
             ),
         }
     };
-    app.metrics.verify_outcome(labels.outcome, labels.reason);
+    app.metrics.verify_outcome(outcome, reason);
     app.metrics
         .verify_duration
         .observe(started.elapsed().as_secs_f64());

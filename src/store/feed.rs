@@ -233,7 +233,7 @@ where
         }
     });
     let result = async {
-        let deadline = config.postgres.statement_timeout + Duration::from_secs(1);
+        let deadline = config.postgres.feed_query_deadline();
         if !timed(metrics, "trigger check", tokio::time::timeout(deadline, schema::triggers_installed(&client, &config.postgres)).await)? {
             return Err(StoreError::Query("the change-feed triggers are not installed: run `knoxgate migrate`".into()));
         }
@@ -243,7 +243,7 @@ where
         // Catch up on everything that could still be cached anywhere.
         let window = config.redis.max_cache_ttl + REPLAY_SLACK;
         let replay = tokio::time::timeout(
-            deadline * 5,
+            config.postgres.feed_bulk_deadline(),
             client.query_typed(
                 &format!(
                     "SELECT kind, user_id, coalesce(token_key, '') FROM {} \
@@ -264,7 +264,7 @@ where
             }
         }
         let pruned = tokio::time::timeout(
-            deadline * 5,
+            config.postgres.feed_bulk_deadline(),
             client.execute_typed(
                 &format!(
                     "DELETE FROM {} WHERE logged_at < now() - make_interval(secs => $1)",
@@ -355,7 +355,7 @@ where
                     }
                 }
                 _ = prune.tick() => {
-                    let r = tokio::time::timeout(deadline * 5, client.execute_typed(
+                    let r = tokio::time::timeout(config.postgres.feed_bulk_deadline(), client.execute_typed(
                         &format!("DELETE FROM {} WHERE logged_at < now() - make_interval(secs => $1)", schema::LOG_TABLE),
                         &[(&config.cache.feed_retention.as_secs_f64(), Type::FLOAT8)],
                     )).await;

@@ -36,23 +36,18 @@ fn config_for(cfg: &PostgresConfig, url: &str) -> Result<tokio_postgres::Config,
     pg.connect_timeout(cfg.connect_timeout);
     pg.keepalives(true);
     pg.keepalives_idle(Duration::from_secs(30));
-    pg.tcp_user_timeout(cfg.connect_timeout.max(Duration::from_secs(5)));
+    pg.tcp_user_timeout(cfg.tcp_user_timeout());
     pg.application_name(APPLICATION_NAME);
     if sends_startup_options(cfg, url) {
         let options = format!(
             "{} -c statement_timeout={} -c idle_in_transaction_session_timeout={}",
             pg.get_options().unwrap_or(""),
             cfg.statement_timeout.as_millis(),
-            idle_in_transaction_timeout(cfg).as_millis(),
+            cfg.idle_in_transaction_timeout().as_millis(),
         );
         pg.options(options.trim());
     }
     Ok(pg)
-}
-
-/// Server-side bound on a transaction left open by a client that went away.
-pub fn idle_in_transaction_timeout(cfg: &PostgresConfig) -> Duration {
-    cfg.statement_timeout * 5
 }
 
 /// TLS for Postgres: rustls when the connection settings ask for it (`sslmode=require`),

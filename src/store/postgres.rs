@@ -29,7 +29,7 @@ use tokio_postgres::{
 
 use super::{
     StoreError,
-    pg::{classify, classify_pool, idle_in_transaction_timeout, pg_config, tls_connector},
+    pg::{classify, classify_pool, pg_config, tls_connector},
 };
 use crate::{
     auth::{StoredDigest, TokenRow, UserInfo},
@@ -123,6 +123,8 @@ pub struct Postgres {
     /// Client-side bound on one statement: the server-side statement_timeout cannot fire when
     /// the server is unreachable, so we also stop waiting ourselves.
     pub(super) statement_deadline: Duration,
+    /// [`PostgresConfig::login_transaction_deadline`].
+    pub(super) login_deadline: Duration,
     pub(super) metrics: Arc<Metrics>,
     /// Unnamed statements only, no session state (PgBouncer transaction pooling).
     pub(super) pgbouncer: bool,
@@ -204,7 +206,7 @@ impl Postgres {
             None => Manager::from_config(pg, tokio_postgres::NoTls, mgr_cfg),
         };
         let pool = Pool::builder(manager)
-            .max_size(cfg.pool_size)
+            .max_size(cfg.pool_size.get())
             .runtime(Runtime::Tokio1)
             .timeouts(Timeouts {
                 wait: Some(cfg.pool_wait_timeout),
@@ -221,11 +223,12 @@ impl Postgres {
                 &cfg.user_columns,
             )),
             user_table: cfg.user_table.as_str().into(),
-            statement_deadline: cfg.statement_timeout + Duration::from_millis(250),
+            statement_deadline: cfg.query_deadline(),
+            login_deadline: cfg.login_transaction_deadline(),
             metrics,
             pgbouncer: cfg.pgbouncer,
             statement_timeout: cfg.statement_timeout,
-            idle_in_transaction_timeout: idle_in_transaction_timeout(cfg),
+            idle_in_transaction_timeout: cfg.idle_in_transaction_timeout(),
             idle_timeout: cfg.idle_timeout,
             last_request: Arc::default(),
             born: Instant::now(),

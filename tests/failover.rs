@@ -15,9 +15,9 @@ use std::{
 use base64::Engine as _;
 use knoxgate::auth::{HashAlgorithm, token_key_of};
 
-use crate::{
-    cluster::{PrivatePg, blocking, fleet_config, readyz, start},
-    support::{connect, eventually, http, insert_token, insert_user},
+use crate::support::{
+    PrivatePg, connect, eventually, fleet_config, http, insert_token, insert_user, readyz_status,
+    run_blocking, start_unready,
 };
 
 /// What the load saw.
@@ -35,7 +35,7 @@ struct Tally {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn promoted_standby_takes_over_under_load_without_a_wrong_answer() {
-    let primary = Arc::new(blocking(|| PrivatePg::init_and_start("")).await);
+    let primary = Arc::new(run_blocking(|| PrivatePg::init_and_start("")).await);
     let cfg0 = knoxgate::config::Config::from_toml_str(&format!(
         "[postgres]\nurl = \"{}\"",
         primary.url()
@@ -48,7 +48,7 @@ async fn promoted_standby_takes_over_under_load_without_a_wrong_answer() {
             .expect("migrate");
     }
     let p = Arc::clone(&primary);
-    let standby = Arc::new(blocking(move || PrivatePg::standby_of(&p)).await);
+    let standby = Arc::new(run_blocking(move || PrivatePg::standby_of(&p)).await);
 
     let old = connect(&primary.url()).await;
     let mut valid = Vec::new();
@@ -73,7 +73,7 @@ async fn promoted_standby_takes_over_under_load_without_a_wrong_answer() {
         "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/postgres?target_session_attrs=read-write",
         standby.port, primary.port
     );
-    let s = start(fleet_config(&url, "pool_size = 4", "", "")).await;
+    let s = start_unready(fleet_config(&url, "pool_size = 4", "", "")).await;
     s.wait_ready().await;
     let addr = s.addr();
     let status = |t: String| async move {
@@ -184,7 +184,7 @@ async fn promoted_standby_takes_over_under_load_without_a_wrong_answer() {
     // Failover: promote the standby, kill the primary.
     let (p, st) = (Arc::clone(&primary), Arc::clone(&standby));
     let promoted = Instant::now();
-    blocking(move || {
+    run_blocking(move || {
         st.promote();
         assert!(p.stop_immediate(), "old primary did not stop");
     })
@@ -243,7 +243,11 @@ async fn promoted_standby_takes_over_under_load_without_a_wrong_answer() {
         s.running.app.store.feed_live()
     })
     .await;
-    assert!(live.is_some(), "feed not back: {:?}", readyz(&s).await);
+    assert!(
+        live.is_some(),
+        "feed not back: {:?}",
+        readyz_status(&s).await
+    );
     println!("failover: feed live {:?} after the kill", kill.elapsed());
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);

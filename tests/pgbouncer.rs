@@ -8,9 +8,9 @@ use std::time::Duration;
 use base64::Engine as _;
 use knoxgate::auth::HashAlgorithm;
 
-use crate::{
-    cluster::{PgBouncer, fleet_config, join_all, readyz, start},
-    support::{TestDb, eventually, http, insert_token, insert_user},
+use crate::support::{
+    PgBouncer, TestDb, eventually, fleet_config, http, insert_token, insert_user, join_all,
+    readyz_status, start_unready,
 };
 
 const ERRORS: &str = "knoxgate_postgres_errors_total";
@@ -37,9 +37,9 @@ async fn transaction_pooling_serves_cold_lookups_logins_logouts_and_refresh_with
         "",
         "auto_refresh = true\ntoken_limit_per_user = 50",
     );
-    let s = start(cfg).await;
+    let s = start_unready(cfg).await;
     s.wait_ready().await;
-    let (status, body) = readyz(&s).await;
+    let (status, body) = readyz_status(&s).await;
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("\"feed\":\"live\""), "{body}");
 
@@ -235,7 +235,7 @@ async fn a_feed_behind_transaction_pooling_is_reported_deaf_and_answers_are_conf
         "feed_echo_timeout = \"500ms\"",
         "",
     );
-    let s = start(cfg).await;
+    let s = start_unready(cfg).await;
     let client = db.client().await;
     let id = insert_user(&client, "deaf", "pw", true).await;
     let t = insert_token(
@@ -248,19 +248,19 @@ async fn a_feed_behind_transaction_pooling_is_reported_deaf_and_answers_are_conf
     .await;
 
     let deaf = eventually(Duration::from_secs(5), || async {
-        let (status, body) = readyz(&s).await;
+        let (status, body) = readyz_status(&s).await;
         status == 503 && body.contains("\"feed\":\"deaf\"")
     })
     .await;
     assert!(
         deaf.is_some(),
         "feed not reported deaf: {:?}",
-        readyz(&s).await
+        readyz_status(&s).await
     );
     assert!(!s.running.app.store.feed_live());
     assert_eq!(s.metric("knoxgate_feed_connected").await, 0.0);
     // Postgres itself is fine: the feed connected, and it did LISTEN.
-    assert!(readyz(&s).await.1.contains("\"postgres\":\"ok\""));
+    assert!(readyz_status(&s).await.1.contains("\"postgres\":\"ok\""));
 
     // Cached, then revoked by raw SQL: the deaf feed never tells, the confirmation does.
     assert_eq!(s.verify(&t.token).await.status, 200);
@@ -276,6 +276,6 @@ async fn a_feed_behind_transaction_pooling_is_reported_deaf_and_answers_are_conf
     // Still deaf a few ticks later: it never flips back to live on its own.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(!s.running.app.store.feed_live());
-    assert_eq!(readyz(&s).await.0, 503);
+    assert_eq!(readyz_status(&s).await.0, 503);
     s.stop().await;
 }

@@ -1,4 +1,4 @@
-//! Private servers for the fleet tests: Postgres clusters in temp dirs (a primary, a streaming
+//! Private servers for the fleet tests (connections, failover, pgbouncer): Postgres clusters in temp dirs (a primary, a streaming
 //! standby made with `pg_basebackup -R`, small `max_connections`), PgBouncer in front of one,
 //! and a knoxgate configuration pointed at them. Each runs on a spare 127.0.0.1 port and is
 //! stopped by PID when dropped. Postgres and PgBouncer run as the `postgres` OS user (both
@@ -14,7 +14,7 @@ use std::{
 
 use knoxgate::{app, config::Config};
 
-use crate::support::{TestServer, free_port};
+use super::{TestServer, config_for_url, free_port, http, unique};
 
 pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
@@ -207,7 +207,7 @@ impl Drop for PrivatePg {
 }
 
 /// Runs blocking server management off the async runtime.
-pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+pub async fn run_blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     tokio::task::spawn_blocking(f).await.expect("blocking task")
 }
 
@@ -304,52 +304,26 @@ impl Drop for PgBouncer {
     }
 }
 
-/// A test configuration with Postgres at `url`: loopback listeners on port 0, a fresh Redis key
-/// prefix, cheap password hashing, short timeouts. `postgres`, `cache` and `knox` are extra
-/// lines for those sections.
+/// The test configuration (see [`config_for_url`]) with Postgres at `url` and extra lines for
+/// the `[postgres]`, `[cache]` and `[knox]` sections.
 pub fn fleet_config(url: &str, postgres: &str, cache: &str, knox: &str) -> Config {
-    let mut prefix = [0u8; 6];
-    rand::fill(&mut prefix[..]);
-    let toml = format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-request_timeout = "3s"
-shutdown_grace = "2s"
-[postgres]
-url = "{url}"
-connect_timeout = "1s"
-statement_timeout = "1s"
-{postgres}
-[redis]
-url = "redis://127.0.0.1:6379/0"
-key_prefix = "kgfleet_{prefix}"
-[sessions]
-password_iterations = 1000
-throttle_failures = 0
-[knox]
-{knox}
-[cache]
-feed_health_interval = "200ms"
-feed_reconnect_delay = "100ms"
-{cache}
-"#,
-        prefix = hex::encode(prefix)
-    );
-    Config::from_toml_str(&toml).expect("fleet test config")
+    config_for_url(
+        url,
+        &unique("kgfleet"),
+        &format!("[postgres]\n{postgres}\n[cache]\n{cache}\n[knox]\n{knox}\n"),
+    )
 }
 
 /// Starts knoxgate in-process without waiting for the feed (it may be meant to stay deaf).
-pub async fn start(cfg: Config) -> TestServer {
+pub async fn start_unready(cfg: Config) -> TestServer {
     let prefix = cfg.redis.key_prefix.clone();
     let running = app::start(cfg).await.expect("server starts");
     TestServer { running, prefix }
 }
 
 /// `/readyz`: status and body.
-pub async fn readyz(s: &TestServer) -> (u16, String) {
-    let r = crate::support::http(s.admin(), "GET", "/readyz", &[], b"").await;
+pub async fn readyz_status(s: &TestServer) -> (u16, String) {
+    let r = http(s.admin(), "GET", "/readyz", &[], b"").await;
     (r.status, r.body_text())
 }
 

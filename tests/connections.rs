@@ -9,11 +9,9 @@ use std::{
 
 use knoxgate::auth::HashAlgorithm;
 
-use crate::{
-    cluster::{KillOnDrop, PrivatePg, backends, blocking, join_all},
-    support::{
-        TestDb, TestServer, connect, eventually, free_port, http, insert_token, insert_user,
-    },
+use crate::support::{
+    KillOnDrop, PrivatePg, TestDb, TestServer, backends, connect, eventually, free_port, http,
+    insert_token, insert_user, join_all, run_blocking,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -121,7 +119,7 @@ async fn metric(admin: std::net::SocketAddr, prefix: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn too_many_clients_is_logged_with_the_server_message_and_counted() {
     // Superusers count too: nothing is reserved.
-    let pg = blocking(|| {
+    let pg = run_blocking(|| {
         PrivatePg::init_and_start("-c max_connections=6 -c superuser_reserved_connections=0")
     })
     .await;
