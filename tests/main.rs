@@ -16,4 +16,5 @@ mod pgbouncer;
 mod refresh;
 mod startup;
 mod throttle;
+mod tracing;
 mod verify;
