@@ -14,6 +14,7 @@ mod logout;
 mod overload;
 mod pgbouncer;
 mod refresh;
+mod revocation;
 mod startup;
 mod throttle;
 mod tracing;

@@ -5,6 +5,8 @@
 
 #![allow(dead_code, unused_imports)]
 
+#[cfg(test)]
+mod binary;
 mod cluster;
 mod db;
 mod django;
@@ -19,6 +21,8 @@ use std::{
     time::Duration,
 };
 
+#[cfg(test)]
+pub use binary::*;
 pub use cluster::*;
 pub use db::*;
 pub use django::*;
