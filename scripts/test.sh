@@ -5,7 +5,8 @@
 #   ./scripts/test.sh
 #
 # Needs Postgres on 127.0.0.1:5432 (user postgres, trust auth) and Redis on 127.0.0.1:6379.
-# Everything else (Python packages, nginx, caddy, linters) the suites install themselves.
+# Everything else (PgBouncer, Python packages, nginx, caddy, linters) the suites install
+# themselves.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -20,6 +21,7 @@ step() {
     fi
 }
 
+step "test tools" scripts/ensure-tools.sh
 step "cargo build" cargo build --locked
 step "cargo test" cargo test --locked
 step "django interop" tests/interop/run.sh

@@ -4,12 +4,15 @@
 mod support;
 
 mod cli;
+mod connections;
+mod failover;
 mod feed;
 mod fuzz;
 mod hostile;
 mod login;
 mod logout;
 mod overload;
+mod pgbouncer;
 mod redis_tls;
 mod refresh;
 mod revocation;

@@ -19,6 +19,7 @@ const DEFAULT_NEGATIVE_TTL: Duration = Duration::from_secs(5);
 const DEFAULT_FEED_RETENTION: Duration = Duration::from_secs(86_400);
 const DEFAULT_FEED_RECONNECT_DELAY: Duration = Duration::from_millis(500);
 const DEFAULT_FEED_HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+const DEFAULT_FEED_ECHO_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// `[cache]` as written in the file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -36,6 +37,8 @@ pub struct CacheFile {
     pub feed_reconnect_delay: Duration,
     #[serde(with = "value::duration")]
     pub feed_health_interval: Duration,
+    #[serde(with = "value::duration")]
+    pub feed_echo_timeout: Duration,
 }
 
 impl Default for CacheFile {
@@ -49,6 +52,7 @@ impl Default for CacheFile {
             feed_retention: DEFAULT_FEED_RETENTION,
             feed_reconnect_delay: DEFAULT_FEED_RECONNECT_DELAY,
             feed_health_interval: DEFAULT_FEED_HEALTH_INTERVAL,
+            feed_echo_timeout: DEFAULT_FEED_ECHO_TIMEOUT,
         }
     }
 }
@@ -83,6 +87,8 @@ pub struct CacheConfig {
     pub feed_reconnect_delay: Duration,
     /// How often the listener connection is checked.
     pub feed_health_interval: Duration,
+    /// How long the feed's own NOTIFY may take to come back before it is reported deaf.
+    pub feed_echo_timeout: Duration,
 }
 
 impl TryFrom<CacheFile> for CacheConfig {
@@ -109,6 +115,7 @@ impl TryFrom<CacheFile> for CacheConfig {
             feed_retention: file.feed_retention,
             feed_reconnect_delay: file.feed_reconnect_delay,
             feed_health_interval: file.feed_health_interval,
+            feed_echo_timeout: file.feed_echo_timeout,
         })
     }
 }

@@ -11,7 +11,9 @@ use super::{
 };
 
 const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
-const DEFAULT_POOL_SIZE: u64 = 16;
+// A sidecar's share of the database: see config/knoxgate.toml for the fleet arithmetic.
+const DEFAULT_POOL_SIZE: u64 = 4;
+const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const DEFAULT_POOL_WAIT_TIMEOUT: Duration = Duration::from_secs(1);
 const DEFAULT_POOL_RECYCLE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -32,6 +34,10 @@ const DEFAULT_LAST_LOGIN_COLUMN: &str = "last_login";
 pub struct PostgresFile {
     pub url: String,
     pub pool_size: u64,
+    #[serde(with = "value::duration")]
+    pub idle_timeout: Duration,
+    pub pgbouncer: bool,
+    pub feed_url: String,
     #[serde(with = "value::duration")]
     pub connect_timeout: Duration,
     #[serde(with = "value::duration")]
@@ -56,6 +62,9 @@ impl Default for PostgresFile {
         Self {
             url: DEFAULT_URL.into(),
             pool_size: DEFAULT_POOL_SIZE,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            pgbouncer: false,
+            feed_url: String::new(),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             pool_wait_timeout: DEFAULT_POOL_WAIT_TIMEOUT,
             pool_recycle_timeout: DEFAULT_POOL_RECYCLE_TIMEOUT,
@@ -80,6 +89,13 @@ pub struct PostgresConfig {
     pub url: String,
     /// Connections in the pool.
     pub pool_size: NonZeroUsize,
+    /// Pooled connections unused this long are closed.
+    pub idle_timeout: Duration,
+    /// `url` is a PgBouncer in transaction mode: no startup options, no named statements.
+    pub pgbouncer: bool,
+    /// The change feed's connection (direct to the primary), also used by migrations and the
+    /// CLI; `url` when not set.
+    pub feed_url: String,
     /// Time to open a connection.
     pub connect_timeout: Duration,
     /// Time to wait for a free pooled connection.
@@ -176,12 +192,15 @@ impl TryFrom<PostgresFile> for PostgresConfig {
     type Error = ConfigError;
 
     fn try_from(file: PostgresFile) -> Result<Self, ConfigError> {
-        file.url
-            .parse::<tokio_postgres::Config>()
-            .map_err(|e| invalid("postgres.url", format!("not a Postgres URL: {e}")))?;
         Ok(PostgresConfig {
-            url: file.url,
+            feed_url: match file.feed_url.trim() {
+                "" => postgres_url("postgres.url", &file.url)?,
+                url => postgres_url("postgres.feed_url", url)?,
+            },
+            url: postgres_url("postgres.url", &file.url)?,
             pool_size: nonzero("postgres.pool_size", file.pool_size)?,
+            idle_timeout: file.idle_timeout,
+            pgbouncer: file.pgbouncer,
             connect_timeout: file.connect_timeout,
             pool_wait_timeout: file.pool_wait_timeout,
             pool_recycle_timeout: file.pool_recycle_timeout,
@@ -199,4 +218,11 @@ impl TryFrom<PostgresFile> for PostgresConfig {
             },
         })
     }
+}
+
+/// A Postgres URL (one host or several, `host1:5432,host2:5432`), checked but kept as written.
+fn postgres_url(key: &str, s: &str) -> Result<String, ConfigError> {
+    s.parse::<tokio_postgres::Config>()
+        .map_err(|e| invalid(key, format!("not a Postgres URL: {e}")))?;
+    Ok(s.to_owned())
 }

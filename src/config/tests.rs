@@ -243,3 +243,22 @@ fn zero_limits_are_refused() {
         assert_eq!(err, format!("config key `{key}`: must be greater than 0"));
     }
 }
+
+#[test]
+fn fleet_postgres_keys() {
+    let c = Config::from_toml_str("").unwrap();
+    assert_eq!(c.postgres.pool_size.get(), 4);
+    assert_eq!(c.postgres.idle_timeout, Duration::from_secs(30));
+    assert!(!c.postgres.pgbouncer);
+    assert_eq!(c.postgres.feed_url, c.postgres.url);
+    assert_eq!(c.cache.feed_echo_timeout, Duration::from_secs(2));
+    let c = Config::from_toml_str(
+        "[postgres]\nurl = \"postgres://u@a:6432,b:6432/app?target_session_attrs=read-write\"\n\
+         pgbouncer = true\nfeed_url = \"postgres://u@a:5432/app\"\n",
+    )
+    .unwrap();
+    assert!(c.postgres.pgbouncer);
+    assert_eq!(c.postgres.feed_url, "postgres://u@a:5432/app");
+    let err = Config::from_toml_str("[postgres]\nfeed_url = \"nope://\"\n").unwrap_err();
+    assert!(err.to_string().contains("postgres.feed_url"), "{err}");
+}

@@ -40,7 +40,8 @@ fn text(status: StatusCode, body: &'static str) -> Response<Body> {
     r
 }
 
-/// 200 only when Postgres answers; the body reports each dependency.
+/// 200 only when Postgres answers and the change feed is not deaf; the body reports each
+/// dependency.
 async fn readiness(app: &App) -> Response<Body> {
     let postgres_ok = app.store.postgres().ping().await.is_ok();
     let redis = match app.store.redis() {
@@ -48,8 +49,13 @@ async fn readiness(app: &App) -> Response<Body> {
         Some(r) if r.is_connected() => "connected",
         Some(_) => "disconnected",
     };
+    let deaf = app.store.feed_deaf();
     let feed = match app.config.cache.consistency {
         Consistency::Notify if app.store.feed_live() => "live",
+        // Connected but not hearing its own notifications: a configuration fault (the feed
+        // behind a transaction pooler) that will not heal by itself, so not ready. Answers
+        // stay correct meanwhile: cached ones are confirmed with Postgres.
+        Consistency::Notify if deaf => "deaf",
         // Answers stay correct (cached ones are confirmed with Postgres) but cost SQL.
         Consistency::Notify => "down",
         _ => "off",
@@ -60,7 +66,7 @@ async fn readiness(app: &App) -> Response<Body> {
         "feed": feed,
     });
     let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
-    *r.status_mut() = if postgres_ok {
+    *r.status_mut() = if postgres_ok && !deaf {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE

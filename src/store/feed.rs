@@ -1,18 +1,30 @@
-//! The Postgres change feed: a dedicated LISTEN connection that evicts what the triggers
-//! installed by `knoxgate migrate` report, from every cache tier.
+//! The Postgres change feed: a dedicated LISTEN connection (`postgres.feed_url`) that evicts
+//! what the triggers installed by `knoxgate migrate` report, from every cache tier.
 //!
 //! Nothing is lost across disconnects. While the listener is down the store is told so, and
 //! confirms cached answers with Postgres instead of trusting them. On (re)connect it LISTENs
 //! first, then replays the revocation log over the window in which a cached entry could still
 //! exist (max cache TTL plus a slack for transactions that commit late), clears the in-process
 //! tier, and only then declares itself live.
+//!
+//! A connected listener is not proof of a hearing one: behind PgBouncer in transaction mode the
+//! LISTEN lands on a server connection that goes back to PgBouncer's pool, and notifications
+//! never arrive. So the feed proves it hears: after catching up, and on every health tick while
+//! requests use the pool, it sends a NOTIFY through the pool on a channel of its own (payload
+//! `h|<instance>|<seq>`) and expects it back within `cache.feed_echo_timeout`. Until the first echo it is not live; when
+//! one is missed it is reported deaf (not live, `/readyz` not ready) and answers are confirmed
+//! with Postgres. If it starts hearing again it reconnects, to replay what it may have missed.
+//! Its statements are unnamed, so that even through a transaction pooler it gets that far.
 
 use std::{sync::Arc, time::Duration};
 
-use tokio::sync::{mpsc, watch};
-use tokio_postgres::{AsyncMessage, Socket, tls::MakeTlsConnect};
+use tokio::{
+    sync::{mpsc, watch},
+    time::Instant,
+};
+use tokio_postgres::{AsyncMessage, Socket, tls::MakeTlsConnect, types::Type};
 
-use super::{Change, Store, pg, schema};
+use super::{Change, Store, StoreError, pg, schema};
 use crate::{
     config::Config,
     metrics::{KindLabels, Metrics},
@@ -25,22 +37,87 @@ pub(super) const REPLAY_SLACK: Duration = Duration::from_secs(60);
 /// How often the revocation log is pruned.
 const PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
 
+/// What arrives on the listener connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// A change written by the triggers.
+    Change(Change),
+    /// A self-test notification: the sending instance's nonce and sequence number.
+    Echo { instance: String, seq: u64 },
+}
+
 /// Reads one NOTIFY payload written by the triggers: `t|user|key`, `i|user|key`, `u|user|`.
 pub fn parse_payload(payload: &str) -> Option<Change> {
+    match parse_message(payload)? {
+        Message::Change(change) => Some(change),
+        Message::Echo { .. } => None,
+    }
+}
+
+/// Reads one NOTIFY payload: a change (see [`parse_payload`]) or a self-test `h|instance|seq`.
+pub fn parse_message(payload: &str) -> Option<Message> {
     let mut parts = payload.splitn(3, '|');
-    let (kind, user_id, token_key) = (parts.next()?, parts.next()?, parts.next()?);
-    match kind {
-        "t" => Some(Change::Token {
-            token_key: token_key.into(),
-            user_id: user_id.into(),
-        }),
-        "i" => Some(Change::Inserted {
-            token_key: token_key.into(),
-        }),
-        "u" => Some(Change::User {
-            user_id: user_id.into(),
-        }),
-        _ => None,
+    let (kind, first, rest) = (parts.next()?, parts.next()?, parts.next()?);
+    let change = match kind {
+        "t" => Change::Token {
+            token_key: rest.into(),
+            user_id: first.into(),
+        },
+        "i" => Change::Inserted {
+            token_key: rest.into(),
+        },
+        "u" => Change::User {
+            user_id: first.into(),
+        },
+        "h" => {
+            return Some(Message::Echo {
+                instance: first.into(),
+                seq: rest.parse().ok()?,
+            });
+        }
+        _ => return None,
+    };
+    Some(Message::Change(change))
+}
+
+/// The self-test's channel and payloads for one instance. The channel is the instance's own,
+/// so other instances' listeners are not woken by it.
+#[derive(Debug, Clone)]
+pub struct Echo {
+    instance: String,
+    seq: u64,
+}
+
+impl Echo {
+    pub fn new() -> Echo {
+        let mut nonce = [0u8; 8];
+        rand::fill(&mut nonce[..]);
+        Echo {
+            instance: hex::encode(nonce),
+            seq: 0,
+        }
+    }
+
+    /// The channel this instance listens on for its own echoes (a plain identifier).
+    pub fn channel(&self) -> String {
+        format!("{}_echo_{}", schema::CHANNEL, self.instance)
+    }
+
+    /// The next payload to send, with its sequence number.
+    pub fn next_payload(&mut self) -> (u64, String) {
+        self.seq += 1;
+        (self.seq, format!("h|{}|{}", self.instance, self.seq))
+    }
+
+    /// Whether `message` is this instance's echo number `seq`.
+    pub fn is_answer(&self, message: &Message, seq: u64) -> bool {
+        matches!(message, Message::Echo { instance, seq: s } if *instance == self.instance && *s == seq)
+    }
+}
+
+impl Default for Echo {
+    fn default() -> Self {
+        Echo::new()
     }
 }
 
@@ -53,16 +130,20 @@ fn kind_label(change: &Change) -> &'static str {
     }
 }
 
-/// Flattens a timed-out-or-failed statement into one message.
+/// Flattens a timed-out-or-failed statement into one error, classified and counted like the
+/// pool's (`knoxgate_postgres_errors_total{kind}`), with the server's message kept.
 fn timed<T>(
+    metrics: &Metrics,
     what: &str,
     r: Result<Result<T, tokio_postgres::Error>, tokio::time::error::Elapsed>,
-) -> Result<T, String> {
-    match r {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(format!("{what}: {e}")),
-        Err(_) => Err(format!("{what}: timed out")),
-    }
+) -> Result<T, StoreError> {
+    let error = match r {
+        Ok(Ok(v)) => return Ok(v),
+        Ok(Err(e)) => pg::classify(what, &e),
+        Err(_) => StoreError::Timeout(format!("{what}: no answer within the statement deadline")),
+    };
+    metrics.postgres_error(error.kind());
+    Err(error)
 }
 
 /// Runs the listener until `shutdown` flips to true, reconnecting after every failure.
@@ -72,22 +153,23 @@ pub async fn run(
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let mut echo = Echo::new();
     loop {
-        let result = match pg::tls_connector(&config.postgres) {
-            Ok(Some(tls)) => session(&store, &config, &metrics, tls, &mut shutdown).await,
-            Ok(None) => {
-                session(
-                    &store,
-                    &config,
-                    &metrics,
-                    tokio_postgres::NoTls,
-                    &mut shutdown,
-                )
-                .await
+        let result = match pg::direct_config(&config.postgres).and_then(|pg| {
+            let tls = pg::tls_connector(&config.postgres, &pg)?;
+            Ok((pg, tls))
+        }) {
+            Ok((pg, Some(tls))) => {
+                session(&store, &config, &metrics, pg, tls, &mut echo, &mut shutdown).await
             }
-            Err(e) => Err(e.to_string()),
+            Ok((pg, None)) => {
+                let tls = tokio_postgres::NoTls;
+                session(&store, &config, &metrics, pg, tls, &mut echo, &mut shutdown).await
+            }
+            Err(e) => Err(e),
         };
         store.set_feed_live(false);
+        store.set_feed_deaf(false);
         metrics.feed_connected.set(0);
         match result {
             Ok(()) => return, // shutdown
@@ -102,21 +184,38 @@ pub async fn run(
     }
 }
 
-/// One connection's life: connect, LISTEN, catch up, then apply events until it fails.
+/// Where the self-test stands on the current connection.
+enum Hearing {
+    /// No echo has come back on this connection yet: not live.
+    Unproven,
+    /// The last echo came back: live.
+    Live,
+    /// An echo was missed: not live, reported deaf.
+    Deaf,
+}
+
+/// One connection's life: connect, LISTEN, catch up, prove it hears, then apply events until
+/// it fails.
+#[allow(clippy::too_many_arguments)]
 async fn session<T>(
     store: &Store,
     config: &Config,
     metrics: &Metrics,
+    mut pg: tokio_postgres::Config,
     tls: T,
+    echo: &mut Echo,
     shutdown: &mut watch::Receiver<bool>,
-) -> Result<(), String>
+) -> Result<(), StoreError>
 where
     T: MakeTlsConnect<Socket> + 'static,
     T::Stream: Send + 'static,
 {
-    let mut pg = pg::pg_config(&config.postgres).map_err(|e| e.to_string())?;
     pg.application_name(pg::FEED_APPLICATION_NAME);
-    let (client, mut connection) = pg.connect(tls).await.map_err(|e| format!("connect: {e}"))?;
+    let (client, mut connection) = pg.connect(tls).await.map_err(|e| {
+        let error = pg::classify("feed connect", &e);
+        metrics.postgres_error(error.kind());
+        error
+    })?;
     // The connection must be polled for notifications to arrive; pooled connections cannot.
     let (events_tx, mut events) = mpsc::unbounded_channel::<String>();
     let driver = tokio::spawn(async move {
@@ -124,40 +223,38 @@ where
             match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
                 Some(Ok(AsyncMessage::Notification(n))) => {
                     if events_tx.send(n.payload().to_owned()).is_err() {
-                        return "listener gone".to_owned();
+                        return;
                     }
                 }
                 Some(Ok(_)) => {}
-                Some(Err(e)) => return format!("connection: {e}"),
-                None => return "connection closed".to_owned(),
+                // The client's next statement fails with the cause; the health tick sends one.
+                Some(Err(_)) | None => return,
             }
         }
     });
     let result = async {
         let deadline = config.postgres.feed_query_deadline();
-        if !tokio::time::timeout(deadline, schema::triggers_installed(&client, &config.postgres))
-            .await
-            .map_err(|_| "trigger check: timed out".to_owned())?
-            .map_err(|e| format!("trigger check: {e}"))?
-        {
-            return Err("the change-feed triggers are not installed: run `knoxgate migrate`".into());
+        if !timed(metrics, "trigger check", tokio::time::timeout(deadline, schema::triggers_installed(&client, &config.postgres)).await)? {
+            return Err(StoreError::Query("the change-feed triggers are not installed: run `knoxgate migrate`".into()));
         }
-        timed("LISTEN", tokio::time::timeout(deadline, client.batch_execute(&format!("LISTEN {}", schema::CHANNEL))).await)?;
+        // One simple-query message, so even a pooler runs both on one server connection.
+        let listen = format!("LISTEN {}; LISTEN {}", schema::CHANNEL, echo.channel());
+        timed(metrics, "LISTEN", tokio::time::timeout(deadline, client.batch_execute(&listen)).await)?;
         // Catch up on everything that could still be cached anywhere.
         let window = config.redis.max_cache_ttl + REPLAY_SLACK;
         let replay = tokio::time::timeout(
             config.postgres.feed_bulk_deadline(),
-            client.query(
+            client.query_typed(
                 &format!(
                     "SELECT kind, user_id, coalesce(token_key, '') FROM {} \
                      WHERE logged_at > now() - make_interval(secs => $1) ORDER BY id",
                     schema::LOG_TABLE
                 ),
-                &[&window.as_secs_f64()],
+                &[(&window.as_secs_f64(), Type::FLOAT8)],
             ),
         )
         .await;
-        let rows = timed("replay", replay)?;
+        let rows = timed(metrics, "replay", replay)?;
         store.apply(&Change::Everything).await;
         for row in &rows {
             let (kind, user_id, token_key): (String, String, String) =
@@ -168,47 +265,101 @@ where
         }
         let pruned = tokio::time::timeout(
             config.postgres.feed_bulk_deadline(),
-            client.execute(
+            client.execute_typed(
                 &format!(
                     "DELETE FROM {} WHERE logged_at < now() - make_interval(secs => $1)",
                     schema::LOG_TABLE
                 ),
-                &[&config.cache.feed_retention.as_secs_f64()],
+                &[(&config.cache.feed_retention.as_secs_f64(), Type::FLOAT8)],
             ),
         )
         .await;
-        let pruned = timed("prune", pruned)?;
-        tracing::info!(replayed = rows.len(), pruned, "change feed live");
-        store.set_feed_live(true);
-        metrics.feed_connected.set(1);
+        let pruned = timed(metrics, "prune", pruned)?;
+        tracing::info!(replayed = rows.len(), pruned, "change feed caught up; checking that it hears");
 
+        let mut hearing = Hearing::Unproven;
+        let mut pending = send_echo(store, echo, config).await;
         let mut health = tokio::time::interval(config.cache.feed_health_interval);
         health.tick().await;
         let mut prune = tokio::time::interval(PRUNE_INTERVAL);
         prune.tick().await;
         loop {
+            let echo_due = async {
+                match pending {
+                    Some((_, at)) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 payload = events.recv() => {
-                    let Some(payload) = payload else { return Err("notification stream ended".into()) };
-                    match parse_payload(&payload) {
-                        Some(change) => {
+                    let Some(payload) = payload else {
+                        // The driver stopped: ask the connection why.
+                        let r = tokio::time::timeout(deadline, client.simple_query("SELECT 1")).await;
+                        timed(metrics, "connection", r)?;
+                        return Err(StoreError::Unavailable("feed: notification stream ended".into()));
+                    };
+                    match parse_message(&payload) {
+                        Some(Message::Change(change)) => {
                             metrics.feed_events.get_or_create(&KindLabels { kind: kind_label(&change) }).inc();
                             store.apply(&change).await;
                         }
+                        Some(message @ Message::Echo { .. }) => {
+                            let Some((seq, _)) = pending else { continue };
+                            if !echo.is_answer(&message, seq) {
+                                continue;
+                            }
+                            pending = None;
+                            match hearing {
+                                Hearing::Live => {}
+                                Hearing::Unproven => {
+                                    hearing = Hearing::Live;
+                                    tracing::info!("change feed live");
+                                    store.set_feed_live(true);
+                                    metrics.feed_connected.set(1);
+                                }
+                                // Whatever was sent while deaf is lost: reconnect to replay it.
+                                Hearing::Deaf => return Err(StoreError::Unavailable(
+                                    "feed: hears its own notifications again; reconnecting to replay the revocation log".into(),
+                                )),
+                            }
+                        }
                         None => tracing::warn!(payload_len = payload.len(), "unreadable change-feed payload ignored"),
+                    }
+                }
+                _ = echo_due => {
+                    pending = None;
+                    if !matches!(hearing, Hearing::Deaf) {
+                        hearing = Hearing::Deaf;
+                        store.set_feed_live(false);
+                        store.set_feed_deaf(true);
+                        metrics.feed_connected.set(0);
+                        tracing::warn!(
+                            timeout = ?config.cache.feed_echo_timeout,
+                            "change feed is deaf: its own NOTIFY, sent through the pool, did not come back on the \
+                             listener connection within cache.feed_echo_timeout. Likely cause: postgres.feed_url \
+                             goes through PgBouncer in transaction mode (LISTEN needs a direct or session-pooled \
+                             connection). Confirming cached answers with postgres meanwhile"
+                        );
                     }
                 }
                 _ = health.tick() => {
                     // A dead peer goes quiet rather than failing: ask it something.
                     let r = tokio::time::timeout(deadline, client.simple_query("SELECT 1")).await;
-                    timed("health check", r)?;
+                    timed(metrics, "health check", r)?;
+                    // Re-checked only while requests use the pool anyway: an idle instance's
+                    // self-test must not hold a pooled connection open. A session that heard
+                    // once keeps hearing (LISTEN belongs to the session); the check at each
+                    // (re)connect is the one that catches a transaction pooler.
+                    if pending.is_none() && !store.postgres().quiet() {
+                        pending = send_echo(store, echo, config).await;
+                    }
                 }
                 _ = prune.tick() => {
-                    let r = tokio::time::timeout(config.postgres.feed_bulk_deadline(), client.execute(
+                    let r = tokio::time::timeout(config.postgres.feed_bulk_deadline(), client.execute_typed(
                         &format!("DELETE FROM {} WHERE logged_at < now() - make_interval(secs => $1)", schema::LOG_TABLE),
-                        &[&config.cache.feed_retention.as_secs_f64()],
+                        &[(&config.cache.feed_retention.as_secs_f64(), Type::FLOAT8)],
                     )).await;
-                    timed("prune", r)?;
+                    timed(metrics, "prune", r)?;
                 }
                 _ = shutdown.changed() => return Ok(()),
             }
@@ -217,6 +368,19 @@ where
     .await;
     driver.abort();
     result
+}
+
+/// Sends the next self-test notification through the pool; returns its sequence number and
+/// when it is due back. `None` when it could not be sent (the pool's failure is logged and
+/// counted there): that proves nothing either way, and the next health tick tries again.
+async fn send_echo(store: &Store, echo: &mut Echo, config: &Config) -> Option<(u64, Instant)> {
+    let (seq, payload) = echo.next_payload();
+    store
+        .postgres()
+        .notify(&echo.channel(), &payload)
+        .await
+        .ok()?;
+    Some((seq, Instant::now() + config.cache.feed_echo_timeout))
 }
 
 #[cfg(test)]
@@ -254,5 +418,28 @@ mod tests {
         );
         assert_eq!(parse_payload("x|1|k"), None);
         assert_eq!(parse_payload("garbage"), None);
+        // A self-test echo is not a change.
+        assert_eq!(parse_payload("h|abcd|7"), None);
+    }
+
+    #[test]
+    fn echoes_are_recognised_by_instance_and_sequence() {
+        let mut mine = Echo::new();
+        let other = Echo::new();
+        let (seq, payload) = mine.next_payload();
+        let message = parse_message(&payload).unwrap();
+        assert!(mine.is_answer(&message, seq));
+        assert!(!mine.is_answer(&message, seq + 1));
+        assert!(!other.is_answer(&message, seq));
+        let (seq2, _) = mine.next_payload();
+        assert_eq!(seq2, seq + 1);
+        assert!(!mine.is_answer(&message, seq2));
+        assert_eq!(parse_message("h|abcd|x"), None);
+        assert_ne!(mine.channel(), other.channel());
+        assert!(
+            mine.channel()
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_')
+        );
     }
 }

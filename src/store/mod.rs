@@ -163,6 +163,8 @@ pub struct Store {
     changes: ChangeWindow,
     /// True while the change feed is connected and caught up.
     feed_live: AtomicBool,
+    /// True while the feed's connection is up but its own NOTIFY does not come back.
+    feed_deaf: AtomicBool,
     refreshing: Mutex<HashSet<StoredDigest>>,
     redis_outbox: Outbox,
     tombstones: Tombstones,
@@ -208,6 +210,7 @@ impl Store {
             flights: Flights::default(),
             changes: ChangeWindow::default(),
             feed_live: AtomicBool::new(false),
+            feed_deaf: AtomicBool::new(false),
             refreshing: Mutex::default(),
             redis_outbox: Outbox::new(config.redis.max_cache_ttl),
             // As long as a Redis entry could outlive the revocation, replays included.
@@ -223,11 +226,16 @@ impl Store {
         self.redis.as_ref()
     }
 
-    /// Periodic upkeep: frees expired in-process entries and retries failed Redis deletions.
+    /// Periodic upkeep: frees expired in-process entries, retries failed Redis deletions and
+    /// closes pooled Postgres connections idle for `postgres.idle_timeout`.
     pub async fn housekeeping(&self) {
         self.memory.purge_expired();
         self.tombstones.purge_expired();
         self.retry_pending_redis().await;
+        let closed = self.pg.close_idle();
+        if closed > 0 {
+            tracing::debug!(closed, "idle postgres connections closed");
+        }
     }
 
     pub fn memory_entries(&self) -> u64 {
@@ -241,6 +249,15 @@ impl Store {
 
     pub fn feed_live(&self) -> bool {
         self.feed_live.load(Ordering::SeqCst)
+    }
+
+    /// Marks the change feed as deaf (connected, but not hearing its own notifications) or not.
+    pub fn set_feed_deaf(&self, deaf: bool) {
+        self.feed_deaf.store(deaf, Ordering::SeqCst);
+    }
+
+    pub fn feed_deaf(&self) -> bool {
+        self.feed_deaf.load(Ordering::SeqCst)
     }
 
     /// Whether a cached answer must be confirmed with Postgres before use.

@@ -11,10 +11,26 @@ pub const APPLICATION_NAME: &str = "knoxgate";
 /// `application_name` of the change-feed listener connection.
 pub const FEED_APPLICATION_NAME: &str = "knoxgate-feed";
 
-/// Connection settings shared by the pool and the change-feed listener.
+/// Connection settings of the pool (`postgres.url`).
 pub fn pg_config(cfg: &PostgresConfig) -> Result<tokio_postgres::Config, StoreError> {
-    let mut pg: tokio_postgres::Config = cfg
-        .url
+    config_for(cfg, &cfg.url)
+}
+
+/// Connection settings of the direct connection (`postgres.feed_url`): the change feed,
+/// migrations and the operator CLI, which need a session of their own on the primary.
+pub fn direct_config(cfg: &PostgresConfig) -> Result<tokio_postgres::Config, StoreError> {
+    config_for(cfg, &cfg.feed_url)
+}
+
+/// Whether connections to `url` may carry startup `options`. PgBouncer refuses them
+/// ("unsupported startup parameter: options"), so with `postgres.pgbouncer` the pool URL gets
+/// none; a distinct `feed_url` is a direct connection and keeps them.
+pub fn sends_startup_options(cfg: &PostgresConfig, url: &str) -> bool {
+    !(cfg.pgbouncer && url == cfg.url)
+}
+
+fn config_for(cfg: &PostgresConfig, url: &str) -> Result<tokio_postgres::Config, StoreError> {
+    let mut pg: tokio_postgres::Config = url
         .parse()
         .map_err(|e| StoreError::Unavailable(format!("bad URL: {e}")))?;
     pg.connect_timeout(cfg.connect_timeout);
@@ -22,21 +38,24 @@ pub fn pg_config(cfg: &PostgresConfig) -> Result<tokio_postgres::Config, StoreEr
     pg.keepalives_idle(Duration::from_secs(30));
     pg.tcp_user_timeout(cfg.tcp_user_timeout());
     pg.application_name(APPLICATION_NAME);
-    let options = format!(
-        "{} -c statement_timeout={} -c idle_in_transaction_session_timeout={}",
-        pg.get_options().unwrap_or(""),
-        cfg.statement_timeout.as_millis(),
-        cfg.idle_in_transaction_timeout().as_millis(),
-    );
-    pg.options(options.trim());
+    if sends_startup_options(cfg, url) {
+        let options = format!(
+            "{} -c statement_timeout={} -c idle_in_transaction_session_timeout={}",
+            pg.get_options().unwrap_or(""),
+            cfg.statement_timeout.as_millis(),
+            cfg.idle_in_transaction_timeout().as_millis(),
+        );
+        pg.options(options.trim());
+    }
     Ok(pg)
 }
 
-/// TLS for Postgres: rustls when the URL asks for it (`sslmode=require`), plain otherwise.
+/// TLS for Postgres: rustls when the connection settings ask for it (`sslmode=require`),
+/// plain otherwise.
 pub fn tls_connector(
     cfg: &PostgresConfig,
+    pg: &tokio_postgres::Config,
 ) -> Result<Option<tokio_postgres_rustls::MakeRustlsConnect>, StoreError> {
-    let pg = pg_config(cfg)?;
     if pg.get_ssl_mode() != tokio_postgres::config::SslMode::Require {
         return Ok(None);
     }
@@ -45,11 +64,12 @@ pub fn tls_connector(
     Ok(Some(tokio_postgres_rustls::MakeRustlsConnect::new(config)))
 }
 
-/// One dedicated connection (migrations, the operator CLI), driven on its own task.
+/// One dedicated connection over the direct URL (migrations, the operator CLI, the startup
+/// trigger check), driven on its own task.
 pub async fn connect_one(cfg: &PostgresConfig) -> Result<tokio_postgres::Client, StoreError> {
-    let pg = pg_config(cfg)?;
+    let pg = direct_config(cfg)?;
     let fail = |e: tokio_postgres::Error| classify("connect", &e);
-    match tls_connector(cfg)? {
+    match tls_connector(cfg, &pg)? {
         Some(tls) => {
             let (client, conn) = pg.connect(tls).await.map_err(fail)?;
             tokio::spawn(conn);
@@ -72,6 +92,9 @@ pub fn classify(what: &str, e: &tokio_postgres::Error) -> StoreError {
         return match code {
             // statement_timeout / lock_timeout fired on the server.
             "57014" | "55P03" => StoreError::Timeout(text),
+            // read_only_sql_transaction: the server is (now) a standby, e.g. a demoted primary
+            // after a failover. Its connections are dropped so new ones find the primary.
+            "25006" => StoreError::Unavailable(text),
             // Connection exceptions, "too many clients" and other resource limits, refused
             // authentication, the server shutting down or starting up.
             c if c.starts_with("08")
@@ -123,5 +146,50 @@ pub fn classify_pool(e: &deadpool_postgres::PoolError) -> StoreError {
         ),
         PoolError::Backend(e) => classify("connect", e),
         other => StoreError::Unavailable(format!("pool: {other}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn postgres(toml: &str) -> PostgresConfig {
+        Config::from_toml_str(toml).unwrap().postgres
+    }
+
+    #[test]
+    fn startup_options_except_to_pgbouncer() {
+        let direct = postgres("[postgres]\nstatement_timeout = \"2s\"\n");
+        let opts = pg_config(&direct).unwrap();
+        assert!(
+            opts.get_options()
+                .unwrap()
+                .contains("-c statement_timeout=2000")
+        );
+        let bouncer = postgres(
+            "[postgres]\nurl = \"postgres://u@h:6432/db\"\npgbouncer = true\n\
+             feed_url = \"postgres://u@h:5432/db\"\n",
+        );
+        assert_eq!(pg_config(&bouncer).unwrap().get_options(), None);
+        // The feed's own URL is direct: it keeps the server-side timeouts.
+        assert!(direct_config(&bouncer).unwrap().get_options().is_some());
+        // Without a feed_url the feed goes to the pooler too, so it sends none either.
+        let shared = postgres("[postgres]\nurl = \"postgres://u@h:6432/db\"\npgbouncer = true\n");
+        assert_eq!(direct_config(&shared).unwrap().get_options(), None);
+    }
+
+    #[test]
+    fn multi_host_urls_are_kept() {
+        let cfg = postgres(
+            "[postgres]\nurl = \"postgres://u@a:5432,b:5433/db?target_session_attrs=read-write\"\n",
+        );
+        let pg = pg_config(&cfg).unwrap();
+        assert_eq!(pg.get_hosts().len(), 2);
+        assert_eq!(pg.get_ports(), &[5432, 5433]);
+        assert_eq!(
+            pg.get_target_session_attrs(),
+            tokio_postgres::config::TargetSessionAttrs::ReadWrite
+        );
     }
 }

@@ -1,14 +1,31 @@
 //! The Postgres tier: the Django database, source of truth, through a deadpool of
 //! tokio-postgres connections with every timeout set.
 //!
-//! All statements are prepared and cached per connection. Table names come from config (they
-//! were checked to be plain identifiers) and are spliced in once, at startup.
+//! Statements are prepared and cached per connection, except behind PgBouncer in transaction
+//! mode (`postgres.pgbouncer`): there consecutive messages may reach different server
+//! connections, so a named statement prepared on one is unknown on the next, and every
+//! statement goes out unnamed in one Parse/Bind/Execute/Sync exchange instead
+//! ([`tokio_postgres::Client::query_typed`]). Either way each call names its parameter types.
+//! Table names come from config (they were checked to be plain identifiers) and are spliced in
+//! once, at startup.
+//!
+//! Idle connections are closed after `postgres.idle_timeout` ([`Postgres::close_idle`]), so an
+//! idle sidecar holds no pooled connection.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime, Timeouts};
 use time::OffsetDateTime;
-use tokio_postgres::{Row, types::ToSql};
+use tokio_postgres::{
+    Row,
+    types::{ToSql, Type},
+};
 
 use super::{
     StoreError,
@@ -109,7 +126,52 @@ pub struct Postgres {
     /// [`PostgresConfig::login_transaction_deadline`].
     pub(super) login_deadline: Duration,
     pub(super) metrics: Arc<Metrics>,
+    /// Unnamed statements only, no session state (PgBouncer transaction pooling).
+    pub(super) pgbouncer: bool,
+    /// Server-side bounds set per transaction when no startup options can carry them.
+    pub(super) statement_timeout: Duration,
+    pub(super) idle_in_transaction_timeout: Duration,
+    idle_timeout: Duration,
+    /// When a request last used the pool: milliseconds since `born`, plus one; 0 = never.
+    /// Readiness probes and the feed's self-test do not count, so they cannot keep an
+    /// otherwise idle instance's connections open.
+    last_request: Arc<AtomicU64>,
+    born: Instant,
 }
+
+/// Why a statement is sent: it decides whether it is counted in
+/// `knoxgate_sql_statements_total` and whether it keeps pooled connections open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    /// A request's SQL: counted, and the pool is in use.
+    Request,
+    /// `/readyz`: counted, but not use.
+    Probe,
+    /// The change feed's self-test: neither.
+    Feed,
+}
+
+/// One statement parameter with its Postgres type.
+pub(super) type Param<'a> = (&'a (dyn ToSql + Sync), Type);
+
+/// Runs one statement on `client` (a pooled connection or a transaction): prepared and cached,
+/// or unnamed behind PgBouncer.
+macro_rules! run_statement {
+    ($pgbouncer:expr, $client:expr, $sql:expr, $params:expr) => {{
+        let params: &[Param<'_>] = $params;
+        if $pgbouncer {
+            $client.query_typed($sql, params).await
+        } else {
+            let types: Vec<Type> = params.iter().map(|(_, t)| t.clone()).collect();
+            let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(v, _)| *v).collect();
+            match $client.prepare_typed_cached($sql, &types).await {
+                Ok(stmt) => $client.query(&stmt, &values).await,
+                Err(e) => Err(e),
+            }
+        }
+    }};
+}
+pub(super) use run_statement;
 
 fn row_of(r: &Row) -> Result<TokenRow, tokio_postgres::Error> {
     Ok(TokenRow {
@@ -139,7 +201,7 @@ impl Postgres {
         let mgr_cfg = ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         };
-        let manager = match tls_connector(cfg)? {
+        let manager = match tls_connector(cfg, &pg)? {
             Some(tls) => Manager::from_config(pg, tls, mgr_cfg),
             None => Manager::from_config(pg, tokio_postgres::NoTls, mgr_cfg),
         };
@@ -164,7 +226,51 @@ impl Postgres {
             statement_deadline: cfg.query_deadline(),
             login_deadline: cfg.login_transaction_deadline(),
             metrics,
+            pgbouncer: cfg.pgbouncer,
+            statement_timeout: cfg.statement_timeout,
+            idle_in_transaction_timeout: cfg.idle_in_transaction_timeout(),
+            idle_timeout: cfg.idle_timeout,
+            last_request: Arc::default(),
+            born: Instant::now(),
         })
+    }
+
+    /// Records that a request used the pool.
+    pub(super) fn note_request(&self) {
+        let ms = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+        self.last_request.store(ms + 1, Ordering::Relaxed);
+    }
+
+    /// True when no request has used the pool for `postgres.idle_timeout` (or ever).
+    pub fn quiet(&self) -> bool {
+        match self.last_request.load(Ordering::Relaxed) {
+            0 => true,
+            ms => {
+                self.born
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(ms - 1))
+                    >= self.idle_timeout
+            }
+        }
+    }
+
+    /// Closes pooled connections unused for `postgres.idle_timeout`, and every idle one once
+    /// no request has used the pool for that long (probes and the feed's self-test would
+    /// otherwise keep one open); returns how many. deadpool never closes idle connections
+    /// itself: without this a sidecar that served one burst would hold `pool_size` backends
+    /// (or PgBouncer client slots) forever.
+    pub fn close_idle(&self) -> usize {
+        let idle_timeout = self.idle_timeout;
+        let quiet = self.quiet();
+        self.pool
+            .retain(|_, m| !quiet && m.last_used() < idle_timeout)
+            .removed
+            .len()
+    }
+
+    /// Connections in the pool, in use or idle.
+    pub fn pool_size(&self) -> usize {
+        self.pool.status().size
     }
 
     /// Counts and logs a failure, once, where it happened.
@@ -196,22 +302,28 @@ impl Postgres {
         &self,
         label: &'static str,
         sql: &str,
-        params: &[&(dyn ToSql + Sync)],
+        params: &[Param<'_>],
     ) -> Result<Vec<Row>, StoreError> {
-        Box::pin(self.query_unboxed(label, sql, params)).await
+        Box::pin(self.query_unboxed(label, sql, params, Purpose::Request)).await
     }
 
     async fn query_unboxed(
         &self,
         label: &'static str,
         sql: &str,
-        params: &[&(dyn ToSql + Sync)],
+        params: &[Param<'_>],
+        purpose: Purpose,
     ) -> Result<Vec<Row>, StoreError> {
+        if purpose == Purpose::Request {
+            self.note_request();
+        }
         let client = self.client().await?;
-        self.metrics.sql(label);
+        // The feed's statements are not among the SQL that requests cost.
+        if purpose != Purpose::Feed {
+            self.metrics.sql(label);
+        }
         let result = tokio::time::timeout(self.statement_deadline, async {
-            let stmt = client.prepare_cached(sql).await?;
-            client.query(&stmt, params).await
+            run_statement!(self.pgbouncer, client, sql, params)
         })
         .await;
         match result {
@@ -223,7 +335,13 @@ impl Postgres {
                     // "cached plan must not change result type" after a schema change.
                     client.statement_cache.clear();
                 }
-                Err(self.failed(label, &e))
+                let error = self.failed(label, &e);
+                if matches!(error, StoreError::Unavailable(_)) {
+                    // A standby (demoted primary) or a dying server: a new connection finds
+                    // the primary, this one never will.
+                    let _ = Object::take(client);
+                }
+                Err(error)
             }
             Err(_) => {
                 let _ = Object::take(client);
@@ -237,7 +355,7 @@ impl Postgres {
     /// All rows stored under `token_key`, with their users.
     pub async fn lookup(&self, token_key: &str) -> Result<Rows, StoreError> {
         let rows = self
-            .query("lookup", &self.sql.lookup, &[&token_key])
+            .query("lookup", &self.sql.lookup, &[(&token_key, Type::TEXT)])
             .await?;
         rows.iter()
             .map(row_of)
@@ -247,7 +365,9 @@ impl Postgres {
 
     /// The row with this digest (primary key), with its user.
     pub async fn confirm(&self, digest: &str) -> Result<Option<TokenRow>, StoreError> {
-        let rows = self.query("confirm", &self.sql.confirm, &[&digest]).await?;
+        let rows = self
+            .query("confirm", &self.sql.confirm, &[(&digest, Type::TEXT)])
+            .await?;
         rows.first()
             .map(row_of)
             .transpose()
@@ -260,7 +380,7 @@ impl Postgres {
             .query(
                 "delete_expired",
                 &self.sql.delete_expired_of_user,
-                &[&digest],
+                &[(&digest, Type::TEXT)],
             )
             .await?;
         removed_of(&rows).map_err(|e| self.failed("delete_expired", &e))
@@ -269,7 +389,11 @@ impl Postgres {
     /// Deletes one token (logout).
     pub async fn delete_token(&self, digest: &str) -> Result<Vec<Removed>, StoreError> {
         let rows = self
-            .query("delete_token", &self.sql.delete_token, &[&digest])
+            .query(
+                "delete_token",
+                &self.sql.delete_token,
+                &[(&digest, Type::TEXT)],
+            )
             .await?;
         removed_of(&rows).map_err(|e| self.failed("delete_token", &e))
     }
@@ -277,7 +401,11 @@ impl Postgres {
     /// Deletes every token of the user owning `digest` (logout-all).
     pub async fn delete_all_of_user(&self, digest: &str) -> Result<Vec<Removed>, StoreError> {
         let rows = self
-            .query("delete_all", &self.sql.delete_all_of_user, &[&digest])
+            .query(
+                "delete_all",
+                &self.sql.delete_all_of_user,
+                &[(&digest, Type::TEXT)],
+            )
             .await?;
         removed_of(&rows).map_err(|e| self.failed("delete_all", &e))
     }
@@ -291,14 +419,29 @@ impl Postgres {
         self.query(
             "refresh_expiry",
             &self.sql.refresh_expiry,
-            &[&digest, &expiry],
+            &[(&digest, Type::TEXT), (&expiry, Type::TIMESTAMPTZ)],
         )
+        .await
+        .map(drop)
+    }
+
+    /// Sends a notification through the pool (the change feed's self-test).
+    pub async fn notify(&self, channel: &str, payload: &str) -> Result<(), StoreError> {
+        let params: &[Param<'_>] = &[(&channel, Type::TEXT), (&payload, Type::TEXT)];
+        Box::pin(self.query_unboxed(
+            "feed_echo",
+            "SELECT pg_notify($1, $2)",
+            params,
+            Purpose::Feed,
+        ))
         .await
         .map(drop)
     }
 
     /// A round trip, for readiness.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        self.query("ping", "SELECT 1", &[]).await.map(drop)
+        Box::pin(self.query_unboxed("ping", "SELECT 1", &[], Purpose::Probe))
+            .await
+            .map(drop)
     }
 }

@@ -145,10 +145,15 @@ async fn table_exists(
     client: &impl tokio_postgres::GenericClient,
     name: &str,
 ) -> Result<bool, tokio_postgres::Error> {
-    let row = client
-        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
+    // Unnamed statements (here and in `triggers_installed`): the feed may run these through a
+    // transaction pooler by mistake, and must then report itself deaf rather than fail here.
+    let rows = client
+        .query_typed(
+            "SELECT to_regclass($1) IS NOT NULL",
+            &[(&name, tokio_postgres::types::Type::TEXT)],
+        )
         .await?;
-    row.try_get(0)
+    Ok(rows.first().is_some_and(|r| r.get(0)))
 }
 
 /// Why `migrate` stopped.
@@ -219,14 +224,19 @@ pub async fn triggers_installed(
     client: &Client,
     cfg: &PostgresConfig,
 ) -> Result<bool, tokio_postgres::Error> {
-    let row = client
-        .query_one(
+    use tokio_postgres::types::Type;
+    let rows = client
+        .query_typed(
             "SELECT count(*) FROM pg_trigger
              WHERE NOT tgisinternal AND (
                  (tgrelid = to_regclass($1) AND tgname = 'knoxgate_token_changed') OR
                  (tgrelid = to_regclass($2) AND tgname IN ('knoxgate_user_changed', 'knoxgate_user_deleted')))",
-            &[&cfg.token_table, &cfg.user_table],
+            &[(&cfg.token_table, Type::TEXT), (&cfg.user_table, Type::TEXT)],
         )
         .await?;
-    Ok(row.try_get::<_, i64>(0)? == 3 && table_exists(client, LOG_TABLE).await?)
+    let count = match rows.first() {
+        Some(row) => row.try_get::<_, i64>(0)?,
+        None => 0,
+    };
+    Ok(count == 3 && table_exists(client, LOG_TABLE).await?)
 }

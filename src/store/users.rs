@@ -3,8 +3,12 @@
 
 use deadpool_postgres::Object;
 use time::OffsetDateTime;
+use tokio_postgres::types::{ToSql, Type};
 
-use super::{StoreError, postgres::Postgres};
+use super::{
+    StoreError,
+    postgres::{Param, Postgres, run_statement},
+};
 
 /// A user as needed to check a login.
 #[derive(Debug, Clone)]
@@ -38,7 +42,11 @@ impl Postgres {
     /// The user a login names, if any.
     pub async fn login_user(&self, username: &str) -> Result<Option<LoginUser>, StoreError> {
         let rows = self
-            .query("login_user", &self.sql.login_user, &[&username])
+            .query(
+                "login_user",
+                &self.sql.login_user,
+                &[(&username, Type::TEXT)],
+            )
             .await?;
         rows.first()
             .map(|r| {
@@ -57,37 +65,61 @@ impl Postgres {
     /// checking the per-user limit, and stamps `last_login`, in one transaction.
     /// Returns `Ok(None)` when the limit is reached.
     pub async fn create_token(&self, new: &NewToken<'_>) -> Result<Option<String>, StoreError> {
+        self.note_request();
         let mut client = self.client().await?;
         let sql = &self.sql;
         let metrics = &self.metrics;
+        let pgbouncer = self.pgbouncer;
         let work = async {
             let tx = client.transaction().await?;
+            if pgbouncer {
+                // No startup options behind PgBouncer: bound this transaction on the server
+                // here, where the session it runs in is ours until COMMIT.
+                tx.batch_execute(&format!(
+                    "SET LOCAL statement_timeout = {}; \
+                     SET LOCAL idle_in_transaction_session_timeout = {}",
+                    self.statement_timeout.as_millis(),
+                    self.idle_in_transaction_timeout.as_millis()
+                ))
+                .await?;
+            }
             metrics.sql("lock_user");
-            let stmt = tx.prepare_cached(&sql.lock_user).await?;
-            tx.query(&stmt, &[&new.username]).await?;
+            run_statement!(
+                pgbouncer,
+                tx,
+                &sql.lock_user,
+                &[(&new.username, Type::TEXT)]
+            )?;
             if let Some(limit) = new.limit {
                 metrics.sql("count_live");
-                let stmt = tx.prepare_cached(&sql.count_live).await?;
-                let live: i64 = tx.query_one(&stmt, &[&new.username]).await?.try_get(0)?;
+                let rows = run_statement!(
+                    pgbouncer,
+                    tx,
+                    &sql.count_live,
+                    &[(&new.username, Type::TEXT)]
+                )?;
+                let live: i64 = match rows.first() {
+                    Some(row) => row.try_get(0)?,
+                    None => 0,
+                };
                 if live >= limit as i64 {
                     tx.rollback().await?;
                     return Ok(None);
                 }
             }
             metrics.sql("insert_token");
-            let stmt = tx.prepare_cached(&sql.insert_token).await?;
-            let rows = tx
-                .query(
-                    &stmt,
-                    &[
-                        &new.digest,
-                        &new.token_key,
-                        &new.created,
-                        &new.expiry,
-                        &new.username,
-                    ],
-                )
-                .await?;
+            let rows = run_statement!(
+                pgbouncer,
+                tx,
+                &sql.insert_token,
+                &[
+                    (&new.digest, Type::TEXT),
+                    (&new.token_key, Type::TEXT),
+                    (&new.created, Type::TIMESTAMPTZ),
+                    (&new.expiry, Type::TIMESTAMPTZ),
+                    (&new.username, Type::TEXT),
+                ]
+            )?;
             let Some(row) = rows.first() else {
                 tx.rollback().await?;
                 return Ok(None);
@@ -95,8 +127,15 @@ impl Postgres {
             let user_id: String = row.try_get(0)?;
             if let Some(set_last_login) = &sql.set_last_login {
                 metrics.sql("set_last_login");
-                let stmt = tx.prepare_cached(set_last_login).await?;
-                tx.execute(&stmt, &[&new.username, &new.created]).await?;
+                run_statement!(
+                    pgbouncer,
+                    tx,
+                    set_last_login,
+                    &[
+                        (&new.username, Type::TEXT),
+                        (&new.created, Type::TIMESTAMPTZ)
+                    ]
+                )?;
             }
             tx.commit().await?;
             Ok::<_, tokio_postgres::Error>(Some(user_id))
@@ -117,7 +156,7 @@ impl Postgres {
         self.query(
             "set_password",
             &self.sql.set_password,
-            &[&username, &encoded],
+            &[(&username, Type::TEXT), (&encoded, Type::TEXT)],
         )
         .await
         .map(drop)
@@ -137,11 +176,11 @@ impl Postgres {
                 "create_user",
                 &sql,
                 &[
-                    &new.encoded_password,
-                    &new.superuser,
-                    &new.username,
-                    &new.email,
-                    &new.active,
+                    (&new.encoded_password, Type::TEXT),
+                    (&new.superuser, Type::BOOL),
+                    (&new.username, Type::TEXT),
+                    (&new.email, Type::TEXT),
+                    (&new.active, Type::BOOL),
                 ],
             )
             .await?;
@@ -154,7 +193,11 @@ impl Postgres {
     /// Sets `is_active`; returns whether the user exists.
     pub async fn set_active(&self, username: &str, active: bool) -> Result<bool, StoreError> {
         Ok(!self
-            .query("set_active", &self.sql.set_active, &[&username, &active])
+            .query(
+                "set_active",
+                &self.sql.set_active,
+                &[(&username, Type::TEXT), (&active, Type::BOOL)],
+            )
             .await?
             .is_empty())
     }

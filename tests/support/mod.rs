@@ -7,6 +7,7 @@
 
 #[cfg(test)]
 mod binary;
+mod cluster;
 mod db;
 mod django;
 mod fixture;
@@ -22,6 +23,7 @@ use std::{
 
 #[cfg(test)]
 pub use binary::*;
+pub use cluster::*;
 pub use db::*;
 pub use django::*;
 pub use fixture::*;

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Installs the servers the Rust tests start themselves beside Postgres and Redis: PgBouncer
+# (tests/integration: transaction pooling in front of Postgres). Idempotent; Debian packages.
+#
+#   ./scripts/ensure-tools.sh
+set -euo pipefail
+
+missing=()
+command -v pgbouncer >/dev/null 2>&1 || [[ -x /usr/sbin/pgbouncer ]] || missing+=(pgbouncer)
+
+if ((${#missing[@]})); then
+    echo "installing: ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    # The package starts a system PgBouncer where systemd runs; the tests start their own.
+    if command -v systemctl >/dev/null 2>&1; then
+        systemctl disable --now pgbouncer >/dev/null 2>&1 || true
+    fi
+fi

@@ -1,0 +1,281 @@
+//! PgBouncer in transaction mode in front of Postgres (`postgres.pgbouncer = true`): cold
+//! lookups, logins, logouts and auto-refresh without a single Postgres error; the feed through
+//! a direct `feed_url` hears revocations; a feed pointed at PgBouncer is reported deaf and
+//! answers are confirmed with Postgres.
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use knoxgate::auth::HashAlgorithm;
+
+use crate::support::{
+    PgBouncer, TestDb, eventually, fleet_config, http, insert_token, insert_user, join_all,
+    readyz_status, start_unready,
+};
+
+const ERRORS: &str = "knoxgate_postgres_errors_total";
+
+fn basic(username: &str, password: &str) -> String {
+    let encoded =
+        base64::engine::general_purpose::STANDARD.encode(format!("{username}:{password}"));
+    format!("Basic {encoded}")
+}
+
+/// The body's `"token":"…"`.
+fn token_of(body: &str) -> String {
+    let start = body.find("\"token\":\"").expect("token in body") + 9;
+    body[start..].split('"').next().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn transaction_pooling_serves_cold_lookups_logins_logouts_and_refresh_without_errors() {
+    let db = TestDb::migrated().await;
+    let bouncer = PgBouncer::start(5432, &db.name, "transaction", 2).await;
+    let cfg = fleet_config(
+        &bouncer.url(&db.name),
+        &format!("pgbouncer = true\nfeed_url = \"{}\"\npool_size = 8", db.url),
+        "",
+        "auto_refresh = true\ntoken_limit_per_user = 50",
+    );
+    let s = start_unready(cfg).await;
+    s.wait_ready().await;
+    let (status, body) = readyz_status(&s).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"feed\":\"live\""), "{body}");
+
+    // 200 cold lookups of distinct tokens, 50 at a time.
+    let client = db.client().await;
+    let mut tokens = Vec::new();
+    for i in 0..40 {
+        let id = insert_user(&client, &format!("cold{i}"), "pw", true).await;
+        for _ in 0..5 {
+            let t = insert_token(
+                &client,
+                id,
+                Some(Duration::from_secs(3600)),
+                "",
+                HashAlgorithm::Sha512,
+            )
+            .await;
+            tokens.push(t.token);
+        }
+    }
+    let addr = s.addr();
+    let mut statuses = Vec::new();
+    for chunk in tokens.chunks(50) {
+        let wave: Vec<_> = chunk
+            .iter()
+            .cloned()
+            .map(|t| async move {
+                http(
+                    addr,
+                    "GET",
+                    "/verify",
+                    &[("Authorization", &format!("Token {t}"))],
+                    b"",
+                )
+                .await
+                .status
+            })
+            .collect();
+        statuses.extend(join_all(wave).await);
+    }
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    assert_eq!(
+        ok,
+        tokens.len(),
+        "cold lookups through PgBouncer: {statuses:?}"
+    );
+
+    // 20 concurrent logins (5 users, 4 each: the per-user lock and limit in one transaction).
+    for i in 0..5 {
+        insert_user(&client, &format!("login{i}"), "secret", true).await;
+    }
+    let logins: Vec<_> = (0..20)
+        .map(|n| {
+            let auth = basic(&format!("login{}", n % 5), "secret");
+            async move {
+                let r = http(
+                    addr,
+                    "POST",
+                    "/api/auth/login/",
+                    &[("Authorization", &auth)],
+                    b"",
+                )
+                .await;
+                (r.status, r.body_text())
+            }
+        })
+        .collect();
+    let logins = join_all(logins).await;
+    for (status, body) in &logins {
+        assert_eq!(*status, 200, "login through PgBouncer: {body}");
+    }
+    let issued: Vec<String> = logins.iter().map(|(_, b)| token_of(b)).collect();
+    let live: i64 = client
+        .query_one(
+            "SELECT count(*) FROM knox_authtoken t JOIN auth_user u ON u.id = t.user_id \
+             WHERE u.username LIKE 'login%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(live, 20);
+
+    // Auto-refresh: expiries moved back by SQL (the feed evicts), then each issued token
+    // verified at once: one refresh write each.
+    client
+        .execute(
+            "UPDATE knox_authtoken t SET expiry = now() + interval '1 hour' FROM auth_user u \
+             WHERE u.id = t.user_id AND u.username LIKE 'login%'",
+            &[],
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let refreshes_before = s
+        .metric("knoxgate_sql_statements_total{statement=\"refresh_expiry\"}")
+        .await;
+    let verifies: Vec<_> = issued
+        .iter()
+        .cloned()
+        .map(|t| async move {
+            http(
+                addr,
+                "GET",
+                "/verify",
+                &[("Authorization", &format!("Token {t}"))],
+                b"",
+            )
+            .await
+            .status
+        })
+        .collect();
+    assert!(join_all(verifies).await.iter().all(|s| *s == 200));
+    let refreshed = eventually(Duration::from_secs(5), || async {
+        let moved: i64 = client
+            .query_one(
+                "SELECT count(*) FROM knox_authtoken t JOIN auth_user u ON u.id = t.user_id \
+                 WHERE u.username LIKE 'login%' AND t.expiry > now() + interval '9 hours'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        moved == 20
+    })
+    .await;
+    assert!(
+        refreshed.is_some(),
+        "auto-refresh did not move every expiry"
+    );
+    let refreshes = s
+        .metric("knoxgate_sql_statements_total{statement=\"refresh_expiry\"}")
+        .await
+        - refreshes_before;
+    assert!(refreshes >= 20.0, "refresh writes: {refreshes}");
+
+    // Concurrent logouts of half the issued tokens; then they are refused.
+    let logouts: Vec<_> = issued[..10]
+        .iter()
+        .cloned()
+        .map(|t| async move {
+            http(
+                addr,
+                "POST",
+                "/api/auth/logout/",
+                &[("Authorization", &format!("Token {t}"))],
+                b"",
+            )
+            .await
+            .status
+        })
+        .collect();
+    let logouts = join_all(logouts).await;
+    assert!(logouts.iter().all(|s| *s == 204), "logouts: {logouts:?}");
+    for t in &issued[..10] {
+        assert_eq!(s.verify(t).await.status, 401);
+    }
+
+    // A raw-SQL revocation reaches the feed through feed_url, with no request's help.
+    let victim = tokens[0].clone();
+    assert_eq!(s.verify(&victim).await.status, 200);
+    client
+        .execute(
+            "DELETE FROM knox_authtoken WHERE token_key = $1",
+            &[&knoxgate::auth::token_key_of(&victim)],
+        )
+        .await
+        .unwrap();
+    let seen = eventually(Duration::from_secs(2), || async {
+        s.verify(&victim).await.status == 401
+    })
+    .await;
+    assert!(seen.is_some(), "raw-SQL revocation not seen within 2 s");
+    println!("pgbouncer: raw-SQL revocation seen after {seen:?}");
+
+    assert_eq!(
+        s.metric(ERRORS).await,
+        0.0,
+        "postgres errors through PgBouncer"
+    );
+    assert_eq!(s.metric("knoxgate_feed_connected").await, 1.0);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_feed_behind_transaction_pooling_is_reported_deaf_and_answers_are_confirmed() {
+    let db = TestDb::migrated().await;
+    let bouncer = PgBouncer::start(5432, &db.name, "transaction", 2).await;
+    // No feed_url: the feed's LISTEN goes through PgBouncer too.
+    let cfg = fleet_config(
+        &bouncer.url(&db.name),
+        "pgbouncer = true",
+        "feed_echo_timeout = \"500ms\"",
+        "",
+    );
+    let s = start_unready(cfg).await;
+    let client = db.client().await;
+    let id = insert_user(&client, "deaf", "pw", true).await;
+    let t = insert_token(
+        &client,
+        id,
+        Some(Duration::from_secs(3600)),
+        "",
+        HashAlgorithm::Sha512,
+    )
+    .await;
+
+    let deaf = eventually(Duration::from_secs(5), || async {
+        let (status, body) = readyz_status(&s).await;
+        status == 503 && body.contains("\"feed\":\"deaf\"")
+    })
+    .await;
+    assert!(
+        deaf.is_some(),
+        "feed not reported deaf: {:?}",
+        readyz_status(&s).await
+    );
+    assert!(!s.running.app.store.feed_live());
+    assert_eq!(s.metric("knoxgate_feed_connected").await, 0.0);
+    // Postgres itself is fine: the feed connected, and it did LISTEN.
+    assert!(readyz_status(&s).await.1.contains("\"postgres\":\"ok\""));
+
+    // Cached, then revoked by raw SQL: the deaf feed never tells, the confirmation does.
+    assert_eq!(s.verify(&t.token).await.status, 200);
+    assert_eq!(s.verify(&t.token).await.status, 200);
+    client
+        .execute(
+            "DELETE FROM knox_authtoken WHERE token_key = $1",
+            &[&knoxgate::auth::token_key_of(&t.token)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(s.verify(&t.token).await.status, 401);
+    // Still deaf a few ticks later: it never flips back to live on its own.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!s.running.app.store.feed_live());
+    assert_eq!(readyz_status(&s).await.0, 503);
+    s.stop().await;
+}
