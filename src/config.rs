@@ -67,6 +67,9 @@ file_section!(VerifyFile {
     username_header: String = "",
     email_header: String = "",
     expiry_header: String = "",
+    staff_header: String = "",
+    superuser_header: String = "",
+    groups_header: String = "",
     allow_cors_preflight: bool = false,
     max_token_chars: u64 = 256u64,
 });
@@ -112,6 +115,11 @@ file_section!(PostgresFile {
     is_active_column: String = "is_active",
     password_column: String = "password",
     last_login_column: String = "last_login",
+    is_staff_column: String = "is_staff",
+    is_superuser_column: String = "is_superuser",
+    group_table: String = "auth_group",
+    user_groups_table: String = "auth_user_groups",
+    user_groups_user_column: String = "user_id",
 });
 
 file_section!(RedisFile {
@@ -200,6 +208,10 @@ pub struct VerifyConfig {
     pub username_header: Option<hyper::header::HeaderName>,
     pub email_header: Option<hyper::header::HeaderName>,
     pub expiry_header: Option<hyper::header::HeaderName>,
+    /// Per-route policy identity headers: `true`/`false`, and the group names.
+    pub staff_header: Option<hyper::header::HeaderName>,
+    pub superuser_header: Option<hyper::header::HeaderName>,
+    pub groups_header: Option<hyper::header::HeaderName>,
     pub allow_cors_preflight: bool,
     pub max_token_chars: usize,
 }
@@ -262,6 +274,26 @@ pub struct PostgresConfig {
     pub token_table: String,
     pub user_table: String,
     pub user_columns: UserColumns,
+    /// `None`: the user model has no groups (policies naming a group then never pass).
+    pub groups: Option<GroupTables>,
+}
+
+/// Where a user's groups are: Django's `auth_group` and the user model's M2M table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupTables {
+    pub group_table: String,
+    pub user_groups_table: String,
+    /// The M2M table's column naming the user (`user_id`; `<model>_id` for custom models).
+    pub user_column: String,
+}
+
+impl GroupTables {
+    /// Django's default tables.
+    pub fn is_default(&self) -> bool {
+        self.group_table == "auth_group"
+            && self.user_groups_table == "auth_user_groups"
+            && self.user_column == "user_id"
+    }
 }
 
 /// Column names of the user table, for custom `AUTH_USER_MODEL`s.
@@ -275,6 +307,9 @@ pub struct UserColumns {
     pub password: String,
     /// `None`: the model has no last-login column; logins then stamp nothing.
     pub last_login: Option<String>,
+    /// `None`: the model has no such flag; it then counts as false for policies.
+    pub is_staff: Option<String>,
+    pub is_superuser: Option<String>,
 }
 
 impl Default for UserColumns {
@@ -286,6 +321,8 @@ impl Default for UserColumns {
             is_active: "is_active".into(),
             password: "password".into(),
             last_login: Some("last_login".into()),
+            is_staff: Some("is_staff".into()),
+            is_superuser: Some("is_superuser".into()),
         }
     }
 }
@@ -584,6 +621,9 @@ impl FileConfig {
             username_header: header_name("verify.username_header", &verify.username_header)?,
             email_header: header_name("verify.email_header", &verify.email_header)?,
             expiry_header: header_name("verify.expiry_header", &verify.expiry_header)?,
+            staff_header: header_name("verify.staff_header", &verify.staff_header)?,
+            superuser_header: header_name("verify.superuser_header", &verify.superuser_header)?,
+            groups_header: header_name("verify.groups_header", &verify.groups_header)?,
             allow_cors_preflight: verify.allow_cors_preflight,
             max_token_chars: nonzero("verify.max_token_chars", verify.max_token_chars)? as usize,
         };
@@ -721,6 +761,26 @@ impl FileConfig {
                     "postgres.last_login_column",
                     &postgres.last_login_column,
                 )?,
+                is_staff: optional_column("postgres.is_staff_column", &postgres.is_staff_column)?,
+                is_superuser: optional_column(
+                    "postgres.is_superuser_column",
+                    &postgres.is_superuser_column,
+                )?,
+            },
+            groups: if postgres.user_groups_table.is_empty() {
+                None
+            } else {
+                Some(GroupTables {
+                    group_table: sql_identifier("postgres.group_table", &postgres.group_table)?,
+                    user_groups_table: sql_identifier(
+                        "postgres.user_groups_table",
+                        &postgres.user_groups_table,
+                    )?,
+                    user_column: column(
+                        "postgres.user_groups_user_column",
+                        &postgres.user_groups_user_column,
+                    )?,
+                })
             },
         };
         let redis = RedisConfig {

@@ -38,11 +38,17 @@ pub async fn main_service(
 async fn route(app: &Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
     let path = req.uri().path();
     let verify_path = app.config.verify.path.as_str();
-    if path
-        .strip_prefix(verify_path)
-        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    if let Some(rest) = path.strip_prefix(verify_path)
+        && (rest.is_empty() || rest.starts_with('/'))
     {
-        return verify::verify(app, req.method(), req.headers()).await;
+        // Policy parameters count only on the exact verify URL, the one a proxy is configured
+        // with; on a sub-path the query is the client's (`/verify/x?anonymous=allow`).
+        let policy_query = if rest.is_empty() {
+            Some(req.uri().query().unwrap_or(""))
+        } else {
+            None
+        };
+        return verify::verify(app, req.method(), req.headers(), policy_query).await;
     }
     let sessions = &app.config.sessions;
     let endpoint = sessions

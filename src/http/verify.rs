@@ -1,5 +1,5 @@
-//! `/verify`: parse → tiered lookup → decide → respond. Also the token authentication that
-//! logout and logout-all share with it.
+//! `/verify`: policy → parse → tiered lookup → decide → permission → respond. Also the token
+//! authentication that logout and logout-all share with it.
 
 use std::sync::Arc;
 
@@ -8,7 +8,7 @@ use time::OffsetDateTime;
 
 use super::respond::{self, Body};
 use crate::{
-    auth::{DenyReason, Outcome, decide, parse_authorization, refreshed_expiry},
+    auth::{DenyReason, Outcome, Policy, decide, parse_authorization, permits, refreshed_expiry},
     error::Error,
     metrics::OutcomeLabels,
     state::App,
@@ -72,43 +72,28 @@ pub async fn authenticate(
 }
 
 /// Handles `/verify` and its sub-paths, any method. The body is never read.
-pub async fn verify(app: &Arc<App>, method: &Method, headers: &HeaderMap) -> Response<Body> {
+///
+/// `policy_query` is the query string of the exact verify URL, and `None` on sub-paths: there
+/// (Envoy's `path_prefix` form) path and query are the client's own, and a client must never
+/// choose its own policy.
+pub async fn verify(
+    app: &Arc<App>,
+    method: &Method,
+    headers: &HeaderMap,
+    policy_query: Option<&str>,
+) -> Response<Body> {
     let started = std::time::Instant::now();
-    let cfg = &app.config;
-    let (response, labels) = if cfg.verify.allow_cors_preflight
-        && method == Method::OPTIONS
-        && headers.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
-    {
-        (
-            respond::preflight(),
-            OutcomeLabels {
-                outcome: "allow",
-                reason: "cors_preflight",
-            },
-        )
-    } else {
-        match authenticate(app, headers).await {
-            Ok(Ok(auth)) => (
-                respond::allow(auth.row(), &cfg.verify),
-                OutcomeLabels {
-                    outcome: "allow",
-                    reason: "valid",
-                },
-            ),
-            Ok(Err(reason)) => (
-                respond::deny(reason, &cfg.knox.auth_header_prefix),
-                OutcomeLabels {
-                    outcome: "deny",
-                    reason: reason.label(),
-                },
-            ),
-            Err(e) => (
+    let (response, labels) = match policy_query.map(Policy::from_query).transpose() {
+        Ok(policy) => answer(app, method, headers, &policy.unwrap_or_default()).await,
+        Err(e) => {
+            let e = Error::from(e);
+            (
                 respond::error(&e),
                 OutcomeLabels {
                     outcome: "error",
                     reason: e.label(),
                 },
-            ),
+            )
         }
     };
     app.metrics.verify_outcome(labels.outcome, labels.reason);
@@ -116,4 +101,38 @@ pub async fn verify(app: &Arc<App>, method: &Method, headers: &HeaderMap) -> Res
         .verify_duration
         .observe(started.elapsed().as_secs_f64());
     response
+}
+
+/// The answer to one verify request under `policy`, with its metrics labels.
+async fn answer(
+    app: &Arc<App>,
+    method: &Method,
+    headers: &HeaderMap,
+    policy: &Policy,
+) -> (Response<Body>, OutcomeLabels) {
+    let cfg = &app.config;
+    let labels = |outcome, reason| OutcomeLabels { outcome, reason };
+    if cfg.verify.allow_cors_preflight
+        && method == Method::OPTIONS
+        && headers.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
+    {
+        return (respond::preflight(), labels("allow", "cors_preflight"));
+    }
+    match authenticate(app, headers).await {
+        Ok(Ok(auth)) if permits(policy, &auth.row().user) => (
+            respond::allow(auth.row(), &cfg.verify),
+            labels("allow", "valid"),
+        ),
+        Ok(Ok(_)) => (respond::forbidden(), labels("deny", "forbidden")),
+        // DRF: no knox credentials (no header, or another scheme) is an anonymous user, whom
+        // AllowAny admits; credentials that are present but wrong still fail authentication.
+        Ok(Err(DenyReason::NoCredentials)) if policy.anonymous => {
+            (respond::anonymous(), labels("allow", "anonymous"))
+        }
+        Ok(Err(reason)) => (
+            respond::deny(reason, &cfg.knox.auth_header_prefix),
+            labels("deny", reason.label()),
+        ),
+        Err(e) => (respond::error(&e), labels("error", e.label())),
+    }
 }
