@@ -6,5 +6,6 @@ mod support;
 mod feed;
 mod hostile;
 mod overload;
+mod policy;
 mod sessions;
 mod verify;

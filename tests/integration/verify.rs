@@ -589,7 +589,15 @@ async fn migrate_creates_django_schema_once_and_never_alters() {
     let first = knoxgate::store::schema::migrate(&mut client, &cfg.postgres, true)
         .await
         .unwrap();
-    assert_eq!(first.created_tables, vec!["auth_user", "knox_authtoken"]);
+    assert_eq!(
+        first.created_tables,
+        vec![
+            "auth_user",
+            "knox_authtoken",
+            "auth_group",
+            "auth_user_groups"
+        ]
+    );
     let cols = columns(&client).await;
     assert!(
         cols.contains(&"knox_authtoken.digest character varying NO 128".to_owned()),
