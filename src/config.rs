@@ -769,6 +769,16 @@ impl FileConfig {
             },
             groups: if postgres.user_groups_table.is_empty() {
                 None
+            } else if postgres.user_table != "auth_user"
+                && postgres.user_groups_table == "auth_user_groups"
+            {
+                // Django names a custom model's M2M table after the model; the default would be
+                // the wrong table (and every lookup an SQL error).
+                return Err(invalid(
+                    "postgres.user_groups_table",
+                    "with a custom user_table, name its groups table (<app>_<model>_groups) and \
+                     user_groups_user_column (<model>_id), or set it to \"\" for no groups",
+                ));
             } else {
                 Some(GroupTables {
                     group_table: sql_identifier("postgres.group_table", &postgres.group_table)?,

@@ -35,7 +35,7 @@ async fn any_method_and_any_subpath_is_verified_and_body_is_ignored() {
         ("POST", "/verify/api/orders?x=1"),
         ("PUT", "/verify/a/b/c"),
         ("DELETE", "/verify/"),
-        ("PATCH", "/verify?q"),
+        ("PATCH", "/verify?anonymous=allow"),
         ("OPTIONS", "/verify/x"),
     ] {
         let r = http(
@@ -741,7 +741,8 @@ async fn custom_user_model_columns_are_configurable() {
     let t = insert_token(&client, 41, TEN_HOURS, "", HashAlgorithm::Sha512).await;
     let columns = "[postgres]\nuser_table = \"accounts_member\"\nuser_id_column = \"uid\"\n\
                    username_column = \"login\"\nemail_column = \"\"\nis_active_column = \"enabled\"\n\
-                   password_column = \"secret\"\nlast_login_column = \"\"";
+                   password_column = \"secret\"\nlast_login_column = \"\"\n\
+                   is_staff_column = \"\"\nis_superuser_column = \"\"\nuser_groups_table = \"\"";
     let cfg = config_for(&db, "kgx", columns);
     knoxgate::store::schema::migrate(&mut db.client().await, &cfg.postgres, true)
         .await
