@@ -17,104 +17,41 @@
 //!   first 401 from B, polled over a keep-alive connection as fast as it answers. Half the
 //!   revocations instead go through A's `/api/auth/logout/`.
 
-use std::{net::SocketAddr, time::Duration, time::Instant};
+#[path = "../tests/support/mod.rs"]
+mod support;
 
-use knoxgate::{
-    app::{self, Running},
-    auth::{HashAlgorithm, generate_token, token_key_of},
-    config::Config,
+use std::{time::Duration, time::Instant};
+
+use knoxgate::{app, auth::generate_token, config::Config};
+
+use support::{
+    Client, TestDb, config_from, insert_default_token, insert_user, merge_toml, metric, percentile,
+    wait_ready,
 };
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt, BufReader},
-    net::TcpStream,
-};
-use tokio_postgres::NoTls;
 
-/// A keep-alive HTTP/1.1 client for `GET`/`POST` with an Authorization header.
-struct Conn {
-    stream: BufReader<TcpStream>,
-    addr: SocketAddr,
-}
-
-impl Conn {
-    async fn open(addr: SocketAddr) -> Conn {
-        let s = TcpStream::connect(addr).await.expect("connect");
-        s.set_nodelay(true).ok();
-        Conn {
-            stream: BufReader::new(s),
-            addr,
-        }
-    }
-
-    async fn request(&mut self, method: &str, path: &str, token: &str) -> (u16, String) {
-        let req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Token {token}\r\nContent-Length: 0\r\n\r\n",
-            self.addr
-        );
-        self.stream
-            .get_mut()
-            .write_all(req.as_bytes())
-            .await
-            .expect("write");
-        let mut head = Vec::new();
-        while !head.ends_with(b"\r\n\r\n") {
-            let b = self.stream.read_u8().await.expect("read");
-            head.push(b);
-        }
-        let head = String::from_utf8_lossy(&head).into_owned();
-        let status = head[9..12].parse().unwrap();
-        let len = head
-            .lines()
-            .find_map(|l| {
-                l.to_ascii_lowercase()
-                    .strip_prefix("content-length:")
-                    .map(|v| v.trim().parse::<usize>().unwrap())
-            })
-            .unwrap_or(0);
-        let mut body = vec![0; len];
-        self.stream.read_exact(&mut body).await.expect("body");
-        (status, String::from_utf8_lossy(&body).into_owned())
-    }
-}
-
-async fn metric(admin: SocketAddr, prefix: &str) -> f64 {
-    let mut s = TcpStream::connect(admin).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await.unwrap();
-    buf.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+/// One request over a keep-alive connection with `Authorization: Token <token>`; the status.
+async fn request(c: &mut Client, method: &str, path: &str, token: &str) -> u16 {
+    c.request(
+        method,
+        path,
+        &[("Authorization", &format!("Token {token}"))],
+        b"",
+    )
+    .await
+    .expect("request")
+    .status
 }
 
 fn config(db_url: &str, prefix: &str, extra: &str) -> Config {
-    Config::from_toml_str(&format!(
+    let base = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
          [postgres]\nurl = \"{db_url}\"\n[redis]\nkey_prefix = \"{prefix}\"\n\
-         [sessions]\npassword_iterations = 1000\n[log]\nlevel = \"warn\"\n{extra}"
-    ))
-    .expect("config")
+         [sessions]\npassword_iterations = 1000\n[log]\nlevel = \"warn\"\n"
+    );
+    config_from(&merge_toml(&base, extra))
 }
 
-async fn ready(r: &Running) {
-    for _ in 0..500 {
-        let s = &r.app.store;
-        let notify = r.app.config.cache.consistency == knoxgate::config::Consistency::Notify;
-        if s.redis().is_none_or(|x| x.is_connected()) && (!notify || s.feed_live()) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("instance not ready");
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i]
-}
+const READY_LIMIT: Duration = Duration::from_secs(5);
 
 fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1000.0)
@@ -133,55 +70,21 @@ fn arg(name: &str, default: usize) -> usize {
 async fn main() {
     let revocations = arg("--revocations", 200);
     let hits = arg("--hits", 10_000);
-    let db = format!("knoxgate_consistency_{}", std::process::id());
-    let admin_url = "postgres://postgres@127.0.0.1:5432/postgres";
-    let (admin, conn) = tokio_postgres::connect(admin_url, NoTls)
-        .await
-        .expect("postgres");
-    tokio::spawn(conn);
-    // Separate statements: a multi-statement string runs as one transaction, which
-    // CREATE/DROP DATABASE refuse.
-    for sql in [
-        format!("DROP DATABASE IF EXISTS {db}"),
-        format!("CREATE DATABASE {db}"),
-    ] {
-        admin.batch_execute(&sql).await.unwrap();
+    let db = TestDb::migrated().await;
+    let db_url = db.url.clone();
+    let client = db.client().await;
+    let mut ids = Vec::new();
+    for i in 1..=50 {
+        ids.push(insert_user(&client, &format!("u{i}"), "pw", true).await);
     }
-    let db_url = format!("postgres://postgres@127.0.0.1:5432/{db}");
-    let (client, conn) = tokio_postgres::connect(&db_url, NoTls).await.unwrap();
-    tokio::spawn(conn);
-    let base = config(&db_url, "x", "");
-    let (mut mig, conn) = tokio_postgres::connect(&db_url, NoTls).await.unwrap();
-    tokio::spawn(conn);
-    knoxgate::store::schema::migrate(&mut mig, &base.postgres, true)
-        .await
-        .unwrap();
-    client
-        .batch_execute(
-            "INSERT INTO auth_user (password, is_superuser, username, first_name, last_name, email, is_staff, is_active, date_joined) \
-             SELECT '!', false, 'u' || i, '', '', '', false, true, now() FROM generate_series(1, 50) i",
-        )
-        .await
-        .unwrap();
-    let ids: Vec<i32> = client
-        .query("SELECT id FROM auth_user", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
     let insert_tokens = async |n: usize| -> Vec<String> {
         let mut out = Vec::new();
         for i in 0..n {
-            let t = generate_token("", 64);
-            client
-                .execute(
-                    "INSERT INTO knox_authtoken (digest, created, user_id, expiry, token_key) VALUES ($1, now(), $2, now() + interval '10 hours', $3)",
-                    &[&HashAlgorithm::Sha512.hex_digest(t.as_bytes()), &ids[i % ids.len()], &token_key_of(&t)],
-                )
-                .await
-                .unwrap();
-            out.push(t);
+            out.push(
+                insert_default_token(&client, ids[i % ids.len()])
+                    .await
+                    .token,
+            );
         }
         out
     };
@@ -212,17 +115,17 @@ async fn main() {
         let r = app::start(config(&db_url, &prefix, extra))
             .await
             .expect("start");
-        ready(&r).await;
-        let mut c = Conn::open(r.addr).await;
+        wait_ready(&r, READY_LIMIT).await;
+        let mut c = Client::connect(r.addr).await.expect("connect");
         for t in &warm {
-            assert_eq!(c.request("GET", "/verify", t).await.0, 200);
+            assert_eq!(request(&mut c, "GET", "/verify", t).await, 200);
         }
         let sql0 = metric(r.admin_addr, "knoxgate_sql_statements_total").await;
         let redis0 = metric(r.admin_addr, "knoxgate_redis_commands_total").await;
         let mut lat = Vec::with_capacity(hits);
         for i in 0..hits {
             let started = Instant::now();
-            let (status, _) = c.request("GET", "/verify", &warm[i % warm.len()]).await;
+            let status = request(&mut c, "GET", "/verify", &warm[i % warm.len()]).await;
             lat.push(started.elapsed());
             assert_eq!(status, 200);
         }
@@ -232,8 +135,8 @@ async fn main() {
         println!(
             "| {label} | {sql} | {:.2} | {} | {} |",
             redis / hits as f64,
-            ms(percentile(&lat, 0.5)),
-            ms(percentile(&lat, 0.99))
+            ms(percentile(&lat, 50.0)),
+            ms(percentile(&lat, 99.0))
         );
         r.shutdown().await;
     }
@@ -242,36 +145,37 @@ async fn main() {
     let prefix = format!("kgr{}", generate_token("", 8));
     let a = app::start(config(&db_url, &prefix, "")).await.unwrap();
     let b = app::start(config(&db_url, &prefix, "")).await.unwrap();
-    ready(&a).await;
-    ready(&b).await;
+    wait_ready(&a, READY_LIMIT).await;
+    wait_ready(&b, READY_LIMIT).await;
     let tokens = insert_tokens(revocations).await;
-    let (mut ca, mut cb) = (Conn::open(a.addr).await, Conn::open(b.addr).await);
+    let mut ca = Client::connect(a.addr).await.expect("connect");
+    let mut cb = Client::connect(b.addr).await.expect("connect");
     for t in &tokens {
-        assert_eq!(ca.request("GET", "/verify", t).await.0, 200);
-        assert_eq!(cb.request("GET", "/verify", t).await.0, 200);
+        assert_eq!(request(&mut ca, "GET", "/verify", t).await, 200);
+        assert_eq!(request(&mut cb, "GET", "/verify", t).await, 200);
     }
     let (mut by_sql, mut by_logout) = (Vec::new(), Vec::new());
     let mut polls = 0usize;
     for (i, t) in tokens.iter().enumerate() {
         // Both instances hold the token in their in-process tier: a hit, right before.
-        assert_eq!(cb.request("GET", "/verify", t).await.0, 200);
+        assert_eq!(request(&mut cb, "GET", "/verify", t).await, 200);
         let committed = if i % 2 == 0 {
             client
                 .execute(
                     "DELETE FROM knox_authtoken WHERE digest = $1",
-                    &[&HashAlgorithm::Sha512.hex_digest(t.as_bytes())],
+                    &[&knoxgate::auth::HashAlgorithm::Sha512.hex_digest(t.as_bytes())],
                 )
                 .await
                 .unwrap();
             Instant::now()
         } else {
             // The 204 is sent after the row is deleted (committed).
-            assert_eq!(ca.request("POST", "/api/auth/logout/", t).await.0, 204);
+            assert_eq!(request(&mut ca, "POST", "/api/auth/logout/", t).await, 204);
             Instant::now()
         };
         loop {
             polls += 1;
-            let (status, _) = cb.request("GET", "/verify", t).await;
+            let status = request(&mut cb, "GET", "/verify", t).await;
             if status == 401 {
                 break;
             }
@@ -300,8 +204,8 @@ async fn main() {
         println!(
             "| {label} | {} | {} | {} | {} |",
             v.len(),
-            ms(percentile(v, 0.5)),
-            ms(percentile(v, 0.99)),
+            ms(percentile(v, 50.0)),
+            ms(percentile(v, 99.0)),
             ms(*v.last().unwrap())
         );
     }
@@ -309,9 +213,5 @@ async fn main() {
     a.shutdown().await;
     b.shutdown().await;
     drop(client);
-    drop(mig);
-    admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
-        .await
-        .unwrap();
+    drop(db);
 }

@@ -23,6 +23,7 @@ step() {
 step "cargo build" cargo build --locked
 step "cargo test" cargo test --locked
 step "django interop" tests/interop/run.sh
+step "knoxgate-django" integrations/django/run-tests.sh
 # Deploy checks first: they install the linters and tools (promtool, a second Caddy) that the
 # end-to-end suite uses too.
 step "deploy files" scripts/validate-deploy.sh

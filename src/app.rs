@@ -37,6 +37,15 @@ impl Running {
             redis.quit().await;
         }
     }
+
+    /// Whether the service is ready: Redis connected (if configured) and, in notify mode, the
+    /// change feed live.
+    pub fn ready(&self) -> bool {
+        let store = &self.app.store;
+        let redis_ok = store.redis().is_none_or(|r| r.is_connected());
+        let notify = self.app.config.cache.consistency == Consistency::Notify;
+        redis_ok && (!notify || store.feed_live())
+    }
 }
 
 /// Waits for SIGTERM or SIGINT.
@@ -68,12 +77,7 @@ async fn check_triggers(config: &Config) -> Result<(), StartError> {
             .await
             .map_err(|e| crate::store::pg::classify("trigger check", &e))
     };
-    match tokio::time::timeout(
-        config.postgres.connect_timeout + config.postgres.statement_timeout,
-        attempt,
-    )
-    .await
-    {
+    match tokio::time::timeout(config.postgres.connect_and_query_deadline(), attempt).await {
         Ok(Ok(true)) => Ok(()),
         Ok(Ok(false)) => Err(StartError::TriggersMissing),
         Ok(Err(e)) => {
@@ -120,7 +124,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             source,
         })?;
     let (shutdown, shutdown_rx) = watch::channel(false);
-    let connections = Arc::new(Semaphore::new(cfg.server.max_connections));
+    let connections = Arc::new(Semaphore::new(cfg.server.max_connections.get()));
     let limits = Limits::from(&cfg.server);
     let mut tasks = Vec::new();
 

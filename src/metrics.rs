@@ -1,23 +1,117 @@
 //! Prometheus metrics: one struct of typed families, registered once and shared.
 //!
-//! Labels are bounded enums (tier, result, reason, statement); never tokens, user ids or paths.
+//! Labels are bounded enums (tier, result, outcome, reason, route); never tokens, user ids or
+//! paths. Each enum's exported text is written once, where the enum is declared.
 
 use prometheus_client::{
-    encoding::EncodeLabelSet,
+    encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder},
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 
+use crate::auth::DenyReason;
+
+/// Declares a label-value enum with the text each variant exports.
+macro_rules! label_value {
+    ($(#[$meta:meta])* pub enum $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+        pub enum $name { $($(#[$vmeta])* $variant),+ }
+
+        impl $name {
+            /// The exported text.
+            pub fn as_str(self) -> &'static str {
+                match self { $(Self::$variant => $text),+ }
+            }
+        }
+
+        impl EncodeLabelValue for $name {
+            fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+                std::fmt::Write::write_str(encoder, self.as_str())
+            }
+        }
+    };
+}
+
+label_value! {
+    /// A tier of the token store.
+    pub enum Tier { Memory = "memory", Redis = "redis", Postgres = "postgres" }
+}
+
+label_value! {
+    /// What a tier said about a key.
+    pub enum LookupResult {
+        Hit = "hit",
+        /// The key is known to hold no token.
+        NegativeHit = "negative_hit",
+        Miss = "miss",
+        Error = "error",
+    }
+}
+
+label_value! {
+    /// How a `/verify` request ended.
+    pub enum VerifyOutcome { Allow = "allow", Deny = "deny", Error = "error" }
+}
+
+label_value! {
+    /// Which endpoint of the main listener a request was for.
+    pub enum Route {
+        Verify = "verify",
+        Login = "login",
+        Logout = "logout",
+        LogoutAll = "logoutall",
+        NotFound = "not_found",
+    }
+}
+
+/// Why a `/verify` request ended as it did.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Reason {
+    /// A valid token of an active user.
+    Valid,
+    /// A CORS pre-flight, answered without a token.
+    CorsPreflight,
+    /// No knox credentials on an `anonymous=allow` route.
+    Anonymous,
+    /// A valid token whose user the route's policy does not admit (403).
+    Forbidden,
+    Denied(DenyReason),
+    /// A failure, by `error::Error::label`.
+    Failed(&'static str),
+}
+
+impl EncodeLabelValue for Reason {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let text = match self {
+            Reason::Valid => "valid",
+            Reason::CorsPreflight => "cors_preflight",
+            Reason::Anonymous => "anonymous",
+            Reason::Forbidden => "forbidden",
+            Reason::Denied(d) => d.label(),
+            Reason::Failed(label) => label,
+        };
+        std::fmt::Write::write_str(encoder, text)
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TierLabels {
-    pub tier: &'static str,
-    pub result: &'static str,
+    pub tier: Tier,
+    pub result: LookupResult,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
-    pub outcome: &'static str,
-    pub reason: &'static str,
+    pub outcome: VerifyOutcome,
+    pub reason: Reason,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub route: Route,
+    /// The status class: 2xx, 4xx, 5xx.
+    pub status: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -47,6 +141,9 @@ pub struct Metrics {
     pub cache_lookups: Family<TierLabels, Counter>,
     /// `/verify` answers by outcome (allow, deny, error) and reason.
     pub verify_outcomes: Family<OutcomeLabels, Counter>,
+    /// Every answer of the main listener, by route and status class (counted in one place,
+    /// `http::main_service`).
+    pub requests: Family<RequestLabels, Counter>,
     /// `/verify` latency, from request head to response.
     pub verify_duration: Histogram,
     /// SQL statements sent, by statement.
@@ -89,6 +186,7 @@ impl Metrics {
         let m = Metrics {
             cache_lookups: Family::default(),
             verify_outcomes: Family::default(),
+            requests: Family::default(),
             // 50 µs … ~1.6 s
             verify_duration: Histogram::new(
                 prometheus_client::metrics::histogram::exponential_buckets(0.00005, 2.0, 16),
@@ -116,15 +214,15 @@ impl Metrics {
         let memory_hits = m
             .cache_lookups
             .get_or_create(&TierLabels {
-                tier: "memory",
-                result: "hit",
+                tier: Tier::Memory,
+                result: LookupResult::Hit,
             })
             .clone();
         let allowed = m
             .verify_outcomes
             .get_or_create(&OutcomeLabels {
-                outcome: "allow",
-                reason: "valid",
+                outcome: VerifyOutcome::Allow,
+                reason: Reason::Valid,
             })
             .clone();
         registry.register(
@@ -136,6 +234,11 @@ impl Metrics {
             "verify",
             "/verify answers by outcome and reason",
             m.verify_outcomes.clone(),
+        );
+        registry.register(
+            "requests",
+            "Answers of the main listener by route and status class",
+            m.requests.clone(),
         );
         registry.register(
             "verify_duration_seconds",
@@ -236,8 +339,8 @@ impl Metrics {
         self.redis_errors.get_or_create(&OpLabels { op }).inc();
     }
 
-    pub fn lookup(&self, tier: &'static str, result: &'static str) {
-        if (tier, result) == ("memory", "hit") {
+    pub fn lookup(&self, tier: Tier, result: LookupResult) {
+        if (tier, result) == (Tier::Memory, LookupResult::Hit) {
             self.memory_hits.inc();
         } else {
             self.cache_lookups
@@ -247,14 +350,27 @@ impl Metrics {
     }
 
     /// Counts a `/verify` answer.
-    pub fn verify_outcome(&self, outcome: &'static str, reason: &'static str) {
-        if (outcome, reason) == ("allow", "valid") {
+    pub fn verify_outcome(&self, outcome: VerifyOutcome, reason: Reason) {
+        if (outcome, reason) == (VerifyOutcome::Allow, Reason::Valid) {
             self.allowed.inc();
         } else {
             self.verify_outcomes
                 .get_or_create(&OutcomeLabels { outcome, reason })
                 .inc();
         }
+    }
+
+    /// Counts one answer of the main listener.
+    pub fn request(&self, route: Route, status: hyper::StatusCode) {
+        let status = match status.as_u16() {
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        self.requests
+            .get_or_create(&RequestLabels { route, status })
+            .inc();
     }
 }
 
@@ -266,3 +382,34 @@ impl Default for Metrics {
 
 /// The content type of [`Metrics::encode`].
 pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The exported label texts are the ones dashboards and alerts query.
+    #[test]
+    fn typed_labels_export_their_text() {
+        let m = Metrics::new();
+        m.lookup(Tier::Redis, LookupResult::NegativeHit);
+        m.verify_outcome(
+            VerifyOutcome::Deny,
+            Reason::Denied(DenyReason::InvalidToken),
+        );
+        m.verify_outcome(VerifyOutcome::Error, Reason::Failed("deadline_exceeded"));
+        m.request(Route::LogoutAll, hyper::StatusCode::NO_CONTENT);
+        m.postgres_error("too_many");
+        let text = m.encode();
+        for line in [
+            r#"knoxgate_cache_lookups_total{tier="redis",result="negative_hit"} 1"#,
+            r#"knoxgate_cache_lookups_total{tier="memory",result="hit"} 0"#,
+            r#"knoxgate_verify_total{outcome="deny",reason="invalid_token"} 1"#,
+            r#"knoxgate_verify_total{outcome="error",reason="deadline_exceeded"} 1"#,
+            r#"knoxgate_verify_total{outcome="allow",reason="valid"} 0"#,
+            r#"knoxgate_requests_total{route="logoutall",status="2xx"} 1"#,
+            r#"knoxgate_postgres_errors_total{kind="too_many"} 1"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} not in:\n{text}");
+        }
+    }
+}

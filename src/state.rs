@@ -52,7 +52,7 @@ impl App {
         let metrics = Arc::new(Metrics::new());
         let store = Arc::new(Store::connect(&config, Arc::clone(&metrics))?);
         Ok(Arc::new(App {
-            in_flight: Arc::new(Semaphore::new(config.server.max_in_flight)),
+            in_flight: Arc::new(Semaphore::new(config.server.max_in_flight.get())),
             login: Login::new(
                 Arc::clone(&config),
                 Arc::clone(&store),

@@ -1,4 +1,7 @@
+use std::{path::Path, time::Duration};
+
 use super::*;
+use crate::auth::HashAlgorithm;
 
 fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
     pairs
@@ -153,16 +156,21 @@ fn empty_redis_url_disables_redis() {
 #[test]
 fn trusted_proxy_matching() {
     use std::net::IpAddr;
-    let net = ipnet_lite::IpNet::parse("10.1.0.0/16").unwrap();
-    assert!(net.contains("10.1.2.3".parse::<IpAddr>().unwrap()));
-    assert!(!net.contains("10.2.0.1".parse::<IpAddr>().unwrap()));
-    assert!(net.contains("::ffff:10.1.0.9".parse::<IpAddr>().unwrap()));
-    assert!(ipnet_lite::IpNet::parse("10.0.0.0/33").is_none());
+    let c =
+        Config::from_toml_str("[sessions]\ntrusted_proxies = [\"10.1.0.0/16\", \"::1\"]").unwrap();
+    let (net, host) = (c.sessions.trusted_proxies[0], c.sessions.trusted_proxies[1]);
+    // As the client-address check does: v4-mapped v6 peers are matched as their v4 address.
+    let contains =
+        |net: ipnet::IpNet, ip: &str| net.contains(&ip.parse::<IpAddr>().unwrap().to_canonical());
+    assert!(contains(net, "10.1.2.3"));
+    assert!(!contains(net, "10.2.0.1"));
+    assert!(contains(net, "::ffff:10.1.0.9"));
+    let err = Config::from_toml_str("[sessions]\ntrusted_proxies = [\"10.0.0.0/33\"]").unwrap_err();
     assert!(
-        ipnet_lite::IpNet::parse("::1")
-            .unwrap()
-            .contains("::1".parse().unwrap())
+        err.to_string().contains("sessions.trusted_proxies"),
+        "{err}"
     );
+    assert!(contains(host, "::1"));
 }
 
 #[test]
@@ -175,6 +183,64 @@ fn redis_urls_for_tls_sentinel_and_cluster_are_accepted() {
     ] {
         let c = Config::from_toml_str(&format!("[redis]\nurl = \"{url}\""));
         assert!(c.is_ok(), "{url}: {:?}", c.err());
+    }
+}
+
+#[test]
+fn a_duration_too_long_to_hold_is_an_error_naming_the_key() {
+    let huge = "99999999999999999999999999d";
+    assert!(parse_duration("k", huge).is_err());
+    let err = Config::from_toml_str(&format!("[redis]\ncommand_timeout = \"{huge}\""))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("redis.command_timeout"), "{err}");
+    let err = Config::from_toml_and_env("", env(&[("KNOXGATE_KNOX_TOKEN_TTL", huge)]))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("knox.token_ttl"), "{err}");
+}
+
+#[test]
+fn duration_errors_keep_their_messages() {
+    let err = Config::from_toml_str("[server]\nrequest_timeout = \"5\"")
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        err,
+        "config key `server.request_timeout`: `5` has no unit; write e.g. `5s` or `5ms`"
+    );
+}
+
+#[test]
+fn derived_deadlines_follow_their_timeouts() {
+    let c = Config::from_toml_str(
+        "[postgres]\nstatement_timeout = \"2s\"\nconnect_timeout = \"1s\"\n\
+         [redis]\nunresponsive_timeout = \"20ms\"",
+    )
+    .unwrap();
+    let pg = &c.postgres;
+    assert_eq!(pg.query_deadline(), Duration::from_millis(2250));
+    assert_eq!(pg.login_transaction_deadline(), Duration::from_millis(9000));
+    assert_eq!(pg.idle_in_transaction_timeout(), Duration::from_secs(10));
+    assert_eq!(pg.tcp_user_timeout(), Duration::from_secs(5));
+    assert_eq!(pg.connect_and_query_deadline(), Duration::from_secs(3));
+    assert_eq!(pg.feed_query_deadline(), Duration::from_secs(3));
+    assert_eq!(pg.feed_bulk_deadline(), Duration::from_secs(15));
+    assert_eq!(
+        c.redis.unresponsive_check_interval(),
+        Duration::from_millis(10)
+    );
+}
+
+#[test]
+fn zero_limits_are_refused() {
+    for (text, key) in [
+        ("[server]\nmax_in_flight = 0", "server.max_in_flight"),
+        ("[postgres]\npool_size = 0", "postgres.pool_size"),
+        ("[sessions]\nmax_body_bytes = 0", "sessions.max_body_bytes"),
+    ] {
+        let err = Config::from_toml_str(text).unwrap_err().to_string();
+        assert_eq!(err, format!("config key `{key}`: must be greater than 0"));
     }
 }
 

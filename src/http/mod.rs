@@ -11,13 +11,29 @@ use std::{net::SocketAddr, sync::Arc};
 
 use hyper::{Request, Response, body::Incoming};
 
-use crate::{error::Error, state::App};
+use crate::{
+    error::Error,
+    metrics::{Reason, Route, VerifyOutcome},
+    state::App,
+};
 use respond::Body;
 use session::Endpoint;
 
-/// Entry point of the main listener.
+/// Entry point of the main listener. Every answer is counted here, by route, once.
 pub async fn main_service(
     app: Arc<App>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<Body> {
+    let route = route_of(&app, req.uri().path());
+    let response = answer(&app, route, req, peer).await;
+    app.metrics.request(route, response.status());
+    response
+}
+
+async fn answer(
+    app: &Arc<App>,
+    route: Route,
     req: Request<Incoming>,
     peer: SocketAddr,
 ) -> Response<Body> {
@@ -26,29 +42,32 @@ pub async fn main_service(
         app.metrics.load_shed.inc();
         return respond::error(&Error::Overloaded);
     };
-    match tokio::time::timeout(app.config.server.request_timeout, route(&app, req, peer)).await {
+    match tokio::time::timeout(
+        app.config.server.request_timeout,
+        handle(app, route, req, peer),
+    )
+    .await
+    {
         Ok(response) => response,
         Err(_) => {
-            app.metrics.verify_outcome("error", "deadline_exceeded");
-            respond::error(&Error::DeadlineExceeded)
+            let e = Error::DeadlineExceeded;
+            if route == Route::Verify {
+                app.metrics
+                    .verify_outcome(VerifyOutcome::Error, Reason::Failed(e.label()));
+            }
+            respond::error(&e)
         }
     }
 }
 
-async fn route(app: &Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
-    let path = req.uri().path();
+/// Which endpoint `path` names.
+fn route_of(app: &App, path: &str) -> Route {
     let verify_path = app.config.verify.path.as_str();
-    if let Some(rest) = path.strip_prefix(verify_path)
-        && (rest.is_empty() || rest.starts_with('/'))
+    if path
+        .strip_prefix(verify_path)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
     {
-        // Policy parameters count only on the exact verify URL, the one a proxy is configured
-        // with; on a sub-path the query is the client's (`/verify/x?anonymous=allow`).
-        let policy_query = if rest.is_empty() {
-            Some(req.uri().query().unwrap_or(""))
-        } else {
-            None
-        };
-        return verify::verify(app, req.method(), req.headers(), policy_query).await;
+        return Route::Verify;
     }
     let sessions = &app.config.sessions;
     let endpoint = sessions
@@ -58,15 +77,34 @@ async fn route(app: &Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> Resp
                 .and_then(Endpoint::from_path)
         })
         .flatten();
-    let Some(endpoint) = endpoint else {
-        return respond::not_found();
-    };
+    match endpoint {
+        Some(Endpoint::Login) => Route::Login,
+        Some(Endpoint::Logout) => Route::Logout,
+        Some(Endpoint::LogoutAll) => Route::LogoutAll,
+        None => Route::NotFound,
+    }
+}
+
+async fn handle(
+    app: &Arc<App>,
+    route: Route,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<Body> {
+    if route == Route::Verify {
+        // Policy parameters count only on the exact verify URL, the one a proxy is configured
+        // with; on a sub-path the query is the client's (`/verify/x?anonymous=allow`).
+        let exact = req.uri().path() == app.config.verify.path;
+        let policy_query = exact.then(|| req.uri().query().unwrap_or(""));
+        return verify::verify(app, req.method(), req.headers(), policy_query).await;
+    }
     let (parts, body) = req.into_parts();
     // Boxed so that their large futures do not size (and slow) every `/verify` request's.
-    let result = match endpoint {
-        Endpoint::Login => Box::pin(session::login(app, parts, body, peer.ip())).await,
-        Endpoint::Logout => Box::pin(session::logout(app, &parts, false)).await,
-        Endpoint::LogoutAll => Box::pin(session::logout(app, &parts, true)).await,
+    let result = match route {
+        Route::Login => Box::pin(session::login(app, parts, body, peer.ip())).await,
+        Route::Logout => Box::pin(session::logout(app, &parts, false)).await,
+        Route::LogoutAll => Box::pin(session::logout(app, &parts, true)).await,
+        Route::Verify | Route::NotFound => return respond::not_found(),
     };
     result.unwrap_or_else(|e| respond::error(&e))
 }

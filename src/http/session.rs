@@ -59,7 +59,7 @@ async fn credentials(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let limit = app.config.sessions.max_body_bytes;
+    let limit = app.config.sessions.max_body_bytes.get();
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(Error::PayloadTooLarge);
     }

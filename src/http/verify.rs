@@ -10,7 +10,7 @@ use super::respond::{self, Body};
 use crate::{
     auth::{DenyReason, Outcome, Policy, decide, parse_authorization, permits, refreshed_expiry},
     error::Error,
-    metrics::OutcomeLabels,
+    metrics::{Reason, VerifyOutcome},
     state::App,
     store::KeptRow,
 };
@@ -31,7 +31,7 @@ pub async fn authenticate(
         .map(|v| v.as_bytes())
         .collect();
     let presented = match parse_authorization(&values, &cfg.knox.auth_header_prefix)
-        .into_presented(cfg.verify.max_token_chars)
+        .into_presented(cfg.verify.max_token_chars.get())
     {
         Ok(p) => p,
         Err(reason) => return Ok(Err(reason)),
@@ -83,20 +83,18 @@ pub async fn verify(
     policy_query: Option<&str>,
 ) -> Response<Body> {
     let started = std::time::Instant::now();
-    let (response, labels) = match policy_query.map(Policy::from_query).transpose() {
+    let (response, outcome, reason) = match policy_query.map(Policy::from_query).transpose() {
         Ok(policy) => answer(app, method, headers, &policy.unwrap_or_default()).await,
         Err(e) => {
             let e = Error::from(e);
             (
                 respond::error(&e),
-                OutcomeLabels {
-                    outcome: "error",
-                    reason: e.label(),
-                },
+                VerifyOutcome::Error,
+                Reason::Failed(e.label()),
             )
         }
     };
-    app.metrics.verify_outcome(labels.outcome, labels.reason);
+    app.metrics.verify_outcome(outcome, reason);
     app.metrics
         .verify_duration
         .observe(started.elapsed().as_secs_f64());
@@ -109,30 +107,41 @@ async fn answer(
     method: &Method,
     headers: &HeaderMap,
     policy: &Policy,
-) -> (Response<Body>, OutcomeLabels) {
+) -> (Response<Body>, VerifyOutcome, Reason) {
     let cfg = &app.config;
-    let labels = |outcome, reason| OutcomeLabels { outcome, reason };
     if cfg.verify.allow_cors_preflight
         && method == Method::OPTIONS
         && headers.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
     {
-        return (respond::preflight(), labels("allow", "cors_preflight"));
+        return (
+            respond::preflight(),
+            VerifyOutcome::Allow,
+            Reason::CorsPreflight,
+        );
     }
     match authenticate(app, headers).await {
         Ok(Ok(auth)) if permits(policy, &auth.row().user) => (
             respond::allow(auth.row(), &cfg.verify),
-            labels("allow", "valid"),
+            VerifyOutcome::Allow,
+            Reason::Valid,
         ),
-        Ok(Ok(_)) => (respond::forbidden(), labels("deny", "forbidden")),
+        Ok(Ok(_)) => (respond::forbidden(), VerifyOutcome::Deny, Reason::Forbidden),
         // DRF: no knox credentials (no header, or another scheme) is an anonymous user, whom
         // AllowAny admits; credentials that are present but wrong still fail authentication.
-        Ok(Err(DenyReason::NoCredentials)) if policy.anonymous => {
-            (respond::anonymous(), labels("allow", "anonymous"))
-        }
+        Ok(Err(DenyReason::NoCredentials)) if policy.anonymous => (
+            respond::anonymous(),
+            VerifyOutcome::Allow,
+            Reason::Anonymous,
+        ),
         Ok(Err(reason)) => (
             respond::deny(reason, &cfg.knox.auth_header_prefix),
-            labels("deny", reason.label()),
+            VerifyOutcome::Deny,
+            Reason::Denied(reason),
         ),
-        Err(e) => (respond::error(&e), labels("error", e.label())),
+        Err(e) => (
+            respond::error(&e),
+            VerifyOutcome::Error,
+            Reason::Failed(e.label()),
+        ),
     }
 }

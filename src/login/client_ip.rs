@@ -4,12 +4,11 @@
 use std::net::IpAddr;
 
 use hyper::HeaderMap;
-
-use crate::config::ipnet_lite::IpNet;
+use ipnet::IpNet;
 
 /// The client's address: the peer, or what a trusted proxy in front of us says it is.
 pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
-    let is_trusted = |ip: IpAddr| trusted.iter().any(|n| n.contains(ip));
+    let is_trusted = |ip: IpAddr| trusted.iter().any(|n| n.contains(&ip.to_canonical()));
     if !is_trusted(peer) {
         return peer;
     }

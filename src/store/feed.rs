@@ -134,7 +134,7 @@ where
         }
     });
     let result = async {
-        let deadline = config.postgres.statement_timeout + Duration::from_secs(1);
+        let deadline = config.postgres.feed_query_deadline();
         if !tokio::time::timeout(deadline, schema::triggers_installed(&client, &config.postgres))
             .await
             .map_err(|_| "trigger check: timed out".to_owned())?
@@ -146,7 +146,7 @@ where
         // Catch up on everything that could still be cached anywhere.
         let window = config.redis.max_cache_ttl + REPLAY_SLACK;
         let replay = tokio::time::timeout(
-            deadline * 5,
+            config.postgres.feed_bulk_deadline(),
             client.query(
                 &format!(
                     "SELECT kind, user_id, coalesce(token_key, '') FROM {} \
@@ -167,7 +167,7 @@ where
             }
         }
         let pruned = tokio::time::timeout(
-            deadline * 5,
+            config.postgres.feed_bulk_deadline(),
             client.execute(
                 &format!(
                     "DELETE FROM {} WHERE logged_at < now() - make_interval(secs => $1)",
@@ -204,7 +204,7 @@ where
                     timed("health check", r)?;
                 }
                 _ = prune.tick() => {
-                    let r = tokio::time::timeout(deadline * 5, client.execute(
+                    let r = tokio::time::timeout(config.postgres.feed_bulk_deadline(), client.execute(
                         &format!("DELETE FROM {} WHERE logged_at < now() - make_interval(secs => $1)", schema::LOG_TABLE),
                         &[&config.cache.feed_retention.as_secs_f64()],
                     )).await;

@@ -20,13 +20,13 @@ pub fn pg_config(cfg: &PostgresConfig) -> Result<tokio_postgres::Config, StoreEr
     pg.connect_timeout(cfg.connect_timeout);
     pg.keepalives(true);
     pg.keepalives_idle(Duration::from_secs(30));
-    pg.tcp_user_timeout(cfg.connect_timeout.max(Duration::from_secs(5)));
+    pg.tcp_user_timeout(cfg.tcp_user_timeout());
     pg.application_name(APPLICATION_NAME);
     let options = format!(
         "{} -c statement_timeout={} -c idle_in_transaction_session_timeout={}",
         pg.get_options().unwrap_or(""),
         cfg.statement_timeout.as_millis(),
-        (cfg.statement_timeout * 5).as_millis(),
+        cfg.idle_in_transaction_timeout().as_millis(),
     );
     pg.options(options.trim());
     Ok(pg)

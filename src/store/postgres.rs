@@ -142,6 +142,8 @@ pub struct Postgres {
     /// Client-side bound on one statement: the server-side statement_timeout cannot fire when
     /// the server is unreachable, so we also stop waiting ourselves.
     pub(super) statement_deadline: Duration,
+    /// [`PostgresConfig::login_transaction_deadline`].
+    pub(super) login_deadline: Duration,
     pub(super) metrics: Arc<Metrics>,
 }
 
@@ -182,7 +184,7 @@ impl Postgres {
             None => Manager::from_config(pg, tokio_postgres::NoTls, mgr_cfg),
         };
         let pool = Pool::builder(manager)
-            .max_size(cfg.pool_size)
+            .max_size(cfg.pool_size.get())
             .runtime(Runtime::Tokio1)
             .timeouts(Timeouts {
                 wait: Some(cfg.pool_wait_timeout),
@@ -200,7 +202,8 @@ impl Postgres {
                 cfg.groups.as_ref(),
             )),
             user_table: cfg.user_table.as_str().into(),
-            statement_deadline: cfg.statement_timeout + Duration::from_millis(250),
+            statement_deadline: cfg.query_deadline(),
+            login_deadline: cfg.login_transaction_deadline(),
             metrics,
         })
     }

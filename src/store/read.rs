@@ -13,6 +13,7 @@ use super::{
 use crate::{
     auth::{Outcome, TokenDigest, decide},
     config::Consistency,
+    metrics::{LookupResult, Tier},
 };
 
 impl Store {
@@ -21,7 +22,7 @@ impl Store {
         if let Some(entry) = self.memory.get(key) {
             let matched = entry.rows.iter().any(|r| r.digest.matches(digest));
             if matched && self.must_confirm() {
-                self.metrics.lookup("memory", "hit");
+                self.metrics.lookup(Tier::Memory, LookupResult::Hit);
                 return Box::pin(self.confirm(key, digest, entry)).await;
             }
             // A feed outage may have hidden the INSERT that would have cleared a negative entry.
@@ -29,15 +30,15 @@ impl Store {
                 !matched && self.settings.consistency == Consistency::Notify && !self.feed_live();
             if matched || (entry.complete && !negative_in_doubt) {
                 let result = if entry.is_negative() {
-                    "negative_hit"
+                    LookupResult::NegativeHit
                 } else {
-                    "hit"
+                    LookupResult::Hit
                 };
-                self.metrics.lookup("memory", result);
+                self.metrics.lookup(Tier::Memory, result);
                 return Ok(Lookup { entry });
             }
         }
-        self.metrics.lookup("memory", "miss");
+        self.metrics.lookup(Tier::Memory, LookupResult::Miss);
         // Boxed: the loads below are large state machines, and kept inline they would make
         // every request's future (hits included) that large to create and move.
         let entry = Box::pin(self.load_shared(key, digest)).await?;
@@ -99,7 +100,7 @@ impl Store {
         if let Some(redis) = &self.redis {
             match redis.get(key).await {
                 Ok(Some(cached)) if cached.digest.matches(digest) => {
-                    self.metrics.lookup("redis", "hit");
+                    self.metrics.lookup(Tier::Redis, LookupResult::Hit);
                     let row = match cached.into_row() {
                         // Written by knoxgate: carries the user's status.
                         Some(row) if !self.must_confirm() => Some(row),
@@ -128,8 +129,8 @@ impl Store {
                         }
                     }
                 }
-                Ok(_) => self.metrics.lookup("redis", "miss"),
-                Err(_) => self.metrics.lookup("redis", "error"),
+                Ok(_) => self.metrics.lookup(Tier::Redis, LookupResult::Miss),
+                Err(_) => self.metrics.lookup(Tier::Redis, LookupResult::Error),
             }
         }
         self.load_from_postgres(key, digest, epoch).await
@@ -142,8 +143,12 @@ impl Store {
         epoch: Epoch,
     ) -> Result<Arc<Entry>, StoreError> {
         let rows = self.pg.lookup(key).await?;
-        self.metrics
-            .lookup("postgres", if rows.is_empty() { "miss" } else { "hit" });
+        let result = if rows.is_empty() {
+            LookupResult::Miss
+        } else {
+            LookupResult::Hit
+        };
+        self.metrics.lookup(Tier::Postgres, result);
         let now = OffsetDateTime::now_utc();
         // Only a token that would be allowed is worth sharing through Redis.
         let usable = match decide(&rows, digest, now) {

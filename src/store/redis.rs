@@ -140,7 +140,7 @@ impl RedisTier {
                 c.max_command_attempts = 1;
                 c.unresponsive = UnresponsiveConfig {
                     max_timeout: Some(cfg.unresponsive_timeout),
-                    interval: (cfg.unresponsive_timeout / 4).max(Duration::from_millis(10)),
+                    interval: cfg.unresponsive_check_interval(),
                 };
                 c.tcp.nodelay = Some(true);
             })
@@ -155,7 +155,7 @@ impl RedisTier {
                     .min(u128::from(u32::MAX)) as u32,
                 2,
             ));
-        let pool = builder.build_pool(cfg.pool_size)?;
+        let pool = builder.build_pool(cfg.pool_size.get())?;
         let breaker = Arc::new(Breaker::new(cfg.breaker_cooldown));
         for client in pool.clients() {
             // A dropped or stalled connection opens the breaker at once, before any request

@@ -112,7 +112,7 @@ impl Postgres {
             tx.commit().await?;
             Ok::<_, tokio_postgres::Error>(Some(user_id))
         };
-        match tokio::time::timeout(self.statement_deadline * 4, work).await {
+        match tokio::time::timeout(self.login_deadline, work).await {
             Ok(r) => r.map_err(|e| self.failed("create_token", &e)),
             Err(_) => {
                 let _ = Object::take(client);

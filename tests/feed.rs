@@ -99,7 +99,7 @@ async fn listener_killed_loses_no_revocation_made_while_down() {
     assert!(refused_within(&s, &t.token).await.is_some());
     // … and once the feed is back it has replayed the log, deleting the Redis entry too.
     let live = eventually(Duration::from_secs(5), || async {
-        s.running.app.store.feed_live() && redis_cli(6379, &["EXISTS", &key]) == "0"
+        s.running.ready() && redis_cli(6379, &["EXISTS", &key]) == "0"
     })
     .await;
     assert!(
@@ -225,7 +225,7 @@ async fn stale_if_error_serves_cached_tokens_while_postgres_is_gone() {
         .await
         .unwrap();
     let down = eventually(Duration::from_secs(5), || async {
-        !s.running.app.store.feed_live()
+        !s.readyz().await.contains(r#""feed":"live""#)
     })
     .await;
     assert!(down.is_some());
@@ -326,5 +326,72 @@ async fn concurrent_misses_for_one_token_share_one_query() {
             .await,
         1.0
     );
+    s.stop().await;
+}
+
+// Regression test for a race in src/store/mod.rs: the feed's user eviction cleared the
+// in-process entries, then deleted the user's Redis entries (after an SMEMBERS round trip),
+// having bumped the epoch only before both. A request in that window missed memory, read the
+// still-present Redis entry (user active) and cached it under the new epoch, so the token kept
+// verifying for up to redis.max_cache_ttl (300 s). Failed 20 of 20 runs before the epoch
+// window (`Store::changing`) that now surrounds every change.
+#[tokio::test]
+async fn deactivating_a_user_under_concurrent_requests_refuses_their_tokens_within_two_seconds() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    let s = TestServer::start(&db, "").await;
+    insert_user(&client, "bob", "bob-pass", true).await;
+    let token = login_ok(&s, "bob", "bob-pass").await;
+    assert_eq!(s.verify(&token).await.status, 200);
+    // Requests for the token keep arriving while Django deactivates the user.
+    let addr = s.addr();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut pollers = tokio::task::JoinSet::new();
+    for _ in 0..32 {
+        let (auth, stop) = (format!("Token {token}"), stop.clone());
+        pollers.spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                http(addr, "GET", "/verify", &[("Authorization", &auth)], b"").await;
+            }
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    client
+        .execute(
+            "UPDATE auth_user SET is_active = false WHERE username = 'bob'",
+            &[],
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    pollers.join_all().await;
+    let refused = eventually(Duration::from_secs(2), || async {
+        s.verify(&token).await.status == 401
+    })
+    .await;
+    if refused.is_none() {
+        let key = redis_key(&s, &token);
+        panic!(
+            "a deactivated user's token still verifies 2 s later: redis entry exists={} \
+             memory hits={} redis hits={} postgres hits={} ready={} feed events={} \
+             is_active in db={}",
+            redis_cli(6379, &["EXISTS", &key]),
+            s.metric("knoxgate_cache_lookups_total{tier=\"memory\",result=\"hit\"}")
+                .await,
+            s.metric("knoxgate_cache_lookups_total{tier=\"redis\",result=\"hit\"}")
+                .await,
+            s.metric("knoxgate_cache_lookups_total{tier=\"postgres\",result=\"hit\"}")
+                .await,
+            s.running.ready(),
+            s.metric("knoxgate_feed_events_total").await,
+            client
+                .query_one("SELECT is_active FROM auth_user WHERE username='bob'", &[])
+                .await
+                .unwrap()
+                .get::<_, bool>(0),
+        );
+    }
+    assert_detail(&s.verify(&token).await, 401, "User inactive or deleted.");
     s.stop().await;
 }

@@ -1,0 +1,200 @@
+"""Verifying knoxgate's signed identity assertion (a compact JWS, EdDSA or ES256) with PyJWT.
+
+Public keys come from a JWKS document: a file, or knoxgate's admin endpoint
+``/.well-known/jwks.json``. They are cached for ``JWKS_CACHE_SECONDS``; an assertion signed
+with a key id the cache does not hold triggers one refetch, at most once per
+``JWKS_REFETCH_INTERVAL`` seconds, so that rotation works without letting forged key ids
+hammer the key source.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+import urllib.request
+from typing import Any, Callable
+
+import jwt
+from jwt import PyJWK
+
+from knoxgate_django.conf import Config, get_config
+
+logger = logging.getLogger("knoxgate_django")
+
+#: knoxgate sends user ids as canonical decimal integers; anything else is refused.
+USER_ID_RE = re.compile(r"(?:0|[1-9][0-9]{0,18})\Z", re.ASCII)
+
+#: An assertion longer than this is refused before any parsing.
+MAX_ASSERTION_BYTES = 8192
+#: A JWKS document larger than this is refused.
+MAX_JWKS_BYTES = 1 << 20
+
+#: (kty, crv) -> the only algorithm such a key may verify.
+_KEY_ALGORITHMS = {("OKP", "Ed25519"): "EdDSA", ("EC", "P-256"): "ES256"}
+
+
+class AssertionRefused(Exception):
+    """The assertion is absent, malformed, unverifiable or not for this audience."""
+
+
+def _parse_jwks(document: bytes) -> dict[str, PyJWK]:
+    """kid -> key for every usable signing key; keys that do not fit are left out and logged."""
+    data = json.loads(document)
+    if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
+        raise ValueError("not a JWKS document (no 'keys' list)")
+    keys: dict[str, PyJWK] = {}
+    for jwk in data["keys"]:
+        if not isinstance(jwk, dict):
+            continue
+        kid = jwk.get("kid")
+        alg = _KEY_ALGORITHMS.get((jwk.get("kty"), jwk.get("crv")))
+        if not isinstance(kid, str) or not kid or alg is None:
+            logger.warning("knoxgate JWKS: ignoring a key without kid or of an unsupported type")
+            continue
+        if jwk.get("alg", alg) != alg or jwk.get("use", "sig") != "sig" or "d" in jwk:
+            logger.warning("knoxgate JWKS: ignoring key %r (alg/use mismatch or private)", kid)
+            continue
+        try:
+            keys[kid] = PyJWK(jwk, algorithm=alg)
+        except jwt.exceptions.PyJWTError as e:
+            logger.warning("knoxgate JWKS: ignoring key %r: %s", kid, e)
+    return keys
+
+
+class KeySet:
+    """A cached JWKS from a file or a URL. Thread-safe."""
+
+    def __init__(
+        self,
+        *,
+        file: str | None = None,
+        url: str | None = None,
+        cache_seconds: float = 300,
+        refetch_interval: float = 30,
+        timeout: float = 5,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if bool(file) == bool(url):
+            raise ValueError("exactly one of file and url")
+        self.file, self.url = file, url
+        self.cache_seconds = cache_seconds
+        self.refetch_interval = refetch_interval
+        self.timeout = timeout
+        self.clock = clock
+        self._keys: dict[str, PyJWK] = {}
+        self._loaded_at: float | None = None
+        self._attempted_at: float | None = None
+        self._lock = threading.Lock()
+        #: How many times the source was read (successfully or not).
+        self.fetches = 0
+
+    def _read(self) -> bytes:
+        if self.file:
+            with open(self.file, "rb") as f:
+                return f.read(MAX_JWKS_BYTES + 1)
+        request = urllib.request.Request(self.url, headers={"Accept": "application/json"})
+        with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310
+            return response.read(MAX_JWKS_BYTES + 1)
+
+    def _refresh(self) -> None:
+        """Reread the source; on failure keep the keys already held."""
+        self._attempted_at = self.clock()
+        self.fetches += 1
+        try:
+            document = self._read()
+            if len(document) > MAX_JWKS_BYTES:
+                raise ValueError("JWKS document too large")
+            keys = _parse_jwks(document)
+        except Exception as e:  # noqa: BLE001 - any failure leaves the previous keys in place
+            logger.error("knoxgate JWKS: cannot load %s: %s", self.file or self.url, e)
+            return
+        self._keys = keys
+        self._loaded_at = self._attempted_at
+
+    def _may_fetch(self, now: float) -> bool:
+        return self._attempted_at is None or now - self._attempted_at >= self.refetch_interval
+
+    def get(self, kid: str) -> PyJWK | None:
+        """The key with this id, or None. Reads the source when the cache is older than
+        cache_seconds, or for an unknown kid; never more often than once per refetch_interval."""
+        with self._lock:
+            now = self.clock()
+            stale = self._loaded_at is None or now - self._loaded_at >= self.cache_seconds
+            if stale and self._may_fetch(now):
+                self._refresh()
+            key = self._keys.get(kid)
+            if key is None and self._may_fetch(now):
+                self._refresh()
+                key = self._keys.get(kid)
+            return key
+
+
+_keysets: dict[tuple, KeySet] = {}
+_keysets_lock = threading.Lock()
+
+
+def keyset_for(config: Config) -> KeySet:
+    ident = (config.jwks_file, config.jwks_url, config.jwks_cache_seconds,
+             config.jwks_refetch_interval, config.jwks_timeout)
+    with _keysets_lock:
+        ks = _keysets.get(ident)
+        if ks is None:
+            ks = _keysets[ident] = KeySet(
+                file=config.jwks_file,
+                url=config.jwks_url,
+                cache_seconds=config.jwks_cache_seconds,
+                refetch_interval=config.jwks_refetch_interval,
+                timeout=config.jwks_timeout,
+            )
+        return ks
+
+
+def reset_keysets() -> None:
+    with _keysets_lock:
+        _keysets.clear()
+
+
+def verify(token: str, config: Config | None = None) -> dict[str, Any]:
+    """The verified claims of an assertion; raises AssertionRefused on any doubt.
+
+    Checks: size, header (alg among the allowed ones and matching the key's type, kid known),
+    signature, ``exp`` and ``iat`` (with leeway), ``aud``, ``iss``, and ``sub`` being a user id.
+    """
+    config = config or get_config()
+    if not config.verifies_assertions:
+        raise AssertionRefused("no JWKS configured")
+    if not token or len(token) > MAX_ASSERTION_BYTES or not token.isascii():
+        raise AssertionRefused("empty, oversized or non-ASCII assertion")
+    try:
+        header = jwt.get_unverified_header(token)
+    except jwt.exceptions.PyJWTError as e:
+        raise AssertionRefused(f"malformed assertion: {e}") from None
+    alg, kid = header.get("alg"), header.get("kid")
+    if alg not in config.algorithms:
+        raise AssertionRefused(f"algorithm {alg!r} not allowed")
+    if not isinstance(kid, str) or not kid:
+        raise AssertionRefused("assertion has no kid")
+    key = keyset_for(config).get(kid)
+    if key is None:
+        raise AssertionRefused(f"unknown key id {kid!r}")
+    if key.algorithm_name != alg:
+        raise AssertionRefused(f"key {kid!r} is not an {alg} key")
+    try:
+        claims = jwt.decode(
+            token,
+            key=key.key,
+            algorithms=[alg],
+            audience=config.audience,
+            issuer=config.issuer,
+            leeway=config.leeway,
+            options={"require": ["sub", "iat", "exp", "aud", "iss"], "verify_signature": True},
+        )
+    except jwt.exceptions.PyJWTError as e:
+        raise AssertionRefused(f"assertion rejected: {e}") from None
+    sub = claims.get("sub")
+    if not isinstance(sub, str) or not USER_ID_RE.match(sub):
+        raise AssertionRefused("assertion subject is not a user id")
+    return claims

@@ -1,0 +1,210 @@
+"""The ``KNOXGATE`` settings dict, validated once and re-read when tests change settings.
+
+Every key, its default and its meaning is listed in ``DEFAULTS``; the README repeats them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+from django.core.signals import setting_changed
+
+#: Every accepted key with its default.
+DEFAULTS: dict[str, Any] = {
+    # Header knoxgate puts the user id in (knoxgate's verify.user_id_header).
+    "USER_ID_HEADER": "X-Auth-User-Id",
+    # Optional attribute headers; None means knoxgate does not send them.
+    "USERNAME_HEADER": None,
+    "EMAIL_HEADER": None,
+    "IS_STAFF_HEADER": None,
+    "IS_SUPERUSER_HEADER": None,
+    # The identity headers are believed only from a peer (REMOTE_ADDR) inside one of these
+    # networks: the proxy that talks to this Django process.
+    "TRUSTED_PROXIES": ["127.0.0.1/32", "::1/128"],
+    # Signed identity assertion (a compact JWS).
+    "ASSERTION_HEADER": "X-Auth-Assertion",
+    "REQUIRE_ASSERTION": False,
+    "JWKS_FILE": None,
+    "JWKS_URL": None,
+    "JWKS_CACHE_SECONDS": 300,
+    "JWKS_REFETCH_INTERVAL": 30,
+    "JWKS_TIMEOUT": 5,
+    "ASSERTION_AUDIENCE": None,
+    "ASSERTION_ISSUER": "knoxgate",
+    "ASSERTION_ALGORITHMS": ["EdDSA", "ES256"],
+    "ASSERTION_LEEWAY": 5,
+    # DRF: the WWW-Authenticate challenge, so that unauthenticated API calls get 401, not 403.
+    "WWW_AUTHENTICATE": "Token",
+    # Directory holding install.sql / uninstall.sql for the trigger migration; None: the SQL
+    # shipped in this package (knoxgate's default table names knox_authtoken / auth_user).
+    "TRIGGER_SQL_DIR": None,
+}
+
+SUPPORTED_ALGORITHMS = ("EdDSA", "ES256")
+
+
+def meta_key(header: str) -> str:
+    """The ``request.META`` key a header name arrives under (WSGI and ASGI alike)."""
+    return "HTTP_" + header.upper().replace("-", "_")
+
+
+@dataclass(frozen=True)
+class Header:
+    """A configured header: its spelling and its META key."""
+
+    name: str
+    meta: str
+
+    @classmethod
+    def of(cls, key: str, value: Any) -> Header | None:
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value:
+            raise ImproperlyConfigured(f"KNOXGATE[{key!r}] must be a non-empty header name or None")
+        if not all(c.isascii() and (c.isalnum() or c == "-") for c in value):
+            # An underscore would make the header indistinguishable from a spoofed twin.
+            raise ImproperlyConfigured(
+                f"KNOXGATE[{key!r}] = {value!r}: use letters, digits and hyphens only"
+            )
+        return cls(value.lower(), meta_key(value))
+
+
+@dataclass(frozen=True)
+class Config:
+    user_id: Header
+    username: Header | None
+    email: Header | None
+    is_staff: Header | None
+    is_superuser: Header | None
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    assertion: Header
+    require_assertion: bool
+    jwks_file: str | None
+    jwks_url: str | None
+    jwks_cache_seconds: float
+    jwks_refetch_interval: float
+    jwks_timeout: float
+    audience: str | None
+    issuer: str
+    algorithms: tuple[str, ...]
+    leeway: float
+    www_authenticate: str
+    trigger_sql_dir: str | None
+
+    @property
+    def verifies_assertions(self) -> bool:
+        return bool(self.jwks_file or self.jwks_url)
+
+    def attribute_headers(self) -> dict[str, Header]:
+        """Attribute name -> header, for the attribute headers that are configured."""
+        pairs = {
+            "username": self.username,
+            "email": self.email,
+            "is_staff": self.is_staff,
+            "is_superuser": self.is_superuser,
+        }
+        return {k: v for k, v in pairs.items() if v is not None}
+
+
+def _number(key: str, value: Any, minimum: float = 0) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
+        raise ImproperlyConfigured(f"KNOXGATE[{key!r}] must be a number >= {minimum}")
+    return float(value)
+
+
+def parse(raw: Any) -> Config:
+    """Validate a ``KNOXGATE`` dict; raises ImproperlyConfigured on anything doubtful."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ImproperlyConfigured("KNOXGATE must be a dict")
+    unknown = sorted(set(raw) - set(DEFAULTS))
+    if unknown:
+        raise ImproperlyConfigured(f"KNOXGATE has unknown keys: {', '.join(unknown)}")
+    s = {**DEFAULTS, **raw}
+
+    user_id = Header.of("USER_ID_HEADER", s["USER_ID_HEADER"])
+    if user_id is None:
+        raise ImproperlyConfigured("KNOXGATE['USER_ID_HEADER'] must be set")
+    assertion = Header.of("ASSERTION_HEADER", s["ASSERTION_HEADER"])
+    if assertion is None:
+        raise ImproperlyConfigured("KNOXGATE['ASSERTION_HEADER'] must be set")
+
+    proxies = s["TRUSTED_PROXIES"]
+    if isinstance(proxies, str) or not isinstance(proxies, (list, tuple)):
+        raise ImproperlyConfigured("KNOXGATE['TRUSTED_PROXIES'] must be a list of CIDRs")
+    networks = []
+    for cidr in proxies:
+        try:
+            networks.append(ipaddress.ip_network(cidr, strict=True))
+        except (TypeError, ValueError) as e:
+            raise ImproperlyConfigured(f"KNOXGATE['TRUSTED_PROXIES']: {cidr!r}: {e}") from None
+
+    algorithms = tuple(s["ASSERTION_ALGORITHMS"])
+    if not algorithms or any(a not in SUPPORTED_ALGORITHMS for a in algorithms):
+        raise ImproperlyConfigured(
+            f"KNOXGATE['ASSERTION_ALGORITHMS'] must be a non-empty subset of {SUPPORTED_ALGORITHMS}"
+        )
+
+    for key in ("JWKS_FILE", "JWKS_URL", "ASSERTION_AUDIENCE", "TRIGGER_SQL_DIR"):
+        if s[key] is not None and (not isinstance(s[key], str) or not s[key]):
+            raise ImproperlyConfigured(f"KNOXGATE[{key!r}] must be a non-empty string or None")
+    if s["JWKS_FILE"] and s["JWKS_URL"]:
+        raise ImproperlyConfigured("KNOXGATE: set JWKS_FILE or JWKS_URL, not both")
+    if s["JWKS_URL"] and not s["JWKS_URL"].startswith(("http://", "https://")):
+        raise ImproperlyConfigured("KNOXGATE['JWKS_URL'] must be an http:// or https:// URL")
+    if not isinstance(s["ASSERTION_ISSUER"], str) or not s["ASSERTION_ISSUER"]:
+        raise ImproperlyConfigured("KNOXGATE['ASSERTION_ISSUER'] must be a non-empty string")
+    if not isinstance(s["REQUIRE_ASSERTION"], bool):
+        raise ImproperlyConfigured("KNOXGATE['REQUIRE_ASSERTION'] must be True or False")
+    verifies = bool(s["JWKS_FILE"] or s["JWKS_URL"])
+    if s["REQUIRE_ASSERTION"] and not verifies:
+        raise ImproperlyConfigured("KNOXGATE['REQUIRE_ASSERTION'] needs JWKS_FILE or JWKS_URL")
+    if verifies and not s["ASSERTION_AUDIENCE"]:
+        raise ImproperlyConfigured(
+            "KNOXGATE['ASSERTION_AUDIENCE'] must be set when assertions are verified"
+        )
+
+    return Config(
+        user_id=user_id,
+        username=Header.of("USERNAME_HEADER", s["USERNAME_HEADER"]),
+        email=Header.of("EMAIL_HEADER", s["EMAIL_HEADER"]),
+        is_staff=Header.of("IS_STAFF_HEADER", s["IS_STAFF_HEADER"]),
+        is_superuser=Header.of("IS_SUPERUSER_HEADER", s["IS_SUPERUSER_HEADER"]),
+        trusted_proxies=tuple(networks),
+        assertion=assertion,
+        require_assertion=s["REQUIRE_ASSERTION"],
+        jwks_file=s["JWKS_FILE"],
+        jwks_url=s["JWKS_URL"],
+        jwks_cache_seconds=_number("JWKS_CACHE_SECONDS", s["JWKS_CACHE_SECONDS"]),
+        jwks_refetch_interval=_number("JWKS_REFETCH_INTERVAL", s["JWKS_REFETCH_INTERVAL"]),
+        jwks_timeout=_number("JWKS_TIMEOUT", s["JWKS_TIMEOUT"], minimum=0.001),
+        audience=s["ASSERTION_AUDIENCE"],
+        issuer=s["ASSERTION_ISSUER"],
+        algorithms=algorithms,
+        leeway=_number("ASSERTION_LEEWAY", s["ASSERTION_LEEWAY"]),
+        www_authenticate=str(s["WWW_AUTHENTICATE"]),
+        trigger_sql_dir=s["TRIGGER_SQL_DIR"],
+    )
+
+
+@lru_cache(maxsize=1)
+def get_config() -> Config:
+    return parse(getattr(settings, "KNOXGATE", None))
+
+
+def _reset(*, setting: str, **kwargs: Any) -> None:
+    if setting == "KNOXGATE":
+        get_config.cache_clear()
+        # The key cache depends on the JWKS source; drop it too.
+        from knoxgate_django import assertion
+
+        assertion.reset_keysets()
+
+
+setting_changed.connect(_reset)

@@ -1,0 +1,180 @@
+"""Reading the identity knoxgate forwarded, refusing anything doubtful.
+
+``resolve(request)`` is shared by the middleware and the DRF class. It returns one of:
+
+* ``ABSENT``: no identity header at all (the request did not pass through knoxgate's verify);
+* ``Refused(reason)``: identity headers are present but not believable; never another user;
+* ``Identity(user_id, attributes, claims)``: a user id knoxgate vouched for.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from knoxgate_django import assertion
+from knoxgate_django.conf import Config, Header, get_config
+
+logger = logging.getLogger("knoxgate_django")
+
+_FLAGS = {"true": True, "false": False, "1": True, "0": False}
+
+
+@dataclass(frozen=True)
+class Identity:
+    user_id: int
+    #: model attribute -> value, from the attribute headers that were sent (and are trusted)
+    attributes: dict[str, Any] = field(default_factory=dict)
+    #: the verified assertion's claims, or None when no assertion was verified
+    claims: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Refused:
+    reason: str
+
+
+class _Absent:
+    def __repr__(self) -> str:
+        return "ABSENT"
+
+
+ABSENT = _Absent()
+Result = Union[Identity, Refused, _Absent]
+
+#: Where the outcome is cached on the Django request, so the middleware and DRF agree.
+_CACHE_ATTR = "_knoxgate_identity"
+
+
+def _peer_trusted(remote_addr: Any, config: Config) -> bool:
+    if not isinstance(remote_addr, str):
+        return False
+    try:
+        addr = ipaddress.ip_address(remote_addr)
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return any(addr in net for net in config.trusted_proxies)
+
+
+def _raw_headers(request: Any) -> list[tuple[bytes, bytes]] | None:
+    """The header list as the ASGI server delivered it, or None under WSGI."""
+    scope = getattr(request, "scope", None)
+    if isinstance(scope, dict) and isinstance(scope.get("headers"), (list, tuple)):
+        return list(scope["headers"])
+    return None
+
+
+def _spelling_problem(raw: list[tuple[bytes, bytes]], header: Header) -> str | None:
+    """Under ASGI, every header that lands on ``header.meta`` must be spelled as configured
+    (any case) and occur once. An underscore twin (X_Auth_User_Id) or a second copy is refused:
+    Django would otherwise merge them into one comma-joined META value."""
+    seen = 0
+    for name, _ in raw:
+        text = name.decode("latin-1")
+        if "HTTP_" + text.upper().replace("-", "_") != header.meta:
+            continue
+        if text.lower() != header.name:
+            return f"header {text!r} imitates {header.name!r}"
+        seen += 1
+    if seen > 1:
+        return f"header {header.name!r} sent {seen} times"
+    return None
+
+
+def _decode(value: str) -> str:
+    """Header values arrive as latin-1 text (PEP 3333; Django's ASGI handler does the same);
+    knoxgate sends UTF-8 bytes."""
+    return value.encode("latin-1").decode("utf-8")
+
+
+def _read_attributes(request: Any, config: Config) -> dict[str, Any] | Refused:
+    from django.contrib.auth import get_user_model
+
+    user_model = get_user_model()
+    targets = {
+        "username": user_model.USERNAME_FIELD,
+        "email": user_model.get_email_field_name(),
+        "is_staff": "is_staff",
+        "is_superuser": "is_superuser",
+    }
+    attributes: dict[str, Any] = {}
+    for attr, header in config.attribute_headers().items():
+        value = request.META.get(header.meta)
+        if value is None or value == "":
+            continue  # not sent: the field stays deferred and loads from the database
+        if attr in ("is_staff", "is_superuser"):
+            if value not in _FLAGS:
+                return Refused(f"header {header.name!r} is not true/false")
+            attributes[targets[attr]] = _FLAGS[value]
+            continue
+        try:
+            attributes[targets[attr]] = _decode(value)
+        except UnicodeError:
+            return Refused(f"header {header.name!r} is not UTF-8")
+    return attributes
+
+
+def _resolve(request: Any, config: Config) -> Result:
+    meta = request.META
+    raw_id = meta.get(config.user_id.meta)
+    raw_assertion = meta.get(config.assertion.meta)
+    if raw_id is None and raw_assertion is None:
+        return ABSENT
+    if not _peer_trusted(meta.get("REMOTE_ADDR"), config):
+        return Refused(f"identity headers from an untrusted peer {meta.get('REMOTE_ADDR')!r}")
+
+    raw = _raw_headers(request)
+    if raw is not None:
+        checked = [config.user_id, config.assertion, *config.attribute_headers().values()]
+        for header in checked:
+            problem = _spelling_problem(raw, header)
+            if problem:
+                return Refused(problem)
+
+    header_id: int | None = None
+    if raw_id is not None:
+        if not assertion.USER_ID_RE.match(raw_id):
+            return Refused(f"header {config.user_id.name!r} is not a single user id")
+        header_id = int(raw_id)
+
+    claims = None
+    if raw_assertion is not None and config.verifies_assertions:
+        try:
+            claims = assertion.verify(raw_assertion, config)
+        except assertion.AssertionRefused as e:
+            return Refused(str(e))
+        signed_id = int(claims["sub"])
+        if header_id is not None and header_id != signed_id:
+            return Refused("assertion subject differs from the user id header")
+        header_id = signed_id
+    elif config.require_assertion:
+        return Refused("no signed assertion and REQUIRE_ASSERTION is on")
+
+    if header_id is None:
+        # An assertion header without anything to verify it with is not an identity.
+        return Refused(f"header {config.assertion.name!r} present but no JWKS configured")
+
+    if config.require_assertion:
+        # Only signed data is believed: unsigned attribute headers could have been supplied by
+        # whoever can reach this process, so those fields load from the database instead.
+        return Identity(header_id, {}, claims)
+    attributes = _read_attributes(request, config)
+    if isinstance(attributes, Refused):
+        return attributes
+    return Identity(header_id, attributes, claims)
+
+
+def resolve(request: Any) -> Result:
+    """The identity on this Django ``HttpRequest`` (cached on it); logs every refusal."""
+    cached = getattr(request, _CACHE_ATTR, None)
+    if cached is not None:
+        return cached
+    result = _resolve(request, get_config())
+    if isinstance(result, Refused):
+        logger.warning("knoxgate identity refused: %s", result.reason)
+    setattr(request, _CACHE_ATTR, result)
+    return result

@@ -1,0 +1,32 @@
+"""Installs knoxgate's change-feed triggers (its reverse removes them).
+
+The SQL is exactly what ``knoxgate migrate`` runs: ``knoxgate_django/sql/install.sql`` and
+``uninstall.sql`` are the output of ``knoxgate migrate --print-sql`` (regenerate them with
+``integrations/django/update-sql.sh``). ``KNOXGATE["TRIGGER_SQL_DIR"]`` points at a directory
+with the two files generated for other table names (a custom user model).
+"""
+
+from pathlib import Path
+
+from django.conf import settings
+from django.db import migrations
+
+
+def _sql(name: str) -> str:
+    configured = (getattr(settings, "KNOXGATE", None) or {}).get("TRIGGER_SQL_DIR")
+    directory = Path(configured) if configured else Path(__file__).resolve().parent.parent / "sql"
+    return (directory / name).read_text(encoding="utf-8")
+
+
+class Migration(migrations.Migration):
+    dependencies = [
+        ("auth", "0012_alter_user_first_name_max_length"),
+        migrations.swappable_dependency(settings.AUTH_USER_MODEL),
+        ("knox", "0009_extend_authtoken_field"),
+    ]
+
+    operations = [
+        # A one-element list: the script runs as one statement batch, as knoxgate runs it
+        # (a bare string would be split by sqlparse, which need not understand $$ bodies).
+        migrations.RunSQL(sql=[_sql("install.sql")], reverse_sql=[_sql("uninstall.sql")]),
+    ]

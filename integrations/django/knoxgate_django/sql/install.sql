@@ -1,0 +1,48 @@
+CREATE TABLE IF NOT EXISTS knoxgate_revocation_log (
+    id bigserial PRIMARY KEY,
+    logged_at timestamp with time zone NOT NULL DEFAULT clock_timestamp(),
+    kind text NOT NULL,
+    user_id text NOT NULL,
+    token_key text
+);
+CREATE INDEX IF NOT EXISTS knoxgate_revocation_log_logged_at ON knoxgate_revocation_log (logged_at);
+
+CREATE OR REPLACE FUNCTION knoxgate_token_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        -- Only clears negative cache entries: nothing to replay, so nothing is logged.
+        PERFORM pg_notify('knoxgate', 'i|' || NEW.user_id::text || '|' || NEW.token_key);
+        RETURN NULL;
+    END IF;
+    INSERT INTO knoxgate_revocation_log (kind, user_id, token_key) VALUES ('t', OLD.user_id::text, OLD.token_key);
+    PERFORM pg_notify('knoxgate', 't|' || OLD.user_id::text || '|' || OLD.token_key);
+    IF TG_OP = 'UPDATE' AND (NEW.token_key IS DISTINCT FROM OLD.token_key OR NEW.user_id IS DISTINCT FROM OLD.user_id) THEN
+        INSERT INTO knoxgate_revocation_log (kind, user_id, token_key) VALUES ('t', NEW.user_id::text, NEW.token_key);
+        PERFORM pg_notify('knoxgate', 't|' || NEW.user_id::text || '|' || NEW.token_key);
+    END IF;
+    RETURN NULL;
+END $$;
+
+CREATE OR REPLACE FUNCTION knoxgate_user_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO knoxgate_revocation_log (kind, user_id) VALUES ('u', OLD.id::text);
+    PERFORM pg_notify('knoxgate', 'u|' || OLD.id::text || '|');
+    RETURN NULL;
+END $$;
+
+DROP TRIGGER IF EXISTS knoxgate_token_changed ON knox_authtoken;
+CREATE TRIGGER knoxgate_token_changed
+    AFTER INSERT OR DELETE OR UPDATE OF digest, token_key, user_id, expiry ON knox_authtoken
+    FOR EACH ROW EXECUTE FUNCTION knoxgate_token_changed();
+
+DROP TRIGGER IF EXISTS knoxgate_user_changed ON auth_user;
+CREATE TRIGGER knoxgate_user_changed
+    AFTER UPDATE OF is_active, password ON auth_user
+    FOR EACH ROW
+    WHEN (OLD.is_active IS DISTINCT FROM NEW.is_active OR OLD.password IS DISTINCT FROM NEW.password)
+    EXECUTE FUNCTION knoxgate_user_changed();
+
+DROP TRIGGER IF EXISTS knoxgate_user_deleted ON auth_user;
+CREATE TRIGGER knoxgate_user_deleted
+    AFTER DELETE ON auth_user
+    FOR EACH ROW EXECUTE FUNCTION knoxgate_user_changed();

@@ -1,0 +1,284 @@
+"""The signed identity assertion: keys from a JWKS file or URL, every claim checked, and with
+REQUIRE_ASSERTION nothing unsigned believed. Keys are made here with `cryptography` and
+assertions signed with PyJWT, the library the package verifies with."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+
+import jwt
+import pytest
+
+from conftest import AUDIENCE, ISSUER, new_key, spare_port, write_jwks
+from knoxgate_django import assertion
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def alice(django_user_model):
+    return django_user_model.objects.create_user("alice", "alice@example.com", "pw")
+
+
+@pytest.fixture
+def bob(django_user_model):
+    return django_user_model.objects.create_user("bob", "bob@example.com", "pw")
+
+
+def get(client, path="/api/open", **headers):
+    r = client.get(path, headers=headers)
+    return r.status_code, (r.json() if r.status_code == 200 else None)
+
+
+def ok(user_id):
+    return 200, {"authenticated": True, "id": user_id}
+
+
+ANON = (200, {"authenticated": False, "id": None})
+REFUSED = (401, None)
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+@pytest.mark.parametrize("alg", ["EdDSA", "ES256"])
+def test_valid_assertion_with_header(client, assertion_settings, alice, ed_key, es_key, alg):
+    key = ed_key if alg == "EdDSA" else es_key
+    token = key.sign(str(alice.pk))
+    assert get(client, **{"X-Auth-User-Id": str(alice.pk), "X-Auth-Assertion": token}) == ok(alice.pk)
+    r = client.get("/api/whoami", headers={"X-Auth-User-Id": str(alice.pk), "X-Auth-Assertion": token})
+    assert r.json()["has_claims"] is True
+    # The plain middleware agrees.
+    assert client.get("/plain/whoami", headers={"X-Auth-Assertion": token}).json()["id"] == alice.pk
+
+
+def test_assertion_alone_names_the_user(client, assertion_settings, alice, ed_key):
+    assert get(client, **{"X-Auth-Assertion": ed_key.sign(str(alice.pk))}) == ok(alice.pk)
+
+
+def test_subject_must_match_header(client, assertion_settings, alice, bob, ed_key):
+    h = {"X-Auth-User-Id": str(bob.pk), "X-Auth-Assertion": ed_key.sign(str(alice.pk))}
+    assert get(client, **h) == REFUSED
+    assert client.get("/plain/whoami", headers=h).json() == ANON[1]
+
+
+def test_header_without_assertion_is_accepted_unless_required(client, assertion_settings, alice):
+    assert get(client, **{"X-Auth-User-Id": str(alice.pk)}) == ok(alice.pk)
+    assertion_settings.KNOXGATE = {**assertion_settings.KNOXGATE, "REQUIRE_ASSERTION": True}
+    assert get(client, **{"X-Auth-User-Id": str(alice.pk)}) == REFUSED
+    assert client.get("/plain/whoami", headers={"X-Auth-User-Id": str(alice.pk)}).json() == ANON[1]
+
+
+def test_bad_assertion_never_falls_back_to_the_header(client, assertion_settings, alice, ed_key):
+    token = ed_key.sign(str(alice.pk), exp=int(time.time()) - 60)
+    assert get(client, **{"X-Auth-User-Id": str(alice.pk), "X-Auth-Assertion": token}) == REFUSED
+
+
+def _bad_tokens(ed_key, es_key, uid):
+    now = int(time.time())
+    sub = str(uid)
+    other_key = new_key("EdDSA", kid=ed_key.kid)  # same kid, different key
+    good = ed_key.sign(sub)
+    head, payload, sig = good.split(".")
+    forged_payload = b64(json.dumps({"sub": "1", "iat": now, "exp": now + 60, "aud": AUDIENCE, "iss": ISSUER}).encode())
+    hs_secret = base64.urlsafe_b64decode(ed_key.jwk()["x"] + "==")
+    return {
+        "expired": ed_key.sign(sub, iat=now - 120, exp=now - 30),
+        "issued in the future": ed_key.sign(sub, iat=now + 600, exp=now + 660),
+        "wrong audience": ed_key.sign(sub, aud="another-app"),
+        "wrong issuer": ed_key.sign(sub, iss="someone-else"),
+        "no exp": ed_key.sign(sub, exp=None),
+        "no iat": ed_key.sign(sub, iat=None),
+        "no aud": ed_key.sign(sub, aud=None),
+        "no iss": ed_key.sign(sub, iss=None),
+        "no sub": ed_key.sign(None),
+        "integer sub": ed_key.sign(uid),
+        "non-canonical sub": ed_key.sign("0" + sub),
+        "comma sub": ed_key.sign(f"{sub},1"),
+        "unknown kid": new_key("EdDSA").sign(sub),
+        "no kid": jwt.encode({"sub": sub, "iat": now, "exp": now + 60, "aud": AUDIENCE, "iss": ISSUER}, ed_key.private, algorithm="EdDSA"),
+        "other key, same kid": other_key.sign(sub),
+        "alg none": jwt.encode({"sub": sub, "iat": now, "exp": now + 60, "aud": AUDIENCE, "iss": ISSUER}, None, algorithm="none", headers={"kid": ed_key.kid}),
+        "HS256 with the public key": jwt.encode({"sub": sub, "iat": now, "exp": now + 60, "aud": AUDIENCE, "iss": ISSUER}, hs_secret, algorithm="HS256", headers={"kid": ed_key.kid}),
+        "ES256 header on an Ed25519 key": es_key.sign(sub, headers={"kid": ed_key.kid}),
+        "tampered payload": f"{head}.{forged_payload}.{sig}",
+        "truncated": good[:-10],
+        "garbage": "not.a.jws",
+        "oversized": good + "A" * 9000,
+    }
+
+
+CASES = list(_bad_tokens(new_key("EdDSA"), new_key("ES256"), 1))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_assertions_are_refused(client, assertion_settings, alice, ed_key, es_key, case):
+    token = _bad_tokens(ed_key, es_key, alice.pk)[case]
+    assert get(client, **{"X-Auth-Assertion": token}) == REFUSED
+    assert get(client, **{"X-Auth-User-Id": str(alice.pk), "X-Auth-Assertion": token}) == REFUSED
+
+
+def test_leeway_accepts_small_clock_skew(client, assertion_settings, alice, ed_key):
+    now = int(time.time())
+    assert get(client, **{"X-Auth-Assertion": ed_key.sign(str(alice.pk), iat=now + 3, exp=now + 60)}) == ok(alice.pk)
+    assert get(client, **{"X-Auth-Assertion": ed_key.sign(str(alice.pk), iat=now - 60, exp=now - 3)}) == ok(alice.pk)
+
+
+def test_algorithm_allow_list(client, assertion_settings, alice, es_key):
+    assertion_settings.KNOXGATE = {**assertion_settings.KNOXGATE, "ASSERTION_ALGORITHMS": ["EdDSA"]}
+    assert get(client, **{"X-Auth-Assertion": es_key.sign(str(alice.pk))}) == REFUSED
+
+
+def test_required_assertion_ignores_unsigned_attribute_headers(
+    client, assertion_settings, alice, ed_key, django_assert_num_queries
+):
+    assertion_settings.KNOXGATE = {**assertion_settings.KNOXGATE, "REQUIRE_ASSERTION": True}
+    h = {"X-Auth-Assertion": ed_key.sign(str(alice.pk)), "X-Auth-Is-Staff": "true", "X-Auth-Username": "root"}
+    # alice is not staff: the forged flag is not believed; the row is read instead (one query).
+    with django_assert_num_queries(1):
+        assert client.get("/api/admin", headers=h).status_code == 403
+    r = client.get("/api/names", headers=h)
+    assert r.json()["username"] == "alice"
+
+
+def test_assertion_header_without_jwks_is_not_an_identity(client, alice, ed_key):
+    # No JWKS configured: an assertion alone cannot be checked, so it names nobody.
+    assert get(client, **{"X-Auth-Assertion": ed_key.sign(str(alice.pk))}) == REFUSED
+
+
+def test_jwks_ignores_unusable_keys(tmp_path, ed_key):
+    good = ed_key.jwk()
+    private = {**new_key("EdDSA").jwk(), "d": "AAAA", "kid": "private"}
+    doc = {
+        "keys": [
+            good,
+            {"kty": "oct", "k": "c2VjcmV0", "kid": "hmac"},
+            {**new_key("ES256").jwk(), "kid": "wrong-alg", "alg": "EdDSA"},
+            {**new_key("ES256").jwk(), "kid": "enc", "use": "enc"},
+            private,
+            {"kty": "OKP", "crv": "Ed25519", "x": good["x"]},  # no kid
+            "not an object",
+        ]
+    }
+    keys = assertion._parse_jwks(json.dumps(doc).encode())
+    assert list(keys) == [ed_key.kid]
+
+
+def test_rotation_through_the_file_and_rate_limited_refetch(client, settings, tmp_path, alice, ed_key):
+    path = write_jwks(tmp_path / "jwks.json", ed_key)
+    settings.KNOXGATE = {
+        **settings.KNOXGATE,
+        "JWKS_FILE": str(path),
+        "ASSERTION_AUDIENCE": AUDIENCE,
+        "JWKS_CACHE_SECONDS": 3600,
+        "JWKS_REFETCH_INTERVAL": 1.0,
+    }
+    assert get(client, **{"X-Auth-Assertion": ed_key.sign(str(alice.pk))}) == ok(alice.pk)
+    keyset = assertion.keyset_for(assertion.get_config())
+    assert keyset.fetches == 1
+
+    new = new_key("ES256")
+    write_jwks(path, ed_key, new)
+    # Within the refetch interval an unknown kid does not reread the source.
+    assert get(client, **{"X-Auth-Assertion": new.sign(str(alice.pk))}) == REFUSED
+    assert keyset.fetches == 1
+    time.sleep(1.1)
+    # After it: one reread, and the new key works.
+    assert get(client, **{"X-Auth-Assertion": new.sign(str(alice.pk))}) == ok(alice.pk)
+    assert keyset.fetches == 2
+    # A stream of forged kids costs no further reads.
+    for _ in range(20):
+        assert get(client, **{"X-Auth-Assertion": new_key("EdDSA").sign(str(alice.pk))}) == REFUSED
+    assert keyset.fetches == 2
+
+
+def test_cache_expiry_drops_retired_keys(client, settings, tmp_path, alice, ed_key):
+    path = write_jwks(tmp_path / "jwks.json", ed_key)
+    settings.KNOXGATE = {
+        **settings.KNOXGATE,
+        "JWKS_FILE": str(path),
+        "ASSERTION_AUDIENCE": AUDIENCE,
+        "JWKS_CACHE_SECONDS": 0.5,
+        "JWKS_REFETCH_INTERVAL": 0.1,
+    }
+    assert get(client, **{"X-Auth-Assertion": ed_key.sign(str(alice.pk))}) == ok(alice.pk)
+    write_jwks(path, new_key("EdDSA"))
+    time.sleep(0.6)
+    assert get(client, **{"X-Auth-Assertion": ed_key.sign(str(alice.pk))}) == REFUSED
+
+
+# --- JWKS from a URL, served by a real HTTP server ---
+
+
+@pytest.fixture
+def jwks_server(tmp_path):
+    """`python -m http.server` on a spare port serving tmp_path/www; yields (url, request_log)."""
+    www = tmp_path / "www"
+    (www / ".well-known").mkdir(parents=True)
+    log = tmp_path / "http.log"
+    port = spare_port()
+    with open(log, "wb") as logf:
+        proc = subprocess.Popen(
+            [sys.executable, "-u", "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(www)],
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1).read()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError(f"http.server did not start: {log.read_text()}") from None
+                time.sleep(0.05)
+        url = f"http://127.0.0.1:{port}/.well-known/jwks.json"
+
+        def fetches() -> int:
+            return log.read_text().count("GET /.well-known/jwks.json")
+
+        yield url, www / ".well-known" / "jwks.json", fetches, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_jwks_url_fetch_rotation_and_outage(client, settings, alice, ed_key, jwks_server):
+    url, path, fetches, proc = jwks_server
+    write_jwks(path, ed_key)
+    settings.KNOXGATE = {
+        **settings.KNOXGATE,
+        "JWKS_URL": url,
+        "ASSERTION_AUDIENCE": AUDIENCE,
+        "REQUIRE_ASSERTION": True,
+        "JWKS_CACHE_SECONDS": 3600,
+        "JWKS_REFETCH_INTERVAL": 0.5,
+    }
+    for _ in range(5):
+        assert get(client, **{"X-Auth-Assertion": ed_key.sign(str(alice.pk))}) == ok(alice.pk)
+    assert fetches() == 1  # cached
+
+    rotated = new_key("ES256")
+    write_jwks(path, rotated)
+    time.sleep(0.6)
+    assert get(client, **{"X-Auth-Assertion": rotated.sign(str(alice.pk))}) == ok(alice.pk)
+    assert fetches() == 2
+    # The cache still holds the old key until JWKS_CACHE_SECONDS: keys rotate out with the cache.
+
+    # knoxgate's admin port unreachable: the keys already held keep working.
+    proc.terminate()
+    proc.wait(timeout=10)
+    time.sleep(0.6)
+    assert get(client, **{"X-Auth-Assertion": new_key("EdDSA").sign(str(alice.pk))}) == REFUSED
+    assert get(client, **{"X-Auth-Assertion": rotated.sign(str(alice.pk))}) == ok(alice.pk)

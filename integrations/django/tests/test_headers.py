@@ -1,0 +1,177 @@
+"""Which header values make an identity: exactly one canonical integer, from a trusted peer,
+under the configured name; everything else is "not authenticated", never another user."""
+
+from __future__ import annotations
+
+import pytest
+from django.test import Client
+
+from conftest import asgi_get
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def alice(django_user_model):
+    return django_user_model.objects.create_user("alice", "alice@example.com", "pw")
+
+
+def whoami(client: Client, path: str = "/plain/whoami", **headers):
+    response = client.get(path, headers=headers)
+    return response.status_code, response.json()
+
+
+def test_header_gives_that_user(client, alice):
+    assert whoami(client, **{"X-Auth-User-Id": str(alice.pk)}) == (200, {"authenticated": True, "id": alice.pk})
+    status, body = whoami(client, "/api/whoami", **{"X-Auth-User-Id": str(alice.pk)})
+    assert (status, body["id"]) == (200, alice.pk)
+
+
+def test_no_header_is_anonymous(client):
+    assert whoami(client) == (200, {"authenticated": False, "id": None})
+    # DRF: 401 with knox's challenge, not 403.
+    response = client.get("/api/whoami")
+    assert response.status_code == 401
+    assert response["WWW-Authenticate"] == "Token"
+
+
+BAD_VALUES = [
+    "",
+    " ",
+    "abc",
+    "1.0",
+    "-1",
+    "+1",
+    " 1",
+    "1 ",
+    "01",
+    "1_000",
+    "0x1",
+    "1e3",
+    "1,2",
+    "1, 2",
+    "\u0661",  # ARABIC-INDIC DIGIT ONE: int() accepts it
+    "99999999999999999999999",
+]
+
+
+@pytest.mark.parametrize("value", BAD_VALUES)
+def test_malformed_user_id_is_refused(client, alice, value):
+    # The plain middleware: anonymous. DRF: 401 even though the view would allow anyone.
+    assert whoami(client, **{"X-Auth-User-Id": value}) == (200, {"authenticated": False, "id": None})
+    assert client.get("/api/open", headers={"X-Auth-User-Id": value}).status_code == 401
+
+
+def test_refused_header_does_not_fall_back_to_session(client, alice):
+    client.force_login(alice)
+    assert whoami(client) == (200, {"authenticated": True, "id": alice.pk})
+    assert whoami(client, **{"X-Auth-User-Id": "1,2"}) == (200, {"authenticated": False, "id": None})
+
+
+def test_untrusted_peer_is_refused(client, alice):
+    r = client.get("/plain/whoami", headers={"X-Auth-User-Id": str(alice.pk)}, REMOTE_ADDR="192.0.2.7")
+    assert r.json() == {"authenticated": False, "id": None}
+    r = client.get("/api/open", headers={"X-Auth-User-Id": str(alice.pk)}, REMOTE_ADDR="192.0.2.7")
+    assert r.status_code == 401
+
+
+@pytest.mark.parametrize(
+    "proxies, peer, trusted",
+    [
+        (["10.1.0.0/16"], "10.1.2.3", True),
+        (["10.1.0.0/16"], "10.2.0.1", False),
+        (["10.1.0.0/16"], "::ffff:10.1.2.3", True),  # IPv4-mapped IPv6 peer
+        (["2001:db8::/32"], "2001:db8::5", True),
+        (["127.0.0.1/32", "::1/128"], "::1", True),
+        (["127.0.0.1/32", "::1/128"], "127.0.0.2", False),
+        ([], "127.0.0.1", False),
+        (["127.0.0.1/32"], "", False),
+        (["127.0.0.1/32"], "not-an-ip", False),
+    ],
+)
+def test_trusted_proxies(client, settings, alice, proxies, peer, trusted):
+    settings.KNOXGATE = {**settings.KNOXGATE, "TRUSTED_PROXIES": proxies}
+    r = client.get("/plain/whoami", headers={"X-Auth-User-Id": str(alice.pk)}, REMOTE_ADDR=peer)
+    assert r.json()["authenticated"] is trusted
+
+
+def test_only_the_configured_header_name(client, settings, alice):
+    settings.KNOXGATE = {**settings.KNOXGATE, "USER_ID_HEADER": "X-Gate-User"}
+    assert whoami(client, **{"X-Auth-User-Id": str(alice.pk)})[1]["authenticated"] is False
+    assert whoami(client, **{"X-Gate-User": str(alice.pk)}) == (200, {"authenticated": True, "id": alice.pk})
+
+
+def test_unknown_user_id_authenticates_but_loading_fails(client, alice):
+    # knoxgate only sends ids of existing, active users; a deleted row shows up as soon as
+    # something reads a field that was not sent.
+    status, body = whoami(client, **{"X-Auth-User-Id": str(alice.pk + 1000)})
+    assert (status, body) == (200, {"authenticated": True, "id": alice.pk + 1000})
+
+
+# --- ASGI: Django merges duplicates with a comma and maps X_Auth_User_Id onto the same key ---
+
+
+def test_asgi_single_header_works(alice):
+    assert asgi_get("/plain/whoami", [(b"x-auth-user-id", str(alice.pk).encode())]) == (
+        200,
+        {"authenticated": True, "id": alice.pk},
+    )
+    # Header names are case-insensitive.
+    assert asgi_get("/plain/whoami", [(b"X-AUTH-USER-ID", str(alice.pk).encode())])[1]["authenticated"]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        # the underscore twin alone
+        [(b"x_auth_user_id", b"{pk}")],
+        # the proxy's header and a client's underscore copy, in either order
+        [(b"x-auth-user-id", b"{pk}"), (b"x_auth_user_id", b"{other}")],
+        [(b"x_auth_user_id", b"{other}"), (b"x-auth-user-id", b"{pk}")],
+        # the header twice (Django joins them with a comma), even with the same value
+        [(b"x-auth-user-id", b"{pk}"), (b"x-auth-user-id", b"{pk}")],
+        [(b"x-auth-user-id", b"{pk}"), (b"X-Auth-User-Id", b"{other}")],
+    ],
+)
+def test_asgi_spoofed_spellings_are_refused(alice, django_user_model, headers):
+    other = django_user_model.objects.create_user("mallory", "m@example.com", "pw")
+    headers = [
+        (n, v.replace(b"{pk}", str(alice.pk).encode()).replace(b"{other}", str(other.pk).encode()))
+        for n, v in headers
+    ]
+    assert asgi_get("/plain/whoami", headers) == (200, {"authenticated": False, "id": None})
+    status, body = asgi_get("/api/open", headers)
+    # Refused (401), or, where Django itself drops the underscore twin, simply anonymous.
+    assert status == 401 or (status, body) == (200, {"authenticated": False, "id": None})
+
+
+def test_asgi_underscore_twin_of_an_attribute_header_is_refused(alice):
+    headers = [(b"x-auth-user-id", str(alice.pk).encode()), (b"x_auth_is_staff", b"true")]
+    assert asgi_get("/plain/whoami", headers) == (200, {"authenticated": False, "id": None})
+
+
+def test_middleware_runs_natively_in_async_stacks(rf, alice):
+    import asyncio
+
+    from knoxgate_django.middleware import KnoxgateMiddleware
+
+    async def view(request):
+        return request.user
+
+    mw = KnoxgateMiddleware(view)
+    assert asyncio.iscoroutinefunction(mw)
+    request = rf.get("/", headers={"X-Auth-User-Id": str(alice.pk)})
+    user = asyncio.run(mw(request))
+    assert user.pk == alice.pk and user.is_authenticated
+
+    sync_mw = KnoxgateMiddleware(lambda request: request.user)
+    assert not asyncio.iscoroutinefunction(sync_mw)
+    assert sync_mw(rf.get("/", headers={"X-Auth-User-Id": "x"})).is_anonymous
+
+
+def test_refusals_are_logged(client, alice, caplog):
+    with caplog.at_level("WARNING", logger="knoxgate_django"):
+        client.get("/plain/whoami", headers={"X-Auth-User-Id": "1,2"})
+    assert [r.getMessage() for r in caplog.records if r.name == "knoxgate_django"] == [
+        "knoxgate identity refused: header 'x-auth-user-id' is not a single user id"
+    ]

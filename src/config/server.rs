@@ -1,0 +1,97 @@
+//! `[server]`: the two listeners, the connection and request limits, and the deadlines every
+//! request and connection shares.
+
+use std::{net::SocketAddr, num::NonZeroUsize, time::Duration};
+
+use serde::{Deserialize, Serialize};
+
+use super::{
+    ConfigError,
+    value::{self, invalid, nonzero, socket_addr},
+};
+
+const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
+const DEFAULT_ADMIN_LISTEN: &str = "0.0.0.0:9090";
+const DEFAULT_MAX_CONNECTIONS: u64 = 10_000;
+const DEFAULT_MAX_IN_FLIGHT: u64 = 2_048;
+const DEFAULT_MAX_HEADER_BYTES: u64 = 16_384;
+/// hyper refuses buffers under 8 KiB.
+const MIN_MAX_HEADER_BYTES: u64 = 8_192;
+const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// `[server]` as written in the file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerFile {
+    pub listen: String,
+    pub admin_listen: String,
+    pub max_connections: u64,
+    pub max_in_flight: u64,
+    pub max_header_bytes: u64,
+    #[serde(with = "value::duration")]
+    pub header_read_timeout: Duration,
+    #[serde(with = "value::duration")]
+    pub request_timeout: Duration,
+    #[serde(with = "value::duration")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerFile {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_LISTEN.into(),
+            admin_listen: DEFAULT_ADMIN_LISTEN.into(),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+        }
+    }
+}
+
+/// The listeners and the limits and deadlines of serving.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Main listener: `/verify` and the session endpoints.
+    pub listen: SocketAddr,
+    /// Admin listener: `/metrics`, `/healthz`, `/readyz`.
+    pub admin_listen: SocketAddr,
+    /// Connections beyond this are closed at accept.
+    pub max_connections: NonZeroUsize,
+    /// Requests handled at once; beyond it requests get 503 at once instead of queueing.
+    pub max_in_flight: NonZeroUsize,
+    /// Cap on a request head (line + headers); larger heads get 431.
+    pub max_header_bytes: usize,
+    /// Time allowed for a request head to arrive; also closes idle keep-alive connections.
+    pub header_read_timeout: Duration,
+    /// The whole budget of one request; past it the answer is 503.
+    pub request_timeout: Duration,
+    /// How long in-flight requests may take to finish after SIGTERM.
+    pub shutdown_grace: Duration,
+}
+
+impl TryFrom<ServerFile> for ServerConfig {
+    type Error = ConfigError;
+
+    fn try_from(file: ServerFile) -> Result<Self, ConfigError> {
+        Ok(ServerConfig {
+            listen: socket_addr("server.listen", &file.listen)?,
+            admin_listen: socket_addr("server.admin_listen", &file.admin_listen)?,
+            max_connections: nonzero("server.max_connections", file.max_connections)?,
+            max_in_flight: nonzero("server.max_in_flight", file.max_in_flight)?,
+            max_header_bytes: {
+                if file.max_header_bytes < MIN_MAX_HEADER_BYTES {
+                    return Err(invalid("server.max_header_bytes", "must be at least 8192"));
+                }
+                file.max_header_bytes as usize
+            },
+            header_read_timeout: file.header_read_timeout,
+            request_timeout: file.request_timeout,
+            shutdown_grace: file.shutdown_grace,
+        })
+    }
+}

@@ -1,0 +1,155 @@
+//! `[sessions]`: the login, logout and logoutall endpoints: password hashing, its thread pool,
+//! the failed-login throttle and the proxies believed about client addresses.
+
+use std::{net::IpAddr, num::NonZeroUsize, time::Duration};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use super::{
+    ConfigError,
+    value::{self, invalid, nonzero, path_prefix},
+};
+
+const DEFAULT_BASE_PATH: &str = "/api/auth/";
+// Django 5.2's default for pbkdf2_sha256, so hashes knoxgate writes are ones Django would write.
+const DEFAULT_PASSWORD_ITERATIONS: u64 = 1_000_000;
+const DEFAULT_HASH_QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
+// With two hashing threads beside /verify at 5,000 requests/s on 2 cores, nice +10 took the
+// /verify p99 from 2.38 ms to 1.26 ms (README, bench/LOGIN.md): logins yield the core.
+const DEFAULT_HASH_NICE: u64 = 10;
+const DEFAULT_MAX_BODY_BYTES: u64 = 8_192;
+const DEFAULT_THROTTLE_FAILURES: u64 = 10;
+const DEFAULT_THROTTLE_WINDOW: Duration = Duration::from_secs(5 * 60);
+
+/// `[sessions]` as written in the file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionsFile {
+    pub enabled: bool,
+    pub base_path: String,
+    pub password_iterations: u64,
+    pub hash_concurrency: u64,
+    #[serde(with = "value::duration")]
+    pub hash_queue_timeout: Duration,
+    pub hash_nice: u64,
+    pub max_body_bytes: u64,
+    pub throttle_failures: u64,
+    #[serde(with = "value::duration")]
+    pub throttle_window: Duration,
+    pub trusted_proxies: Vec<String>,
+}
+
+impl Default for SessionsFile {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            base_path: DEFAULT_BASE_PATH.into(),
+            password_iterations: DEFAULT_PASSWORD_ITERATIONS,
+            hash_concurrency: 0,
+            hash_queue_timeout: DEFAULT_HASH_QUEUE_TIMEOUT,
+            hash_nice: DEFAULT_HASH_NICE,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            throttle_failures: DEFAULT_THROTTLE_FAILURES,
+            throttle_window: DEFAULT_THROTTLE_WINDOW,
+            trusted_proxies: Vec::new(),
+        }
+    }
+}
+
+/// The session endpoints and what logging in costs and allows.
+#[derive(Debug, Clone)]
+pub struct SessionsConfig {
+    /// Serve login/, logout/ and logoutall/ at all.
+    pub enabled: bool,
+    /// Where the endpoints live; always ends with `/`.
+    pub base_path: String,
+    /// pbkdf2_sha256 iterations of the hashes knoxgate writes.
+    pub password_iterations: u32,
+    /// Password checks at once; 0: see [`SessionsConfig::hash_slots`].
+    pub hash_concurrency: usize,
+    /// How long a login may wait for a hashing slot before it gets 503.
+    pub hash_queue_timeout: Duration,
+    /// Added to the nice value of the password-hashing threads (0–19).
+    pub hash_nice: i32,
+    /// Largest login request body accepted.
+    pub max_body_bytes: NonZeroUsize,
+    /// Failed logins per username and per client address within `throttle_window` before 429;
+    /// 0 disables the throttle.
+    pub throttle_failures: u32,
+    /// The window `throttle_failures` counts over.
+    pub throttle_window: Duration,
+    /// Peers whose `X-Forwarded-For` / `X-Real-IP` is believed about the client address.
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+impl SessionsConfig {
+    /// Password checks allowed at once: `hash_concurrency`, or with 0 one core fewer than the
+    /// machine has (at least 1), so that logins always leave a core to `/verify`.
+    pub fn hash_slots(&self) -> usize {
+        if self.hash_concurrency > 0 {
+            return self.hash_concurrency;
+        }
+        std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1))
+    }
+}
+
+/// An address (one host) or a CIDR network.
+fn trusted_proxy(s: &str) -> Option<IpNet> {
+    s.parse::<IpNet>()
+        .ok()
+        .or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
+}
+
+impl TryFrom<SessionsFile> for SessionsConfig {
+    type Error = ConfigError;
+
+    fn try_from(file: SessionsFile) -> Result<Self, ConfigError> {
+        let trusted_proxies = file
+            .trusted_proxies
+            .iter()
+            .map(|s| {
+                trusted_proxy(s).ok_or_else(|| {
+                    invalid(
+                        "sessions.trusted_proxies",
+                        format!("`{s}` is not an address or CIDR"),
+                    )
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(SessionsConfig {
+            enabled: file.enabled,
+            base_path: {
+                let p = path_prefix("sessions.base_path", &file.base_path)?;
+                if p.ends_with('/') { p } else { format!("{p}/") }
+            },
+            password_iterations: {
+                let n = nonzero("sessions.password_iterations", file.password_iterations)?.get();
+                // Above the verifier's cap our own hashes (and the timing dummy) would not verify.
+                if n as u64 > u64::from(crate::password::MAX_PBKDF2_ITERATIONS) {
+                    return Err(invalid(
+                        "sessions.password_iterations",
+                        format!("at most {}", crate::password::MAX_PBKDF2_ITERATIONS),
+                    ));
+                }
+                n as u32
+            },
+            hash_concurrency: file.hash_concurrency as usize,
+            hash_queue_timeout: file.hash_queue_timeout,
+            hash_nice: match file.hash_nice {
+                n @ 0..=19 => n as i32,
+                _ => {
+                    return Err(invalid(
+                        "sessions.hash_nice",
+                        "a nice increment from 0 to 19",
+                    ));
+                }
+            },
+            max_body_bytes: nonzero("sessions.max_body_bytes", file.max_body_bytes)?,
+            throttle_failures: u32::try_from(file.throttle_failures)
+                .map_err(|_| invalid("sessions.throttle_failures", "too large"))?,
+            throttle_window: file.throttle_window,
+            trusted_proxies,
+        })
+    }
+}

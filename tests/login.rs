@@ -1,0 +1,468 @@
+//! login/ end to end against knox's recorded behaviour (FACTS.md §3, http.json): Basic and JSON
+//! credentials, refusals word for word, the token limit, token settings, and re-hashing a
+//! password stored with other iterations.
+
+use std::time::Duration;
+
+use base64::Engine;
+
+use time::OffsetDateTime;
+
+use crate::support::*;
+
+const TEN_HOURS: time::Duration = time::Duration::hours(10);
+
+#[tokio::test]
+async fn basic_login_returns_knox_body_and_stores_the_row_as_knox_does() {
+    let (_db, client, s) = Fixture::new().user("alice").start().await;
+    let id = user_id(&client, "alice").await;
+    let before = OffsetDateTime::now_utc();
+    let r = login(&s, "alice", "alice-pass").await;
+    assert_eq!(r.status, 200, "{}", r.body_text());
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    assert_drf_view_headers(&r);
+    assert_eq!(r.header("www-authenticate"), None);
+    let (expiry, token) = parse_login_body(&r.body_text());
+    assert_eq!(token.len(), 64, "{token}");
+    assert!(is_lower_hex(&token), "{token}");
+    let expiry = expiry.expect("TOKEN_TTL is 10h: expiry is not null");
+    assert_drf_expiry_format(&expiry);
+    // The expiry equals the row's, to the microsecond.
+    assert_eq!(Some(expiry.clone()), db_expiry_text(&client, &token).await);
+    assert_eq!(rows_matching(&client, &token).await, 1);
+    assert_eq!(rows_of_user(&client, id).await, 1);
+    let row = client
+        .query_one(
+            "SELECT t.created, t.expiry, u.last_login FROM knox_authtoken t \
+             JOIN auth_user u ON u.id = t.user_id WHERE t.token_key = $1",
+            &[&&token[..15]],
+        )
+        .await
+        .unwrap();
+    let created: OffsetDateTime = row.get(0);
+    let db_expiry: OffsetDateTime = row.get(1);
+    let last_login: Option<OffsetDateTime> = row.get(2);
+    let after = OffsetDateTime::now_utc();
+    let slack = time::Duration::milliseconds(5);
+    assert!(created >= before - slack && created <= after + slack);
+    assert!(within(
+        db_expiry,
+        created + TEN_HOURS,
+        time::Duration::SECOND
+    ));
+    let last_login = last_login.expect("login sets auth_user.last_login");
+    assert!(last_login >= before - slack && last_login <= after + slack);
+    // In Redis at once, and accepted at once.
+    assert_eq!(redis_cli(6379, &["EXISTS", &redis_key(&s, &token)]), "1");
+    let v = s.verify(&token).await;
+    assert_eq!(v.status, 200);
+    assert_eq!(v.header("x-auth-user-id"), Some(id.to_string().as_str()));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn login_without_the_trailing_slash_works_too() {
+    let (_db, _client, s) = Fixture::new().user("alice").start().await;
+    let r = http(
+        s.addr(),
+        "POST",
+        "/api/auth/login",
+        &[("Authorization", &basic("alice", "alice-pass"))],
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body_text());
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn json_body_login_works_and_bad_bodies_are_4xx() {
+    let (_db, client, s) = Fixture::new().user("alice").start().await;
+    let id = user_id(&client, "alice").await;
+    for content_type in ["application/json", "application/json; charset=utf-8"] {
+        let r = http(
+            s.addr(),
+            "POST",
+            LOGIN,
+            &[("Content-Type", content_type)],
+            br#"{"username":"alice","password":"alice-pass"}"#,
+        )
+        .await;
+        assert_eq!(r.status, 200, "{content_type}: {}", r.body_text());
+        let (expiry, token) = parse_login_body(&r.body_text());
+        assert_eq!(expiry, db_expiry_text(&client, &token).await);
+        assert_eq!(s.verify(&token).await.status, 200);
+    }
+    assert_eq!(rows_of_user(&client, id).await, 2);
+
+    let wrong = http(
+        s.addr(),
+        "POST",
+        LOGIN,
+        &[("Content-Type", "application/json")],
+        br#"{"username":"alice","password":"nope"}"#,
+    )
+    .await;
+    assert_login_refused(&wrong, "Invalid username/password.");
+
+    let text_plain = http(
+        s.addr(),
+        "POST",
+        LOGIN,
+        &[("Content-Type", "text/plain")],
+        br#"{"username":"alice","password":"alice-pass"}"#,
+    )
+    .await;
+    assert_eq!(text_plain.status, 415, "{}", text_plain.body_text());
+
+    let mut big = br#"{"username":"alice","password":"alice-pass","pad":""#.to_vec();
+    big.extend(std::iter::repeat_n(b'x', 9000));
+    big.extend_from_slice(b"\"}");
+    let oversized = http(
+        s.addr(),
+        "POST",
+        LOGIN,
+        &[("Content-Type", "application/json")],
+        &big,
+    )
+    .await;
+    assert_eq!(oversized.status, 413, "{}", oversized.body_text());
+    // Without a Content-Length (chunked), the limit holds while reading.
+    let mut chunked = format!(
+        "POST {LOGIN} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n",
+        big.len()
+    )
+    .into_bytes();
+    chunked.extend_from_slice(&big);
+    chunked.extend_from_slice(b"\r\n0\r\n\r\n");
+    let oversized = raw(s.addr(), &chunked).await;
+    assert_eq!(oversized.status, 413, "{}", oversized.body_text());
+
+    for body in [
+        &b"{\"username\":\"alice\",\"password\":"[..],
+        b"not json",
+        b"[\"alice\",\"alice-pass\"]",
+        b"{\"username\":\"alice\",\"password\":1}",
+        b"{\"username\":\"alice\"}",
+    ] {
+        let r = http(
+            s.addr(),
+            "POST",
+            LOGIN,
+            &[("Content-Type", "application/json")],
+            body,
+        )
+        .await;
+        assert_eq!(
+            r.status,
+            400,
+            "{}: {}",
+            String::from_utf8_lossy(body),
+            r.body_text()
+        );
+        assert_eq!(r.header("content-type"), Some("application/json"));
+    }
+    // None of the refused bodies created a token.
+    assert_eq!(rows_of_user(&client, id).await, 2);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn utf8_password_in_basic_credentials_logs_in() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    insert_user(&client, "dora", "pässwörd✓", true).await;
+    let s = TestServer::start(&db, "").await;
+    // http.json login_success_utf8_password: base64 of UTF-8 "dora:pässwörd✓".
+    let header = "Basic ZG9yYTpww6Rzc3fDtnJk4pyT";
+    assert_eq!(header, basic("dora", "pässwörd✓"));
+    let r = http(s.addr(), "POST", LOGIN, &[("Authorization", header)], b"").await;
+    assert_eq!(r.status, 200, "{}", r.body_text());
+    let (_, token) = parse_login_body(&r.body_text());
+    assert_eq!(s.verify(&token).await.status, 200);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn latin1_basic_credentials_are_decoded_as_drf_falls_back_to_latin1() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    insert_user(&client, "dora", "pässwörd", true).await;
+    let s = TestServer::start(&db, "").await;
+    // "dora:pässwörd" in latin-1: not valid UTF-8.
+    let latin1: Vec<u8> = "dora:pässwörd".chars().map(|c| c as u8).collect();
+    assert!(std::str::from_utf8(&latin1).is_err());
+    let header = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(&latin1)
+    );
+    let r = http(s.addr(), "POST", LOGIN, &[("Authorization", &header)], b"").await;
+    assert_eq!(r.status, 200, "{}", r.body_text());
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn login_refusals_match_knox_word_for_word() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    let alice = insert_user(&client, "alice", "alice-pass", true).await;
+    let bob = insert_user(&client, "bob_inactive", "bob-pass", false).await;
+    let s = TestServer::start(&db, "").await;
+    let invalid = "Invalid username/password.";
+    assert_login_refused(&login(&s, "alice", "wrong").await, invalid);
+    assert_login_refused(&login(&s, "nobody", "x").await, invalid);
+    assert_login_refused(&login(&s, "bob_inactive", "bob-pass").await, invalid);
+    let none = http(s.addr(), "POST", LOGIN, &[], b"").await;
+    assert_login_refused(&none, "Authentication credentials were not provided.");
+    let bad = http(
+        s.addr(),
+        "POST",
+        LOGIN,
+        &[("Authorization", "Basic !!!notbase64")],
+        b"",
+    )
+    .await;
+    assert_login_refused(
+        &bad,
+        "Invalid basic header. Credentials not correctly base64 encoded.",
+    );
+    // The rest of DRF's BasicAuthentication parsing.
+    let no_colon = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("alice")
+    );
+    for (header, detail) in [
+        ("Basic", "Invalid basic header. No credentials provided."),
+        (
+            "Basic YWxpY2U6YWxpY2UtcGFzcw== x",
+            "Invalid basic header. Credentials string should not contain spaces.",
+        ),
+        (
+            "Basic YWxpY2U6YWxpY2UtcGFzcw",
+            "Invalid basic header. Credentials not correctly base64 encoded.",
+        ),
+        (
+            no_colon.as_str(),
+            "Invalid basic header. Credentials not correctly base64 encoded.",
+        ),
+        // Another scheme is not Basic: no credentials at all.
+        (
+            "Token 0123456789abcdef",
+            "Authentication credentials were not provided.",
+        ),
+    ] {
+        let r = http(s.addr(), "POST", LOGIN, &[("Authorization", header)], b"").await;
+        assert_login_refused(&r, detail);
+    }
+    // A JSON content type with an empty body carries no credentials either.
+    let r = http(
+        s.addr(),
+        "POST",
+        LOGIN,
+        &[("Content-Type", "application/json")],
+        b"",
+    )
+    .await;
+    assert_login_refused(&r, "Authentication credentials were not provided.");
+    assert_eq!(rows_of_user(&client, alice).await, 0);
+    assert_eq!(rows_of_user(&client, bob).await, 0);
+    let last_login: Option<OffsetDateTime> = client
+        .query_one("SELECT last_login FROM auth_user WHERE id = $1", &[&alice])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(last_login, None, "a refused login does not set last_login");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_nul_character_in_the_credentials_is_a_refusal_not_an_outage() {
+    let (_db, _client, s) = Fixture::new().user("alice").start().await;
+    // Postgres text cannot hold NUL, so no such user exists: 401, never 5xx.
+    let r = login(&s, "ali\0ce", "alice-pass").await;
+    assert_login_refused(&r, "Invalid username/password.");
+    let r = http(
+        s.addr(),
+        "POST",
+        LOGIN,
+        &[("Content-Type", "application/json")],
+        br#"{"username":"alice\u0000","password":"alice-pass"}"#,
+    )
+    .await;
+    assert_login_refused(&r, "Invalid username/password.");
+    assert_eq!(s.metric("knoxgate_postgres_errors_total").await, 0.0);
+    login_ok(&s, "alice", "alice-pass").await;
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn authenticated_get_on_login_is_405_and_creates_nothing() {
+    let (_db, client, s) = Fixture::new().user("alice").start().await;
+    let id = user_id(&client, "alice").await;
+    let r = http(
+        s.addr(),
+        "GET",
+        LOGIN,
+        &[("Authorization", &basic("alice", "alice-pass"))],
+        b"",
+    )
+    .await;
+    assert_detail(&r, 405, "Method \"GET\" not allowed.");
+    assert_drf_view_headers(&r);
+    // Authentication comes first: without credentials GET is 401, not 405.
+    let r = http(s.addr(), "GET", LOGIN, &[], b"").await;
+    assert_login_refused(&r, "Authentication credentials were not provided.");
+    assert_eq!(rows_of_user(&client, id).await, 0);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn token_limit_per_user_refuses_the_second_login_and_ignores_expired_rows() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    let id = insert_user(&client, "carol", "carol-pass", true).await;
+    // An expired row: knox's count only includes unexpired tokens.
+    client
+        .execute(
+            "INSERT INTO knox_authtoken (digest, created, user_id, expiry, token_key) \
+             VALUES (repeat('e', 128), now() - interval '11 hours', $1, \
+                     now() - interval '1 hour', 'eeeeeeeeeeeeeee')",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    let s = TestServer::start(&db, "[knox]\ntoken_limit_per_user = 1").await;
+    let first = login_ok(&s, "carol", "carol-pass").await;
+    assert_eq!(rows_of_user(&client, id).await, 2);
+    let r = login(&s, "carol", "carol-pass").await;
+    assert_eq!(r.status, 403, "{}", r.body_text());
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    assert_drf_view_headers(&r);
+    assert_eq!(
+        r.body_text(),
+        r#"{"error":"Maximum amount of tokens allowed per user exceeded."}"#
+    );
+    assert_eq!(rows_of_user(&client, id).await, 2, "no row added");
+    assert_eq!(s.verify(&first).await.status, 200);
+    // Once the live token is gone, login works again.
+    assert_eq!(post_with_token(&s, LOGOUT, &first).await.status, 204);
+    login_ok(&s, "carol", "carol-pass").await;
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn token_limit_counts_tokens_without_expiry_as_knox_does() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    let id = insert_user(&client, "carol", "carol-pass", true).await;
+    // knox 5.1 counts `Q(expiry__gt=now) | Q(expiry__isnull=True)`.
+    insert_token(&client, id, None, "", knoxgate::auth::HashAlgorithm::Sha512).await;
+    let s = TestServer::start(&db, "[knox]\ntoken_limit_per_user = 1").await;
+    let r = login(&s, "carol", "carol-pass").await;
+    assert_eq!(r.status, 403, "{}", r.body_text());
+    assert_eq!(rows_of_user(&client, id).await, 1);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn concurrent_logins_never_exceed_the_token_limit() {
+    let (_db, client, s) = Fixture::new()
+        .user("carol")
+        .config("[knox]\ntoken_limit_per_user = 2\n[sessions]\nhash_concurrency = 8")
+        .start()
+        .await;
+    let id = user_id(&client, "carol").await;
+    // Eight logins at once; the per-user row lock must serialise the count and the insert.
+    let addr = s.addr();
+    let auth = basic("carol", "carol-pass");
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let auth = auth.clone();
+        set.spawn(async move {
+            http(addr, "POST", LOGIN, &[("Authorization", &auth)], b"")
+                .await
+                .status
+        });
+    }
+    let statuses = set.join_all().await;
+    let ok = statuses.iter().filter(|&&st| st == 200).count();
+    let refused = statuses.iter().filter(|&&st| st == 403).count();
+    assert_eq!((ok, refused), (2, 6), "{statuses:?}");
+    assert_eq!(rows_of_user(&client, id).await, 2);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn token_ttl_none_gives_null_expiry_and_a_null_row_expiry() {
+    let (_db, client, s) = Fixture::new()
+        .user("erin")
+        .config("[knox]\ntoken_ttl = \"none\"")
+        .start()
+        .await;
+    let r = login(&s, "erin", "erin-pass").await;
+    assert_eq!(r.status, 200, "{}", r.body_text());
+    assert!(r.body_text().starts_with("{\"expiry\":null,\"token\":\""));
+    let (expiry, token) = parse_login_body(&r.body_text());
+    assert_eq!(expiry, None);
+    assert_eq!(db_expiry(&client, &token).await, None);
+    assert_eq!(s.verify(&token).await.status, 200);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn token_prefix_is_prepended_to_new_tokens() {
+    let (_db, client, s) = Fixture::new()
+        .user("alice")
+        .config("[knox]\ntoken_prefix = \"myapp_\"")
+        .start()
+        .await;
+    let token = login_ok(&s, "alice", "alice-pass").await;
+    assert_eq!(token.len(), 70, "{token}");
+    let random = token
+        .strip_prefix("myapp_")
+        .expect("token starts with the prefix");
+    assert!(is_lower_hex(random), "{token}");
+    // token_key is the first 15 characters, prefix included; digest covers the whole token.
+    assert_eq!(rows_matching(&client, &token).await, 1);
+    assert_eq!(s.verify(&token).await.status, 200);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn login_rehashes_a_password_stored_with_other_iterations() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    insert_user(&client, "alice", "alice-pass", true).await;
+    let old = knoxgate::password::make_password("alice-pass", 500);
+    assert!(old.starts_with("pbkdf2_sha256$500$"), "{old}");
+    client
+        .execute(
+            "UPDATE auth_user SET password = $1 WHERE username = 'alice'",
+            &[&old],
+        )
+        .await
+        .unwrap();
+    let s = TestServer::start(&db, "").await;
+    // A wrong password changes nothing.
+    assert_eq!(login(&s, "alice", "wrong").await.status, 401);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(stored_password(&client, "alice").await, old);
+    // The right one logs in and the hash is rewritten with the configured 1000 iterations.
+    let token = login_ok(&s, "alice", "alice-pass").await;
+    let rewritten = eventually(Duration::from_secs(3), || async {
+        stored_password(&client, "alice").await != old
+    })
+    .await;
+    assert!(rewritten.is_some(), "password was not re-hashed");
+    let new = stored_password(&client, "alice").await;
+    assert!(new.starts_with("pbkdf2_sha256$1000$"), "{new}");
+    assert!(knoxgate::password::check_password("alice-pass", &new));
+    assert!(!knoxgate::password::must_update(&new, 1000));
+    // The re-hash revokes nothing and the new hash logs in (without another rewrite).
+    assert_eq!(s.verify(&token).await.status, 200);
+    login_ok(&s, "alice", "alice-pass").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(stored_password(&client, "alice").await, new);
+    s.stop().await;
+}

@@ -1,0 +1,17 @@
+//! Integration tests: the real server against the machine's real Postgres and Redis, one file per
+//! behaviour. Each test has its own database and Redis key prefix, so they run in parallel.
+
+mod support;
+
+mod cli;
+mod feed;
+mod fuzz;
+mod hostile;
+mod login;
+mod logout;
+mod overload;
+mod policy;
+mod refresh;
+mod startup;
+mod throttle;
+mod verify;

@@ -1,0 +1,122 @@
+//! AUTO_REFRESH: how `/verify` moves a token's expiry forward, and when it does not.
+
+use std::time::Duration;
+
+use time::OffsetDateTime;
+
+use crate::support::*;
+
+const TEN_HOURS: time::Duration = time::Duration::hours(10);
+
+const REFRESH_WRITES: &str = "knoxgate_sql_statements_total{statement=\"refresh_expiry\"}";
+
+#[tokio::test]
+async fn auto_refresh_writes_only_when_expiry_moves_more_than_min_refresh_interval() {
+    let (_db, client, s) = Fixture::new()
+        .user("erin")
+        .config("[knox]\nauto_refresh = true")
+        .start()
+        .await;
+    let token = login_ok(&s, "erin", "erin-pass").await;
+    let at_login = db_expiry(&client, &token).await.unwrap();
+    // Right after login the refresh would move expiry by less than 60 s: nothing is written.
+    assert_eq!(s.verify(&token).await.status, 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(db_expiry(&client, &token).await, Some(at_login));
+    assert_eq!(s.metric(REFRESH_WRITES).await, 0.0);
+
+    // Django moves expiry to now+1h; the feed evicts the caches; the next use writes now+10h.
+    client
+        .execute(
+            "UPDATE knox_authtoken SET expiry = now() + interval '1 hour' \
+             WHERE token_key = left($1, 15)",
+            &[&token],
+        )
+        .await
+        .unwrap();
+    let moved = eventually(Duration::from_secs(3), || async {
+        assert_eq!(s.verify(&token).await.status, 200);
+        db_expiry(&client, &token)
+            .await
+            .is_some_and(|e| e > OffsetDateTime::now_utc() + time::Duration::hours(9))
+    })
+    .await;
+    assert!(moved.is_some(), "expiry was not refreshed");
+    let refreshed = db_expiry(&client, &token).await.unwrap();
+    assert!(
+        within(
+            refreshed,
+            OffsetDateTime::now_utc() + TEN_HOURS,
+            time::Duration::seconds(5)
+        ),
+        "{refreshed}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        s.metric(REFRESH_WRITES).await,
+        1.0,
+        "one refresh, one write"
+    );
+
+    // Requests right after the refresh write nothing more.
+    for _ in 0..3 {
+        assert_eq!(s.verify(&token).await.status, 200);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(s.metric(REFRESH_WRITES).await, 1.0);
+    assert_eq!(db_expiry(&client, &token).await, Some(refreshed));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn auto_refresh_is_capped_at_created_plus_auto_refresh_max_ttl() {
+    let (_db, client, s) = Fixture::new()
+        .user("erin")
+        .config("[knox]\nauto_refresh = true\nauto_refresh_max_ttl = \"2h\"")
+        .start()
+        .await;
+    let token = login_ok(&s, "erin", "erin-pass").await;
+    assert_eq!(s.verify(&token).await.status, 200);
+    client
+        .execute(
+            "UPDATE knox_authtoken SET created = now() - interval '1 hour', \
+             expiry = now() + interval '1 minute' WHERE token_key = left($1, 15)",
+            &[&token],
+        )
+        .await
+        .unwrap();
+    let capped = eventually(Duration::from_secs(3), || async {
+        assert_eq!(s.verify(&token).await.status, 200);
+        client
+            .query_one(
+                "SELECT expiry = created + interval '2 hours' FROM knox_authtoken \
+                 WHERE token_key = left($1, 15)",
+                &[&token],
+            )
+            .await
+            .unwrap()
+            .get::<_, bool>(0)
+    })
+    .await;
+    assert!(capped.is_some(), "expiry did not become created + 2h");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(s.metric(REFRESH_WRITES).await, 1.0);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn auto_refresh_never_touches_tokens_without_expiry() {
+    let (_db, client, s) = Fixture::new()
+        .user("erin")
+        .config("[knox]\nauto_refresh = true\ntoken_ttl = \"none\"")
+        .start()
+        .await;
+    let token = login_ok(&s, "erin", "erin-pass").await;
+    for _ in 0..3 {
+        assert_eq!(s.verify(&token).await.status, 200);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(db_expiry(&client, &token).await, None);
+    assert_eq!(s.metric(REFRESH_WRITES).await, 0.0);
+    s.stop().await;
+}

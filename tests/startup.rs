@@ -1,0 +1,232 @@
+//! Startup and process behaviour: refusing to start without triggers or with a bad config,
+//! `migrate`, draining on SIGTERM, and a custom user model's columns.
+
+use std::time::Duration;
+
+use knoxgate::auth::HashAlgorithm;
+
+use crate::support::*;
+
+const TEN_HOURS: Option<Duration> = Some(Duration::from_secs(36_000));
+
+#[tokio::test]
+async fn notify_mode_without_triggers_refuses_to_start_naming_both_fixes() {
+    let db = TestDb::new().await;
+    let cfg = config_for(&db, "kgx", "");
+    let mut client = db.client().await;
+    knoxgate::store::schema::migrate(&mut client, &cfg.postgres, false)
+        .await
+        .unwrap();
+    let err = knoxgate::app::start(cfg).await.err().expect("refused");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("knoxgate migrate") && msg.contains("ttl"),
+        "{msg}"
+    );
+}
+
+#[tokio::test]
+async fn migrate_creates_django_schema_once_and_never_alters() {
+    let db = TestDb::new().await;
+    let cfg = config_for(&db, "kgx", "");
+    let mut client = db.client().await;
+    let first = knoxgate::store::schema::migrate(&mut client, &cfg.postgres, true)
+        .await
+        .unwrap();
+    assert_eq!(
+        first.created_tables,
+        vec![
+            "auth_user",
+            "knox_authtoken",
+            "auth_group",
+            "auth_user_groups"
+        ]
+    );
+    let cols = columns(&client).await;
+    assert!(
+        cols.contains(&"knox_authtoken.digest character varying NO 128".to_owned()),
+        "{cols:?}"
+    );
+    assert!(cols.contains(&"knox_authtoken.token_key character varying NO 25".to_owned()));
+    assert!(cols.contains(&"auth_user.username character varying NO 150".to_owned()));
+    let second = knoxgate::store::schema::migrate(&mut client, &cfg.postgres, true)
+        .await
+        .unwrap();
+    assert!(second.created_tables.is_empty());
+    assert_eq!(columns(&client).await, cols);
+    assert!(
+        knoxgate::store::schema::triggers_installed(&client, &cfg.postgres)
+            .await
+            .unwrap()
+    );
+    knoxgate::store::schema::uninstall_triggers(&mut client, &cfg.postgres)
+        .await
+        .unwrap();
+    assert!(
+        !knoxgate::store::schema::triggers_installed(&client, &cfg.postgres)
+            .await
+            .unwrap()
+    );
+    knoxgate::store::schema::uninstall_triggers(&mut client, &cfg.postgres)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn binary_drains_and_exits_zero_on_sigterm() {
+    let db = TestDb::migrated().await;
+    let (port, admin) = (free_port(), free_port());
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_knoxgate"))
+        .arg("serve")
+        .env("KNOXGATE_POSTGRES_URL", &db.url)
+        .env("KNOXGATE_REDIS_URL", "redis://127.0.0.1:6379/0")
+        .env(
+            "KNOXGATE_REDIS_KEY_PREFIX",
+            format!("kgsig{}", rand_suffix()),
+        )
+        .env("KNOXGATE_LISTEN", format!("127.0.0.1:{port}"))
+        .env("KNOXGATE_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let admin_addr: std::net::SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+    let up = eventually(Duration::from_secs(10), || async {
+        tokio::net::TcpStream::connect(admin_addr).await.is_ok()
+    })
+    .await;
+    assert!(up.is_some());
+    assert_eq!(
+        http(admin_addr, "GET", "/healthz", &[], b"").await.status,
+        200
+    );
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test]
+async fn bad_config_fails_at_startup_naming_the_key() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_knoxgate"))
+        .arg("check-config")
+        .env("KNOXGATE_SERVER_TIMEOUT", "5")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("KNOXGATE_SERVER_TIMEOUT"));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_knoxgate"))
+        .arg("check-config")
+        .env("KNOXGATE_REQUEST_TIMEOUT", "5")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("request_timeout"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_knoxgate"))
+        .arg("check-config")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+}
+
+async fn columns(c: &tokio_postgres::Client) -> Vec<String> {
+    c.query(
+        "SELECT table_name::text, column_name::text, data_type::text, is_nullable::text, \
+         coalesce(character_maximum_length, 0) FROM information_schema.columns \
+         WHERE table_name IN ('auth_user','knox_authtoken') ORDER BY 1, ordinal_position",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| {
+        format!(
+            "{}.{} {} {} {}",
+            r.get::<_, String>(0),
+            r.get::<_, String>(1),
+            r.get::<_, String>(2),
+            r.get::<_, String>(3),
+            r.get::<_, i32>(4)
+        )
+    })
+    .collect()
+}
+
+#[tokio::test]
+async fn custom_user_model_columns_are_configurable() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "CREATE TABLE accounts_member (uid integer PRIMARY KEY, login varchar(254) UNIQUE NOT NULL, \
+             secret varchar(128) NOT NULL, enabled boolean NOT NULL);
+             CREATE TABLE knox_authtoken (digest varchar(128) PRIMARY KEY, created timestamptz NOT NULL, \
+             user_id integer NOT NULL REFERENCES accounts_member(uid) DEFERRABLE INITIALLY DEFERRED, \
+             expiry timestamptz, token_key varchar(25) NOT NULL);",
+        )
+        .await
+        .unwrap();
+    let encoded = knoxgate::password::make_password("pw", 1000);
+    client
+        .execute(
+            "INSERT INTO accounts_member VALUES (41, 'ada@example.com', $1, true)",
+            &[&encoded],
+        )
+        .await
+        .unwrap();
+    let t = insert_token(&client, 41, TEN_HOURS, "", HashAlgorithm::Sha512).await;
+    let columns = "[postgres]\nuser_table = \"accounts_member\"\nuser_id_column = \"uid\"\n\
+                   username_column = \"login\"\nemail_column = \"\"\nis_active_column = \"enabled\"\n\
+                   password_column = \"secret\"\nlast_login_column = \"\"\n\
+                   is_staff_column = \"\"\nis_superuser_column = \"\"\nuser_groups_table = \"\"";
+    let cfg = config_for(&db, "kgx", columns);
+    knoxgate::store::schema::migrate(&mut db.client().await, &cfg.postgres, true)
+        .await
+        .unwrap();
+    let s = TestServer::start(&db, columns).await;
+    let r = s.verify(&t.token).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-auth-user-id"), Some("41"));
+    // Login through the custom columns (no last_login column to stamp).
+    let basic = format!("Basic {}", base64_of("ada@example.com:pw"));
+    let r = http(
+        s.addr(),
+        "POST",
+        "/api/auth/login/",
+        &[("Authorization", &basic)],
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body_text());
+    // The trigger on the custom active column reaches the cache.
+    client
+        .execute("UPDATE accounts_member SET enabled = false", &[])
+        .await
+        .unwrap();
+    let refused = eventually(Duration::from_secs(2), || async {
+        s.verify(&t.token).await.status == 401
+    })
+    .await;
+    assert!(refused.is_some());
+    s.stop().await;
+    // With custom columns, knoxgate does not invent the tables.
+    let empty = TestDb::new().await;
+    let cfg = config_for(&empty, "kgx", columns);
+    let err = knoxgate::store::schema::migrate(&mut empty.client().await, &cfg.postgres, true)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("Django's migrate"), "{err}");
+}
+
+fn base64_of(s: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(s)
+}

@@ -1,0 +1,91 @@
+//! Postgres for tests: a private database per test on the machine's Postgres, dropped with it.
+
+use std::{
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use tokio_postgres::NoTls;
+
+use super::{config_for_url, unique};
+
+pub const PG_ADMIN: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+/// A database of its own, dropped (with FORCE) when the value is dropped.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    pub async fn new() -> TestDb {
+        let name = unique("knoxgate_test");
+        let client = connect(PG_ADMIN).await;
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create database");
+        let url = format!("postgres://postgres@127.0.0.1:5432/{name}");
+        TestDb { name, url }
+    }
+
+    /// A new database with the Django schema and the change-feed triggers.
+    pub async fn migrated() -> TestDb {
+        let db = TestDb::new().await;
+        migrate(&db.url).await;
+        db
+    }
+
+    pub async fn client(&self) -> tokio_postgres::Client {
+        connect(&self.url).await
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let _ = Command::new("psql")
+            .args(["-h", "127.0.0.1", "-U", "postgres", "-q", "-c"])
+            .arg(format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Creates the Django schema and the change-feed triggers in the database at `url`.
+pub async fn migrate(url: &str) {
+    let cfg = config_for_url(url, &unique("kg"), "");
+    let mut client = connect(url).await;
+    knoxgate::store::schema::migrate(&mut client, &cfg.postgres, true)
+        .await
+        .expect("migrate");
+}
+
+pub async fn connect(url: &str) -> tokio_postgres::Client {
+    try_connect(url).await.expect("connect to postgres")
+}
+
+pub async fn try_connect(url: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, conn) = tokio_postgres::connect(url, NoTls).await?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+/// Connects, retrying every 20 ms (2 s per attempt) until `limit` passes.
+pub async fn connect_retry(url: &str, limit: Duration) -> tokio_postgres::Client {
+    let start = std::time::Instant::now();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(2), try_connect(url)).await {
+            Ok(Ok(c)) => return c,
+            other => {
+                if start.elapsed() > limit {
+                    panic!("cannot connect to postgres at {url}: {other:?}");
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! Redis for tests: private redis-server processes (killed on drop, and can be killed, frozen
+//! and restarted on the same port for fault tests) and `redis-cli` against any of them.
+
+use std::{
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use super::{free_port, wait_accepting};
+
+/// A private redis-server (no persistence) on a loopback port; SIGKILLed on drop, even if
+/// stopped.
+pub struct PrivateRedis {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl PrivateRedis {
+    /// Starts one on a spare port.
+    pub async fn start() -> PrivateRedis {
+        Self::start_on(free_port()).await
+    }
+
+    pub async fn start_on(port: u16) -> PrivateRedis {
+        // Owned by the guard from here on, so it is killed and reaped even if startup fails.
+        let mut redis = PrivateRedis { port, child: None };
+        redis.restart().await;
+        redis
+    }
+
+    /// Spawns redis-server again on the same port (after [`kill`](Self::kill)) and waits until
+    /// it accepts connections.
+    pub async fn restart(&mut self) {
+        assert!(self.child.is_none(), "redis already running");
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH");
+        self.child = Some(child);
+        assert!(
+            wait_accepting(self.port, Duration::from_secs(5)).await,
+            "private redis-server did not start"
+        );
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGSTOP: the kernel still accepts connections, nothing answers.
+    pub fn sigstop(&self) {
+        self.signal("-STOP");
+    }
+
+    pub fn sigcont(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            let pid = c.id();
+            let st = Command::new("kill")
+                .args([sig, &pid.to_string()])
+                .status()
+                .expect("kill(1)");
+            assert!(st.success(), "kill {sig} {pid} failed");
+        }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs a redis-cli command against the Redis on `port` (6379: the machine's).
+pub fn redis_cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli on PATH");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
