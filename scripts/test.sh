@@ -28,6 +28,9 @@ step "knoxgate-django" integrations/django/run-tests.sh
 # end-to-end suite uses too.
 step "deploy files" scripts/validate-deploy.sh
 step "e2e proxies" tests/e2e/run.sh
+# Builds the Dockerfile and runs the image and the compose services with podman: about 15 min
+# on an idle machine that has never run it, 1-4 min once podman's storage holds the images.
+step "containers" scripts/container-test.sh
 
 echo
 if ((${#failed[@]})); then

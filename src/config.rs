@@ -20,6 +20,7 @@ mod postgres;
 mod redis;
 mod server;
 mod sessions;
+mod tracing;
 mod value;
 mod verify;
 
@@ -34,6 +35,7 @@ pub use postgres::{GroupTables, PostgresConfig, PostgresFile, UserColumns};
 pub use redis::{RedisConfig, RedisFile};
 pub use server::{ServerConfig, ServerFile};
 pub use sessions::{SessionsConfig, SessionsFile};
+pub use tracing::{TracingConfig, TracingFile};
 pub use value::parse_duration;
 pub use verify::{VerifyConfig, VerifyFile};
 
@@ -65,6 +67,7 @@ pub struct FileConfig {
     pub redis: RedisFile,
     pub cache: CacheFile,
     pub log: LogFile,
+    pub tracing: TracingFile,
 }
 
 /// The validated configuration.
@@ -78,6 +81,7 @@ pub struct Config {
     pub redis: RedisConfig,
     pub cache: CacheConfig,
     pub log: LogConfig,
+    pub tracing: TracingConfig,
 }
 
 impl TryFrom<FileConfig> for Config {
@@ -94,6 +98,7 @@ impl TryFrom<FileConfig> for Config {
             redis: file.redis.try_into()?,
             cache: file.cache.try_into()?,
             log: file.log.try_into()?,
+            tracing: file.tracing.try_into()?,
         })
     }
 }

@@ -14,6 +14,7 @@
 //! - [`server`]: listeners, connection and in-flight limits, timeouts, graceful drain.
 //! - [`config`]: TOML file + `KNOXGATE_*` environment → validated, typed [`config::Config`].
 //! - [`metrics`]: the Prometheus metric families, registered once.
+//! - [`telemetry`]: the stderr log and, when configured, OpenTelemetry spans over OTLP.
 //! - [`state`]: the shared state every handler reads (`App`).
 //! - [`app`]: wiring — builds the state from a `Config`, runs the service, stops on a signal.
 //! - [`cli`]: the command line: `serve`, `migrate`, `check-config`, user and token commands.
@@ -31,6 +32,7 @@ pub mod password;
 pub mod server;
 pub mod state;
 pub mod store;
+pub mod telemetry;
 
 /// The knox-compat facts files (produced by the real Django/knox stack), for unit tests.
 #[cfg(test)]

@@ -3,7 +3,8 @@
 use clap::Parser;
 use knoxgate::{
     cli::{self, Cli, Command},
-    config::{Config, LogFormat},
+    config::Config,
+    telemetry,
 };
 
 /// sysexits' EX_CONFIG: the configuration is wrong.
@@ -18,20 +19,21 @@ fn main() {
             std::process::exit(EXIT_CONFIG);
         }
     };
-    let filter = tracing_subscriber::EnvFilter::new(&config.log.level);
-    let subscriber = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match config.log.format {
-        LogFormat::Json => subscriber.json().init(),
-        LogFormat::Text => subscriber.init(),
-    }
+    let telemetry = match telemetry::init(&config) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("knoxgate: {e}");
+            std::process::exit(EXIT_CONFIG);
+        }
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
     let command = cli.command.unwrap_or(Command::Serve { migrate: false });
-    if let Err(e) = runtime.block_on(cli::run(command, config)) {
+    let result = runtime.block_on(cli::run(command, config));
+    telemetry.shutdown();
+    if let Err(e) = result {
         eprintln!("knoxgate: {e:#}");
         std::process::exit(1);
     }

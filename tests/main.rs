@@ -14,4 +14,5 @@ mod policy;
 mod refresh;
 mod startup;
 mod throttle;
+mod tracing;
 mod verify;

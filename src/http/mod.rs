@@ -11,10 +11,13 @@ use std::{net::SocketAddr, sync::Arc};
 
 use hyper::{Request, Response, body::Incoming};
 
+use tracing::Instrument as _;
+
 use crate::{
     error::Error,
     metrics::{Reason, Route, VerifyOutcome},
     state::App,
+    telemetry::{SPAN_TARGET, continue_trace},
 };
 use respond::Body;
 use session::Endpoint;
@@ -96,12 +99,20 @@ async fn handle(
         // with; on a sub-path the query is the client's (`/verify/x?anonymous=allow`).
         let exact = req.uri().path() == app.config.verify.path;
         let policy_query = exact.then(|| req.uri().query().unwrap_or(""));
-        return verify::verify(app, req.method(), req.headers(), policy_query).await;
+        let span = tracing::info_span!(target: SPAN_TARGET, "verify", otel.kind = "server");
+        continue_trace(&span, req.headers());
+        return verify::verify(app, req.method(), req.headers(), policy_query)
+            .instrument(span)
+            .await;
     }
     let (parts, body) = req.into_parts();
     // Boxed so that their large futures do not size (and slow) every `/verify` request's.
     let result = match route {
-        Route::Login => Box::pin(session::login(app, parts, body, peer.ip())).await,
+        Route::Login => {
+            let span = tracing::info_span!(target: SPAN_TARGET, "login", otel.kind = "server");
+            continue_trace(&span, &parts.headers);
+            Box::pin(session::login(app, parts, body, peer.ip()).instrument(span)).await
+        }
         Route::Logout => Box::pin(session::logout(app, &parts, false)).await,
         Route::LogoutAll => Box::pin(session::logout(app, &parts, true)).await,
         Route::Verify | Route::NotFound => return respond::not_found(),

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use time::OffsetDateTime;
+use tracing::Instrument as _;
 
 use super::{
     Lookup, Store, StoreError,
@@ -14,12 +15,19 @@ use crate::{
     auth::{Outcome, TokenDigest, decide},
     config::Consistency,
     metrics::{LookupResult, Tier},
+    telemetry::SPAN_TARGET,
 };
+
+/// A child span of the request's for one question to a tier (see `crate::telemetry`).
+fn tier_span(tier: &'static str) -> tracing::Span {
+    tracing::info_span!(target: SPAN_TARGET, "store.lookup", tier, otel.kind = "client")
+}
 
 impl Store {
     /// The rows stored under `key`, from the cheapest tier that can answer for `digest`.
     pub async fn lookup(&self, key: &str, digest: &TokenDigest) -> Result<Lookup, StoreError> {
-        if let Some(entry) = self.memory.get(key) {
+        let cached = tier_span("memory").in_scope(|| self.memory.get(key));
+        if let Some(entry) = cached {
             let matched = entry.rows.iter().any(|r| r.digest.matches(digest));
             if matched && self.must_confirm() {
                 self.metrics.lookup(Tier::Memory, LookupResult::Hit);
@@ -59,7 +67,12 @@ impl Store {
         cached: Arc<Entry>,
     ) -> Result<Lookup, StoreError> {
         let epoch = self.changes.current();
-        match self.pg.confirm(&digest.to_hex()).await {
+        match self
+            .pg
+            .confirm(&digest.to_hex())
+            .instrument(tier_span("postgres"))
+            .await
+        {
             Ok(fresh) => {
                 let mut rows: Rows = cached
                     .rows
@@ -98,7 +111,7 @@ impl Store {
     async fn load(&self, key: &str, digest: &TokenDigest) -> Result<Arc<Entry>, StoreError> {
         let epoch = self.changes.current();
         if let Some(redis) = &self.redis {
-            match redis.get(key).await {
+            match redis.get(key).instrument(tier_span("redis")).await {
                 Ok(Some(cached)) if cached.digest.matches(digest) => {
                     self.metrics.lookup(Tier::Redis, LookupResult::Hit);
                     let row = match cached.into_row() {
@@ -106,7 +119,12 @@ impl Store {
                         Some(row) if !self.must_confirm() => Some(row),
                         // Written by django-rest-knox-redis (no user status), or a mode that
                         // wants confirmation: one primary-key query settles it.
-                        Some(row) => match self.pg.confirm(&digest.to_hex()).await {
+                        Some(row) => match self
+                            .pg
+                            .confirm(&digest.to_hex())
+                            .instrument(tier_span("postgres"))
+                            .await
+                        {
                             Ok(fresh) => fresh,
                             Err(e) if self.settings.stale_if_error => {
                                 self.metrics.stale_answers.inc();
@@ -115,7 +133,12 @@ impl Store {
                             }
                             Err(e) => return Err(e),
                         },
-                        None => self.pg.confirm(&digest.to_hex()).await?,
+                        None => {
+                            self.pg
+                                .confirm(&digest.to_hex())
+                                .instrument(tier_span("postgres"))
+                                .await?
+                        }
                     };
                     match row {
                         Some(row) => {
@@ -142,7 +165,11 @@ impl Store {
         digest: &TokenDigest,
         epoch: Epoch,
     ) -> Result<Arc<Entry>, StoreError> {
-        let rows = self.pg.lookup(key).await?;
+        let rows = self
+            .pg
+            .lookup(key)
+            .instrument(tier_span("postgres"))
+            .await?;
         let result = if rows.is_empty() {
             LookupResult::Miss
         } else {
