@@ -12,6 +12,7 @@ mod logout;
 mod overload;
 mod policy;
 mod refresh;
+mod revocation;
 mod startup;
 mod throttle;
 mod tracing;

@@ -75,39 +75,13 @@ async fn migrate_creates_django_schema_once_and_never_alters() {
 #[tokio::test]
 async fn binary_drains_and_exits_zero_on_sigterm() {
     let db = TestDb::migrated().await;
-    let (port, admin) = (free_port(), free_port());
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_knoxgate"))
-        .arg("serve")
-        .env("KNOXGATE_POSTGRES_URL", &db.url)
-        .env("KNOXGATE_REDIS_URL", "redis://127.0.0.1:6379/0")
-        .env(
-            "KNOXGATE_REDIS_KEY_PREFIX",
-            format!("kgsig{}", rand_suffix()),
-        )
-        .env("KNOXGATE_LISTEN", format!("127.0.0.1:{port}"))
-        .env("KNOXGATE_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let admin_addr: std::net::SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
-    let up = eventually(Duration::from_secs(10), || async {
-        tokio::net::TcpStream::connect(admin_addr).await.is_ok()
-    })
-    .await;
-    assert!(up.is_some());
+    let binary = Binary::spawn(&db.url, &[]);
+    assert!(binary.wait_up(Duration::from_secs(10)).await);
     assert_eq!(
-        http(admin_addr, "GET", "/healthz", &[], b"").await.status,
+        http(binary.admin, "GET", "/healthz", &[], b"").await.status,
         200
     );
-    std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    let status = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(status.code(), Some(0));
+    assert_eq!(binary.terminate().await.code(), Some(0));
 }
 
 #[tokio::test]

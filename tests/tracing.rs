@@ -17,7 +17,7 @@ use opentelemetry_proto::tonic::{
 use prost::Message as _;
 use tokio::net::TcpListener;
 
-use crate::support::{TestDb, eventually, free_port, http, rand_suffix, user_with_token};
+use crate::support::{Binary, TestDb, eventually, http, user_with_token};
 
 /// An OTLP/HTTP traces endpoint that keeps every span it is sent.
 async fn start_receiver() -> (SocketAddr, Arc<Mutex<Vec<Span>>>) {
@@ -73,29 +73,17 @@ async fn verify_and_login_spans_continue_the_callers_trace_with_a_child_per_tier
     let db = TestDb::migrated().await;
     let token = user_with_token(&db, "tracy").await;
     let (receiver, spans) = start_receiver().await;
-    let (port, admin) = (free_port(), free_port());
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_knoxgate"))
-        .arg("serve")
-        .env("KNOXGATE_POSTGRES_URL", &db.url)
-        .env("KNOXGATE_REDIS_URL", "redis://127.0.0.1:6379/0")
-        .env(
-            "KNOXGATE_REDIS_KEY_PREFIX",
-            format!("kgotel{}", rand_suffix()),
-        )
-        .env("KNOXGATE_LISTEN", format!("127.0.0.1:{port}"))
-        .env("KNOXGATE_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
-        .env("KNOXGATE_SESSIONS_PASSWORD_ITERATIONS", "1000")
-        .env(
-            "KNOXGATE_TRACING_OTLP_ENDPOINT",
-            format!("http://{receiver}/v1/traces"),
-        )
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let (main, admin): (SocketAddr, SocketAddr) = (
-        format!("127.0.0.1:{port}").parse().unwrap(),
-        format!("127.0.0.1:{admin}").parse().unwrap(),
+    let binary = Binary::spawn(
+        &db.url,
+        &[
+            ("KNOXGATE_SESSIONS_PASSWORD_ITERATIONS", "1000".into()),
+            (
+                "KNOXGATE_TRACING_OTLP_ENDPOINT",
+                format!("http://{receiver}/v1/traces"),
+            ),
+        ],
     );
+    let (main, admin) = (binary.addr, binary.admin);
     let ready = eventually(Duration::from_secs(15), || async {
         tokio::net::TcpStream::connect(admin).await.is_ok()
             && http(admin, "GET", "/readyz", &[], b"").await.status == 200
@@ -133,15 +121,7 @@ async fn verify_and_login_spans_continue_the_callers_trace_with_a_child_per_tier
     assert_eq!(logged_in.status, 200);
 
     // SIGTERM flushes the batch exporter before the process exits.
-    std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    let status = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(status.code(), Some(0));
+    assert_eq!(binary.terminate().await.code(), Some(0));
 
     let spans = spans.lock().unwrap().clone();
     let named = |name: &str, trace: &str| -> Vec<Span> {

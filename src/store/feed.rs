@@ -20,7 +20,7 @@ use crate::{
 
 /// How far before the max cache TTL window the replay reaches, for transactions whose trigger
 /// ran well before their COMMIT (the log stamps trigger time).
-const REPLAY_SLACK: Duration = Duration::from_secs(60);
+pub(super) const REPLAY_SLACK: Duration = Duration::from_secs(60);
 
 /// How often the revocation log is pruned.
 const PRUNE_INTERVAL: Duration = Duration::from_secs(3600);

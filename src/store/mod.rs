@@ -13,6 +13,7 @@
 //! - [`flight`]: single-flight for concurrent misses;
 //! - [`epoch`]: the change window that keeps a load from caching over a revocation;
 //! - [`outbox`]: Redis deletions that failed, retried until Redis answers;
+//! - [`tombstones`]: recent revocations, so a Redis entry that outlived one is not trusted;
 //! - the tiers: [`memory`], [`redis`] (with [`payload`], knox-redis's format), [`postgres`]
 //!   (token SQL) with `users` (login and user SQL) and [`pg`] (connection set-up);
 //! - [`feed`] and [`schema`]: the Postgres change feed and the triggers that feed it.
@@ -28,6 +29,7 @@ pub mod postgres;
 mod read;
 pub mod redis;
 pub mod schema;
+pub mod tombstones;
 mod users;
 mod write;
 
@@ -53,6 +55,7 @@ use memory::{Entry, MemoryCache, Rows};
 use outbox::Outbox;
 use postgres::Postgres;
 use redis::RedisTier;
+use tombstones::Tombstones;
 pub use users::{LoginUser, NewToken, NewUser};
 
 /// The store could not answer: Postgres is unreachable or failed, and no cache could stand in.
@@ -161,6 +164,7 @@ pub struct Store {
     feed_live: AtomicBool,
     refreshing: Mutex<HashSet<StoredDigest>>,
     redis_outbox: Outbox,
+    tombstones: Tombstones,
 }
 
 impl Store {
@@ -205,6 +209,8 @@ impl Store {
             feed_live: AtomicBool::new(false),
             refreshing: Mutex::default(),
             redis_outbox: Outbox::new(config.redis.max_cache_ttl),
+            // As long as a Redis entry could outlive the revocation, replays included.
+            tombstones: Tombstones::new(config.redis.max_cache_ttl + feed::REPLAY_SLACK),
         }
     }
 
@@ -219,6 +225,7 @@ impl Store {
     /// Periodic upkeep: frees expired in-process entries and retries failed Redis deletions.
     pub async fn housekeeping(&self) {
         self.memory.purge_expired();
+        self.tombstones.purge_expired();
         self.retry_pending_redis().await;
     }
 

@@ -114,9 +114,12 @@ impl Store {
             match redis.get(key).instrument(tier_span("redis")).await {
                 Ok(Some(cached)) if cached.digest.matches(digest) => {
                     self.metrics.lookup(Tier::Redis, LookupResult::Hit);
+                    // A revocation this instance knows of may not have reached Redis (a DEL
+                    // refused, queued, or lost in a failover): then only Postgres can say.
+                    let revoked_lately = !self.tombstones.clear(key, &cached.user_id);
                     let row = match cached.into_row() {
                         // Written by knoxgate: carries the user's status.
-                        Some(row) if !self.must_confirm() => Some(row),
+                        Some(row) if !revoked_lately && !self.must_confirm() => Some(row),
                         // Written by django-rest-knox-redis (no user status), or a mode that
                         // wants confirmation: one primary-key query settles it.
                         Some(row) => match self
@@ -126,7 +129,8 @@ impl Store {
                             .await
                         {
                             Ok(fresh) => fresh,
-                            Err(e) if self.settings.stale_if_error => {
+                            // Never stale when a revocation concerns it.
+                            Err(e) if self.settings.stale_if_error && !revoked_lately => {
                                 self.metrics.stale_answers.inc();
                                 tracing::debug!(error = %e, "serving a redis entry while postgres is unreachable");
                                 Some(row)

@@ -13,6 +13,7 @@ impl Store {
     /// Evicts these tokens from every tier.
     pub async fn forget(&self, removed: &[Removed]) {
         for (key, _) in removed {
+            self.tombstones.token(key);
             self.memory.remove(key);
         }
         if let Some(redis) = &self.redis
@@ -34,6 +35,7 @@ impl Store {
     }
 
     async fn forget_user(&self, user_id: &str) {
+        self.tombstones.user(user_id);
         self.memory.remove_user(user_id);
         if let Some(redis) = &self.redis
             && redis.delete_user(user_id).await.is_err()

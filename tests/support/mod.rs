@@ -5,6 +5,8 @@
 
 #![allow(dead_code, unused_imports)]
 
+#[cfg(test)]
+mod binary;
 mod db;
 mod django;
 mod fixture;
@@ -18,6 +20,8 @@ use std::{
     time::Duration,
 };
 
+#[cfg(test)]
+pub use binary::*;
 pub use db::*;
 pub use django::*;
 pub use fixture::*;

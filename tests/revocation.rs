@@ -1,0 +1,139 @@
+//! A revocation known to Postgres beats what Redis still holds: a DEL that Redis refused
+//! (READONLY), a DEL that a failover lost (the entry comes back), a user whose index key was
+//! evicted. Two instances share one database and one private Redis; the second keeps nothing
+//! in process (`cache.memory_max_bytes = 1`), so every answer it gives comes from Redis or
+//! Postgres.
+
+use std::time::Duration;
+
+use knoxgate::auth::token_key_of;
+
+use crate::support::*;
+
+/// Instance A (default in-process tier) and B (none), on one database and one private Redis.
+async fn pair(db: &TestDb, redis: &PrivateRedis) -> (TestServer, TestServer) {
+    let prefix = unique("kgrev");
+    let redis_toml = format!(
+        "[redis]\nurl = \"{}\"\nbreaker_cooldown = \"200ms\"",
+        redis.url()
+    );
+    let a = TestServer::start_with_prefix(db, &prefix, &redis_toml).await;
+    let b = TestServer::start_with_prefix(
+        db,
+        &prefix,
+        &format!("{redis_toml}\n[cache]\nmemory_max_bytes = 1"),
+    )
+    .await;
+    (a, b)
+}
+
+/// Waits until `server` refuses `token`, and then checks it keeps refusing it.
+async fn refused_from_now_on(server: &TestServer, token: &str) {
+    let refused = eventually(Duration::from_secs(2), || async {
+        server.verify(token).await.status == 401
+    })
+    .await;
+    assert!(refused.is_some(), "still accepted 2 s after the revocation");
+    for _ in 0..20 {
+        assert_eq!(server.verify(token).await.status, 401);
+    }
+}
+
+#[tokio::test]
+async fn a_logout_redis_refuses_to_apply_is_still_honoured_everywhere() {
+    let db = TestDb::migrated().await;
+    let redis = PrivateRedis::start().await;
+    let (a, b) = pair(&db, &redis).await;
+    let t = user_with_token(&db, "ro").await;
+    assert_eq!(a.verify(&t.token).await.status, 200);
+    assert_eq!(b.verify(&t.token).await.status, 200);
+    assert_eq!(
+        b.metric("knoxgate_cache_lookups_total{tier=\"redis\",result=\"hit\"")
+            .await,
+        1.0
+    );
+    // Redis turns into a replica of nobody: reads are served, writes refused with READONLY.
+    redis_cli(
+        redis.port,
+        &["REPLICAOF", "127.0.0.1", &free_port().to_string()],
+    );
+    let auth = format!("Token {}", t.token);
+    let out = http(a.addr(), "POST", LOGOUT, &[("Authorization", &auth)], b"").await;
+    assert_eq!(out.status, 204);
+    // The entry is still in Redis, but neither instance trusts it.
+    let key = format!("{}:token:{}", a.prefix, token_key_of(&t.token));
+    assert_eq!(redis_cli(redis.port, &["EXISTS", &key]), "1");
+    refused_from_now_on(&b, &t.token).await;
+    refused_from_now_on(&a, &t.token).await;
+    // Writable again: the queued DEL lands, and the answer stays 401.
+    redis_cli(redis.port, &["REPLICAOF", "NO", "ONE"]);
+    let gone = eventually(Duration::from_secs(5), || async {
+        redis_cli(redis.port, &["EXISTS", &key]) == "0"
+    })
+    .await;
+    assert!(gone.is_some(), "the queued deletion never reached Redis");
+    refused_from_now_on(&b, &t.token).await;
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn an_entry_a_failover_brings_back_is_not_trusted_even_by_a_new_instance() {
+    let db = TestDb::migrated().await;
+    let redis = PrivateRedis::start().await;
+    let (a, b) = pair(&db, &redis).await;
+    let t = user_with_token(&db, "lost").await;
+    assert_eq!(b.verify(&t.token).await.status, 200);
+    let key = format!("{}:token:{}", a.prefix, token_key_of(&t.token));
+    let entry = redis_cli(redis.port, &["GET", &key]);
+    assert!(
+        entry.contains(&t.digest),
+        "the entry knoxgate wrote: {entry}"
+    );
+    let auth = format!("Token {}", t.token);
+    let out = http(a.addr(), "POST", LOGOUT, &[("Authorization", &auth)], b"").await;
+    assert_eq!(out.status, 204);
+    refused_from_now_on(&b, &t.token).await;
+    // A promoted replica that never saw the DEL holds the entry again.
+    redis_cli(redis.port, &["SET", &key, &entry, "EX", "300"]);
+    refused_from_now_on(&b, &t.token).await;
+    refused_from_now_on(&a, &t.token).await;
+    // An instance started afterwards learns the revocation from the revocation log.
+    let c = TestServer::start_with_prefix(
+        &db,
+        &a.prefix,
+        &format!(
+            "[redis]\nurl = \"{}\"\n[cache]\nmemory_max_bytes = 1",
+            redis.url()
+        ),
+    )
+    .await;
+    refused_from_now_on(&c, &t.token).await;
+    for s in [a, b, c] {
+        s.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn deactivating_a_user_whose_redis_index_is_gone_still_stops_their_tokens() {
+    let db = TestDb::migrated().await;
+    let redis = PrivateRedis::start().await;
+    let (a, b) = pair(&db, &redis).await;
+    let t = user_with_token(&db, "evicted").await;
+    assert_eq!(b.verify(&t.token).await.status, 200);
+    // LRU eviction (Redis shared with Django's cache) took the user's index key.
+    let index = format!("{}:user:{}:tokens", a.prefix, t.user_id);
+    assert_eq!(redis_cli(redis.port, &["DEL", &index]), "1");
+    db.client()
+        .await
+        .execute(
+            "UPDATE auth_user SET is_active = false WHERE id = $1",
+            &[&t.user_id],
+        )
+        .await
+        .unwrap();
+    refused_from_now_on(&b, &t.token).await;
+    refused_from_now_on(&a, &t.token).await;
+    a.stop().await;
+    b.stop().await;
+}
