@@ -267,8 +267,11 @@ async fn create_token(store: &Store, config: &Config, username: &str) -> anyhow:
     };
     let user = UserInfo {
         is_active: u.is_active,
+        is_staff: u.is_staff,
+        is_superuser: u.is_superuser,
         username: username.into(),
         email: u.email.into(),
+        groups: u.groups,
     };
     let now = OffsetDateTime::now_utc();
     let Some(issued) = login::issue_token(store, &config.knox, user, now).await? else {

@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 pub use cache::{CacheConfig, CacheFile, Consistency};
 pub use knox::{KnoxConfig, KnoxFile, MAX_TOKEN_PREFIX_CHARS};
 pub use log::{LogConfig, LogFile, LogFormat};
-pub use postgres::{PostgresConfig, PostgresFile, UserColumns};
+pub use postgres::{GroupTables, PostgresConfig, PostgresFile, UserColumns};
 pub use redis::{RedisConfig, RedisFile, RedisTls};
 pub use server::{ServerConfig, ServerFile};
 pub use sessions::{SessionsConfig, SessionsFile};

@@ -1,7 +1,7 @@
 //! Failures: what went wrong and who is at fault. Denials are not errors (see `auth::DenyReason`);
 //! `http::respond` turns each variant into its status code, in one place.
 
-use crate::store::StoreError;
+use crate::{auth::PolicyError, store::StoreError};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
@@ -23,6 +23,10 @@ pub enum Error {
     /// A request body larger than the configured limit.
     #[error("payload too large")]
     PayloadTooLarge,
+    /// The verify URL's policy parameters are wrong: the proxy is misconfigured. Never a
+    /// denial, so a broken rule cannot pass for a refused user.
+    #[error(transparent)]
+    BadPolicy(#[from] PolicyError),
     /// A bug or an impossible state; details go to the log, never to the client.
     #[error("internal error: {0}")]
     Internal(String),
@@ -38,6 +42,7 @@ impl Error {
             Error::BadRequest(_) => "bad_request",
             Error::PayloadTooLarge => "payload_too_large",
             Error::UnsupportedMediaType => "unsupported_media_type",
+            Error::BadPolicy(_) => "bad_policy",
             Error::Internal(_) => "internal",
         }
     }

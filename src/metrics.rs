@@ -72,6 +72,10 @@ pub enum Reason {
     Valid,
     /// A CORS pre-flight, answered without a token.
     CorsPreflight,
+    /// No knox credentials on an `anonymous=allow` route.
+    Anonymous,
+    /// A valid token whose user the route's policy does not admit (403).
+    Forbidden,
     Denied(DenyReason),
     /// A failure, by `error::Error::label`.
     Failed(&'static str),
@@ -82,6 +86,8 @@ impl EncodeLabelValue for Reason {
         let text = match self {
             Reason::Valid => "valid",
             Reason::CorsPreflight => "cors_preflight",
+            Reason::Anonymous => "anonymous",
+            Reason::Forbidden => "forbidden",
             Reason::Denied(d) => d.label(),
             Reason::Failed(label) => label,
         };

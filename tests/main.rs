@@ -13,6 +13,7 @@ mod login;
 mod logout;
 mod overload;
 mod pgbouncer;
+mod policy;
 mod redis_tls;
 mod refresh;
 mod revocation;

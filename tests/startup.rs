@@ -33,7 +33,15 @@ async fn migrate_creates_django_schema_once_and_never_alters() {
     let first = knoxgate::store::schema::migrate(&mut client, &cfg.postgres, true)
         .await
         .unwrap();
-    assert_eq!(first.created_tables, vec!["auth_user", "knox_authtoken"]);
+    assert_eq!(
+        first.created_tables,
+        vec![
+            "auth_user",
+            "knox_authtoken",
+            "auth_group",
+            "auth_user_groups"
+        ]
+    );
     let cols = columns(&client).await;
     assert!(
         cols.contains(&"knox_authtoken.digest character varying NO 128".to_owned()),
@@ -151,7 +159,8 @@ async fn custom_user_model_columns_are_configurable() {
     let t = insert_token(&client, 41, TEN_HOURS, "", HashAlgorithm::Sha512).await;
     let columns = "[postgres]\nuser_table = \"accounts_member\"\nuser_id_column = \"uid\"\n\
                    username_column = \"login\"\nemail_column = \"\"\nis_active_column = \"enabled\"\n\
-                   password_column = \"secret\"\nlast_login_column = \"\"";
+                   password_column = \"secret\"\nlast_login_column = \"\"\n\
+                   is_staff_column = \"\"\nis_superuser_column = \"\"\nuser_groups_table = \"\"";
     let cfg = config_for(&db, "kgx", columns);
     knoxgate::store::schema::migrate(&mut db.client().await, &cfg.postgres, true)
         .await

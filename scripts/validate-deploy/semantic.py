@@ -154,13 +154,19 @@ try:
     for route in routes:
         paths = [p for m in route.get("match", []) for p in m.get("path", [])]
         handlers = caddy_handlers(route.get("handle", []), [])
-        is_auth = [h.get("handler") == "reverse_proxy" and h.get("rewrite", {}).get("uri") == "/verify" for h in handlers]
+        is_auth = [h.get("handler") == "reverse_proxy"
+                   and str(h.get("rewrite", {}).get("uri", "")).split("?", 1)[0] == "/verify" for h in handlers]
         if "/api/auth/*" in paths:
             c.expect(not any(is_auth), "/api/auth/* must not go through forward_auth")
             continue
         if not c.expect(any(is_auth), "the catch-all route has no forward_auth to /verify"):
             continue
         at = is_auth.index(True)
+        # Caddy's rewrite keeps the request's query when `uri` names none, and on the exact
+        # verify path knoxgate reads the query as the route's policy.
+        uri = handlers[at]["rewrite"]["uri"]
+        c.expect("?" in uri, f"forward_auth uri {uri!r} has no query: the client's own query string "
+                             "would reach /verify as policy (write /verify? for none)")
         deletes = [i for i, h in enumerate(handlers)
                    if h.get("handler") == "headers" and "X-Auth-User-Id" in h.get("request", {}).get("delete", [])]
         c.expect(deletes and deletes[0] < at, "request_header -X-Auth-User-Id must run before forward_auth")

@@ -9,12 +9,23 @@ use super::token::{StoredDigest, TokenDigest};
 ///
 /// Strings are `CompactString`s, kept inline up to 24 bytes: these rows fill the in-process
 /// cache, and most of their strings are short (or empty when no identity headers are set).
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// The flags and groups serve per-route policies (`auth::policy`); they are always loaded with
+/// the row, so a policy costs no query of its own.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct UserInfo {
     pub is_active: bool,
+    pub is_staff: bool,
+    pub is_superuser: bool,
     pub username: CompactString,
     pub email: CompactString,
+    /// Names of the user's groups, sorted. A boxed slice (two words, no allocation when empty,
+    /// as for most users) rather than a `Vec`, since every cached row carries one.
+    pub groups: Groups,
 }
+
+/// A user's group names.
+pub type Groups = Box<[CompactString]>;
 
 /// One `knox_authtoken` row joined with its user.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -154,7 +165,7 @@ mod tests {
             user: UserInfo {
                 is_active: active,
                 username: "u".into(),
-                email: CompactString::default(),
+                ..UserInfo::default()
             },
         }
     }

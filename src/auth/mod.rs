@@ -7,12 +7,14 @@ mod basic;
 mod decide;
 mod expiry;
 mod header;
+mod policy;
 mod token;
 
 pub use basic::{BasicError, LoginCredentials, parse_basic};
-pub use decide::{DenyReason, Outcome, TokenRow, UserInfo, decide, refreshed_expiry};
+pub use decide::{DenyReason, Groups, Outcome, TokenRow, UserInfo, decide, refreshed_expiry};
 pub use expiry::{format_drf_expiry, format_isoformat, parse_isoformat};
 pub use header::{Credential, parse_authorization};
+pub use policy::{Policy, PolicyError, Role, permits};
 pub use token::{
     HashAlgorithm, PresentedToken, StoredDigest, TOKEN_KEY_LENGTH, TokenDigest, generate_token,
     token_key_of,

@@ -27,6 +27,12 @@ const DEFAULT_EMAIL_COLUMN: &str = "email";
 const DEFAULT_IS_ACTIVE_COLUMN: &str = "is_active";
 const DEFAULT_PASSWORD_COLUMN: &str = "password";
 const DEFAULT_LAST_LOGIN_COLUMN: &str = "last_login";
+// Per-route policies: the flags of Django's PermissionsMixin and the stock group tables.
+const DEFAULT_IS_STAFF_COLUMN: &str = "is_staff";
+const DEFAULT_IS_SUPERUSER_COLUMN: &str = "is_superuser";
+const DEFAULT_GROUP_TABLE: &str = "auth_group";
+const DEFAULT_USER_GROUPS_TABLE: &str = "auth_user_groups";
+const DEFAULT_USER_GROUPS_USER_COLUMN: &str = "user_id";
 
 /// `[postgres]` as written in the file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -55,6 +61,11 @@ pub struct PostgresFile {
     pub is_active_column: String,
     pub password_column: String,
     pub last_login_column: String,
+    pub is_staff_column: String,
+    pub is_superuser_column: String,
+    pub group_table: String,
+    pub user_groups_table: String,
+    pub user_groups_user_column: String,
 }
 
 impl Default for PostgresFile {
@@ -78,6 +89,11 @@ impl Default for PostgresFile {
             is_active_column: DEFAULT_IS_ACTIVE_COLUMN.into(),
             password_column: DEFAULT_PASSWORD_COLUMN.into(),
             last_login_column: DEFAULT_LAST_LOGIN_COLUMN.into(),
+            is_staff_column: DEFAULT_IS_STAFF_COLUMN.into(),
+            is_superuser_column: DEFAULT_IS_SUPERUSER_COLUMN.into(),
+            group_table: DEFAULT_GROUP_TABLE.into(),
+            user_groups_table: DEFAULT_USER_GROUPS_TABLE.into(),
+            user_groups_user_column: DEFAULT_USER_GROUPS_USER_COLUMN.into(),
         }
     }
 }
@@ -112,6 +128,26 @@ pub struct PostgresConfig {
     pub user_table: String,
     /// Column names of the user table.
     pub user_columns: UserColumns,
+    /// `None`: the user model has no groups (policies naming a group then never pass).
+    pub groups: Option<GroupTables>,
+}
+
+/// Where a user's groups are: Django's `auth_group` and the user model's M2M table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupTables {
+    pub group_table: String,
+    pub user_groups_table: String,
+    /// The M2M table's column naming the user (`user_id`; `<model>_id` for custom models).
+    pub user_column: String,
+}
+
+impl GroupTables {
+    /// Django's default tables.
+    pub fn is_default(&self) -> bool {
+        self.group_table == DEFAULT_GROUP_TABLE
+            && self.user_groups_table == DEFAULT_USER_GROUPS_TABLE
+            && self.user_column == DEFAULT_USER_GROUPS_USER_COLUMN
+    }
 }
 
 impl PostgresConfig {
@@ -173,6 +209,9 @@ pub struct UserColumns {
     pub password: String,
     /// `None`: the model has no last-login column; logins then stamp nothing.
     pub last_login: Option<String>,
+    /// `None`: the model has no such flag; it then counts as false for policies.
+    pub is_staff: Option<String>,
+    pub is_superuser: Option<String>,
 }
 
 impl Default for UserColumns {
@@ -184,6 +223,8 @@ impl Default for UserColumns {
             is_active: DEFAULT_IS_ACTIVE_COLUMN.into(),
             password: DEFAULT_PASSWORD_COLUMN.into(),
             last_login: Some(DEFAULT_LAST_LOGIN_COLUMN.into()),
+            is_staff: Some(DEFAULT_IS_STAFF_COLUMN.into()),
+            is_superuser: Some(DEFAULT_IS_SUPERUSER_COLUMN.into()),
         }
     }
 }
@@ -192,6 +233,7 @@ impl TryFrom<PostgresFile> for PostgresConfig {
     type Error = ConfigError;
 
     fn try_from(file: PostgresFile) -> Result<Self, ConfigError> {
+        let groups = group_tables(&file)?;
         Ok(PostgresConfig {
             feed_url: match file.feed_url.trim() {
                 "" => postgres_url("postgres.url", &file.url)?,
@@ -215,7 +257,13 @@ impl TryFrom<PostgresFile> for PostgresConfig {
                 is_active: column("postgres.is_active_column", &file.is_active_column)?,
                 password: column("postgres.password_column", &file.password_column)?,
                 last_login: optional_column("postgres.last_login_column", &file.last_login_column)?,
+                is_staff: optional_column("postgres.is_staff_column", &file.is_staff_column)?,
+                is_superuser: optional_column(
+                    "postgres.is_superuser_column",
+                    &file.is_superuser_column,
+                )?,
             },
+            groups,
         })
     }
 }
@@ -225,4 +273,29 @@ fn postgres_url(key: &str, s: &str) -> Result<String, ConfigError> {
     s.parse::<tokio_postgres::Config>()
         .map_err(|e| invalid(key, format!("not a Postgres URL: {e}")))?;
     Ok(s.to_owned())
+}
+
+/// The group tables, unless `user_groups_table` is empty.
+fn group_tables(file: &PostgresFile) -> Result<Option<GroupTables>, ConfigError> {
+    if file.user_groups_table.is_empty() {
+        return Ok(None);
+    }
+    if file.user_table != DEFAULT_USER_TABLE && file.user_groups_table == DEFAULT_USER_GROUPS_TABLE
+    {
+        // Django names a custom model's M2M table after the model; the default would be the
+        // wrong table (and every lookup an SQL error).
+        return Err(invalid(
+            "postgres.user_groups_table",
+            "with a custom user_table, name its groups table (<app>_<model>_groups) and \
+             user_groups_user_column (<model>_id), or set it to \"\" for no groups",
+        ));
+    }
+    Ok(Some(GroupTables {
+        group_table: sql_identifier("postgres.group_table", &file.group_table)?,
+        user_groups_table: sql_identifier("postgres.user_groups_table", &file.user_groups_table)?,
+        user_column: column(
+            "postgres.user_groups_user_column",
+            &file.user_groups_user_column,
+        )?,
+    }))
 }

@@ -262,3 +262,37 @@ fn fleet_postgres_keys() {
     let err = Config::from_toml_str("[postgres]\nfeed_url = \"nope://\"\n").unwrap_err();
     assert!(err.to_string().contains("postgres.feed_url"), "{err}");
 }
+
+#[test]
+fn policy_keys_default_to_djangos_schema_and_need_naming_for_custom_models() {
+    let c = Config::from_toml_str("").unwrap();
+    let g = c.postgres.groups.as_ref().unwrap();
+    assert!(g.is_default());
+    assert_eq!(
+        c.postgres.user_columns.is_staff.as_deref(),
+        Some("is_staff")
+    );
+    assert!(c.verify.staff_header.is_none() && c.verify.groups_header.is_none());
+    // A custom user table with the default M2M table would query the wrong table.
+    let err = Config::from_toml_str("[postgres]\nuser_table = \"accounts_member\"")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("postgres.user_groups_table"), "{err}");
+    let c = Config::from_toml_str(
+        "[postgres]\nuser_table = \"accounts_member\"\nuser_groups_table = \
+         \"accounts_member_groups\"\nuser_groups_user_column = \"member_id\"\n\
+         is_staff_column = \"\"",
+    )
+    .unwrap();
+    assert_eq!(
+        c.postgres.groups.unwrap().user_column,
+        "member_id".to_owned()
+    );
+    assert_eq!(c.postgres.user_columns.is_staff, None);
+    let none = Config::from_toml_str("[postgres]\nuser_groups_table = \"\"").unwrap();
+    assert!(none.postgres.groups.is_none());
+    let err = Config::from_toml_str("[verify]\ngroups_header = \"bad header\"")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("verify.groups_header"), "{err}");
+}

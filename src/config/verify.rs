@@ -25,6 +25,9 @@ pub struct VerifyFile {
     pub username_header: String,
     pub email_header: String,
     pub expiry_header: String,
+    pub staff_header: String,
+    pub superuser_header: String,
+    pub groups_header: String,
     pub allow_cors_preflight: bool,
     pub max_token_chars: u64,
 }
@@ -37,6 +40,9 @@ impl Default for VerifyFile {
             username_header: String::new(),
             email_header: String::new(),
             expiry_header: String::new(),
+            staff_header: String::new(),
+            superuser_header: String::new(),
+            groups_header: String::new(),
             allow_cors_preflight: false,
             max_token_chars: DEFAULT_MAX_TOKEN_CHARS,
         }
@@ -56,6 +62,10 @@ pub struct VerifyConfig {
     pub email_header: Option<HeaderName>,
     /// Header carrying the token expiry on a 200; `None`: not sent.
     pub expiry_header: Option<HeaderName>,
+    /// Per-route policy headers on a 200 (`true`/`false`, and the group names); `None`: not sent.
+    pub staff_header: Option<HeaderName>,
+    pub superuser_header: Option<HeaderName>,
+    pub groups_header: Option<HeaderName>,
     /// Answer CORS preflights with 200 without a token (and without identity headers).
     pub allow_cors_preflight: bool,
     /// Tokens longer than this (in characters) are refused without hashing.
@@ -82,6 +92,9 @@ impl TryFrom<VerifyFile> for VerifyConfig {
             username_header: header_name("verify.username_header", &file.username_header)?,
             email_header: header_name("verify.email_header", &file.email_header)?,
             expiry_header: header_name("verify.expiry_header", &file.expiry_header)?,
+            staff_header: header_name("verify.staff_header", &file.staff_header)?,
+            superuser_header: header_name("verify.superuser_header", &file.superuser_header)?,
+            groups_header: header_name("verify.groups_header", &file.groups_header)?,
             allow_cors_preflight: file.allow_cors_preflight,
             max_token_chars: nonzero("verify.max_token_chars", file.max_token_chars)?,
         };

@@ -95,9 +95,13 @@ async fn handle(
     peer: SocketAddr,
 ) -> Response<Body> {
     if route == Route::Verify {
+        // Policy parameters count only on the exact verify URL, the one a proxy is configured
+        // with; on a sub-path the query is the client's (`/verify/x?anonymous=allow`).
+        let exact = req.uri().path() == app.config.verify.path;
+        let policy_query = exact.then(|| req.uri().query().unwrap_or(""));
         let span = tracing::info_span!(target: SPAN_TARGET, "verify", otel.kind = "server");
         continue_trace(&span, req.headers());
-        return verify::verify(app, req.method(), req.headers())
+        return verify::verify(app, req.method(), req.headers(), policy_query)
             .instrument(span)
             .await;
     }

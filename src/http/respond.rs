@@ -46,6 +46,16 @@ pub fn allow(row: &TokenRow, cfg: &VerifyConfig) -> Response<Body> {
     if let Some(name) = &cfg.email_header {
         h.insert(name.clone(), header_value(&row.user.email));
     }
+    let flag = |b: bool| HeaderValue::from_static(if b { "true" } else { "false" });
+    if let Some(name) = &cfg.staff_header {
+        h.insert(name.clone(), flag(row.user.is_staff));
+    }
+    if let Some(name) = &cfg.superuser_header {
+        h.insert(name.clone(), flag(row.user.is_superuser));
+    }
+    if let Some(name) = &cfg.groups_header {
+        h.insert(name.clone(), header_value(&groups_value(&row.user.groups)));
+    }
     if let Some(name) = &cfg.expiry_header {
         let v = row
             .expiry
@@ -58,6 +68,33 @@ pub fn allow(row: &TokenRow, cfg: &VerifyConfig) -> Response<Body> {
 /// 200 for a CORS preflight let through without a token: no identity headers.
 pub fn preflight() -> Response<Body> {
     Response::new(Full::new(Bytes::new()))
+}
+
+/// 200 for a request without credentials on an `anonymous=allow` route: no identity headers.
+pub fn anonymous() -> Response<Body> {
+    Response::new(Full::new(Bytes::new()))
+}
+
+/// 403 for an authenticated user the route's policy does not admit, in DRF's words.
+pub fn forbidden() -> Response<Body> {
+    detail(
+        StatusCode::FORBIDDEN,
+        "You do not have permission to perform this action.",
+    )
+}
+
+/// Characters escaped in a group name inside the groups header: the list separator, the escape
+/// itself, and what a header value cannot carry.
+const GROUP_ESCAPES: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS.add(b',').add(b'%');
+
+/// The groups header value: names sorted as loaded, comma-separated, each percent-encoded
+/// where needed (non-ASCII as UTF-8), so any name survives and none can split the list.
+fn groups_value(groups: &[compact_str::CompactString]) -> String {
+    groups
+        .iter()
+        .map(|g| percent_encoding::utf8_percent_encode(g, GROUP_ESCAPES).to_string())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// 401 with knox's `detail` and `WWW-Authenticate: <keyword>`.
@@ -177,6 +214,10 @@ pub fn error(e: &Error) -> Response<Body> {
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "Unsupported media type in request; send application/json or HTTP Basic credentials.",
         ),
+        Error::BadPolicy(e) => {
+            tracing::error!(key = %e.key, error = %e, "bad policy parameter on the verify URL");
+            detail(StatusCode::INTERNAL_SERVER_ERROR, "Internal error.")
+        }
         Error::Internal(what) => {
             tracing::error!(error = %what, "internal error");
             detail(StatusCode::INTERNAL_SERVER_ERROR, "Internal error.")
@@ -217,6 +258,10 @@ mod error_status_tests {
                 Error::Internal("i".into()),
                 StatusCode::INTERNAL_SERVER_ERROR,
             ),
+            (
+                Error::BadPolicy(crate::auth::Policy::from_query("x=1").unwrap_err()),
+                StatusCode::INTERNAL_SERVER_ERROR,
+            ),
         ];
         for (failure, status) in table {
             let r = error(&failure);
@@ -228,5 +273,31 @@ mod error_status_tests {
             error(&Error::Overloaded).headers()[header::RETRY_AFTER],
             "1"
         );
+    }
+}
+
+#[cfg(test)]
+mod policy_response_tests {
+    use super::*;
+
+    #[test]
+    fn group_names_cannot_split_the_list() {
+        let groups: Vec<compact_str::CompactString> = vec![
+            "a,b".into(),
+            "100%".into(),
+            "équipe".into(),
+            "ops team".into(),
+        ];
+        let v = groups_value(&groups);
+        assert_eq!(v, "a%2Cb,100%25,%C3%A9quipe,ops team");
+        assert!(HeaderValue::from_str(&v).is_ok());
+        assert_eq!(groups_value(&[]), "");
+    }
+
+    #[test]
+    fn forbidden_is_drfs_403() {
+        let r = forbidden();
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        assert!(!r.headers().contains_key(header::WWW_AUTHENTICATE));
     }
 }

@@ -1,5 +1,5 @@
-//! `/verify`: parse → tiered lookup → decide → respond. Also the token authentication that
-//! logout and logout-all share with it.
+//! `/verify`: policy → parse → tiered lookup → decide → permission → respond. Also the token
+//! authentication that logout and logout-all share with it.
 
 use std::sync::Arc;
 
@@ -8,7 +8,7 @@ use time::OffsetDateTime;
 
 use super::respond::{self, Body};
 use crate::{
-    auth::{DenyReason, Outcome, decide, parse_authorization, refreshed_expiry},
+    auth::{DenyReason, Outcome, Policy, decide, parse_authorization, permits, refreshed_expiry},
     error::Error,
     metrics::{Reason, VerifyOutcome},
     state::App,
@@ -72,35 +72,26 @@ pub async fn authenticate(
 }
 
 /// Handles `/verify` and its sub-paths, any method. The body is never read.
-pub async fn verify(app: &Arc<App>, method: &Method, headers: &HeaderMap) -> Response<Body> {
+///
+/// `policy_query` is the query string of the exact verify URL, and `None` on sub-paths: there
+/// (Envoy's `path_prefix` form) path and query are the client's own, and a client must never
+/// choose its own policy.
+pub async fn verify(
+    app: &Arc<App>,
+    method: &Method,
+    headers: &HeaderMap,
+    policy_query: Option<&str>,
+) -> Response<Body> {
     let started = std::time::Instant::now();
-    let cfg = &app.config;
-    let (response, outcome, reason) = if cfg.verify.allow_cors_preflight
-        && method == Method::OPTIONS
-        && headers.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
-    {
-        (
-            respond::preflight(),
-            VerifyOutcome::Allow,
-            Reason::CorsPreflight,
-        )
-    } else {
-        match authenticate(app, headers).await {
-            Ok(Ok(auth)) => (
-                respond::allow(auth.row(), &cfg.verify),
-                VerifyOutcome::Allow,
-                Reason::Valid,
-            ),
-            Ok(Err(reason)) => (
-                respond::deny(reason, &cfg.knox.auth_header_prefix),
-                VerifyOutcome::Deny,
-                Reason::Denied(reason),
-            ),
-            Err(e) => (
+    let (response, outcome, reason) = match policy_query.map(Policy::from_query).transpose() {
+        Ok(policy) => answer(app, method, headers, &policy.unwrap_or_default()).await,
+        Err(e) => {
+            let e = Error::from(e);
+            (
                 respond::error(&e),
                 VerifyOutcome::Error,
                 Reason::Failed(e.label()),
-            ),
+            )
         }
     };
     app.metrics.verify_outcome(outcome, reason);
@@ -108,4 +99,49 @@ pub async fn verify(app: &Arc<App>, method: &Method, headers: &HeaderMap) -> Res
         .verify_duration
         .observe(started.elapsed().as_secs_f64());
     response
+}
+
+/// The answer to one verify request under `policy`, with its metrics labels.
+async fn answer(
+    app: &Arc<App>,
+    method: &Method,
+    headers: &HeaderMap,
+    policy: &Policy,
+) -> (Response<Body>, VerifyOutcome, Reason) {
+    let cfg = &app.config;
+    if cfg.verify.allow_cors_preflight
+        && method == Method::OPTIONS
+        && headers.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
+    {
+        return (
+            respond::preflight(),
+            VerifyOutcome::Allow,
+            Reason::CorsPreflight,
+        );
+    }
+    match authenticate(app, headers).await {
+        Ok(Ok(auth)) if permits(policy, &auth.row().user) => (
+            respond::allow(auth.row(), &cfg.verify),
+            VerifyOutcome::Allow,
+            Reason::Valid,
+        ),
+        Ok(Ok(_)) => (respond::forbidden(), VerifyOutcome::Deny, Reason::Forbidden),
+        // DRF: no knox credentials (no header, or another scheme) is an anonymous user, whom
+        // AllowAny admits; credentials that are present but wrong still fail authentication.
+        Ok(Err(DenyReason::NoCredentials)) if policy.anonymous => (
+            respond::anonymous(),
+            VerifyOutcome::Allow,
+            Reason::Anonymous,
+        ),
+        Ok(Err(reason)) => (
+            respond::deny(reason, &cfg.knox.auth_header_prefix),
+            VerifyOutcome::Deny,
+            Reason::Denied(reason),
+        ),
+        Err(e) => (
+            respond::error(&e),
+            VerifyOutcome::Error,
+            Reason::Failed(e.label()),
+        ),
+    }
 }

@@ -134,8 +134,11 @@ impl Login {
         let now = OffsetDateTime::now_utc();
         let user_info = UserInfo {
             is_active: true,
+            is_staff: user.is_staff,
+            is_superuser: user.is_superuser,
             username: creds.username.as_str().into(),
             email: user.email.into(),
+            groups: user.groups,
         };
         let Some(issued) = issue_token(&self.store, &self.config.knox, user_info, now).await?
         else {

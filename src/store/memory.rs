@@ -70,6 +70,8 @@ impl Entry {
                     + text(&r.user_id)
                     + text(&r.user.username)
                     + text(&r.user.email)
+                    + heap(r.user.groups.len() * std::mem::size_of::<CompactString>())
+                    + r.user.groups.iter().map(text).sum::<usize>()
             })
             .sum();
         // A `CompactString` holds up to its own size inline.
@@ -273,8 +275,7 @@ mod tests {
                 expiry: None,
                 user: UserInfo {
                     is_active: true,
-                    username: CompactString::default(),
-                    email: CompactString::default(),
+                    ..UserInfo::default()
                 },
             }],
             complete: true,

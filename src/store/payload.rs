@@ -2,7 +2,10 @@
 //!
 //! The JSON is written the way Python's `json.dumps` writes it (", " and ": " separators, fields
 //! in knox-redis's order) so a Django app reading the same Redis cannot tell who wrote an entry.
-//! knoxgate adds one field, `knoxgate`, carrying the user's status; knox-redis ignores it.
+//! knoxgate adds one field, `knoxgate`, carrying the user's status (active, staff and superuser
+//! flags, group names); knox-redis ignores it. An entry whose `knoxgate` field lacks the flags
+//! or the groups (written by a knoxgate from before per-route policies) counts as one without a
+//! known user: it is confirmed with Postgres, never read as "not staff, no groups".
 //! Anything we cannot read for certain is a miss, never an error and never an allow.
 
 use compact_str::CompactString;
@@ -70,14 +73,23 @@ pub fn encode(row: &TokenRow, with_identity: bool) -> String {
     } else {
         String::new()
     };
+    let groups = row
+        .user
+        .groups
+        .iter()
+        .map(|g| json_str(g))
+        .collect::<Vec<_>>()
+        .join(", ");
     format!(
-        "{{\"schema_version\": 2, \"digest\": {}, \"user_id\": {}, \"created\": {}, \"expiry\": {}, \"token_key\": {}, \"knoxgate\": {{\"is_active\": {}{identity}}}}}",
+        "{{\"schema_version\": 2, \"digest\": {}, \"user_id\": {}, \"created\": {}, \"expiry\": {}, \"token_key\": {}, \"knoxgate\": {{\"is_active\": {}, \"is_staff\": {}, \"is_superuser\": {}, \"groups\": [{groups}]{identity}}}}}",
         json_str(&row.digest.to_text()),
         json_user_id(&row.user_id),
         json_str(&format_isoformat(row.created)),
         expiry,
         json_str(&row.token_key),
         row.user.is_active,
+        row.user.is_staff,
+        row.user.is_superuser,
     )
 }
 
@@ -105,6 +117,13 @@ struct StoredEntry<'a> {
 #[derive(serde::Deserialize)]
 struct StoredStatus<'a> {
     is_active: bool,
+    #[serde(default)]
+    is_staff: Option<bool>,
+    #[serde(default)]
+    is_superuser: Option<bool>,
+    /// Owned: groups are rare, and borrowing inside a sequence is not supported by serde.
+    #[serde(default)]
+    groups: Option<Vec<String>>,
     #[serde(default, borrow)]
     username: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
@@ -174,21 +193,34 @@ pub fn decode(token_key: &str, payload: &str, need_identity: bool) -> Option<Cac
         return None;
     }
     let user = match entry.knoxgate {
-        Some(status) => match (status.username, status.email) {
-            (Some(username), Some(email)) => Some(UserInfo {
-                is_active: status.is_active,
-                username: username.as_ref().into(),
-                email: email.as_ref().into(),
-            }),
-            // Status known, identity not recorded: fine unless identity headers need it.
-            _ if !need_identity => Some(UserInfo {
-                is_active: status.is_active,
-                username: CompactString::default(),
-                email: CompactString::default(),
-            }),
-            _ => None,
-        },
-        None => None,
+        Some(StoredStatus {
+            is_active,
+            is_staff: Some(is_staff),
+            is_superuser: Some(is_superuser),
+            groups: Some(groups),
+            username,
+            email,
+        }) => {
+            let known = UserInfo {
+                is_active,
+                is_staff,
+                is_superuser,
+                groups: groups.into_iter().map(CompactString::from).collect(),
+                ..UserInfo::default()
+            };
+            match (username, email) {
+                (Some(username), Some(email)) => Some(UserInfo {
+                    username: username.as_ref().into(),
+                    email: email.as_ref().into(),
+                    ..known
+                }),
+                // Status known, identity not recorded: fine unless identity headers need it.
+                _ if !need_identity => Some(known),
+                _ => None,
+            }
+        }
+        // No knoxgate field, or one without the flags and groups: the user must be confirmed.
+        _ => None,
     };
     Some(CachedRow {
         digest,
@@ -221,6 +253,7 @@ mod tests {
                 is_active: true,
                 username: "zoë".into(),
                 email: "z@x".into(),
+                ..UserInfo::default()
             },
         }
     }
@@ -266,7 +299,7 @@ mod tests {
         assert!(ours.starts_with(prefix), "{ours}\n{theirs}");
         assert_eq!(
             &ours[prefix.len()..],
-            ", \"knoxgate\": {\"is_active\": true}}"
+            ", \"knoxgate\": {\"is_active\": true, \"is_staff\": false, \"is_superuser\": false, \"groups\": []}}"
         );
         // Without identity the entry still gives the status; with identity required it does not.
         let read = decode(&r.token_key, &ours, false)
@@ -283,6 +316,46 @@ mod tests {
                 .unwrap(),
             r
         );
+    }
+
+    #[test]
+    fn flags_and_groups_round_trip_and_old_entries_need_confirming() {
+        let mut r = row();
+        r.user.is_staff = true;
+        r.user.groups = ["a, \"b\"".into(), "équipe".into()].into();
+        for identity in [false, true] {
+            let read = decode(&r.token_key, &encode(&r, identity), identity)
+                .unwrap()
+                .into_row()
+                .unwrap();
+            assert_eq!(read.user.groups, r.user.groups);
+            assert!(read.user.is_staff && !read.user.is_superuser);
+        }
+        // An entry from a knoxgate without policies: status only. Its flags are not known,
+        // so it is not a known user (it gets confirmed), never a user without privileges.
+        let old = encode(&r, false).replace(
+            ", \"is_staff\": true, \"is_superuser\": false, \"groups\": [\"a, \\\"b\\\"\", \"\u{e9}quipe\"]",
+            "",
+        );
+        assert!(
+            old.ends_with("\"knoxgate\": {\"is_active\": true}}"),
+            "{old}"
+        );
+        let read = decode(&r.token_key, &old, false).unwrap();
+        assert_eq!(read.user, None);
+        // Each of the three missing is enough.
+        for field in ["\"is_staff\": true, ", "\"is_superuser\": false, "] {
+            let partial = encode(&r, false).replace(field, "");
+            assert_ne!(partial, encode(&r, false));
+            assert_eq!(decode(&r.token_key, &partial, false).unwrap().user, None);
+        }
+        let no_groups =
+            encode(&r, false).replace(", \"groups\": [\"a, \\\"b\\\"\", \"\u{e9}quipe\"]", "");
+        assert_ne!(no_groups, encode(&r, false));
+        assert_eq!(decode(&r.token_key, &no_groups, false).unwrap().user, None);
+        // Wrong types fail the entry.
+        let bad = encode(&r, false).replace("\"is_staff\": true", "\"is_staff\": 1");
+        assert_eq!(decode(&r.token_key, &bad, false), None);
     }
 
     fn decode_any(key: &str, payload: &str) -> Option<CachedRow> {

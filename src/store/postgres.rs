@@ -20,6 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use compact_str::CompactString;
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime, Timeouts};
 use time::OffsetDateTime;
 use tokio_postgres::{
@@ -32,8 +33,8 @@ use super::{
     pg::{classify, classify_pool, pg_config, tls_connector},
 };
 use crate::{
-    auth::{StoredDigest, TokenRow, UserInfo},
-    config::{PostgresConfig, UserColumns},
+    auth::{Groups, StoredDigest, TokenRow, UserInfo},
+    config::{GroupTables, PostgresConfig, UserColumns},
     metrics::Metrics,
     store::memory::Rows,
 };
@@ -60,15 +61,16 @@ pub(super) struct Statements {
 }
 
 impl Statements {
-    fn new(tok: &str, usr: &str, c: &UserColumns) -> Self {
+    fn new(tok: &str, usr: &str, c: &UserColumns, groups: Option<&GroupTables>) -> Self {
         let (id, name, active, pw) = (&c.id, &c.username, &c.is_active, &c.password);
         let email = c
             .email
             .as_ref()
             .map_or_else(|| "''".to_owned(), |e| format!("u.{e}::text"));
+        let roles = roles_sql(c, groups);
         let row_cols = format!(
             "t.digest, t.token_key, t.user_id::text, t.created, t.expiry, \
-             u.{active}, u.{name}::text, {email}"
+             u.{active}, u.{name}::text, {email}, {roles}"
         );
         Statements {
             lookup: format!(
@@ -91,7 +93,7 @@ impl Statements {
             ),
             refresh_expiry: format!("UPDATE {tok} SET expiry = $2 WHERE digest = $1"),
             login_user: format!(
-                "SELECT u.{id}::text, u.{pw}, u.{active}, {email} FROM {usr} u WHERE u.{name} = $1"
+                "SELECT u.{id}::text, u.{pw}, u.{active}, {email}, {roles} FROM {usr} u WHERE u.{name} = $1"
             ),
             // Serialises concurrent logins of one user so TOKEN_LIMIT_PER_USER holds exactly.
             lock_user: format!("SELECT {id} FROM {usr} WHERE {name} = $1 FOR UPDATE"),
@@ -112,6 +114,40 @@ impl Statements {
             set_active: format!("UPDATE {usr} SET {active} = $2 WHERE {name} = $1 RETURNING {id}"),
         }
     }
+}
+
+/// The user's flags and group names, as three columns of a query on `{usr} u`: what per-route
+/// policies need, loaded with every row so that a policy costs no query of its own. Groups come
+/// from a correlated subquery (an index scan of the M2M table per user), sorted, never NULL.
+fn roles_sql(c: &UserColumns, groups: Option<&GroupTables>) -> String {
+    let flag = |col: &Option<String>| {
+        col.as_ref()
+            .map_or_else(|| "false".to_owned(), |f| format!("u.{f}"))
+    };
+    let groups = groups.map_or_else(
+        || "ARRAY[]::text[]".to_owned(),
+        |g| {
+            format!(
+                "ARRAY(SELECT g.name::text FROM {ug} ug JOIN {grp} g ON g.id = ug.group_id \
+                 WHERE ug.{uc} = u.{id} ORDER BY g.name)",
+                ug = g.user_groups_table,
+                grp = g.group_table,
+                uc = g.user_column,
+                id = c.id,
+            )
+        },
+    );
+    format!("{}, {}, {groups}", flag(&c.is_staff), flag(&c.is_superuser))
+}
+
+/// Reads the three columns of [`roles_sql`] starting at `at`.
+pub(super) fn roles_of(r: &Row, at: usize) -> Result<(bool, bool, Groups), tokio_postgres::Error> {
+    let groups: Vec<&str> = r.try_get(at + 2)?;
+    Ok((
+        r.try_get(at)?,
+        r.try_get(at + 1)?,
+        groups.into_iter().map(CompactString::from).collect(),
+    ))
 }
 
 /// Handle to the Postgres tier.
@@ -174,6 +210,7 @@ macro_rules! run_statement {
 pub(super) use run_statement;
 
 fn row_of(r: &Row) -> Result<TokenRow, tokio_postgres::Error> {
+    let (is_staff, is_superuser, groups) = roles_of(r, 8)?;
     Ok(TokenRow {
         digest: StoredDigest::parse(r.try_get(0)?),
         token_key: r.try_get::<_, &str>(1)?.into(),
@@ -184,6 +221,9 @@ fn row_of(r: &Row) -> Result<TokenRow, tokio_postgres::Error> {
             is_active: r.try_get(5)?,
             username: r.try_get::<_, Option<&str>>(6)?.unwrap_or_default().into(),
             email: r.try_get::<_, Option<&str>>(7)?.unwrap_or_default().into(),
+            is_staff,
+            is_superuser,
+            groups,
         },
     })
 }
@@ -221,6 +261,7 @@ impl Postgres {
                 &cfg.token_table,
                 &cfg.user_table,
                 &cfg.user_columns,
+                cfg.groups.as_ref(),
             )),
             user_table: cfg.user_table.as_str().into(),
             statement_deadline: cfg.query_deadline(),

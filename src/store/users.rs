@@ -7,8 +7,9 @@ use tokio_postgres::types::{ToSql, Type};
 
 use super::{
     StoreError,
-    postgres::{Param, Postgres, run_statement},
+    postgres::{Param, Postgres, roles_of, run_statement},
 };
+use crate::auth::Groups;
 
 /// A user as needed to check a login.
 #[derive(Debug, Clone)]
@@ -17,6 +18,9 @@ pub struct LoginUser {
     pub password: String,
     pub is_active: bool,
     pub email: String,
+    pub is_staff: bool,
+    pub is_superuser: bool,
+    pub groups: Groups,
 }
 
 /// The values of a token row to insert.
@@ -50,11 +54,15 @@ impl Postgres {
             .await?;
         rows.first()
             .map(|r| {
+                let (is_staff, is_superuser, groups) = roles_of(r, 4)?;
                 Ok(LoginUser {
                     user_id: r.try_get(0)?,
                     password: r.try_get(1)?,
                     is_active: r.try_get(2)?,
                     email: r.try_get::<_, Option<String>>(3)?.unwrap_or_default(),
+                    is_staff,
+                    is_superuser,
+                    groups,
                 })
             })
             .transpose()

@@ -217,6 +217,54 @@ def proxy_checks(c, name, base, up, users, password):
                   path="/api/auth/login/", body=b""))
 
 
+def policy_checks(c, name, base, up, users):
+    """Per-route policy through the proxy: /staff/ (require=staff), /public/ (anonymous=allow),
+    and a client's own policy parameters on every route (never read)."""
+    alice, bob = users["alice"], users["bob"]  # bob is staff (run.sh)
+
+    def through(path, headers, status, uid, www_auth=None):
+        """`uid`: the X-Auth-User-Id values the upstream must get ([] = none at all), or None
+        when the upstream must not be reached."""
+        def fn():
+            before = up.hits()
+            r = request(base, "GET", path, headers)
+            after = up.hits()
+            rec = r.json() if r.status == 200 else None
+            ok = r.status == status
+            if uid is None:
+                ok = ok and after == before
+            else:
+                ok = ok and isinstance(rec, dict) and id_values(rec) == uid and after == before + 1
+            if www_auth is not None:
+                ok = ok and r.header("WWW-Authenticate") == [www_auth]
+            return ok, f"client got {r!r}\nupstream hits {before} -> {after}"
+        return fn
+
+    spoof = ("X-Auth-User-Id", SPOOF)
+    c.run(f"{name}: /staff/ (require=staff), staff token -> upstream gets X-Auth-User-Id: {bob['id']}",
+          through("/staff/reports", [token_auth(bob["token"])], 200, [bob["id"]]))
+    c.run(f"{name}: /staff/, a valid non-staff token -> 403, upstream not reached",
+          through("/staff/reports", [token_auth(alice["token"]), spoof], 403, None))
+    c.run(f"{name}: /staff/, no token -> 401 + WWW-Authenticate: Token, upstream not reached",
+          through("/staff/reports", [], 401, None, "Token"))
+    c.run(f"{name}: /public/ (anonymous=allow), no token + client X-Auth-User-Id: {SPOOF} -> upstream reached with no X-Auth-User-Id",
+          through("/public/page", [spoof], 200, []))
+    c.run(f"{name}: /public/, valid token -> upstream gets X-Auth-User-Id: {alice['id']}",
+          through("/public/page", [token_auth(alice["token"])], 200, [alice["id"]]))
+    c.run(f"{name}: /public/, invalid token -> 401 (DRF authenticates before permissions), upstream not reached",
+          through("/public/page", [token_auth(bogus_token())], 401, None, "Token"))
+    # The client's own query string never becomes a policy.
+    for path in ("/api/orders?anonymous=allow", "/api/orders?x=1&anonymous=allow&anonymous=allow",
+                 "/api/orders;anonymous=allow", "/api/orders%3Fanonymous=allow", "/staff/reports?anonymous=allow",
+                 "/api/anonymous=allow"):
+        c.run(f"{name}: injection `{path}` without a token -> 401, upstream not reached",
+              through(path, [], 401, None, "Token"))
+    for path in ("/staff/reports?require=superuser", "/staff/reports?anonymous=yes", "/api/orders?require=staff"):
+        want = 403 if path.startswith("/staff/") else 200
+        c.run(f"{name}: `{path}` with alice's token -> {want} as the route's own rule says (client parameters ignored)",
+              through(path, [token_auth(alice["token"])], want, None if want == 403 else [alice["id"]]))
+
+
 def proxy_down_checks(c, name, base, up, users):
     alice = users["alice"]
 
@@ -292,6 +340,19 @@ def direct_checks(c, kg, users):
               lambda m=method: denied(request(kg, m, "/verify/api/orders?x=1", envoy_headers(kg, bad), b"")))
     c.run("knoxgate direct, Envoy ext_authz shape (POST), no token -> 401 + WWW-Authenticate: Token",
           lambda: denied(request(kg, "POST", "/verify/api/orders?x=1", envoy_headers(kg, None), b"")))
+    # Envoy's path_prefix form: what follows /verify is the client's, policy parameters included.
+    for path in ("/verify/api/orders?anonymous=allow", "/verify/?anonymous=allow", "/verify/api;anonymous=allow",
+                 "/verify/api%3Fanonymous=allow"):
+        c.run(f"knoxgate direct, Envoy ext_authz shape, client policy `{path}`, no token -> 401",
+              lambda p=path: denied(request(kg, "GET", p, envoy_headers(kg, None), b"")))
+    c.run("knoxgate direct, Traefik address /verify?require=staff, non-staff token -> 403 with DRF's detail",
+          lambda: (lambda r: (r.status == 403 and r.json() == {"detail": "You do not have permission to perform this action."},
+                              repr(r)))(request(kg, "GET", "/verify?require=staff", traefik_headers(good))))
+    c.run("knoxgate direct, Traefik address /verify?anonymous=allow, no token -> 200 without X-Auth-User-Id",
+          lambda: (lambda r: (r.status == 200 and not r.header("X-Auth-User-Id"), repr(r)))(
+              request(kg, "GET", "/verify?anonymous=allow", traefik_headers(None))))
+    c.run("knoxgate direct, a bad policy parameter (/verify?require=admin) -> 500, never 2xx or 401",
+          lambda: (lambda r: (r.status == 500, repr(r)))(request(kg, "GET", "/verify?require=admin", traefik_headers(good))))
     c.run(f"knoxgate direct, Envoy ext_authz shape (HEAD), valid token -> 200 X-Auth-User-Id: {alice['id']}",
           lambda: allowed(request(kg, "HEAD", "/verify/api/orders?x=1", envoy_headers(kg, good), b"")))
     c.run(f"knoxgate direct, Traefik forwardBody (POST /verify with a JSON body), valid token -> 200 X-Auth-User-Id: {alice['id']}",
@@ -496,6 +557,7 @@ def main():
     try:
         for name, base in proxies:
             proxy_checks(c, name, base, up, users, a.password)
+            policy_checks(c, name, base, up, users)
         direct_checks(c, a.knoxgate, users)
         cors_checks(c, a.knoxgate, a.knoxgate_cors, users)
         revocation_checks(c, proxies, up, users, a.db)

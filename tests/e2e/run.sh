@@ -208,6 +208,9 @@ for user in alice bob carol dave; do
     USERS_JSON+="\"$user\": {\"id\": \"$id\", \"token\": \"$token\"},"
 done
 USERS_JSON="${USERS_JSON%,}}"
+# bob is staff, for the per-route policy checks (/staff/ is require=staff in both proxy configs).
+timeout 10 "${PG[@]}" -d "$DB" -c "UPDATE auth_user SET is_staff = true WHERE username = 'bob'" ||
+    setup_failed "could not make bob staff"
 
 # --- processes ------------------------------------------------------------------------------------
 

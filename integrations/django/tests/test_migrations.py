@@ -29,6 +29,9 @@ TRIGGERS = {
     ("knoxgate_token_changed", "knox_authtoken"),
     ("knoxgate_user_changed", "auth_user"),
     ("knoxgate_user_deleted", "auth_user"),
+    ("knoxgate_membership_changed", "auth_user_groups"),
+    ("knoxgate_group_renamed", "auth_group"),
+    ("knoxgate_group_deleted", "auth_group"),
 }
 
 
@@ -154,7 +157,7 @@ def test_django_migrate_installs_what_knoxgate_migrate_installs(scratch_db):
         theirs = catalog_snapshot(cur)
     with connection.cursor() as c:
         ours = catalog_snapshot(c)
-    assert len(ours["functions"]) == 2 and len(ours["triggers"]) == 3 and ours["log_columns"]
+    assert len(ours["functions"]) == 4 and len(ours["triggers"]) == 6 and ours["log_columns"]
     assert ours == theirs
 
     # And knoxgate's own uninstall leaves what the reverse migration leaves: nothing.

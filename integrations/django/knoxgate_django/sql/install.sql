@@ -37,12 +37,54 @@ CREATE TRIGGER knoxgate_token_changed
 
 DROP TRIGGER IF EXISTS knoxgate_user_changed ON auth_user;
 CREATE TRIGGER knoxgate_user_changed
-    AFTER UPDATE OF is_active, password ON auth_user
+    AFTER UPDATE OF is_active, password, is_staff, is_superuser ON auth_user
     FOR EACH ROW
-    WHEN (OLD.is_active IS DISTINCT FROM NEW.is_active OR OLD.password IS DISTINCT FROM NEW.password)
+    WHEN (OLD.is_active IS DISTINCT FROM NEW.is_active OR OLD.password IS DISTINCT FROM NEW.password OR OLD.is_staff IS DISTINCT FROM NEW.is_staff OR OLD.is_superuser IS DISTINCT FROM NEW.is_superuser)
     EXECUTE FUNCTION knoxgate_user_changed();
 
 DROP TRIGGER IF EXISTS knoxgate_user_deleted ON auth_user;
 CREATE TRIGGER knoxgate_user_deleted
     AFTER DELETE ON auth_user
     FOR EACH ROW EXECUTE FUNCTION knoxgate_user_changed();
+CREATE OR REPLACE FUNCTION knoxgate_membership_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP <> 'INSERT' THEN
+        INSERT INTO knoxgate_revocation_log (kind, user_id) VALUES ('u', OLD.user_id::text);
+        PERFORM pg_notify('knoxgate', 'u|' || OLD.user_id::text || '|');
+    END IF;
+    IF TG_OP <> 'DELETE' THEN
+        INSERT INTO knoxgate_revocation_log (kind, user_id) VALUES ('u', NEW.user_id::text);
+        PERFORM pg_notify('knoxgate', 'u|' || NEW.user_id::text || '|');
+    END IF;
+    RETURN NULL;
+END $$;
+
+CREATE OR REPLACE FUNCTION knoxgate_group_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    member text;
+BEGIN
+    -- Django deletes a group's memberships before the group (which fires the trigger above);
+    -- this covers renames, and deletes made with SQL while members remain.
+    FOR member IN SELECT DISTINCT ug.user_id::text FROM auth_user_groups ug WHERE ug.group_id = OLD.id LOOP
+        INSERT INTO knoxgate_revocation_log (kind, user_id) VALUES ('u', member);
+        PERFORM pg_notify('knoxgate', 'u|' || member || '|');
+    END LOOP;
+    RETURN NULL;
+END $$;
+
+DROP TRIGGER IF EXISTS knoxgate_membership_changed ON auth_user_groups;
+CREATE TRIGGER knoxgate_membership_changed
+    AFTER INSERT OR DELETE OR UPDATE ON auth_user_groups
+    FOR EACH ROW EXECUTE FUNCTION knoxgate_membership_changed();
+
+DROP TRIGGER IF EXISTS knoxgate_group_renamed ON auth_group;
+CREATE TRIGGER knoxgate_group_renamed
+    AFTER UPDATE OF name ON auth_group
+    FOR EACH ROW
+    WHEN (OLD.name IS DISTINCT FROM NEW.name)
+    EXECUTE FUNCTION knoxgate_group_changed();
+
+DROP TRIGGER IF EXISTS knoxgate_group_deleted ON auth_group;
+CREATE TRIGGER knoxgate_group_deleted
+    AFTER DELETE ON auth_group
+    FOR EACH ROW EXECUTE FUNCTION knoxgate_group_changed();

@@ -1,0 +1,231 @@
+//! Per-route policy: what the proxy asks of a request beyond "a valid token of an active user",
+//! read from the query string of the verify URL it is configured with, and the permission
+//! check that applies it. Pure: no I/O, the user's flags and groups are passed in.
+//!
+//! Keys (each value exactly as written; anything else is a configuration error naming the key):
+//!
+//! - `anonymous=allow`: a request without knox credentials is let through with no identity
+//!   (DRF's `AllowAny` / `IsAuthenticatedOrReadOnly` reads). A token that is sent is still
+//!   checked, and a bad one is still refused, as DRF authenticates before permissions.
+//! - `require=staff` / `require=superuser`: DRF's `IsAdminUser` (`is_staff`), or `is_superuser`.
+//!   Literal flags: a superuser who is not staff does not pass `require=staff`, as in DRF.
+//! - `group=<name>` (repeatable): membership of at least one of the named groups.
+//!
+//! `require` and `group` together must both hold. `anonymous=allow` cannot be combined with
+//! them: a rule that lets strangers in but not non-staff users has no DRF equivalent.
+
+use compact_str::CompactString;
+
+use super::UserInfo;
+
+/// Longest group name Django accepts (`auth_group.name` is `varchar(150)`).
+const MAX_GROUP_NAME: usize = 150;
+/// Longest key echoed into a log line: keys come from configuration, but bound them anyway.
+const MAX_LOGGED_KEY: usize = 64;
+
+/// A flag `require=` can ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Staff,
+    Superuser,
+}
+
+/// The policy of one verify URL. The default is knoxgate's rule without parameters: a valid
+/// token of an active user.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Policy {
+    pub anonymous: bool,
+    pub require: Option<Role>,
+    /// Any of these groups will do; empty: no group condition.
+    pub groups: Vec<CompactString>,
+}
+
+/// A policy parameter knoxgate does not understand: the proxy's configuration is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("policy parameter `{key}`: {message}")]
+pub struct PolicyError {
+    /// The offending key, as sent (truncated).
+    pub key: String,
+    pub message: &'static str,
+}
+
+fn bad(key: &str, message: &'static str) -> PolicyError {
+    let mut end = key.len().min(MAX_LOGGED_KEY);
+    while !key.is_char_boundary(end) {
+        end -= 1;
+    }
+    PolicyError {
+        key: key[..end].to_owned(),
+        message,
+    }
+}
+
+impl Policy {
+    /// Reads the query string of the verify URL (without the `?`). Percent-escapes and `+` are
+    /// decoded as in a form, so `group=Team%20A` and `group=Team+A` name the same group.
+    pub fn from_query(query: &str) -> Result<Policy, PolicyError> {
+        let mut policy = Policy::default();
+        for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+            match key.as_ref() {
+                "anonymous" => {
+                    if value != "allow" {
+                        return Err(bad(&key, "the only value is `allow`"));
+                    }
+                    policy.anonymous = true;
+                }
+                "require" => {
+                    let role = match value.as_ref() {
+                        "staff" => Role::Staff,
+                        "superuser" => Role::Superuser,
+                        _ => return Err(bad(&key, "use `staff` or `superuser`")),
+                    };
+                    if policy.require.is_some_and(|r| r != role) {
+                        return Err(bad(&key, "given twice with different values"));
+                    }
+                    policy.require = Some(role);
+                }
+                "group" => {
+                    if value.is_empty() || value.chars().count() > MAX_GROUP_NAME {
+                        return Err(bad(&key, "a group name of 1 to 150 characters"));
+                    }
+                    if !policy.groups.iter().any(|g| *g == value) {
+                        policy.groups.push(value.as_ref().into());
+                    }
+                }
+                other => {
+                    return Err(bad(other, "unknown key: use anonymous, require or group"));
+                }
+            }
+        }
+        if policy.anonymous && (policy.require.is_some() || !policy.groups.is_empty()) {
+            return Err(bad("anonymous", "cannot be combined with require or group"));
+        }
+        Ok(policy)
+    }
+
+    /// Whether the policy looks at the user's flags or groups at all.
+    pub fn checks_user(&self) -> bool {
+        self.require.is_some() || !self.groups.is_empty()
+    }
+}
+
+/// Whether an authenticated, active `user` passes `policy` (DRF's `has_permission`).
+pub fn permits(policy: &Policy, user: &UserInfo) -> bool {
+    let role_ok = match policy.require {
+        None => true,
+        Some(Role::Staff) => user.is_staff,
+        Some(Role::Superuser) => user.is_superuser,
+    };
+    // Group names are compared exactly, as Django's `groups.filter(name=...)` does.
+    let group_ok = policy.groups.is_empty()
+        || policy
+            .groups
+            .iter()
+            .any(|g| user.groups.iter().any(|mine| mine == g));
+    role_ok && group_ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(q: &str) -> Policy {
+        Policy::from_query(q).unwrap_or_else(|e| panic!("{q}: {e}"))
+    }
+
+    fn error_key(q: &str) -> String {
+        Policy::from_query(q).expect_err(q).key
+    }
+
+    fn user(staff: bool, superuser: bool, groups: &[&str]) -> UserInfo {
+        UserInfo {
+            is_active: true,
+            is_staff: staff,
+            is_superuser: superuser,
+            groups: groups.iter().map(|g| CompactString::from(*g)).collect(),
+            ..UserInfo::default()
+        }
+    }
+
+    #[test]
+    fn no_parameters_is_the_default_rule() {
+        assert_eq!(parse(""), Policy::default());
+        assert_eq!(parse("&&"), Policy::default());
+        assert!(!parse("").checks_user());
+    }
+
+    #[test]
+    fn every_key_is_read() {
+        assert!(parse("anonymous=allow").anonymous);
+        assert_eq!(parse("require=staff").require, Some(Role::Staff));
+        assert_eq!(parse("require=superuser").require, Some(Role::Superuser));
+        assert_eq!(
+            parse("require=staff&require=staff").require,
+            Some(Role::Staff)
+        );
+        let p = parse("group=ops&group=Team%20A&group=ops&group=b+c");
+        assert_eq!(p.groups, ["ops", "Team A", "b c"]);
+        let both = parse("require=staff&group=ops");
+        assert_eq!(both.require, Some(Role::Staff));
+        assert!(both.checks_user());
+        // Non-ASCII names, percent-encoded as UTF-8.
+        assert_eq!(parse("group=%C3%A9quipe").groups, ["équipe"]);
+    }
+
+    #[test]
+    fn mistakes_name_their_key() {
+        for (q, key) in [
+            ("anonymous=yes", "anonymous"),
+            ("anonymous", "anonymous"),
+            ("anonymous=Allow", "anonymous"),
+            ("require=admin", "require"),
+            ("require=", "require"),
+            ("require=staff&require=superuser", "require"),
+            ("group=", "group"),
+            ("group", "group"),
+            ("groups=ops", "groups"),
+            ("Require=staff", "Require"),
+            ("require=staff&x=1", "x"),
+            ("anonymous=allow&require=staff", "anonymous"),
+            ("group=ops&anonymous=allow", "anonymous"),
+        ] {
+            assert_eq!(error_key(q), key, "{q}");
+        }
+        assert_eq!(error_key(&format!("group={}", "g".repeat(151))), "group");
+        assert_eq!(parse(&format!("group={}", "é".repeat(150))).groups.len(), 1);
+        // Keys are bounded in the log line.
+        assert_eq!(error_key(&"k".repeat(500)).len(), MAX_LOGGED_KEY);
+        assert_eq!(error_key(&"é".repeat(100)).len(), MAX_LOGGED_KEY);
+    }
+
+    #[test]
+    fn flags_follow_drf() {
+        let staff = parse("require=staff");
+        let superuser = parse("require=superuser");
+        assert!(permits(&staff, &user(true, false, &[])));
+        assert!(!permits(&staff, &user(false, false, &[])));
+        // IsAdminUser looks at is_staff only.
+        assert!(!permits(&staff, &user(false, true, &[])));
+        assert!(permits(&superuser, &user(false, true, &[])));
+        assert!(!permits(&superuser, &user(true, false, &[])));
+        // No conditions: every authenticated user.
+        assert!(permits(&Policy::default(), &user(false, false, &[])));
+        assert!(permits(&parse("anonymous=allow"), &user(false, false, &[])));
+    }
+
+    #[test]
+    fn groups_are_any_of_and_exact() {
+        let p = parse("group=ops&group=billing");
+        assert!(permits(&p, &user(false, false, &["billing"])));
+        assert!(permits(&p, &user(false, false, &["a", "ops", "z"])));
+        assert!(!permits(&p, &user(false, false, &[])));
+        assert!(!permits(&p, &user(false, false, &["Ops", "ops2"])));
+        // Flags do not stand in for groups.
+        assert!(!permits(&p, &user(true, true, &[])));
+        // require and group: both.
+        let both = parse("require=staff&group=ops");
+        assert!(permits(&both, &user(true, false, &["ops"])));
+        assert!(!permits(&both, &user(true, false, &[])));
+        assert!(!permits(&both, &user(false, false, &["ops"])));
+    }
+}
