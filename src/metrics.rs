@@ -218,6 +218,11 @@ impl Metrics {
                 result: LookupResult::Hit,
             })
             .clone();
+        // Every kind exported from the start, at 0, so rates and alerts see the series before the
+        // first failure.
+        for kind in ["timeout", "unavailable", "query"] {
+            m.postgres_errors.get_or_create(&KindLabels { kind });
+        }
         let allowed = m
             .verify_outcomes
             .get_or_create(&OutcomeLabels {
@@ -408,6 +413,7 @@ mod tests {
             r#"knoxgate_verify_total{outcome="allow",reason="valid"} 0"#,
             r#"knoxgate_requests_total{route="logoutall",status="2xx"} 1"#,
             r#"knoxgate_postgres_errors_total{kind="too_many"} 1"#,
+            r#"knoxgate_postgres_errors_total{kind="timeout"} 0"#,
         ] {
             assert!(text.lines().any(|l| l == line), "{line} not in:\n{text}");
         }

@@ -49,7 +49,8 @@ scrape_metrics() {
         env -i PATH="$PATH" "${env[@]}" "$bin" serve >"$WORK/scrape-serve.log" 2>&1 &
         pid=$!
         for ((i = 0; i < 100; i++)); do
-            curl -fsS -o /dev/null "http://127.0.0.1:$admin/readyz" 2>/dev/null && break
+            # Ready, and Redis connected: a login before that would not write to Redis.
+            curl -fsS "http://127.0.0.1:$admin/readyz" 2>/dev/null | grep -q '"redis":"connected"' && break
             sleep 0.1
         done
         token=$(curl -sS -X POST -u scrape:scrape-pw "http://127.0.0.1:$port/api/auth/login/" | "$LINT_PY" -c 'import json, sys; print(json.load(sys.stdin)["token"])') || rc=1
