@@ -221,7 +221,9 @@ impl Metrics {
         // Every kind exported from the start, at 0, so rates and alerts see the series before the
         // first failure.
         for kind in ["timeout", "unavailable", "query"] {
-            m.postgres_errors.get_or_create(&KindLabels { kind });
+            m.postgres_errors
+                .get_or_create(&KindLabels { kind })
+                .inc_by(0);
         }
         let allowed = m
             .verify_outcomes

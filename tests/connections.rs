@@ -11,7 +11,7 @@ use knoxgate::auth::HashAlgorithm;
 
 use crate::support::{
     KillOnDrop, PrivatePg, TestDb, TestServer, backends, connect, eventually, free_port, http,
-    insert_token, insert_user, join_all, run_blocking,
+    insert_token, insert_user, run_blocking, with_each_token,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -38,22 +38,8 @@ async fn an_idle_instance_holds_no_pooled_connection_after_idle_timeout() {
         tokens.push(t.token);
     }
     let addr = s.addr();
-    let wave: Vec<_> = tokens
-        .iter()
-        .cloned()
-        .map(|t| async move {
-            http(
-                addr,
-                "GET",
-                "/verify",
-                &[("Authorization", &format!("Token {t}"))],
-                b"",
-            )
-            .await
-            .status
-        })
-        .collect();
-    assert!(join_all(wave).await.iter().all(|s| *s == 200));
+    let wave = with_each_token(addr, "GET", "/verify", &tokens).await;
+    assert!(wave.iter().all(|s| *s == 200));
     let busy = backends(&admin, &db.name, "knoxgate").await;
     assert!(
         (1..=4).contains(&busy),

@@ -10,7 +10,7 @@ use knoxgate::auth::HashAlgorithm;
 
 use crate::support::{
     PgBouncer, TestDb, eventually, fleet_config, http, insert_token, insert_user, join_all,
-    readyz_status, start_unready,
+    readyz_status, start_unready, with_each_token,
 };
 
 const ERRORS: &str = "knoxgate_postgres_errors_total";
@@ -63,22 +63,7 @@ async fn transaction_pooling_serves_cold_lookups_logins_logouts_and_refresh_with
     let addr = s.addr();
     let mut statuses = Vec::new();
     for chunk in tokens.chunks(50) {
-        let wave: Vec<_> = chunk
-            .iter()
-            .cloned()
-            .map(|t| async move {
-                http(
-                    addr,
-                    "GET",
-                    "/verify",
-                    &[("Authorization", &format!("Token {t}"))],
-                    b"",
-                )
-                .await
-                .status
-            })
-            .collect();
-        statuses.extend(join_all(wave).await);
+        statuses.extend(with_each_token(addr, "GET", "/verify", chunk).await);
     }
     let ok = statuses.iter().filter(|s| **s == 200).count();
     assert_eq!(
@@ -137,22 +122,8 @@ async fn transaction_pooling_serves_cold_lookups_logins_logouts_and_refresh_with
     let refreshes_before = s
         .metric("knoxgate_sql_statements_total{statement=\"refresh_expiry\"}")
         .await;
-    let verifies: Vec<_> = issued
-        .iter()
-        .cloned()
-        .map(|t| async move {
-            http(
-                addr,
-                "GET",
-                "/verify",
-                &[("Authorization", &format!("Token {t}"))],
-                b"",
-            )
-            .await
-            .status
-        })
-        .collect();
-    assert!(join_all(verifies).await.iter().all(|s| *s == 200));
+    let verifies = with_each_token(addr, "GET", "/verify", &issued).await;
+    assert!(verifies.iter().all(|s| *s == 200));
     let refreshed = eventually(Duration::from_secs(5), || async {
         let moved: i64 = client
             .query_one(
@@ -177,22 +148,7 @@ async fn transaction_pooling_serves_cold_lookups_logins_logouts_and_refresh_with
     assert!(refreshes >= 20.0, "refresh writes: {refreshes}");
 
     // Concurrent logouts of half the issued tokens; then they are refused.
-    let logouts: Vec<_> = issued[..10]
-        .iter()
-        .cloned()
-        .map(|t| async move {
-            http(
-                addr,
-                "POST",
-                "/api/auth/logout/",
-                &[("Authorization", &format!("Token {t}"))],
-                b"",
-            )
-            .await
-            .status
-        })
-        .collect();
-    let logouts = join_all(logouts).await;
+    let logouts = with_each_token(addr, "POST", "/api/auth/logout/", &issued[..10]).await;
     assert!(logouts.iter().all(|s| *s == 204), "logouts: {logouts:?}");
     for t in &issued[..10] {
         assert_eq!(s.verify(t).await.status, 401);

@@ -228,3 +228,25 @@ fn parse_response(buf: &[u8]) -> Response {
         body,
     }
 }
+
+/// Sends `method path` with each token at once (one connection each) and returns the statuses,
+/// in the order of `tokens`.
+pub async fn with_each_token(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    tokens: &[String],
+) -> Vec<u16> {
+    let requests: Vec<_> = tokens
+        .iter()
+        .map(|t| {
+            let (method, path, auth) = (method.to_owned(), path.to_owned(), format!("Token {t}"));
+            async move {
+                http(addr, &method, &path, &[("Authorization", &auth)], b"")
+                    .await
+                    .status
+            }
+        })
+        .collect();
+    super::join_all(requests).await
+}
