@@ -656,11 +656,17 @@ def test_token_from_knoxgate_login_is_written_to_redis_in_knox_redis_format(star
     assert token_key in stack.redis.smembers(index)
     assert 0 < stack.redis.ttl(index) <= 300
 
-    # knox-redis's six fields, in its order, then knoxgate's one extra field: the user's status,
-    # which knox-redis ignores. No username or email unless identity headers are configured.
+    # knox-redis's six fields, in its order, then knoxgate's one extra field: the user's status
+    # (active, staff and superuser flags, group names, for per-route policies), which knox-redis
+    # ignores. No username or email unless identity headers are configured.
     knox_redis_fields = ["schema_version", "digest", "user_id", "created", "expiry", "token_key"]
     assert list(raw) == knox_redis_fields + ["knoxgate"], f"fields differ: {entry['raw']}"
-    assert raw["knoxgate"] == {"is_active": True}, entry["raw"]
+    assert raw["knoxgate"] == {
+        "is_active": True,
+        "is_staff": False,
+        "is_superuser": False,
+        "groups": [],
+    }, entry["raw"]
     assert entry["raw"].startswith(
         json.dumps({k: raw[k] for k in knox_redis_fields})[:-1] + ", "
     ), "knox-redis's bytes, then the extra field"
