@@ -7,6 +7,8 @@ set -euo pipefail
 
 missing=()
 command -v pgbouncer >/dev/null 2>&1 || [[ -x /usr/sbin/pgbouncer ]] || missing+=(pgbouncer)
+# The Redis TLS test makes its CA and server certificate with the openssl command.
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 
 if ((${#missing[@]})); then
     echo "installing: ${missing[*]}"
