@@ -22,7 +22,9 @@ step() {
 }
 
 step "test tools" scripts/ensure-tools.sh
-step "cargo build" cargo build --locked
+# --all-targets: the binary the suites below run is then the same build `cargo test` uses (the
+# tests enable tokio's test-util), not a second variant of every tokio-based crate.
+step "cargo build" cargo build --locked --all-targets
 step "cargo test" cargo test --locked
 step "django interop" tests/interop/run.sh
 step "knoxgate-django" integrations/django/run-tests.sh

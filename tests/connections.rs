@@ -7,11 +7,9 @@ use std::{
     time::Duration,
 };
 
-use knoxgate::auth::HashAlgorithm;
-
 use crate::support::{
     KillOnDrop, PrivatePg, TestDb, TestServer, backends, connect, eventually, free_port, http,
-    insert_token, insert_user, run_blocking, with_each_token,
+    insert_default_token, insert_user, run_blocking, with_each_token,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -27,14 +25,7 @@ async fn an_idle_instance_holds_no_pooled_connection_after_idle_timeout() {
     let mut tokens = Vec::new();
     for i in 0..16 {
         let id = insert_user(&client, &format!("idle{i}"), "pw", true).await;
-        let t = insert_token(
-            &client,
-            id,
-            Some(Duration::from_secs(3600)),
-            "",
-            HashAlgorithm::Sha512,
-        )
-        .await;
+        let t = insert_default_token(&client, id).await;
         tokens.push(t.token);
     }
     let addr = s.addr();
@@ -60,14 +51,7 @@ async fn an_idle_instance_holds_no_pooled_connection_after_idle_timeout() {
     // The feed keeps its one connection, and the pool opens again on demand.
     assert_eq!(backends(&admin, &db.name, "knoxgate-feed").await, 1);
     let id = insert_user(&client, "idle-late", "pw", true).await;
-    let late = insert_token(
-        &client,
-        id,
-        Some(Duration::from_secs(3600)),
-        "",
-        HashAlgorithm::Sha512,
-    )
-    .await;
+    let late = insert_default_token(&client, id).await;
     assert_eq!(s.verify(&late.token).await.status, 200);
     s.stop().await;
 }
@@ -120,14 +104,7 @@ async fn too_many_clients_is_logged_with_the_server_message_and_counted() {
     }
     let client = connect(&url).await;
     let id = insert_user(&client, "crowd", "pw", true).await;
-    let token = insert_token(
-        &client,
-        id,
-        Some(Duration::from_secs(3600)),
-        "",
-        HashAlgorithm::Sha512,
-    )
-    .await;
+    let token = insert_default_token(&client, id).await;
     drop(client);
 
     // The real binary, so that its log is what an operator reads.

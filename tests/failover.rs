@@ -13,11 +13,11 @@ use std::{
 };
 
 use base64::Engine as _;
-use knoxgate::auth::{HashAlgorithm, token_key_of};
+use knoxgate::auth::token_key_of;
 
 use crate::support::{
-    PrivatePg, connect, eventually, fleet_config, http, insert_token, insert_user, readyz_status,
-    run_blocking, start_unready,
+    PrivatePg, connect, eventually, fleet_config, http, insert_default_token, insert_user,
+    readyz_status, run_blocking, start_unready,
 };
 
 /// What the load saw.
@@ -56,14 +56,7 @@ async fn promoted_standby_takes_over_under_load_without_a_wrong_answer() {
     for i in 0..10 {
         let id = insert_user(&old, &format!("fo{i}"), "secret", true).await;
         for n in 0..3 {
-            let t = insert_token(
-                &old,
-                id,
-                Some(Duration::from_secs(3600)),
-                "",
-                HashAlgorithm::Sha512,
-            )
-            .await;
+            let t = insert_default_token(&old, id).await;
             if n == 0 { &mut revoked } else { &mut valid }.push(t.token);
         }
     }
@@ -199,14 +192,7 @@ async fn promoted_standby_takes_over_under_load_without_a_wrong_answer() {
         .await
         .unwrap()
         .get(0);
-    let fresh = insert_token(
-        &new,
-        id,
-        Some(Duration::from_secs(3600)),
-        "",
-        HashAlgorithm::Sha512,
-    )
-    .await;
+    let fresh = insert_default_token(&new, id).await;
     let kill = killed_at.lock().unwrap().unwrap();
     let cold = eventually(Duration::from_secs(15), || async {
         status(fresh.token.clone()).await == 200

@@ -9,8 +9,8 @@ use base64::Engine as _;
 use knoxgate::auth::HashAlgorithm;
 
 use crate::support::{
-    PgBouncer, TestDb, eventually, fleet_config, http, insert_token, insert_user, join_all,
-    readyz_status, start_unready, with_each_token,
+    PgBouncer, TestDb, eventually, fleet_config, http, insert_default_token, insert_token,
+    insert_user, join_all, readyz_status, start_unready, with_each_token,
 };
 
 const ERRORS: &str = "knoxgate_postgres_errors_total";
@@ -49,6 +49,7 @@ async fn transaction_pooling_serves_cold_lookups_logins_logouts_and_refresh_with
     for i in 0..40 {
         let id = insert_user(&client, &format!("cold{i}"), "pw", true).await;
         for _ in 0..5 {
+            // An hour to live: auto_refresh writes a new expiry through PgBouncer on verify.
             let t = insert_token(
                 &client,
                 id,
@@ -194,14 +195,7 @@ async fn a_feed_behind_transaction_pooling_is_reported_deaf_and_answers_are_conf
     let s = start_unready(cfg).await;
     let client = db.client().await;
     let id = insert_user(&client, "deaf", "pw", true).await;
-    let t = insert_token(
-        &client,
-        id,
-        Some(Duration::from_secs(3600)),
-        "",
-        HashAlgorithm::Sha512,
-    )
-    .await;
+    let t = insert_default_token(&client, id).await;
 
     let deaf = eventually(Duration::from_secs(5), || async {
         let (status, body) = readyz_status(&s).await;

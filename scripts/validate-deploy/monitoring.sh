@@ -21,7 +21,7 @@ check "$DASHBOARD is valid JSON with panels" \
     "$LINT_PY" -c 'import json, sys; d = json.load(open(sys.argv[1])); assert d["panels"], "no panels"' "$DASHBOARD"
 
 # A knoxgate of the current source: the build check-config used when it is fresh, else a debug
-# build (cheap after `cargo build`, which scripts/test.sh runs first). Labelled families appear
+# build (`--all-targets`, as scripts/test.sh builds it first, so nothing is rebuilt). Labelled families appear
 # in /metrics only once something bumps them, so it gets the traffic that does: a login, a
 # /verify, a logout (feed events), and a private Redis that refuses writes (maxmemory 1,
 # noeviction) for Redis errors.
@@ -29,7 +29,7 @@ free_port() { "$LINT_PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.
 scrape_metrics() {
     local bin=$KNOXGATE_BIN db port admin redis_port pid redis_pid i rc=0 token
     if [[ -z $bin || -n $(find src Cargo.toml Cargo.lock -newer "$bin" -print -quit) ]]; then
-        cargo build --locked --quiet --bin knoxgate || return 1
+        cargo build --locked --quiet --all-targets || return 1
         bin=target/debug/knoxgate
     fi
     db=knoxgate_vd_$$_$RANDOM

@@ -15,11 +15,13 @@ use std::{
     collections::HashMap,
     hash::BuildHasher,
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use compact_str::CompactString;
 use smallvec::SmallVec;
+// tokio's clock (std's outside a runtime) so that the tests can pause and advance time.
+use tokio::time::Instant;
 
 use crate::auth::{StoredDigest, TokenRow};
 
@@ -299,12 +301,13 @@ mod tests {
         assert_eq!(c.weighted_size(), 0);
     }
 
-    #[test]
-    fn entries_expire() {
+    #[tokio::test(start_paused = true)]
+    async fn entries_expire() {
         let c = MemoryCache::new(1000, 1 << 20);
         c.insert("a", entry("1", Duration::from_millis(30)));
+        tokio::time::advance(Duration::from_millis(29)).await;
         assert!(c.get("a").is_some());
-        std::thread::sleep(Duration::from_millis(40));
+        tokio::time::advance(Duration::from_millis(1)).await;
         assert!(c.get("a").is_none());
         c.insert("z", entry("1", Duration::ZERO));
         assert!(c.get("z").is_none());
@@ -353,12 +356,12 @@ mod tests {
         assert!(long.weight("0123456789abcde") > w);
     }
 
-    #[test]
-    fn purge_frees_expired_entries() {
+    #[tokio::test(start_paused = true)]
+    async fn purge_frees_expired_entries() {
         let c = MemoryCache::new(1000, 1 << 20);
         c.insert("short", entry("1", Duration::from_millis(20)));
         c.insert("long", entry("1", MIN));
-        std::thread::sleep(Duration::from_millis(30));
+        tokio::time::advance(Duration::from_millis(20)).await;
         c.purge_expired();
         assert_eq!(c.entry_count(), 1);
         assert_eq!(c.weighted_size() as usize, entry("1", MIN).weight("long"));

@@ -11,9 +11,10 @@ use std::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
+// tokio's clock (std's outside a runtime) so that the breaker's tests can pause time.
 use fred::{
     interfaces::{ClientLike, EventInterface, KeysInterface, SetsInterface},
     prelude::{Builder, Pool},
@@ -23,6 +24,7 @@ use fred::{
     },
 };
 use time::OffsetDateTime;
+use tokio::time::Instant;
 
 use super::payload::{self, CachedRow};
 use crate::{auth::TokenRow, config::RedisConfig, metrics::Metrics};
@@ -390,14 +392,16 @@ impl RedisTier {
 mod breaker_tests {
     use super::*;
 
-    #[test]
-    fn closed_admits_everyone_open_admits_one_probe_per_cooldown() {
+    #[tokio::test(start_paused = true)]
+    async fn closed_admits_everyone_open_admits_one_probe_per_cooldown() {
         let b = Breaker::new(Duration::from_millis(50));
         assert!(b.admit() && b.admit(), "closed: every request");
         assert!(b.trip(), "a change of state");
         assert!(!b.trip(), "already open");
         assert!(!b.admit(), "open: nobody during the cool-down");
-        std::thread::sleep(Duration::from_millis(60));
+        tokio::time::advance(Duration::from_millis(49)).await;
+        assert!(!b.admit(), "still cooling down");
+        tokio::time::advance(Duration::from_millis(1)).await;
         assert!(b.admit(), "one probe after the cool-down");
         assert!(!b.admit(), "and only one");
         assert!(b.close(), "a change of state");

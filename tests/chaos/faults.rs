@@ -4,8 +4,6 @@
 
 use std::{
     net::SocketAddr,
-    path::PathBuf,
-    process::{Command, Stdio},
     sync::{
         Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
@@ -136,10 +134,6 @@ impl Ctx {
     }
 }
 
-pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    tokio::task::spawn_blocking(f).await.expect("blocking task")
-}
-
 /// The fault script. Times are offsets from t0 (load start).
 pub async fn fault_script(
     ctx: Ctx,
@@ -227,7 +221,7 @@ pub async fn fault_script(
     c.log(format!("postgres: pg_ctl restart -m fast {}", ctx.state()));
     {
         let pg = Arc::clone(&pg);
-        blocking(move || pg.restart_fast()).await;
+        run_blocking(move || pg.restart_fast()).await;
     }
     let _ = connect_retry(&pg.url(), s(10)).await;
     tl.pg_restart_end = c.log(format!("postgres: accepting again {}", ctx.state()));
@@ -257,7 +251,7 @@ pub async fn fault_script(
     c.log("redis: kill -9");
     {
         let pg = Arc::clone(&pg);
-        let ok = blocking(move || pg.stop_immediate()).await;
+        let ok = run_blocking(move || pg.stop_immediate()).await;
         assert!(ok, "pg_ctl stop -m immediate failed");
     }
     tl.outage_begin = c.log(format!(
@@ -272,7 +266,7 @@ pub async fn fault_script(
     redis.lock().await.restart().await;
     {
         let pg = Arc::clone(&pg);
-        blocking(move || pg.start()).await;
+        run_blocking(move || pg.start()).await;
     }
     let _ = connect_retry(&pg.url(), s(10)).await;
     tl.outage_end = c.log(format!(
@@ -281,171 +275,4 @@ pub async fn fault_script(
     ));
     rec.push(ctx.recovery("total outage", tl.outage_end));
     (tl, rec)
-}
-
-/// The newest Postgres server binaries installed the Debian way.
-fn pg_bin() -> PathBuf {
-    let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
-        .expect("Postgres installed in /usr/lib/postgresql")
-        .filter_map(|e| {
-            let e = e.ok()?;
-            let version = e.file_name().to_str()?.parse().ok()?;
-            let bin = e.path().join("bin");
-            bin.join("initdb").exists().then_some((version, bin))
-        })
-        .collect();
-    found.sort();
-    found
-        .pop()
-        .expect("initdb in /usr/lib/postgresql/<version>/bin")
-        .1
-}
-
-/// A private Postgres cluster in a temp dir, run as the `postgres` OS user on a spare
-/// loopback port with trust auth and fsync off. Stopped (immediate, then SIGKILL) on drop.
-pub struct PrivatePg {
-    pub port: u16,
-    pub dir: tempfile::TempDir,
-}
-
-pub fn runuser_pg(args: &[&str]) -> std::process::Output {
-    Command::new("runuser")
-        .args(["-u", "postgres", "--"])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("runuser")
-}
-
-impl PrivatePg {
-    /// initdb + start. Blocking: call from `spawn_blocking`.
-    pub fn init_and_start() -> PrivatePg {
-        let dir = tempfile::Builder::new()
-            .prefix("knoxgate-chaos-pg")
-            .tempdir()
-            .expect("tempdir");
-        let st = Command::new("chown")
-            .args(["-R", "postgres:postgres"])
-            .arg(dir.path())
-            .status()
-            .expect("chown");
-        assert!(st.success(), "chown failed");
-        let pg = PrivatePg {
-            port: free_port(),
-            dir,
-        };
-        let data = pg.data();
-        let out = runuser_pg(&[
-            &format!("{}/initdb", pg_bin().display()),
-            "-D",
-            data.to_str().unwrap(),
-            "--auth=trust",
-            "-U",
-            "postgres",
-            "--no-sync",
-            "-E",
-            "UTF8",
-            "--locale=C",
-        ]);
-        assert!(
-            out.status.success(),
-            "initdb failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        pg.start();
-        pg
-    }
-
-    pub fn data(&self) -> PathBuf {
-        self.dir.path().join("data")
-    }
-
-    pub fn log_path(&self) -> PathBuf {
-        self.dir.path().join("postgres.log")
-    }
-
-    pub fn options(&self) -> String {
-        format!(
-            "-c port={} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c fsync=off \
-             -c full_page_writes=off -c synchronous_commit=off",
-            self.port,
-            self.dir.path().display()
-        )
-    }
-
-    pub fn pg_ctl(&self, args: &[&str]) -> std::process::Output {
-        let data = self.data();
-        let log = self.log_path();
-        let mut full = vec![
-            format!("{}/pg_ctl", pg_bin().display()),
-            "-D".into(),
-            data.to_str().unwrap().into(),
-            "-l".into(),
-            log.to_str().unwrap().into(),
-        ];
-        full.extend(args.iter().map(|s| s.to_string()));
-        let refs: Vec<&str> = full.iter().map(String::as_str).collect();
-        runuser_pg(&refs)
-    }
-
-    /// Starts and waits (pg_ctl -w) until it accepts connections. Blocking.
-    pub fn start(&self) {
-        let opts = self.options();
-        let out = self.pg_ctl(&["-w", "-t", "30", "-o", &opts, "start"]);
-        assert!(
-            out.status.success(),
-            "pg_ctl start failed: {} {}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    /// pg_ctl restart -m fast, waiting for it to accept. Blocking.
-    pub fn restart_fast(&self) {
-        let opts = self.options();
-        let out = self.pg_ctl(&["-w", "-t", "30", "-m", "fast", "-o", &opts, "restart"]);
-        assert!(
-            out.status.success(),
-            "pg_ctl restart failed: {} {}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    /// pg_ctl stop -m immediate. Blocking.
-    pub fn stop_immediate(&self) -> bool {
-        self.pg_ctl(&["-w", "-t", "10", "-m", "immediate", "stop"])
-            .status
-            .success()
-    }
-
-    pub fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
-    }
-
-    pub fn postmaster_pid(&self) -> Option<u32> {
-        std::fs::read_to_string(self.data().join("postmaster.pid"))
-            .ok()?
-            .lines()
-            .next()?
-            .trim()
-            .parse()
-            .ok()
-    }
-}
-
-impl Drop for PrivatePg {
-    fn drop(&mut self) {
-        if self.data().join("postmaster.pid").exists() {
-            let _ = self.stop_immediate();
-        }
-        // The temp dir goes away with us; keep the server log for post-mortems.
-        let _ = std::fs::copy(self.log_path(), target_file("chaos-postgres.log"));
-        if let Some(pid) = self.postmaster_pid() {
-            let _ = Command::new("kill")
-                .args(["-9", &pid.to_string()])
-                .stderr(Stdio::null())
-                .status();
-        }
-    }
 }

@@ -32,7 +32,7 @@ use std::{
 use knoxgate::{app, config::Config};
 
 use crate::{
-    faults::{Ctx, PrivatePg, blocking, fault_script},
+    faults::{Ctx, fault_script},
     load::{Clock, client_task, final_check},
     report::Run,
     support::*,
@@ -126,7 +126,12 @@ async fn run() {
 
     // --- Dependencies ---
     let redis = PrivateRedis::start().await;
-    let pg = Arc::new(blocking(PrivatePg::init_and_start).await);
+    let pg = Arc::new(
+        run_blocking(|| {
+            PrivatePg::init_and_start("").keep_log_at(target_file("chaos-postgres.log"))
+        })
+        .await,
+    );
     println!(
         "[chaos] private redis on :{}, private postgres on :{} (its log is copied to {} at the end)",
         redis.port,

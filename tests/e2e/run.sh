@@ -112,7 +112,7 @@ for tool in python3 psql redis-cli setpriv timeout; do
 done
 if [[ ! -x $BIN ]]; then
     say "no $BIN: cargo build"
-    (cd "$ROOT" && cargo build --quiet) || setup_failed "cargo build failed"
+    (cd "$ROOT" && cargo build --quiet --all-targets) || setup_failed "cargo build failed"
 fi
 [[ -x $BIN ]] || setup_failed "no knoxgate binary at $BIN"
 if [[ -n $CADDY2 && ! -x $CADDY2 ]]; then CADDY2=; fi

@@ -16,7 +16,23 @@ use knoxgate::{app, config::Config};
 
 use super::{TestServer, config_for_url, free_port, http, unique};
 
-pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+/// The newest Postgres server binaries installed the Debian way (/usr/lib/postgresql/<v>/bin).
+pub fn pg_bin() -> PathBuf {
+    let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("Postgres installed in /usr/lib/postgresql")
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let version = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").exists().then_some((version, bin))
+        })
+        .collect();
+    found.sort();
+    found
+        .pop()
+        .expect("initdb in /usr/lib/postgresql/<version>/bin")
+        .1
+}
 
 fn runuser_pg(args: &[&str]) -> std::process::Output {
     Command::new("runuser")
@@ -50,12 +66,14 @@ fn check(out: std::process::Output, what: &str) {
     );
 }
 
-/// A private Postgres 15 cluster in a temp dir: trust auth, fsync off, its own port. Stopped
+/// A private Postgres cluster in a temp dir: trust auth, fsync off, its own port. Stopped
 /// (immediate, then SIGKILL of the postmaster) on drop.
 pub struct PrivatePg {
     pub port: u16,
     dir: tempfile::TempDir,
     settings: String,
+    /// Where the server log is copied on drop (the temp dir goes away with it).
+    keep_log: Option<PathBuf>,
 }
 
 impl PrivatePg {
@@ -65,11 +83,12 @@ impl PrivatePg {
             port: free_port(),
             dir: temp_dir_for_postgres("knoxgate-pg"),
             settings: settings.to_owned(),
+            keep_log: None,
         };
         let data = pg.data();
         check(
             runuser_pg(&[
-                &format!("{PG_BIN}/initdb"),
+                &format!("{}/initdb", pg_bin().display()),
                 "-D",
                 data.to_str().unwrap(),
                 "--auth=trust",
@@ -92,11 +111,12 @@ impl PrivatePg {
             port: free_port(),
             dir: temp_dir_for_postgres("knoxgate-pg-standby"),
             settings: primary.settings.clone(),
+            keep_log: None,
         };
         let data = pg.data();
         check(
             runuser_pg(&[
-                &format!("{PG_BIN}/pg_basebackup"),
+                &format!("{}/pg_basebackup", pg_bin().display()),
                 "-h",
                 "127.0.0.1",
                 "-p",
@@ -114,6 +134,12 @@ impl PrivatePg {
         );
         pg.start();
         pg
+    }
+
+    /// Copies the server log to `path` when dropped, for post-mortems.
+    pub fn keep_log_at(mut self, path: PathBuf) -> PrivatePg {
+        self.keep_log = Some(path);
+        self
     }
 
     pub fn data(&self) -> PathBuf {
@@ -138,7 +164,7 @@ impl PrivatePg {
         let data = self.data();
         let log = self.log_path();
         let mut full = vec![
-            format!("{PG_BIN}/pg_ctl"),
+            format!("{}/pg_ctl", pg_bin().display()),
             "-D".into(),
             data.to_str().unwrap().into(),
             "-l".into(),
@@ -155,6 +181,15 @@ impl PrivatePg {
         check(
             self.pg_ctl(&["-w", "-t", "60", "-o", &opts, "start"]),
             "pg_ctl start",
+        );
+    }
+
+    /// pg_ctl restart -m fast, waiting until it accepts connections. Blocking.
+    pub fn restart_fast(&self) {
+        let opts = self.options();
+        check(
+            self.pg_ctl(&["-w", "-t", "30", "-m", "fast", "-o", &opts, "restart"]),
+            "pg_ctl restart",
         );
     }
 
@@ -196,6 +231,9 @@ impl Drop for PrivatePg {
     fn drop(&mut self) {
         if self.data().join("postmaster.pid").exists() {
             let _ = self.stop_immediate();
+        }
+        if let Some(path) = &self.keep_log {
+            let _ = std::fs::copy(self.log_path(), path);
         }
         if let Some(pid) = self.postmaster_pid() {
             let _ = Command::new("kill")
