@@ -11,10 +11,10 @@ use tokio::{
 
 pub use crate::state::{App, StartError};
 use crate::{
-    config::{Config, Consistency},
+    config::{Config, Consistency, FeedSource},
     http,
     server::{self, Limits},
-    store::{feed, schema},
+    store::{Store, feed, relay, schema},
 };
 
 /// A running knoxgate, as returned by [`start`].
@@ -99,6 +99,92 @@ const MAX_ADMIN_CONNECTIONS: usize = 64;
 /// How often expired in-process entries are freed and failed Redis deletions retried.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Frees expired in-process entries, retries failed Redis deletions, closes idle connections.
+fn housekeeping(store: Arc<Store>, mut stop: watch::Receiver<bool>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(HOUSEKEEPING_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => store.housekeeping().await,
+                _ = stop.changed() => return,
+            }
+        }
+    })
+}
+
+/// A running `knoxgate relay`: the Postgres change feed republished to the Redis stream, and
+/// the admin listener (`/healthz`, `/readyz`: feed live and Redis connected, `/metrics`).
+pub struct RunningRelay {
+    pub admin_addr: SocketAddr,
+    pub store: Arc<Store>,
+    publisher: Arc<relay::Publisher>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningRelay {
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        self.publisher.quit().await;
+        if let Some(redis) = self.store.redis() {
+            redis.quit().await;
+        }
+    }
+}
+
+/// Starts a relay (`knoxgate relay`). It evicts from Redis what it hears, as every instance
+/// with its own listener does, and keeps no in-process tier: it answers no tokens.
+pub async fn start_relay(mut config: Config) -> Result<RunningRelay, StartError> {
+    config.cache.consistency = Consistency::Notify;
+    config.cache.memory_max_bytes = 1;
+    check_triggers(&config).await?;
+    let app = App::new(config)?;
+    let cfg = Arc::clone(&app.config);
+    let admin_listener = TcpListener::bind(cfg.server.admin_listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: cfg.server.admin_listen,
+            source,
+        })?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            addr: cfg.server.admin_listen,
+            source,
+        })?;
+    let publisher = Arc::new(relay::Publisher::connect(&cfg)?);
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let admin_app = Arc::clone(&app);
+    let tasks = vec![
+        tokio::spawn(server::serve(
+            admin_listener,
+            Limits::from(&cfg.server),
+            Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS)),
+            move |req, _peer| http::admin::admin_service(Arc::clone(&admin_app), req),
+            shutdown_rx.clone(),
+        )),
+        tokio::spawn(feed::run(
+            Arc::clone(&app.store),
+            Arc::clone(&cfg),
+            Arc::clone(&app.metrics),
+            Some(Arc::clone(&publisher)),
+            shutdown_rx.clone(),
+        )),
+        housekeeping(Arc::clone(&app.store), shutdown_rx),
+    ];
+    tracing::info!(%admin_addr, stream = %relay::stream_key(&cfg.redis.key_prefix), "knoxgate relay running");
+    Ok(RunningRelay {
+        admin_addr,
+        store: Arc::clone(&app.store),
+        publisher,
+        shutdown,
+        tasks,
+    })
+}
+
 /// Binds both listeners and starts serving.
 pub async fn start(config: Config) -> Result<Running, StartError> {
     check_triggers(&config).await?;
@@ -146,25 +232,25 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         shutdown_rx.clone(),
     )));
     if cfg.cache.consistency == Consistency::Notify {
-        tasks.push(tokio::spawn(feed::run(
+        let (store, config, metrics) = (
             Arc::clone(&app.store),
             Arc::clone(&cfg),
             Arc::clone(&app.metrics),
-            shutdown_rx.clone(),
-        )));
-    }
-    let store = Arc::clone(&app.store);
-    let mut stop = shutdown_rx.clone();
-    tasks.push(tokio::spawn(async move {
-        let mut tick = tokio::time::interval(HOUSEKEEPING_INTERVAL);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => store.housekeeping().await,
-                _ = stop.changed() => return,
+        );
+        tasks.push(match cfg.cache.feed {
+            FeedSource::Listen => {
+                tokio::spawn(feed::run(store, config, metrics, None, shutdown_rx.clone()))
             }
-        }
-    }));
-    tracing::info!(%addr, %admin_addr, consistency = ?cfg.cache.consistency, "knoxgate serving");
+            FeedSource::Redis => tokio::spawn(relay::subscribe(
+                store,
+                config,
+                metrics,
+                shutdown_rx.clone(),
+            )),
+        });
+    }
+    tasks.push(housekeeping(Arc::clone(&app.store), shutdown_rx.clone()));
+    tracing::info!(%addr, %admin_addr, consistency = ?cfg.cache.consistency, feed = ?cfg.cache.feed, "knoxgate serving");
     Ok(Running {
         addr,
         admin_addr,

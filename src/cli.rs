@@ -50,6 +50,10 @@ pub enum Command {
         #[arg(long, conflicts_with = "no_triggers")]
         print_sql: bool,
     },
+    /// Relay the change feed to Redis for instances with cache.feed = "redis": hold the
+    /// Postgres LISTEN connection, replay the revocation log, append every change to the
+    /// stream. Run two or more; they need no coordination. Serves only the admin listener.
+    Relay,
     /// Validate the configuration and exit.
     CheckConfig,
     /// Manage users (Django-format password hashes).
@@ -148,6 +152,7 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Serve { migrate: first } => serve(config, first).await,
+        Command::Relay => relay(config).await,
         Command::Migrate {
             no_triggers,
             uninstall_triggers,
@@ -178,6 +183,16 @@ async fn serve(config: Config, migrate_first: bool) -> anyhow::Result<()> {
     let running = app::start(config).await?;
     app::shutdown_signal().await;
     tracing::info!("shutting down: draining in-flight requests");
+    running.shutdown().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Relays until SIGTERM or SIGINT.
+async fn relay(config: Config) -> anyhow::Result<()> {
+    let running = app::start_relay(config).await?;
+    app::shutdown_signal().await;
+    tracing::info!("relay shutting down");
     running.shutdown().await;
     tracing::info!("stopped");
     Ok(())

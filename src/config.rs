@@ -28,7 +28,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-pub use cache::{CacheConfig, CacheFile, Consistency};
+pub use cache::{CacheConfig, CacheFile, Consistency, FeedSource};
 pub use knox::{KnoxConfig, KnoxFile, MAX_TOKEN_PREFIX_CHARS};
 pub use log::{LogConfig, LogFile, LogFormat};
 pub use postgres::{GroupTables, PostgresConfig, PostgresFile, UserColumns};
@@ -89,7 +89,7 @@ impl TryFrom<FileConfig> for Config {
 
     /// Turns the file's values into typed ones, naming the key of the first bad value.
     fn try_from(file: FileConfig) -> Result<Config, ConfigError> {
-        Ok(Config {
+        let config = Config {
             server: file.server.try_into()?,
             verify: file.verify.try_into()?,
             knox: file.knox.try_into()?,
@@ -99,7 +99,22 @@ impl TryFrom<FileConfig> for Config {
             cache: file.cache.try_into()?,
             log: file.log.try_into()?,
             tracing: file.tracing.try_into()?,
-        })
+        };
+        if config.cache.feed == FeedSource::Redis {
+            if config.redis.url.is_none() {
+                return Err(value::invalid(
+                    "cache.feed",
+                    "`redis` needs redis.url: the relays publish changes there",
+                ));
+            }
+            if config.cache.consistency != Consistency::Notify {
+                return Err(value::invalid(
+                    "cache.feed",
+                    "`redis` is a change feed: it goes with cache.consistency = \"notify\"",
+                ));
+            }
+        }
+        Ok(config)
     }
 }
 

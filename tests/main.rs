@@ -16,6 +16,7 @@ mod pgbouncer;
 mod policy;
 mod redis_tls;
 mod refresh;
+mod relay;
 mod revocation;
 mod startup;
 mod throttle;

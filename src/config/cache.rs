@@ -20,6 +20,12 @@ const DEFAULT_FEED_RETENTION: Duration = Duration::from_secs(86_400);
 const DEFAULT_FEED_RECONNECT_DELAY: Duration = Duration::from_millis(500);
 const DEFAULT_FEED_HEALTH_INTERVAL: Duration = Duration::from_secs(5);
 const DEFAULT_FEED_ECHO_TIMEOUT: Duration = Duration::from_secs(2);
+const DEFAULT_FEED: &str = "listen";
+const DEFAULT_FEED_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+const DEFAULT_FEED_RELAY_TIMEOUT: Duration = Duration::from_secs(3);
+// At a few hundred bytes an entry, ~30 MB of Redis memory; at 1,000 revocations a second, over a
+// minute and a half of events for a subscriber that reconnects.
+const DEFAULT_FEED_STREAM_MAX_LEN: u64 = 100_000;
 
 /// `[cache]` as written in the file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -39,6 +45,12 @@ pub struct CacheFile {
     pub feed_health_interval: Duration,
     #[serde(with = "value::duration")]
     pub feed_echo_timeout: Duration,
+    pub feed: String,
+    #[serde(with = "value::duration")]
+    pub feed_heartbeat_interval: Duration,
+    #[serde(with = "value::duration")]
+    pub feed_relay_timeout: Duration,
+    pub feed_stream_max_len: u64,
 }
 
 impl Default for CacheFile {
@@ -53,8 +65,21 @@ impl Default for CacheFile {
             feed_reconnect_delay: DEFAULT_FEED_RECONNECT_DELAY,
             feed_health_interval: DEFAULT_FEED_HEALTH_INTERVAL,
             feed_echo_timeout: DEFAULT_FEED_ECHO_TIMEOUT,
+            feed: DEFAULT_FEED.into(),
+            feed_heartbeat_interval: DEFAULT_FEED_HEARTBEAT_INTERVAL,
+            feed_relay_timeout: DEFAULT_FEED_RELAY_TIMEOUT,
+            feed_stream_max_len: DEFAULT_FEED_STREAM_MAX_LEN,
         }
     }
+}
+
+/// Where an instance hears about changes (with `consistency = "notify"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FeedSource {
+    /// Its own `LISTEN` connection to Postgres (`postgres.feed_url`).
+    Listen,
+    /// The Redis stream that `knoxgate relay` processes fill from their `LISTEN` connections.
+    Redis,
 }
 
 /// How cached answers are kept in step with Postgres. See the README for the guarantees.
@@ -89,6 +114,16 @@ pub struct CacheConfig {
     pub feed_health_interval: Duration,
     /// How long the feed's own NOTIFY may take to come back before it is reported deaf.
     pub feed_echo_timeout: Duration,
+    /// Where this instance hears about changes.
+    pub feed: FeedSource,
+    /// How often a live relay says so on the stream.
+    pub feed_heartbeat_interval: Duration,
+    /// With `feed = "redis"`: how long without a relay's heartbeat before cached answers are
+    /// confirmed with Postgres (the longest a change can go unheard when every relay is gone).
+    pub feed_relay_timeout: Duration,
+    /// Entries the relays keep in the stream (approximate trim): how far back a subscriber that
+    /// reconnects can resume.
+    pub feed_stream_max_len: u64,
 }
 
 impl TryFrom<CacheFile> for CacheConfig {
@@ -106,6 +141,35 @@ impl TryFrom<CacheFile> for CacheConfig {
                 ));
             }
         };
+        let feed = match file.feed.as_str() {
+            "listen" => FeedSource::Listen,
+            "redis" => FeedSource::Redis,
+            other => {
+                return Err(invalid(
+                    "cache.feed",
+                    format!("`{other}`: use listen or redis"),
+                ));
+            }
+        };
+        if file.feed_heartbeat_interval.is_zero() {
+            return Err(invalid(
+                "cache.feed_heartbeat_interval",
+                "must be greater than 0",
+            ));
+        }
+        if file.feed_relay_timeout <= file.feed_heartbeat_interval {
+            return Err(invalid(
+                "cache.feed_relay_timeout",
+                format!(
+                    "{:?} must be longer than cache.feed_heartbeat_interval ({:?}), or every \
+                     instance would take the relays for gone between two heartbeats",
+                    file.feed_relay_timeout, file.feed_heartbeat_interval
+                ),
+            ));
+        }
+        if file.feed_stream_max_len == 0 {
+            return Err(invalid("cache.feed_stream_max_len", "must be at least 1"));
+        }
         Ok(CacheConfig {
             consistency,
             memory_max_entries: file.memory_max_entries,
@@ -116,6 +180,10 @@ impl TryFrom<CacheFile> for CacheConfig {
             feed_reconnect_delay: file.feed_reconnect_delay,
             feed_health_interval: file.feed_health_interval,
             feed_echo_timeout: file.feed_echo_timeout,
+            feed,
+            feed_heartbeat_interval: file.feed_heartbeat_interval,
+            feed_relay_timeout: file.feed_relay_timeout,
+            feed_stream_max_len: file.feed_stream_max_len,
         })
     }
 }

@@ -296,3 +296,31 @@ fn policy_keys_default_to_djangos_schema_and_need_naming_for_custom_models() {
         .to_string();
     assert!(err.contains("verify.groups_header"), "{err}");
 }
+
+#[test]
+fn feed_redis_without_redis_or_notify_is_refused() {
+    let err = Config::from_toml_str("[redis]\nurl = \"\"\n[cache]\nfeed = \"redis\"")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("cache.feed") && err.contains("redis.url"),
+        "{err}"
+    );
+    let err = Config::from_toml_str("[cache]\nfeed = \"redis\"\nconsistency = \"ttl\"")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("cache.feed") && err.contains("notify"),
+        "{err}"
+    );
+    let err = Config::from_toml_str("[cache]\nfeed = \"pubsub\"")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("cache.feed"), "{err}");
+    let err = Config::from_toml_str(
+        "[cache]\nfeed_heartbeat_interval = \"2s\"\nfeed_relay_timeout = \"1s\"",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("cache.feed_relay_timeout"), "{err}");
+}

@@ -24,7 +24,7 @@ use tokio::{
 };
 use tokio_postgres::{AsyncMessage, Socket, tls::MakeTlsConnect, types::Type};
 
-use super::{Change, Store, StoreError, pg, schema};
+use super::{Change, Store, StoreError, pg, relay::Publisher, schema};
 use crate::{
     config::Config,
     metrics::{KindLabels, Metrics},
@@ -121,7 +121,7 @@ impl Default for Echo {
     }
 }
 
-fn kind_label(change: &Change) -> &'static str {
+pub(super) fn kind_label(change: &Change) -> &'static str {
     match change {
         Change::Token { .. } => "token",
         Change::Inserted { .. } => "insert",
@@ -146,13 +146,18 @@ fn timed<T>(
     Err(error)
 }
 
-/// Runs the listener until `shutdown` flips to true, reconnecting after every failure.
+/// Runs the listener until `shutdown` flips to true, reconnecting after every failure. With a
+/// `publisher` (`knoxgate relay`), every change heard or replayed is also appended to the Redis
+/// stream, and a heartbeat while live; a failed append fails the session, so that the
+/// reconnect's replay appends again what might not have reached the stream.
 pub async fn run(
     store: Arc<Store>,
     config: Arc<Config>,
     metrics: Arc<Metrics>,
+    publisher: Option<Arc<Publisher>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let publisher = publisher.as_deref();
     let mut echo = Echo::new();
     loop {
         let result = match pg::direct_config(&config.postgres).and_then(|pg| {
@@ -160,11 +165,31 @@ pub async fn run(
             Ok((pg, tls))
         }) {
             Ok((pg, Some(tls))) => {
-                session(&store, &config, &metrics, pg, tls, &mut echo, &mut shutdown).await
+                session(
+                    &store,
+                    &config,
+                    &metrics,
+                    publisher,
+                    pg,
+                    tls,
+                    &mut echo,
+                    &mut shutdown,
+                )
+                .await
             }
             Ok((pg, None)) => {
                 let tls = tokio_postgres::NoTls;
-                session(&store, &config, &metrics, pg, tls, &mut echo, &mut shutdown).await
+                session(
+                    &store,
+                    &config,
+                    &metrics,
+                    publisher,
+                    pg,
+                    tls,
+                    &mut echo,
+                    &mut shutdown,
+                )
+                .await
             }
             Err(e) => Err(e),
         };
@@ -201,6 +226,7 @@ async fn session<T>(
     store: &Store,
     config: &Config,
     metrics: &Metrics,
+    publisher: Option<&Publisher>,
     mut pg: tokio_postgres::Config,
     tls: T,
     echo: &mut Echo,
@@ -259,8 +285,12 @@ where
         for row in &rows {
             let (kind, user_id, token_key): (String, String, String) =
                 (row.get(0), row.get(1), row.get(2));
-            if let Some(change) = parse_payload(&format!("{kind}|{user_id}|{token_key}")) {
+            let payload = format!("{kind}|{user_id}|{token_key}");
+            if let Some(change) = parse_payload(&payload) {
                 store.apply(&change).await;
+                if let Some(publisher) = publisher {
+                    publisher.publish(&payload).await?;
+                }
             }
         }
         let pruned = tokio::time::timeout(
@@ -283,6 +313,8 @@ where
         health.tick().await;
         let mut prune = tokio::time::interval(PRUNE_INTERVAL);
         prune.tick().await;
+        let mut heartbeat = tokio::time::interval(config.cache.feed_heartbeat_interval);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let echo_due = async {
                 match pending {
@@ -302,6 +334,9 @@ where
                         Some(Message::Change(change)) => {
                             metrics.feed_events.get_or_create(&KindLabels { kind: kind_label(&change) }).inc();
                             store.apply(&change).await;
+                            if let Some(publisher) = publisher {
+                                publisher.publish(&payload).await?;
+                            }
                         }
                         Some(message @ Message::Echo { .. }) => {
                             let Some((seq, _)) = pending else { continue };
@@ -352,6 +387,11 @@ where
                     // (re)connect is the one that catches a transaction pooler.
                     if pending.is_none() && !store.postgres().quiet() {
                         pending = send_echo(store, echo, config).await;
+                    }
+                }
+                _ = heartbeat.tick(), if publisher.is_some() && matches!(hearing, Hearing::Live) => {
+                    if let Some(publisher) = publisher {
+                        publisher.heartbeat().await?;
                     }
                 }
                 _ = prune.tick() => {

@@ -28,6 +28,7 @@ pub mod pg;
 pub mod postgres;
 mod read;
 pub mod redis;
+pub mod relay;
 pub mod schema;
 pub mod tls;
 pub mod tombstones;

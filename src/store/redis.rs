@@ -123,6 +123,49 @@ impl Breaker {
     }
 }
 
+/// A fred builder for `url` with every timeout, the reconnect policy and TLS taken from
+/// `[redis]`: the pool's, and the change-feed stream client's (`store::relay`).
+pub(super) fn fred_builder(cfg: &RedisConfig, url: &str) -> Result<Builder, RedisError> {
+    let mut config = FredConfig::from_url(url)?;
+    let tls = &cfg.tls;
+    if config.tls.is_some() && (tls.ca_file.is_some() || tls.client_cert.is_some()) {
+        let client = crate::store::tls::client_config(
+            tls.ca_file.as_deref(),
+            tls.client_cert
+                .as_ref()
+                .map(|(c, k)| (c.as_str(), k.as_str())),
+        )
+        .map_err(|e| RedisError(format!("redis TLS files: {e}")))?;
+        config.tls = Some(fred::types::config::TlsConfig::from(client));
+    }
+    // Start even while Redis is down; the reconnect policy brings it in later.
+    config.fail_fast = false;
+    let mut builder = Builder::from_config(config);
+    builder
+        .with_connection_config(|c| {
+            c.connection_timeout = cfg.connect_timeout;
+            c.internal_command_timeout = cfg.connect_timeout;
+            c.max_command_attempts = 1;
+            c.unresponsive = UnresponsiveConfig {
+                max_timeout: Some(cfg.unresponsive_timeout),
+                interval: cfg.unresponsive_check_interval(),
+            };
+            c.tcp.nodelay = Some(true);
+        })
+        .with_performance_config(|p| {
+            p.default_command_timeout = cfg.command_timeout;
+        })
+        .set_policy(ReconnectPolicy::new_exponential(
+            0, // retry forever
+            100,
+            cfg.reconnect_max_delay
+                .as_millis()
+                .min(u128::from(u32::MAX)) as u32,
+            2,
+        ));
+    Ok(builder)
+}
+
 impl RedisTier {
     /// Builds the pool and starts connecting in the background; never waits for Redis.
     pub fn connect(
@@ -131,43 +174,7 @@ impl RedisTier {
         with_identity: bool,
         metrics: Arc<Metrics>,
     ) -> Result<Self, RedisError> {
-        let mut config = FredConfig::from_url(url)?;
-        let tls = &cfg.tls;
-        if config.tls.is_some() && (tls.ca_file.is_some() || tls.client_cert.is_some()) {
-            let client = crate::store::tls::client_config(
-                tls.ca_file.as_deref(),
-                tls.client_cert
-                    .as_ref()
-                    .map(|(c, k)| (c.as_str(), k.as_str())),
-            )
-            .map_err(|e| RedisError(format!("redis TLS files: {e}")))?;
-            config.tls = Some(fred::types::config::TlsConfig::from(client));
-        }
-        // Start even while Redis is down; the reconnect policy brings it in later.
-        config.fail_fast = false;
-        let mut builder = Builder::from_config(config);
-        builder
-            .with_connection_config(|c| {
-                c.connection_timeout = cfg.connect_timeout;
-                c.internal_command_timeout = cfg.connect_timeout;
-                c.max_command_attempts = 1;
-                c.unresponsive = UnresponsiveConfig {
-                    max_timeout: Some(cfg.unresponsive_timeout),
-                    interval: cfg.unresponsive_check_interval(),
-                };
-                c.tcp.nodelay = Some(true);
-            })
-            .with_performance_config(|p| {
-                p.default_command_timeout = cfg.command_timeout;
-            })
-            .set_policy(ReconnectPolicy::new_exponential(
-                0, // retry forever
-                100,
-                cfg.reconnect_max_delay
-                    .as_millis()
-                    .min(u128::from(u32::MAX)) as u32,
-                2,
-            ));
+        let builder = fred_builder(cfg, url)?;
         let pool = builder.build_pool(cfg.pool_size.get())?;
         let breaker = Arc::new(Breaker::new(cfg.breaker_cooldown));
         for client in pool.clients() {

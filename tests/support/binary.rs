@@ -9,7 +9,8 @@ use super::unique;
 /// The real `knoxgate serve` binary, on fresh loopback ports, against `db_url` and the machine's
 /// Redis under a key prefix of its own; `env` adds or overrides `KNOXGATE_*` variables.
 pub struct Binary {
-    child: std::process::Child,
+    /// `None` once it has been waited for.
+    child: Option<std::process::Child>,
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     /// Where its stderr (the log) goes.
@@ -18,10 +19,15 @@ pub struct Binary {
 
 impl Binary {
     pub fn spawn(db_url: &str, env: &[(&str, String)]) -> Binary {
+        Self::spawn_command("serve", db_url, env)
+    }
+
+    /// The same for another command (`relay`).
+    pub fn spawn_command(command: &str, db_url: &str, env: &[(&str, String)]) -> Binary {
         let (port, admin) = (super::free_port(), super::free_port());
         let log = tempfile::NamedTempFile::new().expect("log file");
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_knoxgate"))
-            .arg("serve")
+            .arg(command)
             .env("KNOXGATE_POSTGRES_URL", db_url)
             .env("KNOXGATE_REDIS_URL", "redis://127.0.0.1:6379/0")
             .env("KNOXGATE_REDIS_KEY_PREFIX", unique("kgbin"))
@@ -32,7 +38,7 @@ impl Binary {
             .spawn()
             .expect("start the knoxgate binary");
         Binary {
-            child,
+            child: Some(child),
             log,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             admin: SocketAddr::from(([127, 0, 0, 1], admin)),
@@ -54,15 +60,33 @@ impl Binary {
         .is_some()
     }
 
+    /// SIGKILL: a crash, with nothing flushed or closed cleanly.
+    pub async fn kill(mut self) {
+        let mut child = self.child.take().expect("running");
+        let _ = child.kill();
+        let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+    }
+
     /// Sends SIGTERM and waits for the process to exit.
     pub async fn terminate(mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
         std::process::Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
+            .args(["-TERM", &child.id().to_string()])
             .status()
             .expect("kill");
-        tokio::task::spawn_blocking(move || self.child.wait())
+        tokio::task::spawn_blocking(move || child.wait())
             .await
             .expect("join")
             .expect("wait")
+    }
+}
+
+impl Drop for Binary {
+    /// A test that fails half-way must not leave the process running.
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }

@@ -1,0 +1,358 @@
+//! The change feed through Redis, for fleets (`cache.feed = "redis"`).
+//!
+//! A few `knoxgate relay` processes hold the Postgres `LISTEN` connection ([`super::feed`]) and
+//! append every change they hear, and every change they replay from the revocation log, to one
+//! Redis stream; instances read the stream instead of listening themselves, so a fleet costs
+//! Postgres one connection per relay instead of one per instance. Changes are idempotent
+//! evictions, so two relays may publish the same one: no leader is needed.
+//!
+//! Nothing is lost across disconnects. A relay that cannot append fails its feed session, and
+//! the reconnect replays the revocation log over the window in which anything could still be
+//! cached, appending it again. An instance resumes from the last entry id it read; when that
+//! entry is no longer in the stream (trimmed past it, or the stream lost with Redis), it may
+//! have missed changes, so it drops its in-process tier (Redis entries are evicted by the
+//! relays themselves). A live relay appends a heartbeat every `cache.feed_heartbeat_interval`;
+//! an instance counts its feed as live only while it reads the stream and has seen a heartbeat
+//! within `cache.feed_relay_timeout`, and confirms cached answers with Postgres otherwise.
+
+use std::{sync::Arc, time::Duration};
+
+use fred::{
+    clients::Client,
+    interfaces::{ClientLike, EventInterface, StreamsInterface},
+    prelude::Options,
+    types::{
+        config::UnresponsiveConfig,
+        streams::{XCapKind, XCapTrim, XReadResponse},
+    },
+};
+use tokio::{sync::watch, time::Instant};
+
+use super::{Change, Store, StoreError, feed, redis::fred_builder};
+use crate::{
+    config::Config,
+    metrics::{KindLabels, Metrics},
+};
+
+/// The field of a stream entry that carries its payload.
+const FIELD: &str = "c";
+
+/// Entries read at most per `XREAD`.
+const READ_BATCH: u64 = 512;
+
+/// The stream's key, under the configured Redis prefix.
+pub fn stream_key(key_prefix: &str) -> String {
+    format!("{key_prefix}:knoxgate:feed")
+}
+
+/// What a stream entry says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamEntry {
+    /// A change, in the triggers' payload format (see [`feed::parse_payload`]).
+    Change(Change),
+    /// A relay's `b|<relay>|<seq>`: that relay's feed is live.
+    Heartbeat,
+}
+
+/// Reads one entry's payload; `None` for anything unreadable.
+pub fn parse_entry(payload: &str) -> Option<StreamEntry> {
+    if let Some(rest) = payload.strip_prefix("b|") {
+        let (relay, seq) = rest.split_once('|')?;
+        return (!relay.is_empty() && seq.parse::<u64>().is_ok()).then_some(StreamEntry::Heartbeat);
+    }
+    feed::parse_payload(payload).map(StreamEntry::Change)
+}
+
+fn redis_error(what: &str, e: fred::error::Error) -> StoreError {
+    StoreError::Unavailable(format!("feed stream {what}: {e}"))
+}
+
+/// A relay's writer: appends to the stream. Built by `knoxgate relay` only.
+pub struct Publisher {
+    client: Client,
+    key: String,
+    max_len: u64,
+    relay: String,
+    seq: std::sync::atomic::AtomicU64,
+}
+
+impl Publisher {
+    /// Builds the client and starts connecting in the background.
+    pub fn connect(config: &Config) -> Result<Publisher, StoreError> {
+        let url = config.redis.url.as_deref().ok_or_else(|| {
+            StoreError::Unavailable("knoxgate relay needs redis.url to publish to".into())
+        })?;
+        let client = fred_builder(&config.redis, url)
+            .and_then(|b| b.build().map_err(Into::into))
+            .map_err(|e| StoreError::Unavailable(format!("feed stream client: {e:?}")))?;
+        client.on_error(|(error, server)| {
+            let server = server.map(|s| s.to_string()).unwrap_or_default();
+            tracing::warn!(%error, %server, "relay: redis unavailable; changes are appended again once it is back");
+            std::future::ready(Ok(()))
+        });
+        // The connection task runs on its own; its handle is not needed.
+        drop(client.connect());
+        let mut nonce = [0u8; 6];
+        rand::fill(&mut nonce[..]);
+        Ok(Publisher {
+            client,
+            key: stream_key(&config.redis.key_prefix),
+            max_len: config.cache.feed_stream_max_len,
+            relay: hex::encode(nonce),
+            seq: Default::default(),
+        })
+    }
+
+    /// Appends one payload (a change as the triggers write it, or a heartbeat).
+    pub async fn publish(&self, payload: &str) -> Result<(), StoreError> {
+        let cap = (XCapKind::MaxLen, XCapTrim::AlmostExact, self.max_len as i64);
+        self.client
+            .xadd::<(), _, _, _, _>(&self.key, false, cap, "*", vec![(FIELD, payload)])
+            .await
+            .map_err(|e| redis_error("append", e))
+    }
+
+    /// Says on the stream that this relay's feed is live.
+    pub async fn heartbeat(&self) -> Result<(), StoreError> {
+        let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.publish(&format!("b|{}|{seq}", self.relay)).await
+    }
+
+    pub async fn quit(&self) {
+        let _ = self.client.quit().await;
+    }
+}
+
+/// Where an instance stands with the stream.
+struct Reader {
+    /// The last entry read; `None` before the first read on a fresh start.
+    last_id: Option<String>,
+    /// When a heartbeat was last read while caught up.
+    heartbeat_at: Option<Instant>,
+}
+
+impl Reader {
+    fn live(&self, now: Instant, timeout: Duration) -> bool {
+        self.heartbeat_at
+            .is_some_and(|at| now.saturating_duration_since(at) < timeout)
+    }
+}
+
+/// An instance's reader: follows the stream until `shutdown` flips to true, reconnecting after
+/// every failure, and keeps the store's feed state (`/readyz`, `knoxgate_feed_connected`).
+pub async fn subscribe(
+    store: Arc<Store>,
+    config: Arc<Config>,
+    metrics: Arc<Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let Some(url) = config.redis.url.as_deref() else {
+        return; // refused by config validation
+    };
+    // A blocking XREAD must not count as an unresponsive server; the command timeout below
+    // bounds each read instead.
+    let client = match fred_builder(&config.redis, url).and_then(|mut b| {
+        b.with_connection_config(|c| c.unresponsive = UnresponsiveConfig::default());
+        b.build().map_err(Into::into)
+    }) {
+        Ok(client) => client,
+        Err(e) => {
+            tracing::error!(error = ?e, "change feed: cannot build the redis stream client");
+            return;
+        }
+    };
+    drop(client.connect());
+    let key = stream_key(&config.redis.key_prefix);
+    let block = config.cache.feed_heartbeat_interval;
+    let options = Options {
+        timeout: Some(block + config.redis.command_timeout + config.redis.connect_timeout),
+        max_attempts: Some(1),
+        ..Default::default()
+    };
+    let mut reader = Reader {
+        last_id: None,
+        heartbeat_at: None,
+    };
+    let mut was_live = false;
+    let mut failing = false;
+    loop {
+        let result = tokio::select! {
+            r = read_once(&client, &options, &key, block, &store, &metrics, &mut reader) => r,
+            _ = shutdown.changed() => break,
+        };
+        match result {
+            Ok(()) => {
+                if failing {
+                    tracing::info!("change feed: reading the redis stream again");
+                    failing = false;
+                }
+            }
+            Err(e) => {
+                // Nothing heard meanwhile can be trusted as heard: confirm with Postgres.
+                reader.heartbeat_at = None;
+                if !failing {
+                    tracing::warn!(error = %e, "change feed: cannot read the redis stream; confirming cached answers with postgres until it is back");
+                    failing = true;
+                }
+            }
+        }
+        let live = reader.live(Instant::now(), config.cache.feed_relay_timeout);
+        if live != was_live {
+            if live {
+                tracing::info!("change feed live (redis stream, relays heard)");
+            } else if !failing {
+                tracing::warn!(
+                    timeout = ?config.cache.feed_relay_timeout,
+                    "change feed: no relay heartbeat within cache.feed_relay_timeout (is `knoxgate relay` running?); confirming cached answers with postgres"
+                );
+            }
+            was_live = live;
+        }
+        store.set_feed_live(live);
+        metrics.feed_connected.set(i64::from(live));
+        if failing {
+            tokio::select! {
+                _ = tokio::time::sleep(config.cache.feed_reconnect_delay) => {}
+                _ = shutdown.changed() => break,
+            }
+        }
+    }
+    store.set_feed_live(false);
+    metrics.feed_connected.set(0);
+    let _ = client.quit().await;
+}
+
+/// One step: positions the reader if it is not (resuming, or dropping the in-process tier when
+/// it cannot), then reads and applies the next batch.
+async fn read_once(
+    client: &Client,
+    options: &Options,
+    key: &str,
+    block: Duration,
+    store: &Store,
+    metrics: &Metrics,
+    reader: &mut Reader,
+) -> Result<(), StoreError> {
+    let client = client.with_options(options);
+    let from = match reader.last_id.clone() {
+        Some(id) => {
+            // Resume only if the entry last read is still there: otherwise entries after it
+            // may have been trimmed unread, or the stream is a new one.
+            let still: Vec<(String, Vec<(String, String)>)> = client
+                .xrange(key, id.as_str(), id.as_str(), Some(1))
+                .await
+                .map_err(|e| redis_error("check", e))?;
+            if still.is_empty() {
+                tracing::warn!(last_id = %id, "change feed: the redis stream no longer holds the last entry read (trimmed or lost); dropping the in-process cache");
+                store.apply(&Change::Everything).await;
+                reader.heartbeat_at = None;
+                let end = stream_end(&client, key).await?;
+                reader.last_id = Some(end.clone());
+                end
+            } else {
+                id
+            }
+        }
+        None => {
+            // A fresh start: nothing is cached yet, so only what comes next matters.
+            store.apply(&Change::Everything).await;
+            let end = stream_end(&client, key).await?;
+            reader.last_id = Some(end.clone());
+            end
+        }
+    };
+    let block_ms = block.as_millis().min(u128::from(u64::MAX)) as u64;
+    let response: XReadResponse<String, String, String, String> = client
+        .xread_map(Some(READ_BATCH), Some(block_ms), key, from.as_str())
+        .await
+        .map_err(|e| redis_error("read", e))?;
+    let entries = response.into_values().next().unwrap_or_default();
+    let caught_up = (entries.len() as u64) < READ_BATCH;
+    for (id, fields) in entries {
+        match fields.get(FIELD).and_then(|p| parse_entry(p)) {
+            Some(StreamEntry::Change(change)) => {
+                metrics
+                    .feed_events
+                    .get_or_create(&KindLabels {
+                        kind: feed::kind_label(&change),
+                    })
+                    .inc();
+                store.apply(&change).await;
+            }
+            Some(StreamEntry::Heartbeat) => {
+                if caught_up {
+                    reader.heartbeat_at = Some(Instant::now());
+                }
+            }
+            None => tracing::warn!(%id, "unreadable change-feed stream entry ignored"),
+        }
+        reader.last_id = Some(id);
+    }
+    Ok(())
+}
+
+/// The id of the stream's newest entry, or `0-0` when it is empty or absent.
+async fn stream_end(
+    client: &fred::clients::WithOptions<Client>,
+    key: &str,
+) -> Result<String, StoreError> {
+    let newest: Vec<(String, Vec<(String, String)>)> = client
+        .xrevrange(key, "+", "-", Some(1))
+        .await
+        .map_err(|e| redis_error("end", e))?;
+    Ok(newest
+        .into_iter()
+        .next()
+        .map_or_else(|| "0-0".to_owned(), |(id, _)| id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_are_changes_or_heartbeats() {
+        assert_eq!(
+            parse_entry("t|12|abc"),
+            Some(StreamEntry::Change(Change::Token {
+                token_key: "abc".into(),
+                user_id: "12".into()
+            }))
+        );
+        assert_eq!(
+            parse_entry("u|7|"),
+            Some(StreamEntry::Change(Change::User {
+                user_id: "7".into()
+            }))
+        );
+        assert_eq!(parse_entry("b|a1b2c3|42"), Some(StreamEntry::Heartbeat));
+        assert_eq!(parse_entry("b||42"), None);
+        assert_eq!(parse_entry("b|a1|x"), None);
+        assert_eq!(
+            parse_entry("h|a1|1"),
+            None,
+            "a feed's self-test is never relayed"
+        );
+        assert_eq!(parse_entry(""), None);
+    }
+
+    #[test]
+    fn the_stream_lives_under_the_prefix() {
+        assert_eq!(stream_key("knox"), "knox:knoxgate:feed");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn live_only_within_the_relay_timeout_of_a_heartbeat() {
+        let timeout = Duration::from_secs(3);
+        let mut r = Reader {
+            last_id: None,
+            heartbeat_at: None,
+        };
+        assert!(!r.live(Instant::now(), timeout), "no heartbeat yet");
+        r.heartbeat_at = Some(Instant::now());
+        tokio::time::advance(Duration::from_millis(2999)).await;
+        assert!(r.live(Instant::now(), timeout));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(!r.live(Instant::now(), timeout));
+    }
+}

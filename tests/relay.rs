@@ -1,0 +1,279 @@
+//! The change feed through Redis (`cache.feed = "redis"`): `knoxgate relay` processes (the real
+//! binary, killed and restarted) republish what Postgres reports; instances read the stream and
+//! hold no Postgres connection for it. Every revocation must reach every instance across a relay
+//! crash, all relays gone, a Redis restart and a subscriber's dropped connection.
+
+use std::time::Duration;
+
+use crate::support::*;
+
+/// The bound the tests hold propagation to (the feed's own latency is far below it).
+const BOUND: Duration = Duration::from_secs(3);
+
+/// Heartbeats and the relay timeout, short so that the tests see state changes quickly.
+const FEED: &str = r#"
+[cache]
+feed = "redis"
+feed_heartbeat_interval = "200ms"
+feed_relay_timeout = "800ms"
+"#;
+
+fn relay(db: &TestDb, redis: &PrivateRedis, prefix: &str) -> Binary {
+    Binary::spawn_command(
+        "relay",
+        &db.url,
+        &[
+            ("KNOXGATE_REDIS_URL", redis.url()),
+            ("KNOXGATE_REDIS_KEY_PREFIX", prefix.to_owned()),
+            ("KNOXGATE_CACHE_FEED_HEARTBEAT_INTERVAL", "200ms".into()),
+            ("KNOXGATE_CACHE_FEED_HEALTH_INTERVAL", "200ms".into()),
+            ("KNOXGATE_CACHE_FEED_RECONNECT_DELAY", "100ms".into()),
+            ("KNOXGATE_REDIS_RECONNECT_MAX_DELAY", "200ms".into()),
+        ],
+    )
+}
+
+async fn readyz_of(admin: std::net::SocketAddr) -> (u16, String) {
+    let r = http(admin, "GET", "/readyz", &[], b"").await;
+    (r.status, r.body_text())
+}
+
+/// Until `/readyz` answers 200 with the feed live (a relay: its own Postgres feed; an
+/// instance: the stream read and a relay's heartbeat seen).
+async fn ready_within(admin: std::net::SocketAddr, limit: Duration) -> bool {
+    wait_accepting(admin.port(), limit).await
+        && eventually(limit, || async move {
+            let (status, body) = readyz_of(admin).await;
+            status == 200 && body.contains("\"feed\":\"live\"")
+        })
+        .await
+        .is_some()
+}
+
+async fn instance(db: &TestDb, redis: &PrivateRedis, prefix: &str) -> TestServer {
+    let extra = format!(
+        "[redis]\nurl = \"{}\"\nreconnect_max_delay = \"200ms\"\n{FEED}",
+        redis.url()
+    );
+    TestServer::start_with_prefix(db, prefix, &extra).await
+}
+
+async fn revoke(db: &TestDb, token: &Token) {
+    db.client()
+        .await
+        .execute(
+            "DELETE FROM knox_authtoken WHERE digest = $1",
+            &[&token.digest],
+        )
+        .await
+        .unwrap();
+}
+
+async fn refused_by_all(servers: &[&TestServer], token: &Token) -> bool {
+    for s in servers {
+        let refused = eventually(BOUND, || async {
+            s.verify(&token.token).await.status == 401
+        })
+        .await;
+        if refused.is_none() {
+            return false;
+        }
+    }
+    true
+}
+
+async fn cached_on_all(servers: &[&TestServer], tokens: &[&Token]) {
+    for s in servers {
+        for t in tokens {
+            assert_eq!(s.verify(&t.token).await.status, 200);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn revocations_reach_every_instance_through_relays_that_crash_and_return() {
+    let db = TestDb::migrated().await;
+    let redis = PrivateRedis::start().await;
+    let prefix = unique("kgrelay");
+    let relay_a = relay(&db, &redis, &prefix);
+    let relay_b = relay(&db, &redis, &prefix);
+    for r in [&relay_a, &relay_b] {
+        assert!(
+            ready_within(r.admin, Duration::from_secs(10)).await,
+            "relay not ready: {}",
+            r.log()
+        );
+    }
+    let a = instance(&db, &redis, &prefix).await;
+    let b = instance(&db, &redis, &prefix).await;
+    let tokens = [
+        user_with_token(&db, "r1").await,
+        user_with_token(&db, "r2").await,
+        user_with_token(&db, "r3").await,
+        user_with_token(&db, "r4").await,
+    ];
+    let keep = user_with_token(&db, "keep").await;
+    let all: Vec<&Token> = tokens.iter().chain([&keep]).collect();
+    cached_on_all(&[&a, &b], &all).await;
+
+    // The fleet's Postgres connections for the feed: one per relay, none per instance.
+    let admin = connect(crate::support::PG_ADMIN).await;
+    assert_eq!(backends(&admin, &db.name, "knoxgate-feed").await, 2);
+
+    // Cached hits cost no SQL: the stream is what keeps them fresh.
+    let sql = a.metric("knoxgate_sql_statements_total").await;
+    assert_eq!(a.verify(&keep.token).await.status, 200);
+    assert_eq!(a.metric("knoxgate_sql_statements_total").await, sql);
+
+    revoke(&db, &tokens[0]).await;
+    assert!(
+        refused_by_all(&[&a, &b], &tokens[0]).await,
+        "both relays up"
+    );
+
+    // One relay crashes: the other carries every change.
+    relay_a.kill().await;
+    revoke(&db, &tokens[1]).await;
+    assert!(
+        refused_by_all(&[&a, &b], &tokens[1]).await,
+        "one relay left"
+    );
+    assert!(
+        a.readyz().await.contains("\"feed\":\"live\""),
+        "{}",
+        a.readyz().await
+    );
+
+    // Every relay gone: past the relay timeout the instances say so and confirm with Postgres
+    // (still ready, as with a Postgres feed that is down: the answers stay right).
+    relay_b.kill().await;
+    for s in [&a, &b] {
+        let down = eventually(Duration::from_secs(3), || async {
+            readyz_of(s.admin()).await.1.contains("\"feed\":\"down\"")
+        })
+        .await;
+        assert!(
+            down.is_some(),
+            "still live with no relay: {}",
+            s.readyz().await
+        );
+        assert_eq!(s.metric("knoxgate_feed_connected").await, 0.0);
+    }
+    revoke(&db, &tokens[2]).await;
+    assert!(
+        refused_by_all(&[&a, &b], &tokens[2]).await,
+        "confirmed with postgres"
+    );
+
+    // A relay returns: the instances are live again and hear the next change.
+    let relay_c = relay(&db, &redis, &prefix);
+    for s in [&a, &b] {
+        assert!(
+            ready_within(s.admin(), Duration::from_secs(10)).await,
+            "not live again: {} / relay: {}",
+            s.readyz().await,
+            relay_c.log()
+        );
+    }
+    cached_on_all(&[&a, &b], &[&tokens[3], &keep]).await;
+    revoke(&db, &tokens[3]).await;
+    assert!(
+        refused_by_all(&[&a, &b], &tokens[3]).await,
+        "after the return"
+    );
+
+    // No valid token was refused on the way, and no revoked one came back.
+    for s in [&a, &b] {
+        assert_eq!(s.verify(&keep.token).await.status, 200);
+        for t in &tokens {
+            assert_eq!(s.verify(&t.token).await.status, 401);
+        }
+    }
+    a.stop().await;
+    b.stop().await;
+    relay_c.terminate().await;
+}
+
+/// The ids of the clients blocked in XREAD: the instances' stream readers.
+fn stream_readers(redis: &PrivateRedis) -> Vec<String> {
+    redis_cli(redis.port, &["CLIENT", "LIST"])
+        .lines()
+        .filter(|l| l.contains("cmd=xread"))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .next()?
+                .strip_prefix("id=")
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redis_restart_and_a_dropped_reader_lose_no_revocation() {
+    let db = TestDb::migrated().await;
+    let mut redis = PrivateRedis::start().await;
+    let prefix = unique("kgrelay");
+    let relay = relay(&db, &redis, &prefix);
+    assert!(
+        ready_within(relay.admin, Duration::from_secs(10)).await,
+        "relay not ready: {}",
+        relay.log()
+    );
+    let a = instance(&db, &redis, &prefix).await;
+    let b = instance(&db, &redis, &prefix).await;
+    let during_restart = user_with_token(&db, "restart").await;
+    let during_drop = user_with_token(&db, "dropped").await;
+    let keep = user_with_token(&db, "keep").await;
+    cached_on_all(&[&a, &b], &[&during_restart, &during_drop, &keep]).await;
+
+    // Redis restarts empty (no persistence): the stream and its ids are gone. A revocation made
+    // meanwhile must still reach both instances' in-process tiers. They are not asked about it
+    // until they are live again: a lookup while not live would confirm with Postgres and hide
+    // a lost event.
+    redis.kill();
+    revoke(&db, &during_restart).await;
+    redis.restart().await;
+    for s in [&a, &b] {
+        assert!(
+            ready_within(s.admin(), Duration::from_secs(15)).await,
+            "not live after the restart: {} / relay: {}",
+            s.readyz().await,
+            relay.log()
+        );
+    }
+    for s in [&a, &b] {
+        assert_eq!(s.verify(&during_restart.token).await.status, 401);
+    }
+
+    // A reader's connection is dropped while a revocation is made: it resumes from the last
+    // entry it read and applies what it missed.
+    cached_on_all(&[&a, &b], &[&during_drop, &keep]).await;
+    let readers = eventually(Duration::from_secs(3), || async {
+        stream_readers(&redis).len() >= 2
+    })
+    .await;
+    assert!(
+        readers.is_some(),
+        "{}",
+        redis_cli(redis.port, &["CLIENT", "LIST"])
+    );
+    for id in stream_readers(&redis) {
+        redis_cli(redis.port, &["CLIENT", "KILL", "ID", &id]);
+    }
+    revoke(&db, &during_drop).await;
+    for s in [&a, &b] {
+        assert!(ready_within(s.admin(), Duration::from_secs(10)).await);
+        let refused = eventually(BOUND, || async {
+            s.verify(&during_drop.token).await.status == 401
+        })
+        .await;
+        assert!(
+            refused.is_some(),
+            "a revocation lost across a dropped reader"
+        );
+        assert_eq!(s.verify(&keep.token).await.status, 200);
+    }
+    a.stop().await;
+    b.stop().await;
+    relay.terminate().await;
+}
