@@ -140,8 +140,11 @@ pub enum Change {
     Inserted { token_key: String },
     /// A user was deactivated, deleted, or changed password.
     User { user_id: String },
-    /// Events may have been missed: nothing cached can be trusted.
+    /// Events may have been missed: nothing cached in process can be trusted.
     Everything,
+    /// A table was truncated: every token may be gone, and no Redis entry is trusted until
+    /// every entry written before it has expired.
+    Truncated,
 }
 
 /// Store tunables taken from [`Config`].
