@@ -285,11 +285,16 @@ impl Store {
     }
 
     fn entry(&self, rows: Rows, complete: bool) -> Arc<Entry> {
+        self.entry_within(rows, complete, None)
+    }
+
+    /// An entry that lives no longer than `cap` either (what its source has left to live).
+    fn entry_within(&self, rows: Rows, complete: bool, cap: Option<Duration>) -> Arc<Entry> {
         let ttl = self.ttl_for(&rows, OffsetDateTime::now_utc());
         Arc::new(Entry {
             rows,
             complete,
-            ttl,
+            ttl: cap.map_or(ttl, |cap| ttl.min(cap)),
         })
     }
 
