@@ -235,3 +235,56 @@ async fn changes_made_in_the_replica_role_still_revoke() {
     a.stop().await;
     b.stop().await;
 }
+
+/// An install from before the TRUNCATE triggers, or with triggers that fire only in the origin
+/// role, is reported as not installed (the feed then refuses to go live) until `migrate` runs;
+/// after it every knoxgate trigger fires ALWAYS, and uninstalling leaves nothing behind.
+#[tokio::test]
+async fn older_trigger_installs_are_reported_until_migrate_runs_again() {
+    use knoxgate::store::schema;
+    let db = TestDb::migrated().await;
+    let cfg = config_for(&db, &unique("kg"), "");
+    let mut client = db.client().await;
+    async fn modes(c: &tokio_postgres::Client) -> Vec<String> {
+        c.query(
+            "SELECT DISTINCT tgenabled::text FROM pg_trigger WHERE tgname LIKE 'knoxgate_%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+    }
+    let pg = &cfg.postgres;
+    let installed = async |c: &tokio_postgres::Client| -> bool {
+        schema::triggers_installed(c, pg).await.unwrap()
+    };
+    assert!(installed(&client).await);
+    assert_eq!(modes(&client).await, ["A"]);
+    for old in [
+        "DROP TRIGGER knoxgate_token_truncated ON knox_authtoken",
+        "ALTER TABLE auth_user ENABLE TRIGGER knoxgate_user_changed",
+    ] {
+        client.batch_execute(old).await.unwrap();
+        assert!(!installed(&client).await, "{old}");
+        schema::migrate(&mut client, &cfg.postgres, true)
+            .await
+            .unwrap();
+        assert!(installed(&client).await, "{old}");
+        assert_eq!(modes(&client).await, ["A"]);
+    }
+    schema::uninstall_triggers(&mut client, &cfg.postgres)
+        .await
+        .unwrap();
+    let left: i64 = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'knoxgate_%')
+                  + (SELECT count(*) FROM pg_proc WHERE proname LIKE 'knoxgate_%')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
+}
