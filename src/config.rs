@@ -32,7 +32,7 @@ pub use cache::{CacheConfig, CacheFile, Consistency, FeedSource};
 pub use knox::{KnoxConfig, KnoxFile, MAX_TOKEN_PREFIX_CHARS};
 pub use log::{LogConfig, LogFile, LogFormat};
 pub use postgres::{GroupTables, PostgresConfig, PostgresFile, UserColumns};
-pub use redis::{RedisConfig, RedisFile, RedisTls};
+pub use redis::{EntryKey, RedisConfig, RedisFile, RedisTls};
 pub use server::{ServerConfig, ServerFile};
 pub use sessions::{SessionsConfig, SessionsFile};
 pub use tracing::{TracingConfig, TracingFile};

@@ -15,6 +15,7 @@ mod overload;
 mod pgbouncer;
 mod policy;
 mod redis_tls;
+mod redis_trust;
 mod refresh;
 mod relay;
 mod revocation;

@@ -147,3 +147,144 @@ async fn deactivating_a_user_whose_redis_index_is_gone_still_stops_their_tokens(
     a.stop().await;
     b.stop().await;
 }
+
+/// TRUNCATE fires no row trigger; the statement trigger revokes everything cached, in process
+/// and in Redis, on every instance, including one started after it (from the revocation log).
+#[tokio::test]
+async fn truncating_the_token_table_revokes_every_cached_token_everywhere() {
+    let db = TestDb::migrated().await;
+    let redis = PrivateRedis::start().await;
+    let (a, b) = pair(&db, &redis).await;
+    let alice = user_with_token(&db, "tr_alice").await;
+    let bob = user_with_token(&db, "tr_bob").await;
+    for t in [&alice, &bob] {
+        assert_eq!(a.verify(&t.token).await.status, 200);
+        cached_in_redis(&b, &t.token).await;
+    }
+    let alice_key = format!("{}:token:{}", a.prefix, token_key_of(&alice.token));
+    let alice_entry = redis_cli(redis.port, &["GET", &alice_key]);
+    assert!(alice_entry.contains(&alice.digest), "{alice_entry}");
+    db.client()
+        .await
+        .batch_execute("TRUNCATE knox_authtoken")
+        .await
+        .unwrap();
+    // Both entries are still in Redis: only trust is withdrawn, nothing is scanned.
+    for t in [&alice, &bob] {
+        let key = format!("{}:token:{}", a.prefix, token_key_of(&t.token));
+        assert_eq!(redis_cli(redis.port, &["EXISTS", &key]), "1");
+    }
+    for t in [&alice, &bob] {
+        refused_from_now_on(&a, &t.token).await;
+        refused_from_now_on(&b, &t.token).await;
+    }
+    let c = TestServer::start_with_prefix(
+        &db,
+        &a.prefix,
+        &format!(
+            "[redis]\nurl = \"{}\"\n[cache]\nmemory_max_bytes = 1",
+            redis.url()
+        ),
+    )
+    .await;
+    // An entry a promoted replica brings back is not trusted by the new instance either.
+    redis_cli(redis.port, &["SET", &alice_key, &alice_entry, "EX", "300"]);
+    refused_from_now_on(&c, &alice.token).await;
+    refused_from_now_on(&c, &bob.token).await;
+    for s in [a, b, c] {
+        s.stop().await;
+    }
+}
+
+/// Changes made with `session_replication_role = replica` (pg_restore, logical replication)
+/// fire the triggers too: they are ENABLE ALWAYS.
+#[tokio::test]
+async fn changes_made_in_the_replica_role_still_revoke() {
+    let db = TestDb::migrated().await;
+    let redis = PrivateRedis::start().await;
+    let (a, b) = pair(&db, &redis).await;
+    let deleted = user_with_token(&db, "rr_deleted").await;
+    let deactivated = user_with_token(&db, "rr_deactivated").await;
+    for t in [&deleted, &deactivated] {
+        assert_eq!(a.verify(&t.token).await.status, 200);
+        cached_in_redis(&b, &t.token).await;
+    }
+    let client = db.client().await;
+    client
+        .batch_execute("SET session_replication_role = replica")
+        .await
+        .unwrap();
+    client
+        .execute(
+            "DELETE FROM knox_authtoken WHERE user_id = $1",
+            &[&deleted.user_id],
+        )
+        .await
+        .unwrap();
+    client
+        .execute(
+            "UPDATE auth_user SET is_active = false WHERE id = $1",
+            &[&deactivated.user_id],
+        )
+        .await
+        .unwrap();
+    for t in [&deleted, &deactivated] {
+        refused_from_now_on(&a, &t.token).await;
+        refused_from_now_on(&b, &t.token).await;
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
+/// An install from before the TRUNCATE triggers, or with triggers that fire only in the origin
+/// role, is reported as not installed (the feed then refuses to go live) until `migrate` runs;
+/// after it every knoxgate trigger fires ALWAYS, and uninstalling leaves nothing behind.
+#[tokio::test]
+async fn older_trigger_installs_are_reported_until_migrate_runs_again() {
+    use knoxgate::store::schema;
+    let db = TestDb::migrated().await;
+    let cfg = config_for(&db, &unique("kg"), "");
+    let mut client = db.client().await;
+    async fn modes(c: &tokio_postgres::Client) -> Vec<String> {
+        c.query(
+            "SELECT DISTINCT tgenabled::text FROM pg_trigger WHERE tgname LIKE 'knoxgate_%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+    }
+    let pg = &cfg.postgres;
+    let installed = async |c: &tokio_postgres::Client| -> bool {
+        schema::triggers_installed(c, pg).await.unwrap()
+    };
+    assert!(installed(&client).await);
+    assert_eq!(modes(&client).await, ["A"]);
+    for old in [
+        "DROP TRIGGER knoxgate_token_truncated ON knox_authtoken",
+        "ALTER TABLE auth_user ENABLE TRIGGER knoxgate_user_changed",
+    ] {
+        client.batch_execute(old).await.unwrap();
+        assert!(!installed(&client).await, "{old}");
+        schema::migrate(&mut client, &cfg.postgres, true)
+            .await
+            .unwrap();
+        assert!(installed(&client).await, "{old}");
+        assert_eq!(modes(&client).await, ["A"]);
+    }
+    schema::uninstall_triggers(&mut client, &cfg.postgres)
+        .await
+        .unwrap();
+    let left: i64 = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'knoxgate_%')
+                  + (SELECT count(*) FROM pg_proc WHERE proname LIKE 'knoxgate_%')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
+}

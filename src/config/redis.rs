@@ -25,6 +25,8 @@ const DEFAULT_BREAKER_COOLDOWN: Duration = Duration::from_secs(1);
 /// Redis expiries are whole seconds and entries with less than a second left are not written,
 /// so below this the Redis tier would hold nothing.
 const MIN_MAX_CACHE_TTL: Duration = Duration::from_secs(1);
+/// Shortest `redis.entry_key`: HMAC-SHA256's own output size, so the key is not the weak part.
+pub const MIN_ENTRY_KEY_BYTES: usize = 32;
 
 /// URL schemes the Redis client understands: plain, TLS, Sentinel and Cluster.
 const SCHEMES: &[&str] = &[
@@ -61,6 +63,11 @@ pub struct RedisFile {
     /// PEM client certificate chain and key, for servers that require client certificates.
     pub client_cert_file: String,
     pub client_key_file: String,
+    /// Secret that authenticates knoxgate's field in Redis entries; usually set by the
+    /// `KNOXGATE_REDIS_ENTRY_KEY` variable or read from `entry_key_file` rather than written here.
+    pub entry_key: String,
+    /// File holding `entry_key` (surrounding whitespace ignored).
+    pub entry_key_file: String,
 }
 
 impl Default for RedisFile {
@@ -78,7 +85,29 @@ impl Default for RedisFile {
             ca_file: String::new(),
             client_cert_file: String::new(),
             client_key_file: String::new(),
+            entry_key: String::new(),
+            entry_key_file: String::new(),
         }
+    }
+}
+
+/// The secret key of knoxgate's Redis entries. Never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct EntryKey(Vec<u8>);
+
+impl EntryKey {
+    pub fn new(bytes: impl Into<Vec<u8>>) -> Self {
+        EntryKey(bytes.into())
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for EntryKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EntryKey(<redacted>)")
     }
 }
 
@@ -105,6 +134,9 @@ pub struct RedisConfig {
     pub breaker_cooldown: Duration,
     /// TLS trust and client identity for `rediss://` URLs.
     pub tls: RedisTls,
+    /// Authenticates the user status knoxgate stores in Redis entries. `None`: entries carrying
+    /// that status are trusted as they are (whoever can write Redis can forge one).
+    pub entry_key: Option<EntryKey>,
 }
 
 /// Files for TLS to Redis; all `None`: the system's roots, no client certificate.
@@ -178,6 +210,7 @@ impl TryFrom<RedisFile> for RedisConfig {
         if file.max_cache_ttl < MIN_MAX_CACHE_TTL {
             return Err(invalid("redis.max_cache_ttl", "must be at least 1s"));
         }
+        let entry_key = entry_key(&file.entry_key, &file.entry_key_file)?;
         Ok(RedisConfig {
             url,
             key_prefix: file.key_prefix,
@@ -192,6 +225,36 @@ impl TryFrom<RedisFile> for RedisConfig {
                 ca_file,
                 client_cert,
             },
+            entry_key,
         })
     }
+}
+
+/// `redis.entry_key`, given inline (usually by the environment) or in a file; not both.
+fn entry_key(inline: &str, file: &str) -> Result<Option<EntryKey>, ConfigError> {
+    let (key, text) = match (inline.trim(), file.trim()) {
+        ("", "") => return Ok(None),
+        (inline, "") => ("redis.entry_key", inline.to_owned()),
+        ("", path) => (
+            "redis.entry_key_file",
+            std::fs::read_to_string(path)
+                .map_err(|e| invalid("redis.entry_key_file", format!("`{path}`: {e}")))?,
+        ),
+        _ => {
+            return Err(invalid(
+                "redis.entry_key",
+                "set redis.entry_key or redis.entry_key_file, not both",
+            ));
+        }
+    };
+    let text = text.trim();
+    if text.len() < MIN_ENTRY_KEY_BYTES {
+        return Err(invalid(
+            key,
+            format!(
+                "must hold at least {MIN_ENTRY_KEY_BYTES} bytes (e.g. the output of `openssl rand -hex 32`)"
+            ),
+        ));
+    }
+    Ok(Some(EntryKey::new(text.as_bytes())))
 }

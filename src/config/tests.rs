@@ -324,3 +324,46 @@ fn feed_redis_without_redis_or_notify_is_refused() {
     .to_string();
     assert!(err.contains("cache.feed_relay_timeout"), "{err}");
 }
+
+#[test]
+fn redis_entry_key_comes_from_the_environment_or_a_file() {
+    let key = "0123456789abcdef0123456789abcdef";
+    assert_eq!(Config::from_toml_str("").unwrap().redis.entry_key, None);
+    let c = Config::from_toml_and_env("", env(&[("KNOXGATE_REDIS_ENTRY_KEY", key)])).unwrap();
+    assert_eq!(c.redis.entry_key, Some(EntryKey::new(key.as_bytes())));
+    assert!(!format!("{:?}", c.redis).contains(key), "never printed");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("entry.key");
+    std::fs::write(&path, format!("{key}\n")).unwrap();
+    let file = format!("[redis]\nentry_key_file = \"{}\"", path.display());
+    let c = Config::from_toml_str(&file).unwrap();
+    assert_eq!(c.redis.entry_key, Some(EntryKey::new(key.as_bytes())));
+    for (text, env_vars, named) in [
+        (
+            file.as_str(),
+            vec![("KNOXGATE_REDIS_ENTRY_KEY", key)],
+            "redis.entry_key",
+        ),
+        (
+            "",
+            vec![("KNOXGATE_REDIS_ENTRY_KEY", "short")],
+            "redis.entry_key",
+        ),
+        (
+            "[redis]\nentry_key_file = \"/nonexistent/entry.key\"",
+            vec![],
+            "redis.entry_key_file",
+        ),
+    ] {
+        let err = Config::from_toml_and_env(text, env(&env_vars))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(named), "{err}");
+    }
+    std::fs::write(&path, "  short \n").unwrap();
+    let err = Config::from_toml_str(&file).unwrap_err().to_string();
+    assert!(
+        err.contains("redis.entry_key_file") && err.contains("32"),
+        "{err}"
+    );
+}

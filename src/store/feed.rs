@@ -46,7 +46,8 @@ pub enum Message {
     Echo { instance: String, seq: u64 },
 }
 
-/// Reads one NOTIFY payload written by the triggers: `t|user|key`, `i|user|key`, `u|user|`.
+/// Reads one NOTIFY payload written by the triggers: `t|user|key`, `i|user|key`, `u|user|`,
+/// `a||` (a TRUNCATE).
 pub fn parse_payload(payload: &str) -> Option<Change> {
     match parse_message(payload)? {
         Message::Change(change) => Some(change),
@@ -69,6 +70,7 @@ pub fn parse_message(payload: &str) -> Option<Message> {
         "u" => Change::User {
             user_id: first.into(),
         },
+        "a" => Change::Truncated,
         "h" => {
             return Some(Message::Echo {
                 instance: first.into(),
@@ -127,6 +129,7 @@ pub(super) fn kind_label(change: &Change) -> &'static str {
         Change::Inserted { .. } => "insert",
         Change::User { .. } => "user",
         Change::Everything => "resync",
+        Change::Truncated => "truncate",
     }
 }
 
@@ -456,6 +459,7 @@ mod tests {
                 user_id: "1".into()
             })
         );
+        assert_eq!(parse_payload("a||"), Some(Change::Truncated));
         assert_eq!(parse_payload("x|1|k"), None);
         assert_eq!(parse_payload("garbage"), None);
         // A self-test echo is not a change.

@@ -141,8 +141,11 @@ pub enum Change {
     Inserted { token_key: String },
     /// A user was deactivated, deleted, or changed password.
     User { user_id: String },
-    /// Events may have been missed: nothing cached can be trusted.
+    /// Events may have been missed: nothing cached in process can be trusted.
     Everything,
+    /// A table was truncated: every token may be gone, and no Redis entry is trusted until
+    /// every entry written before it has expired.
+    Truncated,
 }
 
 /// Store tunables taken from [`Config`].
@@ -283,11 +286,16 @@ impl Store {
     }
 
     fn entry(&self, rows: Rows, complete: bool) -> Arc<Entry> {
+        self.entry_within(rows, complete, None)
+    }
+
+    /// An entry that lives no longer than `cap` either (what its source has left to live).
+    fn entry_within(&self, rows: Rows, complete: bool, cap: Option<Duration>) -> Arc<Entry> {
         let ttl = self.ttl_for(&rows, OffsetDateTime::now_utc());
         Arc::new(Entry {
             rows,
             complete,
-            ttl,
+            ttl: cap.map_or(ttl, |cap| ttl.min(cap)),
         })
     }
 

@@ -112,41 +112,49 @@ impl Store {
         let epoch = self.changes.current();
         if let Some(redis) = &self.redis {
             match redis.get(key).instrument(tier_span("redis")).await {
-                Ok(Some(cached)) if cached.digest.matches(digest) => {
+                Ok(Some(hit)) if hit.row.digest.matches(digest) => {
                     self.metrics.lookup(Tier::Redis, LookupResult::Hit);
+                    let cached = hit.row;
                     // A revocation this instance knows of may not have reached Redis (a DEL
                     // refused, queued, or lost in a failover): then only Postgres can say.
                     let revoked_lately = !self.tombstones.clear(key, &cached.user_id);
-                    let row = match cached.into_row() {
+                    // An answer taken from the entry itself lives no longer in process than the
+                    // entry has left in Redis, so the bound stays max_cache_ttl from the write,
+                    // not twice that. One confirmed with Postgres is as fresh as a load.
+                    let (row, cap) = match cached.into_row() {
                         // Written by knoxgate: carries the user's status.
-                        Some(row) if !revoked_lately && !self.must_confirm() => Some(row),
-                        // Written by django-rest-knox-redis (no user status), or a mode that
-                        // wants confirmation: one primary-key query settles it.
+                        Some(row) if !revoked_lately && !self.must_confirm() => {
+                            (Some(row), hit.remaining)
+                        }
+                        // Written by django-rest-knox-redis (no user status, or a MAC that does
+                        // not hold), or a mode that wants confirmation: one primary-key query
+                        // settles it.
                         Some(row) => match self
                             .pg
                             .confirm(&digest.to_hex())
                             .instrument(tier_span("postgres"))
                             .await
                         {
-                            Ok(fresh) => fresh,
+                            Ok(fresh) => (fresh, None),
                             // Never stale when a revocation concerns it.
                             Err(e) if self.settings.stale_if_error && !revoked_lately => {
                                 self.metrics.stale_answers.inc();
                                 tracing::debug!(error = %e, "serving a redis entry while postgres is unreachable");
-                                Some(row)
+                                (Some(row), hit.remaining)
                             }
                             Err(e) => return Err(e),
                         },
-                        None => {
+                        None => (
                             self.pg
                                 .confirm(&digest.to_hex())
                                 .instrument(tier_span("postgres"))
-                                .await?
-                        }
+                                .await?,
+                            None,
+                        ),
                     };
                     match row {
                         Some(row) => {
-                            let entry = self.entry(smallvec::smallvec![row], false);
+                            let entry = self.entry_within(smallvec::smallvec![row], false, cap);
                             self.remember(key, entry.clone(), epoch);
                             return Ok(entry);
                         }

@@ -5,6 +5,9 @@
 //! from config. Reads use `fail_fast`, so while Redis is down they fail in microseconds and the
 //! request goes on to Postgres; the pool reconnects in the background. No command touches two
 //! keys at once and nothing uses MULTI, so the same code runs on Redis Cluster.
+//!
+//! A read fetches the entry and its remaining lifetime (`GET` and `PTTL`, pipelined: one round
+//! trip), so that an entry copied into the in-process tier does not outlive its Redis key.
 
 use std::{
     sync::{
@@ -26,8 +29,12 @@ use fred::{
 use time::OffsetDateTime;
 use tokio::time::Instant;
 
-use super::payload::{self, CachedRow};
-use crate::{auth::TokenRow, config::RedisConfig, metrics::Metrics};
+use super::payload::{self, CachedRow, Seal, Verifier};
+use crate::{
+    auth::TokenRow,
+    config::{EntryKey, RedisConfig},
+    metrics::Metrics,
+};
 
 /// The writes return boxed futures: fred's command futures are several KB each, and a caller
 /// holding one inline grows by that much, even on paths that never write (the request path
@@ -57,6 +64,25 @@ pub struct RedisTier {
     breaker: Arc<Breaker>,
     /// Identity headers are configured: entries carry username and email.
     with_identity: bool,
+    /// Seals the entries written and checks those read (`redis.entry_key`).
+    entry_key: Option<Arc<EntryKey>>,
+}
+
+/// An entry read from Redis, with how long its key has left to live (`None`: no expiry set).
+#[derive(Debug, Clone)]
+pub struct Hit {
+    pub row: CachedRow,
+    pub remaining: Option<Duration>,
+}
+
+/// Reads a `PTTL` reply: milliseconds left, `-1` for a key without expiry, `-2` for a key gone
+/// (expired between the `GET` and the `PTTL`: nothing left).
+pub fn remaining_from_pttl(pttl: i64) -> Option<Duration> {
+    match pttl {
+        -1 => None,
+        ms if ms < 0 => Some(Duration::ZERO),
+        ms => Some(Duration::from_millis(ms as u64)),
+    }
 }
 
 /// A circuit breaker. After a failure Redis is skipped for a cool-down; then one request probes
@@ -176,6 +202,13 @@ impl RedisTier {
     ) -> Result<Self, RedisError> {
         let builder = fred_builder(cfg, url)?;
         let pool = builder.build_pool(cfg.pool_size.get())?;
+        if cfg.entry_key.is_none() {
+            tracing::warn!(
+                "redis.entry_key is not set: whoever can write to Redis can forge an entry that \
+                 knoxgate accepts for any user id without asking Postgres. Set the same \
+                 KNOXGATE_REDIS_ENTRY_KEY (or redis.entry_key_file) on every instance"
+            );
+        }
         let breaker = Arc::new(Breaker::new(cfg.breaker_cooldown));
         for client in pool.clients() {
             // A dropped or stalled connection opens the breaker at once, before any request
@@ -222,6 +255,7 @@ impl RedisTier {
             metrics,
             with_identity,
             breaker,
+            entry_key: cfg.entry_key.clone().map(Arc::new),
         })
     }
 
@@ -279,29 +313,44 @@ impl RedisTier {
         })
     }
 
-    /// Reads the entry for `token_key`: `Ok(None)` on a miss or an unreadable entry.
+    /// Reads the entry for `token_key` and its remaining lifetime: `Ok(None)` on a miss or an
+    /// unreadable entry.
     ///
     /// Not boxed, unlike the writes below: this is the Redis-tier hit path.
-    pub async fn get(&self, token_key: &str) -> Result<Option<CachedRow>, RedisError> {
+    pub async fn get(&self, token_key: &str) -> Result<Option<Hit>, RedisError> {
         self.ensure_available()?;
-        let r = self
+        let key = self.token_key(token_key);
+        let pipeline = self
             .pool
-            .with_options(&self.read_options)
-            .get::<Option<bytes::Bytes>, _>(self.token_key(token_key))
-            .await;
-        let value = self.record("get", r)?;
+            .next_connected()
+            .pipeline()
+            .with_options(&self.read_options);
+        let queued = async {
+            pipeline.get::<(), _>(key.as_str()).await?;
+            pipeline.pttl::<(), _>(key.as_str()).await?;
+            pipeline.all::<(Option<bytes::Bytes>, i64)>().await
+        }
+        .await;
+        let (value, pttl) = self.record("get", queued)?;
+        let verifier = self.entry_key.as_ref().map(|k| Verifier {
+            key: k.as_bytes(),
+            now: OffsetDateTime::now_utc().unix_timestamp(),
+        });
         Ok(value.and_then(|v| {
             // Read in place from the reply buffer; not UTF-8 is unreadable like any garbage.
             let row = std::str::from_utf8(&v)
                 .ok()
-                .and_then(|v| payload::decode(token_key, v, self.with_identity));
+                .and_then(|v| payload::decode_with(token_key, v, self.with_identity, verifier));
             if row.is_none() {
                 tracing::warn!(
                     token_key_len = token_key.len(),
                     "unreadable cache entry treated as a miss"
                 );
             }
-            row
+            row.map(|row| Hit {
+                row,
+                remaining: remaining_from_pttl(pttl),
+            })
         }))
     }
 
@@ -323,7 +372,14 @@ impl RedisTier {
             let client = self.pool.with_options(&self.write_options);
             let set = client.set::<(), _, _>(
                 self.token_key(&row.token_key),
-                payload::encode(row, self.with_identity),
+                payload::encode_with(
+                    row,
+                    self.with_identity,
+                    self.entry_key.as_ref().map(|k| Seal {
+                        key: k.as_bytes(),
+                        until: exat,
+                    }),
+                ),
                 Some(Expiration::EXAT(exat)),
                 None,
                 false,

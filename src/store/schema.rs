@@ -5,6 +5,11 @@
 //! later adopt a database knoxgate created. The triggers append row-level changes that can
 //! revoke a token to `knoxgate_revocation_log` and `pg_notify` the `knoxgate` channel. They
 //! only read `OLD`/`NEW` and insert into their own table, so Django's writes are unaffected.
+//!
+//! Two kinds of change fire no row trigger, and are covered too: `TRUNCATE` (a statement-level
+//! trigger logs and notifies "everything revoked"), and changes made with
+//! `session_replication_role = replica` (pg_restore, logical-replication subscribers, some
+//! migration tools), for which every knoxgate trigger is `ENABLE ALWAYS`.
 
 use tokio_postgres::Client;
 
@@ -148,7 +153,17 @@ CREATE TRIGGER knoxgate_group_renamed
 DROP TRIGGER IF EXISTS knoxgate_group_deleted ON {grp};
 CREATE TRIGGER knoxgate_group_deleted
     AFTER DELETE ON {grp}
-    FOR EACH ROW EXECUTE FUNCTION knoxgate_group_changed();"
+    FOR EACH ROW EXECUTE FUNCTION knoxgate_group_changed();
+
+DROP TRIGGER IF EXISTS knoxgate_membership_truncated ON {ug};
+CREATE TRIGGER knoxgate_membership_truncated
+    AFTER TRUNCATE ON {ug}
+    FOR EACH STATEMENT EXECUTE FUNCTION knoxgate_truncated();
+
+ALTER TABLE {ug} ENABLE ALWAYS TRIGGER knoxgate_membership_changed;
+ALTER TABLE {ug} ENABLE ALWAYS TRIGGER knoxgate_membership_truncated;
+ALTER TABLE {grp} ENABLE ALWAYS TRIGGER knoxgate_group_renamed;
+ALTER TABLE {grp} ENABLE ALWAYS TRIGGER knoxgate_group_deleted;"
     )
 }
 
@@ -196,6 +211,14 @@ BEGIN
     RETURN NULL;
 END $$;
 
+-- TRUNCATE fires no row trigger and says nothing about which rows went: every token is revoked.
+CREATE OR REPLACE FUNCTION knoxgate_truncated() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO {LOG_TABLE} (kind, user_id) VALUES ('a', '');
+    PERFORM pg_notify('{CHANNEL}', 'a||');
+    RETURN NULL;
+END $$;
+
 DROP TRIGGER IF EXISTS knoxgate_token_changed ON {tok};
 CREATE TRIGGER knoxgate_token_changed
     AFTER INSERT OR DELETE OR UPDATE OF digest, token_key, user_id, expiry ON {tok}
@@ -211,7 +234,24 @@ CREATE TRIGGER knoxgate_user_changed
 DROP TRIGGER IF EXISTS knoxgate_user_deleted ON {usr};
 CREATE TRIGGER knoxgate_user_deleted
     AFTER DELETE ON {usr}
-    FOR EACH ROW EXECUTE FUNCTION knoxgate_user_changed();{group_triggers}"
+    FOR EACH ROW EXECUTE FUNCTION knoxgate_user_changed();
+
+DROP TRIGGER IF EXISTS knoxgate_token_truncated ON {tok};
+CREATE TRIGGER knoxgate_token_truncated
+    AFTER TRUNCATE ON {tok}
+    FOR EACH STATEMENT EXECUTE FUNCTION knoxgate_truncated();
+
+DROP TRIGGER IF EXISTS knoxgate_user_truncated ON {usr};
+CREATE TRIGGER knoxgate_user_truncated
+    AFTER TRUNCATE ON {usr}
+    FOR EACH STATEMENT EXECUTE FUNCTION knoxgate_truncated();
+
+-- Fire under session_replication_role = replica too (pg_restore, logical replication).
+ALTER TABLE {tok} ENABLE ALWAYS TRIGGER knoxgate_token_changed;
+ALTER TABLE {tok} ENABLE ALWAYS TRIGGER knoxgate_token_truncated;
+ALTER TABLE {usr} ENABLE ALWAYS TRIGGER knoxgate_user_changed;
+ALTER TABLE {usr} ENABLE ALWAYS TRIGGER knoxgate_user_deleted;
+ALTER TABLE {usr} ENABLE ALWAYS TRIGGER knoxgate_user_truncated;{group_triggers}"
     )
 }
 
@@ -222,6 +262,7 @@ fn uninstall_ddl(tok: &str, usr: &str, groups: Option<&GroupTables>) -> String {
                 "DROP TRIGGER IF EXISTS knoxgate_membership_changed ON {ug};
 DROP TRIGGER IF EXISTS knoxgate_group_renamed ON {grp};
 DROP TRIGGER IF EXISTS knoxgate_group_deleted ON {grp};
+DROP TRIGGER IF EXISTS knoxgate_membership_truncated ON {ug};
 ",
                 ug = g.user_groups_table,
                 grp = g.group_table
@@ -232,10 +273,13 @@ DROP TRIGGER IF EXISTS knoxgate_group_deleted ON {grp};
         "DROP TRIGGER IF EXISTS knoxgate_token_changed ON {tok};
 DROP TRIGGER IF EXISTS knoxgate_user_changed ON {usr};
 DROP TRIGGER IF EXISTS knoxgate_user_deleted ON {usr};
+DROP TRIGGER IF EXISTS knoxgate_token_truncated ON {tok};
+DROP TRIGGER IF EXISTS knoxgate_user_truncated ON {usr};
 {group_triggers}DROP FUNCTION IF EXISTS knoxgate_token_changed();
 DROP FUNCTION IF EXISTS knoxgate_user_changed();
 DROP FUNCTION IF EXISTS knoxgate_membership_changed();
 DROP FUNCTION IF EXISTS knoxgate_group_changed();
+DROP FUNCTION IF EXISTS knoxgate_truncated();
 DROP TABLE IF EXISTS {LOG_TABLE};"
     )
 }
@@ -348,9 +392,10 @@ pub async fn uninstall_triggers(
     tx.commit().await
 }
 
-/// Whether every change-feed trigger this configuration needs is installed, the user trigger
-/// watching every column it must (an install from before per-route policies does not watch the
-/// staff and superuser flags: `knoxgate migrate` updates it).
+/// Whether every change-feed trigger this configuration needs is installed and enabled ALWAYS,
+/// the user trigger watching every column it must (an install from before per-route policies
+/// does not watch the staff and superuser flags, one from before the TRUNCATE triggers lacks
+/// those and fires only in the origin role: `knoxgate migrate` updates it).
 pub async fn triggers_installed(
     client: &Client,
     cfg: &PostgresConfig,
@@ -360,9 +405,12 @@ pub async fn triggers_installed(
         (cfg.token_table.as_str(), "knoxgate_token_changed"),
         (cfg.user_table.as_str(), "knoxgate_user_changed"),
         (cfg.user_table.as_str(), "knoxgate_user_deleted"),
+        (cfg.token_table.as_str(), "knoxgate_token_truncated"),
+        (cfg.user_table.as_str(), "knoxgate_user_truncated"),
     ];
     if let Some(g) = &cfg.groups {
         expected.push((&g.user_groups_table, "knoxgate_membership_changed"));
+        expected.push((&g.user_groups_table, "knoxgate_membership_truncated"));
         expected.push((&g.group_table, "knoxgate_group_renamed"));
         expected.push((&g.group_table, "knoxgate_group_deleted"));
     }
@@ -371,7 +419,8 @@ pub async fn triggers_installed(
         let rows = client
             .query_typed(
                 "SELECT count(*) FROM pg_trigger
-                 WHERE NOT tgisinternal AND tgrelid = to_regclass($1) AND tgname = $2",
+                 WHERE NOT tgisinternal AND tgrelid = to_regclass($1) AND tgname = $2
+                   AND tgenabled = 'A'",
                 &[(&table, Type::TEXT), (&name, Type::TEXT)],
             )
             .await?;

@@ -8,6 +8,7 @@
 //! leaves a tombstone here for as long as a Redis entry could outlive it (`redis.max_cache_ttl`
 //! plus the feed's replay slack). A Redis entry whose token key or user has a tombstone is
 //! confirmed with Postgres before use, and never served stale when Postgres cannot answer.
+//! A TRUNCATE names no rows, so it distrusts every entry for the same horizon.
 
 use std::{
     collections::HashMap,
@@ -53,7 +54,9 @@ impl Tombstones {
         self.user_at(user_id, Instant::now());
     }
 
-    /// Changes may have been missed: distrust every Redis entry for a horizon.
+    /// Every token may have been revoked at once (a TRUNCATE), or changes may have been
+    /// missed: distrust every Redis entry for a horizon, by which time every entry written
+    /// before now has expired.
     pub fn everything(&self) {
         self.everything_at(Instant::now());
     }

@@ -56,6 +56,12 @@ impl Store {
                     Change::Inserted { token_key } => self.memory.remove(token_key),
                     Change::User { user_id } => self.forget_user(user_id).await,
                     Change::Everything => self.memory.clear(),
+                    Change::Truncated => {
+                        // Which rows went is unknown, so no Redis entry written before now can
+                        // be trusted; entries live at most the tombstone horizon.
+                        self.tombstones.everything();
+                        self.memory.clear();
+                    }
                 }
             })
             .await

@@ -30,6 +30,14 @@ BEGIN
     RETURN NULL;
 END $$;
 
+-- TRUNCATE fires no row trigger and says nothing about which rows went: every token is revoked.
+CREATE OR REPLACE FUNCTION knoxgate_truncated() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO knoxgate_revocation_log (kind, user_id) VALUES ('a', '');
+    PERFORM pg_notify('knoxgate', 'a||');
+    RETURN NULL;
+END $$;
+
 DROP TRIGGER IF EXISTS knoxgate_token_changed ON knox_authtoken;
 CREATE TRIGGER knoxgate_token_changed
     AFTER INSERT OR DELETE OR UPDATE OF digest, token_key, user_id, expiry ON knox_authtoken
@@ -46,6 +54,23 @@ DROP TRIGGER IF EXISTS knoxgate_user_deleted ON auth_user;
 CREATE TRIGGER knoxgate_user_deleted
     AFTER DELETE ON auth_user
     FOR EACH ROW EXECUTE FUNCTION knoxgate_user_changed();
+
+DROP TRIGGER IF EXISTS knoxgate_token_truncated ON knox_authtoken;
+CREATE TRIGGER knoxgate_token_truncated
+    AFTER TRUNCATE ON knox_authtoken
+    FOR EACH STATEMENT EXECUTE FUNCTION knoxgate_truncated();
+
+DROP TRIGGER IF EXISTS knoxgate_user_truncated ON auth_user;
+CREATE TRIGGER knoxgate_user_truncated
+    AFTER TRUNCATE ON auth_user
+    FOR EACH STATEMENT EXECUTE FUNCTION knoxgate_truncated();
+
+-- Fire under session_replication_role = replica too (pg_restore, logical replication).
+ALTER TABLE knox_authtoken ENABLE ALWAYS TRIGGER knoxgate_token_changed;
+ALTER TABLE knox_authtoken ENABLE ALWAYS TRIGGER knoxgate_token_truncated;
+ALTER TABLE auth_user ENABLE ALWAYS TRIGGER knoxgate_user_changed;
+ALTER TABLE auth_user ENABLE ALWAYS TRIGGER knoxgate_user_deleted;
+ALTER TABLE auth_user ENABLE ALWAYS TRIGGER knoxgate_user_truncated;
 CREATE OR REPLACE FUNCTION knoxgate_membership_changed() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF TG_OP <> 'INSERT' THEN
@@ -88,3 +113,13 @@ DROP TRIGGER IF EXISTS knoxgate_group_deleted ON auth_group;
 CREATE TRIGGER knoxgate_group_deleted
     AFTER DELETE ON auth_group
     FOR EACH ROW EXECUTE FUNCTION knoxgate_group_changed();
+
+DROP TRIGGER IF EXISTS knoxgate_membership_truncated ON auth_user_groups;
+CREATE TRIGGER knoxgate_membership_truncated
+    AFTER TRUNCATE ON auth_user_groups
+    FOR EACH STATEMENT EXECUTE FUNCTION knoxgate_truncated();
+
+ALTER TABLE auth_user_groups ENABLE ALWAYS TRIGGER knoxgate_membership_changed;
+ALTER TABLE auth_user_groups ENABLE ALWAYS TRIGGER knoxgate_membership_truncated;
+ALTER TABLE auth_group ENABLE ALWAYS TRIGGER knoxgate_group_renamed;
+ALTER TABLE auth_group ENABLE ALWAYS TRIGGER knoxgate_group_deleted;

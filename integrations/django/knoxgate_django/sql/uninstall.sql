@@ -1,11 +1,15 @@
 DROP TRIGGER IF EXISTS knoxgate_token_changed ON knox_authtoken;
 DROP TRIGGER IF EXISTS knoxgate_user_changed ON auth_user;
 DROP TRIGGER IF EXISTS knoxgate_user_deleted ON auth_user;
+DROP TRIGGER IF EXISTS knoxgate_token_truncated ON knox_authtoken;
+DROP TRIGGER IF EXISTS knoxgate_user_truncated ON auth_user;
 DROP TRIGGER IF EXISTS knoxgate_membership_changed ON auth_user_groups;
 DROP TRIGGER IF EXISTS knoxgate_group_renamed ON auth_group;
 DROP TRIGGER IF EXISTS knoxgate_group_deleted ON auth_group;
+DROP TRIGGER IF EXISTS knoxgate_membership_truncated ON auth_user_groups;
 DROP FUNCTION IF EXISTS knoxgate_token_changed();
 DROP FUNCTION IF EXISTS knoxgate_user_changed();
 DROP FUNCTION IF EXISTS knoxgate_membership_changed();
 DROP FUNCTION IF EXISTS knoxgate_group_changed();
+DROP FUNCTION IF EXISTS knoxgate_truncated();
 DROP TABLE IF EXISTS knoxgate_revocation_log;
