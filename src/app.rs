@@ -137,12 +137,17 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         shutdown_rx.clone(),
     )));
     let admin_app = Arc::clone(&app);
+    let probe = Arc::new(http::admin::PostgresProbe::new(
+        cfg.server.readiness_interval,
+    ));
     tasks.push(tokio::spawn(server::serve(
         admin_listener,
         limits,
         // Its own cap: a flood on the main port must not starve probes and scrapes.
         Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS)),
-        move |req, _peer| http::admin::admin_service(Arc::clone(&admin_app), req),
+        move |req, _peer| {
+            http::admin::admin_service(Arc::clone(&admin_app), Arc::clone(&probe), req)
+        },
         shutdown_rx.clone(),
     )));
     if cfg.cache.consistency == Consistency::Notify {
