@@ -10,6 +10,7 @@ mod feed;
 mod fuzz;
 mod hostile;
 mod idle;
+mod logging;
 mod login;
 mod logout;
 mod overload;
