@@ -93,6 +93,21 @@ async fn check_triggers(config: &Config) -> Result<(), StartError> {
     }
 }
 
+/// Says at start-up when the Postgres URLs will connect without TLS to a remote host.
+fn warn_plaintext_postgres(config: &Config) {
+    use crate::store::pg;
+    let pool = pg::pg_config(&config.postgres).ok();
+    let direct = pg::direct_config(&config.postgres).ok();
+    let warnings: std::collections::BTreeSet<String> = [pool, direct]
+        .iter()
+        .flatten()
+        .filter_map(pg::plaintext_warning)
+        .collect();
+    for w in warnings {
+        tracing::warn!("{w}");
+    }
+}
+
 /// Open connections allowed on the admin listener (probes and scrapes only).
 const MAX_ADMIN_CONNECTIONS: usize = 64;
 
@@ -101,6 +116,7 @@ const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Binds both listeners and starts serving.
 pub async fn start(config: Config) -> Result<Running, StartError> {
+    warn_plaintext_postgres(&config);
     check_triggers(&config).await?;
     let app = App::new(config)?;
     let cfg = Arc::clone(&app.config);
