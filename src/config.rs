@@ -89,7 +89,7 @@ impl TryFrom<FileConfig> for Config {
 
     /// Turns the file's values into typed ones, naming the key of the first bad value.
     fn try_from(file: FileConfig) -> Result<Config, ConfigError> {
-        Ok(Config {
+        let config = Config {
             server: file.server.try_into()?,
             verify: file.verify.try_into()?,
             knox: file.knox.try_into()?,
@@ -99,11 +99,29 @@ impl TryFrom<FileConfig> for Config {
             cache: file.cache.try_into()?,
             log: file.log.try_into()?,
             tracing: file.tracing.try_into()?,
-        })
+        };
+        config.check_deadlines()?;
+        Ok(config)
     }
 }
 
 impl Config {
+    /// Limits that only make sense against each other.
+    fn check_deadlines(&self) -> Result<(), ConfigError> {
+        // The request deadline cancels a login first: a longer queueing time could never fire,
+        // and a flood of logins would end in deadline 503s instead of prompt "busy" ones.
+        if self.sessions.hash_queue_timeout >= self.server.request_timeout {
+            return Err(value::invalid(
+                "sessions.hash_queue_timeout",
+                format!(
+                    "must be less than server.request_timeout ({:?}), the whole budget of a login",
+                    self.server.request_timeout
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Parses and validates a TOML document with no environment overrides.
     pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
         Self::from_toml_and_env(text, std::iter::empty())

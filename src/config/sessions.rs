@@ -14,7 +14,8 @@ use super::{
 const DEFAULT_BASE_PATH: &str = "/api/auth/";
 // Django 5.2's default for pbkdf2_sha256, so hashes knoxgate writes are ones Django would write.
 const DEFAULT_PASSWORD_ITERATIONS: u64 = 1_000_000;
-const DEFAULT_HASH_QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
+// Below server.request_timeout (2 s) with room for the ~0.1 s check itself.
+const DEFAULT_HASH_QUEUE_TIMEOUT: Duration = Duration::from_secs(1);
 // With two hashing threads beside /verify at 5,000 requests/s on 2 cores, nice +10 took the
 // /verify p99 from 2.38 ms to 1.26 ms (README, bench/LOGIN.md): logins yield the core.
 const DEFAULT_HASH_NICE: u64 = 10;
@@ -73,7 +74,8 @@ pub struct SessionsConfig {
     pub password_iterations: u32,
     /// Password checks at once; 0: see [`SessionsConfig::hash_slots`].
     pub hash_concurrency: usize,
-    /// How long a login may wait for a hashing slot before it gets 503.
+    /// How long a login may wait for a hashing slot before it gets 503; less than
+    /// `server.request_timeout`.
     pub hash_queue_timeout: Duration,
     /// Added to the nice value of the password-hashing threads (0–19).
     pub hash_nice: i32,
