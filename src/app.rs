@@ -93,6 +93,21 @@ async fn check_triggers(config: &Config) -> Result<(), StartError> {
     }
 }
 
+/// Says at start-up when the Postgres URLs will connect without TLS to a remote host.
+fn warn_plaintext_postgres(config: &Config) {
+    use crate::store::pg;
+    let pool = pg::pg_config(&config.postgres).ok();
+    let direct = pg::direct_config(&config.postgres).ok();
+    let warnings: std::collections::BTreeSet<String> = [pool, direct]
+        .iter()
+        .flatten()
+        .filter_map(pg::plaintext_warning)
+        .collect();
+    for w in warnings {
+        tracing::warn!("{w}");
+    }
+}
+
 /// Open connections allowed on the admin listener (probes and scrapes only).
 const MAX_ADMIN_CONNECTIONS: usize = 64;
 
@@ -158,12 +173,17 @@ pub async fn start_relay(mut config: Config) -> Result<RunningRelay, StartError>
     let publisher = Arc::new(relay::Publisher::connect(&cfg)?);
     let (shutdown, shutdown_rx) = watch::channel(false);
     let admin_app = Arc::clone(&app);
+    let probe = Arc::new(http::admin::PostgresProbe::new(
+        cfg.server.readiness_interval,
+    ));
     let tasks = vec![
         tokio::spawn(server::serve(
             admin_listener,
             Limits::from(&cfg.server),
             Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS)),
-            move |req, _peer| http::admin::admin_service(Arc::clone(&admin_app), req),
+            move |req, _peer| {
+                http::admin::admin_service(Arc::clone(&admin_app), Arc::clone(&probe), req)
+            },
             shutdown_rx.clone(),
         )),
         tokio::spawn(feed::run(
@@ -187,6 +207,7 @@ pub async fn start_relay(mut config: Config) -> Result<RunningRelay, StartError>
 
 /// Binds both listeners and starts serving.
 pub async fn start(config: Config) -> Result<Running, StartError> {
+    warn_plaintext_postgres(&config);
     check_triggers(&config).await?;
     let app = App::new(config)?;
     let cfg = Arc::clone(&app.config);
@@ -223,12 +244,17 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         shutdown_rx.clone(),
     )));
     let admin_app = Arc::clone(&app);
+    let probe = Arc::new(http::admin::PostgresProbe::new(
+        cfg.server.readiness_interval,
+    ));
     tasks.push(tokio::spawn(server::serve(
         admin_listener,
         limits,
         // Its own cap: a flood on the main port must not starve probes and scrapes.
         Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS)),
-        move |req, _peer| http::admin::admin_service(Arc::clone(&admin_app), req),
+        move |req, _peer| {
+            http::admin::admin_service(Arc::clone(&admin_app), Arc::clone(&probe), req)
+        },
         shutdown_rx.clone(),
     )));
     if cfg.cache.consistency == Consistency::Notify {

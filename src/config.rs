@@ -114,11 +114,28 @@ impl TryFrom<FileConfig> for Config {
                 ));
             }
         }
+        config.check_deadlines()?;
         Ok(config)
     }
 }
 
 impl Config {
+    /// Limits that only make sense against each other.
+    fn check_deadlines(&self) -> Result<(), ConfigError> {
+        // The request deadline cancels a login first: a longer queueing time could never fire,
+        // and a flood of logins would end in deadline 503s instead of prompt "busy" ones.
+        if self.sessions.hash_queue_timeout >= self.server.request_timeout {
+            return Err(value::invalid(
+                "sessions.hash_queue_timeout",
+                format!(
+                    "must be less than server.request_timeout ({:?}), the whole budget of a login",
+                    self.server.request_timeout
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Parses and validates a TOML document with no environment overrides.
     pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
         Self::from_toml_and_env(text, std::iter::empty())

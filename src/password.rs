@@ -187,6 +187,40 @@ pub fn timing_dummy(iterations: u32) -> String {
     )
 }
 
+/// After a wrong password, does the work that makes the attempt cost what a check at the
+/// configured `iterations` costs, so timing does not tell which users have a cheaper hash or
+/// none at all. Django does the same: `harden_runtime` runs the missing PBKDF2 iterations, and
+/// since CVE-2024-39329 an unusable password runs the default hasher.
+///
+/// - unusable (`!`), unknown algorithm, over-long, malformed pbkdf2, `md5`: one dummy check at
+///   `iterations` (these answered `false` with next to no work);
+/// - `pbkdf2_*` with fewer iterations: the difference, with the same hasher and salt;
+/// - `argon2`, `bcrypt*`, `scrypt`: nothing, as in Django (their costs do not compare to
+///   PBKDF2 iterations; Django's own defaults for them are close to its PBKDF2 cost).
+pub fn harden_runtime(password: &str, encoded: &str, iterations: u32) {
+    let iterations = effective_iterations(iterations);
+    let dummy = || std::hint::black_box(check_password(password, &timing_dummy(iterations)));
+    if encoded.len() > MAX_ENCODED_LEN || !is_password_usable(encoded) {
+        dummy();
+        return;
+    }
+    match Hasher::identify(encoded) {
+        None | Some(Hasher::Md5) => {
+            dummy();
+        }
+        Some(h @ (Hasher::Pbkdf2Sha256 | Hasher::Pbkdf2Sha1)) => match parse_pbkdf2(encoded, h) {
+            None => {
+                dummy();
+            }
+            Some(p) if p.iterations < iterations => {
+                std::hint::black_box(pbkdf2_b64(h, password, p.salt, iterations - p.iterations));
+            }
+            Some(_) => {}
+        },
+        Some(_) => {}
+    }
+}
+
 /// The hashers Django ships, by the name stored before the first `$`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Hasher {

@@ -42,14 +42,44 @@ impl Telemetry {
 #[error("cannot set up the OTLP exporter: {0}")]
 pub struct TelemetryError(String);
 
+/// Client libraries whose debug and trace events carry secrets: tokio_postgres logs every
+/// statement's parameters (token digests and keys, usernames, new password hashes), and the
+/// pool and Redis client log commands and keys. They log through the `log` crate, which this
+/// subscriber does not bridge today; the directives keep them quiet should a bridge (or a
+/// driver's own `tracing` support) ever bring their records in.
+const SECRET_LOGGING_TARGETS: [&str; 5] = [
+    "tokio_postgres",
+    "postgres_protocol",
+    "deadpool_postgres",
+    "deadpool",
+    "fred",
+];
+
+/// Directives holding those libraries at `info` whatever the level, unless `level` names one
+/// of them itself (an operator who writes `tokio_postgres=debug` asked for it).
+fn quieted_drivers(level: &str) -> Vec<String> {
+    SECRET_LOGGING_TARGETS
+        .iter()
+        .filter(|t| {
+            !level
+                .split(',')
+                .any(|d| d.trim().split(['=', '[', ':']).next() == Some(**t))
+        })
+        .map(|t| format!("{t}=info"))
+        .collect()
+}
+
 /// Installs the global subscriber. Call once, before the runtime starts.
 pub fn init(config: &Config) -> Result<Telemetry, TelemetryError> {
     // The request spans are for the exporter only; the log never shows them.
-    let log_filter = EnvFilter::new(&config.log.level).add_directive(
+    let mut log_filter = EnvFilter::new(&config.log.level).add_directive(
         format!("{SPAN_TARGET}=off")
             .parse()
             .expect("a valid directive"),
     );
+    for directive in quieted_drivers(&config.log.level) {
+        log_filter = log_filter.add_directive(directive.parse().expect("a valid directive"));
+    }
     let log = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let log = match config.log.format {
         LogFormat::Json => log.json().with_filter(log_filter).boxed(),
@@ -104,5 +134,23 @@ impl Extractor for Headers<'_> {
 
     fn keys(&self) -> Vec<&str> {
         self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quieted_drivers;
+
+    #[test]
+    fn drivers_stay_at_info_unless_named() {
+        let all = quieted_drivers("debug");
+        assert!(all.contains(&"tokio_postgres=info".to_owned()), "{all:?}");
+        assert!(all.contains(&"fred=info".to_owned()));
+        let named = quieted_drivers("debug,tokio_postgres=trace");
+        assert!(
+            !named.iter().any(|d| d.starts_with("tokio_postgres=")),
+            "{named:?}"
+        );
+        assert!(named.contains(&"fred=info".to_owned()));
     }
 }

@@ -466,3 +466,70 @@ async fn login_rehashes_a_password_stored_with_other_iterations() {
     assert_eq!(stored_password(&client, "alice").await, new);
     s.stop().await;
 }
+
+/// Median wall time of `n` refused logins as `username`.
+async fn median_refused_login(s: &TestServer, username: &str, n: usize) -> Duration {
+    let mut times = Vec::with_capacity(n);
+    for _ in 0..n {
+        let started = std::time::Instant::now();
+        let r = login(s, username, "wrong-password").await;
+        times.push(started.elapsed());
+        assert_eq!(r.status, 401, "{username}: {}", r.body_text());
+    }
+    times.sort();
+    times[n / 2]
+}
+
+#[tokio::test]
+async fn refused_logins_take_as_long_whatever_the_users_hash() {
+    // A wrong password for a user stored at the configured cost is the reference. Unknown
+    // users, unusable passwords ("!…", Django's set_unusable_password), unknown algorithms
+    // and cheaper hashes must not answer visibly faster (timing would reveal them).
+    const ITERATIONS: u32 = 300_000;
+    let (_db, client, s) = Fixture::new()
+        .user("full")
+        .user("cheap")
+        .user("unusable")
+        .user("alien")
+        .config(&format!(
+            "[sessions]\npassword_iterations = {ITERATIONS}\n[server]\nrequest_timeout = \"10s\""
+        ))
+        .start()
+        .await;
+    let set = |user: &'static str, encoded: String| {
+        let client = &client;
+        async move {
+            client
+                .execute(
+                    "UPDATE auth_user SET password = $1 WHERE username = $2",
+                    &[&encoded, &user],
+                )
+                .await
+                .unwrap();
+        }
+    };
+    set(
+        "full",
+        knoxgate::password::make_password("full-pass", ITERATIONS),
+    )
+    .await;
+    // "cheap" keeps its 1,000-iteration hash.
+    set("unusable", "!Zq1x8sd0unusablepasswordmarker".into()).await;
+    set(
+        "alien",
+        "sha1$salt$0123456789abcdef0123456789abcdef01234567".into(),
+    )
+    .await;
+    // Warm up connections and threads.
+    median_refused_login(&s, "full", 1).await;
+    let reference = median_refused_login(&s, "full", 5).await;
+    for user in ["cheap", "unusable", "alien", "no-such-user"] {
+        let t = median_refused_login(&s, user, 5).await;
+        eprintln!("refused login: {user} {t:?}, reference {reference:?}");
+        assert!(
+            t * 2 >= reference,
+            "{user}: {t:?} against {reference:?} for a wrong password at the configured cost"
+        );
+    }
+    s.stop().await;
+}

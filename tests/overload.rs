@@ -132,7 +132,8 @@ async fn request_deadline_turns_a_stuck_lookup_into_503() {
     let db = TestDb::migrated().await;
     let s = TestServer::start(
         &db,
-        "[server]\nrequest_timeout = \"300ms\"\n[postgres]\nstatement_timeout = \"5s\"",
+        "[server]\nrequest_timeout = \"300ms\"\n[postgres]\nstatement_timeout = \"5s\"\n\
+         [sessions]\nhash_queue_timeout = \"100ms\"",
     )
     .await;
     let _lock = lock_tokens(&db).await;

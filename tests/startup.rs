@@ -204,3 +204,75 @@ fn base64_of(s: &str) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(s)
 }
+
+#[tokio::test]
+async fn an_instance_started_while_postgres_is_down_serves_tokens_redis_holds() {
+    // README, "Postgres down": with cache.stale_if_error (the default) tokens already cached
+    // keep being served. That includes tokens this instance never saw, when the shared Redis
+    // holds knoxgate's entry for them (it carries the user's status): a replica restarted
+    // during a Postgres outage serves the same tokens as the others. Entries only Django wrote
+    // are not enough on their own.
+    let (db, _client, s) = Fixture::new().user("alice").start().await;
+    let token = login_ok(&s, "alice", "alice-pass").await;
+    // A second token whose Redis entry is in django-rest-knox-redis's format, as Django writes
+    // it: without knoxgate's field it says nothing of whether the user is still active.
+    let django_token = login_ok(&s, "alice", "alice-pass").await;
+    let key = redis_key(&s, &django_token);
+    let mut entry: serde_json::Value =
+        serde_json::from_str(redis_cli(6379, &["GET", &key]).trim()).expect("knoxgate entry");
+    entry
+        .as_object_mut()
+        .unwrap()
+        .remove("knoxgate")
+        .expect("knoxgate's field");
+    redis_cli(6379, &["SET", &key, &entry.to_string(), "EX", "300"]);
+    let prefix = s.prefix.clone();
+    s.stop().await;
+    let port = free_port();
+    let cfg = config_for_url(
+        &format!("postgres://postgres@127.0.0.1:{port}/x"),
+        &prefix,
+        "",
+    );
+    let running = knoxgate::app::start(cfg)
+        .await
+        .expect("starts without postgres");
+    let redis_up = eventually(Duration::from_secs(4), || async {
+        running.app.store.redis().is_some_and(|r| r.is_connected())
+    })
+    .await;
+    assert!(redis_up.is_some(), "redis never connected");
+    let header = format!("Token {token}");
+    let r = http(
+        running.addr,
+        "GET",
+        "/verify",
+        &[("Authorization", &header)],
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body_text());
+    // A Django-format entry is only a hint: Postgres must confirm the user, so without it the
+    // answer is 503 (fail closed), never a 200 for a user who may have been deactivated.
+    let r = http(
+        running.addr,
+        "GET",
+        "/verify",
+        &[("Authorization", &format!("Token {django_token}"))],
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 503, "{}", r.body_text());
+    // A token nobody cached: no answer can be given without Postgres.
+    let r = http(
+        running.addr,
+        "GET",
+        "/verify",
+        &[("Authorization", &format!("Token {}", "0".repeat(64)))],
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 503);
+    running.shutdown().await;
+    drop(db);
+}

@@ -18,6 +18,8 @@ const DEFAULT_MAX_HEADER_BYTES: u64 = 16_384;
 /// hyper refuses buffers under 8 KiB.
 const MIN_MAX_HEADER_BYTES: u64 = 8_192;
 const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+const DEFAULT_READINESS_INTERVAL: Duration = Duration::from_secs(1);
 const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -33,6 +35,10 @@ pub struct ServerFile {
     #[serde(with = "value::duration")]
     pub header_read_timeout: Duration,
     #[serde(with = "value::duration")]
+    pub idle_timeout: Duration,
+    #[serde(with = "value::duration")]
+    pub readiness_interval: Duration,
+    #[serde(with = "value::duration")]
     pub request_timeout: Duration,
     #[serde(with = "value::duration")]
     pub shutdown_grace: Duration,
@@ -47,10 +53,20 @@ impl Default for ServerFile {
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            readiness_interval: DEFAULT_READINESS_INTERVAL,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
         }
     }
+}
+
+/// A timeout of zero would close every connection (or answer every request) at once.
+fn positive(key: &str, d: Duration) -> Result<Duration, ConfigError> {
+    if d.is_zero() {
+        return Err(invalid(key, "must be greater than 0"));
+    }
+    Ok(d)
 }
 
 /// The listeners and the limits and deadlines of serving.
@@ -66,8 +82,15 @@ pub struct ServerConfig {
     pub max_in_flight: NonZeroUsize,
     /// Cap on a request head (line + headers); larger heads get 431.
     pub max_header_bytes: usize,
-    /// Time allowed for a request head to arrive; also closes idle keep-alive connections.
+    /// Time allowed for a request head to arrive, counted from the accept for a connection's
+    /// first bytes (a connection that sends nothing is closed after it); also closes idle
+    /// HTTP/1 keep-alive connections.
     pub header_read_timeout: Duration,
+    /// A connection with no request in flight for this long is closed (gracefully: HTTP/2
+    /// gets a GOAWAY). HTTP/2 peers that answer pings would otherwise stay open for ever.
+    pub idle_timeout: Duration,
+    /// `/readyz` reuses the last Postgres probe for this long; at most one probe runs at once.
+    pub readiness_interval: Duration,
     /// The whole budget of one request; past it the answer is 503.
     pub request_timeout: Duration,
     /// How long in-flight requests may take to finish after SIGTERM.
@@ -89,8 +112,10 @@ impl TryFrom<ServerFile> for ServerConfig {
                 }
                 file.max_header_bytes as usize
             },
-            header_read_timeout: file.header_read_timeout,
-            request_timeout: file.request_timeout,
+            header_read_timeout: positive("server.header_read_timeout", file.header_read_timeout)?,
+            idle_timeout: positive("server.idle_timeout", file.idle_timeout)?,
+            readiness_interval: file.readiness_interval,
+            request_timeout: positive("server.request_timeout", file.request_timeout)?,
             shutdown_grace: file.shutdown_grace,
         })
     }

@@ -14,12 +14,14 @@ use super::{
 const DEFAULT_BASE_PATH: &str = "/api/auth/";
 // Django 5.2's default for pbkdf2_sha256, so hashes knoxgate writes are ones Django would write.
 const DEFAULT_PASSWORD_ITERATIONS: u64 = 1_000_000;
-const DEFAULT_HASH_QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
+// Below server.request_timeout (2 s) with room for the ~0.1 s check itself.
+const DEFAULT_HASH_QUEUE_TIMEOUT: Duration = Duration::from_secs(1);
 // With two hashing threads beside /verify at 5,000 requests/s on 2 cores, nice +10 took the
 // /verify p99 from 2.38 ms to 1.26 ms (README, bench/LOGIN.md): logins yield the core.
 const DEFAULT_HASH_NICE: u64 = 10;
 const DEFAULT_MAX_BODY_BYTES: u64 = 8_192;
 const DEFAULT_THROTTLE_FAILURES: u64 = 10;
+const DEFAULT_THROTTLE_USER_FAILURES: u64 = 50;
 const DEFAULT_THROTTLE_WINDOW: Duration = Duration::from_secs(5 * 60);
 
 /// `[sessions]` as written in the file.
@@ -35,9 +37,11 @@ pub struct SessionsFile {
     pub hash_nice: u64,
     pub max_body_bytes: u64,
     pub throttle_failures: u64,
+    pub throttle_user_failures: u64,
     #[serde(with = "value::duration")]
     pub throttle_window: Duration,
     pub trusted_proxies: Vec<String>,
+    pub trust_x_real_ip: bool,
 }
 
 impl Default for SessionsFile {
@@ -51,8 +55,10 @@ impl Default for SessionsFile {
             hash_nice: DEFAULT_HASH_NICE,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             throttle_failures: DEFAULT_THROTTLE_FAILURES,
+            throttle_user_failures: DEFAULT_THROTTLE_USER_FAILURES,
             throttle_window: DEFAULT_THROTTLE_WINDOW,
             trusted_proxies: Vec::new(),
+            trust_x_real_ip: false,
         }
     }
 }
@@ -68,19 +74,25 @@ pub struct SessionsConfig {
     pub password_iterations: u32,
     /// Password checks at once; 0: see [`SessionsConfig::hash_slots`].
     pub hash_concurrency: usize,
-    /// How long a login may wait for a hashing slot before it gets 503.
+    /// How long a login may wait for a hashing slot before it gets 503; less than
+    /// `server.request_timeout`.
     pub hash_queue_timeout: Duration,
     /// Added to the nice value of the password-hashing threads (0–19).
     pub hash_nice: i32,
     /// Largest login request body accepted.
     pub max_body_bytes: NonZeroUsize,
-    /// Failed logins per username and per client address within `throttle_window` before 429;
+    /// Failed logins per (client address, username) within `throttle_window` before 429;
     /// 0 disables the throttle.
     pub throttle_failures: u32,
+    /// Failed logins per username, from any address, within `throttle_window` before 429;
+    /// 0 disables this counter alone.
+    pub throttle_user_failures: u32,
     /// The window `throttle_failures` counts over.
     pub throttle_window: Duration,
     /// Peers whose `X-Forwarded-For` / `X-Real-IP` is believed about the client address.
     pub trusted_proxies: Vec<IpNet>,
+    /// Believe `X-Real-IP` from a trusted proxy when `X-Forwarded-For` names no client.
+    pub trust_x_real_ip: bool,
 }
 
 impl SessionsConfig {
@@ -148,8 +160,11 @@ impl TryFrom<SessionsFile> for SessionsConfig {
             max_body_bytes: nonzero("sessions.max_body_bytes", file.max_body_bytes)?,
             throttle_failures: u32::try_from(file.throttle_failures)
                 .map_err(|_| invalid("sessions.throttle_failures", "too large"))?,
+            throttle_user_failures: u32::try_from(file.throttle_user_failures)
+                .map_err(|_| invalid("sessions.throttle_user_failures", "too large"))?,
             throttle_window: file.throttle_window,
             trusted_proxies,
+            trust_x_real_ip: file.trust_x_real_ip,
         })
     }
 }

@@ -201,6 +201,54 @@ fn a_duration_too_long_to_hold_is_an_error_naming_the_key() {
 }
 
 #[test]
+fn a_duration_that_fits_but_would_overflow_a_clock_is_an_error() {
+    // 10^13 days fits in a Duration, but now + it overflows Instant (a panic, rc 101).
+    for huge in ["9999999999999d", "99999999999s"] {
+        let err = Config::from_toml_and_env("", env(&[("KNOXGATE_IDLE_TIMEOUT", huge)]));
+        assert!(err.is_err(), "{huge}");
+    }
+    let err = Config::from_toml_and_env("", env(&[("KNOXGATE_KNOX_TOKEN_TTL", "9999999999999d")]))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("knox.token_ttl") && err.contains("too long"),
+        "{err}"
+    );
+    assert!(parse_duration("k", "36500d").is_ok());
+}
+
+#[test]
+fn hash_queue_timeout_must_be_under_the_request_deadline() {
+    let err = Config::from_toml_str(
+        "[server]\nrequest_timeout = \"2s\"\n[sessions]\nhash_queue_timeout = \"5s\"",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("sessions.hash_queue_timeout") && err.contains("server.request_timeout"),
+        "{err}"
+    );
+    assert!(
+        Config::from_toml_str(
+            "[server]\nrequest_timeout = \"2s\"\n[sessions]\nhash_queue_timeout = \"2s\""
+        )
+        .is_err()
+    );
+    // The defaults agree with each other.
+    assert!(Config::from_toml_str("").is_ok());
+}
+
+#[test]
+fn zero_timeouts_are_refused() {
+    for key in ["header_read_timeout", "idle_timeout", "request_timeout"] {
+        let err = Config::from_toml_str(&format!("[server]\n{key} = \"0s\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&format!("server.{key}")), "{err}");
+    }
+}
+
+#[test]
 fn duration_errors_keep_their_messages() {
     let err = Config::from_toml_str("[server]\nrequest_timeout = \"5\"")
         .unwrap_err()

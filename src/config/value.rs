@@ -13,6 +13,10 @@ pub(super) fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
     }
 }
 
+/// The longest duration any key takes: far beyond any sensible setting, and short enough that
+/// `Instant::now() + d` and `OffsetDateTime::now_utc() + d` cannot overflow.
+const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 86_400);
+
 /// Parses `250ms`, `5s`, `10m`, `10h`, `1d`; fractions such as `1.5s` too.
 pub fn parse_duration(key: &str, s: &str) -> Result<Duration, ConfigError> {
     duration_from_str(s).map_err(|message| invalid(key, message))
@@ -35,8 +39,12 @@ fn duration_from_str(s: &str) -> Result<Duration, String> {
         "d" => n * 86400.0,
         _ => return Err(format!("unknown unit `{unit}` (use ms, s, m, h or d)")),
     };
-    // Past what a Duration holds is a typo to report, not a reason to panic at startup.
-    Duration::try_from_secs_f64(secs).map_err(|_| format!("`{s}` is too long"))
+    // Past what a Duration holds, or so far that adding it to a clock overflows (a panic at
+    // the first request), is a typo to report.
+    match Duration::try_from_secs_f64(secs) {
+        Ok(d) if d <= MAX_DURATION => Ok(d),
+        _ => Err(format!("`{s}` is too long (at most 100 years)")),
+    }
 }
 
 /// Like [`duration_from_str`], with `none` for no duration at all.

@@ -1,6 +1,9 @@
 //! The admin listener: `/metrics`, `/healthz` (process alive), `/readyz` (Postgres reachable).
 
-use std::sync::Arc;
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -9,7 +12,44 @@ use hyper::{Request, Response, StatusCode, body::Incoming, header};
 use super::respond::Body;
 use crate::{config::Consistency, state::App};
 
-pub async fn admin_service(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
+/// The last Postgres probe, shared by every `/readyz` call. `/readyz` is unauthenticated and
+/// shares the Postgres pool with `/verify`: one query per call would let a flood of probes
+/// starve `/verify` (and fail readiness itself). One probe runs at a time; callers that arrive
+/// meanwhile wait for its result, and a result younger than `server.readiness_interval` is
+/// reused.
+pub struct PostgresProbe {
+    interval: Duration,
+    last: tokio::sync::Mutex<Option<(Instant, bool)>>,
+}
+
+impl PostgresProbe {
+    pub fn new(interval: Duration) -> PostgresProbe {
+        PostgresProbe {
+            interval,
+            last: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// Whether Postgres answered the latest probe, probing first if that one is too old.
+    async fn postgres_ok(&self, app: &App) -> bool {
+        // Held across the probe: that is what makes it single-flight.
+        let mut last = self.last.lock().await;
+        if let Some((at, ok)) = *last
+            && at.elapsed() < self.interval
+        {
+            return ok;
+        }
+        let ok = app.store.postgres().ping().await.is_ok();
+        *last = Some((Instant::now(), ok));
+        ok
+    }
+}
+
+pub async fn admin_service(
+    app: Arc<App>,
+    probe: Arc<PostgresProbe>,
+    req: Request<Incoming>,
+) -> Response<Body> {
     match req.uri().path() {
         "/metrics" => {
             app.metrics
@@ -25,7 +65,7 @@ pub async fn admin_service(app: Arc<App>, req: Request<Incoming>) -> Response<Bo
             r
         }
         "/healthz" => text(StatusCode::OK, "ok\n"),
-        "/readyz" => readiness(&app).await,
+        "/readyz" => readiness(&app, &probe).await,
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }
@@ -42,8 +82,8 @@ fn text(status: StatusCode, body: &'static str) -> Response<Body> {
 
 /// 200 only when Postgres answers and the change feed is not deaf; the body reports each
 /// dependency.
-async fn readiness(app: &App) -> Response<Body> {
-    let postgres_ok = app.store.postgres().ping().await.is_ok();
+async fn readiness(app: &App, probe: &PostgresProbe) -> Response<Body> {
+    let postgres_ok = probe.postgres_ok(app).await;
     let redis = match app.store.redis() {
         None => "disabled",
         Some(r) if r.is_connected() => "connected",

@@ -35,11 +35,23 @@ fn header_value(s: &str) -> HeaderValue {
     HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
-/// 200 for an allowed token, with the identity headers. The user id header is always present.
+/// 200 for an allowed token, with the identity headers. The user id header is always present
+/// and never empty: a user id a header cannot carry (only a forged cache entry or a custom
+/// primary key with control characters holds one) is a 500, because a 200 with an empty header
+/// reaches the application as an allowed request with no identity (nginx drops empty headers).
 pub fn allow(row: &TokenRow, cfg: &VerifyConfig) -> Response<Body> {
+    let user_id = match HeaderValue::from_str(&row.user_id) {
+        Ok(v) if !row.user_id.trim().is_empty() => v,
+        _ => {
+            return error(&Error::Internal(format!(
+                "refusing to answer 200 for a user id that cannot be sent as a header: {:?}",
+                row.user_id.as_str()
+            )));
+        }
+    };
     let mut r = Response::new(Full::new(Bytes::new()));
     let h = r.headers_mut();
-    h.insert(cfg.user_id_header.clone(), header_value(&row.user_id));
+    h.insert(cfg.user_id_header.clone(), user_id);
     if let Some(name) = &cfg.username_header {
         h.insert(name.clone(), header_value(&row.user.username));
     }
@@ -221,6 +233,40 @@ pub fn error(e: &Error) -> Response<Body> {
         Error::Internal(what) => {
             tracing::error!(error = %what, "internal error");
             detail(StatusCode::INTERNAL_SERVER_ERROR, "Internal error.")
+        }
+    }
+}
+
+#[cfg(test)]
+mod identity_tests {
+    use super::*;
+    use crate::auth::{StoredDigest, UserInfo};
+
+    fn row(user_id: &str) -> TokenRow {
+        TokenRow {
+            digest: StoredDigest::parse("aa"),
+            token_key: "k".into(),
+            user_id: user_id.into(),
+            created: time::macros::datetime!(2026-01-01 00:00 UTC),
+            expiry: None,
+            user: UserInfo {
+                is_active: true,
+                username: "u".into(),
+                ..UserInfo::default()
+            },
+        }
+    }
+
+    #[test]
+    fn never_200_without_a_usable_user_id() {
+        let cfg = crate::config::Config::from_toml_str("").unwrap().verify;
+        let ok = allow(&row("7"), &cfg);
+        assert_eq!(ok.status(), StatusCode::OK);
+        assert_eq!(ok.headers()[&cfg.user_id_header], "7");
+        for bad in ["1\r\nX-Evil: 1", "", " ", "a\u{0}b"] {
+            let r = allow(&row(bad), &cfg);
+            assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR, "{bad:?}");
+            assert!(!r.headers().contains_key(&cfg.user_id_header), "{bad:?}");
         }
     }
 }

@@ -111,7 +111,14 @@ pub async fn login(
             return Ok(respond::login_refused(e.detail()));
         }
     };
-    let client = client_ip(peer, &parts.headers, &app.config.sessions.trusted_proxies);
+    let sessions = &app.config.sessions;
+    client_ip::warn_if_untrusted_proxy(&parts.headers, &sessions.trusted_proxies);
+    let client = client_ip::client_ip(
+        peer,
+        &parts.headers,
+        &sessions.trusted_proxies,
+        sessions.trust_x_real_ip,
+    );
     let outcome = app
         .login
         .log_in(creds, client, parts.method == Method::POST)

@@ -1,8 +1,10 @@
 //! Logging in and issuing tokens: knox's `LoginView` without the HTTP. The HTTP handler
 //! (`http::session`) and the operator CLI (`knoxgate token create`) both issue tokens here.
 //!
-//! A login is: throttle check → user lookup → one password check on the low-priority hashing
-//! threads (a dummy one for unknown users, so timing does not reveal which names exist) →
+//! A login is: attempt counted by the throttle → user lookup → one password check on the
+//! low-priority hashing threads (a dummy one for unknown users, and padding up to the
+//! configured cost for unusable or cheaper hashes, so timing does not reveal which names
+//! exist or how they are stored) →
 //! token row inserted within the per-user limit → the new token cached in every tier.
 
 pub mod client_ip;
@@ -21,7 +23,6 @@ use crate::{
     password,
     store::{NewToken, Store, StoreError},
 };
-pub use client_ip::client_ip;
 use hash_pool::{HashPool, HashPoolError};
 use throttle::Throttle;
 
@@ -82,7 +83,11 @@ impl Login {
         let s = &config.sessions;
         Ok(Login {
             hashes: HashPool::new(s.hash_slots(), s.hash_nice)?,
-            throttle: Throttle::new(s.throttle_failures, s.throttle_window),
+            throttle: Throttle::new(
+                s.throttle_failures,
+                s.throttle_user_failures,
+                s.throttle_window,
+            ),
             dummy_hash: password::timing_dummy(s.password_iterations),
             config,
             store,
@@ -97,32 +102,50 @@ impl Login {
         client: IpAddr,
         method_allowed: bool,
     ) -> Result<LoginOutcome, Error> {
-        if let Some(wait) = self.throttle.blocked(&creds.username, client) {
-            // Rounded up, as DRF does: a client that waits Retry-After seconds must get through.
-            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-            return Ok(LoginOutcome::Throttled {
-                retry_after_secs: secs.max(1),
-            });
-        }
+        // Counted before the password check, so concurrent guesses cannot all get past it.
+        let attempt = match self.throttle.reserve(&creds.username, client) {
+            Ok(attempt) => attempt,
+            Err(wait) => {
+                // Rounded up, as DRF does: a client that waits Retry-After seconds must get through.
+                let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                return Ok(LoginOutcome::Throttled {
+                    retry_after_secs: secs.max(1),
+                });
+            }
+        };
         // Postgres text cannot hold NUL: no user has such a name, and asking would fail (503).
         let user = if creds.username.contains('\0') {
             None
         } else {
-            self.store.postgres().login_user(&creds.username).await?
+            match self.store.postgres().login_user(&creds.username).await {
+                Ok(user) => user,
+                Err(e) => {
+                    // No password was checked: not a failure of the client's.
+                    attempt.release();
+                    return Err(e.into());
+                }
+            }
         };
         // An unknown user costs one hash too, so timing does not reveal which usernames exist.
         let encoded = user
             .as_ref()
             .map_or_else(|| self.dummy_hash.clone(), |u| u.password.clone());
-        let password_ok = self.check_password(creds.password.clone(), encoded).await?;
+        let password_ok = match self.check_password(creds.password.clone(), encoded).await {
+            Ok(ok) => ok,
+            Err(Error::Overloaded) => {
+                attempt.release();
+                return Err(Error::Overloaded);
+            }
+            // The check may have run (a thread failed afterwards): it stays counted.
+            Err(e) => return Err(e),
+        };
         let user = match user {
             // Django's ModelBackend refuses inactive users exactly like a wrong password.
             Some(u) if password_ok && u.is_active => u,
-            _ => {
-                self.throttle.record_failure(&creds.username, client);
-                return Ok(LoginOutcome::Refused);
-            }
+            // The attempt stays counted as a failure.
+            _ => return Ok(LoginOutcome::Refused),
         };
+        attempt.succeeded();
         // After the password check, as DRF: a wrong password on GET is a 401, not a 405.
         if !method_allowed {
             return Ok(LoginOutcome::MethodNotAllowed);
@@ -144,17 +167,22 @@ impl Login {
         else {
             return Ok(LoginOutcome::TokenLimit);
         };
-        self.throttle.record_success(&creds.username);
         Ok(LoginOutcome::Issued(issued))
     }
 
     /// Checks a password on the hashing threads, within the configured queueing time.
     async fn check_password(&self, password: String, encoded: String) -> Result<bool, Error> {
         let started = Instant::now();
+        let iterations = self.config.sessions.password_iterations;
         let ok = self
             .hashes
             .run_within(self.config.sessions.hash_queue_timeout, move || {
-                password::check_password(&password, &encoded)
+                let ok = password::check_password(&password, &encoded);
+                if !ok {
+                    // Unusable, malformed or cheaper hashes cost what a wrong password costs.
+                    password::harden_runtime(&password, &encoded, iterations);
+                }
+                ok
             })
             .await
             .map_err(|e| match e {

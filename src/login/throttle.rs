@@ -1,4 +1,15 @@
-//! Failed-login throttling per username and per client address (fixed window).
+//! Failed-login throttling (fixed windows), counted per (client address, username) and, at a
+//! higher limit, per username from anywhere.
+//!
+//! Why these keys: behind a proxy whose address is not in `sessions.trusted_proxies`, every
+//! client has the proxy's address, so a counter per address alone would let anyone lock
+//! everyone out with a handful of failures. Keyed per (address, username), one client's guesses
+//! lock only the account it guesses at, from that address; the per-username counter, with its
+//! higher limit, still stops guessing one account from many addresses.
+//!
+//! An attempt is counted *before* its password check ([`Throttle::reserve`]), under one lock,
+//! so concurrent guesses cannot all pass the check before the first failure is recorded: at
+//! most `limit` password checks run per key and window, however many arrive at once.
 
 use std::{
     collections::HashMap,
@@ -16,36 +27,37 @@ struct Window {
     failures: u32,
 }
 
-/// Counts failed logins; once a username or an address reaches the limit within the window,
-/// further attempts are refused until the window closes.
+#[derive(Default)]
+struct Counters {
+    /// (client address, username) → attempts not known to have succeeded.
+    pairs: HashMap<(IpAddr, String), Window>,
+    /// username → attempts from any address.
+    users: HashMap<String, Window>,
+}
+
+/// Counts failed logins and refuses attempts over the limits until their window closes.
 pub struct Throttle {
+    /// Per (client, username); 0 disables the whole throttle.
     limit: u32,
+    /// Per username from any address; 0 disables this counter alone.
+    user_limit: u32,
     window: Duration,
-    users: Mutex<HashMap<String, Window>>,
-    addrs: Mutex<HashMap<IpAddr, Window>>,
+    counters: Mutex<Counters>,
 }
 
-fn remaining<K>(
-    map: &Mutex<HashMap<K, Window>>,
-    key: &K,
-    limit: u32,
-    window: Duration,
-    now: Instant,
-) -> Option<Duration>
-where
-    K: std::hash::Hash + Eq,
-{
-    let map = map.lock().expect("throttle lock");
-    let w = map.get(key)?;
+/// How long until `w` lets an attempt through, if it is at `limit` now.
+fn remaining(w: Option<&Window>, limit: u32, window: Duration, now: Instant) -> Option<Duration> {
+    let w = w?;
     let elapsed = now.saturating_duration_since(w.started);
-    (w.failures >= limit && elapsed < window).then(|| window - elapsed)
+    (limit > 0 && w.failures >= limit && elapsed < window).then(|| window - elapsed)
 }
 
-fn bump<K>(map: &Mutex<HashMap<K, Window>>, key: K, window: Duration, now: Instant)
+/// Adds one attempt to `key`'s window (opening a new window if the old one closed) and returns
+/// the window's start, which identifies it for a later [`unbump`].
+fn bump<K>(map: &mut HashMap<K, Window>, key: K, window: Duration, now: Instant) -> Instant
 where
     K: std::hash::Hash + Eq,
 {
-    let mut map = map.lock().expect("throttle lock");
     if map.len() >= MAX_TRACKED_KEYS {
         map.retain(|_, w| now.saturating_duration_since(w.started) < window);
     }
@@ -60,54 +72,100 @@ where
         };
     }
     w.failures = w.failures.saturating_add(1);
+    w.started
+}
+
+/// Takes back one attempt from `key`, if its window is still the one it was added to.
+fn unbump<K>(map: &mut HashMap<K, Window>, key: &K, started: Instant)
+where
+    K: std::hash::Hash + Eq,
+{
+    if let Some(w) = map.get_mut(key)
+        && w.started == started
+    {
+        w.failures = w.failures.saturating_sub(1);
+    }
+}
+
+/// One login attempt, already counted as a failure. Dropping it leaves it counted (a wrong
+/// password, or a request abandoned while its hash ran); [`Attempt::succeeded`] and
+/// [`Attempt::release`] take it back.
+#[must_use = "an attempt counts as a failure unless it is settled"]
+pub struct Attempt<'a> {
+    throttle: &'a Throttle,
+    /// `None` when the throttle is off.
+    key: Option<(IpAddr, String, Instant, Instant)>,
+}
+
+impl Attempt<'_> {
+    /// The password was right: clears this client's failures for the username and the
+    /// username's failures from anywhere (not other clients' failures for it).
+    pub fn succeeded(mut self) {
+        if let Some((addr, username, _, _)) = self.key.take() {
+            let mut c = self.throttle.lock();
+            c.users.remove(&username);
+            c.pairs.remove(&(addr, username));
+        }
+    }
+
+    /// No password was checked (Postgres unreachable, no hashing thread free): the attempt
+    /// does not count.
+    pub fn release(mut self) {
+        if let Some((addr, username, pair_started, user_started)) = self.key.take() {
+            let mut c = self.throttle.lock();
+            unbump(&mut c.users, &username, user_started);
+            unbump(&mut c.pairs, &(addr, username), pair_started);
+        }
+    }
 }
 
 impl Throttle {
-    /// `limit` failures per `window`; a limit of 0 disables throttling.
-    pub fn new(limit: u32, window: Duration) -> Self {
+    /// `limit` failures per (client, username) and `user_limit` per username within `window`.
+    /// A `limit` of 0 disables throttling; a `user_limit` of 0 only the per-username counter.
+    pub fn new(limit: u32, user_limit: u32, window: Duration) -> Self {
         Throttle {
             limit,
+            user_limit,
             window,
-            users: Mutex::default(),
-            addrs: Mutex::default(),
+            counters: Mutex::default(),
         }
     }
 
-    /// How long the caller must wait, if either key is over the limit.
-    pub fn blocked(&self, username: &str, addr: IpAddr) -> Option<Duration> {
-        self.blocked_at(username, addr, Instant::now())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Counters> {
+        self.counters.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn blocked_at(&self, username: &str, addr: IpAddr, now: Instant) -> Option<Duration> {
+    /// Counts an attempt by `username` from `addr`, or says how long to wait if either key is
+    /// at its limit (then nothing is counted).
+    pub fn reserve(&self, username: &str, addr: IpAddr) -> Result<Attempt<'_>, Duration> {
+        self.reserve_at(username, addr, Instant::now())
+    }
+
+    fn reserve_at(
+        &self,
+        username: &str,
+        addr: IpAddr,
+        now: Instant,
+    ) -> Result<Attempt<'_>, Duration> {
         if self.limit == 0 {
-            return None;
+            return Ok(Attempt {
+                throttle: self,
+                key: None,
+            });
         }
-        let by_user = remaining(
-            &self.users,
-            &username.to_owned(),
-            self.limit,
-            self.window,
-            now,
-        );
-        let by_addr = remaining(&self.addrs, &addr, self.limit, self.window, now);
-        by_user.into_iter().chain(by_addr).max()
-    }
-
-    pub fn record_failure(&self, username: &str, addr: IpAddr) {
-        self.record_failure_at(username, addr, Instant::now());
-    }
-
-    fn record_failure_at(&self, username: &str, addr: IpAddr, now: Instant) {
-        if self.limit == 0 {
-            return;
+        let mut c = self.lock();
+        let pair = (addr, username.to_owned());
+        let by_pair = remaining(c.pairs.get(&pair), self.limit, self.window, now);
+        let by_user = remaining(c.users.get(username), self.user_limit, self.window, now);
+        if let Some(wait) = by_pair.into_iter().chain(by_user).max() {
+            return Err(wait);
         }
-        bump(&self.users, username.to_owned(), self.window, now);
-        bump(&self.addrs, addr, self.window, now);
-    }
-
-    /// A successful login clears the username's failures (not the address's).
-    pub fn record_success(&self, username: &str) {
-        self.users.lock().expect("throttle lock").remove(username);
+        let pair_started = bump(&mut c.pairs, pair, self.window, now);
+        let user_started = bump(&mut c.users, username.to_owned(), self.window, now);
+        Ok(Attempt {
+            throttle: self,
+            key: Some((addr, username.to_owned(), pair_started, user_started)),
+        })
     }
 }
 
@@ -118,39 +176,87 @@ mod tests {
     const A: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1));
     const B: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 2));
 
-    #[test]
-    fn blocks_after_limit_until_window_closes() {
-        let t = Throttle::new(3, Duration::from_secs(60));
-        let t0 = Instant::now();
-        for _ in 0..2 {
-            t.record_failure_at("alice", A, t0);
-        }
-        assert_eq!(t.blocked_at("alice", A, t0), None);
-        t.record_failure_at("alice", A, t0);
-        let wait = t
-            .blocked_at("alice", A, t0 + Duration::from_secs(10))
-            .unwrap();
-        assert_eq!(wait, Duration::from_secs(50));
-        // Per username: another address is blocked for alice too; per address: bob from A too.
-        assert!(t.blocked_at("alice", B, t0).is_some());
-        assert!(t.blocked_at("bob", A, t0).is_some());
-        assert_eq!(t.blocked_at("bob", B, t0), None);
-        assert_eq!(t.blocked_at("alice", A, t0 + Duration::from_secs(60)), None);
+    fn fail(t: &Throttle, user: &str, addr: IpAddr, now: Instant) {
+        drop(t.reserve_at(user, addr, now).expect("not blocked"));
     }
 
     #[test]
-    fn success_clears_the_username() {
-        let t = Throttle::new(1, Duration::from_secs(60));
+    fn blocks_a_client_and_username_after_limit_until_window_closes() {
+        let t = Throttle::new(3, 5, Duration::from_secs(60));
         let t0 = Instant::now();
-        t.record_failure_at("alice", A, t0);
-        t.record_success("alice");
-        assert_eq!(t.blocked_at("alice", B, t0), None);
+        for _ in 0..3 {
+            fail(&t, "alice", A, t0);
+        }
+        let wait = t
+            .reserve_at("alice", A, t0 + Duration::from_secs(10))
+            .err()
+            .unwrap();
+        assert_eq!(wait, Duration::from_secs(50));
+        // Only that pair: alice from elsewhere and bob from A still get through.
+        assert!(t.reserve_at("alice", B, t0).is_ok());
+        assert!(t.reserve_at("bob", A, t0).is_ok());
+        assert!(
+            t.reserve_at("alice", A, t0 + Duration::from_secs(60))
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn many_usernames_from_one_address_lock_nobody_else_out() {
+        // Behind an untrusted proxy every client has the same address.
+        let t = Throttle::new(3, 5, Duration::from_secs(60));
+        let t0 = Instant::now();
+        for i in 0..100 {
+            fail(&t, &format!("random{i}"), A, t0);
+        }
+        assert!(t.reserve_at("bob", A, t0).is_ok());
+    }
+
+    #[test]
+    fn the_username_limit_counts_failures_from_every_address() {
+        let t = Throttle::new(3, 5, Duration::from_secs(60));
+        let t0 = Instant::now();
+        for i in 0..5u8 {
+            fail(&t, "alice", IpAddr::from([10, 1, 0, i]), t0);
+        }
+        assert!(t.reserve_at("alice", B, t0).is_err());
+        assert!(t.reserve_at("bob", B, t0).is_ok());
+    }
+
+    #[test]
+    fn attempts_are_counted_before_they_finish() {
+        // Held attempts (password checks still running) count against the limit.
+        let t = Throttle::new(3, 10, Duration::from_secs(60));
+        let t0 = Instant::now();
+        let held: Vec<_> = (0..3)
+            .map(|_| t.reserve_at("alice", A, t0).expect("under the limit"))
+            .collect();
+        assert!(t.reserve_at("alice", A, t0).is_err());
+        // A released attempt (no password checked) is given back.
+        held.into_iter().next().unwrap().release();
+        assert!(t.reserve_at("alice", A, t0).is_ok());
+    }
+
+    #[test]
+    fn success_clears_the_usernames_failures() {
+        let t = Throttle::new(2, 10, Duration::from_secs(60));
+        let t0 = Instant::now();
+        fail(&t, "alice", A, t0);
+        fail(&t, "alice", B, t0);
+        t.reserve_at("alice", A, t0).unwrap().succeeded();
+        // A's pair and the username's count are cleared; B's pair keeps its one failure.
+        fail(&t, "alice", A, t0);
+        fail(&t, "alice", A, t0);
+        fail(&t, "alice", B, t0);
+        assert!(t.reserve_at("alice", B, t0).is_err());
     }
 
     #[test]
     fn zero_disables() {
-        let t = Throttle::new(0, Duration::from_secs(60));
-        t.record_failure("alice", A);
-        assert_eq!(t.blocked("alice", A), None);
+        let t = Throttle::new(0, 0, Duration::from_secs(60));
+        for _ in 0..100 {
+            fail(&t, "alice", A, Instant::now());
+        }
+        assert!(t.reserve("alice", A).is_ok());
     }
 }

@@ -64,6 +64,33 @@ pub fn tls_connector(
     Ok(Some(tokio_postgres_rustls::MakeRustlsConnect::new(config)))
 }
 
+/// Why connections made with `pg` will not be encrypted although the user may think so, if
+/// that is the case. libpq's `sslmode=prefer` (its default, and the driver's when the URL says
+/// nothing) tries TLS first; here it means no TLS at all, since only `require` turns it on.
+/// Loopback hosts and Unix sockets are not warned about.
+pub fn plaintext_warning(pg: &tokio_postgres::Config) -> Option<String> {
+    use tokio_postgres::config::{Host, SslMode};
+    if pg.get_ssl_mode() != SslMode::Prefer {
+        return None;
+    }
+    let remote = pg.get_hosts().iter().find_map(|h| match h {
+        Host::Tcp(name) => {
+            let loopback = name == "localhost"
+                || name
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback());
+            (!loopback).then(|| name.clone())
+        }
+        #[cfg(unix)]
+        Host::Unix(_) => None,
+    })?;
+    Some(format!(
+        "connections to postgres host {remote} are not encrypted: sslmode=prefer (the default \
+         when the URL names none) does not use TLS here; set sslmode=require for TLS, or \
+         sslmode=disable to say plaintext is intended"
+    ))
+}
+
 /// One dedicated connection over the direct URL (migrations, the operator CLI, the startup
 /// trigger check), driven on its own task.
 pub async fn connect_one(cfg: &PostgresConfig) -> Result<tokio_postgres::Client, StoreError> {
@@ -177,6 +204,26 @@ mod tests {
         // Without a feed_url the feed goes to the pooler too, so it sends none either.
         let shared = postgres("[postgres]\nurl = \"postgres://u@h:6432/db\"\npgbouncer = true\n");
         assert_eq!(direct_config(&shared).unwrap().get_options(), None);
+    }
+
+    #[test]
+    fn prefer_to_a_remote_host_is_warned_about() {
+        let warn = |url: &str| {
+            plaintext_warning(
+                &pg_config(&postgres(&format!("[postgres]\nurl = \"{url}\"\n"))).unwrap(),
+            )
+        };
+        let w = warn("postgres://u@db.internal:5432/app").expect("a warning");
+        assert!(
+            w.contains("db.internal") && w.contains("sslmode=prefer"),
+            "{w}"
+        );
+        assert!(warn("postgres://u@db.internal:5432/app?sslmode=prefer").is_some());
+        assert!(warn("postgres://u@10.1.2.3:5432/app").is_some());
+        assert!(warn("postgres://u@db.internal:5432/app?sslmode=require").is_none());
+        assert!(warn("postgres://u@db.internal:5432/app?sslmode=disable").is_none());
+        assert!(warn("postgres://u@127.0.0.1:5432/app").is_none());
+        assert!(warn("postgres://u@localhost:5432/app").is_none());
     }
 
     #[test]
