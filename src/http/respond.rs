@@ -5,7 +5,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{
     Response, StatusCode,
-    header::{self, HeaderValue},
+    header::{self, HeaderName, HeaderValue},
 };
 
 use crate::{
@@ -35,11 +35,19 @@ fn header_value(s: &str) -> HeaderValue {
     HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
-/// 200 for an allowed token, with the identity headers. The user id header is always present.
-pub fn allow(row: &TokenRow, cfg: &VerifyConfig) -> Response<Body> {
+/// 200 for an allowed token, with the identity headers. The user id header is always present;
+/// `assertion` is the signed identity assertion and its header, when assertions are on.
+pub fn allow(
+    row: &TokenRow,
+    cfg: &VerifyConfig,
+    assertion: Option<(&HeaderName, HeaderValue)>,
+) -> Response<Body> {
     let mut r = Response::new(Full::new(Bytes::new()));
     let h = r.headers_mut();
     h.insert(cfg.user_id_header.clone(), header_value(&row.user_id));
+    if let Some((name, value)) = assertion {
+        h.insert(name.clone(), value);
+    }
     if let Some(name) = &cfg.username_header {
         h.insert(name.clone(), header_value(&row.user.username));
     }
