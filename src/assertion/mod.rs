@@ -7,7 +7,8 @@
 //! token. A hot `/verify` must not sign: the assertion is kept in a [`Slot`] beside the cache
 //! entry the token came from and reused until `renew_before` of its expiry. It goes when the
 //! entry goes (revocation, eviction, expiry), so a revoked token's assertion is never served
-//! again, and the cache's own bounds bound its memory.
+//! again. A kept assertion holds about 400 bytes beside its entry; `cache.memory_max_entries`
+//! bounds how many there are (the entry's byte estimate does not include it).
 
 pub mod keys;
 
@@ -86,9 +87,6 @@ impl std::fmt::Debug for Slot {
         f.write_str("Slot")
     }
 }
-
-/// Estimated heap bytes a filled [`Slot`] holds, for the cache's byte bound.
-pub const SLOT_HEAP_BYTES: usize = 512;
 
 impl Signer {
     /// A signer with `key` active and `published` served beside it for verification only.
