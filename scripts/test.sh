@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test: Rust unit and integration tests (real Postgres and Redis), the Django interop
-# suite, the nginx/Caddy end-to-end suite and the static checks of the deploy files.
+# suite, the nginx/Caddy end-to-end suite, nginx -> knoxgate -> Django with signed assertions,
+# and the static checks of the deploy files.
 #
 #   ./scripts/test.sh
 #
@@ -28,6 +29,7 @@ step "cargo build" cargo build --locked --all-targets
 step "cargo test" cargo test --locked
 step "django interop" tests/interop/run.sh
 step "knoxgate-django" integrations/django/run-tests.sh
+step "e2e django" tests/e2e-django/run.sh
 # Deploy checks first: they install the linters and tools (promtool, a second Caddy) that the
 # end-to-end suite uses too.
 step "deploy files" scripts/validate-deploy.sh

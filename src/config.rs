@@ -2,8 +2,8 @@
 //! a typed [`Config`] at startup.
 //!
 //! Every key lives in a section (`[server]`, `[verify]`, `[knox]`, `[sessions]`, `[postgres]`,
-//! `[redis]`, `[cache]`, `[log]`). Its environment variable is `KNOXGATE_<SECTION>_<KEY>`
-//! upper-cased, except `[server]` keys, which drop the section (`KNOXGATE_LISTEN`). Durations
+//! `[redis]`, `[cache]`, `[log]`, `[tracing]`, `[assertion]`). Its environment variable is
+//! `KNOXGATE_<SECTION>_<KEY>` upper-cased, except `[server]` keys, which drop the section (`KNOXGATE_LISTEN`). Durations
 //! carry units (`250ms`, `5s`, `10m`, `10h`, `1d`); optional ones accept `none`. Unknown keys,
 //! unknown variables and bad values fail with a message naming the key.
 //! `config/knoxgate.toml` documents every key with its default.
@@ -12,6 +12,7 @@
 //! already typed) and as used (`*Config`), and the conversion between them. Adding a key touches
 //! that module and `config/knoxgate.toml`, nothing else.
 
+mod assertion;
 mod cache;
 mod env;
 mod knox;
@@ -28,6 +29,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+pub use assertion::{AssertionConfig, AssertionFile};
 pub use cache::{CacheConfig, CacheFile, Consistency, FeedSource};
 pub use knox::{KnoxConfig, KnoxFile, MAX_TOKEN_PREFIX_CHARS};
 pub use log::{LogConfig, LogFile, LogFormat};
@@ -68,6 +70,7 @@ pub struct FileConfig {
     pub cache: CacheFile,
     pub log: LogFile,
     pub tracing: TracingFile,
+    pub assertion: AssertionFile,
 }
 
 /// The validated configuration.
@@ -82,6 +85,7 @@ pub struct Config {
     pub cache: CacheConfig,
     pub log: LogConfig,
     pub tracing: TracingConfig,
+    pub assertion: AssertionConfig,
 }
 
 impl TryFrom<FileConfig> for Config {
@@ -99,6 +103,7 @@ impl TryFrom<FileConfig> for Config {
             cache: file.cache.try_into()?,
             log: file.log.try_into()?,
             tracing: file.tracing.try_into()?,
+            assertion: file.assertion.try_into()?,
         };
         if config.cache.feed == FeedSource::Redis {
             if config.redis.url.is_none() {

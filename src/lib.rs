@@ -10,6 +10,8 @@
 //! - [`store`]: the tiered token lookup — in-process cache → Redis → Postgres — and the writes
 //!   (login, logout, expired-token cleanup) that keep all tiers consistent; with the Postgres
 //!   change feed (`store::feed`) and `knoxgate migrate`'s tables and triggers (`store::schema`).
+//! - [`assertion`]: the signed identity assertion — keys from PEM, signing, the JWKS, one
+//!   signed assertion kept per cached token and reused until it nears expiry.
 //! - [`http`]: routing and handlers; `http::respond` is the only place a status code is chosen.
 //! - [`server`]: listeners, connection and in-flight limits, timeouts, graceful drain.
 //! - [`config`]: TOML file + `KNOXGATE_*` environment → validated, typed [`config::Config`].
@@ -21,6 +23,7 @@
 //! - [`error`]: failures and who is at fault (mapped to statuses in `http::respond`).
 
 pub mod app;
+pub mod assertion;
 pub mod auth;
 pub mod cli;
 pub mod config;

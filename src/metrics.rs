@@ -166,6 +166,9 @@ pub struct Metrics {
     pub password_check_duration: Histogram,
     /// Requests refused with 503 because `server.max_in_flight` was reached.
     pub load_shed: Counter,
+    /// Identity assertions signed (`[assertion]`); hot tokens reuse theirs, so this grows far
+    /// slower than allowed answers.
+    pub assertions_signed: Counter,
     /// 1 while the change-feed listener is connected and caught up.
     pub feed_connected: Gauge,
     /// Change-feed events applied, by kind (token, user, insert).
@@ -204,6 +207,7 @@ impl Metrics {
                 prometheus_client::metrics::histogram::exponential_buckets(0.005, 2.0, 10),
             ),
             load_shed: Counter::default(),
+            assertions_signed: Counter::default(),
             feed_connected: Gauge::default(),
             feed_events: Family::default(),
             redis_connected: Gauge::default(),
@@ -291,6 +295,11 @@ impl Metrics {
             "load_shed",
             "Requests refused because max_in_flight was reached",
             m.load_shed.clone(),
+        );
+        registry.register(
+            "assertions_signed",
+            "Identity assertions signed (a cached token reuses its own until it nears expiry)",
+            m.assertions_signed.clone(),
         );
         registry.register(
             "feed_connected",

@@ -1,4 +1,5 @@
-//! The admin listener: `/metrics`, `/healthz` (process alive), `/readyz` (Postgres reachable).
+//! The admin listener: `/metrics`, `/healthz` (process alive), `/readyz` (Postgres reachable),
+//! and, when `[assertion]` is on, `/.well-known/jwks.json` (the assertion's public keys).
 
 use std::{
     sync::Arc,
@@ -66,8 +67,37 @@ pub async fn admin_service(
         }
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" => readiness(&app, &probe).await,
+        JWKS_PATH => jwks(&app),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+/// Where the assertion's public keys are served.
+const JWKS_PATH: &str = "/.well-known/jwks.json";
+
+/// How long a relying party may cache the JWKS. A new key is published (in
+/// `verify_only_key_files`) before it signs, so a cached copy only needs to be younger than
+/// the wait between publishing and switching; a relying party that meets an unknown `kid`
+/// refetches at once anyway.
+const JWKS_MAX_AGE_SECS: u32 = 300;
+
+/// The JWKS document, or 404 when assertions are off.
+fn jwks(app: &App) -> Response<Body> {
+    let Some(signer) = &app.config.assertion.signer else {
+        return text(StatusCode::NOT_FOUND, "not found\n");
+    };
+    let mut r = Response::new(Full::new(signer.jwks_json()));
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/jwk-set+json"),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_str(&format!("public, max-age={JWKS_MAX_AGE_SECS}"))
+            .expect("a valid header value"),
+    );
+    r
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Body> {

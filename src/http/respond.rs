@@ -5,7 +5,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{
     Response, StatusCode,
-    header::{self, HeaderValue},
+    header::{self, HeaderName, HeaderValue},
 };
 
 use crate::{
@@ -39,7 +39,12 @@ fn header_value(s: &str) -> HeaderValue {
 /// and never empty: a user id a header cannot carry (only a forged cache entry or a custom
 /// primary key with control characters holds one) is a 500, because a 200 with an empty header
 /// reaches the application as an allowed request with no identity (nginx drops empty headers).
-pub fn allow(row: &TokenRow, cfg: &VerifyConfig) -> Response<Body> {
+/// `assertion` is the signed identity assertion and its header, when assertions are on.
+pub fn allow(
+    row: &TokenRow,
+    cfg: &VerifyConfig,
+    assertion: Option<(&HeaderName, HeaderValue)>,
+) -> Response<Body> {
     let user_id = match HeaderValue::from_str(&row.user_id) {
         Ok(v) if !row.user_id.trim().is_empty() => v,
         _ => {
@@ -52,6 +57,9 @@ pub fn allow(row: &TokenRow, cfg: &VerifyConfig) -> Response<Body> {
     let mut r = Response::new(Full::new(Bytes::new()));
     let h = r.headers_mut();
     h.insert(cfg.user_id_header.clone(), user_id);
+    if let Some((name, value)) = assertion {
+        h.insert(name.clone(), value);
+    }
     if let Some(name) = &cfg.username_header {
         h.insert(name.clone(), header_value(&row.user.username));
     }
@@ -260,11 +268,11 @@ mod identity_tests {
     #[test]
     fn never_200_without_a_usable_user_id() {
         let cfg = crate::config::Config::from_toml_str("").unwrap().verify;
-        let ok = allow(&row("7"), &cfg);
+        let ok = allow(&row("7"), &cfg, None);
         assert_eq!(ok.status(), StatusCode::OK);
         assert_eq!(ok.headers()[&cfg.user_id_header], "7");
         for bad in ["1\r\nX-Evil: 1", "", " ", "a\u{0}b"] {
-            let r = allow(&row(bad), &cfg);
+            let r = allow(&row(bad), &cfg, None);
             assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR, "{bad:?}");
             assert!(!r.headers().contains_key(&cfg.user_id_header), "{bad:?}");
         }

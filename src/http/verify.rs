@@ -3,7 +3,10 @@
 
 use std::sync::Arc;
 
-use hyper::{HeaderMap, Method, Response, header};
+use hyper::{
+    HeaderMap, Method, Response,
+    header::{self, HeaderName, HeaderValue},
+};
 use time::OffsetDateTime;
 
 use super::respond::{self, Body};
@@ -71,6 +74,32 @@ pub async fn authenticate(
     }
 }
 
+/// The signed identity assertion for an allowed token, when `[assertion]` is on: the one kept
+/// beside the token's cache entry while it is fresh, else a new one.
+fn assertion<'a>(
+    app: &'a App,
+    auth: &Authenticated,
+) -> Result<Option<(&'a HeaderName, HeaderValue)>, Error> {
+    let Some(signer) = &app.config.assertion.signer else {
+        return Ok(None);
+    };
+    let (slot, index) = auth.assertion_slot();
+    let row = auth.row();
+    let value = signer
+        .assertion(
+            slot,
+            index,
+            &row.user_id,
+            row.expiry,
+            crate::assertion::now_ms(),
+            || {
+                app.metrics.assertions_signed.inc();
+            },
+        )
+        .map_err(|e| Error::Internal(format!("cannot sign the identity assertion: {e}")))?;
+    Ok(Some((&signer.header_name, value)))
+}
+
 /// Handles `/verify` and its sub-paths, any method. The body is never read.
 ///
 /// `policy_query` is the query string of the exact verify URL, and `None` on sub-paths: there
@@ -120,11 +149,18 @@ async fn answer(
         );
     }
     match authenticate(app, headers).await {
-        Ok(Ok(auth)) if permits(policy, &auth.row().user) => (
-            respond::allow(auth.row(), &cfg.verify),
-            VerifyOutcome::Allow,
-            Reason::Valid,
-        ),
+        Ok(Ok(auth)) if permits(policy, &auth.row().user) => match assertion(app, &auth) {
+            Ok(signed) => (
+                respond::allow(auth.row(), &cfg.verify, signed),
+                VerifyOutcome::Allow,
+                Reason::Valid,
+            ),
+            Err(e) => (
+                respond::error(&e),
+                VerifyOutcome::Error,
+                Reason::Failed(e.label()),
+            ),
+        },
         Ok(Ok(_)) => (respond::forbidden(), VerifyOutcome::Deny, Reason::Forbidden),
         // DRF: no knox credentials (no header, or another scheme) is an anonymous user, whom
         // AllowAny admits; credentials that are present but wrong still fail authentication.

@@ -38,6 +38,9 @@ pub struct Entry {
     pub complete: bool,
     /// How long this entry may be used.
     pub ttl: Duration,
+    /// The signed identity assertion kept for this entry's token (`[assertion]`), dropped
+    /// with the entry.
+    pub assertion: crate::assertion::Slot,
 }
 
 /// Bytes the allocator hands out for a request of `n` bytes (16-byte classes plus a header).
@@ -282,6 +285,7 @@ mod tests {
             }],
             complete: true,
             ttl,
+            assertion: Default::default(),
         })
     }
 
@@ -352,6 +356,7 @@ mod tests {
             rows: smallvec::smallvec![row],
             complete: true,
             ttl: MIN,
+            assertion: Default::default(),
         };
         assert!(long.weight("0123456789abcde") > w);
     }

@@ -130,6 +130,11 @@ impl KeptRow {
     pub fn row(&self) -> &TokenRow {
         &self.entry.rows[self.index]
     }
+
+    /// Where the signed assertion for this row is kept, and the row's place in its entry.
+    pub fn assertion_slot(&self) -> (&crate::assertion::Slot, usize) {
+        (&self.entry.assertion, self.index)
+    }
 }
 
 /// A change made in Postgres by anyone, as reported by the change feed.
@@ -296,6 +301,7 @@ impl Store {
             rows,
             complete,
             ttl: cap.map_or(ttl, |cap| ttl.min(cap)),
+            assertion: Default::default(),
         })
     }
 

@@ -1,0 +1,310 @@
+//! The signed identity assertion (`[assertion]`): every 200 of `/verify` carries a compact JWS
+//! that verifies against the JWKS the admin port serves, a hot token reuses its assertion until
+//! it nears expiry, a rotated-out key stays published, and a bad key stops startup with 78.
+
+use std::{path::Path, process::Command, time::Duration};
+
+use jsonwebtoken::{DecodingKey, Validation, decode, decode_header, jwk::JwkSet};
+
+use crate::support::*;
+
+const SIGNED: &str = "knoxgate_assertions_signed_total";
+
+/// A fresh key made by openssl (`ed25519` or `P-256`), written as PEM into `dir`; returns the
+/// private and public key paths.
+fn make_key(dir: &Path, name: &str, kind: &str) -> (String, String) {
+    let private = dir.join(format!("{name}.pem"));
+    let public = dir.join(format!("{name}.pub.pem"));
+    let mut genpkey = Command::new("openssl");
+    genpkey.arg("genpkey");
+    match kind {
+        "ed25519" => genpkey.args(["-algorithm", "ed25519"]),
+        curve => genpkey.args([
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            &format!("ec_paramgen_curve:{curve}"),
+        ]),
+    };
+    let out = genpkey.arg("-out").arg(&private).output().expect("openssl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new("openssl")
+        .args(["pkey", "-pubout", "-in"])
+        .arg(&private)
+        .arg("-out")
+        .arg(&public)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        private.to_string_lossy().into_owned(),
+        public.to_string_lossy().into_owned(),
+    )
+}
+
+fn assertion_toml(key_file: &str, extra: &str) -> String {
+    format!("[assertion]\nkey_file = \"{key_file}\"\naudience = \"api\"\n{extra}")
+}
+
+/// The JWKS the admin port serves.
+async fn served_jwks(s: &TestServer) -> JwkSet {
+    let r = http(s.admin(), "GET", "/.well-known/jwks.json", &[], b"").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("application/jwk-set+json"));
+    assert!(
+        r.header("cache-control")
+            .is_some_and(|v| v.contains("max-age=")),
+        "{:?}",
+        r.headers
+    );
+    serde_json::from_slice(&r.body).expect("a JWKS document")
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct Claims {
+    sub: String,
+    iat: i64,
+    exp: i64,
+}
+
+/// Verifies `jws` as a relying party does: key by `kid` from `jwks`, audience, issuer, expiry.
+fn verified(jwks: &JwkSet, jws: &str) -> Claims {
+    let header = decode_header(jws).expect("a JWS header");
+    let kid = header.kid.expect("a kid");
+    let jwk = jwks.find(&kid).expect("the kid is published");
+    let mut v = Validation::new(header.alg);
+    v.set_audience(&["api"]);
+    v.set_issuer(&["knoxgate"]);
+    v.set_required_spec_claims(&["exp", "iat", "sub", "aud", "iss"]);
+    v.leeway = 0;
+    decode::<Claims>(jws, &DecodingKey::from_jwk(jwk).unwrap(), &v)
+        .expect("the assertion verifies")
+        .claims
+}
+
+fn assertion_of(r: &Response) -> String {
+    assert_eq!(r.status, 200, "{}", r.body_text());
+    r.header("x-auth-assertion")
+        .expect("an assertion on a 200")
+        .to_owned()
+}
+
+#[tokio::test]
+async fn the_assertion_verifies_against_the_served_jwks_and_is_reused_while_hot() {
+    let keys = tempfile::tempdir().unwrap();
+    let (key, _) = make_key(keys.path(), "active", "ed25519");
+    let db = TestDb::migrated().await;
+    let s = TestServer::start(&db, &assertion_toml(&key, "")).await;
+    let t = user_with_token(&db, "alice").await;
+    let first = assertion_of(&s.verify(&t.token).await);
+    let jwks = served_jwks(&s).await;
+    let claims = verified(&jwks, &first);
+    assert_eq!(claims.sub, t.user_id.to_string());
+    assert_eq!(claims.exp - claims.iat, 60);
+    // The token's first cache entry can be replaced once (the feed reports the token's INSERT
+    // right after the first lookup); after that the entry, and its assertion, stay.
+    for _ in 0..3 {
+        assert_eq!(s.verify(&t.token).await.status, 200);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let kept = assertion_of(&s.verify(&t.token).await);
+    let signed = s.metric(SIGNED).await;
+    assert!(
+        (1.0..=3.0).contains(&signed),
+        "{signed} signatures for one token"
+    );
+    // Hot: the same assertion every time, and no new signature. A client-sent assertion is
+    // never echoed: the answer carries knoxgate's own.
+    for _ in 0..50 {
+        let r = http(
+            s.addr(),
+            "GET",
+            "/verify",
+            &[
+                ("Authorization", &format!("Token {}", t.token)),
+                ("X-Auth-Assertion", "forged.by.client"),
+            ],
+            b"",
+        )
+        .await;
+        assert_eq!(assertion_of(&r), kept);
+    }
+    assert_eq!(s.metric(SIGNED).await, signed);
+    // A refusal carries none.
+    let r = s.verify("not-a-token").await;
+    assert_eq!(r.status, 401);
+    assert!(r.header("x-auth-assertion").is_none());
+    // A revoked token's kept assertion goes with it.
+    let out = http(
+        s.addr(),
+        "POST",
+        LOGOUT,
+        &[("Authorization", &format!("Token {}", t.token))],
+        b"",
+    )
+    .await;
+    assert_eq!(out.status, 204);
+    let r = s.verify(&t.token).await;
+    assert_eq!(r.status, 401);
+    assert!(r.header("x-auth-assertion").is_none());
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_short_lived_assertion_is_renewed_before_it_expires() {
+    let keys = tempfile::tempdir().unwrap();
+    let (key, _) = make_key(keys.path(), "active", "prime256v1");
+    let db = TestDb::migrated().await;
+    // Reused until 1 s before expiry: for at least 2 s after it is signed.
+    let s = TestServer::start(
+        &db,
+        &assertion_toml(&key, "lifetime = \"3s\"\nrenew_before = \"1s\""),
+    )
+    .await;
+    let t = user_with_token(&db, "bob").await;
+    let first = assertion_of(&s.verify(&t.token).await);
+    assert_eq!(assertion_of(&s.verify(&t.token).await), first);
+    let jwks = served_jwks(&s).await;
+    let old = verified(&jwks, &first);
+    let started = std::time::Instant::now();
+    let renewed = loop {
+        let now = assertion_of(&s.verify(&t.token).await);
+        if now != first {
+            break now;
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "never renewed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let new = verified(&jwks, &renewed);
+    assert!(new.exp > old.exp);
+    assert_eq!(new.sub, t.user_id.to_string());
+    // Renewed, then reused again.
+    let signed = s.metric(SIGNED).await;
+    assert_eq!(assertion_of(&s.verify(&t.token).await), renewed);
+    assert_eq!(s.metric(SIGNED).await, signed);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn after_a_rotation_the_old_key_stays_published_beside_the_new() {
+    let keys = tempfile::tempdir().unwrap();
+    let (old_key, old_public) = make_key(keys.path(), "old", "ed25519");
+    let (new_key, _) = make_key(keys.path(), "new", "prime256v1");
+    let db = TestDb::migrated().await;
+    let t = user_with_token(&db, "carol").await;
+    let before = TestServer::start(&db, &assertion_toml(&old_key, "")).await;
+    let signed_before = assertion_of(&before.verify(&t.token).await);
+    let old_kid = decode_header(&signed_before).unwrap().kid.unwrap();
+    before.stop().await;
+    // The new key signs; the old one is published for what it signed meanwhile.
+    let after = TestServer::start(
+        &db,
+        &assertion_toml(
+            &new_key,
+            &format!("verify_only_key_files = [\"{old_public}\"]"),
+        ),
+    )
+    .await;
+    let jwks = served_jwks(&after).await;
+    assert_eq!(jwks.keys.len(), 2);
+    assert!(jwks.find(&old_kid).is_some());
+    assert_eq!(verified(&jwks, &signed_before).sub, t.user_id.to_string());
+    let signed_after = assertion_of(&after.verify(&t.token).await);
+    let new_kid = decode_header(&signed_after).unwrap().kid.unwrap();
+    assert_ne!(new_kid, old_kid);
+    assert_eq!(verified(&jwks, &signed_after).sub, t.user_id.to_string());
+    after.stop().await;
+}
+
+#[tokio::test]
+async fn without_a_key_there_is_no_assertion_and_no_jwks() {
+    let (_db, _client, s) = Fixture::new().start().await;
+    let r = http(s.admin(), "GET", "/.well-known/jwks.json", &[], b"").await;
+    assert_eq!(r.status, 404);
+    s.stop().await;
+}
+
+/// `knoxgate check-config` with `env`: its exit code and standard error.
+fn check_config(env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_knoxgate"));
+    cmd.arg("check-config");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn a_bad_assertion_key_or_setting_stops_startup_with_78() {
+    let keys = tempfile::tempdir().unwrap();
+    let (good, good_public) = make_key(keys.path(), "good", "ed25519");
+    let (p384, _) = make_key(keys.path(), "p384", "secp384r1");
+    let garbage = keys.path().join("garbage.pem");
+    std::fs::write(&garbage, "not a key").unwrap();
+    let garbage = garbage.to_string_lossy().into_owned();
+    let cases: &[(&[(&str, &str)], &str)] = &[
+        (
+            &[
+                ("KNOXGATE_ASSERTION_KEY_FILE", "/nonexistent/key.pem"),
+                ("KNOXGATE_ASSERTION_AUDIENCE", "api"),
+            ],
+            "/nonexistent/key.pem",
+        ),
+        (
+            &[
+                ("KNOXGATE_ASSERTION_KEY_FILE", &p384),
+                ("KNOXGATE_ASSERTION_AUDIENCE", "api"),
+            ],
+            "Ed25519 or P-256",
+        ),
+        (
+            &[
+                ("KNOXGATE_ASSERTION_KEY_FILE", &garbage),
+                ("KNOXGATE_ASSERTION_AUDIENCE", "api"),
+            ],
+            "assertion.key_file",
+        ),
+        (
+            &[("KNOXGATE_ASSERTION_KEY_FILE", &good)],
+            "assertion.audience",
+        ),
+        (
+            &[
+                ("KNOXGATE_ASSERTION_KEY_FILE", &good),
+                ("KNOXGATE_ASSERTION_AUDIENCE", "api"),
+                ("KNOXGATE_ASSERTION_VERIFY_ONLY_KEY_FILES", &good_public),
+            ],
+            "used by two keys",
+        ),
+        (
+            &[
+                ("KNOXGATE_ASSERTION_KEY_FILE", &good),
+                ("KNOXGATE_ASSERTION_AUDIENCE", "api"),
+                ("KNOXGATE_ASSERTION_RENEW_BEFORE", "60s"),
+            ],
+            "assertion.renew_before",
+        ),
+    ];
+    for (env, expected) in cases {
+        let (code, stderr) = check_config(env);
+        assert_eq!(code, Some(78), "{env:?}: {stderr}");
+        assert!(stderr.contains(expected), "{env:?}: {stderr}");
+    }
+    let (code, stderr) = check_config(&[
+        ("KNOXGATE_ASSERTION_KEY_FILE", &good),
+        ("KNOXGATE_ASSERTION_AUDIENCE", "api"),
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+}
