@@ -3,6 +3,9 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
+use tonic::codegen::Service as _;
+
+use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 use tokio::{
     net::TcpListener,
     sync::{Semaphore, watch},
@@ -12,7 +15,7 @@ use tokio::{
 pub use crate::state::{App, StartError};
 use crate::{
     config::{Config, Consistency},
-    http,
+    grpc, http,
     server::{self, Limits},
     store::{feed, schema},
 };
@@ -21,6 +24,8 @@ use crate::{
 pub struct Running {
     pub addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// The gRPC ext_authz listener's address, when `server.grpc_listen` is set.
+    pub grpc_addr: Option<SocketAddr>,
     pub app: Arc<App>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -123,6 +128,18 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             addr: cfg.server.admin_listen,
             source,
         })?;
+    let grpc_listener = match cfg.server.grpc_listen {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
+    let grpc_addr = grpc_listener
+        .as_ref()
+        .map(|l| l.local_addr())
+        .transpose()
+        .map_err(|source| StartError::Bind {
+            addr: cfg.server.grpc_listen.unwrap_or(cfg.server.listen),
+            source,
+        })?;
     let (shutdown, shutdown_rx) = watch::channel(false);
     let connections = Arc::new(Semaphore::new(cfg.server.max_connections.get()));
     let limits = Limits::from(&cfg.server);
@@ -136,6 +153,27 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         move |req, peer| http::main_service(Arc::clone(&main_app), req, peer),
         shutdown_rx.clone(),
     )));
+    if let Some(listener) = grpc_listener {
+        // The main listener's connection cap, limits and drain; tonic's generated service
+        // decodes the check and encodes the answer.
+        let service = AuthorizationServer::new(grpc::Check::new(Arc::clone(&app)))
+            .max_decoding_message_size(cfg.server.grpc_max_message_bytes);
+        tasks.push(tokio::spawn(server::serve(
+            listener,
+            limits.clone(),
+            Arc::clone(&connections),
+            move |req, _peer| {
+                let mut service = service.clone();
+                async move {
+                    match service.call(req).await {
+                        Ok(response) => response,
+                        Err(never) => match never {},
+                    }
+                }
+            },
+            shutdown_rx.clone(),
+        )));
+    }
     let admin_app = Arc::clone(&app);
     tasks.push(tokio::spawn(server::serve(
         admin_listener,
@@ -164,10 +202,11 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             }
         }
     }));
-    tracing::info!(%addr, %admin_addr, consistency = ?cfg.cache.consistency, "knoxgate serving");
+    tracing::info!(%addr, %admin_addr, grpc_addr = ?grpc_addr, consistency = ?cfg.cache.consistency, "knoxgate serving");
     Ok(Running {
         addr,
         admin_addr,
+        grpc_addr,
         app,
         shutdown,
         tasks,

@@ -11,6 +11,8 @@
 //!   (login, logout, expired-token cleanup) that keep all tiers consistent; with the Postgres
 //!   change feed (`store::feed`) and `knoxgate migrate`'s tables and triggers (`store::schema`).
 //! - [`http`]: routing and handlers; `http::respond` is the only place a status code is chosen.
+//! - [`grpc`]: Envoy ext_authz over gRPC: `/verify`'s decision for a check request, and how
+//!   Envoy is told `http::respond`'s answer.
 //! - [`server`]: listeners, connection and in-flight limits, timeouts, graceful drain.
 //! - [`config`]: TOML file + `KNOXGATE_*` environment → validated, typed [`config::Config`].
 //! - [`metrics`]: the Prometheus metric families, registered once.
@@ -25,6 +27,7 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod grpc;
 pub mod http;
 pub mod login;
 pub mod metrics;

@@ -13,7 +13,7 @@ use tokio::{
     sync::{Semaphore, watch},
 };
 
-use crate::{config::ServerConfig, http::respond::Body};
+use crate::config::ServerConfig;
 
 /// Per-connection protocol limits.
 #[derive(Debug, Clone)]
@@ -34,8 +34,9 @@ impl From<&ServerConfig> for Limits {
 }
 
 /// Serves `listener` until `shutdown` becomes true, then drains open connections for at most
-/// the grace period. `connections` caps open connections (shared between listeners).
-pub async fn serve<H, F>(
+/// the grace period. `connections` caps open connections (shared between listeners). The
+/// handler's body type is free so that the gRPC listener (tonic's bodies) shares this loop.
+pub async fn serve<H, F, B>(
     listener: TcpListener,
     limits: Limits,
     connections: Arc<Semaphore>,
@@ -43,7 +44,9 @@ pub async fn serve<H, F>(
     mut shutdown: watch::Receiver<bool>,
 ) where
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Response<Body>> + Send + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder

@@ -8,6 +8,7 @@ mod connections;
 mod failover;
 mod feed;
 mod fuzz;
+mod grpc;
 mod hostile;
 mod login;
 mod logout;
