@@ -613,3 +613,67 @@ async fn hostile_check_requests_are_answered_without_a_panic() {
     assert_eq!(status_of(&r), 200);
     s.stop().await;
 }
+
+#[tokio::test]
+async fn shares_the_connection_cap_and_drains_on_shutdown() {
+    let db = TestDb::migrated().await;
+    let t = user_with_token(&db, "alice").await;
+    let s = TestServer::start(
+        &db,
+        "[server]\ngrpc_listen = \"127.0.0.1:0\"\nmax_connections = 2\n",
+    )
+    .await;
+    // Two HTTP connections take the whole cap...
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut h = Client::connect(s.addr()).await.unwrap();
+        let r = h.request("GET", "/verify", &[], b"").await.unwrap();
+        assert_eq!(r.status, 401);
+        held.push(h);
+    }
+    // ...so a gRPC connection is closed at accept.
+    let refused = tokio::time::timeout(Duration::from_secs(5), async {
+        match AuthorizationClient::connect(format!("http://{}", s.grpc())).await {
+            Err(_) => true,
+            Ok(mut c) => check(&mut c, with_token(Some(&t.token), &[]))
+                .await
+                .is_err(),
+        }
+    })
+    .await
+    .expect("refused within 5 s");
+    assert!(refused, "a gRPC connection over max_connections was served");
+    // Freeing one lets it in.
+    drop(held.pop());
+    let start = std::time::Instant::now();
+    let mut c = loop {
+        if let Ok(mut c) = AuthorizationClient::connect(format!("http://{}", s.grpc())).await
+            && let Ok(r) = check(&mut c, with_token(Some(&t.token), &[])).await
+        {
+            assert_eq!(status_of(&Ok(r)), 200);
+            break c;
+        }
+        assert!(
+            start.elapsed() < BOUND,
+            "no gRPC connection after a slot was freed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    drop(held);
+    // Shutdown with an idle HTTP/2 connection open: it is told to go away, so the drain ends
+    // well within the grace period (2 s in the tests' configuration), and the port is closed.
+    let grpc = s.grpc();
+    let start = std::time::Instant::now();
+    s.stop().await;
+    assert!(
+        start.elapsed() < Duration::from_millis(1500),
+        "drain took {:?}",
+        start.elapsed()
+    );
+    assert!(
+        check(&mut c, with_token(Some(&t.token), &[]))
+            .await
+            .is_err()
+    );
+    assert!(tokio::net::TcpStream::connect(grpc).await.is_err());
+}
