@@ -3,6 +3,9 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
+use tonic::codegen::Service as _;
+
+use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 use tokio::{
     net::TcpListener,
     sync::{Semaphore, watch},
@@ -12,7 +15,7 @@ use tokio::{
 pub use crate::state::{App, StartError};
 use crate::{
     config::{Config, Consistency, FeedSource},
-    http,
+    grpc, http,
     server::{self, Limits},
     store::{Store, feed, relay, schema},
 };
@@ -21,6 +24,8 @@ use crate::{
 pub struct Running {
     pub addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// The gRPC ext_authz listener's address, when `server.grpc_listen` is set.
+    pub grpc_addr: Option<SocketAddr>,
     pub app: Arc<App>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -230,6 +235,18 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             addr: cfg.server.admin_listen,
             source,
         })?;
+    let grpc_listener = match cfg.server.grpc_listen {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
+    let grpc_addr = grpc_listener
+        .as_ref()
+        .map(|l| l.local_addr())
+        .transpose()
+        .map_err(|source| StartError::Bind {
+            addr: cfg.server.grpc_listen.unwrap_or(cfg.server.listen),
+            source,
+        })?;
     let (shutdown, shutdown_rx) = watch::channel(false);
     let connections = Arc::new(Semaphore::new(cfg.server.max_connections.get()));
     let limits = Limits::from(&cfg.server);
@@ -243,6 +260,27 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         move |req, peer| http::main_service(Arc::clone(&main_app), req, peer),
         shutdown_rx.clone(),
     )));
+    if let Some(listener) = grpc_listener {
+        // The main listener's connection cap, limits and drain; tonic's generated service
+        // decodes the check and encodes the answer.
+        let service = AuthorizationServer::new(grpc::Check::new(Arc::clone(&app)))
+            .max_decoding_message_size(cfg.server.grpc_max_message_bytes);
+        tasks.push(tokio::spawn(server::serve(
+            listener,
+            limits.clone(),
+            Arc::clone(&connections),
+            move |req, _peer| {
+                let mut service = service.clone();
+                async move {
+                    match service.call(req).await {
+                        Ok(response) => response,
+                        Err(never) => match never {},
+                    }
+                }
+            },
+            shutdown_rx.clone(),
+        )));
+    }
     let admin_app = Arc::clone(&app);
     let probe = Arc::new(http::admin::PostgresProbe::new(
         cfg.server.readiness_interval,
@@ -276,10 +314,11 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         });
     }
     tasks.push(housekeeping(Arc::clone(&app.store), shutdown_rx.clone()));
-    tracing::info!(%addr, %admin_addr, consistency = ?cfg.cache.consistency, feed = ?cfg.cache.feed, "knoxgate serving");
+    tracing::info!(%addr, %admin_addr, grpc_addr = ?grpc_addr, consistency = ?cfg.cache.consistency, feed = ?cfg.cache.feed, "knoxgate serving");
     Ok(Running {
         addr,
         admin_addr,
+        grpc_addr,
         app,
         shutdown,
         tasks,

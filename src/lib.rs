@@ -13,6 +13,8 @@
 //! - [`assertion`]: the signed identity assertion — keys from PEM, signing, the JWKS, one
 //!   signed assertion kept per cached token and reused until it nears expiry.
 //! - [`http`]: routing and handlers; `http::respond` is the only place a status code is chosen.
+//! - [`grpc`]: Envoy ext_authz over gRPC: `/verify`'s decision for a check request, and how
+//!   Envoy is told `http::respond`'s answer.
 //! - [`server`]: listeners, connection and in-flight limits, timeouts, graceful drain.
 //! - [`config`]: TOML file + `KNOXGATE_*` environment → validated, typed [`config::Config`].
 //! - [`metrics`]: the Prometheus metric families, registered once.
@@ -28,6 +30,7 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod grpc;
 pub mod http;
 pub mod login;
 pub mod metrics;

@@ -62,6 +62,8 @@ label_value! {
         Logout = "logout",
         LogoutAll = "logoutall",
         NotFound = "not_found",
+        /// Envoy ext_authz over gRPC (`Authorization/Check`), by the HTTP status it stands for.
+        GrpcCheck = "grpc_check",
     }
 }
 

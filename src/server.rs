@@ -24,7 +24,7 @@ use tokio::{
     task::JoinSet,
 };
 
-use crate::{config::ServerConfig, http::respond::Body};
+use crate::config::ServerConfig;
 
 /// Per-connection protocol limits.
 #[derive(Debug, Clone)]
@@ -113,8 +113,9 @@ impl Drop for InFlight {
 }
 
 /// Serves `listener` until `shutdown` becomes true, then drains open connections for at most
-/// the grace period. `connections` caps open connections (shared between listeners).
-pub async fn serve<H, F>(
+/// the grace period. `connections` caps open connections (shared between listeners). The
+/// handler's body type is free so that the gRPC listener (tonic's bodies) shares this loop.
+pub async fn serve<H, F, B>(
     listener: TcpListener,
     limits: Limits,
     connections: Arc<Semaphore>,
@@ -122,7 +123,9 @@ pub async fn serve<H, F>(
     mut shutdown: watch::Receiver<bool>,
 ) where
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Response<Body>> + Send + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -187,7 +190,7 @@ pub async fn serve<H, F>(
 
 /// One connection: wait (bounded) for its first bytes, then serve it until it ends, has been
 /// idle for `idle_timeout`, or shutdown begins (then gracefully).
-async fn connection<H, F>(
+async fn connection<H, F, B>(
     builder: Arc<auto::Builder<TokioExecutor>>,
     stream: TcpStream,
     peer: SocketAddr,
@@ -196,7 +199,9 @@ async fn connection<H, F>(
     mut shutdown: watch::Receiver<bool>,
 ) where
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Response<Body>> + Send + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     match tokio::time::timeout(limits.header_read_timeout, first_bytes(&stream)).await {
         Ok(Ok(true)) => {}

@@ -253,6 +253,146 @@ except (KeyError, IndexError, TypeError, ValueError) as e:
     c.expect(False, f"unexpected structure: {e!r}")
 c.done()
 
+# --- gRPC ext_authz: Envoy, Istio, Envoy Gateway, Contour -----------------------------------------
+
+# knoxgate's policy keys (src/auth/policy.rs), as context_extensions carry them.
+POLICY_VALUES = {"anonymous": re.compile(r"allow"), "require": re.compile(r"staff|superuser"),
+                 "group": re.compile(r"[^,]{1,150}(,[^,]{1,150})*")}
+
+
+def check_context(c, where, context):
+    for key, value in (context or {}).items():
+        c.expect(key in POLICY_VALUES, f"{where}: unknown policy key {key!r}")
+        c.expect(key not in POLICY_VALUES or POLICY_VALUES[key].fullmatch(str(value)),
+                 f"{where}: bad value {value!r} for {key}")
+    c.expect(not ("anonymous" in (context or {}) and ({"require", "group"} & set(context or {}))),
+             f"{where}: anonymous cannot be combined with require or group")
+
+
+grpc_port = next(p["port"] for d in load_all("deploy/kubernetes/service.yaml") for p in d["spec"]["ports"]
+                 if p["name"] == "grpc")
+grpc_listen = tomllib.loads(load_all("deploy/kubernetes/configmap.yaml")[0]["data"]["knoxgate.toml"])[
+    "server"].get("grpc_listen", "")
+c = Checks("deploy/kubernetes: the grpc port (Service, Deployment, server.grpc_listen) agrees")
+deployment = load_all("deploy/kubernetes/deployment.yaml")[0]
+container_ports = {p["name"]: p["containerPort"] for ct in deployment["spec"]["template"]["spec"]["containers"]
+                   for p in ct.get("ports", [])}
+c.expect(grpc_listen.endswith(f":{container_ports.get('grpc')}"), f"grpc_listen {grpc_listen!r} vs containerPort")
+c.expect(grpc_port == 9001, f"Service grpc port {grpc_port}")
+c.done()
+
+envoy_grpc = yaml.safe_load(open("deploy/envoy/envoy-grpc.yaml"))
+c = Checks("deploy/envoy/envoy-grpc.yaml: parses as envoy.config.bootstrap.v3.Bootstrap (envoy-data-plane 2.2.0, typed_config included)")
+try:
+    for url in set(type_urls(envoy_grpc)):
+        importlib.import_module("envoy_data_plane." + url.split("/", 1)[1].rsplit(".", 1)[0])
+    from envoy_data_plane.envoy.config.bootstrap.v3 import Bootstrap
+
+    Bootstrap.from_dict(envoy_grpc)
+except Exception as e:  # noqa: BLE001 - any parse error is the finding
+    c.expect(False, f"{type(e).__name__}: {e}")
+c.done()
+
+c = Checks("deploy/envoy/envoy-grpc.yaml: gRPC ext_authz fails closed with 503, h2 cluster, policies are knoxgate's keys, /api/auth/ exempt")
+try:
+    clusters = {cl["name"]: cl for cl in envoy_grpc["static_resources"]["clusters"]}
+    hcm = envoy_grpc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    names = [f["name"] for f in hcm["http_filters"]]
+    c.expect(names[-1] == "envoy.filters.http.router", "router must be the last filter")
+    authz = hcm["http_filters"][names.index("envoy.filters.http.ext_authz")]["typed_config"]
+    c.expect(authz.get("failure_mode_allow") is False, "failure_mode_allow must be false")
+    c.expect(authz.get("status_on_error", {}).get("code") in ("ServiceUnavailable", 503), "status_on_error must be 503")
+    cluster = clusters.get(authz["grpc_service"]["envoy_grpc"]["cluster_name"])
+    c.expect(cluster is not None, "grpc_service cluster is not defined")
+    opts = cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    c.expect("http2_protocol_options" in opts["explicit_http_config"], "the gRPC cluster must speak HTTP/2")
+    port = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]["port_value"]
+    c.expect(port == grpc_port, f"gRPC cluster port {port} is not knoxgate's grpc port {grpc_port}")
+    c.expect(hcm.get("common_http_protocol_options", {}).get("headers_with_underscores_action") in ("DROP_HEADER", "REJECT_REQUEST"),
+             "headers_with_underscores_action must drop or reject X_Auth_User_Id-style headers")
+    exempt = False
+    for vh in hcm["route_config"]["virtual_hosts"]:
+        for r in vh["routes"]:
+            c.expect(r["route"]["cluster"] in clusters, f"route {r['match']} names an undefined cluster")
+            per = r.get("typed_per_filter_config", {}).get("envoy.filters.http.ext_authz", {})
+            if r["match"].get("prefix") == "/api/auth/":
+                exempt = per.get("disabled") is True
+            else:
+                c.expect(not per.get("disabled"), f"route {r['match']} must not disable ext_authz")
+                check_context(c, f"route {r['match']}", per.get("check_settings", {}).get("context_extensions"))
+    c.expect(exempt, "the /api/auth/ route must carry ExtAuthzPerRoute{disabled: true}")
+except (KeyError, IndexError, TypeError, ValueError, StopIteration) as e:
+    c.expect(False, f"unexpected structure: {e!r}")
+c.done()
+
+report("SKIP", "schema check of the Istio, Envoy Gateway and Contour custom resources: their CRD schemas "
+       "are not available from the package registries here; their settings are checked instead")
+
+c = Checks("deploy/istio/knoxgate.yaml: envoyExtAuthzGrpc provider fails closed on knoxgate's grpc port; CUSTOM policy uses it, login exempt")
+try:
+    docs_istio = {d["kind"]: d for d in load_all("deploy/istio/knoxgate.yaml")}
+    providers = {p["name"]: p for p in docs_istio["IstioOperator"]["spec"]["meshConfig"]["extensionProviders"]}
+    policy = docs_istio["AuthorizationPolicy"]
+    c.expect(policy["spec"]["action"] == "CUSTOM", "AuthorizationPolicy action must be CUSTOM")
+    provider = providers.get(policy["spec"]["provider"]["name"])
+    c.expect(provider is not None and "envoyExtAuthzGrpc" in provider, "the policy's provider must be an envoyExtAuthzGrpc provider")
+    g = provider["envoyExtAuthzGrpc"]
+    c.expect(g.get("failOpen") is False, "failOpen must be false")
+    c.expect(g["port"] == grpc_port, f"provider port {g['port']} is not knoxgate's grpc port")
+    c.expect(g["service"].startswith("knoxgate."), "provider service must be the knoxgate Service")
+    c.expect(duration_s(g["timeout"]) <= 1, "timeout must be set explicitly (Istio's default is 600 s)")
+    not_paths = [p for r in policy["spec"]["rules"] for t in r["to"] for p in t["operation"].get("notPaths", [])]
+    c.expect("/api/auth/*" in not_paths, "the login endpoints must be left out of the check")
+except (KeyError, IndexError, TypeError, ValueError) as e:
+    c.expect(False, f"unexpected structure: {e!r}")
+c.done()
+
+c = Checks("deploy/envoy-gateway/security-policy.yaml: gRPC extAuth fails closed on knoxgate's grpc port; the ReferenceGrant matches")
+try:
+    docs_eg = {d["kind"]: d for d in load_all("deploy/envoy-gateway/security-policy.yaml")}
+    sp, grant = docs_eg["SecurityPolicy"], docs_eg["ReferenceGrant"]
+    ext = sp["spec"]["extAuth"]
+    c.expect(ext.get("failOpen") is False, "failOpen must be false")
+    ref = ext["grpc"]["backendRefs"][0]
+    c.expect(ref["name"] == "knoxgate" and ref["port"] == grpc_port, f"backendRef {ref} is not knoxgate's grpc port")
+    c.expect(grant["metadata"]["namespace"] == ref["namespace"], "the ReferenceGrant must live in knoxgate's namespace")
+    c.expect(any(f["kind"] == "SecurityPolicy" and f["namespace"] == sp["metadata"]["namespace"] for f in grant["spec"]["from"]),
+             "the ReferenceGrant must admit the SecurityPolicy's namespace")
+    c.expect(any(t["kind"] == "Service" and t.get("name") == ref["name"] for t in grant["spec"]["to"]),
+             "the ReferenceGrant must name the knoxgate Service")
+except (KeyError, IndexError, TypeError) as e:
+    c.expect(False, f"unexpected structure: {e!r}")
+c.done()
+
+c = Checks("deploy/contour/knoxgate.yaml: h2c ExtensionService on knoxgate's grpc port; authorization fails closed; policies are knoxgate's keys")
+try:
+    docs_ct = load_all("deploy/contour/knoxgate.yaml")
+    ext = next(d for d in docs_ct if d["kind"] == "ExtensionService")
+    proxy = next(d for d in docs_ct if d["kind"] == "HTTPProxy")
+    c.expect(ext["spec"]["protocol"] == "h2c", "ExtensionService protocol must be h2c")
+    c.expect(ext["spec"]["services"][0]["port"] == grpc_port, "ExtensionService port is not knoxgate's grpc port")
+    authz = proxy["spec"]["virtualhost"]["authorization"]
+    c.expect(authz.get("failOpen") is False, "failOpen must be false")
+    c.expect(authz["extensionRef"]["name"] == ext["metadata"]["name"]
+             and authz["extensionRef"]["namespace"] == ext["metadata"]["namespace"], "extensionRef must name the ExtensionService")
+    c.expect("tls" in proxy["spec"]["virtualhost"], "Contour requires TLS on a virtual host with authorization")
+    check_context(c, "virtualhost", authz.get("authPolicy", {}).get("context"))
+    exempt = False
+    services = {d["metadata"]["name"] for d in docs_ct if d["kind"] == "Service"}
+    for r in proxy["spec"]["routes"]:
+        prefix = r["conditions"][0]["prefix"]
+        ap = r.get("authPolicy", {})
+        if prefix == "/api/auth/":
+            exempt = ap.get("disabled") is True
+            c.expect(all(s["name"] in services for s in r["services"]), "the login route's Service must be in the file")
+        else:
+            c.expect(not ap.get("disabled"), f"route {prefix} must not disable authorization")
+            check_context(c, f"route {prefix}", ap.get("context"))
+    c.expect(exempt, "the /api/auth/ route must carry authPolicy.disabled: true")
+except (KeyError, IndexError, TypeError, StopIteration) as e:
+    c.expect(False, f"unexpected structure: {e!r}")
+c.done()
+
 # --- Traefik ----------------------------------------------------------------------------------
 
 report("SKIP", "traefik schema check of deploy/traefik/*: neither Traefik nor its configuration schema "
@@ -317,6 +457,7 @@ import kubernetes_validate  # noqa: E402
 K8S_FILES = sorted(
     [os.path.join("deploy/kubernetes", f) for f in os.listdir("deploy/kubernetes") if f.endswith((".yaml", ".yml"))]
     + ["deploy/ingress-nginx/ingress.yaml", "deploy/traefik/middleware.yaml"]
+    + ["deploy/istio/knoxgate.yaml", "deploy/envoy-gateway/security-policy.yaml", "deploy/contour/knoxgate.yaml"]
 )
 rendered = os.path.join(WORK, "kustomize.yaml")
 for path in K8S_FILES + ([rendered] if os.path.exists(rendered) and os.path.getsize(rendered) else []):

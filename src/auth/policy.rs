@@ -1,6 +1,6 @@
 //! Per-route policy: what the proxy asks of a request beyond "a valid token of an active user",
-//! read from the query string of the verify URL it is configured with, and the permission
-//! check that applies it. Pure: no I/O, the user's flags and groups are passed in.
+//! read from the query string of the verify URL it is configured with (or, over gRPC, from
+//! Envoy's per-route `context_extensions`), and the permission check that applies it. Pure: no I/O, the user's flags and groups are passed in.
 //!
 //! Keys (each value exactly as written; anything else is a configuration error naming the key):
 //!
@@ -64,43 +64,92 @@ impl Policy {
     /// Reads the query string of the verify URL (without the `?`). Percent-escapes and `+` are
     /// decoded as in a form, so `group=Team%20A` and `group=Team+A` name the same group.
     pub fn from_query(query: &str) -> Result<Policy, PolicyError> {
+        Policy::from_pairs(form_urlencoded::parse(query.as_bytes()))
+    }
+
+    /// Reads key/value pairs, each key as on the verify URL's query string (already decoded).
+    pub fn from_pairs<K, V>(pairs: impl IntoIterator<Item = (K, V)>) -> Result<Policy, PolicyError>
+    where
+        K: AsRef<str>,
+        V: AsRef<str>,
+    {
         let mut policy = Policy::default();
-        for (key, value) in form_urlencoded::parse(query.as_bytes()) {
-            match key.as_ref() {
-                "anonymous" => {
-                    if value != "allow" {
-                        return Err(bad(&key, "the only value is `allow`"));
-                    }
-                    policy.anonymous = true;
+        for (key, value) in pairs {
+            policy.apply(key.as_ref(), value.as_ref())?;
+        }
+        policy.check()
+    }
+
+    /// Reads Envoy's per-route `context_extensions` (gRPC ext_authz): the same keys as the query
+    /// string, one value each. A map cannot repeat `group`, so its value is a comma-separated
+    /// list of names, each percent-encoded where needed (`%2C` for a comma in a name, `%25` for
+    /// `%`), as in the groups identity header. Keys are read in sorted order, so the key a
+    /// mistake is reported against does not depend on the map's order.
+    pub fn from_context_extensions<'a>(
+        extensions: impl IntoIterator<Item = (&'a String, &'a String)>,
+    ) -> Result<Policy, PolicyError> {
+        let mut pairs: Vec<(&str, &str)> = extensions
+            .into_iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        pairs.sort_unstable();
+        let mut policy = Policy::default();
+        for (key, value) in pairs {
+            if key == "group" {
+                for name in value.split(',') {
+                    let name = percent_encoding::percent_decode_str(name)
+                        .decode_utf8()
+                        .map_err(|_| bad(key, "a group name percent-encoded as UTF-8"))?;
+                    policy.apply(key, &name)?;
                 }
-                "require" => {
-                    let role = match value.as_ref() {
-                        "staff" => Role::Staff,
-                        "superuser" => Role::Superuser,
-                        _ => return Err(bad(&key, "use `staff` or `superuser`")),
-                    };
-                    if policy.require.is_some_and(|r| r != role) {
-                        return Err(bad(&key, "given twice with different values"));
-                    }
-                    policy.require = Some(role);
-                }
-                "group" => {
-                    if value.is_empty() || value.chars().count() > MAX_GROUP_NAME {
-                        return Err(bad(&key, "a group name of 1 to 150 characters"));
-                    }
-                    if !policy.groups.iter().any(|g| *g == value) {
-                        policy.groups.push(value.as_ref().into());
-                    }
-                }
-                other => {
-                    return Err(bad(other, "unknown key: use anonymous, require or group"));
-                }
+            } else {
+                policy.apply(key, value)?;
             }
         }
-        if policy.anonymous && (policy.require.is_some() || !policy.groups.is_empty()) {
+        policy.check()
+    }
+
+    /// Adds one parameter.
+    fn apply(&mut self, key: &str, value: &str) -> Result<(), PolicyError> {
+        match key {
+            "anonymous" => {
+                if value != "allow" {
+                    return Err(bad(key, "the only value is `allow`"));
+                }
+                self.anonymous = true;
+            }
+            "require" => {
+                let role = match value {
+                    "staff" => Role::Staff,
+                    "superuser" => Role::Superuser,
+                    _ => return Err(bad(key, "use `staff` or `superuser`")),
+                };
+                if self.require.is_some_and(|r| r != role) {
+                    return Err(bad(key, "given twice with different values"));
+                }
+                self.require = Some(role);
+            }
+            "group" => {
+                if value.is_empty() || value.chars().count() > MAX_GROUP_NAME {
+                    return Err(bad(key, "a group name of 1 to 150 characters"));
+                }
+                if !self.groups.iter().any(|g| *g == value) {
+                    self.groups.push(value.into());
+                }
+            }
+            other => {
+                return Err(bad(other, "unknown key: use anonymous, require or group"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The rules between keys, once all are read.
+    fn check(self) -> Result<Policy, PolicyError> {
+        if self.anonymous && (self.require.is_some() || !self.groups.is_empty()) {
             return Err(bad("anonymous", "cannot be combined with require or group"));
         }
-        Ok(policy)
+        Ok(self)
     }
 
     /// Whether the policy looks at the user's flags or groups at all.
@@ -227,5 +276,51 @@ mod tests {
         assert!(permits(&both, &user(true, false, &["ops"])));
         assert!(!permits(&both, &user(true, false, &[])));
         assert!(!permits(&both, &user(false, false, &["ops"])));
+    }
+
+    fn extensions(pairs: &[(&str, &str)]) -> Result<Policy, PolicyError> {
+        let map: std::collections::HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Policy::from_context_extensions(&map)
+    }
+
+    #[test]
+    fn context_extensions_use_the_query_keys() {
+        assert_eq!(extensions(&[]).unwrap(), Policy::default());
+        assert!(extensions(&[("anonymous", "allow")]).unwrap().anonymous);
+        let p = extensions(&[("require", "superuser"), ("group", "ops")]).unwrap();
+        assert_eq!(p.require, Some(Role::Superuser));
+        assert_eq!(p.groups, ["ops"]);
+        // A list of groups, percent-encoded like the groups header; spaces are not `+`.
+        let p = extensions(&[("group", "ops,a%2Cb,100%25,%C3%A9quipe,Team A,ops")]).unwrap();
+        assert_eq!(p.groups, ["ops", "a,b", "100%", "équipe", "Team A"]);
+        assert_eq!(extensions(&[("group", "b+c")]).unwrap().groups, ["b+c"]);
+        // The query form and the map form agree.
+        assert_eq!(
+            extensions(&[("require", "staff"), ("group", "ops")]).unwrap(),
+            parse("require=staff&group=ops")
+        );
+    }
+
+    #[test]
+    fn context_extension_mistakes_name_their_key() {
+        for (pairs, key) in [
+            (&[("anonymous", "yes")][..], "anonymous"),
+            (&[("require", "admin")][..], "require"),
+            (&[("group", "")][..], "group"),
+            (&[("group", "ops,")][..], "group"),
+            (&[("group", "%FF")][..], "group"),
+            (&[("groups", "ops")][..], "groups"),
+            (&[("x", "1"), ("require", "staff")][..], "x"),
+            // Sorted: the same key is named whatever the map's order.
+            (&[("zz", "1"), ("aa", "1")][..], "aa"),
+            (&[("anonymous", "allow"), ("group", "ops")][..], "anonymous"),
+        ] {
+            assert_eq!(extensions(pairs).expect_err(key).key, key, "{pairs:?}");
+        }
+        let long = "g".repeat(151);
+        assert_eq!(extensions(&[("group", &long)]).unwrap_err().key, "group");
     }
 }

@@ -1,4 +1,4 @@
-//! `[server]`: the two listeners, the connection and request limits, and the deadlines every
+//! `[server]`: the listeners (main, admin, and the optional gRPC ext_authz one), the connection and request limits, and the deadlines every
 //! request and connection shares.
 
 use std::{net::SocketAddr, num::NonZeroUsize, time::Duration};
@@ -22,6 +22,9 @@ const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const DEFAULT_READINESS_INTERVAL: Duration = Duration::from_secs(1);
 const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// A check request carries the client request's headers (Envoy's own cap on them defaults to
+/// 60 KiB) and a few attributes; four times that is ample and still bounds what one decodes.
+const DEFAULT_GRPC_MAX_MESSAGE_BYTES: u64 = 262_144;
 
 /// `[server]` as written in the file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -42,6 +45,9 @@ pub struct ServerFile {
     pub request_timeout: Duration,
     #[serde(with = "value::duration")]
     pub shutdown_grace: Duration,
+    /// Empty: no gRPC listener.
+    pub grpc_listen: String,
+    pub grpc_max_message_bytes: u64,
 }
 
 impl Default for ServerFile {
@@ -57,6 +63,8 @@ impl Default for ServerFile {
             readiness_interval: DEFAULT_READINESS_INTERVAL,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            grpc_listen: String::new(),
+            grpc_max_message_bytes: DEFAULT_GRPC_MAX_MESSAGE_BYTES,
         }
     }
 }
@@ -95,6 +103,11 @@ pub struct ServerConfig {
     pub request_timeout: Duration,
     /// How long in-flight requests may take to finish after SIGTERM.
     pub shutdown_grace: Duration,
+    /// Envoy ext_authz over gRPC (h2c), with the main listener's connection cap, in-flight cap,
+    /// deadlines and drain; `None` when not configured.
+    pub grpc_listen: Option<SocketAddr>,
+    /// Largest check request decoded; larger ones are refused with OUT_OF_RANGE (tonic's code for it).
+    pub grpc_max_message_bytes: usize,
 }
 
 impl TryFrom<ServerFile> for ServerConfig {
@@ -117,6 +130,20 @@ impl TryFrom<ServerFile> for ServerConfig {
             readiness_interval: file.readiness_interval,
             request_timeout: positive("server.request_timeout", file.request_timeout)?,
             shutdown_grace: file.shutdown_grace,
+            grpc_listen: match file.grpc_listen.trim() {
+                "" => None,
+                addr => Some(socket_addr("server.grpc_listen", addr)?),
+            },
+            grpc_max_message_bytes: {
+                if file.grpc_max_message_bytes < MIN_MAX_HEADER_BYTES {
+                    return Err(invalid(
+                        "server.grpc_max_message_bytes",
+                        "must be at least 8192",
+                    ));
+                }
+                usize::try_from(file.grpc_max_message_bytes)
+                    .map_err(|_| invalid("server.grpc_max_message_bytes", "too large"))?
+            },
         })
     }
 }

@@ -115,7 +115,7 @@ async fn handle(
         }
         Route::Logout => Box::pin(session::logout(app, &parts, false)).await,
         Route::LogoutAll => Box::pin(session::logout(app, &parts, true)).await,
-        Route::Verify | Route::NotFound => return respond::not_found(),
+        Route::Verify | Route::NotFound | Route::GrpcCheck => return respond::not_found(),
     };
     result.unwrap_or_else(|e| respond::error(&e))
 }

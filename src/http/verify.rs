@@ -130,8 +130,9 @@ pub async fn verify(
     response
 }
 
-/// The answer to one verify request under `policy`, with its metrics labels.
-async fn answer(
+/// The answer to one verify request under `policy`, with its metrics labels. Also the
+/// decision of a gRPC check (`grpc`), from the headers it carries.
+pub async fn answer(
     app: &Arc<App>,
     method: &Method,
     headers: &HeaderMap,

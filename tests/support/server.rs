@@ -116,6 +116,11 @@ impl TestServer {
         self.running.admin_addr
     }
 
+    /// The gRPC ext_authz listener (start with `server.grpc_listen = "127.0.0.1:0"`).
+    pub fn grpc(&self) -> SocketAddr {
+        self.running.grpc_addr.expect("server.grpc_listen is set")
+    }
+
     /// Waits until Redis (if configured) is connected and, in notify mode, the feed is live.
     pub async fn wait_ready(&self) {
         wait_ready(&self.running, Duration::from_secs(4)).await;
