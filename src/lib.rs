@@ -9,7 +9,9 @@
 //!   failed-login throttle, the client-address rule), for the HTTP endpoints and the CLI.
 //! - [`store`]: the tiered token lookup — in-process cache → Redis → Postgres — and the writes
 //!   (login, logout, expired-token cleanup) that keep all tiers consistent; with the Postgres
-//!   change feed (`store::feed`) and `knoxgate migrate`'s tables and triggers (`store::schema`).
+//!   change feed (`store::feed`), its fan-out through a Redis stream (`store::relay`), the
+//!   change format both carry (`store::change`) and `knoxgate migrate`'s tables and triggers
+//!   (`store::schema`).
 //! - [`assertion`]: the signed identity assertion — keys from PEM, signing, the JWKS, one
 //!   signed assertion kept per cached token and reused until it nears expiry.
 //! - [`http`]: routing and handlers; `http::respond` is the only place a status code is chosen.
@@ -21,7 +23,8 @@
 //! - [`telemetry`]: the stderr log and, when configured, OpenTelemetry spans over OTLP.
 //! - [`state`]: the shared state every handler reads (`App`).
 //! - [`app`]: wiring — builds the state from a `Config`, runs the service, stops on a signal.
-//! - [`cli`]: the command line: `serve`, `migrate`, `check-config`, user and token commands.
+//! - [`cli`]: the command line: `serve`, `relay`, `migrate`, `check-config`, user and token
+//!   commands.
 //! - [`error`]: failures and who is at fault (mapped to statuses in `http::respond`).
 
 pub mod app;

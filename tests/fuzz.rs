@@ -5,7 +5,7 @@
 use knoxgate::{
     auth::{Credential, DenyReason, parse_authorization, parse_basic},
     password::check_password,
-    store::feed::parse_payload,
+    store::change::parse_payload,
     store::payload,
 };
 use rand::RngExt;

@@ -18,6 +18,7 @@
 //!   (token SQL) with `users` (login and user SQL) and [`pg`] (connection set-up);
 //! - [`feed`] and [`schema`]: the Postgres change feed and the triggers that feed it.
 
+pub mod change;
 pub mod epoch;
 pub mod feed;
 pub mod flight;

@@ -28,7 +28,7 @@ use fred::{
 };
 use tokio::{sync::watch, time::Instant};
 
-use super::{Change, Store, StoreError, feed, redis::fred_builder};
+use super::{Change, Store, StoreError, change, redis::fred_builder};
 use crate::{
     config::Config,
     metrics::{KindLabels, Metrics},
@@ -48,7 +48,7 @@ pub fn stream_key(key_prefix: &str) -> String {
 /// What a stream entry says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StreamEntry {
-    /// A change, in the triggers' payload format (see [`feed::parse_payload`]).
+    /// A change, in the triggers' payload format (see [`change::parse_payload`]).
     Change(Change),
     /// A relay's `b|<relay>|<seq>`: that relay's feed is live.
     Heartbeat,
@@ -60,7 +60,7 @@ pub fn parse_entry(payload: &str) -> Option<StreamEntry> {
         let (relay, seq) = rest.split_once('|')?;
         return (!relay.is_empty() && seq.parse::<u64>().is_ok()).then_some(StreamEntry::Heartbeat);
     }
-    feed::parse_payload(payload).map(StreamEntry::Change)
+    change::parse_payload(payload).map(StreamEntry::Change)
 }
 
 fn redis_error(what: &str, e: fred::error::Error) -> StoreError {
@@ -274,7 +274,7 @@ async fn read_once(
                 metrics
                     .feed_events
                     .get_or_create(&KindLabels {
-                        kind: feed::kind_label(&change),
+                        kind: change::kind_label(&change),
                     })
                     .inc();
                 store.apply(&change).await;

@@ -18,6 +18,7 @@ import urllib.request
 from typing import Any, Callable
 
 import jwt
+from django.core.signals import setting_changed
 from jwt import PyJWK
 
 from knoxgate_django.conf import Config, get_config
@@ -155,6 +156,15 @@ def keyset_for(config: Config) -> KeySet:
 def reset_keysets() -> None:
     with _keysets_lock:
         _keysets.clear()
+
+
+def _reset(*, setting: str, **kwargs: Any) -> None:
+    # The key cache depends on the JWKS source, which KNOXGATE names.
+    if setting == "KNOXGATE":
+        reset_keysets()
+
+
+setting_changed.connect(_reset)
 
 
 def verify(token: str, config: Config | None = None) -> dict[str, Any]:

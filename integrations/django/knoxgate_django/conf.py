@@ -200,11 +200,8 @@ def get_config() -> Config:
 
 def _reset(*, setting: str, **kwargs: Any) -> None:
     if setting == "KNOXGATE":
+        # The assertion module drops its key cache on the same signal.
         get_config.cache_clear()
-        # The key cache depends on the JWKS source; drop it too.
-        from knoxgate_django import assertion
-
-        assertion.reset_keysets()
 
 
 setting_changed.connect(_reset)
