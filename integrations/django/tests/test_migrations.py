@@ -32,6 +32,10 @@ TRIGGERS = {
     ("knoxgate_membership_changed", "auth_user_groups"),
     ("knoxgate_group_renamed", "auth_group"),
     ("knoxgate_group_deleted", "auth_group"),
+    # statement-level: TRUNCATE fires no row trigger
+    ("knoxgate_token_truncated", "knox_authtoken"),
+    ("knoxgate_user_truncated", "auth_user"),
+    ("knoxgate_membership_truncated", "auth_user_groups"),
 }
 
 
@@ -118,6 +122,27 @@ def test_migration_runs_the_packaged_files_verbatim():
     (op,) = migration.operations
     assert op.sql == [(SQL_DIR / "install.sql").read_text()]
     assert op.reverse_sql == [(SQL_DIR / "uninstall.sql").read_text()]
+    reinstall = import_module("knoxgate_django.migrations.0002_reinstall_triggers").Migration
+    (op,) = reinstall.operations
+    assert op.sql == [(SQL_DIR / "install.sql").read_text()]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_install_made_by_an_older_0001_is_brought_up_to_date():
+    # Back to 0001 (0002's reverse changes nothing), then take away what an older copy of the
+    # SQL did not install: the TRUNCATE triggers.
+    call_command("migrate", "knoxgate_django", "0001", verbosity=0)
+    try:
+        with connection.cursor() as c:
+            assert installed_triggers(c) == TRIGGERS
+            c.execute("DROP TRIGGER knoxgate_token_truncated ON knox_authtoken")
+            c.execute("DROP TRIGGER knoxgate_user_truncated ON auth_user")
+            c.execute("DROP TRIGGER knoxgate_membership_truncated ON auth_user_groups")
+            assert installed_triggers(c) != TRIGGERS
+    finally:
+        call_command("migrate", "knoxgate_django", verbosity=0)
+    with connection.cursor() as c:
+        assert installed_triggers(c) == TRIGGERS
 
 
 # --- against the knoxgate binary ---
@@ -157,7 +182,7 @@ def test_django_migrate_installs_what_knoxgate_migrate_installs(scratch_db):
         theirs = catalog_snapshot(cur)
     with connection.cursor() as c:
         ours = catalog_snapshot(c)
-    assert len(ours["functions"]) == 4 and len(ours["triggers"]) == 6 and ours["log_columns"]
+    assert len(ours["functions"]) == 5 and len(ours["triggers"]) == 9 and ours["log_columns"]
     assert ours == theirs
 
     # And knoxgate's own uninstall leaves what the reverse migration leaves: nothing.

@@ -6,16 +6,10 @@ The SQL is exactly what ``knoxgate migrate`` runs: ``knoxgate_django/sql/install
 with the two files generated for other table names (a custom user model).
 """
 
-from pathlib import Path
-
 from django.conf import settings
 from django.db import migrations
 
-
-def _sql(name: str) -> str:
-    configured = (getattr(settings, "KNOXGATE", None) or {}).get("TRIGGER_SQL_DIR")
-    directory = Path(configured) if configured else Path(__file__).resolve().parent.parent / "sql"
-    return (directory / name).read_text(encoding="utf-8")
+from knoxgate_django.triggers import trigger_sql
 
 
 class Migration(migrations.Migration):
@@ -28,5 +22,5 @@ class Migration(migrations.Migration):
     operations = [
         # A one-element list: the script runs as one statement batch, as knoxgate runs it
         # (a bare string would be split by sqlparse, which need not understand $$ bodies).
-        migrations.RunSQL(sql=[_sql("install.sql")], reverse_sql=[_sql("uninstall.sql")]),
+        migrations.RunSQL(sql=[trigger_sql("install.sql")], reverse_sql=[trigger_sql("uninstall.sql")]),
     ]

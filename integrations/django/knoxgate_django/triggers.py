@@ -1,0 +1,16 @@
+"""The trigger SQL the migrations run: the packaged ``sql/`` files (``knoxgate migrate
+--print-sql`` output), or those in ``KNOXGATE["TRIGGER_SQL_DIR"]`` for other table names."""
+
+from pathlib import Path
+
+from django.conf import settings
+
+#: The files shipped with the package.
+PACKAGED_SQL_DIR = Path(__file__).resolve().parent / "sql"
+
+
+def trigger_sql(name: str) -> str:
+    """The text of ``install.sql`` or ``uninstall.sql``, read when the migration is loaded."""
+    configured = (getattr(settings, "KNOXGATE", None) or {}).get("TRIGGER_SQL_DIR")
+    directory = Path(configured) if configured else PACKAGED_SQL_DIR
+    return (directory / name).read_text(encoding="utf-8")
