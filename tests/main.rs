@@ -9,6 +9,7 @@ mod connections;
 mod failover;
 mod feed;
 mod fuzz;
+mod gray;
 mod grpc;
 mod hostile;
 mod idle;

@@ -13,6 +13,7 @@ mod django;
 mod fixture;
 mod http;
 mod knox;
+mod proxy;
 mod redis;
 mod server;
 
@@ -29,6 +30,7 @@ pub use django::*;
 pub use fixture::*;
 pub use http::*;
 pub use knox::*;
+pub use proxy::*;
 pub use redis::*;
 pub use server::*;
 
