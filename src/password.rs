@@ -198,26 +198,90 @@ pub fn timing_dummy(iterations: u32) -> String {
 /// - `argon2`, `bcrypt*`, `scrypt`: nothing, as in Django (their costs do not compare to
 ///   PBKDF2 iterations; Django's own defaults for them are close to its PBKDF2 cost).
 pub fn harden_runtime(password: &str, encoded: &str, iterations: u32) {
+    match padding(encoded, iterations) {
+        Padding::Nothing => {}
+        Padding::DummyCheck(iterations) => {
+            std::hint::black_box(check_password(password, &timing_dummy(iterations)));
+        }
+        Padding::MissingIterations {
+            hasher,
+            salt,
+            iterations,
+        } => {
+            std::hint::black_box(pbkdf2_b64(hasher, password, salt, iterations));
+        }
+    }
+}
+
+/// The work [`harden_runtime`] adds after a wrong password, decided without doing it.
+#[derive(Debug, PartialEq, Eq)]
+enum Padding<'a> {
+    Nothing,
+    /// A whole check at this many PBKDF2 iterations.
+    DummyCheck(u32),
+    /// This many more iterations of the stored hash's own hasher and salt.
+    MissingIterations {
+        hasher: Hasher,
+        salt: &'a str,
+        iterations: u32,
+    },
+}
+
+fn padding(encoded: &str, iterations: u32) -> Padding<'_> {
     let iterations = effective_iterations(iterations);
-    let dummy = || std::hint::black_box(check_password(password, &timing_dummy(iterations)));
     if encoded.len() > MAX_ENCODED_LEN || !is_password_usable(encoded) {
-        dummy();
-        return;
+        return Padding::DummyCheck(iterations);
     }
     match Hasher::identify(encoded) {
-        None | Some(Hasher::Md5) => {
-            dummy();
-        }
+        None | Some(Hasher::Md5) => Padding::DummyCheck(iterations),
         Some(h @ (Hasher::Pbkdf2Sha256 | Hasher::Pbkdf2Sha1)) => match parse_pbkdf2(encoded, h) {
-            None => {
-                dummy();
-            }
-            Some(p) if p.iterations < iterations => {
-                std::hint::black_box(pbkdf2_b64(h, password, p.salt, iterations - p.iterations));
-            }
-            Some(_) => {}
+            None => Padding::DummyCheck(iterations),
+            Some(p) if p.iterations < iterations => Padding::MissingIterations {
+                hasher: h,
+                salt: p.salt,
+                iterations: iterations - p.iterations,
+            },
+            Some(_) => Padding::Nothing,
         },
-        Some(_) => {}
+        Some(_) => Padding::Nothing,
+    }
+}
+
+#[cfg(test)]
+mod padding_tests {
+    use super::*;
+
+    #[test]
+    fn every_refusal_costs_what_a_check_at_the_configured_cost_costs() {
+        const COST: u32 = 300_000;
+        let cheap = make_password("pw", 1_000);
+        let salt = cheap.split('$').nth(2).unwrap();
+        assert_eq!(
+            padding(&cheap, COST),
+            Padding::MissingIterations {
+                hasher: Hasher::Pbkdf2Sha256,
+                salt,
+                iterations: COST - 1_000
+            }
+        );
+        assert_eq!(padding(&make_password("pw", COST), COST), Padding::Nothing);
+        assert_eq!(
+            padding(&make_password("pw", COST + 1), COST),
+            Padding::Nothing
+        );
+        for answered_at_once in [
+            "!Zq1x8sd0unusablepasswordmarker",
+            "",
+            "sha1$salt$0123456789abcdef0123456789abcdef01234567",
+            "md5$salt$0123456789abcdef0123456789abcdef",
+            "pbkdf2_sha256$not-a-number$salt$hash",
+        ] {
+            assert_eq!(
+                padding(answered_at_once, COST),
+                Padding::DummyCheck(COST),
+                "{answered_at_once:?}"
+            );
+        }
     }
 }
 

@@ -526,8 +526,10 @@ async fn refused_logins_take_as_long_whatever_the_users_hash() {
     for user in ["cheap", "unusable", "alien", "no-such-user"] {
         let t = median_refused_login(&s, user, 5).await;
         eprintln!("refused login: {user} {t:?}, reference {reference:?}");
+        // Without the padding these answer in well under 1 % of the reference; a quarter leaves
+        // room for a loaded machine (the exact work is pinned by password's unit tests).
         assert!(
-            t * 2 >= reference,
+            t * 4 >= reference,
             "{user}: {t:?} against {reference:?} for a wrong password at the configured cost"
         );
     }
