@@ -119,6 +119,38 @@ const MAX_ADMIN_CONNECTIONS: usize = 64;
 /// How often expired in-process entries are freed and failed Redis deletions retried.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Binds `addr`; returns the listener and the address it got (port 0 picks one).
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
+    let bound = async {
+        let listener = TcpListener::bind(addr).await?;
+        let local = listener.local_addr()?;
+        Ok((listener, local))
+    };
+    bound
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
+}
+
+/// Serves `/healthz`, `/readyz` (a cached probe) and `/metrics` (and the JWKS) on `listener`.
+fn serve_admin(
+    app: &Arc<App>,
+    listener: TcpListener,
+    shutdown: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    let app = Arc::clone(app);
+    let probe = Arc::new(http::admin::PostgresProbe::new(
+        app.config.server.readiness_interval,
+    ));
+    tokio::spawn(server::serve(
+        listener,
+        Limits::from(&app.config.server),
+        // Its own cap: a flood on the main port must not starve probes and scrapes.
+        Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS)),
+        move |req, _peer| http::admin::admin_service(Arc::clone(&app), Arc::clone(&probe), req),
+        shutdown,
+    ))
+}
+
 /// Frees expired in-process entries, retries failed Redis deletions, closes idle connections.
 fn housekeeping(store: Arc<Store>, mut stop: watch::Receiver<bool>) -> JoinHandle<()> {
     tokio::spawn(async move {
@@ -163,34 +195,11 @@ pub async fn start_relay(mut config: Config) -> Result<RunningRelay, StartError>
     check_triggers(&config).await?;
     let app = App::new(config)?;
     let cfg = Arc::clone(&app.config);
-    let admin_listener = TcpListener::bind(cfg.server.admin_listen)
-        .await
-        .map_err(|source| StartError::Bind {
-            addr: cfg.server.admin_listen,
-            source,
-        })?;
-    let admin_addr = admin_listener
-        .local_addr()
-        .map_err(|source| StartError::Bind {
-            addr: cfg.server.admin_listen,
-            source,
-        })?;
+    let (admin_listener, admin_addr) = bind(cfg.server.admin_listen).await?;
     let publisher = Arc::new(relay::Publisher::connect(&cfg)?);
     let (shutdown, shutdown_rx) = watch::channel(false);
-    let admin_app = Arc::clone(&app);
-    let probe = Arc::new(http::admin::PostgresProbe::new(
-        cfg.server.readiness_interval,
-    ));
     let tasks = vec![
-        tokio::spawn(server::serve(
-            admin_listener,
-            Limits::from(&cfg.server),
-            Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS)),
-            move |req, _peer| {
-                http::admin::admin_service(Arc::clone(&admin_app), Arc::clone(&probe), req)
-            },
-            shutdown_rx.clone(),
-        )),
+        serve_admin(&app, admin_listener, shutdown_rx.clone()),
         tokio::spawn(feed::run(
             Arc::clone(&app.store),
             Arc::clone(&cfg),
@@ -216,37 +225,15 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     check_triggers(&config).await?;
     let app = App::new(config)?;
     let cfg = Arc::clone(&app.config);
-    let bind = |addr: SocketAddr| async move {
-        TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartError::Bind { addr, source })
+    let (main_listener, addr) = bind(cfg.server.listen).await?;
+    let (admin_listener, admin_addr) = bind(cfg.server.admin_listen).await?;
+    let (grpc_listener, grpc_addr) = match cfg.server.grpc_listen {
+        Some(addr) => {
+            let (listener, bound) = bind(addr).await?;
+            (Some(listener), Some(bound))
+        }
+        None => (None, None),
     };
-    let main_listener = bind(cfg.server.listen).await?;
-    let admin_listener = bind(cfg.server.admin_listen).await?;
-    let addr = main_listener
-        .local_addr()
-        .map_err(|source| StartError::Bind {
-            addr: cfg.server.listen,
-            source,
-        })?;
-    let admin_addr = admin_listener
-        .local_addr()
-        .map_err(|source| StartError::Bind {
-            addr: cfg.server.admin_listen,
-            source,
-        })?;
-    let grpc_listener = match cfg.server.grpc_listen {
-        Some(addr) => Some(bind(addr).await?),
-        None => None,
-    };
-    let grpc_addr = grpc_listener
-        .as_ref()
-        .map(|l| l.local_addr())
-        .transpose()
-        .map_err(|source| StartError::Bind {
-            addr: cfg.server.grpc_listen.unwrap_or(cfg.server.listen),
-            source,
-        })?;
     let (shutdown, shutdown_rx) = watch::channel(false);
     let connections = Arc::new(Semaphore::new(cfg.server.max_connections.get()));
     let limits = Limits::from(&cfg.server);
@@ -281,20 +268,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             shutdown_rx.clone(),
         )));
     }
-    let admin_app = Arc::clone(&app);
-    let probe = Arc::new(http::admin::PostgresProbe::new(
-        cfg.server.readiness_interval,
-    ));
-    tasks.push(tokio::spawn(server::serve(
-        admin_listener,
-        limits,
-        // Its own cap: a flood on the main port must not starve probes and scrapes.
-        Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS)),
-        move |req, _peer| {
-            http::admin::admin_service(Arc::clone(&admin_app), Arc::clone(&probe), req)
-        },
-        shutdown_rx.clone(),
-    )));
+    tasks.push(serve_admin(&app, admin_listener, shutdown_rx.clone()));
     if cfg.cache.consistency == Consistency::Notify {
         let (store, config, metrics) = (
             Arc::clone(&app.store),

@@ -120,39 +120,6 @@ fn set_header<'a>(o: &'a OkHttpResponse, name: &str) -> Option<&'a str> {
         .map(|h| h.value.as_str())
 }
 
-async fn member(
-    db: &TestDb,
-    username: &str,
-    staff: bool,
-    superuser: bool,
-    groups: &[&str],
-) -> Token {
-    let t = user_with_token(db, username).await;
-    let c = db.client().await;
-    c.execute(
-        "UPDATE auth_user SET is_staff = $2, is_superuser = $3 WHERE id = $1",
-        &[&t.user_id, &staff, &superuser],
-    )
-    .await
-    .unwrap();
-    for g in groups {
-        c.execute(
-            "INSERT INTO auth_group (name) VALUES ($1) ON CONFLICT (name) DO NOTHING",
-            &[g],
-        )
-        .await
-        .unwrap();
-        c.execute(
-            "INSERT INTO auth_user_groups (user_id, group_id) \
-             SELECT $1, id FROM auth_group WHERE name = $2",
-            &[&t.user_id, g],
-        )
-        .await
-        .unwrap();
-    }
-    t
-}
-
 #[tokio::test]
 async fn every_policy_over_grpc() {
     let db = TestDb::migrated().await;

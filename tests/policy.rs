@@ -18,44 +18,6 @@ superuser_header = "X-Auth-User-Superuser"
 groups_header = "X-Auth-User-Groups"
 "#;
 
-/// A user with a token, the given flags and group memberships (groups created as needed).
-async fn member(
-    db: &TestDb,
-    username: &str,
-    staff: bool,
-    superuser: bool,
-    groups: &[&str],
-) -> Token {
-    let t = user_with_token(db, username).await;
-    let c = db.client().await;
-    c.execute(
-        "UPDATE auth_user SET is_staff = $2, is_superuser = $3 WHERE id = $1",
-        &[&t.user_id, &staff, &superuser],
-    )
-    .await
-    .unwrap();
-    for g in groups {
-        join(db, t.user_id, g).await;
-    }
-    t
-}
-
-async fn join(db: &TestDb, user_id: i32, group: &str) {
-    let c = db.client().await;
-    c.execute(
-        "INSERT INTO auth_group (name) VALUES ($1) ON CONFLICT (name) DO NOTHING",
-        &[&group],
-    )
-    .await
-    .unwrap();
-    c.execute(
-        "INSERT INTO auth_user_groups (user_id, group_id) SELECT $1, id FROM auth_group WHERE name = $2",
-        &[&user_id, &group],
-    )
-    .await
-    .unwrap();
-}
-
 async fn get(s: &TestServer, path: &str, token: Option<&str>) -> Response {
     let auth = token.map(|t| format!("Token {t}"));
     let headers: Vec<(&str, &str)> = auth
@@ -362,7 +324,7 @@ async fn flag_and_group_changes_reach_a_second_instance() {
     all_answer(&both, "/verify?group=ops", &ops.token, 403).await;
     all_answer(&both, "/verify?group=other", &ops.token, 200).await;
     // Added back.
-    join(&db, ops.user_id, "ops").await;
+    join_group(&db, ops.user_id, "ops").await;
     all_answer(&both, "/verify?group=ops", &ops.token, 200).await;
     // A group renamed: every member's groups change.
     c.execute(
@@ -446,7 +408,7 @@ async fn login_caches_the_users_flags_and_groups() {
     c.execute("UPDATE auth_user SET is_staff = true WHERE id = $1", &[&id])
         .await
         .unwrap();
-    join(&db, id, "ops").await;
+    join_group(&db, id, "ops").await;
     let s = TestServer::start(&db, POLICY_HEADERS).await;
     let r = http(
         s.addr(),

@@ -156,3 +156,42 @@ pub async fn user_id(client: &tokio_postgres::Client, username: &str) -> i32 {
         .expect("user row")
         .get(0)
 }
+
+/// A user with a token, the given flags and group memberships (groups created as needed).
+pub async fn member(
+    db: &TestDb,
+    username: &str,
+    staff: bool,
+    superuser: bool,
+    groups: &[&str],
+) -> Token {
+    let t = user_with_token(db, username).await;
+    let c = db.client().await;
+    c.execute(
+        "UPDATE auth_user SET is_staff = $2, is_superuser = $3 WHERE id = $1",
+        &[&t.user_id, &staff, &superuser],
+    )
+    .await
+    .unwrap();
+    for g in groups {
+        join_group(db, t.user_id, g).await;
+    }
+    t
+}
+
+/// Puts `user_id` in `group`, creating the group if needed.
+pub async fn join_group(db: &TestDb, user_id: i32, group: &str) {
+    let c = db.client().await;
+    c.execute(
+        "INSERT INTO auth_group (name) VALUES ($1) ON CONFLICT (name) DO NOTHING",
+        &[&group],
+    )
+    .await
+    .unwrap();
+    c.execute(
+        "INSERT INTO auth_user_groups (user_id, group_id) SELECT $1, id FROM auth_group WHERE name = $2",
+        &[&user_id, &group],
+    )
+    .await
+    .unwrap();
+}
