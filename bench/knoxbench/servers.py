@@ -57,13 +57,14 @@ def kg_env(extra=None):
 
 
 class Knoxgate:
-    def __init__(self, label, extra_env):
+    def __init__(self, label, extra_env, binary=None):
+        """`binary`: another build to measure (default: KNOXGATE, the build under test)."""
         self.label = label
         self.env = kg_env(extra_env)
         self.admin = f"127.0.0.1:{KG_ADMIN_PORT}"
         self.url = f"http://127.0.0.1:{KG_PORT}"
         redis_cli("FLUSHALL")
-        self.p = start(f"knoxgate-{label}", [str(KNOXGATE)], env=self.env)
+        self.p = start(f"knoxgate-{label}", [str(binary or KNOXGATE)], env=self.env)
         wait_http(f"http://{self.admin}/readyz", lambda s: s == 200, timeout=30)
         tok = TOKENS.open().readline().strip()
         status, _ = http_get(self.url + "/verify", {"Authorization": f"Token {tok}"})
