@@ -132,50 +132,8 @@ BUDGET_END=$((SECONDS + 150))
 
 # --- helpers --------------------------------------------------------------------------------------
 
-exec_unprivileged() {
-    if [[ $EUID -eq 0 ]]; then
-        exec setpriv --reuid=65534 --regid=65534 --clear-groups -- "$@"
-    else
-        exec "$@"
-    fi
-}
-own_for_unprivileged() { if [[ $EUID -eq 0 ]]; then chown -R 65534:65534 "$@"; fi; }
-
-free_ports() {
-    python3 - "$1" <<'PY'
-import socket, sys
-socks = []
-for _ in range(int(sys.argv[1])):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    socks.append(s)
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-PY
-}
-
-wait_up() {
-    python3 - "$@" <<'PY' || setup_failed "$1 did not come up within $4 s ($3)"
-import os, sys, time, urllib.error, urllib.request
-name, pid, url, secs = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
-want = int(sys.argv[5]) if len(sys.argv) > 5 else None
-deadline = time.monotonic() + secs
-while time.monotonic() < deadline:
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        sys.exit(f"{name} exited")
-    try:
-        status = urllib.request.urlopen(url, timeout=1).status
-    except urllib.error.HTTPError as e:
-        status = e.code
-    except OSError:
-        status = None
-    if status is not None and (want is None or status == want):
-        sys.exit(0)
-    time.sleep(0.1)
-sys.exit(1)
-PY
-}
+# exec_unprivileged, own_for_unprivileged, free_ports, wait_up
+source "$ROOT/tests/e2e/helpers.sh"
 
 start() {
     local name=$1
