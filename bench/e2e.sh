@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # End to end: one DRF endpoint behind one nginx, four ways, measured in one run, interleaved.
-# Bounded in time (about 9 minutes with the defaults; hard limit 15 minutes).
+# Bounded in time (about 7 minutes with the defaults; hard limit 15 minutes).
 #
 #   bench/e2e.sh
 #   BENCH_ROUNDS=1 E2E_DURATION=5 bench/e2e.sh      # quicker
