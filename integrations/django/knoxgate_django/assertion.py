@@ -15,6 +15,7 @@ import re
 import threading
 import time
 import urllib.request
+from collections import OrderedDict
 from typing import Any, Callable
 
 import jwt
@@ -156,6 +157,16 @@ def keyset_for(config: Config) -> KeySet:
 def reset_keysets() -> None:
     with _keysets_lock:
         _keysets.clear()
+    with _verified_lock:
+        _verified.clear()
+
+
+#: (kid, claims) of assertions already verified, by their exact text and the settings the verdict
+#: depends on, least recently used first. An entry serves only until the assertion's own ``exp``
+#: (plus leeway) and while its key is still in the key set, so a retired key stops it as soon
+#: as the JWKS cache drops the key.
+_verified: OrderedDict[tuple, tuple[str, dict[str, Any]]] = OrderedDict()
+_verified_lock = threading.Lock()
 
 
 def _reset(*, setting: str, **kwargs: Any) -> None:
@@ -172,8 +183,34 @@ def verify(token: str, config: Config | None = None) -> dict[str, Any]:
 
     Checks: size, header (alg among the allowed ones and matching the key's type, kid known),
     signature, ``exp`` and ``iat`` (with leeway), ``aud``, ``iss``, and ``sub`` being a user id.
+    An assertion verified before is answered from ``_verified`` until its ``exp``.
     """
     config = config or get_config()
+    # Everything the verdict depends on besides the keys (which only ever remove a verdict).
+    key = (token, config.audience, config.issuer, config.algorithms, config.jwks_file,
+           config.jwks_url)
+    if config.assertion_cache_size and config.verifies_assertions:
+        with _verified_lock:
+            hit = _verified.get(key)
+        if hit is not None:
+            kid, claims = hit
+            if time.time() <= claims["exp"] + config.leeway and keyset_for(config).get(kid):
+                with _verified_lock:
+                    if key in _verified:
+                        _verified.move_to_end(key)
+                return dict(claims)
+            with _verified_lock:
+                _verified.pop(key, None)
+    kid, claims = _verify_uncached(token, config)
+    if config.assertion_cache_size:
+        with _verified_lock:
+            _verified[key] = (kid, claims)
+            while len(_verified) > config.assertion_cache_size:
+                _verified.popitem(last=False)
+    return dict(claims)
+
+
+def _verify_uncached(token: str, config: Config) -> tuple[str, dict[str, Any]]:
     if not config.verifies_assertions:
         raise AssertionRefused("no JWKS configured")
     if not token or len(token) > MAX_ASSERTION_BYTES or not token.isascii():
@@ -207,4 +244,4 @@ def verify(token: str, config: Config | None = None) -> dict[str, Any]:
     sub = claims.get("sub")
     if not isinstance(sub, str) or not USER_ID_RE.match(sub):
         raise AssertionRefused("assertion subject is not a user id")
-    return claims
+    return kid, claims

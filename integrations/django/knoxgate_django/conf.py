@@ -38,6 +38,9 @@ DEFAULTS: dict[str, Any] = {
     "ASSERTION_ISSUER": "knoxgate",
     "ASSERTION_ALGORITHMS": ["EdDSA", "ES256"],
     "ASSERTION_LEEWAY": 5,
+    # Verified assertions kept (by their exact bytes, until their exp): knoxgate reuses one
+    # assertion per token until it nears expiry, so a hot token's is checked once. 0: off.
+    "ASSERTION_CACHE_SIZE": 10000,
     # DRF: the WWW-Authenticate challenge, so that unauthenticated API calls get 401, not 403.
     "WWW_AUTHENTICATE": "Token",
     # Directory holding install.sql / uninstall.sql for the trigger migration; None: the SQL
@@ -93,6 +96,7 @@ class Config:
     issuer: str
     algorithms: tuple[str, ...]
     leeway: float
+    assertion_cache_size: int
     www_authenticate: str
     trigger_sql_dir: str | None
 
@@ -115,6 +119,12 @@ def _number(key: str, value: Any, minimum: float = 0) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
         raise ImproperlyConfigured(f"KNOXGATE[{key!r}] must be a number >= {minimum}")
     return float(value)
+
+
+def _count(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ImproperlyConfigured(f"KNOXGATE[{key!r}] must be a whole number >= 0")
+    return value
 
 
 def parse(raw: Any) -> Config:
@@ -188,6 +198,7 @@ def parse(raw: Any) -> Config:
         issuer=s["ASSERTION_ISSUER"],
         algorithms=algorithms,
         leeway=_number("ASSERTION_LEEWAY", s["ASSERTION_LEEWAY"]),
+        assertion_cache_size=_count("ASSERTION_CACHE_SIZE", s["ASSERTION_CACHE_SIZE"]),
         www_authenticate=str(s["WWW_AUTHENTICATE"]),
         trigger_sql_dir=s["TRIGGER_SQL_DIR"],
     )

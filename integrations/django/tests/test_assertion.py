@@ -282,3 +282,37 @@ def test_jwks_url_fetch_rotation_and_outage(client, settings, alice, ed_key, jwk
     time.sleep(0.6)
     assert get(client, **{"X-Auth-Assertion": new_key("EdDSA").sign(str(alice.pk))}) == REFUSED
     assert get(client, **{"X-Auth-Assertion": rotated.sign(str(alice.pk))}) == ok(alice.pk)
+
+
+def test_a_verified_assertion_is_checked_once_until_its_exp(client, assertion_settings, alice, ed_key, monkeypatch):
+    decoded = []
+    real_decode = jwt.decode
+    monkeypatch.setattr(jwt, "decode", lambda *a, **k: decoded.append(1) or real_decode(*a, **k))
+    now = int(time.time())
+    token = ed_key.sign(str(alice.pk), iat=now, exp=now + 60)
+    for _ in range(5):
+        assert get(client, **{"X-Auth-Assertion": token}) == ok(alice.pk)
+    assert len(decoded) == 1, "a hot token's assertion is verified once"
+    # Another audience is another verdict: not answered from the cache.
+    assertion_settings.KNOXGATE = {**assertion_settings.KNOXGATE, "ASSERTION_AUDIENCE": "other"}
+    assert get(client, **{"X-Auth-Assertion": token}) == REFUSED
+
+
+def test_a_cached_verdict_ends_at_the_assertions_exp(client, assertion_settings, alice, ed_key):
+    assertion_settings.KNOXGATE = {**assertion_settings.KNOXGATE, "ASSERTION_LEEWAY": 0}
+    now = int(time.time())
+    token = ed_key.sign(str(alice.pk), iat=now, exp=now + 1)
+    assert get(client, **{"X-Auth-Assertion": token}) == ok(alice.pk)
+    time.sleep(2.1)
+    assert get(client, **{"X-Auth-Assertion": token}) == REFUSED
+
+
+def test_the_cache_can_be_turned_off(client, assertion_settings, alice, ed_key, monkeypatch):
+    assertion_settings.KNOXGATE = {**assertion_settings.KNOXGATE, "ASSERTION_CACHE_SIZE": 0}
+    decoded = []
+    real_decode = jwt.decode
+    monkeypatch.setattr(jwt, "decode", lambda *a, **k: decoded.append(1) or real_decode(*a, **k))
+    token = ed_key.sign(str(alice.pk))
+    for _ in range(3):
+        assert get(client, **{"X-Auth-Assertion": token}) == ok(alice.pk)
+    assert len(decoded) == 3
