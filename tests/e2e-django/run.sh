@@ -46,32 +46,8 @@ PIDS=()
 DB_CREATED=
 POLICY_RC_CREATED=
 
-dump_logs() {
-    local f
-    for f in "$WORK"/*.log "$WORK"/*/error.log; do
-        [[ -s $f ]] || continue
-        printf '# --- last lines of %s\n' "${f#"$WORK"/}"
-        tail -n 8 "$f" | sed 's/^/#   /'
-    done
-}
-
-cleanup() {
-    local pid i
-    set +e
-    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null; done
-    for pid in "${PIDS[@]}"; do
-        for ((i = 0; i < 30; i++)); do kill -0 "$pid" 2>/dev/null || continue 2; sleep 0.1; done
-        kill -KILL "$pid" 2>/dev/null
-    done
-    if [[ -n $DB_CREATED ]]; then
-        timeout 10 "${PG[@]}" -d postgres -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null 2>&1 ||
-            say "could not drop database $DB" >&2
-    fi
-    timeout 10 redis-cli -h 127.0.0.1 -p 6379 --scan --pattern "$PREFIX_KEY*" 2>/dev/null |
-        timeout 10 xargs -r redis-cli -h 127.0.0.1 -p 6379 DEL >/dev/null 2>&1
-    if [[ -n $POLICY_RC_CREATED ]]; then rm -f /usr/sbin/policy-rc.d; fi
-    if [[ ${E2E_KEEP:-} != 1 ]]; then rm -rf "$WORK"; fi
-}
+# dump_logs, cleanup, exec_unprivileged, own_for_unprivileged, free_ports, wait_up
+source "$ROOT/tests/e2e/helpers.sh"
 trap cleanup EXIT
 if [[ ${E2E_KEEP:-} == 1 ]]; then say "temp dir (kept): $WORK"; fi
 trap 'exit 130' INT TERM
@@ -132,8 +108,6 @@ BUDGET_END=$((SECONDS + 150))
 
 # --- helpers --------------------------------------------------------------------------------------
 
-# exec_unprivileged, own_for_unprivileged, free_ports, wait_up
-source "$ROOT/tests/e2e/helpers.sh"
 
 start() {
     local name=$1
