@@ -123,20 +123,10 @@ fn set_header<'a>(o: &'a OkHttpResponse, name: &str) -> Option<&'a str> {
 #[tokio::test]
 async fn every_policy_over_grpc() {
     let db = TestDb::migrated().await;
-    let plain = member(&db, "plain", false, false, &[]).await;
-    let staff = member(&db, "staff", true, false, &[]).await;
-    let root = member(&db, "root", false, true, &[]).await;
-    let ops = member(&db, "ops", false, false, &["ops"]).await;
-    let team = member(&db, "team", true, false, &["Team A", "a,b"]).await;
+    let cast = PolicyCast::new(&db).await;
     let s = TestServer::start(&db, IDENTITY).await;
     let mut c = client(&s).await;
-    let (p, st, ro, op, te) = (
-        Some(plain.token.as_str()),
-        Some(staff.token.as_str()),
-        Some(root.token.as_str()),
-        Some(ops.token.as_str()),
-        Some(team.token.as_str()),
-    );
+    let [p, st, ro, op, te] = cast.tokens();
     let none: &[(&str, &str)] = &[];
     let cases: &[(Extensions, Option<&str>, u16)] = &[
         // No extensions: the default rule.

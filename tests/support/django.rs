@@ -195,3 +195,31 @@ pub async fn join_group(db: &TestDb, user_id: i32, group: &str) {
     .await
     .unwrap();
 }
+
+/// The users every policy test asks about: no flags, staff, superuser, in group "ops", and staff
+/// in "Team A" and "a,b" (a name with the groups header's separator).
+pub struct PolicyCast {
+    pub plain: Token,
+    pub staff: Token,
+    pub root: Token,
+    pub ops: Token,
+    pub team: Token,
+}
+
+impl PolicyCast {
+    pub async fn new(db: &TestDb) -> PolicyCast {
+        PolicyCast {
+            plain: member(db, "plain", false, false, &[]).await,
+            staff: member(db, "staff", true, false, &[]).await,
+            root: member(db, "root", false, true, &[]).await,
+            ops: member(db, "ops", false, false, &["ops"]).await,
+            team: member(db, "team", true, false, &["Team A", "a,b"]).await,
+        }
+    }
+
+    /// Their raw tokens, in the order above, as the tables of cases take them.
+    pub fn tokens(&self) -> [Option<&str>; 5] {
+        [&self.plain, &self.staff, &self.root, &self.ops, &self.team]
+            .map(|t| Some(t.token.as_str()))
+    }
+}
