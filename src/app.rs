@@ -151,6 +151,16 @@ fn serve_admin(
     ))
 }
 
+/// Loads the filter of existing token keys whenever the change feed becomes live.
+fn keep_known_keys(store: Arc<Store>, mut stop: watch::Receiver<bool>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = store.keep_known_keys() => {}
+            _ = stop.changed() => {}
+        }
+    })
+}
+
 /// Frees expired in-process entries, retries failed Redis deletions, closes idle connections.
 fn housekeeping(store: Arc<Store>, mut stop: watch::Receiver<bool>) -> JoinHandle<()> {
     tokio::spawn(async move {
@@ -192,6 +202,7 @@ impl RunningRelay {
 pub async fn start_relay(mut config: Config) -> Result<RunningRelay, StartError> {
     config.cache.consistency = Consistency::Notify;
     config.cache.memory_max_bytes = 1;
+    config.cache.key_filter = false;
     check_triggers(&config).await?;
     let app = App::new(config)?;
     let cfg = Arc::clone(&app.config);
@@ -288,6 +299,9 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         });
     }
     tasks.push(housekeeping(Arc::clone(&app.store), shutdown_rx.clone()));
+    if cfg.cache.consistency == Consistency::Notify {
+        tasks.push(keep_known_keys(Arc::clone(&app.store), shutdown_rx.clone()));
+    }
     tracing::info!(%addr, %admin_addr, grpc_addr = ?grpc_addr, consistency = ?cfg.cache.consistency, feed = ?cfg.cache.feed, "knoxgate serving");
     Ok(Running {
         addr,

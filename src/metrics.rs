@@ -35,7 +35,13 @@ macro_rules! label_value {
 
 label_value! {
     /// A tier of the token store.
-    pub enum Tier { Memory = "memory", Redis = "redis", Postgres = "postgres" }
+    pub enum Tier {
+        Memory = "memory",
+        Redis = "redis",
+        Postgres = "postgres",
+        /// The filter of existing token keys (`store::known_keys`): a refusal without asking.
+        KeyFilter = "key_filter",
+    }
 }
 
 label_value! {
@@ -179,6 +185,10 @@ pub struct Metrics {
     pub redis_connected: Gauge,
     /// Entries in the in-process cache (sampled at scrape).
     pub memory_entries: Gauge,
+    /// Keys in the filter of existing token keys; 0 while none is current (sampled at scrape).
+    pub key_filter_keys: Gauge,
+    /// Bytes of that filter (sampled at scrape).
+    pub key_filter_bytes: Gauge,
     /// Pre-resolved series of the two labels every hot request bumps, so the hot path skips
     /// the family's map lookup.
     memory_hits: Counter,
@@ -214,6 +224,8 @@ impl Metrics {
             feed_events: Family::default(),
             redis_connected: Gauge::default(),
             memory_entries: Gauge::default(),
+            key_filter_keys: Gauge::default(),
+            key_filter_bytes: Gauge::default(),
             memory_hits: Counter::default(),
             allowed: Counter::default(),
             verify_2xx: Counter::default(),
@@ -322,6 +334,16 @@ impl Metrics {
             "memory_cache_entries",
             "Entries in the in-process cache",
             m.memory_entries.clone(),
+        );
+        registry.register(
+            "key_filter_keys",
+            "Token keys in the filter of existing keys; 0 while it is not current",
+            m.key_filter_keys.clone(),
+        );
+        registry.register(
+            "key_filter_bytes",
+            "Bytes of the filter of existing token keys",
+            m.key_filter_bytes.clone(),
         );
         let verify_2xx = m
             .requests

@@ -8,6 +8,7 @@ mod cli;
 mod connections;
 mod failover;
 mod feed;
+mod flood;
 mod fuzz;
 mod gray;
 mod grpc;

@@ -26,6 +26,9 @@ const DEFAULT_FEED_RELAY_TIMEOUT: Duration = Duration::from_secs(3);
 // At a few hundred bytes an entry, ~30 MB of Redis memory; at 1,000 revocations a second, over a
 // minute and a half of events for a subscriber that reconnects.
 const DEFAULT_FEED_STREAM_MAX_LEN: u64 = 100_000;
+// Well above what tokens presented in the few milliseconds before their INSERT is heard cost,
+// and a small load on Postgres per instance (×instances for a fleet).
+const DEFAULT_UNKNOWN_KEY_LOOKUPS_PER_SECOND: u32 = 50;
 
 /// `[cache]` as written in the file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -51,6 +54,8 @@ pub struct CacheFile {
     #[serde(with = "value::duration")]
     pub feed_relay_timeout: Duration,
     pub feed_stream_max_len: u64,
+    pub key_filter: bool,
+    pub unknown_key_lookups_per_second: u32,
 }
 
 impl Default for CacheFile {
@@ -69,6 +74,8 @@ impl Default for CacheFile {
             feed_heartbeat_interval: DEFAULT_FEED_HEARTBEAT_INTERVAL,
             feed_relay_timeout: DEFAULT_FEED_RELAY_TIMEOUT,
             feed_stream_max_len: DEFAULT_FEED_STREAM_MAX_LEN,
+            key_filter: true,
+            unknown_key_lookups_per_second: DEFAULT_UNKNOWN_KEY_LOOKUPS_PER_SECOND,
         }
     }
 }
@@ -124,6 +131,12 @@ pub struct CacheConfig {
     /// Entries the relays keep in the stream (approximate trim): how far back a subscriber that
     /// reconnects can resume.
     pub feed_stream_max_len: u64,
+    /// Keep a filter of the token keys that exist while the feed is live, and refuse keys it
+    /// does not hold without a query once `unknown_key_lookups_per_second` is spent.
+    pub key_filter: bool,
+    /// Lookups per second (per instance) of keys the filter does not hold that still go to
+    /// Redis and Postgres; bursts of a second's worth.
+    pub unknown_key_lookups_per_second: u32,
 }
 
 impl TryFrom<CacheFile> for CacheConfig {
@@ -184,6 +197,8 @@ impl TryFrom<CacheFile> for CacheConfig {
             feed_heartbeat_interval: file.feed_heartbeat_interval,
             feed_relay_timeout: file.feed_relay_timeout,
             feed_stream_max_len: file.feed_stream_max_len,
+            key_filter: file.key_filter,
+            unknown_key_lookups_per_second: file.unknown_key_lookups_per_second,
         })
     }
 }

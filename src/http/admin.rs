@@ -56,6 +56,9 @@ pub async fn admin_service(
             app.metrics
                 .memory_entries
                 .set(app.store.memory_entries() as i64);
+            let (keys, bytes) = app.store.key_filter_size();
+            app.metrics.key_filter_keys.set(keys as i64);
+            app.metrics.key_filter_bytes.set(bytes as i64);
             let redis_up = app.store.redis().is_some_and(|r| r.is_connected());
             app.metrics.redis_connected.set(i64::from(redis_up));
             let mut r = Response::new(Full::new(Bytes::from(app.metrics.encode())));

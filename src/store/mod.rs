@@ -14,6 +14,7 @@
 //! - [`epoch`]: the change window that keeps a load from caching over a revocation;
 //! - [`outbox`]: Redis deletions that failed, retried until Redis answers;
 //! - [`tombstones`]: recent revocations, so a Redis entry that outlived one is not trusted;
+//! - [`known_keys`]: the token keys that exist, so a flood of random tokens costs no query;
 //! - the tiers: [`memory`], [`redis`] (with [`payload`], knox-redis's format), [`postgres`]
 //!   (token SQL) with `users` (login and user SQL) and [`pg`] (connection set-up);
 //! - [`feed`] and [`schema`]: the Postgres change feed and the triggers that feed it.
@@ -22,6 +23,7 @@ pub mod change;
 pub mod epoch;
 pub mod feed;
 pub mod flight;
+pub mod known_keys;
 pub mod memory;
 pub mod outbox;
 pub mod payload;
@@ -54,6 +56,7 @@ use crate::{
 };
 use epoch::{ChangeWindow, Epoch};
 use flight::Flights;
+use known_keys::KnownKeys;
 use memory::{Entry, MemoryCache, Rows};
 use outbox::Outbox;
 use postgres::Postgres;
@@ -178,6 +181,9 @@ pub struct Store {
     refreshing: Mutex<HashSet<StoredDigest>>,
     redis_outbox: Outbox,
     tombstones: Tombstones,
+    known_keys: KnownKeys,
+    /// The answer for a key refused by [`KnownKeys`]: no rows, shared, never cached.
+    no_such_key: Arc<Entry>,
 }
 
 impl Store {
@@ -225,6 +231,16 @@ impl Store {
             redis_outbox: Outbox::new(config.redis.max_cache_ttl),
             // As long as a Redis entry could outlive the revocation, replays included.
             tombstones: Tombstones::new(config.redis.max_cache_ttl + feed::REPLAY_SLACK),
+            known_keys: KnownKeys::new(
+                config.cache.key_filter,
+                config.cache.unknown_key_lookups_per_second,
+            ),
+            no_such_key: Arc::new(Entry {
+                rows: Rows::new(),
+                complete: true,
+                ttl: Duration::ZERO,
+                assertion: Default::default(),
+            }),
         }
     }
 
@@ -248,13 +264,76 @@ impl Store {
         }
     }
 
+    /// Keeps the filter of existing token keys ([`known_keys`]) loaded while the change feed is
+    /// live: a load each time the feed becomes live (or the filter outgrows its size). Runs for
+    /// the life of the server.
+    pub async fn keep_known_keys(&self) {
+        if !self.known_keys.enabled() {
+            return;
+        }
+        loop {
+            self.known_keys.load_wanted().await;
+            while let Some(generation) = self.known_keys.pending_load() {
+                let started = tokio::time::Instant::now();
+                match self.load_known_keys(generation).await {
+                    Ok(Some(keys)) => tracing::info!(
+                        keys,
+                        bytes = self.known_keys.current_bytes(),
+                        elapsed = ?started.elapsed(),
+                        "token key filter loaded: unknown keys past cache.unknown_key_lookups_per_second are refused without a query"
+                    ),
+                    // Overtaken by a newer load, or the feed dropped meanwhile.
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "token key filter: load failed; every unknown key is asked of postgres until one succeeds");
+                        tokio::time::sleep(known_keys::LOAD_RETRY_DELAY).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads every token key, a page at a time; `None` if another load overtook this one.
+    async fn load_known_keys(&self, generation: u64) -> Result<Option<usize>, StoreError> {
+        let estimate = self.pg.estimated_tokens().await?;
+        let mut load = self.known_keys.begin(generation, estimate);
+        let mut after = String::new();
+        loop {
+            if self.known_keys.pending_load() != Some(load.generation()) {
+                return Ok(None);
+            }
+            let page = self
+                .pg
+                .token_keys_after(&after, known_keys::LOAD_PAGE)
+                .await?;
+            for key in &page {
+                load.add(key);
+            }
+            match page.last() {
+                Some(last) if page.len() as i64 == known_keys::LOAD_PAGE => after.clone_from(last),
+                _ => break,
+            }
+        }
+        Ok(self.known_keys.finish(load))
+    }
+
+    /// Keys in the current key filter and its bytes (both 0 while none is current).
+    pub fn key_filter_size(&self) -> (usize, usize) {
+        (
+            self.known_keys.current_keys(),
+            self.known_keys.current_bytes(),
+        )
+    }
+
     pub fn memory_entries(&self) -> u64 {
         self.memory.entry_count()
     }
 
     /// Marks the change feed as live (connected and caught up) or not.
     pub fn set_feed_live(&self, live: bool) {
-        self.feed_live.store(live, Ordering::SeqCst);
+        if self.feed_live.swap(live, Ordering::SeqCst) != live {
+            self.known_keys.feed_live_changed(live);
+        }
     }
 
     pub fn feed_live(&self) -> bool {

@@ -58,6 +58,8 @@ pub(super) struct Statements {
     pub(super) set_last_login: Option<String>,
     pub(super) set_password: String,
     pub(super) set_active: String,
+    pub(super) token_keys_after: String,
+    pub(super) estimated_tokens: String,
 }
 
 impl Statements {
@@ -112,6 +114,13 @@ impl Statements {
                 .map(|ll| format!("UPDATE {usr} SET {ll} = $2 WHERE {name} = $1")),
             set_password: format!("UPDATE {usr} SET {pw} = $2 WHERE {name} = $1"),
             set_active: format!("UPDATE {usr} SET {active} = $2 WHERE {name} = $1 RETURNING {id}"),
+            // Index-only scans of knox's token_key index, one page at a time (see known_keys).
+            token_keys_after: format!(
+                "SELECT token_key FROM {tok} WHERE token_key > $1 ORDER BY token_key LIMIT $2"
+            ),
+            estimated_tokens: format!(
+                "SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = '{tok}'::regclass"
+            ),
         }
     }
 }
@@ -391,6 +400,44 @@ impl Postgres {
                 ))))
             }
         }
+    }
+
+    /// Up to `limit` token keys greater than `after`, in order: one page of the key filter's
+    /// load. Not a request's SQL (not counted, and does not keep idle connections open).
+    pub async fn token_keys_after(
+        &self,
+        after: &str,
+        limit: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        let rows = Box::pin(self.query_unboxed(
+            "token_keys",
+            &self.sql.token_keys_after,
+            &[(&after, Type::TEXT), (&limit, Type::INT8)],
+            Purpose::Feed,
+        ))
+        .await?;
+        rows.iter()
+            .map(|row| row.try_get(0))
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.failed("token_keys", &e))
+    }
+
+    /// The token table's row count as its statistics estimate it (0 when never analysed).
+    pub async fn estimated_tokens(&self) -> Result<usize, StoreError> {
+        let rows = Box::pin(self.query_unboxed(
+            "estimated_tokens",
+            &self.sql.estimated_tokens,
+            &[],
+            Purpose::Feed,
+        ))
+        .await?;
+        let estimate: i64 = match rows.first() {
+            Some(row) => row
+                .try_get(0)
+                .map_err(|e| self.failed("estimated_tokens", &e))?,
+            None => 0,
+        };
+        Ok(usize::try_from(estimate).unwrap_or(0))
     }
 
     /// All rows stored under `token_key`, with their users.

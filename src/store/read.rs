@@ -47,6 +47,15 @@ impl Store {
             }
         }
         self.metrics.lookup(Tier::Memory, LookupResult::Miss);
+        if !self.known_keys.admit(key).asks_stores() {
+            // A key no token has, past the budget of such lookups: a flood of random tokens
+            // stops here, and leaves the in-process tier to the keys that exist.
+            self.metrics
+                .lookup(Tier::KeyFilter, LookupResult::NegativeHit);
+            return Ok(Lookup {
+                entry: Arc::clone(&self.no_such_key),
+            });
+        }
         // Boxed: the loads below are large state machines, and kept inline they would make
         // every request's future (hits included) that large to create and move.
         let entry = Box::pin(self.load_shared(key, digest)).await?;

@@ -53,7 +53,10 @@ impl Store {
                     Change::Token { token_key, user_id } => {
                         self.forget(&[(token_key.clone(), user_id.clone())]).await;
                     }
-                    Change::Inserted { token_key } => self.memory.remove(token_key),
+                    Change::Inserted { token_key } => {
+                        self.known_keys.heard(token_key);
+                        self.memory.remove(token_key);
+                    }
                     Change::User { user_id } => self.forget_user(user_id).await,
                     Change::Everything => self.memory.clear(),
                     Change::Truncated => {
@@ -121,6 +124,8 @@ impl Store {
     /// Caches a token just created (login), replacing any negative entry for its key.
     pub async fn remember_new(&self, row: TokenRow) {
         let key = row.token_key.clone();
+        // Known at once here, before the feed brings its INSERT back.
+        self.known_keys.heard(&key);
         self.memory.remove(&key);
         if let Some(redis) = &self.redis
             && redis.is_connected()
