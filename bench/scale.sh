@@ -236,6 +236,8 @@ elapsed=$((SECONDS - t0))
     echo "- PgBouncer: \`pool_mode = transaction\`, \`default_pool_size = 20\`."
     echo "- knoxgate: \`postgres.url\` = PgBouncer with \`pgbouncer = true\`, \`feed_url\` = Postgres,"
     echo "  defaults otherwise (\`pool_size = 4\`, \`idle_timeout = 30s\`); started ${stagger} s apart."
+    echo "- knoxgate (instances, relays, PgBouncer's server side) connects as the ordinary role"
+    echo "  \`knoxgate\`; the measuring client as the superuser, which keeps the reserved slots."
     echo "- Backends: \`pg_stat_activity\` rows with \`backend_type = 'client backend'\`, the"
     echo "  measuring client's own connection excluded; grouped by \`application_name\` (PgBouncer's"
     echo "  server connections carry the client's, \`knoxgate\`)."
