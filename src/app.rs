@@ -203,7 +203,12 @@ pub async fn start_relay(mut config: Config) -> Result<RunningRelay, StartError>
     config.cache.consistency = Consistency::Notify;
     config.cache.memory_max_bytes = 1;
     config.cache.key_filter = false;
-    check_triggers(&config).await?;
+    let (pooler, triggers) = tokio::join!(
+        crate::store::pg::probe_pooler(&config.postgres),
+        check_triggers(&config)
+    );
+    triggers?;
+    crate::store::pg::settle_pgbouncer(&mut config.postgres, pooler);
     let app = App::new(config)?;
     let cfg = Arc::clone(&app.config);
     let (admin_listener, admin_addr) = bind(cfg.server.admin_listen).await?;
@@ -231,9 +236,14 @@ pub async fn start_relay(mut config: Config) -> Result<RunningRelay, StartError>
 }
 
 /// Binds both listeners and starts serving.
-pub async fn start(config: Config) -> Result<Running, StartError> {
+pub async fn start(mut config: Config) -> Result<Running, StartError> {
     warn_plaintext_postgres(&config);
-    check_triggers(&config).await?;
+    let (pooler, triggers) = tokio::join!(
+        crate::store::pg::probe_pooler(&config.postgres),
+        check_triggers(&config)
+    );
+    triggers?;
+    crate::store::pg::settle_pgbouncer(&mut config.postgres, pooler);
     let app = App::new(config)?;
     let cfg = Arc::clone(&app.config);
     let (main_listener, addr) = bind(cfg.server.listen).await?;

@@ -1,7 +1,7 @@
-//! PgBouncer in transaction mode in front of Postgres (`postgres.pgbouncer = true`): cold
-//! lookups, logins, logouts and auto-refresh without a single Postgres error; the feed through
-//! a direct `feed_url` hears revocations; a feed pointed at PgBouncer is reported deaf and
-//! answers are confirmed with Postgres.
+//! PgBouncer in transaction mode in front of Postgres (`postgres.pgbouncer = true`, or left
+//! unset and detected at startup): cold lookups, logins, logouts and auto-refresh without a
+//! single Postgres error; the feed through a direct `feed_url` hears revocations; a feed
+//! pointed at PgBouncer is reported deaf and answers are confirmed with Postgres.
 
 use std::time::Duration;
 
@@ -227,5 +227,76 @@ async fn a_feed_behind_transaction_pooling_is_reported_deaf_and_answers_are_conf
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(!s.running.app.store.feed_live());
     assert_eq!(readyz_status(&s).await.0, 503);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unset_pgbouncer_key_is_settled_by_probing_the_url() {
+    use knoxgate::store::pg::{Pooler, probe_pooler};
+
+    let db = TestDb::migrated().await;
+    let bouncer = PgBouncer::start(5432, &db.name, "transaction", 2).await;
+
+    // The probe, against the real PgBouncer and the real Postgres behind it.
+    let via_bouncer = fleet_config(
+        &bouncer.url(&db.name),
+        &format!("feed_url = \"{}\"", db.url),
+        "",
+        "",
+    );
+    assert!(via_bouncer.postgres.detect_pgbouncer);
+    assert_eq!(
+        probe_pooler(&via_bouncer.postgres).await,
+        Pooler::PgBouncer("it refused the startup options")
+    );
+    let direct = fleet_config(&db.url, "", "", "");
+    assert!(direct.postgres.detect_pgbouncer);
+    assert_eq!(probe_pooler(&direct.postgres).await, Pooler::Postgres);
+    // Nothing listening: no verdict.
+    let nowhere = fleet_config(
+        &format!(
+            "postgres://postgres@127.0.0.1:{}/x",
+            crate::support::free_port()
+        ),
+        "connect_timeout = \"500ms\"",
+        "",
+        "",
+    );
+    assert!(matches!(
+        probe_pooler(&nowhere.postgres).await,
+        Pooler::Unknown(_)
+    ));
+    // Set explicitly: not asked.
+    let set = fleet_config(&db.url, "pgbouncer = false", "", "");
+    assert_eq!(probe_pooler(&set.postgres).await, Pooler::NotAsked);
+
+    // knoxgate started without the key behind PgBouncer takes the PgBouncer way: cold lookups
+    // (which fail on startup options or named statements otherwise) answer without errors.
+    let client = db.client().await;
+    let mut tokens = Vec::new();
+    for i in 0..10 {
+        let id = insert_user(&client, &format!("probe{i}"), "pw", true).await;
+        for _ in 0..3 {
+            tokens.push(insert_default_token(&client, id).await.token);
+        }
+    }
+    let s = start_unready(via_bouncer).await;
+    s.wait_ready().await;
+    assert!(s.running.app.config.postgres.pgbouncer);
+    assert!(!s.running.app.config.postgres.detect_pgbouncer);
+    let statuses = with_each_token(s.addr(), "GET", "/verify", &tokens).await;
+    assert!(
+        statuses.iter().all(|st| *st == 200),
+        "cold lookups through a detected PgBouncer: {statuses:?}"
+    );
+    assert_eq!(s.metric(ERRORS).await, 0.0);
+    s.stop().await;
+
+    // And started against Postgres itself, it keeps prepared statements.
+    let s = start_unready(direct).await;
+    s.wait_ready().await;
+    assert!(!s.running.app.config.postgres.pgbouncer);
+    let statuses = with_each_token(s.addr(), "GET", "/verify", &tokens[..5]).await;
+    assert!(statuses.iter().all(|st| *st == 200), "{statuses:?}");
     s.stop().await;
 }

@@ -42,7 +42,9 @@ pub struct PostgresFile {
     pub pool_size: u64,
     #[serde(with = "value::duration")]
     pub idle_timeout: Duration,
-    pub pgbouncer: bool,
+    /// `true`, `false`, or `"detect"` (also when unset).
+    #[serde(with = "pgbouncer_setting")]
+    pub pgbouncer: Option<bool>,
     pub feed_url: String,
     #[serde(with = "value::duration")]
     pub connect_timeout: Duration,
@@ -74,7 +76,7 @@ impl Default for PostgresFile {
             url: DEFAULT_URL.into(),
             pool_size: DEFAULT_POOL_SIZE,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
-            pgbouncer: false,
+            pgbouncer: None,
             feed_url: String::new(),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             pool_wait_timeout: DEFAULT_POOL_WAIT_TIMEOUT,
@@ -108,7 +110,11 @@ pub struct PostgresConfig {
     /// Pooled connections unused this long are closed.
     pub idle_timeout: Duration,
     /// `url` is a PgBouncer in transaction mode: no startup options, no named statements.
+    /// When `detect_pgbouncer` is set this is only known after the startup probe
+    /// ([`crate::store::pg::resolve_pgbouncer`]), which sets it.
     pub pgbouncer: bool,
+    /// `postgres.pgbouncer` was not set (or `"detect"`): probe `url` at startup.
+    pub detect_pgbouncer: bool,
     /// The change feed's connection (direct to the primary), also used by migrations and the
     /// CLI; `url` when not set.
     pub feed_url: String,
@@ -242,7 +248,8 @@ impl TryFrom<PostgresFile> for PostgresConfig {
             url: postgres_url("postgres.url", &file.url)?,
             pool_size: nonzero("postgres.pool_size", file.pool_size)?,
             idle_timeout: file.idle_timeout,
-            pgbouncer: file.pgbouncer,
+            pgbouncer: file.pgbouncer.unwrap_or(false),
+            detect_pgbouncer: file.pgbouncer.is_none(),
             connect_timeout: file.connect_timeout,
             pool_wait_timeout: file.pool_wait_timeout,
             pool_recycle_timeout: file.pool_recycle_timeout,
@@ -273,6 +280,43 @@ fn postgres_url(key: &str, s: &str) -> Result<String, ConfigError> {
     s.parse::<tokio_postgres::Config>()
         .map_err(|e| invalid(key, format!("not a Postgres URL: {e}")))?;
     Ok(s.to_owned())
+}
+
+/// Serde glue for `postgres.pgbouncer`: a boolean, or `"detect"` for `None`. Strings
+/// `"true"`/`"false"` are accepted too, as `KNOXGATE_POSTGRES_PGBOUNCER` arrives typed like the
+/// default, a string.
+mod pgbouncer_setting {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error as _};
+
+    const DETECT: &str = "detect";
+
+    pub fn serialize<S: Serializer>(v: &Option<bool>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(b) => s.serialize_bool(*b),
+            None => s.serialize_str(DETECT),
+        }
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Written {
+        Bool(bool),
+        Text(String),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
+        match Written::deserialize(d)? {
+            Written::Bool(b) => Ok(Some(b)),
+            Written::Text(t) => match t.trim() {
+                DETECT | "" => Ok(None),
+                "true" | "1" | "yes" | "on" => Ok(Some(true)),
+                "false" | "0" | "no" | "off" => Ok(Some(false)),
+                other => Err(D::Error::custom(format!(
+                    "expects true, false or \"detect\", not {other:?}"
+                ))),
+            },
+        }
+    }
 }
 
 /// The group tables, unless `user_groups_table` is empty.

@@ -297,7 +297,9 @@ fn fleet_postgres_keys() {
     let c = Config::from_toml_str("").unwrap();
     assert_eq!(c.postgres.pool_size.get(), 4);
     assert_eq!(c.postgres.idle_timeout, Duration::from_secs(30));
+    // Unset: detected at startup; until then the plain way.
     assert!(!c.postgres.pgbouncer);
+    assert!(c.postgres.detect_pgbouncer);
     assert_eq!(c.postgres.feed_url, c.postgres.url);
     assert_eq!(c.cache.feed_echo_timeout, Duration::from_secs(2));
     let c = Config::from_toml_str(
@@ -306,7 +308,24 @@ fn fleet_postgres_keys() {
     )
     .unwrap();
     assert!(c.postgres.pgbouncer);
+    assert!(!c.postgres.detect_pgbouncer);
     assert_eq!(c.postgres.feed_url, "postgres://u@a:5432/app");
+    for (written, set) in [
+        ("false", Some(false)),
+        ("\"detect\"", None),
+        ("\"true\"", Some(true)),
+    ] {
+        let c = Config::from_toml_str(&format!("[postgres]\npgbouncer = {written}\n")).unwrap();
+        assert_eq!(
+            (!c.postgres.detect_pgbouncer).then_some(c.postgres.pgbouncer),
+            set,
+            "{written}"
+        );
+    }
+    let c = Config::from_toml_and_env("", env(&[("KNOXGATE_POSTGRES_PGBOUNCER", "true")])).unwrap();
+    assert!(c.postgres.pgbouncer && !c.postgres.detect_pgbouncer);
+    let err = Config::from_toml_str("[postgres]\npgbouncer = \"maybe\"\n").unwrap_err();
+    assert!(err.to_string().contains("postgres.pgbouncer"), "{err}");
     let err = Config::from_toml_str("[postgres]\nfeed_url = \"nope://\"\n").unwrap_err();
     assert!(err.to_string().contains("postgres.feed_url"), "{err}");
 }

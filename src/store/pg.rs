@@ -11,6 +11,9 @@ pub const APPLICATION_NAME: &str = "knoxgate";
 /// `application_name` of the change-feed listener connection.
 pub const FEED_APPLICATION_NAME: &str = "knoxgate-feed";
 
+/// `application_name` of the one-off connection that tells PgBouncer from Postgres.
+pub const PROBE_APPLICATION_NAME: &str = "knoxgate-probe";
+
 /// Connection settings of the pool (`postgres.url`).
 pub fn pg_config(cfg: &PostgresConfig) -> Result<tokio_postgres::Config, StoreError> {
     config_for(cfg, &cfg.url)
@@ -94,9 +97,16 @@ pub fn plaintext_warning(pg: &tokio_postgres::Config) -> Option<String> {
 /// One dedicated connection over the direct URL (migrations, the operator CLI, the startup
 /// trigger check), driven on its own task.
 pub async fn connect_one(cfg: &PostgresConfig) -> Result<tokio_postgres::Client, StoreError> {
-    let pg = direct_config(cfg)?;
+    connect_with(cfg, &direct_config(cfg)?).await
+}
+
+/// One connection made with `pg`, driven on its own task.
+async fn connect_with(
+    cfg: &PostgresConfig,
+    pg: &tokio_postgres::Config,
+) -> Result<tokio_postgres::Client, StoreError> {
     let fail = |e: tokio_postgres::Error| classify("connect", &e);
-    match tls_connector(cfg, &pg)? {
+    match tls_connector(cfg, pg)? {
         Some(tls) => {
             let (client, conn) = pg.connect(tls).await.map_err(fail)?;
             tokio::spawn(conn);
@@ -106,6 +116,108 @@ pub async fn connect_one(cfg: &PostgresConfig) -> Result<tokio_postgres::Client,
             let (client, conn) = pg.connect(tokio_postgres::NoTls).await.map_err(fail)?;
             tokio::spawn(conn);
             Ok(client)
+        }
+    }
+}
+
+/// A custom setting the startup probe sends among its startup `options`, then reads back: a
+/// session that lacks it did not get the options.
+const PROBE_SETTING: &str = "knoxgate.startup_probe";
+
+/// What the startup probe of `postgres.url` found (`postgres.pgbouncer` not set).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pooler {
+    /// `postgres.pgbouncer` is set: nothing was asked.
+    NotAsked,
+    /// The session carries the startup options: Postgres itself (or a session-level proxy
+    /// that passes them on), where prepared statements and startup options work.
+    Postgres,
+    /// A pooler in the way; the signal that gave it away.
+    PgBouncer(&'static str),
+    /// `url` did not answer the probe: why.
+    Unknown(String),
+}
+
+/// Tells PgBouncer from Postgres at `postgres.url`: one connection with knoxgate's startup
+/// `options` plus [`PROBE_SETTING`]. PgBouncer refuses `options` at startup ("unsupported
+/// startup parameter: options"), or, listed in its `ignore_startup_parameters`, accepts and
+/// drops them, so the session then lacks the setting. Postgres accepts and applies them.
+/// Bounded by [`PostgresConfig::connect_and_query_deadline`].
+pub async fn probe_pooler(cfg: &PostgresConfig) -> Pooler {
+    if !cfg.detect_pgbouncer {
+        return Pooler::NotAsked;
+    }
+    let mut plain = cfg.clone();
+    plain.pgbouncer = false;
+    let mut pg = match config_for(&plain, &cfg.url) {
+        Ok(pg) => pg,
+        Err(e) => return Pooler::Unknown(e.to_string()),
+    };
+    let options = format!("{} -c {PROBE_SETTING}=on", pg.get_options().unwrap_or(""));
+    pg.options(options.trim());
+    pg.application_name(PROBE_APPLICATION_NAME);
+    let attempt = async {
+        let client = match connect_with(cfg, &pg).await {
+            Ok(client) => client,
+            Err(e) if e.to_string().contains("unsupported startup parameter") => {
+                return Pooler::PgBouncer("it refused the startup options");
+            }
+            Err(e) => return Pooler::Unknown(e.to_string()),
+        };
+        let sql = format!("SELECT current_setting('{PROBE_SETTING}', true)");
+        match client.simple_query(&sql).await {
+            Ok(messages) => {
+                let value = messages.iter().find_map(|m| match m {
+                    tokio_postgres::SimpleQueryMessage::Row(row) => Some(row.get(0)),
+                    _ => None,
+                });
+                match value {
+                    Some(Some("on")) => Pooler::Postgres,
+                    _ => Pooler::PgBouncer("it accepted the startup options but dropped them"),
+                }
+            }
+            Err(e) => Pooler::Unknown(classify("startup probe", &e).to_string()),
+        }
+    };
+    match tokio::time::timeout(cfg.connect_and_query_deadline(), attempt).await {
+        Ok(found) => found,
+        Err(_) => Pooler::Unknown("no answer within connect_timeout + statement_timeout".into()),
+    }
+}
+
+/// Settles `postgres.pgbouncer` when it was left to detection, from what [`probe_pooler`]
+/// found, and logs it. An unanswered probe settles on the PgBouncer way: it also works on
+/// Postgres (unnamed statements, timeouts per transaction), while the other way fails every
+/// connection to a PgBouncer.
+pub fn settle_pgbouncer(cfg: &mut PostgresConfig, found: Pooler) {
+    if !cfg.detect_pgbouncer {
+        return;
+    }
+    cfg.detect_pgbouncer = false;
+    match found {
+        Pooler::NotAsked => {}
+        Pooler::Postgres => {
+            cfg.pgbouncer = false;
+            tracing::info!(
+                "postgres.url is Postgres (detected: the session carries knoxgate's startup \
+                 options); statements are prepared and cached"
+            );
+        }
+        Pooler::PgBouncer(signal) => {
+            cfg.pgbouncer = true;
+            tracing::info!(
+                signal,
+                "postgres.url is PgBouncer (detected); no startup options, unnamed statements"
+            );
+        }
+        Pooler::Unknown(error) => {
+            cfg.pgbouncer = true;
+            tracing::warn!(
+                %error,
+                "could not tell whether postgres.url is PgBouncer; using the PgBouncer way \
+                 (unnamed statements, no startup options), which Postgres serves too; set \
+                 postgres.pgbouncer to choose"
+            );
         }
     }
 }
