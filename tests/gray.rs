@@ -1,7 +1,7 @@
 //! Gray failures: Redis and Postgres that answer, but slowly (a delaying TCP proxy in front of
-//! each, `support::SlowProxy`). `/verify` must stay bounded by the configured timeouts, fall
-//! back as for an outage, give only right answers, and recover by itself once the store is fast
-//! again.
+//! each, `support::SlowProxy`), or over a link that loses packets (`support::LossyPath`).
+//! `/verify` must stay bounded by the configured timeouts, fall back as for an outage, give only
+//! right answers, and recover by itself once the store is fast again.
 
 use std::time::{Duration, Instant};
 
@@ -179,6 +179,313 @@ async fn a_slow_postgres_bounds_cold_lookups_by_its_deadline_and_never_denies_fo
         "slow postgres: cold p99 at +100ms {:?}, hot p99 {:?}, 503 after {waited:?}",
         p99(&slow_cold),
         p99(&hot_hits)
+    );
+    s.stop().await;
+}
+
+/// Share of packets dropped, each way, while the loss is on: enough that a few hundred requests
+/// meet many retransmissions.
+const LOSS_PERCENT: u32 = 10;
+
+/// Answers to waves of requests that may meet an unreachable store: `want`, or 503 while the
+/// answer cannot be known; anything else is wrong.
+#[derive(Default)]
+struct Tally {
+    latencies: Vec<Duration>,
+    unavailable: usize,
+    wrong: Vec<String>,
+}
+
+impl Tally {
+    fn p(&self, q: f64) -> Duration {
+        let mut sorted = self.latencies.clone();
+        sorted.sort();
+        percentile(&sorted, q)
+    }
+
+    fn max(&self) -> Duration {
+        self.latencies.iter().max().copied().unwrap_or_default()
+    }
+
+    fn line(&self) -> String {
+        format!(
+            "{} requests, p50 {:?}, p99 {:?}, max {:?}, 503: {}, wrong: {}",
+            self.latencies.len(),
+            self.p(50.0),
+            self.p(99.0),
+            self.max(),
+            self.unavailable,
+            self.wrong.len()
+        )
+    }
+}
+
+/// One concurrent request per case; `want` is the right answer (200 valid, 401 revoked or
+/// unknown).
+async fn lossy_wave(s: &TestServer, cases: Vec<(String, u16, &'static str)>, tally: &mut Tally) {
+    let requests: Vec<_> = cases
+        .into_iter()
+        .map(|(token, want, what)| {
+            let addr = s.addr();
+            async move {
+                let started = Instant::now();
+                let auth = format!("Token {token}");
+                let r = http(addr, "GET", "/verify", &[("Authorization", &auth)], b"").await;
+                (r.status, want, what, started.elapsed())
+            }
+        })
+        .collect();
+    for (status, want, what, took) in join_all(requests).await {
+        tally.latencies.push(took);
+        match status {
+            s if s == want => {}
+            503 => tally.unavailable += 1,
+            s => tally
+                .wrong
+                .push(format!("{what}: {s} (want {want} or 503)")),
+        }
+    }
+}
+
+/// Most recovery attempts the Postgres test makes (one fresh token each).
+const RECOVERY_PROBES: usize = 100;
+
+fn unknown_token() -> String {
+    knoxgate::auth::generate_token("", 64)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn packet_loss_on_the_redis_path_costs_time_within_the_timeouts_never_a_wrong_answer() {
+    let db = TestDb::migrated().await;
+    let path = LossyPath::start("127.0.0.1:6379".parse().unwrap()).await;
+    let mut valid = Vec::new();
+    for i in 0..8 {
+        valid.push(user_with_token(&db, &format!("loss{i}")).await);
+    }
+    let revoked = user_with_token(&db, "loss-revoked").await;
+    // The in-process tier off: every answer asks Redis first, across the lossy link; the
+    // request deadline is the test default (3 s).
+    let s = TestServer::start(
+        &db,
+        &format!(
+            "[redis]\nurl = \"redis://{}/0\"\ncommand_timeout = \"250ms\"\n\
+             breaker_cooldown = \"500ms\"\n[cache]\nmemory_max_bytes = 1",
+            path.addr()
+        ),
+    )
+    .await;
+    let cases = |revoked_want: u16| {
+        let mut c: Vec<(String, u16, &'static str)> = valid
+            .iter()
+            .map(|t| (t.token.clone(), 200, "valid token"))
+            .collect();
+        c.push((revoked.token.clone(), revoked_want, "revoked token"));
+        c.push((unknown_token(), 401, "unknown token"));
+        c
+    };
+    let mut before = Tally::default();
+    for _ in 0..5 {
+        lossy_wave(&s, cases(200), &mut before).await;
+    }
+    assert!(
+        before.wrong.is_empty() && before.unavailable == 0,
+        "{:?}",
+        before.line()
+    );
+
+    // Loss on; the revocation is committed while it lasts.
+    path.set_loss(LOSS_PERCENT);
+    let redis_errors = s.metric("knoxgate_redis_errors_total").await;
+    let mut lossy = Tally::default();
+    for _ in 0..5 {
+        lossy_wave(&s, cases(200), &mut lossy).await;
+    }
+    db.client()
+        .await
+        .execute(
+            "DELETE FROM knox_authtoken WHERE digest = $1",
+            &[&revoked.digest],
+        )
+        .await
+        .unwrap();
+    // Revocation visible within the bound the change feed keeps (it listens on its own
+    // connection); from then on the revoked token is never allowed.
+    let seen = eventually(Duration::from_secs(2), || async {
+        s.verify(&revoked.token).await.status == 401
+    })
+    .await;
+    assert!(seen.is_some(), "revocation not seen within 2 s under loss");
+    for _ in 0..25 {
+        lossy_wave(&s, cases(401), &mut lossy).await;
+    }
+    let redis_errors = s.metric("knoxgate_redis_errors_total").await - redis_errors;
+    path.set_loss(0);
+    assert!(
+        lossy.wrong.is_empty(),
+        "wrong answers under loss: {:?}",
+        lossy.wrong
+    );
+    // Each answer is bounded by the Redis command timeout plus a Postgres lookup, far under the
+    // request deadline; generous for a loaded machine.
+    assert!(
+        lossy.p(99.0) < Duration::from_millis(1500),
+        "p99 under loss: {}",
+        lossy.line()
+    );
+    assert!(
+        lossy.max() < Duration::from_millis(3500),
+        "an answer past the request deadline: {}",
+        lossy.line()
+    );
+
+    // Loss over: Redis answers again, without a restart, and every answer is exact.
+    let hits = s.metric(REDIS_HITS).await;
+    let recovered = eventually(Duration::from_secs(10), || async {
+        let mut t = Tally::default();
+        lossy_wave(&s, cases(401), &mut t).await;
+        t.unavailable == 0 && t.wrong.is_empty() && s.metric(REDIS_HITS).await > hits
+    })
+    .await;
+    assert!(
+        recovered.is_some(),
+        "no recovery within 10 s after the loss stopped"
+    );
+    let mut after = Tally::default();
+    for _ in 0..5 {
+        lossy_wave(&s, cases(401), &mut after).await;
+    }
+    assert!(
+        after.wrong.is_empty() && after.unavailable == 0,
+        "{}",
+        after.line()
+    );
+    println!(
+        "redis path, {LOSS_PERCENT}% loss each way, {}:\n  before: {}\n  loss:   {} \
+         (redis errors {redis_errors}, revocation seen {:?} after commit)\n  after:  {} \
+         (recovered {:?} after the loss stopped)",
+        path.how(),
+        before.line(),
+        lossy.line(),
+        seen.unwrap(),
+        after.line(),
+        recovered.unwrap()
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn packet_loss_on_the_postgres_path_costs_time_within_the_timeouts_never_a_wrong_answer() {
+    let db = TestDb::migrated().await;
+    let path = LossyPath::start("127.0.0.1:5432".parse().unwrap()).await;
+    let url = db.url.replace("127.0.0.1:5432", &path.addr().to_string());
+    assert_ne!(url, db.url, "the database URL goes through the lossy path");
+    let client = db.client().await;
+    let user = insert_user(&client, "loss-pg", "pw", true).await;
+    let hot = insert_default_token(&client, user).await;
+    // Fresh tokens for every wave: each one's first answer is a Postgres lookup.
+    let mut cold = Vec::new();
+    for _ in 0..8 * 33 + RECOVERY_PROBES {
+        cold.push(insert_default_token(&client, user).await);
+    }
+    let revoked = insert_default_token(&client, user).await;
+    client
+        .execute(
+            "DELETE FROM knox_authtoken WHERE digest = $1",
+            &[&revoked.digest],
+        )
+        .await
+        .unwrap();
+    // Redis off: a cold token costs one Postgres lookup over the lossy link; the change feed
+    // listens on a connection of its own, directly.
+    let s = TestServer::start(
+        &db,
+        &format!(
+            "[server]\nrequest_timeout = \"2s\"\n\
+             [postgres]\nurl = \"{url}\"\nfeed_url = \"{}\"\nstatement_timeout = \"1s\"\n\
+             [redis]\nurl = \"\"",
+            db.url
+        ),
+    )
+    .await;
+    let fresh = std::sync::Mutex::new(cold.iter());
+    let cases = |n: usize| {
+        let mut c: Vec<(String, u16, &'static str)> = fresh
+            .lock()
+            .unwrap()
+            .by_ref()
+            .take(n)
+            .map(|t| (t.token.clone(), 200, "cold valid token"))
+            .collect();
+        assert_eq!(c.len(), n, "out of cold tokens");
+        c.push((hot.token.clone(), 200, "hot valid token"));
+        c.push((revoked.token.clone(), 401, "revoked token"));
+        c.push((unknown_token(), 401, "unknown token"));
+        c
+    };
+    let mut before = Tally::default();
+    for _ in 0..5 {
+        lossy_wave(&s, cases(8), &mut before).await;
+    }
+    assert!(
+        before.wrong.is_empty() && before.unavailable == 0,
+        "{}",
+        before.line()
+    );
+
+    path.set_loss(LOSS_PERCENT);
+    let pg_errors = s.metric("knoxgate_postgres_errors_total").await;
+    let mut lossy = Tally::default();
+    for _ in 0..25 {
+        lossy_wave(&s, cases(8), &mut lossy).await;
+    }
+    let pg_errors = s.metric("knoxgate_postgres_errors_total").await - pg_errors;
+    path.set_loss(0);
+    assert!(
+        lossy.wrong.is_empty(),
+        "wrong answers under loss: {:?}",
+        lossy.wrong
+    );
+    // No answer later than the request deadline (2 s), whatever TCP is retransmitting.
+    assert!(
+        lossy.max() < Duration::from_millis(2500),
+        "an answer past the request deadline: {}",
+        lossy.line()
+    );
+    assert!(
+        lossy.p(99.0) <= Duration::from_secs(2),
+        "p99 under loss: {}",
+        lossy.line()
+    );
+
+    // One fresh token per attempt, an attempt every 100 ms at most.
+    let recovered = eventually(Duration::from_secs(10), || async {
+        let mut t = Tally::default();
+        lossy_wave(&s, cases(1), &mut t).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        t.unavailable == 0 && t.wrong.is_empty()
+    })
+    .await;
+    assert!(
+        recovered.is_some(),
+        "no recovery within 10 s after the loss stopped"
+    );
+    let mut after = Tally::default();
+    for _ in 0..3 {
+        lossy_wave(&s, cases(8), &mut after).await;
+    }
+    assert!(
+        after.wrong.is_empty() && after.unavailable == 0,
+        "{}",
+        after.line()
+    );
+    println!(
+        "postgres path, {LOSS_PERCENT}% loss each way, {}:\n  before: {}\n  loss:   {} \
+         (postgres errors {pg_errors})\n  after:  {} (recovered {:?} after the loss stopped)",
+        path.how(),
+        before.line(),
+        lossy.line(),
+        after.line(),
+        recovered.unwrap()
     );
     s.stop().await;
 }

@@ -94,3 +94,100 @@ async fn an_idle_http2_connection_that_answers_pings_is_closed() {
     assert!(started.elapsed() >= Duration::from_millis(900));
     s.stop().await;
 }
+
+/// Silent connections against the default caps: the figure in bench/CHAOS.md.
+const SILENT_AT_DEFAULTS: usize = 1_000;
+
+/// Raises this process's open-file limit to at least `needed` (up to the hard limit).
+fn ensure_open_files(needed: u64) {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current.is_some_and(|soft| soft < needed) {
+        let raised = limit.maximum.map_or(needed, |hard| hard.min(needed));
+        setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(raised),
+                maximum: limit.maximum,
+            },
+        )
+        .expect("raise the open-file limit");
+    }
+    let now = getrlimit(Resource::Nofile).current;
+    assert!(
+        now.is_none_or(|soft| soft >= needed),
+        "open-file limit {now:?} < {needed}: raise `ulimit -n`"
+    );
+}
+
+/// `count` requests, one after another, each on a fresh connection; every answer must be 200.
+async fn served(s: &TestServer, token: &str, count: usize) -> Vec<Duration> {
+    let auth = format!("Token {token}");
+    let mut latencies = Vec::with_capacity(count);
+    for _ in 0..count {
+        let started = Instant::now();
+        let r = get_once(s.addr(), "/verify", Some(&auth), Duration::from_secs(5))
+            .await
+            .expect("a real client's answer within 5 s");
+        assert_eq!(r.status, 200);
+        latencies.push(started.elapsed());
+    }
+    latencies.sort();
+    latencies
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_silent_connections_under_the_default_caps_do_not_delay_a_real_client() {
+    // Both ends of every connection are in this process, beside the other tests' sockets.
+    ensure_open_files(4 * SILENT_AT_DEFAULTS as u64 + 1024);
+    let (db, _client, s) = Fixture::new().start().await;
+    let defaults = config_for(&db, "defaults", "");
+    assert!(
+        defaults.server.max_connections.get() > SILENT_AT_DEFAULTS,
+        "the default connection cap is what this test is about"
+    );
+    let header_read_timeout = defaults.server.header_read_timeout;
+    let token = user_with_token(&db, "silent-real").await;
+    let alone = served(&s, &token.token, 20).await;
+
+    let opened = Instant::now();
+    let mut silent = Vec::with_capacity(SILENT_AT_DEFAULTS);
+    for _ in 0..SILENT_AT_DEFAULTS {
+        silent.push(TcpStream::connect(s.addr()).await.expect("connect"));
+    }
+    // Give the accept loop time to take every one of them.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let beside = served(&s, &token.token, 20).await;
+    // The figures count only while every silent socket is still held open by the server.
+    let held_for = opened.elapsed();
+    if held_for < header_read_timeout / 2 {
+        let mut open = 0;
+        for sock in &silent {
+            let mut buf = [0u8; 1];
+            if matches!(sock.try_read(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+            {
+                open += 1;
+            }
+        }
+        assert_eq!(
+            open, SILENT_AT_DEFAULTS,
+            "silent sockets closed before the head timeout"
+        );
+    }
+    let (p50, max) = (percentile(&beside, 50.0), *beside.last().unwrap());
+    println!(
+        "{SILENT_AT_DEFAULTS} silent connections (default caps: max_connections {}, \
+         header_read_timeout {header_read_timeout:?}): a real client's /verify p50 {p50:?}, \
+         max {max:?} (alone: p50 {:?}, max {:?}); sockets held {held_for:?}",
+        defaults.server.max_connections,
+        percentile(&alone, 50.0),
+        alone.last().unwrap()
+    );
+    // The figure is a few milliseconds; the bound is generous for a loaded machine.
+    assert!(
+        max < Duration::from_millis(1000),
+        "a real client waited {max:?}"
+    );
+    drop(silent);
+    s.stop().await;
+}
