@@ -21,6 +21,8 @@ mod overload;
 mod pgbouncer;
 mod policy;
 mod readiness;
+mod redis_cluster;
+mod redis_sentinel;
 mod redis_tls;
 mod redis_trust;
 mod refresh;

@@ -8,10 +8,17 @@
 //!
 //! A read fetches the entry and its remaining lifetime (`GET` and `PTTL`, pipelined: one round
 //! trip), so that an entry copied into the in-process tier does not outlive its Redis key.
+//!
+//! On Redis Cluster a read goes straight to the master that owns its key's slot, over a
+//! connection of its own with a breaker of its own ([`NodeReads`]): fred's cluster client stops
+//! answering altogether while any one master is unreachable (it reconnects as a whole), and one
+//! breaker for the whole cluster would do the same. So a dead master costs only the reads of
+//! the keys it owns; those go to Postgres until a replica has taken over its slots.
 
 use std::{
+    collections::HashMap,
     sync::{
-        Arc,
+        Arc, RwLock,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
@@ -19,12 +26,16 @@ use std::{
 
 // tokio's clock (std's outside a runtime) so that the breaker's tests can pause time.
 use fred::{
-    interfaces::{ClientLike, EventInterface, KeysInterface, SetsInterface},
-    prelude::{Builder, Pool},
+    interfaces::{ClientLike, ClusterInterface, EventInterface, KeysInterface, SetsInterface},
+    prelude::{Builder, Client, Pool},
     types::{
         Expiration,
-        config::{Config as FredConfig, Options, ReconnectPolicy, UnresponsiveConfig},
+        config::{
+            Config as FredConfig, Options, ReconnectPolicy, Server, ServerConfig,
+            UnresponsiveConfig,
+        },
     },
+    util::redis_keyslot,
 };
 use time::OffsetDateTime;
 use tokio::time::Instant;
@@ -62,6 +73,8 @@ pub struct RedisTier {
     write_options: Options,
     metrics: Arc<Metrics>,
     breaker: Arc<Breaker>,
+    /// Redis Cluster: reads go to their slot's master directly (`None` otherwise).
+    node_reads: Option<Arc<NodeReads>>,
     /// Identity headers are configured: entries carry username and email.
     with_identity: bool,
     /// Seals the entries written and checks those read (`redis.entry_key`).
@@ -149,6 +162,135 @@ impl Breaker {
     }
 }
 
+/// Redis Cluster reads, one master at a time: a connection and a breaker per master, found by
+/// the slot of the key in the routing table that the cluster client keeps (`CLUSTER SLOTS`).
+/// Every master that owns slots gets its connection as soon as the cluster client learns of it
+/// (it connects, or follows a failover), and a master that lost its slots loses its connection.
+struct NodeReads {
+    /// A client of the cluster pool, whose routing table says which master owns a slot.
+    routing: Client,
+    /// The cluster client's builder: every node connection gets the same timeouts, reconnect
+    /// policy, credentials and TLS.
+    builder: Builder,
+    cooldown: Duration,
+    nodes: RwLock<HashMap<Server, Arc<Node>>>,
+}
+
+struct Node {
+    client: Client,
+    breaker: Arc<Breaker>,
+}
+
+impl NodeReads {
+    /// The connection to the master that owns `key`'s slot; `None` while the routing table is
+    /// unknown (the cluster client has never connected).
+    fn node_for(&self, key: &str) -> Option<Arc<Node>> {
+        let state = self.routing.cached_cluster_state()?;
+        let owner = state.get_server(redis_keyslot(key.as_bytes()))?;
+        if let Some(node) = self.nodes.read().expect("node map").get(owner) {
+            return Some(Arc::clone(node));
+        }
+        self.follow(state.unique_primary_nodes());
+        self.nodes.read().expect("node map").get(owner).cloned()
+    }
+
+    /// Brings the connections in line with the cluster client's routing table.
+    fn refresh(&self) {
+        if let Some(state) = self.routing.cached_cluster_state() {
+            self.follow(state.unique_primary_nodes());
+        }
+    }
+
+    /// Opens a connection to every master in `owners` that has none, and closes those of the
+    /// servers that are no longer masters owning slots (failed over, removed).
+    fn follow(&self, owners: Vec<Server>) {
+        {
+            let nodes = self.nodes.read().expect("node map");
+            if nodes.len() == owners.len() && owners.iter().all(|o| nodes.contains_key(o)) {
+                return;
+            }
+        }
+        let mut nodes = self.nodes.write().expect("node map");
+        nodes.retain(|server, node| {
+            let keep = owners.contains(server);
+            if !keep {
+                let client = node.client.clone();
+                tokio::spawn(async move {
+                    let _ = client.quit().await;
+                });
+            }
+            keep
+        });
+        for server in owners {
+            if !nodes.contains_key(&server)
+                && let Some(node) = self.open(&server)
+            {
+                nodes.insert(server, Arc::new(node));
+            }
+        }
+    }
+
+    fn open(&self, server: &Server) -> Option<Node> {
+        let mut config = self.builder.get_config()?.clone();
+        config.server = ServerConfig::Centralized {
+            server: server.clone(),
+        };
+        let mut builder = self.builder.clone();
+        builder.set_config(config);
+        let client = builder
+            .build()
+            .inspect_err(|e| tracing::warn!(%server, error = %e, "redis cluster node client"))
+            .ok()?;
+        let breaker = Arc::new(Breaker::new(self.cooldown));
+        watch_connection(&client, &breaker);
+        let _ = client.connect();
+        Some(Node { client, breaker })
+    }
+
+    /// Closes every node connection.
+    async fn quit(&self) {
+        let clients: Vec<Client> = self
+            .nodes
+            .read()
+            .expect("node map")
+            .values()
+            .map(|n| n.client.clone())
+            .collect();
+        for client in clients {
+            let _ = client.quit().await;
+        }
+    }
+}
+
+/// Trips `breaker` when `client`'s connection drops or stalls, before any request has to wait
+/// out a command timeout to find out, and closes it on reconnection. Logged once per change of
+/// state, with the cause (a refused TLS certificate, a refused connection, an authentication
+/// error), at the default level.
+fn watch_connection(client: &Client, breaker: &Arc<Breaker>) {
+    let b = Arc::clone(breaker);
+    client.on_error(move |(error, server)| {
+        if b.trip() {
+            let server = server.map(|s| s.to_string()).unwrap_or_default();
+            tracing::warn!(%error, %server, "redis unavailable; answering from Postgres until it is back");
+        }
+        std::future::ready(Ok(()))
+    });
+    let b = Arc::clone(breaker);
+    client.on_unresponsive(move |server| {
+        if b.trip() {
+            tracing::warn!(%server, "redis stopped answering; answering from Postgres until it is back");
+        }
+        std::future::ready(Ok(()))
+    });
+    let b = Arc::clone(breaker);
+    client.on_reconnect(move |server| {
+        if b.close() {
+            tracing::info!(%server, "redis connection re-established");
+        }
+        std::future::ready(Ok(()))
+    });
+}
+
 /// A fred builder for `url` with every timeout, the reconnect policy and TLS taken from
 /// `[redis]`: the pool's, and the change-feed stream client's (`store::relay`).
 pub(super) fn fred_builder(cfg: &RedisConfig, url: &str) -> Result<Builder, RedisError> {
@@ -211,33 +353,30 @@ impl RedisTier {
         }
         let breaker = Arc::new(Breaker::new(cfg.breaker_cooldown));
         for client in pool.clients() {
-            // A dropped or stalled connection opens the breaker at once, before any request
-            // has to wait out a command timeout to find out; a reconnection closes it.
-            // Logged once per change of state, with the cause (a refused TLS certificate, a
-            // refused connection, an authentication error), at the default level.
-            let b = Arc::clone(&breaker);
-            client.on_error(move |(error, server)| {
-                if b.trip() {
-                    let server = server.map(|s| s.to_string()).unwrap_or_default();
-                    tracing::warn!(%error, %server, "redis unavailable; answering from Postgres until it is back");
-                }
-                std::future::ready(Ok(()))
-            });
-            let b = Arc::clone(&breaker);
-            client.on_unresponsive(move |server| {
-                if b.trip() {
-                    tracing::warn!(%server, "redis stopped answering; answering from Postgres until it is back");
-                }
-                std::future::ready(Ok(()))
-            });
-            let b = Arc::clone(&breaker);
-            client.on_reconnect(move |server| {
-                if b.close() {
-                    tracing::info!(%server, "redis connection re-established");
-                }
-                std::future::ready(Ok(()))
-            });
+            watch_connection(client, &breaker);
         }
+        let node_reads = builder
+            .get_config()
+            .is_some_and(|c| c.server.is_clustered())
+            .then(|| {
+                let nodes = Arc::new(NodeReads {
+                    routing: pool.next().clone(),
+                    builder: builder.clone(),
+                    cooldown: cfg.breaker_cooldown,
+                    nodes: RwLock::default(),
+                });
+                for client in pool.clients() {
+                    // Weak: the handler lives as long as the client, which NodeReads holds.
+                    let nodes = Arc::downgrade(&nodes);
+                    client.on_reconnect(move |_| {
+                        if let Some(nodes) = nodes.upgrade() {
+                            nodes.refresh();
+                        }
+                        std::future::ready(Ok(()))
+                    });
+                }
+                nodes
+            });
         let _ = pool.connect_pool();
         let read_options = Options {
             fail_fast: true,
@@ -255,6 +394,7 @@ impl RedisTier {
             metrics,
             with_identity,
             breaker,
+            node_reads,
             entry_key: cfg.entry_key.clone().map(Arc::new),
         })
     }
@@ -288,8 +428,18 @@ impl RedisTier {
         op: &'static str,
         r: Result<T, fred::error::Error>,
     ) -> Result<T, RedisError> {
+        self.record_with(&self.breaker, op, r)
+    }
+
+    /// [`record`](Self::record) against the breaker of the connection that answered.
+    fn record_with<T>(
+        &self,
+        breaker: &Breaker,
+        op: &'static str,
+        r: Result<T, fred::error::Error>,
+    ) -> Result<T, RedisError> {
         self.metrics.redis_command(op);
-        if r.is_ok() && self.breaker.close() {
+        if r.is_ok() && breaker.close() {
             tracing::info!(op, "redis answers again");
         }
         r.map_err(|e| {
@@ -300,7 +450,7 @@ impl RedisTier {
                     | fred::error::ErrorKind::Timeout
                     | fred::error::ErrorKind::Canceled
             );
-            if connection_lost && self.breaker.trip() {
+            if connection_lost && breaker.trip() {
                 tracing::warn!(op, error = %e, "redis unavailable; answering from Postgres until it is back");
             } else if !matches!(op, "get" | "smembers") {
                 // A refused write (READONLY, MISCONF, NOREPLICAS, OOM) leaves Redis behind a
@@ -318,20 +468,23 @@ impl RedisTier {
     ///
     /// Not boxed, unlike the writes below: this is the Redis-tier hit path.
     pub async fn get(&self, token_key: &str) -> Result<Option<Hit>, RedisError> {
-        self.ensure_available()?;
         let key = self.token_key(token_key);
-        let pipeline = self
-            .pool
-            .next_connected()
-            .pipeline()
-            .with_options(&self.read_options);
-        let queued = async {
-            pipeline.get::<(), _>(key.as_str()).await?;
-            pipeline.pttl::<(), _>(key.as_str()).await?;
-            pipeline.all::<(Option<bytes::Bytes>, i64)>().await
-        }
-        .await;
-        let (value, pttl) = self.record("get", queued)?;
+        let (value, pttl) = match &self.node_reads {
+            Some(nodes) => {
+                // Only the master owning this key's slot has to be up.
+                let node = nodes
+                    .node_for(&key)
+                    .filter(|n| n.client.is_connected() && n.breaker.admit())
+                    .ok_or_else(|| RedisError("unavailable".into()))?;
+                let queued = self.read_entry(&node.client, &key).await;
+                self.record_with(&node.breaker, "get", queued)?
+            }
+            None => {
+                self.ensure_available()?;
+                let queued = self.read_entry(self.pool.next_connected(), &key).await;
+                self.record("get", queued)?
+            }
+        };
         let verifier = self.entry_key.as_ref().map(|k| Verifier {
             key: k.as_bytes(),
             now: OffsetDateTime::now_utc().unix_timestamp(),
@@ -352,6 +505,18 @@ impl RedisTier {
                 remaining: remaining_from_pttl(pttl),
             })
         }))
+    }
+
+    /// `GET` and `PTTL` of `key`, pipelined.
+    async fn read_entry(
+        &self,
+        client: &Client,
+        key: &str,
+    ) -> Result<(Option<bytes::Bytes>, i64), fred::error::Error> {
+        let pipeline = client.pipeline().with_options(&self.read_options);
+        pipeline.get::<(), _>(key).await?;
+        pipeline.pttl::<(), _>(key).await?;
+        pipeline.all::<(Option<bytes::Bytes>, i64)>().await
     }
 
     /// Writes `row` as knox-redis does: the entry expires at the token's expiry or after the max
@@ -447,6 +612,9 @@ impl RedisTier {
 
     /// Closes the connections.
     pub async fn quit(&self) {
+        if let Some(nodes) = &self.node_reads {
+            nodes.quit().await;
+        }
         let _ = self.pool.quit().await;
     }
 }

@@ -15,6 +15,7 @@ mod http;
 mod knox;
 mod proxy;
 mod redis;
+mod redis_topology;
 mod server;
 
 use std::{
@@ -32,6 +33,7 @@ pub use http::*;
 pub use knox::*;
 pub use proxy::*;
 pub use redis::*;
+pub use redis_topology::*;
 pub use server::*;
 
 /// `prefix` plus 12 random hex digits: names that do not collide between parallel tests.
