@@ -158,6 +158,9 @@ async fn a_logout_lost_in_a_failover_stays_revoked_on_every_instance() {
     let master = deployment.master_port().expect("a master");
     let replica = deployment.other_than(master);
     deployment.server(replica).pause();
+    // Cut its link as well: what the master sends meanwhile would wait in the paused replica's
+    // socket buffer and be applied when it resumes.
+    redis_cli(master, &["CLIENT", "KILL", "TYPE", "replica"]);
     let r = post_with_token(&a, LOGOUT, &token).await;
     assert_eq!(r.status, 204, "{}", r.body_text());
     let deleted = eventually(Duration::from_secs(5), || async {
@@ -176,12 +179,22 @@ async fn a_logout_lost_in_a_failover_stays_revoked_on_every_instance() {
     // The master dies with the DEL; the replica, resumed, is promoted with the entry.
     deployment.server(master).kill();
     deployment.server(replica).resume();
+    // Still a read-only replica (the sentinels need a second to agree): nothing can have
+    // deleted the entry there yet. The write is lost, as in an asynchronous failover.
+    assert_eq!(
+        redis_cli(replica, &["EXISTS", &key]),
+        "1",
+        "the replica should still hold the entry whose DEL it never received"
+    );
     let promoted = deployment
         .wait_promoted(master, Duration::from_secs(40))
         .await
         .expect("the sentinels promoted the replica");
     let entry_back = redis_cli(replica, &["EXISTS", &key]) == "1";
-    println!("replica promoted {promoted:?} after the kill; entry back in Redis: {entry_back}");
+    println!(
+        "replica promoted {promoted:?} after the kill, holding the lost entry; still there after \
+         promotion: {entry_back}"
+    );
 
     // Every instance refuses the token from now on, while they reconnect and after.
     let started = Instant::now();

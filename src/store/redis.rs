@@ -243,7 +243,8 @@ impl NodeReads {
             .ok()?;
         let breaker = Arc::new(Breaker::new(self.cooldown));
         watch_connection(&client, &breaker);
-        let _ = client.connect();
+        // The connection task runs (and reconnects) on its own; nothing waits for its handle.
+        drop(client.connect());
         Some(Node { client, breaker })
     }
 

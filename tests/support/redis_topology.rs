@@ -555,7 +555,10 @@ impl VerifyLoad {
         use std::sync::{Arc, Mutex, atomic::AtomicBool};
         let long_ago = Instant::now() - REVOCATION_BOUND * 2;
         let revoked_at = Arc::new(Mutex::new(
-            revoked.iter().map(|t| (t.clone(), long_ago)).collect(),
+            revoked
+                .iter()
+                .map(|t| (t.clone(), long_ago))
+                .collect::<std::collections::HashMap<String, Instant>>(),
         ));
         let tally = Arc::new(Mutex::new(LoadTally::default()));
         let stop = Arc::new(AtomicBool::new(false));
@@ -584,25 +587,27 @@ impl VerifyLoad {
                         .status;
                         let now = Instant::now();
                         let revoked_since = revoked_at.lock().unwrap().get(token).copied();
-                        let mut k = tally.lock().unwrap();
-                        match (revoked_since, status) {
-                            (None, 200) => k.valid_ok += 1,
-                            (Some(_), 401) => k.revoked_refused += 1,
-                            (Some(at), 200) if now - at <= REVOCATION_BOUND => {
-                                k.revoked_ok_within_bound += 1
+                        // A block, not drop(): the guard must not be held across the await.
+                        {
+                            let mut k = tally.lock().unwrap();
+                            match (revoked_since, status) {
+                                (None, 200) => k.valid_ok += 1,
+                                (Some(_), 401) => k.revoked_refused += 1,
+                                (Some(at), 200) if now - at <= REVOCATION_BOUND => {
+                                    k.revoked_ok_within_bound += 1
+                                }
+                                (_, s) if s >= 500 => {
+                                    k.server_errors += 1;
+                                    k.first_error.get_or_insert(now);
+                                    k.last_error = Some(now);
+                                }
+                                (revoked, s) => k.wrong.push(format!(
+                                    "token {}: status {s}, revoked {:?} before",
+                                    &token[..8],
+                                    revoked.map(|at| now - at)
+                                )),
                             }
-                            (_, s) if s >= 500 => {
-                                k.server_errors += 1;
-                                k.first_error.get_or_insert(now);
-                                k.last_error = Some(now);
-                            }
-                            (revoked, s) => k.wrong.push(format!(
-                                "token {}: status {s}, revoked {:?} before",
-                                &token[..8],
-                                revoked.map(|at| now - at)
-                            )),
                         }
-                        drop(k);
                         tokio::time::sleep(Duration::from_millis(2)).await;
                     }
                 })
