@@ -13,6 +13,8 @@ use super::{free_port, wait_accepting};
 pub struct PrivateRedis {
     pub port: u16,
     child: Option<Child>,
+    /// The server's working directory, where a snapshot would be written (default: ours).
+    workdir: Option<std::path::PathBuf>,
 }
 
 impl PrivateRedis {
@@ -23,7 +25,22 @@ impl PrivateRedis {
 
     pub async fn start_on(port: u16) -> PrivateRedis {
         // Owned by the guard from here on, so it is killed and reaped even if startup fails.
-        let mut redis = PrivateRedis { port, child: None };
+        let mut redis = PrivateRedis {
+            port,
+            child: None,
+            workdir: None,
+        };
+        redis.restart().await;
+        redis
+    }
+
+    /// Starts one on a spare port working in `dir` (where `BGSAVE` writes its snapshot).
+    pub async fn start_in(dir: &std::path::Path) -> PrivateRedis {
+        let mut redis = PrivateRedis {
+            port: free_port(),
+            child: None,
+            workdir: Some(dir.to_owned()),
+        };
         redis.restart().await;
         redis
     }
@@ -32,7 +49,11 @@ impl PrivateRedis {
     /// it accepts connections.
     pub async fn restart(&mut self) {
         assert!(self.child.is_none(), "redis already running");
-        let child = Command::new("redis-server")
+        let mut command = Command::new("redis-server");
+        if let Some(dir) = &self.workdir {
+            command.current_dir(dir);
+        }
+        let child = command
             .args([
                 "--port",
                 &self.port.to_string(),
