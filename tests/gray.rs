@@ -207,6 +207,11 @@ impl Tally {
         self.latencies.iter().max().copied().unwrap_or_default()
     }
 
+    /// Every answer right, none 503.
+    fn is_clean(&self) -> bool {
+        self.wrong.is_empty() && self.unavailable == 0
+    }
+
     fn line(&self) -> String {
         format!(
             "{} requests, p50 {:?}, p99 {:?}, max {:?}, 503: {}, wrong: {}",
@@ -218,6 +223,19 @@ impl Tally {
             self.wrong.len()
         )
     }
+}
+
+/// `rounds` waves of `cases()`, tallied together.
+async fn waves(
+    s: &TestServer,
+    rounds: usize,
+    mut cases: impl FnMut() -> Vec<(String, u16, &'static str)>,
+) -> Tally {
+    let mut tally = Tally::default();
+    for _ in 0..rounds {
+        lossy_wave(s, cases(), &mut tally).await;
+    }
+    tally
 }
 
 /// One concurrent request per case; `want` is the right answer (200 valid, 401 revoked or
@@ -283,15 +301,8 @@ async fn packet_loss_on_the_redis_path_costs_time_within_the_timeouts_never_a_wr
         c.push((unknown_token(), 401, "unknown token"));
         c
     };
-    let mut before = Tally::default();
-    for _ in 0..5 {
-        lossy_wave(&s, cases(200), &mut before).await;
-    }
-    assert!(
-        before.wrong.is_empty() && before.unavailable == 0,
-        "{:?}",
-        before.line()
-    );
+    let before = waves(&s, 5, || cases(200)).await;
+    assert!(before.is_clean(), "{}", before.line());
 
     // Loss on; the revocation is committed while it lasts.
     path.set_loss(LOSS_PERCENT);
@@ -350,15 +361,8 @@ async fn packet_loss_on_the_redis_path_costs_time_within_the_timeouts_never_a_wr
         recovered.is_some(),
         "no recovery within 10 s after the loss stopped"
     );
-    let mut after = Tally::default();
-    for _ in 0..5 {
-        lossy_wave(&s, cases(401), &mut after).await;
-    }
-    assert!(
-        after.wrong.is_empty() && after.unavailable == 0,
-        "{}",
-        after.line()
-    );
+    let after = waves(&s, 5, || cases(401)).await;
+    assert!(after.is_clean(), "{}", after.line());
     println!(
         "redis path, {LOSS_PERCENT}% loss each way, {}:\n  before: {}\n  loss:   {} \
          (redis errors {redis_errors}, revocation seen {:?} after commit)\n  after:  {} \
@@ -422,15 +426,8 @@ async fn packet_loss_on_the_postgres_path_costs_time_within_the_timeouts_never_a
         c.push((unknown_token(), 401, "unknown token"));
         c
     };
-    let mut before = Tally::default();
-    for _ in 0..5 {
-        lossy_wave(&s, cases(8), &mut before).await;
-    }
-    assert!(
-        before.wrong.is_empty() && before.unavailable == 0,
-        "{}",
-        before.line()
-    );
+    let before = waves(&s, 5, || cases(8)).await;
+    assert!(before.is_clean(), "{}", before.line());
 
     path.set_loss(LOSS_PERCENT);
     let pg_errors = s.metric("knoxgate_postgres_errors_total").await;
@@ -469,15 +466,8 @@ async fn packet_loss_on_the_postgres_path_costs_time_within_the_timeouts_never_a
         recovered.is_some(),
         "no recovery within 10 s after the loss stopped"
     );
-    let mut after = Tally::default();
-    for _ in 0..3 {
-        lossy_wave(&s, cases(8), &mut after).await;
-    }
-    assert!(
-        after.wrong.is_empty() && after.unavailable == 0,
-        "{}",
-        after.line()
-    );
+    let after = waves(&s, 3, || cases(8)).await;
+    assert!(after.is_clean(), "{}", after.line());
     println!(
         "postgres path, {LOSS_PERCENT}% loss each way, {}:\n  before: {}\n  loss:   {} \
          (postgres errors {pg_errors})\n  after:  {} (recovered {:?} after the loss stopped)",
