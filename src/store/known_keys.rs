@@ -291,14 +291,21 @@ impl KnownKeys {
 struct Budget {
     per_second: f64,
     bucket: Mutex<(f64, Instant)>,
+    /// While the bucket is empty, when its next token is due (nanoseconds after `born`): a
+    /// flood's requests are refused on this atomic read, without queueing on the lock.
+    empty_until: AtomicU64,
+    born: Instant,
 }
 
 impl Budget {
     fn new(per_second: u32) -> Budget {
         let per_second = f64::from(per_second);
+        let born = Instant::now();
         Budget {
             per_second,
-            bucket: Mutex::new((per_second, Instant::now())),
+            bucket: Mutex::new((per_second, born)),
+            empty_until: AtomicU64::new(0),
+            born,
         }
     }
 
@@ -306,9 +313,15 @@ impl Budget {
         if self.per_second == 0.0 {
             return false;
         }
+        let now = Instant::now();
+        let nanos = |at: Instant| {
+            u64::try_from(at.saturating_duration_since(self.born).as_nanos()).unwrap_or(u64::MAX)
+        };
+        if nanos(now) < self.empty_until.load(Ordering::Relaxed) {
+            return false;
+        }
         let mut bucket = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
         let (tokens, last) = &mut *bucket;
-        let now = Instant::now();
         let refill = now.saturating_duration_since(*last).as_secs_f64() * self.per_second;
         *tokens = (*tokens + refill).min(self.per_second.max(1.0));
         *last = now;
@@ -316,6 +329,8 @@ impl Budget {
             *tokens -= 1.0;
             true
         } else {
+            let due = now + Duration::from_secs_f64((1.0 - *tokens) / self.per_second);
+            self.empty_until.store(nanos(due), Ordering::Relaxed);
             false
         }
     }
