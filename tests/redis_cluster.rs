@@ -9,31 +9,6 @@ use knoxgate::auth::token_key_of;
 
 use crate::support::*;
 
-/// Instances under one key prefix on `url`, without an in-process tier.
-async fn instance(db: &TestDb, prefix: &str, url: &str) -> TestServer {
-    TestServer::start_with_prefix(
-        db,
-        prefix,
-        &format!("[redis]\nurl = \"{url}\"\n[cache]\nmemory_max_bytes = 1"),
-    )
-    .await
-}
-
-fn entry_key(prefix: &str, token: &str) -> String {
-    format!("{prefix}:token:{}", token_key_of(token))
-}
-
-/// `n` users with one token each.
-async fn tokens(db: &TestDb, name: &str, n: usize) -> Vec<String> {
-    let client = db.client().await;
-    let mut out = Vec::with_capacity(n);
-    for i in 0..n {
-        let id = insert_user(&client, &format!("{name}{i}"), "pw", true).await;
-        out.push(insert_default_token(&client, id).await.token);
-    }
-    out
-}
-
 /// Verifies every token once through `s` (which writes its entry) and waits until every entry
 /// is on the master that owns its slot.
 async fn cache_all(s: &TestServer, cluster: &RedisCluster, tokens: &[String]) {

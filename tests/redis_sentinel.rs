@@ -10,29 +10,6 @@ use knoxgate::auth::token_key_of;
 
 use crate::support::*;
 
-async fn instance(db: &TestDb, prefix: &str, url: &str) -> TestServer {
-    TestServer::start_with_prefix(
-        db,
-        prefix,
-        &format!("[redis]\nurl = \"{url}\"\n[cache]\nmemory_max_bytes = 1"),
-    )
-    .await
-}
-
-fn entry_key(prefix: &str, token: &str) -> String {
-    format!("{prefix}:token:{}", token_key_of(token))
-}
-
-async fn tokens(db: &TestDb, name: &str, n: usize) -> Vec<String> {
-    let client = db.client().await;
-    let mut out = Vec::with_capacity(n);
-    for i in 0..n {
-        let id = insert_user(&client, &format!("{name}{i}"), "pw", true).await;
-        out.push(insert_default_token(&client, id).await.token);
-    }
-    out
-}
-
 /// Waits until the entry of `token` is on both data servers (written and replicated).
 async fn replicated(deployment: &RedisSentinel, prefix: &str, token: &str) {
     let key = entry_key(prefix, token);

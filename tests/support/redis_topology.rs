@@ -638,3 +638,30 @@ impl VerifyLoad {
         std::mem::take(&mut *self.tally.lock().unwrap())
     }
 }
+
+/// An instance under `prefix` on the Redis deployment at `url`, without an in-process tier, so
+/// that its answers come from Redis or Postgres.
+pub async fn instance(db: &super::TestDb, prefix: &str, url: &str) -> super::TestServer {
+    super::TestServer::start_with_prefix(
+        db,
+        prefix,
+        &format!("[redis]\nurl = \"{url}\"\n[cache]\nmemory_max_bytes = 1"),
+    )
+    .await
+}
+
+/// The Redis key of `token`'s entry under `prefix`.
+pub fn entry_key(prefix: &str, token: &str) -> String {
+    format!("{prefix}:token:{}", knoxgate::auth::token_key_of(token))
+}
+
+/// `n` users named `name0`, `name1`, ..., with one token each.
+pub async fn tokens(db: &super::TestDb, name: &str, n: usize) -> Vec<String> {
+    let client = db.client().await;
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let id = super::insert_user(&client, &format!("{name}{i}"), "pw", true).await;
+        out.push(super::insert_default_token(&client, id).await.token);
+    }
+    out
+}
