@@ -19,11 +19,15 @@ feed_relay_timeout = "800ms"
 "#;
 
 fn relay(db: &TestDb, redis: &PrivateRedis, prefix: &str) -> Binary {
+    relay_on(db, &redis.url(), prefix)
+}
+
+fn relay_on(db: &TestDb, redis_url: &str, prefix: &str) -> Binary {
     Binary::spawn_command(
         "relay",
         &db.url,
         &[
-            ("KNOXGATE_REDIS_URL", redis.url()),
+            ("KNOXGATE_REDIS_URL", redis_url.to_owned()),
             ("KNOXGATE_REDIS_KEY_PREFIX", prefix.to_owned()),
             ("KNOXGATE_CACHE_FEED_HEARTBEAT_INTERVAL", "200ms".into()),
             ("KNOXGATE_CACHE_FEED_HEALTH_INTERVAL", "200ms".into()),
@@ -51,10 +55,11 @@ async fn ready_within(admin: std::net::SocketAddr, limit: Duration) -> bool {
 }
 
 async fn instance(db: &TestDb, redis: &PrivateRedis, prefix: &str) -> TestServer {
-    let extra = format!(
-        "[redis]\nurl = \"{}\"\nreconnect_max_delay = \"200ms\"\n{FEED}",
-        redis.url()
-    );
+    instance_on(db, &redis.url(), prefix).await
+}
+
+async fn instance_on(db: &TestDb, redis_url: &str, prefix: &str) -> TestServer {
+    let extra = format!("[redis]\nurl = \"{redis_url}\"\nreconnect_max_delay = \"200ms\"\n{FEED}");
     TestServer::start_with_prefix(db, prefix, &extra).await
 }
 
@@ -276,4 +281,41 @@ async fn a_redis_restart_and_a_dropped_reader_lose_no_revocation() {
     a.stop().await;
     b.stop().await;
     relay.terminate().await;
+}
+
+/// A relay and an instance on a replicated Redis deployment: the instance hears the relay
+/// (feed live) and a raw-SQL revocation reaches it through the stream.
+async fn relayed_revocation_on(redis_url: &str) {
+    let db = TestDb::migrated().await;
+    let prefix = unique("kgrelayha");
+    let relayed = relay_on(&db, redis_url, &prefix);
+    let a = instance_on(&db, redis_url, &prefix).await;
+    assert!(
+        ready_within(a.admin(), Duration::from_secs(20)).await,
+        "the instance never heard the relay on {redis_url}: {:?}",
+        readyz_of(a.admin()).await
+    );
+    let token = user_with_token(&db, "relayed").await;
+    let bystander = user_with_token(&db, "bystander").await;
+    cached_on_all(&[&a], &[&token, &bystander]).await;
+    revoke(&db, &token).await;
+    assert!(
+        refused_by_all(&[&a], &token).await,
+        "a revocation did not reach the instance through the relay on {redis_url}"
+    );
+    assert_eq!(a.verify(&bystander.token).await.status, 200);
+    relayed.kill().await;
+    a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn relays_work_on_a_sentinel_deployment() {
+    let deployment = RedisSentinel::start().await;
+    relayed_revocation_on(&deployment.url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn relays_work_on_a_redis_cluster() {
+    let cluster = RedisCluster::start(3, 1).await;
+    relayed_revocation_on(&cluster.url()).await;
 }

@@ -434,7 +434,7 @@ impl RedisSentinel {
             deployment.sentinels.push(RedisProcess::spawn(port, &args));
         }
         // Every sentinel knows the master, its replica and the two other sentinels.
-        let known = wait_for(Duration::from_secs(20), || {
+        let known = wait_for(Duration::from_secs(45), || {
             deployment.sentinels.iter().all(|s| {
                 let master = s.cli(&["SENTINEL", "MASTER", SENTINEL_SERVICE]);
                 let lines: Vec<&str> = master.lines().collect();
