@@ -98,14 +98,18 @@ impl PrivateRedis {
 
     fn signal(&self, sig: &str) {
         if let Some(c) = &self.child {
-            let pid = c.id();
-            let st = Command::new("kill")
-                .args([sig, &pid.to_string()])
-                .status()
-                .expect("kill(1)");
-            assert!(st.success(), "kill {sig} {pid} failed");
+            signal_pid(c.id(), sig);
         }
     }
+}
+
+/// Sends `sig` (as kill(1) spells it, e.g. `-STOP`) to `pid`, and fails the test if it cannot.
+pub fn signal_pid(pid: u32, sig: &str) {
+    let st = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .expect("kill(1)");
+    assert!(st.success(), "kill {sig} {pid} failed");
 }
 
 impl Drop for PrivateRedis {

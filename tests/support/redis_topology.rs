@@ -54,12 +54,7 @@ impl RedisProcess {
     }
 
     fn signal(&self, sig: &str) {
-        let pid = self.child.as_ref().expect("running").id();
-        let st = Command::new("kill")
-            .args([sig, &pid.to_string()])
-            .status()
-            .expect("kill(1)");
-        assert!(st.success(), "kill {sig} {pid} failed");
+        super::signal_pid(self.child.as_ref().expect("running").id(), sig);
     }
 
     /// `redis-cli` against this process.
