@@ -168,6 +168,9 @@ pub struct Metrics {
     pub coalesced_misses: Counter,
     /// Login attempts by result.
     pub logins: Family<ResultLabels, Counter>,
+    /// Postgres lookups of other keys that joined a lookup waiting for a connection and were
+    /// answered by its query (`store::lookup_batch`).
+    pub batched_lookups: Counter,
     /// Logouts by kind (logout, logoutall).
     pub logouts: Family<KindLabels, Counter>,
     /// Time spent checking a password hash.
@@ -219,6 +222,7 @@ impl Metrics {
                 prometheus_client::metrics::histogram::exponential_buckets(0.005, 2.0, 10),
             ),
             load_shed: Counter::default(),
+            batched_lookups: Counter::default(),
             assertions_signed: Counter::default(),
             feed_connected: Gauge::default(),
             feed_events: Family::default(),
@@ -304,6 +308,11 @@ impl Metrics {
             "password_check_duration_seconds",
             "Time to check a password hash",
             m.password_check_duration.clone(),
+        );
+        registry.register(
+            "batched_lookups",
+            "Postgres lookups answered by another lookup's query, sent while they waited",
+            m.batched_lookups.clone(),
         );
         registry.register(
             "load_shed",

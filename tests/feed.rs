@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use knoxgate::auth::HashAlgorithm;
+use knoxgate::auth::{HashAlgorithm, generate_token};
 
 use crate::support::*;
 
@@ -393,5 +393,82 @@ async fn deactivating_a_user_under_concurrent_requests_refuses_their_tokens_with
         );
     }
     assert_detail(&s.verify(&token).await, 401, "User inactive or deleted.");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn concurrent_misses_for_different_tokens_share_a_batch() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    let mut tokens = Vec::new();
+    for user in ["ann", "ben", "cid"] {
+        let id = insert_user(&client, user, "pw", true).await;
+        for _ in 0..4 {
+            tokens.push(insert_default_token(&client, id).await);
+        }
+    }
+    // One connection: while the first lookup holds it, every other one waits for it.
+    let s = TestServer::start(
+        &db,
+        "[postgres]\npool_size = 1\nstatement_timeout = \"5s\"\npool_wait_timeout = \"5s\"",
+    )
+    .await;
+    s.wait_ready().await;
+    let lock = db.client().await;
+    lock.batch_execute("BEGIN; LOCK TABLE knox_authtoken IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let mut requests = tokio::task::JoinSet::new();
+    let unknown = generate_token("", 64);
+    let presented: Vec<(String, Option<String>)> = tokens
+        .iter()
+        .map(|t| (t.token.clone(), Some(t.user_id.to_string())))
+        .chain([(unknown, None)])
+        .collect();
+    for (token, user_id) in presented.clone() {
+        let (addr, auth) = (s.addr(), format!("Token {token}"));
+        requests.spawn(async move {
+            let r = http(addr, "GET", "/verify", &[("Authorization", &auth)], b"").await;
+            (
+                r.status,
+                r.header("x-auth-user-id").map(str::to_owned),
+                user_id,
+            )
+        });
+    }
+    // Every request is past Redis, on its way to Postgres.
+    let arrived = eventually(Duration::from_secs(3), || async {
+        s.metric("knoxgate_cache_lookups_total{tier=\"redis\",result=\"miss\"}")
+            .await
+            >= presented.len() as f64
+    })
+    .await;
+    assert!(arrived.is_some(), "not every request reached the lookup");
+    lock.batch_execute("ROLLBACK").await.unwrap();
+    for (status, got, expected) in requests.join_all().await {
+        match expected {
+            Some(user_id) => {
+                assert_eq!(status, 200);
+                assert_eq!(got, Some(user_id), "each token answered with its own user");
+            }
+            None => assert_eq!((status, got), (401, None)),
+        }
+    }
+    // The first lookup's query, and one for the 12 that arrived while it held the connection.
+    assert_eq!(
+        s.metric("knoxgate_sql_statements_total{statement=\"lookup\"}")
+            .await,
+        2.0
+    );
+    assert_eq!(s.metric("knoxgate_batched_lookups_total").await, 11.0);
+    // Each answer was cached under its own key: asked again, no query.
+    for t in &tokens {
+        assert_eq!(s.verify(&t.token).await.status, 200);
+    }
+    assert_eq!(
+        s.metric("knoxgate_sql_statements_total{statement=\"lookup\"}")
+            .await,
+        2.0
+    );
     s.stop().await;
 }

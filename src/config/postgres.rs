@@ -18,6 +18,8 @@ const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const DEFAULT_POOL_WAIT_TIMEOUT: Duration = Duration::from_secs(1);
 const DEFAULT_POOL_RECYCLE_TIMEOUT: Duration = Duration::from_secs(1);
 const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(1);
+// Keys per batched lookup: a burst's worth, small enough that one slow query holds few requests.
+const DEFAULT_MAX_LOOKUP_BATCH: u64 = 64;
 // Django's names for knox's token model and the stock user model.
 const DEFAULT_TOKEN_TABLE: &str = "knox_authtoken";
 const DEFAULT_USER_TABLE: &str = "auth_user";
@@ -54,6 +56,7 @@ pub struct PostgresFile {
     pub pool_recycle_timeout: Duration,
     #[serde(with = "value::duration")]
     pub statement_timeout: Duration,
+    pub max_lookup_batch: u64,
     pub ca_file: String,
     pub token_table: String,
     pub user_table: String,
@@ -82,6 +85,7 @@ impl Default for PostgresFile {
             pool_wait_timeout: DEFAULT_POOL_WAIT_TIMEOUT,
             pool_recycle_timeout: DEFAULT_POOL_RECYCLE_TIMEOUT,
             statement_timeout: DEFAULT_STATEMENT_TIMEOUT,
+            max_lookup_batch: DEFAULT_MAX_LOOKUP_BATCH,
             ca_file: String::new(),
             token_table: DEFAULT_TOKEN_TABLE.into(),
             user_table: DEFAULT_USER_TABLE.into(),
@@ -126,6 +130,8 @@ pub struct PostgresConfig {
     pub pool_recycle_timeout: Duration,
     /// Server-side `statement_timeout` of every statement knoxgate sends.
     pub statement_timeout: Duration,
+    /// Most token keys one batched lookup asks for (`store::lookup_batch`).
+    pub max_lookup_batch: NonZeroUsize,
     /// PEM file of CA certificates for TLS; `None`: the bundled web PKI roots.
     pub ca_file: Option<String>,
     /// knox's token table, optionally schema-qualified.
@@ -254,6 +260,7 @@ impl TryFrom<PostgresFile> for PostgresConfig {
             pool_wait_timeout: file.pool_wait_timeout,
             pool_recycle_timeout: file.pool_recycle_timeout,
             statement_timeout: file.statement_timeout,
+            max_lookup_batch: nonzero("postgres.max_lookup_batch", file.max_lookup_batch)?,
             ca_file: (!file.ca_file.is_empty()).then_some(file.ca_file),
             token_table: sql_identifier("postgres.token_table", &file.token_table)?,
             user_table: sql_identifier("postgres.user_table", &file.user_table)?,

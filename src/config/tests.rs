@@ -285,6 +285,10 @@ fn zero_limits_are_refused() {
     for (text, key) in [
         ("[server]\nmax_in_flight = 0", "server.max_in_flight"),
         ("[postgres]\npool_size = 0", "postgres.pool_size"),
+        (
+            "[postgres]\nmax_lookup_batch = 0",
+            "postgres.max_lookup_batch",
+        ),
         ("[sessions]\nmax_body_bytes = 0", "sessions.max_body_bytes"),
     ] {
         let err = Config::from_toml_str(text).unwrap_err().to_string();

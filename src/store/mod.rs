@@ -24,6 +24,7 @@ pub mod epoch;
 pub mod feed;
 pub mod flight;
 pub mod known_keys;
+pub mod lookup_batch;
 pub mod memory;
 pub mod outbox;
 pub mod payload;

@@ -23,6 +23,7 @@ use std::{
 use compact_str::CompactString;
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime, Timeouts};
 use time::OffsetDateTime;
+use tokio::sync::oneshot;
 use tokio_postgres::{
     Row,
     types::{ToSql, Type},
@@ -30,6 +31,7 @@ use tokio_postgres::{
 
 use super::{
     StoreError,
+    lookup_batch::{self, BatchId, LookupBatches},
     pg::{classify, classify_pool, pg_config, tls_connector},
 };
 use crate::{
@@ -76,7 +78,8 @@ impl Statements {
         );
         Statements {
             lookup: format!(
-                "SELECT {row_cols} FROM {tok} t JOIN {usr} u ON u.{id} = t.user_id WHERE t.token_key = $1"
+                "SELECT {row_cols} FROM {tok} t JOIN {usr} u ON u.{id} = t.user_id \
+                 WHERE t.token_key = ANY($1)"
             ),
             confirm: format!(
                 "SELECT {row_cols} FROM {tok} t JOIN {usr} u ON u.{id} = t.user_id WHERE t.digest = $1"
@@ -182,6 +185,8 @@ pub struct Postgres {
     /// otherwise idle instance's connections open.
     last_request: Arc<AtomicU64>,
     born: Instant,
+    /// Lookups waiting for a connection, batched ([`super::lookup_batch`]).
+    batches: Arc<LookupBatches>,
 }
 
 /// Why a statement is sent: it decides whether it is counted in
@@ -282,6 +287,7 @@ impl Postgres {
             idle_timeout: cfg.idle_timeout,
             last_request: Arc::default(),
             born: Instant::now(),
+            batches: Arc::new(LookupBatches::new(cfg.max_lookup_batch)),
         })
     }
 
@@ -372,6 +378,18 @@ impl Postgres {
         if purpose != Purpose::Feed {
             self.metrics.sql(label);
         }
+        self.run_on(client, label, sql, params).await
+    }
+
+    /// Runs one statement on a pooled connection with the client-side deadline. A connection
+    /// that missed the deadline, or whose server is going away, is taken out of the pool.
+    async fn run_on(
+        &self,
+        client: Object,
+        label: &'static str,
+        sql: &str,
+        params: &[Param<'_>],
+    ) -> Result<Vec<Row>, StoreError> {
         let result = tokio::time::timeout(self.statement_deadline, async {
             run_statement!(self.pgbouncer, client, sql, params)
         })
@@ -440,15 +458,55 @@ impl Postgres {
         Ok(usize::try_from(estimate).unwrap_or(0))
     }
 
-    /// All rows stored under `token_key`, with their users.
+    /// All rows stored under `token_key`, with their users. Lookups arriving while another
+    /// waits for a connection share its query ([`super::lookup_batch`]).
     pub async fn lookup(&self, token_key: &str) -> Result<Rows, StoreError> {
-        let rows = self
-            .query("lookup", &self.sql.lookup, &[(&token_key, Type::TEXT)])
-            .await?;
-        rows.iter()
-            .map(row_of)
-            .collect::<Result<_, _>>()
-            .map_err(|e| self.failed("lookup", &e))
+        let (reply, answer) = oneshot::channel();
+        if let Some(batch) = self.batches.join(token_key, reply) {
+            // A task of its own: the batch is answered even if the request that opened it
+            // goes away meanwhile.
+            let pg = self.clone();
+            tokio::spawn(async move { pg.run_lookup_batch(batch).await });
+        }
+        answer.await.unwrap_or_else(|_| {
+            Err(StoreError::Unavailable(
+                "lookup: the batch was dropped (shutting down)".into(),
+            ))
+        })
+    }
+
+    /// Waits for a connection for `batch`, then answers every lookup that joined it meanwhile
+    /// with one query.
+    async fn run_lookup_batch(&self, batch: BatchId) {
+        self.note_request();
+        let client = self.client().await;
+        let waiting = self.batches.take(batch);
+        if let Some(joined) = waiting.len().checked_sub(1) {
+            self.metrics.batched_lookups.inc_by(joined as u64);
+        }
+        let client = match client {
+            Ok(client) => client,
+            Err(error) => return lookup_batch::answer(waiting, Err(error)),
+        };
+        self.metrics.sql("lookup");
+        let keys = lookup_batch::distinct_keys(&waiting);
+        let rows = match self
+            .run_on(
+                client,
+                "lookup",
+                &self.sql.lookup,
+                &[(&keys, Type::TEXT_ARRAY)],
+            )
+            .await
+        {
+            Ok(rows) => rows
+                .iter()
+                .map(row_of)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| self.failed("lookup", &e)),
+            Err(error) => Err(error),
+        };
+        lookup_batch::answer(waiting, rows);
     }
 
     /// The row with this digest (primary key), with its user.
