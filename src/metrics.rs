@@ -3,6 +3,8 @@
 //! Labels are bounded enums (tier, result, outcome, reason, route); never tokens, user ids or
 //! paths. Each enum's exported text is written once, where the enum is declared.
 
+use std::sync::atomic::AtomicU64;
+
 use prometheus_client::{
     encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder},
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
@@ -166,11 +168,11 @@ pub struct Metrics {
     pub stale_answers: Counter,
     /// Concurrent cache misses that waited for another request's lookup instead of querying.
     pub coalesced_misses: Counter,
-    /// Login attempts by result.
-    pub logins: Family<ResultLabels, Counter>,
     /// Postgres lookups of other keys that joined a lookup waiting for a connection and were
     /// answered by its query (`store::lookup_batch`).
     pub batched_lookups: Counter,
+    /// Login attempts by result.
+    pub logins: Family<ResultLabels, Counter>,
     /// Logouts by kind (logout, logoutall).
     pub logouts: Family<KindLabels, Counter>,
     /// Time spent checking a password hash.
@@ -184,6 +186,10 @@ pub struct Metrics {
     pub feed_connected: Gauge,
     /// Change-feed events applied, by kind (token, user, insert).
     pub feed_events: Family<KindLabels, Counter>,
+    /// When the last change-feed event was applied to this instance's caches, in seconds since
+    /// the Unix epoch; 0 before the first. Subtracting a change's commit time gives how long it
+    /// took to reach this instance (how `bench/scale.sh` times a revocation across a fleet).
+    pub feed_last_change: Gauge<f64, AtomicU64>,
     /// 1 while Redis is connected.
     pub redis_connected: Gauge,
     /// Entries in the in-process cache (sampled at scrape).
@@ -216,16 +222,17 @@ impl Metrics {
             redis_errors: Family::default(),
             stale_answers: Counter::default(),
             coalesced_misses: Counter::default(),
+            batched_lookups: Counter::default(),
             logins: Family::default(),
             logouts: Family::default(),
             password_check_duration: Histogram::new(
                 prometheus_client::metrics::histogram::exponential_buckets(0.005, 2.0, 10),
             ),
             load_shed: Counter::default(),
-            batched_lookups: Counter::default(),
             assertions_signed: Counter::default(),
             feed_connected: Gauge::default(),
             feed_events: Family::default(),
+            feed_last_change: Gauge::default(),
             redis_connected: Gauge::default(),
             memory_entries: Gauge::default(),
             key_filter_keys: Gauge::default(),
@@ -302,17 +309,17 @@ impl Metrics {
             "Cache misses that shared another request's lookup",
             m.coalesced_misses.clone(),
         );
+        registry.register(
+            "batched_lookups",
+            "Postgres lookups answered by another lookup's query, sent while they waited",
+            m.batched_lookups.clone(),
+        );
         registry.register("logins", "Login attempts by result", m.logins.clone());
         registry.register("logouts", "Logouts by kind", m.logouts.clone());
         registry.register(
             "password_check_duration_seconds",
             "Time to check a password hash",
             m.password_check_duration.clone(),
-        );
-        registry.register(
-            "batched_lookups",
-            "Postgres lookups answered by another lookup's query, sent while they waited",
-            m.batched_lookups.clone(),
         );
         registry.register(
             "load_shed",
@@ -333,6 +340,11 @@ impl Metrics {
             "feed_events",
             "Change-feed events applied",
             m.feed_events.clone(),
+        );
+        registry.register(
+            "feed_last_change_timestamp_seconds",
+            "When the last change-feed event was applied here (Unix time, seconds)",
+            m.feed_last_change.clone(),
         );
         registry.register(
             "redis_connected",
@@ -376,6 +388,15 @@ impl Metrics {
         prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
+    }
+
+    /// Counts a change-feed event of this kind and stamps when it was applied.
+    pub fn feed_event_applied(&self, kind: &'static str) {
+        self.feed_events.get_or_create(&KindLabels { kind }).inc();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        self.feed_last_change.set(now.as_secs_f64());
     }
 
     pub fn sql(&self, statement: &'static str) {

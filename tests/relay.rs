@@ -130,10 +130,39 @@ async fn revocations_reach_every_instance_through_relays_that_crash_and_return()
     assert_eq!(a.verify(&keep.token).await.status, 200);
     assert_eq!(a.metric("knoxgate_sql_statements_total").await, sql);
 
+    const DELS: &str = "knoxgate_redis_commands_total{op=\"del\"}";
+    let dels = [a.metric(DELS).await, b.metric(DELS).await];
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
     revoke(&db, &tokens[0]).await;
     assert!(
         refused_by_all(&[&a, &b], &tokens[0]).await,
         "both relays up"
+    );
+    for (s, dels) in [&a, &b].into_iter().zip(dels) {
+        // The relays evicted the Redis entry before appending the change: the instances do
+        // not repeat that DEL, one per instance.
+        assert_eq!(s.metric(DELS).await, dels);
+        let applied = s
+            .metric("knoxgate_feed_last_change_timestamp_seconds")
+            .await;
+        assert!(
+            applied > before && applied < before + BOUND.as_secs_f64(),
+            "the revocation's arrival was stamped at {applied} (deleted after {before})"
+        );
+    }
+    assert_eq!(
+        redis_cli(
+            redis.port,
+            &[
+                "EXISTS",
+                &format!("{prefix}:token:{}", &tokens[0].token[..15])
+            ]
+        ),
+        "0",
+        "the relays evicted the entry"
     );
 
     // One relay crashes: the other carries every change.

@@ -31,10 +31,7 @@ use super::{
     relay::Publisher,
     schema,
 };
-use crate::{
-    config::Config,
-    metrics::{KindLabels, Metrics},
-};
+use crate::{config::Config, metrics::Metrics};
 
 /// How far before the max cache TTL window the replay reaches, for transactions whose trigger
 /// ran well before their COMMIT (the log stamps trigger time).
@@ -286,8 +283,8 @@ where
                     };
                     match parse_message(&payload) {
                         Some(Message::Change(change)) => {
-                            metrics.feed_events.get_or_create(&KindLabels { kind: kind_label(&change) }).inc();
                             store.apply(&change).await;
+                            metrics.feed_event_applied(kind_label(&change));
                             if let Some(publisher) = publisher {
                                 publisher.publish(&payload).await?;
                             }

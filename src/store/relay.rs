@@ -29,10 +29,7 @@ use fred::{
 use tokio::{sync::watch, time::Instant};
 
 use super::{Change, Store, StoreError, change, redis::fred_builder};
-use crate::{
-    config::Config,
-    metrics::{KindLabels, Metrics},
-};
+use crate::{config::Config, metrics::Metrics};
 
 /// The field of a stream entry that carries its payload.
 const FIELD: &str = "c";
@@ -271,13 +268,8 @@ async fn read_once(
     for (id, fields) in entries {
         match fields.get(FIELD).and_then(|p| parse_entry(p)) {
             Some(StreamEntry::Change(change)) => {
-                metrics
-                    .feed_events
-                    .get_or_create(&KindLabels {
-                        kind: change::kind_label(&change),
-                    })
-                    .inc();
-                store.apply(&change).await;
+                store.apply_relayed(&change).await;
+                metrics.feed_event_applied(change::kind_label(&change));
             }
             Some(StreamEntry::Heartbeat) => {
                 if caught_up {

@@ -70,6 +70,36 @@ impl Store {
             .await
     }
 
+    /// Applies a change read from the relays' stream to this process's tier. The relay that
+    /// appended it has already evicted it from Redis (and keeps retrying until Redis takes
+    /// it), so a fleet does not repeat that DEL once per instance; the tombstones still make a
+    /// Redis entry that outlives the relay's DEL go to Postgres.
+    pub async fn apply_relayed(&self, change: &Change) {
+        self.changes
+            .changing(async {
+                match change {
+                    Change::Token { token_key, .. } => {
+                        self.tombstones.token(token_key);
+                        self.memory.remove(token_key);
+                    }
+                    Change::Inserted { token_key } => {
+                        self.known_keys.heard(token_key);
+                        self.memory.remove(token_key);
+                    }
+                    Change::User { user_id } => {
+                        self.tombstones.user(user_id);
+                        self.memory.remove_user(user_id);
+                    }
+                    Change::Everything => self.memory.clear(),
+                    Change::Truncated => {
+                        self.tombstones.everything();
+                        self.memory.clear();
+                    }
+                }
+            })
+            .await
+    }
+
     /// Retries Redis deletions that failed earlier. Returns how many are still pending.
     pub async fn retry_pending_redis(&self) -> usize {
         let Some(redis) = &self.redis else { return 0 };
