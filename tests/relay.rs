@@ -348,3 +348,73 @@ async fn relays_work_on_a_redis_cluster() {
     let cluster = RedisCluster::start(3, 1).await;
     relayed_revocation_on(&cluster.url()).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_of_revocations_reaches_the_instance_in_few_appends() {
+    let db = TestDb::migrated().await;
+    let redis = PrivateRedis::start().await;
+    let prefix = unique("kgburst");
+    let relayed = relay(&db, &redis, &prefix);
+    let a = instance(&db, &redis, &prefix).await;
+    assert!(
+        ready_within(a.admin(), Duration::from_secs(10)).await,
+        "not live: {}",
+        readyz_of(a.admin()).await.1
+    );
+    let client = db.client().await;
+    let user = insert_user(&client, "burst", "pw", true).await;
+    let mut tokens = Vec::new();
+    for _ in 0..300 {
+        tokens.push(insert_default_token(&client, user).await);
+    }
+    let keep = user_with_token(&db, "kept").await;
+    let all: Vec<&Token> = tokens.iter().chain([&keep]).collect();
+    cached_on_all(&[&a], &all).await;
+
+    // 300 revocations in one commit: Postgres hands the relay 300 notifications at once.
+    let stamp = a
+        .metric("knoxgate_feed_last_change_timestamp_seconds")
+        .await;
+    client
+        .execute("DELETE FROM knox_authtoken WHERE user_id = $1", &[&user])
+        .await
+        .unwrap();
+    let heard = eventually(BOUND, || async {
+        a.metric("knoxgate_feed_events_total{kind=\"token\"}").await >= 300.0
+    })
+    .await;
+    assert!(heard.is_some(), "not every revocation reached the instance");
+    assert!(
+        a.metric("knoxgate_feed_last_change_timestamp_seconds")
+            .await
+            > stamp
+    );
+    for t in &tokens {
+        assert_eq!(a.verify(&t.token).await.status, 401);
+    }
+    assert_eq!(a.verify(&keep.token).await.status, 200);
+
+    // Every revocation is in the stream once, and they went out in MULTI/EXEC batches: the
+    // instance woke for a few appends, not for 300.
+    let stream = redis_cli(
+        redis.port,
+        &["XRANGE", &format!("{prefix}:knoxgate:feed"), "-", "+"],
+    );
+    let revoked = stream.lines().filter(|l| l.starts_with("t|")).count();
+    assert_eq!(revoked, 300);
+    let stats = redis_cli(redis.port, &["INFO", "commandstats"]);
+    let calls = |command: &str| -> u64 {
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
+            .and_then(|rest| rest.split(',').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(
+        calls("exec") >= 1 && calls("exec") < 150,
+        "{} transactions for 300 changes",
+        calls("exec")
+    );
+    relayed.kill().await;
+    a.stop().await;
+}

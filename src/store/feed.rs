@@ -28,7 +28,7 @@ use super::{
     Change, Store, StoreError,
     change::{Message, kind_label, parse_message, parse_payload},
     pg,
-    relay::Publisher,
+    relay::{self, Publisher},
     schema,
 };
 use crate::{config::Config, metrics::Metrics};
@@ -233,15 +233,20 @@ where
         .await;
         let rows = timed(metrics, "replay", replay)?;
         store.apply(&Change::Everything).await;
+        let mut replayed = Vec::with_capacity(rows.len());
         for row in &rows {
             let (kind, user_id, token_key): (String, String, String) =
                 (row.get(0), row.get(1), row.get(2));
             let payload = format!("{kind}|{user_id}|{token_key}");
             if let Some(change) = parse_payload(&payload) {
                 store.apply(&change).await;
-                if let Some(publisher) = publisher {
-                    publisher.publish(&payload).await?;
-                }
+                replayed.push(payload);
+            }
+        }
+        if let Some(publisher) = publisher {
+            let replayed: Vec<&str> = replayed.iter().map(String::as_str).collect();
+            for chunk in replayed.chunks(relay::READ_BATCH as usize) {
+                publisher.publish_all(chunk).await?;
             }
         }
         let pruned = tokio::time::timeout(
@@ -281,35 +286,52 @@ where
                         timed(metrics, "connection", r)?;
                         return Err(StoreError::Unavailable("feed: notification stream ended".into()));
                     };
-                    match parse_message(&payload) {
-                        Some(Message::Change(change)) => {
-                            store.apply(&change).await;
-                            metrics.feed_event_applied(kind_label(&change));
-                            if let Some(publisher) = publisher {
-                                publisher.publish(&payload).await?;
+                    // A relay takes every notification already waiting, so that a burst goes out
+                    // in one append (see `Publisher::publish_all`) instead of one per change.
+                    let mut batch = vec![payload];
+                    if publisher.is_some() {
+                        while batch.len() < relay::READ_BATCH as usize {
+                            match events.try_recv() {
+                                Ok(payload) => batch.push(payload),
+                                Err(_) => break,
                             }
                         }
-                        Some(message @ Message::Echo { .. }) => {
-                            let Some((seq, _)) = pending else { continue };
-                            if !echo.is_answer(&message, seq) {
-                                continue;
+                    }
+                    let mut relayed: Vec<&str> = Vec::new();
+                    let mut echoes = Vec::new();
+                    for payload in &batch {
+                        match parse_message(payload) {
+                            Some(Message::Change(change)) => {
+                                store.apply(&change).await;
+                                metrics.feed_event_applied(kind_label(&change));
+                                relayed.push(payload);
                             }
-                            pending = None;
-                            match hearing {
-                                Hearing::Live => {}
-                                Hearing::Unproven => {
-                                    hearing = Hearing::Live;
-                                    tracing::info!("change feed live");
-                                    store.set_feed_live(true);
-                                    metrics.feed_connected.set(1);
-                                }
-                                // Whatever was sent while deaf is lost: reconnect to replay it.
-                                Hearing::Deaf => return Err(StoreError::Unavailable(
-                                    "feed: hears its own notifications again; reconnecting to replay the revocation log".into(),
-                                )),
-                            }
+                            Some(message @ Message::Echo { .. }) => echoes.push(message),
+                            None => tracing::warn!(payload_len = payload.len(), "unreadable change-feed payload ignored"),
                         }
-                        None => tracing::warn!(payload_len = payload.len(), "unreadable change-feed payload ignored"),
+                    }
+                    if let Some(publisher) = publisher {
+                        publisher.publish_all(&relayed).await?;
+                    }
+                    for message in echoes {
+                        let Some((seq, _)) = pending else { continue };
+                        if !echo.is_answer(&message, seq) {
+                            continue;
+                        }
+                        pending = None;
+                        match hearing {
+                            Hearing::Live => {}
+                            Hearing::Unproven => {
+                                hearing = Hearing::Live;
+                                tracing::info!("change feed live");
+                                store.set_feed_live(true);
+                                metrics.feed_connected.set(1);
+                            }
+                            // Whatever was sent while deaf is lost: reconnect to replay it.
+                            Hearing::Deaf => return Err(StoreError::Unavailable(
+                                "feed: hears its own notifications again; reconnecting to replay the revocation log".into(),
+                            )),
+                        }
                     }
                 }
                 _ = echo_due => {
