@@ -3,7 +3,7 @@
 //! through PgBouncer. Prints a markdown section for `bench/SCALE.md`.
 //!
 //!     scale --mode redis|listen --pg URL --instances FILE --relays PID,PID [--idle-wait SECS]
-//!           [--revocations N] [--wave-tokens N]
+//!           [--revocations N] [--wave-tokens N] [--redis-port PORT]
 //!
 //! `--pg` is a direct connection to the private Postgres; `--instances` lists one instance a
 //! line: `listen_port admin_port pid`. Steps:
@@ -38,9 +38,12 @@ use std::{
 use knoxgate::auth::{HashAlgorithm, token_key_of};
 use tokio::task::JoinSet;
 
-use support::{Client, insert_token, insert_user, metric, percentile};
+use support::{Client, insert_token, insert_user, metric, percentile, redis_cli};
 
 const BENCH_APP: &str = "knoxscale-bench";
+const LOOKUP_STATEMENTS: &str = "knoxgate_sql_statements_total{statement=\"lookup\"}";
+/// The change stream, under the prefix `bench/scale.sh` configures.
+const STREAM: &str = "knoxscale:knoxgate:feed";
 const READY_LIMIT: Duration = Duration::from_secs(90);
 const REVOCATION_LIMIT: Duration = Duration::from_secs(5);
 /// How long the bench stays quiet after each revocation's `DELETE` before checking the answers.
@@ -226,6 +229,8 @@ struct Wave {
     peak: i64,
     peak_by_app: Vec<(String, i64)>,
     pg_errors: f64,
+    /// Lookup statements the instances sent for the wave.
+    lookup_statements: f64,
 }
 
 /// Every instance verifies `per_instance` cold tokens at once.
@@ -237,6 +242,7 @@ async fn wave(
 ) -> Wave {
     let tokens = new_tokens(pg, label, instances.len() * per_instance).await;
     let errors_before = sum_metric(instances, "knoxgate_postgres_errors_total").await;
+    let lookups_before = sum_metric(instances, LOOKUP_STATEMENTS).await;
     // Connections first, so the wave itself is only the lookups.
     let mut clients = Vec::new();
     for (n, i) in instances.iter().enumerate() {
@@ -282,6 +288,7 @@ async fn wave(
     sampling.store(false, Ordering::Relaxed);
     sampler.await.expect("sampler");
     let pg_errors = sum_metric(instances, "knoxgate_postgres_errors_total").await - errors_before;
+    let lookup_statements = sum_metric(instances, LOOKUP_STATEMENTS).await - lookups_before;
     let peak_by_app = peak_by_app.lock().unwrap().clone();
     Wave {
         requests: tokens.len(),
@@ -291,6 +298,7 @@ async fn wave(
         peak: peak.load(Ordering::Relaxed),
         peak_by_app,
         pg_errors,
+        lookup_statements,
     }
 }
 
@@ -310,6 +318,9 @@ struct Revocations {
     everywhere: Vec<Duration>,
     /// Per instance and revocation: from sending the `DELETE` until that instance applied it.
     each: Vec<Duration>,
+    /// Per revocation: from sending the `DELETE` until the first relay appended it to the
+    /// stream (the entry id's time, Redis's clock).
+    appended: Vec<Duration>,
     /// Revocations some instance did not stamp (its last change predates the `DELETE`).
     unstamped: usize,
     /// Revocations confirmed by the first sweep (every instance answered 401).
@@ -363,12 +374,38 @@ async fn sweep(
     still
 }
 
+/// When the relays appended the change for `token_key` to the stream: the times (Unix seconds,
+/// from the entry ids) of its entries among the stream's newest.
+fn appended_at(redis_port: u16, token_key: &str) -> Vec<f64> {
+    let newest = redis_cli(redis_port, &["XREVRANGE", STREAM, "+", "-", "COUNT", "20"]);
+    let lines: Vec<&str> = newest.lines().collect();
+    let mut at: Vec<f64> = lines
+        .chunks(3)
+        .filter(|entry| {
+            entry.len() == 3 && entry[2].starts_with("t|") && entry[2].ends_with(token_key)
+        })
+        .filter_map(|entry| entry[0].split('-').next()?.parse::<f64>().ok())
+        .map(|ms| ms / 1e3)
+        .collect();
+    at.sort_by(f64::total_cmp);
+    at
+}
+
+/// How many of one revocation's per-instance delays exceed 200 ms.
+fn stamps_late(delays: &[Duration]) -> usize {
+    delays
+        .iter()
+        .filter(|d| **d > Duration::from_millis(200))
+        .count()
+}
+
 /// Raw-SQL revocations of tokens cached on every instance: when each instance applied each
 /// one (its own stamp), and a check that all then answer 401.
 async fn revocations(
     pg: &tokio_postgres::Client,
     instances: &Arc<Vec<Instance>>,
     count: usize,
+    redis_port: u16,
 ) -> Revocations {
     let tokens = new_tokens(pg, "revoke", count).await;
     let mut clients: Vec<Option<Client>> = Vec::new();
@@ -404,6 +441,7 @@ async fn revocations(
     let mut out = Revocations {
         everywhere: Vec::new(),
         each: Vec::new(),
+        appended: Vec::new(),
         unstamped: 0,
         first_sweep_401: 0,
         missed: 0,
@@ -453,10 +491,28 @@ async fn revocations(
             out.each.push(Duration::from_secs_f64(stamp - sent));
             latest = latest.max(stamp);
         }
+        let appends = appended_at(redis_port, token_key_of(token));
+        if let Some(first) = appends.first() {
+            out.appended
+                .push(Duration::from_secs_f64((first - sent).max(0.0)));
+        }
         if unstamped {
             out.unstamped += 1;
         } else {
             out.everywhere.push(Duration::from_secs_f64(latest - sent));
+        }
+        if unstamped || latest - sent > 0.2 {
+            let late =
+                stamps_late(&out.each[out.each.len() - instances.len().min(out.each.len())..]);
+            eprintln!(
+                "bench: slow revocation: last stamp {:.1} ms after the DELETE; appended by the \
+                 relays at {:?} ms; instances stamped > 200 ms: {late}; unstamped: {unstamped}",
+                (latest - sent) * 1e3,
+                appends
+                    .iter()
+                    .map(|t| ((t - sent) * 1e3).round())
+                    .collect::<Vec<_>>(),
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -569,7 +625,7 @@ async fn main() {
     out.push_str(&format!(
         "- Cold wave ({} instances × {per_instance} cold tokens = {} lookups at once, through \
          PgBouncer): peak Postgres backends **{}** ({}); {} answered 200 in {}; statuses {:?}; \
-         `knoxgate_postgres_errors_total` +{}{}\n",
+         `knoxgate_postgres_errors_total` +{}; {} lookup statements (batched){}\n",
         n,
         w.requests,
         w.peak,
@@ -578,6 +634,7 @@ async fn main() {
         ms(w.took),
         w.statuses,
         w.pg_errors,
+        w.lookup_statements,
         if mode == "redis" {
             format!(
                 "; target ≤ 25 backends and 0 errors: {}",
@@ -594,7 +651,12 @@ async fn main() {
     ));
 
     if mode == "redis" {
-        let r = revocations(&pg, &instances, revocation_count).await;
+        let redis_port: u16 = arg("--redis-port")
+            .and_then(|p| p.parse().ok())
+            .expect("--redis-port PORT");
+        let r = revocations(&pg, &instances, revocation_count, redis_port).await;
+        let mut appended = r.appended.clone();
+        appended.sort_unstable();
         let mut everywhere = r.everywhere.clone();
         everywhere.sort_unstable();
         let mut each = r.each.clone();
@@ -620,6 +682,13 @@ async fn main() {
                     && percentile(&everywhere, 99.0) <= Duration::from_millis(100)
                     && max <= Duration::from_secs(1)
             ),
+        ));
+        out.push_str(&format!(
+            "- Of which: from the `DELETE` to the first relay's append to the stream (the entry \
+             id's time): p50 {}, p99 {}, max {}\n",
+            ms(percentile(&appended, 50.0)),
+            ms(percentile(&appended, 99.0)),
+            ms(appended.last().copied().unwrap_or_default()),
         ));
         out.push_str(&format!(
             "- Checked by requests {} ms after each `DELETE`: all {n} answered 401 at the first \
