@@ -454,13 +454,19 @@ async fn concurrent_misses_for_different_tokens_share_a_batch() {
             None => assert_eq!((status, got), (401, None)),
         }
     }
-    // The first lookup's query, and one for the 12 that arrived while it held the connection.
-    assert_eq!(
-        s.metric("knoxgate_sql_statements_total{statement=\"lookup\"}")
-            .await,
-        2.0
+    // The first lookup's query (alone, or with whatever joined before it had the connection),
+    // and one for all that arrived while it held the connection: 13 lookups, at most 2 queries.
+    let statements = s
+        .metric("knoxgate_sql_statements_total{statement=\"lookup\"}")
+        .await;
+    assert!(
+        (1.0..=2.0).contains(&statements),
+        "{statements} queries for 13 lookups"
     );
-    assert_eq!(s.metric("knoxgate_batched_lookups_total").await, 11.0);
+    assert_eq!(
+        s.metric("knoxgate_batched_lookups_total").await,
+        presented.len() as f64 - statements
+    );
     // Each answer was cached under its own key: asked again, no query.
     for t in &tokens {
         assert_eq!(s.verify(&t.token).await.status, 200);
@@ -468,7 +474,7 @@ async fn concurrent_misses_for_different_tokens_share_a_batch() {
     assert_eq!(
         s.metric("knoxgate_sql_statements_total{statement=\"lookup\"}")
             .await,
-        2.0
+        statements
     );
     s.stop().await;
 }
