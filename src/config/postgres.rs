@@ -115,7 +115,7 @@ pub struct PostgresConfig {
     pub idle_timeout: Duration,
     /// `url` is a PgBouncer in transaction mode: no startup options, no named statements.
     /// When `detect_pgbouncer` is set this is only known after the startup probe
-    /// ([`crate::store::pg::resolve_pgbouncer`]), which sets it.
+    /// ([`crate::store::pg::settle_pgbouncer`]), which sets it.
     pub pgbouncer: bool,
     /// `postgres.pgbouncer` was not set (or `"detect"`): probe `url` at startup.
     pub detect_pgbouncer: bool,

@@ -11,13 +11,15 @@
 //! - [`read`](self::read): the read path (`lookup`, confirmation, loads from Redis and Postgres);
 //! - [`write`](self::write): logout, expired cleanup, new tokens, refresh, applying changes;
 //! - [`flight`]: single-flight for concurrent misses;
+//! - [`lookup_batch`]: cold lookups of different keys that arrive together share one query;
 //! - [`epoch`]: the change window that keeps a load from caching over a revocation;
 //! - [`outbox`]: Redis deletions that failed, retried until Redis answers;
 //! - [`tombstones`]: recent revocations, so a Redis entry that outlived one is not trusted;
 //! - [`known_keys`]: the token keys that exist, so a flood of random tokens costs no query;
 //! - the tiers: [`memory`], [`redis`] (with [`payload`], knox-redis's format), [`postgres`]
 //!   (token SQL) with `users` (login and user SQL) and [`pg`] (connection set-up);
-//! - [`feed`] and [`schema`]: the Postgres change feed and the triggers that feed it.
+//! - [`feed`] and [`schema`]: the Postgres change feed and the triggers that feed it; [`relay`]:
+//!   the same changes fanned out to a fleet through a Redis stream.
 
 pub mod change;
 pub mod epoch;
