@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Union
 
 from knoxgate_django import assertion
@@ -51,13 +52,20 @@ _CACHE_ATTR = "_knoxgate_identity"
 def _peer_trusted(remote_addr: Any, config: Config) -> bool:
     if not isinstance(remote_addr, str):
         return False
+    return _address_trusted(remote_addr, config.trusted_proxies)
+
+
+@lru_cache(maxsize=1024)
+def _address_trusted(remote_addr: str, trusted_proxies: tuple[Any, ...]) -> bool:
+    """Whether ``remote_addr`` lies in ``trusted_proxies``. Cached: behind a proxy every request
+    comes from one of a few addresses, and parsing one costs more than the rest of the check."""
     try:
         addr = ipaddress.ip_address(remote_addr)
     except ValueError:
         return False
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         addr = addr.ipv4_mapped
-    return any(addr in net for net in config.trusted_proxies)
+    return any(addr in net for net in trusted_proxies)
 
 
 def _raw_headers(request: Any) -> list[tuple[bytes, bytes]] | None:
@@ -92,6 +100,9 @@ def _decode(value: str) -> str:
 
 
 def _read_attributes(request: Any, config: Config) -> dict[str, Any] | Refused:
+    headers = config.attribute_headers()
+    if not headers:
+        return {}
     from django.contrib.auth import get_user_model
 
     user_model = get_user_model()
@@ -102,7 +113,7 @@ def _read_attributes(request: Any, config: Config) -> dict[str, Any] | Refused:
         "is_superuser": "is_superuser",
     }
     attributes: dict[str, Any] = {}
-    for attr, header in config.attribute_headers().items():
+    for attr, header in headers.items():
         value = request.META.get(header.meta)
         if value is None or value == "":
             continue  # not sent: the field stays deferred and loads from the database

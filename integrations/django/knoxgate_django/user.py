@@ -12,6 +12,7 @@ one query (plain deferred loading would cost one query per field).
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 from django.contrib.auth import get_user_model
@@ -37,19 +38,27 @@ class _LoadRest:
         type(user).refresh_from_db(user, using=using, fields=fields, **kwargs)
 
 
+@lru_cache(maxsize=8)
+def _fields_of(model: Any) -> tuple[str, Any, tuple[str, ...]]:
+    """The primary key's attname and converter, and the concrete fields' attnames in the
+    model's order: fixed per model class, so worked out once rather than per request."""
+    pk = model._meta.pk
+    return pk.attname, pk.to_python, tuple(f.attname for f in model._meta.concrete_fields)
+
+
 def build_user(user_id: int, attributes: dict[str, Any]) -> Any:
     """A user model instance with its pk, ``is_active=True`` (knoxgate only vouches for active
     users) and the given attributes set; everything else deferred."""
     model = get_user_model()
-    known = {model._meta.pk.attname: model._meta.pk.to_python(user_id)}
-    concrete = {f.attname for f in model._meta.concrete_fields}
+    pk_attname, pk_to_python, concrete = _fields_of(model)
+    known = {pk_attname: pk_to_python(user_id)}
     if "is_active" in concrete:
         known["is_active"] = True
     for name, value in attributes.items():
         if name in concrete:
             known[name] = value
     # from_db wants the values in the model's field order.
-    names = [f.attname for f in model._meta.concrete_fields if f.attname in known]
+    names = [n for n in concrete if n in known]
     db = router.db_for_read(model)
     user = model.from_db(db, names, [known[n] for n in names])
     # An instance attribute shadows the method for this object only; the class is untouched.
