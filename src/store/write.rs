@@ -6,17 +6,22 @@ use std::sync::Arc;
 
 use time::OffsetDateTime;
 
-use super::{Change, Store, StoreError, outbox::RedisEviction, postgres::Removed};
+use super::{Change, RedisTier, Store, StoreError, outbox::RedisEviction, postgres::Removed};
 use crate::auth::{StoredDigest, TokenDigest, TokenRow};
 
 impl Store {
     /// Evicts these tokens from every tier.
     pub async fn forget(&self, removed: &[Removed]) {
+        self.forget_in(removed, self.redis.as_ref()).await
+    }
+
+    /// Evicts these tokens from this process's tier and from `redis` when given.
+    async fn forget_in(&self, removed: &[Removed], redis: Option<&RedisTier>) {
         for (key, _) in removed {
             self.tombstones.token(key);
             self.memory.remove(key);
         }
-        if let Some(redis) = &self.redis
+        if let Some(redis) = redis
             && redis.delete(removed).await.is_err()
         {
             for r in removed {
@@ -34,10 +39,11 @@ impl Store {
         }
     }
 
-    async fn forget_user(&self, user_id: &str) {
+    /// Evicts a user's tokens from this process's tier and from `redis` when given.
+    async fn forget_user_in(&self, user_id: &str, redis: Option<&RedisTier>) {
         self.tombstones.user(user_id);
         self.memory.remove_user(user_id);
-        if let Some(redis) = &self.redis
+        if let Some(redis) = redis
             && redis.delete_user(user_id).await.is_err()
         {
             self.redis_outbox
@@ -45,29 +51,9 @@ impl Store {
         }
     }
 
-    /// Applies a change reported by the feed to every tier.
+    /// Applies a change heard from Postgres (this instance's feed, or a relay's) to every tier.
     pub async fn apply(&self, change: &Change) {
-        self.changes
-            .changing(async {
-                match change {
-                    Change::Token { token_key, user_id } => {
-                        self.forget(&[(token_key.clone(), user_id.clone())]).await;
-                    }
-                    Change::Inserted { token_key } => {
-                        self.known_keys.heard(token_key);
-                        self.memory.remove(token_key);
-                    }
-                    Change::User { user_id } => self.forget_user(user_id).await,
-                    Change::Everything => self.memory.clear(),
-                    Change::Truncated => {
-                        // Which rows went is unknown, so no Redis entry written before now can
-                        // be trusted; entries live at most the tombstone horizon.
-                        self.tombstones.everything();
-                        self.memory.clear();
-                    }
-                }
-            })
-            .await
+        self.apply_in(change, self.redis.as_ref()).await
     }
 
     /// Applies a change read from the relays' stream to this process's tier. The relay that
@@ -75,23 +61,27 @@ impl Store {
     /// it), so a fleet does not repeat that DEL once per instance; the tombstones still make a
     /// Redis entry that outlives the relay's DEL go to Postgres.
     pub async fn apply_relayed(&self, change: &Change) {
+        self.apply_in(change, None).await
+    }
+
+    /// Applies a change to this process's tier, and to `redis` when given.
+    async fn apply_in(&self, change: &Change, redis: Option<&RedisTier>) {
         self.changes
             .changing(async {
                 match change {
-                    Change::Token { token_key, .. } => {
-                        self.tombstones.token(token_key);
-                        self.memory.remove(token_key);
+                    Change::Token { token_key, user_id } => {
+                        self.forget_in(&[(token_key.clone(), user_id.clone())], redis)
+                            .await;
                     }
                     Change::Inserted { token_key } => {
                         self.known_keys.heard(token_key);
                         self.memory.remove(token_key);
                     }
-                    Change::User { user_id } => {
-                        self.tombstones.user(user_id);
-                        self.memory.remove_user(user_id);
-                    }
+                    Change::User { user_id } => self.forget_user_in(user_id, redis).await,
                     Change::Everything => self.memory.clear(),
                     Change::Truncated => {
+                        // Which rows went is unknown, so no Redis entry written before now can
+                        // be trusted; entries live at most the tombstone horizon.
                         self.tombstones.everything();
                         self.memory.clear();
                     }
