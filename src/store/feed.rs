@@ -244,7 +244,6 @@ where
             }
         }
         if let Some(publisher) = publisher {
-            let replayed: Vec<&str> = replayed.iter().map(String::as_str).collect();
             for chunk in replayed.chunks(relay::READ_BATCH as usize) {
                 publisher.publish_all(chunk).await?;
             }

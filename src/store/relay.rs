@@ -100,11 +100,15 @@ impl Publisher {
         })
     }
 
+    /// The stream's length cap, applied by every append.
+    fn cap(&self) -> (XCapKind, XCapTrim, i64) {
+        (XCapKind::MaxLen, XCapTrim::AlmostExact, self.max_len as i64)
+    }
+
     /// Appends one payload (a change as the triggers write it, or a heartbeat).
     pub async fn publish(&self, payload: &str) -> Result<(), StoreError> {
-        let cap = (XCapKind::MaxLen, XCapTrim::AlmostExact, self.max_len as i64);
         self.client
-            .xadd::<(), _, _, _, _>(&self.key, false, cap, "*", vec![(FIELD, payload)])
+            .xadd::<(), _, _, _, _>(&self.key, false, self.cap(), "*", vec![(FIELD, payload)])
             .await
             .map_err(|e| redis_error("append", e))
     }
@@ -112,16 +116,16 @@ impl Publisher {
     /// Appends several payloads in one `MULTI`/`EXEC`: readers blocked on the stream are woken
     /// once for all of them rather than once per entry, which is what lets a fleet of readers
     /// keep up with a burst of changes (every wake-up costs each of them a read).
-    pub async fn publish_all(&self, payloads: &[&str]) -> Result<(), StoreError> {
+    pub async fn publish_all<S: AsRef<str>>(&self, payloads: &[S]) -> Result<(), StoreError> {
         match payloads {
             [] => Ok(()),
-            [one] => self.publish(one).await,
+            [one] => self.publish(one.as_ref()).await,
             many => {
                 let transaction = self.client.multi();
                 for payload in many {
-                    let cap = (XCapKind::MaxLen, XCapTrim::AlmostExact, self.max_len as i64);
+                    let entry = vec![(FIELD, payload.as_ref())];
                     transaction
-                        .xadd::<(), _, _, _, _>(&self.key, false, cap, "*", vec![(FIELD, *payload)])
+                        .xadd::<(), _, _, _, _>(&self.key, false, self.cap(), "*", entry)
                         .await
                         .map_err(|e| redis_error("append", e))?;
                 }
