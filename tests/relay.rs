@@ -314,16 +314,22 @@ async fn a_redis_restart_and_a_dropped_reader_lose_no_revocation() {
 
 /// A relay and an instance on a replicated Redis deployment: the instance hears the relay
 /// (feed live) and a raw-SQL revocation reaches it through the stream.
-async fn relayed_revocation_on(redis_url: &str) {
-    let db = TestDb::migrated().await;
-    let prefix = unique("kgrelayha");
-    let relayed = relay_on(&db, redis_url, &prefix);
-    let a = instance_on(&db, redis_url, &prefix).await;
+/// A relay and an instance under `prefix` on the Redis at `redis_url`, once the instance
+/// hears the relay.
+async fn relay_and_instance(db: &TestDb, redis_url: &str, prefix: &str) -> (Binary, TestServer) {
+    let relayed = relay_on(db, redis_url, prefix);
+    let a = instance_on(db, redis_url, prefix).await;
     assert!(
         ready_within(a.admin(), Duration::from_secs(20)).await,
         "the instance never heard the relay on {redis_url}: {:?}",
         readyz_of(a.admin()).await
     );
+    (relayed, a)
+}
+
+async fn relayed_revocation_on(redis_url: &str) {
+    let db = TestDb::migrated().await;
+    let (relayed, a) = relay_and_instance(&db, redis_url, &unique("kgrelayha")).await;
     let token = user_with_token(&db, "relayed").await;
     let bystander = user_with_token(&db, "bystander").await;
     cached_on_all(&[&a], &[&token, &bystander]).await;
@@ -354,13 +360,7 @@ async fn a_burst_of_revocations_reaches_the_instance_in_few_appends() {
     let db = TestDb::migrated().await;
     let redis = PrivateRedis::start().await;
     let prefix = unique("kgburst");
-    let relayed = relay(&db, &redis, &prefix);
-    let a = instance(&db, &redis, &prefix).await;
-    assert!(
-        ready_within(a.admin(), Duration::from_secs(10)).await,
-        "not live: {}",
-        readyz_of(a.admin()).await.1
-    );
+    let (relayed, a) = relay_and_instance(&db, &redis.url(), &prefix).await;
     let client = db.client().await;
     let user = insert_user(&client, "burst", "pw", true).await;
     let mut tokens = Vec::new();
