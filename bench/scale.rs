@@ -391,14 +391,6 @@ fn appended_at(redis_port: u16, token_key: &str) -> Vec<f64> {
     at
 }
 
-/// How many of one revocation's per-instance delays exceed 200 ms.
-fn stamps_late(delays: &[Duration]) -> usize {
-    delays
-        .iter()
-        .filter(|d| **d > Duration::from_millis(200))
-        .count()
-}
-
 /// Raw-SQL revocations of tokens cached on every instance: when each instance applied each
 /// one (its own stamp), and a check that all then answer 401.
 async fn revocations(
@@ -481,16 +473,14 @@ async fn revocations(
                 metric(admin, "knoxgate_feed_last_change_timestamp_seconds").await
             });
         }
-        let mut latest = 0.0f64;
-        let mut unstamped = false;
-        for stamp in stamps.join_all().await {
-            if stamp < sent {
-                unstamped = true;
-                continue;
-            }
-            out.each.push(Duration::from_secs_f64(stamp - sent));
-            latest = latest.max(stamp);
-        }
+        let stamps = stamps.join_all().await;
+        let unstamped = stamps.iter().any(|&stamp| stamp < sent);
+        let delays: Vec<Duration> = stamps
+            .iter()
+            .filter(|&&stamp| stamp >= sent)
+            .map(|&stamp| Duration::from_secs_f64(stamp - sent))
+            .collect();
+        let latest = delays.iter().max().copied().unwrap_or_default();
         let appends = appended_at(redis_port, token_key_of(token));
         if let Some(first) = appends.first() {
             out.appended
@@ -499,21 +489,24 @@ async fn revocations(
         if unstamped {
             out.unstamped += 1;
         } else {
-            out.everywhere.push(Duration::from_secs_f64(latest - sent));
+            out.everywhere.push(latest);
         }
-        if unstamped || latest - sent > 0.2 {
-            let late =
-                stamps_late(&out.each[out.each.len() - instances.len().min(out.each.len())..]);
+        if unstamped || latest > Duration::from_millis(200) {
+            let late = delays
+                .iter()
+                .filter(|d| **d > Duration::from_millis(200))
+                .count();
             eprintln!(
-                "bench: slow revocation: last stamp {:.1} ms after the DELETE; appended by the \
-                 relays at {:?} ms; instances stamped > 200 ms: {late}; unstamped: {unstamped}",
-                (latest - sent) * 1e3,
+                "bench: slow revocation: last stamp {} after the DELETE; appended by the relays \
+                 at {:?} ms; instances stamped > 200 ms: {late}; unstamped: {unstamped}",
+                ms(latest),
                 appends
                     .iter()
                     .map(|t| ((t - sent) * 1e3).round())
                     .collect::<Vec<_>>(),
             );
         }
+        out.each.extend(delays);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     out
