@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Any
 
 from django.conf import settings
@@ -104,6 +104,10 @@ class Config:
     def verifies_assertions(self) -> bool:
         return bool(self.jwks_file or self.jwks_url)
 
+    # Worked out on first use and kept with the Config (a cached_property writes the instance's
+    # __dict__, which a frozen dataclass allows): each request would otherwise rebuild them.
+
+    @cached_property
     def attribute_headers(self) -> dict[str, Header]:
         """Attribute name -> header, for the attribute headers that are configured."""
         pairs = {
@@ -113,6 +117,39 @@ class Config:
             "is_superuser": self.is_superuser,
         }
         return {k: v for k, v in pairs.items() if v is not None}
+
+    @cached_property
+    def _trusted_peers(self) -> dict[str, bool]:
+        return {}
+
+    def peer_trusted(self, remote_addr: Any) -> bool:
+        """Whether ``remote_addr`` (``REMOTE_ADDR``) lies in ``trusted_proxies``. Remembered per
+        address: behind a proxy every request comes from one of a few addresses, and parsing
+        one costs more than the rest of the identity check."""
+        if not isinstance(remote_addr, str):
+            return False
+        known = self._trusted_peers.get(remote_addr)
+        if known is None:
+            known = _address_in(remote_addr, self.trusted_proxies)
+            if len(self._trusted_peers) >= _TRUSTED_PEERS_REMEMBERED:
+                # Many distinct peers means no proxy in front; start over rather than grow.
+                self._trusted_peers.clear()
+            self._trusted_peers[remote_addr] = known
+        return known
+
+
+#: How many peer addresses ``Config.peer_trusted`` remembers.
+_TRUSTED_PEERS_REMEMBERED = 1024
+
+
+def _address_in(remote_addr: str, networks: tuple[Any, ...]) -> bool:
+    try:
+        addr = ipaddress.ip_address(remote_addr)
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return any(addr in net for net in networks)
 
 
 def _number(key: str, value: Any, minimum: float = 0) -> float:

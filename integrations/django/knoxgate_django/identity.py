@@ -9,10 +9,8 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any, Union
 
 from knoxgate_django import assertion
@@ -49,25 +47,6 @@ Result = Union[Identity, Refused, _Absent]
 _CACHE_ATTR = "_knoxgate_identity"
 
 
-def _peer_trusted(remote_addr: Any, config: Config) -> bool:
-    if not isinstance(remote_addr, str):
-        return False
-    return _address_trusted(remote_addr, config.trusted_proxies)
-
-
-@lru_cache(maxsize=1024)
-def _address_trusted(remote_addr: str, trusted_proxies: tuple[Any, ...]) -> bool:
-    """Whether ``remote_addr`` lies in ``trusted_proxies``. Cached: behind a proxy every request
-    comes from one of a few addresses, and parsing one costs more than the rest of the check."""
-    try:
-        addr = ipaddress.ip_address(remote_addr)
-    except ValueError:
-        return False
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return any(addr in net for net in trusted_proxies)
-
-
 def _raw_headers(request: Any) -> list[tuple[bytes, bytes]] | None:
     """The header list as the ASGI server delivered it, or None under WSGI."""
     scope = getattr(request, "scope", None)
@@ -100,15 +79,15 @@ def _decode(value: str) -> str:
 
 
 def _read_attributes(request: Any, config: Config) -> dict[str, Any] | Refused:
-    headers = config.attribute_headers()
+    headers = config.attribute_headers
     if not headers:
         return {}
-    from django.contrib.auth import get_user_model
+    from knoxgate_django.user import user_model
 
-    user_model = get_user_model()
+    model = user_model()
     targets = {
-        "username": user_model.USERNAME_FIELD,
-        "email": user_model.get_email_field_name(),
+        "username": model.USERNAME_FIELD,
+        "email": model.get_email_field_name(),
         "is_staff": "is_staff",
         "is_superuser": "is_superuser",
     }
@@ -135,12 +114,12 @@ def _resolve(request: Any, config: Config) -> Result:
     raw_assertion = meta.get(config.assertion.meta)
     if raw_id is None and raw_assertion is None:
         return ABSENT
-    if not _peer_trusted(meta.get("REMOTE_ADDR"), config):
+    if not config.peer_trusted(meta.get("REMOTE_ADDR")):
         return Refused(f"identity headers from an untrusted peer {meta.get('REMOTE_ADDR')!r}")
 
     raw = _raw_headers(request)
     if raw is not None:
-        checked = [config.user_id, config.assertion, *config.attribute_headers().values()]
+        checked = [config.user_id, config.assertion, *config.attribute_headers.values()]
         for header in checked:
             problem = _spelling_problem(raw, header)
             if problem:

@@ -15,7 +15,9 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
-from django.contrib.auth import get_user_model
+from django.apps import apps
+from django.conf import settings
+from django.core.signals import setting_changed
 from django.db import router
 
 
@@ -38,6 +40,24 @@ class _LoadRest:
         type(user).refresh_from_db(user, using=using, fields=fields, **kwargs)
 
 
+def user_model() -> Any:
+    """``get_user_model()``, looked up once per ``AUTH_USER_MODEL`` rather than per request."""
+    return _model_named(settings.AUTH_USER_MODEL)
+
+
+@lru_cache(maxsize=8)
+def _model_named(label: str) -> Any:
+    return apps.get_model(label, require_ready=False)
+
+
+def _reset(*, setting: str, **kwargs: Any) -> None:
+    if setting == "AUTH_USER_MODEL":
+        _model_named.cache_clear()
+
+
+setting_changed.connect(_reset)
+
+
 @lru_cache(maxsize=8)
 def _fields_of(model: Any) -> tuple[str, Any, tuple[str, ...]]:
     """The primary key's attname and converter, and the concrete fields' attnames in the
@@ -49,7 +69,7 @@ def _fields_of(model: Any) -> tuple[str, Any, tuple[str, ...]]:
 def build_user(user_id: int, attributes: dict[str, Any]) -> Any:
     """A user model instance with its pk, ``is_active=True`` (knoxgate only vouches for active
     users) and the given attributes set; everything else deferred."""
-    model = get_user_model()
+    model = user_model()
     pk_attname, pk_to_python, concrete = _fields_of(model)
     known = {pk_attname: pk_to_python(user_id)}
     if "is_active" in concrete:

@@ -29,7 +29,7 @@ def test_defaults():
     assert c.assertion.meta == "HTTP_X_AUTH_ASSERTION"
     assert [str(n) for n in c.trusted_proxies] == ["127.0.0.1/32", "::1/128"]
     assert c.require_assertion is False and c.verifies_assertions is False
-    assert c.attribute_headers() == {}
+    assert c.attribute_headers == {}
     assert c.algorithms == ("EdDSA", "ES256") and c.issuer == "knoxgate"
 
 
@@ -75,3 +75,19 @@ def test_attribute_header_that_is_not_utf8_is_refused(client, django_user_model)
     assert r.status_code == 401
     r = client.get("/plain/whoami", headers={"X-Auth-User-Id": str(u.pk), "X-Auth-Username": bad})
     assert r.json() == {"authenticated": False, "id": None}
+
+
+def test_peer_trust_is_remembered_per_address_and_stays_right_past_the_bound():
+    from knoxgate_django import conf
+
+    c = parse({"TRUSTED_PROXIES": ["10.1.0.0/16"]})
+    assert c.peer_trusted("10.1.2.3") is True
+    assert c.peer_trusted("10.2.0.1") is False
+    assert c.peer_trusted(None) is False
+    # More distinct peers than are remembered: the memory starts over, the answers stay right.
+    for i in range(conf._TRUSTED_PEERS_REMEMBERED + 10):
+        assert c.peer_trusted(f"10.{1 + i % 2}.{i // 256 % 256}.{i % 256}") is (i % 2 == 0)
+    assert len(c._trusted_peers) <= conf._TRUSTED_PEERS_REMEMBERED
+    assert c.peer_trusted("10.1.2.3") is True and c.peer_trusted("10.2.0.1") is False
+    # Each Config has its own memory: a settings change is not answered from the old one.
+    assert parse({"TRUSTED_PROXIES": []}).peer_trusted("10.1.2.3") is False
