@@ -478,3 +478,73 @@ async fn concurrent_misses_for_different_tokens_share_a_batch() {
     );
     s.stop().await;
 }
+
+/// A cold lookup that overlaps other tokens' creation (anyone's login, anywhere) keeps the
+/// Redis entry it wrote: a token inserted meanwhile cannot make a row the lookup found wrong, so
+/// only removals drop it (src/store/epoch.rs). Counting inserts too dropped the entry of nearly
+/// every cold lookup in a fleet that logs users in all the time, and sent the next instance to
+/// Postgres again.
+#[tokio::test]
+async fn cold_lookups_during_other_logins_keep_their_redis_entries() {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    };
+
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    let id = insert_user(&client, "dora", "pw", true).await;
+    let mut tokens = Vec::new();
+    for _ in 0..40 {
+        tokens.push(insert_default_token(&client, id).await.token);
+    }
+    let s = TestServer::start(&db, "").await;
+    let inserts = || s.metric("knoxgate_feed_events_total{kind=\"insert\"}");
+    let heard_before = inserts().await;
+
+    // Tokens keep being created for another user, back to back, while the lookups run.
+    let stop = Arc::new(AtomicBool::new(false));
+    let inserter = {
+        let (stop, other) = (stop.clone(), db.client().await);
+        let other_id = insert_user(&other, "eli", "pw", true).await;
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                insert_default_token(&other, other_id).await;
+            }
+        })
+    };
+    let heard = eventually(Duration::from_secs(5), || async {
+        inserts().await > heard_before + 5.0
+    })
+    .await;
+    assert!(heard.is_some(), "no insert heard while inserting");
+    let during = inserts().await;
+    for t in &tokens {
+        assert_eq!(s.verify(t).await.status, 200);
+    }
+    let heard_during = inserts().await - during;
+    stop.store(true, Ordering::Relaxed);
+    inserter.await.unwrap();
+    assert!(
+        heard_during >= tokens.len() as f64,
+        "only {heard_during} inserts arrived during {} lookups: too few to overlap them",
+        tokens.len()
+    );
+    assert_eq!(
+        s.metric("knoxgate_cache_lookups_total{tier=\"postgres\",result=\"hit\"}")
+            .await,
+        tokens.len() as f64,
+        "each token looked up in Postgres once"
+    );
+    let missing: Vec<&String> = tokens
+        .iter()
+        .filter(|t| redis_cli(6379, &["EXISTS", &entry_key(&s.prefix, t)]) != "1")
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} cold lookups lost their Redis entry to inserts elsewhere",
+        missing.len(),
+        tokens.len()
+    );
+    s.stop().await;
+}

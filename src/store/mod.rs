@@ -389,10 +389,18 @@ impl Store {
     }
 
     /// Caches `entry` unless a change landed since `epoch` or is under way, in which case it may
-    /// be stale. Checked after inserting, so a change that starts meanwhile is seen too.
+    /// be stale. Checked after inserting, so a change that starts meanwhile is seen too. An
+    /// entry that does not claim every row of its key answers only for the rows it holds, so
+    /// a token inserted meanwhile cannot make it wrong: only removals count for it (epoch.rs).
     fn remember(&self, key: &str, entry: Arc<Entry>, epoch: Epoch) {
+        let complete = entry.complete;
         self.memory.insert(key, entry);
-        if !self.changes.unchanged_since(epoch) {
+        let still_true = if complete {
+            self.changes.unchanged_since(epoch)
+        } else {
+            self.changes.nothing_removed_since(epoch)
+        };
+        if !still_true {
             self.memory.remove(key);
         }
     }

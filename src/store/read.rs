@@ -208,9 +208,10 @@ impl Store {
         if let (Some(row), Some(redis)) = (usable, &self.redis)
             && redis.is_connected()
             && redis.put(&row, now).await.is_ok()
-            && !self.changes.unchanged_since(epoch)
+            && !self.changes.nothing_removed_since(epoch)
         {
-            // A change landed while we were writing; our entry may predate it.
+            // A removal landed while we were writing; our entry may predate it. (A token
+            // inserted meanwhile cannot make a row we found wrong: epoch.rs.)
             self.forget_key(key).await;
         }
         Ok(entry)

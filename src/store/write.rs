@@ -64,30 +64,36 @@ impl Store {
         self.apply_in(change, None).await
     }
 
-    /// Applies a change to this process's tier, and to `redis` when given.
+    /// Applies a change to this process's tier, and to `redis` when given, inside the change
+    /// window: a removal as one, an insert as an arrival (epoch.rs says why they differ).
     async fn apply_in(&self, change: &Change, redis: Option<&RedisTier>) {
-        self.changes
-            .changing(async {
-                match change {
-                    Change::Token { token_key, user_id } => {
-                        self.forget_in(&[(token_key.clone(), user_id.clone())], redis)
-                            .await;
-                    }
-                    Change::Inserted { token_key } => {
+        let changes = &self.changes;
+        match change {
+            Change::Inserted { token_key } => {
+                changes
+                    .arriving(async {
                         self.known_keys.heard(token_key);
                         self.memory.remove(token_key);
-                    }
-                    Change::User { user_id } => self.forget_user_in(user_id, redis).await,
-                    Change::Everything => self.memory.clear(),
-                    Change::Truncated => {
+                    })
+                    .await
+            }
+            Change::Token { token_key, user_id } => {
+                let tokens = [(token_key.clone(), user_id.clone())];
+                changes.changing(self.forget_in(&tokens, redis)).await
+            }
+            Change::User { user_id } => changes.changing(self.forget_user_in(user_id, redis)).await,
+            Change::Everything => changes.changing(async { self.memory.clear() }).await,
+            Change::Truncated => {
+                changes
+                    .changing(async {
                         // Which rows went is unknown, so no Redis entry written before now can
                         // be trusted; entries live at most the tombstone horizon.
                         self.tombstones.everything();
                         self.memory.clear();
-                    }
-                }
-            })
-            .await
+                    })
+                    .await
+            }
+        }
     }
 
     /// Retries Redis deletions that failed earlier. Returns how many are still pending.
