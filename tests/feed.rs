@@ -513,23 +513,16 @@ async fn cold_lookups_during_other_logins_keep_their_redis_entries() {
             }
         })
     };
-    let heard = eventually(Duration::from_secs(5), || async {
-        inserts().await > heard_before + 5.0
-    })
-    .await;
-    assert!(heard.is_some(), "no insert heard while inserting");
-    let during = inserts().await;
+    let mut heard = heard_before;
     for t in &tokens {
+        // Another insert heard since the last lookup: they keep arriving around every one.
+        let next = eventually(Duration::from_secs(5), || async { inserts().await > heard }).await;
+        assert!(next.is_some(), "the inserts stopped arriving");
+        heard = inserts().await;
         assert_eq!(s.verify(t).await.status, 200);
     }
-    let heard_during = inserts().await - during;
     stop.store(true, Ordering::Relaxed);
     inserter.await.unwrap();
-    assert!(
-        heard_during >= tokens.len() as f64,
-        "only {heard_during} inserts arrived during {} lookups: too few to overlap them",
-        tokens.len()
-    );
     assert_eq!(
         s.metric("knoxgate_cache_lookups_total{tier=\"postgres\",result=\"hit\"}")
             .await,
