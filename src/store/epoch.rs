@@ -83,7 +83,7 @@ impl ChangeWindow {
     }
 
     /// Runs a removal (a deletion, a user's change, a truncation) inside the window.
-    pub async fn changing<T>(&self, change: impl Future<Output = T>) -> T {
+    pub async fn removing<T>(&self, change: impl Future<Output = T>) -> T {
         self.removals.around(change).await
     }
 
@@ -108,7 +108,7 @@ mod tests {
     async fn a_change_during_or_after_the_read_is_seen() {
         let w = ChangeWindow::default();
         let before = w.current();
-        w.changing(async {
+        w.removing(async {
             // Under way: neither an old nor a fresh reading may cache.
             assert!(!w.unchanged_since(before));
             assert!(!w.unchanged_since(w.current()));
@@ -123,7 +123,7 @@ mod tests {
     async fn a_cancelled_change_still_closes_the_window() {
         let w = ChangeWindow::default();
         let before = w.current();
-        let change = w.changing(std::future::pending::<()>());
+        let change = w.removing(std::future::pending::<()>());
         // Polled once (enters the window), then dropped.
         let _ = tokio::time::timeout(std::time::Duration::from_millis(1), change).await;
         assert!(!w.unchanged_since(before));
@@ -154,7 +154,7 @@ mod tests {
     async fn a_removal_stales_both() {
         let w = ChangeWindow::default();
         let before = w.current();
-        w.changing(async {
+        w.removing(async {
             assert!(!w.nothing_removed_since(before));
             assert!(!w.nothing_removed_since(w.current()), "under way");
         })

@@ -79,13 +79,13 @@ impl Store {
             }
             Change::Token { token_key, user_id } => {
                 let tokens = [(token_key.clone(), user_id.clone())];
-                changes.changing(self.forget_in(&tokens, redis)).await
+                changes.removing(self.forget_in(&tokens, redis)).await
             }
-            Change::User { user_id } => changes.changing(self.forget_user_in(user_id, redis)).await,
-            Change::Everything => changes.changing(async { self.memory.clear() }).await,
+            Change::User { user_id } => changes.removing(self.forget_user_in(user_id, redis)).await,
+            Change::Everything => changes.removing(async { self.memory.clear() }).await,
             Change::Truncated => {
                 changes
-                    .changing(async {
+                    .removing(async {
                         // Which rows went is unknown, so no Redis entry written before now can
                         // be trusted; entries live at most the tombstone horizon.
                         self.tombstones.everything();
@@ -115,7 +115,7 @@ impl Store {
     /// when it is presented, with the user's other expired tokens).
     pub async fn delete_expired(&self, key: &str, digest: &TokenDigest) -> Result<(), StoreError> {
         self.changes
-            .changing(async {
+            .removing(async {
                 self.memory.remove(key);
                 let removed = self.pg.delete_expired_of_user(&digest.to_hex()).await?;
                 self.forget(&removed).await;
@@ -127,7 +127,7 @@ impl Store {
     /// Logout: deletes one token everywhere.
     pub async fn logout(&self, digest: &StoredDigest) -> Result<(), StoreError> {
         self.changes
-            .changing(async {
+            .removing(async {
                 let removed = self.pg.delete_token(&digest.to_text()).await?;
                 self.forget(&removed).await;
                 Ok(())
@@ -138,7 +138,7 @@ impl Store {
     /// Logout-all: deletes every token of the presented token's user, everywhere.
     pub async fn logout_all(&self, digest: &StoredDigest, user_id: &str) -> Result<(), StoreError> {
         self.changes
-            .changing(async {
+            .removing(async {
                 let removed = self.pg.delete_all_of_user(&digest.to_text()).await?;
                 self.forget(&removed).await;
                 self.memory.remove_user(user_id);
