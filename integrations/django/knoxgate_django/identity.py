@@ -15,6 +15,7 @@ from typing import Any, Union
 
 from knoxgate_django import assertion
 from knoxgate_django.conf import Config, Header, get_config
+from knoxgate_django.user import user_model
 
 logger = logging.getLogger("knoxgate_django")
 
@@ -82,8 +83,6 @@ def _read_attributes(request: Any, config: Config) -> dict[str, Any] | Refused:
     headers = config.attribute_headers
     if not headers:
         return {}
-    from knoxgate_django.user import user_model
-
     model = user_model()
     targets = {
         "username": model.USERNAME_FIELD,

@@ -17,7 +17,6 @@ from typing import Any
 
 from django.apps import apps
 from django.conf import settings
-from django.core.signals import setting_changed
 from django.db import router
 
 
@@ -41,21 +40,14 @@ class _LoadRest:
 
 
 def user_model() -> Any:
-    """``get_user_model()``, looked up once per ``AUTH_USER_MODEL`` rather than per request."""
+    """``get_user_model()``, looked up once per ``AUTH_USER_MODEL`` rather than per request
+    (keyed by the setting's value, so a changed setting is simply another key)."""
     return _model_named(settings.AUTH_USER_MODEL)
 
 
 @lru_cache(maxsize=8)
 def _model_named(label: str) -> Any:
     return apps.get_model(label, require_ready=False)
-
-
-def _reset(*, setting: str, **kwargs: Any) -> None:
-    if setting == "AUTH_USER_MODEL":
-        _model_named.cache_clear()
-
-
-setting_changed.connect(_reset)
 
 
 @lru_cache(maxsize=8)
