@@ -1,6 +1,12 @@
 //! Revocation through the Postgres change feed, the in-process tier and the consistency modes.
 
-use std::time::Duration;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use knoxgate::auth::{HashAlgorithm, generate_token};
 
@@ -250,12 +256,12 @@ async fn revocation_under_concurrent_hits(revoke: &str) {
     let t = user_with_token(&db, "alice").await;
     let s = TestServer::start(&db, "").await;
     assert_eq!(s.verify(&t.token).await.status, 200);
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
     let mut clients = tokio::task::JoinSet::new();
     for _ in 0..16 {
         let (addr, auth, stop) = (s.addr(), format!("Token {}", t.token), stop.clone());
         clients.spawn(async move {
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            while !stop.load(Ordering::Relaxed) {
                 http(addr, "GET", "/verify", &[("Authorization", &auth)], b"").await;
             }
         });
@@ -263,7 +269,7 @@ async fn revocation_under_concurrent_hits(revoke: &str) {
     tokio::time::sleep(Duration::from_millis(100)).await;
     db.client().await.execute(revoke, &[]).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
     clients.join_all().await;
     assert!(
         refused_within(&s, &t.token).await.is_some(),
@@ -345,12 +351,12 @@ async fn deactivating_a_user_under_concurrent_requests_refuses_their_tokens_with
     assert_eq!(s.verify(&token).await.status, 200);
     // Requests for the token keep arriving while Django deactivates the user.
     let addr = s.addr();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
     let mut pollers = tokio::task::JoinSet::new();
     for _ in 0..32 {
         let (auth, stop) = (format!("Token {token}"), stop.clone());
         pollers.spawn(async move {
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            while !stop.load(Ordering::Relaxed) {
                 http(addr, "GET", "/verify", &[("Authorization", &auth)], b"").await;
             }
         });
@@ -364,7 +370,7 @@ async fn deactivating_a_user_under_concurrent_requests_refuses_their_tokens_with
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
     pollers.join_all().await;
     let refused = eventually(Duration::from_secs(2), || async {
         s.verify(&token).await.status == 401
@@ -403,9 +409,7 @@ async fn concurrent_misses_for_different_tokens_share_a_batch() {
     let mut tokens = Vec::new();
     for user in ["ann", "ben", "cid"] {
         let id = insert_user(&client, user, "pw", true).await;
-        for _ in 0..4 {
-            tokens.push(insert_default_token(&client, id).await);
-        }
+        tokens.extend(insert_default_tokens(&client, id, 4).await);
     }
     // One connection: while the first lookup holds it, every other one waits for it.
     let s = TestServer::start(
@@ -486,18 +490,14 @@ async fn concurrent_misses_for_different_tokens_share_a_batch() {
 /// Postgres again.
 #[tokio::test]
 async fn cold_lookups_during_other_logins_keep_their_redis_entries() {
-    use std::sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    };
-
     let db = TestDb::migrated().await;
     let client = db.client().await;
     let id = insert_user(&client, "dora", "pw", true).await;
-    let mut tokens = Vec::new();
-    for _ in 0..40 {
-        tokens.push(insert_default_token(&client, id).await.token);
-    }
+    let tokens: Vec<String> = insert_default_tokens(&client, id, 40)
+        .await
+        .into_iter()
+        .map(|t| t.token)
+        .collect();
     let s = TestServer::start(&db, "").await;
     let inserts = || s.metric("knoxgate_feed_events_total{kind=\"insert\"}");
     let heard_before = inserts().await;

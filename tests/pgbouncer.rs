@@ -9,8 +9,8 @@ use base64::Engine as _;
 use knoxgate::auth::HashAlgorithm;
 
 use crate::support::{
-    PgBouncer, TestDb, eventually, fleet_config, http, insert_default_token, insert_token,
-    insert_user, join_all, readyz_status, start_unready, with_each_token,
+    PgBouncer, TestDb, eventually, fleet_config, http, insert_default_token, insert_default_tokens,
+    insert_token, insert_user, join_all, readyz_status, start_unready, with_each_token,
 };
 
 const ERRORS: &str = "knoxgate_postgres_errors_total";
@@ -276,9 +276,12 @@ async fn an_unset_pgbouncer_key_is_settled_by_probing_the_url() {
     let mut tokens = Vec::new();
     for i in 0..10 {
         let id = insert_user(&client, &format!("probe{i}"), "pw", true).await;
-        for _ in 0..3 {
-            tokens.push(insert_default_token(&client, id).await.token);
-        }
+        tokens.extend(
+            insert_default_tokens(&client, id, 3)
+                .await
+                .into_iter()
+                .map(|t| t.token),
+        );
     }
     let s = start_unready(via_bouncer).await;
     s.wait_ready().await;

@@ -29,10 +29,11 @@ async fn a_readyz_flood_costs_postgres_one_query_per_interval_and_verify_stays_s
     let db = TestDb::migrated().await;
     let client = db.client().await;
     let uid = insert_user(&client, "alice", "pw", true).await;
-    let mut tokens = Vec::new();
-    for _ in 0..20 {
-        tokens.push(insert_default_token(&client, uid).await.token);
-    }
+    let tokens: Vec<String> = insert_default_tokens(&client, uid, 20)
+        .await
+        .into_iter()
+        .map(|t| t.token)
+        .collect();
     let s = TestServer::start(
         &db,
         "[cache]\nconsistency = \"ttl\"\n[server]\nreadiness_interval = \"1s\"",

@@ -312,8 +312,6 @@ async fn a_redis_restart_and_a_dropped_reader_lose_no_revocation() {
     relay.terminate().await;
 }
 
-/// A relay and an instance on a replicated Redis deployment: the instance hears the relay
-/// (feed live) and a raw-SQL revocation reaches it through the stream.
 /// A relay and an instance under `prefix` on the Redis at `redis_url`, once the instance
 /// hears the relay.
 async fn relay_and_instance(db: &TestDb, redis_url: &str, prefix: &str) -> (Binary, TestServer) {
@@ -327,6 +325,8 @@ async fn relay_and_instance(db: &TestDb, redis_url: &str, prefix: &str) -> (Bina
     (relayed, a)
 }
 
+/// A relay and an instance on a replicated Redis deployment: the instance hears the relay
+/// (feed live) and a raw-SQL revocation reaches it through the stream.
 async fn relayed_revocation_on(redis_url: &str) {
     let db = TestDb::migrated().await;
     let (relayed, a) = relay_and_instance(&db, redis_url, &unique("kgrelayha")).await;
@@ -363,10 +363,7 @@ async fn a_burst_of_revocations_reaches_the_instance_in_few_appends() {
     let (relayed, a) = relay_and_instance(&db, &redis.url(), &prefix).await;
     let client = db.client().await;
     let user = insert_user(&client, "burst", "pw", true).await;
-    let mut tokens = Vec::new();
-    for _ in 0..300 {
-        tokens.push(insert_default_token(&client, user).await);
-    }
+    let tokens = insert_default_tokens(&client, user, 300).await;
     let keep = user_with_token(&db, "kept").await;
     let all: Vec<&Token> = tokens.iter().chain([&keep]).collect();
     cached_on_all(&[&a], &all).await;

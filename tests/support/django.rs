@@ -74,6 +74,19 @@ pub async fn insert_default_token(client: &tokio_postgres::Client, user_id: i32)
     .await
 }
 
+/// `n` tokens with knox's defaults for `user_id`.
+pub async fn insert_default_tokens(
+    client: &tokio_postgres::Client,
+    user_id: i32,
+    n: usize,
+) -> Vec<Token> {
+    let mut tokens = Vec::with_capacity(n);
+    for _ in 0..n {
+        tokens.push(insert_default_token(client, user_id).await);
+    }
+    tokens
+}
+
 pub async fn user_with_token(db: &TestDb, username: &str) -> Token {
     let client = db.client().await;
     let id = insert_user(&client, username, "pw", true).await;
