@@ -18,6 +18,7 @@
 //! - [`grpc`]: Envoy ext_authz over gRPC: `/verify`'s decision for a check request, and how
 //!   Envoy is told `http::respond`'s answer.
 //! - [`server`]: listeners, connection and in-flight limits, timeouts, graceful drain.
+//! - [`priority`]: lowering a thread's CPU priority (password checks).
 //! - [`config`]: TOML file + `KNOXGATE_*` environment → validated, typed [`config::Config`].
 //! - [`metrics`]: the Prometheus metric families, registered once.
 //! - [`telemetry`]: the stderr log and, when configured, OpenTelemetry spans over OTLP.
@@ -38,6 +39,7 @@ pub mod http;
 pub mod login;
 pub mod metrics;
 pub mod password;
+pub mod priority;
 pub mod server;
 pub mod state;
 pub mod store;

@@ -51,7 +51,7 @@ impl HashPool {
             std::thread::Builder::new()
                 .name(format!("knoxgate-hash-{i}"))
                 .spawn(move || {
-                    lower_priority(nice);
+                    crate::priority::lower_current_thread(nice, "password hashing threads");
                     loop {
                         // The lock is held only while waiting for the next job.
                         let job = queue.lock().unwrap_or_else(|p| p.into_inner()).recv();
@@ -101,42 +101,9 @@ impl HashPool {
     }
 }
 
-/// Adds `nice` to the calling thread's nice value (at most 19). On Linux the nice value
-/// belongs to the thread, and `setpriority(PRIO_PROCESS, tid)` sets it for that thread alone.
-/// Elsewhere the call would renice the whole process, so it is not made.
-fn lower_priority(nice: i32) {
-    if nice == 0 {
-        return;
-    }
-    #[cfg(target_os = "linux")]
-    {
-        use rustix::process::{getpriority_process, setpriority_process};
-        let tid = Some(rustix::thread::gettid());
-        let lowered = getpriority_process(tid)
-            .and_then(|current| setpriority_process(tid, (current + nice).min(19)));
-        if let Err(e) = lowered {
-            tracing::warn!(nice, error = %e, "could not lower the priority of a hashing thread");
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    tracing::info!(
-        nice,
-        "hashing threads keep the process priority on this platform"
-    );
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The nice value of the calling thread, from `/proc/thread-self/stat` (field 19).
-    #[cfg(target_os = "linux")]
-    fn own_nice() -> i32 {
-        let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
-        // The command name (field 2) may hold spaces; fields after its closing paren are plain.
-        let after = &stat[stat.rfind(')').unwrap() + 2..];
-        after.split(' ').nth(16).unwrap().parse().unwrap()
-    }
 
     #[tokio::test]
     async fn jobs_run_on_the_pool_and_survive_panics() {
@@ -182,10 +149,13 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[tokio::test]
     async fn hashing_threads_run_at_the_configured_nice_value() {
-        let base = own_nice();
+        let base = crate::priority::own_nice();
         let pool = HashPool::new(1, 7).unwrap();
-        assert_eq!(pool.run(own_nice).await.unwrap(), (base + 7).min(19));
+        assert_eq!(
+            pool.run(crate::priority::own_nice).await.unwrap(),
+            (base + 7).min(19)
+        );
         // This thread is untouched.
-        assert_eq!(own_nice(), base);
+        assert_eq!(crate::priority::own_nice(), base);
     }
 }
