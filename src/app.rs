@@ -148,6 +148,7 @@ fn serve_admin(
         Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS)),
         move |req, _peer| http::admin::admin_service(Arc::clone(&app), Arc::clone(&probe), req),
         shutdown,
+        None,
     ))
 }
 
@@ -260,6 +261,17 @@ pub async fn start(mut config: Config) -> Result<Running, StartError> {
     let limits = Limits::from(&cfg.server);
     let mut tasks = Vec::new();
 
+    let lane = match cfg.server.demote_after_refusals {
+        Some(after) => Some(
+            server::Lane::start(
+                cfg.server.demoted_threads.get(),
+                after,
+                app.metrics.connections_demoted.clone(),
+            )
+            .map_err(StartError::LaneThreads)?,
+        ),
+        None => None,
+    };
     let main_app = Arc::clone(&app);
     tasks.push(tokio::spawn(server::serve(
         main_listener,
@@ -267,6 +279,7 @@ pub async fn start(mut config: Config) -> Result<Running, StartError> {
         Arc::clone(&connections),
         move |req, peer| http::main_service(Arc::clone(&main_app), req, peer),
         shutdown_rx.clone(),
+        lane,
     )));
     if let Some(listener) = grpc_listener {
         // The main listener's connection cap, limits and drain; tonic's generated service
@@ -287,6 +300,8 @@ pub async fn start(mut config: Config) -> Result<Running, StartError> {
                 }
             },
             shutdown_rx.clone(),
+            // HTTP/2 multiplexes many clients over Envoy's connections: never demoted.
+            None,
         )));
     }
     tasks.push(serve_admin(&app, admin_listener, shutdown_rx.clone()));

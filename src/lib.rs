@@ -17,8 +17,9 @@
 //! - [`http`]: routing and handlers; `http::respond` is the only place a status code is chosen.
 //! - [`grpc`]: Envoy ext_authz over gRPC: `/verify`'s decision for a check request, and how
 //!   Envoy is told `http::respond`'s answer.
-//! - [`server`]: listeners, connection and in-flight limits, timeouts, graceful drain.
-//! - [`priority`]: lowering a thread's CPU priority (password checks).
+//! - [`server`]: listeners, connection and in-flight limits, timeouts, graceful drain, and
+//!   the demoted lane for connections whose answers keep being 401.
+//! - [`priority`]: lowering a thread's CPU priority (password checks, the demoted lane).
 //! - [`config`]: TOML file + `KNOXGATE_*` environment → validated, typed [`config::Config`].
 //! - [`metrics`]: the Prometheus metric families, registered once.
 //! - [`telemetry`]: the stderr log and, when configured, OpenTelemetry spans over OTLP.

@@ -179,6 +179,9 @@ pub struct Metrics {
     pub password_check_duration: Histogram,
     /// Requests refused with 503 because `server.max_in_flight` was reached.
     pub load_shed: Counter,
+    /// HTTP/1 connections moved to the demoted lane after `server.demote_after_refusals`
+    /// answers of 401 in a row.
+    pub connections_demoted: Counter,
     /// Identity assertions signed (`[assertion]`); hot tokens reuse theirs, so this grows far
     /// slower than allowed answers.
     pub assertions_signed: Counter,
@@ -229,6 +232,7 @@ impl Metrics {
                 prometheus_client::metrics::histogram::exponential_buckets(0.005, 2.0, 10),
             ),
             load_shed: Counter::default(),
+            connections_demoted: Counter::default(),
             assertions_signed: Counter::default(),
             feed_connected: Gauge::default(),
             feed_events: Family::default(),
@@ -325,6 +329,11 @@ impl Metrics {
             "load_shed",
             "Requests refused because max_in_flight was reached",
             m.load_shed.clone(),
+        );
+        registry.register(
+            "connections_demoted",
+            "Connections moved to the low-priority lane after answers of 401 in a row",
+            m.connections_demoted.clone(),
         );
         registry.register(
             "assertions_signed",

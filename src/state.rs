@@ -34,6 +34,8 @@ pub enum StartError {
     },
     #[error("cannot start the password hashing threads: {0}")]
     Threads(std::io::Error),
+    #[error("cannot start the demoted-connection threads: {0}")]
+    LaneThreads(std::io::Error),
     #[error("{0}")]
     Store(#[from] StoreError),
     #[error("{0}")]

@@ -14,6 +14,7 @@ mod gray;
 mod grpc;
 mod hostile;
 mod idle;
+mod lane;
 mod logging;
 mod login;
 mod logout;

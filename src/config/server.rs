@@ -1,7 +1,11 @@
 //! `[server]`: the listeners (main, admin, and the optional gRPC ext_authz one), the connection and request limits, and the deadlines every
 //! request and connection shares.
 
-use std::{net::SocketAddr, num::NonZeroUsize, time::Duration};
+use std::{
+    net::SocketAddr,
+    num::{NonZeroU32, NonZeroUsize},
+    time::Duration,
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -25,6 +29,11 @@ const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// A check request carries the client request's headers (Envoy's own cap on them defaults to
 /// 60 KiB) and a few attributes; four times that is ample and still bounds what one decodes.
 const DEFAULT_GRPC_MAX_MESSAGE_BYTES: u64 = 262_144;
+/// A client that presents 32 failing credentials in a row on one connection is not a user who
+/// mistyped; a proxy's pooled connection that carries real users sees a 200 long before that.
+const DEFAULT_DEMOTE_AFTER_REFUSALS: u64 = 32;
+/// More lane threads than this serve nothing a core count would not.
+const MAX_DEMOTED_THREADS: u64 = 1_024;
 
 /// `[server]` as written in the file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -48,6 +57,10 @@ pub struct ServerFile {
     /// Empty: no gRPC listener.
     pub grpc_listen: String,
     pub grpc_max_message_bytes: u64,
+    /// 0: never demote.
+    pub demote_after_refusals: u64,
+    /// 0: as many as the CPUs.
+    pub demoted_threads: u64,
 }
 
 impl Default for ServerFile {
@@ -65,6 +78,8 @@ impl Default for ServerFile {
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             grpc_listen: String::new(),
             grpc_max_message_bytes: DEFAULT_GRPC_MAX_MESSAGE_BYTES,
+            demote_after_refusals: DEFAULT_DEMOTE_AFTER_REFUSALS,
+            demoted_threads: 0,
         }
     }
 }
@@ -108,6 +123,11 @@ pub struct ServerConfig {
     pub grpc_listen: Option<SocketAddr>,
     /// Largest check request decoded; larger ones are refused with OUT_OF_RANGE (tonic's code for it).
     pub grpc_max_message_bytes: usize,
+    /// An HTTP/1 connection on the main listener whose last this many answers were all 401 is
+    /// served from then on by the demoted lane's threads (nice 19); `None`: never.
+    pub demote_after_refusals: Option<NonZeroU32>,
+    /// Threads of the demoted lane.
+    pub demoted_threads: NonZeroUsize,
 }
 
 impl TryFrom<ServerFile> for ServerConfig {
@@ -143,6 +163,25 @@ impl TryFrom<ServerFile> for ServerConfig {
                 }
                 usize::try_from(file.grpc_max_message_bytes)
                     .map_err(|_| invalid("server.grpc_max_message_bytes", "too large"))?
+            },
+            demote_after_refusals: match u32::try_from(file.demote_after_refusals) {
+                Ok(n) => NonZeroU32::new(n),
+                Err(_) => {
+                    return Err(invalid(
+                        "server.demote_after_refusals",
+                        "must be at most 4294967295 (0: never demote)",
+                    ));
+                }
+            },
+            demoted_threads: match file.demoted_threads {
+                0 => std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN),
+                n if n > MAX_DEMOTED_THREADS => {
+                    return Err(invalid(
+                        "server.demoted_threads",
+                        "must be at most 1024 (0: as many as the CPUs)",
+                    ));
+                }
+                n => nonzero("server.demoted_threads", n)?,
             },
         })
     }

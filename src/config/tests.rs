@@ -105,6 +105,11 @@ fn errors_name_the_key() {
         ),
         ("[log]\nformat = \"xml\"", "log.format"),
         ("[sessions]\nhash_nice = 20", "sessions.hash_nice"),
+        (
+            "[server]\ndemote_after_refusals = 4294967296",
+            "server.demote_after_refusals",
+        ),
+        ("[server]\ndemoted_threads = 1025", "server.demoted_threads"),
     ];
     for (text, key) in cases {
         let err = Config::from_toml_str(text).unwrap_err().to_string();

@@ -1,19 +1,28 @@
 //! Listeners: accept loop with a connection cap, hyper HTTP/1.1 + h2c per connection with header
 //! limits and timeouts (a bound on a new connection's first bytes, an idle timeout for every
-//! protocol), and a graceful drain on shutdown.
+//! protocol), a graceful drain on shutdown, and the demoted lane (`lane`) for HTTP/1
+//! connections whose answers keep being 401.
+
+mod lane;
+
+pub use lane::Lane;
 
 use std::{
     convert::Infallible,
     future::Future,
     net::SocketAddr,
+    pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering},
     },
+    task::Poll,
     time::{Duration, Instant},
 };
 
-use hyper::{Request, Response, body::Incoming, service::service_fn};
+use hyper::{
+    Request, Response, StatusCode, body::Incoming, server::conn::http1, service::service_fn,
+};
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
@@ -52,16 +61,19 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Waits until the client has sent enough to tell HTTP/1 from HTTP/2. hyper's protocol
 /// detection reads these bytes with no timer of its own, and its HTTP/1 `header_read_timeout`
 /// starts only after it, so without this bound a socket that never sends a byte holds a
-/// connection slot for ever. `false`: the peer closed first.
-async fn first_bytes(stream: &TcpStream) -> std::io::Result<bool> {
+/// connection slot for ever. `None`: the peer closed first.
+async fn first_bytes(stream: &TcpStream) -> std::io::Result<Option<Protocol>> {
     let mut buf = [0u8; H2_PREFACE.len()];
     loop {
         let n = stream.peek(&mut buf).await?;
         if n == 0 {
-            return Ok(false);
+            return Ok(None);
         }
-        if n == buf.len() || buf[..n] != H2_PREFACE[..n] {
-            return Ok(true);
+        if buf[..n] != H2_PREFACE[..n] {
+            return Ok(Some(Protocol::Http1));
+        }
+        if n == buf.len() {
+            return Ok(Some(Protocol::Http2));
         }
         // Part of the HTTP/2 preface: peek returns at once while bytes are buffered, so poll
         // gently for the rest (rare, and bounded by the caller's timeout).
@@ -69,12 +81,22 @@ async fn first_bytes(stream: &TcpStream) -> std::io::Result<bool> {
     }
 }
 
-/// Requests in flight on one connection and when the last one ended, for the idle timeout.
+/// What a connection's first bytes say it speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Http1,
+    /// Prior-knowledge HTTP/2 (h2c).
+    Http2,
+}
+
+/// Requests in flight on one connection and when the last one ended, for the idle timeout;
+/// and how many answers in a row were 401, for the demoted lane.
 struct Activity {
     started: Instant,
     in_flight: AtomicUsize,
     /// Milliseconds after `started` at which the connection last became idle.
     idle_since_ms: AtomicU64,
+    refused_in_a_row: AtomicU32,
 }
 
 impl Activity {
@@ -83,7 +105,26 @@ impl Activity {
             started: Instant::now(),
             in_flight: AtomicUsize::new(0),
             idle_since_ms: AtomicU64::new(0),
+            refused_in_a_row: AtomicU32::new(0),
         })
+    }
+
+    /// Counts an answer: a 401 lengthens the streak of refusals, anything else ends it.
+    fn answered(&self, status: StatusCode) {
+        if status == StatusCode::UNAUTHORIZED {
+            self.refused_in_a_row.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.refused_in_a_row.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// No request in flight.
+    fn is_idle(&self) -> bool {
+        self.in_flight.load(Ordering::SeqCst) == 0
+    }
+
+    fn refusals_in_a_row(&self) -> u32 {
+        self.refused_in_a_row.load(Ordering::Relaxed)
     }
 
     fn begin(self: &Arc<Self>) -> InFlight {
@@ -112,18 +153,76 @@ impl Drop for InFlight {
     }
 }
 
+/// The bounds a connection's handler must meet; the gRPC listener's bodies are tonic's.
+pub trait Handler<B>:
+    Fn(Request<Incoming>, SocketAddr) -> Self::Answer + Clone + Send + Sync + Unpin + 'static
+{
+    type Answer: Future<Output = Response<B>> + Send + 'static;
+}
+
+impl<H, F, B> Handler<B> for H
+where
+    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + Unpin + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+{
+    type Answer = F;
+}
+
+/// A handler's answer as hyper's service future (boxed, so that the HTTP/1 connection that
+/// can hand its socket to the lane may poll it).
+type Answering<B> = Pin<Box<dyn Future<Output = Result<Response<B>, Infallible>> + Send>>;
+
+/// The service of one connection: answers with `handler`, keeps `activity`, and when `main`
+/// is given polls the handler in that runtime's context (a connection on the demoted lane).
+fn service<H, B>(
+    handler: H,
+    peer: SocketAddr,
+    activity: Arc<Activity>,
+    main: Option<tokio::runtime::Handle>,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<B>,
+    Error = Infallible,
+    Future = Answering<B>,
+> + Unpin
++ Clone
+where
+    H: Handler<B>,
+    B: hyper::body::Body + Send + 'static,
+{
+    service_fn(move |req| -> Answering<B> {
+        let in_flight = activity.begin();
+        let activity = Arc::clone(&activity);
+        let answer = handler(req, peer);
+        let answer = async move {
+            let response = answer.await;
+            activity.answered(response.status());
+            drop(in_flight);
+            Ok::<_, Infallible>(response)
+        };
+        match &main {
+            None => Box::pin(answer),
+            Some(main) => Box::pin(lane::InContext {
+                main: main.clone(),
+                future: Box::pin(answer),
+            }),
+        }
+    })
+}
+
 /// Serves `listener` until `shutdown` becomes true, then drains open connections for at most
 /// the grace period. `connections` caps open connections (shared between listeners). The
 /// handler's body type is free so that the gRPC listener (tonic's bodies) shares this loop.
-pub async fn serve<H, F, B>(
+/// With a `lane`, HTTP/1 connections whose answers keep being 401 are demoted to it.
+pub async fn serve<H, B>(
     listener: TcpListener,
     limits: Limits,
     connections: Arc<Semaphore>,
     handler: H,
     mut shutdown: watch::Receiver<bool>,
+    lane: Option<Arc<Lane>>,
 ) where
-    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Response<B>> + Send + 'static,
+    H: Handler<B>,
     B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
@@ -141,6 +240,14 @@ pub async fn serve<H, F, B>(
         .max_concurrent_streams(256)
         .keep_alive_interval(Some(Duration::from_secs(30)));
     let builder = Arc::new(builder);
+    // The same HTTP/1 settings, for connections that may move to the lane.
+    let mut http1 = http1::Builder::new();
+    http1
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .keep_alive(true)
+        .max_buf_size(limits.max_header_bytes);
+    let http1 = Arc::new(http1);
     let mut open = JoinSet::new();
     loop {
         // Forget connections that have ended, so the set holds only open ones.
@@ -163,12 +270,16 @@ pub async fn serve<H, F, B>(
                 };
                 let _ = stream.set_nodelay(true);
                 let conn = connection(
-                    Arc::clone(&builder),
+                    Connection {
+                        builder: Arc::clone(&builder),
+                        http1: Arc::clone(&http1),
+                        lane: lane.clone(),
+                        limits: limits.clone(),
+                        shutdown: shutdown.clone(),
+                    },
                     stream,
                     peer,
                     handler.clone(),
-                    limits.clone(),
-                    shutdown.clone(),
                 );
                 open.spawn(async move {
                     let _permit = permit;
@@ -188,45 +299,42 @@ pub async fn serve<H, F, B>(
     }
 }
 
+/// What every connection of a listener shares.
+struct Connection {
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    http1: Arc<http1::Builder>,
+    lane: Option<Arc<Lane>>,
+    limits: Limits,
+    shutdown: watch::Receiver<bool>,
+}
+
 /// One connection: wait (bounded) for its first bytes, then serve it until it ends, has been
 /// idle for `idle_timeout`, or shutdown begins (then gracefully).
-async fn connection<H, F, B>(
-    builder: Arc<auto::Builder<TokioExecutor>>,
-    stream: TcpStream,
-    peer: SocketAddr,
-    handler: H,
-    limits: Limits,
-    mut shutdown: watch::Receiver<bool>,
-) where
-    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Response<B>> + Send + 'static,
+async fn connection<H, B>(shared: Connection, stream: TcpStream, peer: SocketAddr, handler: H)
+where
+    H: Handler<B>,
     B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    match tokio::time::timeout(limits.header_read_timeout, first_bytes(&stream)).await {
-        Ok(Ok(true)) => {}
-        // Silent for the whole head timeout, closed, or failed: drop it and free the slot.
-        _ => return,
-    }
+    let limits = &shared.limits;
+    let protocol =
+        match tokio::time::timeout(limits.header_read_timeout, first_bytes(&stream)).await {
+            Ok(Ok(Some(protocol))) => protocol,
+            // Silent for the whole head timeout, closed, or failed: drop it and free the slot.
+            _ => return,
+        };
     let activity = Activity::new();
-    let service = {
-        let activity = Arc::clone(&activity);
-        service_fn(move |req| {
-            let in_flight = activity.begin();
-            let fut = handler(req, peer);
-            async move {
-                let response = fut.await;
-                drop(in_flight);
-                Ok::<_, Infallible>(response)
-            }
-        })
-    };
-    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    if let (Some(lane), Protocol::Http1) = (&shared.lane, protocol) {
+        return demotable(&shared, lane, stream, peer, handler, activity).await;
+    }
+    let conn = shared.builder.serve_connection(
+        TokioIo::new(stream),
+        service(handler, peer, Arc::clone(&activity), None),
+    );
     let mut conn = std::pin::pin!(conn);
+    let mut shutdown = shared.shutdown.clone();
     let mut closing = false;
     loop {
-        let idle_at = activity.idle_deadline(limits.idle_timeout);
-        let recheck = idle_at.unwrap_or_else(|| Instant::now() + limits.idle_timeout);
         tokio::select! {
             ended = conn.as_mut() => {
                 if let Err(e) = ended {
@@ -234,17 +342,144 @@ async fn connection<H, F, B>(
                 }
                 return;
             }
-            _ = shutdown.wait_for(|stop| *stop), if !closing => {
+            _ = time_to_close(&activity, limits.idle_timeout, &mut shutdown), if !closing => {
                 closing = true;
                 conn.as_mut().graceful_shutdown();
             }
-            _ = tokio::time::sleep_until(recheck.into()), if !closing => {
+        }
+    }
+}
+
+/// An HTTP/1 connection that moves to the lane once its answers have been 401 `after_refusals`
+/// times in a row, and is served there to its end.
+async fn demotable<H, B>(
+    shared: &Connection,
+    lane: &Lane,
+    stream: TcpStream,
+    peer: SocketAddr,
+    handler: H,
+    activity: Arc<Activity>,
+) where
+    H: Handler<B>,
+    B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let watch = lane::Watch::new(Arc::clone(&activity), lane);
+    let mut conn = shared.http1.serve_connection(
+        TokioIo::new(lane::Socket::watched(stream, Arc::clone(&watch))),
+        service(handler.clone(), peer, Arc::clone(&activity), None),
+    );
+    let mut shutdown = shared.shutdown.clone();
+    let idle_timeout = shared.limits.idle_timeout;
+    match serve_http1(
+        &mut conn,
+        &activity,
+        idle_timeout,
+        &mut shutdown,
+        Some(&watch),
+    )
+    .await
+    {
+        Ok(Served::Moving) => {}
+        Ok(Served::Ended) => return close(conn).await,
+        Err(e) => {
+            tracing::debug!(error = %e, "connection ended with an error");
+            return close(conn).await;
+        }
+    }
+    let parts = conn.into_parts();
+    let http1 = Arc::clone(&shared.http1);
+    let main = tokio::runtime::Handle::current();
+    let stream = parts.io.into_inner().into_stream();
+    lane.take(stream, parts.read_buf, move |socket| async move {
+        let mut conn = http1.serve_connection(
+            TokioIo::new(socket),
+            service(handler, peer, Arc::clone(&activity), Some(main)),
+        );
+        if let Err(e) = serve_http1(&mut conn, &activity, idle_timeout, &mut shutdown, None).await {
+            tracing::debug!(error = %e, "demoted connection ended with an error");
+        }
+        close(conn).await;
+    })
+    .await;
+}
+
+/// Ends a connection that hyper has finished with (or failed on, e.g. after answering 431) as
+/// hyper itself would: the write side is shut down (FIN after the last answer) before the
+/// socket is closed, so that a client whose extra bytes are still unread gets its answer
+/// rather than a reset.
+async fn close<S, B>(conn: http1::Connection<TokioIo<lane::Socket>, S>)
+where
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut socket = conn.into_parts().io.into_inner();
+    let _ = tokio::io::AsyncWriteExt::shutdown(&mut socket).await;
+}
+
+/// How [`serve_http1`] returned.
+enum Served {
+    /// The connection is over.
+    Ended,
+    /// Its socket is to move to the lane (only with a [`lane::Watch`]).
+    Moving,
+}
+
+/// Serves an HTTP/1 connection until it ends, or until `watch` says it may move (then hyper
+/// is no longer polled and its socket, not shut down, can be taken back); closes it gracefully
+/// when it is idle too long or shutdown begins.
+async fn serve_http1<S, B>(
+    conn: &mut http1::Connection<TokioIo<lane::Socket>, S>,
+    activity: &Activity,
+    idle_timeout: Duration,
+    shutdown: &mut watch::Receiver<bool>,
+    watch: Option<&lane::Watch>,
+) -> Result<Served, hyper::Error>
+where
+    S: hyper::service::HttpService<Incoming, ResBody = B> + Unpin,
+    S::Future: Unpin,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut closing = false;
+    loop {
+        let served = std::future::poll_fn(|cx| match conn.poll_without_shutdown(cx) {
+            Poll::Ready(ended) => Poll::Ready(ended.map(|()| Served::Ended)),
+            // Not while closing: a connection being shut down is not worth moving.
+            Poll::Pending if !closing && watch.is_some_and(lane::Watch::may_move) => {
+                Poll::Ready(Ok(Served::Moving))
+            }
+            Poll::Pending => Poll::Pending,
+        });
+        tokio::select! {
+            served = served => return served,
+            _ = time_to_close(activity, idle_timeout, shutdown), if !closing => {
+                closing = true;
+                Pin::new(&mut *conn).graceful_shutdown();
+            }
+        }
+    }
+}
+
+/// Resolves when a connection should be closed gracefully: shutdown has begun, or no request
+/// has been in flight for `idle_timeout`.
+async fn time_to_close(
+    activity: &Activity,
+    idle_timeout: Duration,
+    shutdown: &mut watch::Receiver<bool>,
+) {
+    loop {
+        let idle_at = activity.idle_deadline(idle_timeout);
+        let recheck = idle_at.unwrap_or_else(|| Instant::now() + idle_timeout);
+        tokio::select! {
+            _ = shutdown.wait_for(|stop| *stop) => return,
+            _ = tokio::time::sleep_until(recheck.into()) => {
                 if activity
-                    .idle_deadline(limits.idle_timeout)
+                    .idle_deadline(idle_timeout)
                     .is_some_and(|at| at <= Instant::now())
                 {
-                    closing = true;
-                    conn.as_mut().graceful_shutdown();
+                    return;
                 }
             }
         }
