@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A random-token flood against one knoxgate: what it costs Postgres and Redis, its throughput
 # beside hot tokens', what it does to real clients' p99, and whether a token created during it
-# is ever refused. About 3 minutes per round (3 rounds) plus a release build.
+# is ever refused. About 4 minutes (3 rounds) plus a release build.
 #
 #   bench/flood.sh
 #
