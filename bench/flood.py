@@ -47,6 +47,8 @@ CONNS = env_int("FLOOD_CONNECTIONS", 64)
 HOT_RATE = env_int("FLOOD_HOT_RATE", 1000)
 HOT_CONNS = env_int("FLOOD_HOT_CONNECTIONS", 16)
 BUDGET = env_int("FLOOD_BUDGET", 50)
+# server.demote_after_refusals of the instance measured (0: never demote, for comparison).
+DEMOTE_AFTER = env_int("FLOOD_DEMOTE_AFTER", 32)
 FRESH_DELAY = 0.05
 CONTROL_PORT = env_int("FLOOD_CONTROL_PORT", 18881)
 CONTROL_ADMIN_PORT = env_int("FLOOD_CONTROL_ADMIN_PORT", 18891)
@@ -214,7 +216,8 @@ def report(rows, info):
         "",
         f"One knoxgate (release build) with Redis, 10,000 seeded tokens over 2,500 users, the key "
         f"filter loaded ({info['filter_keys']:.0f} keys, {info['filter_bytes'] / 1024:.0f} KiB), "
-        f"`cache.unknown_key_lookups_per_second = {BUDGET}`. wrk `-t2 -c{CONNS}` for {SECONDS} s at "
+        f"`cache.unknown_key_lookups_per_second = {BUDGET}`, "
+        f"`server.demote_after_refusals = {DEMOTE_AFTER}`. wrk `-t2 -c{CONNS}` for {SECONDS} s at "
         f"saturation; *hot*: {HOT_SET} seeded tokens (in-process tier); *flood*: a fresh random "
         f"64-hex token per request (`bench/invalid.lua`). *Paced*: the hot tokens at {HOT_RATE} "
         f"req/s over {HOT_CONNS} connections (wrk's `delay()`, not corrected for coordinated "
@@ -302,7 +305,8 @@ def main():
     S.preflight()
     servers.start_redis()
     S.setup_db_knoxgate_only(users=2500, tokens_per_user=4)
-    kg = servers.Knoxgate("flood", {"KNOXGATE_CACHE_UNKNOWN_KEY_LOOKUPS_PER_SECOND": str(BUDGET)})
+    kg = servers.Knoxgate("flood", {"KNOXGATE_CACHE_UNKNOWN_KEY_LOOKUPS_PER_SECOND": str(BUDGET),
+                                    "KNOXGATE_DEMOTE_AFTER_REFUSALS": str(DEMOTE_AFTER)})
     deadline = time.monotonic() + 30
     while counters(kg.admin)["filter_bytes"] == 0:
         if time.monotonic() > deadline:

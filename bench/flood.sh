@@ -11,7 +11,8 @@
 # Output: bench/out/flood/flood.md (copied to bench/FLOOD.md), flood.json and logs next to it.
 #
 # Knobs: FLOOD_ROUNDS=3 FLOOD_SECONDS=10 FLOOD_CONNECTIONS=64 FLOOD_HOT_RATE=1000
-#        FLOOD_HOT_CONNECTIONS=16 FLOOD_BUDGET=50 KNOXGATE_BIN= (a binary to measure)
+#        FLOOD_HOT_CONNECTIONS=16 FLOOD_BUDGET=50 FLOOD_DEMOTE_AFTER=32 (0: no demoted
+#        lane, for comparison) KNOXGATE_BIN= (a binary to measure)
 # Needs: Postgres at 127.0.0.1:5432 (trust, user postgres) and cargo; wrk, psql and redis-server
 # are installed with apt-get when missing (as root; bench/lib.sh). Stdlib Python only.
 set -euo pipefail
