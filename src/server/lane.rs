@@ -6,9 +6,10 @@
 //! Refusing a random token is cheap, but not cheaper than answering a valid one: both cost the
 //! HTTP parsing and the syscalls. A flood that fills the cores would otherwise delay every real
 //! client by as much as any load does. On the lane's threads (nice 19) the kernel runs flood
-//! work only when no normal-priority thread wants a core, so real clients keep their latency
-//! and the flood still gets every cycle they leave. The flood is answered as before (401, no
-//! query); it is only served last.
+//! work only when no normal-priority thread wants a core, so real clients keep their median
+//! latency and the flood still gets every cycle they leave (bench/FLOOD.md; what a flood's
+//! packets cost the kernel, and its sender the cores it shares, no process priority removes).
+//! The flood is answered as before (401, no query); it is only served last.
 //!
 //! The move: once the response that completes the streak has been written, hyper gets no more
 //! bytes while no request is in flight; as soon as every answer is flushed and none is in
