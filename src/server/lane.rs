@@ -178,8 +178,8 @@ impl Watch {
     }
 }
 
-/// A connection's socket as hyper reads and writes it: watched for demotion on the main
-/// runtime; on the lane, first the bytes hyper had read ahead there.
+/// An HTTP/1 connection's socket as hyper reads and writes it: watched for demotion on the main
+/// runtime when there is a lane; on the lane, first the bytes hyper had read ahead there.
 pub(super) struct Socket {
     stream: TcpStream,
     /// Read before the stream: what the main runtime's hyper had buffered.
@@ -188,11 +188,12 @@ pub(super) struct Socket {
 }
 
 impl Socket {
-    pub(super) fn watched(stream: TcpStream, watch: Arc<Watch>) -> Socket {
+    /// A new connection on the main runtime, watched for demotion when there is a lane.
+    pub(super) fn new(stream: TcpStream, watch: Option<Arc<Watch>>) -> Socket {
         Socket {
             stream,
             unread: Bytes::new(),
-            watch: Some(watch),
+            watch,
         }
     }
 

@@ -226,13 +226,9 @@ pub async fn serve<H, B>(
     B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .keep_alive(true)
-        .max_buf_size(limits.max_header_bytes);
+    // HTTP/2 (h2c) only: the first bytes tell the protocols apart (`first_bytes`), and HTTP/1
+    // is served below, where a connection can move to the lane.
+    let mut builder = auto::Builder::new(TokioExecutor::new()).http2_only();
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -240,7 +236,6 @@ pub async fn serve<H, B>(
         .max_concurrent_streams(256)
         .keep_alive_interval(Some(Duration::from_secs(30)));
     let builder = Arc::new(builder);
-    // The same HTTP/1 settings, for connections that may move to the lane.
     let mut http1 = http1::Builder::new();
     http1
         .timer(TokioTimer::new())
@@ -324,8 +319,8 @@ where
             _ => return,
         };
     let activity = Activity::new();
-    if let (Some(lane), Protocol::Http1) = (&shared.lane, protocol) {
-        return demotable(&shared, lane, stream, peer, handler, activity).await;
+    if protocol == Protocol::Http1 {
+        return http1_connection(&shared, stream, peer, handler, activity).await;
     }
     let conn = shared.builder.serve_connection(
         TokioIo::new(stream),
@@ -350,11 +345,10 @@ where
     }
 }
 
-/// An HTTP/1 connection that moves to the lane once its answers have been 401 `after_refusals`
-/// times in a row, and is served there to its end.
-async fn demotable<H, B>(
+/// An HTTP/1 connection. With a lane, it moves there once its answers have been 401
+/// `after_refusals` times in a row, and is served there to its end.
+async fn http1_connection<H, B>(
     shared: &Connection,
-    lane: &Lane,
     stream: TcpStream,
     peer: SocketAddr,
     handler: H,
@@ -364,29 +358,32 @@ async fn demotable<H, B>(
     B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let watch = lane::Watch::new(Arc::clone(&activity), lane);
+    let watch = shared
+        .lane
+        .as_deref()
+        .map(|lane| lane::Watch::new(Arc::clone(&activity), lane));
     let mut conn = shared.http1.serve_connection(
-        TokioIo::new(lane::Socket::watched(stream, Arc::clone(&watch))),
+        TokioIo::new(lane::Socket::new(stream, watch.clone())),
         service(handler.clone(), peer, Arc::clone(&activity), None),
     );
     let mut shutdown = shared.shutdown.clone();
     let idle_timeout = shared.limits.idle_timeout;
-    match serve_http1(
+    let served = serve_http1(
         &mut conn,
         &activity,
         idle_timeout,
         &mut shutdown,
-        Some(&watch),
+        watch.as_deref(),
     )
-    .await
-    {
-        Ok(Served::Moving) => {}
-        Ok(Served::Ended) => return close(conn).await,
-        Err(e) => {
+    .await;
+    let lane = match (served, &shared.lane) {
+        (Ok(Served::Moving), Some(lane)) => lane,
+        (Err(e), _) => {
             tracing::debug!(error = %e, "connection ended with an error");
             return close(conn).await;
         }
-    }
+        _ => return close(conn).await,
+    };
     let parts = conn.into_parts();
     let http1 = Arc::clone(&shared.http1);
     let main = tokio::runtime::Handle::current();
