@@ -109,9 +109,15 @@ pub fn init(config: &Config) -> Result<Telemetry, TelemetryError> {
         }
         None => (None, None),
     };
-    let subscriber = tracing_subscriber::registry().with(log).with(otel);
-    tracing::subscriber::set_global_default(subscriber)
-        .map_err(|e| TelemetryError(e.to_string()))?;
+    let subscriber = tracing_subscriber::registry().with(log);
+    // Without an exporter the layer is left out rather than added as `None`: an absent
+    // `Option` layer declares interest in every callsite, so each request would still build
+    // (and tear down) its spans in the registry only for the log layer to drop them.
+    let installed = match otel {
+        Some(otel) => tracing::subscriber::set_global_default(subscriber.with(otel)),
+        None => tracing::subscriber::set_global_default(subscriber),
+    };
+    installed.map_err(|e| TelemetryError(e.to_string()))?;
     Ok(Telemetry { provider })
 }
 
