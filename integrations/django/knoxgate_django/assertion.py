@@ -15,7 +15,6 @@ import re
 import threading
 import time
 import urllib.request
-from collections import OrderedDict
 from typing import Any, Callable
 
 import jwt
@@ -122,6 +121,14 @@ class KeySet:
     def get(self, kid: str) -> PyJWK | None:
         """The key with this id, or None. Reads the source when the cache is older than
         cache_seconds, or for an unknown kid; never more often than once per refetch_interval."""
+        # Every request of every thread asks for a key: a fresh key is answered without the lock
+        # (a refresh replaces the dict whole, and reading an attribute is atomic), so the threads
+        # of a worker do not queue behind each other.
+        keys, loaded_at = self._keys, self._loaded_at
+        if loaded_at is not None and self.clock() - loaded_at < self.cache_seconds:
+            key = keys.get(kid)
+            if key is not None:
+                return key
         with self._lock:
             now = self.clock()
             stale = self._loaded_at is None or now - self._loaded_at >= self.cache_seconds
@@ -141,6 +148,9 @@ _keysets_lock = threading.Lock()
 def keyset_for(config: Config) -> KeySet:
     ident = (config.jwks_file, config.jwks_url, config.jwks_cache_seconds,
              config.jwks_refetch_interval, config.jwks_timeout)
+    ks = _keysets.get(ident)
+    if ks is not None:
+        return ks
     with _keysets_lock:
         ks = _keysets.get(ident)
         if ks is None:
@@ -159,14 +169,25 @@ def reset_keysets() -> None:
         _keysets.clear()
     with _verified_lock:
         _verified.clear()
+    _headers.clear()
 
 
 #: (kid, claims) of assertions already verified, by their exact text and the settings the verdict
-#: depends on, least recently used first. An entry serves only until the assertion's own ``exp``
-#: (plus leeway) and while its key is still in the key set, so a retired key stops it as soon
-#: as the JWKS cache drops the key.
-_verified: OrderedDict[tuple, tuple[str, dict[str, Any]]] = OrderedDict()
+#: depends on, oldest first. An entry serves only until the assertion's own ``exp`` (plus
+#: leeway) and while its key is still in the key set, so a retired key stops it as soon as the
+#: JWKS cache drops the key. Read without the lock (a dict lookup is atomic), so the threads
+#: of a worker do not queue behind each other; changed under it. When full, the oldest entry
+#: goes: knoxgate hands out assertions of one lifetime, so that is the one closest to its exp.
+_verified: dict[tuple, tuple[str, dict[str, Any]]] = {}
 _verified_lock = threading.Lock()
+
+
+#: (alg, kid) by the header segment of an assertion that verified. Every assertion one key signs
+#: has the same header, so this spares parsing it a second time (``jwt.decode`` parses it again
+#: and checks it with the signature); only headers of verified assertions are kept, so the
+#: number of entries is bounded by the keys knoxgate has used.
+_headers: dict[str, tuple[Any, Any]] = {}
+_HEADERS_REMEMBERED = 64
 
 
 def _reset(*, setting: str, **kwargs: Any) -> None:
@@ -190,14 +211,10 @@ def verify(token: str, config: Config | None = None) -> dict[str, Any]:
     key = (token, config.audience, config.issuer, config.algorithms, config.jwks_file,
            config.jwks_url)
     if config.assertion_cache_size and config.verifies_assertions:
-        with _verified_lock:
-            hit = _verified.get(key)
+        hit = _verified.get(key)
         if hit is not None:
             kid, claims = hit
             if time.time() <= claims["exp"] + config.leeway and keyset_for(config).get(kid):
-                with _verified_lock:
-                    if key in _verified:
-                        _verified.move_to_end(key)
                 return dict(claims)
             with _verified_lock:
                 _verified.pop(key, None)
@@ -206,7 +223,7 @@ def verify(token: str, config: Config | None = None) -> dict[str, Any]:
         with _verified_lock:
             _verified[key] = (kid, claims)
             while len(_verified) > config.assertion_cache_size:
-                _verified.popitem(last=False)
+                del _verified[next(iter(_verified))]
     return dict(claims)
 
 
@@ -215,11 +232,15 @@ def _verify_uncached(token: str, config: Config) -> tuple[str, dict[str, Any]]:
         raise AssertionRefused("no JWKS configured")
     if not token or len(token) > MAX_ASSERTION_BYTES or not token.isascii():
         raise AssertionRefused("empty, oversized or non-ASCII assertion")
-    try:
-        header = jwt.get_unverified_header(token)
-    except jwt.exceptions.PyJWTError as e:
-        raise AssertionRefused(f"malformed assertion: {e}") from None
-    alg, kid = header.get("alg"), header.get("kid")
+    header_segment = token.partition(".")[0]
+    parsed = _headers.get(header_segment)
+    if parsed is None:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.exceptions.PyJWTError as e:
+            raise AssertionRefused(f"malformed assertion: {e}") from None
+        parsed = header.get("alg"), header.get("kid")
+    alg, kid = parsed
     if alg not in config.algorithms:
         raise AssertionRefused(f"algorithm {alg!r} not allowed")
     if not isinstance(kid, str) or not kid:
@@ -244,4 +265,8 @@ def _verify_uncached(token: str, config: Config) -> tuple[str, dict[str, Any]]:
     sub = claims.get("sub")
     if not isinstance(sub, str) or not USER_ID_RE.match(sub):
         raise AssertionRefused("assertion subject is not a user id")
+    if header_segment not in _headers:
+        if len(_headers) >= _HEADERS_REMEMBERED:
+            _headers.clear()
+        _headers[header_segment] = parsed
     return kid, claims

@@ -122,6 +122,10 @@ def test_bad_assertions_are_refused(client, assertion_settings, alice, ed_key, e
     token = _bad_tokens(ed_key, es_key, alice.pk)[case]
     assert get(client, **{"X-Auth-Assertion": token}) == REFUSED
     assert get(client, **{"X-Auth-User-Id": str(alice.pk), "X-Auth-Assertion": token}) == REFUSED
+    # Once a good assertion of the key has been seen (its header is then parsed only once),
+    # the same bad one is still refused.
+    assert get(client, **{"X-Auth-Assertion": ed_key.sign(str(alice.pk))}) == ok(alice.pk)
+    assert get(client, **{"X-Auth-Assertion": token}) == REFUSED
 
 
 def test_leeway_accepts_small_clock_skew(client, assertion_settings, alice, ed_key):
@@ -296,6 +300,31 @@ def test_a_verified_assertion_is_checked_once_until_its_exp(client, assertion_se
     # Another audience is another verdict: not answered from the cache.
     assertion_settings.KNOXGATE = {**assertion_settings.KNOXGATE, "ASSERTION_AUDIENCE": "other"}
     assert get(client, **{"X-Auth-Assertion": token}) == REFUSED
+
+
+def test_one_keys_header_is_parsed_once(client, assertion_settings, alice, bob, ed_key, monkeypatch):
+    parsed = []
+    real = jwt.get_unverified_header
+    monkeypatch.setattr(jwt, "get_unverified_header", lambda t: parsed.append(1) or real(t))
+    now = int(time.time())
+    for i, user in enumerate([alice, bob, alice]):
+        token = ed_key.sign(str(user.pk), iat=now - i)
+        assert get(client, **{"X-Auth-Assertion": token}) == ok(user.pk)
+    assert len(parsed) == 1, "every assertion of one key has the same header"
+
+
+def test_the_cache_keeps_at_most_its_size(client, assertion_settings, alice, ed_key, monkeypatch):
+    assertion_settings.KNOXGATE = {**assertion_settings.KNOXGATE, "ASSERTION_CACHE_SIZE": 2}
+    decoded = []
+    real_decode = jwt.decode
+    monkeypatch.setattr(jwt, "decode", lambda *a, **k: decoded.append(1) or real_decode(*a, **k))
+    now = int(time.time())
+    first, second, third = (ed_key.sign(str(alice.pk), iat=now - i) for i in range(3))
+    for token in (first, second, third, third, second):
+        assert get(client, **{"X-Auth-Assertion": token}) == ok(alice.pk)
+    assert len(decoded) == 3 and len(assertion._verified) == 2
+    assert get(client, **{"X-Auth-Assertion": first}) == ok(alice.pk)
+    assert len(decoded) == 4, "the oldest verdict was dropped"
 
 
 def test_a_cached_verdict_ends_at_the_assertions_exp(client, assertion_settings, alice, ed_key):
