@@ -16,7 +16,7 @@ pub enum KeyError {
     },
     #[error(
         "key file {path}: not a PEM Ed25519 or P-256 {what} key ({detail}); make one with \
-         `openssl genpkey -algorithm ed25519 -out key.pem`"
+         `openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out key.pem`"
     )]
     Unusable {
         path: String,

@@ -16,6 +16,7 @@ import urllib.parse
 
 import jwt
 import psycopg
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
@@ -154,11 +155,13 @@ def main() -> int:
     now = int(time.time())
     claims = {"iss": "knoxgate", "sub": str(alice["id"]), "aud": a.audience,
               "iat": now, "exp": now + 60}
-    forged = jwt.encode(claims, Ed25519PrivateKey.generate(), algorithm="EdDSA",
-                        headers={"kid": kid})
     with open(a.key, "rb") as f:
         real_key = load_pem_private_key(f.read(), password=None)
     alg = "EdDSA" if isinstance(real_key, Ed25519PrivateKey) else "ES256"
+    # Forged: the same algorithm and key id, another key.
+    other_key = (Ed25519PrivateKey.generate() if alg == "EdDSA"
+                 else ec.generate_private_key(ec.SECP256R1()))
+    forged = jwt.encode(claims, other_key, algorithm=alg, headers={"kid": kid})
     expired = jwt.encode({**claims, "iat": now - 120, "exp": now - 60}, real_key, algorithm=alg,
                          headers={"kid": kid})
     wrong_audience = jwt.encode({**claims, "aud": "another-app"}, real_key, algorithm=alg,

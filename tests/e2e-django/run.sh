@@ -124,7 +124,7 @@ read -r KG_PORT KG_ADMIN APP_PORT NGINX_PORT <<<"$(free_ports 4)"
 # knoxgate with exactly these settings (it rejects unknown KNOXGATE_* variables). The change
 # feed's health probe, a statement every few seconds, is slowed down so that Postgres's
 # counters see only what requests cause.
-openssl genpkey -algorithm ed25519 -out "$WORK/assertion.pem" 2>/dev/null || setup_failed "openssl genpkey"
+openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$WORK/assertion.pem" 2>/dev/null || setup_failed "openssl genpkey"
 KG_ENV=(
     KNOXGATE_POSTGRES_URL="postgres://postgres@127.0.0.1:5432/$DB"
     KNOXGATE_REDIS_URL=redis://127.0.0.1:6379/0
