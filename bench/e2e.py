@@ -8,8 +8,9 @@ block per configuration:
   floor              Django, no authentication (AllowAny; the view answers null)
   knox               Django + django-rest-knox TokenAuthentication
   knox-redis         Django + django-rest-knox-redis TokenAuthentication (its Redis cache warmed)
-  knoxgate           nginx auth_request -> knoxgate (signed assertions on) -> Django +
-                     knoxgate-django (REQUIRE_ASSERTION, keys from knoxgate's JWKS)
+  knoxgate           nginx auth_request -> knoxgate (signed assertions on, a P-256 key unless
+                     E2E_ASSERTION_KEY=ed25519) -> Django + knoxgate-django
+                     (REQUIRE_ASSERTION, keys from knoxgate's JWKS)
   knoxgate-unsigned  the same with a second knoxgate without assertions, Django trusting
                      X-Auth-User-Id from the loopback proxy (an extra, not one of the four)
 
@@ -57,6 +58,12 @@ HOT_SET = env_int("E2E_HOT_SET", 1000)
 GUNICORN_ARGS = os.environ.get("E2E_GUNICORN",
                                "--workers 2 --worker-class gthread --threads 8").split()
 NGINX_WORKERS = env_int("E2E_NGINX_WORKERS", 1)
+#: The signed configuration's key: "p256" (ES256) or "ed25519" (EdDSA).
+ASSERTION_KEY = os.environ.get("E2E_ASSERTION_KEY", "p256")
+KEYGEN = {"p256": ["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"],
+          "ed25519": ["-algorithm", "ed25519"]}
+if ASSERTION_KEY not in KEYGEN:
+    raise SystemExit(f"E2E_ASSERTION_KEY must be one of {sorted(KEYGEN)}, not {ASSERTION_KEY!r}")
 CONFIGS = os.environ.get("E2E_CONFIGS", "floor knox knox-redis knoxgate knoxgate-unsigned").split()
 FINAL = Path(os.environ.get("E2E_FINAL_DIR", HERE / "out"))
 AUDIENCE = "e2e-bench"
@@ -319,13 +326,16 @@ def wrk_env(mode="random"):
 
 
 def run_one(tag, config, url, duration, groups, *, conns=CONNS, rate=0, path=None, pg=True,
-            redis=False):
-    """One wrk run with CPU (and optionally Redis) counters around it; returns the row."""
+            redis=False, signer=None):
+    """One wrk run with CPU (and optionally Redis) counters around it; returns the row.
+    signer: the admin address of a knoxgate signing assertions, whose signatures during the
+    run are counted (each new assertion is verified once by every gunicorn worker seeing it)."""
     env = wrk_env()
     if path:
         env["BENCH_PATH"] = path
     if redis:
         counters.redis_reset()
+    signed0 = signed_count(signer) if signer else None
     before = CpuSnapshot(groups, with_pg=pg)
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     r = wrk(f"{tag}-{config}", url, "verify.lua", duration, conns=conns, rate=rate, extra_env=env,
@@ -340,13 +350,16 @@ def run_one(tag, config, url, duration, groups, *, conns=CONNS, rate=0, path=Non
            "non2xx": r["non2xx3xx"], "p50_ms": r["p50_us"] / 1000, "p90_ms": r["p90_us"] / 1000,
            "p99_ms": r["p99_us"] / 1000, "p999_ms": r["p999_us"] / 1000,
            "cpu_s": cpu, "cpu_us_per_req": {k: v * 1e6 / n for k, v in cpu.items()}}
+    if signer:
+        row["assertions_signed"] = signed_count(signer) - signed0
     if redis:
         total, per = counters.redis_commands()
         row["redis_per_req"] = total / n
         row["redis_detail"] = {k: round(v / n, 3) for k, v in per.items()}
     log(f"  {tag} {config}: {r['rps']:.0f} req/s p50 {row['p50_ms']:.2f} ms p99 "
         f"{row['p99_ms']:.2f} ms errors {r['errors']} non-2xx {r['non2xx3xx']} | CPU µs/req "
-        + " ".join(f"{k} {v:.0f}" for k, v in sorted(row["cpu_us_per_req"].items()) if v))
+        + " ".join(f"{k} {v:.0f}" for k, v in sorted(row["cpu_us_per_req"].items()) if v)
+        + (f" | assertions signed {row['assertions_signed']:.0f}" if signer else ""))
     if r["errors"] or r["non2xx3xx"]:
         STATE["failures"].append(f"{tag} {config}: {r['errors']} socket errors, "
                                  f"{r['non2xx3xx']} non-2xx answers")
@@ -357,6 +370,10 @@ def run_one(tag, config, url, duration, groups, *, conns=CONNS, rate=0, path=Non
 
 def kg_metrics_sql(admin):
     return counters.metrics(admin)["sql"]
+
+
+def signed_count(admin):
+    return counters.metrics(admin)["detail"].get("assertions_signed", 0)
 
 
 def main():
@@ -370,7 +387,7 @@ def main():
     STATE["notes"].extend(seed.NOTES)
     redis_p = servers.start_redis()
     key = OUT / "assertion.pem"
-    procs.run(["openssl", "genpkey", "-algorithm", "ed25519", "-out", str(key)], timeout=30)
+    procs.run(["openssl", "genpkey", *KEYGEN[ASSERTION_KEY], "-out", str(key)], timeout=30)
     kg = {}
     for label, k in (("signed", key), ("unsigned", None)):
         kg[label] = start_knoxgate(label, k)
@@ -424,7 +441,8 @@ def main():
     for rnd in range(1, ROUNDS + 1):
         order = CONFIGS if rnd % 2 else list(reversed(CONFIGS))
         for c in order:
-            row = run_one(f"sat{rnd}", c, urls[c], DURATION, pids, pg=True)
+            row = run_one(f"sat{rnd}", c, urls[c], DURATION, pids, pg=True,
+                          signer=kg["signed"][2] if c == "knoxgate" else None)
             row["round"] = rnd
 
     sat = {c: statistics.median(r["rps"] for r in STATE["runs"]
@@ -437,7 +455,7 @@ def main():
     for c in CONFIGS:
         sql0 = {label: kg_metrics_sql(kg[label][2]) for label in kg}
         row = run_one("fixed", c, urls[c], DURATION, pids, conns=RATE_CONNS, rate=rate,
-                      pg=True, redis=True)
+                      pg=True, redis=True, signer=kg["signed"][2] if c == "knoxgate" else None)
         x_after = counters.pg_xacts(settle=True)
         n = max(row["requests"], 1)
         # our own read of the counter is a transaction in the postgres database, not this one
@@ -471,6 +489,8 @@ def main():
         "rounds": ROUNDS, "duration": DURATION, "verify_duration": VERIFY_DURATION,
         "conns": CONNS, "rate_conns": RATE_CONNS, "hot_set": HOT_SET,
         "gunicorn": " ".join(GUNICORN_ARGS), "nginx_workers": NGINX_WORKERS,
+        "assertion_key": {"p256": "a P-256 key (ES256)", "ed25519": "an Ed25519 key (EdDSA)"}[
+            ASSERTION_KEY],
         "elapsed": time.monotonic() - cfg.T0})
     (FINAL / "e2e.md").write_text(md)
     log(f"wrote {FINAL / 'e2e.md'}")

@@ -27,6 +27,7 @@
 #        E2E_RATE=0 (0: half the slowest configuration's saturation) E2E_CONNECTIONS=64
 #        E2E_RATE_CONNECTIONS=32 E2E_HOT_SET=1000 E2E_NGINX_WORKERS=1
 #        E2E_GUNICORN="--workers 2 --worker-class gthread --threads 8"
+#        E2E_ASSERTION_KEY=p256 (the signed configuration's key: p256 for ES256, ed25519)
 #        E2E_CONFIGS="floor knox knox-redis knoxgate knoxgate-unsigned" (a partial run leaves
 #        bench/E2E.md alone) E2E_DB E2E_REDIS_PORT E2E_PORT_BASE=18780 E2E_KEEP_DB=0
 #        KNOXGATE_BIN= (a binary to measure instead of building target/release/knoxgate)

@@ -123,6 +123,17 @@ def write_report(state, configs, info, p):
               f"({', '.join(fmt(x, 2) for x in rs)})")
     a("")
 
+    signed_runs = [r for r in sat.get("knoxgate", []) if "assertions_signed" in r]
+    if signed_runs:
+        a("Assertions knoxgate signed during each `knoxgate` run (renewals of assertions within "
+          "`renew_before` of expiry; each gunicorn worker verifies a new one once): " +
+          ", ".join(f"round {r['round']}: {fmt(r['assertions_signed'])}"
+                    for r in sorted(signed_runs, key=lambda r: r["round"])) +
+          f". An assertion lives 60 s and is renewed in its last 15, so a run that starts more "
+          "than 45 s after the previous one renews every hot token's; steady traffic renews each "
+          "active token's once per 45 s.")
+        a("")
+
     # --- fixed rate
     a(f"## Fixed rate ({fmt(state.get('fixed_rate'))} req/s) and SQL per request")
     a("")
@@ -179,7 +190,7 @@ def write_report(state, configs, info, p):
     a("")
     a(f"`wrk -t2 -c{p['conns']}` straight to each knoxgate's `/verify` for "
       f"{p['verify_duration']} s, the same {p['hot_set']} hot tokens, {p['rounds']} interleaved "
-      "rounds (order swapped every round). `signed`: `[assertion]` with an Ed25519 key (each "
+      f"rounds (order swapped every round). `signed`: `[assertion]` with {p['assertion_key']} (each "
       "cached token reuses its assertion until it nears expiry); `unsigned`: no `[assertion]`.")
     a("")
     vr = sorted({r["round"] for rs in ver.values() for r in rs})

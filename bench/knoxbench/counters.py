@@ -74,6 +74,8 @@ def metrics(admin):
             lookups["memory_entries"] = value
         elif name.endswith("coalesced_misses_total"):
             lookups["coalesced_miss"] = value
+        elif name.endswith("assertions_signed_total"):
+            lookups["assertions_signed"] = value
         elif name.endswith("load_shed_total"):
             lookups["load_shed"] = value
         elif name.endswith("verify_total"):
