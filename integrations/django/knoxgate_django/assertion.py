@@ -15,6 +15,7 @@ import re
 import threading
 import time
 import urllib.request
+from collections import OrderedDict
 from typing import Any, Callable
 
 import jwt
@@ -175,10 +176,11 @@ def reset_keysets() -> None:
 #: (kid, claims) of assertions already verified, by their exact text and the settings the verdict
 #: depends on, oldest first. An entry serves only until the assertion's own ``exp`` (plus
 #: leeway) and while its key is still in the key set, so a retired key stops it as soon as the
-#: JWKS cache drops the key. Read without the lock (a dict lookup is atomic), so the threads
-#: of a worker do not queue behind each other; changed under it. When full, the oldest entry
-#: goes: knoxgate hands out assertions of one lifetime, so that is the one closest to its exp.
-_verified: dict[tuple, tuple[str, dict[str, Any]]] = {}
+#: JWKS cache drops the key. Read without the lock (a lookup is atomic), so the threads of a
+#: worker do not queue behind each other; changed under it. When full, the oldest entry goes:
+#: knoxgate hands out assertions of one lifetime, so that is the one closest to its exp. (An
+#: OrderedDict, not a dict: taking a dict's first item scans past every slot freed before it.)
+_verified: OrderedDict[tuple, tuple[str, dict[str, Any]]] = OrderedDict()
 _verified_lock = threading.Lock()
 
 
@@ -223,7 +225,7 @@ def verify(token: str, config: Config | None = None) -> dict[str, Any]:
         with _verified_lock:
             _verified[key] = (kid, claims)
             while len(_verified) > config.assertion_cache_size:
-                del _verified[next(iter(_verified))]
+                _verified.popitem(last=False)
     return dict(claims)
 
 
