@@ -47,7 +47,7 @@ def env_int(name, default):
     return int(os.environ.get(name, str(default)))
 
 
-ROUNDS = env_int("BENCH_ROUNDS", 5)
+ROUNDS = env_int("BENCH_ROUNDS", 3)
 DURATION = env_int("E2E_DURATION", 10)            # seconds per saturation / fixed-rate run
 VERIFY_DURATION = env_int("E2E_VERIFY_DURATION", 10)
 WARM_DURATION = env_int("E2E_WARM_DURATION", 3)

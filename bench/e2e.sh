@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # End to end: one DRF endpoint behind one nginx, four ways, measured in one run, interleaved.
-# Bounded in time (about 9 minutes with the defaults; hard limit 15 minutes).
+# Bounded in time (about 7 minutes with the defaults; hard limit 15 minutes). Cached tokens
+# expire after redis.max_cache_ttl (300 s) and are reloaded with one query each: with more
+# rounds the paced phase, which counts SQL per request, runs past that point.
 #
 #   bench/e2e.sh
 #   BENCH_ROUNDS=1 E2E_DURATION=5 bench/e2e.sh      # quicker
@@ -23,7 +25,7 @@
 # Output: bench/out/e2e.md (copied to bench/E2E.md on a full run), logs, wrk output and
 # e2e.json in bench/out/e2e/.
 #
-# Knobs: BENCH_ROUNDS=5 E2E_DURATION=10 E2E_VERIFY_DURATION=10 E2E_WARM_DURATION=3
+# Knobs: BENCH_ROUNDS=3 E2E_DURATION=10 E2E_VERIFY_DURATION=10 E2E_WARM_DURATION=3
 #        E2E_RATE=0 (0: half the slowest configuration's saturation) E2E_CONNECTIONS=64
 #        E2E_RATE_CONNECTIONS=32 E2E_HOT_SET=1000 E2E_NGINX_WORKERS=1
 #        E2E_GUNICORN="--workers 2 --worker-class gthread --threads 8"
