@@ -285,6 +285,7 @@ def report(rows, info):
             f"{r['p99_during_over_alone']:.2f} | {r['paced_hot_load_p99_ms']:.2f} | "
             f"{r['paced_control_p50_ms']:.2f} | {r['paced_control_p99_ms']:.2f} | "
             f"{r['p99_control_over_alone']:.2f} |")
+    # (what, measured, met, whether it is one of the targets: the run fails without it)
     checks = [
         ("Postgres lookups during a flood <= the budget: its rate over the run plus its burst of "
          f"a second's worth ({BUDGET}/s x (seconds + 1)); beside the paced run the fresh tokens "
@@ -293,34 +294,34 @@ def report(rows, info):
          f"{max(r['beside_lookups_per_s'] for r in rows):.1f}/s beside the paced run",
          all(r["lookups"] <= BUDGET * (r["flood_secs"] + 1)
              and r["beside_lookups"] <= BUDGET * (r["beside_secs"] + 1) + r["fresh_ok"]
-             for r in rows)),
+             for r in rows), True),
         ("flood throughput >= 0.5 x hot throughput (same round)",
-         f"median {med('flood_over_hot'):.2f}", med("flood_over_hot") >= 0.5),
+         f"median {med('flood_over_hot'):.2f}", med("flood_over_hot") >= 0.5, True),
         ("hot p99 during the flood <= 2 x without it (the hot run at saturation, with and "
          "without a flood at saturation beside it)",
          f"median {med('hot_p99_during_over_alone'):.2f}, hot throughput kept "
          f"{med('hot_kept'):.2f}",
-         med("hot_p99_during_over_alone") <= 2.0),
+         med("hot_p99_during_over_alone") <= 2.0, True),
         ("the same for paced hot clients (1000 req/s) beside a flood at saturation (reported, "
          "not the target's reading)",
          f"median {med('p99_during_over_alone'):.2f} (control, the flood at another process: "
          f"{med('p99_control_over_alone'):.2f}; p50 during / alone "
          f"{med('paced_during_p50_ms') / med('paced_alone_p50_ms'):.2f})",
-         med("p99_during_over_alone") <= 2.0),
+         med("p99_during_over_alone") <= 2.0, False),
         ("0 valid tokens answered 401 (fresh tokens presented 50 ms after their INSERT, and the "
          "hot set)", f"{fresh_refused} of {fresh_ok + fresh_refused} fresh; hot non-2xx "
          f"{sum(r['hot_bad'] + r['paced_alone_bad'] + r['paced_during_bad'] for r in rows)}",
          fresh_refused == 0 and all(not r["fresh_other"] for r in rows)
          and all(r['hot_bad'] + r['paced_alone_bad'] + r['paced_during_bad']
-                 + r['paced_control_bad'] + r['hot_during_bad'] == 0 for r in rows)),
+                 + r['paced_control_bad'] + r['hot_during_bad'] == 0 for r in rows), True),
         ("every flood request answered 401, no errors",
          f"{sum(r['flood_errors'] + r['beside_flood_errors'] for r in rows)} errors",
          all(r["flood_errors"] == 0 and r["beside_flood_errors"] == 0
              and r["flood_beside_hot_errors"] == 0
-             and r["flood_401"] == r["flood_requests"] for r in rows)),
+             and r["flood_401"] == r["flood_requests"] for r in rows), True),
     ]
     lines += ["", "| target | measured | met |", "| --- | --- | --- |"]
-    for name, value, ok in checks:
+    for name, value, ok, _ in checks:
         lines.append(f"| {name} | {value} | {'yes' if ok else '**no**'} |")
     lines += ["", "Reading: a flood key misses the in-process tier, is not in the filter, finds the "
               "budget spent and is answered 401 without Redis or Postgres, and without being "
@@ -334,7 +335,7 @@ def report(rows, info):
               "the kernel's loopback traffic share the cores); the run beside a saturating load of "
               "valid hot tokens shows what any load that fills the cores costs them.", ""]
     (cfg.OUT / "flood.md").write_text("\n".join(lines))
-    return all(ok for name, _, ok in checks if "not the target's reading" not in name)
+    return all(ok for _, _, ok, target in checks if target)
 
 
 def main():
