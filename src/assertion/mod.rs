@@ -15,18 +15,19 @@ pub mod keys;
 use std::{sync::Arc, time::Duration};
 
 use arc_swap::ArcSwapOption;
+use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use hyper::header::{HeaderName, HeaderValue};
 use jsonwebtoken::{Header, jwk::JwkSet};
 use serde::Serialize;
 
-pub use keys::{KeyError, SigningKey, load_published_key, load_signing_key};
+pub use keys::{KeyError, SignError, SigningKey, load_published_key, load_signing_key};
 
 /// What signs assertions, and the JWKS it publishes.
 #[derive(Debug)]
 pub struct Signer {
     key: SigningKey,
-    /// `{"alg":…,"kid":…,"typ":"JWT"}`, the same for every assertion.
-    header: Header,
+    /// `{"alg":…,"kid":…,"typ":"JWT"}` as its JWS segment: the same for every assertion.
+    header_segment: String,
     audience: String,
     issuer: String,
     lifetime: Duration,
@@ -108,10 +109,8 @@ impl Signer {
         }
         let jwks = JwkSet { keys };
         let jwks_json = serde_json::to_vec(&jwks).expect("a JWKS serialises").into();
-        let mut header = Header::new(key.algorithm);
-        header.kid = Some(key.kid().to_owned());
         Ok(Signer {
-            header,
+            header_segment: header_segment(&key),
             key,
             audience: settings.audience,
             issuer: settings.issuer,
@@ -146,7 +145,7 @@ impl Signer {
         user_id: &str,
         token_expiry: Option<i64>,
         now_ms: i64,
-    ) -> Result<(String, i64), jsonwebtoken::errors::Error> {
+    ) -> Result<(String, i64), SignError> {
         let iat = now_ms.div_euclid(1000);
         let lifetime = self.lifetime.as_secs() as i64;
         let exp = token_expiry.map_or(iat + lifetime, |t| t.min(iat + lifetime));
@@ -157,7 +156,13 @@ impl Signer {
             iat,
             exp,
         };
-        let jws = jsonwebtoken::encode(&self.header, &claims, &self.key.key)?;
+        let claims = serde_json::to_vec(&claims).expect("the claims serialise");
+        let mut message = String::with_capacity(self.header_segment.len() + 2 * claims.len());
+        message.push_str(&self.header_segment);
+        message.push('.');
+        URL_SAFE_NO_PAD.encode_string(&claims, &mut message);
+        let signature = self.key.sign(message.as_bytes())?;
+        let jws = compact(message, &signature);
         let renew_at_ms = (iat + lifetime) * 1000 - self.renew_before.as_millis() as i64;
         // A token that expires first: the assertion lasts as long as the token can be used.
         Ok((jws, renew_at_ms.min(exp * 1000)))
@@ -174,7 +179,7 @@ impl Signer {
         token_expiry: Option<time::OffsetDateTime>,
         now_ms: i64,
         signed: impl FnOnce(),
-    ) -> Result<HeaderValue, jsonwebtoken::errors::Error> {
+    ) -> Result<HeaderValue, SignError> {
         if let Some(kept) = &*slot.0.load()
             && kept.row == row
             && now_ms < kept.renew_at_ms
@@ -196,6 +201,20 @@ impl Signer {
         })));
         Ok(value)
     }
+}
+
+/// The JWS header segment of every assertion `key` signs: `{"typ":"JWT","alg":…,"kid":…}`.
+fn header_segment(key: &SigningKey) -> String {
+    let mut header = Header::new(key.algorithm);
+    header.kid = Some(key.kid().to_owned());
+    URL_SAFE_NO_PAD.encode(serde_json::to_vec(&header).expect("a JWS header serialises"))
+}
+
+/// The compact serialisation (RFC 7515 §7.1) of a signed `header.payload` message.
+fn compact(mut message: String, signature: &[u8]) -> String {
+    message.push('.');
+    URL_SAFE_NO_PAD.encode_string(signature, &mut message);
+    message
 }
 
 /// The current Unix time in milliseconds.

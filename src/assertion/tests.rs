@@ -29,6 +29,17 @@ MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE+nvKO2H3dfraU4j8PKVCtC63jN4M
 EeVjFWyl25XakvAhccWE9yHSX4cFi+4FOvdYFMoHDG3KXxpc5kdtL8oFdA==
 -----END PUBLIC KEY-----
 ";
+/// A P-256 PKCS#8 key exported without its public point (`openssl ec -no_public`).
+const P256_NO_PUBLIC: &str = "-----BEGIN PRIVATE KEY-----
+MEECAQAwEwYHKoZIzj0CAQYIKoZIzj0DAQcEJzAlAgEBBCA/QT7mcR8X2Hkb0fUx
+PnOqCCutHFe0Cwya/8/1B2sCeA==
+-----END PRIVATE KEY-----
+";
+const P256_NO_PUBLIC_PUBLIC: &str = "-----BEGIN PUBLIC KEY-----
+MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEpAWqT6/bjW+tcWH+iV3KP5Vo/Wv4
+KTn8Z8fuD0MbLBB4nQCCDiS4twwyv8R/8X7/10YYMsQU82HdC+LeMhdZSw==
+-----END PUBLIC KEY-----
+";
 const P384: &str = "-----BEGIN PRIVATE KEY-----
 MIG2AgEAMBAGByqGSM49AgEGBSuBBAAiBIGeMIGbAgEBBDB4CGMLO+5CVcLrPBzK
 boxWTVwfYrUh8+eWcUBkb9HEaHm+ZVwAFaHBj7Shw5z2jRehZANiAAQtPGzyoMw4
@@ -125,6 +136,45 @@ fn es256_assertion_verifies_with_the_published_key() {
     let jws = sign_once(&s, "7", NOW_MS);
     assert_eq!(decode_header(&jws).unwrap().alg, Algorithm::ES256);
     assert_eq!(verify_with_jwks(s.jwks(), &jws).sub, "7");
+}
+
+#[test]
+fn an_es256_signature_is_r_and_s_and_the_header_names_alg_kid_and_typ() {
+    let s = signer(P256, &[]);
+    let jws = sign_once(&s, "7", NOW_MS);
+    let segments: Vec<&str> = jws.split('.').collect();
+    assert_eq!(segments.len(), 3, "{jws}");
+    let header: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(segments[0])
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        header,
+        serde_json::json!({"typ": "JWT", "alg": "ES256", "kid": s.kid()})
+    );
+    let signature = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(segments[2])
+        .unwrap();
+    // RFC 7518 §3.4: the fixed-width r ‖ s, not DER.
+    assert_eq!(signature.len(), 64);
+    // ECDSA draws a fresh nonce: two signatures of one message differ and both verify.
+    let again = sign_once(&s, "7", NOW_MS);
+    assert_ne!(again, jws);
+    assert_eq!(verify_with_jwks(s.jwks(), &again).sub, "7");
+}
+
+#[test]
+fn a_p256_key_without_its_public_point_signs_what_its_published_key_verifies() {
+    let s = signer(P256_NO_PUBLIC, &[]);
+    let public = load_published_key(path(&pem_file(P256_NO_PUBLIC_PUBLIC))).unwrap();
+    assert_eq!(s.kid(), public.common.key_id.as_deref().unwrap());
+    let jws = sign_once(&s, "11", NOW_MS);
+    assert_eq!(
+        verify_with_jwks(&JwkSet { keys: vec![public] }, &jws).sub,
+        "11"
+    );
 }
 
 #[test]
