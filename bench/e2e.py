@@ -28,12 +28,16 @@ warm-up; then
 CPU per request by process comes from /proc/<pid>/stat (utime + stime) read around every run:
 nginx (master and worker), each gunicorn (master and workers), each knoxgate, redis-server, the
 Postgres backends connected to the bench database, and wrk (getrusage of the child).
+E2E_PROBE=1 also loads bench/django/gunicorn_probe.py into every gunicorn: each run then says how
+much of its workers' CPU went to Django's handler, to knoxgate-django and to signature checks
+(a section of its own in the report; the probe's clock reads cost every request a little).
 Output: bench/out/e2e.md (and e2e.json, logs and wrk output in bench/out/e2e/).
 """
 
 import json
 import os
 import resource
+import shutil
 import statistics
 import sys
 import time
@@ -64,6 +68,9 @@ KEYGEN = {"p256": ["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"],
           "ed25519": ["-algorithm", "ed25519"]}
 if ASSERTION_KEY not in KEYGEN:
     raise SystemExit(f"E2E_ASSERTION_KEY must be one of {sorted(KEYGEN)}, not {ASSERTION_KEY!r}")
+#: 1: gunicorn runs with bench/django/gunicorn_probe.py, and each run says where its workers'
+#: CPU went (Django's handler, knoxgate-django, signature checks). Costs every request a little.
+PROBE = os.environ.get("E2E_PROBE", "0") == "1"
 CONFIGS = os.environ.get("E2E_CONFIGS", "floor knox knox-redis knoxgate knoxgate-unsigned").split()
 FINAL = Path(os.environ.get("E2E_FINAL_DIR", HERE / "out"))
 AUDIENCE = "e2e-bench"
@@ -186,10 +193,14 @@ def start_app(name):
         "E2E_JWKS_URL": f"http://127.0.0.1:{PORTS['kgadmin:signed']}/.well-known/jwks.json",
         "E2E_AUDIENCE": AUDIENCE,
     }
+    if PROBE:
+        extra.update({"E2E_PROBE_DIR": str(probe_dir()), "E2E_PROBE_NAME": name})
     port = PORTS["app:" + name]
     cmd = [str(cfg.VENV / "bin" / "python"), "-m", "gunicorn", "djproject.wsgi:application",
            "--bind", f"127.0.0.1:{port}", "--timeout", "60", "--graceful-timeout", "5",
            "--backlog", "2048", "--no-control-socket", "--error-logfile", "-", *GUNICORN_ARGS]
+    if PROBE:
+        cmd += ["--config", str(HERE / "django" / "gunicorn_probe.py")]
     p = procs.start(f"gunicorn-{name}", cmd, env=servers.dj_env(knox_redis, extra),
                     cwd=cfg.DJPROJECT)
     return p, f"http://127.0.0.1:{port}"
@@ -325,6 +336,43 @@ def wrk_env(mode="random"):
             "BENCH_PATH": PATH, "BENCH_MODE": mode}
 
 
+def probe_dir():
+    return OUT / "probe"
+
+
+def probe_totals(config, at):
+    """knoxgate-django's probe totals over `config`'s workers: each worker's last sample
+    taken at or before `at` (Unix time)."""
+    total = {}
+    for f in probe_dir().glob(f"{config}.*.jsonl"):
+        last = None
+        for line in f.read_text().splitlines():
+            sample = json.loads(line)
+            if sample["t"] > at:
+                break
+            last = sample
+        for k, v in (last or {}).items():
+            if k != "t":
+                total[k] = total.get(k, 0) + v
+    return total
+
+
+def probe_row(config, t0, t1):
+    """Per request of `config`'s gunicorn between t0 and t1: CPU µs of the worker processes,
+    of Django's handler and of knoxgate-django, and the signature checks made."""
+    a, b = probe_totals(config, t0), probe_totals(config, t1)
+    d = {k: b.get(k, 0) - a.get(k, 0) for k in b}
+    n = d.get("wsgi_n", 0)
+    if not n:
+        return None
+    checks = d.get("checks_n", 0)
+    return {"requests": n, "process_us": d["process_cpu"] * 1e6 / n,
+            "wsgi_us": d["wsgi_cpu"] * 1e6 / n,
+            "package_us": d.get("resolve_cpu", 0) * 1e6 / n, "checks": checks,
+            "check_us": d.get("checks_cpu", 0) * 1e6 / checks if checks else None,
+            "checks_us_per_req": d.get("checks_cpu", 0) * 1e6 / n}
+
+
 def run_one(tag, config, url, duration, groups, *, conns=CONNS, rate=0, path=None, pg=True,
             redis=False, signer=None):
     """One wrk run with CPU (and optionally Redis) counters around it; returns the row.
@@ -338,9 +386,11 @@ def run_one(tag, config, url, duration, groups, *, conns=CONNS, rate=0, path=Non
     signed0 = signed_count(signer) if signer else None
     before = CpuSnapshot(groups, with_pg=pg)
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.time()
     r = wrk(f"{tag}-{config}", url, "verify.lua", duration, conns=conns, rate=rate, extra_env=env,
             quiet=True)
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t1 = time.time()
     after = CpuSnapshot(groups, with_pg=pg)
     cpu = after.delta(before)
     cpu["wrk"] = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
@@ -352,6 +402,9 @@ def run_one(tag, config, url, duration, groups, *, conns=CONNS, rate=0, path=Non
            "cpu_s": cpu, "cpu_us_per_req": {k: v * 1e6 / n for k, v in cpu.items()}}
     if signer:
         row["assertions_signed"] = signed_count(signer) - signed0
+    if PROBE and config in CONFIG_INFO:
+        time.sleep(0.6)  # the workers' next samples
+        row["probe"] = probe_row(config, t0, t1)
     if redis:
         total, per = counters.redis_commands()
         row["redis_per_req"] = total / n
@@ -359,7 +412,11 @@ def run_one(tag, config, url, duration, groups, *, conns=CONNS, rate=0, path=Non
     log(f"  {tag} {config}: {r['rps']:.0f} req/s p50 {row['p50_ms']:.2f} ms p99 "
         f"{row['p99_ms']:.2f} ms errors {r['errors']} non-2xx {r['non2xx3xx']} | CPU µs/req "
         + " ".join(f"{k} {v:.0f}" for k, v in sorted(row["cpu_us_per_req"].items()) if v)
-        + (f" | assertions signed {row['assertions_signed']:.0f}" if signer else ""))
+        + (f" | assertions signed {row['assertions_signed']:.0f}" if signer else "")
+        + (" | probe: gunicorn {process_us:.0f} µs/req, Django handler {wsgi_us:.0f}, "
+           "knoxgate-django {package_us:.0f}, signature checks {checks} × {check_us_:.0f} µs"
+           .format(**row["probe"], check_us_=row["probe"]["check_us"] or 0)
+           if row.get("probe") else ""))
     if r["errors"] or r["non2xx3xx"]:
         STATE["failures"].append(f"{tag} {config}: {r['errors']} socket errors, "
                                  f"{r['non2xx3xx']} non-2xx answers")
@@ -386,6 +443,9 @@ def main():
     seed.setup_db()
     STATE["notes"].extend(seed.NOTES)
     redis_p = servers.start_redis()
+    if PROBE:
+        shutil.rmtree(probe_dir(), ignore_errors=True)  # an earlier run's workers
+        probe_dir().mkdir(parents=True)
     key = OUT / "assertion.pem"
     procs.run(["openssl", "genpkey", *KEYGEN[ASSERTION_KEY], "-out", str(key)], timeout=30)
     kg = {}
@@ -488,7 +548,7 @@ def main():
     md = write_report(STATE, CONFIGS, CONFIG_INFO, {
         "rounds": ROUNDS, "duration": DURATION, "verify_duration": VERIFY_DURATION,
         "conns": CONNS, "rate_conns": RATE_CONNS, "hot_set": HOT_SET,
-        "gunicorn": " ".join(GUNICORN_ARGS), "nginx_workers": NGINX_WORKERS,
+        "gunicorn": " ".join(GUNICORN_ARGS), "nginx_workers": NGINX_WORKERS, "probe": PROBE,
         "assertion_key": {"p256": "a P-256 key (ES256)", "ed25519": "an Ed25519 key (EdDSA)"}[
             ASSERTION_KEY],
         "elapsed": time.monotonic() - cfg.T0})

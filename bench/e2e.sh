@@ -34,6 +34,8 @@
 #        bench/E2E.md alone) E2E_DB E2E_REDIS_PORT E2E_PORT_BASE=18780 E2E_KEEP_DB=0
 #        KNOXGATE_BIN= (a binary to measure instead of building target/release/knoxgate)
 #        E2E_FINAL_DIR=bench/out
+#        E2E_PROBE=1 (where each gunicorn's CPU goes: Django's handler, knoxgate-django,
+#        signature checks; bench/django/gunicorn_probe.py; a probed run leaves bench/E2E.md alone)
 # Needs: Postgres at 127.0.0.1:5432 (trust, user postgres), cargo, python3 with venv, network
 # for pip the first time; wrk, nginx, psql, redis-server and openssl are installed with apt-get
 # when missing (as root; bench/lib.sh).
@@ -67,7 +69,7 @@ mkdir -p "$final/e2e"
 rc=0
 timeout --signal=TERM --kill-after=30 "${E2E_TIMEOUT:-900}" python3 "$here/e2e.py" \
     > >(tee "$final/e2e/run.log") 2>&1 || rc=$?
-if [[ $rc -eq 0 && -z ${E2E_CONFIGS:-} && -z ${E2E_FINAL_DIR:-} ]]; then
+if [[ $rc -eq 0 && -z ${E2E_CONFIGS:-} && -z ${E2E_FINAL_DIR:-} && ${E2E_PROBE:-0} != 1 ]]; then
     cp "$final/e2e.md" "$here/E2E.md"
     echo "bench: wrote bench/E2E.md" >&2
 fi

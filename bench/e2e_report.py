@@ -185,6 +185,28 @@ def write_report(state, configs, info, p):
               f" | {fmt(med(x['total'] - x['wrk'] for x in cc))} |")
         a("")
 
+    # --- probe
+    probed = [r for r in state["runs"] if r.get("probe")]
+    if probed:
+        a("## Where gunicorn's CPU goes (`E2E_PROBE=1`)")
+        a("")
+        a("Per request, from `bench/django/gunicorn_probe.py` in every worker: *gunicorn*, the "
+          "worker processes' CPU (`os.times`); *Django handler*, the thread CPU of Django's WSGI "
+          "handler; *knoxgate-django*, of reading the identity (cached verdict lookup and any "
+          "signature check); *checks*, signature checks of assertions the worker had not "
+          "verified before, and their thread CPU each and per request. This run's requests/s "
+          "include the probe's own cost.")
+        a("")
+        a("| run | configuration | req/s | gunicorn µs | Django handler µs | knoxgate-django µs "
+          "| checks | µs each | checks µs / req |")
+        a("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for r in probed:
+            pr = r["probe"]
+            a(f"| {r['tag']} | `{r['config']}` | {fmt(r['rps'])} | {fmt(pr['process_us'])} | "
+              f"{fmt(pr['wsgi_us'])} | {fmt(pr['package_us'])} | {fmt(pr['checks'])} | "
+              f"{fmt(pr['check_us'])} | {fmt(pr['checks_us_per_req'])} |")
+        a("")
+
     # --- verify
     a("## Hot `/verify`: signed assertions on vs off")
     a("")
@@ -219,6 +241,10 @@ def write_report(state, configs, info, p):
     # --- targets
     a("## Targets")
     a("")
+    if probed:
+        a("A probed run (`E2E_PROBE=1`): its requests/s include the probe's cost, so these are "
+          "not the figures a target is judged on.")
+        a("")
 
     def verdict(ok):
         return "**met**" if ok else "**not met**"
