@@ -340,27 +340,30 @@ def probe_dir():
     return OUT / "probe"
 
 
-def probe_totals(config, at):
-    """knoxgate-django's probe totals over `config`'s workers: each worker's last sample
-    taken at or before `at` (Unix time)."""
+def probe_totals(config, at, *, before):
+    """knoxgate-django's probe totals over `config`'s workers at `at` (Unix time): each
+    worker's last sample taken at or before it (`before`), or its first one at or after it."""
     total = {}
     for f in probe_dir().glob(f"{config}.*.jsonl"):
-        last = None
+        chosen = None
         for line in f.read_text().splitlines():
             sample = json.loads(line)
-            if sample["t"] > at:
+            if before and sample["t"] > at:
                 break
-            last = sample
-        for k, v in (last or {}).items():
+            chosen = sample
+            if not before and sample["t"] >= at:
+                break
+        for k, v in (chosen or {}).items():
             if k != "t":
                 total[k] = total.get(k, 0) + v
     return total
 
 
 def probe_row(config, t0, t1):
-    """Per request of `config`'s gunicorn between t0 and t1: CPU µs of the worker processes,
-    of Django's handler and of knoxgate-django, and the signature checks made."""
-    a, b = probe_totals(config, t0), probe_totals(config, t1)
+    """Per request of `config`'s gunicorn over the run from t0 to t1 (widened to the samples
+    around it, up to 0.5 s of idle time on each side): CPU µs of the worker processes, of
+    Django's handler and of knoxgate-django, and the signature checks made."""
+    a, b = probe_totals(config, t0, before=True), probe_totals(config, t1, before=False)
     d = {k: b.get(k, 0) - a.get(k, 0) for k in b}
     n = d.get("wsgi_n", 0)
     if not n:
@@ -403,7 +406,7 @@ def run_one(tag, config, url, duration, groups, *, conns=CONNS, rate=0, path=Non
     if signer:
         row["assertions_signed"] = signed_count(signer) - signed0
     if PROBE and config in CONFIG_INFO:
-        time.sleep(0.6)  # the workers' next samples
+        time.sleep(0.6)  # each worker's first sample after the run
         row["probe"] = probe_row(config, t0, t1)
     if redis:
         total, per = counters.redis_commands()

@@ -241,7 +241,7 @@ def write_report(state, configs, info, p):
     # --- targets
     a("## Targets")
     a("")
-    if probed:
+    if p.get("probe"):
         a("A probed run (`E2E_PROBE=1`): its requests/s include the probe's cost, so these are "
           "not the figures a target is judged on.")
         a("")

@@ -4,10 +4,12 @@ gunicorn workers spend their CPU.
 Loaded with `gunicorn -c`. In each worker it counts, with the CPU time of the thread doing the
 work (`time.thread_time`, so waiting for the GIL is not counted):
 
-* `wsgi`: Django's whole WSGI handler, per request;
+* `wsgi`: the call of Django's WSGI handler, per request (the response's `close()`, where
+  `request_finished` handlers run, comes after it and is not counted);
 * `resolve`: knoxgate-django reading the identity (header checks, the cached-verdict lookup and
   any signature check), per request;
-* `checks`: signature checks of assertions the worker had not verified before.
+* `checks`: signature checks, i.e. misses of the verdict cache: an assertion the worker had not
+  verified, or whose verdict expired or was evicted (refused ones included).
 
 Every 0.5 s a worker appends its running totals, with the time and its process CPU, as one JSON
 line to `$E2E_PROBE_DIR/<E2E_PROBE_NAME>.<pid>.jsonl`; `bench/e2e.py` takes the difference across
