@@ -34,7 +34,19 @@ async fn hostile_requests_get_the_right_4xx() {
         let last = if t.token.ends_with('a') { 'b' } else { 'a' };
         format!("Token {}{last}", &t.token[..63])
     };
-    let lookalike = format!("Token {}", t.token.replacen('a', "а", 1)); // Cyrillic а
+    // The first of a, c, e in the token swapped for its Cyrillic twin (а, с, е); a token
+    // without any of them (one in 600,000) gets а for its first character. Either way it
+    // differs from the real token by one non-ASCII character.
+    let lookalike = {
+        let at = t.token.find(['a', 'c', 'e']).unwrap_or(0);
+        let twin = match &t.token[at..=at] {
+            "c" => "\u{441}",
+            "e" => "\u{435}",
+            _ => "\u{430}",
+        };
+        format!("Token {}{twin}{}", &t.token[..at], &t.token[at + 1..])
+    };
+    assert!(!lookalike.is_ascii(), "{lookalike}");
     let huge_json = format!(
         "{{\"username\": \"alice\", \"password\": \"{}\"}}",
         "x".repeat(100_000)
