@@ -17,6 +17,8 @@
 //!   first 401 from B, polled over a keep-alive connection as fast as it answers. Half the
 //!   revocations instead go through A's `/api/auth/logout/`.
 
+#[path = "args.rs"]
+mod args;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -57,19 +59,10 @@ fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1000.0)
 }
 
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let revocations = arg("--revocations", 200);
-    let hits = arg("--hits", 10_000);
+    let revocations = args::number::<usize>("--revocations", 200);
+    let hits = args::number::<usize>("--hits", 10_000);
     let db = TestDb::migrated().await;
     let db_url = db.url.clone();
     let client = db.client().await;

@@ -23,6 +23,8 @@
 //!   `knoxgate_cache_lookups_total{tier,result}`: Redis (hit or miss), Postgres, and "fallback":
 //!   Redis failed (`result="error"`) and Postgres answered instead.
 
+#[path = "args.rs"]
+mod args;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -82,15 +84,6 @@ struct Pools {
     revoked: Vec<String>,
     next_warm: AtomicUsize,
     next_cold: AtomicUsize,
-}
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 fn ms(d: Duration) -> String {
@@ -274,9 +267,9 @@ fn wrong(s: &Sample) -> bool {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let phase = Duration::from_secs(arg("--phase-secs", 8));
-    let rate = arg("--rate", 1000) as usize;
-    let delay = Duration::from_millis(arg("--delay-ms", 100));
+    let phase = Duration::from_secs(args::number::<u64>("--phase-secs", 8));
+    let rate = args::number::<usize>("--rate", 1000);
+    let delay = Duration::from_millis(args::number::<u64>("--delay-ms", 100));
     let per_phase = rate as f64 * phase.as_secs_f64();
     // 15% each, over four phases, with room for the dice.
     let pool = (per_phase * 0.15 * 4.0 * 1.3) as usize + 200;

@@ -15,6 +15,8 @@
 //! `context_extensions`, `Check` with `require: staff`. The load generator shares the cores with
 //! the server, as in `bench/run.sh`, so figures are relative, not capacities.
 
+#[path = "args.rs"]
+mod args;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -132,19 +134,11 @@ async fn worker(
     (lat, failed)
 }
 
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1)?.parse().ok())
-        .unwrap_or(default)
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let seconds = arg("--seconds", 5);
-    let rounds = arg("--rounds", 3);
-    let workers = arg("--workers", 32);
+    let seconds = args::number::<u64>("--seconds", 5);
+    let rounds = args::number::<u64>("--rounds", 3);
+    let workers = args::number::<u64>("--workers", 32);
     let db = TestDb::migrated().await;
     let pg = db.client().await;
     let mut tokens = Vec::with_capacity(USERS);

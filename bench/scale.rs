@@ -23,6 +23,8 @@
 //! * Relays' CPU (`redis` mode): utime + stime of the relay processes over 1,000 single-row
 //!   `DELETE`s (one change event each), and over the same wall time idle after.
 
+#[path = "args.rs"]
+mod args;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -54,18 +56,6 @@ struct Instance {
     addr: SocketAddr,
     admin: SocketAddr,
     pid: u32,
-}
-
-fn arg(name: &str) -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .cloned()
-}
-
-fn arg_num(name: &str, default: u64) -> u64 {
-    arg(name).and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
 /// "met" or "NOT met", for a figure against its target.
@@ -260,7 +250,7 @@ async fn wave(
             Arc::clone(&peak),
             Arc::clone(&peak_by_app),
         );
-        let url = arg("--pg").unwrap();
+        let url = args::string("--pg").unwrap();
         tokio::spawn(async move {
             let pg = bench_connection(&url).await;
             while sampling.load(Ordering::Relaxed) {
@@ -547,19 +537,19 @@ async fn relay_cpu(pg: &tokio_postgres::Client, relays: &[u32]) -> String {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let mode = arg("--mode").expect("--mode redis|listen");
-    let url = arg("--pg").expect("--pg URL");
+    let mode = args::string("--mode").expect("--mode redis|listen");
+    let url = args::string("--pg").expect("--pg URL");
     let instances = Arc::new(read_instances(
-        &arg("--instances").expect("--instances FILE"),
+        &args::string("--instances").expect("--instances FILE"),
     ));
-    let relays: Vec<u32> = arg("--relays")
+    let relays: Vec<u32> = args::string("--relays")
         .unwrap_or_default()
         .split(',')
         .filter_map(|p| p.trim().parse().ok())
         .collect();
-    let idle_wait = Duration::from_secs(arg_num("--idle-wait", 35));
-    let per_instance = arg_num("--wave-tokens", 5) as usize;
-    let revocation_count = arg_num("--revocations", 60) as usize;
+    let idle_wait = Duration::from_secs(args::number::<u64>("--idle-wait", 35));
+    let per_instance = args::number::<usize>("--wave-tokens", 5);
+    let revocation_count = args::number::<usize>("--revocations", 60);
     let pg = bench_connection(&url).await;
     let n = instances.len();
     let mut out = String::new();
@@ -644,7 +634,7 @@ async fn main() {
     ));
 
     if mode == "redis" {
-        let redis_port: u16 = arg("--redis-port")
+        let redis_port: u16 = args::string("--redis-port")
             .and_then(|p| p.parse().ok())
             .expect("--redis-port PORT");
         let r = revocations(&pg, &instances, revocation_count, redis_port).await;

@@ -14,23 +14,14 @@
 //! each way in each round must verify with the published JWK, so that neither way is measured
 //! making something other than a valid assertion.
 
+#[path = "args.rs"]
+mod args;
+
 use std::{process::Command, time::Instant};
 
 use hyper::header::HeaderName;
 use jsonwebtoken::{DecodingKey, EncodingKey, Header, Validation};
 use knoxgate::assertion::{Settings, Signer, Slot, load_signing_key};
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .map(|v| {
-            v.parse()
-                .unwrap_or_else(|_| panic!("{name} takes a number"))
-        })
-        .unwrap_or(default)
-}
 
 fn settings() -> Settings {
     Settings {
@@ -53,8 +44,8 @@ fn check(signer: &Signer, jws: &str) {
 }
 
 fn main() {
-    let signatures = arg("--signatures", 2000).max(1);
-    let rounds = arg("--rounds", 3).max(1);
+    let signatures = args::number::<usize>("--signatures", 2000).max(1);
+    let rounds = args::number::<usize>("--rounds", 3).max(1);
     let dir = tempfile::tempdir().expect("a temporary directory");
     println!("| key | round | `Signer::assertion` µs | `jsonwebtoken::encode` µs | ratio |");
     println!("| --- | ---: | ---: | ---: | ---: |");
