@@ -341,7 +341,7 @@ def probe_dir():
 
 
 def probe_totals(config, at, *, before):
-    """knoxgate-django's probe totals over `config`'s workers at `at` (Unix time): each
+    """The probe's running totals summed over `config`'s workers at `at` (Unix time): each
     worker's last sample taken at or before it (`before`), or its first one at or after it."""
     total = {}
     for f in probe_dir().glob(f"{config}.*.jsonl"):
