@@ -21,7 +21,7 @@ use std::{process::Command, time::Instant};
 
 use hyper::header::HeaderName;
 use jsonwebtoken::{DecodingKey, EncodingKey, Header, Validation};
-use knoxgate::assertion::{Settings, Signer, Slot, load_signing_key};
+use knoxgate::assertion::{Settings, Signer, Slot, Subject, load_signing_key};
 
 fn settings() -> Settings {
     Settings {
@@ -75,7 +75,7 @@ fn main() {
         .expect("a signer");
         let algorithm = jsonwebtoken::decode_header(
             signer
-                .assertion(&Slot::default(), 0, "1", None, 0, || {})
+                .assertion(&Slot::default(), 0, &Subject::id("1"), None, 0, || {})
                 .expect("a signature")
                 .to_str()
                 .expect("ASCII"),
@@ -97,7 +97,7 @@ fn main() {
             let mut last = None;
             for i in 0..signatures {
                 let now_ms = 1_800_000_000_000 + i as i64 * 60_000;
-                last = Some(signer.assertion(&slot, 0, "2179", None, now_ms, || {}));
+                last = Some(signer.assertion(&slot, 0, &Subject::id("2179"), None, now_ms, || {}));
             }
             let a = started.elapsed().as_secs_f64() * 1e6 / signatures as f64;
             check(&signer, last.unwrap().unwrap().to_str().unwrap());

@@ -158,6 +158,63 @@ async fn the_assertion_verifies_against_the_served_jwks_and_is_reused_while_hot(
     s.stop().await;
 }
 
+/// The claims of `jws` after checking its signature, audience and issuer, as JSON.
+fn claims_json(jwks: &JwkSet, jws: &str) -> serde_json::Value {
+    let header = decode_header(jws).expect("a JWS header");
+    let jwk = jwks.find(&header.kid.expect("a kid")).expect("published");
+    let mut v = Validation::new(header.alg);
+    v.set_audience(&["api"]);
+    v.set_issuer(&["knoxgate"]);
+    decode::<serde_json::Value>(jws, &DecodingKey::from_jwk(jwk).unwrap(), &v)
+        .expect("the assertion verifies")
+        .claims
+}
+
+#[tokio::test]
+async fn the_attributes_sent_as_headers_are_signed_and_follow_a_staff_change() {
+    let keys = tempfile::tempdir().unwrap();
+    let (key, _) = make_key(keys.path(), "active", "P-256");
+    let db = TestDb::migrated().await;
+    let headers = "[verify]\nusername_header = \"X-Auth-Username\"\nemail_header = \"X-Auth-Email\"\n\
+                   staff_header = \"X-Auth-User-Staff\"\nsuperuser_header = \"X-Auth-User-Superuser\"\n";
+    let s = TestServer::start(&db, &format!("{headers}{}", assertion_toml(&key, ""))).await;
+    let t = user_with_token(&db, "alice").await;
+    let c = db.client().await;
+    c.execute(
+        "UPDATE auth_user SET email = 'alice@example.com' WHERE id = $1",
+        &[&t.user_id],
+    )
+    .await
+    .unwrap();
+    let r = s.verify(&t.token).await;
+    let jwks = served_jwks(&s).await;
+    let claims = claims_json(&jwks, &assertion_of(&r));
+    assert_eq!(claims["sub"], t.user_id.to_string());
+    assert_eq!(claims["username"], "alice");
+    assert_eq!(claims["email"], "alice@example.com");
+    assert_eq!(claims["is_staff"], false);
+    assert_eq!(claims["is_superuser"], false);
+    // The signed values are the headers' values.
+    assert_eq!(r.header("X-Auth-Username"), Some("alice"));
+    assert_eq!(r.header("X-Auth-User-Staff"), Some("false"));
+
+    // Made staff in the database: the change feed drops the cached entry and its assertion, so
+    // the next one signs the new flag.
+    c.execute(
+        "UPDATE auth_user SET is_staff = true WHERE id = $1",
+        &[&t.user_id],
+    )
+    .await
+    .unwrap();
+    let became_staff = eventually(Duration::from_secs(5), || async {
+        let r = s.verify(&t.token).await;
+        claims_json(&jwks, &assertion_of(&r))["is_staff"] == true
+    })
+    .await;
+    assert!(became_staff.is_some(), "the assertion still says not staff");
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn a_short_lived_assertion_is_renewed_before_it_expires() {
     let keys = tempfile::tempdir().unwrap();

@@ -59,11 +59,39 @@ pub enum SignerError {
     DuplicateKid(String),
 }
 
-/// The registered claims of an assertion.
+/// Whom an assertion names: the user id (`sub`) and, signed beside it, the attributes `[verify]`
+/// also sends as headers, so that the application can believe those without reading its
+/// database (`None`: not sent, so not signed either).
+#[derive(Debug, Default, Clone, Copy, Serialize)]
+pub struct Subject<'a> {
+    #[serde(rename = "sub")]
+    pub user_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub username: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub email: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub is_staff: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub is_superuser: Option<bool>,
+}
+
+impl<'a> Subject<'a> {
+    /// A subject with the user id only.
+    pub fn id(user_id: &'a str) -> Self {
+        Subject {
+            user_id,
+            ..Subject::default()
+        }
+    }
+}
+
+/// The claims of an assertion: the registered ones and the subject's attributes.
 #[derive(Debug, Serialize)]
 struct Claims<'a> {
     iss: &'a str,
-    sub: &'a str,
+    #[serde(flatten)]
+    subject: &'a Subject<'a>,
     aud: &'a str,
     iat: i64,
     exp: i64,
@@ -137,12 +165,12 @@ impl Signer {
         self.jwks_json.clone()
     }
 
-    /// Signs a fresh assertion for `user_id` at `now_ms` (Unix milliseconds), valid for the
+    /// Signs a fresh assertion for `subject` at `now_ms` (Unix milliseconds), valid for the
     /// configured lifetime but never past the token's own expiry (Unix seconds). Returns the
     /// compact JWS and the time from which it should be renewed.
     fn sign(
         &self,
-        user_id: &str,
+        subject: &Subject<'_>,
         token_expiry: Option<i64>,
         now_ms: i64,
     ) -> Result<(String, i64), SignError> {
@@ -151,7 +179,7 @@ impl Signer {
         let exp = token_expiry.map_or(iat + lifetime, |t| t.min(iat + lifetime));
         let claims = Claims {
             iss: &self.issuer,
-            sub: user_id,
+            subject,
             aud: &self.audience,
             iat,
             exp,
@@ -170,12 +198,13 @@ impl Signer {
 
     /// The assertion for row `row` of the cache entry holding `slot`: the kept one while it
     /// is not due for renewal, else a new one (kept for the next request). `signed` is called
-    /// once per signature made.
+    /// once per signature made. The subject's attributes come from the entry's row, so a kept
+    /// assertion names the same ones until the entry goes.
     pub fn assertion(
         &self,
         slot: &Slot,
         row: usize,
-        user_id: &str,
+        subject: &Subject<'_>,
         token_expiry: Option<time::OffsetDateTime>,
         now_ms: i64,
         signed: impl FnOnce(),
@@ -187,7 +216,7 @@ impl Signer {
             return Ok(kept.value.clone());
         }
         let (jws, renew_at_ms) = self.sign(
-            user_id,
+            subject,
             token_expiry.map(time::OffsetDateTime::unix_timestamp),
             now_ms,
         )?;

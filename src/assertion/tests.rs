@@ -86,6 +86,10 @@ struct Seen {
     aud: String,
     iat: i64,
     exp: i64,
+    username: Option<String>,
+    email: Option<String>,
+    is_staff: Option<bool>,
+    is_superuser: Option<bool>,
 }
 
 /// Verifies `jws` with the key of the signer's JWKS its `kid` names, as a relying party does.
@@ -107,7 +111,9 @@ const NOW_MS: i64 = 1_800_000_000_500;
 
 fn sign_once(s: &Signer, user_id: &str, now_ms: i64) -> String {
     let slot = Slot::default();
-    let v = s.assertion(&slot, 0, user_id, None, now_ms, || {}).unwrap();
+    let v = s
+        .assertion(&slot, 0, &Subject::id(user_id), None, now_ms, || {})
+        .unwrap();
     v.to_str().unwrap().to_owned()
 }
 
@@ -126,6 +132,10 @@ fn ed25519_assertion_verifies_with_the_published_key_and_says_who() {
             aud: "api".into(),
             iat: 1_800_000_000,
             exp: 1_800_000_060,
+            username: None,
+            email: None,
+            is_staff: None,
+            is_superuser: None,
         }
     );
 }
@@ -295,7 +305,7 @@ fn a_kept_assertion_is_reused_until_renew_before_its_expiry() {
     let slot = Slot::default();
     let signatures = Cell::new(0);
     let at = |now_ms| {
-        s.assertion(&slot, 0, "9", None, now_ms, || {
+        s.assertion(&slot, 0, &Subject::id("9"), None, now_ms, || {
             signatures.set(signatures.get() + 1)
         })
         .unwrap()
@@ -315,11 +325,50 @@ fn a_kept_assertion_is_reused_until_renew_before_its_expiry() {
 }
 
 #[test]
+fn the_attributes_sent_as_headers_are_signed_beside_the_id() {
+    let s = signer(ED_A, &[]);
+    let subject = Subject {
+        user_id: "7",
+        username: Some("ålice"),
+        email: Some("alice@example.com"),
+        is_staff: Some(true),
+        is_superuser: Some(false),
+    };
+    let jws = s
+        .assertion(&Slot::default(), 0, &subject, None, NOW_MS, || {})
+        .unwrap();
+    let seen = verify_with_jwks(s.jwks(), jws.to_str().unwrap());
+    assert_eq!(seen.sub, "7");
+    assert_eq!(seen.username.as_deref(), Some("ålice"));
+    assert_eq!(seen.email.as_deref(), Some("alice@example.com"));
+    assert_eq!(
+        (seen.is_staff, seen.is_superuser),
+        (Some(true), Some(false))
+    );
+
+    // Attributes not sent are not signed either: the registered claims only.
+    let bare = sign_once(&s, "7", NOW_MS);
+    let payload = bare.split('.').nth(1).unwrap();
+    let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .unwrap();
+    let claims: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&payload).unwrap();
+    let mut names: Vec<&str> = claims.keys().map(String::as_str).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["aud", "exp", "iat", "iss", "sub"]);
+}
+
+#[test]
 fn another_row_of_the_entry_gets_its_own_assertion() {
     let s = signer(ED_A, &[]);
     let slot = Slot::default();
-    let a = s.assertion(&slot, 0, "1", None, NOW_MS, || {}).unwrap();
-    let b = s.assertion(&slot, 1, "2", None, NOW_MS, || {}).unwrap();
+    let a = s
+        .assertion(&slot, 0, &Subject::id("1"), None, NOW_MS, || {})
+        .unwrap();
+    let b = s
+        .assertion(&slot, 1, &Subject::id("2"), None, NOW_MS, || {})
+        .unwrap();
     assert_eq!(verify_with_jwks(s.jwks(), a.to_str().unwrap()).sub, "1");
     assert_eq!(verify_with_jwks(s.jwks(), b.to_str().unwrap()).sub, "2");
 }
@@ -331,9 +380,14 @@ fn an_assertion_never_outlives_its_token() {
     let token_expiry = time::OffsetDateTime::from_unix_timestamp(1_800_000_010).unwrap();
     let signatures = Cell::new(0);
     let at = |now_ms| {
-        s.assertion(&slot, 0, "3", Some(token_expiry), now_ms, || {
-            signatures.set(signatures.get() + 1)
-        })
+        s.assertion(
+            &slot,
+            0,
+            &Subject::id("3"),
+            Some(token_expiry),
+            now_ms,
+            || signatures.set(signatures.get() + 1),
+        )
         .unwrap()
     };
     let first = at(NOW_MS);

@@ -11,6 +11,7 @@ use time::OffsetDateTime;
 
 use super::respond::{self, Body};
 use crate::{
+    assertion::Subject,
     auth::{DenyReason, Outcome, Policy, decide, parse_authorization, permits, refreshed_expiry},
     error::Error,
     metrics::{Reason, VerifyOutcome},
@@ -85,11 +86,25 @@ fn assertion<'a>(
     };
     let (slot, index) = auth.assertion_slot();
     let row = auth.row();
+    let sent = &app.config.verify;
+    let subject = Subject {
+        user_id: &row.user_id,
+        username: sent
+            .username_header
+            .is_some()
+            .then_some(&*row.user.username),
+        email: sent.email_header.is_some().then_some(&*row.user.email),
+        is_staff: sent.staff_header.is_some().then_some(row.user.is_staff),
+        is_superuser: sent
+            .superuser_header
+            .is_some()
+            .then_some(row.user.is_superuser),
+    };
     let value = signer
         .assertion(
             slot,
             index,
-            &row.user_id,
+            &subject,
             row.expiry,
             crate::assertion::now_ms(),
             || {
