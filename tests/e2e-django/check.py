@@ -138,6 +138,14 @@ def main() -> int:
     status, headers, _ = request(a.knoxgate, "GET", "/verify", [token(alice_token)])
     alice_assertion = headers.get("x-auth-assertion", "")
     check("knoxgate's /verify answers with an assertion", status == 200 and bool(alice_assertion))
+    signed = jwt.decode(alice_assertion, options={"verify_signature": False}) if alice_assertion else {}
+    check(
+        "the assertion signs the attributes knoxgate sends as headers",
+        {k: signed.get(k) for k in ("sub", "username", "email", "is_staff", "is_superuser")}
+        == {"sub": str(alice["id"]), "username": "alice", "email": "", "is_staff": False,
+            "is_superuser": False},
+        str(signed),
+    )
     status, seen = whoami(
         a.nginx,
         [token(a.django_token), ("X-Auth-Assertion", alice_assertion),
@@ -225,15 +233,34 @@ def main() -> int:
         whoami(a.nginx, [token(a.django_token)])
     time.sleep(settle)
     before = transactions()
-    n = 100
+    # Alternately by each token, to three views: the user's id; the username and flags (signed
+    # in the assertion, so no row is read); DRF's IsAdminUser (signed "not staff": 403).
+    expected = {
+        "/api/whoami": lambda user: (200, {"authenticated": True, "id": user["id"], "has_claims": True}),
+        # knoxgate's `user create` sets no email: signed as "".
+        "/api/names": lambda user: (200, {"username": user["name"], "email": "",
+                                          "is_staff": False, "is_superuser": False}),
+        "/api/admin": lambda user: (403, None),
+    }
+    n = 102
     ok = 0
+    wrong = []
     for i in range(n):
-        t = alice_token if i % 2 else a.django_token
-        status, _ = whoami(a.nginx, [token(t)])
-        ok += status == 200
+        t, user = (alice_token, {**alice, "name": "alice"}) if i % 2 else (a.django_token, {**bob, "name": "bob"})
+        path = list(expected)[i % 3]
+        status, _, body = request(a.nginx, "GET", path, [token(t)])
+        got = (status, json.loads(body) if status == 200 else None)
+        if got == expected[path](user):
+            ok += 1
+        else:
+            wrong.append((path, got))
     time.sleep(settle)
     after = transactions()
-    check(f"{n} authenticated requests through nginx all reach the view", ok == n, f"{ok}/{n}")
+    check(
+        f"{n} authenticated requests through nginx all get the view's right answer",
+        ok == n,
+        f"{ok}/{n}; first wrong: {wrong[:2]}",
+    )
     print(f"# SQL transactions at Postgres during {n} authenticated requests: {after - before}",
           flush=True)
     check(

@@ -15,7 +15,8 @@
 # Installs nginx with apt-get when missing (root only). Checks are in check.py: a token made by
 # knoxgate's login and one made by Django/knox reach the view as their users; spoofed identity
 # headers (every spelling) and spoofed, forged or expired assertions are refused; revoked tokens
-# get 401; and Postgres's own statistics show no SQL for authentication. Prints one
+# get 401; and Postgres's own statistics show no SQL for authentication, nor for the username,
+# email and staff/superuser flags that knoxgate signs in the assertion. Prints one
 # `ok - ...` / `not ok - ...` line per check, then `N passed, M failed`; exits 1 on a failure.
 set -euo pipefail
 
@@ -133,6 +134,11 @@ KG_ENV=(
     KNOXGATE_CACHE_FEED_HEALTH_INTERVAL=10m
     KNOXGATE_ASSERTION_KEY_FILE="$WORK/assertion.pem"
     KNOXGATE_ASSERTION_AUDIENCE="$AUDIENCE"
+    # Sent as headers and signed in the assertion, where Django (REQUIRE_ASSERTION) reads them.
+    KNOXGATE_VERIFY_USERNAME_HEADER=X-Auth-Username
+    KNOXGATE_VERIFY_EMAIL_HEADER=X-Auth-Email
+    KNOXGATE_VERIFY_STAFF_HEADER=X-Auth-User-Staff
+    KNOXGATE_VERIFY_SUPERUSER_HEADER=X-Auth-User-Superuser
 )
 KG=(env -i PATH="$PATH" HOME="$WORK" NO_COLOR=1 "${KG_ENV[@]}")
 export PYTHONPATH="$HERE:$ROOT/integrations/django/tests"

@@ -4,7 +4,10 @@ Public keys come from a JWKS document: a file, or knoxgate's admin endpoint
 ``/.well-known/jwks.json``. They are cached for ``JWKS_CACHE_SECONDS``; an assertion signed
 with a key id the cache does not hold triggers one refetch, at most once per
 ``JWKS_REFETCH_INTERVAL`` seconds, so that rotation works without letting forged key ids
-hammer the key source.
+hammer the key source. A fetch that fails is retried after ``JWKS_RETRY_INTERVAL``; while it
+fails, the keys already held keep working, and an assertion whose key the source might hold
+raises ``KeysUnavailable`` (the application answers 503: it cannot know, which is not the
+same as "not authenticated").
 """
 
 from __future__ import annotations
@@ -42,12 +45,28 @@ class AssertionRefused(Exception):
     """The assertion is absent, malformed, unverifiable or not for this audience."""
 
 
-def _parse_jwks(document: bytes) -> dict[str, PyJWK]:
-    """kid -> key for every usable signing key; keys that do not fit are left out and logged."""
+class KeysUnavailable(Exception):
+    """The key source cannot be read, and the assertion's key is not among the keys held: whether
+    the assertion is good cannot be known until the source answers again."""
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        # Keys come from the configured URL only: a redirect is a failed fetch (HTTPError).
+        return None
+
+
+#: Fetches the JWKS URL directly: no HTTP(S)_PROXY from the environment, no redirects.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect)
+
+
+def _parse_jwks(document: bytes) -> dict[str, tuple[PyJWK, str]]:
+    """kid -> (key, its JWK as canonical JSON) for every usable signing key; keys that do not
+    fit are left out and logged."""
     data = json.loads(document)
     if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
         raise ValueError("not a JWKS document (no 'keys' list)")
-    keys: dict[str, PyJWK] = {}
+    keys: dict[str, tuple[PyJWK, str]] = {}
     for jwk in data["keys"]:
         if not isinstance(jwk, dict):
             continue
@@ -60,7 +79,7 @@ def _parse_jwks(document: bytes) -> dict[str, PyJWK]:
             logger.warning("knoxgate JWKS: ignoring key %r (alg/use mismatch or private)", kid)
             continue
         try:
-            keys[kid] = PyJWK(jwk, algorithm=alg)
+            keys[kid] = PyJWK(jwk, algorithm=alg), json.dumps(jwk, sort_keys=True)
         except jwt.exceptions.PyJWTError as e:
             logger.warning("knoxgate JWKS: ignoring key %r: %s", kid, e)
     return keys
@@ -76,6 +95,7 @@ class KeySet:
         url: str | None = None,
         cache_seconds: float = 300,
         refetch_interval: float = 30,
+        retry_interval: float = 1,
         timeout: float = 5,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -84,11 +104,17 @@ class KeySet:
         self.file, self.url = file, url
         self.cache_seconds = cache_seconds
         self.refetch_interval = refetch_interval
+        self.retry_interval = retry_interval
         self.timeout = timeout
         self.clock = clock
         self._keys: dict[str, PyJWK] = {}
+        #: kid -> the key's JWK as canonical JSON: a refetch that brings the same key keeps the
+        #: same PyJWK object, so a cached verdict can tell "same key" by identity.
+        self._jwk_texts: dict[str, str] = {}
         self._loaded_at: float | None = None
         self._attempted_at: float | None = None
+        #: Whether the last read of the source failed.
+        self._failing = False
         self._lock = threading.Lock()
         #: How many times the source was read (successfully or not).
         self.fetches = 0
@@ -98,7 +124,7 @@ class KeySet:
             with open(self.file, "rb") as f:
                 return f.read(MAX_JWKS_BYTES + 1)
         request = urllib.request.Request(self.url, headers={"Accept": "application/json"})
-        with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310
+        with _OPENER.open(request, timeout=self.timeout) as response:
             return response.read(MAX_JWKS_BYTES + 1)
 
     def _refresh(self) -> None:
@@ -109,19 +135,31 @@ class KeySet:
             document = self._read()
             if len(document) > MAX_JWKS_BYTES:
                 raise ValueError("JWKS document too large")
-            keys = _parse_jwks(document)
+            parsed = _parse_jwks(document)
         except Exception as e:  # noqa: BLE001 - any failure leaves the previous keys in place
             logger.error("knoxgate JWKS: cannot load %s: %s", self.file or self.url, e)
+            self._failing = True
             return
+        keys = {}
+        for kid, (key, text) in parsed.items():
+            same = self._jwk_texts.get(kid) == text
+            keys[kid] = self._keys[kid] if same else key
         self._keys = keys
+        self._jwk_texts = {kid: text for kid, (_, text) in parsed.items()}
         self._loaded_at = self._attempted_at
+        self._failing = False
 
     def _may_fetch(self, now: float) -> bool:
-        return self._attempted_at is None or now - self._attempted_at >= self.refetch_interval
+        if self._attempted_at is None:
+            return True
+        wait = self.retry_interval if self._failing else self.refetch_interval
+        return now - self._attempted_at >= wait
 
     def get(self, kid: str) -> PyJWK | None:
-        """The key with this id, or None. Reads the source when the cache is older than
-        cache_seconds, or for an unknown kid; never more often than once per refetch_interval."""
+        """The key with this id, or None when the source, read successfully, does not hold it.
+        Reads the source when the cache is older than cache_seconds, or for an unknown kid;
+        never more often than once per refetch_interval (retry_interval after a failed read).
+        Raises KeysUnavailable for a kid not held while the source cannot be read."""
         # Every request of every thread asks for a key: a fresh key is answered without the lock
         # (a refresh replaces the dict whole, and reading an attribute is atomic), so the threads
         # of a worker do not queue behind each other.
@@ -130,7 +168,14 @@ class KeySet:
             key = keys.get(kid)
             if key is not None:
                 return key
-        with self._lock:
+        if not self._lock.acquire(blocking=False):
+            # Another thread is reading the source (for up to JWKS_TIMEOUT): a key already held,
+            # stale or not, serves meanwhile; only an unknown kid waits for the read.
+            key = keys.get(kid)
+            if key is not None:
+                return key
+            self._lock.acquire()
+        try:
             now = self.clock()
             stale = self._loaded_at is None or now - self._loaded_at >= self.cache_seconds
             if stale and self._may_fetch(now):
@@ -139,7 +184,15 @@ class KeySet:
             if key is None and self._may_fetch(now):
                 self._refresh()
                 key = self._keys.get(kid)
+            if key is None and self._failing:
+                raise KeysUnavailable(f"key {kid!r} not held and the JWKS source cannot be read")
             return key
+        finally:
+            self._lock.release()
+
+    def same_key(self, kid: str, key: PyJWK) -> bool:
+        """Whether ``kid`` still names ``key`` (for a verdict reached with it)."""
+        return self.get(kid) is key
 
 
 _keysets: dict[tuple, KeySet] = {}
@@ -148,7 +201,7 @@ _keysets_lock = threading.Lock()
 
 def keyset_for(config: Config) -> KeySet:
     ident = (config.jwks_file, config.jwks_url, config.jwks_cache_seconds,
-             config.jwks_refetch_interval, config.jwks_timeout)
+             config.jwks_refetch_interval, config.jwks_retry_interval, config.jwks_timeout)
     ks = _keysets.get(ident)
     if ks is not None:
         return ks
@@ -160,6 +213,7 @@ def keyset_for(config: Config) -> KeySet:
                 url=config.jwks_url,
                 cache_seconds=config.jwks_cache_seconds,
                 refetch_interval=config.jwks_refetch_interval,
+                retry_interval=config.jwks_retry_interval,
                 timeout=config.jwks_timeout,
             )
         return ks
@@ -173,14 +227,14 @@ def reset_keysets() -> None:
     _headers.clear()
 
 
-#: (kid, claims) of assertions already verified, by their exact text and the settings the verdict
-#: depends on, oldest first. An entry serves only until the assertion's own ``exp`` (plus
-#: leeway) and while its key is still in the key set, so a retired key stops it as soon as the
-#: JWKS cache drops the key. Read without the lock (a lookup is atomic), so the threads of a
+#: (kid, key, claims) of assertions already verified, by their exact text and the settings the
+#: verdict depends on, oldest first. An entry serves only until the assertion's own ``exp`` (plus
+#: leeway) and while its kid still names the very key that verified it, so a retired key stops
+#: it as soon as the JWKS cache drops the key, and a key replaced under the same kid at once. Read without the lock (a lookup is atomic), so the threads of a
 #: worker do not queue behind each other; changed under it. When full, the oldest entry goes:
 #: knoxgate hands out assertions of one lifetime, so that is the one closest to its exp. (An
 #: OrderedDict, not a dict: taking a dict's first item scans past every slot freed before it.)
-_verified: OrderedDict[tuple, tuple[str, dict[str, Any]]] = OrderedDict()
+_verified: OrderedDict[tuple, tuple[str, PyJWK, dict[str, Any]]] = OrderedDict()
 _verified_lock = threading.Lock()
 
 
@@ -202,7 +256,8 @@ setting_changed.connect(_reset)
 
 
 def verify(token: str, config: Config | None = None) -> dict[str, Any]:
-    """The verified claims of an assertion; raises AssertionRefused on any doubt.
+    """The verified claims of an assertion; raises AssertionRefused on any doubt, and
+    KeysUnavailable when its key cannot be known because the key source cannot be read.
 
     Checks: size, header (alg among the allowed ones and matching the key's type, kid known),
     signature, ``exp`` and ``iat`` (with leeway), ``aud``, ``iss``, and ``sub`` being a user id.
@@ -215,21 +270,22 @@ def verify(token: str, config: Config | None = None) -> dict[str, Any]:
     if config.assertion_cache_size and config.verifies_assertions:
         hit = _verified.get(key)
         if hit is not None:
-            kid, claims = hit
-            if time.time() <= claims["exp"] + config.leeway and keyset_for(config).get(kid):
+            kid, verified_with, claims = hit
+            if (time.time() <= claims["exp"] + config.leeway
+                    and keyset_for(config).same_key(kid, verified_with)):
                 return dict(claims)
             with _verified_lock:
                 _verified.pop(key, None)
-    kid, claims = _verify_uncached(token, config)
+    kid, verified_with, claims = _verify_uncached(token, config)
     if config.assertion_cache_size:
         with _verified_lock:
-            _verified[key] = (kid, claims)
+            _verified[key] = (kid, verified_with, claims)
             while len(_verified) > config.assertion_cache_size:
                 _verified.popitem(last=False)
     return dict(claims)
 
 
-def _verify_uncached(token: str, config: Config) -> tuple[str, dict[str, Any]]:
+def _verify_uncached(token: str, config: Config) -> tuple[str, PyJWK, dict[str, Any]]:
     if not config.verifies_assertions:
         raise AssertionRefused("no JWKS configured")
     if not token or len(token) > MAX_ASSERTION_BYTES or not token.isascii():
@@ -264,6 +320,10 @@ def _verify_uncached(token: str, config: Config) -> tuple[str, dict[str, Any]]:
         )
     except jwt.exceptions.PyJWTError as e:
         raise AssertionRefused(f"assertion rejected: {e}") from None
+    # PyJWT checks iss too, but 2.10.0 took a string issuer as a sequence and accepted any
+    # substring of it (CVE-2024-53861): compared here as well, exactly.
+    if claims.get("iss") != config.issuer:
+        raise AssertionRefused("assertion issuer is not the configured one")
     sub = claims.get("sub")
     if not isinstance(sub, str) or not USER_ID_RE.match(sub):
         raise AssertionRefused("assertion subject is not a user id")
@@ -271,4 +331,4 @@ def _verify_uncached(token: str, config: Config) -> tuple[str, dict[str, Any]]:
         if len(_headers) >= _HEADERS_REMEMBERED:
             _headers.clear()
         _headers[header_segment] = parsed
-    return kid, claims
+    return kid, key, claims

@@ -18,8 +18,16 @@ from typing import Any
 from rest_framework import authentication, exceptions
 
 from knoxgate_django.conf import get_config
-from knoxgate_django.identity import Identity, Refused, resolve
+from knoxgate_django.identity import Identity, Refused, Unavailable, resolve
 from knoxgate_django.user import user_for
+
+
+class IdentityUnavailable(exceptions.APIException):
+    """The identity cannot be checked now: an outage, not a refusal (503, never 401)."""
+
+    status_code = 503
+    default_detail = "The identity from the authentication proxy cannot be checked now."
+    default_code = "identity_unavailable"
 
 
 class KnoxgateAuthentication(authentication.BaseAuthentication):
@@ -30,6 +38,8 @@ class KnoxgateAuthentication(authentication.BaseAuthentication):
             return user_for(request._request, result.user_id, result.attributes), result
         if isinstance(result, Refused):
             raise exceptions.AuthenticationFailed("Identity from the authentication proxy refused.")
+        if isinstance(result, Unavailable):
+            raise IdentityUnavailable()
         return None
 
     def authenticate_header(self, request: Any) -> str:

@@ -33,6 +33,8 @@ DEFAULTS: dict[str, Any] = {
     "JWKS_URL": None,
     "JWKS_CACHE_SECONDS": 300,
     "JWKS_REFETCH_INTERVAL": 30,
+    # After a failed read of the JWKS source, how soon it may be read again (seconds).
+    "JWKS_RETRY_INTERVAL": 1,
     "JWKS_TIMEOUT": 5,
     "ASSERTION_AUDIENCE": None,
     "ASSERTION_ISSUER": "knoxgate",
@@ -91,6 +93,7 @@ class Config:
     jwks_url: str | None
     jwks_cache_seconds: float
     jwks_refetch_interval: float
+    jwks_retry_interval: float
     jwks_timeout: float
     audience: str | None
     issuer: str
@@ -230,6 +233,7 @@ def parse(raw: Any) -> Config:
         jwks_url=s["JWKS_URL"],
         jwks_cache_seconds=_number("JWKS_CACHE_SECONDS", s["JWKS_CACHE_SECONDS"]),
         jwks_refetch_interval=_number("JWKS_REFETCH_INTERVAL", s["JWKS_REFETCH_INTERVAL"]),
+        jwks_retry_interval=_number("JWKS_RETRY_INTERVAL", s["JWKS_RETRY_INTERVAL"]),
         jwks_timeout=_number("JWKS_TIMEOUT", s["JWKS_TIMEOUT"], minimum=0.001),
         audience=s["ASSERTION_AUDIENCE"],
         issuer=s["ASSERTION_ISSUER"],

@@ -4,6 +4,8 @@
 
 * ``ABSENT``: no identity header at all (the request did not pass through knoxgate's verify);
 * ``Refused(reason)``: identity headers are present but not believable; never another user;
+* ``Unavailable(reason)``: the assertion cannot be checked now (its key source cannot be read),
+  so whether to believe it is unknown: the application answers 503, not 401;
 * ``Identity(user_id, attributes, claims)``: a user id knoxgate vouched for.
 """
 
@@ -36,13 +38,18 @@ class Refused:
     reason: str
 
 
+@dataclass(frozen=True)
+class Unavailable:
+    reason: str
+
+
 class _Absent:
     def __repr__(self) -> str:
         return "ABSENT"
 
 
 ABSENT = _Absent()
-Result = Union[Identity, Refused, _Absent]
+Result = Union[Identity, Refused, Unavailable, _Absent]
 
 #: Where the outcome is cached on the Django request, so the middleware and DRF agree.
 _CACHE_ATTR = "_knoxgate_identity"
@@ -79,17 +86,41 @@ def _decode(value: str) -> str:
     return value.encode("latin-1").decode("utf-8")
 
 
-def _read_attributes(request: Any, config: Config) -> dict[str, Any] | Refused:
-    headers = config.attribute_headers
-    if not headers:
-        return {}
+def _targets() -> dict[str, str]:
+    """Attribute (header setting or claim) -> the user model field it sets."""
     model = user_model()
-    targets = {
+    return {
         "username": model.USERNAME_FIELD,
         "email": model.get_email_field_name(),
         "is_staff": "is_staff",
         "is_superuser": "is_superuser",
     }
+
+
+#: The user attributes knoxgate signs into the assertion beside ``sub`` (those it is configured
+#: to send as headers), with the JSON type each must have.
+_SIGNED_ATTRIBUTES = {"username": str, "email": str, "is_staff": bool, "is_superuser": bool}
+
+
+def _signed_attributes(claims: dict[str, Any]) -> dict[str, Any] | Refused:
+    targets = None
+    attributes: dict[str, Any] = {}
+    for claim, kind in _SIGNED_ATTRIBUTES.items():
+        if claim not in claims:
+            continue
+        value = claims[claim]
+        if type(value) is not kind:
+            return Refused(f"assertion claim {claim!r} is not a {kind.__name__}")
+        targets = targets or _targets()
+        attributes[targets[claim]] = value
+    return attributes
+
+
+def _read_attributes(request: Any, config: Config) -> dict[str, Any] | Refused:
+    headers = config.attribute_headers
+    if not headers:
+        return {}
+    targets = _targets()
     attributes: dict[str, Any] = {}
     for attr, header in headers.items():
         value = request.META.get(header.meta)
@@ -136,6 +167,8 @@ def _resolve(request: Any, config: Config) -> Result:
             claims = assertion.verify(raw_assertion, config)
         except assertion.AssertionRefused as e:
             return Refused(str(e))
+        except assertion.KeysUnavailable as e:
+            return Unavailable(str(e))
         signed_id = int(claims["sub"])
         if header_id is not None and header_id != signed_id:
             return Refused("assertion subject differs from the user id header")
@@ -147,14 +180,20 @@ def _resolve(request: Any, config: Config) -> Result:
         # An assertion header without anything to verify it with is not an identity.
         return Refused(f"header {config.assertion.name!r} present but no JWKS configured")
 
+    signed = _signed_attributes(claims) if claims is not None else {}
+    if isinstance(signed, Refused):
+        return signed
     if config.require_assertion:
         # Only signed data is believed: unsigned attribute headers could have been supplied by
-        # whoever can reach this process, so those fields load from the database instead.
-        return Identity(header_id, {}, claims)
+        # whoever can reach this process, so fields not signed load from the database instead.
+        return Identity(header_id, signed, claims)
     attributes = _read_attributes(request, config)
     if isinstance(attributes, Refused):
         return attributes
-    return Identity(header_id, attributes, claims)
+    for name, value in signed.items():
+        if attributes.get(name, value) != value:
+            return Refused(f"attribute header for {name!r} differs from the signed assertion")
+    return Identity(header_id, {**attributes, **signed}, claims)
 
 
 def resolve(request: Any) -> Result:
@@ -165,5 +204,7 @@ def resolve(request: Any) -> Result:
     result = _resolve(request, get_config())
     if isinstance(result, Refused):
         logger.warning("knoxgate identity refused: %s", result.reason)
+    elif isinstance(result, Unavailable):
+        logger.error("knoxgate identity cannot be checked: %s", result.reason)
     setattr(request, _CACHE_ATTR, result)
     return result

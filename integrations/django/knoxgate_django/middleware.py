@@ -15,6 +15,11 @@ Put it after ``django.contrib.auth.middleware.AuthenticationMiddleware`` when th
   session's user, never another user.
 * no identity headers: ``request.user`` is left as AuthenticationMiddleware set it, or
   ``AnonymousUser`` without that middleware.
+* an assertion that cannot be checked now (its JWKS source unreachable and its key not held):
+  503, the view is not called; not knowing is not "anonymous".
+
+``request.auser()`` (what async views and, from Django 5.1, ``login_required`` on them await)
+answers the same user as ``request.user`` whenever this middleware set it.
 """
 
 from __future__ import annotations
@@ -23,21 +28,44 @@ from typing import Any, Callable
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
 from django.contrib.auth.models import AnonymousUser
+from django.http import JsonResponse
 
 from knoxgate_django.conf import get_config
-from knoxgate_django.identity import Identity, Refused, resolve
+from knoxgate_django.identity import Identity, Refused, Unavailable, resolve
 from knoxgate_django.user import user_for
 
 
-def _apply(request: Any) -> None:
+def _set_user(request: Any, user: Any) -> None:
+    request.user = user
+
+    async def auser() -> Any:
+        return user
+
+    # AuthenticationMiddleware's auser() would answer the session's user.
+    request.auser = auser
+
+
+def _unavailable() -> JsonResponse:
+    return JsonResponse(
+        {"detail": "The identity from the authentication proxy cannot be checked now."},
+        status=503,
+    )
+
+
+def _apply(request: Any) -> JsonResponse | None:
+    """Sets the request's user; returns the response instead of the view's, if any."""
     result = resolve(request)
     if isinstance(result, Identity):
-        request.user = user_for(request, result.user_id, result.attributes)
+        _set_user(request, user_for(request, result.user_id, result.attributes))
         request.knoxgate = result
     elif isinstance(result, Refused):
-        request.user = AnonymousUser()
+        _set_user(request, AnonymousUser())
+    elif isinstance(result, Unavailable):
+        _set_user(request, AnonymousUser())
+        return _unavailable()
     elif not hasattr(request, "user"):
-        request.user = AnonymousUser()
+        _set_user(request, AnonymousUser())
+    return None
 
 
 class KnoxgateMiddleware:
@@ -55,13 +83,13 @@ class KnoxgateMiddleware:
     def __call__(self, request: Any) -> Any:
         if self.async_mode:
             return self.__acall__(request)
-        _apply(request)
-        return self.get_response(request)
+        answer = _apply(request)
+        return answer if answer is not None else self.get_response(request)
 
     async def __acall__(self, request: Any) -> Any:
         if get_config().jwks_url:
             # Verifying may fetch the JWKS over the network: keep that off the event loop.
-            await sync_to_async(_apply, thread_sensitive=False)(request)
+            answer = await sync_to_async(_apply, thread_sensitive=False)(request)
         else:
-            _apply(request)
-        return await self.get_response(request)
+            answer = _apply(request)
+        return answer if answer is not None else await self.get_response(request)

@@ -7,7 +7,12 @@ False, ``_state.db`` is set) and Django turns it into its primary key in filters
 assignments without touching the database.
 
 Reading a field that was not sent loads the rest of the row: all missing fields at once, with
-one query (plain deferred loading would cost one query per field).
+one query (plain deferred loading would cost one query per field), and rereads what knoxgate
+vouched for, so that the instance is then the row as it is.
+
+What knoxgate vouched for (``is_active``, and the attributes it sent) was not read from the row:
+``save()`` does not write it back unless code changed it, so saving a knoxgate user (say, a
+profile edit) cannot undo a deactivation or a staff change made meanwhile.
 """
 
 from __future__ import annotations
@@ -20,9 +25,15 @@ from django.conf import settings
 from django.db import router
 
 
+#: Where a knoxgate user keeps what knoxgate vouched for: field attname -> the value it vouched.
+#: A field leaves it once read from the row.
+_VOUCHED = "_knoxgate_vouched"
+
+
 class _LoadRest:
     """``refresh_from_db`` for a knoxgate user: when Django loads one deferred field, load them
-    all, so that reading first_name and then last_name costs one query, not two.
+    all, and the vouched ones with them, so that reading first_name and then last_name costs one
+    query, not two.
 
     An object rather than a bound method so that the user still pickles and deep-copies."""
 
@@ -31,12 +42,40 @@ class _LoadRest:
 
     def __call__(self, using: Any = None, fields: Any = None, **kwargs: Any) -> None:
         user = self.user
+        vouched = user.__dict__.get(_VOUCHED, {})
         if fields is not None:
             deferred = user.get_deferred_fields()
             fields = set(fields)
             if fields and fields <= deferred:
-                fields = deferred
+                fields = deferred | set(vouched)
         type(user).refresh_from_db(user, using=using, fields=fields, **kwargs)
+        # Without fields Django rereads every loaded field, the vouched ones included.
+        for name in list(vouched):
+            if fields is None or name in fields:
+                del vouched[name]
+
+
+class _SaveRead:
+    """``save`` for a knoxgate user: like saving any ``.only()`` instance (the loaded fields
+    are written), except the vouched fields code did not change, which hold knoxgate's view of
+    the row, not a value read from it or set by the application."""
+
+    def __init__(self, user: Any) -> None:
+        self.user = user
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        user = self.user
+        vouched = user.__dict__.get(_VOUCHED)
+        if vouched and not args and kwargs.get("update_fields") is None and not kwargs.get("force_insert"):
+            untouched = {n for n, v in vouched.items() if user.__dict__.get(n, v) == v}
+            if untouched:
+                deferred = user.get_deferred_fields()
+                kwargs["update_fields"] = [
+                    f.attname
+                    for f in user._meta.concrete_fields
+                    if not f.primary_key and f.attname not in deferred and f.attname not in untouched
+                ]
+        return type(user).save(user, *args, **kwargs)
 
 
 def user_model() -> Any:
@@ -73,8 +112,10 @@ def build_user(user_id: int, attributes: dict[str, Any]) -> Any:
     names = [n for n in concrete if n in known]
     db = router.db_for_read(model)
     user = model.from_db(db, names, [known[n] for n in names])
-    # An instance attribute shadows the method for this object only; the class is untouched.
+    # Instance attributes shadow the methods for this object only; the class is untouched.
     user.refresh_from_db = _LoadRest(user)
+    user.save = _SaveRead(user)
+    setattr(user, _VOUCHED, {n: v for n, v in known.items() if n != pk_attname})
     return user
 
 

@@ -41,6 +41,7 @@ def ok(user_id):
 
 ANON = (200, {"authenticated": False, "id": None})
 REFUSED = (401, None)
+UNAVAILABLE = (503, None)
 
 
 def b64(data: bytes) -> str:
@@ -93,6 +94,9 @@ def _bad_tokens(ed_key, es_key, uid):
         "issued in the future": ed_key.sign(sub, iat=now + 600, exp=now + 660),
         "wrong audience": ed_key.sign(sub, aud="another-app"),
         "wrong issuer": ed_key.sign(sub, iss="someone-else"),
+        # PyJWT 2.10.0 took any substring of a string issuer (CVE-2024-53861)
+        "issuer a part of ours": ed_key.sign(sub, iss=ISSUER[:4]),
+        "empty issuer": ed_key.sign(sub, iss=""),
         "no exp": ed_key.sign(sub, exp=None),
         "no iat": ed_key.sign(sub, iat=None),
         "no aud": ed_key.sign(sub, aud=None),
@@ -128,6 +132,14 @@ def test_bad_assertions_are_refused(client, assertion_settings, alice, ed_key, e
     assert get(client, **{"X-Auth-Assertion": token}) == REFUSED
 
 
+def test_the_issuer_is_compared_by_the_package_itself(client, assertion_settings, alice, ed_key, monkeypatch):
+    """Even with a PyJWT that checks no issuer (2.10.0 checked substrings), a wrong iss is refused."""
+    real_decode = jwt.decode
+    monkeypatch.setattr(jwt, "decode", lambda *a, **k: real_decode(*a, **{**k, "issuer": None}))
+    assert get(client, **{"X-Auth-Assertion": ed_key.sign(str(alice.pk))}) == ok(alice.pk)
+    assert get(client, **{"X-Auth-Assertion": ed_key.sign(str(alice.pk), iss=ISSUER[:4])}) == REFUSED
+
+
 def test_leeway_accepts_small_clock_skew(client, assertion_settings, alice, ed_key):
     now = int(time.time())
     assert get(client, **{"X-Auth-Assertion": ed_key.sign(str(alice.pk), iat=now + 3, exp=now + 60)}) == ok(alice.pk)
@@ -151,9 +163,51 @@ def test_required_assertion_ignores_unsigned_attribute_headers(
     assert r.json()["username"] == "alice"
 
 
-def test_assertion_header_without_jwks_is_not_an_identity(client, alice, ed_key):
+def test_assertion_header_without_jwks_is_not_an_identity(client, alice, bob, ed_key):
     # No JWKS configured: an assertion alone cannot be checked, so it names nobody.
     assert get(client, **{"X-Auth-Assertion": ed_key.sign(str(alice.pk))}) == REFUSED
+    # Beside a user id header it is not checked and adds nothing: the header alone is what
+    # this configuration believes (as it would without the assertion).
+    assert get(client, **{"X-Auth-User-Id": str(bob.pk), "X-Auth-Assertion": "garbage"}) == ok(bob.pk)
+
+
+def _signed_names(client, token, **headers):
+    r = client.get("/api/names", headers={"X-Auth-Assertion": token, **headers})
+    return r.status_code, (r.json() if r.status_code == 200 else None)
+
+
+def test_signed_attributes_cost_no_query_with_required_assertion(
+    client, assertion_settings, alice, ed_key, django_user_model, django_assert_num_queries
+):
+    assertion_settings.KNOXGATE = {**assertion_settings.KNOXGATE, "REQUIRE_ASSERTION": True}
+    boss = django_user_model.objects.create_superuser("boss", "boss@example.com", "pw")
+    token = ed_key.sign(str(boss.pk), username="boss", email="boss@example.com", is_staff=True, is_superuser=True)
+    with django_assert_num_queries(0):
+        assert client.get("/api/admin", headers={"X-Auth-Assertion": token}).status_code == 200
+        assert _signed_names(client, token) == (
+            200,
+            {"username": "boss", "email": "boss@example.com", "is_staff": True, "is_superuser": True},
+        )
+    # Signed "not staff" is believed over an unsigned header saying otherwise, without a query.
+    token = ed_key.sign(str(alice.pk), is_staff=False)
+    with django_assert_num_queries(0):
+        r = client.get("/api/admin", headers={"X-Auth-Assertion": token, "X-Auth-Is-Staff": "true"})
+        assert r.status_code == 403
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [{"is_staff": "true"}, {"is_superuser": 1}, {"username": 5}, {"email": ["a@b"]}],
+)
+def test_signed_attributes_of_the_wrong_type_are_refused(client, assertion_settings, alice, ed_key, claims):
+    assert get(client, **{"X-Auth-Assertion": ed_key.sign(str(alice.pk), **claims)}) == REFUSED
+
+
+def test_an_attribute_header_must_agree_with_the_signed_one(client, assertion_settings, alice, ed_key):
+    token = ed_key.sign(str(alice.pk), username="alice", is_staff=False)
+    assert _signed_names(client, token, **{"X-Auth-User-Id": str(alice.pk), "X-Auth-Username": "alice"})[0] == 200
+    assert _signed_names(client, token, **{"X-Auth-User-Id": str(alice.pk), "X-Auth-Username": "root"}) == REFUSED
+    assert _signed_names(client, token, **{"X-Auth-User-Id": str(alice.pk), "X-Auth-Is-Staff": "true"}) == REFUSED
 
 
 def test_jwks_ignores_unusable_keys(tmp_path, ed_key):
@@ -280,12 +334,128 @@ def test_jwks_url_fetch_rotation_and_outage(client, settings, alice, ed_key, jwk
     assert fetches() == 2
     # The cache still holds the old key until JWKS_CACHE_SECONDS: keys rotate out with the cache.
 
-    # knoxgate's admin port unreachable: the keys already held keep working.
+    # knoxgate's admin port unreachable: the keys already held keep working; a key not held
+    # might be a rotation the source would publish: that cannot be known, so 503, not 401.
     proc.terminate()
     proc.wait(timeout=10)
     time.sleep(0.6)
-    assert get(client, **{"X-Auth-Assertion": new_key("EdDSA").sign(str(alice.pk))}) == REFUSED
+    assert get(client, **{"X-Auth-Assertion": new_key("EdDSA").sign(str(alice.pk))}) == UNAVAILABLE
     assert get(client, **{"X-Auth-Assertion": rotated.sign(str(alice.pk))}) == ok(alice.pk)
+
+
+def test_a_key_source_never_read_is_503_until_it_answers(client, settings, alice, ed_key, jwks_server):
+    url, path, fetches, _ = jwks_server
+    settings.KNOXGATE = {
+        **settings.KNOXGATE,
+        "JWKS_URL": url,  # nothing there yet: 404
+        "ASSERTION_AUDIENCE": AUDIENCE,
+        "REQUIRE_ASSERTION": True,
+        "JWKS_REFETCH_INTERVAL": 3600,
+        "JWKS_RETRY_INTERVAL": 0.3,
+    }
+    token = ed_key.sign(str(alice.pk))
+    assert get(client, **{"X-Auth-Assertion": token}) == UNAVAILABLE
+    r = client.get("/plain/whoami", headers={"X-Auth-Assertion": token})
+    assert r.status_code == 503
+    assert fetches() == 1, "retried no sooner than JWKS_RETRY_INTERVAL"
+    write_jwks(path, ed_key)
+    time.sleep(0.4)
+    # Retried after JWKS_RETRY_INTERVAL, not JWKS_REFETCH_INTERVAL.
+    assert get(client, **{"X-Auth-Assertion": token}) == ok(alice.pk)
+    assert client.get("/plain/whoami", headers={"X-Auth-Assertion": token}).json()["id"] == alice.pk
+    assert fetches() == 2
+
+
+def test_jwks_url_is_fetched_directly_never_through_a_proxy_or_a_redirect(
+    client, settings, alice, ed_key, jwks_server, monkeypatch
+):
+    url, path, fetches, _ = jwks_server
+    write_jwks(path, ed_key)
+    # A proxy from the environment that would fail every request it carried.
+    for name in ("http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(name, f"http://127.0.0.1:{spare_port()}")
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    base = {**settings.KNOXGATE, "ASSERTION_AUDIENCE": AUDIENCE, "REQUIRE_ASSERTION": True}
+    settings.KNOXGATE = {**base, "JWKS_URL": url}
+    assert get(client, **{"X-Auth-Assertion": ed_key.sign(str(alice.pk))}) == ok(alice.pk)
+    assert fetches() == 1
+
+    # http.server redirects a directory without its slash to the slash (301) and serves its
+    # index.html: a JWKS reachable only through a redirect.
+    moved = path.parent / "moved"
+    moved.mkdir()
+    write_jwks(moved / "index.html", ed_key)
+    settings.KNOXGATE = {**base, "JWKS_URL": url.rsplit("/", 1)[0] + "/moved"}
+    assert get(client, **{"X-Auth-Assertion": ed_key.sign(str(alice.pk))}) == UNAVAILABLE
+    assert "GET /.well-known/moved/ " not in path.parent.parent.parent.joinpath("http.log").read_text()
+
+
+def test_threads_go_on_with_held_keys_while_one_reads_a_slow_source(tmp_path, ed_key):
+    """gunicorn threads: a reread that hangs (up to JWKS_TIMEOUT) holds up only the thread doing
+    it; the others answer from the keys already held, even stale ones."""
+    import threading
+
+    now = [0.0]
+    keyset = assertion.KeySet(
+        file=str(write_jwks(tmp_path / "jwks.json", ed_key)),
+        cache_seconds=10,
+        refetch_interval=1,
+        clock=lambda: now[0],
+    )
+    assert keyset.get(ed_key.kid) is not None
+    real_read = keyset._read
+    reading = threading.Event()
+    release = threading.Event()
+
+    def slow_read():
+        reading.set()
+        release.wait(10)
+        return real_read()
+
+    keyset._read = slow_read
+    now[0] = 11.0  # the cache is stale: the next get rereads
+    reader = threading.Thread(target=keyset.get, args=(ed_key.kid,))
+    reader.start()
+    assert reading.wait(5)
+    started = time.monotonic()
+    assert keyset.get(ed_key.kid) is not None
+    assert time.monotonic() - started < 1, "a held key waited for another thread's read"
+    # An unknown kid does wait for the read in progress (the source may hold it).
+    waiter = threading.Thread(target=lambda: keyset.get("unknown"))
+    waiter.start()
+    time.sleep(0.2)
+    assert waiter.is_alive()
+    release.set()
+    reader.join(5)
+    waiter.join(5)
+    assert not reader.is_alive() and not waiter.is_alive()
+
+
+def test_a_key_replaced_under_its_kid_ends_its_cached_verdicts(
+    client, settings, tmp_path, alice, ed_key, monkeypatch
+):
+    decoded = []
+    real_decode = jwt.decode
+    monkeypatch.setattr(jwt, "decode", lambda *a, **k: decoded.append(1) or real_decode(*a, **k))
+    path = write_jwks(tmp_path / "jwks.json", ed_key)
+    settings.KNOXGATE = {
+        **settings.KNOXGATE,
+        "JWKS_FILE": str(path),
+        "ASSERTION_AUDIENCE": AUDIENCE,
+        "JWKS_CACHE_SECONDS": 0.3,
+        "JWKS_REFETCH_INTERVAL": 0.1,
+    }
+    token = ed_key.sign(str(alice.pk))
+    assert get(client, **{"X-Auth-Assertion": token}) == ok(alice.pk)
+    # The same key reread: the verdict stands (no second check).
+    time.sleep(0.4)
+    assert get(client, **{"X-Auth-Assertion": token}) == ok(alice.pk)
+    assert len(decoded) == 1
+    # Another key under the same kid (a compromised key replaced): the verdict goes with it.
+    write_jwks(path, new_key("EdDSA", kid=ed_key.kid))
+    time.sleep(0.4)
+    assert get(client, **{"X-Auth-Assertion": token}) == REFUSED
 
 
 def test_a_verified_assertion_is_checked_once_until_its_exp(client, assertion_settings, alice, ed_key, monkeypatch):

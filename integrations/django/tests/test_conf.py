@@ -51,6 +51,7 @@ def test_defaults():
         ({"ASSERTION_ALGORITHMS": ["HS256"]}, "subset"),
         ({"ASSERTION_ALGORITHMS": []}, "subset"),
         ({"JWKS_TIMEOUT": 0}, "JWKS_TIMEOUT"),
+        ({"JWKS_RETRY_INTERVAL": -1}, "JWKS_RETRY_INTERVAL"),
         ({"ASSERTION_LEEWAY": True}, "ASSERTION_LEEWAY"),
     ],
 )

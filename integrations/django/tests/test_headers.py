@@ -68,6 +68,25 @@ def test_refused_header_does_not_fall_back_to_session(client, alice):
     assert whoami(client, **{"X-Auth-User-Id": "1,2"}) == (200, {"authenticated": False, "id": None})
 
 
+def test_async_views_await_the_same_user(client, alice):
+    """request.auser() (async views; login_required on them from Django 5.1) answers the
+    knoxgate user, and for a refused identity AnonymousUser, never the session's user."""
+    r = client.get("/plain/async-whoami", headers={"X-Auth-User-Id": str(alice.pk)})
+    assert r.json() == {"authenticated": True, "id": alice.pk}
+    client.force_login(alice)
+    r = client.get("/plain/async-whoami", headers={"X-Auth-User-Id": "1,2"})
+    assert r.json() == {"authenticated": False, "id": None}
+
+
+def test_async_views_under_asgi(alice):
+    headers = [(b"x-auth-user-id", str(alice.pk).encode())]
+    assert asgi_get("/plain/async-whoami", headers) == (200, {"authenticated": True, "id": alice.pk})
+    assert asgi_get("/plain/async-whoami", [(b"x-auth-user-id", b"01")]) == (
+        200,
+        {"authenticated": False, "id": None},
+    )
+
+
 def test_untrusted_peer_is_refused(client, alice):
     r = client.get("/plain/whoami", headers={"X-Auth-User-Id": str(alice.pk)}, REMOTE_ADDR="192.0.2.7")
     assert r.json() == {"authenticated": False, "id": None}

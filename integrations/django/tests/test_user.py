@@ -64,7 +64,8 @@ def test_filter_and_fk_assignment_cost_no_user_query(alice):
 
 
 def test_unsent_field_loads_whole_row_once(alice):
-    u = build_user(alice.pk, {"username": "alice"})
+    # knoxgate's view of the username is older than the row's.
+    u = build_user(alice.pk, {"username": "alice-before"})
     with CaptureQueriesContext(connection) as ctx:
         assert u.first_name == "Alice"
         assert u.last_name == "Liddell"
@@ -74,7 +75,7 @@ def test_unsent_field_loads_whole_row_once(alice):
         assert u.is_staff is False
     assert len(ctx.captured_queries) == 1, sql_of(ctx)
     assert 'FROM "auth_user"' in ctx.captured_queries[0]["sql"]
-    # The sent values are kept, not overwritten; nothing is deferred any more.
+    # The same query rereads what knoxgate vouched for: the instance is now the row as it is.
     assert u.get_username() == "alice" and u.get_deferred_fields() == set()
 
 
@@ -175,6 +176,46 @@ def test_utf8_username_header(client, django_user_model, django_assert_num_queri
         r = client.get("/api/names", headers={"X-Auth-User-Id": str(u.pk), "X-Auth-Username": raw, "X-Auth-Email": "z@example.com", "X-Auth-Is-Staff": "0", "X-Auth-Is-Superuser": "0"})
     assert r.json()["username"] == "zoë"
 
+
+
+def test_save_does_not_write_back_what_knoxgate_vouched_for(alice):
+    model = get_user_model()
+    u = build_user(alice.pk, {"username": "alice", "is_staff": False})
+    # While the request runs, an admin deactivates alice and makes her staff.
+    model.objects.filter(pk=alice.pk).update(is_active=False, is_staff=True)
+    u.first_name = "Al"
+    with CaptureQueriesContext(connection) as ctx:
+        u.save()
+    assert len(ctx.captured_queries) == 1 and ctx.captured_queries[0]["sql"].startswith("UPDATE"), sql_of(ctx)
+    row = model.objects.get(pk=alice.pk)
+    assert (row.first_name, row.last_name) == ("Al", "Liddell")
+    assert (row.is_active, row.is_staff) == (False, True), "the admin's change stands"
+
+
+def test_save_writes_vouched_fields_the_code_changed(alice):
+    model = get_user_model()
+    u = build_user(alice.pk, {"is_staff": False})
+    u.is_staff = True
+    u.is_active = False
+    u.save()
+    row = model.objects.get(pk=alice.pk)
+    assert (row.is_active, row.is_staff, row.first_name) == (False, True, "Alice")
+    # An explicit update_fields is the caller's choice, as for any instance.
+    u2 = build_user(alice.pk, {})
+    u2.save(update_fields=["is_active"])
+    assert model.objects.get(pk=alice.pk).is_active is True
+
+
+def test_after_the_row_loads_save_writes_the_row_as_read(alice):
+    model = get_user_model()
+    u = build_user(alice.pk, {"is_staff": False})
+    model.objects.filter(pk=alice.pk).update(is_staff=True)
+    assert u.first_name == "Alice"  # loads the row, is_staff with it
+    assert u.is_staff is True
+    u.last_name = "L."
+    u.save()
+    row = model.objects.get(pk=alice.pk)
+    assert (row.is_staff, row.last_name, row.is_active) == (True, "L.", True)
 
 
 def test_pickle_and_copy_keep_a_usable_user(alice):

@@ -4,6 +4,7 @@ from kgtest import views
 
 urlpatterns = [
     path("plain/whoami", views.plain_whoami),
+    path("plain/async-whoami", views.plain_async_whoami),
     path("plain/notes", views.plain_notes),
     path("plain/profile", views.plain_profile),
     path("api/whoami", views.api_whoami),

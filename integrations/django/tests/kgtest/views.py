@@ -19,6 +19,11 @@ def plain_whoami(request):
     return JsonResponse(_whoami(request.user))
 
 
+async def plain_async_whoami(request):
+    """What async views (and login_required on them, Django >= 5.1) see: request.auser()."""
+    return JsonResponse(_whoami(await request.auser()))
+
+
 def plain_notes(request):
     """POST: create a note owned by request.user (FK assignment); both: count the user's notes."""
     if not request.user.is_authenticated:
