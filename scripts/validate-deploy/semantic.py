@@ -16,6 +16,12 @@ import yaml
 ROOT, WORK, K8S_VERSIONS = sys.argv[1], sys.argv[2], sys.argv[3:]
 os.chdir(ROOT)
 
+#: Every identity header knoxgate can answer with, by its documented (suggested) name: a client's
+#: copy of any of them must never reach the application, whether knoxgate sends it or not.
+IDENTITY_HEADERS = ("X-Auth-User-Id", "X-Auth-Username", "X-Auth-Email", "X-Auth-Assertion",
+                    "X-Auth-User-Staff", "X-Auth-User-Superuser", "X-Auth-User-Groups")
+UNDERSCORE_TWINS = tuple(h.replace("-", "_") for h in IDENTITY_HEADERS)
+
 
 def report(status, name, detail=None):
     print(f"{status:<4}  {name}")
@@ -102,8 +108,18 @@ def check_nginx(name, text):
     for body in login:
         c.expect("auth_request" not in body, "/api/auth/ must not require auth")
         c.expect(re.search(r"proxy_pass\s+http://knoxgate;", body), "/api/auth/ must go to knoxgate")
-        c.expect(re.search(r'proxy_set_header\s+X-Auth-User-Id\s+"";', body),
-                 "/api/auth/ must clear X-Auth-User-Id")
+        for h in IDENTITY_HEADERS:
+            c.expect(re.search(rf'proxy_set_header\s+{h}\s+"";', body), f"/api/auth/ must clear {h}")
+    # Every location that reaches the application sets every identity header from the auth
+    # answer (an empty value drops it), so no client copy passes, sent by knoxgate or not.
+    to_app = [b for b in nginx_blocks(text, r"location\s+[^{;]+") if re.search(r"proxy_pass\s+http://app\b", b)]
+    c.expect(to_app, "no location proxies to the application")
+    for body in to_app:
+        for h in IDENTITY_HEADERS:
+            m = re.search(rf"proxy_set_header\s+{h}\s+(\$knox_\w+);", body)
+            if c.expect(m, f"a location to the application does not set {h} from the auth answer"):
+                c.expect(re.search(rf"auth_request_set\s+\{m.group(1)}\s+\$upstream_http_{h.lower().replace('-', '_')};", body),
+                         f"{m.group(1)} is not set from knoxgate's {h}")
     # A 401/403 must reach the client as it is and anything else must stay a 500 from nginx.
     c.expect(not re.search(r"^\s*error_page\b", re.sub(r"#[^\n]*", "", text), re.M),
              "no error_page: it would rewrite knoxgate's 401 or nginx's 500")
@@ -146,7 +162,7 @@ def caddy_handlers(node, out):
     return out
 
 
-c = Checks("deploy/caddy/Caddyfile: client X-Auth-User-Id deleted before forward_auth, /api/auth/* unauthenticated")
+c = Checks("deploy/caddy/Caddyfile: client identity headers (both spellings) deleted before forward_auth, /api/auth/* unauthenticated")
 try:
     caddy = json.load(open(os.path.join(WORK, "caddy.json")))
     c.expect(caddy.get("admin", {}).get("disabled") is True, "admin off")
@@ -156,8 +172,20 @@ try:
         handlers = caddy_handlers(route.get("handle", []), [])
         is_auth = [h.get("handler") == "reverse_proxy"
                    and str(h.get("rewrite", {}).get("uri", "")).split("?", 1)[0] == "/verify" for h in handlers]
+        deleted = set()
+        for h in handlers:
+            if h.get("handler") == "reverse_proxy":
+                break
+            if h.get("handler") == "headers":
+                deleted |= set(h.get("request", {}).get("delete", []))
+        missing = set(IDENTITY_HEADERS + UNDERSCORE_TWINS) - deleted
+        c.expect(not missing, f"route {paths or '(catch-all)'} does not delete client copies of {sorted(missing)} first")
         if "/api/auth/*" in paths:
             c.expect(not any(is_auth), "/api/auth/* must not go through forward_auth")
+            proxies = [h for h in handlers if h.get("handler") == "reverse_proxy"]
+            idle = proxies[0].get("transport", {}).get("keep_alive", {}).get("idle_timeout") if proxies else None
+            c.expect(idle is not None and idle / 1e9 < HEADER_READ_TIMEOUT_S,
+                     f"/api/auth/* keepalive {idle} ns is not below {HEADER_READ_TIMEOUT_S} s")
             continue
         if not c.expect(any(is_auth), "the catch-all route has no forward_auth to /verify"):
             continue
@@ -178,6 +206,7 @@ try:
     caddyfile = open("deploy/caddy/Caddyfile").read()
     c.expect(re.search(r"^\s*auto_https off", caddyfile, re.M), "auto_https off")
     c.expect(re.search(r"copy_headers[^\n]*X-Auth-User-Id", caddyfile), "copy_headers X-Auth-User-Id")
+    c.expect(re.search(r"copy_headers[^\n]*X-Auth-Assertion", caddyfile), "copy_headers X-Auth-Assertion")
 except (OSError, ValueError, KeyError) as e:
     c.expect(False, f"caddy adapt output unusable: {e!r}")
 c.done()
@@ -222,7 +251,8 @@ try:
              "client identity headers must be removed by a filter before ext_authz")
     mutation = filters[names.index("envoy.filters.http.header_mutation")]["typed_config"]
     removed = {m.get("remove") for m in mutation["mutations"]["request_mutations"]}
-    c.expect("x-auth-user-id" in removed, "header_mutation must remove x-auth-user-id")
+    for h in IDENTITY_HEADERS:
+        c.expect(h.lower() in removed, f"header_mutation must remove {h.lower()}")
     authz = filters[names.index("envoy.filters.http.ext_authz")]["typed_config"]
     c.expect(authz.get("failure_mode_allow") is False, "failure_mode_allow must be false")
     c.expect(authz.get("status_on_error", {}).get("code") in ("ServiceUnavailable", 503), "status_on_error must be 503")
@@ -231,7 +261,8 @@ try:
     c.expect(http["server_uri"]["cluster"] in clusters, "ext_authz server_uri.cluster is not defined")
     upstream = [p.get("exact") for p in http["authorization_response"]["allowed_upstream_headers"]["patterns"]]
     client = [p.get("exact") for p in http["authorization_response"]["allowed_client_headers"]["patterns"]]
-    c.expect("x-auth-user-id" in upstream, "allowed_upstream_headers must include x-auth-user-id")
+    for h in IDENTITY_HEADERS:
+        c.expect(h.lower() in upstream, f"allowed_upstream_headers must include {h.lower()}")
     c.expect("www-authenticate" in client, "allowed_client_headers must include www-authenticate")
     c.expect(hcm.get("common_http_protocol_options", {}).get("headers_with_underscores_action") in ("DROP_HEADER", "REJECT_REQUEST"),
              "headers_with_underscores_action must drop or reject X_Auth_User_Id-style headers")
@@ -271,6 +302,8 @@ def check_context(c, where, context):
 
 grpc_port = next(p["port"] for d in load_all("deploy/kubernetes/service.yaml") for p in d["spec"]["ports"]
                  if p["name"] == "grpc")
+main_port = next(p["port"] for d in load_all("deploy/kubernetes/service.yaml") for p in d["spec"]["ports"]
+                 if p["name"] == "http")
 grpc_listen = tomllib.loads(load_all("deploy/kubernetes/configmap.yaml")[0]["data"]["knoxgate.toml"])[
     "server"].get("grpc_listen", "")
 c = Checks("deploy/kubernetes: the grpc port (Service, Deployment, server.grpc_listen) agrees")
@@ -377,18 +410,24 @@ try:
              and authz["extensionRef"]["namespace"] == ext["metadata"]["namespace"], "extensionRef must name the ExtensionService")
     c.expect("tls" in proxy["spec"]["virtualhost"], "Contour requires TLS on a virtual host with authorization")
     check_context(c, "virtualhost", authz.get("authPolicy", {}).get("context"))
-    exempt = False
-    services = {d["metadata"]["name"] for d in docs_ct if d["kind"] == "Service"}
     for r in proxy["spec"]["routes"]:
         prefix = r["conditions"][0]["prefix"]
         ap = r.get("authPolicy", {})
-        if prefix == "/api/auth/":
-            exempt = ap.get("disabled") is True
-            c.expect(all(s["name"] in services for s in r["services"]), "the login route's Service must be in the file")
-        else:
-            c.expect(not ap.get("disabled"), f"route {prefix} must not disable authorization")
-            check_context(c, f"route {prefix}", ap.get("context"))
-    c.expect(exempt, "the /api/auth/ route must carry authPolicy.disabled: true")
+        c.expect(prefix != "/api/auth/", "/api/auth/ goes through the included knoxgate-login proxy")
+        c.expect(not ap.get("disabled"), f"route {prefix} must not disable authorization")
+        check_context(c, f"route {prefix}", ap.get("context"))
+    # Login: an included HTTPProxy in knoxgate's namespace, to knoxgate's HTTP port, unchecked
+    # (an HTTPProxy reaches only its own namespace's Services; ExternalName is off by default).
+    login = [i for i in proxy["spec"].get("includes", []) if i["conditions"][0]["prefix"] == "/api/auth/"]
+    c.expect(len(login) == 1, "myapp's HTTPProxy must include one proxy for /api/auth/")
+    for inc in login:
+        child = next(d for d in docs_ct if d["kind"] == "HTTPProxy" and d["metadata"]["name"] == inc["name"]
+                     and d["metadata"]["namespace"] == inc["namespace"])
+        c.expect(inc["namespace"] == ext["metadata"]["namespace"], "the login proxy must be in knoxgate's namespace")
+        for r in child["spec"]["routes"]:
+            c.expect(r.get("authPolicy", {}).get("disabled") is True, "the login route must carry authPolicy.disabled: true")
+            c.expect(all(s["name"] == ext["spec"]["services"][0]["name"] and s["port"] == main_port
+                         for s in r["services"]), "the login route must go to knoxgate's HTTP port")
 except (KeyError, IndexError, TypeError, StopIteration) as e:
     c.expect(False, f"unexpected structure: {e!r}")
 c.done()
@@ -399,10 +438,20 @@ report("SKIP", "traefik schema check of deploy/traefik/*: neither Traefik nor it
        "is available from the package registries here; YAML and settings are checked instead")
 
 
+def check_strip(c, where, header_middlewares):
+    """The `headers` middlewares a route uses must delete (set to "") every identity header in
+    both spellings: authResponseHeaders covers the hyphenated names only, and a route without
+    forwardAuth (login) not even those."""
+    cleared = {k for m in header_middlewares for k, v in m.get("customRequestHeaders", {}).items() if v == ""}
+    missing = set(IDENTITY_HEADERS + UNDERSCORE_TWINS) - cleared
+    c.expect(not missing, f"{where}: client copies of {sorted(missing)} are not deleted")
+
+
 def check_forward_auth(c, where, fa):
     c.expect(str(fa.get("address", "")).endswith("/verify"), f"{where}: address must end in /verify")
     c.expect(fa.get("trustForwardHeader") is False, f"{where}: trustForwardHeader must be false")
-    c.expect("X-Auth-User-Id" in fa.get("authResponseHeaders", []), f"{where}: authResponseHeaders must list X-Auth-User-Id")
+    for h in IDENTITY_HEADERS:
+        c.expect(h in fa.get("authResponseHeaders", []), f"{where}: authResponseHeaders must list {h}")
     c.expect("Authorization" in fa.get("authRequestHeaders", []), f"{where}: authRequestHeaders must list Authorization")
 
 
@@ -423,6 +472,8 @@ try:
         for m in r.get("middlewares", []):
             c.expect(m in mws, f"router {name}: unknown middleware {m}")
         uses_auth = any(m in auth for m in r.get("middlewares", []))
+        check_strip(c, f"router {name}", [mws[m]["headers"] for m in r.get("middlewares", [])
+                                          if "headers" in mws.get(m, {})])
         if "/api/auth/" in r["rule"]:
             c.expect(not uses_auth, f"router {name}: login must not require auth")
         else:
@@ -448,6 +499,9 @@ for d in load_all("deploy/traefik/middleware.yaml"):
         for r in d["spec"]["routes"]:
             for m in r.get("middlewares", []):
                 c.expect(m["name"] in crd_mws, f"IngressRoute {d['metadata']['name']}: unknown middleware {m['name']}")
+            check_strip(c, f"IngressRoute route {r['match']}",
+                        [crd_mws[m["name"]]["spec"]["headers"] for m in r.get("middlewares", [])
+                         if "headers" in crd_mws.get(m["name"], {}).get("spec", {})])
 c.done()
 
 # --- Kubernetes schemas -----------------------------------------------------------------------
@@ -607,7 +661,8 @@ for ing in ingresses:
         continue
     c.expect(ann.get("nginx.ingress.kubernetes.io/auth-url", "").endswith("/verify"), f"{name}: auth-url must end in /verify")
     listed = [h.strip() for h in ann.get("nginx.ingress.kubernetes.io/auth-response-headers", "").split(",")]
-    c.expect("X-Auth-User-Id" in listed, f"{name}: auth-response-headers must list X-Auth-User-Id")
+    for h in IDENTITY_HEADERS:
+        c.expect(h in listed, f"{name}: auth-response-headers must list {h}")
     ka = ann.get("nginx.ingress.kubernetes.io/auth-keepalive-timeout")
     c.expect(ka is not None and duration_s(ka) < HEADER_READ_TIMEOUT_S, f"{name}: auth-keepalive-timeout must be below 5")
 c.done()

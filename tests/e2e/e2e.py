@@ -25,6 +25,11 @@ import time
 TIMEOUT = 10  # seconds, per request
 SPOOF = "999"
 ID_SPELLINGS = ("X-Auth-User-Id", "X_Auth_User_Id", "x-auth-user-id", "x_auth_user_id")
+# The other identity headers knoxgate can send (by their suggested names). The knoxgate here
+# sends none of them, so the upstream must never see any, whatever the client adds.
+OTHER_IDENTITY = ("X-Auth-Username", "X-Auth-Email", "X-Auth-Assertion", "X-Auth-User-Staff",
+                  "X-Auth-User-Superuser", "X-Auth-User-Groups")
+FORGED_IDENTITY = [(h, SPOOF) for h in OTHER_IDENTITY] + [(h.replace("-", "_"), SPOOF) for h in OTHER_IDENTITY]
 
 
 class Result:
@@ -112,6 +117,12 @@ class Upstream:
 def id_values(record):
     """Every value the upstream got under any spelling of X-Auth-User-Id."""
     return [v for k, v in record["headers"] if k.lower().replace("_", "-") == "x-auth-user-id"]
+
+
+def other_identity(record):
+    """The headers of OTHER_IDENTITY (any spelling) the upstream got."""
+    names = {h.lower() for h in OTHER_IDENTITY}
+    return [(k, v) for k, v in record["headers"] if k.lower().replace("_", "-") in names]
 
 
 def token_auth(token):
@@ -263,6 +274,24 @@ def policy_checks(c, name, base, up, users):
         want = 403 if path.startswith("/staff/") else 200
         c.run(f"{name}: `{path}` with alice's token -> {want} as the route's own rule says (client parameters ignored)",
               through(path, [token_auth(alice["token"])], want, None if want == 403 else [alice["id"]]))
+
+    def no_forged_identity(path, headers, uid):
+        def fn():
+            r = request(base, "GET", path, [*headers, *FORGED_IDENTITY])
+            rec = r.json() if r.status == 200 else None
+            ok = r.status == 200 and isinstance(rec, dict) and id_values(rec) == uid and not other_identity(rec)
+            return ok, f"client got {r!r}\nupstream saw {other_identity(rec) if isinstance(rec, dict) else None}"
+        return fn
+
+    every = "client copies of every other identity header (username, email, assertion, staff, superuser, groups; both spellings)"
+    c.run(f"{name}: /api/orders, valid token + {every} -> upstream gets none of them",
+          no_forged_identity("/api/orders", [token_auth(alice["token"])], [alice["id"]]))
+    c.run(f"{name}: /staff/, staff token + {every} -> upstream gets none of them",
+          no_forged_identity("/staff/reports", [token_auth(bob["token"])], [bob["id"]]))
+    c.run(f"{name}: /public/, no token + {every} -> upstream gets none of them",
+          no_forged_identity("/public/page", [], []))
+    c.run(f"{name}: /public/, valid token + {every} -> upstream gets none of them",
+          no_forged_identity("/public/page", [token_auth(alice["token"])], [alice["id"]]))
 
 
 def proxy_down_checks(c, name, base, up, users):
