@@ -3,6 +3,7 @@
 
 use std::{sync::Arc, time::Duration};
 
+use hyper::header::HeaderName;
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -55,15 +56,23 @@ impl Default for AssertionFile {
 pub struct AssertionConfig {
     /// `None`: assertions are off.
     pub signer: Option<Arc<Signer>>,
+    /// The assertion's header, known even with assertions off: a client's copy is never to
+    /// reach the application as if knoxgate had signed it (gRPC checks remove it).
+    pub header: HeaderName,
 }
 
 impl TryFrom<AssertionFile> for AssertionConfig {
     type Error = ConfigError;
 
     fn try_from(file: AssertionFile) -> Result<Self, ConfigError> {
+        let header = header_name("assertion.header", &file.header)?
+            .ok_or_else(|| invalid("assertion.header", "must not be empty"))?;
         let key_file = file.key_file.trim();
         if key_file.is_empty() {
-            return Ok(AssertionConfig { signer: None });
+            return Ok(AssertionConfig {
+                signer: None,
+                header,
+            });
         }
         let audience = file.audience.trim();
         if audience.is_empty() {
@@ -92,8 +101,6 @@ impl TryFrom<AssertionFile> for AssertionConfig {
                 "must be shorter than assertion.lifetime",
             ));
         }
-        let header_name = header_name("assertion.header", &file.header)?
-            .ok_or_else(|| invalid("assertion.header", "must not be empty"))?;
         let key_id = Some(file.key_id.trim()).filter(|k| !k.is_empty());
         let key = assertion::load_signing_key(key_file, key_id)
             .map_err(|e| invalid("assertion.key_file", e.to_string()))?;
@@ -108,12 +115,13 @@ impl TryFrom<AssertionFile> for AssertionConfig {
             issuer: file.issuer.trim().to_owned(),
             lifetime,
             renew_before,
-            header_name,
+            header_name: header.clone(),
         };
         let signer = Signer::new(key, published, settings)
             .map_err(|e| invalid("assertion.verify_only_key_files", e.to_string()))?;
         Ok(AssertionConfig {
             signer: Some(Arc::new(signer)),
+            header,
         })
     }
 }

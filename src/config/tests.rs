@@ -45,6 +45,25 @@ fn shipped_config_file_is_valid_and_matches_defaults() {
 }
 
 #[test]
+fn an_empty_variable_turns_off_a_listener_the_file_turns_on() {
+    // The Kubernetes sidecar shares the Deployment's ConfigMap (grpc_listen set) and must not
+    // listen for gRPC on the pod IP.
+    let file = "[server]\ngrpc_listen = \"0.0.0.0:9001\"\n";
+    let on = Config::from_toml_and_env(file, env(&[])).unwrap();
+    assert_eq!(on.server.grpc_listen.map(|a| a.port()), Some(9001));
+    let off = Config::from_toml_and_env(file, env(&[("KNOXGATE_GRPC_LISTEN", "")])).unwrap();
+    assert_eq!(off.server.grpc_listen, None);
+}
+
+#[test]
+fn the_assertion_header_is_known_and_checked_with_assertions_off() {
+    let c = Config::from_toml_str("").unwrap();
+    assert!(c.assertion.signer.is_none());
+    assert_eq!(c.assertion.header.as_str(), "x-auth-assertion");
+    assert!(Config::from_toml_str("[assertion]\nheader = \"\"\n").is_err());
+}
+
+#[test]
 fn env_overrides_file_and_works_without_file() {
     let c = Config::from_toml_and_env(
         "[server]\nlisten = \"127.0.0.1:1\"\n",

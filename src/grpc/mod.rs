@@ -33,13 +33,14 @@ use crate::{
 #[derive(Clone)]
 pub struct Check {
     app: Arc<App>,
-    /// Every identity header knoxgate sets, so that an allowed check removes client copies.
+    /// Every identity header knoxgate sets, and the assertion's even with assertions off, so
+    /// that an allowed check removes client copies.
     owned: Arc<[HeaderName]>,
 }
 
 impl Check {
     pub fn new(app: Arc<App>) -> Check {
-        let assertion = app.config.assertion.signer.as_ref().map(|s| &s.header_name);
+        let assertion = Some(&app.config.assertion.header);
         let owned = http_respond::identity_header_names(&app.config.verify, assertion).into();
         Check { app, owned }
     }
