@@ -170,9 +170,18 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 migrate(&config, !no_triggers).await
             }
         }
-        Command::User(cmd) => user(cmd, &config).await,
-        Command::Token(cmd) => token(cmd, &config).await,
+        Command::User(cmd) => user(cmd, &settled(config).await).await,
+        Command::Token(cmd) => token(cmd, &settled(config).await).await,
     }
+}
+
+/// `config` with `postgres.pgbouncer` decided as `serve` decides it (probing `postgres.url`
+/// when the key is unset): the operator commands use the pool URL, and behind PgBouncer that
+/// means no startup options and no named statements.
+async fn settled(mut config: Config) -> Config {
+    let pooler = pg::probe_pooler(&config.postgres).await;
+    pg::settle_pgbouncer(&mut config.postgres, pooler);
+    config
 }
 
 /// Serves until SIGTERM or SIGINT, then drains.

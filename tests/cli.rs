@@ -13,9 +13,14 @@ struct CliOutput {
 
 /// Runs the built `knoxgate` binary against this database and Redis prefix.
 async fn cli(db: &TestDb, prefix: &str, args: &[&str], stdin: Option<&str>) -> CliOutput {
+    cli_at(&db.url, prefix, args, stdin).await
+}
+
+/// The same with `postgres.url` = `url`.
+async fn cli_at(url: &str, prefix: &str, args: &[&str], stdin: Option<&str>) -> CliOutput {
     use std::io::Write;
     use std::process::{Command, Stdio};
-    let url = db.url.clone();
+    let url = url.to_owned();
     let prefix = prefix.to_owned();
     let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
     let stdin = stdin.map(str::to_owned);
@@ -114,4 +119,46 @@ async fn operator_cli_creates_users_and_tokens_and_revokes_them() {
     let out = cli(&db, &p, &["user", "deactivate", "nobody"], None).await;
     assert!(!out.success);
     s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_cli_works_through_pgbouncer_in_transaction_mode() {
+    // postgres.url is PgBouncer and postgres.pgbouncer is unset: the commands find out, as
+    // `serve` does, and send neither startup options (PgBouncer refuses the connection) nor
+    // named statements (another client's server connection would not know them).
+    let db = TestDb::migrated().await;
+    let bouncer = PgBouncer::start(5432, &db.name, "transaction", 2).await;
+    let url = bouncer.url(&db.name);
+    let p = unique("kgclipgb");
+    let out = cli_at(
+        &url,
+        &p,
+        &["user", "create", "carol", "--password-stdin"],
+        Some("pw\n"),
+    )
+    .await;
+    assert!(out.success, "{}", out.stderr);
+    let out = cli_at(&url, &p, &["token", "create", "--user", "carol"], None).await;
+    assert!(out.success, "{}", out.stderr);
+    let token = out.stdout.trim().to_owned();
+    let out = cli_at(&url, &p, &["token", "revoke", &token], None).await;
+    assert!(out.success, "{}", out.stderr);
+    let out = cli_at(&url, &p, &["user", "deactivate", "carol"], None).await;
+    assert!(out.success, "{}", out.stderr);
+    let c = db.client().await;
+    let active: bool = c
+        .query_one(
+            "SELECT is_active FROM auth_user WHERE username = 'carol'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!active);
+    let tokens: i64 = c
+        .query_one("SELECT count(*) FROM knox_authtoken", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(tokens, 0, "the revoked token's row is gone");
 }

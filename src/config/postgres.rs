@@ -120,7 +120,7 @@ pub struct PostgresConfig {
     /// `postgres.pgbouncer` was not set (or `"detect"`): probe `url` at startup.
     pub detect_pgbouncer: bool,
     /// The change feed's connection (direct to the primary), also used by migrations and the
-    /// CLI; `url` when not set.
+    /// startup trigger check; `url` when not set.
     pub feed_url: String,
     /// Time to open a connection.
     pub connect_timeout: Duration,

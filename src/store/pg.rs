@@ -20,7 +20,7 @@ pub fn pg_config(cfg: &PostgresConfig) -> Result<tokio_postgres::Config, StoreEr
 }
 
 /// Connection settings of the direct connection (`postgres.feed_url`): the change feed,
-/// migrations and the operator CLI, which need a session of their own on the primary.
+/// migrations and the startup trigger check, which need a session of their own on the primary.
 pub fn direct_config(cfg: &PostgresConfig) -> Result<tokio_postgres::Config, StoreError> {
     config_for(cfg, &cfg.feed_url)
 }
