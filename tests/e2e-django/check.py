@@ -233,21 +233,25 @@ def main() -> int:
         whoami(a.nginx, [token(a.django_token)])
     time.sleep(settle)
     before = transactions()
-    # Alternately by each token, to three views: the user's id; the username and flags (signed
-    # in the assertion, so no row is read); DRF's IsAdminUser (signed "not staff": 403).
+    # By each token in turn, to four views: the user's id; the username and flags (signed
+    # in the assertion, so no row is read); DRF's IsAdminUser (signed "not staff": 403); the
+    # user id in a plain Django view, through the middleware.
     expected = {
         "/api/whoami": lambda user: (200, {"authenticated": True, "id": user["id"], "has_claims": True}),
         # knoxgate's `user create` sets no email: signed as "".
         "/api/names": lambda user: (200, {"username": user["name"], "email": "",
                                           "is_staff": False, "is_superuser": False}),
         "/api/admin": lambda user: (403, None),
+        # A plain Django view: KnoxgateMiddleware's request.user.
+        "/plain/whoami": lambda user: (200, {"authenticated": True, "id": user["id"]}),
     }
-    n = 102
+    n = 104
     ok = 0
     wrong = []
     for i in range(n):
-        t, user = (alice_token, {**alice, "name": "alice"}) if i % 2 else (a.django_token, {**bob, "name": "bob"})
-        path = list(expected)[i % 3]
+        t, user = ((alice_token, {**alice, "name": "alice"}) if (i // len(expected)) % 2
+                   else (a.django_token, {**bob, "name": "bob"}))
+        path = list(expected)[i % len(expected)]
         status, _, body = request(a.nginx, "GET", path, [token(t)])
         got = (status, json.loads(body) if status == 200 else None)
         if got == expected[path](user):
