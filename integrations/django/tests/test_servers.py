@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import HERE, spare_port
+from conftest import AUDIENCE, HERE, new_key, spare_port, write_jwks
 
 PROXY_ID, CLIENT_ID = "5", "7"
 
@@ -42,13 +42,29 @@ def raw_get(port: int, path: str, headers: list[tuple[str, str]]) -> tuple[int, 
 
 @pytest.fixture(scope="module", params=["gunicorn", "uvicorn"])
 def server(request, tmp_path_factory):
+    yield from _serve(request.param, tmp_path_factory, {})
+
+
+@pytest.fixture(scope="module")
+def signing_key():
+    return new_key("ES256")
+
+
+@pytest.fixture(scope="module", params=["gunicorn", "uvicorn"])
+def signed_server(request, tmp_path_factory, signing_key):
+    """The same servers with REQUIRE_ASSERTION on and signing_key's JWKS."""
+    jwks = write_jwks(tmp_path_factory.mktemp("jwks") / "jwks.json", signing_key)
+    yield from _serve(request.param, tmp_path_factory, {"KGTEST_JWKS_FILE": str(jwks), "KGTEST_AUDIENCE": AUDIENCE})
+
+
+def _serve(kind, tmp_path_factory, extra_env):
     port = spare_port()
-    log = tmp_path_factory.mktemp(request.param) / "server.log"
-    if request.param == "gunicorn":
+    log = tmp_path_factory.mktemp(kind) / "server.log"
+    if kind == "gunicorn":
         argv = [sys.executable, "-m", "gunicorn", "kgtest.wsgi:application", "--bind", f"127.0.0.1:{port}", "--workers", "1"]
     else:
         argv = [sys.executable, "-m", "uvicorn", "kgtest.asgi:application", "--host", "127.0.0.1", "--port", str(port), "--no-proxy-headers"]
-    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "kgtest.settings", "PYTHONPATH": str(HERE)}
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "kgtest.settings", "PYTHONPATH": str(HERE), **extra_env}
     with open(log, "wb") as logf:
         proc = subprocess.Popen(argv, cwd=HERE, env=env, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
@@ -59,9 +75,9 @@ def server(request, tmp_path_factory):
                 break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"{request.param} did not start:\n{log.read_text()}")
+                    pytest.fail(f"{kind} did not start:\n{log.read_text()}")
                 time.sleep(0.1)
-        yield request.param, port
+        yield kind, port
     finally:
         proc.terminate()
         try:
@@ -105,3 +121,23 @@ def test_client_copy_never_wins(server, path, headers):
     if any(n.lower() == "x-auth-user-id" for n, v in headers if v == CLIENT_ID):
         # two hyphenated copies: merged by the server, refused by the package
         assert got is None
+
+
+@pytest.mark.parametrize("path", ["/plain/whoami", "/api/open"])
+def test_a_client_assertion_never_wins(signed_server, signing_key, path):
+    """REQUIRE_ASSERTION through real servers: the proxy's assertion names PROXY_ID; a client's
+    copy, genuine but captured for CLIENT_ID, comes as an underscore twin or a second copy."""
+    _, port = signed_server
+    proxy, client = signing_key.sign(PROXY_ID), signing_key.sign(CLIENT_ID)
+    assert identity(raw_get(port, path, [("X-Auth-Assertion", proxy)])) == PROXY_ID
+    for headers in (
+        [("X_Auth_Assertion", client)],
+        [("X-Auth-Assertion", proxy), ("X_Auth_Assertion", client)],
+        [("X_Auth_Assertion", client), ("X-Auth-Assertion", proxy)],
+        [("X-Auth-Assertion", proxy), ("X-Auth-Assertion", client)],
+    ):
+        got = identity(raw_get(port, path, headers))
+        assert got != CLIENT_ID, headers
+        if [n for n, _ in headers].count("X-Auth-Assertion") == 2:
+            # two copies: merged by the server, refused by the package
+            assert got is None, headers

@@ -52,6 +52,15 @@ KNOXGATE = {
     "IS_SUPERUSER_HEADER": "X-Auth-Is-Superuser",
 }
 
+# tests/test_servers.py starts gunicorn and uvicorn with these to verify assertions through
+# real servers (the pytest process sets KNOXGATE per test instead).
+if os.environ.get("KGTEST_JWKS_FILE"):
+    KNOXGATE.update({
+        "JWKS_FILE": os.environ["KGTEST_JWKS_FILE"],
+        "ASSERTION_AUDIENCE": os.environ["KGTEST_AUDIENCE"],
+        "REQUIRE_ASSERTION": True,
+    })
+
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 LOGGING = {
     "version": 1,
