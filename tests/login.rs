@@ -535,3 +535,38 @@ async fn refused_logins_take_as_long_whatever_the_users_hash() {
     }
     s.stop().await;
 }
+
+#[tokio::test]
+async fn a_rehash_never_overwrites_a_password_changed_since_the_login_checked_it() {
+    // The re-hash on login runs after the answer, behind other hashing work; an admin's reset
+    // in between must stand.
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    insert_user(&client, "alice", "alice-pass", true).await;
+    let checked = stored_password(&client, "alice").await;
+    let s = TestServer::start(&db, "").await;
+    let pg = s.running.app.store.postgres();
+    let reset = knoxgate::password::make_password("new-pass", 1000);
+    client
+        .execute(
+            "UPDATE auth_user SET password = $1 WHERE username = 'alice'",
+            &[&reset],
+        )
+        .await
+        .unwrap();
+    let upgraded = knoxgate::password::make_password("alice-pass", 1000);
+    assert!(
+        !pg.upgrade_password("alice", &checked, &upgraded)
+            .await
+            .unwrap()
+    );
+    assert_eq!(stored_password(&client, "alice").await, reset);
+    // Still the hash the login checked: replaced.
+    assert!(
+        pg.upgrade_password("alice", &reset, &upgraded)
+            .await
+            .unwrap()
+    );
+    assert_eq!(stored_password(&client, "alice").await, upgraded);
+    s.stop().await;
+}

@@ -152,7 +152,12 @@ impl Login {
         }
         let iterations = self.config.sessions.password_iterations;
         if password::must_update(&user.password, iterations) {
-            self.rehash_later(creds.username.clone(), creds.password, iterations);
+            self.rehash_later(
+                creds.username.clone(),
+                creds.password,
+                user.password.clone(),
+                iterations,
+            );
         }
         let now = OffsetDateTime::now_utc();
         let user_info = UserInfo {
@@ -195,18 +200,26 @@ impl Login {
         Ok(ok)
     }
 
-    /// Django re-hashes on login with its preferred hasher; so do we, off the request.
-    fn rehash_later(&self, username: String, password: String, iterations: u32) {
+    /// Django re-hashes on login with its preferred hasher; so do we, off the request. `checked`
+    /// is the hash the login verified: only it is replaced.
+    fn rehash_later(&self, username: String, password: String, checked: String, iterations: u32) {
         let store = Arc::clone(&self.store);
         let hashes = self.hashes.clone();
         tokio::spawn(async move {
             let hashed = hashes
                 .run(move || password::make_password(&password, iterations))
                 .await;
-            if let Ok(encoded) = hashed
-                && let Err(e) = store.postgres().set_password(&username, &encoded).await
+            let Ok(encoded) = hashed else { return };
+            match store
+                .postgres()
+                .upgrade_password(&username, &checked, &encoded)
+                .await
             {
-                tracing::warn!(error = %e, "could not store the upgraded password hash");
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::info!("password changed since the login checked it; not re-hashed");
+                }
+                Err(e) => tracing::warn!(error = %e, "could not store the upgraded password hash"),
             }
         });
     }

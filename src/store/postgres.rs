@@ -59,6 +59,8 @@ pub(super) struct Statements {
     /// `None` when the user model has no last-login column.
     pub(super) set_last_login: Option<String>,
     pub(super) set_password: String,
+    /// Replaces a hash only while it is still the one a login checked.
+    pub(super) upgrade_password: String,
     pub(super) set_active: String,
     pub(super) token_keys_after: String,
     pub(super) estimated_tokens: String,
@@ -116,6 +118,9 @@ impl Statements {
                 .as_ref()
                 .map(|ll| format!("UPDATE {usr} SET {ll} = $2 WHERE {name} = $1")),
             set_password: format!("UPDATE {usr} SET {pw} = $2 WHERE {name} = $1"),
+            upgrade_password: format!(
+                "UPDATE {usr} SET {pw} = $3 WHERE {name} = $1 AND {pw} = $2 RETURNING {id}"
+            ),
             set_active: format!("UPDATE {usr} SET {active} = $2 WHERE {name} = $1 RETURNING {id}"),
             // Index-only scans of knox's token_key index, one page at a time (see known_keys).
             token_keys_after: format!(

@@ -159,7 +159,30 @@ impl Postgres {
         }
     }
 
-    /// Replaces a user's password hash (re-hash on login, `user set-password`).
+    /// Re-hashes a password on login: replaces the hash `checked` with `encoded`, but only while
+    /// `checked` is still stored, so a password changed meanwhile (the re-hash runs after the
+    /// login's answer, behind other hashing work) is never overwritten with the old one.
+    /// Whether it replaced it.
+    pub async fn upgrade_password(
+        &self,
+        username: &str,
+        checked: &str,
+        encoded: &str,
+    ) -> Result<bool, StoreError> {
+        self.query(
+            "upgrade_password",
+            &self.sql.upgrade_password,
+            &[
+                (&username, Type::TEXT),
+                (&checked, Type::TEXT),
+                (&encoded, Type::TEXT),
+            ],
+        )
+        .await
+        .map(|rows| !rows.is_empty())
+    }
+
+    /// Replaces a user's password hash (`user set-password`).
     pub async fn set_password(&self, username: &str, encoded: &str) -> Result<(), StoreError> {
         self.query(
             "set_password",
