@@ -323,11 +323,22 @@ async fn revoke_token(
     let Some(row) = store.postgres().confirm(&digest).await? else {
         anyhow::bail!("no such token");
     };
+    let existed = if all {
+        store
+            .logout_all(&row.token_key, &row.digest, &row.user_id)
+            .await?
+    } else {
+        store.logout(&row.token_key, &row.digest).await?
+    };
     if all {
-        store.logout_all(&row.digest, &row.user_id).await?;
+        // Deleted by someone else between the lookup and the delete: the user's other tokens
+        // were not found through it, so nothing was revoked.
+        anyhow::ensure!(
+            existed,
+            "the token was deleted meanwhile; no other token of its user was revoked"
+        );
         println!("revoked every token of user {}", row.user_id);
     } else {
-        store.logout(&row.digest).await?;
         println!("token revoked");
     }
     Ok(())

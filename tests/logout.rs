@@ -181,3 +181,47 @@ async fn logout_on_one_instance_is_refused_by_another_within_two_seconds() {
     b.stop().await;
     a.stop().await;
 }
+
+#[tokio::test]
+async fn logout_with_a_token_postgres_no_longer_holds_is_401_and_revokes_nothing_else() {
+    // knox reads Postgres, so a token deleted there is refused at once. knoxgate may still hold
+    // it in a cache (consistency = "ttl", or a feed that has not delivered yet): its logout and
+    // logout-all must not answer 204 as if they had revoked anything.
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    let id = insert_user(&client, "alice", "alice-pass", true).await;
+    let s = TestServer::start(&db, "[cache]\nconsistency = \"ttl\"\n").await;
+    let gone = login_ok(&s, "alice", "alice-pass").await;
+    let other = login_ok(&s, "alice", "alice-pass").await;
+    let gone_too = login_ok(&s, "alice", "alice-pass").await;
+    for t in [&gone, &other, &gone_too] {
+        assert_eq!(s.verify(t).await.status, 200);
+    }
+    for t in [&gone, &gone_too] {
+        client
+            .execute(
+                "DELETE FROM knox_authtoken WHERE token_key = $1",
+                &[&&t[..15]],
+            )
+            .await
+            .unwrap();
+        // Still answered from the cache: ttl mode hears nothing.
+        assert_eq!(s.verify(t).await.status, 200);
+    }
+
+    let r = post_with_token(&s, LOGOUT_ALL, &gone).await;
+    assert_detail(&r, 401, "Invalid token.");
+    assert_eq!(r.header("www-authenticate"), Some("Token"));
+    assert_drf_view_headers(&r);
+    // Nothing else revoked, and the client was not told otherwise.
+    assert_eq!(rows_of_user(&client, id).await, 1);
+    assert_eq!(s.verify(&other).await.status, 200);
+    // The stale entry of the presented token is gone from the caches.
+    assert_eq!(s.verify(&gone).await.status, 401);
+
+    let r = post_with_token(&s, LOGOUT, &gone_too).await;
+    assert_detail(&r, 401, "Invalid token.");
+    assert_eq!(s.verify(&gone_too).await.status, 401);
+    assert_eq!(s.verify(&other).await.status, 200);
+    s.stop().await;
+}

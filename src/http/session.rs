@@ -12,7 +12,7 @@ use super::{
     verify::authenticate,
 };
 use crate::{
-    auth::{BasicError, LoginCredentials, parse_basic},
+    auth::{BasicError, DenyReason, LoginCredentials, parse_basic},
     error::Error,
     login::{LoginOutcome, client_ip},
     metrics::{KindLabels, ResultLabels},
@@ -140,30 +140,39 @@ fn count_login(app: &App, result: &'static str) {
         .inc();
 }
 
+/// A logout refused as knox's views refuse it: 401, with the headers DRF adds to every
+/// response of those views.
+fn refused(app: &App, reason: DenyReason) -> Response<Body> {
+    let mut r = respond::deny(reason, &app.config.knox.auth_header_prefix);
+    r.headers_mut()
+        .insert(header::VARY, header::HeaderValue::from_static("Accept"));
+    r.headers_mut().insert(
+        header::ALLOW,
+        header::HeaderValue::from_static("POST, OPTIONS"),
+    );
+    r
+}
+
 /// POST logout/ and logoutall/.
 pub async fn logout(app: &Arc<App>, parts: &Parts, all: bool) -> Result<Response<Body>, Error> {
     let auth = match authenticate(app, &parts.headers).await? {
         Ok(auth) => auth,
-        Err(reason) => {
-            let mut r = respond::deny(reason, &app.config.knox.auth_header_prefix);
-            // DRF adds these to every response of knox's views, refusals included.
-            r.headers_mut()
-                .insert(header::VARY, header::HeaderValue::from_static("Accept"));
-            r.headers_mut().insert(
-                header::ALLOW,
-                header::HeaderValue::from_static("POST, OPTIONS"),
-            );
-            return Ok(r);
-        }
+        Err(reason) => return Ok(refused(app, reason)),
     };
     if parts.method != Method::POST {
         return Ok(respond::method_not_allowed(&parts.method));
     }
     let row = auth.row();
-    if all {
-        app.store.logout_all(&row.digest, &row.user_id).await?;
+    let existed = if all {
+        app.store
+            .logout_all(&row.token_key, &row.digest, &row.user_id)
+            .await?
     } else {
-        app.store.logout(&row.digest).await?;
+        app.store.logout(&row.token_key, &row.digest).await?
+    };
+    if !existed {
+        // Gone from Postgres (a cache had not heard yet): knox, reading Postgres, refuses it.
+        return Ok(refused(app, DenyReason::InvalidToken));
     }
     let kind = if all { "logoutall" } else { "logout" };
     app.metrics

@@ -124,25 +124,43 @@ impl Store {
             .await
     }
 
-    /// Logout: deletes one token everywhere.
-    pub async fn logout(&self, digest: &StoredDigest) -> Result<(), StoreError> {
+    /// Logout: deletes one token everywhere. `false` when Postgres no longer held the token
+    /// (deleted elsewhere, and a cache had not heard yet): knox, which reads Postgres, would have
+    /// refused it, so the caller answers 401; the stale cache entries of its key go anyway.
+    pub async fn logout(&self, key: &str, digest: &StoredDigest) -> Result<bool, StoreError> {
         self.changes
             .removing(async {
                 let removed = self.pg.delete_token(&digest.to_text()).await?;
+                if removed.is_empty() {
+                    self.forget_key(key).await;
+                    return Ok(false);
+                }
                 self.forget(&removed).await;
-                Ok(())
+                Ok(true)
             })
             .await
     }
 
-    /// Logout-all: deletes every token of the presented token's user, everywhere.
-    pub async fn logout_all(&self, digest: &StoredDigest, user_id: &str) -> Result<(), StoreError> {
+    /// Logout-all: deletes every token of the presented token's user, everywhere. `false`, as
+    /// for [`Store::logout`], when Postgres no longer held the presented token: then nothing
+    /// is deleted (knox would have refused the request), and the caller answers 401 so that the
+    /// client does not take its other tokens for revoked.
+    pub async fn logout_all(
+        &self,
+        key: &str,
+        digest: &StoredDigest,
+        user_id: &str,
+    ) -> Result<bool, StoreError> {
         self.changes
             .removing(async {
                 let removed = self.pg.delete_all_of_user(&digest.to_text()).await?;
+                if removed.is_empty() {
+                    self.forget_key(key).await;
+                    return Ok(false);
+                }
                 self.forget(&removed).await;
                 self.memory.remove_user(user_id);
-                Ok(())
+                Ok(true)
             })
             .await
     }
