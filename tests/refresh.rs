@@ -120,3 +120,40 @@ async fn auto_refresh_never_touches_tokens_without_expiry() {
     assert_eq!(s.metric(REFRESH_WRITES).await, 0.0);
     s.stop().await;
 }
+
+#[tokio::test]
+async fn logout_does_not_refresh_the_token_it_deletes() {
+    // A refresh written as the logout deletes the token could put its Redis entry back after
+    // the logout removed it, where other instances would find it.
+    let (_db, client, s) = Fixture::new()
+        .user("erin")
+        .config("[knox]\nauto_refresh = true")
+        .start()
+        .await;
+    for endpoint in [LOGOUT, LOGOUT_ALL] {
+        let token = login_ok(&s, "erin", "erin-pass").await;
+        // Due for a refresh (expiry an hour away, the TTL ten hours), and Postgres knows it
+        // before any cache is filled.
+        client
+            .execute(
+                "UPDATE knox_authtoken SET expiry = now() + interval '1 hour' \
+                 WHERE token_key = left($1, 15)",
+                &[&token],
+            )
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let writes = s.metric(REFRESH_WRITES).await;
+        let r = post_with_token(&s, endpoint, &token).await;
+        assert_eq!(r.status, 204, "{}", r.body_text());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            s.metric(REFRESH_WRITES).await,
+            writes,
+            "{endpoint} refreshed"
+        );
+        assert_eq!(redis_cli(6379, &["EXISTS", &redis_key(&s, &token)]), "0");
+        assert_eq!(s.verify(&token).await.status, 401);
+    }
+    s.stop().await;
+}

@@ -9,7 +9,7 @@ use hyper::{Method, Response, body::Incoming, header, http::request::Parts};
 
 use super::{
     respond::{self, Body},
-    verify::authenticate,
+    verify::{Refresh, authenticate},
 };
 use crate::{
     auth::{BasicError, DenyReason, LoginCredentials, parse_basic},
@@ -155,7 +155,7 @@ fn refused(app: &App, reason: DenyReason) -> Response<Body> {
 
 /// POST logout/ and logoutall/.
 pub async fn logout(app: &Arc<App>, parts: &Parts, all: bool) -> Result<Response<Body>, Error> {
-    let auth = match authenticate(app, &parts.headers).await? {
+    let auth = match authenticate(app, &parts.headers, Refresh::Never).await? {
         Ok(auth) => auth,
         Err(reason) => return Ok(refused(app, reason)),
     };

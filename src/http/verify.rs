@@ -22,10 +22,21 @@ use crate::{
 /// An allowed token: its row, shared with the cache entry it came from (no copy on the hot path).
 pub type Authenticated = KeptRow;
 
+/// Whether an allowed token's expiry is moved (AUTO_REFRESH) by this authentication.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refresh {
+    /// `/verify`: knox's renew_token rule applies.
+    AsKnox,
+    /// Logout and logout-all, which delete the token: a refresh written to Postgres and Redis
+    /// as the logout deletes it could bring its Redis entry back for other instances.
+    Never,
+}
+
 /// The token row behind the request's `Authorization` header, or why it is refused.
 pub async fn authenticate(
     app: &Arc<App>,
     headers: &HeaderMap,
+    refresh: Refresh,
 ) -> Result<Result<Authenticated, DenyReason>, Error> {
     let cfg = &app.config;
     // Nearly always one value: kept on the stack.
@@ -46,7 +57,7 @@ pub async fn authenticate(
     let now = OffsetDateTime::now_utc();
     match decide(lookup.rows(), &digest, now) {
         Outcome::Allow(row) => {
-            if cfg.knox.auto_refresh {
+            if cfg.knox.auto_refresh && refresh == Refresh::AsKnox {
                 let k = &cfg.knox;
                 let ttl = k.token_ttl.and_then(|d| time::Duration::try_from(d).ok());
                 let max = k
@@ -164,7 +175,7 @@ pub async fn answer(
             Reason::CorsPreflight,
         );
     }
-    match authenticate(app, headers).await {
+    match authenticate(app, headers, Refresh::AsKnox).await {
         Ok(Ok(auth)) if permits(policy, &auth.row().user) => match assertion(app, &auth) {
             Ok(signed) => (
                 respond::allow(auth.row(), &cfg.verify, signed),

@@ -98,7 +98,7 @@ impl Statements {
                 "DELETE FROM {tok} WHERE user_id = (SELECT user_id FROM {tok} WHERE digest = $1) \
                  RETURNING token_key, user_id::text"
             ),
-            refresh_expiry: format!("UPDATE {tok} SET expiry = $2 WHERE digest = $1"),
+            refresh_expiry: format!("UPDATE {tok} SET expiry = $2 WHERE digest = $1 RETURNING 1"),
             login_user: format!(
                 "SELECT u.{id}::text, u.{pw}, u.{active}, {email}, {roles} FROM {usr} u WHERE u.{name} = $1"
             ),
@@ -562,18 +562,19 @@ impl Postgres {
     }
 
     /// Moves a token's expiry (AUTO_REFRESH).
+    /// Whether the token was still there to refresh.
     pub async fn refresh_expiry(
         &self,
         digest: &str,
         expiry: OffsetDateTime,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         self.query(
             "refresh_expiry",
             &self.sql.refresh_expiry,
             &[(&digest, Type::TEXT), (&expiry, Type::TIMESTAMPTZ)],
         )
         .await
-        .map(drop)
+        .map(|rows| !rows.is_empty())
     }
 
     /// Sends a notification through the pool (the change feed's self-test).

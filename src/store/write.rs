@@ -212,11 +212,12 @@ impl Store {
         }
         let store = Arc::clone(self);
         tokio::spawn(async move {
-            if store
+            // Only a row still there goes to Redis: writing the entry of a token deleted
+            // meanwhile (a logout elsewhere) would bring it back for other instances.
+            if let Ok(true) = store
                 .pg
                 .refresh_expiry(&updated.digest.to_text(), new_expiry)
                 .await
-                .is_ok()
                 && let Some(redis) = &store.redis
             {
                 let _ = redis.put(&updated, OffsetDateTime::now_utc()).await;
