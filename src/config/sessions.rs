@@ -24,6 +24,16 @@ const DEFAULT_THROTTLE_FAILURES: u64 = 10;
 const DEFAULT_THROTTLE_USER_FAILURES: u64 = 50;
 const DEFAULT_THROTTLE_WINDOW: Duration = Duration::from_secs(5 * 60);
 
+/// Django 5.2's default `PASSWORD_HASHERS`, by algorithm name, preferred first. `bcrypt` and
+/// `md5` are not among them: Django refuses their hashes unless a site lists them.
+const DJANGO_DEFAULT_HASHERS: [&str; 5] = [
+    "pbkdf2_sha256",
+    "pbkdf2_sha1",
+    "argon2",
+    "bcrypt_sha256",
+    "scrypt",
+];
+
 /// `[sessions]` as written in the file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -31,6 +41,7 @@ pub struct SessionsFile {
     pub enabled: bool,
     pub base_path: String,
     pub password_iterations: u64,
+    pub password_hashers: Vec<String>,
     pub hash_concurrency: u64,
     #[serde(with = "value::duration")]
     pub hash_queue_timeout: Duration,
@@ -50,6 +61,7 @@ impl Default for SessionsFile {
             enabled: true,
             base_path: DEFAULT_BASE_PATH.into(),
             password_iterations: DEFAULT_PASSWORD_ITERATIONS,
+            password_hashers: DJANGO_DEFAULT_HASHERS.map(String::from).to_vec(),
             hash_concurrency: 0,
             hash_queue_timeout: DEFAULT_HASH_QUEUE_TIMEOUT,
             hash_nice: DEFAULT_HASH_NICE,
@@ -72,6 +84,10 @@ pub struct SessionsConfig {
     pub base_path: String,
     /// pbkdf2_sha256 iterations of the hashes knoxgate writes.
     pub password_iterations: u32,
+    /// The algorithms of the site's `PASSWORD_HASHERS`, preferred first: a stored hash of any
+    /// other is refused as Django refuses it. knoxgate re-hashes on login only when the
+    /// preferred one is `pbkdf2_sha256`, the one it writes; otherwise Django's own logins do.
+    pub password_hashers: Vec<&'static str>,
     /// Password checks at once; 0: see [`SessionsConfig::hash_slots`].
     pub hash_concurrency: usize,
     /// How long a login may wait for a hashing slot before it gets 503; less than
@@ -96,6 +112,18 @@ pub struct SessionsConfig {
 }
 
 impl SessionsConfig {
+    /// Whether the site accepts hashes of `encoded`'s algorithm.
+    pub fn accepts_hash(&self, encoded: &str) -> bool {
+        crate::password::algorithm_of(encoded).is_some_and(|a| self.password_hashers.contains(&a))
+    }
+
+    /// Whether a login with `encoded` re-hashes it: as Django's rule, and only when the hash
+    /// knoxgate writes (`pbkdf2_sha256`) is the site's preferred one.
+    pub fn rehashes(&self, encoded: &str) -> bool {
+        self.password_hashers.first() == Some(&"pbkdf2_sha256")
+            && crate::password::must_update(encoded, self.password_iterations)
+    }
+
     /// Password checks allowed at once: `hash_concurrency`, or with 0 one core fewer than the
     /// machine has (at least 1), so that logins always leave a core to `/verify`.
     pub fn hash_slots(&self) -> usize {
@@ -145,6 +173,37 @@ impl TryFrom<SessionsFile> for SessionsConfig {
                     ));
                 }
                 n as u32
+            },
+            password_hashers: {
+                let mut names: Vec<&'static str> = Vec::new();
+                for name in &file.password_hashers {
+                    let Some(known) = crate::password::ALGORITHMS
+                        .iter()
+                        .find(|a| **a == name.trim())
+                    else {
+                        return Err(invalid(
+                            "sessions.password_hashers",
+                            format!(
+                                "`{name}` is not one of {}",
+                                crate::password::ALGORITHMS.join(", ")
+                            ),
+                        ));
+                    };
+                    if names.contains(known) {
+                        return Err(invalid(
+                            "sessions.password_hashers",
+                            format!("`{name}` is listed twice"),
+                        ));
+                    }
+                    names.push(known);
+                }
+                if names.is_empty() {
+                    return Err(invalid(
+                        "sessions.password_hashers",
+                        "must name at least one algorithm",
+                    ));
+                }
+                names
             },
             hash_concurrency: file.hash_concurrency as usize,
             hash_queue_timeout: file.hash_queue_timeout,

@@ -64,6 +64,50 @@ fn the_assertion_header_is_known_and_checked_with_assertions_off() {
 }
 
 #[test]
+fn password_hashers_are_djangos_defaults_and_checked() {
+    let c = Config::from_toml_str("").unwrap();
+    let s = &c.sessions;
+    assert_eq!(
+        s.password_hashers,
+        [
+            "pbkdf2_sha256",
+            "pbkdf2_sha1",
+            "argon2",
+            "bcrypt_sha256",
+            "scrypt"
+        ]
+    );
+    let md5 = "md5$salt$0123456789abcdef0123456789abcdef";
+    assert!(!s.accepts_hash(md5));
+    assert!(s.accepts_hash(&crate::password::make_password("pw", 1000)));
+    // pbkdf2_sha256 preferred: another iteration count is re-hashed, another algorithm too.
+    assert!(s.rehashes(&crate::password::make_password("pw", 1000)));
+    let argon2_first = Config::from_toml_and_env(
+        "",
+        env(&[(
+            "KNOXGATE_SESSIONS_PASSWORD_HASHERS",
+            "argon2, pbkdf2_sha256, md5",
+        )]),
+    )
+    .unwrap();
+    let s = &argon2_first.sessions;
+    assert!(s.accepts_hash(md5));
+    // knoxgate writes pbkdf2_sha256 only: with argon2 preferred it leaves re-hashing to Django.
+    assert!(!s.rehashes(&crate::password::make_password("pw", 1000)));
+    for bad in [
+        "password_hashers = []",
+        "password_hashers = [\"sha1\"]",
+        "password_hashers = [\"argon2\", \"argon2\"]",
+    ] {
+        let err = Config::from_toml_str(&format!("[sessions]\n{bad}\n")).unwrap_err();
+        assert!(
+            err.to_string().contains("sessions.password_hashers"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
 fn env_overrides_file_and_works_without_file() {
     let c = Config::from_toml_and_env(
         "[server]\nlisten = \"127.0.0.1:1\"\n",

@@ -151,7 +151,7 @@ impl Login {
             return Ok(LoginOutcome::MethodNotAllowed);
         }
         let iterations = self.config.sessions.password_iterations;
-        if password::must_update(&user.password, iterations) {
+        if self.config.sessions.rehashes(&user.password) {
             self.rehash_later(
                 creds.username.clone(),
                 creds.password,
@@ -179,10 +179,12 @@ impl Login {
     async fn check_password(&self, password: String, encoded: String) -> Result<bool, Error> {
         let started = Instant::now();
         let iterations = self.config.sessions.password_iterations;
+        // A hash of an algorithm the site does not list is refused, as Django refuses it.
+        let accepted = self.config.sessions.accepts_hash(&encoded);
         let ok = self
             .hashes
             .run_within(self.config.sessions.hash_queue_timeout, move || {
-                let ok = password::check_password(&password, &encoded);
+                let ok = accepted && password::check_password(&password, &encoded);
                 if !ok {
                     // Unusable, malformed or cheaper hashes cost what a wrong password costs.
                     password::harden_runtime(&password, &encoded, iterations);

@@ -110,6 +110,12 @@ class Settings:
         }
         if self.token_prefix:
             env["KNOXGATE_KNOX_TOKEN_PREFIX"] = self.token_prefix
+        # The same PASSWORD_HASHERS as the Django side (djproject.settings.password_hashers):
+        # the preferred ones, then Django's defaults.
+        preferred = [h.strip() for h in self.password_hashers.split(",") if h.strip()]
+        defaults = ["pbkdf2_sha256", "pbkdf2_sha1", "argon2", "bcrypt_sha256", "scrypt"]
+        env["KNOXGATE_SESSIONS_PASSWORD_HASHERS"] = ",".join(
+            preferred + [h for h in defaults if h not in preferred])
         return env
 
 

@@ -344,6 +344,11 @@ def check_login_with_hasher(start_stack, hasher):
     assert_login_refused(stack.login("nobody", PASSWORD))
     # Whatever knoxgate did with the stored hash, Django must still accept the password.
     assert stack.interop("check-password", "--username", "alice", "--password", PASSWORD)["ok"]
+    # The site prefers `hasher`, so knoxgate (which writes pbkdf2_sha256 only) left the hash
+    # as it was: no re-hash into an algorithm Django would re-hash back. (A re-hash would
+    # have landed by now: it runs right after the login's answer.)
+    time.sleep(0.5)
+    assert stack.interop("user", "--username", "alice")["password"] == user["password"]
 
 
 @knoxgate("login")
@@ -364,6 +369,22 @@ def test_user_created_with_bcrypt_sha256_logs_in_through_knoxgate(start_stack):
 @knoxgate("login")
 def test_user_created_with_scrypt_logs_in_through_knoxgate(start_stack):
     check_login_with_hasher(start_stack, "scrypt")
+
+
+@knoxgate("login")
+def test_user_created_with_md5_logs_in_where_the_site_lists_md5(start_stack):
+    # Django refuses an md5 hash unless PASSWORD_HASHERS lists MD5PasswordHasher; knoxgate's
+    # sessions.password_hashers says the same.
+    check_login_with_hasher(start_stack, "md5")
+
+
+@knoxgate("login")
+def test_a_hash_of_an_unlisted_algorithm_is_refused_by_both(start_stack):
+    stack = start_stack()  # Django's default hashers: no md5
+    user = stack.create_user("alice", PASSWORD, env={"DJ_PASSWORD_HASHERS": "md5"})
+    assert user["password_algorithm"] == "md5"
+    assert not stack.interop("check-password", "--username", "alice", "--password", PASSWORD)["ok"]
+    assert_login_refused(stack.login("alice", PASSWORD))
 
 
 @knoxgate("login")
