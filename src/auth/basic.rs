@@ -1,7 +1,5 @@
 //! HTTP Basic credentials for login, parsed as DRF's `BasicAuthentication` does.
 
-use base64::Engine;
-
 /// A username and password from a login request.
 #[derive(Clone, PartialEq, Eq)]
 pub struct LoginCredentials {
@@ -55,15 +53,7 @@ pub fn parse_basic(value: Option<&[u8]>) -> Result<LoginCredentials, BasicError>
     if words.next().is_some() {
         return Err(BasicError::HasSpaces);
     }
-    // Python's b64decode (validate=False) discards bytes outside the alphabet before decoding.
-    let cleaned: Vec<u8> = encoded
-        .iter()
-        .copied()
-        .filter(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'='))
-        .collect();
-    let decoded = base64::engine::general_purpose::STANDARD
-        .decode(&cleaned)
-        .map_err(|_| BasicError::BadEncoding)?;
+    let decoded = python_b64decode(encoded).ok_or(BasicError::BadEncoding)?;
     // DRF tries UTF-8 and falls back to latin-1, where every byte is one code point.
     let text = match String::from_utf8(decoded) {
         Ok(s) => s,
@@ -74,6 +64,51 @@ pub fn parse_basic(value: Option<&[u8]>) -> Result<LoginCredentials, BasicError>
         username: username.to_owned(),
         password: password.to_owned(),
     })
+}
+
+/// Python's `base64.b64decode(s)` (what DRF's `BasicAuthentication` calls), which is CPython's
+/// `binascii.a2b_base64` in its lenient mode: bytes outside the alphabet are skipped, the bits
+/// left over in a final group are dropped, and decoding stops at the padding that completes a
+/// group (more `=` or data after it are ignored). A group left without its padding, or a lone
+/// character, is an error. A strict RFC 4648 decoder would refuse headers knox accepts.
+fn python_b64decode(input: &[u8]) -> Option<Vec<u8>> {
+    fn value(c: u8) -> Option<u8> {
+        match c {
+            b'A'..=b'Z' => Some(c - b'A'),
+            b'a'..=b'z' => Some(c - b'a' + 26),
+            b'0'..=b'9' => Some(c - b'0' + 52),
+            b'+' => Some(62),
+            b'/' => Some(63),
+            _ => None,
+        }
+    }
+    let mut out = Vec::with_capacity(input.len() / 4 * 3);
+    let (mut quad_pos, mut left, mut pads) = (0u8, 0u8, 0u8);
+    for &c in input {
+        if c == b'=' {
+            pads += 1;
+            if quad_pos >= 2 && quad_pos + pads >= 4 {
+                return Some(out);
+            }
+            continue;
+        }
+        let Some(v) = value(c) else { continue };
+        pads = 0;
+        match quad_pos {
+            0 => left = v,
+            1 => {
+                out.push((left << 2) | (v >> 4));
+                left = v & 0x0f;
+            }
+            2 => {
+                out.push((left << 4) | (v >> 2));
+                left = v & 0x03;
+            }
+            _ => out.push((left << 6) | v),
+        }
+        quad_pos = (quad_pos + 1) % 4;
+    }
+    (quad_pos == 0).then_some(out)
 }
 
 #[cfg(test)]
@@ -113,6 +148,35 @@ mod tests {
         // The password may contain ':'.
         let c = parse("basic dTpwOnE=").unwrap();
         assert_eq!((c.username.as_str(), c.password.as_str()), ("u", "p:q"));
+    }
+
+    #[test]
+    fn base64_is_decoded_as_python_decodes_it() {
+        // Each case as Python 3.11's base64.b64decode answers it (None: binascii.Error).
+        let cases: [(&str, Option<&[u8]>); 13] = [
+            ("YWxpY2U6YWxpY2UtcGFzcx==", Some(b"alice:alice-pass")), // bits left over
+            ("YWxpY2U6YWxpY2UtcGFzcw===", Some(b"alice:alice-pass")), // excess padding
+            ("YWxpY2U6YWxpY2UtcGFzcw==YQ==", Some(b"alice:alice-pass")), // data after it
+            ("YWxpY2U6YWxpY2UtcGFzcw", None),                        // padding missing
+            ("YWxp=Y2U6cHc", None),
+            ("YWxp!Y2U6cHc=", Some(b"alice:pw")), // outside the alphabet: skipped
+            ("YW=x", None),
+            ("Y", None),
+            ("YWx", None),
+            ("=YWxpY2U6cHc=", Some(b"alice:pw")),
+            ("YWxpY2U6cHc=\0", Some(b"alice:pw")),
+            ("YWxpY2U6cHc9", Some(b"alice:pw=")),
+            ("", Some(b"")),
+        ];
+        for (input, want) in cases {
+            assert_eq!(
+                python_b64decode(input.as_bytes()).as_deref(),
+                want,
+                "{input:?}"
+            );
+        }
+        let c = parse("Basic YWxpY2U6YWxpY2UtcGFzcx==").unwrap();
+        assert_eq!(c.password, "alice-pass");
     }
 
     #[test]
