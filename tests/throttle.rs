@@ -258,3 +258,27 @@ async fn a_successful_login_clears_the_usernames_failures() {
     assert_eq!(r.status, 200, "{}", r.body_text());
     s.stop().await;
 }
+
+#[tokio::test]
+async fn an_address_limit_throttles_one_client_across_usernames_and_only_that_client() {
+    // sessions.throttle_address_failures, with the client address from a trusted proxy.
+    let (_db, _client, s) = Fixture::new()
+        .user("alice")
+        .config(
+            "[sessions]\nthrottle_failures = 10\nthrottle_address_failures = 3\n\
+             throttle_window = \"60s\"\ntrusted_proxies = [\"127.0.0.1\"]",
+        )
+        .start()
+        .await;
+    let from = |ip: &'static str| [("X-Forwarded-For", ip)];
+    for name in ["u1", "u2", "u3"] {
+        let r = login_with(&s, name, "Winter2026!", &from("10.1.1.1")).await;
+        assert_login_refused(&r, "Invalid username/password.");
+    }
+    // The spraying client is stopped, even for an account it has not tried, with the right
+    // password; another client is not.
+    assert_throttled(&login_with(&s, "alice", "alice-pass", &from("10.1.1.1")).await);
+    let r = login_with(&s, "alice", "alice-pass", &from("10.2.2.2")).await;
+    assert_eq!(r.status, 200, "{}", r.body_text());
+    s.stop().await;
+}

@@ -49,6 +49,7 @@ pub struct SessionsFile {
     pub max_body_bytes: u64,
     pub throttle_failures: u64,
     pub throttle_user_failures: u64,
+    pub throttle_address_failures: u64,
     #[serde(with = "value::duration")]
     pub throttle_window: Duration,
     pub trusted_proxies: Vec<String>,
@@ -68,6 +69,7 @@ impl Default for SessionsFile {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             throttle_failures: DEFAULT_THROTTLE_FAILURES,
             throttle_user_failures: DEFAULT_THROTTLE_USER_FAILURES,
+            throttle_address_failures: 0,
             throttle_window: DEFAULT_THROTTLE_WINDOW,
             trusted_proxies: Vec::new(),
             trust_x_real_ip: false,
@@ -103,6 +105,9 @@ pub struct SessionsConfig {
     /// Failed logins per username, from any address, within `throttle_window` before 429;
     /// 0 disables this counter alone.
     pub throttle_user_failures: u32,
+    /// Failed logins per client address, for any username, within `throttle_window` before
+    /// 429; 0 (the default) disables this counter alone.
+    pub throttle_address_failures: u32,
     /// The window `throttle_failures` counts over.
     pub throttle_window: Duration,
     /// Peers whose `X-Forwarded-For` / `X-Real-IP` is believed about the client address.
@@ -221,6 +226,8 @@ impl TryFrom<SessionsFile> for SessionsConfig {
                 .map_err(|_| invalid("sessions.throttle_failures", "too large"))?,
             throttle_user_failures: u32::try_from(file.throttle_user_failures)
                 .map_err(|_| invalid("sessions.throttle_user_failures", "too large"))?,
+            throttle_address_failures: u32::try_from(file.throttle_address_failures)
+                .map_err(|_| invalid("sessions.throttle_address_failures", "too large"))?,
             throttle_window: file.throttle_window,
             trusted_proxies,
             trust_x_real_ip: file.trust_x_real_ip,

@@ -86,6 +86,7 @@ impl Login {
             throttle: Throttle::new(
                 s.throttle_failures,
                 s.throttle_user_failures,
+                s.throttle_address_failures,
                 s.throttle_window,
             ),
             dummy_hash: password::timing_dummy(s.password_iterations),

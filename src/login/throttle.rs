@@ -1,11 +1,15 @@
 //! Failed-login throttling (fixed windows), counted per (client address, username) and, at a
-//! higher limit, per username from anywhere.
+//! higher limit, per username from anywhere; and, when `sessions.throttle_address_failures`
+//! turns it on, per client address across usernames (password spraying: one guess against
+//! many accounts).
 //!
 //! Why these keys: behind a proxy whose address is not in `sessions.trusted_proxies`, every
 //! client has the proxy's address, so a counter per address alone would let anyone lock
 //! everyone out with a handful of failures. Keyed per (address, username), one client's guesses
 //! lock only the account it guesses at, from that address; the per-username counter, with its
-//! higher limit, still stops guessing one account from many addresses.
+//! higher limit, still stops guessing one account from many addresses. The per-address counter
+//! is off by default for that reason, and meant for deployments whose `trusted_proxies` make
+//! addresses the clients' own.
 //!
 //! An attempt is counted *before* its password check ([`Throttle::reserve`]), under one lock,
 //! so concurrent guesses cannot all pass the check before the first failure is recorded: at
@@ -33,6 +37,8 @@ struct Counters {
     pairs: HashMap<(IpAddr, String), Window>,
     /// username → attempts from any address.
     users: HashMap<String, Window>,
+    /// client address → attempts for any username (only with an address limit).
+    addresses: HashMap<IpAddr, Window>,
 }
 
 /// Counts failed logins and refuses attempts over the limits until their window closes.
@@ -41,6 +47,8 @@ pub struct Throttle {
     limit: u32,
     /// Per username from any address; 0 disables this counter alone.
     user_limit: u32,
+    /// Per client address for any username; 0 (the default) disables this counter alone.
+    address_limit: u32,
     window: Duration,
     counters: Mutex<Counters>,
 }
@@ -94,38 +102,52 @@ where
 pub struct Attempt<'a> {
     throttle: &'a Throttle,
     /// `None` when the throttle is off.
-    key: Option<(IpAddr, String, Instant, Instant)>,
+    key: Option<Counted>,
+}
+
+/// The keys an attempt was counted under, and the windows it was added to.
+struct Counted {
+    addr: IpAddr,
+    username: String,
+    pair_started: Instant,
+    user_started: Instant,
+    address_started: Instant,
 }
 
 impl Attempt<'_> {
     /// The password was right: clears this client's failures for the username and the
-    /// username's failures from anywhere (not other clients' failures for it).
+    /// username's failures from anywhere (not other clients' failures for it). The address's
+    /// count only loses this attempt: one right guess must not reset a spray.
     pub fn succeeded(mut self) {
-        if let Some((addr, username, _, _)) = self.key.take() {
+        if let Some(k) = self.key.take() {
             let mut c = self.throttle.lock();
-            c.users.remove(&username);
-            c.pairs.remove(&(addr, username));
+            unbump(&mut c.addresses, &k.addr, k.address_started);
+            c.users.remove(&k.username);
+            c.pairs.remove(&(k.addr, k.username));
         }
     }
 
     /// No password was checked (Postgres unreachable, no hashing thread free): the attempt
     /// does not count.
     pub fn release(mut self) {
-        if let Some((addr, username, pair_started, user_started)) = self.key.take() {
+        if let Some(k) = self.key.take() {
             let mut c = self.throttle.lock();
-            unbump(&mut c.users, &username, user_started);
-            unbump(&mut c.pairs, &(addr, username), pair_started);
+            unbump(&mut c.addresses, &k.addr, k.address_started);
+            unbump(&mut c.users, &k.username, k.user_started);
+            unbump(&mut c.pairs, &(k.addr, k.username), k.pair_started);
         }
     }
 }
 
 impl Throttle {
-    /// `limit` failures per (client, username) and `user_limit` per username within `window`.
-    /// A `limit` of 0 disables throttling; a `user_limit` of 0 only the per-username counter.
-    pub fn new(limit: u32, user_limit: u32, window: Duration) -> Self {
+    /// `limit` failures per (client, username), `user_limit` per username and `address_limit`
+    /// per client address within `window`. A `limit` of 0 disables throttling; a `user_limit` or
+    /// `address_limit` of 0 only that counter.
+    pub fn new(limit: u32, user_limit: u32, address_limit: u32, window: Duration) -> Self {
         Throttle {
             limit,
             user_limit,
+            address_limit,
             window,
             counters: Mutex::default(),
         }
@@ -157,14 +179,27 @@ impl Throttle {
         let pair = (addr, username.to_owned());
         let by_pair = remaining(c.pairs.get(&pair), self.limit, self.window, now);
         let by_user = remaining(c.users.get(username), self.user_limit, self.window, now);
-        if let Some(wait) = by_pair.into_iter().chain(by_user).max() {
+        let by_address = remaining(c.addresses.get(&addr), self.address_limit, self.window, now);
+        if let Some(wait) = by_pair.into_iter().chain(by_user).chain(by_address).max() {
             return Err(wait);
         }
         let pair_started = bump(&mut c.pairs, pair, self.window, now);
         let user_started = bump(&mut c.users, username.to_owned(), self.window, now);
+        // Counted only when limited, so that the map stays empty when the counter is off.
+        let address_started = if self.address_limit > 0 {
+            bump(&mut c.addresses, addr, self.window, now)
+        } else {
+            now
+        };
         Ok(Attempt {
             throttle: self,
-            key: Some((addr, username.to_owned(), pair_started, user_started)),
+            key: Some(Counted {
+                addr,
+                username: username.to_owned(),
+                pair_started,
+                user_started,
+                address_started,
+            }),
         })
     }
 }
@@ -182,7 +217,7 @@ mod tests {
 
     #[test]
     fn blocks_a_client_and_username_after_limit_until_window_closes() {
-        let t = Throttle::new(3, 5, Duration::from_secs(60));
+        let t = Throttle::new(3, 5, 0, Duration::from_secs(60));
         let t0 = Instant::now();
         for _ in 0..3 {
             fail(&t, "alice", A, t0);
@@ -204,7 +239,7 @@ mod tests {
     #[test]
     fn many_usernames_from_one_address_lock_nobody_else_out() {
         // Behind an untrusted proxy every client has the same address.
-        let t = Throttle::new(3, 5, Duration::from_secs(60));
+        let t = Throttle::new(3, 5, 0, Duration::from_secs(60));
         let t0 = Instant::now();
         for i in 0..100 {
             fail(&t, &format!("random{i}"), A, t0);
@@ -214,7 +249,7 @@ mod tests {
 
     #[test]
     fn the_username_limit_counts_failures_from_every_address() {
-        let t = Throttle::new(3, 5, Duration::from_secs(60));
+        let t = Throttle::new(3, 5, 0, Duration::from_secs(60));
         let t0 = Instant::now();
         for i in 0..5u8 {
             fail(&t, "alice", IpAddr::from([10, 1, 0, i]), t0);
@@ -226,7 +261,7 @@ mod tests {
     #[test]
     fn attempts_are_counted_before_they_finish() {
         // Held attempts (password checks still running) count against the limit.
-        let t = Throttle::new(3, 10, Duration::from_secs(60));
+        let t = Throttle::new(3, 10, 0, Duration::from_secs(60));
         let t0 = Instant::now();
         let held: Vec<_> = (0..3)
             .map(|_| t.reserve_at("alice", A, t0).expect("under the limit"))
@@ -239,7 +274,7 @@ mod tests {
 
     #[test]
     fn success_clears_the_usernames_failures() {
-        let t = Throttle::new(2, 10, Duration::from_secs(60));
+        let t = Throttle::new(2, 10, 0, Duration::from_secs(60));
         let t0 = Instant::now();
         fail(&t, "alice", A, t0);
         fail(&t, "alice", B, t0);
@@ -252,8 +287,34 @@ mod tests {
     }
 
     #[test]
+    fn an_address_limit_stops_one_guess_against_many_usernames() {
+        // Off by default (0); on, it counts failures from one address across usernames.
+        let t = Throttle::new(3, 5, 4, Duration::from_secs(60));
+        let t0 = Instant::now();
+        for i in 0..4 {
+            fail(&t, &format!("user{i}"), A, t0);
+        }
+        let wait = t
+            .reserve_at("user9", A, t0 + Duration::from_secs(15))
+            .err()
+            .unwrap();
+        assert_eq!(wait, Duration::from_secs(45));
+        assert!(t.reserve_at("user9", B, t0).is_ok());
+        assert!(
+            t.reserve_at("user9", A, t0 + Duration::from_secs(60))
+                .is_ok()
+        );
+        // A right password takes back its own attempt only: the spray's count stands.
+        let t = Throttle::new(3, 5, 2, Duration::from_secs(60));
+        fail(&t, "user1", A, t0);
+        t.reserve_at("alice", A, t0).unwrap().succeeded();
+        fail(&t, "user2", A, t0);
+        assert!(t.reserve_at("user3", A, t0).is_err());
+    }
+
+    #[test]
     fn zero_disables() {
-        let t = Throttle::new(0, 0, Duration::from_secs(60));
+        let t = Throttle::new(0, 0, 0, Duration::from_secs(60));
         for _ in 0..100 {
             fail(&t, "alice", A, Instant::now());
         }
