@@ -8,7 +8,6 @@ use time::OffsetDateTime;
 
 use crate::{
     app,
-    auth::UserInfo,
     config::Config,
     login,
     metrics::Metrics,
@@ -286,19 +285,12 @@ async fn token(cmd: TokenCommand, config: &Config) -> anyhow::Result<()> {
 }
 
 async fn create_token(store: &Store, config: &Config, username: &str) -> anyhow::Result<()> {
-    let Some(u) = store.postgres().login_user(username).await? else {
-        anyhow::bail!("no user named {username}");
-    };
-    let user = UserInfo {
-        is_active: u.is_active,
-        is_staff: u.is_staff,
-        is_superuser: u.is_superuser,
-        username: username.into(),
-        email: u.email.into(),
-        groups: u.groups,
-    };
     let now = OffsetDateTime::now_utc();
-    let Some(issued) = login::issue_token(store, &config.knox, user, now).await? else {
+    // The insert finds the user by name: no row means no such user, or the limit reached.
+    if store.postgres().login_user(username).await?.is_none() {
+        anyhow::bail!("no user named {username}");
+    }
+    let Some(issued) = login::issue_token(store, &config.knox, username, now).await? else {
         anyhow::bail!("{username} already holds the maximum number of tokens");
     };
     println!("{}", issued.token);

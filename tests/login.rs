@@ -570,3 +570,53 @@ async fn a_rehash_never_overwrites_a_password_changed_since_the_login_checked_it
     assert_eq!(stored_password(&client, "alice").await, upgraded);
     s.stop().await;
 }
+
+/// A login caches its new token with the user as the insert found them, not as they were read
+/// before the password check: a deactivation or a lost `is_staff` during the check (a looping
+/// attacker with stolen credentials against an admin's action) is what the first `/verify`
+/// sees, as knox, which reads the user per request, would.
+#[tokio::test]
+async fn a_user_changed_during_the_password_check_is_cached_as_changed() {
+    let (_db, client, s) = Fixture::new().user("erin").start().await;
+    // A slow hash (~0.2 s or more here) leaves time to change the user while it is checked.
+    let slow = knoxgate::password::make_password("erin-pass", 1_000_000);
+    client
+        .execute(
+            "UPDATE auth_user SET password = $1, is_staff = true WHERE username = 'erin'",
+            &[&slow],
+        )
+        .await
+        .unwrap();
+    for (change, then, refused) in [
+        (
+            "UPDATE auth_user SET is_staff = false WHERE username = 'erin'",
+            "/verify?require=staff",
+            403,
+        ),
+        (
+            "UPDATE auth_user SET is_active = false WHERE username = 'erin'",
+            "/verify",
+            401,
+        ),
+    ] {
+        let (r, _) = tokio::join!(login(&s, "erin", "erin-pass"), async {
+            tokio::time::sleep(Duration::from_millis(60)).await;
+            client.execute(change, &[]).await.unwrap();
+        });
+        // knox issues the token (the user was checked before the change) ...
+        assert_eq!(r.status, 200, "{}", r.body_text());
+        let token = parse_login_body(&r.body_text()).1;
+        // ... and refuses it on first use.
+        let auth = format!("Token {token}");
+        let v = http(
+            s.addr(),
+            "GET",
+            then,
+            &[("Authorization", auth.as_str())],
+            b"",
+        )
+        .await;
+        assert_eq!(v.status, refused, "{change}: {}", v.body_text());
+    }
+    s.stop().await;
+}

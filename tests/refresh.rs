@@ -157,3 +157,82 @@ async fn logout_does_not_refresh_the_token_it_deletes() {
     }
     s.stop().await;
 }
+
+/// The `ttl` mode's bound (`redis.max_cache_ttl`) holds for a token in steady use: a refresh
+/// moves the cached expiry but never lets the cached answer live longer, and a refresh that
+/// finds the row gone drops it at once.
+#[tokio::test]
+async fn a_refresh_never_keeps_a_token_deleted_unheard_past_max_cache_ttl() {
+    let (_db, client, s) = Fixture::new()
+        .user("erin")
+        .config(
+            "[knox]\nauto_refresh = true\nmin_refresh_interval = \"1s\"\n\
+             [cache]\nconsistency = \"ttl\"\n[redis]\nmax_cache_ttl = \"3s\"",
+        )
+        .start()
+        .await;
+    let token = login_ok(&s, "erin", "erin-pass").await;
+    assert_eq!(s.verify(&token).await.status, 200);
+    client
+        .execute(
+            "DELETE FROM knox_authtoken WHERE token_key = left($1, 15)",
+            &[&token],
+        )
+        .await
+        .unwrap();
+    // Used every 300 ms: a refresh is due about every second. Each one used to put the entry
+    // back for another max_cache_ttl, so the deleted token was allowed for as long as it was
+    // used.
+    let refused = eventually(Duration::from_secs(6), || async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        s.verify(&token).await.status == 401
+    })
+    .await;
+    assert!(refused.is_some(), "a deleted token in use stayed allowed");
+    assert!(
+        s.metric(REFRESH_WRITES).await >= 1.0,
+        "no refresh was tried"
+    );
+    s.stop().await;
+}
+
+/// What a refresh writes to Redis is the user as Postgres has them in the same statement, not
+/// the cached status: a deactivation this instance did not hear (`ttl` mode) ends the token at
+/// the next refresh, and Redis never gets the user back as active.
+#[tokio::test]
+async fn a_refresh_shares_the_user_postgres_has_not_the_cached_one() {
+    let (_db, client, s) = Fixture::new()
+        .user("erin")
+        .config(
+            "[knox]\nauto_refresh = true\nmin_refresh_interval = \"1s\"\n\
+             [cache]\nconsistency = \"ttl\"\n[redis]\nmax_cache_ttl = \"60s\"",
+        )
+        .start()
+        .await;
+    let token = login_ok(&s, "erin", "erin-pass").await;
+    assert_eq!(s.verify(&token).await.status, 200);
+    client
+        .execute(
+            "UPDATE auth_user SET is_active = false WHERE username = 'erin'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let refused = eventually(Duration::from_secs(6), || async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let r = s.verify(&token).await;
+        r.status == 401
+    })
+    .await;
+    assert!(
+        refused.is_some(),
+        "a deactivated user's token stayed allowed through its refreshes"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        redis_cli(6379, &["EXISTS", &redis_key(&s, &token)]),
+        "0",
+        "Redis holds the deactivated user's token"
+    );
+    s.stop().await;
+}

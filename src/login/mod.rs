@@ -16,7 +16,7 @@ use std::{net::IpAddr, sync::Arc, time::Instant};
 use time::OffsetDateTime;
 
 use crate::{
-    auth::{LoginCredentials, TokenRow, UserInfo, generate_token, token_key_of},
+    auth::{LoginCredentials, generate_token, token_key_of},
     config::{Config, KnoxConfig},
     error::Error,
     metrics::Metrics,
@@ -161,15 +161,8 @@ impl Login {
             );
         }
         let now = OffsetDateTime::now_utc();
-        let user_info = UserInfo {
-            is_active: true,
-            is_staff: user.is_staff,
-            is_superuser: user.is_superuser,
-            username: creds.username.as_str().into(),
-            email: user.email.into(),
-            groups: user.groups,
-        };
-        let Some(issued) = issue_token(&self.store, &self.config.knox, user_info, now).await?
+        let Some(issued) =
+            issue_token(&self.store, &self.config.knox, &creds.username, now).await?
         else {
             return Ok(LoginOutcome::TokenLimit);
         };
@@ -228,12 +221,13 @@ impl Login {
     }
 }
 
-/// Creates a token for `user` as knox's `AuthToken.objects.create` does (within
-/// `TOKEN_LIMIT_PER_USER`) and caches it. `Ok(None)`: the limit is reached.
+/// Creates a token for `username` as knox's `AuthToken.objects.create` does (within
+/// `TOKEN_LIMIT_PER_USER`) and caches it with its user as the insert found them. `Ok(None)`: the
+/// limit is reached.
 pub async fn issue_token(
     store: &Store,
     knox: &KnoxConfig,
-    user: UserInfo,
+    username: &str,
     now: OffsetDateTime,
 ) -> Result<Option<Issued>, StoreError> {
     let token = generate_token(&knox.token_prefix, knox.token_character_length);
@@ -241,25 +235,19 @@ pub async fn issue_token(
     let token_key = token_key_of(&token);
     let expiry = knox.token_ttl.map(|ttl| now + ttl);
     let new = NewToken {
-        username: &user.username,
+        username,
         digest: &digest.to_hex(),
         token_key,
         created: now,
         expiry,
         limit: knox.token_limit_per_user,
     };
-    let Some(user_id) = store.postgres().create_token(&new).await? else {
+    // Read before the insert: a change that lands while the row is being created (the user's
+    // deactivation reaching the feed first) keeps it out of the caches.
+    let epoch = store.changes_now();
+    let Some(row) = store.postgres().create_token(&new).await? else {
         return Ok(None);
     };
-    store
-        .remember_new(TokenRow {
-            digest: digest.into(),
-            token_key: token_key.into(),
-            user_id: user_id.into(),
-            created: now,
-            expiry,
-            user,
-        })
-        .await;
+    store.remember_new(row, epoch).await;
     Ok(Some(Issued { token, expiry }))
 }

@@ -220,6 +220,41 @@ impl MemoryCache {
         self.shard(key).remove(key);
     }
 
+    /// Removes the entry under `key` if `stale` says so of it.
+    pub fn remove_if(&self, key: &str, stale: impl FnOnce(&Entry) -> bool) {
+        let mut shard = self.shard(key);
+        if shard.map.get(key).is_some_and(|slot| stale(&slot.entry)) {
+            shard.remove(key);
+        }
+    }
+
+    /// Replaces the live entry under `key` with what `with` makes of it, keeping its deadline:
+    /// an update of what an entry says never lets it answer for longer. Nothing happens when no
+    /// live entry is there (evicted meanwhile, say by a revocation: it stays evicted).
+    pub fn update(&self, key: &str, with: impl FnOnce(&Entry) -> Arc<Entry>) {
+        let mut shard = self.shard(key);
+        let Some(slot) = shard.map.get(key) else {
+            return;
+        };
+        if slot.expires <= Instant::now() {
+            shard.remove(key);
+            return;
+        }
+        let entry = with(&slot.entry);
+        let weight = entry.weight(key);
+        let old_weight = slot.weight;
+        let expires = slot.expires;
+        shard.bytes = shard.bytes - old_weight + weight;
+        shard.map.insert(
+            key.into(),
+            Slot {
+                entry,
+                expires,
+                weight,
+            },
+        );
+    }
+
     /// Evicts every entry holding a token of `user_id`. Walks every shard: user-level changes
     /// (deactivation, password change) are rare.
     pub fn remove_user(&self, user_id: &str) {
@@ -301,6 +336,21 @@ mod tests {
         assert_eq!(c.get("a").unwrap().rows[0].user_id, "2");
         assert_eq!(c.entry_count(), 1);
         c.remove("a");
+        assert!(c.get("a").is_none());
+        assert_eq!(c.weighted_size(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_update_keeps_the_deadline_and_never_brings_back_an_evicted_entry() {
+        let c = MemoryCache::new(1000, 1 << 20);
+        c.insert("a", entry("1", Duration::from_millis(30)));
+        tokio::time::advance(Duration::from_millis(20)).await;
+        // The new entry would live a minute on its own; in place of the old one it may not.
+        c.update("a", |_| entry("2", MIN));
+        assert_eq!(c.get("a").unwrap().rows[0].user_id, "2");
+        tokio::time::advance(Duration::from_millis(10)).await;
+        assert!(c.get("a").is_none());
+        c.update("a", |_| entry("3", MIN));
         assert!(c.get("a").is_none());
         assert_eq!(c.weighted_size(), 0);
     }

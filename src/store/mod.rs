@@ -247,6 +247,12 @@ impl Store {
         }
     }
 
+    /// The change window's position, for a caller that reads Postgres itself and then hands
+    /// what it read to the store to cache (a login's new token).
+    pub fn changes_now(&self) -> epoch::Epoch {
+        self.changes.current()
+    }
+
     pub fn postgres(&self) -> &Postgres {
         &self.pg
     }

@@ -98,7 +98,13 @@ impl Statements {
                 "DELETE FROM {tok} WHERE user_id = (SELECT user_id FROM {tok} WHERE digest = $1) \
                  RETURNING token_key, user_id::text"
             ),
-            refresh_expiry: format!("UPDATE {tok} SET expiry = $2 WHERE digest = $1 RETURNING 1"),
+            // The row as it stands once moved, its user read in the same statement: what a
+            // refresh shares through Redis is never the status cached before it.
+            refresh_expiry: format!(
+                "WITH moved AS (UPDATE {tok} SET expiry = $2 WHERE digest = $1 \
+                 RETURNING digest, token_key, user_id, created, expiry) \
+                 SELECT {row_cols} FROM moved t JOIN {usr} u ON u.{id} = t.user_id"
+            ),
             login_user: format!(
                 "SELECT u.{id}::text, u.{pw}, u.{active}, {email}, {roles} FROM {usr} u WHERE u.{name} = $1"
             ),
@@ -108,10 +114,14 @@ impl Statements {
                 "SELECT count(*) FROM {tok} t JOIN {usr} u ON u.{id} = t.user_id \
                  WHERE u.{name} = $1 AND (t.expiry > now() OR t.expiry IS NULL)"
             ),
+            // The new row with its user as it stands under the login's lock (lock_user), not
+            // as it was read before the password check: a deactivation or a lost group during
+            // the check is what gets cached.
             insert_token: format!(
-                "INSERT INTO {tok} (digest, token_key, created, expiry, user_id) \
+                "WITH created AS (INSERT INTO {tok} (digest, token_key, created, expiry, user_id) \
                  SELECT $1, $2, $3, $4, u.{id} FROM {usr} u WHERE u.{name} = $5 \
-                 RETURNING user_id::text"
+                 RETURNING digest, token_key, user_id, created, expiry) \
+                 SELECT {row_cols} FROM created t JOIN {usr} u ON u.{id} = t.user_id"
             ),
             set_last_login: c
                 .last_login
@@ -228,7 +238,7 @@ macro_rules! run_statement {
 }
 pub(super) use run_statement;
 
-fn row_of(r: &Row) -> Result<TokenRow, tokio_postgres::Error> {
+pub(super) fn row_of(r: &Row) -> Result<TokenRow, tokio_postgres::Error> {
     let (is_staff, is_superuser, groups) = roles_of(r, 8)?;
     Ok(TokenRow {
         digest: StoredDigest::parse(r.try_get(0)?),
@@ -562,19 +572,24 @@ impl Postgres {
     }
 
     /// Moves a token's expiry (AUTO_REFRESH).
-    /// Whether the token was still there to refresh.
+    /// The token's row with its new expiry and its user as they stand now; `None` when the
+    /// token was no longer there to refresh.
     pub async fn refresh_expiry(
         &self,
         digest: &str,
         expiry: OffsetDateTime,
-    ) -> Result<bool, StoreError> {
-        self.query(
-            "refresh_expiry",
-            &self.sql.refresh_expiry,
-            &[(&digest, Type::TEXT), (&expiry, Type::TIMESTAMPTZ)],
-        )
-        .await
-        .map(|rows| !rows.is_empty())
+    ) -> Result<Option<TokenRow>, StoreError> {
+        let rows = self
+            .query(
+                "refresh_expiry",
+                &self.sql.refresh_expiry,
+                &[(&digest, Type::TEXT), (&expiry, Type::TIMESTAMPTZ)],
+            )
+            .await?;
+        rows.first()
+            .map(row_of)
+            .transpose()
+            .map_err(|e| self.failed("refresh_expiry", &e))
     }
 
     /// Sends a notification through the pool (the change feed's self-test).

@@ -7,9 +7,9 @@ use tokio_postgres::types::{ToSql, Type};
 
 use super::{
     StoreError,
-    postgres::{Param, Postgres, roles_of, run_statement},
+    postgres::{Param, Postgres, roles_of, row_of, run_statement},
 };
-use crate::auth::Groups;
+use crate::auth::{Groups, TokenRow};
 
 /// A user as needed to check a login.
 #[derive(Debug, Clone)]
@@ -71,8 +71,9 @@ impl Postgres {
 
     /// Creates a token row for `username` as knox's `AuthToken.objects.create` does, after
     /// checking the per-user limit, and stamps `last_login`, in one transaction.
-    /// Returns `Ok(None)` when the limit is reached.
-    pub async fn create_token(&self, new: &NewToken<'_>) -> Result<Option<String>, StoreError> {
+    /// Returns the new row, its user as the transaction saw it, or `Ok(None)` when the limit is
+    /// reached.
+    pub async fn create_token(&self, new: &NewToken<'_>) -> Result<Option<TokenRow>, StoreError> {
         self.note_request();
         let mut client = self.client().await?;
         let sql = &self.sql;
@@ -132,7 +133,7 @@ impl Postgres {
                 tx.rollback().await?;
                 return Ok(None);
             };
-            let user_id: String = row.try_get(0)?;
+            let row = row_of(row)?;
             if let Some(set_last_login) = &sql.set_last_login {
                 metrics.sql("set_last_login");
                 run_statement!(
@@ -146,7 +147,7 @@ impl Postgres {
                 )?;
             }
             tx.commit().await?;
-            Ok::<_, tokio_postgres::Error>(Some(user_id))
+            Ok::<_, tokio_postgres::Error>(Some(row))
         };
         match tokio::time::timeout(self.login_deadline, work).await {
             Ok(r) => r.map_err(|e| self.failed("create_token", &e)),

@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use time::OffsetDateTime;
 
-use super::{Change, RedisTier, Store, StoreError, outbox::RedisEviction, postgres::Removed};
+use super::{
+    Change, RedisTier, Store, StoreError, epoch::Epoch, outbox::RedisEviction, postgres::Removed,
+};
 use crate::auth::{StoredDigest, TokenDigest, TokenRow};
 
 impl Store {
@@ -73,7 +75,11 @@ impl Store {
                 changes
                     .arriving(async {
                         self.known_keys.heard(token_key);
-                        self.memory.remove(token_key);
+                        // Wrong now: an entry saying the key has no token, or claiming every
+                        // token under it. One holding the rows it found (a login's own new
+                        // token, whose INSERT this is) still answers right for them.
+                        self.memory
+                            .remove_if(token_key, |e| e.is_negative() || e.complete);
                     })
                     .await
             }
@@ -165,23 +171,40 @@ impl Store {
             .await
     }
 
-    /// Caches a token just created (login), replacing any negative entry for its key.
-    pub async fn remember_new(&self, row: TokenRow) {
+    /// Caches a token just created (login), replacing any negative entry for its key. `row`
+    /// carries its user as the insert found them; `epoch` was read before the insert, so a
+    /// removal that may predate what the row says keeps it out of every tier.
+    pub async fn remember_new(&self, row: TokenRow, epoch: Epoch) {
         let key = row.token_key.clone();
         // Known at once here, before the feed brings its INSERT back.
         self.known_keys.heard(&key);
-        self.memory.remove(&key);
-        if let Some(redis) = &self.redis
+        let now = OffsetDateTime::now_utc();
+        let usable = row.user.is_active && !row.is_expired(now);
+        // Only this row is known for the key, so the entry is partial. It replaces any negative
+        // entry for the key, and is dropped again if a removal overlapped the insert.
+        self.remember(
+            &key,
+            self.entry(smallvec::smallvec![row.clone()], false),
+            epoch,
+        );
+        if usable
+            && self.changes.nothing_removed_since(epoch)
+            && let Some(redis) = &self.redis
             && redis.is_connected()
+            && redis.put(&row, now).await.is_ok()
+            && !self.changes.nothing_removed_since(epoch)
         {
-            let _ = redis.put(&row, OffsetDateTime::now_utc()).await;
+            self.forget_key(&key).await;
         }
-        // Only this row is known for the key, so the entry is partial.
-        let entry = self.entry(smallvec::smallvec![row], false);
-        self.memory.insert(&key, entry);
     }
 
     /// AUTO_REFRESH: moves a token's expiry in every tier, once per token at a time.
+    ///
+    /// A refresh never makes a cached answer live longer: the in-process entry keeps its
+    /// deadline (`redis.max_cache_ttl` from when it was read), so a token revoked where this
+    /// instance cannot hear it (`ttl` mode, Postgres unreachable) still ends within that bound
+    /// however often it is used. Redis gets the row as the UPDATE left it, its user read in the
+    /// same statement, never the cached one.
     pub fn refresh(self: &Arc<Self>, row: &TokenRow, new_expiry: OffsetDateTime) {
         if !self
             .refreshing
@@ -191,42 +214,52 @@ impl Store {
         {
             return; // another request is already writing this token's refresh
         }
-        let mut updated = row.clone();
-        updated.expiry = Some(new_expiry);
         // Update the in-process entry now, so requests arriving before the write lands see the
-        // new expiry and do not schedule writes of their own.
-        if let Some(entry) = self.memory.get(&row.token_key) {
+        // new expiry and do not schedule writes of their own. Only the entry as it stands: one
+        // evicted meanwhile (the feed's revocation) stays evicted.
+        self.memory.update(&row.token_key, |entry| {
             let rows = entry
                 .rows
                 .iter()
                 .map(|r| {
+                    let mut r = r.clone();
                     if r.digest == row.digest {
-                        updated.clone()
-                    } else {
-                        r.clone()
+                        r.expiry = Some(new_expiry);
                     }
+                    r
                 })
                 .collect();
-            self.memory
-                .insert(&row.token_key, self.entry(rows, entry.complete));
-        }
+            self.entry(rows, entry.complete)
+        });
         let store = Arc::clone(self);
+        let key = row.token_key.clone();
+        let digest = row.digest.clone();
         tokio::spawn(async move {
-            // Only a row still there goes to Redis: writing the entry of a token deleted
-            // meanwhile (a logout elsewhere) would bring it back for other instances.
-            if let Ok(true) = store
-                .pg
-                .refresh_expiry(&updated.digest.to_text(), new_expiry)
-                .await
-                && let Some(redis) = &store.redis
-            {
-                let _ = redis.put(&updated, OffsetDateTime::now_utc()).await;
+            let epoch = store.changes.current();
+            match store.pg.refresh_expiry(&digest.to_text(), new_expiry).await {
+                Ok(Some(fresh)) => {
+                    let now = OffsetDateTime::now_utc();
+                    if !fresh.user.is_active || fresh.is_expired(now) {
+                        // Postgres no longer allows it (a change this instance did not hear).
+                        store.forget_key(&key).await;
+                    } else if let Some(redis) = &store.redis
+                        && redis.put(&fresh, now).await.is_ok()
+                        && !store.changes.nothing_removed_since(epoch)
+                    {
+                        // A removal landed while we were writing: our entry may predate it.
+                        store.forget_key(&key).await;
+                    }
+                }
+                // The row is gone: whatever this instance or Redis still holds for it is wrong
+                // (a revocation this instance did not hear).
+                Ok(None) => store.forget_key(&key).await,
+                Err(e) => tracing::debug!(error = %e, "could not refresh a token's expiry"),
             }
             store
                 .refreshing
                 .lock()
                 .expect("refresh lock")
-                .remove(&updated.digest);
+                .remove(&digest);
         });
     }
 }
