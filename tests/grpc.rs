@@ -89,7 +89,7 @@ async fn check(
         .map(tonic::Response::into_inner)
 }
 
-/// The HTTP status Envoy would act on: 200 for OK, the denial's status, 503 for UNAVAILABLE.
+/// The HTTP status Envoy would act on: 200 for OK, the denial's status.
 fn status_of(r: &Result<CheckResponse, Status>) -> u16 {
     match r {
         Ok(resp) => match (&resp.status, &resp.http_response) {
@@ -99,7 +99,6 @@ fn status_of(r: &Result<CheckResponse, Status>) -> u16 {
             }
             _ => panic!("inconsistent check response: {resp:?}"),
         },
-        Err(s) if s.code() == Code::Unavailable => 503,
         Err(s) => panic!("unexpected RPC error: {s:?}"),
     }
 }
@@ -315,7 +314,7 @@ async fn only_configured_identity_headers_are_set_the_rest_removed() {
 }
 
 #[tokio::test]
-async fn outage_is_unavailable_so_envoy_fails_closed() {
+async fn outage_is_a_503_denial_whatever_envoys_failure_settings() {
     let db = TestDb::migrated().await;
     let port = free_port();
     let s = TestServer::start(
@@ -328,9 +327,13 @@ async fn outage_is_unavailable_so_envoy_fails_closed() {
     .await;
     let mut c = client(&s).await;
     let r = check(&mut c, with_token(Some(&"0".repeat(64)), &[])).await;
-    let e = r.expect_err("an RPC error, not a denial or an allow");
-    assert_eq!(e.code(), Code::Unavailable);
-    assert!(e.message().contains("unavailable"), "{e:?}");
+    // A denial, never an RPC error: Envoy would answer an error with status_on_error (403
+    // unless set) or let it through under failure_mode_allow.
+    let resp = r.as_ref().expect("a denial, not an RPC error");
+    assert_eq!(status_of(&r), 503);
+    let status = resp.status.as_ref().unwrap();
+    assert_eq!(status.code, Code::Unavailable as i32);
+    assert!(status.message.contains("unavailable"), "{status:?}");
     // Header problems are still decided without the database.
     assert_eq!(status_of(&check(&mut c, with_token(None, &[])).await), 401);
     assert_eq!(

@@ -57,9 +57,10 @@ impl Authorization for Check {
         let answer = self.answer(request.into_inner()).instrument(span).await;
         let status = answer.status();
         self.app.metrics.request(Route::GrpcCheck, status);
-        respond::check_response(answer, &self.owned)
-            .await
-            .map(Response::new)
+        // Every answer is a CheckResponse, outages included (grpc/respond.rs says why).
+        Ok(Response::new(
+            respond::check_response(answer, &self.owned).await,
+        ))
     }
 }
 

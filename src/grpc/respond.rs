@@ -4,12 +4,13 @@
 //! - 2xx: OK, with the identity headers to set upstream (overwriting a client's copy) and
 //!   `headers_to_remove` naming every other identity header knoxgate owns. Envoy applies
 //!   removals after sets, so a header being set is not also listed for removal.
-//! - 503 (store outage, deadline, overload): the RPC fails with UNAVAILABLE. Envoy counts that
-//!   as an error, so `failure_mode_allow: false` fails closed (with `status_on_error`).
-//! - Any other status: a denied `CheckResponse` carrying the status, knox's/DRF's body and the
-//!   headers (`WWW-Authenticate`). Envoy answers a denial with exactly that, whatever
-//!   `failure_mode_allow` says: a route misconfigured with an unknown policy key (500, INTERNAL)
-//!   can never fail open.
+//! - Any other status: a denied `CheckResponse` carrying the status, knox's/DRF's body and
+//!   the headers (`WWW-Authenticate`, an overload's `Retry-After`). Envoy answers a denial
+//!   with exactly that, whatever `failure_mode_allow` and `status_on_error` say: a route
+//!   misconfigured with an unknown policy key (500, INTERNAL) can never fail open, and an
+//!   outage (503, UNAVAILABLE) reaches the client as 503. Were an outage an RPC error instead,
+//!   Envoy would answer it with `status_on_error` (403 unless set, and Contour always sets
+//!   403: a denial for an outage), or let the request through under `failure_mode_allow`.
 
 use envoy_types::{
     ext_authz::v3::pb::{
@@ -20,7 +21,7 @@ use envoy_types::{
 };
 use http_body_util::BodyExt as _;
 use hyper::{HeaderMap, StatusCode, header::HeaderName};
-use tonic::{Code, Status};
+use tonic::Code;
 
 use crate::http::respond::Body;
 
@@ -30,6 +31,7 @@ fn denied_code(status: StatusCode) -> Code {
         StatusCode::UNAUTHORIZED => Code::Unauthenticated,
         StatusCode::FORBIDDEN => Code::PermissionDenied,
         StatusCode::TOO_MANY_REQUESTS => Code::ResourceExhausted,
+        StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT => Code::Unavailable,
         s if s.is_client_error() => Code::InvalidArgument,
         _ => Code::Internal,
     }
@@ -72,10 +74,7 @@ fn rpc_status(code: Code, message: &str) -> Option<rpc::Status> {
 
 /// The check response for `answer`, an answer of `http::respond`. `owned` names every
 /// identity header knoxgate sets.
-pub async fn check_response(
-    answer: hyper::Response<Body>,
-    owned: &[HeaderName],
-) -> Result<CheckResponse, Status> {
+pub async fn check_response(answer: hyper::Response<Body>, owned: &[HeaderName]) -> CheckResponse {
     let (parts, body) = answer.into_parts();
     let status = parts.status;
     if status.is_success() {
@@ -84,7 +83,7 @@ pub async fn check_response(
             .filter(|name| !parts.headers.contains_key(*name))
             .map(|name| name.as_str().to_owned())
             .collect();
-        return Ok(CheckResponse {
+        return CheckResponse {
             status: rpc_status(Code::Ok, ""),
             http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
                 headers: all_set(&parts.headers),
@@ -92,7 +91,7 @@ pub async fn check_response(
                 ..OkHttpResponse::default()
             })),
             ..CheckResponse::default()
-        });
+        };
     }
     // A `Full` body: collecting it cannot fail or wait.
     let body = match body.collect().await {
@@ -100,11 +99,8 @@ pub async fn check_response(
         Err(never) => match never {},
     };
     let body = String::from_utf8_lossy(&body).into_owned();
-    if status == StatusCode::SERVICE_UNAVAILABLE {
-        return Err(Status::unavailable(detail_of(&body)));
-    }
     let code = denied_code(status);
-    Ok(CheckResponse {
+    CheckResponse {
         status: rpc_status(code, &detail_of(&body)),
         http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
             status: Some(HttpStatus {
@@ -114,7 +110,7 @@ pub async fn check_response(
             body,
         })),
         ..CheckResponse::default()
-    })
+    }
 }
 
 /// The `detail` of a DRF body, for the gRPC status message (logs, `grpcurl`).
@@ -141,7 +137,7 @@ mod tests {
             .to_vec()
     }
 
-    async fn check(r: hyper::Response<Body>) -> Result<CheckResponse, Status> {
+    async fn check(r: hyper::Response<Body>) -> CheckResponse {
         check_response(r, &owned()).await
     }
 
@@ -161,8 +157,22 @@ mod tests {
             Error::DeadlineExceeded,
             Error::Overloaded,
         ] {
-            let s = check(respond::error(&e)).await.expect_err("an RPC error");
-            assert_eq!(s.code(), Code::Unavailable, "{e:?}");
+            let r = check(respond::error(&e)).await;
+            assert_eq!(
+                r.status.as_ref().unwrap().code,
+                Code::Unavailable as i32,
+                "{e:?}"
+            );
+            let d = denied(&r);
+            assert_eq!(d.status.as_ref().unwrap().code, 503, "{e:?}");
+            assert!(d.body.contains("detail"), "{e:?}");
+            // The HTTP answer's headers too: Retry-After when overloaded.
+            let retry_after = d
+                .headers
+                .iter()
+                .filter_map(|h| h.header.as_ref())
+                .any(|h| h.key == "retry-after");
+            assert_eq!(retry_after, matches!(e, Error::Overloaded), "{e:?}: {d:?}");
         }
         for (e, code, http) in [
             (
@@ -173,7 +183,7 @@ mod tests {
             (Error::Internal("i".into()), Code::Internal, 500),
             (Error::BadRequest("b"), Code::InvalidArgument, 400),
         ] {
-            let r = check(respond::error(&e)).await.expect("a denial");
+            let r = check(respond::error(&e)).await;
             assert_eq!(r.status.as_ref().unwrap().code, code as i32, "{e:?}");
             assert_eq!(denied(&r).status.as_ref().unwrap().code, http);
             assert!(denied(&r).body.contains("detail"));
@@ -182,9 +192,7 @@ mod tests {
 
     #[tokio::test]
     async fn denials_carry_knoxs_body_and_header() {
-        let r = check(respond::deny(DenyReason::InvalidToken, "Token"))
-            .await
-            .unwrap();
+        let r = check(respond::deny(DenyReason::InvalidToken, "Token")).await;
         let status = r.status.as_ref().unwrap();
         assert_eq!(status.code, Code::Unauthenticated as i32);
         assert_eq!(status.message, "Invalid token.");
@@ -201,7 +209,7 @@ mod tests {
         assert_eq!(header("www-authenticate").as_deref(), Some("Token"));
         assert_eq!(header("content-type").as_deref(), Some("application/json"));
 
-        let r = check(respond::forbidden()).await.unwrap();
+        let r = check(respond::forbidden()).await;
         assert_eq!(
             r.status.as_ref().unwrap().code,
             Code::PermissionDenied as i32
@@ -220,7 +228,7 @@ mod tests {
             HeaderName::from_static("x-auth-user-id"),
             hyper::header::HeaderValue::from_static("42"),
         );
-        let r = check(answer).await.unwrap();
+        let r = check(answer).await;
         assert_eq!(r.status.as_ref().unwrap().code, Code::Ok as i32);
         let Some(HttpResponse::OkResponse(ok)) = r.http_response else {
             panic!("not ok");
@@ -239,7 +247,7 @@ mod tests {
         );
 
         // Anonymous: nothing set, every identity header removed.
-        let r = check(respond::anonymous()).await.unwrap();
+        let r = check(respond::anonymous()).await;
         let Some(HttpResponse::OkResponse(ok)) = r.http_response else {
             panic!("not ok");
         };
