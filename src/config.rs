@@ -120,6 +120,7 @@ impl TryFrom<FileConfig> for Config {
             }
         }
         config.check_deadlines()?;
+        config.check_names()?;
         Ok(config)
     }
 }
@@ -135,6 +136,70 @@ impl Config {
                 format!(
                     "must be less than server.request_timeout ({:?}), the whole budget of a login",
                     self.server.request_timeout
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Names that must not collide: each identity header carries one thing (two of them under
+    /// one name would send the last one set as the other, a username as a user id), none is a
+    /// header HTTP or knoxgate's own answers need, and the session endpoints are not under the
+    /// verify path (which is matched first, so a logout there would be a `/verify` that
+    /// revokes nothing).
+    fn check_names(&self) -> Result<(), ConfigError> {
+        const RESERVED: &[&str] = &[
+            "authorization",
+            "connection",
+            "content-length",
+            "content-type",
+            "date",
+            "host",
+            "keep-alive",
+            "retry-after",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "upgrade",
+            "www-authenticate",
+        ];
+        let v = &self.verify;
+        let named = [
+            ("verify.user_id_header", Some(&v.user_id_header)),
+            ("verify.username_header", v.username_header.as_ref()),
+            ("verify.email_header", v.email_header.as_ref()),
+            ("verify.expiry_header", v.expiry_header.as_ref()),
+            ("verify.staff_header", v.staff_header.as_ref()),
+            ("verify.superuser_header", v.superuser_header.as_ref()),
+            ("verify.groups_header", v.groups_header.as_ref()),
+            ("assertion.header", Some(&self.assertion.header)),
+        ];
+        let named: Vec<_> = named
+            .into_iter()
+            .filter_map(|(key, name)| Some((key, name?)))
+            .collect();
+        for (i, (key, name)) in named.iter().enumerate() {
+            if RESERVED.contains(&name.as_str()) {
+                return Err(value::invalid(
+                    key,
+                    format!("`{name}` is a header HTTP or knoxgate's answers already use"),
+                ));
+            }
+            if let Some((other, _)) = named[..i].iter().find(|(_, n)| n == name) {
+                return Err(value::invalid(
+                    key,
+                    format!("`{name}` is {other} already: each identity header needs its own name"),
+                ));
+            }
+        }
+        let under_verify = format!("{}/", v.path);
+        if self.sessions.enabled && self.sessions.base_path.starts_with(&under_verify) {
+            return Err(value::invalid(
+                "sessions.base_path",
+                format!(
+                    "`{}` is under verify.path (`{}`), which is matched first: login and \
+                     logout would never be reached",
+                    self.sessions.base_path, v.path
                 ),
             ));
         }

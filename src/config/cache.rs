@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     ConfigError,
-    value::{self, invalid},
+    value::{self, invalid, positive},
 };
 
 const DEFAULT_CONSISTENCY: &str = "notify";
@@ -189,10 +189,16 @@ impl TryFrom<CacheFile> for CacheConfig {
             memory_max_bytes: file.memory_max_bytes,
             negative_ttl: file.negative_ttl,
             stale_if_error: file.stale_if_error,
-            feed_retention: file.feed_retention,
-            feed_reconnect_delay: file.feed_reconnect_delay,
-            feed_health_interval: file.feed_health_interval,
-            feed_echo_timeout: file.feed_echo_timeout,
+            feed_retention: positive("cache.feed_retention", file.feed_retention)?,
+            feed_reconnect_delay: positive(
+                "cache.feed_reconnect_delay",
+                file.feed_reconnect_delay,
+            )?,
+            feed_health_interval: positive(
+                "cache.feed_health_interval",
+                file.feed_health_interval,
+            )?,
+            feed_echo_timeout: positive("cache.feed_echo_timeout", file.feed_echo_timeout)?,
             feed,
             feed_heartbeat_interval: file.feed_heartbeat_interval,
             feed_relay_timeout: file.feed_relay_timeout,

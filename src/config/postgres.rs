@@ -7,7 +7,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     ConfigError,
-    value::{self, column, invalid, nonzero, optional_column, sql_identifier},
+    value::{
+        self, column, existing_file, invalid, nonzero, optional_column, positive, sql_identifier,
+    },
 };
 
 const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
@@ -256,12 +258,12 @@ impl TryFrom<PostgresFile> for PostgresConfig {
             idle_timeout: file.idle_timeout,
             pgbouncer: file.pgbouncer.unwrap_or(false),
             detect_pgbouncer: file.pgbouncer.is_none(),
-            connect_timeout: file.connect_timeout,
+            connect_timeout: positive("postgres.connect_timeout", file.connect_timeout)?,
             pool_wait_timeout: file.pool_wait_timeout,
             pool_recycle_timeout: file.pool_recycle_timeout,
             statement_timeout: file.statement_timeout,
             max_lookup_batch: nonzero("postgres.max_lookup_batch", file.max_lookup_batch)?,
-            ca_file: (!file.ca_file.is_empty()).then_some(file.ca_file),
+            ca_file: existing_file("postgres.ca_file", &file.ca_file)?,
             token_table: sql_identifier("postgres.token_table", &file.token_table)?,
             user_table: sql_identifier("postgres.user_table", &file.user_table)?,
             user_columns: UserColumns {

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     ConfigError,
-    value::{self, invalid, nonzero},
+    value::{self, existing_file, invalid, nonzero},
 };
 
 const DEFAULT_URL: &str = "redis://127.0.0.1:6379/0";
@@ -178,18 +178,10 @@ impl TryFrom<RedisFile> for RedisConfig {
                 "must be non-empty, without braces",
             ));
         }
-        let file_key = |key: &str, path: &str| -> Result<Option<String>, ConfigError> {
-            let path = path.trim();
-            if path.is_empty() {
-                return Ok(None);
-            }
-            std::fs::metadata(path).map_err(|e| invalid(key, format!("`{path}`: {e}")))?;
-            Ok(Some(path.to_owned()))
-        };
-        let ca_file = file_key("redis.ca_file", &file.ca_file)?;
+        let ca_file = existing_file("redis.ca_file", &file.ca_file)?;
         let client_cert = match (
-            file_key("redis.client_cert_file", &file.client_cert_file)?,
-            file_key("redis.client_key_file", &file.client_key_file)?,
+            existing_file("redis.client_cert_file", &file.client_cert_file)?,
+            existing_file("redis.client_key_file", &file.client_key_file)?,
         ) {
             (Some(cert), Some(key)) => Some((cert, key)),
             (None, None) => None,

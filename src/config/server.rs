@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     ConfigError,
-    value::{self, invalid, nonzero, socket_addr},
+    value::{self, invalid, nonzero, positive, socket_addr},
 };
 
 const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
@@ -82,14 +82,6 @@ impl Default for ServerFile {
             demoted_threads: 0,
         }
     }
-}
-
-/// A timeout of zero would close every connection (or answer every request) at once.
-fn positive(key: &str, d: Duration) -> Result<Duration, ConfigError> {
-    if d.is_zero() {
-        return Err(invalid(key, "must be greater than 0"));
-    }
-    Ok(d)
 }
 
 /// The listeners and the limits and deadlines of serving.

@@ -317,6 +317,100 @@ fn zero_timeouts_are_refused() {
 }
 
 #[test]
+fn zero_feed_and_connect_timings_are_refused() {
+    // A zero health interval panicked the feed's task at its first connect; a zero echo
+    // timeout made the feed deaf for ever; a zero reconnect delay spins through an outage.
+    for (section, key) in [
+        ("cache", "feed_health_interval"),
+        ("cache", "feed_echo_timeout"),
+        ("cache", "feed_reconnect_delay"),
+        ("cache", "feed_retention"),
+        ("postgres", "connect_timeout"),
+    ] {
+        let err = Config::from_toml_str(&format!("[{section}]\n{key} = \"0s\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&format!("{section}.{key}")), "{err}");
+    }
+}
+
+#[test]
+fn a_missing_postgres_ca_file_is_a_config_error() {
+    let err = Config::from_toml_str("[postgres]\nca_file = \"/nonexistent/ca.pem\"")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("postgres.ca_file"), "{err}");
+}
+
+#[test]
+fn the_verify_path_is_written_without_a_trailing_slash() {
+    let err = Config::from_toml_str("[verify]\npath = \"/verify/\"")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("verify.path") && err.contains("`/verify`"),
+        "{err}"
+    );
+    let c = Config::from_toml_str("[verify]\npath = \"/auth/verify\"").unwrap();
+    assert_eq!(c.verify.path, "/auth/verify");
+}
+
+#[test]
+fn identity_headers_need_names_of_their_own() {
+    let cases: &[(&str, &str)] = &[
+        // A username sent under the user id's name would be taken for a user id.
+        (
+            "[verify]\nusername_header = \"x-auth-user-id\"",
+            "verify.username_header",
+        ),
+        (
+            "[verify]\nstaff_header = \"X-Flag\"\nsuperuser_header = \"x-flag\"",
+            "verify.superuser_header",
+        ),
+        (
+            "[verify]\ngroups_header = \"X-Auth-Assertion\"",
+            "assertion.header",
+        ),
+        (
+            "[assertion]\nheader = \"X-Auth-User-Id\"",
+            "assertion.header",
+        ),
+        (
+            "[verify]\nuser_id_header = \"Authorization\"",
+            "verify.user_id_header",
+        ),
+        (
+            "[verify]\nemail_header = \"Content-Length\"",
+            "verify.email_header",
+        ),
+    ];
+    for (text, key) in cases {
+        let err = Config::from_toml_str(text).unwrap_err().to_string();
+        assert!(err.contains(key), "{text:?} gave {err:?}");
+    }
+}
+
+#[test]
+fn the_session_endpoints_cannot_sit_under_the_verify_path() {
+    for (verify, base) in [("/api", "/api/auth/"), ("/auth", "/auth/")] {
+        let err = Config::from_toml_str(&format!(
+            "[verify]\npath = \"{verify}\"\n[sessions]\nbase_path = \"{base}\""
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("sessions.base_path"), "{err}");
+        // Without sessions there is nothing to hide.
+        Config::from_toml_str(&format!(
+            "[verify]\npath = \"{verify}\"\n[sessions]\nenabled = false\nbase_path = \"{base}\""
+        ))
+        .unwrap();
+    }
+    // Beside each other, or the verify path under the sessions': fine.
+    Config::from_toml_str("[verify]\npath = \"/api/auth/verify\"").unwrap();
+    Config::from_toml_str("[verify]\npath = \"/apiv\"\n[sessions]\nbase_path = \"/api/\"").unwrap();
+}
+
+#[test]
 fn duration_errors_keep_their_messages() {
     let err = Config::from_toml_str("[server]\nrequest_timeout = \"5\"")
         .unwrap_err()

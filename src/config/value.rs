@@ -111,6 +111,25 @@ pub mod optional_duration {
 }
 
 /// A count that must be at least 1.
+/// A duration that must not be zero: a timeout of zero would close every connection (or fail
+/// every call) at once, an interval of zero would spin.
+pub(super) fn positive(key: &str, d: Duration) -> Result<Duration, ConfigError> {
+    if d.is_zero() {
+        return Err(invalid(key, "must be greater than 0"));
+    }
+    Ok(d)
+}
+
+/// A file named by `key`, checked to exist now rather than when first used; `None` when empty.
+pub(super) fn existing_file(key: &str, path: &str) -> Result<Option<String>, ConfigError> {
+    let path = path.trim();
+    if path.is_empty() {
+        return Ok(None);
+    }
+    std::fs::metadata(path).map_err(|e| invalid(key, format!("`{path}`: {e}")))?;
+    Ok(Some(path.to_owned()))
+}
+
 pub(super) fn nonzero(key: &str, n: u64) -> Result<NonZeroUsize, ConfigError> {
     NonZeroUsize::new(n as usize).ok_or_else(|| invalid(key, "must be greater than 0"))
 }

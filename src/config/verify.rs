@@ -83,10 +83,22 @@ impl TryFrom<VerifyFile> for VerifyConfig {
     type Error = ConfigError;
 
     fn try_from(file: VerifyFile) -> Result<Self, ConfigError> {
+        let path = path_prefix("verify.path", &file.path)?;
+        if path.len() > 1 && path.ends_with('/') {
+            // Only the exact path reads the policy query: a proxy configured with this string
+            // (`/verify/?require=staff`) would send a sub-path, whose query is the client's
+            // and ignored, and every valid token would pass a route meant for staff.
+            return Err(invalid(
+                "verify.path",
+                format!(
+                    "`{path}`: write it without the trailing `/` (`{}`), and point the proxy \
+                     at exactly that path",
+                    path.trim_end_matches('/')
+                ),
+            ));
+        }
         let verify = VerifyConfig {
-            path: path_prefix("verify.path", &file.path)?
-                .trim_end_matches('/')
-                .to_owned(),
+            path,
             user_id_header: header_name("verify.user_id_header", &file.user_id_header)?
                 .ok_or_else(|| invalid("verify.user_id_header", "must not be empty"))?,
             username_header: header_name("verify.username_header", &file.username_header)?,
