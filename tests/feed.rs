@@ -541,3 +541,46 @@ async fn cold_lookups_during_other_logins_keep_their_redis_entries() {
     );
     s.stop().await;
 }
+
+/// A revocation log with a large backlog past `cache.feed_retention` (a bulk cleanup of tokens
+/// logs a row per token) is pruned in short batches after the feed is live. One DELETE of the
+/// whole backlog at every (re)connect ran into the session's statement timeout, failed the
+/// session, and so on at every reconnect: the feed never came up.
+#[tokio::test]
+async fn a_large_log_backlog_is_pruned_in_batches_without_keeping_the_feed_down() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    client
+        .execute(
+            "INSERT INTO knoxgate_revocation_log (logged_at, kind, user_id) \
+             SELECT now() - interval '2 days', 'u', '0' FROM generate_series(1, 200000)",
+            &[],
+        )
+        .await
+        .unwrap();
+    let s = TestServer::start(&db, "[postgres]\nstatement_timeout = \"20ms\"").await;
+    let live = eventually(Duration::from_secs(10), || async {
+        s.metric("knoxgate_feed_connected").await == 1.0
+    })
+    .await;
+    assert!(live.is_some(), "the feed never came up");
+    let pruned = eventually(Duration::from_secs(30), || async {
+        let left: i64 = client
+            .query_one("SELECT count(*) FROM knoxgate_revocation_log", &[])
+            .await
+            .unwrap()
+            .get(0);
+        left == 0
+    })
+    .await;
+    assert!(pruned.is_some(), "the backlog was not pruned");
+    // And the feed still works: a revocation by SQL reaches the cache.
+    let t = user_with_token(&db, "alice").await;
+    assert_eq!(s.verify(&t.token).await.status, 200);
+    client
+        .execute("DELETE FROM knox_authtoken", &[])
+        .await
+        .unwrap();
+    assert!(refused_within(&s, &t.token).await.is_some());
+    s.stop().await;
+}

@@ -399,13 +399,7 @@ async fn login_caches_the_users_flags_and_groups() {
         .await
         .unwrap();
     join_group(&db, id, "ops").await;
-    // The stored hash's own iterations: no re-hash after the login, whose password change
-    // would evict the user's tokens (a change the feed reports) and cost a reload.
-    let s = TestServer::start(
-        &db,
-        &format!("{POLICY_HEADERS}\n[sessions]\npassword_iterations = 1000\n"),
-    )
-    .await;
+    let s = TestServer::start(&db, POLICY_HEADERS).await;
     let r = http(
         s.addr(),
         "POST",

@@ -97,6 +97,56 @@ fn timed<T>(
     Err(error)
 }
 
+/// Log rows one prune statement deletes: each is short whatever the backlog (a bulk cleanup of
+/// tokens logs a row per token).
+const PRUNE_BATCH: i64 = 5_000;
+/// How long one prune may go on deleting batches before it yields to the feed's own work
+/// (echo, health check), and the pause before it goes on with a backlog.
+const PRUNE_BUDGET: Duration = Duration::from_secs(1);
+const PRUNE_BACKLOG_PAUSE: Duration = Duration::from_secs(1);
+
+/// Deletes revocation-log rows older than `cache.feed_retention`, oldest first, in batches,
+/// for at most `PRUNE_BUDGET`. Returns true when rows are left to delete. A failure is logged,
+/// not fatal: an unpruned log only grows until the next prune, while a feed that went down
+/// with every failed prune would never come back up against a large backlog.
+async fn prune_log(client: &tokio_postgres::Client, config: &Config, metrics: &Metrics) -> bool {
+    let sql = format!(
+        "DELETE FROM {log} WHERE id IN (SELECT id FROM {log} \
+         WHERE logged_at < now() - make_interval(secs => $1) ORDER BY logged_at LIMIT $2)",
+        log = schema::LOG_TABLE
+    );
+    let retention = config.cache.feed_retention.as_secs_f64();
+    let started = tokio::time::Instant::now();
+    let mut pruned = 0;
+    loop {
+        let r = tokio::time::timeout(
+            config.postgres.feed_bulk_deadline(),
+            client.execute_typed(
+                &sql,
+                &[(&retention, Type::FLOAT8), (&PRUNE_BATCH, Type::INT8)],
+            ),
+        )
+        .await;
+        match timed(metrics, "prune", r) {
+            Ok(n) => {
+                pruned += n;
+                if n < PRUNE_BATCH as u64 {
+                    tracing::debug!(pruned, "revocation log pruned");
+                    return false;
+                }
+                if started.elapsed() >= PRUNE_BUDGET {
+                    tracing::debug!(pruned, "revocation log: pruning a backlog");
+                    return true;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, pruned, "could not prune the revocation log; trying again later");
+                return false;
+            }
+        }
+    }
+}
+
 /// Runs the listener until `shutdown` flips to true, reconnecting after every failure. With a
 /// `publisher` (`knoxgate relay`), every change heard or replayed is also appended to the Redis
 /// stream, and a heartbeat while live; a failed append fails the session, so that the
@@ -214,8 +264,15 @@ where
         if !timed(metrics, "trigger check", tokio::time::timeout(deadline, schema::triggers_installed(&client, &config.postgres)).await)? {
             return Err(StoreError::Query("the change-feed triggers are not installed: run `knoxgate migrate`".into()));
         }
-        // One simple-query message, so even a pooler runs both on one server connection.
-        let listen = format!("LISTEN {}; LISTEN {}", schema::CHANNEL, echo.channel());
+        // One simple-query message, so even a pooler runs both on one server connection. The
+        // session's statement timeout (the pool's, from its startup options) becomes the bulk
+        // deadline: the replay reads minutes of changes, not one row.
+        let listen = format!(
+            "SET statement_timeout = {}; LISTEN {}; LISTEN {}",
+            config.postgres.feed_bulk_deadline().as_millis(),
+            schema::CHANNEL,
+            echo.channel()
+        );
         timed(metrics, "LISTEN", tokio::time::timeout(deadline, client.batch_execute(&listen)).await)?;
         // Catch up on everything that could still be cached anywhere.
         let window = config.redis.max_cache_ttl + REPLAY_SLACK;
@@ -248,26 +305,14 @@ where
                 publisher.publish_all(chunk).await?;
             }
         }
-        let pruned = tokio::time::timeout(
-            config.postgres.feed_bulk_deadline(),
-            client.execute_typed(
-                &format!(
-                    "DELETE FROM {} WHERE logged_at < now() - make_interval(secs => $1)",
-                    schema::LOG_TABLE
-                ),
-                &[(&config.cache.feed_retention.as_secs_f64(), Type::FLOAT8)],
-            ),
-        )
-        .await;
-        let pruned = timed(metrics, "prune", pruned)?;
-        tracing::info!(replayed = rows.len(), pruned, "change feed caught up; checking that it hears");
+        tracing::info!(replayed = rows.len(), "change feed caught up; checking that it hears");
 
         let mut hearing = Hearing::Unproven;
         let mut pending = send_echo(store, echo, config).await;
         let mut health = tokio::time::interval(config.cache.feed_health_interval);
         health.tick().await;
-        let mut prune = tokio::time::interval(PRUNE_INTERVAL);
-        prune.tick().await;
+        // The first prune right away, off the path to going live.
+        let mut next_prune = tokio::time::Instant::now();
         let mut heartbeat = tokio::time::interval(config.cache.feed_heartbeat_interval);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -366,12 +411,10 @@ where
                         publisher.heartbeat().await?;
                     }
                 }
-                _ = prune.tick() => {
-                    let r = tokio::time::timeout(config.postgres.feed_bulk_deadline(), client.execute_typed(
-                        &format!("DELETE FROM {} WHERE logged_at < now() - make_interval(secs => $1)", schema::LOG_TABLE),
-                        &[(&config.cache.feed_retention.as_secs_f64(), Type::FLOAT8)],
-                    )).await;
-                    timed(metrics, "prune", r)?;
+                _ = tokio::time::sleep_until(next_prune) => {
+                    let more = prune_log(&client, config, metrics).await;
+                    next_prune = tokio::time::Instant::now()
+                        + if more { PRUNE_BACKLOG_PAUSE } else { PRUNE_INTERVAL };
                 }
                 _ = shutdown.changed() => return Ok(()),
             }
