@@ -176,7 +176,8 @@ fn housekeeping(store: Arc<Store>, mut stop: watch::Receiver<bool>) -> JoinHandl
 }
 
 /// A running `knoxgate relay`: the Postgres change feed republished to the Redis stream, and
-/// the admin listener (`/healthz`, `/readyz`: feed live and Redis connected, `/metrics`).
+/// the admin listener (`/healthz`; `/readyz`, 200 while Postgres answers and the feed is not
+/// deaf, its body naming the feed's and Redis's state; `/metrics`).
 pub struct RunningRelay {
     pub admin_addr: SocketAddr,
     pub store: Arc<Store>,

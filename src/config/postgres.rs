@@ -286,8 +286,21 @@ impl TryFrom<PostgresFile> for PostgresConfig {
 
 /// A Postgres URL (one host or several, `host1:5432,host2:5432`), checked but kept as written.
 fn postgres_url(key: &str, s: &str) -> Result<String, ConfigError> {
-    s.parse::<tokio_postgres::Config>()
-        .map_err(|e| invalid(key, format!("not a Postgres URL: {e}")))?;
+    if let Err(e) = s.parse::<tokio_postgres::Config>() {
+        // libpq's strictest modes, common in Django settings, are what `require` does here.
+        if ["sslmode=verify-full", "sslmode=verify-ca"]
+            .iter()
+            .any(|m| s.contains(m))
+        {
+            return Err(invalid(
+                key,
+                "sslmode=verify-full and verify-ca are not accepted: use sslmode=require, with \
+                 which knoxgate always checks the server's certificate and name (against the \
+                 public roots, or postgres.ca_file)",
+            ));
+        }
+        return Err(invalid(key, format!("not a Postgres URL: {e}")));
+    }
     Ok(s.to_owned())
 }
 

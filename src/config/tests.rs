@@ -335,6 +335,19 @@ fn zero_feed_and_connect_timings_are_refused() {
 }
 
 #[test]
+fn libpqs_verify_modes_point_to_require() {
+    for mode in ["verify-full", "verify-ca"] {
+        let err = Config::from_toml_str(&format!(
+            "[postgres]\nurl = \"postgres://u@db/x?sslmode={mode}\""
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("sslmode=require"), "{err}");
+    }
+    Config::from_toml_str("[postgres]\nurl = \"postgres://u@db/x?sslmode=require\"").unwrap();
+}
+
+#[test]
 fn a_missing_postgres_ca_file_is_a_config_error() {
     let err = Config::from_toml_str("[postgres]\nca_file = \"/nonexistent/ca.pem\"")
         .unwrap_err()
