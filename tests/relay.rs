@@ -415,3 +415,67 @@ async fn a_burst_of_revocations_reaches_the_instance_in_few_appends() {
     relayed.kill().await;
     a.stop().await;
 }
+
+/// A Redis entry can outlive the relays' DEL (here put back by hand, as a fill that raced the
+/// revocation would). Running instances hold a tombstone for the revoked token and confirm
+/// such an entry with Postgres; an instance started afterwards reads the stream's recent
+/// changes back as tombstones and does the same, while other tokens' entries are still
+/// trusted without SQL. With a stream that does not reach back over the horizon, it distrusts
+/// every entry written before it started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_instance_started_after_a_revocation_distrusts_the_entry_that_outlived_it() {
+    for stream_reaches_back in [true, false] {
+        let db = TestDb::migrated().await;
+        let redis = PrivateRedis::start().await;
+        let prefix = unique("kgrecall");
+        let port = redis.port;
+        if stream_reaches_back {
+            // An entry from long ago: the stream covers the whole horizon.
+            let stream = format!("{prefix}:knoxgate:feed");
+            redis_cli(port, &["XADD", &stream, "1-1", "c", "b|old|1"]);
+        }
+        let relayed = relay(&db, &redis, &prefix);
+        assert!(
+            ready_within(relayed.admin, Duration::from_secs(10)).await,
+            "{}",
+            relayed.log()
+        );
+        let a = instance(&db, &redis, &prefix).await;
+        assert!(ready_within(a.admin(), Duration::from_secs(10)).await);
+        let token = user_with_token(&db, "revoked").await;
+        let bystander = user_with_token(&db, "bystander").await;
+        cached_on_all(&[&a], &[&token, &bystander]).await;
+        let key = redis_key(&a, &token.token);
+        let entry = redis_cli(port, &["GET", &key]);
+        assert!(!entry.is_empty(), "no Redis entry to keep");
+        revoke(&db, &token).await;
+        assert!(refused_by_all(&[&a], &token).await);
+        // The relay deleted it; it comes back as a racing fill would leave it.
+        assert_eq!(redis_cli(port, &["EXISTS", &key]), "0");
+        redis_cli(port, &["SET", &key, &entry, "PX", "60000"]);
+
+        let b = instance(&db, &redis, &prefix).await;
+        assert!(ready_within(b.admin(), Duration::from_secs(10)).await);
+        let r = b.verify(&token.token).await;
+        assert_eq!(
+            r.status,
+            401,
+            "reaches back {stream_reaches_back}: {}",
+            r.body_text()
+        );
+        assert_eq!(b.verify(&bystander.token).await.status, 200);
+        let confirms = b
+            .metric("knoxgate_sql_statements_total{statement=\"confirm\"}")
+            .await;
+        // The revoked token's entry is confirmed (and found gone); the bystander's is trusted
+        // unless the stream could not say what happened before the instance started.
+        assert_eq!(
+            confirms,
+            if stream_reaches_back { 1.0 } else { 2.0 },
+            "reaches back {stream_reaches_back}"
+        );
+        relayed.kill().await;
+        a.stop().await;
+        b.stop().await;
+    }
+}

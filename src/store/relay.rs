@@ -15,7 +15,7 @@
 //! an instance counts its feed as live only while it reads the stream and has seen a heartbeat
 //! within `cache.feed_relay_timeout`, and confirms cached answers with Postgres otherwise.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use fred::{
     clients::Client,
@@ -300,6 +300,7 @@ async fn read_once(
                 tracing::warn!(last_id = %id, "change feed: the redis stream no longer holds the last entry read (trimmed or lost); dropping the in-process cache");
                 store.apply(&Change::Everything).await;
                 reader.heartbeat_at = None;
+                recall_recent(&client, key, store).await?;
                 let end = stream_end(&client, key).await?;
                 reader.last_id = Some(end.clone());
                 end
@@ -308,8 +309,10 @@ async fn read_once(
             }
         }
         None => {
-            // A fresh start: nothing is cached yet, so only what comes next matters.
+            // A fresh start: nothing is cached yet, so only what comes next matters, and which
+            // Redis entries the recent changes make doubtful.
             store.apply(&Change::Everything).await;
+            recall_recent(&client, key, store).await?;
             let end = stream_end(&client, key).await?;
             reader.last_id = Some(end.clone());
             end
@@ -338,6 +341,64 @@ async fn read_once(
         reader.last_id = Some(id);
     }
     reader.caught_up_at = caught_up.then(Instant::now);
+    Ok(())
+}
+
+/// Reads back the stream's changes of the tombstone horizon (`redis.max_cache_ttl` and
+/// slack) as tombstones, as an instance on its own feed does from its replay of the
+/// revocation log. A Redis entry can outlive the relays' DEL (a fill that raced the
+/// revocation, a DEL still queued while Redis refused writes); running instances know from
+/// their tombstones to confirm it with Postgres, and one that starts (or loses its place)
+/// now must know it too. When the stream does not reach back over the horizon (new, trimmed
+/// or lost), no entry written before now is trusted until the horizon has passed.
+async fn recall_recent(
+    client: &fred::clients::WithOptions<Client>,
+    key: &str,
+    store: &Store,
+) -> Result<(), StoreError> {
+    let horizon = store.tombstones.horizon();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
+    let since_ms = now_ms.saturating_sub(horizon.as_millis());
+    let oldest: Vec<(String, Vec<(String, String)>)> = client
+        .xrange(key, "-", "+", Some(1))
+        .await
+        .map_err(|e| redis_error("recall", e))?;
+    let reaches_back = oldest
+        .first()
+        .and_then(|(id, _)| id.split('-').next()?.parse::<u128>().ok())
+        .is_some_and(|oldest_ms| oldest_ms <= since_ms);
+    if !reaches_back {
+        store.apply_relayed(&Change::Truncated).await;
+        return Ok(());
+    }
+    let mut from = since_ms.to_string();
+    let mut recalled = 0usize;
+    loop {
+        let entries: Vec<(String, HashMap<String, String>)> = client
+            .xrange(key, from.as_str(), "+", Some(READ_BATCH))
+            .await
+            .map_err(|e| redis_error("recall", e))?;
+        let full = entries.len() as u64 == READ_BATCH;
+        for (id, fields) in entries {
+            if let Some(StreamEntry::Change(change)) =
+                fields.get(FIELD).and_then(|p| parse_entry(p))
+            {
+                store.apply_relayed(&change).await;
+                recalled += 1;
+            }
+            from = format!("({id}");
+        }
+        if !full {
+            break;
+        }
+    }
+    tracing::debug!(
+        recalled,
+        "change feed: recent changes recalled from the redis stream"
+    );
     Ok(())
 }
 

@@ -44,6 +44,11 @@ impl Tombstones {
         }
     }
 
+    /// How long a tombstone lasts: the age past which no Redis entry it guards can exist.
+    pub fn horizon(&self) -> Duration {
+        self.horizon
+    }
+
     /// A token key's row was deleted or changed.
     pub fn token(&self, token_key: &str) {
         self.token_at(token_key, Instant::now());
