@@ -102,7 +102,7 @@ fn timed<T>(
 const PRUNE_BATCH: i64 = 5_000;
 /// How long one prune may go on deleting batches before it yields to the feed's own work
 /// (echo, health check), and the pause before it goes on with a backlog.
-const PRUNE_BUDGET: Duration = Duration::from_secs(1);
+const PRUNE_BUDGET: Duration = Duration::from_millis(500);
 const PRUNE_BACKLOG_PAUSE: Duration = Duration::from_secs(1);
 
 /// Deletes revocation-log rows older than `cache.feed_retention`, oldest first, in batches,
@@ -161,7 +161,7 @@ pub async fn run(
     let publisher = publisher.as_deref();
     let mut echo = Echo::new();
     loop {
-        let result = match pg::direct_config(&config.postgres).and_then(|pg| {
+        let result = match pg::feed_config(&config.postgres).and_then(|pg| {
             let tls = pg::tls_connector(&config.postgres, &pg)?;
             Ok((pg, tls))
         }) {
@@ -264,15 +264,8 @@ where
         if !timed(metrics, "trigger check", tokio::time::timeout(deadline, schema::triggers_installed(&client, &config.postgres)).await)? {
             return Err(StoreError::Query("the change-feed triggers are not installed: run `knoxgate migrate`".into()));
         }
-        // One simple-query message, so even a pooler runs both on one server connection. The
-        // session's statement timeout (the pool's, from its startup options) becomes the bulk
-        // deadline: the replay reads minutes of changes, not one row.
-        let listen = format!(
-            "SET statement_timeout = {}; LISTEN {}; LISTEN {}",
-            config.postgres.feed_bulk_deadline().as_millis(),
-            schema::CHANNEL,
-            echo.channel()
-        );
+        // One simple-query message, so even a pooler runs both on one server connection.
+        let listen = format!("LISTEN {}; LISTEN {}", schema::CHANNEL, echo.channel());
         timed(metrics, "LISTEN", tokio::time::timeout(deadline, client.batch_execute(&listen)).await)?;
         // Catch up on everything that could still be cached anywhere.
         let window = config.redis.max_cache_ttl + REPLAY_SLACK;
@@ -311,7 +304,7 @@ where
         let mut pending = send_echo(store, echo, config).await;
         let mut health = tokio::time::interval(config.cache.feed_health_interval);
         health.tick().await;
-        // The first prune right away, off the path to going live.
+        // The first prune as soon as the feed is live, off the path to going live.
         let mut next_prune = tokio::time::Instant::now();
         let mut heartbeat = tokio::time::interval(config.cache.feed_heartbeat_interval);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -411,7 +404,8 @@ where
                         publisher.heartbeat().await?;
                     }
                 }
-                _ = tokio::time::sleep_until(next_prune) => {
+                // Only once live: a prune must never hold up the echo that makes the feed live.
+                _ = tokio::time::sleep_until(next_prune), if matches!(hearing, Hearing::Live) => {
                     let more = prune_log(&client, config, metrics).await;
                     next_prune = tokio::time::Instant::now()
                         + if more { PRUNE_BACKLOG_PAUSE } else { PRUNE_INTERVAL };

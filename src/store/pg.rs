@@ -16,13 +16,21 @@ pub const PROBE_APPLICATION_NAME: &str = "knoxgate-probe";
 
 /// Connection settings of the pool (`postgres.url`).
 pub fn pg_config(cfg: &PostgresConfig) -> Result<tokio_postgres::Config, StoreError> {
-    config_for(cfg, &cfg.url)
+    config_for(cfg, &cfg.url, cfg.statement_timeout)
 }
 
 /// Connection settings of the direct connection (`postgres.feed_url`): the change feed,
 /// migrations and the startup trigger check, which need a session of their own on the primary.
 pub fn direct_config(cfg: &PostgresConfig) -> Result<tokio_postgres::Config, StoreError> {
-    config_for(cfg, &cfg.feed_url)
+    config_for(cfg, &cfg.feed_url, cfg.statement_timeout)
+}
+
+/// The change feed's session: the direct connection, whose statements may run for the bulk
+/// deadline (its replay reads minutes of changes, its prune deletes batches of them). Given as
+/// a startup option, so it never outlives the session, not even behind a pooler (which gets
+/// no options: see [`sends_startup_options`]).
+pub fn feed_config(cfg: &PostgresConfig) -> Result<tokio_postgres::Config, StoreError> {
+    config_for(cfg, &cfg.feed_url, cfg.feed_bulk_deadline())
 }
 
 /// Whether connections to `url` may carry startup `options`. PgBouncer refuses them
@@ -32,7 +40,11 @@ pub fn sends_startup_options(cfg: &PostgresConfig, url: &str) -> bool {
     !(cfg.pgbouncer && url == cfg.url)
 }
 
-fn config_for(cfg: &PostgresConfig, url: &str) -> Result<tokio_postgres::Config, StoreError> {
+fn config_for(
+    cfg: &PostgresConfig,
+    url: &str,
+    statement_timeout: Duration,
+) -> Result<tokio_postgres::Config, StoreError> {
     let mut pg: tokio_postgres::Config = url
         .parse()
         .map_err(|e| StoreError::Unavailable(format!("bad URL: {e}")))?;
@@ -45,7 +57,7 @@ fn config_for(cfg: &PostgresConfig, url: &str) -> Result<tokio_postgres::Config,
         let options = format!(
             "{} -c statement_timeout={} -c idle_in_transaction_session_timeout={}",
             pg.get_options().unwrap_or(""),
-            cfg.statement_timeout.as_millis(),
+            statement_timeout.as_millis(),
             cfg.idle_in_transaction_timeout().as_millis(),
         );
         pg.options(options.trim());
@@ -149,7 +161,7 @@ pub async fn probe_pooler(cfg: &PostgresConfig) -> Pooler {
     }
     let mut plain = cfg.clone();
     plain.pgbouncer = false;
-    let mut pg = match config_for(&plain, &cfg.url) {
+    let mut pg = match config_for(&plain, &cfg.url, plain.statement_timeout) {
         Ok(pg) => pg,
         Err(e) => return Pooler::Unknown(e.to_string()),
     };
