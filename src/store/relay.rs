@@ -298,10 +298,11 @@ async fn read_once(
                 .map_err(|e| redis_error("check", e))?;
             if still.is_empty() {
                 tracing::warn!(last_id = %id, "change feed: the redis stream no longer holds the last entry read (trimmed or lost); dropping the in-process cache");
+                // The end first: what is appended meanwhile is read next, not skipped.
+                let end = stream_end(&client, key).await?;
                 store.apply(&Change::Everything).await;
                 reader.heartbeat_at = None;
-                recall_recent(&client, key, store).await?;
-                let end = stream_end(&client, key).await?;
+                recall_recent(&client, key, store, &end).await?;
                 reader.last_id = Some(end.clone());
                 end
             } else {
@@ -311,9 +312,9 @@ async fn read_once(
         None => {
             // A fresh start: nothing is cached yet, so only what comes next matters, and which
             // Redis entries the recent changes make doubtful.
-            store.apply(&Change::Everything).await;
-            recall_recent(&client, key, store).await?;
             let end = stream_end(&client, key).await?;
+            store.apply(&Change::Everything).await;
+            recall_recent(&client, key, store, &end).await?;
             reader.last_id = Some(end.clone());
             end
         }
@@ -351,24 +352,29 @@ async fn read_once(
 /// their tombstones to confirm it with Postgres, and one that starts (or loses its place)
 /// now must know it too. When the stream does not reach back over the horizon (new, trimmed
 /// or lost), no entry written before now is trusted until the horizon has passed.
+///
+/// `end` is the stream's newest entry, where reading goes on from: its id is Redis's clock
+/// (a relay heartbeats every second), so no local clock skew enters the horizon.
 async fn recall_recent(
     client: &fred::clients::WithOptions<Client>,
     key: &str,
     store: &Store,
+    end: &str,
 ) -> Result<(), StoreError> {
     let horizon = store.tombstones.horizon();
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis();
-    let since_ms = now_ms.saturating_sub(horizon.as_millis());
+    let Some(end_ms) = id_millis(end).filter(|ms| *ms > 0) else {
+        // An empty stream says nothing of what came before.
+        store.apply_relayed(&Change::Truncated).await;
+        return Ok(());
+    };
+    let since_ms = end_ms.saturating_sub(horizon.as_millis());
     let oldest: Vec<(String, Vec<(String, String)>)> = client
         .xrange(key, "-", "+", Some(1))
         .await
         .map_err(|e| redis_error("recall", e))?;
     let reaches_back = oldest
         .first()
-        .and_then(|(id, _)| id.split('-').next()?.parse::<u128>().ok())
+        .and_then(|(id, _)| id_millis(id))
         .is_some_and(|oldest_ms| oldest_ms <= since_ms);
     if !reaches_back {
         store.apply_relayed(&Change::Truncated).await;
@@ -378,7 +384,7 @@ async fn recall_recent(
     let mut recalled = 0usize;
     loop {
         let entries: Vec<(String, HashMap<String, String>)> = client
-            .xrange(key, from.as_str(), "+", Some(READ_BATCH))
+            .xrange(key, from.as_str(), end, Some(READ_BATCH))
             .await
             .map_err(|e| redis_error("recall", e))?;
         let full = entries.len() as u64 == READ_BATCH;
@@ -400,6 +406,11 @@ async fn recall_recent(
         "change feed: recent changes recalled from the redis stream"
     );
     Ok(())
+}
+
+/// The milliseconds part of a stream entry id (`<ms>-<seq>`).
+fn id_millis(id: &str) -> Option<u128> {
+    id.split('-').next()?.parse().ok()
 }
 
 /// The id of the stream's newest entry, or `0-0` when it is empty or absent.
