@@ -577,7 +577,13 @@ async fn a_rehash_never_overwrites_a_password_changed_since_the_login_checked_it
 /// sees, as knox, which reads the user per request, would.
 #[tokio::test]
 async fn a_user_changed_during_the_password_check_is_cached_as_changed() {
-    let (_db, client, s) = Fixture::new().user("erin").start().await;
+    // The slow hash's own iterations: no re-hash after a login, so each round checks it anew
+    // (and no password change, which the feed reports, evicts what the login cached).
+    let (_db, client, s) = Fixture::new()
+        .user("erin")
+        .config("[sessions]\npassword_iterations = 1000000")
+        .start()
+        .await;
     // A slow hash (~0.2 s or more here) leaves time to change the user while it is checked.
     let slow = knoxgate::password::make_password("erin-pass", 1_000_000);
     client
@@ -600,7 +606,8 @@ async fn a_user_changed_during_the_password_check_is_cached_as_changed() {
         ),
     ] {
         let (r, _) = tokio::join!(login(&s, "erin", "erin-pass"), async {
-            tokio::time::sleep(Duration::from_millis(60)).await;
+            // Well after the login read the user, well before its ~0.3 s or more of hashing ends.
+            tokio::time::sleep(Duration::from_millis(120)).await;
             client.execute(change, &[]).await.unwrap();
         });
         // knox issues the token (the user was checked before the change) ...

@@ -364,6 +364,10 @@ fn the_verify_path_is_written_without_a_trailing_slash() {
         err.contains("verify.path") && err.contains("`/verify`"),
         "{err}"
     );
+    let err = Config::from_toml_str("[verify]\npath = \"/\"")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("must not be `/`"), "{err}");
     let c = Config::from_toml_str("[verify]\npath = \"/auth/verify\"").unwrap();
     assert_eq!(c.verify.path, "/auth/verify");
 }

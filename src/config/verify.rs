@@ -84,7 +84,10 @@ impl TryFrom<VerifyFile> for VerifyConfig {
 
     fn try_from(file: VerifyFile) -> Result<Self, ConfigError> {
         let path = path_prefix("verify.path", &file.path)?;
-        if path.len() > 1 && path.ends_with('/') {
+        if path == "/" {
+            return Err(invalid("verify.path", "must not be `/`"));
+        }
+        if path.ends_with('/') {
             // Only the exact path reads the policy query: a proxy configured with this string
             // (`/verify/?require=staff`) would send a sub-path, whose query is the client's
             // and ignored, and every valid token would pass a route meant for staff.
@@ -110,9 +113,6 @@ impl TryFrom<VerifyFile> for VerifyConfig {
             allow_cors_preflight: file.allow_cors_preflight,
             max_token_chars: nonzero("verify.max_token_chars", file.max_token_chars)?,
         };
-        if verify.path.is_empty() {
-            return Err(invalid("verify.path", "must not be `/`"));
-        }
         Ok(verify)
     }
 }

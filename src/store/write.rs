@@ -232,16 +232,35 @@ impl Store {
             self.entry(rows, entry.complete)
         });
         let store = Arc::clone(self);
-        let key = row.token_key.clone();
+        let key = row.token_key.to_string();
+        let owner = row.user_id.to_string();
         let digest = row.digest.clone();
         tokio::spawn(async move {
             let epoch = store.changes.current();
+            // What a refresh learns that this instance had not heard is a revocation like one
+            // from the feed: applied inside the change window, with a tombstone.
+            let revoked = |whole_user: bool| {
+                let change = if whole_user {
+                    Change::User {
+                        user_id: owner.clone(),
+                    }
+                } else {
+                    Change::Token {
+                        token_key: key.clone(),
+                        user_id: owner.clone(),
+                    }
+                };
+                let store = &store;
+                async move { store.apply(&change).await }
+            };
             match store.pg.refresh_expiry(&digest.to_text(), new_expiry).await {
                 Ok(Some(fresh)) => {
                     let now = OffsetDateTime::now_utc();
-                    if !fresh.user.is_active || fresh.is_expired(now) {
-                        // Postgres no longer allows it (a change this instance did not hear).
-                        store.forget_key(&key).await;
+                    if !fresh.user.is_active {
+                        // Deactivated unheard: every token of the user goes.
+                        revoked(true).await;
+                    } else if fresh.is_expired(now) {
+                        revoked(false).await;
                     } else if let Some(redis) = &store.redis
                         && redis.put(&fresh, now).await.is_ok()
                         && !store.changes.nothing_removed_since(epoch)
@@ -252,7 +271,7 @@ impl Store {
                 }
                 // The row is gone: whatever this instance or Redis still holds for it is wrong
                 // (a revocation this instance did not hear).
-                Ok(None) => store.forget_key(&key).await,
+                Ok(None) => revoked(false).await,
                 Err(e) => tracing::debug!(error = %e, "could not refresh a token's expiry"),
             }
             store
