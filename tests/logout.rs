@@ -225,3 +225,43 @@ async fn logout_with_a_token_postgres_no_longer_holds_is_401_and_revokes_nothing
     assert_eq!(s.verify(&other).await.status, 200);
     s.stop().await;
 }
+
+/// A logout whose DELETE outlasts the request deadline still finishes: the evictions after the
+/// DELETE (this instance's cache, Redis) run even though the client got its 503. In `ttl`
+/// mode no feed would repair a logout stopped half-way, and the token would stay allowed
+/// here for `redis.max_cache_ttl`.
+#[tokio::test]
+async fn a_logout_cut_by_the_request_deadline_still_evicts_what_it_deleted() {
+    let (_db, client, s) = Fixture::new()
+        .user("alice")
+        .config(
+            "[server]\nrequest_timeout = \"1s\"\n[sessions]\nhash_queue_timeout = \"500ms\"\n\
+             [postgres]\nstatement_timeout = \"5s\"\n[cache]\nconsistency = \"ttl\"\n",
+        )
+        .start()
+        .await;
+    let token = login_ok(&s, "alice", "alice-pass").await;
+    assert_eq!(s.verify(&token).await.status, 200);
+    // Postgres takes 2 s to delete a token from now on.
+    client
+        .batch_execute(
+            "CREATE FUNCTION slow_delete() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN PERFORM pg_sleep(2); RETURN OLD; END $$; \
+             CREATE TRIGGER slow_delete BEFORE DELETE ON knox_authtoken \
+             FOR EACH ROW EXECUTE FUNCTION slow_delete();",
+        )
+        .await
+        .unwrap();
+    let r = post_with_token(&s, LOGOUT, &token).await;
+    assert_eq!(r.status, 503, "{}", r.body_text());
+    let gone = eventually(Duration::from_secs(4), || async {
+        s.verify(&token).await.status == 401
+    })
+    .await;
+    assert!(
+        gone.is_some(),
+        "the logout's row went, its cache entry stayed"
+    );
+    assert_eq!(redis_cli(6379, &["EXISTS", &redis_key(&s, &token)]), "0");
+    s.stop().await;
+}

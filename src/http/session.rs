@@ -163,13 +163,24 @@ pub async fn logout(app: &Arc<App>, parts: &Parts, all: bool) -> Result<Response
         return Ok(respond::method_not_allowed(&parts.method));
     }
     let row = auth.row();
-    let existed = if all {
-        app.store
-            .logout_all(&row.token_key, &row.digest, &row.user_id)
-            .await?
-    } else {
-        app.store.logout(&row.token_key, &row.digest).await?
-    };
+    let store = Arc::clone(&app.store);
+    let (key, digest, user_id) = (
+        row.token_key.clone(),
+        row.digest.clone(),
+        row.user_id.clone(),
+    );
+    // A logout once begun runs to its end on a task of its own: a client that goes away, or the
+    // request deadline, must not stop it between Postgres's DELETE and the evictions after it
+    // (this instance's cache, Redis), which no feed would repair in `ttl` mode.
+    let existed = tokio::spawn(async move {
+        if all {
+            store.logout_all(&key, &digest, &user_id).await
+        } else {
+            store.logout(&key, &digest).await
+        }
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("logout task: {e}")))??;
     if !existed {
         // Gone from Postgres (a cache had not heard yet): knox, reading Postgres, refuses it.
         return Ok(refused(app, DenyReason::InvalidToken));
