@@ -121,6 +121,18 @@ impl TryFrom<FileConfig> for Config {
         }
         config.check_deadlines()?;
         config.check_names()?;
+        // The replay at each (re)connect reads the log back over the cache window: rows pruned
+        // before that would be revocations a reconnecting instance never hears of.
+        let replayed = config.redis.max_cache_ttl + crate::store::feed::REPLAY_SLACK;
+        if config.cache.feed_retention < replayed {
+            return Err(value::invalid(
+                "cache.feed_retention",
+                format!(
+                    "must be at least redis.max_cache_ttl + 60s ({replayed:?}): the feed's \
+                     replay reads the revocation log back that far"
+                ),
+            ));
+        }
         Ok(config)
     }
 }

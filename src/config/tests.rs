@@ -348,6 +348,17 @@ fn libpqs_verify_modes_point_to_require() {
 }
 
 #[test]
+fn the_revocation_log_is_kept_as_long_as_the_replay_reads_it() {
+    let err = Config::from_toml_str("[cache]\nfeed_retention = \"5m\"")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("cache.feed_retention"), "{err}");
+    Config::from_toml_str("[cache]\nfeed_retention = \"6m\"").unwrap();
+    Config::from_toml_str("[cache]\nfeed_retention = \"2m\"\n[redis]\nmax_cache_ttl = \"60s\"")
+        .unwrap();
+}
+
+#[test]
 fn a_missing_postgres_ca_file_is_a_config_error() {
     let err = Config::from_toml_str("[postgres]\nca_file = \"/nonexistent/ca.pem\"")
         .unwrap_err()

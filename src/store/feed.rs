@@ -35,7 +35,7 @@ use crate::{config::Config, metrics::Metrics};
 
 /// How far before the max cache TTL window the replay reaches, for transactions whose trigger
 /// ran well before their COMMIT (the log stamps trigger time).
-pub(super) const REPLAY_SLACK: Duration = Duration::from_secs(60);
+pub const REPLAY_SLACK: Duration = Duration::from_secs(60);
 
 /// How often the revocation log is pruned.
 const PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
