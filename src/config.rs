@@ -25,7 +25,7 @@ mod tracing;
 mod value;
 mod verify;
 
-use std::path::Path;
+use std::{path::Path, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
@@ -123,7 +123,7 @@ impl TryFrom<FileConfig> for Config {
         config.check_names()?;
         // The replay at each (re)connect reads the log back over the cache window: rows pruned
         // before that would be revocations a reconnecting instance never hears of.
-        let replayed = config.redis.max_cache_ttl + crate::store::feed::REPLAY_SLACK;
+        let replayed = config.replay_window();
         if config.cache.feed_retention < replayed {
             return Err(value::invalid(
                 "cache.feed_retention",
@@ -137,7 +137,17 @@ impl TryFrom<FileConfig> for Config {
     }
 }
 
+/// How far before the cache window (`redis.max_cache_ttl`) the feed's replay reaches, for
+/// transactions whose trigger ran well before their COMMIT (the log stamps trigger time).
+const REPLAY_SLACK: Duration = Duration::from_secs(60);
+
 impl Config {
+    /// How far back the change feed replays the revocation log at each (re)connect, and how
+    /// long a revocation keeps Redis entries from being trusted: every entry written before it
+    /// has expired by then.
+    pub fn replay_window(&self) -> Duration {
+        self.redis.max_cache_ttl + REPLAY_SLACK
+    }
     /// Limits that only make sense against each other.
     fn check_deadlines(&self) -> Result<(), ConfigError> {
         // The request deadline cancels a login first: a longer queueing time could never fire,

@@ -33,10 +33,6 @@ use super::{
 };
 use crate::{config::Config, metrics::Metrics};
 
-/// How far before the max cache TTL window the replay reaches, for transactions whose trigger
-/// ran well before their COMMIT (the log stamps trigger time).
-pub const REPLAY_SLACK: Duration = Duration::from_secs(60);
-
 /// How often the revocation log is pruned.
 const PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
 
@@ -268,7 +264,7 @@ where
         let listen = format!("LISTEN {}; LISTEN {}", schema::CHANNEL, echo.channel());
         timed(metrics, "LISTEN", tokio::time::timeout(deadline, client.batch_execute(&listen)).await)?;
         // Catch up on everything that could still be cached anywhere.
-        let window = config.redis.max_cache_ttl + REPLAY_SLACK;
+        let window = config.replay_window();
         let replay = tokio::time::timeout(
             config.postgres.feed_bulk_deadline(),
             client.query_typed(

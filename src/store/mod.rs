@@ -233,7 +233,7 @@ impl Store {
             refreshing: Mutex::default(),
             redis_outbox: Outbox::new(config.redis.max_cache_ttl),
             // As long as a Redis entry could outlive the revocation, replays included.
-            tombstones: Tombstones::new(config.redis.max_cache_ttl + feed::REPLAY_SLACK),
+            tombstones: Tombstones::new(config.replay_window()),
             known_keys: KnownKeys::new(
                 config.cache.key_filter,
                 config.cache.unknown_key_lookups_per_second,
