@@ -158,21 +158,41 @@ async fn logout_does_not_refresh_the_token_it_deletes() {
     s.stop().await;
 }
 
+/// `ttl` mode (no feed) with a refresh due about every second of use, and this
+/// `redis.max_cache_ttl`: erin's token, issued and verified once.
+async fn refreshing_in_ttl_mode(
+    max_cache_ttl: &str,
+) -> (TestDb, tokio_postgres::Client, TestServer, String) {
+    let (db, client, s) = Fixture::new()
+        .user("erin")
+        .config(&format!(
+            "[knox]\nauto_refresh = true\nmin_refresh_interval = \"1s\"\n\
+             [cache]\nconsistency = \"ttl\"\n[redis]\nmax_cache_ttl = \"{max_cache_ttl}\""
+        ))
+        .start()
+        .await;
+    let token = login_ok(&s, "erin", "erin-pass").await;
+    assert_eq!(s.verify(&token).await.status, 200);
+    (db, client, s, token)
+}
+
+/// Uses `token` every 300 ms (a refresh falls due about every second) until it is refused;
+/// false if it is still allowed after 6 s.
+async fn refused_while_in_use(s: &TestServer, token: &str) -> bool {
+    eventually(Duration::from_secs(6), || async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        s.verify(token).await.status == 401
+    })
+    .await
+    .is_some()
+}
+
 /// The `ttl` mode's bound (`redis.max_cache_ttl`) holds for a token in steady use: a refresh
 /// moves the cached expiry but never lets the cached answer live longer, and a refresh that
 /// finds the row gone drops it at once.
 #[tokio::test]
 async fn a_refresh_never_keeps_a_token_deleted_unheard_past_max_cache_ttl() {
-    let (_db, client, s) = Fixture::new()
-        .user("erin")
-        .config(
-            "[knox]\nauto_refresh = true\nmin_refresh_interval = \"1s\"\n\
-             [cache]\nconsistency = \"ttl\"\n[redis]\nmax_cache_ttl = \"3s\"",
-        )
-        .start()
-        .await;
-    let token = login_ok(&s, "erin", "erin-pass").await;
-    assert_eq!(s.verify(&token).await.status, 200);
+    let (_db, client, s, token) = refreshing_in_ttl_mode("3s").await;
     client
         .execute(
             "DELETE FROM knox_authtoken WHERE token_key = left($1, 15)",
@@ -180,15 +200,12 @@ async fn a_refresh_never_keeps_a_token_deleted_unheard_past_max_cache_ttl() {
         )
         .await
         .unwrap();
-    // Used every 300 ms: a refresh is due about every second. Each one used to put the entry
-    // back for another max_cache_ttl, so the deleted token was allowed for as long as it was
-    // used.
-    let refused = eventually(Duration::from_secs(6), || async {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        s.verify(&token).await.status == 401
-    })
-    .await;
-    assert!(refused.is_some(), "a deleted token in use stayed allowed");
+    // Each refresh used to put the entry back for another max_cache_ttl, so the deleted token
+    // was allowed for as long as it was used.
+    assert!(
+        refused_while_in_use(&s, &token).await,
+        "a deleted token in use stayed allowed"
+    );
     assert!(
         s.metric(REFRESH_WRITES).await >= 1.0,
         "no refresh was tried"
@@ -201,16 +218,7 @@ async fn a_refresh_never_keeps_a_token_deleted_unheard_past_max_cache_ttl() {
 /// the next refresh, and Redis never gets the user back as active.
 #[tokio::test]
 async fn a_refresh_shares_the_user_postgres_has_not_the_cached_one() {
-    let (_db, client, s) = Fixture::new()
-        .user("erin")
-        .config(
-            "[knox]\nauto_refresh = true\nmin_refresh_interval = \"1s\"\n\
-             [cache]\nconsistency = \"ttl\"\n[redis]\nmax_cache_ttl = \"60s\"",
-        )
-        .start()
-        .await;
-    let token = login_ok(&s, "erin", "erin-pass").await;
-    assert_eq!(s.verify(&token).await.status, 200);
+    let (_db, client, s, token) = refreshing_in_ttl_mode("60s").await;
     client
         .execute(
             "UPDATE auth_user SET is_active = false WHERE username = 'erin'",
@@ -218,14 +226,8 @@ async fn a_refresh_shares_the_user_postgres_has_not_the_cached_one() {
         )
         .await
         .unwrap();
-    let refused = eventually(Duration::from_secs(6), || async {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let r = s.verify(&token).await;
-        r.status == 401
-    })
-    .await;
     assert!(
-        refused.is_some(),
+        refused_while_in_use(&s, &token).await,
         "a deactivated user's token stayed allowed through its refreshes"
     );
     tokio::time::sleep(Duration::from_millis(300)).await;

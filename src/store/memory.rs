@@ -233,26 +233,18 @@ impl MemoryCache {
     /// live entry is there (evicted meanwhile, say by a revocation: it stays evicted).
     pub fn update(&self, key: &str, with: impl FnOnce(&Entry) -> Arc<Entry>) {
         let mut shard = self.shard(key);
-        let Some(slot) = shard.map.get(key) else {
+        let Some(slot) = shard.map.get_mut(key) else {
             return;
         };
         if slot.expires <= Instant::now() {
             shard.remove(key);
             return;
         }
-        let entry = with(&slot.entry);
-        let weight = entry.weight(key);
         let old_weight = slot.weight;
-        let expires = slot.expires;
+        slot.entry = with(&slot.entry);
+        slot.weight = slot.entry.weight(key);
+        let weight = slot.weight;
         shard.bytes = shard.bytes - old_weight + weight;
-        shard.map.insert(
-            key.into(),
-            Slot {
-                entry,
-                expires,
-                weight,
-            },
-        );
     }
 
     /// Evicts every entry holding a token of `user_id`. Walks every shard: user-level changes

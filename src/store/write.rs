@@ -239,28 +239,21 @@ impl Store {
             let epoch = store.changes.current();
             // What a refresh learns that this instance had not heard is a revocation like one
             // from the feed: applied inside the change window, with a tombstone.
-            let revoked = |whole_user: bool| {
-                let change = if whole_user {
-                    Change::User {
-                        user_id: owner.clone(),
-                    }
-                } else {
-                    Change::Token {
-                        token_key: key.clone(),
-                        user_id: owner.clone(),
-                    }
-                };
-                let store = &store;
-                async move { store.apply(&change).await }
+            let user_gone = Change::User {
+                user_id: owner.clone(),
+            };
+            let token_gone = Change::Token {
+                token_key: key.clone(),
+                user_id: owner,
             };
             match store.pg.refresh_expiry(&digest.to_text(), new_expiry).await {
                 Ok(Some(fresh)) => {
                     let now = OffsetDateTime::now_utc();
                     if !fresh.user.is_active {
                         // Deactivated unheard: every token of the user goes.
-                        revoked(true).await;
+                        store.apply(&user_gone).await;
                     } else if fresh.is_expired(now) {
-                        revoked(false).await;
+                        store.apply(&token_gone).await;
                     } else if let Some(redis) = &store.redis
                         && redis.put(&fresh, now).await.is_ok()
                         && !store.changes.nothing_removed_since(epoch)
@@ -271,7 +264,7 @@ impl Store {
                 }
                 // The row is gone: whatever this instance or Redis still holds for it is wrong
                 // (a revocation this instance did not hear).
-                Ok(None) => revoked(false).await,
+                Ok(None) => store.apply(&token_gone).await,
                 Err(e) => tracing::debug!(error = %e, "could not refresh a token's expiry"),
             }
             store
