@@ -201,6 +201,9 @@ pub struct Metrics {
     pub key_filter_keys: Gauge,
     /// Bytes of that filter (sampled at scrape).
     pub key_filter_bytes: Gauge,
+    /// Loads of that filter completed: one each time the feed becomes live, a relay starts
+    /// listening again, or the filter outgrows its size. Each reads every token key.
+    pub key_filter_loads: Counter,
     /// Pre-resolved series of the two labels every hot request bumps, so the hot path skips
     /// the family's map lookup.
     memory_hits: Counter,
@@ -241,6 +244,7 @@ impl Metrics {
             memory_entries: Gauge::default(),
             key_filter_keys: Gauge::default(),
             key_filter_bytes: Gauge::default(),
+            key_filter_loads: Counter::default(),
             memory_hits: Counter::default(),
             allowed: Counter::default(),
             verify_2xx: Counter::default(),
@@ -374,6 +378,11 @@ impl Metrics {
             "key_filter_bytes",
             "Bytes of the filter of existing token keys",
             m.key_filter_bytes.clone(),
+        );
+        registry.register(
+            "key_filter_loads",
+            "Loads of the filter of existing token keys completed (each reads every token key)",
+            m.key_filter_loads.clone(),
         );
         let verify_2xx = m
             .requests

@@ -488,3 +488,77 @@ async fn an_instance_started_after_a_revocation_distrusts_the_entry_that_outlive
         b.stop().await;
     }
 }
+
+/// A relay whose `LISTEN` connection drops and comes back within `cache.feed_relay_timeout`
+/// misses the INSERTs committed meanwhile, and the instances never see their feed go down. The
+/// relay says on the stream that it listens anew, and instances reload their key filters: a
+/// token made in the gap is not refused as unknown once the budget of unknown-key lookups is
+/// spent (here none at all).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_token_made_while_the_relay_reconnects_is_not_refused_as_unknown() {
+    let db = TestDb::migrated().await;
+    let redis = PrivateRedis::start().await;
+    let prefix = unique("kggap");
+    let relayed = relay(&db, &redis, &prefix);
+    assert!(
+        ready_within(relayed.admin, Duration::from_secs(10)).await,
+        "{}",
+        relayed.log()
+    );
+    // A relay timeout far longer than the relay takes to come back: the instance's feed stays
+    // live throughout, so only the relay's word can make it reload.
+    let extra = format!(
+        "[redis]\nurl = \"{}\"\nreconnect_max_delay = \"200ms\"\n\
+         [cache]\nfeed = \"redis\"\nfeed_heartbeat_interval = \"200ms\"\n\
+         feed_relay_timeout = \"20s\"\nunknown_key_lookups_per_second = 0\n",
+        redis.url()
+    );
+    let s = TestServer::start_with_prefix(&db, &prefix, &extra).await;
+    assert!(ready_within(s.admin(), Duration::from_secs(10)).await);
+    const LOADS: &str = "knoxgate_key_filter_loads_total";
+    let loaded = eventually(Duration::from_secs(10), || async {
+        s.metric(LOADS).await >= 1.0
+    })
+    .await;
+    assert!(loaded.is_some(), "the key filter was never loaded");
+    // Heard through the relay: known once its INSERT has come down the stream.
+    let heard = user_with_token(&db, "gap").await;
+    let known = eventually(BOUND, || async {
+        s.verify(&heard.token).await.status == 200
+    })
+    .await;
+    assert!(known.is_some(), "a token made while the relay listened");
+    let loads = s.metric(LOADS).await;
+
+    // The relay's LISTEN connection goes (waiting until its backend has exited); a token is
+    // committed before the relay is back (its reconnect delay is 100 ms).
+    let client = db.client().await;
+    let terminated = client
+        .query(
+            "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity \
+             WHERE datname = $1 AND application_name = 'knoxgate-feed'",
+            &[&db.name],
+        )
+        .await
+        .expect("terminate the relay's feed");
+    assert_eq!(terminated.len(), 1, "one relay feed connection");
+    let unheard = insert_default_token(&client, heard.user_id).await;
+
+    let accepted = eventually(Duration::from_secs(10), || async {
+        s.verify(&unheard.token).await.status == 200
+    })
+    .await;
+    assert!(
+        accepted.is_some(),
+        "the token made in the gap stayed unknown; relay log:\n{}",
+        relayed.log()
+    );
+    assert!(s.metric(LOADS).await > loads, "accepted without a reload?");
+    assert_eq!(
+        s.metric("knoxgate_feed_connected").await,
+        1.0,
+        "the instance's feed went down: the test did not cover the gap it is for"
+    );
+    relayed.kill().await;
+    s.stop().await;
+}

@@ -165,6 +165,21 @@ impl KnownKeys {
         }
     }
 
+    /// The feed stayed live but INSERTs may have gone unheard (a relay's `LISTEN` came back
+    /// within `cache.feed_relay_timeout`, or the relays' stream lost entries unread): load the
+    /// keys afresh, as when the feed becomes live. A load already running may have paged past
+    /// such a key before it was committed, so it is overtaken too. Without a filter (the feed
+    /// is down) there is nothing to doubt: the load comes when the feed is live again.
+    pub fn reload(&self) {
+        if !self.enabled {
+            return;
+        }
+        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        if !matches!(*state, State::Stale) {
+            self.start_loading(&mut state);
+        }
+    }
+
     /// The feed heard a token row inserted under `key`.
     pub fn heard(&self, key: &str) {
         if !self.enabled {
@@ -426,6 +441,28 @@ mod tests {
         known.feed_live_changed(false);
         assert_eq!(known.admit("x"), Admission::NoFilter);
         assert_eq!(known.current_keys(), 0);
+    }
+
+    #[test]
+    fn a_reload_stops_consulting_the_filter_and_overtakes_a_running_load() {
+        let known = loaded(&["before"], 0);
+        known.reload();
+        // Keys committed while INSERTs went unheard are not in the filter: ask the stores.
+        assert_eq!(known.admit("unheard"), Admission::NoFilter);
+        let first = known.begin(known.pending_load().expect("a load is wanted"), 0);
+        // Doubted again while that load runs: it may have paged past a key not yet committed.
+        known.reload();
+        assert_eq!(known.finish(first), None);
+        let mut second = known.begin(known.pending_load().unwrap(), 0);
+        second.add("before");
+        second.add("unheard");
+        assert!(known.finish(second).is_some());
+        assert_eq!(known.admit("unheard"), Admission::Known);
+        // While the feed is down there is no filter to reload.
+        known.feed_live_changed(false);
+        known.reload();
+        assert_eq!(known.pending_load(), None);
+        assert_eq!(known.admit("unheard"), Admission::NoFilter);
     }
 
     #[test]

@@ -153,7 +153,8 @@ pub enum Change {
     Inserted { token_key: String },
     /// A user was deactivated, deleted, or changed password.
     User { user_id: String },
-    /// Events may have been missed: nothing cached in process can be trusted.
+    /// Events may have been missed: nothing cached in process can be trusted, nor the key
+    /// filter's account of which keys exist.
     Everything,
     /// A table was truncated: every token may be gone, and no Redis entry is trusted until
     /// every entry written before it has expired.
@@ -274,7 +275,8 @@ impl Store {
     }
 
     /// Keeps the filter of existing token keys ([`known_keys`]) loaded while the change feed is
-    /// live: a load each time the feed becomes live (or the filter outgrows its size). Runs for
+    /// live: a load each time the feed becomes live, may have missed INSERTs while live (see
+    /// [`Store::reload_key_filter`]), or the filter outgrows its size. Runs for
     /// the life of the server.
     pub async fn keep_known_keys(&self) {
         if !self.known_keys.enabled() {
@@ -285,12 +287,15 @@ impl Store {
             while let Some(generation) = self.known_keys.pending_load() {
                 let started = tokio::time::Instant::now();
                 match self.load_known_keys(generation).await {
-                    Ok(Some(keys)) => tracing::info!(
-                        keys,
-                        bytes = self.known_keys.current_bytes(),
-                        elapsed = ?started.elapsed(),
-                        "token key filter loaded: unknown keys past cache.unknown_key_lookups_per_second are refused without a query"
-                    ),
+                    Ok(Some(keys)) => {
+                        self.metrics.key_filter_loads.inc();
+                        tracing::info!(
+                            keys,
+                            bytes = self.known_keys.current_bytes(),
+                            elapsed = ?started.elapsed(),
+                            "token key filter loaded: unknown keys past cache.unknown_key_lookups_per_second are refused without a query"
+                        );
+                    }
                     // Overtaken by a newer load, or the feed dropped meanwhile.
                     Ok(None) => {}
                     Err(e) => {
@@ -324,6 +329,12 @@ impl Store {
             }
         }
         Ok(self.known_keys.finish(load))
+    }
+
+    /// The feed stayed live but may have missed INSERTs: the key filter is loaded afresh (see
+    /// [`KnownKeys::reload`]).
+    pub fn reload_key_filter(&self) {
+        self.known_keys.reload();
     }
 
     /// Keys in the current key filter and its bytes (both 0 while none is current).

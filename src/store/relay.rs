@@ -6,14 +6,16 @@
 //! Postgres one connection per relay instead of one per instance. Changes are idempotent
 //! evictions, so two relays may publish the same one: no leader is needed.
 //!
-//! Nothing is lost across disconnects. A relay that cannot append fails its feed session, and
-//! the reconnect replays the revocation log over the window in which anything could still be
-//! cached, appending it again. An instance resumes from the last entry id it read; when that
-//! entry is no longer in the stream (trimmed past it, or the stream lost with Redis), it may
-//! have missed changes, so it drops its in-process tier (Redis entries are evicted by the
-//! relays themselves). A live relay appends a heartbeat every `cache.feed_heartbeat_interval`;
-//! an instance counts its feed as live only while it reads the stream and has seen a heartbeat
-//! within `cache.feed_relay_timeout`, and confirms cached answers with Postgres otherwise.
+//! Nothing is lost across disconnects. A relay that cannot append fails its feed session, and the
+//! reconnect replays the revocation log over the window in which anything could still be cached,
+//! appending it again; INSERTs are not in the log, so a relay that goes live on a new `LISTEN` says
+//! so on the stream and instances reload their key filters. An instance resumes from the last entry
+//! id it read; when that entry is no longer in the stream (trimmed past it, or the stream lost with
+//! Redis), it may have missed changes, so it drops its in-process tier and reloads its key filter
+//! (Redis entries are evicted by the relays themselves). A live relay appends a heartbeat every
+//! `cache.feed_heartbeat_interval`; an instance counts its feed as live only while it reads the
+//! stream and has seen a heartbeat within `cache.feed_relay_timeout`, and confirms cached answers
+//! with Postgres otherwise.
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
@@ -49,13 +51,25 @@ pub enum StreamEntry {
     Change(Change),
     /// A relay's `b|<relay>|<seq>`: that relay's feed is live.
     Heartbeat,
+    /// A relay's `l|<relay>|<seq>`: that relay's feed has just become live, on a new `LISTEN`.
+    /// INSERTs committed before may have gone unheard by it (its previous session dropped, or
+    /// could not append), and the replay of the revocation log brings back only removals; if
+    /// it came back within `cache.feed_relay_timeout`, instances never saw the feed go down,
+    /// so they reload their key filter on this instead.
+    Listening,
 }
 
 /// Reads one entry's payload; `None` for anything unreadable.
 pub fn parse_entry(payload: &str) -> Option<StreamEntry> {
-    if let Some(rest) = payload.strip_prefix("b|") {
+    let relay_entry = |rest: &str, entry: StreamEntry| {
         let (relay, seq) = rest.split_once('|')?;
-        return (!relay.is_empty() && seq.parse::<u64>().is_ok()).then_some(StreamEntry::Heartbeat);
+        (!relay.is_empty() && seq.parse::<u64>().is_ok()).then_some(entry)
+    };
+    if let Some(rest) = payload.strip_prefix("b|") {
+        return relay_entry(rest, StreamEntry::Heartbeat);
+    }
+    if let Some(rest) = payload.strip_prefix("l|") {
+        return relay_entry(rest, StreamEntry::Listening);
     }
     change::parse_payload(payload).map(StreamEntry::Change)
 }
@@ -139,8 +153,18 @@ impl Publisher {
 
     /// Says on the stream that this relay's feed is live.
     pub async fn heartbeat(&self) -> Result<(), StoreError> {
+        self.publish(&self.relay_entry("b")).await
+    }
+
+    /// Says on the stream that this relay's feed has just become live on a new `LISTEN` (see
+    /// [`StreamEntry::Listening`]).
+    pub async fn listening(&self) -> Result<(), StoreError> {
+        self.publish(&self.relay_entry("l")).await
+    }
+
+    fn relay_entry(&self, kind: &str) -> String {
         let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.publish(&format!("b|{}|{seq}", self.relay)).await
+        format!("{kind}|{}|{seq}", self.relay)
     }
 
     pub async fn quit(&self) {
@@ -337,6 +361,10 @@ async fn read_once(
                     reader.heartbeat_at = Some(Instant::now());
                 }
             }
+            Some(StreamEntry::Listening) => {
+                tracing::info!(%id, "change feed: a relay is listening on a new connection; reloading the token key filter");
+                store.reload_key_filter();
+            }
             None => tracing::warn!(%id, "unreadable change-feed stream entry ignored"),
         }
         reader.last_id = Some(id);
@@ -450,6 +478,9 @@ mod tests {
         assert_eq!(parse_entry("b|a1b2c3|42"), Some(StreamEntry::Heartbeat));
         assert_eq!(parse_entry("b||42"), None);
         assert_eq!(parse_entry("b|a1|x"), None);
+        assert_eq!(parse_entry("l|a1b2c3|43"), Some(StreamEntry::Listening));
+        assert_eq!(parse_entry("l||43"), None);
+        assert_eq!(parse_entry("l|a1"), None);
         assert_eq!(
             parse_entry("h|a1|1"),
             None,

@@ -88,7 +88,16 @@ impl Store {
                 changes.removing(self.forget_in(&tokens, redis)).await
             }
             Change::User { user_id } => changes.removing(self.forget_user_in(user_id, redis)).await,
-            Change::Everything => changes.removing(async { self.memory.clear() }).await,
+            Change::Everything => {
+                changes
+                    .removing(async {
+                        self.memory.clear();
+                        // Whatever went unheard may include INSERTs. (A feed that is not live
+                        // yet, as at each connect, has no filter to reload.)
+                        self.known_keys.reload();
+                    })
+                    .await
+            }
             Change::Truncated => {
                 changes
                     .removing(async {
