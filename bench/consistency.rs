@@ -16,6 +16,12 @@
 //!   (autocommit); the clock starts when the statement returns (COMMIT done) and stops at the
 //!   first 401 from B, polled over a keep-alive connection as fast as it answers. Half the
 //!   revocations instead go through A's `/api/auth/logout/`.
+//! * Revocation behind a bulk DELETE: `--bulk` (20,000) tokens of one user are inserted by SQL,
+//!   then one statement deletes them all (as a cleanup job or a deleted user would) and, on
+//!   another connection right after its COMMIT, a token B holds in process is deleted; the clock
+//!   starts at that second COMMIT and stops at B's first 401. B's feed hears the bulk first and
+//!   evicts each of its tokens from every tier (Redis included) before it reaches the second.
+//!   `--bulk-rounds` (3) rounds.
 
 #[path = "args.rs"]
 mod args;
@@ -63,6 +69,8 @@ fn ms(d: Duration) -> String {
 async fn main() {
     let revocations = args::number::<usize>("--revocations", 200);
     let hits = args::number::<usize>("--hits", 10_000);
+    let bulk = args::number::<i64>("--bulk", 20_000);
+    let bulk_rounds = args::number::<usize>("--bulk-rounds", 3);
     let db = TestDb::migrated().await;
     let db_url = db.url.clone();
     let client = db.client().await;
@@ -203,6 +211,62 @@ async fn main() {
         );
     }
     println!("\n({polls} polls of B in total; a poll is one keep-alive /verify round trip.)");
+
+    // A revocation committed right behind a bulk DELETE.
+    let bulk_user = insert_user(&client, "bulk", "pw", true).await;
+    let mut behind_bulk = Vec::new();
+    for _ in 0..bulk_rounds {
+        client
+            .execute(
+                "INSERT INTO knox_authtoken (digest, created, user_id, expiry, token_key) \
+                 SELECT encode(sha512(convert_to(k, 'UTF8')), 'hex'), now(), $1, \
+                        now() + interval '1 day', k \
+                 FROM (SELECT substr(md5(random()::text), 1, 15) AS k \
+                       FROM generate_series(1, $2::bigint)) AS keys",
+                &[&bulk_user, &bulk],
+            )
+            .await
+            .expect("bulk insert");
+        let victim = insert_tokens(1).await.remove(0);
+        assert_eq!(request(&mut cb, "GET", "/verify", &victim).await, 200);
+        let other = db.client().await;
+        client
+            .execute(
+                "DELETE FROM knox_authtoken WHERE user_id = $1",
+                &[&bulk_user],
+            )
+            .await
+            .unwrap();
+        other
+            .execute(
+                "DELETE FROM knox_authtoken WHERE digest = $1",
+                &[&knoxgate::auth::HashAlgorithm::Sha512.hex_digest(victim.as_bytes())],
+            )
+            .await
+            .unwrap();
+        let committed = Instant::now();
+        loop {
+            let status = request(&mut cb, "GET", "/verify", &victim).await;
+            if status == 401 {
+                break;
+            }
+            assert_eq!(status, 200);
+            assert!(
+                committed.elapsed() < Duration::from_secs(120),
+                "revocation never arrived"
+            );
+        }
+        behind_bulk.push(committed.elapsed());
+    }
+    println!(
+        "\n| revocation reaching instance B right after a DELETE of {bulk} tokens | rounds |\n| --- | --- |\n| {} | {} |",
+        behind_bulk
+            .iter()
+            .map(|d| ms(*d))
+            .collect::<Vec<_>>()
+            .join(", "),
+        behind_bulk.len()
+    );
     a.shutdown().await;
     b.shutdown().await;
     drop(client);

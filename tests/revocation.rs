@@ -344,3 +344,66 @@ async fn older_trigger_installs_are_reported_until_migrate_runs_again() {
         .get(0);
     assert_eq!(left, 0);
 }
+
+/// A bulk change (one transaction deleting two users' many tokens, with a deactivation between
+/// them) reaches the feed as a burst of notifications, applied in batches: every deleted
+/// token's Redis entry and user-index member goes, on both sides of each batch boundary
+/// (more tokens than one batch of Redis evictions) and of the deactivation, and nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_delete_evicts_every_token_from_every_tier() {
+    let db = TestDb::migrated().await;
+    let redis = PrivateRedis::start().await;
+    let (a, b) = pair(&db, &redis).await;
+    let client = db.client().await;
+    let first = insert_user(&client, "bulk_first", "pw", true).await;
+    let second = insert_user(&client, "bulk_second", "pw", true).await;
+    let first_tokens = insert_default_tokens(&client, first, 150).await;
+    let second_tokens = insert_default_tokens(&client, second, 150).await;
+    let deactivated = user_with_token(&db, "bulk_deactivated").await;
+    let bystander = user_with_token(&db, "bulk_bystander").await;
+    let deleted: Vec<&Token> = first_tokens.iter().chain(&second_tokens).collect();
+    for t in deleted.iter().copied().chain([&deactivated, &bystander]) {
+        assert_eq!(a.verify(&t.token).await.status, 200);
+    }
+    cached_in_redis(&b, &bystander.token).await;
+    let keys: Vec<String> = deleted.iter().map(|t| redis_key(&a, &t.token)).collect();
+    let existing = |keys: &[String]| {
+        let mut args = vec!["EXISTS"];
+        args.extend(keys.iter().map(String::as_str));
+        redis_cli(redis.port, &args).parse::<usize>().unwrap()
+    };
+    assert_eq!(existing(&keys), keys.len(), "every token cached in Redis");
+
+    client
+        .batch_execute(&format!(
+            "BEGIN; DELETE FROM knox_authtoken WHERE user_id = {first}; \
+             UPDATE auth_user SET is_active = false WHERE id = {}; \
+             DELETE FROM knox_authtoken WHERE user_id = {second}; COMMIT",
+            deactivated.user_id
+        ))
+        .await
+        .unwrap();
+    let gone = eventually(Duration::from_secs(5), || async { existing(&keys) == 0 }).await;
+    assert!(
+        gone.is_some(),
+        "{} of {} entries left",
+        existing(&keys),
+        keys.len()
+    );
+    for user in [first, second] {
+        let index = format!("{}:user:{user}:tokens", a.prefix);
+        assert_eq!(redis_cli(redis.port, &["SCARD", &index]), "0", "{index}");
+    }
+    for t in deleted.iter().copied().chain([&deactivated]) {
+        assert_eq!(a.verify(&t.token).await.status, 401);
+        assert_eq!(b.verify(&t.token).await.status, 401);
+    }
+    assert_eq!(
+        existing(&[redis_key(&a, &bystander.token)]),
+        1,
+        "the bystander's entry stays"
+    );
+    assert_eq!(b.verify(&bystander.token).await.status, 200);
+    a.stop().await;
+    b.stop().await;
+}

@@ -280,15 +280,17 @@ where
         let rows = timed(metrics, "replay", replay)?;
         store.apply(&Change::Everything).await;
         let mut replayed = Vec::with_capacity(rows.len());
+        let mut changes = Vec::with_capacity(rows.len());
         for row in &rows {
             let (kind, user_id, token_key): (String, String, String) =
                 (row.get(0), row.get(1), row.get(2));
             let payload = format!("{kind}|{user_id}|{token_key}");
             if let Some(change) = parse_payload(&payload) {
-                store.apply(&change).await;
+                changes.push(change);
                 replayed.push(payload);
             }
         }
+        store.apply_all(&changes).await;
         if let Some(publisher) = publisher {
             for chunk in replayed.chunks(relay::READ_BATCH as usize) {
                 publisher.publish_all(chunk).await?;
@@ -319,29 +321,33 @@ where
                         timed(metrics, "connection", r)?;
                         return Err(StoreError::Unavailable("feed: notification stream ended".into()));
                     };
-                    // A relay takes every notification already waiting, so that a burst goes out
-                    // in one append (see `Publisher::publish_all`) instead of one per change.
+                    // Every notification already waiting is taken with it: a burst (a bulk
+                    // DELETE) is evicted from Redis in batches (see `Store::apply_all`) and a
+                    // relay appends it at once (see `Publisher::publish_all`), instead of a
+                    // round trip per change.
                     let mut batch = vec![payload];
-                    if publisher.is_some() {
-                        while batch.len() < relay::READ_BATCH as usize {
-                            match events.try_recv() {
-                                Ok(payload) => batch.push(payload),
-                                Err(_) => break,
-                            }
+                    while batch.len() < relay::READ_BATCH as usize {
+                        match events.try_recv() {
+                            Ok(payload) => batch.push(payload),
+                            Err(_) => break,
                         }
                     }
                     let mut relayed: Vec<&str> = Vec::new();
+                    let mut changes = Vec::new();
                     let mut echoes = Vec::new();
                     for payload in &batch {
                         match parse_message(payload) {
                             Some(Message::Change(change)) => {
-                                store.apply(&change).await;
-                                metrics.feed_event_applied(kind_label(&change));
+                                changes.push(change);
                                 relayed.push(payload);
                             }
                             Some(message @ Message::Echo { .. }) => echoes.push(message),
                             None => tracing::warn!(payload_len = payload.len(), "unreadable change-feed payload ignored"),
                         }
+                    }
+                    store.apply_all(&changes).await;
+                    for change in &changes {
+                        metrics.feed_event_applied(kind_label(change));
                     }
                     if let Some(publisher) = publisher {
                         publisher.publish_all(&relayed).await?;

@@ -37,6 +37,7 @@ use fred::{
     },
     util::redis_keyslot,
 };
+use futures_util::future::join_all;
 use time::OffsetDateTime;
 use tokio::time::Instant;
 
@@ -51,6 +52,11 @@ use crate::{
 /// holding one inline grows by that much, even on paths that never write (the request path
 /// reaches these writes only on a cache miss or a revocation).
 pub type Boxed<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// Tokens whose eviction commands are in flight at once in [`RedisTier::delete`]: enough to
+/// make a bulk removal one round trip per batch, few enough that the batch's command futures
+/// (a few KB each) stay within a megabyte.
+pub const DELETES_IN_FLIGHT: usize = 128;
 
 /// A Redis failure. Never a reason to deny: callers fall back to Postgres.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -562,7 +568,9 @@ impl RedisTier {
         })
     }
 
-    /// Removes the entries of these tokens (and their user-index members).
+    /// Removes the entries of these tokens (and their user-index members). The commands for
+    /// up to [`DELETES_IN_FLIGHT`] tokens are sent together (fred pipelines concurrent commands
+    /// on a connection), so a bulk removal costs a round trip per batch, not per token.
     pub fn delete<'a>(
         &'a self,
         tokens: &'a [(String, String)],
@@ -570,12 +578,16 @@ impl RedisTier {
         Box::pin(async move {
             self.ensure_available()?;
             let client = self.pool.with_options(&self.write_options);
-            for (token_key, user_id) in tokens {
-                let del = client.del::<(), _>(self.token_key(token_key));
-                let srem = client.srem::<(), _, _>(self.user_key(user_id), token_key.as_str());
-                let (del, srem) = tokio::join!(del, srem);
-                self.record("del", del)?;
-                self.record("srem", srem)?;
+            for batch in tokens.chunks(DELETES_IN_FLIGHT) {
+                let sent = batch.iter().map(|(token_key, user_id)| {
+                    let del = client.del::<(), _>(self.token_key(token_key));
+                    let srem = client.srem::<(), _, _>(self.user_key(user_id), token_key.as_str());
+                    async move { tokio::join!(del, srem) }
+                });
+                for (del, srem) in join_all(sent).await {
+                    self.record("del", del)?;
+                    self.record("srem", srem)?;
+                }
             }
             Ok(())
         })

@@ -58,6 +58,34 @@ impl Store {
         self.apply_in(change, self.redis.as_ref()).await
     }
 
+    /// Applies changes heard together, in order, to every tier. A run of token removals (a bulk
+    /// `DELETE`, or a replay of one) is evicted from Redis as one batch
+    /// ([`RedisTier::delete`]) rather than a round trip per token, so the changes behind it are
+    /// not held up for as long.
+    pub async fn apply_all(&self, changes: &[Change]) {
+        let mut rest = changes;
+        while let Some(first) = rest.first() {
+            let removed: Vec<Removed> = rest
+                .iter()
+                .map_while(|change| match change {
+                    Change::Token { token_key, user_id } => {
+                        Some((token_key.clone(), user_id.clone()))
+                    }
+                    _ => None,
+                })
+                .collect();
+            if removed.is_empty() {
+                self.apply(first).await;
+                rest = &rest[1..];
+            } else {
+                self.changes
+                    .removing(self.forget_in(&removed, self.redis.as_ref()))
+                    .await;
+                rest = &rest[removed.len()..];
+            }
+        }
+    }
+
     /// Applies a change read from the relays' stream to this process's tier. The relay that
     /// appended it has already evicted it from Redis (and keeps retrying until Redis takes
     /// it), so a fleet does not repeat that DEL once per instance; the tombstones still make a
