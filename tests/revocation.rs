@@ -407,3 +407,55 @@ async fn a_bulk_delete_evicts_every_token_from_every_tier() {
     a.stop().await;
     b.stop().await;
 }
+
+/// A command Redis refuses for one token of a batch of evictions (here `WRONGTYPE`: its user's
+/// index is not a set) costs that token alone a retry: the rest of the batch, before and after
+/// it and across batch boundaries, is evicted, and only the refused tokens are handed back for
+/// the retry queue.
+#[tokio::test]
+async fn a_refused_eviction_hands_back_its_own_token_only() {
+    use std::sync::Arc;
+
+    use knoxgate::{metrics::Metrics, store::redis::RedisTier};
+
+    let redis = PrivateRedis::start().await;
+    let prefix = unique("kgbatch");
+    let cfg = config_for_url(
+        "postgres://unused@127.0.0.1/unused",
+        &prefix,
+        &format!("[redis]\nurl = \"{}\"", redis.url()),
+    );
+    let tier = RedisTier::connect(&cfg.redis, &redis.url(), false, Arc::new(Metrics::new()))
+        .expect("redis tier");
+    let connected = eventually(Duration::from_secs(5), || async { tier.is_connected() }).await;
+    assert!(connected.is_some(), "never connected");
+    let port = redis.port;
+    redis_cli(
+        port,
+        &["SET", &format!("{prefix}:user:7:tokens"), "not a set"],
+    );
+    let mut tokens = Vec::new();
+    for i in 0..300 {
+        // Every hundredth token belongs to user 7.
+        let user = if i % 100 == 50 { "7" } else { "8" };
+        let key = format!("k{i:014}");
+        redis_cli(port, &["SET", &format!("{prefix}:token:{key}"), "entry"]);
+        redis_cli(
+            port,
+            &["SADD", &format!("{prefix}:user:{user}:tokens"), &key],
+        );
+        tokens.push((key, user.to_owned()));
+    }
+    let failed = tier.delete(&tokens).await;
+    let refused: Vec<_> = tokens.iter().filter(|(_, u)| u == "7").cloned().collect();
+    assert_eq!(failed, refused);
+    let mut exists = vec!["EXISTS".to_owned()];
+    exists.extend(tokens.iter().map(|(k, _)| format!("{prefix}:token:{k}")));
+    let args: Vec<&str> = exists.iter().map(String::as_str).collect();
+    assert_eq!(redis_cli(port, &args), "0", "every entry deleted");
+    assert_eq!(
+        redis_cli(port, &["SCARD", &format!("{prefix}:user:8:tokens")]),
+        "0"
+    );
+    tier.quit().await;
+}

@@ -42,18 +42,36 @@ impl Outbox {
 
     /// Remembers a deletion that failed.
     pub fn push(&self, eviction: RedisEviction) {
-        self.push_at(eviction, Instant::now());
+        self.push_all_at(std::iter::once(eviction), Instant::now());
     }
 
+    /// Remembers deletions that failed together (a batch of evictions).
+    pub fn push_all(&self, evictions: impl IntoIterator<Item = RedisEviction>) {
+        self.push_all_at(evictions, Instant::now());
+    }
+
+    #[cfg(test)]
     fn push_at(&self, eviction: RedisEviction, at: Instant) {
+        self.push_all_at(std::iter::once(eviction), at);
+    }
+
+    fn push_all_at(&self, evictions: impl IntoIterator<Item = RedisEviction>, at: Instant) {
         let mut pending = self.pending.lock().expect("outbox lock");
-        if pending.len() >= MAX_PENDING {
-            tracing::warn!(
-                "too many pending redis deletions; dropping the oldest (it expires by TTL)"
-            );
-            pending.pop_front();
+        let mut dropped = 0usize;
+        for eviction in evictions {
+            if pending.len() >= MAX_PENDING {
+                pending.pop_front();
+                dropped += 1;
+            }
+            pending.push_back((at, eviction));
         }
-        pending.push_back((at, eviction));
+        if dropped > 0 {
+            // Once per batch, not per deletion: a bulk removal can overflow by thousands.
+            tracing::warn!(
+                dropped,
+                "too many pending redis deletions; dropped the oldest (their entries expire by TTL)"
+            );
+        }
     }
 
     /// How many deletions are pending.

@@ -41,7 +41,10 @@ use futures_util::future::join_all;
 use time::OffsetDateTime;
 use tokio::time::Instant;
 
-use super::payload::{self, CachedRow, Seal, Verifier};
+use super::{
+    payload::{self, CachedRow, Seal, Verifier},
+    postgres::Removed,
+};
 use crate::{
     auth::TokenRow,
     config::{EntryKey, RedisConfig},
@@ -570,26 +573,31 @@ impl RedisTier {
 
     /// Removes the entries of these tokens (and their user-index members). The commands for
     /// up to [`DELETES_IN_FLIGHT`] tokens are sent together (fred pipelines concurrent commands
-    /// on a connection), so a bulk removal costs a round trip per batch, not per token.
-    pub fn delete<'a>(
-        &'a self,
-        tokens: &'a [(String, String)],
-    ) -> Boxed<'a, Result<(), RedisError>> {
+    /// on a connection), so a bulk removal costs a round trip per batch, not per token. Returns
+    /// the tokens whose removal failed or was not tried (the breaker opened on the way): one
+    /// refused command costs its own token a retry, not the whole run.
+    pub fn delete<'a>(&'a self, tokens: &'a [Removed]) -> Boxed<'a, Vec<Removed>> {
         Box::pin(async move {
-            self.ensure_available()?;
             let client = self.pool.with_options(&self.write_options);
+            let mut failed = Vec::new();
             for batch in tokens.chunks(DELETES_IN_FLIGHT) {
+                if self.ensure_available().is_err() {
+                    failed.extend_from_slice(batch);
+                    continue;
+                }
                 let sent = batch.iter().map(|(token_key, user_id)| {
                     let del = client.del::<(), _>(self.token_key(token_key));
                     let srem = client.srem::<(), _, _>(self.user_key(user_id), token_key.as_str());
                     async move { tokio::join!(del, srem) }
                 });
-                for (del, srem) in join_all(sent).await {
-                    self.record("del", del)?;
-                    self.record("srem", srem)?;
+                for (token, (del, srem)) in batch.iter().zip(join_all(sent).await) {
+                    let deleted = self.record("del", del).is_ok();
+                    if !(self.record("srem", srem).is_ok() && deleted) {
+                        failed.push(token.clone());
+                    }
                 }
             }
-            Ok(())
+            failed
         })
     }
 

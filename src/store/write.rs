@@ -23,12 +23,10 @@ impl Store {
             self.tombstones.token(key);
             self.memory.remove(key);
         }
-        if let Some(redis) = redis
-            && redis.delete(removed).await.is_err()
-        {
-            for r in removed {
-                self.redis_outbox.push(RedisEviction::Token(r.clone()));
-            }
+        if let Some(redis) = redis {
+            let failed = redis.delete(removed).await;
+            self.redis_outbox
+                .push_all(failed.into_iter().map(RedisEviction::Token));
         }
     }
 
@@ -145,11 +143,12 @@ impl Store {
         self.redis_outbox
             .retry(redis.is_connected(), |eviction| async move {
                 match &eviction {
-                    RedisEviction::Token(r) => redis.delete(std::slice::from_ref(r)).await,
-                    RedisEviction::Key(k) => redis.delete_key(k).await,
-                    RedisEviction::User(u) => redis.delete_user(u).await,
+                    RedisEviction::Token(r) => {
+                        redis.delete(std::slice::from_ref(r)).await.is_empty()
+                    }
+                    RedisEviction::Key(k) => redis.delete_key(k).await.is_ok(),
+                    RedisEviction::User(u) => redis.delete_user(u).await.is_ok(),
                 }
-                .is_ok()
             })
             .await
     }
