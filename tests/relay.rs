@@ -23,6 +23,15 @@ fn relay(db: &TestDb, redis: &PrivateRedis, prefix: &str) -> Binary {
 }
 
 fn relay_on(db: &TestDb, redis_url: &str, prefix: &str) -> Binary {
+    relay_with_health_interval(db, redis_url, prefix, "200ms")
+}
+
+fn relay_with_health_interval(
+    db: &TestDb,
+    redis_url: &str,
+    prefix: &str,
+    health_interval: &str,
+) -> Binary {
     Binary::spawn_command(
         "relay",
         &db.url,
@@ -30,7 +39,10 @@ fn relay_on(db: &TestDb, redis_url: &str, prefix: &str) -> Binary {
             ("KNOXGATE_REDIS_URL", redis_url.to_owned()),
             ("KNOXGATE_REDIS_KEY_PREFIX", prefix.to_owned()),
             ("KNOXGATE_CACHE_FEED_HEARTBEAT_INTERVAL", "200ms".into()),
-            ("KNOXGATE_CACHE_FEED_HEALTH_INTERVAL", "200ms".into()),
+            (
+                "KNOXGATE_CACHE_FEED_HEALTH_INTERVAL",
+                health_interval.into(),
+            ),
             ("KNOXGATE_CACHE_FEED_RECONNECT_DELAY", "100ms".into()),
             ("KNOXGATE_REDIS_RECONNECT_MAX_DELAY", "200ms".into()),
         ],
@@ -559,6 +571,66 @@ async fn a_token_made_while_the_relay_reconnects_is_not_refused_as_unknown() {
         1.0,
         "the instance's feed went down: the test did not cover the gap it is for"
     );
+    relayed.kill().await;
+    s.stop().await;
+}
+
+/// Resumes a stopped Postgres backend when dropped, whatever the test's outcome.
+struct Stopped(i32);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-CONT", &self.0.to_string()])
+            .status();
+    }
+}
+
+/// A relay vouches for its listener with every heartbeat. When the listener's connection stops
+/// answering without failing (its backend frozen: a partition looks the same), the relay stops
+/// heartbeating at once rather than at its next health check (here 30 s away), so instances
+/// stop trusting their caches within `cache.feed_relay_timeout` and a revocation the relay
+/// cannot hear is still honoured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_relay_whose_listener_goes_silent_stops_vouching_for_it() {
+    let db = TestDb::migrated().await;
+    let redis = PrivateRedis::start().await;
+    let prefix = unique("kgsilent");
+    let relayed = relay_with_health_interval(&db, &redis.url(), &prefix, "30s");
+    assert!(
+        ready_within(relayed.admin, Duration::from_secs(10)).await,
+        "{}",
+        relayed.log()
+    );
+    let s = instance(&db, &redis, &prefix).await;
+    assert!(ready_within(s.admin(), Duration::from_secs(10)).await);
+    let token = user_with_token(&db, "silent").await;
+    cached_on_all(&[&s], &[&token]).await;
+
+    let client = db.client().await;
+    let pid: i32 = client
+        .query_one(
+            "SELECT pid FROM pg_stat_activity \
+             WHERE datname = $1 AND application_name = 'knoxgate-feed'",
+            &[&db.name],
+        )
+        .await
+        .expect("the relay's feed connection")
+        .get(0);
+    let status = std::process::Command::new("kill")
+        .args(["-STOP", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success(), "stop backend {pid}");
+    let _resume = Stopped(pid);
+    revoke(&db, &token).await;
+    assert!(
+        refused_by_all(&[&s], &token).await,
+        "a revocation the relay could not hear was not honoured; relay log:\n{}",
+        relayed.log()
+    );
+    assert_eq!(s.metric("knoxgate_feed_connected").await, 0.0);
+    drop(_resume);
     relayed.kill().await;
     s.stop().await;
 }

@@ -123,7 +123,8 @@ pub struct CacheConfig {
     pub feed_echo_timeout: Duration,
     /// Where this instance hears about changes.
     pub feed: FeedSource,
-    /// How often a live relay says so on the stream.
+    /// How often a live relay says so on the stream (each time once its listener connection has
+    /// answered a query).
     pub feed_heartbeat_interval: Duration,
     /// With `feed = "redis"`: how long without a relay's heartbeat before cached answers are
     /// confirmed with Postgres (the longest a change can go unheard when every relay is gone).

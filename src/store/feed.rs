@@ -408,6 +408,12 @@ where
                 }
                 _ = heartbeat.tick(), if publisher.is_some() && matches!(hearing, Hearing::Live) => {
                     if let Some(publisher) = publisher {
+                        // A heartbeat tells instances this relay hears. A listener connection
+                        // that died silently would go on being vouched for until the next
+                        // health tick, longer than `cache.feed_relay_timeout`: it answers first
+                        // (in order after every notification sent to it before).
+                        let r = tokio::time::timeout(deadline, client.simple_query("SELECT 1")).await;
+                        timed(metrics, "health check", r)?;
                         publisher.heartbeat().await?;
                     }
                 }
