@@ -575,28 +575,30 @@ async fn a_token_made_while_the_relay_reconnects_is_not_refused_as_unknown() {
     s.stop().await;
 }
 
-/// Resumes a stopped Postgres backend when dropped, whatever the test's outcome.
-struct Stopped(i32);
-
-impl Drop for Stopped {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("kill")
-            .args(["-CONT", &self.0.to_string()])
-            .status();
-    }
-}
-
 /// A relay vouches for its listener with every heartbeat. When the listener's connection stops
-/// answering without failing (its backend frozen: a partition looks the same), the relay stops
-/// heartbeating at once rather than at its next health check (here 30 s away), so instances
-/// stop trusting their caches within `cache.feed_relay_timeout` and a revocation the relay
-/// cannot hear is still honoured.
+/// answering without failing (its replies held back, as a partition would), the relay stops
+/// heartbeating at once rather than at its next health check (here 30 s away, and the query
+/// deadline as long), so instances stop trusting their caches within `cache.feed_relay_timeout`
+/// and a revocation the relay cannot hear is still honoured.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_relay_whose_listener_goes_silent_stops_vouching_for_it() {
     let db = TestDb::migrated().await;
     let redis = PrivateRedis::start().await;
     let prefix = unique("kgsilent");
-    let relayed = relay_with_health_interval(&db, &redis.url(), &prefix, "30s");
+    let proxy = SlowProxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let feed_url = db.url.replace("127.0.0.1:5432", &proxy.addr().to_string());
+    let relayed = Binary::spawn_command(
+        "relay",
+        &db.url,
+        &[
+            ("KNOXGATE_POSTGRES_FEED_URL", feed_url),
+            ("KNOXGATE_POSTGRES_STATEMENT_TIMEOUT", "30s".into()),
+            ("KNOXGATE_REDIS_URL", redis.url()),
+            ("KNOXGATE_REDIS_KEY_PREFIX", prefix.clone()),
+            ("KNOXGATE_CACHE_FEED_HEARTBEAT_INTERVAL", "200ms".into()),
+            ("KNOXGATE_CACHE_FEED_HEALTH_INTERVAL", "30s".into()),
+        ],
+    );
     assert!(
         ready_within(relayed.admin, Duration::from_secs(10)).await,
         "{}",
@@ -607,30 +609,19 @@ async fn a_relay_whose_listener_goes_silent_stops_vouching_for_it() {
     let token = user_with_token(&db, "silent").await;
     cached_on_all(&[&s], &[&token]).await;
 
-    let client = db.client().await;
-    let pid: i32 = client
-        .query_one(
-            "SELECT pid FROM pg_stat_activity \
-             WHERE datname = $1 AND application_name = 'knoxgate-feed'",
-            &[&db.name],
-        )
-        .await
-        .expect("the relay's feed connection")
-        .get(0);
-    let status = std::process::Command::new("kill")
-        .args(["-STOP", &pid.to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success(), "stop backend {pid}");
-    let _resume = Stopped(pid);
-    revoke(&db, &token).await;
+    proxy.set_delay(Duration::from_secs(120));
+    // The feed relay timeout is 800 ms; the relay would not find out for 30 s by itself.
+    let down = eventually(Duration::from_secs(5), || async {
+        s.metric("knoxgate_feed_connected").await == 0.0
+    })
+    .await;
     assert!(
-        refused_by_all(&[&s], &token).await,
-        "a revocation the relay could not hear was not honoured; relay log:\n{}",
+        down.is_some(),
+        "the relay went on vouching for a listener that does not answer; relay log:\n{}",
         relayed.log()
     );
-    assert_eq!(s.metric("knoxgate_feed_connected").await, 0.0);
-    drop(_resume);
+    revoke(&db, &token).await;
+    assert!(refused_by_all(&[&s], &token).await);
     relayed.kill().await;
     s.stop().await;
 }

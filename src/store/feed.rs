@@ -306,6 +306,11 @@ where
         let mut next_prune = tokio::time::Instant::now();
         let mut heartbeat = tokio::time::interval(config.cache.feed_heartbeat_interval);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A relay's heartbeat tells instances it hears. A listener connection that died silently
+        // would go on being vouched for until the next health tick, longer than
+        // `cache.feed_relay_timeout`, so each heartbeat waits for the connection to answer a
+        // query first; the loop goes on applying changes meanwhile.
+        let mut vouching = None;
         loop {
             let echo_due = async {
                 match pending {
@@ -406,14 +411,14 @@ where
                         pending = send_echo(store, echo, config).await;
                     }
                 }
-                _ = heartbeat.tick(), if publisher.is_some() && matches!(hearing, Hearing::Live) => {
-                    if let Some(publisher) = publisher {
-                        // A heartbeat tells instances this relay hears. A listener connection
-                        // that died silently would go on being vouched for until the next
-                        // health tick, longer than `cache.feed_relay_timeout`: it answers first
-                        // (in order after every notification sent to it before).
-                        let r = tokio::time::timeout(deadline, client.simple_query("SELECT 1")).await;
-                        timed(metrics, "health check", r)?;
+                _ = heartbeat.tick(), if publisher.is_some() && vouching.is_none() && matches!(hearing, Hearing::Live) => {
+                    vouching = Some(Box::pin(tokio::time::timeout(deadline, client.simple_query("SELECT 1"))));
+                }
+                r = async { vouching.as_mut().expect("guarded").await }, if vouching.is_some() => {
+                    vouching = None;
+                    timed(metrics, "heartbeat check", r)?;
+                    // Not while deaf: an echo missed meanwhile withdrew what this would vouch for.
+                    if let Some(publisher) = publisher.filter(|_| matches!(hearing, Hearing::Live)) {
                         publisher.heartbeat().await?;
                     }
                 }

@@ -61,6 +61,77 @@ pub type Boxed<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + 
 /// (a few KB each) stay within a megabyte.
 pub const DELETES_IN_FLIGHT: usize = 128;
 
+/// Whether a command failed for want of a connection (rather than being refused by Redis).
+fn connection_lost(e: &fred::error::Error) -> bool {
+    matches!(
+        e.kind(),
+        fred::error::ErrorKind::IO
+            | fred::error::ErrorKind::Timeout
+            | fred::error::ErrorKind::Canceled
+    )
+}
+
+/// The results of one batch of evictions ([`RedisTier::delete`]), counted per command and
+/// reported once: hundreds of commands in flight fail together, and a line each (or a breaker
+/// flipping at each) would say nothing more.
+#[derive(Default)]
+struct BatchOutcome {
+    succeeded: usize,
+    refused: usize,
+    lost: usize,
+    first_error: Option<fred::error::Error>,
+}
+
+impl BatchOutcome {
+    /// Counts one command's result; whether it succeeded.
+    fn count(
+        &mut self,
+        metrics: &Metrics,
+        op: &'static str,
+        r: Result<(), fred::error::Error>,
+    ) -> bool {
+        metrics.redis_command(op);
+        match r {
+            Ok(()) => {
+                self.succeeded += 1;
+                true
+            }
+            Err(e) => {
+                metrics.redis_error(op);
+                if connection_lost(&e) {
+                    self.lost += 1;
+                } else {
+                    self.refused += 1;
+                }
+                self.first_error.get_or_insert(e);
+                false
+            }
+        }
+    }
+
+    /// Moves the breaker and logs, once for the batch; whether the next batch is worth sending
+    /// (something in this one succeeded).
+    fn report(self, breaker: &Breaker, tokens: usize) -> bool {
+        let error = self.first_error.map(|e| e.to_string()).unwrap_or_default();
+        if self.lost > 0 {
+            if breaker.trip() {
+                tracing::warn!(op = "del", %error, "redis unavailable; answering from Postgres until it is back");
+            }
+        } else if self.succeeded > 0 && breaker.close() {
+            tracing::info!(op = "del", "redis answers again");
+        }
+        if self.refused > 0 {
+            tracing::warn!(
+                tokens,
+                refused = self.refused,
+                %error,
+                "redis refused evictions; they are retried until it takes them"
+            );
+        }
+        self.succeeded > 0
+    }
+}
+
 /// A Redis failure. Never a reason to deny: callers fall back to Postgres.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("redis: {0}")]
@@ -109,8 +180,9 @@ pub fn remaining_from_pttl(pttl: i64) -> Option<Duration> {
 
 /// A circuit breaker. After a failure Redis is skipped for a cool-down; then one request probes
 /// it (half-open) while the others keep skipping, and a success closes the breaker. A dead Redis
-/// therefore costs one failed command per cool-down, not one per request. fred's connection
-/// events trip and close it too, because fred's own connection state lags behind a dead peer.
+/// therefore costs one failed command per cool-down (one batch of evictions, for a bulk
+/// removal), not one per request. fred's connection events trip and close it too, because fred's
+/// own connection state lags behind a dead peer.
 struct Breaker {
     epoch: Instant,
     tripped: AtomicBool,
@@ -454,12 +526,7 @@ impl RedisTier {
         }
         r.map_err(|e| {
             self.metrics.redis_error(op);
-            let connection_lost = matches!(
-                e.kind(),
-                fred::error::ErrorKind::IO
-                    | fred::error::ErrorKind::Timeout
-                    | fred::error::ErrorKind::Canceled
-            );
+            let connection_lost = connection_lost(&e);
             if connection_lost && breaker.trip() {
                 tracing::warn!(op, error = %e, "redis unavailable; answering from Postgres until it is back");
             } else if !matches!(op, "get" | "smembers") {
@@ -574,28 +641,38 @@ impl RedisTier {
     /// Removes the entries of these tokens (and their user-index members). The commands for
     /// up to [`DELETES_IN_FLIGHT`] tokens are sent together (fred pipelines concurrent commands
     /// on a connection), so a bulk removal costs a round trip per batch, not per token. Returns
-    /// the tokens whose removal failed or was not tried (the breaker opened on the way): one
-    /// refused command costs its own token a retry, not the whole run.
+    /// the tokens whose removal failed or was not tried: one refused command costs its own token
+    /// a retry, not the whole run; a batch of which nothing succeeded (Redis refusing writes,
+    /// or gone) stops the rest from being sent. Each batch is logged, and moves the breaker,
+    /// once.
     pub fn delete<'a>(&'a self, tokens: &'a [Removed]) -> Boxed<'a, Vec<Removed>> {
         Box::pin(async move {
             let client = self.pool.with_options(&self.write_options);
             let mut failed = Vec::new();
-            for batch in tokens.chunks(DELETES_IN_FLIGHT) {
+            let mut batches = tokens.chunks(DELETES_IN_FLIGHT);
+            for batch in batches.by_ref() {
                 if self.ensure_available().is_err() {
                     failed.extend_from_slice(batch);
-                    continue;
+                    break;
                 }
                 let sent = batch.iter().map(|(token_key, user_id)| {
                     let del = client.del::<(), _>(self.token_key(token_key));
                     let srem = client.srem::<(), _, _>(self.user_key(user_id), token_key.as_str());
                     async move { tokio::join!(del, srem) }
                 });
+                let mut outcome = BatchOutcome::default();
                 for (token, (del, srem)) in batch.iter().zip(join_all(sent).await) {
-                    let deleted = self.record("del", del).is_ok();
-                    if !(self.record("srem", srem).is_ok() && deleted) {
+                    let deleted = outcome.count(&self.metrics, "del", del);
+                    if !(outcome.count(&self.metrics, "srem", srem) && deleted) {
                         failed.push(token.clone());
                     }
                 }
+                if !outcome.report(&self.breaker, batch.len()) {
+                    break;
+                }
+            }
+            for batch in batches {
+                failed.extend_from_slice(batch);
             }
             failed
         })
