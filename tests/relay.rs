@@ -23,30 +23,26 @@ fn relay(db: &TestDb, redis: &PrivateRedis, prefix: &str) -> Binary {
 }
 
 fn relay_on(db: &TestDb, redis_url: &str, prefix: &str) -> Binary {
-    relay_with_health_interval(db, redis_url, prefix, "200ms")
+    relay_with(db, redis_url, prefix, &[])
 }
 
-fn relay_with_health_interval(
+/// A relay with the tests' short intervals, and `overrides` (set after them, so they win).
+fn relay_with(
     db: &TestDb,
     redis_url: &str,
     prefix: &str,
-    health_interval: &str,
+    overrides: &[(&'static str, String)],
 ) -> Binary {
-    Binary::spawn_command(
-        "relay",
-        &db.url,
-        &[
-            ("KNOXGATE_REDIS_URL", redis_url.to_owned()),
-            ("KNOXGATE_REDIS_KEY_PREFIX", prefix.to_owned()),
-            ("KNOXGATE_CACHE_FEED_HEARTBEAT_INTERVAL", "200ms".into()),
-            (
-                "KNOXGATE_CACHE_FEED_HEALTH_INTERVAL",
-                health_interval.into(),
-            ),
-            ("KNOXGATE_CACHE_FEED_RECONNECT_DELAY", "100ms".into()),
-            ("KNOXGATE_REDIS_RECONNECT_MAX_DELAY", "200ms".into()),
-        ],
-    )
+    let mut env = vec![
+        ("KNOXGATE_REDIS_URL", redis_url.to_owned()),
+        ("KNOXGATE_REDIS_KEY_PREFIX", prefix.to_owned()),
+        ("KNOXGATE_CACHE_FEED_HEARTBEAT_INTERVAL", "200ms".into()),
+        ("KNOXGATE_CACHE_FEED_HEALTH_INTERVAL", "200ms".into()),
+        ("KNOXGATE_CACHE_FEED_RECONNECT_DELAY", "100ms".into()),
+        ("KNOXGATE_REDIS_RECONNECT_MAX_DELAY", "200ms".into()),
+    ];
+    env.extend_from_slice(overrides);
+    Binary::spawn_command("relay", &db.url, &env)
 }
 
 async fn readyz_of(admin: std::net::SocketAddr) -> (u16, String) {
@@ -587,15 +583,13 @@ async fn a_relay_whose_listener_goes_silent_stops_vouching_for_it() {
     let prefix = unique("kgsilent");
     let proxy = SlowProxy::start("127.0.0.1:5432".parse().unwrap()).await;
     let feed_url = db.url.replace("127.0.0.1:5432", &proxy.addr().to_string());
-    let relayed = Binary::spawn_command(
-        "relay",
-        &db.url,
+    let relayed = relay_with(
+        &db,
+        &redis.url(),
+        &prefix,
         &[
             ("KNOXGATE_POSTGRES_FEED_URL", feed_url),
             ("KNOXGATE_POSTGRES_STATEMENT_TIMEOUT", "30s".into()),
-            ("KNOXGATE_REDIS_URL", redis.url()),
-            ("KNOXGATE_REDIS_KEY_PREFIX", prefix.clone()),
-            ("KNOXGATE_CACHE_FEED_HEARTBEAT_INTERVAL", "200ms".into()),
             ("KNOXGATE_CACHE_FEED_HEALTH_INTERVAL", "30s".into()),
         ],
     );
