@@ -102,9 +102,31 @@ async fn a_logout_redis_refuses_with_misconf_is_still_honoured_everywhere() {
     let t = user_with_token(&db, "misconf").await;
     assert_eq!(a.verify(&t.token).await.status, 200);
     cached_in_redis(&b, &t.token).await;
-    // A snapshot that cannot be written (its directory is gone) makes Redis refuse every write
-    // with MISCONF while it keeps serving reads: stop-writes-on-bgsave-error (the default)
-    // applies once save points are configured.
+    refuse_writes_with_misconf(&redis, dir).await;
+    let auth = format!("Token {}", t.token);
+    let out = http(a.addr(), "POST", LOGOUT, &[("Authorization", &auth)], b"").await;
+    assert_eq!(out.status, 204);
+    // The DEL was refused: the entry is still there, and neither instance trusts it.
+    let key = format!("{}:token:{}", a.prefix, token_key_of(&t.token));
+    assert_eq!(redis_cli(redis.port, &["EXISTS", &key]), "1");
+    refused_from_now_on(&b, &t.token).await;
+    refused_from_now_on(&a, &t.token).await;
+    // Writes accepted again: the queued DEL lands, and the answer stays 401.
+    accept_writes_again(&redis);
+    let gone = eventually(Duration::from_secs(5), || async {
+        redis_cli(redis.port, &["EXISTS", &key]) == "0"
+    })
+    .await;
+    assert!(gone.is_some(), "the queued deletion never reached Redis");
+    refused_from_now_on(&b, &t.token).await;
+    a.stop().await;
+    b.stop().await;
+}
+
+/// Makes `redis` (started in `dir`) refuse every write with MISCONF while it keeps serving
+/// reads: a snapshot that cannot be written (its directory is gone) does that, through
+/// stop-writes-on-bgsave-error (the default), once save points are configured.
+async fn refuse_writes_with_misconf(redis: &PrivateRedis, dir: tempfile::TempDir) {
     drop(dir);
     redis_cli(redis.port, &["CONFIG", "SET", "save", "3600 1"]);
     redis_cli(
@@ -120,25 +142,65 @@ async fn a_logout_redis_refuses_with_misconf_is_still_honoured_everywhere() {
         refusing.is_some(),
         "redis never refused writes with MISCONF"
     );
-    let auth = format!("Token {}", t.token);
-    let out = http(a.addr(), "POST", LOGOUT, &[("Authorization", &auth)], b"").await;
-    assert_eq!(out.status, 204);
-    // The DEL was refused: the entry is still there, and neither instance trusts it.
-    let key = format!("{}:token:{}", a.prefix, token_key_of(&t.token));
-    assert_eq!(redis_cli(redis.port, &["EXISTS", &key]), "1");
-    refused_from_now_on(&b, &t.token).await;
-    refused_from_now_on(&a, &t.token).await;
-    // Writes accepted again: the queued DEL lands, and the answer stays 401.
+}
+
+/// Undoes [`refuse_writes_with_misconf`].
+fn accept_writes_again(redis: &PrivateRedis) {
     redis_cli(
         redis.port,
         &["CONFIG", "SET", "stop-writes-on-bgsave-error", "no"],
     );
-    let gone = eventually(Duration::from_secs(5), || async {
-        redis_cli(redis.port, &["EXISTS", &key]) == "0"
-    })
-    .await;
-    assert!(gone.is_some(), "the queued deletion never reached Redis");
-    refused_from_now_on(&b, &t.token).await;
+}
+
+/// A bulk DELETE while Redis refuses writes: every eviction waits in the retry queue (every
+/// token refused meanwhile, from memory or not), and once Redis takes writes again the queue
+/// evicts them all, tokens and user index alike, in batches.
+#[tokio::test]
+async fn a_bulk_delete_redis_refuses_is_evicted_once_it_takes_writes_again() {
+    let db = TestDb::migrated().await;
+    let dir = tempfile::tempdir().expect("redis working directory");
+    let redis = PrivateRedis::start_in(dir.path()).await;
+    let (a, b) = pair(&db, &redis).await;
+    let client = db.client().await;
+    let user = insert_user(&client, "bulk_refused", "pw", true).await;
+    let tokens = insert_default_tokens(&client, user, 300).await;
+    let bystander = user_with_token(&db, "bulk_refused_bystander").await;
+    for t in tokens.iter().chain([&bystander]) {
+        assert_eq!(a.verify(&t.token).await.status, 200);
+    }
+    let keys: Vec<String> = tokens.iter().map(|t| redis_key(&a, &t.token)).collect();
+    let existing = |keys: &[String]| {
+        let mut args = vec!["EXISTS"];
+        args.extend(keys.iter().map(String::as_str));
+        redis_cli(redis.port, &args).parse::<usize>().unwrap()
+    };
+    assert_eq!(existing(&keys), keys.len(), "every token cached in Redis");
+
+    refuse_writes_with_misconf(&redis, dir).await;
+    client
+        .execute("DELETE FROM knox_authtoken WHERE user_id = $1", &[&user])
+        .await
+        .unwrap();
+    for t in [&tokens[0], &tokens[299]] {
+        refused_from_now_on(&a, &t.token).await;
+        refused_from_now_on(&b, &t.token).await;
+    }
+    assert_eq!(existing(&keys), keys.len(), "Redis refused every eviction");
+
+    accept_writes_again(&redis);
+    let gone = eventually(Duration::from_secs(10), || async { existing(&keys) == 0 }).await;
+    assert!(
+        gone.is_some(),
+        "{} of {} entries left after Redis took writes again",
+        existing(&keys),
+        keys.len()
+    );
+    let index = format!("{}:user:{user}:tokens", a.prefix);
+    assert_eq!(redis_cli(redis.port, &["SCARD", &index]), "0", "{index}");
+    for t in &tokens {
+        assert_eq!(b.verify(&t.token).await.status, 401);
+    }
+    assert_eq!(b.verify(&bystander.token).await.status, 200);
     a.stop().await;
     b.stop().await;
 }

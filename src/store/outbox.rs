@@ -3,7 +3,7 @@
 //! expired by itself, so it is dropped.
 
 use std::{
-    collections::VecDeque,
+    collections::{HashMap, VecDeque},
     future::Future,
     sync::Mutex,
     time::{Duration, Instant},
@@ -15,7 +15,7 @@ use super::postgres::Removed;
 const MAX_PENDING: usize = 100_000;
 
 /// One deletion to make in Redis.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum RedisEviction {
     /// A token row's entry and its membership of the user's index.
     Token(Removed),
@@ -83,20 +83,21 @@ impl Outbox {
         self.len() == 0
     }
 
-    /// Drops moot deletions, then, if `ready`, tries each of the others with `delete` (true:
-    /// done) and keeps those that failed. Returns how many are still pending.
+    /// Drops moot deletions, then, if `ready`, hands all the others to `delete` at once (so that
+    /// tokens go to Redis in batches, not a round trip each) and keeps those it hands back as
+    /// failed. Returns how many are still pending.
     pub async fn retry<F, Fut>(&self, ready: bool, delete: F) -> usize
     where
-        F: Fn(RedisEviction) -> Fut,
-        Fut: Future<Output = bool>,
+        F: FnOnce(Vec<RedisEviction>) -> Fut,
+        Fut: Future<Output = Vec<RedisEviction>>,
     {
         self.retry_at(Instant::now(), ready, delete).await
     }
 
     async fn retry_at<F, Fut>(&self, now: Instant, ready: bool, delete: F) -> usize
     where
-        F: Fn(RedisEviction) -> Fut,
-        Fut: Future<Output = bool>,
+        F: FnOnce(Vec<RedisEviction>) -> Fut,
+        Fut: Future<Output = Vec<RedisEviction>>,
     {
         let due = {
             let mut pending = self.pending.lock().expect("outbox lock");
@@ -107,12 +108,19 @@ impl Outbox {
             }
             std::mem::take(&mut *pending)
         };
-        let mut failed = VecDeque::new();
+        // A failure keeps the time it was first pushed, so that it is dropped when it is moot.
+        let mut pushed_at = HashMap::with_capacity(due.len());
+        let mut evictions = Vec::with_capacity(due.len());
         for (at, eviction) in due {
-            if !delete(eviction.clone()).await {
-                failed.push_back((at, eviction));
-            }
+            pushed_at.entry(eviction.clone()).or_insert(at);
+            evictions.push(eviction);
         }
+        let mut failed: VecDeque<(Instant, RedisEviction)> = delete(evictions)
+            .await
+            .into_iter()
+            .map(|eviction| (pushed_at.get(&eviction).copied().unwrap_or(now), eviction))
+            .collect();
+        failed.make_contiguous().sort_by_key(|(at, _)| *at);
         let mut pending = self.pending.lock().expect("outbox lock");
         // Failures first: they are older than anything pushed while we were retrying.
         failed.extend(pending.drain(..));
@@ -139,22 +147,75 @@ mod tests {
         outbox.push(RedisEviction::Token(("b".into(), "7".into())));
         // Redis not ready: nothing is tried.
         let tried = Arc::new(Mutex::new(Vec::new()));
-        let record = |ok: bool| {
+        let record = |fail: fn(&RedisEviction) -> bool| {
             let tried = Arc::clone(&tried);
-            move |e: RedisEviction| {
-                tried.lock().unwrap().push(e);
-                async move { ok }
+            move |due: Vec<RedisEviction>| {
+                tried.lock().unwrap().push(due.clone());
+                async move { due.into_iter().filter(fail).collect() }
             }
         };
-        assert_eq!(outbox.retry(false, record(true)).await, 3);
+        assert_eq!(outbox.retry(false, record(|_| false)).await, 3);
         assert!(tried.lock().unwrap().is_empty());
-        // Ready but failing: all tried, all kept, in order.
-        assert_eq!(outbox.retry(true, record(false)).await, 3);
-        assert_eq!(tried.lock().unwrap().len(), 3);
-        assert_eq!(tried.lock().unwrap()[0], key("a"));
+        // Ready but failing: all handed over at once, all kept, in order.
+        assert_eq!(outbox.retry(true, record(|_| true)).await, 3);
+        assert_eq!(tried.lock().unwrap().len(), 1);
+        assert_eq!(tried.lock().unwrap()[0].len(), 3);
+        assert_eq!(tried.lock().unwrap()[0][0], key("a"));
+        let kept: Vec<_> = outbox
+            .pending
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, e)| e.clone())
+            .collect();
+        assert_eq!(kept, tried.lock().unwrap()[0]);
+        // One failing: only it is kept.
+        assert_eq!(
+            outbox
+                .retry(true, record(|e| matches!(e, RedisEviction::User(_))))
+                .await,
+            1
+        );
+        assert_eq!(
+            outbox
+                .pending
+                .lock()
+                .unwrap()
+                .front()
+                .map(|(_, e)| e.clone()),
+            Some(RedisEviction::User("7".into()))
+        );
         // Succeeding: the queue empties.
-        assert_eq!(outbox.retry(true, record(true)).await, 0);
+        assert_eq!(outbox.retry(true, record(|_| false)).await, 0);
         assert!(outbox.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_failed_retry_keeps_the_time_it_was_first_pushed() {
+        let outbox = Outbox::new(Duration::from_secs(60));
+        let now = Instant::now();
+        let Some(earlier) = now.checked_sub(Duration::from_secs(50)) else {
+            return; // a clock too close to its origin to go back 50 s
+        };
+        outbox.push_at(key("early"), earlier);
+        outbox.push_at(key("late"), now);
+        let fail_all = |due: Vec<RedisEviction>| async move { due };
+        assert_eq!(outbox.retry_at(now, true, fail_all).await, 2);
+        // 11 s later the early one is moot (61 s old), the late one is not.
+        let later = now + Duration::from_secs(11);
+        let left = outbox
+            .retry_at(later, false, |_| async { unreachable!("not ready") })
+            .await;
+        assert_eq!(left, 1);
+        assert_eq!(
+            outbox
+                .pending
+                .lock()
+                .unwrap()
+                .front()
+                .map(|(_, e)| e.clone()),
+            Some(key("late"))
+        );
     }
 
     #[tokio::test]

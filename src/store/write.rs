@@ -141,14 +141,33 @@ impl Store {
     pub async fn retry_pending_redis(&self) -> usize {
         let Some(redis) = &self.redis else { return 0 };
         self.redis_outbox
-            .retry(redis.is_connected(), |eviction| async move {
-                match &eviction {
-                    RedisEviction::Token(r) => {
-                        redis.delete(std::slice::from_ref(r)).await.is_empty()
+            .retry(redis.is_connected(), |due| async move {
+                // Tokens in pipelined batches, as a bulk removal sends them the first time.
+                let (mut tokens, mut keys, mut users) = (Vec::new(), Vec::new(), Vec::new());
+                for eviction in due {
+                    match eviction {
+                        RedisEviction::Token(removed) => tokens.push(removed),
+                        RedisEviction::Key(key) => keys.push(key),
+                        RedisEviction::User(user) => users.push(user),
                     }
-                    RedisEviction::Key(k) => redis.delete_key(k).await.is_ok(),
-                    RedisEviction::User(u) => redis.delete_user(u).await.is_ok(),
                 }
+                let mut failed: Vec<RedisEviction> = redis
+                    .delete(&tokens)
+                    .await
+                    .into_iter()
+                    .map(RedisEviction::Token)
+                    .collect();
+                for key in keys {
+                    if redis.delete_key(&key).await.is_err() {
+                        failed.push(RedisEviction::Key(key));
+                    }
+                }
+                for user in users {
+                    if redis.delete_user(&user).await.is_err() {
+                        failed.push(RedisEviction::User(user));
+                    }
+                }
+                failed
             })
             .await
     }
