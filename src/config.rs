@@ -30,7 +30,7 @@ use std::{path::Path, time::Duration};
 use serde::{Deserialize, Serialize};
 
 pub use assertion::{AssertionConfig, AssertionFile};
-pub use cache::{CacheConfig, CacheFile, Consistency, FeedSource};
+pub use cache::{CacheConfig, CacheFile, Consistency, FeedSource, MIN_FEED_STREAM_MAX_LEN};
 pub use knox::{KnoxConfig, KnoxFile, MAX_TOKEN_PREFIX_CHARS};
 pub use log::{LogConfig, LogFile, LogFormat};
 pub use postgres::{GroupTables, PostgresConfig, PostgresFile, UserColumns};

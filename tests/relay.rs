@@ -366,6 +366,197 @@ async fn relays_work_on_a_sentinel_deployment() {
     relayed_revocation_on(&deployment.url()).await;
 }
 
+/// Replication is asynchronous, so a failover can lose stream entries Redis acknowledged. An
+/// instance whose last entry read survived goes on from it, past the lost ones; the relay, back
+/// on a new connection after appending them, replays the revocation log, so they reach it anyway.
+/// The relay's appends wait out the failover here (a long command timeout), as they do wherever
+/// a failover is quicker than the timeout: none fails, so only the reconnection tells.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_revocation_a_redis_failover_loses_from_the_stream_is_appended_again() {
+    let db = TestDb::migrated().await;
+    let mut deployment = RedisSentinel::start().await;
+    let url = deployment.url();
+    let prefix = unique("kgfolost");
+    let stream = format!("{prefix}:knoxgate:feed");
+    let relayed = relay_with(
+        &db,
+        &url,
+        &prefix,
+        &[("KNOXGATE_REDIS_COMMAND_TIMEOUT", "60s".into())],
+    );
+    // A process of its own, so that it can be stopped while the stream changes under it.
+    let b = Binary::spawn(
+        &db.url,
+        &[
+            ("KNOXGATE_REDIS_URL", url.clone()),
+            ("KNOXGATE_REDIS_KEY_PREFIX", prefix.clone()),
+            ("KNOXGATE_REDIS_RECONNECT_MAX_DELAY", "200ms".into()),
+            ("KNOXGATE_CACHE_FEED", "redis".into()),
+            ("KNOXGATE_CACHE_FEED_HEARTBEAT_INTERVAL", "200ms".into()),
+            ("KNOXGATE_CACHE_FEED_RELAY_TIMEOUT", "800ms".into()),
+        ],
+    );
+    assert!(
+        ready_within(b.admin, Duration::from_secs(30)).await,
+        "instance not live: {}",
+        b.log()
+    );
+    let revoked = user_with_token(&db, "failover-lost").await;
+    let kept = user_with_token(&db, "failover-kept").await;
+    for t in [&revoked, &kept] {
+        assert_eq!(b.verify(&t.token).await.status, 200);
+    }
+
+    // The instance stops reading; the replica gets every entry it has read.
+    b.pause();
+    let master = deployment.master_port().expect("a master");
+    let replica = deployment.other_than(master);
+    let newest = redis_cli(master, &["XREVRANGE", &stream, "+", "-", "COUNT", "1"]);
+    let newest = newest
+        .lines()
+        .next()
+        .expect("heartbeats on the stream")
+        .to_owned();
+    let synced = eventually(Duration::from_secs(10), || async {
+        !redis_cli(replica, &["XRANGE", &stream, &newest, &newest]).is_empty()
+    })
+    .await;
+    assert!(synced.is_some(), "the replica never got entry {newest}");
+
+    let entries = |port: u16, kind: &str| {
+        redis_cli(port, &["XRANGE", &stream, "-", "+"])
+            .lines()
+            .filter(|l| l.starts_with(kind))
+            .count()
+    };
+    let revocations = |port: u16| entries(port, "t|");
+    let filter_reloads = entries(replica, "l|");
+
+    // From now on only the master gets what the relay appends: the revocation among it.
+    deployment.server(replica).pause();
+    redis_cli(master, &["CLIENT", "KILL", "TYPE", "replica"]);
+    revoke(&db, &revoked).await;
+    let appended = eventually(BOUND, || async { revocations(master) > 0 }).await;
+    assert!(
+        appended.is_some(),
+        "the relay never appended the revocation"
+    );
+
+    // The master dies with it; the replica is promoted without it.
+    deployment.server(master).kill();
+    deployment.server(replica).resume();
+    assert_eq!(revocations(replica), 0, "the replica should have missed it");
+    deployment
+        .wait_promoted(master, Duration::from_secs(40))
+        .await
+        .expect("the sentinels promoted the replica");
+
+    // Once it has read the relay's heartbeats from the new master it counts its feed live
+    // again, and from then on trusts what it holds: the revocation must have reached it. No
+    // request for the token before that: one answered while the feed is down is confirmed with
+    // Postgres (and evicted) whatever the stream held. Right after SIGCONT its feed state is the
+    // one from before the stop, so it is given longer than the relay timeout to notice first.
+    b.resume();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        ready_within(b.admin, Duration::from_secs(30)).await,
+        "instance not live after the failover: {}",
+        b.log()
+    );
+    let refused = eventually(BOUND, || async {
+        b.verify(&revoked.token).await.status == 401
+    })
+    .await;
+    assert!(
+        refused.is_some(),
+        "the revocation lost in the failover never reached the instance; relay log:\n{}",
+        relayed.log()
+    );
+    assert_eq!(b.verify(&kept.token).await.status, 200);
+    assert!(revocations(replica) > 0, "appended again on the new master");
+    assert!(
+        entries(replica, "l|") > filter_reloads,
+        "INSERTs the failover lost: instances are told to reload their key filters"
+    );
+    relayed.kill().await;
+    b.kill().await;
+}
+
+/// A read returns what follows the entry last read even when that entry has been trimmed: a
+/// burst of appends past `cache.feed_stream_max_len` while an instance waits on the stream
+/// would hand it the entries after a gap. It must tell, from the full batch and the entry gone,
+/// and drop what it holds as a lost stream makes it do. The test writes the stream itself (no
+/// relay): heartbeats, then a revocation followed by a burst, trimmed in one script.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_that_trims_past_a_waiting_reader_does_not_hide_a_revocation() {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    };
+    let db = TestDb::migrated().await;
+    let redis = PrivateRedis::start().await;
+    let prefix = unique("kgtrim");
+    let stream = format!("{prefix}:knoxgate:feed");
+    // A relay's heartbeats, faster than the instance's read window, so that it is caught up
+    // and waiting on the stream whenever the burst comes.
+    let stop = Arc::new(AtomicBool::new(false));
+    let heartbeats = {
+        let (stop, stream, port) = (Arc::clone(&stop), stream.clone(), redis.port);
+        std::thread::spawn(move || {
+            for seq in 0.. {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                redis_cli(port, &["XADD", &stream, "*", "c", &format!("b|test|{seq}")]);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    let a = instance(&db, &redis, &prefix).await;
+    assert!(ready_within(a.admin(), Duration::from_secs(10)).await);
+    let revoked = user_with_token(&db, "trimmed").await;
+    let kept = user_with_token(&db, "trimmed-kept").await;
+    cached_on_all(&[&a], &[&revoked, &kept]).await;
+    // Deleted behind its back: only the stream can tell it.
+    revoke(&db, &revoked).await;
+    assert_eq!(
+        a.verify(&revoked.token).await.status,
+        200,
+        "trusted while live"
+    );
+
+    // The revocation, then 2,000 entries, the stream trimmed to 600 after each: the reader's
+    // last entry and the revocation are gone before it reads again.
+    let script = "redis.call('XADD', KEYS[1], 'MAXLEN', '=', ARGV[2], '*', 'c', ARGV[1]) \
+                  for i = 1, tonumber(ARGV[3]) do \
+                    redis.call('XADD', KEYS[1], 'MAXLEN', '=', ARGV[2], '*', 'c', 'b|burst|' .. i) \
+                  end return 1";
+    let revocation = format!(
+        "t|{}|{}",
+        revoked.user_id,
+        knoxgate::auth::token_key_of(&revoked.token)
+    );
+    assert_eq!(
+        redis_cli(
+            redis.port,
+            &["EVAL", script, "1", &stream, &revocation, "600", "2000"]
+        ),
+        "1"
+    );
+    let refused = eventually(BOUND, || async {
+        a.verify(&revoked.token).await.status == 401
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    heartbeats.join().unwrap();
+    assert!(
+        refused.is_some(),
+        "the revocation trimmed from under the reader was never made up for"
+    );
+    assert_eq!(a.verify(&kept.token).await.status, 200);
+    a.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn relays_work_on_a_redis_cluster() {
     let cluster = RedisCluster::start(3, 1).await;

@@ -26,6 +26,9 @@ const DEFAULT_FEED_RELAY_TIMEOUT: Duration = Duration::from_secs(3);
 // At a few hundred bytes an entry, ~30 MB of Redis memory; at 1,000 revocations a second, over a
 // minute and a half of events for a subscriber that reconnects.
 const DEFAULT_FEED_STREAM_MAX_LEN: u64 = 100_000;
+/// The stream must hold more than an instance reads at once (512 entries): an instance tells a
+/// read that skipped trimmed entries by the full batch it returns.
+pub const MIN_FEED_STREAM_MAX_LEN: u64 = 512;
 // Well above what tokens presented in the few milliseconds before their INSERT is heard cost,
 // and a small load on Postgres per instance (×instances for a fleet).
 const DEFAULT_UNKNOWN_KEY_LOOKUPS_PER_SECOND: u32 = 50;
@@ -130,7 +133,7 @@ pub struct CacheConfig {
     /// confirmed with Postgres (the longest a change can go unheard when every relay is gone).
     pub feed_relay_timeout: Duration,
     /// Entries the relays keep in the stream (approximate trim): how far back a subscriber that
-    /// reconnects can resume.
+    /// reconnects can resume. At least [`MIN_FEED_STREAM_MAX_LEN`].
     pub feed_stream_max_len: u64,
     /// Keep a filter of the token keys that exist while the feed is live, and refuse keys it
     /// does not hold without a query once `unknown_key_lookups_per_second` is spent.
@@ -181,8 +184,11 @@ impl TryFrom<CacheFile> for CacheConfig {
                 ),
             ));
         }
-        if file.feed_stream_max_len == 0 {
-            return Err(invalid("cache.feed_stream_max_len", "must be at least 1"));
+        if file.feed_stream_max_len < MIN_FEED_STREAM_MAX_LEN {
+            return Err(invalid(
+                "cache.feed_stream_max_len",
+                format!("must be at least {MIN_FEED_STREAM_MAX_LEN}"),
+            ));
         }
         Ok(CacheConfig {
             consistency,

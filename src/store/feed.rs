@@ -263,40 +263,15 @@ where
         // One simple-query message, so even a pooler runs both on one server connection.
         let listen = format!("LISTEN {}; LISTEN {}", schema::CHANNEL, echo.channel());
         timed(metrics, "LISTEN", tokio::time::timeout(deadline, client.batch_execute(&listen)).await)?;
+        // A relay's Redis connection that comes back after an append calls for the log again
+        // (see `Publisher::reconnections_after_append`); one before is covered by this replay.
+        let mut reconnected = publisher.map(Publisher::reconnections_after_append);
         // Catch up on everything that could still be cached anywhere.
-        let window = config.replay_window();
-        let replay = tokio::time::timeout(
-            config.postgres.feed_bulk_deadline(),
-            client.query_typed(
-                &format!(
-                    "SELECT kind, user_id, coalesce(token_key, '') FROM {} \
-                     WHERE logged_at > now() - make_interval(secs => $1) ORDER BY id",
-                    schema::LOG_TABLE
-                ),
-                &[(&window.as_secs_f64(), Type::FLOAT8)],
-            ),
-        )
-        .await;
-        let rows = timed(metrics, "replay", replay)?;
+        let replay = read_log(&client, config, metrics).await?;
         store.apply(&Change::Everything).await;
-        let mut replayed = Vec::with_capacity(rows.len());
-        let mut changes = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let (kind, user_id, token_key): (String, String, String) =
-                (row.get(0), row.get(1), row.get(2));
-            let payload = format!("{kind}|{user_id}|{token_key}");
-            if let Some(change) = parse_payload(&payload) {
-                changes.push(change);
-                replayed.push(payload);
-            }
-        }
-        store.apply_all(&changes).await;
-        if let Some(publisher) = publisher {
-            for chunk in replayed.chunks(relay::READ_BATCH as usize) {
-                publisher.publish_all(chunk).await?;
-            }
-        }
-        tracing::info!(replayed = rows.len(), "change feed caught up; checking that it hears");
+        let replayed = replay.len();
+        apply_replayed(store, publisher, replay).await?;
+        tracing::info!(replayed, "change feed caught up; checking that it hears");
 
         let mut hearing = Hearing::Unproven;
         let mut pending = send_echo(store, echo, config).await;
@@ -422,6 +397,23 @@ where
                         publisher.heartbeat().await?;
                     }
                 }
+                changed = async { reconnected.as_mut().expect("guarded").changed().await }, if reconnected.is_some() => {
+                    if changed.is_err() {
+                        reconnected = None; // the publisher's client is gone: shutting down
+                        continue;
+                    }
+                    // The stream may have lost what was appended. The LISTEN connection is
+                    // untouched, so the log is read again over it, and what arrives meanwhile
+                    // waits in `events`.
+                    let replay = read_log(&client, config, metrics).await?;
+                    let replayed = replay.len();
+                    apply_replayed(store, publisher, replay).await?;
+                    // INSERTs are not in the log: lost ones must not leave key filters short.
+                    if let Some(publisher) = publisher {
+                        publisher.listening().await?;
+                    }
+                    tracing::info!(replayed, "relay: the revocation log appended to the stream again after the redis reconnection");
+                }
                 // Only once live: a prune must never hold up the echo that makes the feed live.
                 _ = tokio::time::sleep_until(next_prune), if matches!(hearing, Hearing::Live) => {
                     let more = prune_log(&client, config, metrics).await;
@@ -435,6 +427,56 @@ where
     .await;
     driver.abort();
     result
+}
+
+/// A change of the revocation log, and its payload as the triggers write it.
+type Logged = (Change, String);
+
+/// The revocation log over the window in which anything could still be cached.
+async fn read_log(
+    client: &tokio_postgres::Client,
+    config: &Config,
+    metrics: &Metrics,
+) -> Result<Vec<Logged>, StoreError> {
+    let window = config.replay_window();
+    let replay = tokio::time::timeout(
+        config.postgres.feed_bulk_deadline(),
+        client.query_typed(
+            &format!(
+                "SELECT kind, user_id, coalesce(token_key, '') FROM {} \
+                 WHERE logged_at > now() - make_interval(secs => $1) ORDER BY id",
+                schema::LOG_TABLE
+            ),
+            &[(&window.as_secs_f64(), Type::FLOAT8)],
+        ),
+    )
+    .await;
+    let rows = timed(metrics, "replay", replay)?;
+    Ok(rows
+        .iter()
+        .filter_map(|row| {
+            let (kind, user_id, token_key): (String, String, String) =
+                (row.get(0), row.get(1), row.get(2));
+            let payload = format!("{kind}|{user_id}|{token_key}");
+            parse_payload(&payload).map(|change| (change, payload))
+        })
+        .collect())
+}
+
+/// Applies what [`read_log`] read to the store and, for a relay, appends it to the stream.
+async fn apply_replayed(
+    store: &Store,
+    publisher: Option<&Publisher>,
+    replay: Vec<Logged>,
+) -> Result<(), StoreError> {
+    let (changes, payloads): (Vec<Change>, Vec<String>) = replay.into_iter().unzip();
+    store.apply_all(&changes).await;
+    if let Some(publisher) = publisher {
+        for chunk in payloads.chunks(relay::READ_BATCH as usize) {
+            publisher.publish_all(chunk).await?;
+        }
+    }
+    Ok(())
 }
 
 /// Sends the next self-test notification through the pool; returns its sequence number and

@@ -8,16 +8,27 @@
 //!
 //! Nothing is lost across disconnects. A relay that cannot append fails its feed session, and the
 //! reconnect replays the revocation log over the window in which anything could still be cached,
-//! appending it again; INSERTs are not in the log, so a relay that goes live on a new `LISTEN` says
-//! so on the stream and instances reload their key filters. An instance resumes from the last entry
-//! id it read; when that entry is no longer in the stream (trimmed past it, or the stream lost with
-//! Redis), it may have missed changes, so it drops its in-process tier and reloads its key filter
-//! (Redis entries are evicted by the relays themselves). A live relay appends a heartbeat every
+//! appending it again. A relay whose Redis connection comes back after it has appended reads the
+//! log again and appends it too, on the same `LISTEN`: replication is asynchronous, so a failover
+//! can lose entries Redis acknowledged, and an instance whose last entry read survived would go
+//! on past the lost ones. INSERTs are not in the log, so a relay that goes live on a new `LISTEN`,
+//! or appends the log again, says so on the stream and instances reload their key filters. An
+//! instance resumes from the last entry id it read; when that entry is no longer in the stream
+//! (trimmed past it, or the stream lost with Redis), or a read that returned a full batch
+//! started after it was trimmed, it may have missed changes, so it drops its in-process tier and
+//! reloads its key filter (Redis entries are evicted by the relays themselves). A live relay appends a heartbeat every
 //! `cache.feed_heartbeat_interval`; an instance counts its feed as live only while it reads the
 //! stream and has seen a heartbeat within `cache.feed_relay_timeout`, and confirms cached answers
 //! with Postgres otherwise.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use fred::{
     clients::Client,
@@ -38,6 +49,8 @@ const FIELD: &str = "c";
 
 /// Entries read at most per `XREAD`, and appended at most per transaction.
 pub const READ_BATCH: u64 = 512;
+// A read that follows trimmed entries is told by its full batch (see `read_once`).
+const _: () = assert!(crate::config::MIN_FEED_STREAM_MAX_LEN >= READ_BATCH);
 
 /// The stream's key, under the configured Redis prefix.
 pub fn stream_key(key_prefix: &str) -> String {
@@ -51,11 +64,13 @@ pub enum StreamEntry {
     Change(Change),
     /// A relay's `b|<relay>|<seq>`: that relay's feed is live.
     Heartbeat,
-    /// A relay's `l|<relay>|<seq>`: that relay's feed has just become live, on a new `LISTEN`.
-    /// INSERTs committed before may have gone unheard by it (its previous session dropped, or
-    /// could not append), and the replay of the revocation log brings back only removals; if
-    /// it came back within `cache.feed_relay_timeout`, instances never saw the feed go down,
-    /// so they reload their key filter on this instead.
+    /// A relay's `l|<relay>|<seq>`: INSERTs may be missing from the stream, and the replay of
+    /// the revocation log brings back only removals. Appended when the relay's feed has just
+    /// become live on a new `LISTEN` (INSERTs committed before may have gone unheard by it: its
+    /// previous session dropped, or could not append), and after it appended the log again
+    /// because its Redis connection came back (a failover may have lost appended INSERTs). If
+    /// that took less than `cache.feed_relay_timeout`, instances never saw the feed go down, so
+    /// they reload their key filter on this instead.
     Listening,
 }
 
@@ -84,7 +99,11 @@ pub struct Publisher {
     key: String,
     max_len: u64,
     relay: String,
-    seq: std::sync::atomic::AtomicU64,
+    seq: AtomicU64,
+    /// Set by every successful append, cleared by every (re)connection.
+    appended: Arc<AtomicBool>,
+    /// Counts the reconnections that came after an append: each one may have lost entries.
+    reconnections_after_append: watch::Receiver<u64>,
 }
 
 impl Publisher {
@@ -101,6 +120,15 @@ impl Publisher {
             tracing::warn!(%error, %server, "relay: redis unavailable; changes are appended again once it is back");
             std::future::ready(Ok(()))
         });
+        let appended = Arc::new(AtomicBool::new(false));
+        let (counter, reconnections_after_append) = watch::channel(0);
+        // Subscribed before connecting, so that the first connection is seen too: it comes
+        // before any append, and so counts for nothing.
+        tokio::spawn(count_reconnections_after_append(
+            client.reconnect_rx(),
+            Arc::clone(&appended),
+            counter,
+        ));
         // The connection task runs on its own; its handle is not needed.
         drop(client.connect());
         let mut nonce = [0u8; 6];
@@ -111,7 +139,19 @@ impl Publisher {
             max_len: config.cache.feed_stream_max_len,
             relay: hex::encode(nonce),
             seq: Default::default(),
+            appended,
+            reconnections_after_append,
         })
+    }
+
+    /// Changes whenever the client reconnects to Redis (a failover, a restart, a dropped
+    /// connection) after something was appended: the stream may have lost those entries, so the
+    /// feed reads the revocation log again and appends it, on the same `LISTEN` connection. Only
+    /// what happens after this call counts.
+    pub fn reconnections_after_append(&self) -> watch::Receiver<u64> {
+        let mut receiver = self.reconnections_after_append.clone();
+        receiver.mark_unchanged();
+        receiver
     }
 
     /// The stream's length cap, applied by every append.
@@ -124,7 +164,9 @@ impl Publisher {
         self.client
             .xadd::<(), _, _, _, _>(&self.key, false, self.cap(), "*", vec![(FIELD, payload)])
             .await
-            .map_err(|e| redis_error("append", e))
+            .map_err(|e| redis_error("append", e))?;
+        self.appended.store(true, Ordering::Release);
+        Ok(())
     }
 
     /// Appends several payloads in one `MULTI`/`EXEC`: readers blocked on the stream are woken
@@ -146,7 +188,9 @@ impl Publisher {
                 transaction
                     .exec::<()>(true)
                     .await
-                    .map_err(|e| redis_error("append", e))
+                    .map_err(|e| redis_error("append", e))?;
+                self.appended.store(true, Ordering::Release);
+                Ok(())
             }
         }
     }
@@ -163,12 +207,34 @@ impl Publisher {
     }
 
     fn relay_entry(&self, kind: &str) -> String {
-        let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         format!("{kind}|{}|{seq}", self.relay)
     }
 
     pub async fn quit(&self) {
         let _ = self.client.quit().await;
+    }
+}
+
+/// Follows a publisher's connections: one made after an append counts (see
+/// [`Publisher::reconnections_after_append`]). Ends with the client.
+async fn count_reconnections_after_append(
+    mut connections: tokio::sync::broadcast::Receiver<fred::types::config::Server>,
+    appended: Arc<AtomicBool>,
+    counter: watch::Sender<u64>,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        let server = match connections.recv().await {
+            Ok(server) => server.to_string(),
+            // Several connections, some of them not seen.
+            Err(RecvError::Lagged(_)) => String::new(),
+            Err(RecvError::Closed) => return,
+        };
+        if appended.swap(false, Ordering::AcqRel) {
+            tracing::warn!(%server, "relay: reconnected to redis after appending to the change stream; a failover may have lost what was appended, so the revocation log is replayed");
+            counter.send_modify(|n| *n += 1);
+        }
     }
 }
 
@@ -312,36 +378,20 @@ async fn read_once(
     let client = client.with_options(options);
     let positioned = reader.positioned(Instant::now(), block);
     let from = match reader.last_id.clone() {
-        Some(id) if positioned => id,
+        // Nothing read from an empty stream yet: no entry to look for.
+        Some(id) if positioned || id == STREAM_START => id,
         Some(id) => {
             // Resume only if the entry last read is still there: otherwise entries after it
             // may have been trimmed unread, or the stream is a new one.
-            let still: Vec<(String, Vec<(String, String)>)> = client
-                .xrange(key, id.as_str(), id.as_str(), Some(1))
-                .await
-                .map_err(|e| redis_error("check", e))?;
-            if still.is_empty() {
-                tracing::warn!(last_id = %id, "change feed: the redis stream no longer holds the last entry read (trimmed or lost); dropping the in-process cache");
-                // The end first: what is appended meanwhile is read next, not skipped.
-                let end = stream_end(&client, key).await?;
-                store.apply(&Change::Everything).await;
-                reader.heartbeat_at = None;
-                recall_recent(&client, key, store, &end).await?;
-                reader.last_id = Some(end.clone());
-                end
-            } else {
+            if holds(&client, key, &id).await? {
                 id
+            } else {
+                lose_position(&client, key, store, reader, &id).await?
             }
         }
-        None => {
-            // A fresh start: nothing is cached yet, so only what comes next matters, and which
-            // Redis entries the recent changes make doubtful.
-            let end = stream_end(&client, key).await?;
-            store.apply(&Change::Everything).await;
-            recall_recent(&client, key, store, &end).await?;
-            reader.last_id = Some(end.clone());
-            end
-        }
+        // A fresh start: nothing is cached yet, so only what comes next matters, and which
+        // Redis entries the recent changes make doubtful.
+        None => start_at_end(&client, key, store, reader).await?,
     };
     let block_ms = block.as_millis().min(u128::from(u64::MAX)) as u64;
     let response: XReadResponse<String, String, String, String> = client
@@ -350,6 +400,15 @@ async fn read_once(
         .map_err(|e| redis_error("read", e))?;
     let entries = response.into_values().next().unwrap_or_default();
     let caught_up = (entries.len() as u64) < READ_BATCH;
+    // A read returns what follows `from`, whether or not `from` is still there. A burst of
+    // appends during the read (or since the check above) can trim past it: then this batch
+    // starts after a gap. The stream always keeps at least `cache.feed_stream_max_len` entries
+    // (no fewer than a batch), so only a full batch can follow one.
+    if !caught_up && from != STREAM_START && !holds(&client, key, &from).await? {
+        lose_position(&client, key, store, reader, &from).await?;
+        reader.caught_up_at = None;
+        return Ok(());
+    }
     for (id, fields) in entries {
         match fields.get(FIELD).and_then(|p| parse_entry(p)) {
             Some(StreamEntry::Change(change)) => {
@@ -371,6 +430,50 @@ async fn read_once(
     }
     reader.caught_up_at = caught_up.then(Instant::now);
     Ok(())
+}
+
+/// Whether the stream still holds entry `id`.
+async fn holds(
+    client: &fred::clients::WithOptions<Client>,
+    key: &str,
+    id: &str,
+) -> Result<bool, StoreError> {
+    let found: Vec<(String, Vec<(String, String)>)> = client
+        .xrange(key, id, id, Some(1))
+        .await
+        .map_err(|e| redis_error("check", e))?;
+    Ok(!found.is_empty())
+}
+
+/// The stream no longer holds `last_id`: entries after it may be gone unread (trimmed, or the
+/// stream lost with Redis). Starts again at the end, as a fresh start does.
+async fn lose_position(
+    client: &fred::clients::WithOptions<Client>,
+    key: &str,
+    store: &Store,
+    reader: &mut Reader,
+    last_id: &str,
+) -> Result<String, StoreError> {
+    tracing::warn!(%last_id, "change feed: the redis stream no longer holds the last entry read (trimmed or lost); dropping the in-process cache");
+    start_at_end(client, key, store, reader).await
+}
+
+/// Positions the reader at the stream's end with nothing kept from before: drops the
+/// in-process tier and recalls what the stream says about the tombstone horizon. Returns the
+/// end, where reading goes on.
+async fn start_at_end(
+    client: &fred::clients::WithOptions<Client>,
+    key: &str,
+    store: &Store,
+    reader: &mut Reader,
+) -> Result<String, StoreError> {
+    // The end first: what is appended meanwhile is read next, not skipped.
+    let end = stream_end(client, key).await?;
+    store.apply(&Change::Everything).await;
+    reader.heartbeat_at = None;
+    recall_recent(client, key, store, &end).await?;
+    reader.last_id = Some(end.clone());
+    Ok(end)
 }
 
 /// Reads back the stream's changes of the tombstone horizon (`redis.max_cache_ttl` and
@@ -441,7 +544,10 @@ fn id_millis(id: &str) -> Option<u128> {
     id.split('-').next()?.parse().ok()
 }
 
-/// The id of the stream's newest entry, or `0-0` when it is empty or absent.
+/// Where reading starts on an empty (or absent) stream: before any entry.
+const STREAM_START: &str = "0-0";
+
+/// The id of the stream's newest entry, or [`STREAM_START`] when it is empty or absent.
 async fn stream_end(
     client: &fred::clients::WithOptions<Client>,
     key: &str,
@@ -453,7 +559,7 @@ async fn stream_end(
     Ok(newest
         .into_iter()
         .next()
-        .map_or_else(|| "0-0".to_owned(), |(id, _)| id))
+        .map_or_else(|| STREAM_START.to_owned(), |(id, _)| id))
 }
 
 #[cfg(test)]

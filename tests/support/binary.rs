@@ -60,6 +60,33 @@ impl Binary {
         .is_some()
     }
 
+    /// `GET /verify` with `token`.
+    pub async fn verify(&self, token: &str) -> super::Response {
+        let authorization = format!("Token {token}");
+        super::http(
+            self.addr,
+            "GET",
+            "/verify",
+            &[("Authorization", &authorization)],
+            b"",
+        )
+        .await
+    }
+
+    /// SIGSTOP: the process stands still, its sockets open; nothing it holds changes.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after [`Binary::pause`].
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        super::signal_pid(self.child.as_ref().expect("running").id(), sig);
+    }
+
     /// SIGKILL: a crash, with nothing flushed or closed cleanly.
     pub async fn kill(mut self) {
         let mut child = self.child.take().expect("running");
