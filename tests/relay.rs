@@ -367,10 +367,11 @@ async fn relays_work_on_a_sentinel_deployment() {
 }
 
 /// Replication is asynchronous, so a failover can lose stream entries Redis acknowledged. An
-/// instance whose last entry read survived goes on from it, past the lost ones; the relay, back
-/// on a new connection after appending them, replays the revocation log, so they reach it anyway.
-/// The relay's appends wait out the failover here (a long command timeout), as they do wherever
-/// a failover is quicker than the timeout: none fails, so only the reconnection tells.
+/// instance whose last entry read survived goes on from it, past the lost ones; the relay's next
+/// heartbeat finds its last append gone, and the relay appends the revocation log again before
+/// it vouches for the stream, so they reach it anyway. The relay's appends wait out the failover
+/// here (a long command timeout), as they do wherever a failover is quicker than the timeout:
+/// none fails, so only the check tells.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_revocation_a_redis_failover_loses_from_the_stream_is_appended_again() {
     let db = TestDb::migrated().await;
@@ -474,6 +475,16 @@ async fn a_revocation_a_redis_failover_loses_from_the_stream_is_appended_again()
     );
     assert_eq!(b.verify(&kept.token).await.status, 200);
     assert!(revocations(replica) > 0, "appended again on the new master");
+    // Told by its heartbeat's check, not by an append that failed and restarted its feed.
+    let log = relayed.log();
+    assert!(
+        log.contains("appending the revocation log again"),
+        "relay log:\n{log}"
+    );
+    assert!(
+        !log.contains("change feed disconnected"),
+        "relay log:\n{log}"
+    );
     assert!(
         entries(replica, "l|") > filter_reloads,
         "INSERTs the failover lost: instances are told to reload their key filters"

@@ -26,9 +26,10 @@ const DEFAULT_FEED_RELAY_TIMEOUT: Duration = Duration::from_secs(3);
 // At a few hundred bytes an entry, ~30 MB of Redis memory; at 1,000 revocations a second, over a
 // minute and a half of events for a subscriber that reconnects.
 const DEFAULT_FEED_STREAM_MAX_LEN: u64 = 100_000;
-/// The stream must hold more than an instance reads at once (512 entries): an instance tells a
-/// read that skipped trimmed entries by the full batch it returns.
-pub const MIN_FEED_STREAM_MAX_LEN: u64 = 512;
+/// The stream must hold two reads' worth (an instance reads 512 entries at once): an instance
+/// tells a read that skipped trimmed entries by the full batch it returns, and one transaction
+/// of appends (512 at most) never trims past an instance that is caught up.
+pub const MIN_FEED_STREAM_MAX_LEN: u64 = 1024;
 // Well above what tokens presented in the few milliseconds before their INSERT is heard cost,
 // and a small load on Postgres per instance (×instances for a fleet).
 const DEFAULT_UNKNOWN_KEY_LOOKUPS_PER_SECOND: u32 = 50;

@@ -584,15 +584,15 @@ fn feed_redis_without_redis_or_notify_is_refused() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("cache.feed_relay_timeout"), "{err}");
-    let err = Config::from_toml_str("[cache]\nfeed_stream_max_len = 511")
+    let err = Config::from_toml_str("[cache]\nfeed_stream_max_len = 1023")
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("cache.feed_stream_max_len") && err.contains("512"),
+        err.contains("cache.feed_stream_max_len") && err.contains("1024"),
         "{err}"
     );
-    let c = Config::from_toml_str("[cache]\nfeed_stream_max_len = 512").unwrap();
-    assert_eq!(c.cache.feed_stream_max_len, 512);
+    let c = Config::from_toml_str("[cache]\nfeed_stream_max_len = 1024").unwrap();
+    assert_eq!(c.cache.feed_stream_max_len, 1024);
 }
 
 #[test]

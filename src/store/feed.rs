@@ -263,9 +263,6 @@ where
         // One simple-query message, so even a pooler runs both on one server connection.
         let listen = format!("LISTEN {}; LISTEN {}", schema::CHANNEL, echo.channel());
         timed(metrics, "LISTEN", tokio::time::timeout(deadline, client.batch_execute(&listen)).await)?;
-        // A relay's Redis connection that comes back after an append calls for the log again
-        // (see `Publisher::reconnections_after_append`); one before is covered by this replay.
-        let mut reconnected = publisher.map(Publisher::reconnections_after_append);
         // Catch up on everything that could still be cached anywhere.
         let replay = read_log(&client, config, metrics).await?;
         store.apply(&Change::Everything).await;
@@ -393,26 +390,20 @@ where
                     vouching = None;
                     timed(metrics, "heartbeat check", r)?;
                     // Not while deaf: an echo missed meanwhile withdrew what this would vouch for.
-                    if let Some(publisher) = publisher.filter(|_| matches!(hearing, Hearing::Live)) {
-                        publisher.heartbeat().await?;
-                    }
-                }
-                changed = async { reconnected.as_mut().expect("guarded").changed().await }, if reconnected.is_some() => {
-                    if changed.is_err() {
-                        reconnected = None; // the publisher's client is gone: shutting down
-                        continue;
-                    }
-                    // The stream may have lost what was appended. The LISTEN connection is
-                    // untouched, so the log is read again over it, and what arrives meanwhile
-                    // waits in `events`.
-                    let replay = read_log(&client, config, metrics).await?;
-                    let replayed = replay.len();
-                    apply_replayed(store, publisher, replay).await?;
-                    // INSERTs are not in the log: lost ones must not leave key filters short.
-                    if let Some(publisher) = publisher {
+                    if let Some(publisher) = publisher.filter(|_| matches!(hearing, Hearing::Live))
+                        && publisher.heartbeat().await? == relay::Heartbeat::AppendLost
+                    {
+                        // The stream lost changes this relay appended. The LISTEN connection is
+                        // untouched, so the log is read again over it (what arrives meanwhile
+                        // waits in `events`); the next heartbeat vouches for it.
+                        tracing::warn!("relay: the redis stream no longer holds this relay's last append (lost in a failover or a restart of redis, or trimmed by a burst); appending the revocation log again");
+                        let replay = read_log(&client, config, metrics).await?;
+                        let replayed = replay.len();
+                        apply_replayed(store, Some(publisher), replay).await?;
+                        // INSERTs are not in the log: lost ones must not leave key filters short.
                         publisher.listening().await?;
+                        tracing::info!(replayed, "relay: the revocation log appended to the stream again");
                     }
-                    tracing::info!(replayed, "relay: the revocation log appended to the stream again after the redis reconnection");
                 }
                 // Only once live: a prune must never hold up the echo that makes the feed live.
                 _ = tokio::time::sleep_until(next_prune), if matches!(hearing, Hearing::Live) => {
@@ -463,19 +454,20 @@ async fn read_log(
         .collect())
 }
 
-/// Applies what [`read_log`] read to the store and, for a relay, appends it to the stream.
+/// Applies what [`read_log`] read to the store and, for a relay, appends it to the stream:
+/// first, so that instances hear it before the relay's Redis evictions are done.
 async fn apply_replayed(
     store: &Store,
     publisher: Option<&Publisher>,
     replay: Vec<Logged>,
 ) -> Result<(), StoreError> {
     let (changes, payloads): (Vec<Change>, Vec<String>) = replay.into_iter().unzip();
-    store.apply_all(&changes).await;
     if let Some(publisher) = publisher {
         for chunk in payloads.chunks(relay::READ_BATCH as usize) {
             publisher.publish_all(chunk).await?;
         }
     }
+    store.apply_all(&changes).await;
     Ok(())
 }
 

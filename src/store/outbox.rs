@@ -85,7 +85,8 @@ impl Outbox {
 
     /// Drops moot deletions, then, if `ready`, hands all the others to `delete` at once (so that
     /// tokens go to Redis in batches, not a round trip each) and keeps those it hands back as
-    /// failed. Returns how many are still pending.
+    /// failed, in the order it hands them back (first in the next round). Returns how many are
+    /// still pending.
     pub async fn retry<F, Fut>(&self, ready: bool, delete: F) -> usize
     where
         F: FnOnce(Vec<RedisEviction>) -> Fut,
@@ -108,19 +109,27 @@ impl Outbox {
             }
             std::mem::take(&mut *pending)
         };
-        // A failure keeps the time it was first pushed, so that it is dropped when it is moot.
+        // Each deletion once (the same one can fail again and again, each time pushed anew), with
+        // the time it was last pushed: a failure keeps that time, and is dropped once it is moot.
         let mut pushed_at = HashMap::with_capacity(due.len());
         let mut evictions = Vec::with_capacity(due.len());
         for (at, eviction) in due {
-            pushed_at.entry(eviction.clone()).or_insert(at);
-            evictions.push(eviction);
+            match pushed_at.entry(eviction) {
+                std::collections::hash_map::Entry::Occupied(mut latest) => {
+                    // Pushed in order, so the later push is the later time.
+                    latest.insert(at);
+                }
+                std::collections::hash_map::Entry::Vacant(first) => {
+                    evictions.push(first.key().clone());
+                    first.insert(at);
+                }
+            }
         }
         let mut failed: VecDeque<(Instant, RedisEviction)> = delete(evictions)
             .await
             .into_iter()
             .map(|eviction| (pushed_at.get(&eviction).copied().unwrap_or(now), eviction))
             .collect();
-        failed.make_contiguous().sort_by_key(|(at, _)| *at);
         let mut pending = self.pending.lock().expect("outbox lock");
         // Failures first: they are older than anything pushed while we were retrying.
         failed.extend(pending.drain(..));
@@ -191,7 +200,45 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_failed_retry_keeps_the_time_it_was_first_pushed() {
+    async fn a_deletion_pushed_twice_is_tried_once_and_kept_with_its_later_time() {
+        let outbox = Outbox::new(Duration::from_secs(60));
+        let now = Instant::now();
+        let Some(earlier) = now.checked_sub(Duration::from_secs(50)) else {
+            return; // a clock too close to its origin to go back 50 s
+        };
+        outbox.push_at(key("twice"), earlier);
+        outbox.push_at(key("once"), earlier);
+        outbox.push_at(key("twice"), now);
+        let tried = Arc::new(Mutex::new(Vec::new()));
+        let fail_all = {
+            let tried = Arc::clone(&tried);
+            move |due: Vec<RedisEviction>| {
+                tried.lock().unwrap().extend(due.clone());
+                async move { due }
+            }
+        };
+        assert_eq!(outbox.retry_at(now, true, fail_all).await, 2);
+        assert_eq!(*tried.lock().unwrap(), vec![key("twice"), key("once")]);
+        // 11 s later the one pushed only long ago is moot; the one pushed again is not.
+        let left = outbox
+            .retry_at(now + Duration::from_secs(11), false, |_| async {
+                unreachable!("not ready")
+            })
+            .await;
+        assert_eq!(left, 1);
+        assert_eq!(
+            outbox
+                .pending
+                .lock()
+                .unwrap()
+                .front()
+                .map(|(_, e)| e.clone()),
+            Some(key("twice"))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_retry_keeps_the_time_it_was_pushed() {
         let outbox = Outbox::new(Duration::from_secs(60));
         let now = Instant::now();
         let Some(earlier) = now.checked_sub(Duration::from_secs(50)) else {

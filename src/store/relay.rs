@@ -8,11 +8,13 @@
 //!
 //! Nothing is lost across disconnects. A relay that cannot append fails its feed session, and the
 //! reconnect replays the revocation log over the window in which anything could still be cached,
-//! appending it again. A relay whose Redis connection comes back after it has appended reads the
-//! log again and appends it too, on the same `LISTEN`: replication is asynchronous, so a failover
-//! can lose entries Redis acknowledged, and an instance whose last entry read survived would go
-//! on past the lost ones. INSERTs are not in the log, so a relay that goes live on a new `LISTEN`,
-//! or appends the log again, says so on the stream and instances reload their key filters. An
+//! appending it again. Replication is asynchronous, so a failover can also lose entries Redis
+//! acknowledged, and an instance whose last entry read survived would go on past the lost ones:
+//! so each heartbeat is appended only if the stream still holds the relay's previous append, in
+//! one script, and a relay whose append is gone appends the log again first (on the same
+//! `LISTEN`). A relay vouches for nothing it appended that the stream lost. INSERTs are not in
+//! the log, so a relay that goes live on a new `LISTEN`, or appends the log again, says so on the
+//! stream and instances reload their key filters. An
 //! instance resumes from the last entry id it read; when that entry is no longer in the stream
 //! (trimmed past it, or the stream lost with Redis), or a read that returned a full batch
 //! started after it was trimmed, it may have missed changes, so it drops its in-process tier and
@@ -24,15 +26,17 @@
 use std::{
     collections::HashMap,
     sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
     },
     time::Duration,
 };
 
 use fred::{
     clients::Client,
-    interfaces::{ClientLike, EventInterface, StreamsInterface, TransactionInterface},
+    interfaces::{
+        ClientLike, EventInterface, LuaInterface, StreamsInterface, TransactionInterface,
+    },
     prelude::Options,
     types::{
         config::UnresponsiveConfig,
@@ -49,8 +53,9 @@ const FIELD: &str = "c";
 
 /// Entries read at most per `XREAD`, and appended at most per transaction.
 pub const READ_BATCH: u64 = 512;
-// A read that follows trimmed entries is told by its full batch (see `read_once`).
-const _: () = assert!(crate::config::MIN_FEED_STREAM_MAX_LEN >= READ_BATCH);
+// A read that follows trimmed entries is told by its full batch, and one transaction of appends
+// never trims past a reader that is caught up (see `read_once`).
+const _: () = assert!(crate::config::MIN_FEED_STREAM_MAX_LEN >= 2 * READ_BATCH);
 
 /// The stream's key, under the configured Redis prefix.
 pub fn stream_key(key_prefix: &str) -> String {
@@ -68,9 +73,9 @@ pub enum StreamEntry {
     /// the revocation log brings back only removals. Appended when the relay's feed has just
     /// become live on a new `LISTEN` (INSERTs committed before may have gone unheard by it: its
     /// previous session dropped, or could not append), and after it appended the log again
-    /// because its Redis connection came back (a failover may have lost appended INSERTs). If
-    /// that took less than `cache.feed_relay_timeout`, instances never saw the feed go down, so
-    /// they reload their key filter on this instead.
+    /// because the stream lost one of its appends (so it may have lost INSERTs too). If that
+    /// took less than `cache.feed_relay_timeout`, instances never saw the feed go down, so they
+    /// reload their key filter on this instead.
     Listening,
 }
 
@@ -100,11 +105,26 @@ pub struct Publisher {
     max_len: u64,
     relay: String,
     seq: AtomicU64,
-    /// Set by every successful append, cleared by every (re)connection.
-    appended: Arc<AtomicBool>,
-    /// Counts the reconnections that came after an append: each one may have lost entries.
-    reconnections_after_append: watch::Receiver<u64>,
+    /// The id of this relay's latest append, which the next heartbeat requires to be there.
+    last_append: Mutex<Option<String>>,
 }
+
+/// What became of a heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Heartbeat {
+    /// Appended: the stream held the relay's previous append.
+    Sent,
+    /// Not appended: the stream no longer holds the relay's previous append (a failover or a
+    /// restart of Redis lost it, or a burst trimmed it), so it may have lost changes too.
+    AppendLost,
+}
+
+/// Appends a heartbeat (`ARGV[3]` = `ARGV[4]`) to the stream `KEYS[1]`, trimmed to `ARGV[2]`,
+/// only if the stream still holds entry `ARGV[1]` (none when empty); returns the new entry's id,
+/// or nil. One script, so nothing can be lost between the check and the append.
+const HEARTBEAT_SCRIPT: &str = "\
+if ARGV[1] ~= '' and #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then return false end \
+return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', ARGV[3], ARGV[4])";
 
 impl Publisher {
     /// Builds the client and starts connecting in the background.
@@ -120,15 +140,6 @@ impl Publisher {
             tracing::warn!(%error, %server, "relay: redis unavailable; changes are appended again once it is back");
             std::future::ready(Ok(()))
         });
-        let appended = Arc::new(AtomicBool::new(false));
-        let (counter, reconnections_after_append) = watch::channel(0);
-        // Subscribed before connecting, so that the first connection is seen too: it comes
-        // before any append, and so counts for nothing.
-        tokio::spawn(count_reconnections_after_append(
-            client.reconnect_rx(),
-            Arc::clone(&appended),
-            counter,
-        ));
         // The connection task runs on its own; its handle is not needed.
         drop(client.connect());
         let mut nonce = [0u8; 6];
@@ -139,19 +150,12 @@ impl Publisher {
             max_len: config.cache.feed_stream_max_len,
             relay: hex::encode(nonce),
             seq: Default::default(),
-            appended,
-            reconnections_after_append,
+            last_append: Mutex::default(),
         })
     }
 
-    /// Changes whenever the client reconnects to Redis (a failover, a restart, a dropped
-    /// connection) after something was appended: the stream may have lost those entries, so the
-    /// feed reads the revocation log again and appends it, on the same `LISTEN` connection. Only
-    /// what happens after this call counts.
-    pub fn reconnections_after_append(&self) -> watch::Receiver<u64> {
-        let mut receiver = self.reconnections_after_append.clone();
-        receiver.mark_unchanged();
-        receiver
+    fn appended(&self, id: String) {
+        *self.last_append.lock().expect("last append lock") = Some(id);
     }
 
     /// The stream's length cap, applied by every append.
@@ -161,11 +165,12 @@ impl Publisher {
 
     /// Appends one payload (a change as the triggers write it, or a heartbeat).
     pub async fn publish(&self, payload: &str) -> Result<(), StoreError> {
-        self.client
-            .xadd::<(), _, _, _, _>(&self.key, false, self.cap(), "*", vec![(FIELD, payload)])
+        let id = self
+            .client
+            .xadd::<String, _, _, _, _>(&self.key, false, self.cap(), "*", vec![(FIELD, payload)])
             .await
             .map_err(|e| redis_error("append", e))?;
-        self.appended.store(true, Ordering::Release);
+        self.appended(id);
         Ok(())
     }
 
@@ -185,23 +190,48 @@ impl Publisher {
                         .await
                         .map_err(|e| redis_error("append", e))?;
                 }
-                transaction
-                    .exec::<()>(true)
+                let ids = transaction
+                    .exec::<Vec<String>>(true)
                     .await
                     .map_err(|e| redis_error("append", e))?;
-                self.appended.store(true, Ordering::Release);
+                if let Some(id) = ids.into_iter().next_back() {
+                    self.appended(id);
+                }
                 Ok(())
             }
         }
     }
 
-    /// Says on the stream that this relay's feed is live.
-    pub async fn heartbeat(&self) -> Result<(), StoreError> {
-        self.publish(&self.relay_entry("b")).await
+    /// Says on the stream that this relay's feed is live, if the stream still holds everything
+    /// the relay appended (see [`Heartbeat`]).
+    pub async fn heartbeat(&self) -> Result<Heartbeat, StoreError> {
+        let last = self
+            .last_append
+            .lock()
+            .expect("last append lock")
+            .clone()
+            .unwrap_or_default();
+        let args = vec![
+            last,
+            self.max_len.to_string(),
+            FIELD.to_owned(),
+            self.relay_entry("b"),
+        ];
+        let id: Option<String> = self
+            .client
+            .eval(HEARTBEAT_SCRIPT, vec![self.key.as_str()], args)
+            .await
+            .map_err(|e| redis_error("heartbeat", e))?;
+        Ok(match id {
+            Some(id) => {
+                self.appended(id);
+                Heartbeat::Sent
+            }
+            None => Heartbeat::AppendLost,
+        })
     }
 
-    /// Says on the stream that this relay's feed has just become live on a new `LISTEN` (see
-    /// [`StreamEntry::Listening`]).
+    /// Says on the stream that INSERTs may be missing from it (see [`StreamEntry::Listening`]).
     pub async fn listening(&self) -> Result<(), StoreError> {
         self.publish(&self.relay_entry("l")).await
     }
@@ -213,28 +243,6 @@ impl Publisher {
 
     pub async fn quit(&self) {
         let _ = self.client.quit().await;
-    }
-}
-
-/// Follows a publisher's connections: one made after an append counts (see
-/// [`Publisher::reconnections_after_append`]). Ends with the client.
-async fn count_reconnections_after_append(
-    mut connections: tokio::sync::broadcast::Receiver<fred::types::config::Server>,
-    appended: Arc<AtomicBool>,
-    counter: watch::Sender<u64>,
-) {
-    use tokio::sync::broadcast::error::RecvError;
-    loop {
-        let server = match connections.recv().await {
-            Ok(server) => server.to_string(),
-            // Several connections, some of them not seen.
-            Err(RecvError::Lagged(_)) => String::new(),
-            Err(RecvError::Closed) => return,
-        };
-        if appended.swap(false, Ordering::AcqRel) {
-            tracing::warn!(%server, "relay: reconnected to redis after appending to the change stream; a failover may have lost what was appended, so the revocation log is replayed");
-            counter.send_modify(|n| *n += 1);
-        }
     }
 }
 
@@ -378,8 +386,10 @@ async fn read_once(
     let client = client.with_options(options);
     let positioned = reader.positioned(Instant::now(), block);
     let from = match reader.last_id.clone() {
-        // Nothing read from an empty stream yet: no entry to look for.
-        Some(id) if positioned || id == STREAM_START => id,
+        Some(id) if positioned => id,
+        // Nothing read yet, from a stream that was empty: no entry to look for, and what was
+        // appended since may have been trimmed. Nothing to warn about either.
+        Some(id) if id == STREAM_START => start_at_end(&client, key, store, reader).await?,
         Some(id) => {
             // Resume only if the entry last read is still there: otherwise entries after it
             // may have been trimmed unread, or the stream is a new one.
@@ -402,8 +412,10 @@ async fn read_once(
     let caught_up = (entries.len() as u64) < READ_BATCH;
     // A read returns what follows `from`, whether or not `from` is still there. A burst of
     // appends during the read (or since the check above) can trim past it: then this batch
-    // starts after a gap. The stream always keeps at least `cache.feed_stream_max_len` entries
-    // (no fewer than a batch), so only a full batch can follow one.
+    // starts after a gap. The stream always keeps at least `cache.feed_stream_max_len` entries,
+    // two batches or more, so only a full batch can follow one, and `from` goes only once more
+    // entries than that came after it: almost always a gap. (A read from an empty stream's
+    // start cannot be checked; positioned, it began within a heartbeat interval.)
     if !caught_up && from != STREAM_START && !holds(&client, key, &from).await? {
         lose_position(&client, key, store, reader, &from).await?;
         reader.caught_up_at = None;
@@ -421,7 +433,7 @@ async fn read_once(
                 }
             }
             Some(StreamEntry::Listening) => {
-                tracing::info!(%id, "change feed: a relay is listening on a new connection; reloading the token key filter");
+                tracing::info!(%id, "change feed: a relay says INSERTs may be missing from the stream (it listens anew, or the stream lost its appends); reloading the token key filter");
                 store.reload_key_filter();
             }
             None => tracing::warn!(%id, "unreadable change-feed stream entry ignored"),

@@ -2,7 +2,7 @@
 //! changes the feed reports. Postgres first, then every cache; each change runs inside the
 //! change window (`epoch`), so a load that overlaps it cannot cache what the change removed.
 
-use std::sync::Arc;
+use std::{collections::VecDeque, sync::Arc};
 
 use time::OffsetDateTime;
 
@@ -157,16 +157,26 @@ impl Store {
                     .into_iter()
                     .map(RedisEviction::Token)
                     .collect();
-                for key in keys {
-                    if redis.delete_key(&key).await.is_err() {
-                        failed.push(RedisEviction::Key(key));
+                // The others one at a time, until one fails: Redis is likely refusing them all,
+                // so the rest wait for the next round, with the failed one behind them, where it
+                // cannot hold them up if Redis refuses it alone.
+                let mut others: VecDeque<RedisEviction> = keys
+                    .into_iter()
+                    .map(RedisEviction::Key)
+                    .chain(users.into_iter().map(RedisEviction::User))
+                    .collect();
+                while let Some(eviction) = others.pop_front() {
+                    let done = match &eviction {
+                        RedisEviction::Key(key) => redis.delete_key(key).await.is_ok(),
+                        RedisEviction::User(user) => redis.delete_user(user).await.is_ok(),
+                        RedisEviction::Token(_) => unreachable!("tokens were sorted out above"),
+                    };
+                    if !done {
+                        others.push_back(eviction);
+                        break;
                     }
                 }
-                for user in users {
-                    if redis.delete_user(&user).await.is_err() {
-                        failed.push(RedisEviction::User(user));
-                    }
-                }
+                failed.extend(others);
                 failed
             })
             .await
