@@ -27,7 +27,7 @@ const DEFAULT_FEED_RELAY_TIMEOUT: Duration = Duration::from_secs(3);
 // minute and a half of events for a subscriber that reconnects.
 const DEFAULT_FEED_STREAM_MAX_LEN: u64 = 100_000;
 /// The stream must hold two reads' worth (an instance reads 512 entries at once): an instance
-/// tells a read that skipped trimmed entries by the full batch it returns, and one transaction
+/// tells a read that skipped trimmed entries by the full batch it returns, and one relay's batch
 /// of appends (512 at most) never trims past an instance that is caught up.
 pub const MIN_FEED_STREAM_MAX_LEN: u64 = 1024;
 // Well above what tokens presented in the few milliseconds before their INSERT is heard cost,

@@ -145,8 +145,9 @@ async fn prune_log(client: &tokio_postgres::Client, config: &Config, metrics: &M
 
 /// Runs the listener until `shutdown` flips to true, reconnecting after every failure. With a
 /// `publisher` (`knoxgate relay`), every change heard or replayed is also appended to the Redis
-/// stream, and a heartbeat while live; a failed append fails the session, so that the
-/// reconnect's replay appends again what might not have reached the stream.
+/// stream, and a heartbeat while live; a failed append, or one that finds the stream lost the
+/// previous one, fails the session, so that the reconnect's replay appends again what might not
+/// have reached (or stayed in) the stream.
 pub async fn run(
     store: Arc<Store>,
     config: Arc<Config>,
@@ -265,6 +266,10 @@ where
         timed(metrics, "LISTEN", tokio::time::timeout(deadline, client.batch_execute(&listen)).await)?;
         // Catch up on everything that could still be cached anywhere.
         let replay = read_log(&client, config, metrics).await?;
+        // Whatever became of the previous session's appends, this replay appends them again.
+        if let Some(publisher) = publisher {
+            publisher.start_over();
+        }
         store.apply(&Change::Everything).await;
         let replayed = replay.len();
         apply_replayed(store, publisher, replay).await?;
@@ -390,19 +395,8 @@ where
                     vouching = None;
                     timed(metrics, "heartbeat check", r)?;
                     // Not while deaf: an echo missed meanwhile withdrew what this would vouch for.
-                    if let Some(publisher) = publisher.filter(|_| matches!(hearing, Hearing::Live))
-                        && publisher.heartbeat().await? == relay::Heartbeat::AppendLost
-                    {
-                        // The stream lost changes this relay appended. The LISTEN connection is
-                        // untouched, so the log is read again over it (what arrives meanwhile
-                        // waits in `events`); the next heartbeat vouches for it.
-                        tracing::warn!("relay: the redis stream no longer holds this relay's last append (lost in a failover or a restart of redis, or trimmed by a burst); appending the revocation log again");
-                        let replay = read_log(&client, config, metrics).await?;
-                        let replayed = replay.len();
-                        apply_replayed(store, Some(publisher), replay).await?;
-                        // INSERTs are not in the log: lost ones must not leave key filters short.
-                        publisher.listening().await?;
-                        tracing::info!(replayed, "relay: the revocation log appended to the stream again");
+                    if let Some(publisher) = publisher.filter(|_| matches!(hearing, Hearing::Live)) {
+                        publisher.heartbeat().await?;
                     }
                 }
                 // Only once live: a prune must never hold up the echo that makes the feed live.

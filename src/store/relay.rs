@@ -10,11 +10,11 @@
 //! reconnect replays the revocation log over the window in which anything could still be cached,
 //! appending it again. Replication is asynchronous, so a failover can also lose entries Redis
 //! acknowledged, and an instance whose last entry read survived would go on past the lost ones:
-//! so each heartbeat is appended only if the stream still holds the relay's previous append, in
-//! one script, and a relay whose append is gone appends the log again first (on the same
-//! `LISTEN`). A relay vouches for nothing it appended that the stream lost. INSERTs are not in
-//! the log, so a relay that goes live on a new `LISTEN`, or appends the log again, says so on the
-//! stream and instances reload their key filters. An
+//! so every append (changes and heartbeats alike) is made, in one script, only if the stream
+//! still holds the relay's previous one, and a relay whose previous append is gone starts a new
+//! session, replaying the log. A relay never vouches for a stream that lost what it appended.
+//! INSERTs are not in the log, so a relay that goes live on a new `LISTEN` says so on the stream
+//! and instances reload their key filters. An
 //! instance resumes from the last entry id it read; when that entry is no longer in the stream
 //! (trimmed past it, or the stream lost with Redis), or a read that returned a full batch
 //! started after it was trimmed, it may have missed changes, so it drops its in-process tier and
@@ -34,14 +34,9 @@ use std::{
 
 use fred::{
     clients::Client,
-    interfaces::{
-        ClientLike, EventInterface, LuaInterface, StreamsInterface, TransactionInterface,
-    },
+    interfaces::{ClientLike, EventInterface, LuaInterface, StreamsInterface},
     prelude::Options,
-    types::{
-        config::UnresponsiveConfig,
-        streams::{XCapKind, XCapTrim, XReadResponse},
-    },
+    types::{config::UnresponsiveConfig, streams::XReadResponse},
 };
 use tokio::{sync::watch, time::Instant};
 
@@ -53,7 +48,7 @@ const FIELD: &str = "c";
 
 /// Entries read at most per `XREAD`, and appended at most per transaction.
 pub const READ_BATCH: u64 = 512;
-// A read that follows trimmed entries is told by its full batch, and one transaction of appends
+// A read that follows trimmed entries is told by its full batch, and one relay's batch of appends
 // never trims past a reader that is caught up (see `read_once`).
 const _: () = assert!(crate::config::MIN_FEED_STREAM_MAX_LEN >= 2 * READ_BATCH);
 
@@ -69,13 +64,12 @@ pub enum StreamEntry {
     Change(Change),
     /// A relay's `b|<relay>|<seq>`: that relay's feed is live.
     Heartbeat,
-    /// A relay's `l|<relay>|<seq>`: INSERTs may be missing from the stream, and the replay of
-    /// the revocation log brings back only removals. Appended when the relay's feed has just
-    /// become live on a new `LISTEN` (INSERTs committed before may have gone unheard by it: its
-    /// previous session dropped, or could not append), and after it appended the log again
-    /// because the stream lost one of its appends (so it may have lost INSERTs too). If that
-    /// took less than `cache.feed_relay_timeout`, instances never saw the feed go down, so they
-    /// reload their key filter on this instead.
+    /// A relay's `l|<relay>|<seq>`: that relay's feed has just become live, on a new `LISTEN`.
+    /// INSERTs committed before may be missing from the stream (its previous session dropped,
+    /// could not append, or found that the stream lost its appends), and the replay of the
+    /// revocation log brings back only removals; if it came back within
+    /// `cache.feed_relay_timeout`, instances never saw the feed go down, so they reload their
+    /// key filter on this instead.
     Listening,
 }
 
@@ -105,26 +99,33 @@ pub struct Publisher {
     max_len: u64,
     relay: String,
     seq: AtomicU64,
-    /// The id of this relay's latest append, which the next heartbeat requires to be there.
-    last_append: Mutex<Option<String>>,
+    /// This relay's latest append (its id and payload), which the next append requires the
+    /// stream to still hold; `None` at the start of a feed session.
+    last_append: Mutex<Option<(String, String)>>,
 }
 
-/// What became of a heartbeat.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Heartbeat {
-    /// Appended: the stream held the relay's previous append.
-    Sent,
-    /// Not appended: the stream no longer holds the relay's previous append (a failover or a
-    /// restart of Redis lost it, or a burst trimmed it), so it may have lost changes too.
-    AppendLost,
-}
-
-/// Appends a heartbeat (`ARGV[3]` = `ARGV[4]`) to the stream `KEYS[1]`, trimmed to `ARGV[2]`,
-/// only if the stream still holds entry `ARGV[1]` (none when empty); returns the new entry's id,
-/// or nil. One script, so nothing can be lost between the check and the append.
-const HEARTBEAT_SCRIPT: &str = "\
-if ARGV[1] ~= '' and #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then return false end \
-return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', ARGV[3], ARGV[4])";
+/// Appends `ARGV[5..]` (as field `ARGV[4]`) to the stream `KEYS[1]`, trimmed to about `ARGV[3]`
+/// entries, and returns the last new id; or appends nothing and returns nil when the relay's
+/// previous append (id `ARGV[1]`, payload `ARGV[2]`; none when empty) was lost: its id holds
+/// another payload (a new master reusing the id), or it is gone while an older entry survives
+/// (a trim takes the oldest first) or with the whole stream. Gone with everything before it, it
+/// was trimmed, which loses nothing: a reader that falls behind a trim tells by itself. One
+/// script, so nothing can be lost between the check and the appends, and readers waiting on the
+/// stream are woken once for all of them.
+const APPEND_SCRIPT: &str = "\
+local stream, prev = KEYS[1], ARGV[1] \
+if prev ~= '' then \
+  local found = redis.call('XRANGE', stream, prev, prev) \
+  if #found == 0 then \
+    if redis.call('XLEN', stream) == 0 \
+      or #redis.call('XRANGE', stream, '-', prev, 'COUNT', 1) > 0 then return nil end \
+  elseif found[1][2][2] ~= ARGV[2] then return nil end \
+end \
+local id \
+for i = 5, #ARGV do \
+  id = redis.call('XADD', stream, 'MAXLEN', '~', ARGV[3], '*', ARGV[4], ARGV[i]) \
+end \
+return id";
 
 impl Publisher {
     /// Builds the client and starts connecting in the background.
@@ -154,81 +155,59 @@ impl Publisher {
         })
     }
 
-    fn appended(&self, id: String) {
-        *self.last_append.lock().expect("last append lock") = Some(id);
+    /// Forgets the latest append, so that the next one is made whatever became of it: for a
+    /// feed session's start, whose replay appends again whatever the stream may have lost.
+    pub fn start_over(&self) {
+        *self.last_append.lock().expect("last append lock") = None;
     }
 
-    /// The stream's length cap, applied by every append.
-    fn cap(&self) -> (XCapKind, XCapTrim, i64) {
-        (XCapKind::MaxLen, XCapTrim::AlmostExact, self.max_len as i64)
-    }
-
-    /// Appends one payload (a change as the triggers write it, or a heartbeat).
+    /// Appends one payload (a change as the triggers write it, or a relay's own entry).
     pub async fn publish(&self, payload: &str) -> Result<(), StoreError> {
-        let id = self
-            .client
-            .xadd::<String, _, _, _, _>(&self.key, false, self.cap(), "*", vec![(FIELD, payload)])
-            .await
-            .map_err(|e| redis_error("append", e))?;
-        self.appended(id);
-        Ok(())
+        self.publish_all(&[payload]).await
     }
 
-    /// Appends several payloads in one `MULTI`/`EXEC`: readers blocked on the stream are woken
-    /// once for all of them rather than once per entry, which is what lets a fleet of readers
-    /// keep up with a burst of changes (every wake-up costs each of them a read).
+    /// Appends payloads in order, at once (see [`APPEND_SCRIPT`]); a fleet of readers keeps up
+    /// with a burst of changes only if each of them is woken once for it. Fails, appending
+    /// nothing, when the stream lost this relay's previous append: replication is
+    /// asynchronous, so a failover can lose entries Redis acknowledged, and an instance whose
+    /// last entry read survived would go on past them. The feed session then ends, and the
+    /// next one replays the revocation log.
     pub async fn publish_all<S: AsRef<str>>(&self, payloads: &[S]) -> Result<(), StoreError> {
-        match payloads {
-            [] => Ok(()),
-            [one] => self.publish(one.as_ref()).await,
-            many => {
-                let transaction = self.client.multi();
-                for payload in many {
-                    let entry = vec![(FIELD, payload.as_ref())];
-                    transaction
-                        .xadd::<(), _, _, _, _>(&self.key, false, self.cap(), "*", entry)
-                        .await
-                        .map_err(|e| redis_error("append", e))?;
-                }
-                let ids = transaction
-                    .exec::<Vec<String>>(true)
-                    .await
-                    .map_err(|e| redis_error("append", e))?;
-                if let Some(id) = ids.into_iter().next_back() {
-                    self.appended(id);
-                }
-                Ok(())
-            }
-        }
-    }
-
-    /// Says on the stream that this relay's feed is live, if the stream still holds everything
-    /// the relay appended (see [`Heartbeat`]).
-    pub async fn heartbeat(&self) -> Result<Heartbeat, StoreError> {
-        let last = self
+        let Some(last) = payloads.last() else {
+            return Ok(());
+        };
+        let (previous_id, previous_payload) = self
             .last_append
             .lock()
             .expect("last append lock")
             .clone()
             .unwrap_or_default();
-        let args = vec![
-            last,
+        let mut args = Vec::with_capacity(payloads.len() + 4);
+        args.extend([
+            previous_id,
+            previous_payload,
             self.max_len.to_string(),
             FIELD.to_owned(),
-            self.relay_entry("b"),
-        ];
+        ]);
+        args.extend(payloads.iter().map(|p| p.as_ref().to_owned()));
         let id: Option<String> = self
             .client
-            .eval(HEARTBEAT_SCRIPT, vec![self.key.as_str()], args)
+            .eval(APPEND_SCRIPT, vec![self.key.as_str()], args)
             .await
-            .map_err(|e| redis_error("heartbeat", e))?;
-        Ok(match id {
-            Some(id) => {
-                self.appended(id);
-                Heartbeat::Sent
-            }
-            None => Heartbeat::AppendLost,
-        })
+            .map_err(|e| redis_error("append", e))?;
+        let Some(id) = id else {
+            return Err(StoreError::Unavailable(
+                "feed stream: the stream no longer holds this relay's last append (lost in a failover or a restart of redis); reconnecting to replay the revocation log".into(),
+            ));
+        };
+        *self.last_append.lock().expect("last append lock") = Some((id, last.as_ref().to_owned()));
+        Ok(())
+    }
+
+    /// Says on the stream that this relay's feed is live; like every append, only if the
+    /// stream still holds what the relay appended before.
+    pub async fn heartbeat(&self) -> Result<(), StoreError> {
+        self.publish(&self.relay_entry("b")).await
     }
 
     /// Says on the stream that INSERTs may be missing from it (see [`StreamEntry::Listening`]).
@@ -414,9 +393,9 @@ async fn read_once(
     // appends during the read (or since the check above) can trim past it: then this batch
     // starts after a gap. The stream always keeps at least `cache.feed_stream_max_len` entries,
     // two batches or more, so only a full batch can follow one, and `from` goes only once more
-    // entries than that came after it: almost always a gap. (A read from an empty stream's
-    // start cannot be checked; positioned, it began within a heartbeat interval.)
-    if !caught_up && from != STREAM_START && !holds(&client, key, &from).await? {
+    // entries than that came after it: almost always a gap. A full batch from an empty
+    // stream's start cannot be checked, so it counts as one (a new stream, so it is rare).
+    if !caught_up && (from == STREAM_START || !holds(&client, key, &from).await?) {
         lose_position(&client, key, store, reader, &from).await?;
         reader.caught_up_at = None;
         return Ok(());

@@ -85,9 +85,10 @@ impl Store {
     }
 
     /// Applies a change read from the relays' stream to this process's tier. The relay that
-    /// appended it has already evicted it from Redis (and keeps retrying until Redis takes
-    /// it), so a fleet does not repeat that DEL once per instance; the tombstones still make a
-    /// Redis entry that outlives the relay's DEL go to Postgres.
+    /// appended it evicts it from Redis (before appending a change it heard, right after
+    /// appending one it replayed, and keeps retrying until Redis takes it), so a fleet does not
+    /// repeat that DEL once per instance; the tombstones make a Redis entry that outlives the
+    /// relay's DEL, or is read before it, go to Postgres.
     pub async fn apply_relayed(&self, change: &Change) {
         self.apply_in(change, None).await
     }
