@@ -11,8 +11,9 @@
 //! appending it again. Replication is asynchronous, so a failover can also lose entries Redis
 //! acknowledged, and an instance whose last entry read survived would go on past the lost ones:
 //! so every append (changes and heartbeats alike) is made, in one script, only if the stream
-//! still holds the relay's previous one, and a relay whose previous append is gone starts a new
-//! session, replaying the log. A relay never vouches for a stream that lost what it appended.
+//! still holds the relay's previous one or lost it only to a trim (everything before it gone
+//! too), and a relay whose previous append was lost starts a new session, replaying the log. No
+//! instance whose last entry survived a loss is told that the stream is whole.
 //! INSERTs are not in the log, so a relay that goes live on a new `LISTEN` says so on the stream
 //! and instances reload their key filters. An
 //! instance resumes from the last entry id it read; when that entry is no longer in the stream
@@ -46,7 +47,7 @@ use crate::{config::Config, metrics::Metrics};
 /// The field of a stream entry that carries its payload.
 const FIELD: &str = "c";
 
-/// Entries read at most per `XREAD`, and appended at most per transaction.
+/// Entries read at most per `XREAD`, and appended at most per call of the append script.
 pub const READ_BATCH: u64 = 512;
 // A read that follows trimmed entries is told by its full batch, and one relay's batch of appends
 // never trims past a reader that is caught up (see `read_once`).
@@ -395,7 +396,15 @@ async fn read_once(
     // two batches or more, so only a full batch can follow one, and `from` goes only once more
     // entries than that came after it: almost always a gap. A full batch from an empty
     // stream's start cannot be checked, so it counts as one (a new stream, so it is rare).
-    if !caught_up && (from == STREAM_START || !holds(&client, key, &from).await?) {
+    if !caught_up && from == STREAM_START {
+        tracing::warn!(
+            "change feed: a full batch from the start of a new redis stream, trimmed meanwhile or not; dropping the in-process cache"
+        );
+        start_at_end(&client, key, store, reader).await?;
+        reader.caught_up_at = None;
+        return Ok(());
+    }
+    if !caught_up && !holds(&client, key, &from).await? {
         lose_position(&client, key, store, reader, &from).await?;
         reader.caught_up_at = None;
         return Ok(());
