@@ -104,24 +104,40 @@ async fn a_logout_redis_refuses_to_apply_is_still_honoured_everywhere() {
         redis.port,
         &["REPLICAOF", "127.0.0.1", &free_port().to_string()],
     );
+    let key = logout_while_redis_refuses_writes(&a, &b, &redis, &t).await;
+    // Writable again: the queued DEL lands, and the answer stays 401.
+    redis_cli(redis.port, &["REPLICAOF", "NO", "ONE"]);
+    queued_deletion_lands(&b, &redis, &key, &t).await;
+    a.stop().await;
+    b.stop().await;
+}
+
+/// Logs `t` out through `a` while `redis` refuses writes: the entry stays in Redis, and neither
+/// instance trusts it. Returns the entry's key.
+async fn logout_while_redis_refuses_writes(
+    a: &TestServer,
+    b: &TestServer,
+    redis: &PrivateRedis,
+    t: &Token,
+) -> String {
     let auth = format!("Token {}", t.token);
     let out = http(a.addr(), "POST", LOGOUT, &[("Authorization", &auth)], b"").await;
     assert_eq!(out.status, 204);
-    // The entry is still in Redis, but neither instance trusts it.
     let key = format!("{}:token:{}", a.prefix, token_key_of(&t.token));
     assert_eq!(redis_cli(redis.port, &["EXISTS", &key]), "1");
-    refused_from_now_on(&b, &t.token).await;
-    refused_from_now_on(&a, &t.token).await;
-    // Writable again: the queued DEL lands, and the answer stays 401.
-    redis_cli(redis.port, &["REPLICAOF", "NO", "ONE"]);
+    refused_from_now_on(b, &t.token).await;
+    refused_from_now_on(a, &t.token).await;
+    key
+}
+
+/// Once `redis` takes writes again: the queued DEL of `key` lands, and `b` still refuses `t`.
+async fn queued_deletion_lands(b: &TestServer, redis: &PrivateRedis, key: &str, t: &Token) {
     let gone = eventually(Duration::from_secs(5), || async {
-        redis_cli(redis.port, &["EXISTS", &key]) == "0"
+        redis_cli(redis.port, &["EXISTS", key]) == "0"
     })
     .await;
     assert!(gone.is_some(), "the queued deletion never reached Redis");
-    refused_from_now_on(&b, &t.token).await;
-    a.stop().await;
-    b.stop().await;
+    refused_from_now_on(b, &t.token).await;
 }
 
 #[tokio::test]
@@ -134,22 +150,10 @@ async fn a_logout_redis_refuses_with_misconf_is_still_honoured_everywhere() {
     assert_eq!(a.verify(&t.token).await.status, 200);
     cached_in_redis(&b, &t.token).await;
     refuse_writes_with_misconf(&redis, dir).await;
-    let auth = format!("Token {}", t.token);
-    let out = http(a.addr(), "POST", LOGOUT, &[("Authorization", &auth)], b"").await;
-    assert_eq!(out.status, 204);
-    // The DEL was refused: the entry is still there, and neither instance trusts it.
-    let key = format!("{}:token:{}", a.prefix, token_key_of(&t.token));
-    assert_eq!(redis_cli(redis.port, &["EXISTS", &key]), "1");
-    refused_from_now_on(&b, &t.token).await;
-    refused_from_now_on(&a, &t.token).await;
+    let key = logout_while_redis_refuses_writes(&a, &b, &redis, &t).await;
     // Writes accepted again: the queued DEL lands, and the answer stays 401.
     accept_writes_again(&redis);
-    let gone = eventually(Duration::from_secs(5), || async {
-        redis_cli(redis.port, &["EXISTS", &key]) == "0"
-    })
-    .await;
-    assert!(gone.is_some(), "the queued deletion never reached Redis");
-    refused_from_now_on(&b, &t.token).await;
+    queued_deletion_lands(&b, &redis, &key, &t).await;
     a.stop().await;
     b.stop().await;
 }

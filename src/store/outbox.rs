@@ -148,6 +148,19 @@ mod tests {
         RedisEviction::Key(k.to_owned())
     }
 
+    /// The deletion the next round tries first.
+    fn front(outbox: &Outbox) -> Option<RedisEviction> {
+        let pending = outbox.pending.lock().unwrap();
+        pending.front().map(|(_, e)| e.clone())
+    }
+
+    /// What is left after a round at `at` in which Redis is not ready (only moot ones go).
+    async fn left_at(outbox: &Outbox, at: Instant) -> usize {
+        outbox
+            .retry_at(at, false, |_| async { unreachable!("not ready") })
+            .await
+    }
+
     #[tokio::test]
     async fn failed_deletions_are_kept_and_retried_until_they_succeed() {
         let outbox = Outbox::new(Duration::from_secs(60));
@@ -185,15 +198,7 @@ mod tests {
                 .await,
             1
         );
-        assert_eq!(
-            outbox
-                .pending
-                .lock()
-                .unwrap()
-                .front()
-                .map(|(_, e)| e.clone()),
-            Some(RedisEviction::User("7".into()))
-        );
+        assert_eq!(front(&outbox), Some(RedisEviction::User("7".into())));
         // Succeeding: the queue empties.
         assert_eq!(outbox.retry(true, record(|_| false)).await, 0);
         assert!(outbox.is_empty());
@@ -220,21 +225,8 @@ mod tests {
         assert_eq!(outbox.retry_at(now, true, fail_all).await, 2);
         assert_eq!(*tried.lock().unwrap(), vec![key("twice"), key("once")]);
         // 11 s later the one pushed only long ago is moot; the one pushed again is not.
-        let left = outbox
-            .retry_at(now + Duration::from_secs(11), false, |_| async {
-                unreachable!("not ready")
-            })
-            .await;
-        assert_eq!(left, 1);
-        assert_eq!(
-            outbox
-                .pending
-                .lock()
-                .unwrap()
-                .front()
-                .map(|(_, e)| e.clone()),
-            Some(key("twice"))
-        );
+        assert_eq!(left_at(&outbox, now + Duration::from_secs(11)).await, 1);
+        assert_eq!(front(&outbox), Some(key("twice")));
     }
 
     #[tokio::test]
@@ -249,20 +241,8 @@ mod tests {
         let fail_all = |due: Vec<RedisEviction>| async move { due };
         assert_eq!(outbox.retry_at(now, true, fail_all).await, 2);
         // 11 s later the early one is moot (61 s old), the late one is not.
-        let later = now + Duration::from_secs(11);
-        let left = outbox
-            .retry_at(later, false, |_| async { unreachable!("not ready") })
-            .await;
-        assert_eq!(left, 1);
-        assert_eq!(
-            outbox
-                .pending
-                .lock()
-                .unwrap()
-                .front()
-                .map(|(_, e)| e.clone()),
-            Some(key("late"))
-        );
+        assert_eq!(left_at(&outbox, now + Duration::from_secs(11)).await, 1);
+        assert_eq!(front(&outbox), Some(key("late")));
     }
 
     #[tokio::test]
@@ -273,10 +253,7 @@ mod tests {
             outbox.push_at(key("old"), long_ago);
         }
         outbox.push_at(key("new"), now);
-        let left = outbox
-            .retry_at(now, false, |_| async { unreachable!("not ready") })
-            .await;
-        assert_eq!(left, 1);
+        assert_eq!(left_at(&outbox, now).await, 1);
     }
 
     #[test]

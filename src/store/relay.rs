@@ -13,16 +13,17 @@
 //! so every append (changes and heartbeats alike) is made, in one script, only if the stream
 //! still holds the relay's previous one or lost it only to a trim (everything before it gone
 //! too), and a relay whose previous append was lost starts a new session, replaying the log. No
-//! instance whose last entry survived a loss is told that the stream is whole.
-//! INSERTs are not in the log, so a relay that goes live on a new `LISTEN` says so on the stream
-//! and instances reload their key filters. An
-//! instance resumes from the last entry id it read; when that entry is no longer in the stream
-//! (trimmed past it, or the stream lost with Redis), or a read that returned a full batch
-//! started after it was trimmed, it may have missed changes, so it drops its in-process tier and
-//! reloads its key filter (Redis entries are evicted by the relays themselves). A live relay appends a heartbeat every
-//! `cache.feed_heartbeat_interval`; an instance counts its feed as live only while it reads the
-//! stream and has seen a heartbeat within `cache.feed_relay_timeout`, and confirms cached answers
-//! with Postgres otherwise.
+//! instance whose last entry survived a loss is told that the stream is whole. INSERTs are not in
+//! the log, so a relay that goes live on a new `LISTEN` says so on the stream and instances
+//! reload their key filters.
+//!
+//! An instance resumes from the last entry id it read; when that entry is no longer in the stream
+//! (trimmed past it, or the stream lost with Redis), or a read that returned a full batch started
+//! after it was trimmed, it may have missed changes, so it drops its in-process tier and reloads
+//! its key filter (Redis entries are evicted by the relays themselves). A live relay appends a
+//! heartbeat every `cache.feed_heartbeat_interval`; an instance counts its feed as live only
+//! while it reads the stream and has seen a heartbeat within `cache.feed_relay_timeout`, and
+//! confirms cached answers with Postgres otherwise.
 
 use std::{
     collections::HashMap,

@@ -144,12 +144,12 @@ impl Store {
         self.redis_outbox
             .retry(redis.is_connected(), |due| async move {
                 // Tokens in pipelined batches, as a bulk removal sends them the first time.
-                let (mut tokens, mut keys, mut users) = (Vec::new(), Vec::new(), Vec::new());
+                let mut tokens = Vec::new();
+                let mut others = VecDeque::new();
                 for eviction in due {
                     match eviction {
                         RedisEviction::Token(removed) => tokens.push(removed),
-                        RedisEviction::Key(key) => keys.push(key),
-                        RedisEviction::User(user) => users.push(user),
+                        other => others.push_back(other),
                     }
                 }
                 let mut failed: Vec<RedisEviction> = redis
@@ -161,11 +161,6 @@ impl Store {
                 // The others one at a time, until one fails: Redis is likely refusing them all,
                 // so the rest wait for the next round, with the failed one behind them, where it
                 // cannot hold them up if Redis refuses it alone.
-                let mut others: VecDeque<RedisEviction> = keys
-                    .into_iter()
-                    .map(RedisEviction::Key)
-                    .chain(users.into_iter().map(RedisEviction::User))
-                    .collect();
                 while let Some(eviction) = others.pop_front() {
                     let done = match &eviction {
                         RedisEviction::Key(key) => redis.delete_key(key).await.is_ok(),
