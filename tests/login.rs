@@ -334,7 +334,8 @@ async fn token_limit_per_user_refuses_the_second_login_and_ignores_expired_rows(
         .unwrap();
     let s = TestServer::start(&db, "[knox]\ntoken_limit_per_user = 1").await;
     let first = login_ok(&s, "carol", "carol-pass").await;
-    assert_eq!(rows_of_user(&client, id).await, 2);
+    // The expired row did not count, and the login deleted it.
+    assert_eq!(rows_of_user(&client, id).await, 1);
     let r = login(&s, "carol", "carol-pass").await;
     assert_eq!(r.status, 403, "{}", r.body_text());
     assert_eq!(r.header("content-type"), Some("application/json"));
@@ -343,11 +344,55 @@ async fn token_limit_per_user_refuses_the_second_login_and_ignores_expired_rows(
         r.body_text(),
         r#"{"error":"Maximum amount of tokens allowed per user exceeded."}"#
     );
-    assert_eq!(rows_of_user(&client, id).await, 2, "no row added");
+    assert_eq!(rows_of_user(&client, id).await, 1, "no row added");
     assert_eq!(s.verify(&first).await.status, 200);
     // Once the live token is gone, login works again.
     assert_eq!(post_with_token(&s, LOGOUT, &first).await.status, 204);
     login_ok(&s, "carol", "carol-pass").await;
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_login_deletes_the_users_expired_tokens_and_nothing_else() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    let carol = insert_user(&client, "carol", "carol-pass", true).await;
+    let dave = insert_user(&client, "dave", "dave-pass", true).await;
+    let sha512 = knoxgate::auth::HashAlgorithm::Sha512;
+    let hour = Duration::from_secs(3600);
+    let live = insert_token(&client, carol, Some(hour), "", sha512).await;
+    let forever = insert_token(&client, carol, None, "", sha512).await;
+    // knox deletes a user's expired tokens whenever the user authenticates; behind knoxgate
+    // Django no longer does, so a login must, or dropped tokens would pile up for ever.
+    let expired_at = "now() - interval '1 second'";
+    for (user, n) in [(carol, 3), (dave, 2)] {
+        for _ in 0..n {
+            let t = insert_token(&client, user, Some(hour), "", sha512).await;
+            client
+                .execute(
+                    &format!("UPDATE knox_authtoken SET expiry = {expired_at} WHERE digest = $1"),
+                    &[&t.digest],
+                )
+                .await
+                .unwrap();
+        }
+    }
+    assert_eq!(rows_of_user(&client, carol).await, 5);
+    let s = TestServer::start(&db, "").await;
+    let new = login_ok(&s, "carol", "carol-pass").await;
+    assert_eq!(
+        rows_of_user(&client, carol).await,
+        3,
+        "live, never-expiring and new"
+    );
+    assert_eq!(
+        rows_of_user(&client, dave).await,
+        2,
+        "another user's rows are theirs to lose"
+    );
+    for token in [&live.token, &forever.token, &new] {
+        assert_eq!(s.verify(token).await.status, 200);
+    }
     s.stop().await;
 }
 

@@ -17,6 +17,7 @@ fn empty_file_gives_documented_defaults() {
     assert_eq!(c.server.admin_listen.to_string(), "0.0.0.0:9090");
     assert_eq!(c.knox.hash_algorithm, HashAlgorithm::Sha512);
     assert_eq!(c.knox.token_ttl, Some(Duration::from_secs(36_000)));
+    assert_eq!(c.knox.token_limit_per_user, None);
     assert_eq!(c.redis.max_cache_ttl, Duration::from_secs(300));
     assert_eq!(c.redis.command_timeout, Duration::from_millis(250));
     assert_eq!(c.cache.consistency, Consistency::Notify);
@@ -155,6 +156,10 @@ fn errors_name_the_key() {
             "knox.token_prefix",
         ),
         ("[knox]\nhash_algorithm = \"md5\"", "knox.hash_algorithm"),
+        (
+            "[knox]\ntoken_limit_per_user = 0",
+            "knox.token_limit_per_user",
+        ),
         ("[cache]\nconsistency = \"eventual\"", "cache.consistency"),
         (
             "[postgres]\ntoken_table = \"x; drop table y\"",

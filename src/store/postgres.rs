@@ -55,6 +55,7 @@ pub(super) struct Statements {
     pub(super) login_user: String,
     pub(super) lock_user: String,
     pub(super) count_live: String,
+    pub(super) delete_expired_of_login_user: String,
     pub(super) insert_token: String,
     /// `None` when the user model has no last-login column.
     pub(super) set_last_login: Option<String>,
@@ -113,6 +114,13 @@ impl Statements {
             count_live: format!(
                 "SELECT count(*) FROM {tok} t JOIN {usr} u ON u.{id} = t.user_id \
                  WHERE u.{name} = $1 AND (t.expiry > now() OR t.expiry IS NULL)"
+            ),
+            // knox deletes a user's expired tokens at each of their authenticated requests; here
+            // requests cost no query, so the login does it, or nothing would ever remove a token
+            // its client dropped unused.
+            delete_expired_of_login_user: format!(
+                "DELETE FROM {tok} t USING {usr} u \
+                 WHERE t.user_id = u.{id} AND u.{name} = $1 AND t.expiry < now()"
             ),
             // The new row with its user as it stands under the login's lock (lock_user), not
             // as it was read before the password check: a deactivation or a lost group during
