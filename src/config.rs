@@ -122,14 +122,15 @@ impl TryFrom<FileConfig> for Config {
         config.check_deadlines()?;
         config.check_names()?;
         // The replay at each (re)connect reads the log back over the cache window: rows pruned
-        // before that would be revocations a reconnecting instance never hears of.
+        // before that would be changes a reconnecting instance never hears of.
         let replayed = config.replay_window();
         if config.cache.feed_retention < replayed {
             return Err(value::invalid(
                 "cache.feed_retention",
                 format!(
-                    "must be at least redis.max_cache_ttl + 60s ({replayed:?}): the feed's \
-                     replay reads the revocation log back that far"
+                    "must be at least the larger of redis.max_cache_ttl and \
+                     cache.feed_relay_timeout, plus 60s ({replayed:?}): the feed's replay reads \
+                     the revocation log back that far"
                 ),
             ));
         }
@@ -144,9 +145,11 @@ const REPLAY_SLACK: Duration = Duration::from_secs(60);
 impl Config {
     /// How far back the change feed replays the revocation log at each (re)connect, and how
     /// long a revocation keeps Redis entries from being trusted: every entry written before it
-    /// has expired by then.
+    /// has expired by then. At least `cache.feed_relay_timeout` too: a relay back within it finds
+    /// instances that never saw its feed go down, and its replay must reach back over the whole
+    /// gap for the INSERTs (key filters) as for the removals.
     pub fn replay_window(&self) -> Duration {
-        self.redis.max_cache_ttl + REPLAY_SLACK
+        self.redis.max_cache_ttl.max(self.cache.feed_relay_timeout) + REPLAY_SLACK
     }
     /// Limits that only make sense against each other.
     fn check_deadlines(&self) -> Result<(), ConfigError> {

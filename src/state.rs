@@ -41,8 +41,9 @@ pub enum StartError {
     #[error("{0}")]
     Build(#[from] crate::store::BuildError),
     #[error(
-        "cache.consistency = \"notify\" needs the change-feed triggers, which are not installed. \
-         Run `knoxgate migrate` to install them, or set cache.consistency to \"ttl\" \
+        "cache.consistency = \"notify\" needs the change-feed triggers, which are not installed \
+         or are from an earlier version. Run `knoxgate migrate` (or Django's `migrate` with \
+         knoxgate-django) to install them, or set cache.consistency to \"ttl\" \
          (KNOXGATE_CACHE_CONSISTENCY=ttl) to run without them"
     )]
     TriggersMissing,

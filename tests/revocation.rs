@@ -390,8 +390,8 @@ async fn changes_made_in_the_replica_role_still_revoke() {
     b.stop().await;
 }
 
-/// An install from before the TRUNCATE triggers, or with triggers that fire only in the origin
-/// role, is reported as not installed (the feed then refuses to go live) until `migrate` runs;
+/// An install from before the TRUNCATE triggers, with triggers that fire only in the origin role,
+/// or with a token trigger that logs no INSERTs, is reported as not installed (the feed then refuses to go live) until `migrate` runs;
 /// after it every knoxgate trigger fires ALWAYS, and uninstalling leaves nothing behind.
 #[tokio::test]
 async fn older_trigger_installs_are_reported_until_migrate_runs_again() {
@@ -416,9 +416,13 @@ async fn older_trigger_installs_are_reported_until_migrate_runs_again() {
     };
     assert!(installed(&client).await);
     assert_eq!(modes(&client).await, ["A"]);
+    let without_insert_logging =
+        schema::install_triggers_sql(pg).replace(&schema::insert_logging_statement(), "");
+    assert_ne!(without_insert_logging, schema::install_triggers_sql(pg));
     for old in [
         "DROP TRIGGER knoxgate_token_truncated ON knox_authtoken",
         "ALTER TABLE auth_user ENABLE TRIGGER knoxgate_user_changed",
+        &without_insert_logging,
     ] {
         client.batch_execute(old).await.unwrap();
         assert!(!installed(&client).await, "{old}");

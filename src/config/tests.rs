@@ -361,6 +361,16 @@ fn the_revocation_log_is_kept_as_long_as_the_replay_reads_it() {
     Config::from_toml_str("[cache]\nfeed_retention = \"6m\"").unwrap();
     Config::from_toml_str("[cache]\nfeed_retention = \"2m\"\n[redis]\nmax_cache_ttl = \"60s\"")
         .unwrap();
+    // A relay back within the relay timeout replays over it too (the INSERTs it missed).
+    let long_relay_timeout =
+        "[redis]\nmax_cache_ttl = \"60s\"\n[cache]\nfeed_relay_timeout = \"5m\"";
+    let c =
+        Config::from_toml_str(&format!("{long_relay_timeout}\nfeed_retention = \"6m\"")).unwrap();
+    assert_eq!(c.replay_window(), Duration::from_secs(360));
+    let err = Config::from_toml_str(&format!("{long_relay_timeout}\nfeed_retention = \"5m\""))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("cache.feed_relay_timeout"), "{err}");
 }
 
 #[test]

@@ -343,11 +343,6 @@ where
                         match hearing {
                             Hearing::Live => {}
                             Hearing::Unproven => {
-                                // Before any heartbeat of this session: instances that never saw
-                                // the previous one end reload their key filters on it.
-                                if let Some(publisher) = publisher {
-                                    publisher.listening().await?;
-                                }
                                 hearing = Hearing::Live;
                                 tracing::info!("change feed live");
                                 store.set_feed_live(true);

@@ -13,9 +13,9 @@
 //! so every append (changes and heartbeats alike) is made, in one script, only if the stream
 //! still holds the relay's previous one or lost it only to a trim (everything before it gone
 //! too), and a relay whose previous append was lost starts a new session, replaying the log. No
-//! instance whose last entry survived a loss is told that the stream is whole. INSERTs are not in
-//! the log, so a relay that goes live on a new `LISTEN` says so on the stream and instances
-//! reload their key filters.
+//! instance whose last entry survived a loss is told that the stream is whole. INSERTs are in the
+//! log too, so the replay also brings back the ones a gap missed, and instances' key filters
+//! learn them as they learn any other: a relay's restart costs the fleet no reload.
 //!
 //! An instance resumes from the last entry id it read; when that entry is no longer in the stream
 //! (trimmed past it, or the stream lost with Redis), or a read that returned a full batch started
@@ -66,12 +66,10 @@ pub enum StreamEntry {
     Change(Change),
     /// A relay's `b|<relay>|<seq>`: that relay's feed is live.
     Heartbeat,
-    /// A relay's `l|<relay>|<seq>`: that relay's feed has just become live, on a new `LISTEN`.
-    /// INSERTs committed before may be missing from the stream (its previous session dropped,
-    /// could not append, or found that the stream lost its appends), and the replay of the
-    /// revocation log brings back only removals; if it came back within
-    /// `cache.feed_relay_timeout`, instances never saw the feed go down, so they reload their
-    /// key filter on this instead.
+    /// `l|<relay>|<seq>`, appended by relays of earlier versions when their feed became live on a
+    /// new `LISTEN`: their triggers did not log INSERTs, so the replay could not bring back those
+    /// a gap missed, and instances reload their key filters on it. Relays now replay INSERTs
+    /// (the triggers log them) and append no such entry; it is still honoured during an upgrade.
     Listening,
 }
 
@@ -210,11 +208,6 @@ impl Publisher {
     /// stream still holds what the relay appended before.
     pub async fn heartbeat(&self) -> Result<(), StoreError> {
         self.publish(&self.relay_entry("b")).await
-    }
-
-    /// Says on the stream that INSERTs may be missing from it (see [`StreamEntry::Listening`]).
-    pub async fn listening(&self) -> Result<(), StoreError> {
-        self.publish(&self.relay_entry("l")).await
     }
 
     fn relay_entry(&self, kind: &str) -> String {
@@ -422,7 +415,7 @@ async fn read_once(
                 }
             }
             Some(StreamEntry::Listening) => {
-                tracing::info!(%id, "change feed: a relay says INSERTs may be missing from the stream (it listens anew, or the stream lost its appends); reloading the token key filter");
+                tracing::info!(%id, "change feed: a relay of an earlier version says INSERTs may be missing from the stream; reloading the token key filter");
                 store.reload_key_filter();
             }
             None => tracing::warn!(%id, "unreadable change-feed stream entry ignored"),

@@ -2,9 +2,10 @@
 //! and the change-feed triggers (installed and removed idempotently).
 //!
 //! The tables are exactly what `manage.py migrate` leaves (Django 5.2, knox 5.1.0), so Django can
-//! later adopt a database knoxgate created. The triggers append row-level changes that can
-//! revoke a token to `knoxgate_revocation_log` and `pg_notify` the `knoxgate` channel. They
-//! only read `OLD`/`NEW` and insert into their own table, so Django's writes are unaffected.
+//! later adopt a database knoxgate created. The triggers append every row-level change of a
+//! token, and every change of a user or group that can revoke one, to `knoxgate_revocation_log`
+//! and `pg_notify` the `knoxgate` channel. They only read `OLD`/`NEW` and insert into their own
+//! table, so Django's writes are unaffected.
 //!
 //! Two kinds of change fire no row trigger, and are covered too: `TRUNCATE` (a statement-level
 //! trigger logs and notifies "everything revoked"), and changes made with
@@ -90,6 +91,14 @@ CREATE INDEX auth_user_groups_user_id_6a12ed8b ON {ug} USING btree (user_id);
 CREATE INDEX auth_user_groups_group_id_97559544 ON {ug} USING btree (group_id);"
         ),
     ]
+}
+
+/// The statement by which the token trigger logs an INSERT. Installs from before it was added do
+/// not log INSERTs, and [`triggers_installed`] looks for it to tell them.
+pub fn insert_logging_statement() -> String {
+    format!(
+        "INSERT INTO {LOG_TABLE} (kind, user_id, token_key) VALUES ('i', NEW.user_id::text, NEW.token_key);"
+    )
 }
 
 /// The user columns whose change must evict the user's tokens: active flag and password
@@ -178,6 +187,7 @@ fn triggers_ddl(tok: &str, usr: &str, cols: &UserColumns, groups: Option<&GroupT
         .collect::<Vec<_>>()
         .join(" OR ");
     let group_triggers = groups.map(group_triggers_ddl).unwrap_or_default();
+    let log_insert = insert_logging_statement();
     format!(
         "CREATE TABLE IF NOT EXISTS {LOG_TABLE} (
     id bigserial PRIMARY KEY,
@@ -191,7 +201,9 @@ CREATE INDEX IF NOT EXISTS {LOG_TABLE}_logged_at ON {LOG_TABLE} (logged_at);
 CREATE OR REPLACE FUNCTION knoxgate_token_changed() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF TG_OP = 'INSERT' THEN
-        -- Only clears negative cache entries: nothing to replay, so nothing is logged.
+        -- Logged like a removal, so that a relay's replay brings back the INSERTs its stream
+        -- missed and instances' key filters learn them without reloading.
+        {log_insert}
         PERFORM pg_notify('{CHANNEL}', 'i|' || NEW.user_id::text || '|' || NEW.token_key);
         RETURN NULL;
     END IF;
@@ -393,9 +405,10 @@ pub async fn uninstall_triggers(
 }
 
 /// Whether every change-feed trigger this configuration needs is installed and enabled ALWAYS,
-/// the user trigger watching every column it must (an install from before per-route policies
-/// does not watch the staff and superuser flags, one from before the TRUNCATE triggers lacks
-/// those and fires only in the origin role: `knoxgate migrate` updates it).
+/// the user trigger watching every column it must and the token trigger logging INSERTs (an
+/// install from before per-route policies does not watch the staff and superuser flags, one from
+/// before the TRUNCATE triggers lacks those and fires only in the origin role, one from before
+/// INSERTs were logged does not log them: `knoxgate migrate` updates it).
 pub async fn triggers_installed(
     client: &Client,
     cfg: &PostgresConfig,
@@ -448,6 +461,16 @@ pub async fn triggers_installed(
         .iter()
         .all(|c| watching.iter().any(|w| w == c))
     {
+        return Ok(false);
+    }
+    let rows = client
+        .query_typed(
+            "SELECT coalesce(strpos(prosrc, $1) > 0, false) FROM pg_proc
+             WHERE oid = to_regprocedure('knoxgate_token_changed()')",
+            &[(&insert_logging_statement(), Type::TEXT)],
+        )
+        .await?;
+    if !rows.first().is_some_and(|r| r.get::<_, bool>(0)) {
         return Ok(false);
     }
     table_exists(client, LOG_TABLE).await

@@ -96,7 +96,11 @@ def test_migrate_installs_the_triggers_and_they_fire(django_user_model):
         user.set_password("new")
         user.save()
         c.execute("SELECT kind, user_id, token_key FROM knoxgate_revocation_log ORDER BY id")
-        assert c.fetchall() == [("t", str(user.pk), instance.token_key), ("u", str(user.pk), None)]
+        assert c.fetchall() == [
+            ("i", str(user.pk), instance.token_key),
+            ("t", str(user.pk), instance.token_key),
+            ("u", str(user.pk), None),
+        ]
 
 
 @pytest.mark.django_db(transaction=True)
@@ -122,9 +126,10 @@ def test_migration_runs_the_packaged_files_verbatim():
     (op,) = migration.operations
     assert op.sql == [(SQL_DIR / "install.sql").read_text()]
     assert op.reverse_sql == [(SQL_DIR / "uninstall.sql").read_text()]
-    reinstall = import_module("knoxgate_django.migrations.0002_reinstall_triggers").Migration
-    (op,) = reinstall.operations
-    assert op.sql == [(SQL_DIR / "install.sql").read_text()]
+    for name in ["0002_reinstall_triggers", "0003_log_inserts"]:
+        reinstall = import_module(f"knoxgate_django.migrations.{name}").Migration
+        (op,) = reinstall.operations
+        assert op.sql == [(SQL_DIR / "install.sql").read_text()], name
 
 
 @pytest.mark.django_db(transaction=True)
@@ -143,6 +148,36 @@ def test_an_install_made_by_an_older_0001_is_brought_up_to_date():
         call_command("migrate", "knoxgate_django", verbosity=0)
     with connection.cursor() as c:
         assert installed_triggers(c) == TRIGGERS
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_install_whose_token_trigger_logs_no_inserts_is_brought_up_to_date(django_user_model):
+    from knox.models import AuthToken
+
+    def logged_inserts(c):
+        c.execute("SELECT count(*) FROM knoxgate_revocation_log WHERE kind = 'i'")
+        return c.fetchone()[0]
+
+    user = django_user_model.objects.create_user("dora", "d@example.com", "pw")
+    # What 0001 and 0002 installed before INSERTs were logged: the same SQL without that line.
+    log_insert = (
+        "INSERT INTO knoxgate_revocation_log (kind, user_id, token_key) "
+        "VALUES ('i', NEW.user_id::text, NEW.token_key);"
+    )
+    install = (SQL_DIR / "install.sql").read_text()
+    assert log_insert in install
+    call_command("migrate", "knoxgate_django", "0002", verbosity=0)
+    try:
+        with connection.cursor() as c:
+            c.execute(install.replace(log_insert, ""))
+            before = logged_inserts(c)
+            AuthToken.objects.create(user=user)
+            assert logged_inserts(c) == before
+    finally:
+        call_command("migrate", "knoxgate_django", verbosity=0)
+    with connection.cursor() as c:
+        AuthToken.objects.create(user=user)
+        assert logged_inserts(c) == before + 1
 
 
 # --- against the knoxgate binary ---

@@ -10,7 +10,9 @@ CREATE INDEX IF NOT EXISTS knoxgate_revocation_log_logged_at ON knoxgate_revocat
 CREATE OR REPLACE FUNCTION knoxgate_token_changed() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF TG_OP = 'INSERT' THEN
-        -- Only clears negative cache entries: nothing to replay, so nothing is logged.
+        -- Logged like a removal, so that a relay's replay brings back the INSERTs its stream
+        -- missed and instances' key filters learn them without reloading.
+        INSERT INTO knoxgate_revocation_log (kind, user_id, token_key) VALUES ('i', NEW.user_id::text, NEW.token_key);
         PERFORM pg_notify('knoxgate', 'i|' || NEW.user_id::text || '|' || NEW.token_key);
         RETURN NULL;
     END IF;
