@@ -123,7 +123,7 @@ impl TryFrom<FileConfig> for Config {
         config.check_names()?;
         // The replay at each (re)connect reads the log back over the cache window: rows pruned
         // before that would be changes a reconnecting instance never hears of.
-        let replayed = config.replay_window();
+        let replayed = config.replay_window().max(config.insert_replay_window());
         if config.cache.feed_retention < replayed {
             return Err(value::invalid(
                 "cache.feed_retention",
@@ -143,13 +143,20 @@ impl TryFrom<FileConfig> for Config {
 const REPLAY_SLACK: Duration = Duration::from_secs(60);
 
 impl Config {
-    /// How far back the change feed replays the revocation log at each (re)connect, and how
-    /// long a revocation keeps Redis entries from being trusted: every entry written before it
-    /// has expired by then. At least `cache.feed_relay_timeout` too: a relay back within it finds
-    /// instances that never saw its feed go down, and its replay must reach back over the whole
-    /// gap for the INSERTs (key filters) as for the removals.
+    /// How far back the change feed replays the revocation log's removals at each (re)connect,
+    /// and how long a revocation keeps Redis entries from being trusted: every entry written
+    /// before it has expired by then.
     pub fn replay_window(&self) -> Duration {
-        self.redis.max_cache_ttl.max(self.cache.feed_relay_timeout) + REPLAY_SLACK
+        self.redis.max_cache_ttl + REPLAY_SLACK
+    }
+    /// How far back the replay reads the log's INSERTs, which only key filters need. A relay
+    /// back within `cache.feed_relay_timeout` of its last heartbeat finds instances that never
+    /// saw its feed go down, and the INSERTs it missed are all within that; one back later finds
+    /// them reloading their filters anyway (a feed that goes down drops its filter), and with
+    /// two or more relays another one heard them. Shorter than the removals' window, so that a
+    /// relay's restart replays only a minute or so of logins, however busy the site.
+    pub fn insert_replay_window(&self) -> Duration {
+        self.cache.feed_relay_timeout + REPLAY_SLACK
     }
     /// Limits that only make sense against each other.
     fn check_deadlines(&self) -> Result<(), ConfigError> {

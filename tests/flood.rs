@@ -215,3 +215,36 @@ async fn while_the_feed_is_down_unknown_keys_are_asked_of_postgres_again() {
     assert!(keys >= 2.0, "the reload holds both tokens: {keys}");
     s.stop().await;
 }
+
+/// A token row given another key by SQL is, for the key filter, a new token: the trigger reports
+/// its new key as inserted, so it is not refused as unknown once the budget is spent.
+#[tokio::test]
+async fn a_token_moved_to_another_key_is_known_to_the_filter() {
+    let db = TestDb::migrated().await;
+    let moved = user_with_token(&db, "carol").await;
+    let s = TestServer::start(&db, "[cache]\nunknown_key_lookups_per_second = 0").await;
+    s.wait_ready().await;
+    filter_loaded(&s).await;
+    // The row now holds another token: its digest and key.
+    let token = generate_token("", 64);
+    let digest = knoxgate::auth::HashAlgorithm::Sha512.hex_digest(token.as_bytes());
+    db.client()
+        .await
+        .execute(
+            "UPDATE knox_authtoken SET digest = $1, token_key = $2 WHERE digest = $3",
+            &[
+                &digest,
+                &knoxgate::auth::token_key_of(&token),
+                &moved.digest,
+            ],
+        )
+        .await
+        .unwrap();
+    let known = eventually(Duration::from_secs(3), || async {
+        s.verify(&token).await.status == 200
+    })
+    .await;
+    assert!(known.is_some(), "the moved token was refused as unknown");
+    assert_eq!(s.verify(&moved.token).await.status, 401);
+    s.stop().await;
+}

@@ -354,43 +354,48 @@ async fn token_limit_per_user_refuses_the_second_login_and_ignores_expired_rows(
 
 #[tokio::test]
 async fn a_login_deletes_the_users_expired_tokens_and_nothing_else() {
+    use knoxgate::store::postgres::LOGIN_CLEANUP_BATCH;
     let db = TestDb::migrated().await;
     let client = db.client().await;
     let carol = insert_user(&client, "carol", "carol-pass", true).await;
     let dave = insert_user(&client, "dave", "dave-pass", true).await;
     let sha512 = knoxgate::auth::HashAlgorithm::Sha512;
-    let hour = Duration::from_secs(3600);
-    let live = insert_token(&client, carol, Some(hour), "", sha512).await;
+    let live = insert_token(&client, carol, Some(Duration::from_secs(3600)), "", sha512).await;
     let forever = insert_token(&client, carol, None, "", sha512).await;
     // knox deletes a user's expired tokens whenever the user authenticates; behind knoxgate
-    // Django no longer does, so a login must, or dropped tokens would pile up for ever.
-    let expired_at = "now() - interval '1 second'";
-    for (user, n) in [(carol, 3), (dave, 2)] {
-        for _ in 0..n {
-            let t = insert_token(&client, user, Some(hour), "", sha512).await;
-            client
-                .execute(
-                    &format!("UPDATE knox_authtoken SET expiry = {expired_at} WHERE digest = $1"),
-                    &[&t.digest],
-                )
-                .await
-                .unwrap();
-        }
-    }
-    assert_eq!(rows_of_user(&client, carol).await, 5);
+    // Django no longer does, so a login must, or dropped tokens would pile up for ever. More
+    // than one login clears at a time for carol.
+    let expired = |user: i32, n: u32| {
+        format!(
+            "INSERT INTO knox_authtoken (digest, created, user_id, expiry, token_key) \
+             SELECT md5('{user}-' || g) || md5('{user}+' || g), now() - interval '11 hours', \
+                    {user}, now() - interval '1 hour', substr(md5('{user}-' || g), 1, 15) \
+             FROM generate_series(1, {n}) g"
+        )
+    };
+    let extra = 5;
+    client
+        .batch_execute(&expired(carol, LOGIN_CLEANUP_BATCH + extra))
+        .await
+        .unwrap();
+    client.batch_execute(&expired(dave, 2)).await.unwrap();
     let s = TestServer::start(&db, "").await;
-    let new = login_ok(&s, "carol", "carol-pass").await;
+    let first = login_ok(&s, "carol", "carol-pass").await;
     assert_eq!(
         rows_of_user(&client, carol).await,
-        3,
-        "live, never-expiring and new"
+        3 + i64::from(extra),
+        "one batch deleted; live, never-expiring and new kept"
     );
+    // Cached at once all the same (its own deletions' notifications do not undo that).
+    assert_eq!(redis_cli(6379, &["EXISTS", &redis_key(&s, &first)]), "1");
+    let second = login_ok(&s, "carol", "carol-pass").await;
+    assert_eq!(rows_of_user(&client, carol).await, 4, "the rest deleted");
     assert_eq!(
         rows_of_user(&client, dave).await,
         2,
         "another user's rows are theirs to lose"
     );
-    for token in [&live.token, &forever.token, &new] {
+    for token in [&live.token, &forever.token, &first, &second] {
         assert_eq!(s.verify(token).await.status, 200);
     }
     s.stop().await;

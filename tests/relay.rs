@@ -606,6 +606,42 @@ async fn an_earlier_relays_word_still_makes_instances_reload_their_key_filters()
     a.stop().await;
 }
 
+/// A relay's replay reads removals back over the cache window, but INSERTs (which only key
+/// filters need) only over `cache.feed_relay_timeout` + 60 s: a gap longer than that made the
+/// instances' feeds go down, and they reload their filters anyway. So a restart on a busy site
+/// replays a minute of logins, not the cache window's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_relay_replays_removals_over_the_cache_window_and_inserts_over_the_relay_timeout() {
+    let db = TestDb::migrated().await;
+    let redis = PrivateRedis::start().await;
+    let prefix = unique("kgwindows");
+    db.client()
+        .await
+        .batch_execute(
+            "INSERT INTO knoxgate_revocation_log (logged_at, kind, user_id, token_key) VALUES \
+               (now() - interval '200 seconds', 'i', '1', 'oldinsert000000'), \
+               (now() - interval '200 seconds', 't', '1', 'oldremoval00000'), \
+               (now() - interval '30 seconds', 'i', '1', 'newinsert000000')",
+        )
+        .await
+        .unwrap();
+    // Defaults: removals over 300 s + 60 s, INSERTs over 3 s + 60 s.
+    let relayed = relay(&db, &redis, &prefix);
+    assert!(
+        ready_within(relayed.admin, Duration::from_secs(20)).await,
+        "{}",
+        relayed.log()
+    );
+    let stream = redis_cli(
+        redis.port,
+        &["XRANGE", &format!("{prefix}:knoxgate:feed"), "-", "+"],
+    );
+    assert!(stream.contains("t|1|oldremoval00000"), "{stream}");
+    assert!(stream.contains("i|1|newinsert000000"), "{stream}");
+    assert!(!stream.contains("oldinsert"), "{stream}");
+    relayed.kill().await;
+}
+
 /// A relay's replay longer than the stream's cap trims the other relays' latest appends. That is
 /// a trim, not a loss (every entry before theirs went too), so they go on without replaying in
 /// turn; taking it for a loss would make two relays trim each other's appends without end.

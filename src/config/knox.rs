@@ -32,9 +32,7 @@ pub struct KnoxFile {
     pub token_character_length: u64,
     #[serde(with = "value::optional_duration")]
     pub token_ttl: Option<Duration>,
-    /// Absent: no limit (knox's `None`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub token_limit_per_user: Option<u64>,
+    pub token_limit_per_user: u64,
     pub auto_refresh: bool,
     #[serde(with = "value::optional_duration")]
     pub auto_refresh_max_ttl: Option<Duration>,
@@ -50,7 +48,7 @@ impl Default for KnoxFile {
             token_prefix: String::new(),
             token_character_length: DEFAULT_TOKEN_CHARACTER_LENGTH,
             token_ttl: DEFAULT_TOKEN_TTL,
-            token_limit_per_user: None,
+            token_limit_per_user: 0,
             auto_refresh: false,
             auto_refresh_max_ttl: None,
             min_refresh_interval: DEFAULT_MIN_REFRESH_INTERVAL,
@@ -114,20 +112,14 @@ impl TryFrom<KnoxFile> for KnoxConfig {
                 "must be between 2 and 128",
             ));
         }
-        if file.token_limit_per_user == Some(0) {
-            // knox takes 0 literally and refuses every login; a config that says so is a slip.
-            return Err(invalid(
-                "knox.token_limit_per_user",
-                "0 would refuse every login (as knox does with 0); leave it out for no limit",
-            ));
-        }
         Ok(KnoxConfig {
             auth_header_prefix: file.auth_header_prefix,
             hash_algorithm,
             token_prefix: file.token_prefix,
             token_character_length: file.token_character_length as usize,
             token_ttl: file.token_ttl,
-            token_limit_per_user: file.token_limit_per_user,
+            token_limit_per_user: (file.token_limit_per_user > 0)
+                .then_some(file.token_limit_per_user),
             auto_refresh: file.auto_refresh,
             auto_refresh_max_ttl: file.auto_refresh_max_ttl,
             min_refresh_interval: file.min_refresh_interval,

@@ -17,7 +17,6 @@ fn empty_file_gives_documented_defaults() {
     assert_eq!(c.server.admin_listen.to_string(), "0.0.0.0:9090");
     assert_eq!(c.knox.hash_algorithm, HashAlgorithm::Sha512);
     assert_eq!(c.knox.token_ttl, Some(Duration::from_secs(36_000)));
-    assert_eq!(c.knox.token_limit_per_user, None);
     assert_eq!(c.redis.max_cache_ttl, Duration::from_secs(300));
     assert_eq!(c.redis.command_timeout, Duration::from_millis(250));
     assert_eq!(c.cache.consistency, Consistency::Notify);
@@ -156,10 +155,6 @@ fn errors_name_the_key() {
             "knox.token_prefix",
         ),
         ("[knox]\nhash_algorithm = \"md5\"", "knox.hash_algorithm"),
-        (
-            "[knox]\ntoken_limit_per_user = 0",
-            "knox.token_limit_per_user",
-        ),
         ("[cache]\nconsistency = \"eventual\"", "cache.consistency"),
         (
             "[postgres]\ntoken_table = \"x; drop table y\"",
@@ -366,7 +361,8 @@ fn the_revocation_log_is_kept_as_long_as_the_replay_reads_it() {
         "[redis]\nmax_cache_ttl = \"60s\"\n[cache]\nfeed_relay_timeout = \"5m\"";
     let c =
         Config::from_toml_str(&format!("{long_relay_timeout}\nfeed_retention = \"6m\"")).unwrap();
-    assert_eq!(c.replay_window(), Duration::from_secs(360));
+    assert_eq!(c.insert_replay_window(), Duration::from_secs(360));
+    assert_eq!(c.replay_window(), Duration::from_secs(120));
     let err = Config::from_toml_str(&format!("{long_relay_timeout}\nfeed_retention = \"5m\""))
         .unwrap_err()
         .to_string();

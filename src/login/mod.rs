@@ -5,7 +5,8 @@
 //! low-priority hashing threads (a dummy one for unknown users, and padding up to the
 //! configured cost for unusable or cheaper hashes, so timing does not reveal which names
 //! exist or how they are stored) →
-//! token row inserted within the per-user limit → the new token cached in every tier.
+//! token row inserted within the per-user limit → the new token cached in every tier → the
+//! user's expired tokens deleted.
 
 pub mod client_ip;
 pub mod hash_pool;
@@ -249,5 +250,9 @@ pub async fn issue_token(
         return Ok(None);
     };
     store.remember_new(row, epoch).await;
+    // Housekeeping: the token is issued whatever becomes of it.
+    if let Err(e) = store.delete_expired_after_login(&digest.to_hex()).await {
+        tracing::warn!(error = %e, "could not delete the user's expired tokens after a login");
+    }
     Ok(Some(Issued { token, expiry }))
 }

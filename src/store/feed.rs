@@ -265,7 +265,8 @@ where
         let listen = format!("LISTEN {}; LISTEN {}", schema::CHANNEL, echo.channel());
         timed(metrics, "LISTEN", tokio::time::timeout(deadline, client.batch_execute(&listen)).await)?;
         // Catch up on everything that could still be cached anywhere.
-        let replay = read_log(&client, config, metrics).await?;
+        // Only a relay needs the INSERTs: this process's own key filter is reloaded now anyway.
+        let replay = read_log(&client, config, metrics, publisher.is_some()).await?;
         // Whatever became of the previous session's appends, this replay appends them again.
         if let Some(publisher) = publisher {
             publisher.start_over();
@@ -412,22 +413,32 @@ where
 /// A change of the revocation log, and its payload as the triggers write it.
 type Logged = (Change, String);
 
-/// The revocation log over the window in which anything could still be cached.
+/// The revocation log: removals over the window in which anything could still be cached,
+/// INSERTs over the one in which a relay's gap can have gone unnoticed (see
+/// [`Config::insert_replay_window`]).
 async fn read_log(
     client: &tokio_postgres::Client,
     config: &Config,
     metrics: &Metrics,
+    with_inserts: bool,
 ) -> Result<Vec<Logged>, StoreError> {
-    let window = config.replay_window();
+    let window = config.replay_window().max(config.insert_replay_window());
+    let inserts_window = config.insert_replay_window().as_secs_f64();
     let replay = tokio::time::timeout(
         config.postgres.feed_bulk_deadline(),
         client.query_typed(
             &format!(
                 "SELECT kind, user_id, coalesce(token_key, '') FROM {} \
-                 WHERE logged_at > now() - make_interval(secs => $1) ORDER BY id",
+                 WHERE logged_at > now() - make_interval(secs => $1) \
+                   AND (kind <> 'i' OR ($3 AND logged_at > now() - make_interval(secs => $2))) \
+                 ORDER BY id",
                 schema::LOG_TABLE
             ),
-            &[(&window.as_secs_f64(), Type::FLOAT8)],
+            &[
+                (&window.as_secs_f64(), Type::FLOAT8),
+                (&inserts_window, Type::FLOAT8),
+                (&with_inserts, Type::BOOL),
+            ],
         ),
     )
     .await;

@@ -17,8 +17,8 @@
 //!
 //! A false positive (at most [`FALSE_POSITIVE_RATE`] while the filter is within its capacity) only
 //! costs the lookup that every unknown key cost without a filter. Deleted keys stay in the filter
-//! until the next load; the filter is reloaded, at a new size, once inserts have used its
-//! headroom.
+//! until the next load; the filter is reloaded, at a new size, once new keys have used its
+//! headroom (a key heard again, as two relays and replays repeat them, uses none).
 
 use std::{
     sync::{
@@ -188,7 +188,11 @@ impl KnownKeys {
         {
             let state = self.state.read().unwrap_or_else(|e| e.into_inner());
             if let State::Current(filter) = &*state {
-                filter.bloom.insert(key);
+                // A key heard again (two relays publish every change, a replay repeats what
+                // was heard) sets no new bit: it does not use the filter's capacity.
+                if filter.bloom.insert(key) {
+                    return;
+                }
                 let keys = filter.keys.fetch_add(1, Ordering::Relaxed) + 1;
                 if keys <= filter.capacity {
                     return;
@@ -469,7 +473,9 @@ mod tests {
     fn a_filter_past_its_capacity_is_reloaded_bigger() {
         let known = loaded(&[], 0);
         assert_eq!(known.pending_load(), None);
-        for i in 0..=MIN_CAPACITY {
+        // A tenth more, for the new keys that set no new bit (false positives) and so are not
+        // counted.
+        for i in 0..=MIN_CAPACITY + MIN_CAPACITY / 10 {
             known.heard(&format!("{i:015}"));
         }
         let generation = known.pending_load().expect("a bigger load is wanted");
@@ -477,6 +483,19 @@ mod tests {
         assert_eq!(known.admit("fffffffffffffff"), Admission::NoFilter);
         let load = known.begin(generation, MIN_CAPACITY + 1);
         assert!(load.capacity > MIN_CAPACITY * HEADROOM);
+    }
+
+    #[test]
+    fn keys_heard_again_do_not_use_the_capacity() {
+        let known = loaded(&[], 0);
+        // Two relays publish every INSERT, and replays repeat them: far past the capacity in
+        // hearings, within it in keys.
+        for _ in 0..3 {
+            for i in 0..MIN_CAPACITY / 2 {
+                known.heard(&format!("{i:015}"));
+            }
+        }
+        assert_eq!(known.pending_load(), None);
     }
 
     #[test]

@@ -41,6 +41,11 @@ use crate::{
     store::memory::Rows,
 };
 
+/// Expired tokens one login deletes at most: each fires the triggers (a log row and a
+/// notification), so a user with a large backlog has it cleared over several logins, each
+/// quick, rather than one that runs into the statement timeout every time.
+pub const LOGIN_CLEANUP_BATCH: u32 = 1000;
+
 /// A token removed from the database: its key and its owner, to evict from the caches.
 pub type Removed = (String, String);
 
@@ -55,7 +60,7 @@ pub(super) struct Statements {
     pub(super) login_user: String,
     pub(super) lock_user: String,
     pub(super) count_live: String,
-    pub(super) delete_expired_of_login_user: String,
+    pub(super) delete_some_expired_of_user: String,
     pub(super) insert_token: String,
     /// `None` when the user model has no last-login column.
     pub(super) set_last_login: Option<String>,
@@ -92,6 +97,14 @@ impl Statements {
                 "DELETE FROM {tok} WHERE user_id = (SELECT user_id FROM {tok} WHERE digest = $1) \
                  AND expiry < now() RETURNING token_key, user_id::text"
             ),
+            // The same after a login, at most LOGIN_CLEANUP_BATCH rows at a time (see
+            // `Store::delete_expired_after_login`).
+            delete_some_expired_of_user: format!(
+                "DELETE FROM {tok} WHERE digest IN (SELECT o.digest FROM {tok} o \
+                 WHERE o.user_id = (SELECT user_id FROM {tok} WHERE digest = $1) \
+                 AND o.expiry < now() LIMIT {LOGIN_CLEANUP_BATCH}) \
+                 RETURNING token_key, user_id::text"
+            ),
             delete_token: format!(
                 "DELETE FROM {tok} WHERE digest = $1 RETURNING token_key, user_id::text"
             ),
@@ -114,13 +127,6 @@ impl Statements {
             count_live: format!(
                 "SELECT count(*) FROM {tok} t JOIN {usr} u ON u.{id} = t.user_id \
                  WHERE u.{name} = $1 AND (t.expiry > now() OR t.expiry IS NULL)"
-            ),
-            // knox deletes a user's expired tokens at each of their authenticated requests; here
-            // requests cost no query, so the login does it, or nothing would ever remove a token
-            // its client dropped unused.
-            delete_expired_of_login_user: format!(
-                "DELETE FROM {tok} t USING {usr} u \
-                 WHERE t.user_id = u.{id} AND u.{name} = $1 AND t.expiry < now()"
             ),
             // The new row with its user as it stands under the login's lock (lock_user), not
             // as it was read before the password check: a deactivation or a lost group during
@@ -541,6 +547,21 @@ impl Postgres {
             .map(row_of)
             .transpose()
             .map_err(|e| self.failed("confirm", &e))
+    }
+
+    /// Deletes up to [`LOGIN_CLEANUP_BATCH`] expired tokens of the user owning `digest`.
+    pub async fn delete_some_expired_of_user(
+        &self,
+        digest: &str,
+    ) -> Result<Vec<Removed>, StoreError> {
+        let rows = self
+            .query(
+                "delete_expired_after_login",
+                &self.sql.delete_some_expired_of_user,
+                &[(&digest, Type::TEXT)],
+            )
+            .await?;
+        removed_of(&rows).map_err(|e| self.failed("delete_expired_after_login", &e))
     }
 
     /// Deletes every expired token of the user owning `digest` (knox's `_cleanup_token`).

@@ -212,6 +212,9 @@ BEGIN
     IF TG_OP = 'UPDATE' AND (NEW.token_key IS DISTINCT FROM OLD.token_key OR NEW.user_id IS DISTINCT FROM OLD.user_id) THEN
         INSERT INTO {LOG_TABLE} (kind, user_id, token_key) VALUES ('t', NEW.user_id::text, NEW.token_key);
         PERFORM pg_notify('{CHANNEL}', 't|' || NEW.user_id::text || '|' || NEW.token_key);
+        -- The row under its new key is, for key filters, a new token.
+        {log_insert}
+        PERFORM pg_notify('{CHANNEL}', 'i|' || NEW.user_id::text || '|' || NEW.token_key);
     END IF;
     RETURN NULL;
 END $$;
@@ -463,11 +466,15 @@ pub async fn triggers_installed(
     {
         return Ok(false);
     }
+    // The function the trigger calls, whatever the search path finds under its name.
     let rows = client
         .query_typed(
-            "SELECT coalesce(strpos(prosrc, $1) > 0, false) FROM pg_proc
-             WHERE oid = to_regprocedure('knoxgate_token_changed()')",
-            &[(&insert_logging_statement(), Type::TEXT)],
+            "SELECT strpos(p.prosrc, $2) > 0 FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
+             WHERE t.tgrelid = to_regclass($1) AND t.tgname = 'knoxgate_token_changed'",
+            &[
+                (&cfg.token_table, Type::TEXT),
+                (&insert_logging_statement(), Type::TEXT),
+            ],
         )
         .await?;
     if !rows.first().is_some_and(|r| r.get::<_, bool>(0)) {

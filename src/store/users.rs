@@ -70,8 +70,7 @@ impl Postgres {
     }
 
     /// Creates a token row for `username` as knox's `AuthToken.objects.create` does, after
-    /// checking the per-user limit and deleting the user's expired tokens, and stamps
-    /// `last_login`, in one transaction.
+    /// checking the per-user limit, and stamps `last_login`, in one transaction.
     /// Returns the new row, its user as the transaction saw it, or `Ok(None)` when the limit is
     /// reached.
     pub async fn create_token(&self, new: &NewToken<'_>) -> Result<Option<TokenRow>, StoreError> {
@@ -117,13 +116,6 @@ impl Postgres {
                     return Ok(None);
                 }
             }
-            metrics.sql("delete_expired_of_login_user");
-            run_statement!(
-                pgbouncer,
-                tx,
-                &sql.delete_expired_of_login_user,
-                &[(&new.username, Type::TEXT)]
-            )?;
             metrics.sql("insert_token");
             let rows = run_statement!(
                 pgbouncer,

@@ -191,6 +191,21 @@ impl Store {
             .await
     }
 
+    /// Deletes expired tokens of the user who just logged in with the token of `digest`, at most
+    /// [`LOGIN_CLEANUP_BATCH`](super::postgres::LOGIN_CLEANUP_BATCH). knox deletes a user's
+    /// expired tokens at each of their authenticated requests; here a request costs no query,
+    /// so a login does it, or nothing would remove the tokens clients drop unused. After the
+    /// login's transaction, not in it: it takes token rows only, as knox's cleanup does.
+    pub async fn delete_expired_after_login(&self, digest: &str) -> Result<(), StoreError> {
+        self.changes
+            .removing(async {
+                let removed = self.pg.delete_some_expired_of_user(digest).await?;
+                self.forget(&removed).await;
+                Ok(())
+            })
+            .await
+    }
+
     /// Logout: deletes one token everywhere. `false` when Postgres no longer held the token
     /// (deleted elsewhere, and a cache had not heard yet): knox, which reads Postgres, would have
     /// refused it, so the caller answers 401; the stale cache entries of its key go anyway.

@@ -21,6 +21,9 @@ BEGIN
     IF TG_OP = 'UPDATE' AND (NEW.token_key IS DISTINCT FROM OLD.token_key OR NEW.user_id IS DISTINCT FROM OLD.user_id) THEN
         INSERT INTO knoxgate_revocation_log (kind, user_id, token_key) VALUES ('t', NEW.user_id::text, NEW.token_key);
         PERFORM pg_notify('knoxgate', 't|' || NEW.user_id::text || '|' || NEW.token_key);
+        -- The row under its new key is, for key filters, a new token.
+        INSERT INTO knoxgate_revocation_log (kind, user_id, token_key) VALUES ('i', NEW.user_id::text, NEW.token_key);
+        PERFORM pg_notify('knoxgate', 'i|' || NEW.user_id::text || '|' || NEW.token_key);
     END IF;
     RETURN NULL;
 END $$;
