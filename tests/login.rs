@@ -429,17 +429,19 @@ async fn concurrent_logins_never_exceed_the_token_limit() {
     let mut set = tokio::task::JoinSet::new();
     for _ in 0..8 {
         let auth = auth.clone();
-        set.spawn(async move {
-            http(addr, "POST", LOGIN, &[("Authorization", &auth)], b"")
-                .await
-                .status
-        });
+        set.spawn(async move { http(addr, "POST", LOGIN, &[("Authorization", &auth)], b"").await });
     }
-    let statuses = set.join_all().await;
+    let responses = set.join_all().await;
+    let statuses: Vec<u16> = responses.iter().map(|r| r.status).collect();
     let ok = statuses.iter().filter(|&&st| st == 200).count();
     let refused = statuses.iter().filter(|&&st| st == 403).count();
     assert_eq!((ok, refused), (2, 6), "{statuses:?}");
     assert_eq!(rows_of_user(&client, id).await, 2);
+    // Each login cached its token, whatever the other logins did meanwhile.
+    for r in responses.iter().filter(|r| r.status == 200) {
+        let (_, token) = parse_login_body(&r.body_text());
+        assert_eq!(redis_cli(6379, &["EXISTS", &redis_key(&s, &token)]), "1");
+    }
     s.stop().await;
 }
 

@@ -17,6 +17,14 @@ fn empty_file_gives_documented_defaults() {
     assert_eq!(c.server.admin_listen.to_string(), "0.0.0.0:9090");
     assert_eq!(c.knox.hash_algorithm, HashAlgorithm::Sha512);
     assert_eq!(c.knox.token_ttl, Some(Duration::from_secs(36_000)));
+    assert_eq!(c.knox.token_limit_per_user, None);
+    let limit = |v: &str| {
+        Config::from_toml_str(&format!("[knox]\ntoken_limit_per_user = {v}"))
+            .unwrap()
+            .knox
+            .token_limit_per_user
+    };
+    assert_eq!((limit("0"), limit("3")), (None, Some(3)), "0 is no limit");
     assert_eq!(c.redis.max_cache_ttl, Duration::from_secs(300));
     assert_eq!(c.redis.command_timeout, Duration::from_millis(250));
     assert_eq!(c.cache.consistency, Consistency::Notify);

@@ -99,11 +99,13 @@ impl Statements {
             ),
             // The same after a login, at most LOGIN_CLEANUP_BATCH rows at a time (see
             // `Store::delete_expired_after_login`).
+            // Expired again in the outer WHERE: a row refreshed after the subquery read it is
+            // rechecked there, not in the subquery. Rows another cleanup holds are skipped.
             delete_some_expired_of_user: format!(
                 "DELETE FROM {tok} WHERE digest IN (SELECT o.digest FROM {tok} o \
                  WHERE o.user_id = (SELECT user_id FROM {tok} WHERE digest = $1) \
-                 AND o.expiry < now() LIMIT {LOGIN_CLEANUP_BATCH}) \
-                 RETURNING token_key, user_id::text"
+                 AND o.expiry < now() LIMIT {LOGIN_CLEANUP_BATCH} FOR UPDATE SKIP LOCKED) \
+                 AND expiry < now() RETURNING token_key, user_id::text"
             ),
             delete_token: format!(
                 "DELETE FROM {tok} WHERE digest = $1 RETURNING token_key, user_id::text"

@@ -93,8 +93,12 @@ CREATE INDEX auth_user_groups_group_id_97559544 ON {ug} USING btree (group_id);"
     ]
 }
 
-/// The statement by which the token trigger logs an INSERT. Installs from before it was added do
-/// not log INSERTs, and [`triggers_installed`] looks for it to tell them.
+/// A comment the token trigger's function carries since it logs INSERTs and reports a row moved
+/// to another key as inserted: [`triggers_installed`] looks for it to tell earlier installs.
+/// Changed whenever that function changes in a way knoxgate depends on.
+pub const TOKEN_TRIGGER_MARK: &str = "-- knoxgate token trigger: INSERTs and moved keys logged";
+
+/// The statement by which the token trigger logs an INSERT.
 pub fn insert_logging_statement() -> String {
     format!(
         "INSERT INTO {LOG_TABLE} (kind, user_id, token_key) VALUES ('i', NEW.user_id::text, NEW.token_key);"
@@ -200,6 +204,7 @@ CREATE INDEX IF NOT EXISTS {LOG_TABLE}_logged_at ON {LOG_TABLE} (logged_at);
 
 CREATE OR REPLACE FUNCTION knoxgate_token_changed() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
+    {TOKEN_TRIGGER_MARK}
     IF TG_OP = 'INSERT' THEN
         -- Logged like a removal, so that a relay's replay brings back the INSERTs its stream
         -- missed and instances' key filters learn them without reloading.
@@ -473,7 +478,7 @@ pub async fn triggers_installed(
              WHERE t.tgrelid = to_regclass($1) AND t.tgname = 'knoxgate_token_changed'",
             &[
                 (&cfg.token_table, Type::TEXT),
-                (&insert_logging_statement(), Type::TEXT),
+                (&TOKEN_TRIGGER_MARK, Type::TEXT),
             ],
         )
         .await?;

@@ -196,14 +196,16 @@ impl Store {
     /// expired tokens at each of their authenticated requests; here a request costs no query,
     /// so a login does it, or nothing would remove the tokens clients drop unused. After the
     /// login's transaction, not in it: it takes token rows only, as knox's cleanup does.
+    ///
+    /// The delete runs outside a removal window, so that a login, which mostly removes nothing,
+    /// does not keep concurrent fills from caching meanwhile; the tokens it removed are expired
+    /// (refused from any cache), and are then evicted as the feed evicts what it hears.
     pub async fn delete_expired_after_login(&self, digest: &str) -> Result<(), StoreError> {
-        self.changes
-            .removing(async {
-                let removed = self.pg.delete_some_expired_of_user(digest).await?;
-                self.forget(&removed).await;
-                Ok(())
-            })
-            .await
+        let removed = self.pg.delete_some_expired_of_user(digest).await?;
+        if !removed.is_empty() {
+            self.changes.removing(self.forget(&removed)).await;
+        }
+        Ok(())
     }
 
     /// Logout: deletes one token everywhere. `false` when Postgres no longer held the token

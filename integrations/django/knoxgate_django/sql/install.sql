@@ -9,6 +9,7 @@ CREATE INDEX IF NOT EXISTS knoxgate_revocation_log_logged_at ON knoxgate_revocat
 
 CREATE OR REPLACE FUNCTION knoxgate_token_changed() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
+    -- knoxgate token trigger: INSERTs and moved keys logged
     IF TG_OP = 'INSERT' THEN
         -- Logged like a removal, so that a relay's replay brings back the INSERTs its stream
         -- missed and instances' key filters learn them without reloading.
