@@ -228,7 +228,22 @@ async fn a_short_lived_assertion_is_renewed_before_it_expires() {
         &assertion_toml(&key, "lifetime = \"8s\"\nrenew_before = \"4s\""),
     )
     .await;
+    // The token's INSERT, heard after the first verify, would drop the entry that verify cached
+    // (it cannot tell the new row from one it already holds) and with it the assertion: wait for
+    // the feed to be live and to have applied it first.
+    let live = eventually(Duration::from_secs(10), || async {
+        s.metric("knoxgate_feed_connected").await == 1.0
+    })
+    .await;
+    assert!(live.is_some(), "the feed never came up");
+    let inserts = || s.metric("knoxgate_feed_events_total{kind=\"insert\"}");
+    let before = inserts().await;
     let t = user_with_token(&db, "bob").await;
+    let heard = eventually(Duration::from_secs(10), || async {
+        inserts().await > before
+    })
+    .await;
+    assert!(heard.is_some(), "the token's INSERT never reached the feed");
     let first = assertion_of(&s.verify(&t.token).await);
     assert_eq!(assertion_of(&s.verify(&t.token).await), first);
     let jwks = served_jwks(&s).await;
