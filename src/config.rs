@@ -123,7 +123,7 @@ impl TryFrom<FileConfig> for Config {
         config.check_names()?;
         // The replay at each (re)connect reads the log back over the cache window: rows pruned
         // before that would be changes a reconnecting instance never hears of.
-        let replayed = config.replay_window().max(config.insert_replay_window());
+        let replayed = config.log_read_window();
         if config.cache.feed_retention < replayed {
             return Err(value::invalid(
                 "cache.feed_retention",
@@ -157,6 +157,11 @@ impl Config {
     /// relay's restart replays only a minute or so of logins, however busy the site.
     pub fn insert_replay_window(&self) -> Duration {
         self.cache.feed_relay_timeout + REPLAY_SLACK
+    }
+    /// How far back a replay reads the log at all: the longer of the two windows above, which
+    /// `cache.feed_retention` must cover.
+    pub fn log_read_window(&self) -> Duration {
+        self.replay_window().max(self.insert_replay_window())
     }
     /// Limits that only make sense against each other.
     fn check_deadlines(&self) -> Result<(), ConfigError> {

@@ -62,6 +62,15 @@ async fn ready_within(admin: std::net::SocketAddr, limit: Duration) -> bool {
         .is_some()
 }
 
+/// Fails the test, with the process's log, unless it answers `/readyz` 200 within `limit`.
+async fn assert_ready(process: &Binary, limit: Duration) {
+    assert!(
+        ready_within(process.admin, limit).await,
+        "not ready: {}",
+        process.log()
+    );
+}
+
 async fn instance(db: &TestDb, redis: &PrivateRedis, prefix: &str) -> TestServer {
     instance_on(db, &redis.url(), prefix).await
 }
@@ -111,11 +120,7 @@ async fn revocations_reach_every_instance_through_relays_that_crash_and_return()
     let relay_a = relay(&db, &redis, &prefix);
     let relay_b = relay(&db, &redis, &prefix);
     for r in [&relay_a, &relay_b] {
-        assert!(
-            ready_within(r.admin, Duration::from_secs(10)).await,
-            "relay not ready: {}",
-            r.log()
-        );
+        assert_ready(r, Duration::from_secs(10)).await;
     }
     let a = instance(&db, &redis, &prefix).await;
     let b = instance(&db, &redis, &prefix).await;
@@ -265,11 +270,7 @@ async fn a_redis_restart_and_a_dropped_reader_lose_no_revocation() {
     let mut redis = PrivateRedis::start().await;
     let prefix = unique("kgrelay");
     let relay = relay(&db, &redis, &prefix);
-    assert!(
-        ready_within(relay.admin, Duration::from_secs(10)).await,
-        "relay not ready: {}",
-        relay.log()
-    );
+    assert_ready(&relay, Duration::from_secs(10)).await;
     let a = instance(&db, &redis, &prefix).await;
     let b = instance(&db, &redis, &prefix).await;
     let during_restart = user_with_token(&db, "restart").await;
@@ -397,11 +398,7 @@ async fn a_revocation_a_redis_failover_loses_from_the_stream_is_appended_again()
             ("KNOXGATE_CACHE_FEED_RELAY_TIMEOUT", "800ms".into()),
         ],
     );
-    assert!(
-        ready_within(b.admin, Duration::from_secs(30)).await,
-        "instance not live: {}",
-        b.log()
-    );
+    assert_ready(&b, Duration::from_secs(30)).await;
     let revoked = user_with_token(&db, "failover-lost").await;
     let kept = user_with_token(&db, "failover-kept").await;
     for t in [&revoked, &kept] {
@@ -460,11 +457,7 @@ async fn a_revocation_a_redis_failover_loses_from_the_stream_is_appended_again()
     // one from before the stop, so it is given longer than the relay timeout to notice first.
     b.resume();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(
-        ready_within(b.admin, Duration::from_secs(30)).await,
-        "instance not live after the failover: {}",
-        b.log()
-    );
+    assert_ready(&b, Duration::from_secs(30)).await;
     let refused = eventually(BOUND, || async {
         b.verify(&revoked.token).await.status == 401
     })
@@ -627,11 +620,7 @@ async fn a_relay_replays_removals_over_the_cache_window_and_inserts_over_the_rel
         .unwrap();
     // Defaults: removals over 300 s + 60 s, INSERTs over 3 s + 60 s.
     let relayed = relay(&db, &redis, &prefix);
-    assert!(
-        ready_within(relayed.admin, Duration::from_secs(20)).await,
-        "{}",
-        relayed.log()
-    );
+    assert_ready(&relayed, Duration::from_secs(20)).await;
     let stream = redis_cli(
         redis.port,
         &["XRANGE", &format!("{prefix}:knoxgate:feed"), "-", "+"],
@@ -662,17 +651,9 @@ async fn a_replay_that_trims_another_relays_appends_does_not_make_it_replay() {
         .unwrap();
     let cap = [("KNOXGATE_CACHE_FEED_STREAM_MAX_LEN", "1024".to_owned())];
     let first = relay_with(&db, &redis.url(), &prefix, &cap);
-    assert!(
-        ready_within(first.admin, Duration::from_secs(20)).await,
-        "{}",
-        first.log()
-    );
+    assert_ready(&first, Duration::from_secs(20)).await;
     let second = relay_with(&db, &redis.url(), &prefix, &cap);
-    assert!(
-        ready_within(second.admin, Duration::from_secs(20)).await,
-        "{}",
-        second.log()
-    );
+    assert_ready(&second, Duration::from_secs(20)).await;
     // The second's replay has trimmed the first's heartbeats; both append on.
     let stream = format!("{prefix}:knoxgate:feed");
     let heartbeats = || {
@@ -796,11 +777,7 @@ async fn an_instance_started_after_a_revocation_distrusts_the_entry_that_outlive
             redis_cli(port, &["XADD", &stream, "1-1", "c", "b|old|1"]);
         }
         let relayed = relay(&db, &redis, &prefix);
-        assert!(
-            ready_within(relayed.admin, Duration::from_secs(10)).await,
-            "{}",
-            relayed.log()
-        );
+        assert_ready(&relayed, Duration::from_secs(10)).await;
         let a = instance(&db, &redis, &prefix).await;
         assert!(ready_within(a.admin(), Duration::from_secs(10)).await);
         let token = user_with_token(&db, "revoked").await;
@@ -853,11 +830,7 @@ async fn a_token_made_while_the_relay_reconnects_is_not_refused_as_unknown() {
     let redis = PrivateRedis::start().await;
     let prefix = unique("kggap");
     let relayed = relay(&db, &redis, &prefix);
-    assert!(
-        ready_within(relayed.admin, Duration::from_secs(10)).await,
-        "{}",
-        relayed.log()
-    );
+    assert_ready(&relayed, Duration::from_secs(10)).await;
     // A relay timeout far longer than the relay takes to come back: the instance's feed stays
     // live throughout, so only the relay's replay can tell it of the token.
     let extra = format!(
@@ -942,11 +915,7 @@ async fn a_relay_whose_listener_goes_silent_stops_vouching_for_it() {
             ("KNOXGATE_CACHE_FEED_HEALTH_INTERVAL", "30s".into()),
         ],
     );
-    assert!(
-        ready_within(relayed.admin, Duration::from_secs(10)).await,
-        "{}",
-        relayed.log()
-    );
+    assert_ready(&relayed, Duration::from_secs(10)).await;
     let s = instance(&db, &redis, &prefix).await;
     assert!(ready_within(s.admin(), Duration::from_secs(10)).await);
     let token = user_with_token(&db, "silent").await;

@@ -422,7 +422,7 @@ async fn read_log(
     metrics: &Metrics,
     with_inserts: bool,
 ) -> Result<Vec<Logged>, StoreError> {
-    let window = config.replay_window().max(config.insert_replay_window());
+    let window = config.log_read_window();
     let inserts_window = config.insert_replay_window().as_secs_f64();
     let replay = tokio::time::timeout(
         config.postgres.feed_bulk_deadline(),

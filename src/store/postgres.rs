@@ -556,50 +556,37 @@ impl Postgres {
         &self,
         digest: &str,
     ) -> Result<Vec<Removed>, StoreError> {
-        let rows = self
-            .query(
-                "delete_expired_after_login",
-                &self.sql.delete_some_expired_of_user,
-                &[(&digest, Type::TEXT)],
-            )
-            .await?;
-        removed_of(&rows).map_err(|e| self.failed("delete_expired_after_login", &e))
+        let sql = &self.sql.delete_some_expired_of_user;
+        self.delete("delete_expired_after_login", sql, digest).await
     }
 
     /// Deletes every expired token of the user owning `digest` (knox's `_cleanup_token`).
     pub async fn delete_expired_of_user(&self, digest: &str) -> Result<Vec<Removed>, StoreError> {
-        let rows = self
-            .query(
-                "delete_expired",
-                &self.sql.delete_expired_of_user,
-                &[(&digest, Type::TEXT)],
-            )
-            .await?;
-        removed_of(&rows).map_err(|e| self.failed("delete_expired", &e))
+        let sql = &self.sql.delete_expired_of_user;
+        self.delete("delete_expired", sql, digest).await
     }
 
     /// Deletes one token (logout).
     pub async fn delete_token(&self, digest: &str) -> Result<Vec<Removed>, StoreError> {
-        let rows = self
-            .query(
-                "delete_token",
-                &self.sql.delete_token,
-                &[(&digest, Type::TEXT)],
-            )
-            .await?;
-        removed_of(&rows).map_err(|e| self.failed("delete_token", &e))
+        self.delete("delete_token", &self.sql.delete_token, digest)
+            .await
     }
 
     /// Deletes every token of the user owning `digest` (logout-all).
     pub async fn delete_all_of_user(&self, digest: &str) -> Result<Vec<Removed>, StoreError> {
-        let rows = self
-            .query(
-                "delete_all",
-                &self.sql.delete_all_of_user,
-                &[(&digest, Type::TEXT)],
-            )
-            .await?;
-        removed_of(&rows).map_err(|e| self.failed("delete_all", &e))
+        self.delete("delete_all", &self.sql.delete_all_of_user, digest)
+            .await
+    }
+
+    /// Runs one of the DELETE statements above, which take a digest and return what they removed.
+    async fn delete(
+        &self,
+        label: &'static str,
+        sql: &str,
+        digest: &str,
+    ) -> Result<Vec<Removed>, StoreError> {
+        let rows = self.query(label, sql, &[(&digest, Type::TEXT)]).await?;
+        removed_of(&rows).map_err(|e| self.failed(label, &e))
     }
 
     /// Moves a token's expiry (AUTO_REFRESH).

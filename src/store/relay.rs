@@ -207,12 +207,8 @@ impl Publisher {
     /// Says on the stream that this relay's feed is live; like every append, only if the
     /// stream still holds what the relay appended before.
     pub async fn heartbeat(&self) -> Result<(), StoreError> {
-        self.publish(&self.relay_entry("b")).await
-    }
-
-    fn relay_entry(&self, kind: &str) -> String {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        format!("{kind}|{}|{seq}", self.relay)
+        self.publish(&format!("b|{}|{seq}", self.relay)).await
     }
 
     pub async fn quit(&self) {
