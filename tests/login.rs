@@ -61,6 +61,37 @@ async fn basic_login_returns_knox_body_and_stores_the_row_as_knox_does() {
 }
 
 #[tokio::test]
+async fn the_expiry_is_shown_in_the_sites_time_zone_as_drf_shows_it() {
+    // One zone east of Greenwich with summer time, one west with a half hour, and one at
+    // Greenwich in winter, which DRF writes with `Z` like UTC. Postgres, from its own zone
+    // data, says what each expiry looks like there.
+    for zone in ["Europe/Berlin", "America/St_Johns", "Atlantic/Reykjavik"] {
+        let (_db, client, s) = Fixture::new()
+            .user("alice")
+            .config(&format!("[sessions]\ntime_zone = \"{zone}\""))
+            .start()
+            .await;
+        let r = login(&s, "alice", "alice-pass").await;
+        assert_eq!(r.status, 200, "{}", r.body_text());
+        let (expiry, token) = parse_login_body(&r.body_text());
+        let expiry = expiry.expect("TOKEN_TTL is 10h: expiry is not null");
+        assert_eq!(
+            Some(expiry.clone()),
+            db_expiry_text_in(&client, &token, zone).await,
+            "{zone}"
+        );
+        let shown = knoxgate::auth::parse_isoformat(&expiry).expect("an offset, or Z");
+        assert_eq!(Some(shown), db_expiry(&client, &token).await, "{zone}");
+        assert_eq!(
+            expiry.ends_with('Z'),
+            zone == "Atlantic/Reykjavik",
+            "{expiry}"
+        );
+        s.stop().await;
+    }
+}
+
+#[tokio::test]
 async fn login_without_the_trailing_slash_works_too() {
     let (_db, _client, s) = Fixture::new().user("alice").start().await;
     let r = http(

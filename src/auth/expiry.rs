@@ -1,11 +1,18 @@
 //! Timestamps as Django, DRF and django-rest-knox-redis write them.
 
+use jiff::tz::TimeZone;
 use time::{OffsetDateTime, UtcOffset, format_description::well_known::Iso8601};
 
-fn isoformat_utc(dt: OffsetDateTime, suffix: &str) -> String {
-    let dt = dt.to_offset(UtcOffset::UTC);
+/// Python's `datetime.isoformat()` of `dt` seen at `offset`, a zero offset written `zero`.
+fn isoformat(dt: OffsetDateTime, offset: UtcOffset, zero: &str) -> String {
+    let dt = dt.to_offset(offset);
     let (y, mo, d) = (dt.year(), u8::from(dt.month()), dt.day());
     let (h, mi, s, us) = (dt.hour(), dt.minute(), dt.second(), dt.microsecond());
+    let suffix = if offset.is_utc() {
+        zero.to_owned()
+    } else {
+        python_offset(offset)
+    };
     // Python's isoformat() drops the fraction when the microsecond is 0, else prints 6 digits.
     if us == 0 {
         format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}{suffix}")
@@ -14,14 +21,38 @@ fn isoformat_utc(dt: OffsetDateTime, suffix: &str) -> String {
     }
 }
 
-/// The login response's `expiry`: DRF's ISO-8601 rendering of a UTC datetime (`…Z`).
-pub fn format_drf_expiry(dt: OffsetDateTime) -> String {
-    isoformat_utc(dt, "Z")
+/// An offset as `isoformat()` prints it: `+HH:MM`, with `:SS` only when there are seconds
+/// (some zones' offsets before 1900, "local mean time").
+fn python_offset(offset: UtcOffset) -> String {
+    let sign = if offset.is_negative() { '-' } else { '+' };
+    let (h, m, s) = offset.as_hms();
+    let (h, m, s) = (h.unsigned_abs(), m.unsigned_abs(), s.unsigned_abs());
+    if s == 0 {
+        format!("{sign}{h:02}:{m:02}")
+    } else {
+        format!("{sign}{h:02}:{m:02}:{s:02}")
+    }
+}
+
+/// The offset `zone` has at the instant `dt`.
+fn offset_in(zone: &TimeZone, dt: OffsetDateTime) -> UtcOffset {
+    // Both crates span the years -9999..=9999, so neither conversion fails for a datetime
+    // Postgres or knoxgate made; UTC is only a fallback that cannot be reached.
+    jiff::Timestamp::from_second(dt.unix_timestamp())
+        .ok()
+        .and_then(|at| UtcOffset::from_whole_seconds(zone.to_offset(at).seconds()).ok())
+        .unwrap_or(UtcOffset::UTC)
+}
+
+/// The login response's `expiry` as DRF renders a datetime with `USE_TZ = True`: converted to
+/// the site's `TIME_ZONE`, then `isoformat()` with a zero offset written `Z`.
+pub fn format_drf_expiry(dt: OffsetDateTime, zone: &TimeZone) -> String {
+    isoformat(dt, offset_in(zone, dt), "Z")
 }
 
 /// Python `datetime.isoformat()` of a UTC datetime (`…+00:00`), as django-rest-knox-redis stores it.
 pub fn format_isoformat(dt: OffsetDateTime) -> String {
-    isoformat_utc(dt, "+00:00")
+    isoformat(dt, UtcOffset::UTC, "+00:00")
 }
 
 /// Parses the timestamps django-rest-knox-redis reads back with `datetime.fromisoformat`.
@@ -45,27 +76,98 @@ mod tests {
     use super::*;
     use time::macros::datetime;
 
+    fn zone(name: &str) -> TimeZone {
+        TimeZone::get(name).unwrap()
+    }
+
     #[test]
     fn drf_examples_from_http_json() {
         let http = crate::knox_compat("http.json");
         let ex = &http["expiry_format_examples"];
         let base = datetime!(2030-01-02 03:04:05 UTC);
+        let micro = base.replace_microsecond(123456).unwrap();
         assert_eq!(
-            format_drf_expiry(base.replace_microsecond(123456).unwrap()),
+            format_drf_expiry(micro, &TimeZone::UTC),
             ex["utc_with_micro"]
         );
-        assert_eq!(format_drf_expiry(base), ex["utc_micro_zero"]);
         assert_eq!(
-            format_drf_expiry(base.replace_microsecond(1000).unwrap()),
+            format_drf_expiry(base, &TimeZone::UTC),
+            ex["utc_micro_zero"]
+        );
+        assert_eq!(
+            format_drf_expiry(base.replace_microsecond(1000).unwrap(), &TimeZone::UTC),
             ex["utc_micro_1000"]
+        );
+        assert_eq!(
+            format_drf_expiry(micro, &zone("Europe/Berlin")),
+            ex["default format, TIME_ZONE=Europe/Berlin"]
         );
     }
 
     #[test]
-    fn non_utc_input_is_rendered_in_utc() {
-        let dt = datetime!(2030-01-02 04:04:05.5 +01:00);
-        assert_eq!(format_drf_expiry(dt), "2030-01-02T03:04:05.500000Z");
-        assert_eq!(format_isoformat(dt), "2030-01-02T03:04:05.500000+00:00");
+    fn knox_login_in_berlin_from_http_json() {
+        let http = crate::knox_compat("http.json");
+        let exchange = http["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == "login_time_zone_europe_berlin")
+            .expect("the recorded exchange");
+        let shown = exchange["response"]["json"]["expiry"].as_str().unwrap();
+        assert!(shown.ends_with("+01:00"), "{shown}");
+        let instant = parse_isoformat(shown).unwrap();
+        assert_eq!(format_drf_expiry(instant, &zone("Europe/Berlin")), shown);
+        assert_eq!(
+            format_drf_expiry(instant, &TimeZone::UTC),
+            "2026-11-25T14:05:04.027242Z"
+        );
+    }
+
+    #[test]
+    fn the_offset_is_the_zones_at_that_instant() {
+        let winter = datetime!(2030-01-02 03:04:05 UTC);
+        let summer = datetime!(2030-07-02 03:04:05 UTC);
+        let berlin = zone("Europe/Berlin");
+        assert_eq!(
+            format_drf_expiry(winter, &berlin),
+            "2030-01-02T04:04:05+01:00"
+        );
+        assert_eq!(
+            format_drf_expiry(summer, &berlin),
+            "2030-07-02T05:04:05+02:00"
+        );
+        // A zone at offset zero is written as DRF writes UTC.
+        let london = zone("Europe/London");
+        assert_eq!(format_drf_expiry(winter, &london), "2030-01-02T03:04:05Z");
+        assert_eq!(
+            format_drf_expiry(summer, &london),
+            "2030-07-02T04:04:05+01:00"
+        );
+        // West of Greenwich, half hours, and across midnight.
+        assert_eq!(
+            format_drf_expiry(winter, &zone("America/St_Johns")),
+            "2030-01-01T23:34:05-03:30"
+        );
+        // The input's own offset plays no part.
+        let in_tokyo = datetime!(2030-01-02 12:04:05.5 +09:00);
+        assert_eq!(
+            format_drf_expiry(in_tokyo, &TimeZone::UTC),
+            "2030-01-02T03:04:05.500000Z"
+        );
+        assert_eq!(
+            format_isoformat(in_tokyo),
+            "2030-01-02T03:04:05.500000+00:00"
+        );
+    }
+
+    #[test]
+    fn offsets_print_as_python_prints_them() {
+        let offset = |s| python_offset(UtcOffset::from_whole_seconds(s).unwrap());
+        assert_eq!(offset(3600), "+01:00");
+        assert_eq!(offset(-(3 * 3600 + 30 * 60)), "-03:30");
+        // Local mean time: seconds only when there are any.
+        assert_eq!(offset(53 * 60 + 28), "+00:53:28");
+        assert_eq!(offset(-(3600 + 30)), "-01:00:30");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 use std::{net::IpAddr, num::NonZeroUsize, time::Duration};
 
 use ipnet::IpNet;
+use jiff::tz::TimeZone;
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -23,6 +24,8 @@ const DEFAULT_MAX_BODY_BYTES: u64 = 8_192;
 const DEFAULT_THROTTLE_FAILURES: u64 = 10;
 const DEFAULT_THROTTLE_USER_FAILURES: u64 = 50;
 const DEFAULT_THROTTLE_WINDOW: Duration = Duration::from_secs(5 * 60);
+// Django's default TIME_ZONE in a new project (startproject's settings.py).
+const DEFAULT_TIME_ZONE: &str = "UTC";
 
 /// Django 5.2's default `PASSWORD_HASHERS`, by algorithm name, preferred first. `bcrypt` and
 /// `md5` are not among them: Django refuses their hashes unless a site lists them.
@@ -54,6 +57,7 @@ pub struct SessionsFile {
     pub throttle_window: Duration,
     pub trusted_proxies: Vec<String>,
     pub trust_x_real_ip: bool,
+    pub time_zone: String,
 }
 
 impl Default for SessionsFile {
@@ -73,6 +77,7 @@ impl Default for SessionsFile {
             throttle_window: DEFAULT_THROTTLE_WINDOW,
             trusted_proxies: Vec::new(),
             trust_x_real_ip: false,
+            time_zone: DEFAULT_TIME_ZONE.into(),
         }
     }
 }
@@ -114,6 +119,8 @@ pub struct SessionsConfig {
     pub trusted_proxies: Vec<IpNet>,
     /// Believe `X-Real-IP` from a trusted proxy when `X-Forwarded-For` names no client.
     pub trust_x_real_ip: bool,
+    /// Django's `TIME_ZONE`: the login response shows the token's expiry in it, as DRF does.
+    pub time_zone: TimeZone,
 }
 
 impl SessionsConfig {
@@ -231,6 +238,22 @@ impl TryFrom<SessionsFile> for SessionsConfig {
             throttle_window: file.throttle_window,
             trusted_proxies,
             trust_x_real_ip: file.trust_x_real_ip,
+            time_zone: time_zone(&file.time_zone)?,
         })
     }
+}
+
+/// A `TIME_ZONE` name: an IANA zone such as `Europe/Berlin`, looked up in the system's time zone
+/// database (`/usr/share/zoneinfo`, as Python's `zoneinfo` does) or the copy built in.
+fn time_zone(name: &str) -> Result<TimeZone, ConfigError> {
+    let name = name.trim();
+    if name == DEFAULT_TIME_ZONE {
+        return Ok(TimeZone::UTC);
+    }
+    TimeZone::get(name).map_err(|e| {
+        invalid(
+            "sessions.time_zone",
+            format!("`{name}` is not a time zone name (as Django's TIME_ZONE, e.g. `Europe/Berlin`): {e}"),
+        )
+    })
 }

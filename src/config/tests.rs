@@ -116,6 +116,22 @@ fn password_hashers_are_djangos_defaults_and_checked() {
 }
 
 #[test]
+fn the_time_zone_is_djangos_default_and_checked() {
+    use jiff::tz::TimeZone;
+    let c = Config::from_toml_str("").unwrap();
+    assert_eq!(c.sessions.time_zone, TimeZone::UTC);
+    let berlin =
+        Config::from_toml_and_env("", env(&[("KNOXGATE_SESSIONS_TIME_ZONE", "Europe/Berlin")]))
+            .unwrap();
+    assert_eq!(berlin.sessions.time_zone.iana_name(), Some("Europe/Berlin"));
+    for bad in ["", "Europe/Nowhere", "+01:00", "../../etc/passwd"] {
+        let err =
+            Config::from_toml_str(&format!("[sessions]\ntime_zone = \"{bad}\"\n")).unwrap_err();
+        assert!(err.to_string().contains("sessions.time_zone"), "{err}");
+    }
+}
+
+#[test]
 fn env_overrides_file_and_works_without_file() {
     let c = Config::from_toml_and_env(
         "[server]\nlisten = \"127.0.0.1:1\"\n",

@@ -7,6 +7,7 @@ use hyper::{
     Response, StatusCode,
     header::{self, HeaderName, HeaderValue},
 };
+use jiff::tz::TimeZone;
 
 use crate::{
     auth::{DenyReason, TokenRow, format_drf_expiry},
@@ -77,9 +78,10 @@ pub fn allow(
         h.insert(name.clone(), header_value(&groups_value(&row.user.groups)));
     }
     if let Some(name) = &cfg.expiry_header {
-        let v = row
-            .expiry
-            .map_or_else(|| "none".to_owned(), format_drf_expiry);
+        let v = row.expiry.map_or_else(
+            || "none".to_owned(),
+            |e| format_drf_expiry(e, &TimeZone::UTC),
+        );
         h.insert(name.clone(), header_value(&v));
     }
     r
@@ -156,9 +158,16 @@ pub fn login_refused(text: &str) -> Response<Body> {
     r
 }
 
-/// knox's login body: `{"expiry":…,"token":…}`, keys in that order.
-pub fn login_ok(expiry: Option<time::OffsetDateTime>, token: &str) -> Response<Body> {
-    let expiry = expiry.map_or(serde_json::Value::Null, |e| format_drf_expiry(e).into());
+/// knox's login body: `{"expiry":…,"token":…}`, keys in that order, the expiry shown in the
+/// site's `TIME_ZONE`.
+pub fn login_ok(
+    expiry: Option<time::OffsetDateTime>,
+    token: &str,
+    time_zone: &TimeZone,
+) -> Response<Body> {
+    let expiry = expiry.map_or(serde_json::Value::Null, |e| {
+        format_drf_expiry(e, time_zone).into()
+    });
     let body = format!(
         "{{\"expiry\":{},\"token\":{}}}",
         expiry,

@@ -125,7 +125,9 @@ pub async fn login(
         .await?;
     count_login(app, outcome.label());
     Ok(match outcome {
-        LoginOutcome::Issued(issued) => respond::login_ok(issued.expiry, &issued.token),
+        LoginOutcome::Issued(issued) => {
+            respond::login_ok(issued.expiry, &issued.token, &sessions.time_zone)
+        }
         LoginOutcome::Refused => respond::login_refused("Invalid username/password."),
         LoginOutcome::Throttled { retry_after_secs } => respond::throttled(retry_after_secs),
         LoginOutcome::TokenLimit => respond::token_limit_reached(),

@@ -80,6 +80,8 @@ class Settings:
     password_hashers: str = "pbkdf2_sha256"
     #: KNOXGATE_CACHE_CONSISTENCY
     cache_consistency: str = "notify"
+    #: Django's TIME_ZONE, and knoxgate's sessions.time_zone
+    time_zone: str = "UTC"
 
     def django_env(self, db_name: str, redis_url: str) -> dict[str, str]:
         return {
@@ -95,6 +97,7 @@ class Settings:
             "DJ_HASH": self.hash_algorithm,
             "DJ_TOKEN_TTL_SECONDS": {"default": "", "none": "none"}[self.token_ttl],
             "DJ_PASSWORD_HASHERS": self.password_hashers,
+            "DJ_TIME_ZONE": self.time_zone,
         }
 
     def knoxgate_env(self, db_name: str, redis_url: str, listen: str, admin: str) -> dict[str, str]:
@@ -107,6 +110,7 @@ class Settings:
             "KNOXGATE_KNOX_TOKEN_TTL": {"default": "10h", "none": "none"}[self.token_ttl],
             "KNOXGATE_REDIS_KEY_PREFIX": self.redis_key_prefix,
             "KNOXGATE_CACHE_CONSISTENCY": self.cache_consistency,
+            "KNOXGATE_SESSIONS_TIME_ZONE": self.time_zone,
         }
         if self.token_prefix:
             env["KNOXGATE_KNOX_TOKEN_PREFIX"] = self.token_prefix

@@ -19,6 +19,7 @@ import json
 import re
 import time
 from datetime import datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -110,18 +111,17 @@ def rows_gone_within(stack, token_key, within=REVOCATION_BUDGET):
     )
 
 
-def knox_expiry_string(value):
-    """What knox's LoginView prints for an expiry with USE_TZ=True, TIME_ZONE='UTC'."""
-    text = value.astimezone(timezone.utc).isoformat()
-    assert text.endswith("+00:00")
-    return text[: -len("+00:00")] + "Z"
+def knox_expiry_string(value, time_zone=timezone.utc):
+    """What knox's LoginView prints for an expiry with USE_TZ=True and this TIME_ZONE."""
+    text = value.astimezone(time_zone).isoformat()
+    return text[: -len("+00:00")] + "Z" if text.endswith("+00:00") else text
 
 
 def digest(stack, token):
     return hashlib.new(stack.settings.hash_algorithm, token.encode("utf-8")).hexdigest()
 
 
-def assert_knox_login_response(stack, response, user, *, ttl=TEN_HOURS):
+def assert_knox_login_response(stack, response, user, *, ttl=TEN_HOURS, time_zone=timezone.utc):
     """knoxgate's login answered like knox's LoginView and stored a knox row; returns the token."""
     assert response.status_code == 200, describe(response)
     assert response.headers.get("Content-Type", "").split(";")[0] == "application/json"
@@ -145,8 +145,9 @@ def assert_knox_login_response(stack, response, user, *, ttl=TEN_HOURS):
         assert body["expiry"] is None
         assert row["expiry"] is None
     else:
-        assert EXPIRY_FORMAT.fullmatch(body["expiry"]), body
-        assert body["expiry"] == knox_expiry_string(row["expiry"]), (body, row)
+        if time_zone is timezone.utc:
+            assert EXPIRY_FORMAT.fullmatch(body["expiry"]), body
+        assert body["expiry"] == knox_expiry_string(row["expiry"], time_zone), (body, row)
         assert abs((row["expiry"] - row["created"]) - ttl) < timedelta(seconds=1), row
     return token
 
@@ -288,6 +289,24 @@ def test_token_without_expiry_from_knoxgate_login_authenticates_in_django(start_
     token = assert_knox_login_response(stack, stack.login("alice", PASSWORD), user, ttl=None)
 
     assert_django_accepts(stack, token, user)
+
+
+@knoxgate("login")
+def test_knoxgate_login_shows_the_expiry_in_djangos_time_zone_as_knox_does(start_stack):
+    stack = start_stack(time_zone="America/St_Johns")
+    user = stack.create_user("alice", PASSWORD)
+    zone = ZoneInfo("America/St_Johns")
+
+    django = stack.django_login("alice", PASSWORD)
+    assert django.status_code == 200, describe(django)
+    django_expiry = json_body(django)["expiry"]
+    row = stack.token_rows(json_body(django)["token"][:15])[0]
+    assert django_expiry == knox_expiry_string(row["expiry"], zone), (django_expiry, row)
+
+    token = assert_knox_login_response(stack, stack.login("alice", PASSWORD), user, time_zone=zone)
+    ours = knox_expiry_string(stack.token_rows(token[:15])[0]["expiry"], zone)
+    # Newfoundland: three and a half hours west of UTC (two and a half in summer), both sides.
+    assert django_expiry[-6:] == ours[-6:] in ("-03:30", "-02:30"), (django_expiry, ours)
 
 
 @knoxgate("login")

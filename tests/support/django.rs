@@ -95,17 +95,36 @@ pub async fn user_with_token(db: &TestDb, username: &str) -> Token {
 
 /// The row's expiry as Python's isoformat() with `Z` would print it, computed by Postgres.
 pub async fn db_expiry_text(client: &tokio_postgres::Client, token: &str) -> Option<String> {
+    db_expiry_text_in(client, token, "UTC").await
+}
+
+/// The row's expiry as DRF shows it with Django's `TIME_ZONE = zone`, worked out by Postgres
+/// from its own time zone data: `isoformat()`, a zero offset written `Z`.
+pub async fn db_expiry_text_in(
+    client: &tokio_postgres::Client,
+    token: &str,
+    zone: &str,
+) -> Option<String> {
     let row = client
         .query_one(
-            "SELECT to_char(expiry AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US') \
+            "SELECT to_char(expiry AT TIME ZONE $2, 'YYYY-MM-DD\"T\"HH24:MI:SS.US'), \
+                    extract(epoch FROM (expiry AT TIME ZONE $2) - (expiry AT TIME ZONE 'UTC'))::int \
              FROM knox_authtoken WHERE token_key = left($1, 15)",
-            &[&token],
+            &[&token, &zone],
         )
         .await
         .expect("token row");
-    row.get::<_, Option<String>>(0).map(|t| {
+    let local: Option<String> = row.get(0);
+    let offset: Option<i32> = row.get(1);
+    local.map(|t| {
         let t = t.strip_suffix(".000000").unwrap_or(&t).to_owned();
-        format!("{t}Z")
+        let offset = offset.expect("an offset beside the expiry");
+        if offset == 0 {
+            return format!("{t}Z");
+        }
+        let sign = if offset < 0 { '-' } else { '+' };
+        let minutes = offset.unsigned_abs() / 60;
+        format!("{t}{sign}{:02}:{:02}", minutes / 60, minutes % 60)
     })
 }
 

@@ -15,6 +15,7 @@ settings that knoxgate is started with, through:
   DJ_PASSWORD_HASHERS    comma list of preferred hashers (pbkdf2_sha256, pbkdf2_sha1, argon2,
                          bcrypt_sha256, bcrypt, scrypt, md5); they go first in PASSWORD_HASHERS,
                          followed by Django's defaults
+  DJ_TIME_ZONE           TIME_ZONE (default 'UTC')
 """
 
 import os
@@ -152,7 +153,7 @@ AUTH_PASSWORD_VALIDATORS = []
 LANGUAGE_CODE = "en-us"
 USE_I18N = True
 USE_TZ = True
-TIME_ZONE = "UTC"
+TIME_ZONE = env("DJ_TIME_ZONE", "UTC")
 
 STATIC_URL = "static/"
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
