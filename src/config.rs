@@ -149,19 +149,25 @@ impl Config {
     pub fn replay_window(&self) -> Duration {
         self.redis.max_cache_ttl + REPLAY_SLACK
     }
-    /// How far back the replay reads the log's INSERTs, which only key filters need. A relay
-    /// back within `cache.feed_relay_timeout` of its last heartbeat finds instances that never
-    /// saw its feed go down, and the INSERTs it missed are all within that; one back later finds
-    /// them reloading their filters anyway (a feed that goes down drops its filter), and with
-    /// two or more relays another one heard them. Shorter than the removals' window, so that a
-    /// relay's restart replays only a minute or so of logins, however busy the site.
-    pub fn insert_replay_window(&self) -> Duration {
-        self.cache.feed_relay_timeout + REPLAY_SLACK
+    /// How far back a relay's replay reads the log's INSERTs (which only key filters need),
+    /// the stream having had its last append `quiet` ago (`None`: it holds nothing). A relay
+    /// appends what it hears as it hears it, and heartbeats every second while it hears, so an
+    /// INSERT logged before the stream's last append is already on it (the slack covers
+    /// transactions committed after their trigger ran, and changes still queued behind a
+    /// heartbeat): a relay back from a gap of any length replays only those since. Capped at
+    /// the longer of the removals' window and `cache.feed_relay_timeout`, plus the slack:
+    /// instances see a longer silence (their feeds go down, and come back with the key filter
+    /// reloaded), and so do the readers of an empty stream, which gets the cap.
+    pub fn insert_replay_window(&self, quiet: Option<Duration>) -> Duration {
+        let cap = self.log_read_window();
+        quiet.map_or(cap, |quiet| quiet.saturating_add(REPLAY_SLACK).min(cap))
     }
-    /// How far back a replay reads the log at all: the longer of the two windows above, which
-    /// `cache.feed_retention` must cover.
+    /// How far back a replay reads the log at all, which `cache.feed_retention` must cover:
+    /// the longer of the removals' window and `cache.feed_relay_timeout` plus the slack (see
+    /// [`Config::insert_replay_window`]).
     pub fn log_read_window(&self) -> Duration {
-        self.replay_window().max(self.insert_replay_window())
+        self.replay_window()
+            .max(self.cache.feed_relay_timeout + REPLAY_SLACK)
     }
     /// Limits that only make sense against each other.
     fn check_deadlines(&self) -> Result<(), ConfigError> {

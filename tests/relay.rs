@@ -600,34 +600,59 @@ async fn an_earlier_relays_word_still_makes_instances_reload_their_key_filters()
 }
 
 /// A relay's replay reads removals back over the cache window, but INSERTs (which only key
-/// filters need) only over `cache.feed_relay_timeout` + 60 s: a gap longer than that made the
-/// instances' feeds go down, and they reload their filters anyway. So a restart on a busy site
-/// replays a minute of logins, not the cache window's.
+/// filters need) only since the stream's last append, by any relay, plus 60 s: whatever was
+/// logged before that, some relay heard and appended. So a restart on a busy site replays a
+/// minute of logins, not the cache window's; from an empty stream, the longer window.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_relay_replays_removals_over_the_cache_window_and_inserts_over_the_relay_timeout() {
+async fn a_relay_replays_removals_over_the_cache_window_and_inserts_since_the_last_append() {
     let db = TestDb::migrated().await;
     let redis = PrivateRedis::start().await;
-    let prefix = unique("kgwindows");
     db.client()
         .await
         .batch_execute(
             "INSERT INTO knoxgate_revocation_log (logged_at, kind, user_id, token_key) VALUES \
-               (now() - interval '200 seconds', 'i', '1', 'oldinsert000000'), \
-               (now() - interval '200 seconds', 't', '1', 'oldremoval00000'), \
-               (now() - interval '30 seconds', 'i', '1', 'newinsert000000')",
+               (now() - interval '300 seconds', 't', '1', 'oldremoval00000'), \
+               (now() - interval '400 seconds', 'i', '1', 'pastthewindow00'), \
+               (now() - interval '200 seconds', 'i', '1', 'beforequiet0000'), \
+               (now() - interval '130 seconds', 'i', '1', 'whilequiet00000')",
         )
         .await
         .unwrap();
-    // Defaults: removals over 300 s + 60 s, INSERTs over 3 s + 60 s.
-    let relayed = relay(&db, &redis, &prefix);
+    let replayed = |prefix: &str| {
+        redis_cli(
+            redis.port,
+            &["XRANGE", &format!("{prefix}:knoxgate:feed"), "-", "+"],
+        )
+    };
+
+    // A stream whose last append, an earlier relay's heartbeat, was 100 s ago.
+    let quiet = unique("kgquiet");
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    let appended = format!("{}-0", now_ms - 100_000);
+    let stream = format!("{quiet}:knoxgate:feed");
+    redis_cli(redis.port, &["XADD", &stream, &appended, "c", "b|gone|1"]);
+    let relayed = relay(&db, &redis, &quiet);
     assert_ready(&relayed, Duration::from_secs(20)).await;
-    let stream = redis_cli(
-        redis.port,
-        &["XRANGE", &format!("{prefix}:knoxgate:feed"), "-", "+"],
-    );
-    assert!(stream.contains("t|1|oldremoval00000"), "{stream}");
-    assert!(stream.contains("i|1|newinsert000000"), "{stream}");
-    assert!(!stream.contains("oldinsert"), "{stream}");
+    let entries = replayed(&quiet);
+    assert!(entries.contains("t|1|oldremoval00000"), "{entries}");
+    assert!(entries.contains("i|1|whilequiet00000"), "{entries}");
+    assert!(!entries.contains("beforequiet"), "{entries}");
+    assert!(!entries.contains("pastthewindow"), "{entries}");
+    relayed.kill().await;
+
+    // An empty stream says nothing of what was appended: INSERTs over the longer window
+    // (defaults: redis.max_cache_ttl 300 s, plus 60 s).
+    let empty = unique("kgempty");
+    let relayed = relay(&db, &redis, &empty);
+    assert_ready(&relayed, Duration::from_secs(20)).await;
+    let entries = replayed(&empty);
+    assert!(entries.contains("t|1|oldremoval00000"), "{entries}");
+    assert!(entries.contains("i|1|whilequiet00000"), "{entries}");
+    assert!(entries.contains("i|1|beforequiet0000"), "{entries}");
+    assert!(!entries.contains("pastthewindow"), "{entries}");
     relayed.kill().await;
 }
 

@@ -385,8 +385,18 @@ fn the_revocation_log_is_kept_as_long_as_the_replay_reads_it() {
         "[redis]\nmax_cache_ttl = \"60s\"\n[cache]\nfeed_relay_timeout = \"5m\"";
     let c =
         Config::from_toml_str(&format!("{long_relay_timeout}\nfeed_retention = \"6m\"")).unwrap();
-    assert_eq!(c.insert_replay_window(), Duration::from_secs(360));
+    assert_eq!(c.log_read_window(), Duration::from_secs(360));
     assert_eq!(c.replay_window(), Duration::from_secs(120));
+    // INSERTs since the stream's last append, plus a minute; at most the log read window,
+    // which an empty stream gets.
+    let quiet = |s| Some(Duration::from_secs(s));
+    assert_eq!(c.insert_replay_window(quiet(2)), Duration::from_secs(62));
+    assert_eq!(c.insert_replay_window(quiet(299)), Duration::from_secs(359));
+    assert_eq!(
+        c.insert_replay_window(quiet(3600)),
+        Duration::from_secs(360)
+    );
+    assert_eq!(c.insert_replay_window(None), Duration::from_secs(360));
     let err = Config::from_toml_str(&format!("{long_relay_timeout}\nfeed_retention = \"5m\""))
         .unwrap_err()
         .to_string();

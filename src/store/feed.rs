@@ -264,9 +264,14 @@ where
         // One simple-query message, so even a pooler runs both on one server connection.
         let listen = format!("LISTEN {}; LISTEN {}", schema::CHANNEL, echo.channel());
         timed(metrics, "LISTEN", tokio::time::timeout(deadline, client.batch_execute(&listen)).await)?;
-        // Catch up on everything that could still be cached anywhere.
-        // Only a relay needs the INSERTs: this process's own key filter is reloaded now anyway.
-        let replay = read_log(&client, config, metrics, publisher.is_some()).await?;
+        // Catch up on everything that could still be cached anywhere. Only a relay needs the
+        // INSERTs (this process's own key filter is reloaded now anyway), and only those made
+        // since the stream's last append: asked now that LISTEN hears whatever comes next.
+        let inserts = match publisher {
+            Some(publisher) => Some(config.insert_replay_window(publisher.quiet_for().await?)),
+            None => None,
+        };
+        let replay = read_log(&client, config, metrics, inserts).await?;
         // Whatever became of the previous session's appends, this replay appends them again.
         if let Some(publisher) = publisher {
             publisher.start_over();
@@ -413,17 +418,15 @@ where
 /// A change of the revocation log, and its payload as the triggers write it.
 type Logged = (Change, String);
 
-/// The revocation log: removals over the window in which anything could still be cached,
-/// INSERTs over the one in which a relay's gap can have gone unnoticed (see
-/// [`Config::insert_replay_window`]).
+/// The revocation log: removals over the window in which anything could still be cached, and
+/// INSERTs over `inserts` (a relay's [`Config::insert_replay_window`]; `None`: none).
 async fn read_log(
     client: &tokio_postgres::Client,
     config: &Config,
     metrics: &Metrics,
-    with_inserts: bool,
+    inserts: Option<Duration>,
 ) -> Result<Vec<Logged>, StoreError> {
     let window = config.log_read_window();
-    let inserts_window = config.insert_replay_window().as_secs_f64();
     let replay = tokio::time::timeout(
         config.postgres.feed_bulk_deadline(),
         client.query_typed(
@@ -436,8 +439,8 @@ async fn read_log(
             ),
             &[
                 (&window.as_secs_f64(), Type::FLOAT8),
-                (&inserts_window, Type::FLOAT8),
-                (&with_inserts, Type::BOOL),
+                (&inserts.unwrap_or_default().as_secs_f64(), Type::FLOAT8),
+                (&inserts.is_some(), Type::BOOL),
             ],
         ),
     )

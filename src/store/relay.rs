@@ -14,7 +14,8 @@
 //! still holds the relay's previous one or lost it only to a trim (everything before it gone
 //! too), and a relay whose previous append was lost starts a new session, replaying the log. No
 //! instance whose last entry survived a loss is told that the stream is whole. INSERTs are in the
-//! log too, so the replay also brings back the ones a gap missed, and instances' key filters
+//! log too, so the replay also brings back the ones a gap missed (those since the stream's last
+//! append: everything before it some relay heard and appended), and instances' key filters
 //! learn them as they learn any other: a relay's restart costs the fleet no reload.
 //!
 //! An instance resumes from the last entry id it read; when that entry is no longer in the stream
@@ -127,6 +128,17 @@ for i = 5, #ARGV do \
 end \
 return id";
 
+/// How long ago, by the Redis server's clock, the stream `KEYS[1]` last had an append (its
+/// newest entry id is the time of that append), in milliseconds; -1 when it is empty or absent.
+/// A script, so that the clock read is that of the node holding the stream.
+const QUIET_SCRIPT: &str = "\
+local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1) \
+if #newest == 0 then return -1 end \
+local now = redis.call('TIME') \
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) \
+local appended_ms = tonumber(string.match(newest[1][1], '^(%d+)')) \
+return math.max(now_ms - appended_ms, 0)";
+
 impl Publisher {
     /// Builds the client and starts connecting in the background.
     pub fn connect(config: &Config) -> Result<Publisher, StoreError> {
@@ -153,6 +165,19 @@ impl Publisher {
             seq: Default::default(),
             last_append: Mutex::default(),
         })
+    }
+
+    /// How long the stream has gone without an append from any relay; `None` when it holds
+    /// nothing (new, or lost with Redis). Nothing any relay heard before its last append can
+    /// be missing from the stream, so a relay that starts (or starts over) replays only the
+    /// INSERTs since then (see [`Config::insert_replay_window`]).
+    pub async fn quiet_for(&self) -> Result<Option<Duration>, StoreError> {
+        let ms: i64 = self
+            .client
+            .eval(QUIET_SCRIPT, vec![self.key.as_str()], Vec::<String>::new())
+            .await
+            .map_err(|e| redis_error("last append", e))?;
+        Ok(u64::try_from(ms).ok().map(Duration::from_millis))
     }
 
     /// Forgets the latest append, so that the next one is made whatever became of it: for a
