@@ -962,3 +962,50 @@ async fn a_relay_whose_listener_goes_silent_stops_vouching_for_it() {
     relayed.kill().await;
     s.stop().await;
 }
+
+/// A relay whose first echo comes back late (its listener slow for a moment after a reconnect)
+/// is deaf until it hears one: it asks again at every health check and goes live when one comes
+/// back in time. An idle instance's feed skips those checks so as not to hold a pooled
+/// connection open, and a relay's pool is always idle: asking only while requests come, it
+/// stayed deaf, without heartbeats and not ready, until its connection failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_relay_whose_first_echo_comes_back_late_goes_live_once_it_hears() {
+    let db = TestDb::migrated().await;
+    let redis = PrivateRedis::start().await;
+    let prefix = unique("kglateecho");
+    let proxy = SlowProxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let feed_url = db.url.replace("127.0.0.1:5432", &proxy.addr().to_string());
+    let relayed = relay_with(
+        &db,
+        &redis.url(),
+        &prefix,
+        &[
+            ("KNOXGATE_POSTGRES_FEED_URL", feed_url),
+            ("KNOXGATE_POSTGRES_STATEMENT_TIMEOUT", "10s".into()),
+            ("KNOXGATE_CACHE_FEED_ECHO_TIMEOUT", "150ms".into()),
+        ],
+    );
+    assert_ready(&relayed, Duration::from_secs(10)).await;
+
+    // The listener's replies (its notifications with them) now take longer than the echo
+    // timeout, and its connection is cut: the next session's first echo comes back late.
+    proxy.set_delay(Duration::from_millis(300));
+    db.client()
+        .await
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = $1 AND application_name = 'knoxgate-feed'",
+            &[&db.name],
+        )
+        .await
+        .unwrap();
+    let deaf = eventually(Duration::from_secs(20), || async {
+        relayed.log().contains("change feed is deaf")
+    })
+    .await;
+    assert!(deaf.is_some(), "no late echo: {}", relayed.log());
+
+    proxy.set_delay(Duration::ZERO);
+    assert_ready(&relayed, Duration::from_secs(10)).await;
+    relayed.kill().await;
+}

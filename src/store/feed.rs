@@ -384,8 +384,11 @@ where
                     // Re-checked only while requests use the pool anyway: an idle instance's
                     // self-test must not hold a pooled connection open. A session that heard
                     // once keeps hearing (LISTEN belongs to the session); the check at each
-                    // (re)connect is the one that catches a transaction pooler.
-                    if pending.is_none() && !store.postgres().quiet() {
+                    // (re)connect is the one that catches a transaction pooler. A feed that
+                    // has not heard (its first echo came back late) asks on every tick: idle,
+                    // and a relay always is, it would stay deaf, and not ready, for good.
+                    let asks = !matches!(hearing, Hearing::Live) || !store.postgres().quiet();
+                    if pending.is_none() && asks {
                         pending = send_echo(store, echo, config).await;
                     }
                 }
