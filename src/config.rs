@@ -150,21 +150,17 @@ impl Config {
         self.redis.max_cache_ttl + REPLAY_SLACK
     }
     /// How far back a relay's replay reads the log's INSERTs (which only key filters need),
-    /// the stream having had its last append `quiet` ago (`None`: it holds nothing). A relay
-    /// appends what it hears as it hears it, and heartbeats every second while it hears (as
-    /// its last echo check, up to `cache.feed_health_interval` + `cache.feed_echo_timeout`
-    /// before, proved), so an INSERT logged before that is already on the stream (the slack
-    /// covers transactions committed after their trigger ran, and changes still queued behind
-    /// a heartbeat): a relay back from a gap of any length replays only those since. Capped at
-    /// the longer of the removals' window and `cache.feed_relay_timeout`, plus the slack:
-    /// instances see a longer silence (their feeds go down, and come back with the key filter
-    /// reloaded), and so do the readers of an empty stream, which gets the cap.
+    /// a relay having last heartbeated on the stream `quiet` ago (`None`: unknown). A relay
+    /// appends what it hears as it hears it and heartbeats only while it hears, so an INSERT
+    /// logged before a heartbeat is already on the stream (the slack covers transactions
+    /// committed well after their trigger ran, and changes still queued behind the heartbeat):
+    /// a relay back from a gap of any length replays only those since. Capped at the longer of
+    /// the removals' window and `cache.feed_relay_timeout`, plus the slack: instances see a
+    /// longer silence (their feeds go down, and come back with the key filter reloaded); an
+    /// unknown `quiet` gets the cap.
     pub fn insert_replay_window(&self, quiet: Option<Duration>) -> Duration {
         let cap = self.log_read_window();
-        let vouched = self.cache.feed_health_interval + self.cache.feed_echo_timeout;
-        quiet.map_or(cap, |quiet| {
-            quiet.saturating_add(vouched + REPLAY_SLACK).min(cap)
-        })
+        quiet.map_or(cap, |quiet| quiet.saturating_add(REPLAY_SLACK).min(cap))
     }
     /// How far back a replay reads the log at all, which `cache.feed_retention` must cover:
     /// the longer of the removals' window and `cache.feed_relay_timeout` plus the slack (see

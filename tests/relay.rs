@@ -600,11 +600,12 @@ async fn an_earlier_relays_word_still_makes_instances_reload_their_key_filters()
 }
 
 /// A relay's replay reads removals back over the cache window, but INSERTs (which only key
-/// filters need) only since the stream's last append, by any relay, plus 60 s: whatever was
+/// filters need) only since a relay last heartbeated on the stream, plus 60 s: whatever was
 /// logged before that, some relay heard and appended. So a restart on a busy site replays a
-/// minute of logins, not the cache window's; from an empty stream, the longer window.
+/// minute of logins, not the cache window's. Other entries vouch for nothing (a replay cut
+/// short appends some too); without a heartbeat, or with no stream at all, the longer window.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_relay_replays_removals_over_the_cache_window_and_inserts_since_the_last_append() {
+async fn a_relay_replays_removals_over_the_cache_window_and_inserts_since_the_last_heartbeat() {
     let db = TestDb::migrated().await;
     let redis = PrivateRedis::start().await;
     db.client()
@@ -618,42 +619,55 @@ async fn a_relay_replays_removals_over_the_cache_window_and_inserts_since_the_la
         )
         .await
         .unwrap();
-    let replayed = |prefix: &str| {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    // Appends made `secs_ago`, oldest first.
+    let seed = |prefix: &str, entries: &[(u128, &str)]| {
+        let stream = format!("{prefix}:knoxgate:feed");
+        for (secs_ago, payload) in entries {
+            let id = format!("{}-0", now_ms - secs_ago * 1000);
+            redis_cli(redis.port, &["XADD", &stream, &id, "c", payload]);
+        }
+    };
+    let replayed = async |prefix: &str| {
+        let relayed = relay(&db, &redis, prefix);
+        assert_ready(&relayed, Duration::from_secs(20)).await;
+        relayed.kill().await;
         redis_cli(
             redis.port,
             &["XRANGE", &format!("{prefix}:knoxgate:feed"), "-", "+"],
         )
     };
 
-    // A stream whose last append, an earlier relay's heartbeat, was 100 s ago.
+    // The last heartbeat 100 s ago, an older one before it, and a change after it.
     let quiet = unique("kgquiet");
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis();
-    let appended = format!("{}-0", now_ms - 100_000);
-    let stream = format!("{quiet}:knoxgate:feed");
-    redis_cli(redis.port, &["XADD", &stream, &appended, "c", "b|gone|1"]);
-    let relayed = relay(&db, &redis, &quiet);
-    assert_ready(&relayed, Duration::from_secs(20)).await;
-    let entries = replayed(&quiet);
+    seed(
+        &quiet,
+        &[
+            (300, "b|gone|1"),
+            (100, "b|gone|2"),
+            (50, "t|9|afterheartbeat"),
+        ],
+    );
+    let entries = replayed(&quiet).await;
     assert!(entries.contains("t|1|oldremoval00000"), "{entries}");
     assert!(entries.contains("i|1|whilequiet00000"), "{entries}");
     assert!(!entries.contains("beforequiet"), "{entries}");
     assert!(!entries.contains("pastthewindow"), "{entries}");
-    relayed.kill().await;
 
-    // An empty stream says nothing of what was appended: INSERTs over the longer window
-    // (defaults: redis.max_cache_ttl 300 s, plus 60 s).
-    let empty = unique("kgempty");
-    let relayed = relay(&db, &redis, &empty);
-    assert_ready(&relayed, Duration::from_secs(20)).await;
-    let entries = replayed(&empty);
-    assert!(entries.contains("t|1|oldremoval00000"), "{entries}");
-    assert!(entries.contains("i|1|whilequiet00000"), "{entries}");
-    assert!(entries.contains("i|1|beforequiet0000"), "{entries}");
-    assert!(!entries.contains("pastthewindow"), "{entries}");
-    relayed.kill().await;
+    // No heartbeat on the stream, or no stream: INSERTs over the longer window (defaults:
+    // redis.max_cache_ttl 300 s, plus 60 s).
+    let unvouched = unique("kgnoheartbeat");
+    seed(&unvouched, &[(50, "t|9|afterheartbeat")]);
+    for prefix in [unvouched, unique("kgempty")] {
+        let entries = replayed(&prefix).await;
+        assert!(entries.contains("t|1|oldremoval00000"), "{entries}");
+        assert!(entries.contains("i|1|whilequiet00000"), "{entries}");
+        assert!(entries.contains("i|1|beforequiet0000"), "{entries}");
+        assert!(!entries.contains("pastthewindow"), "{entries}");
+    }
 }
 
 /// A relay's replay longer than the stream's cap trims the other relays' latest appends. That is

@@ -244,7 +244,8 @@ impl TryFrom<SessionsFile> for SessionsConfig {
 }
 
 /// A `TIME_ZONE` name: an IANA zone such as `Europe/Berlin`, looked up in the system's time zone
-/// database (`/usr/share/zoneinfo`, as Python's `zoneinfo` does) or the copy built in.
+/// database (`/usr/share/zoneinfo`, as Python's `zoneinfo` does) or, on a system without one,
+/// in the copy built in.
 fn time_zone(name: &str) -> Result<TimeZone, ConfigError> {
     let name = name.trim();
     if name == DEFAULT_TIME_ZONE {

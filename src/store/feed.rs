@@ -266,9 +266,11 @@ where
         timed(metrics, "LISTEN", tokio::time::timeout(deadline, client.batch_execute(&listen)).await)?;
         // Catch up on everything that could still be cached anywhere. Only a relay needs the
         // INSERTs (this process's own key filter is reloaded now anyway), and only those made
-        // since the stream's last append: asked now that LISTEN hears whatever comes next.
+        // since a relay last heartbeated: asked now that LISTEN hears whatever comes next.
         let inserts = match publisher {
-            Some(publisher) => Some(config.insert_replay_window(publisher.quiet_for().await?)),
+            Some(publisher) => Some(config.insert_replay_window(
+                publisher.since_last_heartbeat().await?,
+            )),
             None => None,
         };
         let replay = read_log(&client, config, metrics, inserts).await?;

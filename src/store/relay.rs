@@ -15,7 +15,7 @@
 //! too), and a relay whose previous append was lost starts a new session, replaying the log. No
 //! instance whose last entry survived a loss is told that the stream is whole. INSERTs are in the
 //! log too, so the replay also brings back the ones a gap missed (those since the stream's last
-//! append: everything before it some relay heard and appended), and instances' key filters
+//! heartbeat: everything before it some relay heard and appended), and instances' key filters
 //! learn them as they learn any other: a relay's restart costs the fleet no reload.
 //!
 //! An instance resumes from the last entry id it read; when that entry is no longer in the stream
@@ -128,16 +128,33 @@ for i = 5, #ARGV do \
 end \
 return id";
 
-/// How long ago, by the Redis server's clock, the stream `KEYS[1]` last had an append (its
-/// newest entry id is the time of that append), in milliseconds; -1 when it is empty or absent.
-/// A script, so that the clock read is that of the node holding the stream.
-const QUIET_SCRIPT: &str = "\
-local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1) \
-if #newest == 0 then return -1 end \
-local now = redis.call('TIME') \
-local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) \
-local appended_ms = tonumber(string.match(newest[1][1], '^(%d+)')) \
-return math.max(now_ms - appended_ms, 0)";
+/// How long ago, by the Redis server's clock, a relay last heartbeated on the stream `KEYS[1]`
+/// (an entry's id is the time it was appended), in milliseconds, looking through its newest
+/// `ARGV[1]` entries (field `ARGV[2]`); -1 when none of them is a heartbeat (or an earlier
+/// relay's `l|`, also appended only while it heard), or when the clock is behind the entry's
+/// time (a failover to a node whose clock lags): then how long is unknown. A script, so that
+/// the clock read is that of the node holding the stream.
+const LAST_HEARTBEAT_SCRIPT: &str = "\
+local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', tonumber(ARGV[1])) \
+for _, entry in ipairs(newest) do \
+  local fields = entry[2] \
+  for i = 1, #fields, 2 do \
+    local kind = string.sub(fields[i + 1], 1, 2) \
+    if fields[i] == ARGV[2] and (kind == 'b|' or kind == 'l|') then \
+      local now = redis.call('TIME') \
+      local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) \
+      local appended_ms = tonumber(string.match(entry[1], '^(%d+)')) \
+      if now_ms < appended_ms then return -1 end \
+      return now_ms - appended_ms \
+    end \
+  end \
+end \
+return -1";
+
+/// How many of the stream's newest entries [`Publisher::since_last_heartbeat`] looks through:
+/// live relays heartbeat every `cache.feed_heartbeat_interval`, so only a burst of changes (or
+/// a replay) can bury the last heartbeat deeper, and then the replay reads the longest window.
+const HEARTBEAT_SEARCH_DEPTH: u64 = 2 * READ_BATCH;
 
 impl Publisher {
     /// Builds the client and starts connecting in the background.
@@ -167,16 +184,23 @@ impl Publisher {
         })
     }
 
-    /// How long the stream has gone without an append from any relay; `None` when it holds
-    /// nothing (new, or lost with Redis). Nothing any relay heard before its last append can
-    /// be missing from the stream, so a relay that starts (or starts over) replays only the
-    /// INSERTs since then (see [`Config::insert_replay_window`]).
-    pub async fn quiet_for(&self) -> Result<Option<Duration>, StoreError> {
+    /// How long ago a relay last heartbeated on the stream; `None` when that is unknown (no
+    /// heartbeat among its newest entries: new, lost with Redis, or buried under a burst). A
+    /// relay heartbeats only while it hears, after appending what it heard, so whatever was
+    /// logged before a heartbeat is on the stream, and a relay that starts (or starts over)
+    /// replays only the INSERTs since (see [`Config::insert_replay_window`]). Any other entry
+    /// vouches for nothing: a replay cut short, or changes appended before the feed proved
+    /// that it hears.
+    pub async fn since_last_heartbeat(&self) -> Result<Option<Duration>, StoreError> {
         let ms: i64 = self
             .client
-            .eval(QUIET_SCRIPT, vec![self.key.as_str()], Vec::<String>::new())
+            .eval(
+                LAST_HEARTBEAT_SCRIPT,
+                vec![self.key.as_str()],
+                vec![HEARTBEAT_SEARCH_DEPTH.to_string(), FIELD.to_owned()],
+            )
             .await
-            .map_err(|e| redis_error("last append", e))?;
+            .map_err(|e| redis_error("last heartbeat", e))?;
         Ok(u64::try_from(ms).ok().map(Duration::from_millis))
     }
 
