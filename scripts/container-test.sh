@@ -274,6 +274,8 @@ ENV=(-e "KNOXGATE_POSTGRES_URL=postgres://postgres@127.0.0.1:5432/$DB"
     -e "KNOXGATE_REDIS_URL=redis://127.0.0.1:6379/0" -e "KNOXGATE_REDIS_KEY_PREFIX=$KEY_PREFIX"
     -e "KNOXGATE_LISTEN=127.0.0.1:$PORT" -e "KNOXGATE_ADMIN_LISTEN=127.0.0.1:$ADMIN"
     -e KNOXGATE_LOG_FORMAT=json
+    # A zone the image must know, from its own zoneinfo or the copy built into the binary.
+    -e KNOXGATE_SESSIONS_TIME_ZONE=Europe/Berlin
     # Logins slow enough to still be running when SIGTERM comes (below) on a fast machine, and a
     # request timeout and grace period long enough for them on a slow one.
     -e KNOXGATE_SESSIONS_PASSWORD_ITERATIONS=4000000 -e KNOXGATE_REQUEST_TIMEOUT=20s
@@ -342,6 +344,9 @@ login=$(curl -sS -X POST -u "ctuser:$PASSWORD" -w '\n%{http_code}' "$API/api/aut
 [[ ${login##*$'\n'} == 200 ]] || fail "login: $login"
 TOKEN=$(jq -r .token <<<"${login%$'\n'*}")
 [[ $TOKEN =~ ^[0-9a-f]{64}$ ]] || fail "login returned no 64-hex token: $login"
+EXPIRY=$(jq -r .expiry <<<"${login%$'\n'*}")
+[[ $EXPIRY =~ ^[0-9-]{10}T[0-9:.]{8,15}\+0[12]:00$ ]] ||
+    fail "login: expiry '$EXPIRY' is not shown in Europe/Berlin (+01:00 or +02:00)"
 hdr=$(curl -sS -D - -o /dev/null -H "Authorization: Token $TOKEN" "$API/verify")
 grep -q '^HTTP/1.1 200' <<<"$hdr" || fail "verify with the token: $hdr"
 uid=$(grep -i '^x-auth-user-id:' <<<"$hdr" | tr -d '\r' | awk '{print $2}')
@@ -350,7 +355,7 @@ code=$(curl -sS -o /dev/null -w '%{http_code}' -X POST -H "Authorization: Token 
 [[ $code == 204 ]] || fail "logout: $code, expected 204"
 code=$(curl -sS -o /dev/null -w '%{http_code}' -H "Authorization: Token $TOKEN" "$API/verify")
 [[ $code == 401 ]] || fail "verify after logout: $code, expected 401"
-ok "login -> verify 200 with X-Auth-User-Id $USER_ID -> logout 204 -> verify 401"
+ok "login (expiry $EXPIRY, in Europe/Berlin) -> verify 200 with X-Auth-User-Id $USER_ID -> logout 204 -> verify 401"
 
 metrics=$(curl -fsS "http://127.0.0.1:$ADMIN/metrics")
 grep -q '^knoxgate_logins_total{result="ok"} 1$' <<<"$metrics" ||
