@@ -50,6 +50,162 @@ pub fn format_drf_expiry(dt: OffsetDateTime, zone: &TimeZone) -> String {
     isoformat(dt, offset_in(zone, dt), "Z")
 }
 
+/// knox's `EXPIRY_DATETIME_FORMAT`: how the login response shows a token's expiry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExpiryFormat {
+    /// `'iso-8601'`, DRF's default `DATETIME_FORMAT`: see [`format_drf_expiry`].
+    Iso8601,
+    /// `None`: DRF leaves the datetime as Django read it from the database (in UTC, whatever
+    /// `TIME_ZONE` says) and its JSON encoder writes `isoformat()`, `+00:00` as `Z`.
+    Unconverted,
+    /// A `strftime` format, applied to the expiry in the site's `TIME_ZONE`.
+    Strftime(Vec<Piece>),
+}
+
+/// A part of a `strftime` format: text written as it is, or a directive (the letter after `%`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Piece {
+    Text(String),
+    Directive(char),
+}
+
+/// The `strftime` directives knoxgate writes as Python does (in the C locale, as Django runs).
+pub const STRFTIME_DIRECTIVES: &str = "YmdHMSfyjIpaAbBzZ%";
+
+impl ExpiryFormat {
+    /// Reads a setting as knox does: `iso-8601` in any case, `none`, or a `strftime` format
+    /// made of the directives in [`STRFTIME_DIRECTIVES`]; any other directive is refused rather
+    /// than written differently from Python.
+    pub fn parse(setting: &str) -> Result<ExpiryFormat, String> {
+        if setting.eq_ignore_ascii_case("iso-8601") {
+            return Ok(ExpiryFormat::Iso8601);
+        }
+        if setting == "none" {
+            return Ok(ExpiryFormat::Unconverted);
+        }
+        if setting.is_empty() {
+            return Err("empty: use iso-8601, none or a strftime format".into());
+        }
+        let mut pieces = Vec::new();
+        let mut text = String::new();
+        let mut chars = setting.chars();
+        while let Some(c) = chars.next() {
+            if c != '%' {
+                text.push(c);
+                continue;
+            }
+            match chars.next() {
+                Some(d) if STRFTIME_DIRECTIVES.contains(d) => {
+                    if !text.is_empty() {
+                        pieces.push(Piece::Text(std::mem::take(&mut text)));
+                    }
+                    pieces.push(Piece::Directive(d));
+                }
+                Some(d) => {
+                    return Err(format!(
+                        "`%{d}` is not among the directives knoxgate writes as Python does: %{}",
+                        STRFTIME_DIRECTIVES
+                            .chars()
+                            .map(String::from)
+                            .collect::<Vec<_>>()
+                            .join(" %")
+                    ));
+                }
+                None => return Err("ends with a lone `%`".into()),
+            }
+        }
+        if !text.is_empty() {
+            pieces.push(Piece::Text(text));
+        }
+        Ok(ExpiryFormat::Strftime(pieces))
+    }
+}
+
+/// The login response's `expiry` as knox's `LoginView.format_expiry_datetime` writes it.
+pub fn format_login_expiry(dt: OffsetDateTime, zone: &TimeZone, format: &ExpiryFormat) -> String {
+    match format {
+        ExpiryFormat::Iso8601 => format_drf_expiry(dt, zone),
+        ExpiryFormat::Unconverted => format_drf_expiry(dt, &TimeZone::UTC),
+        ExpiryFormat::Strftime(pieces) => strftime(dt, zone, pieces),
+    }
+}
+
+const WEEKDAYS: [&str; 7] = [
+    "Monday",
+    "Tuesday",
+    "Wednesday",
+    "Thursday",
+    "Friday",
+    "Saturday",
+    "Sunday",
+];
+const MONTHS: [&str; 12] = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+];
+
+/// Python's `datetime.strftime` of `dt` in `zone`, in the C locale.
+fn strftime(dt: OffsetDateTime, zone: &TimeZone, pieces: &[Piece]) -> String {
+    let offset = offset_in(zone, dt);
+    let local = dt.to_offset(offset);
+    let mut out = String::new();
+    for piece in pieces {
+        let d = match piece {
+            Piece::Text(text) => {
+                out.push_str(text);
+                continue;
+            }
+            Piece::Directive(d) => *d,
+        };
+        let weekday = WEEKDAYS[usize::from(local.weekday().number_days_from_monday())];
+        let month = MONTHS[usize::from(u8::from(local.month()) - 1)];
+        let hour12 = match local.hour() % 12 {
+            0 => 12,
+            h => h,
+        };
+        let written = match d {
+            'Y' => format!("{:04}", local.year()),
+            'm' => format!("{:02}", u8::from(local.month())),
+            'd' => format!("{:02}", local.day()),
+            'H' => format!("{:02}", local.hour()),
+            'M' => format!("{:02}", local.minute()),
+            'S' => format!("{:02}", local.second()),
+            'f' => format!("{:06}", local.microsecond()),
+            'y' => format!("{:02}", local.year().rem_euclid(100)),
+            'j' => format!("{:03}", local.ordinal()),
+            'I' => format!("{hour12:02}"),
+            'p' => (if local.hour() < 12 { "AM" } else { "PM" }).to_owned(),
+            'a' => weekday[..3].to_owned(),
+            'A' => weekday.to_owned(),
+            'b' => month[..3].to_owned(),
+            'B' => month.to_owned(),
+            'z' => python_offset(offset).replace(':', ""),
+            'Z' => abbreviation_in(zone, dt),
+            // `%%`: the parse lets in no other directive.
+            _ => "%".to_owned(),
+        };
+        out.push_str(&written);
+    }
+    out
+}
+
+/// The zone's abbreviation at the instant `dt` (`CET`, `CEST`, `UTC`), as `%Z` writes it.
+fn abbreviation_in(zone: &TimeZone, dt: OffsetDateTime) -> String {
+    jiff::Timestamp::from_second(dt.unix_timestamp())
+        .map(|at| zone.to_offset_info(at).abbreviation().to_owned())
+        .unwrap_or_default()
+}
+
 /// Python `datetime.isoformat()` of a UTC datetime (`…+00:00`), as django-rest-knox-redis stores it.
 pub fn format_isoformat(dt: OffsetDateTime) -> String {
     isoformat(dt, UtcOffset::UTC, "+00:00")
@@ -157,6 +313,86 @@ mod tests {
         assert_eq!(
             format_isoformat(in_tokyo),
             "2030-01-02T03:04:05.500000+00:00"
+        );
+    }
+
+    #[test]
+    fn knox_expiry_formats_from_http_json() {
+        let http = crate::knox_compat("http.json");
+        let ex = &http["expiry_format_examples"];
+        let base = datetime!(2030-01-02 03:04:05 UTC);
+        let format = |s| ExpiryFormat::parse(s).unwrap();
+        assert_eq!(
+            format_login_expiry(base, &TimeZone::UTC, &format("%Y-%m-%d %H:%M")),
+            ex["EXPIRY_DATETIME_FORMAT='%Y-%m-%d %H:%M'"]
+        );
+        // None: the value as read from the database, in UTC whatever TIME_ZONE is.
+        let body = format!(
+            "{{\"expiry\":\"{}\"}}",
+            format_login_expiry(
+                base.replace_microsecond(123456).unwrap(),
+                &zone("Europe/Berlin"),
+                &format("none")
+            )
+        );
+        assert_eq!(
+            body,
+            ex["EXPIRY_DATETIME_FORMAT=None, TIME_ZONE=Europe/Berlin, rendered by DRF JSONRenderer"]
+        );
+        assert_eq!(format("ISO-8601"), ExpiryFormat::Iso8601);
+        assert_eq!(
+            format_login_expiry(base, &zone("Europe/Berlin"), &format("iso-8601")),
+            "2030-01-02T04:04:05+01:00"
+        );
+    }
+
+    #[test]
+    fn strftime_writes_what_python_writes() {
+        // Python 3.11: datetime(2030, 1, 2, 3, 4, 5, 123456, tzinfo=timezone.utc)
+        //   .astimezone(ZoneInfo(zone)).strftime(every directive).
+        let every =
+            ExpiryFormat::parse("%Y-%m-%d %H:%M:%S.%f %z %Z %y %j %I %p %a %A %b %B %%").unwrap();
+        let at = datetime!(2030-01-02 03:04:05.123456 UTC);
+        for (name, python) in [
+            (
+                "UTC",
+                "2030-01-02 03:04:05.123456 +0000 UTC 30 002 03 AM Wed Wednesday Jan January %",
+            ),
+            (
+                "Europe/Berlin",
+                "2030-01-02 04:04:05.123456 +0100 CET 30 002 04 AM Wed Wednesday Jan January %",
+            ),
+            (
+                "America/St_Johns",
+                "2030-01-01 23:34:05.123456 -0330 NST 30 001 11 PM Tue Tuesday Jan January %",
+            ),
+        ] {
+            assert_eq!(
+                format_login_expiry(at, &zone(name), &every),
+                python,
+                "{name}"
+            );
+        }
+        let twelve = ExpiryFormat::parse("%I %p").unwrap();
+        let utc = TimeZone::UTC;
+        let at = |h| datetime!(2030-01-02 00:04 UTC).replace_hour(h).unwrap();
+        assert_eq!(format_login_expiry(at(13), &utc, &twelve), "01 PM");
+        assert_eq!(format_login_expiry(at(0), &utc, &twelve), "12 AM");
+        assert_eq!(format_login_expiry(at(12), &utc, &twelve), "12 PM");
+    }
+
+    #[test]
+    fn formats_knoxgate_cannot_write_as_python_are_refused() {
+        for bad in ["", "%", "%Y-%", "%c", "%-d", "%e %Y"] {
+            assert!(ExpiryFormat::parse(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            ExpiryFormat::parse("at %H%%"),
+            Ok(ExpiryFormat::Strftime(vec![
+                Piece::Text("at ".into()),
+                Piece::Directive('H'),
+                Piece::Directive('%'),
+            ]))
         );
     }
 

@@ -12,7 +12,9 @@ mod token;
 
 pub use basic::{BasicError, LoginCredentials, parse_basic};
 pub use decide::{DenyReason, Groups, Outcome, TokenRow, UserInfo, decide, refreshed_expiry};
-pub use expiry::{format_drf_expiry, format_isoformat, parse_isoformat};
+pub use expiry::{
+    ExpiryFormat, format_drf_expiry, format_isoformat, format_login_expiry, parse_isoformat,
+};
 pub use header::{Credential, parse_authorization};
 pub use policy::{Policy, PolicyError, Role, permits};
 pub use token::{

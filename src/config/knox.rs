@@ -9,7 +9,7 @@ use super::{
     ConfigError,
     value::{self, invalid},
 };
-use crate::auth::HashAlgorithm;
+use crate::auth::{ExpiryFormat, HashAlgorithm};
 
 /// knox's `MAXIMUM_TOKEN_PREFIX_LENGTH`.
 pub const MAX_TOKEN_PREFIX_CHARS: usize = 10;
@@ -21,6 +21,8 @@ const DEFAULT_HASH_ALGORITHM: &str = "sha512";
 const DEFAULT_TOKEN_CHARACTER_LENGTH: u64 = 64;
 const DEFAULT_TOKEN_TTL: Option<Duration> = Some(Duration::from_secs(10 * 3600));
 const DEFAULT_MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(60);
+// DRF's DATETIME_FORMAT, which knox's EXPIRY_DATETIME_FORMAT defaults to.
+const DEFAULT_EXPIRY_DATETIME_FORMAT: &str = "iso-8601";
 
 /// `[knox]` as written in the file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -38,6 +40,7 @@ pub struct KnoxFile {
     pub auto_refresh_max_ttl: Option<Duration>,
     #[serde(with = "value::duration")]
     pub min_refresh_interval: Duration,
+    pub expiry_datetime_format: String,
 }
 
 impl Default for KnoxFile {
@@ -52,6 +55,7 @@ impl Default for KnoxFile {
             auto_refresh: false,
             auto_refresh_max_ttl: None,
             min_refresh_interval: DEFAULT_MIN_REFRESH_INTERVAL,
+            expiry_datetime_format: DEFAULT_EXPIRY_DATETIME_FORMAT.into(),
         }
     }
 }
@@ -77,6 +81,8 @@ pub struct KnoxConfig {
     pub auto_refresh_max_ttl: Option<Duration>,
     /// `MIN_REFRESH_INTERVAL`: a refresh is written only when it moves expiry by more than this.
     pub min_refresh_interval: Duration,
+    /// `EXPIRY_DATETIME_FORMAT`: how the login response shows the expiry.
+    pub expiry_format: ExpiryFormat,
 }
 
 impl TryFrom<KnoxFile> for KnoxConfig {
@@ -123,6 +129,8 @@ impl TryFrom<KnoxFile> for KnoxConfig {
             auto_refresh: file.auto_refresh,
             auto_refresh_max_ttl: file.auto_refresh_max_ttl,
             min_refresh_interval: file.min_refresh_interval,
+            expiry_format: ExpiryFormat::parse(&file.expiry_datetime_format)
+                .map_err(|e| invalid("knox.expiry_datetime_format", e))?,
         })
     }
 }

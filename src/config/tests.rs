@@ -132,6 +132,22 @@ fn the_time_zone_is_djangos_default_and_checked() {
 }
 
 #[test]
+fn the_expiry_format_is_knoxs_and_checked() {
+    use crate::auth::ExpiryFormat;
+    let c = Config::from_toml_str("").unwrap();
+    assert_eq!(c.knox.expiry_format, ExpiryFormat::Iso8601);
+    let none =
+        Config::from_toml_and_env("", env(&[("KNOXGATE_KNOX_EXPIRY_DATETIME_FORMAT", "none")]))
+            .unwrap();
+    assert_eq!(none.knox.expiry_format, ExpiryFormat::Unconverted);
+    let err = Config::from_toml_str("[knox]\nexpiry_datetime_format = \"%c\"\n").unwrap_err();
+    assert!(
+        err.to_string().contains("knox.expiry_datetime_format"),
+        "{err}"
+    );
+}
+
+#[test]
 fn env_overrides_file_and_works_without_file() {
     let c = Config::from_toml_and_env(
         "[server]\nlisten = \"127.0.0.1:1\"\n",

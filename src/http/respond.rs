@@ -10,7 +10,7 @@ use hyper::{
 use jiff::tz::TimeZone;
 
 use crate::{
-    auth::{DenyReason, TokenRow, format_drf_expiry},
+    auth::{DenyReason, ExpiryFormat, TokenRow, format_drf_expiry, format_login_expiry},
     config::VerifyConfig,
     error::Error,
 };
@@ -159,14 +159,15 @@ pub fn login_refused(text: &str) -> Response<Body> {
 }
 
 /// knox's login body: `{"expiry":…,"token":…}`, keys in that order, the expiry shown in the
-/// site's `TIME_ZONE`.
+/// site's `TIME_ZONE` and knox's `EXPIRY_DATETIME_FORMAT`.
 pub fn login_ok(
     expiry: Option<time::OffsetDateTime>,
     token: &str,
     time_zone: &TimeZone,
+    format: &ExpiryFormat,
 ) -> Response<Body> {
     let expiry = expiry.map_or(serde_json::Value::Null, |e| {
-        format_drf_expiry(e, time_zone).into()
+        format_login_expiry(e, time_zone, format).into()
     });
     let body = format!(
         "{{\"expiry\":{},\"token\":{}}}",

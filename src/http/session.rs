@@ -125,9 +125,12 @@ pub async fn login(
         .await?;
     count_login(app, outcome.label());
     Ok(match outcome {
-        LoginOutcome::Issued(issued) => {
-            respond::login_ok(issued.expiry, &issued.token, &sessions.time_zone)
-        }
+        LoginOutcome::Issued(issued) => respond::login_ok(
+            issued.expiry,
+            &issued.token,
+            &sessions.time_zone,
+            &app.config.knox.expiry_format,
+        ),
         LoginOutcome::Refused => respond::login_refused("Invalid username/password."),
         LoginOutcome::Throttled { retry_after_secs } => respond::throttled(retry_after_secs),
         LoginOutcome::TokenLimit => respond::token_limit_reached(),

@@ -82,6 +82,8 @@ class Settings:
     cache_consistency: str = "notify"
     #: Django's TIME_ZONE, and knoxgate's sessions.time_zone
     time_zone: str = "UTC"
+    #: knox EXPIRY_DATETIME_FORMAT ("none" for None)
+    expiry_datetime_format: str = "iso-8601"
 
     def django_env(self, db_name: str, redis_url: str) -> dict[str, str]:
         return {
@@ -98,6 +100,7 @@ class Settings:
             "DJ_TOKEN_TTL_SECONDS": {"default": "", "none": "none"}[self.token_ttl],
             "DJ_PASSWORD_HASHERS": self.password_hashers,
             "DJ_TIME_ZONE": self.time_zone,
+            "DJ_EXPIRY_DATETIME_FORMAT": self.expiry_datetime_format,
         }
 
     def knoxgate_env(self, db_name: str, redis_url: str, listen: str, admin: str) -> dict[str, str]:
@@ -111,6 +114,7 @@ class Settings:
             "KNOXGATE_REDIS_KEY_PREFIX": self.redis_key_prefix,
             "KNOXGATE_CACHE_CONSISTENCY": self.cache_consistency,
             "KNOXGATE_SESSIONS_TIME_ZONE": self.time_zone,
+            "KNOXGATE_KNOX_EXPIRY_DATETIME_FORMAT": self.expiry_datetime_format,
         }
         if self.token_prefix:
             env["KNOXGATE_KNOX_TOKEN_PREFIX"] = self.token_prefix

@@ -310,6 +310,28 @@ def test_knoxgate_login_shows_the_expiry_in_djangos_time_zone_as_knox_does(start
 
 
 @knoxgate("login")
+@pytest.mark.parametrize("expiry_format", ["%d/%m/%Y %I:%M:%S.%f %p %z %Z (%a %b, day %j)", "none"])
+def test_knoxgate_login_writes_knox_expiry_datetime_format(start_stack, expiry_format):
+    stack = start_stack(time_zone="America/St_Johns", expiry_datetime_format=expiry_format)
+    stack.create_user("alice", PASSWORD)
+
+    def expiry_and_row(response):
+        assert response.status_code == 200, describe(response)
+        body = json_body(response)
+        return body["expiry"], stack.token_rows(body["token"][:15])[0]["expiry"]
+
+    def knox_writes(value):
+        if expiry_format == "none":  # DRF's JSON encoder, on the UTC value Django read
+            return knox_expiry_string(value)
+        return value.astimezone(ZoneInfo("America/St_Johns")).strftime(expiry_format)
+
+    django, django_row = expiry_and_row(stack.django_login("alice", PASSWORD))
+    ours, our_row = expiry_and_row(stack.login("alice", PASSWORD))
+    assert django == knox_writes(django_row), (django, django_row)
+    assert ours == knox_writes(our_row), (ours, our_row)
+
+
+@knoxgate("login")
 def test_knoxgate_login_accepts_json_credentials(start_stack):
     stack = start_stack()
     user = stack.create_user("alice", PASSWORD)

@@ -16,6 +16,7 @@ settings that knoxgate is started with, through:
                          bcrypt_sha256, bcrypt, scrypt, md5); they go first in PASSWORD_HASHERS,
                          followed by Django's defaults
   DJ_TIME_ZONE           TIME_ZONE (default 'UTC')
+  DJ_EXPIRY_DATETIME_FORMAT  REST_KNOX EXPIRY_DATETIME_FORMAT (default 'iso-8601'; 'none' = None)
 """
 
 import os
@@ -172,6 +173,10 @@ REST_KNOX = {
     "TOKEN_PREFIX": env("DJ_TOKEN_PREFIX", ""),
     "TOKEN_TTL": token_ttl(env("DJ_TOKEN_TTL_SECONDS", "")),
     "AUTO_REFRESH": False,
+    "EXPIRY_DATETIME_FORMAT": (
+        None if env("DJ_EXPIRY_DATETIME_FORMAT", "iso-8601") == "none"
+        else env("DJ_EXPIRY_DATETIME_FORMAT", "iso-8601")
+    ),
 }
 
 REST_KNOX_REDIS = {
