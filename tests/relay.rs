@@ -1004,6 +1004,7 @@ async fn a_relay_whose_first_echo_comes_back_late_goes_live_once_it_hears() {
     // The listener's replies (its notifications with them) now take longer than the echo
     // timeout, and its connection is cut: the next session's first echo comes back late.
     proxy.set_delay(Duration::from_millis(300));
+    let before = relayed.log().len();
     db.client()
         .await
         .execute(
@@ -1013,13 +1014,28 @@ async fn a_relay_whose_first_echo_comes_back_late_goes_live_once_it_hears() {
         )
         .await
         .unwrap();
+    let since_cut = || relayed.log()[before..].to_owned();
     let deaf = eventually(Duration::from_secs(20), || async {
-        relayed.log().contains("change feed is deaf")
+        since_cut().contains("change feed is deaf")
     })
     .await;
     assert!(deaf.is_some(), "no late echo: {}", relayed.log());
 
     proxy.set_delay(Duration::ZERO);
     assert_ready(&relayed, Duration::from_secs(10)).await;
+    let log = since_cut();
+    assert!(
+        log.contains("hears its own notifications again"),
+        "live without an echo heard while deaf: {log}"
+    );
+    // And it stays live.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_ready(&relayed, Duration::from_millis(100)).await;
+    assert_eq!(
+        since_cut().matches("change feed is deaf").count(),
+        1,
+        "{}",
+        since_cut()
+    );
     relayed.kill().await;
 }

@@ -73,14 +73,14 @@ pub enum Piece {
 pub const STRFTIME_DIRECTIVES: &str = "YmdHMSfyjIpaAbBzZ%";
 
 impl ExpiryFormat {
-    /// Reads a setting as knox does: `iso-8601` in any case, `none`, or a `strftime` format
-    /// made of the directives in [`STRFTIME_DIRECTIVES`]; any other directive is refused rather
-    /// than written differently from Python.
+    /// Reads a setting as knox does: `iso-8601` or `none` (knox's `None`), in any case, or a
+    /// `strftime` format made of the directives in [`STRFTIME_DIRECTIVES`]; any other directive
+    /// is refused rather than written differently from Python, and so is a format without one.
     pub fn parse(setting: &str) -> Result<ExpiryFormat, String> {
         if setting.eq_ignore_ascii_case("iso-8601") {
             return Ok(ExpiryFormat::Iso8601);
         }
-        if setting == "none" {
+        if setting.eq_ignore_ascii_case("none") {
             return Ok(ExpiryFormat::Unconverted);
         }
         if setting.is_empty() {
@@ -116,6 +116,16 @@ impl ExpiryFormat {
         }
         if !text.is_empty() {
             pieces.push(Piece::Text(text));
+        }
+        // Python would write such a format as it is, as every token's expiry: a misspelt
+        // `iso-8601` or `None`, surely.
+        if !pieces
+            .iter()
+            .any(|p| matches!(p, Piece::Directive(d) if *d != '%'))
+        {
+            return Err(format!(
+                "`{setting}` has no % directive: use iso-8601, none or a strftime format"
+            ));
         }
         Ok(ExpiryFormat::Strftime(pieces))
     }
@@ -340,6 +350,7 @@ mod tests {
             ex["EXPIRY_DATETIME_FORMAT=None, TIME_ZONE=Europe/Berlin, rendered by DRF JSONRenderer"]
         );
         assert_eq!(format("ISO-8601"), ExpiryFormat::Iso8601);
+        assert_eq!(format("None"), ExpiryFormat::Unconverted);
         assert_eq!(
             format_login_expiry(base, &zone("Europe/Berlin"), &format("iso-8601")),
             "2030-01-02T04:04:05+01:00"
@@ -383,7 +394,9 @@ mod tests {
 
     #[test]
     fn formats_knoxgate_cannot_write_as_python_are_refused() {
-        for bad in ["", "%", "%Y-%", "%c", "%-d", "%e %Y"] {
+        for bad in [
+            "", "%", "%Y-%", "%c", "%-d", "%e %Y", "iso8601", "null", "100%%",
+        ] {
             assert!(ExpiryFormat::parse(bad).is_err(), "{bad:?}");
         }
         assert_eq!(

@@ -21,7 +21,8 @@ const DEFAULT_HASH_ALGORITHM: &str = "sha512";
 const DEFAULT_TOKEN_CHARACTER_LENGTH: u64 = 64;
 const DEFAULT_TOKEN_TTL: Option<Duration> = Some(Duration::from_secs(10 * 3600));
 const DEFAULT_MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(60);
-// DRF's DATETIME_FORMAT, which knox's EXPIRY_DATETIME_FORMAT defaults to.
+// DRF's default DATETIME_FORMAT: knox's EXPIRY_DATETIME_FORMAT defaults to the site's
+// DATETIME_FORMAT, which defaults to this.
 const DEFAULT_EXPIRY_DATETIME_FORMAT: &str = "iso-8601";
 
 /// `[knox]` as written in the file.

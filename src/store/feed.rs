@@ -9,8 +9,9 @@
 //!
 //! A connected listener is not proof of a hearing one: behind PgBouncer in transaction mode the
 //! LISTEN lands on a server connection that goes back to PgBouncer's pool, and notifications
-//! never arrive. So the feed proves it hears: after catching up, and on every health tick while
-//! requests use the pool, it sends a NOTIFY through the pool on a channel of its own (payload
+//! never arrive. So the feed proves it hears: after catching up, on every health tick while
+//! requests use the pool, and while deaf (ever less often when idle: see
+//! [`IDLE_DEAF_ECHO_MAX_INTERVAL`]), it sends a NOTIFY through the pool on a channel of its own (payload
 //! `h|<instance>|<seq>`) and expects it back within `cache.feed_echo_timeout`. Until the first echo it is not live; when
 //! one is missed it is reported deaf (not live, `/readyz` not ready) and answers are confirmed
 //! with Postgres. If it starts hearing again it reconnects, to replay what it may have missed.
@@ -100,6 +101,11 @@ const PRUNE_BATCH: i64 = 5_000;
 /// (echo, health check), and the pause before it goes on with a backlog.
 const PRUNE_BUDGET: Duration = Duration::from_millis(500);
 const PRUNE_BACKLOG_PAUSE: Duration = Duration::from_secs(1);
+
+/// The longest a deaf feed with no requests waits between two echoes: it asks at the first
+/// health tick, then twice as long after each unanswered one, up to this. (Behind a transaction
+/// pooler it never hears, and each echo opens a pooled connection that is closed as idle.)
+const IDLE_DEAF_ECHO_MAX_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Deletes revocation-log rows older than `cache.feed_retention`, oldest first, in batches,
 /// for at most `PRUNE_BUDGET`. Returns true when rows are left to delete. A failure is logged,
@@ -285,6 +291,8 @@ where
 
         let mut hearing = Hearing::Unproven;
         let mut pending = send_echo(store, echo, config).await;
+        // When a deaf feed with no requests asks next, and how long it waits after that.
+        let mut idle_deaf_echo = (Instant::now(), config.cache.feed_health_interval);
         let mut health = tokio::time::interval(config.cache.feed_health_interval);
         health.tick().await;
         // The first prune as soon as the feed is live, off the path to going live.
@@ -386,10 +394,22 @@ where
                     // Re-checked only while requests use the pool anyway: an idle instance's
                     // self-test must not hold a pooled connection open. A session that heard
                     // once keeps hearing (LISTEN belongs to the session); the check at each
-                    // (re)connect is the one that catches a transaction pooler. A feed that
-                    // has not heard (its first echo came back late) asks on every tick: idle,
-                    // and a relay always is, it would stay deaf, and not ready, for good.
-                    let asks = !matches!(hearing, Hearing::Live) || !store.postgres().quiet();
+                    // (re)connect is the one that catches a transaction pooler. A deaf feed
+                    // (its first echo came back late) asks while idle too, and a relay always
+                    // is: it would stay deaf, and not ready, for good; but less and less often
+                    // while nothing answers.
+                    let asks = if !store.postgres().quiet() {
+                        true
+                    } else if matches!(hearing, Hearing::Deaf) {
+                        let (at, wait) = idle_deaf_echo;
+                        let due = Instant::now() >= at;
+                        if due {
+                            idle_deaf_echo = (Instant::now() + wait, (wait * 2).min(IDLE_DEAF_ECHO_MAX_INTERVAL));
+                        }
+                        due
+                    } else {
+                        false
+                    };
                     if pending.is_none() && asks {
                         pending = send_echo(store, echo, config).await;
                     }
