@@ -45,6 +45,21 @@ fn relay_with(
     Binary::spawn_command("relay", &db.url, &env)
 }
 
+/// A relay whose listener connection (`postgres.feed_url`) goes through a [`SlowProxy`], which
+/// the test can slow down; its pool reaches Postgres directly.
+async fn relay_with_slow_listener(
+    db: &TestDb,
+    redis: &PrivateRedis,
+    prefix: &str,
+    overrides: &[(&'static str, String)],
+) -> (Binary, SlowProxy) {
+    let proxy = SlowProxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let feed_url = db.url.replace("127.0.0.1:5432", &proxy.addr().to_string());
+    let mut env = vec![("KNOXGATE_POSTGRES_FEED_URL", feed_url)];
+    env.extend_from_slice(overrides);
+    (relay_with(db, &redis.url(), prefix, &env), proxy)
+}
+
 async fn readyz_of(admin: std::net::SocketAddr) -> (u16, String) {
     let r = http(admin, "GET", "/readyz", &[], b"").await;
     (r.status, r.body_text())
@@ -952,18 +967,16 @@ async fn a_relay_whose_listener_goes_silent_stops_vouching_for_it() {
     let db = TestDb::migrated().await;
     let redis = PrivateRedis::start().await;
     let prefix = unique("kgsilent");
-    let proxy = SlowProxy::start("127.0.0.1:5432".parse().unwrap()).await;
-    let feed_url = db.url.replace("127.0.0.1:5432", &proxy.addr().to_string());
-    let relayed = relay_with(
+    let (relayed, proxy) = relay_with_slow_listener(
         &db,
-        &redis.url(),
+        &redis,
         &prefix,
         &[
-            ("KNOXGATE_POSTGRES_FEED_URL", feed_url),
             ("KNOXGATE_POSTGRES_STATEMENT_TIMEOUT", "30s".into()),
             ("KNOXGATE_CACHE_FEED_HEALTH_INTERVAL", "30s".into()),
         ],
-    );
+    )
+    .await;
     assert_ready(&relayed, Duration::from_secs(10)).await;
     let s = instance(&db, &redis, &prefix).await;
     assert!(ready_within(s.admin(), Duration::from_secs(10)).await);
@@ -988,8 +1001,8 @@ async fn a_relay_whose_listener_goes_silent_stops_vouching_for_it() {
 }
 
 /// A relay whose first echo comes back late (its listener slow for a moment after a reconnect)
-/// is deaf until it hears one: it asks again at every health check and goes live when one comes
-/// back in time. An idle instance's feed skips those checks so as not to hold a pooled
+/// is deaf until it hears one: it asks again, ever less often while none comes back, and goes
+/// live when one comes back in time. An idle instance's feed skips those checks so as not to hold a pooled
 /// connection open, and a relay's pool is always idle: asking only while requests come, it
 /// stayed deaf, without heartbeats and not ready, until its connection failed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -997,18 +1010,16 @@ async fn a_relay_whose_first_echo_comes_back_late_goes_live_once_it_hears() {
     let db = TestDb::migrated().await;
     let redis = PrivateRedis::start().await;
     let prefix = unique("kglateecho");
-    let proxy = SlowProxy::start("127.0.0.1:5432".parse().unwrap()).await;
-    let feed_url = db.url.replace("127.0.0.1:5432", &proxy.addr().to_string());
-    let relayed = relay_with(
+    let (relayed, proxy) = relay_with_slow_listener(
         &db,
-        &redis.url(),
+        &redis,
         &prefix,
         &[
-            ("KNOXGATE_POSTGRES_FEED_URL", feed_url),
             ("KNOXGATE_POSTGRES_STATEMENT_TIMEOUT", "10s".into()),
             ("KNOXGATE_CACHE_FEED_ECHO_TIMEOUT", "150ms".into()),
         ],
-    );
+    )
+    .await;
     assert_ready(&relayed, Duration::from_secs(10)).await;
 
     // The listener's replies (its notifications with them) now take longer than the echo

@@ -140,34 +140,16 @@ pub fn format_login_expiry(dt: OffsetDateTime, zone: &TimeZone, format: &ExpiryF
     }
 }
 
-const WEEKDAYS: [&str; 7] = [
-    "Monday",
-    "Tuesday",
-    "Wednesday",
-    "Thursday",
-    "Friday",
-    "Saturday",
-    "Sunday",
-];
-const MONTHS: [&str; 12] = [
-    "January",
-    "February",
-    "March",
-    "April",
-    "May",
-    "June",
-    "July",
-    "August",
-    "September",
-    "October",
-    "November",
-    "December",
-];
-
 /// Python's `datetime.strftime` of `dt` in `zone`, in the C locale.
 fn strftime(dt: OffsetDateTime, zone: &TimeZone, pieces: &[Piece]) -> String {
     let offset = offset_in(zone, dt);
     let local = dt.to_offset(offset);
+    // time writes the English names, as Python does in the C locale.
+    let (weekday, month) = (local.weekday().to_string(), local.month().to_string());
+    let hour12 = match local.hour() % 12 {
+        0 => 12,
+        h => h,
+    };
     let mut out = String::new();
     for piece in pieces {
         let d = match piece {
@@ -176,12 +158,6 @@ fn strftime(dt: OffsetDateTime, zone: &TimeZone, pieces: &[Piece]) -> String {
                 continue;
             }
             Piece::Directive(d) => *d,
-        };
-        let weekday = WEEKDAYS[usize::from(local.weekday().number_days_from_monday())];
-        let month = MONTHS[usize::from(u8::from(local.month()) - 1)];
-        let hour12 = match local.hour() % 12 {
-            0 => 12,
-            h => h,
         };
         let written = match d {
             'Y' => format!("{:04}", local.year()),
@@ -196,9 +172,9 @@ fn strftime(dt: OffsetDateTime, zone: &TimeZone, pieces: &[Piece]) -> String {
             'I' => format!("{hour12:02}"),
             'p' => (if local.hour() < 12 { "AM" } else { "PM" }).to_owned(),
             'a' => weekday[..3].to_owned(),
-            'A' => weekday.to_owned(),
+            'A' => weekday.clone(),
             'b' => month[..3].to_owned(),
-            'B' => month.to_owned(),
+            'B' => month.clone(),
             'z' => python_offset(offset).replace(':', ""),
             'Z' => abbreviation_in(zone, dt),
             // `%%`: the parse lets in no other directive.

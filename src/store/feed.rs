@@ -107,6 +107,32 @@ const PRUNE_BACKLOG_PAUSE: Duration = Duration::from_secs(1);
 /// pooler it never hears, and each echo opens a pooled connection that is closed as idle.)
 const IDLE_DEAF_ECHO_MAX_INTERVAL: Duration = Duration::from_secs(60);
 
+/// When a deaf feed with no requests asks for its echo next (see
+/// [`IDLE_DEAF_ECHO_MAX_INTERVAL`]).
+struct IdleDeafEcho {
+    next: Instant,
+    wait: Duration,
+}
+
+impl IdleDeafEcho {
+    fn new(now: Instant, first_wait: Duration) -> Self {
+        IdleDeafEcho {
+            next: now,
+            wait: first_wait,
+        }
+    }
+
+    /// Whether to ask at `now`; when so, the next time comes twice as late.
+    fn due(&mut self, now: Instant) -> bool {
+        if now < self.next {
+            return false;
+        }
+        self.next = now + self.wait;
+        self.wait = (self.wait * 2).min(IDLE_DEAF_ECHO_MAX_INTERVAL);
+        true
+    }
+}
+
 /// Deletes revocation-log rows older than `cache.feed_retention`, oldest first, in batches,
 /// for at most `PRUNE_BUDGET`. Returns true when rows are left to delete. A failure is logged,
 /// not fatal: an unpruned log only grows until the next prune, while a feed that went down
@@ -291,8 +317,7 @@ where
 
         let mut hearing = Hearing::Unproven;
         let mut pending = send_echo(store, echo, config).await;
-        // When a deaf feed with no requests asks next, and how long it waits after that.
-        let mut idle_deaf_echo = (Instant::now(), config.cache.feed_health_interval);
+        let mut idle_deaf_echo = IdleDeafEcho::new(Instant::now(), config.cache.feed_health_interval);
         let mut health = tokio::time::interval(config.cache.feed_health_interval);
         health.tick().await;
         // The first prune as soon as the feed is live, off the path to going live.
@@ -398,18 +423,8 @@ where
                     // (its first echo came back late) asks while idle too, and a relay always
                     // is: it would stay deaf, and not ready, for good; but less and less often
                     // while nothing answers.
-                    let asks = if !store.postgres().quiet() {
-                        true
-                    } else if matches!(hearing, Hearing::Deaf) {
-                        let (at, wait) = idle_deaf_echo;
-                        let due = Instant::now() >= at;
-                        if due {
-                            idle_deaf_echo = (Instant::now() + wait, (wait * 2).min(IDLE_DEAF_ECHO_MAX_INTERVAL));
-                        }
-                        due
-                    } else {
-                        false
-                    };
+                    let asks = !store.postgres().quiet()
+                        || (matches!(hearing, Hearing::Deaf) && idle_deaf_echo.due(Instant::now()));
                     if pending.is_none() && asks {
                         pending = send_echo(store, echo, config).await;
                     }
@@ -515,6 +530,19 @@ async fn send_echo(store: &Store, echo: &mut Echo, config: &Config) -> Option<(u
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_idle_deaf_feed_asks_ever_less_often() {
+        let start = Instant::now();
+        let second = Duration::from_secs(1);
+        let mut echo = IdleDeafEcho::new(start, second);
+        let asked_at: Vec<u64> = (0..200)
+            .filter(|s| echo.due(start + second * *s))
+            .map(u64::from)
+            .collect();
+        // 1, 2, 4, ... seconds apart, then once a minute.
+        assert_eq!(asked_at, [0, 1, 3, 7, 15, 31, 63, 123, 183]);
+    }
 
     #[test]
     fn echoes_are_recognised_by_instance_and_sequence() {
