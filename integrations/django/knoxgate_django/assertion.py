@@ -123,9 +123,22 @@ class KeySet:
         if self.file:
             with open(self.file, "rb") as f:
                 return f.read(MAX_JWKS_BYTES + 1)
+        # urllib's timeout bounds each socket operation, not the fetch: a source that trickles
+        # its body would hold every request waiting for an unknown kid. The whole fetch gets
+        # JWKS_TIMEOUT, checked between reads (a read waits up to JWKS_TIMEOUT itself, so a
+        # fetch ends within twice JWKS_TIMEOUT at worst).
+        deadline = time.monotonic() + self.timeout
         request = urllib.request.Request(self.url, headers={"Accept": "application/json"})
         with _OPENER.open(request, timeout=self.timeout) as response:
-            return response.read(MAX_JWKS_BYTES + 1)
+            body = bytearray()
+            while len(body) <= MAX_JWKS_BYTES:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"JWKS fetch took longer than {self.timeout} s")
+                chunk = response.read1(MAX_JWKS_BYTES + 1 - len(body))
+                if not chunk:
+                    break
+                body += chunk
+            return bytes(body)
 
     def _refresh(self) -> None:
         """Reread the source; on failure keep the keys already held."""

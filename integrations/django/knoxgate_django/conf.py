@@ -6,6 +6,8 @@ Every key, its default and its meaning is listed in ``DEFAULTS``; the README rep
 from __future__ import annotations
 
 import ipaddress
+import math
+from pathlib import Path
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from typing import Any
@@ -51,6 +53,9 @@ DEFAULTS: dict[str, Any] = {
 }
 
 SUPPORTED_ALGORITHMS = ("EdDSA", "ES256")
+
+#: The files a ``TRIGGER_SQL_DIR`` must hold (``knoxgate migrate --print-sql`` output).
+TRIGGER_SQL_FILES = ("install.sql", "uninstall.sql")
 
 
 def meta_key(header: str) -> str:
@@ -156,8 +161,11 @@ def _address_in(remote_addr: str, networks: tuple[Any, ...]) -> bool:
 
 
 def _number(key: str, value: Any, minimum: float = 0) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
-        raise ImproperlyConfigured(f"KNOXGATE[{key!r}] must be a number >= {minimum}")
+    # NaN compares false with everything (a NaN leeway would let every expired assertion
+    # through) and an infinite timeout cannot be given to a socket: both are refused.
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not math.isfinite(value) or value < minimum):
+        raise ImproperlyConfigured(f"KNOXGATE[{key!r}] must be a finite number >= {minimum}")
     return float(value)
 
 
@@ -195,7 +203,8 @@ def parse(raw: Any) -> Config:
         except (TypeError, ValueError) as e:
             raise ImproperlyConfigured(f"KNOXGATE['TRUSTED_PROXIES']: {cidr!r}: {e}") from None
 
-    algorithms = tuple(s["ASSERTION_ALGORITHMS"])
+    raw_algorithms = s["ASSERTION_ALGORITHMS"]
+    algorithms = tuple(raw_algorithms) if isinstance(raw_algorithms, (list, tuple)) else ()
     if not algorithms or any(a not in SUPPORTED_ALGORITHMS for a in algorithms):
         raise ImproperlyConfigured(
             f"KNOXGATE['ASSERTION_ALGORITHMS'] must be a non-empty subset of {SUPPORTED_ALGORITHMS}"
@@ -204,6 +213,12 @@ def parse(raw: Any) -> Config:
     for key in ("JWKS_FILE", "JWKS_URL", "ASSERTION_AUDIENCE", "TRIGGER_SQL_DIR"):
         if s[key] is not None and (not isinstance(s[key], str) or not s[key]):
             raise ImproperlyConfigured(f"KNOXGATE[{key!r}] must be a non-empty string or None")
+    if s["TRIGGER_SQL_DIR"] is not None:
+        missing = [n for n in TRIGGER_SQL_FILES if not (Path(s["TRIGGER_SQL_DIR"]) / n).is_file()]
+        if missing:
+            raise ImproperlyConfigured(
+                f"KNOXGATE['TRIGGER_SQL_DIR'] = {s['TRIGGER_SQL_DIR']!r} has no {' or '.join(missing)}"
+            )
     if s["JWKS_FILE"] and s["JWKS_URL"]:
         raise ImproperlyConfigured("KNOXGATE: set JWKS_FILE or JWKS_URL, not both")
     if s["JWKS_URL"] and not s["JWKS_URL"].startswith(("http://", "https://")):
@@ -220,12 +235,29 @@ def parse(raw: Any) -> Config:
             "KNOXGATE['ASSERTION_AUDIENCE'] must be set when assertions are verified"
         )
 
+    attribute_headers = {
+        key: Header.of(key, s[key])
+        for key in ("USERNAME_HEADER", "EMAIL_HEADER", "IS_STAFF_HEADER", "IS_SUPERUSER_HEADER")
+    }
+    # Two settings naming one header would read one value as two things (a user id of 1 as
+    # is_staff=True, say).
+    named: dict[str, str] = {}
+    for key, header in [("USER_ID_HEADER", user_id), ("ASSERTION_HEADER", assertion),
+                        *attribute_headers.items()]:
+        if header is None:
+            continue
+        if header.meta in named:
+            raise ImproperlyConfigured(
+                f"KNOXGATE[{key!r}] and KNOXGATE[{named[header.meta]!r}] name the same header"
+            )
+        named[header.meta] = key
+
     return Config(
         user_id=user_id,
-        username=Header.of("USERNAME_HEADER", s["USERNAME_HEADER"]),
-        email=Header.of("EMAIL_HEADER", s["EMAIL_HEADER"]),
-        is_staff=Header.of("IS_STAFF_HEADER", s["IS_STAFF_HEADER"]),
-        is_superuser=Header.of("IS_SUPERUSER_HEADER", s["IS_SUPERUSER_HEADER"]),
+        username=attribute_headers["USERNAME_HEADER"],
+        email=attribute_headers["EMAIL_HEADER"],
+        is_staff=attribute_headers["IS_STAFF_HEADER"],
+        is_superuser=attribute_headers["IS_SUPERUSER_HEADER"],
         trusted_proxies=tuple(networks),
         assertion=assertion,
         require_assertion=s["REQUIRE_ASSERTION"],

@@ -4,6 +4,7 @@
 from pathlib import Path
 
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 
 #: The files shipped with the package.
 PACKAGED_SQL_DIR = Path(__file__).resolve().parent / "sql"
@@ -13,4 +14,12 @@ def trigger_sql(name: str) -> str:
     """The text of ``install.sql`` or ``uninstall.sql``, read when the migration is loaded."""
     configured = (getattr(settings, "KNOXGATE", None) or {}).get("TRIGGER_SQL_DIR")
     directory = Path(configured) if configured else PACKAGED_SQL_DIR
-    return (directory / name).read_text(encoding="utf-8")
+    try:
+        return (directory / name).read_text(encoding="utf-8")
+    except OSError as e:
+        # Read when Django loads the migration graph (migrate, showmigrations, makemigrations),
+        # before any system check runs: say which setting is wrong.
+        raise ImproperlyConfigured(
+            f"knoxgate_django: cannot read the trigger SQL {name} from "
+            f"{'TRIGGER_SQL_DIR ' if configured else ''}{directory}: {e}"
+        ) from None

@@ -12,7 +12,13 @@ vouched for, so that the instance is then the row as it is.
 
 What knoxgate vouched for (``is_active``, and the attributes it sent) was not read from the row:
 ``save()`` does not write it back unless code changed it, so saving a knoxgate user (say, a
-profile edit) cannot undo a deactivation or a staff change made meanwhile.
+profile edit) cannot undo a deactivation or a staff change made meanwhile. A vouched field the
+code changed is the code's own value from then on, as on any instance: loading the rest of the
+row does not reread it, and ``save()`` writes it.
+
+A copy (``copy.copy``, ``copy.deepcopy``) or a pickle of a knoxgate user is a plain deferred
+instance: the fields the code set or the row gave, the rest (vouched fields the code did not
+change among them) deferred and loaded by Django, one field per query, when read.
 """
 
 from __future__ import annotations
@@ -29,13 +35,14 @@ from django.db import router
 #: A field leaves it once read from the row.
 _VOUCHED = "_knoxgate_vouched"
 
+#: The methods a knoxgate user overrides for itself (instance attributes; the class is untouched).
+_OVERRIDES = ("refresh_from_db", "save", "__getstate__")
+
 
 class _LoadRest:
     """``refresh_from_db`` for a knoxgate user: when Django loads one deferred field, load them
-    all, and the vouched ones with them, so that reading first_name and then last_name costs one
-    query, not two.
-
-    An object rather than a bound method so that the user still pickles and deep-copies."""
+    all, and the vouched ones the code did not change with them, so that reading first_name and
+    then last_name costs one query, not two."""
 
     def __init__(self, user: Any) -> None:
         self.user = user
@@ -43,6 +50,10 @@ class _LoadRest:
     def __call__(self, using: Any = None, fields: Any = None, **kwargs: Any) -> None:
         user = self.user
         vouched = user.__dict__.get(_VOUCHED, {})
+        # A vouched field the code changed holds the code's value now, not knoxgate's: it is
+        # not reread with the rest (that would undo the change before save()).
+        for name in [n for n, v in vouched.items() if user.__dict__.get(n, v) != v]:
+            del vouched[name]
         if fields is not None:
             deferred = user.get_deferred_fields()
             fields = set(fields)
@@ -53,6 +64,28 @@ class _LoadRest:
         for name in list(vouched):
             if fields is None or name in fields:
                 del vouched[name]
+
+
+class _PlainState:
+    """``__getstate__`` for a knoxgate user, which ``copy``, ``deepcopy`` and ``pickle`` use
+    (through ``Model.__reduce__``): the state of a plain deferred instance. The two overrides
+    above act on the user they were made for, so a copy that kept them would save and load the
+    original; a vouched field the code did not change was never read from the row, so the copy
+    leaves it deferred rather than carry it as if it had been."""
+
+    def __init__(self, user: Any) -> None:
+        self.user = user
+
+    def __call__(self) -> dict[str, Any]:
+        user = self.user
+        state = type(user).__getstate__(user)
+        vouched = state.pop(_VOUCHED, {})
+        for name in _OVERRIDES:
+            state.pop(name, None)
+        for name, value in vouched.items():
+            if name in state and state[name] == value:
+                del state[name]
+        return state
 
 
 class _SaveRead:
@@ -115,6 +148,7 @@ def build_user(user_id: int, attributes: dict[str, Any]) -> Any:
     # Instance attributes shadow the methods for this object only; the class is untouched.
     user.refresh_from_db = _LoadRest(user)
     user.save = _SaveRead(user)
+    user.__getstate__ = _PlainState(user)
     setattr(user, _VOUCHED, {n: v for n, v in known.items() if n != pk_attname})
     return user
 

@@ -432,6 +432,44 @@ def test_threads_go_on_with_held_keys_while_one_reads_a_slow_source(tmp_path, ed
     assert not reader.is_alive() and not waiter.is_alive()
 
 
+def test_a_source_that_trickles_its_answer_is_given_up_after_jwks_timeout(ed_key):
+    """JWKS_TIMEOUT bounds the whole fetch, not each socket read: a source sending a byte now
+    and then would otherwise hold every request with an unknown kid for as long as it liked."""
+    import socket
+    import threading
+
+    document = json.dumps({"keys": [ed_key.jwk()]}).encode()
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def trickle():
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(document))
+            for byte in document:
+                if stop.wait(0.2):
+                    return
+                conn.sendall(bytes([byte]))
+
+    server = threading.Thread(target=trickle, daemon=True)
+    server.start()
+    try:
+        keyset = assertion.KeySet(url=f"http://127.0.0.1:{listener.getsockname()[1]}/jwks.json", timeout=1)
+        started = time.monotonic()
+        with pytest.raises(assertion.KeysUnavailable):
+            keyset.get(ed_key.kid)
+        took = time.monotonic() - started
+        # Within twice JWKS_TIMEOUT (a read in progress at the deadline may wait its own timeout
+        # out); a document of this size trickled whole would take over a minute.
+        assert 0.9 < took < 2.5, took
+    finally:
+        stop.set()
+        listener.close()
+        server.join(5)
+
+
 def test_a_key_replaced_under_its_kid_ends_its_cached_verdicts(
     client, settings, tmp_path, alice, ed_key, monkeypatch
 ):

@@ -53,6 +53,18 @@ def test_defaults():
         ({"JWKS_TIMEOUT": 0}, "JWKS_TIMEOUT"),
         ({"JWKS_RETRY_INTERVAL": -1}, "JWKS_RETRY_INTERVAL"),
         ({"ASSERTION_LEEWAY": True}, "ASSERTION_LEEWAY"),
+        # NaN would compare false with every exp; an infinite timeout no socket takes.
+        ({"ASSERTION_LEEWAY": float("nan")}, "finite"),
+        ({"JWKS_TIMEOUT": float("inf")}, "finite"),
+        ({"JWKS_CACHE_SECONDS": float("nan")}, "finite"),
+        ({"ASSERTION_ALGORITHMS": None}, "subset"),
+        ({"ASSERTION_ALGORITHMS": 256}, "subset"),
+        ({"ASSERTION_ALGORITHMS": "ES256"}, "subset"),
+        ({"TRIGGER_SQL_DIR": "/nonexistent/knoxgate-sql"}, "has no install.sql or uninstall.sql"),
+        # One header read as two things: a user id of 1 would be is_staff=True.
+        ({"IS_STAFF_HEADER": "X-Auth-User-Id"}, "name the same header"),
+        ({"USERNAME_HEADER": "X-Auth-Name", "EMAIL_HEADER": "x-auth-name"}, "name the same header"),
+        ({"EMAIL_HEADER": "X-Auth-Assertion"}, "name the same header"),
     ],
 )
 def test_bad_settings(raw, message):
@@ -64,6 +76,9 @@ def test_system_check_reports_bad_settings(settings):
     settings.KNOXGATE = {"TRUSTED_PROXIES": ["nonsense"]}
     errors = [e for e in checks.run_checks() if e.id == "knoxgate_django.E001"]
     assert len(errors) == 1 and "nonsense" in errors[0].msg
+    settings.KNOXGATE = {"ASSERTION_ALGORITHMS": None}  # once a TypeError out of the check
+    errors = [e for e in checks.run_checks() if e.id == "knoxgate_django.E001"]
+    assert len(errors) == 1 and "ASSERTION_ALGORITHMS" in errors[0].msg
     settings.KNOXGATE = {}
     assert not [e for e in checks.run_checks() if e.id.startswith("knoxgate_django")]
 
@@ -92,3 +107,20 @@ def test_peer_trust_is_remembered_per_address_and_stays_right_past_the_bound():
     assert c.peer_trusted("10.1.2.3") is True and c.peer_trusted("10.2.0.1") is False
     # Each Config has its own memory: a settings change is not answered from the old one.
     assert parse({"TRUSTED_PROXIES": []}).peer_trusted("10.1.2.3") is False
+
+
+def test_a_trigger_sql_dir_with_the_files_is_accepted_and_read(tmp_path, settings):
+    from knoxgate_django.triggers import trigger_sql
+
+    for name in ("install.sql", "uninstall.sql"):
+        (tmp_path / name).write_text(f"-- {name}\n")
+    assert parse({"TRIGGER_SQL_DIR": str(tmp_path)})
+    settings.KNOXGATE = {"TRIGGER_SQL_DIR": str(tmp_path)}
+    assert trigger_sql("install.sql") == "-- install.sql\n"
+    # Missing files: the migrations read them as Django loads its migration graph, before any
+    # check runs; the error names the setting rather than being a bare FileNotFoundError.
+    (tmp_path / "uninstall.sql").unlink()
+    with pytest.raises(ImproperlyConfigured, match="uninstall.sql"):
+        parse({"TRIGGER_SQL_DIR": str(tmp_path)})
+    with pytest.raises(ImproperlyConfigured, match="TRIGGER_SQL_DIR"):
+        trigger_sql("uninstall.sql")

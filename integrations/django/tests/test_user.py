@@ -218,12 +218,47 @@ def test_after_the_row_loads_save_writes_the_row_as_read(alice):
     assert (row.is_staff, row.last_name, row.is_active) == (True, "L.", True)
 
 
-def test_pickle_and_copy_keep_a_usable_user(alice):
+def test_loading_the_rest_keeps_what_the_code_changed(alice):
+    model = get_user_model()
+    u = build_user(alice.pk, {"username": "alice", "email": "alice@example.com"})
+    u.email = "alice@new.example"
+    u.is_active = False
+    # full_clean() reads every field: the rest of the row loads, and the two changes survive it
+    # (as on any .only() instance) to be written by save().
+    u.full_clean()
+    assert (u.email, u.is_active, u.first_name) == ("alice@new.example", False, "Alice")
+    u.save()
+    row = model.objects.get(pk=alice.pk)
+    assert (row.email, row.is_active, row.username, row.first_name) == (
+        "alice@new.example", False, "alice", "Alice")
+
+
+def test_copies_and_pickles_are_plain_deferred_instances(alice):
     import copy
     import pickle
 
-    for clone in (pickle.loads(pickle.dumps(build_user(alice.pk, {}))), copy.deepcopy(build_user(alice.pk, {}))):
-        assert clone == alice and clone._state.adding is False
+    model = get_user_model()
+    original = build_user(alice.pk, {"username": "alice", "is_staff": False})
+    for clone in (copy.copy(original), copy.deepcopy(original), pickle.loads(pickle.dumps(original))):
+        assert clone == alice and clone._state.adding is False and type(clone) is model
+        # None of the original's overrides: they act on the user they were made for.
+        assert not {"save", "refresh_from_db", "__getstate__", "_knoxgate_vouched"} & set(clone.__dict__)
+        # What knoxgate vouched for was never read from the row: deferred on the copy, read
+        # from the row by Django (one field per query, as for any deferred instance).
+        assert {"is_active", "username", "is_staff"} <= clone.get_deferred_fields()
         with CaptureQueriesContext(connection) as ctx:
             assert (clone.first_name, clone.last_name) == ("Alice", "Liddell")
-        assert len(ctx.captured_queries) == 1
+        assert len(ctx.captured_queries) == 2, sql_of(ctx)
+
+    # A copy's save() writes the copy, and what the row says meanwhile stands.
+    model.objects.filter(pk=alice.pk).update(is_active=False)
+    clone = copy.copy(original)
+    clone.first_name = "Copy"
+    clone.save()
+    row = model.objects.get(pk=alice.pk)
+    assert (row.first_name, row.is_active) == ("Copy", False)
+    assert original.__dict__.get("first_name") is None and original._knoxgate_vouched["is_active"] is True
+    # The original still loads its row in one query and keeps its own overrides.
+    with CaptureQueriesContext(connection) as ctx:
+        assert (original.first_name, original.is_active) == ("Copy", False)
+    assert len(ctx.captured_queries) == 1
