@@ -175,16 +175,45 @@ pub fn is_password_usable(encoded: &str) -> bool {
     !encoded.starts_with(UNUSABLE_PASSWORD_PREFIX)
 }
 
-/// A well-formed `pbkdf2_sha256` hash with the configured cost that no password matches, to
-/// check against when the username is unknown so that the miss costs the same as a wrong
-/// password (Django runs the hasher once for the same reason). Its checksum is not the output of
-/// any derivation, so making it costs nothing; checking it still runs the full derivation.
+/// Django 5.2's `Argon2PasswordHasher` cost (`memory_cost`, `time_cost`, `parallelism`).
+const DJANGO_ARGON2_COST: &str = "m=102400,t=2,p=8";
+/// Django 5.2's `BCryptSHA256PasswordHasher` / `BCryptPasswordHasher` rounds.
+const DJANGO_BCRYPT_ROUNDS: u32 = 12;
+/// Django 5.2's `ScryptPasswordHasher` cost: `work_factor` (N), `block_size` (r), `parallelism` (p).
+const DJANGO_SCRYPT_COST: (u64, u32, u32) = (1 << 14, 8, 5);
+
+/// A well-formed hash that no password matches, made with the site's `preferred` hasher (the
+/// first of `sessions.password_hashers`) at the configured PBKDF2 `iterations` or Django's
+/// default cost for the others. Checked when the username is unknown, and by
+/// [`harden_runtime`] for unusable or malformed hashes, so that those cost what Django spends:
+/// it runs the preferred hasher once (`make_password`) in both cases. Its checksum is not the
+/// output of any derivation, so making it costs nothing; checking it runs the full derivation.
 #[must_use]
-pub fn timing_dummy(iterations: u32) -> String {
-    format!(
-        "pbkdf2_sha256${iterations}$knoxgatetimingsalt0000${}=",
-        "A".repeat(43)
-    )
+pub fn timing_dummy(preferred: &str, iterations: u32) -> String {
+    const SALT: &str = "knoxgatetimingsalt0000";
+    let iterations = effective_iterations(iterations);
+    match Hasher::identify(&format!("{preferred}$")) {
+        Some(Hasher::Pbkdf2Sha1) => {
+            format!("pbkdf2_sha1${iterations}${SALT}${}=", "A".repeat(27))
+        }
+        // argon2-cffi's default salt and hash lengths (16 bytes each), unpadded base64.
+        Some(Hasher::Argon2) => format!(
+            "argon2$argon2id$v=19${DJANGO_ARGON2_COST}${}${}",
+            "A".repeat(22),
+            "A".repeat(22)
+        ),
+        Some(h @ (Hasher::BcryptSha256 | Hasher::Bcrypt)) => {
+            format!("{}$$2b${DJANGO_BCRYPT_ROUNDS}${}", h.name(), ".".repeat(53))
+        }
+        Some(Hasher::Scrypt) => {
+            let (n, r, p) = DJANGO_SCRYPT_COST;
+            format!("scrypt${n}${SALT}${r}${p}${}==", "A".repeat(86))
+        }
+        Some(Hasher::Md5) => format!("md5${SALT}${}", "0".repeat(32)),
+        Some(Hasher::Pbkdf2Sha256) | None => {
+            format!("pbkdf2_sha256${iterations}${SALT}${}=", "A".repeat(43))
+        }
+    }
 }
 
 /// After a wrong password, does the work that makes the attempt cost what a check at the
@@ -192,16 +221,17 @@ pub fn timing_dummy(iterations: u32) -> String {
 /// none at all. Django does the same: `harden_runtime` runs the missing PBKDF2 iterations, and
 /// since CVE-2024-39329 an unusable password runs the default hasher.
 ///
-/// - unusable (`!`), unknown algorithm, over-long, malformed pbkdf2, `md5`: one dummy check at
-///   `iterations` (these answered `false` with next to no work);
+/// - unusable (`!`), unknown algorithm, over-long, malformed pbkdf2, `md5`: one check of
+///   `dummy`, the [`timing_dummy`] of the site's preferred hasher (these answered `false` with
+///   next to no work);
 /// - `pbkdf2_*` with fewer iterations: the difference, with the same hasher and salt;
 /// - `argon2`, `bcrypt*`, `scrypt`: nothing, as in Django (their costs do not compare to
 ///   PBKDF2 iterations; Django's own defaults for them are close to its PBKDF2 cost).
-pub fn harden_runtime(password: &str, encoded: &str, iterations: u32) {
+pub fn harden_runtime(password: &str, encoded: &str, iterations: u32, dummy: &str) {
     match padding(encoded, iterations) {
         Padding::Nothing => {}
-        Padding::DummyCheck(iterations) => {
-            std::hint::black_box(check_password(password, &timing_dummy(iterations)));
+        Padding::DummyCheck => {
+            std::hint::black_box(check_password(password, dummy));
         }
         Padding::MissingIterations {
             hasher,
@@ -217,8 +247,8 @@ pub fn harden_runtime(password: &str, encoded: &str, iterations: u32) {
 #[derive(Debug, PartialEq, Eq)]
 enum Padding<'a> {
     Nothing,
-    /// A whole check at this many PBKDF2 iterations.
-    DummyCheck(u32),
+    /// A whole check of the [`timing_dummy`].
+    DummyCheck,
     /// This many more iterations of the stored hash's own hasher and salt.
     MissingIterations {
         hasher: Hasher,
@@ -230,12 +260,12 @@ enum Padding<'a> {
 fn padding(encoded: &str, iterations: u32) -> Padding<'_> {
     let iterations = effective_iterations(iterations);
     if encoded.len() > MAX_ENCODED_LEN || !is_password_usable(encoded) {
-        return Padding::DummyCheck(iterations);
+        return Padding::DummyCheck;
     }
     match Hasher::identify(encoded) {
-        None | Some(Hasher::Md5) => Padding::DummyCheck(iterations),
+        None | Some(Hasher::Md5) => Padding::DummyCheck,
         Some(h @ (Hasher::Pbkdf2Sha256 | Hasher::Pbkdf2Sha1)) => match parse_pbkdf2(encoded, h) {
-            None => Padding::DummyCheck(iterations),
+            None => Padding::DummyCheck,
             Some(p) if p.iterations < iterations => Padding::MissingIterations {
                 hasher: h,
                 salt: p.salt,
@@ -278,7 +308,7 @@ mod padding_tests {
         ] {
             assert_eq!(
                 padding(answered_at_once, COST),
-                Padding::DummyCheck(COST),
+                Padding::DummyCheck,
                 "{answered_at_once:?}"
             );
         }

@@ -90,7 +90,13 @@ impl Login {
                 s.throttle_address_failures,
                 s.throttle_window,
             ),
-            dummy_hash: password::timing_dummy(s.password_iterations),
+            dummy_hash: password::timing_dummy(
+                s.password_hashers
+                    .first()
+                    .copied()
+                    .unwrap_or("pbkdf2_sha256"),
+                s.password_iterations,
+            ),
             config,
             store,
             metrics,
@@ -176,13 +182,14 @@ impl Login {
         let iterations = self.config.sessions.password_iterations;
         // A hash of an algorithm the site does not list is refused, as Django refuses it.
         let accepted = self.config.sessions.accepts_hash(&encoded);
+        let dummy = self.dummy_hash.clone();
         let ok = self
             .hashes
             .run_within(self.config.sessions.hash_queue_timeout, move || {
                 let ok = accepted && password::check_password(&password, &encoded);
                 if !ok {
                     // Unusable, malformed or cheaper hashes cost what a wrong password costs.
-                    password::harden_runtime(&password, &encoded, iterations);
+                    password::harden_runtime(&password, &encoded, iterations, &dummy);
                 }
                 ok
             })

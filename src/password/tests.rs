@@ -311,13 +311,57 @@ fn make_password_salts_differ() {
 
 #[test]
 fn timing_dummy_is_well_formed_and_matches_nothing_obvious() {
-    let dummy = timing_dummy(CHEAP_ITERATIONS);
+    let dummy = timing_dummy("pbkdf2_sha256", CHEAP_ITERATIONS);
     assert_django_pbkdf2_shape(&dummy, CHEAP_ITERATIONS);
     // Well-formed means checked with the full derivation, not refused early as malformed.
     assert!(!must_update(&dummy, CHEAP_ITERATIONS));
     for guess in ["", "password", "admin", &dummy] {
         assert!(!check_password(guess, &dummy));
     }
+}
+
+#[test]
+fn the_timing_dummy_is_a_hash_of_the_preferred_hasher_at_djangos_cost() {
+    // Django runs the preferred hasher for an unknown user: a site preferring argon2 must not
+    // answer unknown usernames at PBKDF2's cost. Each dummy must parse as its hasher's hash
+    // (so that checking it runs the whole derivation, not an early refusal) at Django's cost.
+    for preferred in ALGORITHMS {
+        let dummy = timing_dummy(preferred, CHEAP_ITERATIONS);
+        assert_eq!(algorithm_of(&dummy), Some(preferred), "{dummy}");
+        assert!(dummy.len() <= MAX_ENCODED_LEN);
+    }
+    let argon2 = parse_argon2(&timing_dummy("argon2", CHEAP_ITERATIONS)).expect("parses");
+    assert_eq!(
+        (argon2.m_cost, argon2.t_cost, argon2.p_cost),
+        (102_400, 2, 8)
+    );
+    assert_eq!((argon2.salt.len(), argon2.hash.len()), (16, 16));
+    assert!(argon2::Params::new(102_400, 2, 8, Some(argon2.hash.len())).is_ok());
+    for (name, hasher) in [
+        ("bcrypt_sha256", Hasher::BcryptSha256),
+        ("bcrypt", Hasher::Bcrypt),
+    ] {
+        let dummy = timing_dummy(name, CHEAP_ITERATIONS);
+        let data = parse_bcrypt(&dummy, hasher).expect("parses");
+        let parts = data
+            .parse::<bcrypt::HashParts>()
+            .expect("the bcrypt crate takes it");
+        assert_eq!(parts.get_cost(), 12);
+    }
+    let scrypt_dummy = timing_dummy("scrypt", CHEAP_ITERATIONS);
+    let scrypt = parse_scrypt(&scrypt_dummy).expect("parses");
+    assert_eq!((scrypt.n, scrypt.r, scrypt.p), (1 << 14, 8, 5));
+    assert!(scrypt::Params::new(14, 8, 5).is_ok());
+    // The cheap ones are checked for real.
+    for preferred in ["pbkdf2_sha256", "pbkdf2_sha1", "md5"] {
+        let dummy = timing_dummy(preferred, CHEAP_ITERATIONS);
+        for guess in ["", "password", &dummy] {
+            assert!(!check_password(guess, &dummy), "{dummy}");
+        }
+    }
+    let sha1 = timing_dummy("pbkdf2_sha1", CHEAP_ITERATIONS);
+    let parsed = parse_pbkdf2(&sha1, Hasher::Pbkdf2Sha1).expect("parses");
+    assert_eq!(parsed.iterations, CHEAP_ITERATIONS);
 }
 
 // === self-made hashes for parameters the Django vectors don't cover ===
