@@ -121,6 +121,7 @@ impl TryFrom<FileConfig> for Config {
         }
         config.check_deadlines()?;
         config.check_names()?;
+        config.check_token_length()?;
         // The replay at each (re)connect reads the log back over the cache window: rows pruned
         // before that would be changes a reconnecting instance never hears of.
         let replayed = config.log_read_window();
@@ -187,8 +188,8 @@ impl Config {
 
     /// Names that must not collide: each identity header carries one thing (two of them under
     /// one name would send the last one set as the other, a username as a user id), none is a
-    /// header HTTP or knoxgate's own answers need, and the session endpoints are not under the
-    /// verify path (which is matched first, so a logout there would be a `/verify` that
+    /// header HTTP or knoxgate's own answers need, and no session endpoint is the verify path or
+    /// under it (the verify path is matched first, so a logout there would be a `/verify` that
     /// revokes nothing).
     fn check_names(&self) -> Result<(), ConfigError> {
         const RESERVED: &[&str] = &[
@@ -235,7 +236,10 @@ impl Config {
                 ));
             }
         }
+        // The verify route takes the verify path and everything under it; a session endpoint
+        // takes `base_path` + its name, with any number of trailing `/`.
         let under_verify = format!("{}/", v.path);
+        let verify_takes = |p: &str| p == v.path || p.starts_with(&under_verify);
         if self.sessions.enabled && self.sessions.base_path.starts_with(&under_verify) {
             return Err(value::invalid(
                 "sessions.base_path",
@@ -243,6 +247,39 @@ impl Config {
                     "`{}` is under verify.path (`{}`), which is matched first: login and \
                      logout would never be reached",
                     self.sessions.base_path, v.path
+                ),
+            ));
+        }
+        if self.sessions.enabled {
+            for name in ["login", "logout", "logoutall"] {
+                let endpoint = format!("{}{name}", self.sessions.base_path);
+                if verify_takes(&endpoint) || verify_takes(&format!("{endpoint}/")) {
+                    return Err(value::invalid(
+                        "verify.path",
+                        format!(
+                            "`{}` takes the session endpoint `{endpoint}/` (sessions.base_path \
+                             + {name}), and verify.path is matched first: a {name} there would \
+                             be a /verify that does nothing",
+                            v.path
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The tokens knoxgate issues (and Django, with the same `[knox]` settings) must pass
+    /// `/verify`'s length cap.
+    fn check_token_length(&self) -> Result<(), ConfigError> {
+        let issued = self.knox.issued_token_chars();
+        if self.verify.max_token_chars.get() < issued {
+            return Err(value::invalid(
+                "verify.max_token_chars",
+                format!(
+                    "must be at least {issued}, the length of the tokens knox issues \
+                     (knox.token_prefix + knox.token_character_length): shorter, every token \
+                     would be refused"
                 ),
             ));
         }
@@ -281,7 +318,7 @@ impl Config {
             })?,
             None => String::new(),
         };
-        Self::from_toml_and_env(&text, std::env::vars())
+        Self::from_toml_and_env(&text, env::utf8_vars(std::env::vars_os())?)
     }
 }
 

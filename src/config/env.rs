@@ -1,7 +1,7 @@
 //! The `KNOXGATE_*` environment overlay: each variable replaces one key of the file before the
 //! file is parsed, typed like that key's default.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, ffi::OsString};
 
 use super::{ConfigError, FileConfig, value::invalid};
 
@@ -14,6 +14,38 @@ fn is_service_link(var: &str) -> bool {
     var == "KNOXGATE_PORT"
         || var.starts_with("KNOXGATE_SERVICE_")
         || var.starts_with("KNOXGATE_PORT_")
+}
+
+/// Whether `var` is none of the config's business: not a `KNOXGATE_*` name, or one the CLI or
+/// Kubernetes owns.
+pub(super) fn is_ignored(var: &str) -> bool {
+    !var.starts_with("KNOXGATE_") || CLI_ENV.contains(&var) || is_service_link(var)
+}
+
+/// The process environment as [`apply`] takes it. Variables that are not knoxgate's are dropped
+/// unread, whatever bytes they hold (`std::env::vars` panics at the first value that is not
+/// UTF-8, even an unrelated one); a `KNOXGATE_*` variable that is not UTF-8 is an error naming it.
+pub(super) fn utf8_vars(
+    vars: impl IntoIterator<Item = (OsString, OsString)>,
+) -> Result<Vec<(String, String)>, ConfigError> {
+    let mut out = Vec::new();
+    for (name, value) in vars {
+        // Lossy only to decide: a name that starts with `KNOXGATE_` keeps that prefix.
+        if is_ignored(&name.to_string_lossy()) {
+            continue;
+        }
+        let name = name.into_string().map_err(|name| {
+            invalid(
+                &name.to_string_lossy(),
+                "environment variable name is not valid UTF-8",
+            )
+        })?;
+        let value = value
+            .into_string()
+            .map_err(|_| invalid(&name, "environment variable value is not valid UTF-8"))?;
+        out.push((name, value));
+    }
+    Ok(out)
 }
 
 /// Maps `KNOXGATE_*` variables onto the TOML table, typed like the key's default.
@@ -35,8 +67,7 @@ pub(super) fn apply(
         }
     }
     for (var, value) in env {
-        if !var.starts_with("KNOXGATE_") || CLI_ENV.contains(&var.as_str()) || is_service_link(&var)
-        {
+        if is_ignored(&var) {
             continue;
         }
         let Some((section, key)) = names.get(&var) else {

@@ -86,6 +86,14 @@ pub struct KnoxConfig {
     pub expiry_format: ExpiryFormat,
 }
 
+impl KnoxConfig {
+    /// Characters of the tokens knoxgate issues: the prefix, then the random part's hex
+    /// (`token_character_length` rounded down to even, as knox does).
+    pub fn issued_token_chars(&self) -> usize {
+        self.token_prefix.chars().count() + self.token_character_length / 2 * 2
+    }
+}
+
 impl TryFrom<KnoxFile> for KnoxConfig {
     type Error = ConfigError;
 
@@ -100,6 +108,19 @@ impl TryFrom<KnoxFile> for KnoxConfig {
             return Err(invalid(
                 "knox.token_prefix",
                 "knox allows at most 10 characters",
+            ));
+        }
+        // /verify splits the Authorization header at whitespace (as knox does): a token holding
+        // some would be refused, and a control character cannot go in a header at all.
+        if file
+            .token_prefix
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(invalid(
+                "knox.token_prefix",
+                "must hold no whitespace or control characters: tokens carrying them would be \
+                 refused by /verify",
             ));
         }
         if file.auth_header_prefix.is_empty()
@@ -124,7 +145,16 @@ impl TryFrom<KnoxFile> for KnoxConfig {
             hash_algorithm,
             token_prefix: file.token_prefix,
             token_character_length: file.token_character_length as usize,
-            token_ttl: file.token_ttl,
+            token_ttl: match file.token_ttl {
+                // Tokens would be expired as they are issued; "none" is knox's TOKEN_TTL = None.
+                Some(ttl) if ttl.is_zero() => {
+                    return Err(invalid(
+                        "knox.token_ttl",
+                        "must be greater than 0 (\"none\" for tokens that never expire)",
+                    ));
+                }
+                ttl => ttl,
+            },
             token_limit_per_user: (file.token_limit_per_user > 0)
                 .then_some(file.token_limit_per_user),
             auto_refresh: file.auto_refresh,

@@ -254,14 +254,24 @@ impl TryFrom<PostgresFile> for PostgresConfig {
                 url => postgres_url("postgres.feed_url", url)?,
             },
             url: postgres_url("postgres.url", &file.url)?,
-            pool_size: nonzero("postgres.pool_size", file.pool_size)?,
+            pool_size: {
+                let n = nonzero("postgres.pool_size", file.pool_size)?;
+                // deadpool sizes its slot queue and semaphore for the whole pool up front.
+                if n.get() as u64 > MAX_POOL_SIZE {
+                    return Err(invalid(
+                        "postgres.pool_size",
+                        format!("must be at most {MAX_POOL_SIZE}"),
+                    ));
+                }
+                n
+            },
             idle_timeout: file.idle_timeout,
             pgbouncer: file.pgbouncer.unwrap_or(false),
             detect_pgbouncer: file.pgbouncer.is_none(),
             connect_timeout: positive("postgres.connect_timeout", file.connect_timeout)?,
             pool_wait_timeout: file.pool_wait_timeout,
             pool_recycle_timeout: file.pool_recycle_timeout,
-            statement_timeout: file.statement_timeout,
+            statement_timeout: statement_timeout(file.statement_timeout)?,
             max_lookup_batch: nonzero("postgres.max_lookup_batch", file.max_lookup_batch)?,
             ca_file: existing_file("postgres.ca_file", &file.ca_file)?,
             token_table: sql_identifier("postgres.token_table", &file.token_table)?,
@@ -282,6 +292,45 @@ impl TryFrom<PostgresFile> for PostgresConfig {
             groups,
         })
     }
+}
+
+/// Largest `postgres.pool_size`: far beyond any server's `max_connections`, and small enough
+/// that the pool's up-front allocations stay trivial.
+pub const MAX_POOL_SIZE: u64 = 10_000;
+
+/// Postgres's cap on its millisecond timeout settings (an `int`).
+const MAX_PG_TIMEOUT_MS: u128 = i32::MAX as u128;
+
+/// The longest `postgres.statement_timeout` whose derived settings Postgres still accepts: the
+/// largest one sent is the feed's bulk deadline, `(statement_timeout + 1s) × 5`, as
+/// `statement_timeout` of its connection (`idle_in_transaction_session_timeout`,
+/// `statement_timeout × 5`, is smaller).
+pub const MAX_STATEMENT_TIMEOUT: Duration =
+    Duration::from_millis((MAX_PG_TIMEOUT_MS / 5) as u64 - 1_000);
+
+/// `postgres.statement_timeout`: sent in whole milliseconds, where 0 would turn Postgres's
+/// timeouts off, and multiplied into settings Postgres caps at `i32::MAX` ms.
+fn statement_timeout(d: Duration) -> Result<Duration, ConfigError> {
+    const KEY: &str = "postgres.statement_timeout";
+    if d < Duration::from_millis(1) {
+        return Err(invalid(
+            KEY,
+            "must be at least 1ms (Postgres reads 0 as no timeout)",
+        ));
+    }
+    if d > MAX_STATEMENT_TIMEOUT {
+        return Err(invalid(
+            KEY,
+            format!(
+                "must be at most {}ms (about 4.9 days): knoxgate sends Postgres \
+                 idle_in_transaction_session_timeout = 5 × statement_timeout and, on the change \
+                 feed's bulk connection, statement_timeout = 5 × (statement_timeout + 1s), and \
+                 Postgres refuses either above {MAX_PG_TIMEOUT_MS}ms",
+                MAX_STATEMENT_TIMEOUT.as_millis()
+            ),
+        ));
+    }
+    Ok(d)
 }
 
 /// A Postgres URL (one host or several, `host1:5432,host2:5432`), checked but kept as written.

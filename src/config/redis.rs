@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     ConfigError,
-    value::{self, existing_file, invalid, nonzero},
+    value::{self, existing_file, invalid, nonzero, positive},
 };
 
 const DEFAULT_URL: &str = "redis://127.0.0.1:6379/0";
@@ -25,6 +25,9 @@ const DEFAULT_BREAKER_COOLDOWN: Duration = Duration::from_secs(1);
 /// Redis expiries are whole seconds and entries with less than a second left are not written,
 /// so below this the Redis tier would hold nothing.
 const MIN_MAX_CACHE_TTL: Duration = Duration::from_secs(1);
+/// Largest `redis.pool_size`: fred builds every client of the pool, and each opens its
+/// connection, at startup; Redis's own default `maxclients` is 10,000 for the whole fleet.
+pub const MAX_POOL_SIZE: u64 = 1_000;
 /// Shortest `redis.entry_key`: HMAC-SHA256's own output size, so the key is not the weak part.
 pub const MIN_ENTRY_KEY_BYTES: usize = 32;
 
@@ -207,11 +210,33 @@ impl TryFrom<RedisFile> for RedisConfig {
             url,
             key_prefix: file.key_prefix,
             max_cache_ttl: file.max_cache_ttl,
-            command_timeout: file.command_timeout,
-            connect_timeout: file.connect_timeout,
-            pool_size: nonzero("redis.pool_size", file.pool_size)?,
-            reconnect_max_delay: file.reconnect_max_delay,
-            unresponsive_timeout: file.unresponsive_timeout,
+            // fred reads a zero timeout as "no timeout": a stalled Redis would then hold every
+            // request until server.request_timeout instead of falling back to Postgres.
+            command_timeout: positive("redis.command_timeout", file.command_timeout)?,
+            connect_timeout: positive("redis.connect_timeout", file.connect_timeout)?,
+            pool_size: {
+                let n = nonzero("redis.pool_size", file.pool_size)?;
+                // fred builds (and connects) every client of the pool at startup.
+                if n.get() as u64 > MAX_POOL_SIZE {
+                    return Err(invalid(
+                        "redis.pool_size",
+                        format!("must be at most {MAX_POOL_SIZE}"),
+                    ));
+                }
+                n
+            },
+            // Handed to fred in whole milliseconds: below 1 ms it would be 0, a reconnection
+            // loop that spins a core for as long as Redis is down.
+            reconnect_max_delay: {
+                if file.reconnect_max_delay < Duration::from_millis(1) {
+                    return Err(invalid("redis.reconnect_max_delay", "must be at least 1ms"));
+                }
+                file.reconnect_max_delay
+            },
+            unresponsive_timeout: positive(
+                "redis.unresponsive_timeout",
+                file.unresponsive_timeout,
+            )?,
             breaker_cooldown: file.breaker_cooldown,
             tls: RedisTls {
                 ca_file,

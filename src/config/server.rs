@@ -122,15 +122,69 @@ pub struct ServerConfig {
     pub demoted_threads: NonZeroUsize,
 }
 
+/// Largest `server.max_connections` and `server.max_in_flight`: each is the size of a
+/// `tokio::sync::Semaphore`, which panics above this.
+pub const MAX_PERMITS: u64 = tokio::sync::Semaphore::MAX_PERMITS as u64;
+
+/// A limit kept by a semaphore: at least 1, at most [`MAX_PERMITS`].
+fn permits(key: &str, n: u64) -> Result<NonZeroUsize, ConfigError> {
+    if n > MAX_PERMITS {
+        return Err(invalid(key, format!("must be at most {MAX_PERMITS}")));
+    }
+    nonzero(key, n)
+}
+
+/// Whether listening on `a` and on `b` at once would fail with "address in use": the same
+/// port (not 0, which picks a free one) on the same address, or on the wildcard address of
+/// either (`[::]` also takes IPv4, as IPV6_V6ONLY is not set).
+fn listeners_clash(a: SocketAddr, b: SocketAddr) -> bool {
+    if a.port() != b.port() || a.port() == 0 {
+        return false;
+    }
+    let covers = |wild: SocketAddr, other: SocketAddr| match wild {
+        SocketAddr::V6(w) => w.ip().is_unspecified(),
+        SocketAddr::V4(w) => w.ip().is_unspecified() && other.is_ipv4(),
+    };
+    a.ip() == b.ip() || covers(a, b) || covers(b, a)
+}
+
+impl ServerConfig {
+    /// The listeners must not take each other's address: serve would bind the first and fail
+    /// on the next.
+    fn check_listeners(&self) -> Result<(), ConfigError> {
+        let mut named = vec![
+            ("server.listen", self.listen),
+            ("server.admin_listen", self.admin_listen),
+        ];
+        if let Some(grpc) = self.grpc_listen {
+            named.push(("server.grpc_listen", grpc));
+        }
+        for (i, (key, addr)) in named.iter().enumerate() {
+            if let Some((other, other_addr)) =
+                named[..i].iter().find(|(_, o)| listeners_clash(*o, *addr))
+            {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "`{addr}` takes the port of {other} (`{other_addr}`): each listener \
+                         needs its own port"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl TryFrom<ServerFile> for ServerConfig {
     type Error = ConfigError;
 
     fn try_from(file: ServerFile) -> Result<Self, ConfigError> {
-        Ok(ServerConfig {
+        let server = ServerConfig {
             listen: socket_addr("server.listen", &file.listen)?,
             admin_listen: socket_addr("server.admin_listen", &file.admin_listen)?,
-            max_connections: nonzero("server.max_connections", file.max_connections)?,
-            max_in_flight: nonzero("server.max_in_flight", file.max_in_flight)?,
+            max_connections: permits("server.max_connections", file.max_connections)?,
+            max_in_flight: permits("server.max_in_flight", file.max_in_flight)?,
             max_header_bytes: {
                 if file.max_header_bytes < MIN_MAX_HEADER_BYTES {
                     return Err(invalid("server.max_header_bytes", "must be at least 8192"));
@@ -175,6 +229,8 @@ impl TryFrom<ServerFile> for ServerConfig {
                 }
                 n => nonzero("server.demoted_threads", n)?,
             },
-        })
+        };
+        server.check_listeners()?;
+        Ok(server)
     }
 }

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     ConfigError,
-    value::{self, invalid, nonzero, path_prefix},
+    value::{self, invalid, nonzero, path_prefix, positive},
 };
 
 const DEFAULT_BASE_PATH: &str = "/api/auth/";
@@ -26,6 +26,9 @@ const DEFAULT_THROTTLE_USER_FAILURES: u64 = 50;
 const DEFAULT_THROTTLE_WINDOW: Duration = Duration::from_secs(5 * 60);
 // Django's default TIME_ZONE in a new project (startproject's settings.py).
 const DEFAULT_TIME_ZONE: &str = "UTC";
+
+/// Largest `sessions.hash_concurrency`: each slot is a thread started up front.
+pub const MAX_HASH_CONCURRENCY: u64 = 1_024;
 
 /// Django 5.2's default `PASSWORD_HASHERS`, by algorithm name, preferred first. `bcrypt` and
 /// `md5` are not among them: Django refuses their hashes unless a site lists them.
@@ -217,7 +220,16 @@ impl TryFrom<SessionsFile> for SessionsConfig {
                 }
                 names
             },
-            hash_concurrency: file.hash_concurrency as usize,
+            hash_concurrency: match file.hash_concurrency {
+                // One thread per slot is started up front: more than this many cores is a typo.
+                n if n > MAX_HASH_CONCURRENCY => {
+                    return Err(invalid(
+                        "sessions.hash_concurrency",
+                        format!("must be at most {MAX_HASH_CONCURRENCY}"),
+                    ));
+                }
+                n => n as usize,
+            },
             hash_queue_timeout: file.hash_queue_timeout,
             hash_nice: match file.hash_nice {
                 n @ 0..=19 => n as i32,
@@ -235,7 +247,9 @@ impl TryFrom<SessionsFile> for SessionsConfig {
                 .map_err(|_| invalid("sessions.throttle_user_failures", "too large"))?,
             throttle_address_failures: u32::try_from(file.throttle_address_failures)
                 .map_err(|_| invalid("sessions.throttle_address_failures", "too large"))?,
-            throttle_window: file.throttle_window,
+            // A zero window would count nothing and so throttle nothing, silently;
+            // throttle_failures = 0 is the way to turn the throttle off.
+            throttle_window: positive("sessions.throttle_window", file.throttle_window)?,
             trusted_proxies,
             trust_x_real_ip: file.trust_x_real_ip,
             time_zone: time_zone(&file.time_zone)?,

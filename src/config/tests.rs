@@ -698,3 +698,254 @@ fn redis_entry_key_comes_from_the_environment_or_a_file() {
         "{err}"
     );
 }
+
+#[test]
+fn the_environment_is_read_without_panicking_on_foreign_bytes() {
+    use std::{ffi::OsString, os::unix::ffi::OsStringExt};
+    let bad = || OsString::from_vec(vec![b'a', 0xff, b'z']);
+    let os = |s: &str| OsString::from(s);
+    // Someone else's variable, whatever its bytes, is not read.
+    let vars = env::utf8_vars([
+        (os("PATH"), os("/bin")),
+        (os("LC_WHATEVER"), bad()),
+        (OsString::from_vec(vec![0xff, b'X']), os("x")),
+        (os("KNOXGATE_CONFIG"), bad()),
+        (os("KNOXGATE_LISTEN"), os("127.0.0.1:8081")),
+    ])
+    .unwrap();
+    assert_eq!(vars, env(&[("KNOXGATE_LISTEN", "127.0.0.1:8081")]));
+    // knoxgate's own: an error naming it.
+    let err = env::utf8_vars([(os("KNOXGATE_REDIS_URL"), bad())])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("KNOXGATE_REDIS_URL") && err.contains("UTF-8"),
+        "{err}"
+    );
+    let mut name = b"KNOXGATE_".to_vec();
+    name.push(0xff);
+    let err = env::utf8_vars([(OsString::from_vec(name), os("x"))])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("KNOXGATE_") && err.contains("UTF-8"), "{err}");
+}
+
+#[test]
+fn zero_redis_timeouts_and_reconnect_delays_are_refused() {
+    // fred takes a zero timeout as none at all: a paused Redis held /verify until the request
+    // deadline instead of falling back to Postgres.
+    for key in [
+        "command_timeout",
+        "connect_timeout",
+        "reconnect_max_delay",
+        "unresponsive_timeout",
+    ] {
+        let err = Config::from_toml_str(&format!("[redis]\n{key} = \"0s\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&format!("redis.{key}")), "{err}");
+    }
+    // The reconnect delay goes to fred in whole milliseconds.
+    let err = Config::from_toml_str("[redis]\nreconnect_max_delay = \"0.5ms\"")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("redis.reconnect_max_delay"), "{err}");
+    Config::from_toml_str("[redis]\nreconnect_max_delay = \"1ms\"\ncommand_timeout = \"1ms\"")
+        .unwrap();
+}
+
+#[test]
+fn a_statement_timeout_postgres_cannot_take_is_refused() {
+    let c = Config::from_toml_str(&format!(
+        "[postgres]\nstatement_timeout = \"{}ms\"",
+        postgres::MAX_STATEMENT_TIMEOUT.as_millis()
+    ))
+    .unwrap();
+    // Every millisecond setting sent to Postgres fits its int.
+    let max = u128::from(i32::MAX as u32);
+    assert!(c.postgres.feed_bulk_deadline().as_millis() <= max);
+    assert!(c.postgres.idle_in_transaction_timeout().as_millis() <= max);
+    for bad in [
+        format!("{}ms", postgres::MAX_STATEMENT_TIMEOUT.as_millis() + 1),
+        "5d".to_owned(),
+        "0s".to_owned(),
+        "0.5ms".to_owned(),
+    ] {
+        let err = Config::from_toml_str(&format!("[postgres]\nstatement_timeout = \"{bad}\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("postgres.statement_timeout"), "{bad}: {err}");
+    }
+    let err = Config::from_toml_str("[postgres]\nstatement_timeout = \"5d\"")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("2147483647"), "{err}");
+}
+
+#[test]
+fn a_zero_throttle_window_is_refused() {
+    let err = Config::from_toml_str("[sessions]\nthrottle_window = \"0s\"")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("sessions.throttle_window"), "{err}");
+    // throttle_failures = 0 is the way to turn throttling off.
+    Config::from_toml_str("[sessions]\nthrottle_failures = 0").unwrap();
+}
+
+#[test]
+fn limits_beyond_what_serving_can_hold_are_refused() {
+    let permits = server::MAX_PERMITS;
+    let pg = postgres::MAX_POOL_SIZE;
+    let redis = redis::MAX_POOL_SIZE;
+    for (section, key, max) in [
+        ("server", "max_in_flight", permits),
+        ("server", "max_connections", permits),
+        ("postgres", "pool_size", pg),
+        ("redis", "pool_size", redis),
+        (
+            "sessions",
+            "hash_concurrency",
+            sessions::MAX_HASH_CONCURRENCY,
+        ),
+    ] {
+        let err = Config::from_toml_str(&format!("[{section}]\n{key} = {}", max + 1))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!("{section}.{key}")) && err.contains(&max.to_string()),
+            "{err}"
+        );
+        Config::from_toml_str(&format!("[{section}]\n{key} = {max}")).unwrap();
+    }
+    let err = Config::from_toml_str("[postgres]\npool_size = 1000000000000")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("postgres.pool_size"), "{err}");
+    // The largest accepted values are semaphores tokio can build.
+    let c = Config::from_toml_str(&format!(
+        "[server]\nmax_in_flight = {permits}\nmax_connections = {permits}"
+    ))
+    .unwrap();
+    let _ = tokio::sync::Semaphore::new(c.server.max_in_flight.get());
+    let _ = tokio::sync::Semaphore::new(c.server.max_connections.get());
+}
+
+#[test]
+fn the_verify_path_cannot_be_a_session_endpoint() {
+    for name in ["login", "logout", "logoutall"] {
+        let err = Config::from_toml_str(&format!("[verify]\npath = \"/api/auth/{name}\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("verify.path"), "{name}: {err}");
+        // Without sessions there is nothing to hide.
+        Config::from_toml_str(&format!(
+            "[verify]\npath = \"/api/auth/{name}\"\n[sessions]\nenabled = false"
+        ))
+        .unwrap();
+    }
+    // Neither a neighbour nor a path under an endpoint takes any session request
+    // (`/api/auth/logout`, `/api/auth/logout/`, `/api/auth/logout//`).
+    for ok in [
+        "/api/auth/log",
+        "/api/auth/logouts",
+        "/api/auth/logout/x",
+        "/api/authz",
+    ] {
+        Config::from_toml_str(&format!("[verify]\npath = \"{ok}\"")).unwrap();
+    }
+}
+
+#[test]
+fn paths_no_request_can_match_are_refused() {
+    for (section, key) in [("verify", "path"), ("sessions", "base_path")] {
+        for bad in [
+            "/verify?x=1",
+            "/a#b",
+            "/a b",
+            "/a\\tb",
+            "/a\\u0001",
+            "/a\\u00a0b",
+        ] {
+            let err = Config::from_toml_str(&format!("[{section}]\n{key} = \"{bad}\""))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(&format!("{section}.{key}")), "{bad}: {err}");
+        }
+    }
+    Config::from_toml_str("[verify]\npath = \"/auth/vérify\"").unwrap();
+}
+
+#[test]
+fn max_token_chars_must_admit_the_tokens_knox_issues() {
+    // 64 hex characters and a 10-character prefix: 74.
+    let knox = "[knox]\ntoken_prefix = \"abcdefghij\"\n";
+    let err = Config::from_toml_str(&format!("{knox}[verify]\nmax_token_chars = 73"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("verify.max_token_chars") && err.contains("74"),
+        "{err}"
+    );
+    Config::from_toml_str(&format!("{knox}[verify]\nmax_token_chars = 74")).unwrap();
+    // An odd length rounds down, as knox does.
+    Config::from_toml_str("[knox]\ntoken_character_length = 65\n[verify]\nmax_token_chars = 64")
+        .unwrap();
+    assert!(Config::from_toml_str("[verify]\nmax_token_chars = 63").is_err());
+}
+
+#[test]
+fn a_token_prefix_verify_would_refuse_is_refused() {
+    for bad in ["my app_", "app\\t", "app\\u0000", "a\\u3000b"] {
+        let err = Config::from_toml_str(&format!("[knox]\ntoken_prefix = \"{bad}\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("knox.token_prefix"), "{bad}: {err}");
+    }
+    Config::from_toml_str("[knox]\ntoken_prefix = \"myapp_\"").unwrap();
+}
+
+#[test]
+fn a_zero_token_ttl_is_refused_and_none_never_expires() {
+    let err = Config::from_toml_str("[knox]\ntoken_ttl = \"0s\"")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("knox.token_ttl") && err.contains("none"),
+        "{err}"
+    );
+    let c = Config::from_toml_str("[knox]\ntoken_ttl = \"none\"").unwrap();
+    assert_eq!(c.knox.token_ttl, None);
+}
+
+#[test]
+fn listeners_on_one_address_are_refused() {
+    for (listen, admin) in [
+        ("127.0.0.1:8080", "127.0.0.1:8080"),
+        ("0.0.0.0:8080", "127.0.0.1:8080"),
+        ("127.0.0.1:8080", "0.0.0.0:8080"),
+        ("[::]:8080", "127.0.0.1:8080"),
+    ] {
+        let err = Config::from_toml_str(&format!(
+            "[server]\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\""
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("server.admin_listen"), "{err}");
+    }
+    let err = Config::from_toml_str("[server]\ngrpc_listen = \"0.0.0.0:9090\"")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("server.grpc_listen"), "{err}");
+    // Port 0 picks a free port each time; other addresses or ports do not clash.
+    for (listen, admin) in [
+        ("127.0.0.1:0", "127.0.0.1:0"),
+        ("127.0.0.1:8080", "127.0.0.2:8080"),
+        ("[::1]:8080", "0.0.0.0:8080"),
+        ("0.0.0.0:8080", "0.0.0.0:8081"),
+    ] {
+        Config::from_toml_str(&format!(
+            "[server]\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\""
+        ))
+        .unwrap();
+    }
+}

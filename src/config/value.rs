@@ -189,11 +189,23 @@ pub(super) fn socket_addr(key: &str, s: &str) -> Result<SocketAddr, ConfigError>
         .map_err(|_| invalid(key, format!("`{s}` is not an address like 0.0.0.0:8080")))
 }
 
-/// A URL path that starts with `/`.
+/// A URL path that starts with `/`. A request path never holds `?` or `#` (they start the query
+/// and fragment), whitespace or control characters: a prefix with one would match no request.
 pub(super) fn path_prefix(key: &str, s: &str) -> Result<String, ConfigError> {
-    if s.starts_with('/') {
-        Ok(s.to_owned())
-    } else {
-        Err(invalid(key, "must start with `/`"))
+    if !s.starts_with('/') {
+        return Err(invalid(key, "must start with `/`"));
     }
+    if let Some(c) = s
+        .chars()
+        .find(|c| matches!(c, '?' | '#') || c.is_whitespace() || c.is_control())
+    {
+        return Err(invalid(
+            key,
+            format!(
+                "{s:?} holds {c:?}: a path has no `?`, `#`, whitespace or control characters \
+                 (no request would ever match it)"
+            ),
+        ));
+    }
+    Ok(s.to_owned())
 }
