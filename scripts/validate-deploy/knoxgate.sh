@@ -21,8 +21,10 @@ import os, sys, yaml
 work = sys.argv[1]
 cm = yaml.safe_load(open("deploy/kubernetes/configmap.yaml"))
 open(os.path.join(work, "knoxgate.toml"), "w").write(cm["data"]["knoxgate.toml"])
+example = yaml.safe_load(open("deploy/kubernetes/secret.example.yaml"))["stringData"]
 secret = {"KNOXGATE_POSTGRES_URL": "postgres://django:x@127.0.0.1:5432/app",
-          "KNOXGATE_REDIS_URL": "redis://127.0.0.1:6379/0"}
+          "KNOXGATE_REDIS_URL": "redis://127.0.0.1:6379/0",
+          "KNOXGATE_REDIS_ENTRY_KEY": example["KNOXGATE_REDIS_ENTRY_KEY"]}
 
 def write(name, env):
     with open(os.path.join(work, name), "w") as f:

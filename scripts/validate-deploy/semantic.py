@@ -5,6 +5,7 @@ everything a schema cannot say. Prints PASS/FAIL/SKIP lines like the shell check
 """
 import fnmatch
 import importlib
+import itertools
 import json
 import os
 import re
@@ -21,6 +22,26 @@ os.chdir(ROOT)
 IDENTITY_HEADERS = ("X-Auth-User-Id", "X-Auth-Username", "X-Auth-Email", "X-Auth-Assertion",
                     "X-Auth-User-Staff", "X-Auth-User-Superuser", "X-Auth-User-Groups")
 UNDERSCORE_TWINS = tuple(h.replace("-", "_") for h in IDENTITY_HEADERS)
+
+
+def _underscore_spellings(header):
+    """Every spelling of `header` with some or all of its hyphens as underscores: a WSGI server
+    that maps underscores reads each as the header itself."""
+    parts = header.split("-")
+    for seps in itertools.product("-_", repeat=len(parts) - 1):
+        if "_" in seps:
+            yield parts[0] + "".join(sep + part for sep, part in zip(seps, parts[1:]))
+
+
+#: The uniform twins and every mixed spelling (X-Auth_User-Id, X_Auth-User_Id, ...).
+ALL_UNDERSCORE_SPELLINGS = tuple(sorted({v for h in IDENTITY_HEADERS for v in _underscore_spellings(h)}))
+
+
+def caddy_deletes(name, deletes):
+    """Whether Caddy's request header deletions remove `name`: an exact name, or a `Prefix*`
+    (both compared without regard to case)."""
+    name = name.lower()
+    return any(d.lower() == name or (d.endswith("*") and name.startswith(d[:-1].lower())) for d in deletes)
 
 
 def report(status, name, detail=None):
@@ -162,7 +183,7 @@ def caddy_handlers(node, out):
     return out
 
 
-c = Checks("deploy/caddy/Caddyfile: client identity headers (both spellings) deleted before forward_auth, /api/auth/* unauthenticated")
+c = Checks("deploy/caddy/Caddyfile: client identity headers (every spelling) deleted before forward_auth, which times out, /api/auth/* unauthenticated")
 try:
     caddy = json.load(open(os.path.join(WORK, "caddy.json")))
     c.expect(caddy.get("admin", {}).get("disabled") is True, "admin off")
@@ -178,8 +199,14 @@ try:
                 break
             if h.get("handler") == "headers":
                 deleted |= set(h.get("request", {}).get("delete", []))
-        missing = set(IDENTITY_HEADERS + UNDERSCORE_TWINS) - deleted
+        missing = [n for n in IDENTITY_HEADERS + ALL_UNDERSCORE_SPELLINGS if not caddy_deletes(n, deleted)]
         c.expect(not missing, f"route {paths or '(catch-all)'} does not delete client copies of {sorted(missing)} first")
+        for h in handlers:
+            if h.get("handler") == "reverse_proxy" and "/verify" in str(h.get("rewrite", {}).get("uri", "")):
+                t = h.get("transport", {})
+                c.expect(t.get("response_header_timeout") and t.get("dial_timeout"),
+                         f"route {paths or '(catch-all)'}: forward_auth without dial_timeout and "
+                         "response_header_timeout waits for a knoxgate that does not answer")
         if "/api/auth/*" in paths:
             c.expect(not any(is_auth), "/api/auth/* must not go through forward_auth")
             proxies = [h for h in handlers if h.get("handler") == "reverse_proxy"]
@@ -461,6 +488,11 @@ try:
     dyn = yaml.safe_load(open("deploy/traefik/dynamic.yml"))["http"]
     c.expect(static["providers"]["file"]["filename"].endswith("dynamic.yml"), "file provider must load dynamic.yml")
     entry_points = set(static["entryPoints"])
+    for name, ep in static["entryPoints"].items():
+        # Traefik's middlewares manage only the hyphen spelling; mixed underscore spellings
+        # (X-Auth_User-Id) cannot all be listed in a strip middleware.
+        c.expect((ep.get("http") or {}).get("underscoreHeadersStrategy") in ("delete", "reject"),
+                 f"entry point {name}: underscoreHeadersStrategy must be delete or reject")
     mws, svcs = dyn["middlewares"], dyn["services"]
     auth = [n for n, m in mws.items() if "forwardAuth" in m]
     c.expect(len(auth) == 1, "expected one forwardAuth middleware")
@@ -582,7 +614,9 @@ for owner, template in pod_specs():
         c.expect(res.get("requests", {}).keys() >= {"cpu", "memory"}, f"{where}: cpu and memory requests")
         c.expect("memory" in res.get("limits", {}), f"{where}: memory limit")
         env = {e["name"]: e for e in container.get("env", [])}
-        for var in ("KNOXGATE_POSTGRES_URL", "KNOXGATE_REDIS_URL"):
+        for var in ("KNOXGATE_POSTGRES_URL", "KNOXGATE_REDIS_URL", "KNOXGATE_REDIS_ENTRY_KEY"):
+            if var == "KNOXGATE_REDIS_ENTRY_KEY" and container.get("args", ["serve"])[:1] == ["migrate"]:
+                continue  # migrating writes no Redis entry
             c.expect(var in env and "secretKeyRef" in env[var].get("valueFrom", {}),
                      f"{where}: {var} must come from a Secret")
         args = container.get("args", ["serve"])
@@ -679,6 +713,7 @@ c.expect(s["knoxgate"]["depends_on"]["migrate"]["condition"] == "service_complet
 for svc in ("migrate", "knoxgate"):
     env = s[svc].get("environment", {})
     c.expect({"KNOXGATE_POSTGRES_URL", "KNOXGATE_REDIS_URL"} <= set(env), f"{svc}: Postgres and Redis URLs")
+    c.expect(len(str(env.get("KNOXGATE_REDIS_ENTRY_KEY", ""))) >= 32, f"{svc}: a redis.entry_key of 32+ bytes")
     c.expect(s[svc].get("image") == s["knoxgate"].get("image"), f"{svc}: same image as knoxgate")
 for svc in ("postgres", "redis", "nginx"):
     c.expect("healthcheck" in s[svc], f"{svc}: healthcheck")
