@@ -8,7 +8,8 @@ use serde::{Deserialize, Serialize};
 use super::{
     ConfigError,
     value::{
-        self, column, existing_file, invalid, nonzero, optional_column, positive, sql_identifier,
+        self, column, existing_file, invalid, nonzero, nonzero_at_most, optional_column, positive,
+        sql_identifier,
     },
 };
 
@@ -254,17 +255,8 @@ impl TryFrom<PostgresFile> for PostgresConfig {
                 url => postgres_url("postgres.feed_url", url)?,
             },
             url: postgres_url("postgres.url", &file.url)?,
-            pool_size: {
-                let n = nonzero("postgres.pool_size", file.pool_size)?;
-                // deadpool sizes its slot queue and semaphore for the whole pool up front.
-                if n.get() as u64 > MAX_POOL_SIZE {
-                    return Err(invalid(
-                        "postgres.pool_size",
-                        format!("must be at most {MAX_POOL_SIZE}"),
-                    ));
-                }
-                n
-            },
+            // deadpool sizes its slot queue and semaphore for the whole pool up front.
+            pool_size: nonzero_at_most("postgres.pool_size", file.pool_size, MAX_POOL_SIZE)?,
             idle_timeout: file.idle_timeout,
             pgbouncer: file.pgbouncer.unwrap_or(false),
             detect_pgbouncer: file.pgbouncer.is_none(),

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     ConfigError,
-    value::{self, existing_file, invalid, nonzero, positive},
+    value::{self, existing_file, invalid, nonzero_at_most, positive},
 };
 
 const DEFAULT_URL: &str = "redis://127.0.0.1:6379/0";
@@ -214,17 +214,8 @@ impl TryFrom<RedisFile> for RedisConfig {
             // request until server.request_timeout instead of falling back to Postgres.
             command_timeout: positive("redis.command_timeout", file.command_timeout)?,
             connect_timeout: positive("redis.connect_timeout", file.connect_timeout)?,
-            pool_size: {
-                let n = nonzero("redis.pool_size", file.pool_size)?;
-                // fred builds (and connects) every client of the pool at startup.
-                if n.get() as u64 > MAX_POOL_SIZE {
-                    return Err(invalid(
-                        "redis.pool_size",
-                        format!("must be at most {MAX_POOL_SIZE}"),
-                    ));
-                }
-                n
-            },
+            // fred builds (and connects) every client of the pool at startup.
+            pool_size: nonzero_at_most("redis.pool_size", file.pool_size, MAX_POOL_SIZE)?,
             // Handed to fred in whole milliseconds: below 1 ms it would be 0, a reconnection
             // loop that spins a core for as long as Redis is down.
             reconnect_max_delay: {

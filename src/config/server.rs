@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     ConfigError,
-    value::{self, invalid, nonzero, positive, socket_addr},
+    value::{self, invalid, nonzero, nonzero_at_most, positive, socket_addr},
 };
 
 const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
@@ -126,14 +126,6 @@ pub struct ServerConfig {
 /// `tokio::sync::Semaphore`, which panics above this.
 pub const MAX_PERMITS: u64 = tokio::sync::Semaphore::MAX_PERMITS as u64;
 
-/// A limit kept by a semaphore: at least 1, at most [`MAX_PERMITS`].
-fn permits(key: &str, n: u64) -> Result<NonZeroUsize, ConfigError> {
-    if n > MAX_PERMITS {
-        return Err(invalid(key, format!("must be at most {MAX_PERMITS}")));
-    }
-    nonzero(key, n)
-}
-
 /// Whether listening on `a` and on `b` at once would fail with "address in use": the same
 /// port (not 0, which picks a free one) on the same address, or on the wildcard address of
 /// either (`[::]` also takes IPv4, as IPV6_V6ONLY is not set).
@@ -183,8 +175,16 @@ impl TryFrom<ServerFile> for ServerConfig {
         let server = ServerConfig {
             listen: socket_addr("server.listen", &file.listen)?,
             admin_listen: socket_addr("server.admin_listen", &file.admin_listen)?,
-            max_connections: permits("server.max_connections", file.max_connections)?,
-            max_in_flight: permits("server.max_in_flight", file.max_in_flight)?,
+            max_connections: nonzero_at_most(
+                "server.max_connections",
+                file.max_connections,
+                MAX_PERMITS,
+            )?,
+            max_in_flight: nonzero_at_most(
+                "server.max_in_flight",
+                file.max_in_flight,
+                MAX_PERMITS,
+            )?,
             max_header_bytes: {
                 if file.max_header_bytes < MIN_MAX_HEADER_BYTES {
                     return Err(invalid("server.max_header_bytes", "must be at least 8192"));

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     ConfigError,
-    value::{self, invalid, nonzero, path_prefix, positive},
+    value::{self, at_most, invalid, nonzero, path_prefix, positive},
 };
 
 const DEFAULT_BASE_PATH: &str = "/api/auth/";
@@ -220,16 +220,12 @@ impl TryFrom<SessionsFile> for SessionsConfig {
                 }
                 names
             },
-            hash_concurrency: match file.hash_concurrency {
-                // One thread per slot is started up front: more than this many cores is a typo.
-                n if n > MAX_HASH_CONCURRENCY => {
-                    return Err(invalid(
-                        "sessions.hash_concurrency",
-                        format!("must be at most {MAX_HASH_CONCURRENCY}"),
-                    ));
-                }
-                n => n as usize,
-            },
+            // One thread per slot is started up front: more than this many cores is a typo.
+            hash_concurrency: at_most(
+                "sessions.hash_concurrency",
+                file.hash_concurrency,
+                MAX_HASH_CONCURRENCY,
+            )? as usize,
             hash_queue_timeout: file.hash_queue_timeout,
             hash_nice: match file.hash_nice {
                 n @ 0..=19 => n as i32,

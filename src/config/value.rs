@@ -134,6 +134,19 @@ pub(super) fn nonzero(key: &str, n: u64) -> Result<NonZeroUsize, ConfigError> {
     NonZeroUsize::new(n as usize).ok_or_else(|| invalid(key, "must be greater than 0"))
 }
 
+/// A count no larger than `max` (what the thing it sizes can hold).
+pub(super) fn at_most(key: &str, n: u64, max: u64) -> Result<u64, ConfigError> {
+    if n > max {
+        return Err(invalid(key, format!("must be at most {max}")));
+    }
+    Ok(n)
+}
+
+/// A count of at least 1 and at most `max`.
+pub(super) fn nonzero_at_most(key: &str, n: u64, max: u64) -> Result<NonZeroUsize, ConfigError> {
+    nonzero(key, at_most(key, n, max)?)
+}
+
 /// A header name, or `None` for an empty string (the header is not sent).
 pub(super) fn header_name(
     key: &str,
