@@ -31,8 +31,22 @@ fn detail(status: StatusCode, text: &str) -> Response<Body> {
     json(status, serde_json::json!({ "detail": text }).to_string())
 }
 
+/// The whitespace HTTP strips from both ends of a field value (RFC 9110 §5.5): a proxy that
+/// copies a header passes on the value without it.
+const OPTIONAL_WHITESPACE: [char; 2] = [' ', '\t'];
+
+/// Whether `s` arrives as it was sent: a value with whitespace at either end reaches the
+/// application trimmed, as another value (`" admin"` as `admin`).
+fn survives_proxies(s: &str) -> bool {
+    s.trim_matches(OPTIONAL_WHITESPACE) == s
+}
+
 fn header_value(s: &str) -> HeaderValue {
-    // Values come from the database; anything a header cannot carry is dropped, not sent raw.
+    // Values come from the database; anything a header cannot carry exactly is dropped (sent
+    // empty, which the Django package reads as "not sent"), never sent raw or trimmed.
+    if !survives_proxies(s) {
+        return HeaderValue::from_static("");
+    }
     HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
@@ -47,7 +61,7 @@ pub fn allow(
     assertion: Option<(&HeaderName, HeaderValue)>,
 ) -> Response<Body> {
     let user_id = match HeaderValue::from_str(&row.user_id) {
-        Ok(v) if !row.user_id.trim().is_empty() => v,
+        Ok(v) if !row.user_id.trim().is_empty() && survives_proxies(&row.user_id) => v,
         _ => {
             return error(&Error::Internal(format!(
                 "refusing to answer 200 for a user id that cannot be sent as a header: {:?}",
@@ -134,9 +148,25 @@ const GROUP_ESCAPES: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS.a
 fn groups_value(groups: &[compact_str::CompactString]) -> String {
     groups
         .iter()
-        .map(|g| percent_encoding::utf8_percent_encode(g, GROUP_ESCAPES).to_string())
+        .map(|g| group_value(g))
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// One group name, encoded: spaces at its ends too (`%20`), which a proxy would trim from the
+/// header's ends and a reader splitting the list would trim from each name; spaces inside a
+/// name are kept as they are.
+fn group_value(name: &str) -> String {
+    let start = name.trim_start_matches(' ');
+    let core = start.trim_end_matches(' ');
+    let leading = name.len() - start.len();
+    let trailing = start.len() - core.len();
+    let encoded = percent_encoding::utf8_percent_encode(core, GROUP_ESCAPES);
+    format!(
+        "{}{encoded}{}",
+        "%20".repeat(leading),
+        "%20".repeat(trailing)
+    )
 }
 
 /// 401 with knox's `detail` and `WWW-Authenticate: <keyword>`.
@@ -301,11 +331,35 @@ mod identity_tests {
         let ok = allow(&row("7"), &cfg, None);
         assert_eq!(ok.status(), StatusCode::OK);
         assert_eq!(ok.headers()[&cfg.user_id_header], "7");
-        for bad in ["1\r\nX-Evil: 1", "", " ", "a\u{0}b"] {
+        // " 7" and "7\t" would reach the application as user 7.
+        for bad in ["1\r\nX-Evil: 1", "", " ", "a\u{0}b", " 7", "7 ", "7\t"] {
             let r = allow(&row(bad), &cfg, None);
             assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR, "{bad:?}");
             assert!(!r.headers().contains_key(&cfg.user_id_header), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn usernames_and_emails_a_proxy_would_trim_are_not_sent() {
+        let cfg = crate::config::Config::from_toml_str(
+            "[verify]\nusername_header = \"X-Auth-User-Name\"\nemail_header = \"X-Auth-User-Email\"",
+        )
+        .unwrap()
+        .verify;
+        let mut r = row("7");
+        r.user.username = " admin".into();
+        r.user.email = "a@example.com\t".into();
+        let response = allow(&r, &cfg, None);
+        assert_eq!(response.status(), StatusCode::OK);
+        let h = response.headers();
+        assert_eq!(h[cfg.username_header.as_ref().unwrap()], "");
+        assert_eq!(h[cfg.email_header.as_ref().unwrap()], "");
+        r.user.username = "ad min".into();
+        let response = allow(&r, &cfg, None);
+        assert_eq!(
+            response.headers()[cfg.username_header.as_ref().unwrap()],
+            "ad min"
+        );
     }
 }
 
@@ -376,6 +430,25 @@ mod policy_response_tests {
         assert_eq!(v, "a%2Cb,100%25,%C3%A9quipe,ops team");
         assert!(HeaderValue::from_str(&v).is_ok());
         assert_eq!(groups_value(&[]), "");
+    }
+
+    #[test]
+    fn group_names_keep_the_spaces_at_their_ends() {
+        // Proxies trim a header value's ends: " admin" first or "admin " last in the list
+        // would arrive as "admin".
+        let groups: Vec<compact_str::CompactString> =
+            vec![" admin".into(), "a b".into(), "  ".into(), "admin ".into()];
+        let v = groups_value(&groups);
+        assert_eq!(v, "%20admin,a b,%20%20,admin%20");
+        let decoded: Vec<String> = v
+            .split(',')
+            .map(|g| {
+                percent_encoding::percent_decode_str(g)
+                    .decode_utf8_lossy()
+                    .into_owned()
+            })
+            .collect();
+        assert_eq!(decoded, [" admin", "a b", "  ", "admin "]);
     }
 
     #[test]
