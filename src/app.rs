@@ -287,15 +287,16 @@ pub async fn start(mut config: Config) -> Result<Running, StartError> {
         // decodes the check and encodes the answer.
         let service = AuthorizationServer::new(grpc::Check::new(Arc::clone(&app)))
             .max_decoding_message_size(cfg.server.grpc_max_message_bytes);
+        let grpc_app = Arc::clone(&app);
         tasks.push(tokio::spawn(server::serve(
             listener,
             limits.clone(),
             Arc::clone(&connections),
             move |req, _peer| {
-                let mut service = service.clone();
+                let (mut service, app) = (service.clone(), Arc::clone(&grpc_app));
                 async move {
                     match service.call(req).await {
-                        Ok(response) => response,
+                        Ok(response) => grpc::answer_oversized_as_denial(&app, response).await,
                         Err(never) => match never {},
                     }
                 }

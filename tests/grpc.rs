@@ -490,12 +490,24 @@ async fn hostile_check_requests_are_answered_without_a_panic() {
     let req = request(&headers, &[]);
     assert!(req.encoded_len() < 262_144, "{}", req.encoded_len());
     assert_eq!(status_of(&check(&mut c, req).await), 200);
-    // Over the cap: refused before decoding, and the server carries on.
+    // Over the cap: refused before decoding, as a denial (413), not an RPC error that
+    // failure_mode_allow would let through, even with a valid token; the server carries on.
     let big = "v".repeat(1024);
     let names: Vec<String> = (0..400).map(|i| format!("x-h{i}")).collect();
-    let headers: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), big.as_str())).collect();
-    let e = check(&mut c, request(&headers, &[])).await.unwrap_err();
-    assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
+    let mut headers: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), big.as_str())).collect();
+    headers.push(("authorization", &auth));
+    let too_large = s
+        .metric("knoxgate_requests_total{route=\"grpc_check\",status=\"4xx\"}")
+        .await;
+    let r = check(&mut c, request(&headers, &[])).await;
+    assert_eq!(status_of(&r), 413);
+    let denial = r.unwrap().status.unwrap();
+    assert_eq!(denial.code, Code::InvalidArgument as i32, "{denial:?}");
+    assert_eq!(
+        s.metric("knoxgate_requests_total{route=\"grpc_check\",status=\"4xx\"}")
+            .await,
+        too_large + 1.0
+    );
     // A huge context_extensions map: refused as a bad policy, naming a key.
     let keys: Vec<String> = (0..5_000).map(|i| format!("k{i}")).collect();
     let ext: Vec<(&str, &str)> = keys.iter().map(|k| (k.as_str(), "v")).collect();

@@ -29,6 +29,9 @@ const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// A check request carries the client request's headers (Envoy's own cap on them defaults to
 /// 60 KiB) and a few attributes; four times that is ample and still bounds what one decodes.
 const DEFAULT_GRPC_MAX_MESSAGE_BYTES: u64 = 262_144;
+/// Room kept between knoxgate's answer to a check and the caller's own deadline: Envoy beside
+/// knoxgate (a sidecar, a node-local service) gets the answer back within a few milliseconds.
+const DEFAULT_GRPC_DEADLINE_MARGIN: Duration = Duration::from_millis(50);
 /// A client that presents 32 failing credentials in a row on one connection is not a user who
 /// mistyped; a proxy's pooled connection that carries real users sees a 200 long before that.
 const DEFAULT_DEMOTE_AFTER_REFUSALS: u64 = 32;
@@ -57,6 +60,8 @@ pub struct ServerFile {
     /// Empty: no gRPC listener.
     pub grpc_listen: String,
     pub grpc_max_message_bytes: u64,
+    #[serde(with = "value::duration")]
+    pub grpc_deadline_margin: Duration,
     /// 0: never demote.
     pub demote_after_refusals: u64,
     /// 0: as many as the CPUs.
@@ -78,6 +83,7 @@ impl Default for ServerFile {
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             grpc_listen: String::new(),
             grpc_max_message_bytes: DEFAULT_GRPC_MAX_MESSAGE_BYTES,
+            grpc_deadline_margin: DEFAULT_GRPC_DEADLINE_MARGIN,
             demote_after_refusals: DEFAULT_DEMOTE_AFTER_REFUSALS,
             demoted_threads: 0,
         }
@@ -113,8 +119,13 @@ pub struct ServerConfig {
     /// Envoy ext_authz over gRPC (h2c), with the main listener's connection cap, in-flight cap,
     /// deadlines and drain; `None` when not configured.
     pub grpc_listen: Option<SocketAddr>,
-    /// Largest check request decoded; larger ones are refused with OUT_OF_RANGE (tonic's code for it).
+    /// Largest check request decoded; a larger one is denied with 413, a denial Envoy answers
+    /// as such whatever `failure_mode_allow` says.
     pub grpc_max_message_bytes: usize,
+    /// A check whose caller sends a deadline (`grpc-timeout`, as Envoy does from its ext_authz
+    /// `timeout`) is answered this long before it (at the latest at half of it), so that
+    /// knoxgate's 503 reaches the caller instead of the caller's own timeout.
+    pub grpc_deadline_margin: Duration,
     /// An HTTP/1 connection on the main listener whose last this many answers were all 401 is
     /// served from then on by the demoted lane's threads (nice 19); `None`: never.
     pub demote_after_refusals: Option<NonZeroU32>,
@@ -210,6 +221,7 @@ impl TryFrom<ServerFile> for ServerConfig {
                 usize::try_from(file.grpc_max_message_bytes)
                     .map_err(|_| invalid("server.grpc_max_message_bytes", "too large"))?
             },
+            grpc_deadline_margin: file.grpc_deadline_margin,
             demote_after_refusals: match u32::try_from(file.demote_after_refusals) {
                 Ok(n) => NonZeroU32::new(n),
                 Err(_) => {

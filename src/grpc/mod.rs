@@ -7,9 +7,13 @@
 //! decision and the permission check, and `http::respond` chooses the status, as for `/verify`;
 //! [`respond`] only says how Envoy is told that answer.
 
+mod deadline;
 pub mod respond;
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use envoy_types::ext_authz::v3::pb::{Authorization, CheckRequest, CheckResponse};
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest;
@@ -17,7 +21,7 @@ use hyper::{
     HeaderMap, Method,
     header::{self, HeaderName, HeaderValue},
 };
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 use tracing::Instrument as _;
 
 use crate::{
@@ -54,7 +58,15 @@ impl Authorization for Check {
     ) -> Result<Response<CheckResponse>, Status> {
         let span = tracing::info_span!(target: SPAN_TARGET, "grpc_check", otel.kind = "server");
         continue_trace(&span, request.metadata().as_ref());
-        let answer = self.answer(request.into_inner()).instrument(span).await;
+        let caller_deadline = request
+            .metadata()
+            .as_ref()
+            .get(deadline::GRPC_TIMEOUT)
+            .and_then(|v| deadline::parse_grpc_timeout(v.as_bytes()));
+        let answer = self
+            .answer(request.into_inner(), caller_deadline)
+            .instrument(span)
+            .await;
         let status = answer.status();
         self.app.metrics.request(Route::GrpcCheck, status);
         // Every answer is a CheckResponse, outages included (grpc/respond.rs says why).
@@ -64,9 +76,43 @@ impl Authorization for Check {
     }
 }
 
+/// tonic's answer to a check request over `server.grpc_max_message_bytes`, refused before it
+/// is decoded: an RPC error, OUT_OF_RANGE, in a response without a body.
+fn is_oversized_refusal(response: &hyper::Response<tonic::body::Body>) -> bool {
+    response
+        .headers()
+        .get("grpc-status")
+        .is_some_and(|code| code.as_bytes() == (Code::OutOfRange as i32).to_string().as_bytes())
+}
+
+/// The gRPC listener's answer: tonic's, except that a check too large to decode gets a 413
+/// denial instead of an RPC error, which Envoy would answer as `failure_mode_allow` says (let
+/// through under `true`). Every other answer is already a `CheckResponse` ([`Check::check`]).
+pub async fn answer_oversized_as_denial(
+    app: &App,
+    response: hyper::Response<tonic::body::Body>,
+) -> hyper::Response<tonic::body::Body> {
+    if !is_oversized_refusal(&response) {
+        return response;
+    }
+    let e = Error::PayloadTooLarge;
+    tracing::debug!(
+        limit = app.config.server.grpc_max_message_bytes,
+        "check request over server.grpc_max_message_bytes"
+    );
+    let denial = http_respond::error(&e);
+    app.metrics.request(Route::GrpcCheck, denial.status());
+    respond::unary_response(&respond::check_response(denial, &[]).await)
+}
+
 impl Check {
-    /// The HTTP answer `/verify` would give, under the same in-flight cap and deadline.
-    async fn answer(&self, check: CheckRequest) -> hyper::Response<http_respond::Body> {
+    /// The HTTP answer `/verify` would give, under the same in-flight cap, and the same
+    /// deadline unless the caller's (`grpc-timeout`) comes sooner.
+    async fn answer(
+        &self,
+        check: CheckRequest,
+        caller_deadline: Option<Duration>,
+    ) -> hyper::Response<http_respond::Body> {
         let app = &self.app;
         // Shed load rather than queue, as the HTTP listener does.
         let Ok(_permit) = Arc::clone(&app.in_flight).try_acquire_owned() else {
@@ -74,19 +120,21 @@ impl Check {
             return http_respond::error(&Error::Overloaded);
         };
         let started = Instant::now();
-        let (response, outcome, reason) = match tokio::time::timeout(
-            app.config.server.request_timeout,
-            decide(app, &check),
-        )
-        .await
-        {
-            Ok(answer) => answer,
-            Err(_) => {
-                let e = Error::DeadlineExceeded;
-                let reason = Reason::Failed(e.label());
-                (http_respond::error(&e), VerifyOutcome::Error, reason)
-            }
-        };
+        let server = &app.config.server;
+        let budget = deadline::check_deadline(
+            server.request_timeout,
+            caller_deadline,
+            server.grpc_deadline_margin,
+        );
+        let (response, outcome, reason) =
+            match tokio::time::timeout(budget, decide(app, &check)).await {
+                Ok(answer) => answer,
+                Err(_) => {
+                    let e = Error::DeadlineExceeded;
+                    let reason = Reason::Failed(e.label());
+                    (http_respond::error(&e), VerifyOutcome::Error, reason)
+                }
+            };
         app.metrics.verify_outcome(outcome, reason);
         app.metrics
             .verify_duration

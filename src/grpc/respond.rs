@@ -113,6 +113,35 @@ pub async fn check_response(answer: hyper::Response<Body>, owned: &[HeaderName])
     }
 }
 
+/// A unary gRPC response carrying `message`, as tonic frames one: a length-prefixed message
+/// and an OK status in the trailers. For answers made outside tonic's generated service.
+pub fn unary_response(message: &CheckResponse) -> hyper::Response<tonic::body::Body> {
+    use bytes::BufMut as _;
+    use prost::Message as _;
+    let len = message.encoded_len();
+    let mut frame = bytes::BytesMut::with_capacity(5 + len);
+    frame.put_u8(0); // not compressed
+    // A CheckResponse of knoxgate's is a few hundred bytes: its length fits the prefix.
+    frame.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
+    message
+        .encode(&mut frame)
+        .expect("the buffer was sized for the message");
+    let mut trailers = HeaderMap::new();
+    trailers.insert("grpc-status", hyper::header::HeaderValue::from_static("0"));
+    let frames = futures_util::stream::iter([
+        Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(frame.freeze())),
+        Ok(hyper::body::Frame::trailers(trailers)),
+    ]);
+    let mut response = hyper::Response::new(tonic::body::Body::new(
+        http_body_util::StreamBody::new(frames),
+    ));
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/grpc"),
+    );
+    response
+}
+
 /// The `detail` of a DRF body, for the gRPC status message (logs, `grpcurl`).
 fn detail_of(body: &str) -> String {
     serde_json::from_str::<serde_json::Value>(body)
@@ -253,5 +282,26 @@ mod tests {
         };
         assert!(ok.headers.is_empty());
         assert_eq!(ok.headers_to_remove.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_unary_response_is_framed_as_tonic_frames_one() {
+        use prost::Message as _;
+        let message = check(respond::error(&Error::PayloadTooLarge)).await;
+        let response = unary_response(&message);
+        assert_eq!(
+            response.headers()[hyper::header::CONTENT_TYPE],
+            "application/grpc"
+        );
+        let collected = response.into_body().collect().await.unwrap();
+        let trailers = collected.trailers().cloned().expect("trailers");
+        assert_eq!(trailers["grpc-status"], "0");
+        let bytes = collected.to_bytes();
+        assert_eq!(bytes[0], 0, "not compressed");
+        let len = u32::from_be_bytes(bytes[1..5].try_into().unwrap()) as usize;
+        assert_eq!(len, bytes.len() - 5);
+        let decoded = CheckResponse::decode(&bytes[5..]).unwrap();
+        assert_eq!(decoded, message);
+        assert_eq!(denied(&decoded).status.as_ref().unwrap().code, 413);
     }
 }
