@@ -183,6 +183,18 @@ impl Config {
                 ),
             ));
         }
+        // A confirmation that may run to the deadline would turn the stale answer it guards
+        // into a 503.
+        if self.cache.confirm_timeout >= self.server.request_timeout {
+            return Err(value::invalid(
+                "cache.confirm_timeout",
+                format!(
+                    "must be less than server.request_timeout ({:?}), or a Postgres that hangs \
+                     turns cached answers into deadline 503s before stale_if_error can serve them",
+                    self.server.request_timeout
+                ),
+            ));
+        }
         Ok(())
     }
 

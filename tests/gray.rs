@@ -479,3 +479,161 @@ async fn packet_loss_on_the_postgres_path_costs_time_within_the_timeouts_never_a
     );
     s.stop().await;
 }
+
+/// Postgres through a proxy that can be made to hang, the feed straight to it, Redis off.
+async fn server_behind_slow_postgres(db: &TestDb, proxy: &SlowProxy, extra: &str) -> TestServer {
+    let url = db
+        .url
+        .replace("127.0.0.1:5432", &format!("127.0.0.1:{}", proxy.port));
+    assert_ne!(url, db.url, "the database URL goes through the proxy");
+    let through_proxy = format!(
+        "[postgres]\nurl = \"{url}\"\nfeed_url = \"{}\"\n[redis]\nurl = \"\"",
+        db.url
+    );
+    TestServer::start(db, &merge_toml(&through_proxy, extra)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hung_postgres_leaves_cached_tokens_served_before_the_deadline() {
+    let db = TestDb::migrated().await;
+    let proxy = SlowProxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let cached = user_with_token(&db, "hung-cached").await;
+    // Strict: every hit waits for Postgres to confirm it. The request deadline (1 s) is shorter
+    // than Postgres's own timeouts (a statement gets 1 s + 250 ms, a connection 2 s), so only
+    // cache.confirm_timeout (200 ms) leaves time for the cached answer.
+    let strict = "[server]\nrequest_timeout = \"1s\"\n[sessions]\nhash_queue_timeout = \"500ms\"\n\
+                  [cache]\nconsistency = \"strict\"\nconfirm_timeout = \"200ms\"";
+    let s = server_behind_slow_postgres(&db, &proxy, strict).await;
+    let fail_closed =
+        server_behind_slow_postgres(&db, &proxy, &format!("{strict}\nstale_if_error = false"))
+            .await;
+    for server in [&s, &fail_closed] {
+        assert_eq!(server.verify(&cached.token).await.status, 200);
+    }
+
+    proxy.set_delay(Duration::from_secs(10));
+    let stale = s.metric("knoxgate_stale_answers_total").await;
+    for _ in 0..3 {
+        let started = Instant::now();
+        let r = s.verify(&cached.token).await;
+        let took = started.elapsed();
+        assert_eq!(r.status, 200, "a cached token lost to a hung Postgres");
+        assert!(
+            took < Duration::from_millis(800),
+            "{took:?}: the confirmation was not given up at cache.confirm_timeout"
+        );
+    }
+    assert!(s.metric("knoxgate_stale_answers_total").await >= stale + 3.0);
+    // Without stale_if_error the same token is an outage, never a denial.
+    assert_eq!(fail_closed.verify(&cached.token).await.status, 503);
+
+    proxy.set_delay(Duration::ZERO);
+    s.stop().await;
+    fail_closed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_grpc_check_is_answered_before_the_callers_deadline() {
+    use envoy_types::{
+        ext_authz::v3::pb::{CheckRequest, HttpResponse},
+        pb::envoy::service::auth::v3::{
+            AttributeContext, attribute_context::HttpRequest, attribute_context::Request,
+            authorization_client::AuthorizationClient,
+        },
+    };
+    let db = TestDb::migrated().await;
+    let proxy = SlowProxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let cold = user_with_token(&db, "grpc-deadline").await;
+    // A second one: a check of the first while its load is in flight would share that load.
+    let other = user_with_token(&db, "grpc-no-deadline").await;
+    let s = server_behind_slow_postgres(
+        &db,
+        &proxy,
+        "[server]\ngrpc_listen = \"127.0.0.1:0\"\nrequest_timeout = \"3s\"\n\
+         grpc_deadline_margin = \"200ms\"\n[postgres]\nconnect_timeout = \"2s\"",
+    )
+    .await;
+    let mut client = AuthorizationClient::connect(format!("http://{}", s.grpc()))
+        .await
+        .expect("gRPC connect");
+    let check_of = |token: &str, deadline: Option<Duration>| {
+        let auth = format!("Token {token}");
+        let http = HttpRequest {
+            method: "GET".into(),
+            path: "/api/orders".into(),
+            headers: [("authorization".to_owned(), auth)].into(),
+            ..HttpRequest::default()
+        };
+        let attributes = AttributeContext {
+            request: Some(Request {
+                http: Some(http),
+                ..Request::default()
+            }),
+            ..AttributeContext::default()
+        };
+        let mut request = tonic::Request::new(CheckRequest {
+            attributes: Some(attributes),
+        });
+        // Sent as grpc-timeout, as Envoy sends its ext_authz timeout.
+        if let Some(d) = deadline {
+            request.set_timeout(d);
+        }
+        request
+    };
+    let check = |deadline| check_of(&cold.token, deadline);
+
+    // A token nobody has cached, and Postgres hangs: a caller's 1 s deadline gets knoxgate's
+    // 503 (the margin, 200 ms, before it), not its own timeout, which Envoy would answer as
+    // failure_mode_allow says.
+    proxy.set_delay(Duration::from_secs(10));
+    let started = Instant::now();
+    let answer = client
+        .check(check(Some(Duration::from_secs(1))))
+        .await
+        .expect("knoxgate's answer, not the caller's deadline")
+        .into_inner();
+    let took = started.elapsed();
+    let denied = match answer.http_response {
+        Some(HttpResponse::DeniedResponse(d)) => d,
+        other => panic!("not a denial: {other:?}"),
+    };
+    assert_eq!(denied.status.map(|s| s.code), Some(503));
+    assert!(
+        took >= Duration::from_millis(750) && took < Duration::from_secs(1),
+        "answered after {took:?}, want 800 ms"
+    );
+    // A caller without a deadline is answered as over HTTP: when Postgres's connect timeout
+    // (2 s) gives up. Once the first check's lookup has given up: a lookup still waiting for
+    // a connection would be shared.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let started = Instant::now();
+    let answer = client
+        .check(check_of(&other.token, None))
+        .await
+        .expect("an answer");
+    let took = started.elapsed();
+    assert!(
+        matches!(
+            answer.into_inner().http_response,
+            Some(HttpResponse::DeniedResponse(_))
+        ) && took >= Duration::from_millis(1_800),
+        "answered after {took:?} without a caller deadline"
+    );
+
+    // Postgres back: the same check is allowed within the caller's deadline.
+    proxy.set_delay(Duration::ZERO);
+    let allowed = eventually(Duration::from_secs(10), || {
+        let mut client = client.clone();
+        let request = check(Some(Duration::from_secs(1)));
+        async move {
+            let r = client.check(request).await;
+            matches!(
+                r.map(|r| r.into_inner().http_response),
+                Ok(Some(HttpResponse::OkResponse(_)))
+            )
+        }
+    })
+    .await;
+    assert!(allowed.is_some(), "checks did not recover");
+    s.stop().await;
+}

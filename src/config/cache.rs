@@ -15,6 +15,9 @@ const DEFAULT_CONSISTENCY: &str = "notify";
 // holds ~180,000 tokens: the byte bound is the one that binds first.
 const DEFAULT_MEMORY_MAX_ENTRIES: u64 = 200_000;
 const DEFAULT_MEMORY_MAX_BYTES: u64 = 64 * 1024 * 1024;
+/// Far above a primary-key query's usual milliseconds, and well inside the 0.5 s that the
+/// shipped Envoy, Istio and Contour configurations give a check.
+const DEFAULT_CONFIRM_TIMEOUT: Duration = Duration::from_millis(250);
 const DEFAULT_NEGATIVE_TTL: Duration = Duration::from_secs(5);
 const DEFAULT_FEED_RETENTION: Duration = Duration::from_secs(86_400);
 const DEFAULT_FEED_RECONNECT_DELAY: Duration = Duration::from_millis(500);
@@ -45,6 +48,8 @@ pub struct CacheFile {
     pub negative_ttl: Duration,
     pub stale_if_error: bool,
     #[serde(with = "value::duration")]
+    pub confirm_timeout: Duration,
+    #[serde(with = "value::duration")]
     pub feed_retention: Duration,
     #[serde(with = "value::duration")]
     pub feed_reconnect_delay: Duration,
@@ -70,6 +75,7 @@ impl Default for CacheFile {
             memory_max_bytes: DEFAULT_MEMORY_MAX_BYTES,
             negative_ttl: DEFAULT_NEGATIVE_TTL,
             stale_if_error: true,
+            confirm_timeout: DEFAULT_CONFIRM_TIMEOUT,
             feed_retention: DEFAULT_FEED_RETENTION,
             feed_reconnect_delay: DEFAULT_FEED_RECONNECT_DELAY,
             feed_health_interval: DEFAULT_FEED_HEALTH_INTERVAL,
@@ -117,6 +123,10 @@ pub struct CacheConfig {
     pub negative_ttl: Duration,
     /// Keep serving cached entries while Postgres cannot be reached.
     pub stale_if_error: bool,
+    /// With `stale_if_error`: how long a cached answer waits for Postgres to confirm it before
+    /// it is served unconfirmed (a Postgres that hangs would otherwise hold the request past
+    /// its deadline, and the cached answer would be lost to a 503).
+    pub confirm_timeout: Duration,
     /// Revocation log rows older than this are pruned.
     pub feed_retention: Duration,
     /// Delay before the change-feed listener reconnects.
@@ -197,6 +207,7 @@ impl TryFrom<CacheFile> for CacheConfig {
             memory_max_bytes: file.memory_max_bytes,
             negative_ttl: file.negative_ttl,
             stale_if_error: file.stale_if_error,
+            confirm_timeout: positive("cache.confirm_timeout", file.confirm_timeout)?,
             feed_retention: positive("cache.feed_retention", file.feed_retention)?,
             feed_reconnect_delay: positive(
                 "cache.feed_reconnect_delay",

@@ -347,6 +347,27 @@ fn hash_queue_timeout_must_be_under_the_request_deadline() {
 }
 
 #[test]
+fn confirm_timeout_must_be_under_the_request_deadline_and_above_zero() {
+    let base = "[server]\nrequest_timeout = \"2s\"\n[cache]\n";
+    for bad in ["2s", "5s", "0s"] {
+        let err = Config::from_toml_str(&format!("{base}confirm_timeout = \"{bad}\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cache.confirm_timeout"), "{bad}: {err}");
+    }
+    let ok = Config::from_toml_str(&format!("{base}confirm_timeout = \"1999ms\"")).unwrap();
+    assert_eq!(ok.cache.confirm_timeout, Duration::from_millis(1999));
+    let defaults = Config::from_toml_str("").unwrap();
+    assert_eq!(defaults.cache.confirm_timeout, Duration::from_millis(250));
+    assert_eq!(
+        defaults.server.grpc_deadline_margin,
+        Duration::from_millis(50)
+    );
+    let margin = Config::from_toml_str("[server]\ngrpc_deadline_margin = \"0ms\"").unwrap();
+    assert_eq!(margin.server.grpc_deadline_margin, Duration::ZERO);
+}
+
+#[test]
 fn zero_timeouts_are_refused() {
     for key in ["header_read_timeout", "idle_timeout", "request_timeout"] {
         let err = Config::from_toml_str(&format!("[server]\n{key} = \"0s\""))

@@ -166,6 +166,7 @@ pub enum Change {
 struct Settings {
     consistency: Consistency,
     stale_if_error: bool,
+    confirm_timeout: Duration,
     max_cache_ttl: Duration,
     negative_ttl: Duration,
 }
@@ -223,6 +224,7 @@ impl Store {
             settings: Settings {
                 consistency: config.cache.consistency,
                 stale_if_error: config.cache.stale_if_error,
+                confirm_timeout: config.cache.confirm_timeout,
                 max_cache_ttl: config.redis.max_cache_ttl,
                 negative_ttl: config.cache.negative_ttl,
             },

@@ -409,7 +409,8 @@ impl Postgres {
         if purpose != Purpose::Feed {
             self.metrics.sql(label);
         }
-        self.run_on(client, label, sql, params).await
+        self.run_on(client, label, sql, params, self.statement_deadline)
+            .await
     }
 
     /// Runs one statement on a pooled connection with the client-side deadline. A connection
@@ -420,8 +421,9 @@ impl Postgres {
         label: &'static str,
         sql: &str,
         params: &[Param<'_>],
+        deadline: Duration,
     ) -> Result<Vec<Row>, StoreError> {
-        let result = tokio::time::timeout(self.statement_deadline, async {
+        let result = tokio::time::timeout(deadline, async {
             run_statement!(self.pgbouncer, client, sql, params)
         })
         .await;
@@ -527,6 +529,7 @@ impl Postgres {
                 "lookup",
                 &self.sql.lookup,
                 &[(&keys, Type::TEXT_ARRAY)],
+                self.statement_deadline,
             )
             .await
         {
@@ -545,6 +548,39 @@ impl Postgres {
         let rows = self
             .query("confirm", &self.sql.confirm, &[(&digest, Type::TEXT)])
             .await?;
+        self.confirmed(&rows)
+    }
+
+    /// [`Postgres::confirm`], given up after `limit` (pool wait, connect and statement
+    /// together): for a caller with a cached answer to fall back on. A connection that missed
+    /// it is taken out of the pool, as one that missed the statement deadline is.
+    pub async fn confirm_within(
+        &self,
+        digest: &str,
+        limit: Duration,
+    ) -> Result<Option<TokenRow>, StoreError> {
+        let rows = Box::pin(async {
+            let started = Instant::now();
+            self.note_request();
+            let client = tokio::time::timeout(limit, self.client())
+                .await
+                .map_err(|_| {
+                    self.fail(StoreError::Timeout(
+                        "confirm: no connection within cache.confirm_timeout".into(),
+                    ))
+                })??;
+            self.metrics.sql("confirm");
+            let left = limit.saturating_sub(started.elapsed());
+            let params: &[Param<'_>] = &[(&digest, Type::TEXT)];
+            let deadline = left.min(self.statement_deadline);
+            self.run_on(client, "confirm", &self.sql.confirm, params, deadline)
+                .await
+        })
+        .await?;
+        self.confirmed(&rows)
+    }
+
+    fn confirmed(&self, rows: &[Row]) -> Result<Option<TokenRow>, StoreError> {
         rows.first()
             .map(row_of)
             .transpose()

@@ -12,7 +12,7 @@ use super::{
     memory::{Entry, Rows},
 };
 use crate::{
-    auth::{Outcome, TokenDigest, decide},
+    auth::{Outcome, TokenDigest, TokenRow, decide},
     config::Consistency,
     metrics::{LookupResult, Tier},
     telemetry::SPAN_TARGET,
@@ -76,12 +76,7 @@ impl Store {
         cached: Arc<Entry>,
     ) -> Result<Lookup, StoreError> {
         let epoch = self.changes.current();
-        match self
-            .pg
-            .confirm(&digest.to_hex())
-            .instrument(tier_span("postgres"))
-            .await
-        {
+        match self.confirm_row(digest, self.settings.stale_if_error).await {
             Ok(fresh) => {
                 let mut rows: Rows = cached
                     .rows
@@ -100,6 +95,24 @@ impl Store {
                 Ok(Lookup { entry: cached })
             }
             Err(e) => Err(e),
+        }
+    }
+
+    /// The row with this digest, read by primary key. With a cached answer to fall back on
+    /// (`stale_allowed`), Postgres gets `cache.confirm_timeout` and no more: the fallback is
+    /// worth something only if it comes before the request's deadline.
+    async fn confirm_row(
+        &self,
+        digest: &TokenDigest,
+        stale_allowed: bool,
+    ) -> Result<Option<TokenRow>, StoreError> {
+        let hex = digest.to_hex();
+        let span = tier_span("postgres");
+        if stale_allowed {
+            let limit = self.settings.confirm_timeout;
+            self.pg.confirm_within(&hex, limit).instrument(span).await
+        } else {
+            self.pg.confirm(&hex).instrument(span).await
         }
     }
 
@@ -139,9 +152,7 @@ impl Store {
                         // not hold), or a mode that wants confirmation: one primary-key query
                         // settles it.
                         Some(row) => match self
-                            .pg
-                            .confirm(&digest.to_hex())
-                            .instrument(tier_span("postgres"))
+                            .confirm_row(digest, self.settings.stale_if_error && !revoked_lately)
                             .await
                         {
                             Ok(fresh) => (fresh, None),
@@ -153,13 +164,7 @@ impl Store {
                             }
                             Err(e) => return Err(e),
                         },
-                        None => (
-                            self.pg
-                                .confirm(&digest.to_hex())
-                                .instrument(tier_span("postgres"))
-                                .await?,
-                            None,
-                        ),
+                        None => (self.confirm_row(digest, false).await?, None),
                     };
                     match row {
                         Some(row) => {
