@@ -532,91 +532,107 @@ async fn a_hung_postgres_leaves_cached_tokens_served_before_the_deadline() {
     fail_closed.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_grpc_check_is_answered_before_the_callers_deadline() {
+/// Envoy's check of a GET with this token, with the caller's deadline (`grpc-timeout`, as
+/// Envoy sends its ext_authz timeout) when there is one.
+fn grpc_check(
+    token: &str,
+    deadline: Option<Duration>,
+) -> tonic::Request<envoy_types::ext_authz::v3::pb::CheckRequest> {
     use envoy_types::{
-        ext_authz::v3::pb::{CheckRequest, HttpResponse},
+        ext_authz::v3::pb::CheckRequest,
         pb::envoy::service::auth::v3::{
             AttributeContext, attribute_context::HttpRequest, attribute_context::Request,
-            authorization_client::AuthorizationClient,
         },
     };
+    let http = HttpRequest {
+        method: "GET".into(),
+        path: "/api/orders".into(),
+        headers: [("authorization".to_owned(), format!("Token {token}"))].into(),
+        ..HttpRequest::default()
+    };
+    let attributes = AttributeContext {
+        request: Some(Request {
+            http: Some(http),
+            ..Request::default()
+        }),
+        ..AttributeContext::default()
+    };
+    let mut request = tonic::Request::new(CheckRequest {
+        attributes: Some(attributes),
+    });
+    if let Some(d) = deadline {
+        request.set_timeout(d);
+    }
+    request
+}
+
+/// The HTTP status of a check's answer (200 for an allow).
+fn check_status(
+    answer: Result<tonic::Response<envoy_types::ext_authz::v3::pb::CheckResponse>, tonic::Status>,
+) -> Result<i32, tonic::Status> {
+    use envoy_types::ext_authz::v3::pb::HttpResponse;
+    match answer?.into_inner().http_response {
+        Some(HttpResponse::OkResponse(_)) => Ok(200),
+        Some(HttpResponse::DeniedResponse(d)) => Ok(d.status.map_or(0, |s| s.code)),
+        other => panic!("neither an allow nor a denial: {other:?}"),
+    }
+}
+
+type AuthorizationClient =
+    envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient<
+        tonic::transport::Channel,
+    >;
+
+async fn grpc_client(s: &TestServer) -> AuthorizationClient {
+    AuthorizationClient::connect(format!("http://{}", s.grpc()))
+        .await
+        .expect("gRPC connect")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_grpc_check_is_answered_before_the_callers_deadline() {
     let db = TestDb::migrated().await;
     let proxy = SlowProxy::start("127.0.0.1:5432".parse().unwrap()).await;
     let cold = user_with_token(&db, "grpc-deadline").await;
     // A second one: a check of the first while its load is in flight would share that load.
     let other = user_with_token(&db, "grpc-no-deadline").await;
+    // Postgres's own timeouts (connect 2 s, statement 2 s + 250 ms) well after the caller's
+    // deadline less the margin (800 ms).
     let s = server_behind_slow_postgres(
         &db,
         &proxy,
         "[server]\ngrpc_listen = \"127.0.0.1:0\"\nrequest_timeout = \"3s\"\n\
-         grpc_deadline_margin = \"200ms\"\n[postgres]\nconnect_timeout = \"2s\"",
+         grpc_deadline_margin = \"400ms\"\n\
+         [postgres]\nconnect_timeout = \"2s\"\nstatement_timeout = \"2s\"",
     )
     .await;
-    let mut client = AuthorizationClient::connect(format!("http://{}", s.grpc()))
-        .await
-        .expect("gRPC connect");
-    let check_of = |token: &str, deadline: Option<Duration>| {
-        let auth = format!("Token {token}");
-        let http = HttpRequest {
-            method: "GET".into(),
-            path: "/api/orders".into(),
-            headers: [("authorization".to_owned(), auth)].into(),
-            ..HttpRequest::default()
-        };
-        let attributes = AttributeContext {
-            request: Some(Request {
-                http: Some(http),
-                ..Request::default()
-            }),
-            ..AttributeContext::default()
-        };
-        let mut request = tonic::Request::new(CheckRequest {
-            attributes: Some(attributes),
-        });
-        // Sent as grpc-timeout, as Envoy sends its ext_authz timeout.
-        if let Some(d) = deadline {
-            request.set_timeout(d);
-        }
-        request
-    };
-    let check = |deadline| check_of(&cold.token, deadline);
+    let mut client = grpc_client(&s).await;
 
-    // A token nobody has cached, and Postgres hangs: a caller's 1 s deadline gets knoxgate's
-    // 503 (the margin, 200 ms, before it), not its own timeout, which Envoy would answer as
+    // A token nobody has cached, and Postgres hangs: a caller's 1.2 s deadline gets knoxgate's
+    // 503 (the margin, 400 ms, before it), not its own timeout, which Envoy would answer as
     // failure_mode_allow says.
     proxy.set_delay(Duration::from_secs(10));
     let started = Instant::now();
     let answer = client
-        .check(check(Some(Duration::from_secs(1))))
-        .await
-        .expect("knoxgate's answer, not the caller's deadline")
-        .into_inner();
+        .check(grpc_check(&cold.token, Some(Duration::from_millis(1_200))))
+        .await;
     let took = started.elapsed();
-    let denied = match answer.http_response {
-        Some(HttpResponse::DeniedResponse(d)) => d,
-        other => panic!("not a denial: {other:?}"),
-    };
-    assert_eq!(denied.status.map(|s| s.code), Some(503));
+    let status = check_status(answer).expect("knoxgate's answer, not the caller's deadline");
+    assert_eq!(status, 503);
     assert!(
-        took >= Duration::from_millis(750) && took < Duration::from_secs(1),
+        took >= Duration::from_millis(700) && took < Duration::from_millis(1_200),
         "answered after {took:?}, want 800 ms"
     );
-    // A caller without a deadline is answered as over HTTP: when Postgres's connect timeout
-    // (2 s) gives up. Once the first check's lookup has given up: a lookup still waiting for
-    // a connection would be shared.
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    // A caller without a deadline is answered as over HTTP: when Postgres's timeouts give up
+    // (2 s or more). Once the first check's lookup has given up: a lookup still waiting for a
+    // connection would be shared.
+    tokio::time::sleep(Duration::from_millis(1_600)).await;
     let started = Instant::now();
-    let answer = client
-        .check(check_of(&other.token, None))
-        .await
-        .expect("an answer");
+    let answer = client.check(grpc_check(&other.token, None)).await;
     let took = started.elapsed();
+    assert_eq!(check_status(answer).expect("an answer"), 503);
     assert!(
-        matches!(
-            answer.into_inner().http_response,
-            Some(HttpResponse::DeniedResponse(_))
-        ) && took >= Duration::from_millis(1_800),
+        took >= Duration::from_millis(1_800),
         "answered after {took:?} without a caller deadline"
     );
 
@@ -624,16 +640,51 @@ async fn a_grpc_check_is_answered_before_the_callers_deadline() {
     proxy.set_delay(Duration::ZERO);
     let allowed = eventually(Duration::from_secs(10), || {
         let mut client = client.clone();
-        let request = check(Some(Duration::from_secs(1)));
-        async move {
-            let r = client.check(request).await;
-            matches!(
-                r.map(|r| r.into_inner().http_response),
-                Ok(Some(HttpResponse::OkResponse(_)))
-            )
-        }
+        let request = grpc_check(&cold.token, Some(Duration::from_millis(1_200)));
+        async move { matches!(check_status(client.check(request).await), Ok(200)) }
     })
     .await;
     assert!(allowed.is_some(), "checks did not recover");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_statement_whose_caller_gave_up_leaves_no_connection_stuck_in_the_pool() {
+    let db = TestDb::migrated().await;
+    let proxy = SlowProxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let cached = user_with_token(&db, "given-up").await;
+    // One connection, strict mode without stale answers: every check confirms its token on
+    // that connection, and a caller's 1 s deadline (800 ms with the margin) gives up before
+    // the statement's own deadline (2 s + 250 ms).
+    let s = server_behind_slow_postgres(
+        &db,
+        &proxy,
+        "[server]\ngrpc_listen = \"127.0.0.1:0\"\nrequest_timeout = \"3s\"\n\
+         grpc_deadline_margin = \"200ms\"\n\
+         [postgres]\npool_size = 1\nstatement_timeout = \"2s\"\n\
+         [cache]\nconsistency = \"strict\"\nstale_if_error = false",
+    )
+    .await;
+    let mut client = grpc_client(&s).await;
+    let check = || grpc_check(&cached.token, Some(Duration::from_secs(1)));
+    assert_eq!(check_status(client.check(check()).await).unwrap(), 200);
+
+    // The reply to the next confirmation is held 10 s; the caller gives up first.
+    proxy.set_delay(Duration::from_secs(10));
+    assert_eq!(check_status(client.check(check()).await).unwrap(), 503);
+    // Postgres answers promptly again. The connection whose reply is still held must have left
+    // the pool: put back, the next confirmation would queue behind that reply on it.
+    proxy.set_delay(Duration::ZERO);
+    let started = Instant::now();
+    let r = s.verify(&cached.token).await;
+    assert_eq!(
+        r.status, 200,
+        "the next request met the connection its predecessor gave up on"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
     s.stop().await;
 }

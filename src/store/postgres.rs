@@ -254,6 +254,33 @@ macro_rules! run_statement {
 }
 pub(super) use run_statement;
 
+/// A pooled connection lent to one statement. Dropped before [`Lent::give_back`], because the
+/// request gave up first (a caller's deadline shorter than the statement's), it takes the
+/// connection out of the pool: the statement may still be in flight there, and the next
+/// request on that connection would queue behind it, or behind a peer that is gone.
+struct Lent(Option<Object>);
+
+impl Lent {
+    fn client(&self) -> &Object {
+        self.0
+            .as_ref()
+            .expect("a connection is lent until it is given back")
+    }
+
+    /// The connection, its statement finished (or given up at its own deadline).
+    fn give_back(mut self) -> Object {
+        self.0.take().expect("a connection is given back once")
+    }
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        if let Some(client) = self.0.take() {
+            let _ = Object::take(client);
+        }
+    }
+}
+
 pub(super) fn row_of(r: &Row) -> Result<TokenRow, tokio_postgres::Error> {
     let (is_staff, is_superuser, groups) = roles_of(r, 8)?;
     Ok(TokenRow {
@@ -414,7 +441,8 @@ impl Postgres {
     }
 
     /// Runs one statement on a pooled connection with the client-side deadline. A connection
-    /// that missed the deadline, or whose server is going away, is taken out of the pool.
+    /// that missed the deadline, or whose server is going away, is taken out of the pool, as is
+    /// one whose caller gave up first ([`Lent`]).
     async fn run_on(
         &self,
         client: Object,
@@ -423,10 +451,13 @@ impl Postgres {
         params: &[Param<'_>],
         deadline: Duration,
     ) -> Result<Vec<Row>, StoreError> {
+        let lent = Lent(Some(client));
         let result = tokio::time::timeout(deadline, async {
+            let client = lent.client();
             run_statement!(self.pgbouncer, client, sql, params)
         })
         .await;
+        let client = lent.give_back();
         match result {
             Ok(Ok(rows)) => Ok(rows),
             Ok(Err(e)) => {
@@ -562,15 +593,33 @@ impl Postgres {
         let rows = Box::pin(async {
             let started = Instant::now();
             self.note_request();
-            let client = tokio::time::timeout(limit, self.client())
-                .await
-                .map_err(|_| {
-                    self.fail(StoreError::Timeout(
+            // In a task of its own: a connection still being opened when the caller stops
+            // waiting is finished and pooled for the next request, not abandoned (a Postgres
+            // slower to connect to than the limit would otherwise never get a connection).
+            let pool = self.pool.clone();
+            let acquiring = tokio::spawn(async move { pool.get().await });
+            let client = match tokio::time::timeout(limit, acquiring).await {
+                Ok(Ok(Ok(client))) => client,
+                Ok(Ok(Err(e))) => return Err(self.fail(classify_pool(&e))),
+                Ok(Err(e)) => {
+                    return Err(self.fail(StoreError::Unavailable(format!(
+                        "confirm: the connection task failed: {e}"
+                    ))));
+                }
+                Err(_) => {
+                    return Err(self.fail(StoreError::Timeout(
                         "confirm: no connection within cache.confirm_timeout".into(),
-                    ))
-                })??;
+                    )));
+                }
+            };
             self.metrics.sql("confirm");
             let left = limit.saturating_sub(started.elapsed());
+            if left.is_zero() {
+                // Nothing sent yet: the connection goes back to the pool as it came.
+                return Err(self.fail(StoreError::Timeout(
+                    "confirm: no time left within cache.confirm_timeout".into(),
+                )));
+            }
             let params: &[Param<'_>] = &[(&digest, Type::TEXT)];
             let deadline = left.min(self.statement_deadline);
             self.run_on(client, "confirm", &self.sql.confirm, params, deadline)
