@@ -195,6 +195,18 @@ impl Config {
                 ),
             ));
         }
+        // A margin as long as knoxgate's own deadline is a deadline misread as the room kept
+        // before the caller's.
+        if self.server.grpc_deadline_margin >= self.server.request_timeout {
+            return Err(value::invalid(
+                "server.grpc_deadline_margin",
+                format!(
+                    "must be less than server.request_timeout ({:?}): it is the room kept \
+                     before the caller's deadline, not a deadline",
+                    self.server.request_timeout
+                ),
+            ));
+        }
         Ok(())
     }
 

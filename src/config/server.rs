@@ -221,7 +221,10 @@ impl TryFrom<ServerFile> for ServerConfig {
                 usize::try_from(file.grpc_max_message_bytes)
                     .map_err(|_| invalid("server.grpc_max_message_bytes", "too large"))?
             },
-            grpc_deadline_margin: file.grpc_deadline_margin,
+            grpc_deadline_margin: positive(
+                "server.grpc_deadline_margin",
+                file.grpc_deadline_margin,
+            )?,
             demote_after_refusals: match u32::try_from(file.demote_after_refusals) {
                 Ok(n) => NonZeroU32::new(n),
                 Err(_) => {

@@ -363,8 +363,18 @@ fn confirm_timeout_must_be_under_the_request_deadline_and_above_zero() {
         defaults.server.grpc_deadline_margin,
         Duration::from_millis(50)
     );
-    let margin = Config::from_toml_str("[server]\ngrpc_deadline_margin = \"0ms\"").unwrap();
-    assert_eq!(margin.server.grpc_deadline_margin, Duration::ZERO);
+    // Zero answers at the caller's deadline, which the caller (whose clock started first)
+    // reaches before knoxgate's answer does.
+    for bad in ["0ms", "2s", "5s"] {
+        let err = Config::from_toml_str(&format!(
+            "[server]\nrequest_timeout = \"2s\"\ngrpc_deadline_margin = \"{bad}\""
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("server.grpc_deadline_margin"), "{bad}: {err}");
+    }
+    let margin = Config::from_toml_str("[server]\ngrpc_deadline_margin = \"1ms\"").unwrap();
+    assert_eq!(margin.server.grpc_deadline_margin, Duration::from_millis(1));
 }
 
 #[test]

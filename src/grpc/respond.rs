@@ -78,15 +78,25 @@ pub async fn check_response(answer: hyper::Response<Body>, owned: &[HeaderName])
     let (parts, body) = answer.into_parts();
     let status = parts.status;
     if status.is_success() {
+        // An identity header sent empty (a value a header cannot carry exactly) is removed
+        // rather than set empty: what Envoy makes of an empty value has changed between
+        // releases, and a client's own copy must not survive either way.
+        let sent = |name: &HeaderName| parts.headers.get(name).is_some_and(|v| !v.is_empty());
         let remove = owned
             .iter()
-            .filter(|name| !parts.headers.contains_key(*name))
+            .filter(|name| !sent(name))
             .map(|name| name.as_str().to_owned())
+            .collect();
+        let set_headers = parts
+            .headers
+            .iter()
+            .filter(|(_, value)| !value.is_empty())
+            .map(|(name, value)| set(name, value))
             .collect();
         return CheckResponse {
             status: rpc_status(Code::Ok, ""),
             http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
-                headers: all_set(&parts.headers),
+                headers: set_headers,
                 headers_to_remove: remove,
                 ..OkHttpResponse::default()
             })),
@@ -282,6 +292,30 @@ mod tests {
         };
         assert!(ok.headers.is_empty());
         assert_eq!(ok.headers_to_remove.len(), 3);
+
+        // An identity header sent empty (a value it cannot carry exactly): removed, not set.
+        let mut answer = respond::anonymous();
+        answer.headers_mut().insert(
+            HeaderName::from_static("x-auth-user-id"),
+            hyper::header::HeaderValue::from_static("42"),
+        );
+        answer.headers_mut().insert(
+            HeaderName::from_static("x-auth-user-groups"),
+            hyper::header::HeaderValue::from_static(""),
+        );
+        let Some(HttpResponse::OkResponse(ok)) = check(answer).await.http_response else {
+            panic!("not ok");
+        };
+        let set: Vec<_> = ok
+            .headers
+            .iter()
+            .map(|h| h.header.as_ref().unwrap().key.as_str())
+            .collect();
+        assert_eq!(set, ["x-auth-user-id"]);
+        assert_eq!(
+            ok.headers_to_remove,
+            ["x-auth-user-staff", "x-auth-user-groups"]
+        );
     }
 
     #[tokio::test]
