@@ -688,3 +688,46 @@ async fn a_statement_whose_caller_gave_up_leaves_no_connection_stuck_in_the_pool
     );
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_connect_slower_than_confirm_timeout_is_finished_and_used_by_the_next_request() {
+    let db = TestDb::migrated().await;
+    let proxy = SlowProxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let admin = connect(PG_ADMIN).await;
+    let cached = user_with_token(&db, "slow-connect").await;
+    // Strict: every hit is confirmed, given cache.confirm_timeout (200 ms) for it, connecting
+    // included. Idle connections close after 2 s.
+    let s = server_behind_slow_postgres(
+        &db,
+        &proxy,
+        "[postgres]\nidle_timeout = \"2s\"\nconnect_timeout = \"3s\"\n\
+         [cache]\nconsistency = \"strict\"\nconfirm_timeout = \"200ms\"",
+    )
+    .await;
+    assert_eq!(s.verify(&cached.token).await.status, 200);
+    let closed = eventually(Duration::from_secs(6), || async {
+        backends(&admin, &db.name, "knoxgate").await == 0
+    })
+    .await;
+    assert!(closed.is_some(), "the pool kept its connections");
+
+    // Postgres now takes 600 ms to connect to, and answers at once once connected.
+    proxy.set_connect_delay(Duration::from_millis(600));
+    let stale = s.metric("knoxgate_stale_answers_total").await;
+    assert_eq!(s.verify(&cached.token).await.status, 200);
+    assert_eq!(
+        s.metric("knoxgate_stale_answers_total").await,
+        stale + 1.0,
+        "no connection within confirm_timeout: the cached answer is served unconfirmed"
+    );
+    // That connection was still opened, and pooled: the next confirmation uses it (given up
+    // with the request, it would be opened again, and missed again, by every request).
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert_eq!(s.verify(&cached.token).await.status, 200);
+    assert_eq!(
+        s.metric("knoxgate_stale_answers_total").await,
+        stale + 1.0,
+        "the next request was not confirmed by Postgres"
+    );
+    s.stop().await;
+}

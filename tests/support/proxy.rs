@@ -4,7 +4,9 @@
 //! [`SlowProxy`] is a TCP proxy that delays what the server sends back. Each chunk is held for
 //! the current delay from the moment it arrived, independently of the others (as `tc netem
 //! delay` holds packets), so pipelined replies are not serialised behind each other. The delay
-//! can be changed while connections are open; the proxy stops with its owner.
+//! can be changed while connections are open; the proxy stops with its owner. It can also be
+//! slow to connect only (a server far away, or busy authenticating): each new connection
+//! reaches the server that much later, and is then as fast as the others.
 //!
 //! [`LossyLink`] is real packet loss: a network namespace with a veth pair into it, where an
 //! nftables rule drops a random share of the packets crossing the pair, both ways; the proxy
@@ -40,6 +42,8 @@ pub struct SlowProxy {
     pub port: u16,
     addr: SocketAddr,
     delay_us: Arc<AtomicU64>,
+    /// Time before a new connection is passed on to the server.
+    connect_delay_us: Arc<AtomicU64>,
     /// Emulated loss, in percent of chunks (each direction).
     loss_percent: Arc<AtomicU32>,
     accept: JoinHandle<()>,
@@ -61,12 +65,16 @@ impl SlowProxy {
         let listener = TcpListener::from_std(listener).expect("listener");
         let addr = listener.local_addr().unwrap();
         let delay_us = Arc::new(AtomicU64::new(0));
+        let connect_delay_us = Arc::new(AtomicU64::new(0));
         let loss_percent = Arc::new(AtomicU32::new(0));
         let (delay, loss) = (Arc::clone(&delay_us), Arc::clone(&loss_percent));
+        let connect_delay = Arc::clone(&connect_delay_us);
         let accept = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let (delay, loss) = (Arc::clone(&delay), Arc::clone(&loss));
+                let wait = Duration::from_micros(connect_delay.load(Ordering::SeqCst));
                 tokio::spawn(async move {
+                    tokio::time::sleep(wait).await;
                     if let Ok(server) = TcpStream::connect(target).await {
                         forward(client, server, delay, loss).await;
                     }
@@ -77,6 +85,7 @@ impl SlowProxy {
             port: addr.port(),
             addr,
             delay_us,
+            connect_delay_us,
             loss_percent,
             accept,
         }
@@ -85,6 +94,12 @@ impl SlowProxy {
     /// Every reply chunk from now on is held this long.
     pub fn set_delay(&self, delay: Duration) {
         self.delay_us
+            .store(delay.as_micros() as u64, Ordering::SeqCst);
+    }
+
+    /// Connections accepted from now on reach the server this much later.
+    pub fn set_connect_delay(&self, delay: Duration) {
+        self.connect_delay_us
             .store(delay.as_micros() as u64, Ordering::SeqCst);
     }
 
