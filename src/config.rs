@@ -122,6 +122,7 @@ impl TryFrom<FileConfig> for Config {
         config.check_deadlines()?;
         config.check_names()?;
         config.check_token_length()?;
+        config.check_groups()?;
         // The replay at each (re)connect reads the log back over the cache window: rows pruned
         // before that would be changes a reconnecting instance never hears of.
         let replayed = config.log_read_window();
@@ -289,6 +290,17 @@ impl Config {
                     ));
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// A groups header with groups not read would send every user's groups as none.
+    fn check_groups(&self) -> Result<(), ConfigError> {
+        if self.verify.groups_header.is_some() && self.postgres.groups.is_none() {
+            return Err(value::invalid(
+                "verify.groups_header",
+                "needs groups, which are not read (postgres.user_groups_table is empty)",
+            ));
         }
         Ok(())
     }

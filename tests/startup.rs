@@ -169,6 +169,14 @@ async fn custom_user_model_columns_are_configurable() {
     let r = s.verify(&t.token).await;
     assert_eq!(r.status, 200);
     assert_eq!(r.header("x-auth-user-id"), Some("41"));
+    // Groups are not read: a group rule cannot be applied, which is a configuration error
+    // (500), never a denial of the group's members. A missing flag column counts as false.
+    let auth = format!("Token {}", t.token);
+    for (query, want) in [("group=ops", 500), ("require=staff", 403)] {
+        let path = format!("/verify?{query}");
+        let r = http(s.addr(), "GET", &path, &[("Authorization", &auth)], b"").await;
+        assert_eq!(r.status, want, "{query}: {}", r.body_text());
+    }
     // Login through the custom columns (no last_login column to stamp).
     let basic = format!("Basic {}", base64_of("ada@example.com:pw"));
     let r = http(

@@ -152,6 +152,19 @@ impl Policy {
         Ok(self)
     }
 
+    /// Refuses a policy knoxgate cannot apply with what it reads of users: a group rule when
+    /// groups are not read (`postgres.user_groups_table = ""`) would refuse every member of
+    /// the group, a denial where the truth is unknown.
+    pub fn check_applicable(&self, groups_read: bool) -> Result<(), PolicyError> {
+        if !groups_read && !self.groups.is_empty() {
+            return Err(bad(
+                "group",
+                "needs groups, which are not read (postgres.user_groups_table is empty)",
+            ));
+        }
+        Ok(())
+    }
+
     /// Whether the policy looks at the user's flags or groups at all.
     pub fn checks_user(&self) -> bool {
         self.require.is_some() || !self.groups.is_empty()
@@ -177,6 +190,18 @@ pub fn permits(policy: &Policy, user: &UserInfo) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_group_rule_needs_groups_to_be_read() {
+        let group = Policy::from_query("group=ops").unwrap();
+        assert!(group.check_applicable(true).is_ok());
+        let e = group.check_applicable(false).unwrap_err();
+        assert_eq!(e.key, "group");
+        for other in ["", "require=staff", "anonymous=allow"] {
+            let p = Policy::from_query(other).unwrap();
+            assert!(p.check_applicable(false).is_ok(), "{other:?}");
+        }
+    }
 
     fn parse(q: &str) -> Policy {
         Policy::from_query(q).unwrap_or_else(|e| panic!("{q}: {e}"))

@@ -980,3 +980,14 @@ fn listeners_on_one_address_are_refused() {
         .unwrap();
     }
 }
+
+#[test]
+fn a_groups_header_needs_groups_to_be_read() {
+    let header = "[verify]\ngroups_header = \"X-Auth-User-Groups\"\n";
+    let err = Config::from_toml_str(&format!("{header}[postgres]\nuser_groups_table = \"\""))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("verify.groups_header"), "{err}");
+    assert!(Config::from_toml_str(header).is_ok());
+    assert!(Config::from_toml_str("[postgres]\nuser_groups_table = \"\"").is_ok());
+}

@@ -165,6 +165,11 @@ pub async fn answer(
     policy: &Policy,
 ) -> (Response<Body>, VerifyOutcome, Reason) {
     let cfg = &app.config;
+    if let Err(e) = policy.check_applicable(cfg.postgres.groups.is_some()) {
+        let e = Error::from(e);
+        let reason = Reason::Failed(e.label());
+        return (respond::error(&e), VerifyOutcome::Error, reason);
+    }
     if cfg.verify.allow_cors_preflight
         && method == Method::OPTIONS
         && headers.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
