@@ -5,6 +5,8 @@
 
 use std::time::{Duration, Instant};
 
+use knoxgate::auth::HashAlgorithm;
+
 use crate::support::*;
 
 const REDIS_HITS: &str = "knoxgate_cache_lookups_total{tier=\"redis\",result=\"hit\"}";
@@ -729,5 +731,51 @@ async fn a_connect_slower_than_confirm_timeout_is_finished_and_used_by_the_next_
         stale + 1.0,
         "the next request was not confirmed by Postgres"
     );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_expired_token_is_refused_before_the_deadline_while_its_delete_is_slow() {
+    let db = TestDb::migrated().await;
+    let proxy = SlowProxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let client = db.client().await;
+    let id = insert_user(&client, "expiring", "pw", true).await;
+    let soon = Some(Duration::from_secs(2));
+    let expiring = insert_token(&client, id, soon, "", HashAlgorithm::Sha512).await;
+    // A 1 s deadline; Postgres answers each round trip 500 ms late: the lookup that finds the
+    // expired row takes one, knox's delete of it two (a statement not yet prepared).
+    let s = server_behind_slow_postgres(
+        &db,
+        &proxy,
+        "[server]\nrequest_timeout = \"1s\"\n[sessions]\nhash_queue_timeout = \"500ms\"\n\
+         [cache]\nconfirm_timeout = \"200ms\"",
+    )
+    .await;
+    assert_eq!(s.verify(&expiring.token).await.status, 200);
+    tokio::time::sleep(Duration::from_millis(2_200)).await;
+
+    proxy.set_delay(Duration::from_millis(500));
+    let started = Instant::now();
+    let r = s.verify(&expiring.token).await;
+    let took = started.elapsed();
+    assert_eq!(
+        r.status, 401,
+        "after {took:?}: an expired token lost to the deadline of its delete"
+    );
+    // The delete carried on without the request, as knox's own would have run.
+    proxy.set_delay(Duration::ZERO);
+    let deleted = eventually(Duration::from_secs(5), || async {
+        client
+            .query_one(
+                "SELECT count(*) FROM knox_authtoken WHERE user_id = $1",
+                &[&id],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            == 0
+    })
+    .await;
+    assert!(deleted.is_some(), "the expired token was not deleted");
     s.stop().await;
 }

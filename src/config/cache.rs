@@ -123,9 +123,10 @@ pub struct CacheConfig {
     pub negative_ttl: Duration,
     /// Keep serving cached entries while Postgres cannot be reached.
     pub stale_if_error: bool,
-    /// With `stale_if_error`: how long a cached answer waits for Postgres to confirm it before
-    /// it is served unconfirmed (a Postgres that hangs would otherwise hold the request past
-    /// its deadline, and the cached answer would be lost to a 503).
+    /// How long a request whose answer is already known waits for Postgres: with
+    /// `stale_if_error`, a cached answer's confirmation (then served unconfirmed); an expired
+    /// token's deletion (the 401 is sent, the delete carries on). A Postgres that hangs would
+    /// otherwise hold the request past its deadline, and the answer would be lost to a 503.
     pub confirm_timeout: Duration,
     /// Revocation log rows older than this are pruned.
     pub feed_retention: Duration,

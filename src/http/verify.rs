@@ -75,11 +75,17 @@ pub async fn authenticate(
             Ok(Ok(kept))
         }
         Outcome::Expired(_) => {
-            // knox deletes an expired token when it is presented. The answer is 401 either way,
-            // so a failed delete (Postgres down) is only logged; the row stays refused.
-            if let Err(e) = Box::pin(app.store.delete_expired(key, &digest)).await {
-                tracing::debug!(error = %e, "could not delete an expired token");
-            }
+            // knox deletes an expired token when it is presented. The answer is 401 either way:
+            // it waits for the delete as knox's does, but no longer than cache.confirm_timeout,
+            // so a Postgres that hangs cannot turn it into a deadline 503; the delete carries on
+            // by itself. A failed delete (Postgres down) is only logged; the row stays refused.
+            let (owner, key) = (Arc::clone(app), key.to_owned());
+            let deleting = tokio::spawn(async move {
+                if let Err(e) = Box::pin(owner.store.delete_expired(&key, &digest)).await {
+                    tracing::debug!(error = %e, "could not delete an expired token");
+                }
+            });
+            let _ = tokio::time::timeout(cfg.cache.confirm_timeout, deleting).await;
             Ok(Err(DenyReason::InvalidToken))
         }
         other => Ok(Err(other.deny_reason().unwrap_or(DenyReason::InvalidToken))),
