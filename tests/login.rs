@@ -286,6 +286,21 @@ async fn login_refusals_match_knox_word_for_word() {
         let r = http(s.addr(), "POST", LOGIN, &[("Authorization", header)], b"").await;
         assert_login_refused(&r, detail);
     }
+    // Two Authorization headers: Django reads them joined with ", ", and DRF then refuses the
+    // three-word value; knoxgate never logs in with the first one alone.
+    let alice_basic = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("alice:alice-pass")
+    );
+    let headers = [
+        ("Authorization", alice_basic.as_str()),
+        ("Authorization", alice_basic.as_str()),
+    ];
+    let r = http(s.addr(), "POST", LOGIN, &headers, b"").await;
+    assert_login_refused(
+        &r,
+        "Invalid basic header. Credentials string should not contain spaces.",
+    );
     // A JSON content type with an empty body carries no credentials either.
     let r = http(
         s.addr(),

@@ -45,12 +45,16 @@ async fn credentials(
     parts: &Parts,
     body: Incoming,
 ) -> Result<Result<LoginCredentials, BasicError>, Error> {
-    let basic = parse_basic(
-        parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .map(|v| v.as_bytes()),
-    );
+    // Repeated headers reach Django joined with ", " (WSGI and ASGI servers join them), and
+    // DRF reads the joined value: so does this, rather than taking the first credentials.
+    let values: Vec<&[u8]> = parts
+        .headers
+        .get_all(header::AUTHORIZATION)
+        .iter()
+        .map(|v| v.as_bytes())
+        .collect();
+    let joined = (values.len() > 1).then(|| values.join(&b", "[..]));
+    let basic = parse_basic(joined.as_deref().or(values.first().copied()));
     if basic != Err(BasicError::NotProvided) {
         return Ok(basic);
     }
