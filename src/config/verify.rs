@@ -12,8 +12,10 @@ use super::{
 
 const DEFAULT_PATH: &str = "/verify";
 const DEFAULT_USER_ID_HEADER: &str = "X-Auth-User-Id";
-// Above the longest token knox can issue (a 10-character prefix and 128 hex characters), so a
-// longer one cannot be a token and is refused before it costs a hash.
+// Above the longest token of the [knox] settings knoxgate accepts (a 10-character prefix,
+// which knox's token_key column holds, and 128 hex characters), so a longer one is refused
+// before it costs a hash; a site whose knox issues longer tokens raises it (checked at load
+// against [knox]).
 const DEFAULT_MAX_TOKEN_CHARS: u64 = 256;
 
 /// `[verify]` as written in the file.
