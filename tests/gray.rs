@@ -765,15 +765,7 @@ async fn an_expired_token_is_refused_before_the_deadline_while_its_delete_is_slo
     // The delete carried on without the request, as knox's own would have run.
     proxy.set_delay(Duration::ZERO);
     let deleted = eventually(Duration::from_secs(5), || async {
-        client
-            .query_one(
-                "SELECT count(*) FROM knox_authtoken WHERE user_id = $1",
-                &[&id],
-            )
-            .await
-            .unwrap()
-            .get::<_, i64>(0)
-            == 0
+        rows_of_user(&client, id).await == 0
     })
     .await;
     assert!(deleted.is_some(), "the expired token was not deleted");
