@@ -612,7 +612,6 @@ impl Postgres {
                     )));
                 }
             };
-            self.metrics.sql("confirm");
             let left = limit.saturating_sub(started.elapsed());
             if left.is_zero() {
                 // Nothing sent yet: the connection goes back to the pool as it came.
@@ -620,6 +619,7 @@ impl Postgres {
                     "confirm: no time left within cache.confirm_timeout".into(),
                 )));
             }
+            self.metrics.sql("confirm");
             let params: &[Param<'_>] = &[(&digest, Type::TEXT)];
             let deadline = left.min(self.statement_deadline);
             self.run_on(client, "confirm", &self.sql.confirm, params, deadline)
