@@ -27,6 +27,8 @@
 //! - [`app`]: wiring — builds the state from a `Config`, runs the service, stops on a signal.
 //! - [`cli`]: the command line: `serve`, `relay`, `migrate`, `check-config`, user and token
 //!   commands.
+//! - [`deadline`]: when a request's answer is due, and how much of it a wait with a fallback
+//!   may take.
 //! - [`error`]: failures and who is at fault (mapped to statuses in `http::respond`).
 
 pub mod app;
@@ -34,6 +36,7 @@ pub mod assertion;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod deadline;
 pub mod error;
 pub mod grpc;
 pub mod http;

@@ -651,6 +651,46 @@ async fn a_grpc_check_is_answered_before_the_callers_deadline() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_caller_deadline_shorter_than_confirm_timeout_still_gets_the_cached_answer() {
+    let db = TestDb::migrated().await;
+    let proxy = SlowProxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let cached = user_with_token(&db, "short-caller-deadline").await;
+    // Strict: every hit is confirmed. cache.confirm_timeout (600 ms) is longer than the time a
+    // caller's 400 ms deadline leaves knoxgate (300 ms, with a margin of 100 ms).
+    let s = server_behind_slow_postgres(
+        &db,
+        &proxy,
+        "[server]\ngrpc_listen = \"127.0.0.1:0\"\nrequest_timeout = \"3s\"\n\
+         grpc_deadline_margin = \"100ms\"\n\
+         [cache]\nconsistency = \"strict\"\nconfirm_timeout = \"600ms\"",
+    )
+    .await;
+    let mut client = grpc_client(&s).await;
+    let check = || grpc_check(&cached.token, Some(Duration::from_millis(400)));
+    assert_eq!(check_status(client.check(check()).await).unwrap(), 200);
+
+    // Postgres hangs. The confirmation gets half of the 300 ms (not its 600 ms, which would
+    // run past the deadline and lose the cached answer to a 503), then the cached answer is
+    // served within the caller's deadline.
+    proxy.set_delay(Duration::from_secs(10));
+    let stale = s.metric("knoxgate_stale_answers_total").await;
+    for _ in 0..3 {
+        let started = Instant::now();
+        let status = check_status(client.check(check()).await)
+            .expect("knoxgate's answer, not the caller's deadline");
+        let took = started.elapsed();
+        assert_eq!(
+            status, 200,
+            "a cached token lost to a hung Postgres after {took:?}"
+        );
+        assert!(took < Duration::from_millis(300), "answered after {took:?}");
+    }
+    assert!(s.metric("knoxgate_stale_answers_total").await >= stale + 3.0);
+    proxy.set_delay(Duration::ZERO);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_statement_whose_caller_gave_up_leaves_no_connection_stuck_in_the_pool() {
     let db = TestDb::migrated().await;
     let proxy = SlowProxy::start("127.0.0.1:5432".parse().unwrap()).await;

@@ -127,6 +127,8 @@ pub struct CacheConfig {
     /// `stale_if_error`, a cached answer's confirmation (then served unconfirmed); an expired
     /// token's deletion (the 401 is sent, the delete carries on). A Postgres that hangs would
     /// otherwise hold the request past its deadline, and the answer would be lost to a 503.
+    /// A request with less than twice this left waits half of what it has left
+    /// (`crate::deadline`).
     pub confirm_timeout: Duration,
     /// Revocation log rows older than this are pruned.
     pub feed_retention: Duration,

@@ -26,6 +26,7 @@ use tracing::Instrument as _;
 
 use crate::{
     auth::Policy,
+    deadline::Deadline,
     error::Error,
     http::{respond as http_respond, verify},
     metrics::{Reason, Route, VerifyOutcome},
@@ -126,8 +127,9 @@ impl Check {
             caller_deadline,
             server.grpc_deadline_margin,
         );
+        let deadline = Deadline::after(budget);
         let (response, outcome, reason) =
-            match tokio::time::timeout(budget, decide(app, &check)).await {
+            match tokio::time::timeout(budget, decide(app, &check, deadline)).await {
                 Ok(answer) => answer,
                 Err(_) => {
                     let e = Error::DeadlineExceeded;
@@ -146,6 +148,7 @@ impl Check {
 async fn decide(
     app: &Arc<App>,
     check: &CheckRequest,
+    deadline: Deadline,
 ) -> (hyper::Response<http_respond::Body>, VerifyOutcome, Reason) {
     let failed = |e: Error| {
         let reason = Reason::Failed(e.label());
@@ -164,7 +167,7 @@ async fn decide(
         Ok(read) => read,
         Err(e) => return failed(e),
     };
-    verify::answer(app, &method, &headers, &policy).await
+    verify::answer(app, &method, &headers, &policy, deadline).await
 }
 
 /// The headers `/verify` reads (`Authorization`, and `Access-Control-Request-Method` for a

@@ -14,6 +14,7 @@ use hyper::{Request, Response, body::Incoming};
 use tracing::Instrument as _;
 
 use crate::{
+    deadline::Deadline,
     error::Error,
     metrics::{Reason, Route, VerifyOutcome},
     state::App,
@@ -45,12 +46,9 @@ async fn answer(
         app.metrics.load_shed.inc();
         return respond::error(&Error::Overloaded);
     };
-    match tokio::time::timeout(
-        app.config.server.request_timeout,
-        handle(app, route, req, peer),
-    )
-    .await
-    {
+    let budget = app.config.server.request_timeout;
+    let deadline = Deadline::after(budget);
+    match tokio::time::timeout(budget, handle(app, route, req, peer, deadline)).await {
         Ok(response) => response,
         Err(_) => {
             let e = Error::DeadlineExceeded;
@@ -93,6 +91,7 @@ async fn handle(
     route: Route,
     req: Request<Incoming>,
     peer: SocketAddr,
+    deadline: Deadline,
 ) -> Response<Body> {
     if route == Route::Verify {
         // Policy parameters count only on the exact verify URL, the one a proxy is configured
@@ -101,7 +100,7 @@ async fn handle(
         let policy_query = exact.then(|| req.uri().query().unwrap_or(""));
         let span = tracing::info_span!(target: SPAN_TARGET, "verify", otel.kind = "server");
         continue_trace(&span, req.headers());
-        return verify::verify(app, req.method(), req.headers(), policy_query)
+        return verify::verify(app, req.method(), req.headers(), policy_query, deadline)
             .instrument(span)
             .await;
     }
@@ -113,8 +112,8 @@ async fn handle(
             continue_trace(&span, &parts.headers);
             Box::pin(session::login(app, parts, body, peer.ip()).instrument(span)).await
         }
-        Route::Logout => Box::pin(session::logout(app, &parts, false)).await,
-        Route::LogoutAll => Box::pin(session::logout(app, &parts, true)).await,
+        Route::Logout => Box::pin(session::logout(app, &parts, false, deadline)).await,
+        Route::LogoutAll => Box::pin(session::logout(app, &parts, true, deadline)).await,
         Route::Verify | Route::NotFound | Route::GrpcCheck => return respond::not_found(),
     };
     result.unwrap_or_else(|e| respond::error(&e))

@@ -13,6 +13,7 @@ use super::{
 };
 use crate::{
     auth::{BasicError, DenyReason, LoginCredentials, parse_basic},
+    deadline::Deadline,
     error::Error,
     login::{LoginOutcome, client_ip},
     metrics::{KindLabels, ResultLabels},
@@ -163,8 +164,13 @@ fn refused(app: &App, reason: DenyReason) -> Response<Body> {
 }
 
 /// POST logout/ and logoutall/.
-pub async fn logout(app: &Arc<App>, parts: &Parts, all: bool) -> Result<Response<Body>, Error> {
-    let auth = match authenticate(app, &parts.headers, Refresh::Never).await? {
+pub async fn logout(
+    app: &Arc<App>,
+    parts: &Parts,
+    all: bool,
+    deadline: Deadline,
+) -> Result<Response<Body>, Error> {
+    let auth = match authenticate(app, &parts.headers, Refresh::Never, deadline).await? {
         Ok(auth) => auth,
         Err(reason) => return Ok(refused(app, reason)),
     };

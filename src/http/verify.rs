@@ -13,6 +13,7 @@ use super::respond::{self, Body};
 use crate::{
     assertion::Subject,
     auth::{DenyReason, Outcome, Policy, decide, parse_authorization, permits, refreshed_expiry},
+    deadline::Deadline,
     error::Error,
     metrics::{Reason, VerifyOutcome},
     state::App,
@@ -37,6 +38,7 @@ pub async fn authenticate(
     app: &Arc<App>,
     headers: &HeaderMap,
     refresh: Refresh,
+    deadline: Deadline,
 ) -> Result<Result<Authenticated, DenyReason>, Error> {
     let cfg = &app.config;
     // Nearly always one value: kept on the stack.
@@ -53,7 +55,7 @@ pub async fn authenticate(
     };
     let digest = presented.digest(cfg.knox.hash_algorithm);
     let key = presented.key();
-    let lookup = app.store.lookup(key, &digest).await?;
+    let lookup = app.store.lookup(key, &digest, deadline).await?;
     let now = OffsetDateTime::now_utc();
     match decide(lookup.rows(), &digest, now) {
         Outcome::Allow(row) => {
@@ -76,16 +78,16 @@ pub async fn authenticate(
         }
         Outcome::Expired(_) => {
             // knox deletes an expired token when it is presented. The answer is 401 either way:
-            // it waits for the delete as knox's does, but no longer than cache.confirm_timeout,
-            // so a Postgres that hangs cannot turn it into a deadline 503; the delete carries on
-            // by itself. A failed delete (Postgres down) is only logged; the row stays refused.
+            // it waits for the delete as knox's does, but no longer than cache.confirm_timeout
+            // (or half the time left before the deadline), so a Postgres that hangs cannot turn
+            // it into a deadline 503; the delete carries on by itself. A failed delete (Postgres down) is only logged; the row stays refused.
             let (owner, key) = (Arc::clone(app), key.to_owned());
             let deleting = tokio::spawn(async move {
                 if let Err(e) = Box::pin(owner.store.delete_expired(&key, &digest)).await {
                     tracing::debug!(error = %e, "could not delete an expired token");
                 }
             });
-            let _ = tokio::time::timeout(cfg.cache.confirm_timeout, deleting).await;
+            let _ = tokio::time::timeout(deadline.share(cfg.cache.confirm_timeout), deleting).await;
             Ok(Err(DenyReason::InvalidToken))
         }
         other => Ok(Err(other.deny_reason().unwrap_or(DenyReason::InvalidToken))),
@@ -142,10 +144,11 @@ pub async fn verify(
     method: &Method,
     headers: &HeaderMap,
     policy_query: Option<&str>,
+    deadline: Deadline,
 ) -> Response<Body> {
     let started = std::time::Instant::now();
     let (response, outcome, reason) = match policy_query.map(Policy::from_query).transpose() {
-        Ok(policy) => answer(app, method, headers, &policy.unwrap_or_default()).await,
+        Ok(policy) => answer(app, method, headers, &policy.unwrap_or_default(), deadline).await,
         Err(e) => {
             let e = Error::from(e);
             (
@@ -169,6 +172,7 @@ pub async fn answer(
     method: &Method,
     headers: &HeaderMap,
     policy: &Policy,
+    deadline: Deadline,
 ) -> (Response<Body>, VerifyOutcome, Reason) {
     let cfg = &app.config;
     if let Err(e) = policy.check_applicable(cfg.postgres.groups.is_some()) {
@@ -186,7 +190,7 @@ pub async fn answer(
             Reason::CorsPreflight,
         );
     }
-    match authenticate(app, headers, Refresh::AsKnox).await {
+    match authenticate(app, headers, Refresh::AsKnox, deadline).await {
         Ok(Ok(auth)) if permits(policy, &auth.row().user) => match assertion(app, &auth) {
             Ok(signed) => (
                 respond::allow(auth.row(), &cfg.verify, signed),

@@ -14,6 +14,7 @@ use super::{
 use crate::{
     auth::{Outcome, TokenDigest, TokenRow, decide},
     config::Consistency,
+    deadline::Deadline,
     metrics::{LookupResult, Tier},
     telemetry::SPAN_TARGET,
 };
@@ -24,14 +25,20 @@ fn tier_span(tier: &'static str) -> tracing::Span {
 }
 
 impl Store {
-    /// The rows stored under `key`, from the cheapest tier that can answer for `digest`.
-    pub async fn lookup(&self, key: &str, digest: &TokenDigest) -> Result<Lookup, StoreError> {
+    /// The rows stored under `key`, from the cheapest tier that can answer for `digest`, for a
+    /// request whose answer is due by `deadline`.
+    pub async fn lookup(
+        &self,
+        key: &str,
+        digest: &TokenDigest,
+        deadline: Deadline,
+    ) -> Result<Lookup, StoreError> {
         let cached = tier_span("memory").in_scope(|| self.memory.get(key));
         if let Some(entry) = cached {
             let matched = entry.rows.iter().any(|r| r.digest.matches(digest));
             if matched && self.must_confirm() {
                 self.metrics.lookup(Tier::Memory, LookupResult::Hit);
-                return Box::pin(self.confirm(key, digest, entry)).await;
+                return Box::pin(self.confirm(key, digest, entry, deadline)).await;
             }
             // A feed outage may have hidden the INSERT that would have cleared a negative entry.
             let negative_in_doubt =
@@ -58,7 +65,7 @@ impl Store {
         }
         // Boxed: the loads below are large state machines, and kept inline they would make
         // every request's future (hits included) that large to create and move.
-        let entry = Box::pin(self.load_shared(key, digest)).await?;
+        let entry = Box::pin(self.load_shared(key, digest, deadline)).await?;
         if !entry.complete && !entry.rows.iter().any(|r| r.digest.matches(digest)) {
             // Another request's load found a Redis entry for a different token under this key.
             let epoch = self.changes.current();
@@ -74,9 +81,13 @@ impl Store {
         key: &str,
         digest: &TokenDigest,
         cached: Arc<Entry>,
+        deadline: Deadline,
     ) -> Result<Lookup, StoreError> {
         let epoch = self.changes.current();
-        match self.confirm_row(digest, self.settings.stale_if_error).await {
+        match self
+            .confirm_row(digest, self.settings.stale_if_error, deadline)
+            .await
+        {
             Ok(fresh) => {
                 let mut rows: Rows = cached
                     .rows
@@ -99,29 +110,37 @@ impl Store {
     }
 
     /// The row with this digest, read by primary key. With a cached answer to fall back on
-    /// (`stale_allowed`), Postgres gets `cache.confirm_timeout` and no more: the fallback is
-    /// worth something only if it comes before the request's deadline.
+    /// (`stale_allowed`), Postgres gets `cache.confirm_timeout`, or half the time left before
+    /// the request's deadline when that is less (a gRPC caller's can be short), and no more:
+    /// the fallback is worth something only if it comes before the deadline.
     async fn confirm_row(
         &self,
         digest: &TokenDigest,
         stale_allowed: bool,
+        deadline: Deadline,
     ) -> Result<Option<TokenRow>, StoreError> {
         let hex = digest.to_hex();
         let span = tier_span("postgres");
         if stale_allowed {
-            let limit = self.settings.confirm_timeout;
+            let limit = deadline.share(self.settings.confirm_timeout);
             self.pg.confirm_within(&hex, limit).instrument(span).await
         } else {
             self.pg.confirm(&hex).instrument(span).await
         }
     }
 
-    /// Loads `key` below the in-process tier, sharing one load among concurrent callers.
-    async fn load_shared(&self, key: &str, digest: &TokenDigest) -> Result<Arc<Entry>, StoreError> {
+    /// Loads `key` below the in-process tier, sharing one load among concurrent callers (under
+    /// the deadline of the caller that starts it).
+    async fn load_shared(
+        &self,
+        key: &str,
+        digest: &TokenDigest,
+        deadline: Deadline,
+    ) -> Result<Arc<Entry>, StoreError> {
         self.flights
             .run(
                 key,
-                || self.load(key, digest),
+                || self.load(key, digest, deadline),
                 || {
                     self.metrics.coalesced_misses.inc();
                 },
@@ -130,7 +149,12 @@ impl Store {
     }
 
     /// Redis, then Postgres.
-    async fn load(&self, key: &str, digest: &TokenDigest) -> Result<Arc<Entry>, StoreError> {
+    async fn load(
+        &self,
+        key: &str,
+        digest: &TokenDigest,
+        deadline: Deadline,
+    ) -> Result<Arc<Entry>, StoreError> {
         let epoch = self.changes.current();
         if let Some(redis) = &self.redis {
             match redis.get(key).instrument(tier_span("redis")).await {
@@ -152,7 +176,11 @@ impl Store {
                         // not hold), or a mode that wants confirmation: one primary-key query
                         // settles it.
                         Some(row) => match self
-                            .confirm_row(digest, self.settings.stale_if_error && !revoked_lately)
+                            .confirm_row(
+                                digest,
+                                self.settings.stale_if_error && !revoked_lately,
+                                deadline,
+                            )
                             .await
                         {
                             Ok(fresh) => (fresh, None),
@@ -164,7 +192,7 @@ impl Store {
                             }
                             Err(e) => return Err(e),
                         },
-                        None => (self.confirm_row(digest, false).await?, None),
+                        None => (self.confirm_row(digest, false, deadline).await?, None),
                     };
                     match row {
                         Some(row) => {
