@@ -35,9 +35,7 @@ impl Running {
     /// Stops accepting, drains in-flight requests (bounded by the grace period) and returns.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
-        for t in self.tasks {
-            let _ = t.await;
-        }
+        join_within(self.tasks, self.app.config.server.shutdown_grace).await;
         if let Some(redis) = self.app.store.redis() {
             redis.quit().await;
         }
@@ -50,6 +48,19 @@ impl Running {
         let redis_ok = store.redis().is_none_or(|r| r.is_connected());
         let notify = self.app.config.cache.consistency == Consistency::Notify;
         redis_ok && (!notify || store.feed_live())
+    }
+}
+
+/// Waits for the tasks told to stop, for `server.shutdown_grace` in all, then stops the ones
+/// still running (a listener still draining, a task waiting on a server that does not answer):
+/// a process told to stop exits within its grace period whatever Postgres and Redis are doing.
+async fn join_within(tasks: Vec<JoinHandle<()>>, grace: Duration) {
+    let deadline = tokio::time::Instant::now() + grace;
+    for mut task in tasks {
+        if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+            tracing::warn!("a task was still running at the end of server.shutdown_grace; stopped");
+            task.abort();
+        }
     }
 }
 
@@ -183,15 +194,14 @@ pub struct RunningRelay {
     pub store: Arc<Store>,
     publisher: Arc<relay::Publisher>,
     shutdown: watch::Sender<bool>,
+    shutdown_grace: Duration,
     tasks: Vec<JoinHandle<()>>,
 }
 
 impl RunningRelay {
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
-        for t in self.tasks {
-            let _ = t.await;
-        }
+        join_within(self.tasks, self.shutdown_grace).await;
         self.publisher.quit().await;
         if let Some(redis) = self.store.redis() {
             redis.quit().await;
@@ -233,6 +243,7 @@ pub async fn start_relay(mut config: Config) -> Result<RunningRelay, StartError>
         store: Arc::clone(&app.store),
         publisher,
         shutdown,
+        shutdown_grace: cfg.server.shutdown_grace,
         tasks,
     })
 }

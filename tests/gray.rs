@@ -811,3 +811,54 @@ async fn an_expired_token_is_refused_before_the_deadline_while_its_delete_is_slo
     assert!(deleted.is_some(), "the expired token was not deleted");
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_feed_stuck_connecting_gives_up_and_does_not_hold_shutdown() {
+    let db = TestDb::migrated().await;
+    let proxy = SlowProxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let feed_url = db
+        .url
+        .replace("127.0.0.1:5432", &format!("127.0.0.1:{}", proxy.port));
+    // The feed through the proxy; a session must be set up within connect_timeout +
+    // statement_timeout (1 s).
+    let s = TestServer::start(
+        &db,
+        &format!(
+            "[server]\nshutdown_grace = \"1s\"\n\
+             [postgres]\nfeed_url = \"{feed_url}\"\nconnect_timeout = \"500ms\"\n\
+             statement_timeout = \"500ms\"\n[cache]\nfeed_reconnect_delay = \"100ms\""
+        ),
+    )
+    .await;
+    // From now on a new connection through the proxy is accepted at once but reaches Postgres
+    // only after a minute: a server that never completes the startup exchange. The feed's
+    // connection is cut, so it reconnects into that.
+    proxy.set_connect_delay(Duration::from_secs(60));
+    let admin = connect(PG_ADMIN).await;
+    let cut = admin
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = $1 AND application_name = 'knoxgate-feed'",
+            &[&db.name],
+        )
+        .await
+        .unwrap();
+    assert_eq!(cut, 1, "the feed's one connection");
+    const TIMEOUTS: &str = r#"knoxgate_postgres_errors_total{kind="timeout"}"#;
+    let before = s.metric(TIMEOUTS).await;
+    // Each attempt gives up after 1 s and is counted; stuck, none would be.
+    let gave_up = eventually(Duration::from_secs(5), || async {
+        s.metric(TIMEOUTS).await >= before + 2.0
+    })
+    .await;
+    assert!(gave_up.is_some(), "the feed's connect never gave up");
+    assert!(!s.running.ready(), "not live while it cannot connect");
+
+    // Told to stop in the middle of such a connect, it stops within shutdown_grace.
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), s.stop())
+        .await
+        .expect("shutdown held by the feed's connect");
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(2), "stopped after {took:?}");
+}

@@ -267,11 +267,33 @@ where
     T::Stream: Send + 'static,
 {
     pg.application_name(pg::FEED_APPLICATION_NAME);
-    let (client, mut connection) = pg.connect(tls).await.map_err(|e| {
-        let error = pg::classify("feed connect", &e);
-        metrics.postgres_error(error.kind());
-        error
-    })?;
+    // Bounded as a whole: `connect_timeout` covers only the TCP connect, and a server that
+    // accepts but never completes the startup exchange would hold the feed (and a shutdown
+    // waiting for it) for ever.
+    let connecting = tokio::time::timeout(
+        config.postgres.connect_and_query_deadline(),
+        pg.connect(tls),
+    );
+    let connected = tokio::select! {
+        r = connecting => r,
+        _ = shutdown.changed() => return Ok(()),
+    };
+    let (client, mut connection) = match connected {
+        Ok(Ok(connected)) => connected,
+        Ok(Err(e)) => {
+            let error = pg::classify("feed connect", &e);
+            metrics.postgres_error(error.kind());
+            return Err(error);
+        }
+        Err(_) => {
+            let error = StoreError::Timeout(
+                "feed connect: no session within postgres.connect_timeout + statement_timeout"
+                    .into(),
+            );
+            metrics.postgres_error(error.kind());
+            return Err(error);
+        }
+    };
     // The connection must be polled for notifications to arrive; pooled connections cannot.
     let (events_tx, mut events) = mpsc::unbounded_channel::<String>();
     let driver = tokio::spawn(async move {
