@@ -1,6 +1,7 @@
 //! Connections that send nothing hold no connection slot for long: a socket that never sends a
 //! byte is closed after `server.header_read_timeout`, and an HTTP/2 connection with no request
-//! in flight after `server.idle_timeout`, even when it answers every ping.
+//! in flight after `server.idle_timeout`, even when it answers every ping, and then ends within
+//! `server.header_read_timeout` even when its answers cannot be sent.
 
 use std::time::{Duration, Instant};
 
@@ -92,6 +93,44 @@ async fn an_idle_http2_connection_that_answers_pings_is_closed() {
     let ended = tokio::time::timeout(Duration::from_secs(5), conn).await;
     assert!(ended.is_ok(), "the idle HTTP/2 connection is still open");
     assert!(started.elapsed() >= Duration::from_millis(900));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn an_http2_client_that_never_takes_its_answers_is_closed() {
+    let (_db, _client, s) = Fixture::new()
+        .config("[server]\nidle_timeout = \"1s\"\nheader_read_timeout = \"1s\"")
+        .start()
+        .await;
+    let stream = TcpStream::connect(s.addr()).await.unwrap();
+    // A flow-control window of 0: the server may send no byte of any answer's body until the
+    // client opens it, which this one never does (it still answers pings).
+    let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(0)
+        .handshake(TokioIo::new(stream))
+        .await
+        .expect("h2 handshake");
+    let conn = tokio::spawn(conn);
+    let mut answers = Vec::new();
+    for _ in 0..3 {
+        let req = hyper::Request::get(format!("http://{}/verify", s.addr()))
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        // The heads come (they are not flow-controlled); the 401 bodies stay unsent.
+        let r = sender.send_request(req).await.expect("h2 response head");
+        assert_eq!(r.status(), 401);
+        answers.push(r);
+    }
+    // Idle (every handler is done) after 1 s, then 1 s to end: the connection and its slot
+    // are given up, not held by answers that can never be sent.
+    let started = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(6), conn).await;
+    assert!(
+        ended.is_ok(),
+        "the connection is still open after {:?}",
+        started.elapsed()
+    );
+    drop(answers);
     s.stop().await;
 }
 

@@ -328,7 +328,10 @@ where
     );
     let mut conn = std::pin::pin!(conn);
     let mut shutdown = shared.shutdown.clone();
-    let mut closing = false;
+    // Once closing, the connection has `header_read_timeout` to end. Its streams' answers are
+    // made, but hyper waits for them to be sent, and a client that never opens its flow-control
+    // window (yet answers pings) would keep them, and the connection's slot, for ever.
+    let mut close_by: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             ended = conn.as_mut() => {
@@ -337,11 +340,23 @@ where
                 }
                 return;
             }
-            _ = time_to_close(&activity, limits.idle_timeout, &mut shutdown), if !closing => {
-                closing = true;
+            _ = time_to_close(&activity, limits.idle_timeout, &mut shutdown), if close_by.is_none() => {
+                close_by = Some(tokio::time::Instant::now() + limits.header_read_timeout);
                 conn.as_mut().graceful_shutdown();
             }
+            _ = sleep_until_some(close_by), if close_by.is_some() => {
+                tracing::debug!("HTTP/2 connection still open header_read_timeout after its close began; dropped");
+                return;
+            }
         }
+    }
+}
+
+/// Sleeps until `at`; never resolves for `None`.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
