@@ -23,6 +23,10 @@ pub enum Error {
     /// A request body larger than the configured limit.
     #[error("payload too large")]
     PayloadTooLarge,
+    /// The client did not send its request body in time (half of `server.request_timeout`).
+    /// Its own slowness, not an outage.
+    #[error("request body not received in time")]
+    BodyTimeout,
     /// The verify URL's policy parameters are wrong: the proxy is misconfigured. Never a
     /// denial, so a broken rule cannot pass for a refused user.
     #[error(transparent)]
@@ -41,6 +45,7 @@ impl Error {
             Error::Overloaded => "overloaded",
             Error::BadRequest(_) => "bad_request",
             Error::PayloadTooLarge => "payload_too_large",
+            Error::BodyTimeout => "body_timeout",
             Error::UnsupportedMediaType => "unsupported_media_type",
             Error::BadPolicy(_) => "bad_policy",
             Error::Internal(_) => "internal",

@@ -18,8 +18,10 @@ pub struct App {
     pub config: Arc<Config>,
     pub store: Arc<Store>,
     pub metrics: Arc<Metrics>,
-    /// Caps requests in flight on the main listener.
+    /// Caps `/verify` requests and gRPC checks in flight (`server.max_in_flight`).
     pub in_flight: Arc<Semaphore>,
+    /// Caps login, logout and logoutall requests in flight (`sessions.max_in_flight`).
+    pub sessions_in_flight: Arc<Semaphore>,
     /// Logging in and issuing tokens (password checks, throttle).
     pub login: Login,
 }
@@ -56,6 +58,7 @@ impl App {
         let store = Arc::new(Store::connect(&config, Arc::clone(&metrics))?);
         Ok(Arc::new(App {
             in_flight: Arc::new(Semaphore::new(config.server.max_in_flight.get())),
+            sessions_in_flight: Arc::new(Semaphore::new(config.sessions.max_in_flight.get())),
             login: Login::new(
                 Arc::clone(&config),
                 Arc::clone(&store),

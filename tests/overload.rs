@@ -128,6 +128,55 @@ async fn slowloris_clients_are_cut_off_and_do_not_starve_others() {
 }
 
 #[tokio::test]
+async fn logins_held_open_by_slow_bodies_take_no_place_of_verify_and_get_408() {
+    let db = TestDb::migrated().await;
+    let t = user_with_token(&db, "alice").await;
+    let s = TestServer::start(
+        &db,
+        "[server]\nmax_in_flight = 4\nrequest_timeout = \"2s\"\n[sessions]\nmax_in_flight = 4",
+    )
+    .await;
+    // Four logins whose bodies never come: as many as either cap.
+    let mut slow = Vec::new();
+    for _ in 0..4 {
+        let mut c = TcpStream::connect(s.addr()).await.unwrap();
+        c.write_all(
+            b"POST /api/auth/login/ HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+              Content-Length: 100\r\n\r\n{",
+        )
+        .await
+        .unwrap();
+        slow.push(c);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // /verify keeps its own places.
+    for _ in 0..4 {
+        assert_eq!(s.verify(&t.token).await.status, 200);
+    }
+    // A fifth login is beyond the sessions' cap: shed at once.
+    let started = Instant::now();
+    let r = http(s.addr(), "POST", "/api/auth/login/", &[], b"").await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert!(started.elapsed() < Duration::from_millis(500));
+    // The slow ones get 408 for their own slowness after half the request's time (1 s), not
+    // the 503 of an outage at the deadline.
+    for c in &mut slow {
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(3), c.read_to_end(&mut buf))
+            .await
+            .expect("answered and closed");
+        let answer = String::from_utf8_lossy(&buf);
+        assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+        assert!(
+            answer.contains("Request body not received in time."),
+            "{answer}"
+        );
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
 async fn request_deadline_turns_a_stuck_lookup_into_503() {
     let db = TestDb::migrated().await;
     let s = TestServer::start(

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     ConfigError,
-    value::{self, at_most, invalid, nonzero, path_prefix, positive},
+    value::{self, at_most, invalid, nonzero, nonzero_at_most, path_prefix, positive},
 };
 
 const DEFAULT_BASE_PATH: &str = "/api/auth/";
@@ -21,6 +21,9 @@ const DEFAULT_HASH_QUEUE_TIMEOUT: Duration = Duration::from_secs(1);
 // /verify p99 from 2.38 ms to 1.26 ms (README, bench/LOGIN.md): logins yield the core.
 const DEFAULT_HASH_NICE: u64 = 10;
 const DEFAULT_MAX_BODY_BYTES: u64 = 8_192;
+// Far above what the hashing threads get through in a request's time (a few per core), so it
+// only stops clients that hold requests open (slow bodies), apart from /verify's own cap.
+const DEFAULT_MAX_IN_FLIGHT: u64 = 256;
 const DEFAULT_THROTTLE_FAILURES: u64 = 10;
 const DEFAULT_THROTTLE_USER_FAILURES: u64 = 50;
 const DEFAULT_THROTTLE_WINDOW: Duration = Duration::from_secs(5 * 60);
@@ -53,6 +56,7 @@ pub struct SessionsFile {
     pub hash_queue_timeout: Duration,
     pub hash_nice: u64,
     pub max_body_bytes: u64,
+    pub max_in_flight: u64,
     pub throttle_failures: u64,
     pub throttle_user_failures: u64,
     pub throttle_address_failures: u64,
@@ -74,6 +78,7 @@ impl Default for SessionsFile {
             hash_queue_timeout: DEFAULT_HASH_QUEUE_TIMEOUT,
             hash_nice: DEFAULT_HASH_NICE,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             throttle_failures: DEFAULT_THROTTLE_FAILURES,
             throttle_user_failures: DEFAULT_THROTTLE_USER_FAILURES,
             throttle_address_failures: 0,
@@ -107,6 +112,10 @@ pub struct SessionsConfig {
     pub hash_nice: i32,
     /// Largest login request body accepted.
     pub max_body_bytes: NonZeroUsize,
+    /// Login, logout and logoutall requests at once, beyond which they get 503: their own cap,
+    /// so that clients holding session requests open cannot take `/verify`'s
+    /// (`server.max_in_flight`).
+    pub max_in_flight: NonZeroUsize,
     /// Failed logins per (client address, username) within `throttle_window` before 429;
     /// 0 disables the throttle.
     pub throttle_failures: u32,
@@ -237,6 +246,11 @@ impl TryFrom<SessionsFile> for SessionsConfig {
                 }
             },
             max_body_bytes: nonzero("sessions.max_body_bytes", file.max_body_bytes)?,
+            max_in_flight: nonzero_at_most(
+                "sessions.max_in_flight",
+                file.max_in_flight,
+                super::server::MAX_PERMITS,
+            )?,
             throttle_failures: u32::try_from(file.throttle_failures)
                 .map_err(|_| invalid("sessions.throttle_failures", "too large"))?,
             throttle_user_failures: u32::try_from(file.throttle_user_failures)

@@ -572,6 +572,7 @@ fn zero_limits_are_refused() {
             "postgres.max_lookup_batch",
         ),
         ("[sessions]\nmax_body_bytes = 0", "sessions.max_body_bytes"),
+        ("[sessions]\nmax_in_flight = 0", "sessions.max_in_flight"),
     ] {
         let err = Config::from_toml_str(text).unwrap_err().to_string();
         assert_eq!(err, format!("config key `{key}`: must be greater than 0"));
@@ -831,6 +832,7 @@ fn limits_beyond_what_serving_can_hold_are_refused() {
     for (section, key, max) in [
         ("server", "max_in_flight", permits),
         ("server", "max_connections", permits),
+        ("sessions", "max_in_flight", permits),
         ("postgres", "pool_size", pg),
         ("redis", "pool_size", redis),
         (

@@ -42,7 +42,13 @@ async fn answer(
     peer: SocketAddr,
 ) -> Response<Body> {
     // Shed load rather than queue: a forward-auth answer that comes late is worth nothing.
-    let Ok(_permit) = Arc::clone(&app.in_flight).try_acquire_owned() else {
+    // Session requests have a cap of their own: one can be held open by its client (a body sent
+    // slowly), and those must not take the places of /verify requests.
+    let in_flight = match route {
+        Route::Login | Route::Logout | Route::LogoutAll => &app.sessions_in_flight,
+        Route::Verify | Route::NotFound | Route::GrpcCheck => &app.in_flight,
+    };
+    let Ok(_permit) = Arc::clone(in_flight).try_acquire_owned() else {
         app.metrics.load_shed.inc();
         return respond::error(&Error::Overloaded);
     };
@@ -110,7 +116,7 @@ async fn handle(
         Route::Login => {
             let span = tracing::info_span!(target: SPAN_TARGET, "login", otel.kind = "server");
             continue_trace(&span, &parts.headers);
-            Box::pin(session::login(app, parts, body, peer.ip()).instrument(span)).await
+            Box::pin(session::login(app, parts, body, peer.ip(), deadline).instrument(span)).await
         }
         Route::Logout => Box::pin(session::logout(app, &parts, false, deadline)).await,
         Route::LogoutAll => Box::pin(session::logout(app, &parts, true, deadline)).await,

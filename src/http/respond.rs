@@ -290,6 +290,16 @@ pub fn error(e: &Error) -> Response<Body> {
         }
         Error::BadRequest(what) => detail(StatusCode::BAD_REQUEST, what),
         Error::PayloadTooLarge => detail(StatusCode::PAYLOAD_TOO_LARGE, "Request body too large."),
+        Error::BodyTimeout => {
+            let mut r = detail(
+                StatusCode::REQUEST_TIMEOUT,
+                "Request body not received in time.",
+            );
+            // The connection may hold the rest of a body never read: not reusable.
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            r
+        }
         Error::UnsupportedMediaType => detail(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "Unsupported media type in request; send application/json or HTTP Basic credentials.",
@@ -388,6 +398,7 @@ mod error_status_tests {
             (Error::Overloaded, StatusCode::SERVICE_UNAVAILABLE),
             (Error::BadRequest("b"), StatusCode::BAD_REQUEST),
             (Error::PayloadTooLarge, StatusCode::PAYLOAD_TOO_LARGE),
+            (Error::BodyTimeout, StatusCode::REQUEST_TIMEOUT),
             (
                 Error::UnsupportedMediaType,
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,

@@ -45,6 +45,7 @@ async fn credentials(
     app: &App,
     parts: &Parts,
     body: Incoming,
+    deadline: Deadline,
 ) -> Result<Result<LoginCredentials, BasicError>, Error> {
     // Repeated headers reach Django joined with ", " (WSGI and ASGI servers join them), and
     // DRF reads the joined value: so does this, rather than taking the first credentials.
@@ -68,7 +69,13 @@ async fn credentials(
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(Error::PayloadTooLarge);
     }
-    let bytes: Bytes = match Limited::new(body, limit).collect().await {
+    // Half the request's time at most: a client sending its body slowly gets 408 for its own
+    // slowness, with time left to say so, not the deadline's 503 of an outage.
+    let reading = Limited::new(body, limit).collect();
+    let read = tokio::time::timeout(deadline.share(app.config.server.request_timeout), reading)
+        .await
+        .map_err(|_| Error::BodyTimeout)?;
+    let bytes: Bytes = match read {
         Ok(c) => c.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(Error::PayloadTooLarge),
         Err(_) => return Err(Error::BadRequest("Could not read the request body.")),
@@ -108,8 +115,9 @@ pub async fn login(
     parts: Parts,
     body: Incoming,
     peer: IpAddr,
+    deadline: Deadline,
 ) -> Result<Response<Body>, Error> {
-    let creds = match credentials(app, &parts, body).await? {
+    let creds = match credentials(app, &parts, body, deadline).await? {
         Ok(c) => c,
         Err(e) => {
             count_login(app, "malformed");
