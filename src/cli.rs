@@ -8,7 +8,7 @@ use time::OffsetDateTime;
 
 use crate::{
     app,
-    config::Config,
+    config::{Config, UserColumns},
     login,
     metrics::Metrics,
     password,
@@ -115,16 +115,23 @@ pub enum TokenCommand {
     },
 }
 
+/// The password given, refusing a blank one as Django's `createsuperuser` does ("Blank
+/// passwords aren't allowed."): an empty standard input (a script's unset variable) must not
+/// become an account anyone can log in to.
 fn read_password(arg: &PasswordArg) -> anyhow::Result<String> {
-    if let Some(p) = &arg.password {
-        return Ok(p.clone());
-    }
-    if arg.password_stdin {
+    let password = if let Some(p) = &arg.password {
+        p.clone()
+    } else if arg.password_stdin {
         let mut line = String::new();
-        std::io::stdin().lock().read_line(&mut line)?;
-        return Ok(line.trim_end_matches(['\r', '\n']).to_owned());
-    }
-    anyhow::bail!("give the password with --password-stdin (or --password)")
+        if std::io::stdin().lock().read_line(&mut line)? == 0 {
+            anyhow::bail!("no password on standard input (it was empty)");
+        }
+        line.trim_end_matches(['\r', '\n']).to_owned()
+    } else {
+        anyhow::bail!("give the password with --password-stdin (or --password)")
+    };
+    anyhow::ensure!(!password.is_empty(), "blank passwords are not allowed");
+    Ok(password)
 }
 
 /// Runs `migrate` and prints what it did.
@@ -233,7 +240,16 @@ async fn user(cmd: UserCommand, config: &Config) -> anyhow::Result<()> {
             superuser,
             inactive,
         } => {
+            // The insert names the columns of Django's own user table.
+            anyhow::ensure!(
+                config.postgres.user_columns == UserColumns::default(),
+                "`user create` writes Django's default user table only; with a custom user model \
+                 (postgres.user_columns), create users with Django (manage.py createsuperuser)"
+            );
             let encoded = hashed_password(&password, config).await?;
+            if pg.login_user(&username).await?.is_some() {
+                anyhow::bail!("a user named {username} already exists");
+            }
             let id = pg
                 .create_user(&NewUser {
                     username: &username,
@@ -287,8 +303,11 @@ async fn token(cmd: TokenCommand, config: &Config) -> anyhow::Result<()> {
 async fn create_token(store: &Store, config: &Config, username: &str) -> anyhow::Result<()> {
     let now = OffsetDateTime::now_utc();
     // The insert finds the user by name: no row means no such user, or the limit reached.
-    if store.postgres().login_user(username).await?.is_none() {
-        anyhow::bail!("no user named {username}");
+    match store.postgres().login_user(username).await? {
+        None => anyhow::bail!("no user named {username}"),
+        // Login refuses an inactive user, and /verify would refuse the token.
+        Some(user) if !user.is_active => anyhow::bail!("{username} is inactive"),
+        Some(_) => {}
     }
     let Some(issued) = login::issue_token(store, &config.knox, username, now).await? else {
         anyhow::bail!("{username} already holds the maximum number of tokens");

@@ -29,7 +29,8 @@ pub struct App {
 /// Why knoxgate could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot listen on {addr}: {source}")]
+    // The cause is the error's source, which the error chain prints after this.
+    #[error("cannot listen on {addr}")]
     Bind {
         addr: SocketAddr,
         source: std::io::Error,

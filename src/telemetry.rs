@@ -6,6 +6,8 @@
 //! layer, so those callsites are disabled once and for all and a request pays one cached
 //! interest check per span, nothing more.
 
+use std::io::IsTerminal as _;
+
 use hyper::HeaderMap;
 use opentelemetry::{
     propagation::{Extractor, TextMapPropagator},
@@ -80,7 +82,10 @@ pub fn init(config: &Config) -> Result<Telemetry, TelemetryError> {
     for directive in quieted_drivers(&config.log.level) {
         log_filter = log_filter.add_directive(directive.parse().expect("a valid directive"));
     }
-    let log = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colours only for a terminal: a log file or collector would get escape codes.
+    let log = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     let log = match config.log.format {
         LogFormat::Json => log.json().with_filter(log_filter).boxed(),
         LogFormat::Text => log.with_filter(log_filter).boxed(),

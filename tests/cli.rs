@@ -121,6 +121,84 @@ async fn operator_cli_creates_users_and_tokens_and_revokes_them() {
     s.stop().await;
 }
 
+/// Runs `args` and asserts it fails with `message` in its error and no trace of a database
+/// failure in its log.
+async fn refused(db: &TestDb, args: &[&str], stdin: Option<&str>, message: &str) {
+    let out = cli(db, "kgcli", args, stdin).await;
+    assert!(!out.success, "{args:?} succeeded: {}", out.stdout);
+    assert!(out.stderr.contains(message), "{args:?}: {}", out.stderr);
+    assert!(
+        !out.stderr.contains("postgres failure"),
+        "{args:?}: {}",
+        out.stderr
+    );
+}
+
+#[tokio::test]
+async fn operator_cli_refuses_blank_passwords_duplicates_and_inactive_users() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    let users = || async {
+        let row = client
+            .query_one("SELECT count(*) FROM auth_user", &[])
+            .await
+            .unwrap();
+        row.get::<_, i64>(0)
+    };
+    let create = ["user", "create", "carol", "--password-stdin"];
+    // An empty standard input (a script's unset variable), an empty line, an empty argument.
+    refused(&db, &create, Some(""), "no password on standard input").await;
+    refused(&db, &create, Some("\n"), "blank passwords are not allowed").await;
+    refused(
+        &db,
+        &["user", "create", "carol", "--password", ""],
+        None,
+        "blank passwords are not allowed",
+    )
+    .await;
+    assert_eq!(users().await, 0, "no user made of a blank password");
+
+    let out = cli(&db, "kgcli", &create, Some("carol-pass\n")).await;
+    assert!(out.success, "{}", out.stderr);
+    refused(
+        &db,
+        &create,
+        Some("other\n"),
+        "a user named carol already exists",
+    )
+    .await;
+    refused(
+        &db,
+        &["user", "set-password", "carol", "--password-stdin"],
+        Some(""),
+        "no password on standard input",
+    )
+    .await;
+    assert_eq!(users().await, 1);
+
+    // login refuses an inactive user, so does token create.
+    let out = cli(
+        &db,
+        "kgcli",
+        &["user", "create", "dave", "--password-stdin", "--inactive"],
+        Some("dave-pass\n"),
+    )
+    .await;
+    assert!(out.success, "{}", out.stderr);
+    refused(
+        &db,
+        &["token", "create", "--user", "dave"],
+        None,
+        "dave is inactive",
+    )
+    .await;
+    let tokens = client
+        .query_one("SELECT count(*) FROM knox_authtoken", &[])
+        .await
+        .unwrap();
+    assert_eq!(tokens.get::<_, i64>(0), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_cli_works_through_pgbouncer_in_transaction_mode() {
     // postgres.url is PgBouncer and postgres.pgbouncer is unset: the commands find out, as
