@@ -151,6 +151,7 @@ fn serve_admin(
     let app = Arc::clone(app);
     let probe = Arc::new(http::admin::PostgresProbe::new(
         app.config.server.readiness_interval,
+        app.config.cache.stale_if_error,
     ));
     tokio::spawn(server::serve(
         listener,
@@ -215,6 +216,8 @@ pub async fn start_relay(mut config: Config) -> Result<RunningRelay, StartError>
     config.cache.consistency = Consistency::Notify;
     config.cache.memory_max_bytes = 1;
     config.cache.key_filter = false;
+    // It serves no cached answers: a Postgres it cannot reach makes it not ready (`/readyz`).
+    config.cache.stale_if_error = false;
     let (pooler, triggers) = tokio::join!(
         crate::store::pg::probe_pooler(&config.postgres),
         check_triggers(&config)

@@ -92,47 +92,80 @@ async fn a_readyz_flood_costs_postgres_one_query_per_interval_and_verify_stays_s
     s.stop().await;
 }
 
+/// Takes `db` away from under the server: no new connections, the open ones terminated.
+async fn refuse_connections(db: &TestDb, refuse: bool) {
+    let admin_client = connect(PG_ADMIN).await;
+    admin_client
+        .simple_query(&format!(
+            "ALTER DATABASE {} ALLOW_CONNECTIONS {}",
+            db.name, !refuse
+        ))
+        .await
+        .unwrap();
+    if refuse {
+        admin_client
+            .simple_query(&format!(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{}'",
+                db.name
+            ))
+            .await
+            .unwrap();
+    }
+}
+
 #[tokio::test]
 async fn readyz_still_notices_postgres_going_away() {
     // The cached result is refreshed: a database that disappears turns readiness to 503 within
-    // an interval (here it is dropped from under the pool).
+    // an interval, when cached answers are not served without Postgres (stale_if_error off).
     let db = TestDb::migrated().await;
+    let s = TestServer::start(
+        &db,
+        "[cache]\nconsistency = \"ttl\"\nstale_if_error = false\n\
+         [server]\nreadiness_interval = \"200ms\"",
+    )
+    .await;
+    let r = http(s.admin(), "GET", "/readyz", &[], b"").await;
+    assert_eq!(r.status, 200, "{}", r.body_text());
+    refuse_connections(&db, true).await;
+    let down = eventually(Duration::from_secs(5), || async {
+        http(s.admin(), "GET", "/readyz", &[], b"").await.status == 503
+    })
+    .await;
+    refuse_connections(&db, false).await;
+    assert!(
+        down.is_some(),
+        "readiness never noticed Postgres refusing connections"
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn an_instance_serving_cached_answers_stays_ready_through_a_postgres_outage() {
+    // stale_if_error (the default): every instance shares the one Postgres, and one that has
+    // reached it serves its cached tokens through an outage, so it stays in its Service; the
+    // body says Postgres is unreachable.
+    let db = TestDb::migrated().await;
+    let t = user_with_token(&db, "outage-ready").await;
     let s = TestServer::start(
         &db,
         "[cache]\nconsistency = \"ttl\"\n[server]\nreadiness_interval = \"200ms\"",
     )
     .await;
-    let r = http(s.admin(), "GET", "/readyz", &[], b"").await;
-    assert_eq!(r.status, 200, "{}", r.body_text());
-    let admin_client = connect(PG_ADMIN).await;
-    admin_client
-        .simple_query(&format!(
-            "ALTER DATABASE {} ALLOW_CONNECTIONS false",
-            db.name
-        ))
-        .await
-        .unwrap();
-    admin_client
-        .simple_query(&format!(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{}'",
-            db.name
-        ))
-        .await
-        .unwrap();
-    let down = eventually(Duration::from_secs(5), || async {
-        http(s.admin(), "GET", "/readyz", &[], b"").await.status == 503
+    assert_eq!(s.verify(&t.token).await.status, 200);
+    assert_eq!(
+        http(s.admin(), "GET", "/readyz", &[], b"").await.status,
+        200
+    );
+    refuse_connections(&db, true).await;
+    let noticed = eventually(Duration::from_secs(5), || async {
+        s.readyz().await.contains(r#""postgres":"unreachable""#)
     })
     .await;
-    admin_client
-        .simple_query(&format!(
-            "ALTER DATABASE {} ALLOW_CONNECTIONS true",
-            db.name
-        ))
-        .await
-        .unwrap();
-    assert!(
-        down.is_some(),
-        "readiness never noticed Postgres refusing connections"
-    );
+    let r = http(s.admin(), "GET", "/readyz", &[], b"").await;
+    let cached = s.verify(&t.token).await.status;
+    refuse_connections(&db, false).await;
+    assert!(noticed.is_some(), "the outage was not reported");
+    assert_eq!(r.status, 200, "{}", r.body_text());
+    assert_eq!(cached, 200, "the cached token is served meanwhile");
     s.stop().await;
 }

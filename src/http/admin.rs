@@ -1,8 +1,11 @@
-//! The admin listener: `/metrics`, `/healthz` (process alive), `/readyz` (Postgres reachable),
-//! and, when `[assertion]` is on, `/.well-known/jwks.json` (the assertion's public keys).
+//! The admin listener: `/metrics`, `/healthz` (process alive), `/readyz` (able to answer), and,
+//! when `[assertion]` is on, `/.well-known/jwks.json` (the assertion's public keys).
 
 use std::{
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -21,14 +24,30 @@ use crate::{config::Consistency, state::App};
 pub struct PostgresProbe {
     interval: Duration,
     last: tokio::sync::Mutex<Option<(Instant, bool)>>,
+    /// Whether an outage leaves this instance ready (`cache.stale_if_error`: it serves what it
+    /// has cached meanwhile).
+    rides_out_outages: bool,
+    /// Whether Postgres has answered a probe since the start.
+    reached: AtomicBool,
 }
 
 impl PostgresProbe {
-    pub fn new(interval: Duration) -> PostgresProbe {
+    pub fn new(interval: Duration, rides_out_outages: bool) -> PostgresProbe {
         PostgresProbe {
             interval,
             last: tokio::sync::Mutex::new(None),
+            rides_out_outages,
+            reached: AtomicBool::new(false),
         }
+    }
+
+    /// Whether this instance stays ready while Postgres does not answer: it has answered since
+    /// the start, and cached answers are served meanwhile. Every instance shares the one
+    /// Postgres, so an outage would take them all out of their Service at once, cached tokens
+    /// and routes without auth with them. Never reached (a wrong URL, a new instance during an
+    /// outage): not ready, so that a rollout stops there.
+    fn rides_out_outage(&self) -> bool {
+        self.rides_out_outages && self.reached.load(Ordering::Relaxed)
     }
 
     /// Whether Postgres answered the latest probe, probing first if that one is too old.
@@ -42,6 +61,9 @@ impl PostgresProbe {
         }
         let ok = app.store.postgres().ping().await.is_ok();
         *last = Some((Instant::now(), ok));
+        if ok {
+            self.reached.store(true, Ordering::Relaxed);
+        }
         ok
     }
 }
@@ -113,10 +135,11 @@ fn text(status: StatusCode, body: &'static str) -> Response<Body> {
     r
 }
 
-/// 200 only when Postgres answers and the change feed is not deaf; the body reports each
-/// dependency.
+/// 200 when Postgres answers (or, with `cache.stale_if_error`, has answered since the start)
+/// and the change feed is not deaf; the body reports each dependency.
 async fn readiness(app: &App, probe: &PostgresProbe) -> Response<Body> {
     let postgres_ok = probe.postgres_ok(app).await;
+    let serving = postgres_ok || probe.rides_out_outage();
     let redis = match app.store.redis() {
         None => "disabled",
         Some(r) if r.is_connected() => "connected",
@@ -139,7 +162,7 @@ async fn readiness(app: &App, probe: &PostgresProbe) -> Response<Body> {
         "feed": feed,
     });
     let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
-    *r.status_mut() = if postgres_ok && !deaf {
+    *r.status_mut() = if serving && !deaf {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
