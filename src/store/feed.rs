@@ -175,6 +175,50 @@ async fn prune_log(client: &tokio_postgres::Client, config: &Config, metrics: &M
     }
 }
 
+/// While the feed cannot get back for the same reason, a warning per `FEED_WARNING_INTERVAL`
+/// (with the number of attempts since the last one) rather than one per
+/// `cache.feed_reconnect_delay` (0.5 s: 7,200 lines an hour); a new reason is warned of at
+/// once, and every attempt is logged at debug.
+const FEED_WARNING_INTERVAL: Duration = Duration::from_secs(60);
+
+/// The reconnect attempts of one outage of the feed, for [`run`]'s log.
+#[derive(Default)]
+struct OutageLog {
+    /// Attempts failed since the last warning.
+    unreported: u64,
+    /// When the last warning was logged, and of what.
+    last_warning: Option<(Instant, String)>,
+}
+
+impl OutageLog {
+    /// Logs a failed session; `was_live`: it had gone live, so this failure begins an outage.
+    fn failed(&mut self, was_live: bool, error: &StoreError) {
+        match self.warn_of(was_live, error.to_string(), Instant::now()) {
+            Some(attempts) => {
+                tracing::warn!(%error, attempts, "change feed disconnected; confirming cached answers with postgres until it is back")
+            }
+            None => tracing::debug!(%error, "change feed still disconnected"),
+        }
+    }
+
+    /// Whether a failure for `cause` at `now` is warned of, and if so with how many attempts
+    /// since the last warning (this one included).
+    fn warn_of(&mut self, was_live: bool, cause: String, now: Instant) -> Option<u64> {
+        if was_live {
+            *self = OutageLog::default();
+        }
+        self.unreported += 1;
+        let due = self.last_warning.as_ref().is_none_or(|(at, said)| {
+            now.duration_since(*at) >= FEED_WARNING_INTERVAL || *said != cause
+        });
+        if !due {
+            return None;
+        }
+        self.last_warning = Some((now, cause));
+        Some(std::mem::take(&mut self.unreported))
+    }
+}
+
 /// Runs the listener until `shutdown` flips to true, reconnecting after every failure. With a
 /// `publisher` (`knoxgate relay`), every change heard or replayed is also appended to the Redis
 /// stream, and a heartbeat while live; a failed append, or one that finds the stream lost the
@@ -189,6 +233,7 @@ pub async fn run(
 ) {
     let publisher = publisher.as_deref();
     let mut echo = Echo::new();
+    let mut outage = OutageLog::default();
     loop {
         let result = match pg::feed_config(&config.postgres).and_then(|pg| {
             let tls = pg::tls_connector(&config.postgres, &pg)?;
@@ -223,14 +268,13 @@ pub async fn run(
             }
             Err(e) => Err(e),
         };
+        let was_live = store.feed_live();
         store.set_feed_live(false);
         store.set_feed_deaf(false);
         metrics.feed_connected.set(0);
         match result {
             Ok(()) => return, // shutdown
-            Err(e) => {
-                tracing::warn!(error = %e, "change feed disconnected; confirming cached answers with postgres until it is back")
-            }
+            Err(e) => outage.failed(was_live, &e),
         }
         tokio::select! {
             _ = tokio::time::sleep(config.cache.feed_reconnect_delay) => {}
@@ -551,6 +595,30 @@ async fn send_echo(store: &Store, echo: &mut Echo, config: &Config) -> Option<(u
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_outage_is_warned_of_once_a_minute_and_at_each_new_cause() {
+        let mut log = super::OutageLog::default();
+        let start = tokio::time::Instant::now();
+        let at = |ms: u64| start + std::time::Duration::from_millis(ms);
+        let refused = || "feed connect: connection refused".to_owned();
+        // The first failure, then every 0.5 s: one warning a minute, with the attempts since.
+        assert_eq!(log.warn_of(false, refused(), at(0)), Some(1));
+        for i in 1..120 {
+            assert_eq!(
+                log.warn_of(false, refused(), at(i * 500)),
+                None,
+                "attempt {i}"
+            );
+        }
+        assert_eq!(log.warn_of(false, refused(), at(60_000)), Some(120));
+        // Another cause is warned of at once.
+        let full = "feed connect: too many clients".to_owned();
+        assert_eq!(log.warn_of(false, full.clone(), at(60_500)), Some(1));
+        assert_eq!(log.warn_of(false, full.clone(), at(61_000)), None);
+        // Live again, then lost: a new outage, warned of at once even for the same cause.
+        assert_eq!(log.warn_of(true, full, at(62_000)), Some(1));
+    }
+
     use super::*;
 
     #[test]
