@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 /// The instant a request's answer is due: `server.request_timeout` after it arrived, or sooner
 /// for a gRPC check whose caller's deadline comes first (`grpc::deadline::check_deadline`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Deadline(Instant);
 
 impl Deadline {

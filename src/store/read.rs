@@ -130,7 +130,7 @@ impl Store {
     }
 
     /// Loads `key` below the in-process tier, sharing one load among concurrent callers (under
-    /// the deadline of the caller that starts it).
+    /// the deadline of the caller that starts it; see `flight`).
     async fn load_shared(
         &self,
         key: &str,
@@ -140,6 +140,7 @@ impl Store {
         self.flights
             .run(
                 key,
+                deadline,
                 || self.load(key, digest, deadline),
                 || {
                     self.metrics.coalesced_misses.inc();
