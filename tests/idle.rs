@@ -1,7 +1,7 @@
 //! Connections that send nothing hold no connection slot for long: a socket that never sends a
 //! byte is closed after `server.header_read_timeout`, and an HTTP/2 connection with no request
 //! in flight after `server.idle_timeout`, even when it answers every ping, and then ends within
-//! `server.header_read_timeout` even when its answers cannot be sent.
+//! `server.request_timeout` + `server.header_read_timeout` even when its answers cannot be sent.
 
 use std::time::{Duration, Instant};
 
@@ -121,10 +121,11 @@ async fn an_http2_client_that_never_takes_its_answers_is_closed() {
         assert_eq!(r.status(), 401);
         answers.push(r);
     }
-    // Idle (every handler is done) after 1 s, then 1 s to end: the connection and its slot
-    // are given up, not held by answers that can never be sent.
+    // Idle (every handler is done) after 1 s, then 3 s to end (request_timeout, 2 s, and
+    // header_read_timeout): the connection and its slot are given up, not held by answers that
+    // can never be sent.
     let started = Instant::now();
-    let ended = tokio::time::timeout(Duration::from_secs(6), conn).await;
+    let ended = tokio::time::timeout(Duration::from_secs(8), conn).await;
     assert!(
         ended.is_ok(),
         "the connection is still open after {:?}",

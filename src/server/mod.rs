@@ -40,6 +40,8 @@ use crate::config::ServerConfig;
 pub struct Limits {
     pub max_header_bytes: usize,
     pub header_read_timeout: Duration,
+    /// The longest a handler runs (`server.request_timeout`).
+    pub request_timeout: Duration,
     pub idle_timeout: Duration,
     pub shutdown_grace: Duration,
 }
@@ -49,6 +51,7 @@ impl From<&ServerConfig> for Limits {
         Limits {
             max_header_bytes: c.max_header_bytes,
             header_read_timeout: c.header_read_timeout,
+            request_timeout: c.request_timeout,
             idle_timeout: c.idle_timeout,
             shutdown_grace: c.shutdown_grace,
         }
@@ -328,9 +331,10 @@ where
     );
     let mut conn = std::pin::pin!(conn);
     let mut shutdown = shared.shutdown.clone();
-    // Once closing, the connection has `header_read_timeout` to end. Its streams' answers are
-    // made, but hyper waits for them to be sent, and a client that never opens its flow-control
-    // window (yet answers pings) would keep them, and the connection's slot, for ever.
+    // Once closing, the connection has what its handlers may still take (`request_timeout`),
+    // then `header_read_timeout`, to end. hyper waits for every stream's answer to be sent, and
+    // a client that never opens its flow-control window (yet answers pings) would keep them,
+    // and the connection's slot, for ever.
     let mut close_by: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
@@ -341,11 +345,12 @@ where
                 return;
             }
             _ = time_to_close(&activity, limits.idle_timeout, &mut shutdown), if close_by.is_none() => {
-                close_by = Some(tokio::time::Instant::now() + limits.header_read_timeout);
+                let ending = limits.request_timeout + limits.header_read_timeout;
+                close_by = Some(tokio::time::Instant::now() + ending);
                 conn.as_mut().graceful_shutdown();
             }
             _ = sleep_until_some(close_by), if close_by.is_some() => {
-                tracing::debug!("HTTP/2 connection still open header_read_timeout after its close began; dropped");
+                tracing::debug!("HTTP/2 connection still open request_timeout + header_read_timeout after its close began; dropped");
                 return;
             }
         }
