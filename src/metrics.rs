@@ -177,8 +177,12 @@ pub struct Metrics {
     pub logouts: Family<KindLabels, Counter>,
     /// Time spent checking a password hash.
     pub password_check_duration: Histogram,
-    /// Requests refused with 503 because `server.max_in_flight` was reached.
+    /// `/verify` requests and gRPC checks refused with 503 because `server.max_in_flight` was
+    /// reached.
     pub load_shed: Counter,
+    /// Login, logout and logoutall requests refused with 503 because `sessions.max_in_flight`
+    /// was reached (apart: a flood of slow logins is not a capacity problem of `/verify`).
+    pub sessions_load_shed: Counter,
     /// HTTP/1 connections moved to the demoted lane after `server.demote_after_refusals`
     /// answers of 401 in a row.
     pub connections_demoted: Counter,
@@ -235,6 +239,7 @@ impl Metrics {
                 prometheus_client::metrics::histogram::exponential_buckets(0.005, 2.0, 10),
             ),
             load_shed: Counter::default(),
+            sessions_load_shed: Counter::default(),
             connections_demoted: Counter::default(),
             assertions_signed: Counter::default(),
             feed_connected: Gauge::default(),
@@ -331,8 +336,13 @@ impl Metrics {
         );
         registry.register(
             "load_shed",
-            "Requests refused because max_in_flight was reached",
+            "Verify requests and gRPC checks refused because server.max_in_flight was reached",
             m.load_shed.clone(),
+        );
+        registry.register(
+            "sessions_load_shed",
+            "Login and logout requests refused because sessions.max_in_flight was reached",
+            m.sessions_load_shed.clone(),
         );
         registry.register(
             "connections_demoted",

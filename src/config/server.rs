@@ -99,7 +99,8 @@ pub struct ServerConfig {
     pub admin_listen: SocketAddr,
     /// Connections beyond this are closed at accept.
     pub max_connections: NonZeroUsize,
-    /// Requests handled at once; beyond it requests get 503 at once instead of queueing.
+    /// `/verify` requests and gRPC checks handled at once; beyond it they get 503 at once
+    /// instead of queueing (session requests have `sessions.max_in_flight`).
     pub max_in_flight: NonZeroUsize,
     /// Cap on a request head (line + headers); larger heads get 431.
     pub max_header_bytes: usize,

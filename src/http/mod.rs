@@ -44,12 +44,16 @@ async fn answer(
     // Shed load rather than queue: a forward-auth answer that comes late is worth nothing.
     // Session requests have a cap of their own: one can be held open by its client (a body sent
     // slowly), and those must not take the places of /verify requests.
-    let in_flight = match route {
-        Route::Login | Route::Logout | Route::LogoutAll => &app.sessions_in_flight,
-        Route::Verify | Route::NotFound | Route::GrpcCheck => &app.in_flight,
+    let (in_flight, shed) = match route {
+        Route::Login | Route::Logout | Route::LogoutAll => {
+            (&app.sessions_in_flight, &app.metrics.sessions_load_shed)
+        }
+        Route::Verify | Route::NotFound | Route::GrpcCheck => {
+            (&app.in_flight, &app.metrics.load_shed)
+        }
     };
     let Ok(_permit) = Arc::clone(in_flight).try_acquire_owned() else {
-        app.metrics.load_shed.inc();
+        shed.inc();
         return respond::error(&Error::Overloaded);
     };
     let budget = app.config.server.request_timeout;
