@@ -130,7 +130,11 @@ fn read_password(arg: &PasswordArg) -> anyhow::Result<String> {
     } else {
         anyhow::bail!("give the password with --password-stdin (or --password)")
     };
-    anyhow::ensure!(!password.is_empty(), "blank passwords are not allowed");
+    // Django's test: `password.strip() == ""`.
+    anyhow::ensure!(
+        !password.trim().is_empty(),
+        "blank passwords are not allowed"
+    );
     Ok(password)
 }
 

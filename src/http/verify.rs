@@ -80,7 +80,8 @@ pub async fn authenticate(
             // knox deletes an expired token when it is presented. The answer is 401 either way:
             // it waits for the delete as knox's does, but no longer than cache.confirm_timeout
             // (or half the time left before the deadline), so a Postgres that hangs cannot turn
-            // it into a deadline 503; the delete carries on by itself. A failed delete (Postgres down) is only logged; the row stays refused.
+            // it into a deadline 503; the delete carries on by itself. A failed delete (Postgres
+            // down) is only logged; the row stays refused.
             let (owner, key) = (Arc::clone(app), key.to_owned());
             let deleting = tokio::spawn(async move {
                 if let Err(e) = Box::pin(owner.store.delete_expired(&key, &digest)).await {

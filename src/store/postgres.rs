@@ -608,7 +608,7 @@ impl Postgres {
                 }
                 Err(_) => {
                     return Err(self.fail(StoreError::Timeout(
-                        "confirm: no connection within cache.confirm_timeout".into(),
+                        "confirm: no connection within cache.confirm_timeout (or the request's share of its deadline)".into(),
                     )));
                 }
             };
@@ -616,7 +616,7 @@ impl Postgres {
             if left.is_zero() {
                 // Nothing sent yet: the connection goes back to the pool as it came.
                 return Err(self.fail(StoreError::Timeout(
-                    "confirm: no time left within cache.confirm_timeout".into(),
+                    "confirm: no time left within cache.confirm_timeout (or the request's share of its deadline)".into(),
                 )));
             }
             self.metrics.sql("confirm");
