@@ -146,9 +146,17 @@ async fn operator_cli_refuses_blank_passwords_duplicates_and_inactive_users() {
         row.get::<_, i64>(0)
     };
     let create = ["user", "create", "carol", "--password-stdin"];
-    // An empty standard input (a script's unset variable), an empty line, an empty argument.
+    // An empty standard input (a script's unset variable), an empty line, only whitespace (blank
+    // to Django too), an empty argument.
     refused(&db, &create, Some(""), "no password on standard input").await;
     refused(&db, &create, Some("\n"), "blank passwords are not allowed").await;
+    refused(
+        &db,
+        &create,
+        Some("  \t \n"),
+        "blank passwords are not allowed",
+    )
+    .await;
     refused(
         &db,
         &["user", "create", "carol", "--password", ""],
