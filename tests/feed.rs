@@ -584,3 +584,61 @@ async fn a_large_log_backlog_is_pruned_in_batches_without_keeping_the_feed_down(
     assert!(refused_within(&s, &t.token).await.is_some());
     s.stop().await;
 }
+
+#[tokio::test]
+async fn a_revocation_behind_a_burst_of_user_changes_is_not_held_up_by_it() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    let t = user_with_token(&db, "alice").await;
+    // Users enough that applying their changes one by one takes seconds.
+    client
+        .execute(
+            "INSERT INTO auth_user (password, is_superuser, username, first_name, last_name, email, \
+             is_staff, is_active, date_joined) \
+             SELECT '!', false, 'bulk' || n, '', '', '', false, true, now() \
+             FROM generate_series(1, 20000) n",
+            &[],
+        )
+        .await
+        .unwrap();
+    let s = TestServer::start(&db, "").await;
+    let live = eventually(Duration::from_secs(10), || async {
+        s.metric("knoxgate_feed_connected").await == 1.0
+    })
+    .await;
+    assert!(live.is_some(), "the feed never came up");
+    for _ in 0..3 {
+        assert_eq!(s.verify(&t.token).await.status, 200);
+    }
+    let applied_before = s.metric("knoxgate_feed_events_total").await;
+    // A bulk change of users (one change each, as a group renamed makes), then alice's logout
+    // right behind it.
+    client
+        .execute(
+            "UPDATE auth_user SET password = '!changed' WHERE username LIKE 'bulk%'",
+            &[],
+        )
+        .await
+        .unwrap();
+    client
+        .execute(
+            "DELETE FROM knox_authtoken WHERE token_key = $1",
+            &[&&t.token[..15]],
+        )
+        .await
+        .unwrap();
+    let refused = refused_within(&s, &t.token).await;
+    assert!(
+        refused.is_some(),
+        "still allowed {BOUND:?} after its deletion; feed events applied meanwhile: {}",
+        s.metric("knoxgate_feed_events_total").await - applied_before
+    );
+    // And the burst is applied in full.
+    let applied = eventually(Duration::from_secs(30), || async {
+        s.metric("knoxgate_feed_events_total").await - applied_before >= 20_001.0
+    })
+    .await;
+    assert!(applied.is_some(), "the burst was not applied");
+    assert_eq!(s.verify(&t.token).await.status, 401);
+    s.stop().await;
+}

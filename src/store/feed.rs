@@ -271,6 +271,7 @@ pub async fn run(
         let was_live = store.feed_live();
         store.set_feed_live(false);
         store.set_feed_deaf(false);
+        store.set_feed_behind(false);
         metrics.feed_connected.set(0);
         match result {
             Ok(()) => return, // shutdown
@@ -434,6 +435,9 @@ where
                             None => tracing::warn!(payload_len = payload.len(), "unreadable change-feed payload ignored"),
                         }
                     }
+                    // Notifications still waiting behind this batch are revocations heard
+                    // but not applied: until they are, cached answers are confirmed.
+                    store.set_feed_behind(!events.is_empty());
                     store.apply_all(&changes).await;
                     for change in &changes {
                         metrics.feed_event_applied(kind_label(change));

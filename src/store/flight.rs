@@ -5,6 +5,12 @@
 //! A load runs under the deadline of the caller that started it (a confirmation with a cached
 //! answer to fall back on takes a share of it, `crate::deadline`). A caller whose own deadline
 //! comes sooner does not join it, which could answer after that caller must: it loads alone.
+//!
+//! A load reads the change window's epoch (`epoch`) before it reads any tier. A caller that
+//! arrives after a removal began (a logout answered, a revocation applied) does not join a load
+//! that started before it: that load may have read the row the removal took away, and its
+//! answer, right for the callers that came before the removal, is not for one that comes after.
+//! Such a caller starts a fresh load, which later callers join instead.
 
 use std::{
     collections::HashMap,
@@ -14,12 +20,13 @@ use std::{
 
 use tokio::sync::OnceCell;
 
+use super::epoch::{ChangeWindow, Epoch};
 use crate::deadline::Deadline;
 
 type Flight<T> = Arc<OnceCell<T>>;
 
-/// A load in flight, and the deadline it runs under.
-type Running<T> = (Flight<T>, Deadline);
+/// A load in flight, the deadline it runs under, and the epoch it read before it started.
+type Running<T> = (Flight<T>, Deadline, Epoch);
 
 /// The loads in flight, by key.
 pub struct Flights<T> {
@@ -36,13 +43,15 @@ impl<T> Default for Flights<T> {
 
 impl<T: Clone> Flights<T> {
     /// Runs `load` for `key` under `deadline`, or waits for the one already running and shares
-    /// its result, unless that one runs under a later deadline. `on_join` is called when the
-    /// caller joins another's load.
+    /// its result, unless that one runs under a later deadline or started before a removal in
+    /// `changes`. `load` is given the epoch to check its result against (read before it runs).
+    /// `on_join` is called when the caller joins another's load.
     pub async fn run<F>(
         &self,
         key: &str,
         deadline: Deadline,
-        load: impl FnOnce() -> F,
+        changes: &ChangeWindow,
+        load: impl FnOnce(Epoch) -> F,
         on_join: impl FnOnce(),
     ) -> T
     where
@@ -51,17 +60,21 @@ impl<T: Clone> Flights<T> {
         let shared = {
             let mut inflight = self.inflight.lock().expect("inflight lock");
             match inflight.get(key) {
-                Some((_, theirs)) if *theirs > deadline => None,
-                Some((f, _)) => Some((f.clone(), false)),
-                None => {
+                Some((_, theirs, _)) if *theirs > deadline => None,
+                Some((f, _, epoch)) if changes.nothing_removed_since(*epoch) => {
+                    Some((f.clone(), *epoch, false))
+                }
+                // None, or a load that started before a removal: a fresh one, in its place.
+                _ => {
                     let f = Flight::default();
-                    inflight.insert(Arc::from(key), (f.clone(), deadline));
-                    Some((f, true))
+                    let epoch = changes.current();
+                    inflight.insert(Arc::from(key), (f.clone(), deadline, epoch));
+                    Some((f, epoch, true))
                 }
             }
         };
-        let Some((flight, leader)) = shared else {
-            return load().await;
+        let Some((flight, epoch, leader)) = shared else {
+            return load(changes.current()).await;
         };
         if !leader {
             on_join();
@@ -71,7 +84,7 @@ impl<T: Clone> Flights<T> {
             key,
             flight: &flight,
         };
-        flight.get_or_init(load).await.clone()
+        flight.get_or_init(|| load(epoch)).await.clone()
     }
 
     #[cfg(test)]
@@ -92,7 +105,7 @@ impl<T> Drop for FlightGuard<'_, T> {
         let mut inflight = self.flights.inflight.lock().expect("inflight lock");
         if inflight
             .get(self.key)
-            .is_some_and(|(f, _)| Arc::ptr_eq(f, self.flight))
+            .is_some_and(|(f, _, _)| Arc::ptr_eq(f, self.flight))
         {
             // A finished load must not be reused by later requests; an abandoned one (its
             // callers all cancelled) must not block them either.
@@ -114,6 +127,10 @@ mod tests {
         Deadline::after(std::time::Duration::from_secs(60))
     }
 
+    /// The change window of the tests that make no change.
+    static NO_CHANGES: std::sync::LazyLock<ChangeWindow> =
+        std::sync::LazyLock::new(ChangeWindow::default);
+
     #[tokio::test]
     async fn concurrent_callers_share_one_load() {
         let flights = Arc::new(Flights::<u32>::default());
@@ -133,7 +150,8 @@ mod tests {
                     .run(
                         "k",
                         later(),
-                        || async move {
+                        &NO_CHANGES,
+                        |_| async move {
                             loads.fetch_add(1, Ordering::SeqCst);
                             gate.notified().await;
                             42
@@ -160,14 +178,35 @@ mod tests {
     #[tokio::test]
     async fn a_finished_load_is_not_reused_and_an_abandoned_one_does_not_block() {
         let flights = Flights::<u32>::default();
-        assert_eq!(flights.run("k", later(), || async { 1 }, || ()).await, 1);
+        assert_eq!(
+            flights
+                .run("k", later(), &NO_CHANGES, |_| async { 1 }, || ())
+                .await,
+            1
+        );
         // A later request loads afresh.
-        assert_eq!(flights.run("k", later(), || async { 2 }, || ()).await, 2);
+        assert_eq!(
+            flights
+                .run("k", later(), &NO_CHANGES, |_| async { 2 }, || ())
+                .await,
+            2
+        );
         // A load whose only caller is cancelled leaves nothing behind.
-        let abandoned = flights.run("k", later(), std::future::pending::<u32>, || ());
+        let abandoned = flights.run(
+            "k",
+            later(),
+            &NO_CHANGES,
+            |_| std::future::pending::<u32>(),
+            || (),
+        );
         let _ = tokio::time::timeout(std::time::Duration::from_millis(1), abandoned).await;
         assert_eq!(flights.len(), 0);
-        assert_eq!(flights.run("k", later(), || async { 3 }, || ()).await, 3);
+        assert_eq!(
+            flights
+                .run("k", later(), &NO_CHANGES, |_| async { 3 }, || ())
+                .await,
+            3
+        );
     }
 
     #[tokio::test]
@@ -183,12 +222,12 @@ mod tests {
             );
             tokio::spawn(async move {
                 let deadline = Deadline::after(std::time::Duration::from_secs(30));
-                let load = || async move {
+                let load = |_| async move {
                     started.notify_one();
                     gate.notified().await;
                     1
                 };
-                flights.run("k", deadline, load, || ()).await
+                flights.run("k", deadline, &NO_CHANGES, load, || ()).await
             })
         };
         started.notified().await;
@@ -196,7 +235,7 @@ mod tests {
         let sooner = Deadline::after(std::time::Duration::from_secs(1));
         let mut joined = false;
         let own = flights
-            .run("k", sooner, || async { 2 }, || joined = true)
+            .run("k", sooner, &NO_CHANGES, |_| async { 2 }, || joined = true)
             .await;
         assert_eq!((own, joined), (2, false));
         // Later than the leader's: shares its load.
@@ -207,7 +246,9 @@ mod tests {
                 let join = || {
                     follower_joined.fetch_add(1, Ordering::SeqCst);
                 };
-                flights.run("k", later(), || async { 3 }, join).await
+                flights
+                    .run("k", later(), &NO_CHANGES, |_| async { 3 }, join)
+                    .await
             })
         };
         while follower_joined.load(Ordering::SeqCst) == 0 {
@@ -216,5 +257,107 @@ mod tests {
         gate.notify_one();
         assert_eq!(leader.await.unwrap(), 1);
         assert_eq!(follower.await.unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_caller_after_a_removal_does_not_join_a_load_that_started_before_it() {
+        let flights = Arc::new(Flights::<u32>::default());
+        let changes = Arc::new(ChangeWindow::default());
+        let gate = Arc::new(Notify::new());
+        let started = Arc::new(Notify::new());
+        let before = {
+            let (flights, changes, gate, started) = (
+                Arc::clone(&flights),
+                Arc::clone(&changes),
+                Arc::clone(&gate),
+                Arc::clone(&started),
+            );
+            tokio::spawn(async move {
+                // Read the row the removal below takes away, then stall before answering.
+                let load = |_| async move {
+                    started.notify_one();
+                    gate.notified().await;
+                    1
+                };
+                flights.run("k", later(), &changes, load, || ()).await
+            })
+        };
+        started.notified().await;
+        // A logout answered while that load is still out.
+        changes.removing(async {}).await;
+        let mut joined = false;
+        let after = flights.run("k", later(), &changes, |_| async { 2 }, || joined = true);
+        // Joining the stalled load would wait for it: a bounded wait fails instead of hanging.
+        let after = tokio::time::timeout(std::time::Duration::from_secs(5), after)
+            .await
+            .expect("answered without waiting for the load that predates the removal");
+        assert_eq!(
+            (after, joined),
+            (2, false),
+            "a fresh load, not the stale one's answer"
+        );
+        // The stale load still answers its own caller, who came before the removal.
+        gate.notify_one();
+        assert_eq!(before.await.unwrap(), 1);
+        assert_eq!(flights.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_fresh_load_started_after_a_removal_is_the_one_later_callers_join() {
+        let flights = Arc::new(Flights::<u32>::default());
+        let changes = Arc::new(ChangeWindow::default());
+        let stale_gate = Arc::new(Notify::new());
+        let fresh_gate = Arc::new(Notify::new());
+        let stale_started = Arc::new(Notify::new());
+        let fresh_started = Arc::new(Notify::new());
+        let spawn_load = |value: u32, gate: &Arc<Notify>, started: &Arc<Notify>| {
+            let (flights, changes, gate, started) = (
+                Arc::clone(&flights),
+                Arc::clone(&changes),
+                Arc::clone(gate),
+                Arc::clone(started),
+            );
+            tokio::spawn(async move {
+                let load = |_| async move {
+                    started.notify_one();
+                    gate.notified().await;
+                    value
+                };
+                flights.run("k", later(), &changes, load, || ()).await
+            })
+        };
+        let stale = spawn_load(1, &stale_gate, &stale_started);
+        stale_started.notified().await;
+        changes.removing(async {}).await;
+        let fresh = spawn_load(2, &fresh_gate, &fresh_started);
+        tokio::time::timeout(std::time::Duration::from_secs(5), fresh_started.notified())
+            .await
+            .expect("a caller after the removal starts a load of its own");
+        let joined = Arc::new(AtomicUsize::new(0));
+        let follower = {
+            let (flights, changes, joined) = (
+                Arc::clone(&flights),
+                Arc::clone(&changes),
+                Arc::clone(&joined),
+            );
+            tokio::spawn(async move {
+                let join = || {
+                    joined.fetch_add(1, Ordering::SeqCst);
+                };
+                flights
+                    .run("k", later(), &changes, |_| async { 3 }, join)
+                    .await
+            })
+        };
+        while joined.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        // The stale load ending must not take the fresh one out of the map.
+        stale_gate.notify_one();
+        assert_eq!(stale.await.unwrap(), 1);
+        fresh_gate.notify_one();
+        assert_eq!(fresh.await.unwrap(), 2);
+        assert_eq!(follower.await.unwrap(), 2, "joined the fresh load");
+        assert_eq!(flights.len(), 0);
     }
 }

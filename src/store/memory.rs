@@ -12,7 +12,7 @@
 //! once (hash order is random), so eviction work is amortised over many inserts.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     hash::BuildHasher,
     sync::{Arc, Mutex},
     time::Duration,
@@ -250,9 +250,23 @@ impl MemoryCache {
     /// Evicts every entry holding a token of `user_id`. Walks every shard: user-level changes
     /// (deactivation, password change) are rare.
     pub fn remove_user(&self, user_id: &str) {
+        self.remove_users(&HashSet::from([user_id]));
+    }
+
+    /// Evicts every entry holding a token of any of `user_ids`, in one walk of every shard
+    /// (changes to many users at once, a group renamed, come as one change per user).
+    pub fn remove_users(&self, user_ids: &HashSet<&str>) {
+        if user_ids.is_empty() {
+            return;
+        }
         for shard in self.shards.iter() {
             let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
-            shard.retain(|s| !s.entry.rows.iter().any(|r| r.user_id == user_id));
+            shard.retain(|s| {
+                !s.entry
+                    .rows
+                    .iter()
+                    .any(|r| user_ids.contains(r.user_id.as_str()))
+            });
         }
     }
 
@@ -412,6 +426,19 @@ mod tests {
         c.purge_expired();
         assert_eq!(c.entry_count(), 1);
         assert_eq!(c.weighted_size() as usize, entry("1", MIN).weight("long"));
+    }
+
+    #[test]
+    fn remove_users_evicts_every_named_user_in_one_walk() {
+        let c = MemoryCache::new(1000, 1 << 20);
+        c.insert("a", entry("1", MIN));
+        c.insert("b", entry("2", MIN));
+        c.insert("c", entry("3", MIN));
+        c.remove_users(&HashSet::from(["1", "3", "4"]));
+        assert!(c.get("a").is_none() && c.get("c").is_none());
+        assert!(c.get("b").is_some());
+        c.remove_users(&HashSet::new());
+        assert!(c.get("b").is_some());
     }
 
     #[test]

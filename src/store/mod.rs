@@ -183,6 +183,8 @@ pub struct Store {
     feed_live: AtomicBool,
     /// True while the feed's connection is up but its own NOTIFY does not come back.
     feed_deaf: AtomicBool,
+    /// Changes heard are waiting to be applied (`feed::session`).
+    feed_behind: AtomicBool,
     refreshing: Mutex<HashSet<StoredDigest>>,
     redis_outbox: Outbox,
     tombstones: Tombstones,
@@ -233,6 +235,7 @@ impl Store {
             changes: ChangeWindow::default(),
             feed_live: AtomicBool::new(false),
             feed_deaf: AtomicBool::new(false),
+            feed_behind: AtomicBool::new(false),
             refreshing: Mutex::default(),
             redis_outbox: Outbox::new(config.redis.max_cache_ttl),
             // As long as a Redis entry could outlive the revocation, replays included.
@@ -371,11 +374,23 @@ impl Store {
         self.feed_deaf.load(Ordering::SeqCst)
     }
 
+    /// Marks the change feed as behind (changes heard but still queued) or not.
+    pub fn set_feed_behind(&self, behind: bool) {
+        self.feed_behind.store(behind, Ordering::SeqCst);
+    }
+
+    /// Whether every change the feed has heard is applied: live, and nothing queued. A burst of
+    /// changes (a group renamed: one per member) queues whatever comes behind it, a revocation
+    /// too, for as long as it takes to apply.
+    fn feed_current(&self) -> bool {
+        self.feed_live() && !self.feed_behind.load(Ordering::SeqCst)
+    }
+
     /// Whether a cached answer must be confirmed with Postgres before use.
     fn must_confirm(&self) -> bool {
         match self.settings.consistency {
             Consistency::Strict => true,
-            Consistency::Notify => !self.feed_live(),
+            Consistency::Notify => !self.feed_current(),
             Consistency::Ttl => false,
         }
     }
@@ -408,18 +423,23 @@ impl Store {
     }
 
     /// Caches `entry` unless a change landed since `epoch` or is under way, in which case it may
-    /// be stale. Checked after inserting, so a change that starts meanwhile is seen too. An
-    /// entry that does not claim every row of its key answers only for the rows it holds, so
-    /// a token inserted meanwhile cannot make it wrong: only removals count for it (epoch.rs).
+    /// be stale. Checked before inserting, so that an entry already known to be stale is never
+    /// seen, and after, so that a change that starts meanwhile is seen too. An entry that does
+    /// not claim every row of its key answers only for the rows it holds, so a token inserted
+    /// meanwhile cannot make it wrong: only removals count for it (epoch.rs).
     fn remember(&self, key: &str, entry: Arc<Entry>, epoch: Epoch) {
-        let complete = entry.complete;
-        self.memory.insert(key, entry);
-        let still_true = if complete {
-            self.changes.unchanged_since(epoch)
-        } else {
-            self.changes.nothing_removed_since(epoch)
+        let still_true = || {
+            if entry.complete {
+                self.changes.unchanged_since(epoch)
+            } else {
+                self.changes.nothing_removed_since(epoch)
+            }
         };
-        if !still_true {
+        if !still_true() {
+            return;
+        }
+        self.memory.insert(key, Arc::clone(&entry));
+        if !still_true() {
             self.memory.remove(key);
         }
     }

@@ -41,8 +41,9 @@ impl Store {
                 return Box::pin(self.confirm(key, digest, entry, deadline)).await;
             }
             // A feed outage may have hidden the INSERT that would have cleared a negative entry.
-            let negative_in_doubt =
-                !matched && self.settings.consistency == Consistency::Notify && !self.feed_live();
+            let negative_in_doubt = !matched
+                && self.settings.consistency == Consistency::Notify
+                && !self.feed_current();
             if matched || (entry.complete && !negative_in_doubt) {
                 let result = if entry.is_negative() {
                     LookupResult::NegativeHit
@@ -130,7 +131,8 @@ impl Store {
     }
 
     /// Loads `key` below the in-process tier, sharing one load among concurrent callers (under
-    /// the deadline of the caller that starts it; see `flight`).
+    /// the deadline of the caller that starts it, and never with a caller that comes after a
+    /// removal the load may predate; see `flight`).
     async fn load_shared(
         &self,
         key: &str,
@@ -141,7 +143,8 @@ impl Store {
             .run(
                 key,
                 deadline,
-                || self.load(key, digest, deadline),
+                &self.changes,
+                |epoch| self.load(key, digest, deadline, epoch),
                 || {
                     self.metrics.coalesced_misses.inc();
                 },
@@ -149,14 +152,14 @@ impl Store {
             .await
     }
 
-    /// Redis, then Postgres.
+    /// Redis, then Postgres; `epoch` was read before either.
     async fn load(
         &self,
         key: &str,
         digest: &TokenDigest,
         deadline: Deadline,
+        epoch: Epoch,
     ) -> Result<Arc<Entry>, StoreError> {
-        let epoch = self.changes.current();
         if let Some(redis) = &self.redis {
             match redis.get(key).instrument(tier_span("redis")).await {
                 Ok(Some(hit)) if hit.row.digest.matches(digest) => {
@@ -239,8 +242,10 @@ impl Store {
         };
         let entry = self.entry(rows, true);
         self.remember(key, entry.clone(), epoch);
+        // Not shared when a removal is already known to have overlapped the read.
         if let (Some(row), Some(redis)) = (usable, &self.redis)
             && redis.is_connected()
+            && self.changes.nothing_removed_since(epoch)
             && redis.put(&row, now).await.is_ok()
             && !self.changes.nothing_removed_since(epoch)
         {

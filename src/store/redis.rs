@@ -699,12 +699,49 @@ impl RedisTier {
             let user_key = self.user_key(user_id);
             let members = client.smembers::<Vec<String>, _>(user_key.as_str()).await;
             let members = self.record("smembers", members)?;
-            for token_key in &members {
-                let r = client.del::<(), _>(self.token_key(token_key)).await;
-                self.record("del", r)?;
+            // One DEL per key, sent together: keys of one user can live in different slots of a
+            // cluster, where one DEL naming them all would be refused.
+            let deleted = join_all(
+                members
+                    .iter()
+                    .map(|token_key| client.del::<(), _>(self.token_key(token_key))),
+            )
+            .await;
+            let mut first_error = Ok(());
+            for r in deleted {
+                let r = self.record("del", r);
+                first_error = first_error.and(r);
             }
+            first_error?;
             let r = client.del::<(), _>(user_key).await;
             self.record("del", r)
+        })
+    }
+
+    /// Removes the entries of these users' tokens ([`delete_user`](Self::delete_user)), up to
+    /// [`DELETES_IN_FLIGHT`] users at a time. Returns the users whose entries may remain: those
+    /// that failed, and every one after a batch in which none succeeded (Redis is down: the
+    /// rest would only wait for their timeouts).
+    pub fn delete_users<'a>(&'a self, users: &'a [String]) -> Boxed<'a, Vec<String>> {
+        Box::pin(async move {
+            let mut failed = Vec::new();
+            let mut batches = users.chunks(DELETES_IN_FLIGHT);
+            for batch in batches.by_ref() {
+                let results = join_all(batch.iter().map(|user_id| self.delete_user(user_id))).await;
+                let before = failed.len();
+                for (user_id, r) in batch.iter().zip(results) {
+                    if r.is_err() {
+                        failed.push(user_id.clone());
+                    }
+                }
+                if failed.len() - before == batch.len() {
+                    break;
+                }
+            }
+            for batch in batches {
+                failed.extend_from_slice(batch);
+            }
+            failed
         })
     }
 

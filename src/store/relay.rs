@@ -448,24 +448,36 @@ async fn read_once(
         reader.caught_up_at = None;
         return Ok(());
     }
+    // The batch's changes are applied together (a run of removals walks the in-process tier
+    // once: `Store::apply_all`), and only then does a heartbeat in it count.
+    let mut changes = Vec::new();
+    let mut heartbeat = false;
+    let mut reload_key_filter = false;
+    let mut last_id = None;
     for (id, fields) in entries {
         match fields.get(FIELD).and_then(|p| parse_entry(p)) {
-            Some(StreamEntry::Change(change)) => {
-                store.apply_relayed(&change).await;
-                metrics.feed_event_applied(change::kind_label(&change));
-            }
-            Some(StreamEntry::Heartbeat) => {
-                if caught_up {
-                    reader.heartbeat_at = Some(Instant::now());
-                }
-            }
+            Some(StreamEntry::Change(change)) => changes.push(change),
+            Some(StreamEntry::Heartbeat) => heartbeat = true,
             Some(StreamEntry::Listening) => {
                 tracing::info!(%id, "change feed: a relay of an earlier version says INSERTs may be missing from the stream; reloading the token key filter");
-                store.reload_key_filter();
+                reload_key_filter = true;
             }
             None => tracing::warn!(%id, "unreadable change-feed stream entry ignored"),
         }
-        reader.last_id = Some(id);
+        last_id = Some(id);
+    }
+    store.apply_all_relayed(&changes).await;
+    for change in &changes {
+        metrics.feed_event_applied(change::kind_label(change));
+    }
+    if reload_key_filter {
+        store.reload_key_filter();
+    }
+    if heartbeat && caught_up {
+        reader.heartbeat_at = Some(Instant::now());
+    }
+    if last_id.is_some() {
+        reader.last_id = last_id;
     }
     reader.caught_up_at = caught_up.then(Instant::now);
     Ok(())
@@ -558,15 +570,17 @@ async fn recall_recent(
             .await
             .map_err(|e| redis_error("recall", e))?;
         let full = entries.len() as u64 == READ_BATCH;
+        let mut changes = Vec::new();
         for (id, fields) in entries {
             if let Some(StreamEntry::Change(change)) =
                 fields.get(FIELD).and_then(|p| parse_entry(p))
             {
-                store.apply_relayed(&change).await;
-                recalled += 1;
+                changes.push(change);
             }
             from = format!("({id}");
         }
+        store.apply_all_relayed(&changes).await;
+        recalled += changes.len();
         if !full {
             break;
         }

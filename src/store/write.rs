@@ -56,31 +56,76 @@ impl Store {
         self.apply_in(change, self.redis.as_ref()).await
     }
 
-    /// Applies changes heard together, in order, to every tier. A run of token removals (a bulk
-    /// `DELETE`, or a replay of one) is evicted from Redis as one batch
-    /// ([`RedisTier::delete`]) rather than a round trip per token, so the changes behind it are
-    /// not held up for as long.
+    /// Applies changes heard together, in order, to every tier. A run of removals (a bulk
+    /// `DELETE`, a group renamed: one change per member, or a replay of either) is applied as
+    /// one ([`Store::forget_all_in`]) rather than one by one, so the changes behind it are not
+    /// held up for as long.
     pub async fn apply_all(&self, changes: &[Change]) {
+        self.apply_all_in(changes, self.redis.as_ref()).await
+    }
+
+    /// [`Store::apply_all`] for changes read from the relays' stream: this process's tier only
+    /// (see [`Store::apply_relayed`]).
+    pub async fn apply_all_relayed(&self, changes: &[Change]) {
+        self.apply_all_in(changes, None).await
+    }
+
+    async fn apply_all_in(&self, changes: &[Change], redis: Option<&RedisTier>) {
         let mut rest = changes;
         while let Some(first) = rest.first() {
-            let removed: Vec<Removed> = rest
+            let run = rest
                 .iter()
-                .map_while(|change| match change {
-                    Change::Token { token_key, user_id } => {
-                        Some((token_key.clone(), user_id.clone()))
-                    }
-                    _ => None,
-                })
-                .collect();
-            if removed.is_empty() {
-                self.apply(first).await;
+                .take_while(|change| matches!(change, Change::Token { .. } | Change::User { .. }))
+                .count();
+            if run == 0 {
+                self.apply_in(first, redis).await;
                 rest = &rest[1..];
             } else {
+                let (removals, after) = rest.split_at(run);
                 self.changes
-                    .removing(self.forget_in(&removed, self.redis.as_ref()))
+                    .removing(self.forget_all_in(removals, redis))
                     .await;
-                rest = &rest[removed.len()..];
+                rest = after;
             }
+        }
+    }
+
+    /// Evicts a run of token and user removals from this process's tier, then from `redis` when
+    /// given. Evictions commute, so the order within the run does not matter. The in-process
+    /// tier is walked once for all the users named (a user's tokens are found only by walking
+    /// it), and every eviction there is done before the first Redis round trip.
+    async fn forget_all_in(&self, removals: &[Change], redis: Option<&RedisTier>) {
+        let mut tokens: Vec<Removed> = Vec::new();
+        let mut users: Vec<String> = Vec::new();
+        for change in removals {
+            match change {
+                Change::Token { token_key, user_id } => {
+                    tokens.push((token_key.clone(), user_id.clone()))
+                }
+                Change::User { user_id } => users.push(user_id.clone()),
+                // Not removals of tokens or users: apply_all_in keeps them out of a run.
+                Change::Inserted { .. } | Change::Everything | Change::Truncated => {}
+            }
+        }
+        for (key, _) in &tokens {
+            self.tombstones.token(key);
+            self.memory.remove(key);
+        }
+        for user_id in &users {
+            self.tombstones.user(user_id);
+        }
+        self.memory
+            .remove_users(&users.iter().map(String::as_str).collect());
+        let Some(redis) = redis else { return };
+        if !tokens.is_empty() {
+            let failed = redis.delete(&tokens).await;
+            self.redis_outbox
+                .push_all(failed.into_iter().map(RedisEviction::Token));
+        }
+        if !users.is_empty() {
+            let failed = redis.delete_users(&users).await;
+            self.redis_outbox
+                .push_all(failed.into_iter().map(RedisEviction::User));
         }
     }
 
