@@ -2,12 +2,21 @@
 
 Public keys come from a JWKS document: a file, or knoxgate's admin endpoint
 ``/.well-known/jwks.json``. They are cached for ``JWKS_CACHE_SECONDS``; an assertion signed
-with a key id the cache does not hold triggers one refetch, at most once per
-``JWKS_REFETCH_INTERVAL`` seconds, so that rotation works without letting forged key ids
-hammer the key source. A fetch that fails is retried after ``JWKS_RETRY_INTERVAL``; while it
-fails, the keys already held keep working, and an assertion whose key the source might hold
+with a key id the cache does not hold triggers a refetch, so that rotation works at once.
+
+A key id not held is judged by one rule: knoxgate publishes a key before it signs with it, so
+a read of the source that began after the assertion arrived holds the key of any genuine
+assertion. A kid that such a read (the reload or the refetch this request made, or another
+thread's read begun after the request asked) does not hold is refused. Otherwise the source is
+reread for it, but unknown kids reread it at most once per ``JWKS_REFETCH_INTERVAL`` seconds,
+so forged key ids cannot hammer it; while that limit holds, the kid cannot be judged and
 raises ``KeysUnavailable`` (the application answers 503: it cannot know, which is not the
-same as "not authenticated").
+same as "not authenticated"). Forged kids then get 503 instead of 401, which costs only their
+sender; a rotated-in key is never refused, at worst answered 503 until the next refetch. The
+periodic reload has its own timing and does not use up the refetch.
+
+A fetch that fails is retried after ``JWKS_RETRY_INTERVAL``; while it fails, the keys already
+held keep working, and an assertion whose key is not held raises ``KeysUnavailable``.
 """
 
 from __future__ import annotations
@@ -111,8 +120,12 @@ class KeySet:
         #: kid -> the key's JWK as canonical JSON: a refetch that brings the same key keeps the
         #: same PyJWK object, so a cached verdict can tell "same key" by identity.
         self._jwk_texts: dict[str, str] = {}
+        #: When the source was last read successfully, and last read at all.
         self._loaded_at: float | None = None
         self._attempted_at: float | None = None
+        #: When the source was last read for an unknown kid: the rate limit of those reads, apart
+        #: from the periodic reload's, so that a reload does not delay a rotated-in key.
+        self._refetched_at: float | None = None
         #: Whether the last read of the source failed.
         self._failing = False
         self._lock = threading.Lock()
@@ -162,22 +175,40 @@ class KeySet:
         self._loaded_at = self._attempted_at
         self._failing = False
 
-    def _may_fetch(self, now: float) -> bool:
+    def _may_reload(self, now: float) -> bool:
+        """Whether a stale cache may be reloaded now (a cache_seconds shorter than
+        refetch_interval does not make every request read the source)."""
         if self._attempted_at is None:
             return True
         wait = self.retry_interval if self._failing else self.refetch_interval
         return now - self._attempted_at >= wait
 
+    def _may_refetch(self, now: float) -> bool:
+        """Whether an unknown kid may have the source reread now."""
+        if self._failing:
+            # Whatever the last read was for: an outage ends as soon as the source answers.
+            return now - self._attempted_at >= self.retry_interval
+        return self._refetched_at is None or now - self._refetched_at >= self.refetch_interval
+
+    def _read_since(self, asked_at: float) -> bool:
+        """Whether the source was read successfully at or after ``asked_at``."""
+        return self._loaded_at is not None and self._loaded_at >= asked_at
+
     def get(self, kid: str) -> PyJWK | None:
-        """The key with this id, or None when the source, read successfully, does not hold it.
-        Reads the source when the cache is older than cache_seconds, or for an unknown kid;
-        never more often than once per refetch_interval (retry_interval after a failed read).
-        Raises KeysUnavailable for a kid not held while the source cannot be read."""
+        """The key with this id, or None when the source, read successfully after this call
+        began, does not hold it. Reads the source when the cache is older than cache_seconds,
+        and for an unknown kid at most once per refetch_interval (retry_interval after a failed
+        read). Raises KeysUnavailable for a kid not held that cannot be looked up now: the
+        source cannot be read, or was read for an unknown kid less than refetch_interval ago."""
+        return self._get(kid, refetch=True)
+
+    def _get(self, kid: str, *, refetch: bool) -> PyJWK | None:
+        asked_at = self.clock()
         # Every request of every thread asks for a key: a fresh key is answered without the lock
         # (a refresh replaces the dict whole, and reading an attribute is atomic), so the threads
         # of a worker do not queue behind each other.
         keys, loaded_at = self._keys, self._loaded_at
-        if loaded_at is not None and self.clock() - loaded_at < self.cache_seconds:
+        if loaded_at is not None and asked_at - loaded_at < self.cache_seconds:
             key = keys.get(kid)
             if key is not None:
                 return key
@@ -191,21 +222,38 @@ class KeySet:
         try:
             now = self.clock()
             stale = self._loaded_at is None or now - self._loaded_at >= self.cache_seconds
-            if stale and self._may_fetch(now):
+            if stale and self._may_reload(now):
                 self._refresh()
             key = self._keys.get(kid)
-            if key is None and self._may_fetch(now):
+            if key is not None or not refetch:
+                return key
+            # A read made since this request asked (the reload just above included) already
+            # answers for this kid; reading again would only cost the source a request.
+            if not self._read_since(asked_at) and self._may_refetch(now):
+                self._refetched_at = now
                 self._refresh()
                 key = self._keys.get(kid)
-            if key is None and self._failing:
+                if key is not None:
+                    return key
+            if self._read_since(asked_at):
+                # Read after the assertion arrived, so after its key, if genuine, was published.
+                return None
+            if self._failing:
                 raise KeysUnavailable(f"key {kid!r} not held and the JWKS source cannot be read")
-            return key
+            # Not held when the source was last read, but that was before this assertion arrived:
+            # it may be signed with a key rotated in since. Known at the next refetch.
+            raise KeysUnavailable(
+                f"key {kid!r} not held, and the JWKS source was read for an unknown key id less "
+                f"than {self.refetch_interval} s ago"
+            )
         finally:
             self._lock.release()
 
     def same_key(self, kid: str, key: PyJWK) -> bool:
-        """Whether ``kid`` still names ``key`` (for a verdict reached with it)."""
-        return self.get(kid) is key
+        """Whether ``kid`` still names ``key`` (for a verdict reached with it). A kid no longer
+        held ends the verdict without a refetch or KeysUnavailable: verifying the assertion
+        again finds out whether the kid is gone or cannot be judged yet."""
+        return self._get(kid, refetch=False) is key
 
 
 _keysets: dict[tuple, KeySet] = {}

@@ -123,6 +123,9 @@ CASES = list(_bad_tokens(new_key("EdDSA"), new_key("ES256"), 1))
 
 @pytest.mark.parametrize("case", CASES)
 def test_bad_assertions_are_refused(client, assertion_settings, alice, ed_key, es_key, case):
+    # Every unknown kid rereads the source, so "unknown kid" is judged (refused) each time
+    # rather than answered 503 within the refetch interval (tested on its own below).
+    assertion_settings.KNOXGATE = {**assertion_settings.KNOXGATE, "JWKS_REFETCH_INTERVAL": 0}
     token = _bad_tokens(ed_key, es_key, alice.pk)[case]
     assert get(client, **{"X-Auth-Assertion": token}) == REFUSED
     assert get(client, **{"X-Auth-User-Id": str(alice.pk), "X-Auth-Assertion": token}) == REFUSED
@@ -243,17 +246,23 @@ def test_rotation_through_the_file_and_rate_limited_refetch(client, settings, tm
 
     new = new_key("ES256")
     write_jwks(path, ed_key, new)
-    # Within the refetch interval an unknown kid does not reread the source.
-    assert get(client, **{"X-Auth-Assertion": new.sign(str(alice.pk))}) == REFUSED
-    assert keyset.fetches == 1
-    time.sleep(1.1)
-    # After it: one reread, and the new key works.
+    # The first assertion with the new kid rereads the source at once (the load before does not
+    # count against the refetch), and the new key works.
     assert get(client, **{"X-Auth-Assertion": new.sign(str(alice.pk))}) == ok(alice.pk)
     assert keyset.fetches == 2
-    # A stream of forged kids costs no further reads.
+    # Within the refetch interval an unknown kid does not reread the source, so it cannot be
+    # judged: 503, not 401 (it might be a key rotated in since). Forged kids cost no reads.
     for _ in range(20):
-        assert get(client, **{"X-Auth-Assertion": new_key("EdDSA").sign(str(alice.pk))}) == REFUSED
+        assert get(client, **{"X-Auth-Assertion": new_key("EdDSA").sign(str(alice.pk))}) == UNAVAILABLE
     assert keyset.fetches == 2
+    assert get(client, **{"X-Auth-Assertion": new.sign(str(alice.pk))}) == ok(alice.pk)
+    time.sleep(1.1)
+    # After it: one reread, which does not hold the forged kid: refused.
+    assert get(client, **{"X-Auth-Assertion": new_key("EdDSA").sign(str(alice.pk))}) == REFUSED
+    assert keyset.fetches == 3
+    for _ in range(20):
+        assert get(client, **{"X-Auth-Assertion": new_key("EdDSA").sign(str(alice.pk))}) == UNAVAILABLE
+    assert keyset.fetches == 3
 
 
 def test_cache_expiry_drops_retired_keys(client, settings, tmp_path, alice, ed_key):
@@ -269,6 +278,89 @@ def test_cache_expiry_drops_retired_keys(client, settings, tmp_path, alice, ed_k
     write_jwks(path, new_key("EdDSA"))
     time.sleep(0.6)
     assert get(client, **{"X-Auth-Assertion": ed_key.sign(str(alice.pk))}) == REFUSED
+
+
+def test_a_periodic_reload_does_not_use_up_the_refetch_for_a_new_kid(tmp_path, ed_key):
+    """Rotation right after the cache reloaded: the first assertion signed with the new key
+    rereads the source at once, rather than being refused until JWKS_REFETCH_INTERVAL has
+    passed since the reload."""
+    now = [0.0]
+    path = write_jwks(tmp_path / "jwks.json", ed_key)
+    keyset = assertion.KeySet(file=str(path), cache_seconds=300, refetch_interval=30, clock=lambda: now[0])
+    assert keyset.get(ed_key.kid) is not None
+    now[0] = 310.0  # the cache is stale: reloaded
+    assert keyset.get(ed_key.kid) is not None
+    assert keyset.fetches == 2
+    rotated = new_key("ES256")
+    write_jwks(path, ed_key, rotated)
+    now[0] = 321.0  # 11 s after the reload: knoxgate signs with the new key
+    assert keyset.get(rotated.kid) is not None
+    assert keyset.fetches == 3
+
+
+def test_an_unknown_kid_within_the_refetch_interval_is_unavailable_not_refused(tmp_path, ed_key):
+    """At most one refetch per JWKS_REFETCH_INTERVAL for unknown kids. A kid that the source,
+    read after the assertion arrived, does not hold is refused; a kid that cannot be looked up
+    yet is KeysUnavailable (503): it may be a key rotated in since the last read."""
+    now = [0.0]
+    path = write_jwks(tmp_path / "jwks.json", ed_key)
+    keyset = assertion.KeySet(file=str(path), cache_seconds=300, refetch_interval=30, clock=lambda: now[0])
+    assert keyset.get(ed_key.kid) is not None
+    assert keyset.fetches == 1
+
+    now[0] = 1.0
+    assert keyset.get("forged-1") is None, "the source, read for this kid, does not hold it"
+    assert keyset.fetches == 2
+    rotated = new_key("ES256")
+    write_jwks(path, ed_key, rotated)
+    now[0] = 2.0
+    # Within the interval: no reread, and no verdict either way.
+    for kid in ("forged-2", "forged-1", rotated.kid):
+        with pytest.raises(assertion.KeysUnavailable):
+            keyset.get(kid)
+    # A stream of forged kids costs no further reads, and the keys held go on working.
+    for i in range(50):
+        now[0] = 2.0 + i / 10
+        with pytest.raises(assertion.KeysUnavailable):
+            keyset.get(new_key("EdDSA").kid)
+    assert keyset.get(ed_key.kid) is not None
+    assert keyset.fetches == 2
+    # Once the interval has passed, the next unknown kid rereads, and the rotated key works.
+    now[0] = 31.0
+    assert keyset.get(rotated.kid) is not None
+    assert keyset.fetches == 3
+
+
+def test_a_kid_missing_from_a_reload_made_for_it_is_refused_without_a_second_read(tmp_path, ed_key):
+    """The periodic reload a request triggers has read the source after the assertion arrived:
+    a kid it does not hold is refused, with no refetch; and the refetch stays available."""
+    now = [0.0]
+    path = write_jwks(tmp_path / "jwks.json", ed_key)
+    keyset = assertion.KeySet(file=str(path), cache_seconds=300, refetch_interval=30, clock=lambda: now[0])
+    assert keyset.get(ed_key.kid) is not None
+    now[0] = 310.0
+    assert keyset.get("forged-1") is None
+    assert keyset.fetches == 2
+    now[0] = 311.0
+    assert keyset.get("forged-2") is None
+    assert keyset.fetches == 3
+
+
+def test_a_key_dropped_by_a_reload_ends_its_verdicts_without_a_refetch(tmp_path, ed_key):
+    """same_key() for a kid no longer held answers False without rereading the source: the
+    refetch is left to verifying the assertion again."""
+    now = [0.0]
+    path = write_jwks(tmp_path / "jwks.json", ed_key)
+    keyset = assertion.KeySet(file=str(path), cache_seconds=300, refetch_interval=30, clock=lambda: now[0])
+    key = keyset.get(ed_key.kid)
+    write_jwks(path, new_key("EdDSA"))
+    now[0] = 310.0
+    assert keyset.get("another") is None  # this request's reload drops ed_key
+    now[0] = 311.0
+    assert keyset.same_key(ed_key.kid, key) is False
+    assert keyset.fetches == 2
+    assert keyset.get(ed_key.kid) is None  # the refetch, made for this assertion
+    assert keyset.fetches == 3
 
 
 # --- JWKS from a URL, served by a real HTTP server ---
