@@ -310,7 +310,7 @@ pub async fn start(mut config: Config) -> Result<Running, StartError> {
                 let (mut service, app) = (service.clone(), Arc::clone(&grpc_app));
                 async move {
                     match service.call(req).await {
-                        Ok(response) => grpc::answer_oversized_as_denial(&app, response).await,
+                        Ok(response) => grpc::answer_refusals_as_denials(&app, response).await,
                         Err(never) => match never {},
                     }
                 }

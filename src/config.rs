@@ -39,7 +39,7 @@ pub use server::{ServerConfig, ServerFile};
 pub use sessions::{SessionsConfig, SessionsFile};
 pub use tracing::{TracingConfig, TracingFile};
 pub use value::parse_duration;
-pub use verify::{VerifyConfig, VerifyFile};
+pub use verify::{SUGGESTED_IDENTITY_HEADERS, VerifyConfig, VerifyFile};
 
 /// A configuration problem, naming the key at fault.
 #[derive(Debug, thiserror::Error)]

@@ -249,6 +249,8 @@ async fn allow_sets_identity_and_removes_every_client_copy() {
         "x-auth-user-groups",
         // Assertions are off here, and a client's copy is removed all the same.
         "x-auth-assertion",
+        // Not sent here (no email_header), but the suggested name: an application may read it.
+        "x-auth-email",
     ];
     // The client sends its own copies of every identity header.
     let auth = format!("Token {}", team.token);
@@ -269,7 +271,9 @@ async fn allow_sets_identity_and_removes_every_client_copy() {
     for h in &o.headers {
         assert_eq!(h.append_action, 2, "OVERWRITE_IF_EXISTS_OR_ADD: {h:?}");
     }
-    assert_eq!(o.headers_to_remove, ["x-auth-assertion"], "{o:?}");
+    let mut removed = o.headers_to_remove.clone();
+    removed.sort();
+    assert_eq!(removed, ["x-auth-assertion", "x-auth-email"], "{o:?}");
     // Anonymous: nothing set, every identity header removed.
     let r = check(
         &mut c,
@@ -303,13 +307,29 @@ async fn only_configured_identity_headers_are_set_the_rest_removed() {
     let o = ok(&r);
     assert_eq!(o.headers.len(), 2, "{o:?}");
     assert_eq!(set_header(o, "x-staff"), Some("false"));
-    assert_eq!(o.headers_to_remove, ["x-auth-assertion"]);
+    // The assertion's header and the suggested names of the optional headers, which an
+    // application may read although knoxgate does not send them.
+    let suggested = [
+        "x-auth-email",
+        "x-auth-user-groups",
+        "x-auth-user-staff",
+        "x-auth-user-superuser",
+        "x-auth-username",
+    ];
+    let mut removed = o.headers_to_remove.clone();
+    removed.sort();
+    let mut want = vec!["x-auth-assertion"];
+    want.extend(suggested);
+    assert_eq!(removed, want);
     let r = check(&mut c, with_token(None, &[("anonymous", "allow")]))
         .await
         .unwrap();
     let mut removed = ok(&r).headers_to_remove.clone();
     removed.sort();
-    assert_eq!(removed, ["x-auth-assertion", "x-auth-user-id", "x-staff"]);
+    let mut want = vec!["x-auth-assertion", "x-auth-user-id", "x-staff"];
+    want.extend(suggested);
+    want.sort();
+    assert_eq!(removed, want);
     s.stop().await;
 }
 
@@ -561,26 +581,33 @@ async fn hostile_check_requests_are_answered_without_a_panic() {
     let r = check(&mut c, request(&[("authorization", "Token a\r\nb")], &[])).await;
     assert_eq!(status_of(&r), 400);
 
-    // Invalid UTF-8 inside a protobuf string field (not valid protobuf for `string`): the
-    // message is refused by the decoder, never half-read.
-    let mut bytes = request(&[("authorization", "Token XXXX")], &[]).encode_to_vec();
+    // Invalid UTF-8 inside a protobuf string field (not valid protobuf for `string`; Envoy
+    // copies a client's Latin-1 header value or query byte raw): the message is refused by the
+    // decoder, never half-read, and answered with a 400 denial, not an RPC error, which Envoy
+    // would let through under failure_mode_allow, the client's own identity headers with it.
+    let mut bytes =
+        request(&[("authorization", &auth), ("x-auth-user-id", "XXXX")], &[]).encode_to_vec();
     let at = bytes
         .windows(4)
         .position(|w| w == b"XXXX")
         .expect("placeholder");
     bytes[at..at + 4].copy_from_slice(b"\xff\xfe\xfd\xfc");
-    let e = check_raw(&s, bytes).await.unwrap_err();
-    assert_ne!(e.code(), Code::Ok);
-    // Garbage and truncated messages.
-    for body in [
-        vec![0xff; 64],
-        request(&[("authorization", &auth)], &[]).encode_to_vec()[..20].to_vec(),
-        Vec::new(),
+    let r = check_raw(&s, bytes).await;
+    assert!(r.is_ok(), "an RPC error, not a denial: {r:?}");
+    assert_eq!(status_of(&r), 400);
+    // Garbage and truncated messages: denied, never an RPC error; an empty one is a check
+    // without credentials.
+    for (body, status) in [
+        (vec![0xff; 64], 400),
+        (
+            request(&[("authorization", &auth)], &[]).encode_to_vec()[..20].to_vec(),
+            400,
+        ),
+        (Vec::new(), 401),
     ] {
-        match check_raw(&s, body).await {
-            Ok(r) => assert_eq!(status_of(&Ok(r)), 401),
-            Err(e) => assert_ne!(e.code(), Code::Ok),
-        }
+        let r = check_raw(&s, body).await;
+        assert!(r.is_ok(), "an RPC error, not a denial: {r:?}");
+        assert_eq!(status_of(&r), status);
     }
     // Still serving, over the same connection too.
     let r = check(&mut c, with_token(Some(&t.token), &[])).await;

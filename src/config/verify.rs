@@ -12,6 +12,17 @@ use super::{
 
 const DEFAULT_PATH: &str = "/verify";
 const DEFAULT_USER_ID_HEADER: &str = "X-Auth-User-Id";
+/// The names the documentation suggests for the optional identity headers (and the shipped
+/// proxy configurations clear on every request, sent or not): an application may read them
+/// while knoxgate is not configured to send them, so a client's copy must not reach it.
+/// (Lowercase, as `HeaderName::from_static` wants them.)
+pub const SUGGESTED_IDENTITY_HEADERS: [&str; 5] = [
+    "x-auth-username",
+    "x-auth-email",
+    "x-auth-user-staff",
+    "x-auth-user-superuser",
+    "x-auth-user-groups",
+];
 // Above the longest token of the [knox] settings knoxgate accepts (a 10-character prefix,
 // which knox's token_key column holds, and 128 hex characters), so a longer one is refused
 // before it costs a hash; a site whose knox issues longer tokens raises it (checked at load

@@ -26,6 +26,7 @@ use tracing::Instrument as _;
 
 use crate::{
     auth::Policy,
+    config::SUGGESTED_IDENTITY_HEADERS,
     deadline::Deadline,
     error::Error,
     http::{respond as http_respond, verify},
@@ -38,16 +39,26 @@ use crate::{
 #[derive(Clone)]
 pub struct Check {
     app: Arc<App>,
-    /// Every identity header knoxgate sets, and the assertion's even with assertions off, so
-    /// that an allowed check removes client copies.
+    /// Every identity header knoxgate sets, the assertion's even with assertions off, and the
+    /// suggested names of those it does not send, so that an allowed check removes client
+    /// copies: over gRPC no proxy configuration clears them, as the HTTP ones do.
     owned: Arc<[HeaderName]>,
 }
 
 impl Check {
     pub fn new(app: Arc<App>) -> Check {
         let assertion = Some(&app.config.assertion.header);
-        let owned = http_respond::identity_header_names(&app.config.verify, assertion).into();
-        Check { app, owned }
+        let mut owned = http_respond::identity_header_names(&app.config.verify, assertion);
+        for name in SUGGESTED_IDENTITY_HEADERS {
+            let name = HeaderName::from_static(name);
+            if !owned.contains(&name) {
+                owned.push(name);
+            }
+        }
+        Check {
+            app,
+            owned: owned.into(),
+        }
     }
 }
 
@@ -77,30 +88,43 @@ impl Authorization for Check {
     }
 }
 
-/// tonic's answer to a check request over `server.grpc_max_message_bytes`, refused before it
-/// is decoded: an RPC error, OUT_OF_RANGE, in a response without a body.
-fn is_oversized_refusal(response: &hyper::Response<tonic::body::Body>) -> bool {
-    response
-        .headers()
-        .get("grpc-status")
-        .is_some_and(|code| code.as_bytes() == (Code::OutOfRange as i32).to_string().as_bytes())
+/// The check request tonic refused before [`Check::check`] could see it, from the status of its
+/// answer (a response without a body, the status in its headers): one over
+/// `server.grpc_max_message_bytes` (OUT_OF_RANGE), or one that does not decode (INTERNAL: not
+/// protobuf, truncated, or invalid UTF-8 in a `string` field, which a client's Latin-1 header
+/// or query byte copied raw by Envoy makes). [`Check::check`] itself never fails, so these are
+/// the only refusals on its path; other codes (UNIMPLEMENTED for another method) pass.
+fn refused_check(response: &hyper::Response<tonic::body::Body>) -> Option<Error> {
+    let code = response.headers().get("grpc-status")?;
+    match Code::from_bytes(code.as_bytes()) {
+        Code::OutOfRange => Some(Error::PayloadTooLarge),
+        Code::Internal => Some(Error::BadRequest("Malformed check request.")),
+        _ => None,
+    }
 }
 
-/// The gRPC listener's answer: tonic's, except that a check too large to decode gets a 413
-/// denial instead of an RPC error, which Envoy would answer as `failure_mode_allow` says (let
-/// through under `true`). Every other answer is already a `CheckResponse` ([`Check::check`]).
-pub async fn answer_oversized_as_denial(
+/// The gRPC listener's answer: tonic's, except that a check it refused before decoding it
+/// gets a denial (413 too large, 400 malformed) instead of an RPC error, which Envoy would
+/// answer as `failure_mode_allow` says: let through under `true`, with whatever identity
+/// headers the client sent, since only an allowed check's answer removes them. Every other
+/// answer is already a `CheckResponse` ([`Check::check`]).
+pub async fn answer_refusals_as_denials(
     app: &App,
     response: hyper::Response<tonic::body::Body>,
 ) -> hyper::Response<tonic::body::Body> {
-    if !is_oversized_refusal(&response) {
+    let Some(e) = refused_check(&response) else {
         return response;
+    };
+    match &e {
+        Error::PayloadTooLarge => tracing::debug!(
+            limit = app.config.server.grpc_max_message_bytes,
+            "check request over server.grpc_max_message_bytes"
+        ),
+        _ => tracing::debug!(
+            grpc_message = ?response.headers().get("grpc-message"),
+            "check request that does not decode"
+        ),
     }
-    let e = Error::PayloadTooLarge;
-    tracing::debug!(
-        limit = app.config.server.grpc_max_message_bytes,
-        "check request over server.grpc_max_message_bytes"
-    );
     let denial = http_respond::error(&e);
     app.metrics.request(Route::GrpcCheck, denial.status());
     respond::unary_response(&respond::check_response(denial, &[]).await)
