@@ -161,3 +161,31 @@ async fn an_entry_copied_from_redis_lives_no_longer_than_its_redis_key() {
     writer.stop().await;
     reader.stop().await;
 }
+
+#[tokio::test]
+async fn an_entry_that_lives_longer_than_knoxgate_writes_them_is_confirmed() {
+    let db = TestDb::migrated().await;
+    let s = redis_only(&db, None).await;
+    let t = user_with_token(&db, "longlived").await;
+    written_by_knoxgate(&s, &t.token).await;
+    let key = format!("{}:token:{}", s.prefix, token_key_of(&t.token));
+    // As written: at most redis.max_cache_ttl (300 s) left, answered from Redis with no SQL.
+    let pttl: i64 = redis_cli(6379, &["PTTL", &key]).parse().unwrap();
+    assert!(pttl > 0 && pttl <= 300_000, "{pttl} ms left");
+    let sql = s.metric("knoxgate_sql_statements_total").await;
+    assert_eq!(s.verify(&t.token).await.status, 200);
+    assert_eq!(s.metric("knoxgate_sql_statements_total").await, sql);
+    // Ten times that (a writer whose clock runs ahead), or no expiry at all: either could
+    // outlive the tombstone of a revocation whose DEL it missed, so Postgres is asked.
+    for outlives in [vec!["EXPIRE", &key, "3000"], vec!["PERSIST", &key]] {
+        redis_cli(6379, &outlives);
+        let sql = s.metric("knoxgate_sql_statements_total").await;
+        assert_eq!(s.verify(&t.token).await.status, 200);
+        assert_eq!(
+            s.metric("knoxgate_sql_statements_total").await,
+            sql + 1.0,
+            "{outlives:?}: answered from Redis without asking Postgres"
+        );
+    }
+    s.stop().await;
+}

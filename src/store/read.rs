@@ -171,14 +171,22 @@ impl Store {
                     // An answer taken from the entry itself lives no longer in process than the
                     // entry has left in Redis, so the bound stays max_cache_ttl from the write,
                     // not twice that. One confirmed with Postgres is as fresh as a load.
+                    // knoxgate writes every entry for at most max_cache_ttl. One that has longer
+                    // left, or no expiry at all, was not (or was, by a host whose clock ran
+                    // ahead): it could outlive the tombstone of a revocation it missed.
+                    let lives_as_written = hit
+                        .remaining
+                        .is_some_and(|left| left <= self.settings.max_cache_ttl);
                     let (row, cap) = match cached.into_row() {
                         // Written by knoxgate: carries the user's status.
-                        Some(row) if !revoked_lately && !self.must_confirm() => {
+                        Some(row)
+                            if !revoked_lately && !self.must_confirm() && lives_as_written =>
+                        {
                             (Some(row), hit.remaining)
                         }
-                        // Written by django-rest-knox-redis (no user status, or a MAC that does
-                        // not hold), or a mode that wants confirmation: one primary-key query
-                        // settles it.
+                        // A revocation known, a mode that wants confirmation, or an entry that
+                        // lives longer than knoxgate writes them: one primary-key query settles
+                        // it.
                         Some(row) => match self
                             .confirm_row(
                                 digest,

@@ -611,6 +611,10 @@ impl RedisTier {
             if until - now < time::Duration::SECOND || exat <= now.unix_timestamp() {
                 return Ok(());
             }
+            // A lifetime relative to Redis's own clock, not an instant of this host's: a host
+            // whose clock runs ahead would otherwise write entries that outlive max_cache_ttl,
+            // and the tombstones of revocations that went unheard in Redis with them.
+            let lifetime_ms = (until - now).whole_milliseconds() as i64;
             let client = self.pool.with_options(&self.write_options);
             let set = client.set::<(), _, _>(
                 self.token_key(&row.token_key),
@@ -622,7 +626,7 @@ impl RedisTier {
                         until: exat,
                     }),
                 ),
-                Some(Expiration::EXAT(exat)),
+                Some(Expiration::PX(lifetime_ms)),
                 None,
                 false,
             );
