@@ -1060,3 +1060,39 @@ async fn a_relay_whose_first_echo_comes_back_late_goes_live_once_it_hears() {
     );
     relayed.kill().await;
 }
+
+/// An instance stops trusting its caches `cache.feed_relay_timeout` after the last heartbeat,
+/// also while its read of the stream is still waiting: on a Redis that stopped answering, that
+/// read ends only after `redis.command_timeout` (here 5 s), and the feed was taken as live
+/// until then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stream_that_stops_answering_is_distrusted_within_the_relay_timeout() {
+    let db = TestDb::migrated().await;
+    let redis = PrivateRedis::start().await;
+    let prefix = unique("kgstall");
+    let relayed = relay(&db, &redis, &prefix);
+    assert_ready(&relayed, Duration::from_secs(10)).await;
+    let extra = format!(
+        "[redis]\nurl = \"{}\"\ncommand_timeout = \"5s\"\n{FEED}",
+        redis.url()
+    );
+    let s = TestServer::start_with_prefix(&db, &prefix, &extra).await;
+    assert!(ready_within(s.admin(), Duration::from_secs(10)).await);
+    let token = user_with_token(&db, "stalled").await;
+    cached_on_all(&[&s], &[&token]).await;
+
+    redis.sigstop();
+    revoke(&db, &token).await;
+    // 800 ms of relay timeout, and the time to notice; far under the 5 s command timeout.
+    let refused = eventually(Duration::from_secs(2), || async {
+        s.verify(&token.token).await.status == 401
+    })
+    .await;
+    redis.sigcont();
+    assert!(
+        refused.is_some(),
+        "a cached answer was trusted for 2 s after the last heartbeat could have come"
+    );
+    relayed.kill().await;
+    s.stop().await;
+}

@@ -45,10 +45,12 @@ use std::{
     collections::HashSet,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
+
+use tokio::time::Instant;
 
 use time::OffsetDateTime;
 
@@ -185,6 +187,12 @@ pub struct Store {
     feed_deaf: AtomicBool,
     /// Changes heard are waiting to be applied (`feed::session`).
     feed_behind: AtomicBool,
+    /// When the feed stops being live unless it is heard from again (`relay::subscribe`: the
+    /// last relay heartbeat plus `cache.feed_relay_timeout`), as nanoseconds after `started`;
+    /// 0: no such limit. Checked at each use, so that the bound holds while the reader is
+    /// still waiting on the stream.
+    feed_live_until: AtomicU64,
+    started: Instant,
     refreshing: Mutex<HashSet<StoredDigest>>,
     redis_outbox: Outbox,
     tombstones: Tombstones,
@@ -236,6 +244,8 @@ impl Store {
             feed_live: AtomicBool::new(false),
             feed_deaf: AtomicBool::new(false),
             feed_behind: AtomicBool::new(false),
+            feed_live_until: AtomicU64::new(0),
+            started: Instant::now(),
             refreshing: Mutex::default(),
             redis_outbox: Outbox::new(config.redis.max_cache_ttl),
             // As long as a Redis entry could outlive the revocation, replays included.
@@ -362,7 +372,23 @@ impl Store {
     }
 
     pub fn feed_live(&self) -> bool {
-        self.feed_live.load(Ordering::SeqCst)
+        if !self.feed_live.load(Ordering::SeqCst) {
+            return false;
+        }
+        match self.feed_live_until.load(Ordering::SeqCst) {
+            0 => true,
+            until => (Instant::now() - self.started).as_nanos() < u128::from(until),
+        }
+    }
+
+    /// Sets when the feed stops being live unless heard from again; `None`: no limit. Set it
+    /// before [`set_feed_live`](Self::set_feed_live)`(true)`.
+    pub fn set_feed_live_until(&self, until: Option<Instant>) {
+        let nanos = until.map_or(0, |until| {
+            // At least 1: 0 means no limit.
+            (until.saturating_duration_since(self.started).as_nanos() as u64).max(1)
+        });
+        self.feed_live_until.store(nanos, Ordering::SeqCst);
     }
 
     /// Marks the change feed as deaf (connected, but not hearing its own notifications) or not.

@@ -377,6 +377,10 @@ pub async fn subscribe(
             }
             was_live = live;
         }
+        // Live until the heartbeat ages past the timeout, even while the next read is still
+        // blocked on the stream (up to a heartbeat interval, longer if Redis hangs).
+        let timeout = config.cache.feed_relay_timeout;
+        store.set_feed_live_until(reader.heartbeat_at.map(|at| at + timeout));
         store.set_feed_live(live);
         metrics.feed_connected.set(i64::from(live));
         if failing {
