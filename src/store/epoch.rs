@@ -31,11 +31,13 @@ pub struct ChangeWindow {
     arrivals: Counter,
 }
 
-/// One kind of change: how many have started or ended, and how many are under way.
+/// One kind of change: how many have started or ended, how many are under way, and how many
+/// have finished.
 #[derive(Debug, Default)]
 struct Counter {
     epoch: AtomicU64,
     in_flight: AtomicUsize,
+    finished: AtomicU64,
 }
 
 impl Counter {
@@ -51,6 +53,7 @@ impl Counter {
             fn drop(&mut self) {
                 // Bump again on the way out (even if cancelled), then leave the window.
                 self.0.epoch.fetch_add(1, Ordering::SeqCst);
+                self.0.finished.fetch_add(1, Ordering::SeqCst);
                 self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
             }
         }
@@ -80,6 +83,14 @@ impl ChangeWindow {
     /// load found after reading `epoch` may be cached on its own (arrivals do not matter).
     pub fn nothing_removed_since(&self, epoch: Epoch) -> bool {
         self.removals.quiet_since(epoch.removals)
+    }
+
+    /// How many removals have finished (been answered, or applied) so far. A request that comes
+    /// after one finished must not be answered with what a load read before it: the position a
+    /// shared load is joined by (`flight`). One still under way has not been answered yet, so a
+    /// request concurrent with it may be.
+    pub fn removals_finished(&self) -> u64 {
+        self.removals.finished.load(Ordering::SeqCst)
     }
 
     /// Runs a removal (a deletion, a user's change, a truncation) inside the window.

@@ -435,10 +435,11 @@ where
                             None => tracing::warn!(payload_len = payload.len(), "unreadable change-feed payload ignored"),
                         }
                     }
-                    // Notifications still waiting behind this batch are revocations heard
-                    // but not applied: until they are, cached answers are confirmed.
-                    store.set_feed_behind(!events.is_empty());
+                    // Changes heard but not applied yet (this batch, and whatever arrives or
+                    // waits behind it): until they are, cached answers are confirmed.
+                    store.set_feed_behind(!changes.is_empty() || !events.is_empty());
                     store.apply_all(&changes).await;
+                    store.set_feed_behind(!events.is_empty());
                     for change in &changes {
                         metrics.feed_event_applied(kind_label(change));
                     }

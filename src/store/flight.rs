@@ -7,10 +7,11 @@
 //! comes sooner does not join it, which could answer after that caller must: it loads alone.
 //!
 //! A load reads the change window's epoch (`epoch`) before it reads any tier. A caller that
-//! arrives after a removal began (a logout answered, a revocation applied) does not join a load
-//! that started before it: that load may have read the row the removal took away, and its
+//! arrives after a removal finished (a logout answered, a revocation applied) does not join a
+//! load that started before: that load may have read the row the removal took away, and its
 //! answer, right for the callers that came before the removal, is not for one that comes after.
-//! Such a caller starts a fresh load, which later callers join instead.
+//! Such a caller starts a fresh load, which later callers join instead. A removal still under
+//! way does not stop callers joining: it has not been answered, so they are concurrent with it.
 
 use std::{
     collections::HashMap,
@@ -25,8 +26,9 @@ use crate::deadline::Deadline;
 
 type Flight<T> = Arc<OnceCell<T>>;
 
-/// A load in flight, the deadline it runs under, and the epoch it read before it started.
-type Running<T> = (Flight<T>, Deadline, Epoch);
+/// A load in flight, the deadline it runs under, the epoch it read before it started, and how
+/// many removals had finished by then.
+type Running<T> = (Flight<T>, Deadline, Epoch, u64);
 
 /// The loads in flight, by key.
 pub struct Flights<T> {
@@ -44,7 +46,7 @@ impl<T> Default for Flights<T> {
 impl<T: Clone> Flights<T> {
     /// Runs `load` for `key` under `deadline`, or waits for the one already running and shares
     /// its result, unless that one runs under a later deadline or started before a removal in
-    /// `changes`. `load` is given the epoch to check its result against (read before it runs).
+    /// `changes` finished. `load` is given the epoch to check its result against (read before it runs).
     /// `on_join` is called when the caller joins another's load.
     pub async fn run<F>(
         &self,
@@ -59,16 +61,16 @@ impl<T: Clone> Flights<T> {
     {
         let shared = {
             let mut inflight = self.inflight.lock().expect("inflight lock");
+            let finished = changes.removals_finished();
             match inflight.get(key) {
-                Some((_, theirs, _)) if *theirs > deadline => None,
-                Some((f, _, epoch)) if changes.nothing_removed_since(*epoch) => {
-                    Some((f.clone(), *epoch, false))
-                }
-                // None, or a load that started before a removal: a fresh one, in its place.
+                Some((_, theirs, _, _)) if *theirs > deadline => None,
+                Some((f, _, epoch, then)) if *then == finished => Some((f.clone(), *epoch, false)),
+                // None, or a load that started before a removal finished: a fresh one, in its
+                // place.
                 _ => {
                     let f = Flight::default();
                     let epoch = changes.current();
-                    inflight.insert(Arc::from(key), (f.clone(), deadline, epoch));
+                    inflight.insert(Arc::from(key), (f.clone(), deadline, epoch, finished));
                     Some((f, epoch, true))
                 }
             }
@@ -105,7 +107,7 @@ impl<T> Drop for FlightGuard<'_, T> {
         let mut inflight = self.flights.inflight.lock().expect("inflight lock");
         if inflight
             .get(self.key)
-            .is_some_and(|(f, _, _)| Arc::ptr_eq(f, self.flight))
+            .is_some_and(|(f, _, _, _)| Arc::ptr_eq(f, self.flight))
         {
             // A finished load must not be reused by later requests; an abandoned one (its
             // callers all cancelled) must not block them either.
@@ -359,5 +361,68 @@ mod tests {
         assert_eq!(fresh.await.unwrap(), 2);
         assert_eq!(follower.await.unwrap(), 2, "joined the fresh load");
         assert_eq!(flights.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_removal_still_under_way_does_not_stop_callers_joining() {
+        let flights = Arc::new(Flights::<u32>::default());
+        let changes = Arc::new(ChangeWindow::default());
+        let gate = Arc::new(Notify::new());
+        let started = Arc::new(Notify::new());
+        let leader = {
+            let (flights, changes, gate, started) = (
+                Arc::clone(&flights),
+                Arc::clone(&changes),
+                Arc::clone(&gate),
+                Arc::clone(&started),
+            );
+            tokio::spawn(async move {
+                let load = |_| async move {
+                    started.notify_one();
+                    gate.notified().await;
+                    1
+                };
+                flights.run("k", later(), &changes, load, || ()).await
+            })
+        };
+        started.notified().await;
+        // A logout not answered yet: a caller now is concurrent with it, and shares the load.
+        let logout_done = Arc::new(Notify::new());
+        let logout = {
+            let (changes, logout_done) = (Arc::clone(&changes), Arc::clone(&logout_done));
+            tokio::spawn(async move { changes.removing(logout_done.notified()).await })
+        };
+        while changes.nothing_removed_since(changes.current()) {
+            tokio::task::yield_now().await;
+        }
+        let joined = Arc::new(AtomicUsize::new(0));
+        let follower = {
+            let (flights, changes, joined) = (
+                Arc::clone(&flights),
+                Arc::clone(&changes),
+                Arc::clone(&joined),
+            );
+            tokio::spawn(async move {
+                let join = || {
+                    joined.fetch_add(1, Ordering::SeqCst);
+                };
+                flights
+                    .run("k", later(), &changes, |_| async { 2 }, join)
+                    .await
+            })
+        };
+        let joining = async {
+            while joined.load(Ordering::SeqCst) == 0 {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(5), joining)
+            .await
+            .expect("a caller concurrent with the removal joins the load");
+        gate.notify_one();
+        assert_eq!(leader.await.unwrap(), 1);
+        assert_eq!(follower.await.unwrap(), 1);
+        logout_done.notify_one();
+        logout.await.unwrap();
     }
 }

@@ -449,8 +449,9 @@ impl Store {
     }
 
     /// Caches `entry` unless a change landed since `epoch` or is under way, in which case it may
-    /// be stale. Checked before inserting, so that an entry already known to be stale is never
-    /// seen, and after, so that a change that starts meanwhile is seen too. An entry that does
+    /// be stale (and then drops whatever the tier holds for the key). Checked before inserting,
+    /// so that an entry already known to be stale is never seen, and after, so that a change
+    /// that starts meanwhile is seen too. An entry that does
     /// not claim every row of its key answers only for the rows it holds, so a token inserted
     /// meanwhile cannot make it wrong: only removals count for it (epoch.rs).
     fn remember(&self, key: &str, entry: Arc<Entry>, epoch: Epoch) {
@@ -462,6 +463,8 @@ impl Store {
             }
         };
         if !still_true() {
+            // Whatever the tier holds for the key may predate the change too.
+            self.memory.remove(key);
             return;
         }
         self.memory.insert(key, Arc::clone(&entry));

@@ -635,10 +635,13 @@ impl RedisTier {
             let (set, sadd) = tokio::join!(set, sadd);
             self.record("set", set)?;
             self.record("sadd", sadd)?;
+            // On Redis's clock too: an index that expired before its entries would hide them
+            // from a user's revocation.
+            let max_ttl_ms = self.max_ttl.as_millis() as i64;
             let r = client
-                .expire_at::<(), _>(user_key.as_str(), cap.unix_timestamp(), None)
+                .pexpire::<(), _>(user_key.as_str(), max_ttl_ms, None)
                 .await;
-            self.record("expireat", r)
+            self.record("pexpire", r)
         })
     }
 
