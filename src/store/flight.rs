@@ -211,53 +211,90 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn a_caller_with_a_sooner_deadline_loads_alone_and_a_later_one_joins() {
-        let flights = Arc::new(Flights::<u32>::default());
-        let gate = Arc::new(Notify::new());
-        let started = Arc::new(Notify::new());
-        let leader = {
-            let (flights, gate, started) = (
-                Arc::clone(&flights),
-                Arc::clone(&gate),
-                Arc::clone(&started),
-            );
-            tokio::spawn(async move {
-                let deadline = Deadline::after(std::time::Duration::from_secs(30));
-                let load = |_| async move {
-                    started.notify_one();
-                    gate.notified().await;
-                    1
-                };
-                flights.run("k", deadline, &NO_CHANGES, load, || ()).await
-            })
-        };
-        started.notified().await;
-        // Sooner than the leader's: its own load, at once, while the leader's is still running.
-        let sooner = Deadline::after(std::time::Duration::from_secs(1));
-        let mut joined = false;
-        let own = flights
-            .run("k", sooner, &NO_CHANGES, |_| async { 2 }, || joined = true)
-            .await;
-        assert_eq!((own, joined), (2, false));
-        // Later than the leader's: shares its load.
-        let follower_joined = Arc::new(AtomicUsize::new(0));
-        let follower = {
-            let (flights, follower_joined) = (Arc::clone(&flights), Arc::clone(&follower_joined));
+    /// A caller, spawned, whose load signals `started` and answers `value` once `gate` opens.
+    struct Stalled {
+        gate: Arc<Notify>,
+        started: Arc<Notify>,
+        caller: tokio::task::JoinHandle<u32>,
+    }
+
+    fn stalled(
+        flights: &Arc<Flights<u32>>,
+        changes: &Arc<ChangeWindow>,
+        deadline: Deadline,
+        value: u32,
+    ) -> Stalled {
+        let (gate, started) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+        let (flights, changes) = (Arc::clone(flights), Arc::clone(changes));
+        let (load_gate, load_started) = (Arc::clone(&gate), Arc::clone(&started));
+        let caller = tokio::spawn(async move {
+            let load = |_| async move {
+                load_started.notify_one();
+                load_gate.notified().await;
+                value
+            };
+            flights.run("k", deadline, &changes, load, || ()).await
+        });
+        Stalled {
+            gate,
+            started,
+            caller,
+        }
+    }
+
+    /// A caller, spawned, under a later deadline than any other here, once it has joined
+    /// another's load (within 5 s; its own load would answer `value`).
+    async fn joined(
+        flights: &Arc<Flights<u32>>,
+        changes: &Arc<ChangeWindow>,
+        value: u32,
+    ) -> tokio::task::JoinHandle<u32> {
+        let joins = Arc::new(AtomicUsize::new(0));
+        let caller = {
+            let (flights, changes, joins) =
+                (Arc::clone(flights), Arc::clone(changes), Arc::clone(&joins));
             tokio::spawn(async move {
                 let join = || {
-                    follower_joined.fetch_add(1, Ordering::SeqCst);
+                    joins.fetch_add(1, Ordering::SeqCst);
                 };
                 flights
-                    .run("k", later(), &NO_CHANGES, |_| async { 3 }, join)
+                    .run("k", later(), &changes, |_| async move { value }, join)
                     .await
             })
         };
-        while follower_joined.load(Ordering::SeqCst) == 0 {
-            tokio::task::yield_now().await;
-        }
-        gate.notify_one();
-        assert_eq!(leader.await.unwrap(), 1);
+        let joining = async {
+            while joins.load(Ordering::SeqCst) == 0 {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(5), joining)
+            .await
+            .expect("the caller joins the load in flight");
+        caller
+    }
+
+    #[tokio::test]
+    async fn a_caller_with_a_sooner_deadline_loads_alone_and_a_later_one_joins() {
+        let flights = Arc::new(Flights::<u32>::default());
+        let changes = Arc::new(ChangeWindow::default());
+        let leader = stalled(
+            &flights,
+            &changes,
+            Deadline::after(std::time::Duration::from_secs(30)),
+            1,
+        );
+        leader.started.notified().await;
+        // Sooner than the leader's: its own load, at once, while the leader's is still running.
+        let sooner = Deadline::after(std::time::Duration::from_secs(1));
+        let mut joined_it = false;
+        let own = flights
+            .run("k", sooner, &changes, |_| async { 2 }, || joined_it = true)
+            .await;
+        assert_eq!((own, joined_it), (2, false));
+        // Later than the leader's: shares its load.
+        let follower = joined(&flights, &changes, 3).await;
+        leader.gate.notify_one();
+        assert_eq!(leader.caller.await.unwrap(), 1);
         assert_eq!(follower.await.unwrap(), 1);
     }
 
@@ -265,42 +302,25 @@ mod tests {
     async fn a_caller_after_a_removal_does_not_join_a_load_that_started_before_it() {
         let flights = Arc::new(Flights::<u32>::default());
         let changes = Arc::new(ChangeWindow::default());
-        let gate = Arc::new(Notify::new());
-        let started = Arc::new(Notify::new());
-        let before = {
-            let (flights, changes, gate, started) = (
-                Arc::clone(&flights),
-                Arc::clone(&changes),
-                Arc::clone(&gate),
-                Arc::clone(&started),
-            );
-            tokio::spawn(async move {
-                // Read the row the removal below takes away, then stall before answering.
-                let load = |_| async move {
-                    started.notify_one();
-                    gate.notified().await;
-                    1
-                };
-                flights.run("k", later(), &changes, load, || ()).await
-            })
-        };
-        started.notified().await;
+        // Reads the row the removal below takes away, then stalls before answering.
+        let before = stalled(&flights, &changes, later(), 1);
+        before.started.notified().await;
         // A logout answered while that load is still out.
         changes.removing(async {}).await;
-        let mut joined = false;
-        let after = flights.run("k", later(), &changes, |_| async { 2 }, || joined = true);
+        let mut joined_it = false;
+        let after = flights.run("k", later(), &changes, |_| async { 2 }, || joined_it = true);
         // Joining the stalled load would wait for it: a bounded wait fails instead of hanging.
         let after = tokio::time::timeout(std::time::Duration::from_secs(5), after)
             .await
             .expect("answered without waiting for the load that predates the removal");
         assert_eq!(
-            (after, joined),
+            (after, joined_it),
             (2, false),
             "a fresh load, not the stale one's answer"
         );
         // The stale load still answers its own caller, who came before the removal.
-        gate.notify_one();
-        assert_eq!(before.await.unwrap(), 1);
+        before.gate.notify_one();
+        assert_eq!(before.caller.await.unwrap(), 1);
         assert_eq!(flights.len(), 0);
     }
 
@@ -308,57 +328,19 @@ mod tests {
     async fn a_fresh_load_started_after_a_removal_is_the_one_later_callers_join() {
         let flights = Arc::new(Flights::<u32>::default());
         let changes = Arc::new(ChangeWindow::default());
-        let stale_gate = Arc::new(Notify::new());
-        let fresh_gate = Arc::new(Notify::new());
-        let stale_started = Arc::new(Notify::new());
-        let fresh_started = Arc::new(Notify::new());
-        let spawn_load = |value: u32, gate: &Arc<Notify>, started: &Arc<Notify>| {
-            let (flights, changes, gate, started) = (
-                Arc::clone(&flights),
-                Arc::clone(&changes),
-                Arc::clone(gate),
-                Arc::clone(started),
-            );
-            tokio::spawn(async move {
-                let load = |_| async move {
-                    started.notify_one();
-                    gate.notified().await;
-                    value
-                };
-                flights.run("k", later(), &changes, load, || ()).await
-            })
-        };
-        let stale = spawn_load(1, &stale_gate, &stale_started);
-        stale_started.notified().await;
+        let stale = stalled(&flights, &changes, later(), 1);
+        stale.started.notified().await;
         changes.removing(async {}).await;
-        let fresh = spawn_load(2, &fresh_gate, &fresh_started);
-        tokio::time::timeout(std::time::Duration::from_secs(5), fresh_started.notified())
+        let fresh = stalled(&flights, &changes, later(), 2);
+        tokio::time::timeout(std::time::Duration::from_secs(5), fresh.started.notified())
             .await
             .expect("a caller after the removal starts a load of its own");
-        let joined = Arc::new(AtomicUsize::new(0));
-        let follower = {
-            let (flights, changes, joined) = (
-                Arc::clone(&flights),
-                Arc::clone(&changes),
-                Arc::clone(&joined),
-            );
-            tokio::spawn(async move {
-                let join = || {
-                    joined.fetch_add(1, Ordering::SeqCst);
-                };
-                flights
-                    .run("k", later(), &changes, |_| async { 3 }, join)
-                    .await
-            })
-        };
-        while joined.load(Ordering::SeqCst) == 0 {
-            tokio::task::yield_now().await;
-        }
+        let follower = joined(&flights, &changes, 3).await;
         // The stale load ending must not take the fresh one out of the map.
-        stale_gate.notify_one();
-        assert_eq!(stale.await.unwrap(), 1);
-        fresh_gate.notify_one();
-        assert_eq!(fresh.await.unwrap(), 2);
+        stale.gate.notify_one();
+        assert_eq!(stale.caller.await.unwrap(), 1);
+        fresh.gate.notify_one();
+        assert_eq!(fresh.caller.await.unwrap(), 2);
         assert_eq!(follower.await.unwrap(), 2, "joined the fresh load");
         assert_eq!(flights.len(), 0);
     }
@@ -367,25 +349,8 @@ mod tests {
     async fn a_removal_still_under_way_does_not_stop_callers_joining() {
         let flights = Arc::new(Flights::<u32>::default());
         let changes = Arc::new(ChangeWindow::default());
-        let gate = Arc::new(Notify::new());
-        let started = Arc::new(Notify::new());
-        let leader = {
-            let (flights, changes, gate, started) = (
-                Arc::clone(&flights),
-                Arc::clone(&changes),
-                Arc::clone(&gate),
-                Arc::clone(&started),
-            );
-            tokio::spawn(async move {
-                let load = |_| async move {
-                    started.notify_one();
-                    gate.notified().await;
-                    1
-                };
-                flights.run("k", later(), &changes, load, || ()).await
-            })
-        };
-        started.notified().await;
+        let leader = stalled(&flights, &changes, later(), 1);
+        leader.started.notified().await;
         // A logout not answered yet: a caller now is concurrent with it, and shares the load.
         let logout_done = Arc::new(Notify::new());
         let logout = {
@@ -395,32 +360,9 @@ mod tests {
         while changes.nothing_removed_since(changes.current()) {
             tokio::task::yield_now().await;
         }
-        let joined = Arc::new(AtomicUsize::new(0));
-        let follower = {
-            let (flights, changes, joined) = (
-                Arc::clone(&flights),
-                Arc::clone(&changes),
-                Arc::clone(&joined),
-            );
-            tokio::spawn(async move {
-                let join = || {
-                    joined.fetch_add(1, Ordering::SeqCst);
-                };
-                flights
-                    .run("k", later(), &changes, |_| async { 2 }, join)
-                    .await
-            })
-        };
-        let joining = async {
-            while joined.load(Ordering::SeqCst) == 0 {
-                tokio::task::yield_now().await;
-            }
-        };
-        tokio::time::timeout(std::time::Duration::from_secs(5), joining)
-            .await
-            .expect("a caller concurrent with the removal joins the load");
-        gate.notify_one();
-        assert_eq!(leader.await.unwrap(), 1);
+        let follower = joined(&flights, &changes, 2).await;
+        leader.gate.notify_one();
+        assert_eq!(leader.caller.await.unwrap(), 1);
         assert_eq!(follower.await.unwrap(), 1);
         logout_done.notify_one();
         logout.await.unwrap();
