@@ -1096,3 +1096,62 @@ async fn a_stream_that_stops_answering_is_distrusted_within_the_relay_timeout() 
     relayed.kill().await;
     s.stop().await;
 }
+
+/// The key filter is kept current by the feed alone. While a relay's heartbeat is overdue, also
+/// while the instance's read of the stream still waits on a Redis that stopped answering (up to
+/// `redis.command_timeout`, here 5 s), a token made meanwhile is asked for, never refused as
+/// unknown; and `knoxgate_feed_connected` says the feed is down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_token_made_while_the_stream_stalls_is_not_refused_as_unknown() {
+    let db = TestDb::migrated().await;
+    let redis = PrivateRedis::start().await;
+    let prefix = unique("kgfilter");
+    let relayed = relay(&db, &redis, &prefix);
+    assert_ready(&relayed, Duration::from_secs(10)).await;
+    let extra = format!(
+        "[redis]\nurl = \"{}\"\ncommand_timeout = \"5s\"\n{FEED}unknown_key_lookups_per_second = 0\n",
+        redis.url()
+    );
+    let s = TestServer::start_with_prefix(&db, &prefix, &extra).await;
+    assert!(ready_within(s.admin(), Duration::from_secs(10)).await);
+    let loaded = eventually(Duration::from_secs(10), || async {
+        s.metric("knoxgate_key_filter_loads_total").await >= 1.0
+    })
+    .await;
+    assert!(loaded.is_some(), "the key filter was never loaded");
+    let heard = user_with_token(&db, "filtered").await;
+    let known = eventually(BOUND, || async {
+        s.verify(&heard.token).await.status == 200
+    })
+    .await;
+    assert!(known.is_some(), "a token heard through the relay");
+
+    redis.sigstop();
+    // Past the 800 ms relay timeout (the last heartbeat is at most 200 ms old), far from the
+    // 5 s after which the stalled read fails.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let feed_connected = s.metric("knoxgate_feed_connected").await;
+    let unheard = insert_default_token(&db.client().await, heard.user_id).await;
+    let mut statuses = Vec::new();
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(15) {
+        let status = s.verify(&unheard.token).await.status;
+        statuses.push(status);
+        if status == 200 || status == 401 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    redis.sigcont();
+    assert_eq!(
+        feed_connected, 0.0,
+        "knoxgate_feed_connected 1.5 s after the last heartbeat could have come"
+    );
+    assert_eq!(
+        statuses.last(),
+        Some(&200),
+        "a token made while the feed was down was answered {statuses:?}"
+    );
+    relayed.kill().await;
+    s.stop().await;
+}

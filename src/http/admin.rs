@@ -81,6 +81,11 @@ pub async fn admin_service(
             let (keys, bytes) = app.store.key_filter_size();
             app.metrics.key_filter_keys.set(keys as i64);
             app.metrics.key_filter_bytes.set(bytes as i64);
+            // Read at the scrape, as /readyz does: a relay's heartbeat can go overdue while
+            // nothing in the feed task runs to say so.
+            app.metrics
+                .feed_connected
+                .set(i64::from(app.store.feed_live()));
             let redis_up = app.store.redis().is_some_and(|r| r.is_connected());
             app.metrics.redis_connected.set(i64::from(redis_up));
             let mut r = Response::new(Full::new(Bytes::from(app.metrics.encode())));

@@ -272,7 +272,6 @@ pub async fn run(
         store.set_feed_live(false);
         store.set_feed_deaf(false);
         store.set_feed_behind(false);
-        metrics.feed_connected.set(0);
         match result {
             Ok(()) => return, // shutdown
             Err(e) => outage.failed(was_live, &e),
@@ -458,7 +457,6 @@ where
                                 hearing = Hearing::Live;
                                 tracing::info!("change feed live");
                                 store.set_feed_live(true);
-                                metrics.feed_connected.set(1);
                             }
                             // Whatever was sent while deaf is lost: reconnect to replay it.
                             Hearing::Deaf => return Err(StoreError::Unavailable(
@@ -473,7 +471,6 @@ where
                         hearing = Hearing::Deaf;
                         store.set_feed_live(false);
                         store.set_feed_deaf(true);
-                        metrics.feed_connected.set(0);
                         tracing::warn!(
                             timeout = ?config.cache.feed_echo_timeout,
                             "change feed is deaf: its own NOTIFY, sent through the pool, did not come back on the \

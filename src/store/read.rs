@@ -55,7 +55,9 @@ impl Store {
             }
         }
         self.metrics.lookup(Tier::Memory, LookupResult::Miss);
-        if !self.known_keys.admit(key).asks_stores() {
+        // The filter is kept current by the feed alone: once the feed is not live (a relay's
+        // heartbeat overdue while its read still waits included), INSERTs may go unheard.
+        if self.feed_live() && !self.known_keys.admit(key).asks_stores() {
             // A key no token has, past the budget of such lookups: a flood of random tokens
             // stops here, and leaves the in-process tier to the keys that exist.
             self.metrics

@@ -305,7 +305,7 @@ impl Reader {
 }
 
 /// An instance's reader: follows the stream until `shutdown` flips to true, reconnecting after
-/// every failure, and keeps the store's feed state (`/readyz`, `knoxgate_feed_connected`).
+/// every failure, and keeps the store's feed state (read by `/readyz` and `knoxgate_feed_connected`).
 pub async fn subscribe(
     store: Arc<Store>,
     config: Arc<Config>,
@@ -382,7 +382,6 @@ pub async fn subscribe(
         let timeout = config.cache.feed_relay_timeout;
         store.set_feed_live_until(reader.heartbeat_at.map(|at| at + timeout));
         store.set_feed_live(live);
-        metrics.feed_connected.set(i64::from(live));
         if failing {
             tokio::select! {
                 _ = tokio::time::sleep(config.cache.feed_reconnect_delay) => {}
@@ -391,7 +390,6 @@ pub async fn subscribe(
         }
     }
     store.set_feed_live(false);
-    metrics.feed_connected.set(0);
     let _ = client.quit().await;
 }
 
