@@ -1,7 +1,8 @@
 //! Connections that send nothing hold no connection slot for long: a socket that never sends a
 //! byte is closed after `server.header_read_timeout`, and an HTTP/2 connection with no request
 //! in flight after `server.idle_timeout`, even when it answers every ping, and then ends within
-//! `server.request_timeout` + `server.header_read_timeout` even when its answers cannot be sent.
+//! `server.request_timeout` + `server.header_read_timeout` even when its answers cannot be sent;
+//! so does an HTTP/1 connection whose client does not read its answers.
 
 use std::time::{Duration, Instant};
 
@@ -132,6 +133,54 @@ async fn an_http2_client_that_never_takes_its_answers_is_closed() {
         started.elapsed()
     );
     drop(answers);
+    s.stop().await;
+}
+
+/// An HTTP/1 client that sends requests without ever reading the answers: once the server's
+/// writes are blocked, the connection has no request in flight, is closed after
+/// `idle_timeout`, and given up `request_timeout` + `header_read_timeout` later rather than
+/// waited on for ever, so such clients cannot keep the connection cap full.
+#[tokio::test]
+async fn http1_clients_that_never_read_their_answers_do_not_keep_the_connection_cap() {
+    const CAP: usize = 4;
+    let (_db, _client, s) = Fixture::new()
+        .config(&format!(
+            "[server]\nmax_connections = {CAP}\nidle_timeout = \"1s\"\n\
+             header_read_timeout = \"1s\"\nrequest_timeout = \"2s\""
+        ))
+        .start()
+        .await;
+    // Pipelined requests whose 401s add up to far more than the socket buffers hold.
+    let pipelined = b"GET /verify HTTP/1.1\r\nHost: knoxgate\r\n\r\n".repeat(50_000);
+    let mut writers = Vec::new();
+    for _ in 0..CAP {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(1024).unwrap();
+        let mut stream = socket.connect(s.addr()).await.unwrap();
+        let pipelined = pipelined.clone();
+        writers.push(tokio::spawn(async move {
+            let _ = tokio::io::AsyncWriteExt::write_all(&mut stream, &pipelined).await;
+            // Held open, never read, until the test ends.
+            std::future::pending::<()>().await;
+        }));
+    }
+    // Let the connections take the cap and their writes block.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = Instant::now();
+    let served = eventually(Duration::from_secs(10), || async {
+        get_once(s.addr(), "/verify", None, Duration::from_secs(1))
+            .await
+            .is_ok_and(|r| r.status == 401)
+    })
+    .await;
+    for w in writers {
+        w.abort();
+    }
+    assert!(
+        served.is_some(),
+        "no fresh connection was served for {:?} while clients that do not read held the cap",
+        started.elapsed()
+    );
     s.stop().await;
 }
 

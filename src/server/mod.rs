@@ -331,10 +331,7 @@ where
     );
     let mut conn = std::pin::pin!(conn);
     let mut shutdown = shared.shutdown.clone();
-    // Once closing, the connection has what its handlers may still take (`request_timeout`),
-    // then `header_read_timeout`, to end. hyper waits for every stream's answer to be sent, and
-    // a client that never opens its flow-control window (yet answers pings) would keep them,
-    // and the connection's slot, for ever.
+    let closing = Closing::of(limits);
     let mut close_by: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
@@ -344,9 +341,8 @@ where
                 }
                 return;
             }
-            _ = time_to_close(&activity, limits.idle_timeout, &mut shutdown), if close_by.is_none() => {
-                let ending = limits.request_timeout + limits.header_read_timeout;
-                close_by = Some(tokio::time::Instant::now() + ending);
+            _ = time_to_close(&activity, closing.idle_timeout, &mut shutdown), if close_by.is_none() => {
+                close_by = Some(tokio::time::Instant::now() + closing.within);
                 conn.as_mut().graceful_shutdown();
             }
             _ = sleep_until_some(close_by), if close_by.is_some() => {
@@ -387,17 +383,19 @@ async fn http1_connection<H, B>(
         service(handler.clone(), peer, Arc::clone(&activity), None),
     );
     let mut shutdown = shared.shutdown.clone();
-    let idle_timeout = shared.limits.idle_timeout;
+    let closing = Closing::of(&shared.limits);
     let served = serve_http1(
         &mut conn,
         &activity,
-        idle_timeout,
+        closing,
         &mut shutdown,
         watch.as_deref(),
     )
     .await;
     let lane = match (served, &shared.lane) {
         (Ok(Served::Moving), Some(lane)) => lane,
+        // Its answers cannot be written: the socket goes as it is, not waited on again.
+        (Ok(Served::Abandoned), _) => return,
         (Err(e), _) => {
             tracing::debug!(error = %e, "connection ended with an error");
             return close(conn).await;
@@ -413,8 +411,10 @@ async fn http1_connection<H, B>(
             TokioIo::new(socket),
             service(handler, peer, Arc::clone(&activity), Some(main)),
         );
-        if let Err(e) = serve_http1(&mut conn, &activity, idle_timeout, &mut shutdown, None).await {
-            tracing::debug!(error = %e, "demoted connection ended with an error");
+        match serve_http1(&mut conn, &activity, closing, &mut shutdown, None).await {
+            Ok(Served::Abandoned) => return,
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, "demoted connection ended with an error"),
         }
         close(conn).await;
     })
@@ -441,15 +441,40 @@ enum Served {
     Ended,
     /// Its socket is to move to the lane (only with a [`lane::Watch`]).
     Moving,
+    /// It was still open [`Closing::within`] after its close began: its answers cannot be
+    /// written (a client that does not read them), and it is dropped as it is.
+    Abandoned,
+}
+
+/// When a connection is closed, and how long it then has to end.
+#[derive(Clone, Copy)]
+struct Closing {
+    /// No request in flight for this long: close it.
+    idle_timeout: Duration,
+    /// Once closing, what its handlers may still take (`request_timeout`), then
+    /// `header_read_timeout`. hyper waits for every answer to be written, and a client that
+    /// stops reading (on HTTP/2: never opens its flow-control window) would keep them, and the
+    /// connection's slot, for ever.
+    within: Duration,
+}
+
+impl Closing {
+    fn of(limits: &Limits) -> Closing {
+        Closing {
+            idle_timeout: limits.idle_timeout,
+            within: limits.request_timeout + limits.header_read_timeout,
+        }
+    }
 }
 
 /// Serves an HTTP/1 connection until it ends, or until `watch` says it may move (then hyper
 /// is no longer polled and its socket, not shut down, can be taken back); closes it gracefully
-/// when it is idle too long or shutdown begins.
+/// when it is idle too long or shutdown begins, and gives it up if that close does not end in
+/// time.
 async fn serve_http1<S, B>(
     conn: &mut http1::Connection<TokioIo<lane::Socket>, S>,
     activity: &Activity,
-    idle_timeout: Duration,
+    closing: Closing,
     shutdown: &mut watch::Receiver<bool>,
     watch: Option<&lane::Watch>,
 ) -> Result<Served, hyper::Error>
@@ -459,21 +484,25 @@ where
     B: hyper::body::Body + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let mut closing = false;
+    let mut close_by: Option<tokio::time::Instant> = None;
     loop {
         let served = std::future::poll_fn(|cx| match conn.poll_without_shutdown(cx) {
             Poll::Ready(ended) => Poll::Ready(ended.map(|()| Served::Ended)),
             // Not while closing: a connection being shut down is not worth moving.
-            Poll::Pending if !closing && watch.is_some_and(lane::Watch::may_move) => {
+            Poll::Pending if close_by.is_none() && watch.is_some_and(lane::Watch::may_move) => {
                 Poll::Ready(Ok(Served::Moving))
             }
             Poll::Pending => Poll::Pending,
         });
         tokio::select! {
             served = served => return served,
-            _ = time_to_close(activity, idle_timeout, shutdown), if !closing => {
-                closing = true;
+            _ = time_to_close(activity, closing.idle_timeout, shutdown), if close_by.is_none() => {
+                close_by = Some(tokio::time::Instant::now() + closing.within);
                 Pin::new(&mut *conn).graceful_shutdown();
+            }
+            _ = sleep_until_some(close_by), if close_by.is_some() => {
+                tracing::debug!("HTTP/1 connection still open request_timeout + header_read_timeout after its close began; dropped");
+                return Ok(Served::Abandoned);
             }
         }
     }
