@@ -14,16 +14,27 @@
 //! An attempt is counted *before* its password check ([`Throttle::reserve`]), under one lock,
 //! so concurrent guesses cannot all pass the check before the first failure is recorded: at
 //! most `limit` password checks run per key and window, however many arrive at once.
+//!
+//! Memory is bounded whatever the clients send: usernames are kept as a keyed 64-bit hash (a
+//! username of any length costs the same), a counter back at 0 is dropped, and each map holds
+//! at most `MAX_TRACKED_KEYS` counters: past that, closed windows go, then the older half of
+//! the open ones (which lets a flood of distinct usernames forget failures early, rather than
+//! grow the process until it is killed).
 
 use std::{
     collections::HashMap,
+    hash::{BuildHasher, RandomState},
     net::IpAddr,
     sync::Mutex,
     time::{Duration, Instant},
 };
 
-/// Counters are dropped once this many keys are tracked and the oldest windows have closed.
+/// The most counters one map holds (see the module doc).
 const MAX_TRACKED_KEYS: usize = 100_000;
+
+/// A username, as the throttle keeps it: hashed with a key drawn per process, so that which
+/// usernames share a counter cannot be worked out in advance.
+type UserKey = u64;
 
 #[derive(Debug, Clone, Copy)]
 struct Window {
@@ -34,9 +45,9 @@ struct Window {
 #[derive(Default)]
 struct Counters {
     /// (client address, username) → attempts not known to have succeeded.
-    pairs: HashMap<(IpAddr, String), Window>,
+    pairs: HashMap<(IpAddr, UserKey), Window>,
     /// username → attempts from any address.
-    users: HashMap<String, Window>,
+    users: HashMap<UserKey, Window>,
     /// client address → attempts for any username (only with an address limit).
     addresses: HashMap<IpAddr, Window>,
 }
@@ -50,6 +61,9 @@ pub struct Throttle {
     /// Per client address for any username; 0 (the default) disables this counter alone.
     address_limit: u32,
     window: Duration,
+    /// How many counters one map may hold (`MAX_TRACKED_KEYS`; smaller in tests).
+    max_keys: usize,
+    hasher: RandomState,
     counters: Mutex<Counters>,
 }
 
@@ -62,12 +76,18 @@ fn remaining(w: Option<&Window>, limit: u32, window: Duration, now: Instant) -> 
 
 /// Adds one attempt to `key`'s window (opening a new window if the old one closed) and returns
 /// the window's start, which identifies it for a later [`unbump`].
-fn bump<K>(map: &mut HashMap<K, Window>, key: K, window: Duration, now: Instant) -> Instant
+fn bump<K>(
+    map: &mut HashMap<K, Window>,
+    key: K,
+    window: Duration,
+    max_keys: usize,
+    now: Instant,
+) -> Instant
 where
     K: std::hash::Hash + Eq,
 {
-    if map.len() >= MAX_TRACKED_KEYS {
-        map.retain(|_, w| now.saturating_duration_since(w.started) < window);
+    if map.len() >= max_keys && !map.contains_key(&key) {
+        make_room(map, window, now);
     }
     let w = map.entry(key).or_insert(Window {
         started: now,
@@ -83,7 +103,26 @@ where
     w.started
 }
 
-/// Takes back one attempt from `key`, if its window is still the one it was added to.
+/// Drops the closed windows and, if that frees less than a quarter of the map, the older half
+/// of the open ones: each such pass pays for many inserts, so a full map does not cost a scan
+/// per attempt.
+fn make_room<K>(map: &mut HashMap<K, Window>, window: Duration, now: Instant)
+where
+    K: std::hash::Hash + Eq,
+{
+    let full = map.len();
+    map.retain(|_, w| now.saturating_duration_since(w.started) < window);
+    if map.len() > full - full / 4 {
+        let mut starts: Vec<Instant> = map.values().map(|w| w.started).collect();
+        let middle = starts.len() / 2;
+        let (_, newest_of_older_half, _) = starts.select_nth_unstable(middle);
+        let keep_from = *newest_of_older_half;
+        map.retain(|_, w| w.started > keep_from);
+    }
+}
+
+/// Takes back one attempt from `key`, if its window is still the one it was added to; a
+/// counter back at 0 holds nothing worth its memory.
 fn unbump<K>(map: &mut HashMap<K, Window>, key: &K, started: Instant)
 where
     K: std::hash::Hash + Eq,
@@ -92,6 +131,9 @@ where
         && w.started == started
     {
         w.failures = w.failures.saturating_sub(1);
+        if w.failures == 0 {
+            map.remove(key);
+        }
     }
 }
 
@@ -108,7 +150,7 @@ pub struct Attempt<'a> {
 /// The keys an attempt was counted under, and the windows it was added to.
 struct Counted {
     addr: IpAddr,
-    username: String,
+    username: UserKey,
     pair_started: Instant,
     user_started: Instant,
     address_started: Instant,
@@ -149,6 +191,8 @@ impl Throttle {
             user_limit,
             address_limit,
             window,
+            max_keys: MAX_TRACKED_KEYS,
+            hasher: RandomState::new(),
             counters: Mutex::default(),
         }
     }
@@ -175,19 +219,21 @@ impl Throttle {
                 key: None,
             });
         }
+        let username = self.hasher.hash_one(username);
         let mut c = self.lock();
-        let pair = (addr, username.to_owned());
+        let pair = (addr, username);
         let by_pair = remaining(c.pairs.get(&pair), self.limit, self.window, now);
-        let by_user = remaining(c.users.get(username), self.user_limit, self.window, now);
+        let by_user = remaining(c.users.get(&username), self.user_limit, self.window, now);
         let by_address = remaining(c.addresses.get(&addr), self.address_limit, self.window, now);
         if let Some(wait) = by_pair.into_iter().chain(by_user).chain(by_address).max() {
             return Err(wait);
         }
-        let pair_started = bump(&mut c.pairs, pair, self.window, now);
-        let user_started = bump(&mut c.users, username.to_owned(), self.window, now);
+        let (window, max_keys) = (self.window, self.max_keys);
+        let pair_started = bump(&mut c.pairs, pair, window, max_keys, now);
+        let user_started = bump(&mut c.users, username, window, max_keys, now);
         // Counted only when limited, so that the map stays empty when the counter is off.
         let address_started = if self.address_limit > 0 {
-            bump(&mut c.addresses, addr, self.window, now)
+            bump(&mut c.addresses, addr, window, max_keys, now)
         } else {
             now
         };
@@ -195,7 +241,7 @@ impl Throttle {
             throttle: self,
             key: Some(Counted {
                 addr,
-                username: username.to_owned(),
+                username,
                 pair_started,
                 user_started,
                 address_started,
@@ -310,6 +356,40 @@ mod tests {
         t.reserve_at("alice", A, t0).unwrap().succeeded();
         fail(&t, "user2", A, t0);
         assert!(t.reserve_at("user3", A, t0).is_err());
+    }
+
+    #[test]
+    fn attempts_given_back_leave_no_counter_behind() {
+        // Logins answered 503 before any password check (no hashing thread free) release their
+        // attempts: a flood of them, each with a new username, must not grow the maps.
+        let t = Throttle::new(3, 5, 4, Duration::from_secs(60));
+        let t0 = Instant::now();
+        for i in 0..1_000 {
+            t.reserve_at(&format!("user{i}{}", "x".repeat(8_000)), A, t0)
+                .expect("under the limit")
+                .release();
+        }
+        let c = t.lock();
+        assert_eq!((c.pairs.len(), c.users.len(), c.addresses.len()), (0, 0, 0));
+    }
+
+    #[test]
+    fn a_flood_of_usernames_in_open_windows_stays_within_the_cap() {
+        let mut t = Throttle::new(1, 5, 0, Duration::from_secs(60));
+        t.max_keys = 100;
+        let t0 = Instant::now();
+        for i in 0..1_000u64 {
+            fail(&t, &format!("user{i}"), A, t0 + Duration::from_millis(i));
+        }
+        {
+            let c = t.lock();
+            assert!(c.pairs.len() <= 100, "{} pair counters", c.pairs.len());
+            assert!(c.users.len() <= 100, "{} username counters", c.users.len());
+        }
+        // The newest failures are the ones kept.
+        let late = t0 + Duration::from_millis(1_000);
+        assert!(t.reserve_at("user999", A, late).is_err());
+        assert!(t.reserve_at("user0", A, late).is_ok());
     }
 
     #[test]
