@@ -21,6 +21,9 @@ const DEFAULT_MAX_IN_FLIGHT: u64 = 2_048;
 const DEFAULT_MAX_HEADER_BYTES: u64 = 16_384;
 /// hyper refuses buffers under 8 KiB.
 const MIN_MAX_HEADER_BYTES: u64 = 8_192;
+/// The largest head knoxgate will buffer: far above what proxies send (nginx's largest
+/// header buffers are 8 KiB by default), and within what HTTP/2's header-list limit can state.
+const MAX_MAX_HEADER_BYTES: u64 = 1_048_576;
 const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const DEFAULT_READINESS_INTERVAL: Duration = Duration::from_secs(1);
@@ -198,8 +201,11 @@ impl TryFrom<ServerFile> for ServerConfig {
                 MAX_PERMITS,
             )?,
             max_header_bytes: {
-                if file.max_header_bytes < MIN_MAX_HEADER_BYTES {
-                    return Err(invalid("server.max_header_bytes", "must be at least 8192"));
+                if !(MIN_MAX_HEADER_BYTES..=MAX_MAX_HEADER_BYTES).contains(&file.max_header_bytes) {
+                    return Err(invalid(
+                        "server.max_header_bytes",
+                        "must be between 8192 and 1048576 (1 MiB)",
+                    ));
                 }
                 file.max_header_bytes as usize
             },

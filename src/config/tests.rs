@@ -388,6 +388,22 @@ fn zero_timeouts_are_refused() {
 }
 
 #[test]
+fn a_header_cap_outside_its_range_is_refused() {
+    // 4 GiB was accepted: every HTTP/2 request then failed (the cap did not fit HTTP/2's
+    // 32-bit header-list limit) and HTTP/1 could buffer that much per connection.
+    for bytes in [8_191u64, 1_048_577, 4_294_967_296] {
+        let err = Config::from_toml_str(&format!("[server]\nmax_header_bytes = {bytes}"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("server.max_header_bytes"), "{err}");
+    }
+    for bytes in [8_192u64, 1_048_576] {
+        let c = Config::from_toml_str(&format!("[server]\nmax_header_bytes = {bytes}")).unwrap();
+        assert_eq!(c.server.max_header_bytes as u64, bytes);
+    }
+}
+
+#[test]
 fn zero_feed_and_connect_timings_are_refused() {
     // A zero health interval panicked the feed's task at its first connect; a zero echo
     // timeout made the feed deaf for ever; a zero reconnect delay spins through an outage.
