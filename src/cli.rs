@@ -293,7 +293,7 @@ async fn user(cmd: UserCommand, config: &Config) -> anyhow::Result<()> {
 
 async fn token(cmd: TokenCommand, config: &Config) -> anyhow::Result<()> {
     // The whole store, so that what a command changes reaches Redis as well as Postgres.
-    let store = Store::connect(config, Arc::new(Metrics::new()))?;
+    let store = Arc::new(Store::connect(config, Arc::new(Metrics::new()))?);
     let result = match cmd {
         TokenCommand::Create { user } => create_token(&store, config, &user).await,
         TokenCommand::Revoke { token, all } => revoke_token(&store, config, token, all).await,
@@ -304,7 +304,7 @@ async fn token(cmd: TokenCommand, config: &Config) -> anyhow::Result<()> {
     result
 }
 
-async fn create_token(store: &Store, config: &Config, username: &str) -> anyhow::Result<()> {
+async fn create_token(store: &Arc<Store>, config: &Config, username: &str) -> anyhow::Result<()> {
     let now = OffsetDateTime::now_utc();
     // The insert finds the user by name: no row means no such user, or the limit reached.
     match store.postgres().login_user(username).await? {
@@ -316,6 +316,8 @@ async fn create_token(store: &Store, config: &Config, username: &str) -> anyhow:
     let Some(issued) = login::issue_token(store, &config.knox, username, now).await? else {
         anyhow::bail!("{username} already holds the maximum number of tokens");
     };
+    // Cached in Redis and the user's expired tokens deleted before the process exits.
+    let _ = issued.settled.await;
     println!("{}", issued.token);
     Ok(())
 }

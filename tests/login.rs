@@ -363,6 +363,20 @@ async fn authenticated_get_on_login_is_405_and_creates_nothing() {
     s.stop().await;
 }
 
+/// Waits (up to 5 s) for `user_id` to hold `rows` tokens: a login deletes the user's expired
+/// tokens after it has answered.
+async fn assert_rows_become(client: &tokio_postgres::Client, user_id: i32, rows: i64, what: &str) {
+    let reached = eventually(Duration::from_secs(5), || async {
+        rows_of_user(client, user_id).await == rows
+    })
+    .await;
+    assert!(
+        reached.is_some(),
+        "{what}: {} rows, not {rows}",
+        rows_of_user(client, user_id).await
+    );
+}
+
 #[tokio::test]
 async fn token_limit_per_user_refuses_the_second_login_and_ignores_expired_rows() {
     let db = TestDb::migrated().await;
@@ -380,8 +394,8 @@ async fn token_limit_per_user_refuses_the_second_login_and_ignores_expired_rows(
         .unwrap();
     let s = TestServer::start(&db, "[knox]\ntoken_limit_per_user = 1").await;
     let first = login_ok(&s, "carol", "carol-pass").await;
-    // The expired row did not count, and the login deleted it.
-    assert_eq!(rows_of_user(&client, id).await, 1);
+    // The expired row did not count, and the login deleted it (after answering).
+    assert_rows_become(&client, id, 1, "the expired row deleted").await;
     let r = login(&s, "carol", "carol-pass").await;
     assert_eq!(r.status, 403, "{}", r.body_text());
     assert_eq!(r.header("content-type"), Some("application/json"));
@@ -427,15 +441,21 @@ async fn a_login_deletes_the_users_expired_tokens_and_nothing_else() {
     client.batch_execute(&expired(dave, 2)).await.unwrap();
     let s = TestServer::start(&db, "").await;
     let first = login_ok(&s, "carol", "carol-pass").await;
-    assert_eq!(
-        rows_of_user(&client, carol).await,
+    assert_rows_become(
+        &client,
+        carol,
         3 + i64::from(extra),
-        "one batch deleted; live, never-expiring and new kept"
-    );
-    // Cached at once all the same (its own deletions' notifications do not undo that).
-    assert_eq!(redis_cli(6379, &["EXISTS", &redis_key(&s, &first)]), "1");
+        "one batch deleted; live, never-expiring and new kept",
+    )
+    .await;
+    // Cached all the same (its own deletions' notifications do not undo that).
+    let cached = eventually(Duration::from_secs(5), || async {
+        redis_cli(6379, &["EXISTS", &redis_key(&s, &first)]) == "1"
+    })
+    .await;
+    assert!(cached.is_some(), "the new token was not written to Redis");
     let second = login_ok(&s, "carol", "carol-pass").await;
-    assert_eq!(rows_of_user(&client, carol).await, 4, "the rest deleted");
+    assert_rows_become(&client, carol, 4, "the rest deleted").await;
     assert_eq!(
         rows_of_user(&client, dave).await,
         2,
@@ -725,5 +745,45 @@ async fn a_user_changed_during_the_password_check_is_cached_as_changed() {
         .await;
         assert_eq!(v.status, refused, "{change}: {}", v.body_text());
     }
+    s.stop().await;
+}
+
+/// What follows the commit (writing the token to Redis, deleting the user's expired tokens)
+/// does not hold up the answer: with Redis stopped, so that the write waits its whole
+/// `redis.command_timeout` (here longer than the 3-s request deadline), a login is still
+/// answered 200 at once, rather than 503 with its token already committed (and, under
+/// `TOKEN_LIMIT_PER_USER`, counted against the client's retry).
+#[tokio::test]
+async fn a_login_is_answered_once_its_token_is_committed() {
+    let redis = PrivateRedis::start().await;
+    let (_db, client, s) = Fixture::new()
+        .user("alice")
+        .config(&format!(
+            "[redis]\nurl = \"{}\"\ncommand_timeout = \"10s\"\nunresponsive_timeout = \"10s\"",
+            redis.url()
+        ))
+        .start()
+        .await;
+    assert_eq!(login(&s, "alice", "alice-pass").await.status, 200);
+    redis.sigstop();
+    let started = std::time::Instant::now();
+    let r = login(&s, "alice", "alice-pass").await;
+    let took = started.elapsed();
+    redis.sigcont();
+    assert_eq!(r.status, 200, "{}", r.body_text());
+    assert!(
+        took < Duration::from_secs(1),
+        "the login waited {took:?} on Redis after its commit"
+    );
+    let id = user_id(&client, "alice").await;
+    let tokens: i64 = client
+        .query_one(
+            "SELECT count(*) FROM knox_authtoken WHERE user_id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(tokens, 2);
     s.stop().await;
 }

@@ -32,6 +32,11 @@ use throttle::Throttle;
 pub struct Issued {
     pub token: String,
     pub expiry: Option<OffsetDateTime>,
+    /// What follows the commit and need not hold up the answer: writing the token to Redis and
+    /// deleting the user's expired tokens. Runs on its own task, so that a request deadline
+    /// reached after the commit cannot turn an issued token into a 503; a caller that exits
+    /// right after (the CLI) awaits it.
+    pub settled: tokio::task::JoinHandle<()>,
 }
 
 /// How a login attempt ended (errors aside).
@@ -233,7 +238,7 @@ impl Login {
 /// `TOKEN_LIMIT_PER_USER`) and caches it with its user as the insert found them. `Ok(None)`: the
 /// limit is reached.
 pub async fn issue_token(
-    store: &Store,
+    store: &Arc<Store>,
     knox: &KnoxConfig,
     username: &str,
     now: OffsetDateTime,
@@ -256,10 +261,19 @@ pub async fn issue_token(
     let Some(row) = store.postgres().create_token(&new).await? else {
         return Ok(None);
     };
-    store.remember_new(row, epoch).await;
-    // Housekeeping: the token is issued whatever becomes of it.
-    if let Err(e) = store.delete_expired_after_login(&digest.to_hex()).await {
-        tracing::warn!(error = %e, "could not delete the user's expired tokens after a login");
-    }
-    Ok(Some(Issued { token, expiry }))
+    store.remember_new(&row, epoch);
+    let settling = Arc::clone(store);
+    let digest = digest.to_hex();
+    let settled = tokio::spawn(async move {
+        settling.share_new(row, epoch).await;
+        // Housekeeping: the token is issued whatever becomes of it.
+        if let Err(e) = settling.delete_expired_after_login(&digest).await {
+            tracing::warn!(error = %e, "could not delete the user's expired tokens after a login");
+        }
+    });
+    Ok(Some(Issued {
+        token,
+        expiry,
+        settled,
+    }))
 }

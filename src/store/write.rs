@@ -294,22 +294,27 @@ impl Store {
             .await
     }
 
-    /// Caches a token just created (login), replacing any negative entry for its key. `row`
-    /// carries its user as the insert found them; `epoch` was read before the insert, so a
-    /// removal that may predate what the row says keeps it out of every tier.
-    pub async fn remember_new(&self, row: TokenRow, epoch: Epoch) {
-        let key = row.token_key.clone();
+    /// Caches a token just created (login) in this process, replacing any negative entry for
+    /// its key; [`Store::share_new`] then writes it to Redis. `row` carries its user as the
+    /// insert found them; `epoch` was read before the insert, so a removal that may predate
+    /// what the row says keeps it out of every tier.
+    pub fn remember_new(&self, row: &TokenRow, epoch: Epoch) {
         // Known at once here, before the feed brings its INSERT back.
-        self.known_keys.heard(&key);
-        let now = OffsetDateTime::now_utc();
-        let usable = row.user.is_active && !row.is_expired(now);
-        // Only this row is known for the key, so the entry is partial. It replaces any negative
-        // entry for the key, and is dropped again if a removal overlapped the insert.
+        self.known_keys.heard(&row.token_key);
+        // Only this row is known for the key, so the entry is partial. It is dropped again if
+        // a removal overlapped the insert.
         self.remember(
-            &key,
+            &row.token_key,
             self.entry(smallvec::smallvec![row.clone()], false),
             epoch,
         );
+    }
+
+    /// Writes a token just created to Redis (after [`Store::remember_new`]), unless a removal
+    /// overlapped its insert.
+    pub async fn share_new(&self, row: TokenRow, epoch: Epoch) {
+        let now = OffsetDateTime::now_utc();
+        let usable = row.user.is_active && !row.is_expired(now);
         if usable
             && self.changes.nothing_removed_since(epoch)
             && let Some(redis) = &self.redis
@@ -317,7 +322,7 @@ impl Store {
             && redis.put(&row, now).await.is_ok()
             && !self.changes.nothing_removed_since(epoch)
         {
-            self.forget_key(&key).await;
+            self.forget_key(&row.token_key).await;
         }
     }
 
