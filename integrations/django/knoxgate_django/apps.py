@@ -7,4 +7,4 @@ class KnoxgateConfig(AppConfig):
     verbose_name = "knoxgate"
 
     def ready(self) -> None:
-        from knoxgate_django import checks  # noqa: F401  (registers the settings check)
+        from knoxgate_django import checks  # noqa: F401  (registers the system checks)

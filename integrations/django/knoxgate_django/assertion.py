@@ -15,19 +15,28 @@ same as "not authenticated"). Forged kids then get 503 instead of 401, which cos
 sender; a rotated-in key is never refused, at worst answered 503 until the next refetch. The
 periodic reload has its own timing and does not use up the refetch.
 
-A fetch that fails is retried after ``JWKS_RETRY_INTERVAL``; while it fails, the keys already
-held keep working, and an assertion whose key is not held raises ``KeysUnavailable``.
+A fetch that fails is retried ``JWKS_RETRY_INTERVAL`` after it ENDED, and the wait doubles with
+each failure in a row, up to ``JWKS_REFETCH_INTERVAL``; until the retry is due the source is not
+read in the request path. While it fails, the keys already held keep working, stale or not, and
+an assertion whose key is not held raises ``KeysUnavailable``. One read runs at a time: threads
+that find one running go on with the keys held, or, for a kid not held, wait for that read and
+never start another. A fetch of a URL has ``JWKS_TIMEOUT`` as a whole, status line and headers
+included.
 """
 
 from __future__ import annotations
 
+import http.client
+import io
 import json
 import logging
 import re
+import ssl
 import threading
 import time
-import urllib.request
+import urllib.parse
 from collections import OrderedDict
+from functools import lru_cache
 from typing import Any, Callable
 
 import jwt
@@ -59,16 +68,6 @@ class KeysUnavailable(Exception):
     the assertion is good cannot be known until the source answers again."""
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        # Keys come from the configured URL only: a redirect is a failed fetch (HTTPError).
-        return None
-
-
-#: Fetches the JWKS URL directly: no HTTP(S)_PROXY from the environment, no redirects.
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect)
-
-
 def _parse_jwks(document: bytes) -> dict[str, tuple[PyJWK, str]]:
     """kid -> (key, its JWK as canonical JSON) for every usable signing key; keys that do not
     fit are left out and logged."""
@@ -94,8 +93,128 @@ def _parse_jwks(document: bytes) -> dict[str, tuple[PyJWK, str]]:
     return keys
 
 
+class _DeadlineReader(io.RawIOBase):
+    """The reading side of a connection: every read waits at most until the fetch's deadline,
+    so the status line and headers are bounded as much as the body."""
+
+    def __init__(self, sock: Any, deadline: float, timeout: float) -> None:
+        self._sock, self._deadline, self._timeout = sock, deadline, timeout
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        self._sock.settimeout(_remaining(self._deadline, self._timeout))
+        try:
+            return self._sock.recv_into(buffer)
+        except TimeoutError:
+            raise TimeoutError(f"JWKS fetch took longer than {self._timeout} s") from None
+
+
+class _DeadlineSocket:
+    """What http.client reads and writes through: the connection's socket, with every read
+    (``makefile``, which the response reads from) and write limited to the fetch's deadline.
+    Closing it leaves the socket open for the response still reading; ``_fetch`` closes it."""
+
+    def __init__(self, sock: Any, deadline: float, timeout: float) -> None:
+        self.sock, self._deadline, self._timeout = sock, deadline, timeout
+
+    def makefile(self, mode: str = "rb", *args: Any, **kwargs: Any) -> io.BufferedReader:
+        if mode != "rb":
+            raise ValueError(f"unsupported mode {mode!r}")
+        return io.BufferedReader(_DeadlineReader(self.sock, self._deadline, self._timeout))
+
+    def sendall(self, data: Any) -> None:
+        self.sock.settimeout(_remaining(self._deadline, self._timeout))
+        self.sock.sendall(data)
+
+    def close(self) -> None:
+        pass
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+
+def _remaining(deadline: float, timeout: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError(f"JWKS fetch took longer than {timeout} s")
+    return left
+
+
+class _HTTPConnection(http.client.HTTPConnection):
+    def __init__(self, host: str, port: int, *, deadline: float, timeout: float) -> None:
+        super().__init__(host, port, timeout=_remaining(deadline, timeout))
+        self.deadline, self.total_timeout, self.raw_sock = deadline, timeout, None
+
+    def connect(self) -> None:
+        super().connect()
+        self.raw_sock = self.sock
+        self.sock = _DeadlineSocket(self.sock, self.deadline, self.total_timeout)
+
+
+class _HTTPSConnection(_HTTPConnection):
+    def connect(self) -> None:
+        http.client.HTTPConnection.connect(self)
+        self.raw_sock = self.sock
+        # The TLS handshake gets what is left of the deadline (CPython bounds a whole handshake
+        # by the socket's timeout).
+        self.sock.settimeout(_remaining(self.deadline, self.total_timeout))
+        self.raw_sock = _tls_context().wrap_socket(self.sock, server_hostname=self.host)
+        self.sock = _DeadlineSocket(self.raw_sock, self.deadline, self.total_timeout)
+
+
+@lru_cache(maxsize=1)
+def _tls_context() -> ssl.SSLContext:
+    # The system's CA certificates, hostname checked: what urllib uses by default.
+    return ssl.create_default_context()
+
+
+def _fetch(url: str, timeout: float) -> bytes:
+    """GET ``url`` directly (no HTTP(S)_PROXY from the environment, no redirect: anything but
+    200 is a failed fetch), all of it within ``timeout`` seconds: connecting, the status line and
+    headers, the body. Each socket operation waits only for what is left of the deadline, so a
+    source that trickles bytes is given up at the deadline, not per read."""
+    deadline = time.monotonic() + timeout
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("credentials in the JWKS URL are not supported")
+    if not parts.hostname:
+        raise ValueError("no host in the JWKS URL")
+    https = parts.scheme == "https"
+    connection_class = _HTTPSConnection if https else _HTTPConnection
+    port = parts.port or (http.client.HTTPS_PORT if https else http.client.HTTP_PORT)
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    conn = connection_class(parts.hostname, port, deadline=deadline, timeout=timeout)
+    try:
+        conn.request("GET", target, headers={"Accept": "application/json", "Connection": "close"})
+        with conn.getresponse() as response:
+            if response.status != 200:
+                raise OSError(f"HTTP {response.status} {response.reason}")
+            body = bytearray()
+            while len(body) <= MAX_JWKS_BYTES:
+                chunk = response.read1(MAX_JWKS_BYTES + 1 - len(body))
+                if not chunk:
+                    break
+                body += chunk
+            return bytes(body)
+    finally:
+        conn.close()
+        if conn.raw_sock is not None:
+            conn.raw_sock.close()
+
+
+#: After this many failed reads in a row the wait between retries stops doubling (it has
+#: reached its cap long before: 2 ** 16 retry intervals).
+_MAX_DOUBLINGS = 16
+
+
 class KeySet:
-    """A cached JWKS from a file or a URL. Thread-safe."""
+    """A cached JWKS from a file or a URL. Thread-safe.
+
+    At most one read of the source runs at a time, and the lock is not held while it runs:
+    threads that find a read running use the keys held, stale or not; a thread whose kid is not
+    held waits for that read to end and judges by what it brought, never starting another."""
 
     def __init__(
         self,
@@ -120,51 +239,71 @@ class KeySet:
         #: kid -> the key's JWK as canonical JSON: a refetch that brings the same key keeps the
         #: same PyJWK object, so a cached verdict can tell "same key" by identity.
         self._jwk_texts: dict[str, str] = {}
-        #: When the source was last read successfully, and last read at all.
+        #: When the read that brought the keys held began, and when the last read began.
         self._loaded_at: float | None = None
         self._attempted_at: float | None = None
         #: When the source was last read for an unknown kid: the rate limit of those reads, apart
         #: from the periodic reload's, so that a reload does not delay a rotated-in key.
         self._refetched_at: float | None = None
-        #: Whether the last read of the source failed.
-        self._failing = False
-        self._lock = threading.Lock()
+        #: Failed reads in a row (0: the last read succeeded, or none was made), and when the
+        #: source may be read again after them: measured from the END of the last failed read,
+        #: so a read that hangs for JWKS_TIMEOUT does not leave the next one due at once.
+        self._failures = 0
+        self._retry_at: float | None = None
+        #: Guards everything above; never held while the source is read.
+        self._lock = threading.Condition(threading.Lock())
+        self._reading = False
+        #: Reads ended so far (successfully or not): what a thread waiting for a read watches.
+        self._reads_ended = 0
         #: How many times the source was read (successfully or not).
         self.fetches = 0
+
+    @property
+    def _failing(self) -> bool:
+        """Whether the last read of the source failed."""
+        return self._failures > 0
+
+    def retry_wait(self) -> float:
+        """How long after a failed read the source is next read: JWKS_RETRY_INTERVAL after the
+        first failure, doubling with each failure in a row up to JWKS_REFETCH_INTERVAL (so that,
+        once the source answers again, an unknown kid waits no longer than it would anyway)."""
+        if not self._failures:
+            return 0.0
+        doubled = self.retry_interval * 2 ** min(self._failures - 1, _MAX_DOUBLINGS)
+        return min(doubled, max(self.retry_interval, self.refetch_interval))
 
     def _read(self) -> bytes:
         if self.file:
             with open(self.file, "rb") as f:
                 return f.read(MAX_JWKS_BYTES + 1)
-        # urllib's timeout bounds each socket operation, not the fetch: a source that trickles
-        # its body would hold every request waiting for an unknown kid. The whole fetch gets
-        # JWKS_TIMEOUT, checked between reads (a read waits up to JWKS_TIMEOUT itself, so a
-        # fetch ends within twice JWKS_TIMEOUT at worst).
-        deadline = time.monotonic() + self.timeout
-        request = urllib.request.Request(self.url, headers={"Accept": "application/json"})
-        with _OPENER.open(request, timeout=self.timeout) as response:
-            body = bytearray()
-            while len(body) <= MAX_JWKS_BYTES:
-                if time.monotonic() >= deadline:
-                    raise TimeoutError(f"JWKS fetch took longer than {self.timeout} s")
-                chunk = response.read1(MAX_JWKS_BYTES + 1 - len(body))
-                if not chunk:
-                    break
-                body += chunk
-            return bytes(body)
+        return _fetch(self.url, self.timeout)
 
     def _refresh(self) -> None:
-        """Reread the source; on failure keep the keys already held."""
-        self._attempted_at = self.clock()
+        """Reread the source, with the lock held on entry and on return but released while
+        reading; on failure keep the keys already held."""
+        started = self._attempted_at = self.clock()
+        self._reading = True
         self.fetches += 1
+        parsed = error = None
+        self._lock.release()
         try:
-            document = self._read()
-            if len(document) > MAX_JWKS_BYTES:
-                raise ValueError("JWKS document too large")
-            parsed = _parse_jwks(document)
-        except Exception as e:  # noqa: BLE001 - any failure leaves the previous keys in place
-            logger.error("knoxgate JWKS: cannot load %s: %s", self.file or self.url, e)
-            self._failing = True
+            try:
+                document = self._read()
+                if len(document) > MAX_JWKS_BYTES:
+                    raise ValueError("JWKS document too large")
+                parsed = _parse_jwks(document)
+            except Exception as e:  # noqa: BLE001 - any failure leaves the previous keys in place
+                error = e
+        finally:
+            self._lock.acquire()
+            self._reading = False
+            self._reads_ended += 1
+            self._lock.notify_all()
+        if parsed is None:
+            self._failures += 1
+            self._retry_at = self.clock() + self.retry_wait()
+            logger.error("knoxgate JWKS: cannot load %s (next try in %.0f s): %s",
+                         self.file or self.url, self.retry_wait(), error)
             return
         keys = {}
         for kid, (key, text) in parsed.items():
@@ -172,22 +311,26 @@ class KeySet:
             keys[kid] = self._keys[kid] if same else key
         self._keys = keys
         self._jwk_texts = {kid: text for kid, (_, text) in parsed.items()}
-        self._loaded_at = self._attempted_at
-        self._failing = False
+        self._loaded_at = started
+        self._failures = 0
+        self._retry_at = None
+
+    def _retry_due(self, now: float) -> bool:
+        return self._retry_at is None or now >= self._retry_at
 
     def _may_reload(self, now: float) -> bool:
         """Whether a stale cache may be reloaded now (a cache_seconds shorter than
-        refetch_interval does not make every request read the source)."""
-        if self._attempted_at is None:
-            return True
-        wait = self.retry_interval if self._failing else self.refetch_interval
-        return now - self._attempted_at >= wait
+        refetch_interval does not make every request read the source; after a failed read,
+        not before the retry is due)."""
+        if self._failing:
+            return self._retry_due(now)
+        return self._attempted_at is None or now - self._attempted_at >= self.refetch_interval
 
     def _may_refetch(self, now: float) -> bool:
         """Whether an unknown kid may have the source reread now."""
         if self._failing:
-            # Whatever the last read was for: an outage ends as soon as the source answers.
-            return now - self._attempted_at >= self.retry_interval
+            # Whatever the last read was for: an outage ends as soon as the retry is due.
+            return self._retry_due(now)
         return self._refetched_at is None or now - self._refetched_at >= self.refetch_interval
 
     def _read_since(self, asked_at: float) -> bool:
@@ -197,9 +340,10 @@ class KeySet:
     def get(self, kid: str) -> PyJWK | None:
         """The key with this id, or None when the source, read successfully after this call
         began, does not hold it. Reads the source when the cache is older than cache_seconds,
-        and for an unknown kid at most once per refetch_interval (retry_interval after a failed
-        read). Raises KeysUnavailable for a kid not held that cannot be looked up now: the
-        source cannot be read, or was read for an unknown kid less than refetch_interval ago."""
+        and for an unknown kid at most once per refetch_interval (after a failed read, once the
+        retry is due: see retry_wait). Raises KeysUnavailable for a kid not held that cannot be
+        looked up now: the source cannot be read, or was read for an unknown kid less than
+        refetch_interval ago, or another thread's read, begun before this call, did not hold it."""
         return self._get(kid, refetch=True)
 
     def _get(self, kid: str, *, refetch: bool) -> PyJWK | None:
@@ -212,18 +356,24 @@ class KeySet:
             key = keys.get(kid)
             if key is not None:
                 return key
-        if not self._lock.acquire(blocking=False):
-            # Another thread is reading the source (for up to JWKS_TIMEOUT): a key already held,
-            # stale or not, serves meanwhile; only an unknown kid waits for the read.
-            key = keys.get(kid)
-            if key is not None:
-                return key
-            self._lock.acquire()
-        try:
+        with self._lock:
+            if self._reading:
+                # Another thread is reading the source (for up to JWKS_TIMEOUT): a key already
+                # held, stale or not, serves meanwhile; an unknown kid waits for that read to
+                # end, and is judged by what it brought: no second read queues behind it.
+                key = self._keys.get(kid)
+                if key is not None:
+                    return key
+                ended = self._reads_ended
+                while self._reads_ended == ended:
+                    self._lock.wait()
+                return self._judge(kid, asked_at, refetch)
             now = self.clock()
             stale = self._loaded_at is None or now - self._loaded_at >= self.cache_seconds
             if stale and self._may_reload(now):
+                # A stale set whose last read failed is served as it is until the retry is due.
                 self._refresh()
+                now = self.clock()
             key = self._keys.get(kid)
             if key is not None or not refetch:
                 return key
@@ -232,22 +382,24 @@ class KeySet:
             if not self._read_since(asked_at) and self._may_refetch(now):
                 self._refetched_at = now
                 self._refresh()
-                key = self._keys.get(kid)
-                if key is not None:
-                    return key
-            if self._read_since(asked_at):
-                # Read after the assertion arrived, so after its key, if genuine, was published.
-                return None
-            if self._failing:
-                raise KeysUnavailable(f"key {kid!r} not held and the JWKS source cannot be read")
-            # Not held when the source was last read, but that was before this assertion arrived:
-            # it may be signed with a key rotated in since. Known at the next refetch.
-            raise KeysUnavailable(
-                f"key {kid!r} not held, and the JWKS source was read for an unknown key id less "
-                f"than {self.refetch_interval} s ago"
-            )
-        finally:
-            self._lock.release()
+            return self._judge(kid, asked_at, refetch)
+
+    def _judge(self, kid: str, asked_at: float, refetch: bool) -> PyJWK | None:
+        """The verdict on ``kid`` from the keys held now, without reading the source."""
+        key = self._keys.get(kid)
+        if key is not None or not refetch:
+            return key
+        if self._read_since(asked_at):
+            # Read after the assertion arrived, so after its key, if genuine, was published.
+            return None
+        if self._failing:
+            raise KeysUnavailable(f"key {kid!r} not held and the JWKS source cannot be read")
+        # Not held when the source was last read, but that was before this assertion arrived:
+        # it may be signed with a key rotated in since. Known at the next refetch.
+        raise KeysUnavailable(
+            f"key {kid!r} not held, and the JWKS source was last read before this assertion "
+            f"arrived (an unknown key id rereads it at most every {self.refetch_interval} s)"
+        )
 
     def same_key(self, kid: str, key: PyJWK) -> bool:
         """Whether ``kid`` still names ``key`` (for a verdict reached with it). A kid no longer

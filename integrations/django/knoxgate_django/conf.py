@@ -34,13 +34,16 @@ DEFAULTS: dict[str, Any] = {
     "JWKS_FILE": None,
     "JWKS_URL": None,
     "JWKS_CACHE_SECONDS": 300,
+    # Unknown key ids reread the JWKS source at most this often (seconds, >= 1).
     "JWKS_REFETCH_INTERVAL": 30,
-    # After a failed read of the JWKS source, how soon it may be read again (seconds).
+    # After a failed read of the JWKS source, how long after it ended the source may be read
+    # again (seconds, >= 1); doubled with each failure in a row, up to JWKS_REFETCH_INTERVAL.
     "JWKS_RETRY_INTERVAL": 1,
     "JWKS_TIMEOUT": 5,
     "ASSERTION_AUDIENCE": None,
     "ASSERTION_ISSUER": "knoxgate",
     "ASSERTION_ALGORITHMS": ["EdDSA", "ES256"],
+    # Clock skew allowed on exp and iat (seconds, 0 to MAX_LEEWAY).
     "ASSERTION_LEEWAY": 5,
     # Verified assertions kept (by their exact bytes, until their exp): knoxgate reuses one
     # assertion per token until it nears expiry, so a hot token's is checked once. 0: off.
@@ -53,6 +56,13 @@ DEFAULTS: dict[str, Any] = {
 }
 
 SUPPORTED_ALGORITHMS = ("EdDSA", "ES256")
+
+#: The largest ASSERTION_LEEWAY accepted (seconds): the leeway lengthens every assertion's life,
+#: and a clock off by more than this is a fault to fix, not to tolerate.
+MAX_LEEWAY = 60
+#: The shortest JWKS_REFETCH_INTERVAL and JWKS_RETRY_INTERVAL accepted (seconds): shorter, a
+#: stream of forged key ids, or an outage, would have every request read the source.
+MIN_JWKS_INTERVAL = 1
 
 #: The files a ``TRIGGER_SQL_DIR`` must hold (``knoxgate migrate --print-sql`` output).
 TRIGGER_SQL_FILES = ("install.sql", "uninstall.sql")
@@ -160,12 +170,16 @@ def _address_in(remote_addr: str, networks: tuple[Any, ...]) -> bool:
     return any(addr in net for net in networks)
 
 
-def _number(key: str, value: Any, minimum: float = 0) -> float:
+def _number(key: str, value: Any, minimum: float = 0, maximum: float | None = None) -> float:
     # NaN compares false with everything (a NaN leeway would let every expired assertion
     # through) and an infinite timeout cannot be given to a socket: both are refused.
     if (isinstance(value, bool) or not isinstance(value, (int, float))
-            or not math.isfinite(value) or value < minimum):
-        raise ImproperlyConfigured(f"KNOXGATE[{key!r}] must be a finite number >= {minimum}")
+            or not math.isfinite(value) or value < minimum
+            or (maximum is not None and value > maximum)):
+        allowed = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+        raise ImproperlyConfigured(
+            f"KNOXGATE[{key!r}] = {value!r}: must be a finite number of seconds {allowed}"
+        )
     return float(value)
 
 
@@ -225,6 +239,15 @@ def parse(raw: Any) -> Config:
         raise ImproperlyConfigured("KNOXGATE['JWKS_URL'] must be an http:// or https:// URL")
     if not isinstance(s["ASSERTION_ISSUER"], str) or not s["ASSERTION_ISSUER"]:
         raise ImproperlyConfigured("KNOXGATE['ASSERTION_ISSUER'] must be a non-empty string")
+    www_authenticate = s["WWW_AUTHENTICATE"]
+    if (not isinstance(www_authenticate, str) or not www_authenticate.strip()
+            or not all(" " <= c <= "~" for c in www_authenticate)):
+        # None or "" would make DRF answer 403 instead of 401 to unauthenticated requests; a
+        # control character cannot go into a header.
+        raise ImproperlyConfigured(
+            "KNOXGATE['WWW_AUTHENTICATE'] must be a non-empty string of printable ASCII (the "
+            "challenge's scheme, e.g. \"Token\")"
+        )
     if not isinstance(s["REQUIRE_ASSERTION"], bool):
         raise ImproperlyConfigured("KNOXGATE['REQUIRE_ASSERTION'] must be True or False")
     verifies = bool(s["JWKS_FILE"] or s["JWKS_URL"])
@@ -264,15 +287,17 @@ def parse(raw: Any) -> Config:
         jwks_file=s["JWKS_FILE"],
         jwks_url=s["JWKS_URL"],
         jwks_cache_seconds=_number("JWKS_CACHE_SECONDS", s["JWKS_CACHE_SECONDS"]),
-        jwks_refetch_interval=_number("JWKS_REFETCH_INTERVAL", s["JWKS_REFETCH_INTERVAL"]),
-        jwks_retry_interval=_number("JWKS_RETRY_INTERVAL", s["JWKS_RETRY_INTERVAL"]),
+        jwks_refetch_interval=_number("JWKS_REFETCH_INTERVAL", s["JWKS_REFETCH_INTERVAL"],
+                                      minimum=MIN_JWKS_INTERVAL),
+        jwks_retry_interval=_number("JWKS_RETRY_INTERVAL", s["JWKS_RETRY_INTERVAL"],
+                                    minimum=MIN_JWKS_INTERVAL),
         jwks_timeout=_number("JWKS_TIMEOUT", s["JWKS_TIMEOUT"], minimum=0.001),
         audience=s["ASSERTION_AUDIENCE"],
         issuer=s["ASSERTION_ISSUER"],
         algorithms=algorithms,
-        leeway=_number("ASSERTION_LEEWAY", s["ASSERTION_LEEWAY"]),
+        leeway=_number("ASSERTION_LEEWAY", s["ASSERTION_LEEWAY"], maximum=MAX_LEEWAY),
         assertion_cache_size=_count("ASSERTION_CACHE_SIZE", s["ASSERTION_CACHE_SIZE"]),
-        www_authenticate=str(s["WWW_AUTHENTICATE"]),
+        www_authenticate=www_authenticate,
         trigger_sql_dir=s["TRIGGER_SQL_DIR"],
     )
 

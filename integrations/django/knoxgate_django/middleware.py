@@ -1,7 +1,9 @@
 """``KnoxgateMiddleware``: ``request.user`` from knoxgate's headers for plain Django views.
 
 Put it after ``django.contrib.auth.middleware.AuthenticationMiddleware`` when that is installed
-(the admin's session login keeps working on requests that carry no knoxgate identity)::
+(the admin's session login keeps working on requests that carry no knoxgate identity; placed
+before it, a refused identity would fall back to the session's user, so ``manage.py check``
+reports that order as error ``knoxgate_django.E002``)::
 
     MIDDLEWARE = [
         ...,

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
+from django.test import Client
 
 import knoxgate_django
 from knoxgate_django.conf import parse
@@ -57,6 +58,21 @@ def test_defaults():
         ({"ASSERTION_LEEWAY": float("nan")}, "finite"),
         ({"JWKS_TIMEOUT": float("inf")}, "finite"),
         ({"JWKS_CACHE_SECONDS": float("nan")}, "finite"),
+        # An unbounded leeway keeps every expired assertion good; 0 s intervals read the source
+        # on every request with an unknown kid, or during an outage.
+        ({"ASSERTION_LEEWAY": 61}, r"ASSERTION_LEEWAY.*from 0 to 60"),
+        ({"ASSERTION_LEEWAY": 86400}, r"ASSERTION_LEEWAY.*from 0 to 60"),
+        ({"ASSERTION_LEEWAY": -1}, r"ASSERTION_LEEWAY.*from 0 to 60"),
+        ({"JWKS_REFETCH_INTERVAL": 0}, r"JWKS_REFETCH_INTERVAL.*>= 1"),
+        ({"JWKS_REFETCH_INTERVAL": 0.5}, r"JWKS_REFETCH_INTERVAL.*>= 1"),
+        ({"JWKS_RETRY_INTERVAL": 0}, r"JWKS_RETRY_INTERVAL.*>= 1"),
+        ({"JWKS_RETRY_INTERVAL": 0.1}, r"JWKS_RETRY_INTERVAL.*>= 1"),
+        # None or "" would make DRF answer 403, not 401; a newline cannot go into a header.
+        ({"WWW_AUTHENTICATE": None}, "WWW_AUTHENTICATE.*non-empty string"),
+        ({"WWW_AUTHENTICATE": ""}, "WWW_AUTHENTICATE.*non-empty string"),
+        ({"WWW_AUTHENTICATE": " "}, "WWW_AUTHENTICATE.*non-empty string"),
+        ({"WWW_AUTHENTICATE": 401}, "WWW_AUTHENTICATE.*non-empty string"),
+        ({"WWW_AUTHENTICATE": "Token\r\nSet-Cookie: x=1"}, "WWW_AUTHENTICATE.*non-empty string"),
         ({"ASSERTION_ALGORITHMS": None}, "subset"),
         ({"ASSERTION_ALGORITHMS": 256}, "subset"),
         ({"ASSERTION_ALGORITHMS": "ES256"}, "subset"),
@@ -70,6 +86,99 @@ def test_defaults():
 def test_bad_settings(raw, message):
     with pytest.raises(ImproperlyConfigured, match=message):
         parse(raw)
+
+
+def test_limits_are_accepted_at_their_bounds():
+    c = parse({"ASSERTION_LEEWAY": 60, "JWKS_REFETCH_INTERVAL": 1, "JWKS_RETRY_INTERVAL": 1,
+               "WWW_AUTHENTICATE": 'Bearer realm="api"'})
+    assert c.leeway == 60 and c.jwks_refetch_interval == 1 and c.jwks_retry_interval == 1
+    assert c.www_authenticate == 'Bearer realm="api"'
+    assert parse({}).www_authenticate == "Token"
+
+
+def _knoxgate_checks():
+    return [m for m in checks.run_checks() if m.id.startswith("knoxgate_django")]
+
+
+@pytest.mark.parametrize(
+    "proxies", [["10.0.0.0/24"], ["127.0.0.1/32", "172.18.0.0/16"], ["0.0.0.0/0"], ["::/0"],
+                ["fd00::/64"], ["10.0.0.2/31"]]
+)
+def test_a_trusted_network_wider_than_one_host_warns_without_require_assertion(settings, tmp_path, proxies):
+    settings.KNOXGATE = {"TRUSTED_PROXIES": proxies}
+    found = _knoxgate_checks()
+    assert [m.id for m in found] == ["knoxgate_django.W001"]
+    assert found[0].level == checks.WARNING
+    assert "TRUSTED_PROXIES" in found[0].msg and "REQUIRE_ASSERTION" in found[0].msg
+    wide = [p for p in proxies if not p.endswith(("/32", "/128"))]
+    assert all(p in found[0].msg for p in wide)
+    assert ("every address" in found[0].msg) == any(p.endswith("/0") for p in proxies)
+    assert "/32" in found[0].hint and "/128" in found[0].hint
+    # With REQUIRE_ASSERTION on, only a signature is believed: no warning.
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text('{"keys": []}')
+    settings.KNOXGATE = {"TRUSTED_PROXIES": proxies, "REQUIRE_ASSERTION": True,
+                         "JWKS_FILE": str(jwks), "ASSERTION_AUDIENCE": "app"}
+    assert _knoxgate_checks() == []
+
+
+def test_single_host_trusted_proxies_do_not_warn(settings):
+    settings.KNOXGATE = {"TRUSTED_PROXIES": ["172.18.0.5/32", "fd00::5/128", "127.0.0.1/32"]}
+    assert _knoxgate_checks() == []
+    settings.KNOXGATE = {"TRUSTED_PROXIES": []}
+    assert _knoxgate_checks() == []
+
+
+AUTH_MW = "django.contrib.auth.middleware.AuthenticationMiddleware"
+KNOXGATE_MW = "knoxgate_django.middleware.KnoxgateMiddleware"
+SESSION_MW = "django.contrib.sessions.middleware.SessionMiddleware"
+
+
+@pytest.mark.django_db
+def test_knoxgate_middleware_before_authentication_middleware_is_an_error(settings, client, django_user_model):
+    # What the error prevents: the session's user taking the place of a refused identity.
+    alice = django_user_model.objects.create_user("alice", "alice@example.com", "pw")
+    settings.MIDDLEWARE = [SESSION_MW, KNOXGATE_MW, AUTH_MW]
+    client.force_login(alice)
+    assert client.get("/plain/whoami", headers={"X-Auth-User-Id": "5,1"}).json()["id"] == alice.pk
+
+    found = _knoxgate_checks()
+    assert [m.id for m in found] == ["knoxgate_django.E002"]
+    assert found[0].level == checks.ERROR
+    assert KNOXGATE_MW in found[0].msg and AUTH_MW in found[0].msg and "MIDDLEWARE" in found[0].msg
+    # A subclass of either counts as it.
+    settings.MIDDLEWARE = [SESSION_MW, "kgtest.middleware.MyKnoxgateMiddleware", AUTH_MW]
+    assert [m.id for m in _knoxgate_checks()] == ["knoxgate_django.E002"]
+    # In order, or without AuthenticationMiddleware: no error.
+    for middleware in ([SESSION_MW, AUTH_MW, KNOXGATE_MW], [KNOXGATE_MW],
+                       [SESSION_MW, AUTH_MW, "kgtest.middleware.MyKnoxgateMiddleware"]):
+        settings.MIDDLEWARE = middleware
+        assert _knoxgate_checks() == [], middleware
+    settings.MIDDLEWARE = [SESSION_MW, AUTH_MW, KNOXGATE_MW]
+    ordered = Client()  # a client loads the middleware once: a new one for the new order
+    ordered.force_login(alice)
+    assert ordered.get("/plain/whoami", headers={"X-Auth-User-Id": "5,1"}).json()["id"] is None
+
+
+def test_session_authentication_before_knoxgate_authentication_warns(settings):
+    session = "rest_framework.authentication.SessionAuthentication"
+    knoxgate = "knoxgate_django.authentication.KnoxgateAuthentication"
+    base = dict(settings.REST_FRAMEWORK)
+    for classes in ([session, knoxgate], ["kgtest.middleware.MySessionAuthentication", knoxgate]):
+        settings.REST_FRAMEWORK = {**base, "DEFAULT_AUTHENTICATION_CLASSES": classes}
+        found = _knoxgate_checks()
+        assert [m.id for m in found] == ["knoxgate_django.W002"], classes
+        assert found[0].level == checks.WARNING
+        assert "DEFAULT_AUTHENTICATION_CLASSES" in found[0].msg and "SessionAuthentication" in found[0].msg
+    from rest_framework.authentication import SessionAuthentication
+
+    from knoxgate_django.authentication import KnoxgateAuthentication
+
+    settings.REST_FRAMEWORK = {**base, "DEFAULT_AUTHENTICATION_CLASSES": (SessionAuthentication, KnoxgateAuthentication)}
+    assert [m.id for m in _knoxgate_checks()] == ["knoxgate_django.W002"]
+    for classes in ([knoxgate, session], [knoxgate], [session], []):
+        settings.REST_FRAMEWORK = {**base, "DEFAULT_AUTHENTICATION_CLASSES": classes}
+        assert _knoxgate_checks() == [], classes
 
 
 def test_system_check_reports_bad_settings(settings):
