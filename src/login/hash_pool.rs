@@ -85,9 +85,25 @@ impl HashPool {
         .await
     }
 
+    /// Runs `f` if a thread is free now, else answers `Busy` at once: for work that can be
+    /// left for later (a re-hash), which must not queue ahead of admitted password checks.
+    pub async fn run_if_free<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, HashPoolError> {
+        let permit = Arc::clone(&self.slots)
+            .try_acquire_owned()
+            .map_err(|_| HashPoolError::Busy)?;
+        self.run(move || {
+            let _permit = permit;
+            f()
+        })
+        .await
+    }
+
     /// Runs `f` on a hashing thread and waits for its result without blocking the caller's
-    /// runtime thread.
-    pub async fn run<T: Send + 'static>(
+    /// runtime thread. Takes no slot: callers go through `run_within` or `run_if_free`.
+    async fn run<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, HashPoolError> {
@@ -135,6 +151,9 @@ mod tests {
         }
         let second = pool.run_within(Duration::from_millis(50), || ()).await;
         assert!(matches!(second, Err(HashPoolError::Busy)), "{second:?}");
+        // Work that can wait (a re-hash) does not queue behind it either.
+        let later = pool.run_if_free(|| ()).await;
+        assert!(matches!(later, Err(HashPoolError::Busy)), "{later:?}");
         release.send(()).unwrap();
         assert!(first.await.unwrap().unwrap());
         // The slot is free again.

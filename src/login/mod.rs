@@ -209,16 +209,23 @@ impl Login {
         Ok(ok)
     }
 
-    /// Django re-hashes on login with its preferred hasher; so do we, off the request. `checked`
-    /// is the hash the login verified: only it is replaced.
+    /// Django re-hashes on login with its preferred hasher; so do we, off the request, when a
+    /// hashing thread is free (otherwise the next login does it: a re-hash must not queue ahead
+    /// of admitted password checks). `checked` is the hash the login verified: only it is
+    /// replaced.
     fn rehash_later(&self, username: String, password: String, checked: String, iterations: u32) {
         let store = Arc::clone(&self.store);
         let hashes = self.hashes.clone();
         tokio::spawn(async move {
             let hashed = hashes
-                .run(move || password::make_password(&password, iterations))
+                .run_if_free(move || password::make_password(&password, iterations))
                 .await;
-            let Ok(encoded) = hashed else { return };
+            let Ok(encoded) = hashed else {
+                tracing::debug!(
+                    "no hashing thread free; the password is re-hashed at a later login"
+                );
+                return;
+            };
             match store
                 .postgres()
                 .upgrade_password(&username, &checked, &encoded)
