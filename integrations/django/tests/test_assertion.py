@@ -5,9 +5,14 @@ assertions signed with PyJWT, the library the package verifies with."""
 from __future__ import annotations
 
 import base64
+import contextlib
+import datetime
 import http.server
+import ipaddress
 import itertools
 import json
+import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -676,15 +681,15 @@ class JwksSource:
         self.stop = threading.Event()
         self.on_request = None
         self.url = ""
+        #: TLS handshakes the client aborted (the TLS variant only).
+        self.handshake_errors: list[Exception] = []
 
     def serve(self, *keys) -> None:
         self.mode = "serve"
         self.document = json.dumps({"keys": [k.jwk() for k in keys]}).encode()
 
 
-@pytest.fixture
-def jwks_source():
-    source = JwksSource()
+def _jwks_handler(source: JwksSource):
     lock = threading.Lock()
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -721,11 +726,47 @@ def jwks_source():
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", spare_port()), Handler)
-    server.daemon_threads = True
+    return Handler
+
+
+class _TLSServer(http.server.ThreadingHTTPServer):
+    """The JWKS server over TLS: each connection's handshake runs in its own handler thread (not
+    in the accepting one), and a handshake the client aborts is recorded, not printed."""
+
+    daemon_threads = True
+
+    def __init__(self, address, handler, context: ssl.SSLContext, source: JwksSource) -> None:
+        self.context, self.source = context, source
+        super().__init__(address, handler)
+
+    def finish_request(self, request, client_address):
+        request.settimeout(10)
+        try:
+            tls = self.context.wrap_socket(request, server_side=True)
+        except OSError as e:  # ssl.SSLError included: the client refused the certificate
+            self.source.handshake_errors.append(e)
+            return
+        try:
+            super().finish_request(tls, client_address)
+        finally:
+            tls.close()
+
+
+@contextlib.contextmanager
+def _serving(source: JwksSource, *, tls: ssl.SSLContext | None = None, host: str = "127.0.0.1"):
+    """Runs the JWKS server for ``source`` on a spare loopback port, over TLS with ``tls`` (a
+    server context) if given; ``source.url`` names it with ``host``."""
+    handler = _jwks_handler(source)
+    address = ("127.0.0.1", spare_port())
+    if tls is None:
+        server = http.server.ThreadingHTTPServer(address, handler)
+        server.daemon_threads = True
+    else:
+        server = _TLSServer(address, handler, tls, source)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    source.url = f"http://127.0.0.1:{server.server_address[1]}/.well-known/jwks.json"
+    scheme = "https" if tls is not None else "http"
+    source.url = f"{scheme}://{host}:{server.server_address[1]}/.well-known/jwks.json"
     try:
         yield source
     finally:
@@ -734,6 +775,12 @@ def jwks_source():
         server.shutdown()
         server.server_close()
         thread.join(10)
+
+
+@pytest.fixture
+def jwks_source():
+    with _serving(JwksSource()) as source:
+        yield source
 
 
 def test_a_failed_read_is_retried_from_its_end_with_a_doubling_wait(jwks_source, ed_key):
@@ -905,3 +952,214 @@ def test_a_source_that_trickles_its_headers_is_given_up_at_jwks_timeout(jwks_sou
     thread.join(10)
     assert not thread.is_alive(), "still reading the headers 10 s after a 1 s JWKS_TIMEOUT"
     assert len(outcome) == 1 and 0.9 < outcome[0] < 1.5, outcome
+
+
+# --- A JWKS URL over HTTPS: the package's own TLS context, trusting a throwaway CA ---
+
+
+class _CA:
+    """A throwaway certificate authority (made with `cryptography`) that issues server
+    certificates for given names, written as PEM files under ``directory``."""
+
+    def __init__(self, directory, name: str) -> None:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+        self._x509, self._hashes, self._serialization, self._ec = x509, hashes, serialization, ec
+        self._server_auth, self._cn = ExtendedKeyUsageOID.SERVER_AUTH, NameOID.COMMON_NAME
+        self.directory, self.name = directory, name
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        self.cert = (
+            self._builder(subject, subject, self.key.public_key())
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(
+                digital_signature=False, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+                encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(self.key.public_key()), critical=False)
+            .sign(self.key, hashes.SHA256())
+        )
+        self.cert_file = directory / f"{name}.pem"
+        self.cert_file.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
+
+    def _builder(self, subject, issuer, public_key):
+        now = datetime.datetime.now(datetime.timezone.utc)
+        return (
+            self._x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(issuer)
+            .public_key(public_key)
+            .serial_number(self._x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+        )
+
+    def server_context(self, *names: str) -> ssl.SSLContext:
+        """A server-side TLS context with a certificate this CA signed for ``names`` (DNS names,
+        or IP addresses as IP SANs)."""
+        x509 = self._x509
+        key = self._ec.generate_private_key(self._ec.SECP256R1())
+        sans = []
+        for name in names:
+            try:
+                sans.append(x509.IPAddress(ipaddress.ip_address(name)))
+            except ValueError:
+                sans.append(x509.DNSName(name))
+        cert = (
+            self._builder(x509.Name([x509.NameAttribute(self._cn, names[0])]), self.cert.subject,
+                          key.public_key())
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
+                encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([self._server_auth]), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
+                           critical=False)
+            .sign(self.key, self._hashes.SHA256())
+        )
+        stem = self.directory / f"{self.name}-{'-'.join(names)}"
+        cert_file, key_file = stem.with_suffix(".crt"), stem.with_suffix(".key")
+        cert_file.write_bytes(cert.public_bytes(self._serialization.Encoding.PEM))
+        key_file.write_bytes(key.private_bytes(
+            self._serialization.Encoding.PEM, self._serialization.PrivateFormat.PKCS8,
+            self._serialization.NoEncryption()))
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert_file, key_file)
+        return context
+
+
+@pytest.fixture
+def trusted_ca(tmp_path, monkeypatch):
+    """A throwaway CA that the package's own TLS context (``assertion._tls_context``, built with
+    ``ssl.create_default_context()``) trusts for this test only: OpenSSL reads SSL_CERT_FILE
+    when the context loads the default CA certificates, and the context is cached, so the cache
+    is emptied before and after."""
+    ca = _CA(tmp_path, "knoxgate-test-ca")
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca.cert_file))
+    monkeypatch.setenv("SSL_CERT_DIR", str(tmp_path / "no-ca-dir"))  # the system's CAs are not needed
+    assertion._tls_context.cache_clear()
+    try:
+        yield ca
+    finally:
+        assertion._tls_context.cache_clear()
+
+
+@contextlib.contextmanager
+def _https_source(context: ssl.SSLContext, host: str, *keys):
+    source = JwksSource()
+    source.serve(*keys)
+    with _serving(source, tls=context, host=host):
+        yield source
+
+
+def _load_errors(caplog) -> str:
+    return "\n".join(r.getMessage() for r in caplog.records
+                     if r.name == "knoxgate_django" and r.levelname == "ERROR")
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+def test_a_jwks_url_over_https_with_a_trusted_certificate_is_loaded(trusted_ca, ed_key, caplog, host):
+    """The certificate names both 127.0.0.1 (an IP SAN) and localhost (a DNS SAN), and a CA the
+    package's TLS context trusts signed it: the keys are loaded."""
+    context = trusted_ca.server_context("localhost", "127.0.0.1")
+    with _https_source(context, host, ed_key) as source:
+        assert source.url.startswith(f"https://{host}:")
+        keyset = assertion.KeySet(url=source.url, timeout=5)
+        key = keyset.get(ed_key.kid)
+        assert key is not None and key.key_id == ed_key.kid
+        assert source.requests == 1 and source.handshake_errors == []
+        assert keyset.get("not-there") is None, "a successful read answers for unknown kids"
+    assert _load_errors(caplog) == ""
+
+
+def test_a_certificate_no_trusted_ca_signed_is_a_failed_fetch(trusted_ca, tmp_path, ed_key, caplog):
+    """Same names, but signed by another CA, which the package does not trust: the JWKS is not
+    read (no request gets through), the key is not loaded, and the failure is logged."""
+    stranger = _CA(tmp_path, "untrusted-ca")
+    with _https_source(stranger.server_context("localhost", "127.0.0.1"), "127.0.0.1", ed_key) as source:
+        keyset = assertion.KeySet(url=source.url, timeout=5)
+        with pytest.raises(assertion.KeysUnavailable):
+            keyset.get(ed_key.kid)
+        assert keyset.fetches == 1 and keyset._keys == {}
+        assert source.requests == 0, "the HTTP request was sent over an unverified connection"
+    errors = _load_errors(caplog)
+    assert "cannot load https://127.0.0.1:" in errors
+    assert "certificate verify failed" in errors, errors
+
+
+@pytest.mark.parametrize(
+    "host, names",
+    [
+        ("localhost", ["other.example"]),
+        # An IP address is matched against IP SANs, not a DNS name that resolves to it.
+        ("127.0.0.1", ["localhost"]),
+    ],
+)
+def test_a_certificate_for_another_host_is_refused(trusted_ca, ed_key, caplog, host, names):
+    """Signed by the trusted CA, but not for the host the URL names: refused like any failed
+    fetch (the hostname is checked, not just the chain)."""
+    with _https_source(trusted_ca.server_context(*names), host, ed_key) as source:
+        keyset = assertion.KeySet(url=source.url, timeout=5)
+        with pytest.raises(assertion.KeysUnavailable):
+            keyset.get(ed_key.kid)
+        assert keyset._keys == {}
+        assert source.requests == 0, "the HTTP request was sent to a host the certificate is not for"
+    errors = _load_errors(caplog)
+    assert "certificate verify failed" in errors and "mismatch" in errors.lower(), errors
+
+
+def test_a_tls_handshake_that_never_completes_is_given_up_at_jwks_timeout(trusted_ca):
+    """A server that accepts the TCP connection and reads the ClientHello, but never answers it:
+    the handshake is bounded by JWKS_TIMEOUT like the rest of the fetch."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.settimeout(0.2)
+    stop, client_hello = threading.Event(), threading.Event()
+    held = []
+
+    def accept():
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except (TimeoutError, OSError):
+                continue
+            held.append(conn)
+            conn.settimeout(5)
+            try:
+                if conn.recv(1) == b"\x16":  # a TLS handshake record: the ClientHello
+                    client_hello.set()
+            except OSError:
+                pass
+
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
+    outcome = []
+    try:
+        keyset = assertion.KeySet(url=f"https://127.0.0.1:{listener.getsockname()[1]}/jwks.json", timeout=1)
+
+        def fetch():
+            started = time.monotonic()
+            try:
+                keyset.get("any")
+            except assertion.KeysUnavailable:
+                outcome.append(time.monotonic() - started)
+
+        thread = threading.Thread(target=fetch, daemon=True)
+        thread.start()
+        thread.join(10)
+        assert not thread.is_alive(), "still in the TLS handshake 10 s after a 1 s JWKS_TIMEOUT"
+        assert client_hello.is_set(), "the client never got to the handshake"
+    finally:
+        stop.set()
+        acceptor.join(5)
+        for conn in held:
+            conn.close()
+        listener.close()
+    assert len(outcome) == 1 and 0.9 < outcome[0] < 2, outcome
