@@ -1061,6 +1061,27 @@ async fn a_relay_whose_first_echo_comes_back_late_goes_live_once_it_hears() {
     relayed.kill().await;
 }
 
+/// A ready relay and a ready instance reading its stream, with a Redis command timeout (5 s)
+/// far longer than `FEED`'s relay timeout: for tests that stop Redis answering. `cache_extra`
+/// adds keys to `FEED`'s `[cache]`.
+async fn relay_and_patient_instance(
+    db: &TestDb,
+    redis: &PrivateRedis,
+    prefix: &str,
+    cache_extra: &str,
+) -> (Binary, TestServer) {
+    let prefix = unique(prefix);
+    let relayed = relay(db, redis, &prefix);
+    assert_ready(&relayed, Duration::from_secs(10)).await;
+    let extra = format!(
+        "[redis]\nurl = \"{}\"\ncommand_timeout = \"5s\"\n{FEED}{cache_extra}",
+        redis.url()
+    );
+    let s = TestServer::start_with_prefix(db, &prefix, &extra).await;
+    assert!(ready_within(s.admin(), Duration::from_secs(10)).await);
+    (relayed, s)
+}
+
 /// An instance stops trusting its caches `cache.feed_relay_timeout` after the last heartbeat,
 /// also while its read of the stream is still waiting: on a Redis that stopped answering, that
 /// read ends only after `redis.command_timeout` (here 5 s), and the feed was taken as live
@@ -1069,15 +1090,7 @@ async fn a_relay_whose_first_echo_comes_back_late_goes_live_once_it_hears() {
 async fn a_stream_that_stops_answering_is_distrusted_within_the_relay_timeout() {
     let db = TestDb::migrated().await;
     let redis = PrivateRedis::start().await;
-    let prefix = unique("kgstall");
-    let relayed = relay(&db, &redis, &prefix);
-    assert_ready(&relayed, Duration::from_secs(10)).await;
-    let extra = format!(
-        "[redis]\nurl = \"{}\"\ncommand_timeout = \"5s\"\n{FEED}",
-        redis.url()
-    );
-    let s = TestServer::start_with_prefix(&db, &prefix, &extra).await;
-    assert!(ready_within(s.admin(), Duration::from_secs(10)).await);
+    let (relayed, s) = relay_and_patient_instance(&db, &redis, "kgstall", "").await;
     let token = user_with_token(&db, "stalled").await;
     cached_on_all(&[&s], &[&token]).await;
 
@@ -1105,15 +1118,13 @@ async fn a_stream_that_stops_answering_is_distrusted_within_the_relay_timeout() 
 async fn a_token_made_while_the_stream_stalls_is_not_refused_as_unknown() {
     let db = TestDb::migrated().await;
     let redis = PrivateRedis::start().await;
-    let prefix = unique("kgfilter");
-    let relayed = relay(&db, &redis, &prefix);
-    assert_ready(&relayed, Duration::from_secs(10)).await;
-    let extra = format!(
-        "[redis]\nurl = \"{}\"\ncommand_timeout = \"5s\"\n{FEED}unknown_key_lookups_per_second = 0\n",
-        redis.url()
-    );
-    let s = TestServer::start_with_prefix(&db, &prefix, &extra).await;
-    assert!(ready_within(s.admin(), Duration::from_secs(10)).await);
+    let (relayed, s) = relay_and_patient_instance(
+        &db,
+        &redis,
+        "kgfilter",
+        "unknown_key_lookups_per_second = 0\n",
+    )
+    .await;
     let loaded = eventually(Duration::from_secs(10), || async {
         s.metric("knoxgate_key_filter_loads_total").await >= 1.0
     })
