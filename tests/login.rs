@@ -787,3 +787,55 @@ async fn a_login_is_answered_once_its_token_is_committed() {
     assert_eq!(tokens, 2);
     s.stop().await;
 }
+
+/// A login whose request deadline passes while its COMMIT is on its way (here a deferred
+/// trigger holds the COMMIT 2 s; the deadline is 1 s) is answered 503, and the token that
+/// COMMIT makes is deleted: nobody received it, and under `TOKEN_LIMIT_PER_USER` it would
+/// refuse the client's retry.
+#[tokio::test]
+async fn a_login_answered_503_leaves_no_token_behind() {
+    let (_db, client, s) = Fixture::new()
+        .user("alice")
+        .config(
+            "[server]\nrequest_timeout = \"1s\"\n[sessions]\nhash_queue_timeout = \"500ms\"\n\
+             [postgres]\nstatement_timeout = \"5s\"\n[knox]\ntoken_limit_per_user = 1",
+        )
+        .start()
+        .await;
+    let alice = user_id(&client, "alice").await;
+    // `committed` gets its row in the token's own transaction: it shows the COMMIT happened.
+    client
+        .batch_execute(
+            "CREATE TABLE committed (digest text);
+             CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 INSERT INTO committed VALUES (NEW.digest);
+                 PERFORM pg_sleep(2);
+                 RETURN NULL;
+             END $$;
+             CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON knox_authtoken
+                 DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit();",
+        )
+        .await
+        .unwrap();
+    let r = login(&s, "alice", "alice-pass").await;
+    assert_eq!(r.status, 503, "{}", r.body_text());
+    let committed = eventually(Duration::from_secs(5), || async {
+        let n: i64 = client
+            .query_one("SELECT count(*) FROM committed", &[])
+            .await
+            .unwrap()
+            .get(0);
+        n == 1
+    })
+    .await;
+    assert!(committed.is_some(), "the token's COMMIT never happened");
+    assert_rows_become(&client, alice, 0, "the unreceived token deleted").await;
+    client
+        .batch_execute("DROP TRIGGER slow_commit ON knox_authtoken")
+        .await
+        .unwrap();
+    let retry = login(&s, "alice", "alice-pass").await;
+    assert_eq!(retry.status, 200, "{}", retry.body_text());
+    s.stop().await;
+}

@@ -17,7 +17,7 @@ use std::{net::IpAddr, sync::Arc, time::Instant};
 use time::OffsetDateTime;
 
 use crate::{
-    auth::{LoginCredentials, generate_token, token_key_of},
+    auth::{LoginCredentials, TokenRow, generate_token, token_key_of},
     config::{Config, KnoxConfig},
     error::Error,
     metrics::Metrics,
@@ -251,26 +251,24 @@ pub async fn issue_token(
     now: OffsetDateTime,
 ) -> Result<Option<Issued>, StoreError> {
     let token = generate_token(&knox.token_prefix, knox.token_character_length);
-    let digest = knox.hash_algorithm.digest(token.as_bytes());
-    let token_key = token_key_of(&token);
+    let digest = knox.hash_algorithm.digest(token.as_bytes()).to_hex();
     let expiry = knox.token_ttl.map(|ttl| now + ttl);
+    // Read before the insert: a change that lands while the row is being created (the user's
+    // deactivation reaching the feed first) keeps it out of the caches.
+    let epoch = store.changes_now();
     let new = NewToken {
-        username,
-        digest: &digest.to_hex(),
-        token_key,
+        username: username.to_owned(),
+        digest: digest.clone(),
+        token_key: token_key_of(&token).to_owned(),
         created: now,
         expiry,
         limit: knox.token_limit_per_user,
     };
-    // Read before the insert: a change that lands while the row is being created (the user's
-    // deactivation reaching the feed first) keeps it out of the caches.
-    let epoch = store.changes_now();
-    let Some(row) = store.postgres().create_token(&new).await? else {
+    let Some(row) = create_token_unless_abandoned(store, new).await? else {
         return Ok(None);
     };
     store.remember_new(&row, epoch);
     let settling = Arc::clone(store);
-    let digest = digest.to_hex();
     let settled = tokio::spawn(async move {
         settling.share_new(row, epoch).await;
         // Housekeeping: the token is issued whatever becomes of it.
@@ -283,4 +281,68 @@ pub async fn issue_token(
         expiry,
         settled,
     }))
+}
+
+/// Runs the token's transaction on a task of its own and hands its row to the caller. A caller
+/// dropped meanwhile (its request deadline passed while COMMIT was on its way, and the client
+/// was answered 503) must not leave a committed token behind: nobody received its plain text,
+/// yet under `TOKEN_LIMIT_PER_USER` it would count against the client's retry. The task runs
+/// the transaction to its end instead of being cut off mid-statement, and the token is deleted
+/// when nobody is left to take it: by the task when its caller is gone, or by the caller's
+/// [`Handover`] when the row was handed over but never taken.
+async fn create_token_unless_abandoned(
+    store: &Arc<Store>,
+    new: NewToken,
+) -> Result<Option<TokenRow>, StoreError> {
+    let (hand_over, taken) = tokio::sync::oneshot::channel();
+    let creating = Arc::clone(store);
+    tokio::spawn(async move {
+        let made = creating.postgres().create_token(&new).await;
+        if let Err(Ok(Some(row))) = hand_over.send(made) {
+            discard_unreceived(&creating, &row).await;
+        }
+    });
+    let mut handover = Handover {
+        store: Arc::clone(store),
+        taken,
+    };
+    (&mut handover.taken).await.map_err(|_| {
+        StoreError::Query("create_token: the transaction's task ended without an answer".into())
+    })?
+}
+
+/// The receiving end of a token's transaction. Dropped before it was read, it closes the
+/// channel (so that the task, should it still be running, deletes the token itself) and deletes
+/// a row already handed over.
+struct Handover {
+    store: Arc<Store>,
+    taken: tokio::sync::oneshot::Receiver<Result<Option<TokenRow>, StoreError>>,
+}
+
+impl Drop for Handover {
+    fn drop(&mut self) {
+        self.taken.close();
+        if let Ok(Ok(Some(row))) = self.taken.try_recv()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let store = Arc::clone(&self.store);
+            runtime.spawn(async move { discard_unreceived(&store, &row).await });
+        }
+    }
+}
+
+/// Deletes a token whose login was answered without it.
+async fn discard_unreceived(store: &Store, row: &TokenRow) {
+    match store.logout(&row.token_key, &row.digest).await {
+        Ok(_) => tracing::info!(
+            token_key = %row.token_key,
+            "a login was answered before its token was committed; the token is deleted"
+        ),
+        Err(e) => tracing::warn!(
+            token_key = %row.token_key,
+            error = %e,
+            "a login was answered before its token was committed, and the token could not be \
+             deleted; it stays until it expires or its user logs out everywhere"
+        ),
+    }
 }

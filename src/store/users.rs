@@ -24,10 +24,10 @@ pub struct LoginUser {
 }
 
 /// The values of a token row to insert.
-pub struct NewToken<'a> {
-    pub username: &'a str,
-    pub digest: &'a str,
-    pub token_key: &'a str,
+pub struct NewToken {
+    pub username: String,
+    pub digest: String,
+    pub token_key: String,
     pub created: OffsetDateTime,
     pub expiry: Option<OffsetDateTime>,
     pub limit: Option<u64>,
@@ -73,7 +73,7 @@ impl Postgres {
     /// checking the per-user limit, and stamps `last_login`, in one transaction.
     /// Returns the new row, its user as the transaction saw it, or `Ok(None)` when the limit is
     /// reached.
-    pub async fn create_token(&self, new: &NewToken<'_>) -> Result<Option<TokenRow>, StoreError> {
+    pub async fn create_token(&self, new: &NewToken) -> Result<Option<TokenRow>, StoreError> {
         self.note_request();
         let mut client = self.client().await?;
         let sql = &self.sql;
