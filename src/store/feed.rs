@@ -175,19 +175,26 @@ async fn prune_log(client: &tokio_postgres::Client, config: &Config, metrics: &M
     }
 }
 
-/// While the feed cannot get back for the same reason, a warning per `FEED_WARNING_INTERVAL`
-/// (with the number of attempts since the last one) rather than one per
-/// `cache.feed_reconnect_delay` (0.5 s: 7,200 lines an hour); a new reason is warned of at
-/// once, and every attempt is logged at debug.
+/// While the feed cannot get back, a warning per `FEED_WARNING_INTERVAL` (with the number of
+/// attempts since the last one) rather than one per `cache.feed_reconnect_delay` (0.5 s: 7,200
+/// lines an hour); a reason not yet met in this outage is warned of at once, and every attempt
+/// is logged at debug.
 const FEED_WARNING_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Distinct reasons an outage remembers; beyond them, even a new one waits for the interval,
+/// so that errors whose text varies cannot bring back a warning per attempt.
+const FEED_OUTAGE_REASONS: usize = 8;
 
 /// The reconnect attempts of one outage of the feed, for [`run`]'s log.
 #[derive(Default)]
 struct OutageLog {
     /// Attempts failed since the last warning.
     unreported: u64,
-    /// When the last warning was logged, and of what.
-    last_warning: Option<(Instant, String)>,
+    /// When the last warning was logged.
+    last_warning: Option<Instant>,
+    /// The reasons already warned of in this outage: one that comes back (two causes taking
+    /// turns) waits for the interval like a repeat.
+    reasons: Vec<String>,
 }
 
 impl OutageLog {
@@ -208,13 +215,18 @@ impl OutageLog {
             *self = OutageLog::default();
         }
         self.unreported += 1;
-        let due = self.last_warning.as_ref().is_none_or(|(at, said)| {
-            now.duration_since(*at) >= FEED_WARNING_INTERVAL || *said != cause
-        });
+        let new_reason = !self.reasons.contains(&cause) && self.reasons.len() < FEED_OUTAGE_REASONS;
+        let due = new_reason
+            || self
+                .last_warning
+                .is_none_or(|at| now.duration_since(at) >= FEED_WARNING_INTERVAL);
         if !due {
             return None;
         }
-        self.last_warning = Some((now, cause));
+        if new_reason {
+            self.reasons.push(cause);
+        }
+        self.last_warning = Some(now);
         Some(std::mem::take(&mut self.unreported))
     }
 }
@@ -619,6 +631,35 @@ mod tests {
         assert_eq!(log.warn_of(false, full.clone(), at(61_000)), None);
         // Live again, then lost: a new outage, warned of at once even for the same cause.
         assert_eq!(log.warn_of(true, full, at(62_000)), Some(1));
+    }
+
+    #[test]
+    fn causes_taking_turns_or_ever_changing_are_warned_of_once_a_minute() {
+        let mut log = super::OutageLog::default();
+        let start = tokio::time::Instant::now();
+        let at = |ms: u64| start + std::time::Duration::from_millis(ms);
+        let causes = [
+            "feed connect: connection refused",
+            "feed connect: timed out",
+        ];
+        // Two causes in turn: each warned of when first met, then neither until the minute.
+        assert_eq!(log.warn_of(false, causes[0].into(), at(0)), Some(1));
+        assert_eq!(log.warn_of(false, causes[1].into(), at(500)), Some(1));
+        for i in 2..120 {
+            let cause = causes[i as usize % 2].to_owned();
+            assert_eq!(log.warn_of(false, cause, at(i * 500)), None, "attempt {i}");
+        }
+        assert_eq!(log.warn_of(false, causes[0].into(), at(60_500)), Some(119));
+        // A text that changes at every attempt: new reasons are warned of at once only up to
+        // FEED_OUTAGE_REASONS per outage (the first 3.5 s), then once a minute (at 63.5 s).
+        let mut log = super::OutageLog::default();
+        let warned = (0..130u64)
+            .filter(|i| {
+                log.warn_of(false, format!("feed connect: port {i}"), at(i * 500))
+                    .is_some()
+            })
+            .count();
+        assert_eq!(warned, super::FEED_OUTAGE_REASONS + 1);
     }
 
     use super::*;
