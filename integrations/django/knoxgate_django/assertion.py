@@ -20,8 +20,8 @@ each failure in a row, up to ``JWKS_REFETCH_INTERVAL``; until the retry is due t
 read in the request path. While it fails, the keys already held keep working, stale or not, and
 an assertion whose key is not held raises ``KeysUnavailable``. One read runs at a time: threads
 that find one running go on with the keys held, or, for a kid not held, wait for that read and
-never start another. A fetch of a URL has ``JWKS_TIMEOUT`` as a whole, status line and headers
-included.
+never start another. A fetch of a URL has ``JWKS_TIMEOUT`` as a whole: name lookup, connecting,
+status line and headers included.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import io
 import json
 import logging
 import re
+import socket
 import ssl
 import threading
 import time
@@ -142,10 +143,57 @@ def _remaining(deadline: float, timeout: float) -> float:
     return left
 
 
+def _resolve(host: str, port: int, deadline: float, timeout: float) -> list[tuple]:
+    """``getaddrinfo`` within the fetch's deadline. It takes no timeout of its own: a resolver
+    that does not answer holds it for the resolver's own retries (10 s and more with glibc's
+    defaults). It runs on a thread of its own, which such a resolver keeps until it gives up;
+    fetches are one at a time and spaced by their retry waits, so few such threads can exist."""
+    outcome: dict[str, Any] = {}
+    done = threading.Event()
+
+    def ask() -> None:
+        try:
+            outcome["addresses"] = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as e:
+            outcome["error"] = e
+        finally:
+            done.set()
+
+    threading.Thread(target=ask, name="knoxgate-jwks-resolve", daemon=True).start()
+    if not done.wait(_remaining(deadline, timeout)):
+        raise TimeoutError(f"JWKS host {host!r} not resolved within {timeout} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["addresses"]
+
+
 class _HTTPConnection(http.client.HTTPConnection):
     def __init__(self, host: str, port: int, *, deadline: float, timeout: float) -> None:
         super().__init__(host, port, timeout=_remaining(deadline, timeout))
         self.deadline, self.total_timeout, self.raw_sock = deadline, timeout, None
+        # What connect() opens the socket with (socket.create_connection by default, whose
+        # name lookup has no timeout).
+        self._create_connection = self._open_within_deadline
+
+    def _open_within_deadline(self, address: tuple[str, int], *_: Any) -> socket.socket:
+        """A TCP connection to the first of the host's addresses that accepts one, name lookup
+        and every attempt within the fetch's deadline."""
+        host, port = address
+        failures: list[OSError] = []
+        for family, kind, proto, _name, sockaddr in _resolve(
+                host, port, self.deadline, self.total_timeout):
+            left = _remaining(self.deadline, self.total_timeout)
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.settimeout(left)
+                sock.connect(sockaddr)
+                return sock
+            except OSError as e:
+                sock.close()
+                failures.append(e)
+        if not failures:
+            raise OSError(f"no address for JWKS host {host!r}")
+        raise failures[-1]
 
     def connect(self) -> None:
         super().connect()

@@ -11,6 +11,8 @@ import http.server
 import ipaddress
 import itertools
 import json
+import os
+import shutil
 import socket
 import ssl
 import subprocess
@@ -941,6 +943,50 @@ def test_a_source_that_trickles_its_headers_is_given_up_at_jwks_timeout(jwks_sou
     ended, outcome = _time_until_unavailable(keyset)
     assert ended, "still reading the headers 10 s after a 1 s JWKS_TIMEOUT"
     assert len(outcome) == 1 and 0.9 < outcome[0] < 1.5, outcome
+
+
+_LOOKUP_IN_A_SILENT_RESOLVER = """
+import socket, time
+# The only name server this namespace knows: it hears every query and never answers one.
+silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+silent.bind(("127.0.0.1", 53))
+from knoxgate_django import assertion
+started = time.monotonic()
+try:
+    assertion._fetch("http://jwks.knoxgate.test/.well-known/jwks.json", 1.0)
+    outcome = "fetched"
+except Exception as e:
+    outcome = type(e).__name__
+took = time.monotonic() - started
+silent.settimeout(0)
+try:
+    silent.recv(512)
+    asked = "asked"
+except BlockingIOError:
+    asked = "not-asked"
+print(f"{took:.2f} {asked} {outcome}")
+"""
+
+
+def test_a_name_lookup_that_never_answers_is_given_up_at_jwks_timeout(tmp_path):
+    """A JWKS host whose name server does not answer: the lookup is bounded by JWKS_TIMEOUT like
+    the rest of the fetch, not by the resolver's own retries (here 2 x 5 s). Run in a network
+    and mount namespace of its own (``unshare``), whose resolv.conf names a silent server."""
+    ip = shutil.which("ip") or next(
+        (p for p in ("/usr/sbin/ip", "/sbin/ip") if os.access(p, os.X_OK)), None)
+    assert ip and shutil.which("unshare"), "this test needs iproute2's ip and util-linux's unshare"
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 127.0.0.1\noptions timeout:5 attempts:2\n")
+    inside = (f"{ip} link set lo up && mount --bind {resolv} /etc/resolv.conf && "
+              f'exec "$0" -c "$1"')
+    run = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--net", "--mount", "sh", "-c", inside,
+         sys.executable, _LOOKUP_IN_A_SILENT_RESOLVER],
+        capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    took, asked, outcome = run.stdout.split()
+    assert asked == "asked", "the lookup never reached the silent name server"
+    assert outcome == "TimeoutError" and 0.9 < float(took) < 1.8, run.stdout
 
 
 def _time_until_unavailable(keyset) -> tuple[bool, list[float]]:
