@@ -154,7 +154,7 @@ def _resolve(host: str, port: int, deadline: float, timeout: float) -> list[tupl
     def ask() -> None:
         try:
             outcome["addresses"] = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except OSError as e:
+        except BaseException as e:  # UnicodeError too (a label over 63 characters): the caller's
             outcome["error"] = e
         finally:
             done.set()
@@ -183,13 +183,17 @@ class _HTTPConnection(http.client.HTTPConnection):
         for family, kind, proto, _name, sockaddr in _resolve(
                 host, port, self.deadline, self.total_timeout):
             left = _remaining(self.deadline, self.total_timeout)
-            sock = socket.socket(family, kind, proto)
+            sock = None
             try:
+                # Inside the try: an address family the kernel lacks (IPv6 disabled) is one
+                # address that failed, as in socket.create_connection.
+                sock = socket.socket(family, kind, proto)
                 sock.settimeout(left)
                 sock.connect(sockaddr)
                 return sock
             except OSError as e:
-                sock.close()
+                if sock is not None:
+                    sock.close()
                 failures.append(e)
         if not failures:
             raise OSError(f"no address for JWKS host {host!r}")
