@@ -788,39 +788,28 @@ async fn a_login_is_answered_once_its_token_is_committed() {
     s.stop().await;
 }
 
-/// A login whose request deadline passes while its COMMIT is on its way (here a deferred
-/// trigger holds the COMMIT 2 s; the deadline is 1 s) is answered 503, and the token that
-/// COMMIT makes is deleted: nobody received it, and under `TOKEN_LIMIT_PER_USER` it would
-/// refuse the client's retry.
-#[tokio::test]
-async fn a_login_answered_503_leaves_no_token_behind() {
-    let (_db, client, s) = Fixture::new()
-        .user("alice")
-        .config(
-            "[server]\nrequest_timeout = \"1s\"\n[sessions]\nhash_queue_timeout = \"500ms\"\n\
-             [postgres]\nstatement_timeout = \"5s\"\n[knox]\ntoken_limit_per_user = 1",
-        )
-        .start()
-        .await;
-    let alice = user_id(&client, "alice").await;
-    // `committed` gets its row in the token's own transaction: it shows the COMMIT happened.
+/// Makes the COMMIT of every token row take `seconds` longer: a deferred trigger sleeps in it. Its table `committed` gets a row in the token's own transaction, so it shows that the
+/// COMMIT happened.
+async fn slow_commits(client: &tokio_postgres::Client, seconds: f64) {
     client
-        .batch_execute(
+        .batch_execute(&format!(
             "CREATE TABLE committed (digest text);
              CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
              BEGIN
                  INSERT INTO committed VALUES (NEW.digest);
-                 PERFORM pg_sleep(2);
+                 PERFORM pg_sleep({seconds});
                  RETURN NULL;
              END $$;
              CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON knox_authtoken
-                 DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit();",
-        )
+                 DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit();"
+        ))
         .await
         .unwrap();
-    let r = login(&s, "alice", "alice-pass").await;
-    assert_eq!(r.status, 503, "{}", r.body_text());
-    let committed = eventually(Duration::from_secs(5), || async {
+}
+
+/// Waits (up to 10 s) for a token's COMMIT to have happened (see [`slow_commits`]).
+async fn assert_committed(client: &tokio_postgres::Client) {
+    let committed = eventually(Duration::from_secs(10), || async {
         let n: i64 = client
             .query_one("SELECT count(*) FROM committed", &[])
             .await
@@ -830,7 +819,127 @@ async fn a_login_answered_503_leaves_no_token_behind() {
     })
     .await;
     assert!(committed.is_some(), "the token's COMMIT never happened");
+}
+
+/// A 1-s request deadline, the login's transaction given far longer, and one token a user.
+const LOGIN_OUTLIVES_ITS_REQUEST: &str = "[server]\nrequest_timeout = \"1s\"\n\
+     [sessions]\nhash_queue_timeout = \"500ms\"\n[knox]\ntoken_limit_per_user = 1";
+
+/// A login whose request deadline passes while its COMMIT is on its way (here a deferred
+/// trigger holds the COMMIT 2 s; the deadline is 1 s) is answered 503, and the token that
+/// COMMIT makes is deleted: nobody received it, and under `TOKEN_LIMIT_PER_USER` it would
+/// refuse the client's retry.
+#[tokio::test]
+async fn a_login_answered_503_leaves_no_token_behind() {
+    let (_db, client, s) = Fixture::new()
+        .user("alice")
+        .config(&format!(
+            "{LOGIN_OUTLIVES_ITS_REQUEST}\n[postgres]\nstatement_timeout = \"5s\""
+        ))
+        .start()
+        .await;
+    let alice = user_id(&client, "alice").await;
+    slow_commits(&client, 2.0).await;
+    let r = login(&s, "alice", "alice-pass").await;
+    assert_eq!(r.status, 503, "{}", r.body_text());
+    assert_committed(&client).await;
     assert_rows_become(&client, alice, 0, "the unreceived token deleted").await;
+    client
+        .batch_execute("DROP TRIGGER slow_commit ON knox_authtoken")
+        .await
+        .unwrap();
+    let retry = login(&s, "alice", "alice-pass").await;
+    assert_eq!(retry.status, 200, "{}", retry.body_text());
+    s.stop().await;
+}
+
+/// A login answered 503 before its COMMIT (here it waits for a lock the test holds) rolls its
+/// transaction back: once the lock is free, no token is inserted for a client that is gone.
+/// (Its statement still waits on the server until the lock is free or `statement_timeout`.)
+#[tokio::test]
+async fn a_login_answered_503_before_its_commit_is_rolled_back() {
+    let (db, client, s) = Fixture::new()
+        .user("alice")
+        .config(&format!(
+            "{LOGIN_OUTLIVES_ITS_REQUEST}\n[postgres]\nstatement_timeout = \"5s\""
+        ))
+        .start()
+        .await;
+    let alice = user_id(&client, "alice").await;
+    slow_commits(&client, 0.0).await;
+    let holder = db.client().await;
+    holder
+        .batch_execute("BEGIN; SELECT 1 FROM auth_user WHERE username = 'alice' FOR UPDATE")
+        .await
+        .unwrap();
+    let r = login(&s, "alice", "alice-pass").await;
+    assert_eq!(r.status, 503, "{}", r.body_text());
+    holder.batch_execute("COMMIT").await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let committed: i64 = client
+        .query_one("SELECT count(*) FROM committed", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(committed, 0, "a token was committed after its login's 503");
+    assert_eq!(rows_of_user(&client, alice).await, 0);
+    let retry = login(&s, "alice", "alice-pass").await;
+    assert_eq!(retry.status, 200, "{}", retry.body_text());
+    s.stop().await;
+}
+
+/// A COMMIT whose answer never comes (Postgres committed; the reply is held by a proxy until
+/// after the transaction's deadline) leaves the login's outcome unknown to knoxgate: it answers
+/// 503 and deletes the token in case it was committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_left_unanswered_is_undone() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    let alice = insert_user(&client, "alice", "alice-pass", true).await;
+    let proxy = SlowProxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let url = db
+        .url
+        .replace("127.0.0.1:5432", &format!("127.0.0.1:{}", proxy.port));
+    assert_ne!(url, db.url, "the database URL goes through the proxy");
+    // statement_timeout 1 s: the transaction's deadline is 4 x 1.25 s.
+    let config = format!(
+        "{LOGIN_OUTLIVES_ITS_REQUEST}\n[postgres]\nurl = \"{url}\"\nfeed_url = \"{}\"\n\
+         statement_timeout = \"1s\"\n[redis]\nurl = \"\"",
+        db.url
+    );
+    let s = TestServer::start(&db, &config).await;
+    slow_commits(&client, 0.5).await;
+    let (r, ()) = tokio::join!(login(&s, "alice", "alice-pass"), async {
+        // Once the COMMIT is running, its answer is held for far longer than the deadline.
+        let committing = eventually(Duration::from_secs(1), || async {
+            client
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE datname = current_database() AND query = 'COMMIT' \
+                       AND state = 'active'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+                == 1
+        })
+        .await;
+        assert!(committing.is_some(), "no COMMIT seen running");
+        proxy.set_delay(Duration::from_secs(60));
+    });
+    assert_eq!(r.status, 503, "{}", r.body_text());
+    // What is sent from now on goes through at once: the delete can reach Postgres.
+    proxy.set_delay(Duration::ZERO);
+    assert_committed(&client).await;
+    let deleted = eventually(Duration::from_secs(10), || async {
+        rows_of_user(&client, alice).await == 0
+    })
+    .await;
+    assert!(
+        deleted.is_some(),
+        "the token of the unanswered COMMIT stays"
+    );
     client
         .batch_execute("DROP TRIGGER slow_commit ON knox_authtoken")
         .await

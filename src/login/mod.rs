@@ -284,26 +284,32 @@ pub async fn issue_token(
 }
 
 /// Runs the token's transaction on a task of its own and hands its row to the caller. A caller
-/// dropped meanwhile (its request deadline passed while COMMIT was on its way, and the client
-/// was answered 503) must not leave a committed token behind: nobody received its plain text,
-/// yet under `TOKEN_LIMIT_PER_USER` it would count against the client's retry. The task runs
-/// the transaction to its end instead of being cut off mid-statement, and the token is deleted
-/// when nobody is left to take it: by the task when its caller is gone, or by the caller's
-/// [`Handover`] when the row was handed over but never taken.
+/// dropped meanwhile (its request deadline passed, and the client was answered 503) must not
+/// leave a committed token behind: nobody received its plain text, yet under
+/// `TOKEN_LIMIT_PER_USER` it would count against the client's retry. Until COMMIT the
+/// transaction is then rolled back; a COMMIT already on its way runs to its end, and the token
+/// is deleted: by the task when its caller is gone, or by the caller's [`Handover`] when the
+/// row was handed over but never taken.
 async fn create_token_unless_abandoned(
     store: &Arc<Store>,
     new: NewToken,
 ) -> Result<Option<TokenRow>, StoreError> {
-    let (hand_over, taken) = tokio::sync::oneshot::channel();
+    let (mut hand_over, taken) = tokio::sync::oneshot::channel();
     let creating = Arc::clone(store);
     tokio::spawn(async move {
-        let made = creating.postgres().create_token(&new).await;
+        let made = creating
+            .postgres()
+            .create_token(&new, hand_over.closed())
+            .await;
         if let Err(Ok(Some(row))) = hand_over.send(made) {
-            discard_unreceived(&creating, &row).await;
+            creating
+                .postgres()
+                .discard_unreceived(row.digest.to_text().into_owned(), true);
         }
     });
     let mut handover = Handover {
         store: Arc::clone(store),
+        runtime: tokio::runtime::Handle::current(),
         taken,
     };
     (&mut handover.taken).await.map_err(|_| {
@@ -312,37 +318,24 @@ async fn create_token_unless_abandoned(
 }
 
 /// The receiving end of a token's transaction. Dropped before it was read, it closes the
-/// channel (so that the task, should it still be running, deletes the token itself) and deletes
-/// a row already handed over.
+/// channel (so that the task, should it still be running, rolls back or deletes the token
+/// itself) and deletes a row already handed over.
 struct Handover {
     store: Arc<Store>,
+    /// The runtime the login runs on: a handler dropped on the demoted lane's threads must not
+    /// leave the delete to that lane.
+    runtime: tokio::runtime::Handle,
     taken: tokio::sync::oneshot::Receiver<Result<Option<TokenRow>, StoreError>>,
 }
 
 impl Drop for Handover {
     fn drop(&mut self) {
         self.taken.close();
-        if let Ok(Ok(Some(row))) = self.taken.try_recv()
-            && let Ok(runtime) = tokio::runtime::Handle::try_current()
-        {
-            let store = Arc::clone(&self.store);
-            runtime.spawn(async move { discard_unreceived(&store, &row).await });
+        if let Ok(Ok(Some(row))) = self.taken.try_recv() {
+            let _entered = self.runtime.enter();
+            self.store
+                .postgres()
+                .discard_unreceived(row.digest.to_text().into_owned(), true);
         }
-    }
-}
-
-/// Deletes a token whose login was answered without it.
-async fn discard_unreceived(store: &Store, row: &TokenRow) {
-    match store.logout(&row.token_key, &row.digest).await {
-        Ok(_) => tracing::info!(
-            token_key = %row.token_key,
-            "a login was answered before its token was committed; the token is deleted"
-        ),
-        Err(e) => tracing::warn!(
-            token_key = %row.token_key,
-            error = %e,
-            "a login was answered before its token was committed, and the token could not be \
-             deleted; it stays until it expires or its user logs out everywhere"
-        ),
     }
 }

@@ -1,6 +1,8 @@
 //! User administration and login SQL, beside the token SQL of the Postgres tier: the user a
 //! login names, token creation within the per-user limit, and the operator's user commands.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use deadpool_postgres::Object;
 use time::OffsetDateTime;
 use tokio_postgres::types::{ToSql, Type};
@@ -31,6 +33,23 @@ pub struct NewToken {
     pub created: OffsetDateTime,
     pub expiry: Option<OffsetDateTime>,
     pub limit: Option<u64>,
+}
+
+/// How a token's transaction ended without its row.
+enum Failure {
+    /// No connection from the pool: nothing was sent.
+    Pool(StoreError),
+    Postgres(tokio_postgres::Error),
+    /// Its caller gave up before COMMIT.
+    Abandoned,
+    /// No answer within the transaction deadline.
+    Deadline,
+}
+
+impl From<tokio_postgres::Error> for Failure {
+    fn from(e: tokio_postgres::Error) -> Failure {
+        Failure::Postgres(e)
+    }
 }
 
 /// A user to create.
@@ -73,91 +92,177 @@ impl Postgres {
     /// checking the per-user limit, and stamps `last_login`, in one transaction.
     /// Returns the new row, its user as the transaction saw it, or `Ok(None)` when the limit is
     /// reached.
-    pub async fn create_token(&self, new: &NewToken) -> Result<Option<TokenRow>, StoreError> {
+    ///
+    /// `abandoned` completes when nobody waits for the answer any more (the login's request
+    /// was answered 503): until COMMIT the transaction is then rolled back. COMMIT itself runs
+    /// to its end; when its outcome cannot be known (no answer within the deadline, or the
+    /// connection lost meanwhile), the token, which nobody will receive, is deleted should it
+    /// have been committed ([`Postgres::discard_unreceived`]).
+    pub async fn create_token(
+        &self,
+        new: &NewToken,
+        abandoned: impl Future<Output = ()>,
+    ) -> Result<Option<TokenRow>, StoreError> {
         self.note_request();
-        let mut client = self.client().await?;
         let sql = &self.sql;
         let metrics = &self.metrics;
         let pgbouncer = self.pgbouncer;
+        let mut client: Option<Object> = None;
+        let commit_sent = AtomicBool::new(false);
         let work = async {
-            let tx = client.transaction().await?;
-            if pgbouncer {
-                // No startup options behind PgBouncer: bound this transaction on the server
-                // here, where the session it runs in is ours until COMMIT.
-                tx.batch_execute(&format!(
-                    "SET LOCAL statement_timeout = {}; \
-                     SET LOCAL idle_in_transaction_session_timeout = {}",
-                    self.statement_timeout.as_millis(),
-                    self.idle_in_transaction_timeout.as_millis()
-                ))
-                .await?;
-            }
-            metrics.sql("lock_user");
-            run_statement!(
-                pgbouncer,
-                tx,
-                &sql.lock_user,
-                &[(&new.username, Type::TEXT)]
-            )?;
-            if let Some(limit) = new.limit {
-                metrics.sql("count_live");
-                let rows = run_statement!(
-                    pgbouncer,
-                    tx,
-                    &sql.count_live,
-                    &[(&new.username, Type::TEXT)]
-                )?;
-                let live: i64 = match rows.first() {
-                    Some(row) => row.try_get(0)?,
-                    None => 0,
-                };
-                if live >= limit as i64 {
-                    tx.rollback().await?;
-                    return Ok(None);
+            let slot = &mut client;
+            let prepared = async move {
+                let client = slot.insert(self.client().await.map_err(Failure::Pool)?);
+                let tx = client.transaction().await?;
+                if pgbouncer {
+                    // No startup options behind PgBouncer: bound this transaction on the server
+                    // here, where the session it runs in is ours until COMMIT.
+                    tx.batch_execute(&format!(
+                        "SET LOCAL statement_timeout = {}; \
+                         SET LOCAL idle_in_transaction_session_timeout = {}",
+                        self.statement_timeout.as_millis(),
+                        self.idle_in_transaction_timeout.as_millis()
+                    ))
+                    .await?;
                 }
-            }
-            metrics.sql("insert_token");
-            let rows = run_statement!(
-                pgbouncer,
-                tx,
-                &sql.insert_token,
-                &[
-                    (&new.digest, Type::TEXT),
-                    (&new.token_key, Type::TEXT),
-                    (&new.created, Type::TIMESTAMPTZ),
-                    (&new.expiry, Type::TIMESTAMPTZ),
-                    (&new.username, Type::TEXT),
-                ]
-            )?;
-            let Some(row) = rows.first() else {
-                tx.rollback().await?;
-                return Ok(None);
-            };
-            let row = row_of(row)?;
-            if let Some(set_last_login) = &sql.set_last_login {
-                metrics.sql("set_last_login");
+                metrics.sql("lock_user");
                 run_statement!(
                     pgbouncer,
                     tx,
-                    set_last_login,
+                    &sql.lock_user,
+                    &[(&new.username, Type::TEXT)]
+                )?;
+                if let Some(limit) = new.limit {
+                    metrics.sql("count_live");
+                    let rows = run_statement!(
+                        pgbouncer,
+                        tx,
+                        &sql.count_live,
+                        &[(&new.username, Type::TEXT)]
+                    )?;
+                    let live: i64 = match rows.first() {
+                        Some(row) => row.try_get(0)?,
+                        None => 0,
+                    };
+                    if live >= limit as i64 {
+                        tx.rollback().await?;
+                        return Ok(None);
+                    }
+                }
+                metrics.sql("insert_token");
+                let rows = run_statement!(
+                    pgbouncer,
+                    tx,
+                    &sql.insert_token,
                     &[
+                        (&new.digest, Type::TEXT),
+                        (&new.token_key, Type::TEXT),
+                        (&new.created, Type::TIMESTAMPTZ),
+                        (&new.expiry, Type::TIMESTAMPTZ),
                         (&new.username, Type::TEXT),
-                        (&new.created, Type::TIMESTAMPTZ)
                     ]
                 )?;
-            }
+                let Some(row) = rows.first() else {
+                    tx.rollback().await?;
+                    return Ok(None);
+                };
+                let row = row_of(row)?;
+                if let Some(set_last_login) = &sql.set_last_login {
+                    metrics.sql("set_last_login");
+                    run_statement!(
+                        pgbouncer,
+                        tx,
+                        set_last_login,
+                        &[
+                            (&new.username, Type::TEXT),
+                            (&new.created, Type::TIMESTAMPTZ)
+                        ]
+                    )?;
+                }
+                Ok::<_, Failure>(Some((tx, row)))
+            };
+            let (tx, row) = tokio::select! {
+                biased;
+                prepared = prepared => match prepared? {
+                    Some(ready) => ready,
+                    None => return Ok(None),
+                },
+                () = abandoned => return Err(Failure::Abandoned),
+            };
+            commit_sent.store(true, Ordering::Relaxed);
             tx.commit().await?;
-            Ok::<_, tokio_postgres::Error>(Some(row))
+            Ok(Some(row))
         };
-        match tokio::time::timeout(self.login_deadline, work).await {
-            Ok(r) => r.map_err(|e| self.failed("create_token", &e)),
-            Err(_) => {
-                let _ = Object::take(client);
-                Err(self.fail(StoreError::Timeout(
-                    "create_token: no answer within the transaction deadline".into(),
-                )))
-            }
+        let outcome = tokio::time::timeout(self.login_deadline, work).await;
+        let failure = match outcome {
+            Ok(Ok(made)) => return Ok(made),
+            Ok(Err(Failure::Pool(e))) => return Err(e),
+            Ok(Err(failure)) => failure,
+            Err(_) => Failure::Deadline,
+        };
+        if matches!(failure, Failure::Abandoned | Failure::Deadline)
+            && let Some(client) = client
+        {
+            // A statement may still be in flight on it, or its session be inside the
+            // transaction: out of the pool.
+            let _ = Object::take(client);
         }
+        let outcome_unknown = commit_sent.load(Ordering::Relaxed)
+            && match &failure {
+                // Postgres answered the COMMIT with an error: rolled back.
+                Failure::Postgres(e) => e.as_db_error().is_none(),
+                _ => true,
+            };
+        if outcome_unknown {
+            self.discard_unreceived(new.digest.clone(), false);
+        }
+        Err(match failure {
+            Failure::Postgres(e) => self.failed("create_token", &e),
+            Failure::Abandoned => StoreError::Timeout(
+                "create_token: its caller gave up before COMMIT; rolled back".into(),
+            ),
+            Failure::Deadline | Failure::Pool(_) => self.fail(StoreError::Timeout(
+                "create_token: no answer within the transaction deadline".into(),
+            )),
+        })
+    }
+
+    /// Deletes, on a task of its own, the token (by its digest) of a login that was not
+    /// answered with it. `committed`: its COMMIT is known to have succeeded. Otherwise the
+    /// outcome is unknown, and a COMMIT still in progress on the server (waiting for a
+    /// synchronous standby) hides the row from a DELETE until it ends: a first delete that
+    /// finds nothing, or fails, is tried again one transaction deadline later.
+    pub fn discard_unreceived(&self, digest: String, committed: bool) {
+        let pg = self.clone();
+        tokio::spawn(async move {
+            let mut failure = None;
+            for attempt in 0..2 {
+                if attempt > 0 {
+                    tokio::time::sleep(pg.login_deadline).await;
+                }
+                match pg.delete_token(&digest).await {
+                    Ok(removed) if !removed.is_empty() => {
+                        tracing::info!(
+                            "a login was answered without its token; the token is deleted"
+                        );
+                        return;
+                    }
+                    // Gone already (deleted since by its user's logout-all, or expired and
+                    // cleaned up).
+                    Ok(_) if committed => return,
+                    Ok(_) => failure = None,
+                    Err(e) => failure = Some(e),
+                }
+            }
+            match failure {
+                Some(e) => tracing::warn!(
+                    error = %e,
+                    "a login was answered without its token, which could not be deleted; it \
+                     stays until it expires or its user logs out everywhere"
+                ),
+                None => tracing::debug!("a token whose COMMIT went unanswered was not committed"),
+            }
+        });
     }
 
     /// Re-hashes a password on login: replaces the hash `checked` with `encoded`, but only while
