@@ -874,6 +874,19 @@ async fn a_login_answered_503_before_its_commit_is_rolled_back() {
         .unwrap();
     let r = login(&s, "alice", "alice-pass").await;
     assert_eq!(r.status, 503, "{}", r.body_text());
+    let waiting: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        waiting, 1,
+        "the login's transaction was not waiting for the lock"
+    );
     holder.batch_execute("COMMIT").await.unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let committed: i64 = client
@@ -901,17 +914,19 @@ async fn a_commit_left_unanswered_is_undone() {
         .url
         .replace("127.0.0.1:5432", &format!("127.0.0.1:{}", proxy.port));
     assert_ne!(url, db.url, "the database URL goes through the proxy");
-    // statement_timeout 1 s: the transaction's deadline is 4 x 1.25 s.
+    // statement_timeout 2 s: the transaction's deadline is 4 x 2.25 s.
     let config = format!(
         "{LOGIN_OUTLIVES_ITS_REQUEST}\n[postgres]\nurl = \"{url}\"\nfeed_url = \"{}\"\n\
-         statement_timeout = \"1s\"\n[redis]\nurl = \"\"",
+         statement_timeout = \"2s\"\n[redis]\nurl = \"\"",
         db.url
     );
     let s = TestServer::start(&db, &config).await;
-    slow_commits(&client, 0.5).await;
+    // Longer than the request's deadline: the answer is 503 however late the delay below.
+    slow_commits(&client, 1.5).await;
+    let started = std::time::Instant::now();
     let (r, ()) = tokio::join!(login(&s, "alice", "alice-pass"), async {
         // Once the COMMIT is running, its answer is held for far longer than the deadline.
-        let committing = eventually(Duration::from_secs(1), || async {
+        let committing = eventually(Duration::from_millis(1400), || async {
             client
                 .query_one(
                     "SELECT count(*) FROM pg_stat_activity \
@@ -929,16 +944,25 @@ async fn a_commit_left_unanswered_is_undone() {
         proxy.set_delay(Duration::from_secs(60));
     });
     assert_eq!(r.status, 503, "{}", r.body_text());
-    // What is sent from now on goes through at once: the delete can reach Postgres.
-    proxy.set_delay(Duration::ZERO);
     assert_committed(&client).await;
-    let deleted = eventually(Duration::from_secs(10), || async {
+    // The COMMIT's answer has reached the proxy, to be held for 60 s; what is sent from now on
+    // goes through at once, so the delete can reach Postgres.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.set_delay(Duration::ZERO);
+    let deleted = eventually(Duration::from_secs(15), || async {
         rows_of_user(&client, alice).await == 0
     })
     .await;
     assert!(
         deleted.is_some(),
         "the token of the unanswered COMMIT stays"
+    );
+    // Deleted as an unknown outcome, at the transaction's deadline (9 s after it began), not
+    // as a row committed for a caller that had gone.
+    assert!(
+        started.elapsed() >= Duration::from_secs(8),
+        "deleted after {:?}, before the deadline",
+        started.elapsed()
     );
     client
         .batch_execute("DROP TRIGGER slow_commit ON knox_authtoken")

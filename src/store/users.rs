@@ -207,13 +207,10 @@ impl Postgres {
             // transaction: out of the pool.
             let _ = Object::take(client);
         }
-        let outcome_unknown = commit_sent.load(Ordering::Relaxed)
-            && match &failure {
-                // Postgres answered the COMMIT with an error: rolled back.
-                Failure::Postgres(e) => e.as_db_error().is_none(),
-                _ => true,
-            };
-        if outcome_unknown {
+        // Any failure once COMMIT was sent leaves its outcome unknown: even an error answer may
+        // be PgBouncer's (its link to the server lost) rather than Postgres's rollback. Deleting
+        // a token nobody received is harmless either way.
+        if commit_sent.load(Ordering::Relaxed) {
             self.discard_unreceived(new.digest.clone(), false);
         }
         Err(match failure {
