@@ -1,8 +1,6 @@
 //! User administration and login SQL, beside the token SQL of the Postgres tier: the user a
 //! login names, token creation within the per-user limit, and the operator's user commands.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use deadpool_postgres::Object;
 use time::OffsetDateTime;
 use tokio_postgres::types::{ToSql, Type};
@@ -104,101 +102,34 @@ impl Postgres {
         abandoned: impl Future<Output = ()>,
     ) -> Result<Option<TokenRow>, StoreError> {
         self.note_request();
-        let sql = &self.sql;
-        let metrics = &self.metrics;
-        let pgbouncer = self.pgbouncer;
-        let mut client: Option<Object> = None;
-        let commit_sent = AtomicBool::new(false);
-        let work = async {
-            let slot = &mut client;
-            let prepared = async move {
-                let client = slot.insert(self.client().await.map_err(Failure::Pool)?);
-                let tx = client.transaction().await?;
-                if pgbouncer {
-                    // No startup options behind PgBouncer: bound this transaction on the server
-                    // here, where the session it runs in is ours until COMMIT.
-                    tx.batch_execute(&format!(
-                        "SET LOCAL statement_timeout = {}; \
-                         SET LOCAL idle_in_transaction_session_timeout = {}",
-                        self.statement_timeout.as_millis(),
-                        self.idle_in_transaction_timeout.as_millis()
-                    ))
-                    .await?;
-                }
-                metrics.sql("lock_user");
-                run_statement!(
-                    pgbouncer,
-                    tx,
-                    &sql.lock_user,
-                    &[(&new.username, Type::TEXT)]
-                )?;
-                if let Some(limit) = new.limit {
-                    metrics.sql("count_live");
-                    let rows = run_statement!(
-                        pgbouncer,
-                        tx,
-                        &sql.count_live,
-                        &[(&new.username, Type::TEXT)]
-                    )?;
-                    let live: i64 = match rows.first() {
-                        Some(row) => row.try_get(0)?,
-                        None => 0,
-                    };
-                    if live >= limit as i64 {
-                        tx.rollback().await?;
-                        return Ok(None);
+        let deadline = tokio::time::Instant::now() + self.login_deadline;
+        let mut client = None;
+        // The transaction ends in this block, so that its connection is ours again below.
+        let failure = {
+            let preparing = tokio::time::timeout_at(deadline, self.prepare_token(&mut client, new));
+            let prepared = tokio::select! {
+                biased;
+                prepared = preparing => prepared.unwrap_or(Err(Failure::Deadline)),
+                () = abandoned => Err(Failure::Abandoned),
+            };
+            match prepared {
+                Ok(Some((tx, row))) => {
+                    let committed = tokio::time::timeout_at(deadline, tx.commit()).await;
+                    if let Ok(Ok(())) = committed {
+                        return Ok(Some(row));
+                    }
+                    // Any failure once COMMIT was sent leaves its outcome unknown: even an error
+                    // answer may be PgBouncer's (its link to the server lost) rather than
+                    // Postgres's rollback. Deleting a token nobody received is harmless anyway.
+                    self.discard_unreceived(new.digest.clone(), false);
+                    match committed {
+                        Ok(Err(e)) => Failure::Postgres(e),
+                        _ => Failure::Deadline,
                     }
                 }
-                metrics.sql("insert_token");
-                let rows = run_statement!(
-                    pgbouncer,
-                    tx,
-                    &sql.insert_token,
-                    &[
-                        (&new.digest, Type::TEXT),
-                        (&new.token_key, Type::TEXT),
-                        (&new.created, Type::TIMESTAMPTZ),
-                        (&new.expiry, Type::TIMESTAMPTZ),
-                        (&new.username, Type::TEXT),
-                    ]
-                )?;
-                let Some(row) = rows.first() else {
-                    tx.rollback().await?;
-                    return Ok(None);
-                };
-                let row = row_of(row)?;
-                if let Some(set_last_login) = &sql.set_last_login {
-                    metrics.sql("set_last_login");
-                    run_statement!(
-                        pgbouncer,
-                        tx,
-                        set_last_login,
-                        &[
-                            (&new.username, Type::TEXT),
-                            (&new.created, Type::TIMESTAMPTZ)
-                        ]
-                    )?;
-                }
-                Ok::<_, Failure>(Some((tx, row)))
-            };
-            let (tx, row) = tokio::select! {
-                biased;
-                prepared = prepared => match prepared? {
-                    Some(ready) => ready,
-                    None => return Ok(None),
-                },
-                () = abandoned => return Err(Failure::Abandoned),
-            };
-            commit_sent.store(true, Ordering::Relaxed);
-            tx.commit().await?;
-            Ok(Some(row))
-        };
-        let outcome = tokio::time::timeout(self.login_deadline, work).await;
-        let failure = match outcome {
-            Ok(Ok(made)) => return Ok(made),
-            Ok(Err(Failure::Pool(e))) => return Err(e),
-            Ok(Err(failure)) => failure,
-            Err(_) => Failure::Deadline,
+                Ok(None) => return Ok(None),
+                Err(failure) => failure,
+            }
         };
         if matches!(failure, Failure::Abandoned | Failure::Deadline)
             && let Some(client) = client
@@ -207,21 +138,95 @@ impl Postgres {
             // transaction: out of the pool.
             let _ = Object::take(client);
         }
-        // Any failure once COMMIT was sent leaves its outcome unknown: even an error answer may
-        // be PgBouncer's (its link to the server lost) rather than Postgres's rollback. Deleting
-        // a token nobody received is harmless either way.
-        if commit_sent.load(Ordering::Relaxed) {
-            self.discard_unreceived(new.digest.clone(), false);
-        }
         Err(match failure {
+            Failure::Pool(e) => e,
             Failure::Postgres(e) => self.failed("create_token", &e),
             Failure::Abandoned => StoreError::Timeout(
                 "create_token: its caller gave up before COMMIT; rolled back".into(),
             ),
-            Failure::Deadline | Failure::Pool(_) => self.fail(StoreError::Timeout(
+            Failure::Deadline => self.fail(StoreError::Timeout(
                 "create_token: no answer within the transaction deadline".into(),
             )),
         })
+    }
+
+    /// [`Postgres::create_token`] up to its COMMIT: the transaction, ready to commit, and the
+    /// row it inserted; `None` when the limit is reached (rolled back). The pool's connection
+    /// is left in `slot`, for the caller to take out of the pool should it give up.
+    async fn prepare_token<'c>(
+        &self,
+        slot: &'c mut Option<Object>,
+        new: &NewToken,
+    ) -> Result<Option<(deadpool_postgres::Transaction<'c>, TokenRow)>, Failure> {
+        let (sql, metrics, pgbouncer) = (&self.sql, &self.metrics, self.pgbouncer);
+        let client = slot.insert(self.client().await.map_err(Failure::Pool)?);
+        let tx = client.transaction().await?;
+        if pgbouncer {
+            // No startup options behind PgBouncer: bound this transaction on the server
+            // here, where the session it runs in is ours until COMMIT.
+            tx.batch_execute(&format!(
+                "SET LOCAL statement_timeout = {}; \
+                 SET LOCAL idle_in_transaction_session_timeout = {}",
+                self.statement_timeout.as_millis(),
+                self.idle_in_transaction_timeout.as_millis()
+            ))
+            .await?;
+        }
+        metrics.sql("lock_user");
+        run_statement!(
+            pgbouncer,
+            tx,
+            &sql.lock_user,
+            &[(&new.username, Type::TEXT)]
+        )?;
+        if let Some(limit) = new.limit {
+            metrics.sql("count_live");
+            let rows = run_statement!(
+                pgbouncer,
+                tx,
+                &sql.count_live,
+                &[(&new.username, Type::TEXT)]
+            )?;
+            let live: i64 = match rows.first() {
+                Some(row) => row.try_get(0)?,
+                None => 0,
+            };
+            if live >= limit as i64 {
+                tx.rollback().await?;
+                return Ok(None);
+            }
+        }
+        metrics.sql("insert_token");
+        let rows = run_statement!(
+            pgbouncer,
+            tx,
+            &sql.insert_token,
+            &[
+                (&new.digest, Type::TEXT),
+                (&new.token_key, Type::TEXT),
+                (&new.created, Type::TIMESTAMPTZ),
+                (&new.expiry, Type::TIMESTAMPTZ),
+                (&new.username, Type::TEXT),
+            ]
+        )?;
+        let Some(row) = rows.first() else {
+            tx.rollback().await?;
+            return Ok(None);
+        };
+        let row = row_of(row)?;
+        if let Some(set_last_login) = &sql.set_last_login {
+            metrics.sql("set_last_login");
+            run_statement!(
+                pgbouncer,
+                tx,
+                set_last_login,
+                &[
+                    (&new.username, Type::TEXT),
+                    (&new.created, Type::TIMESTAMPTZ)
+                ]
+            )?;
+        }
+        Ok(Some((tx, row)))
     }
 
     /// Deletes, on a task of its own, the token (by its digest) of a login that was not
