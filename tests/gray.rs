@@ -482,19 +482,6 @@ async fn packet_loss_on_the_postgres_path_costs_time_within_the_timeouts_never_a
     s.stop().await;
 }
 
-/// Postgres through a proxy that can be made to hang, the feed straight to it, Redis off.
-async fn server_behind_slow_postgres(db: &TestDb, proxy: &SlowProxy, extra: &str) -> TestServer {
-    let url = db
-        .url
-        .replace("127.0.0.1:5432", &format!("127.0.0.1:{}", proxy.port));
-    assert_ne!(url, db.url, "the database URL goes through the proxy");
-    let through_proxy = format!(
-        "[postgres]\nurl = \"{url}\"\nfeed_url = \"{}\"\n[redis]\nurl = \"\"",
-        db.url
-    );
-    TestServer::start(db, &merge_toml(&through_proxy, extra)).await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_hung_postgres_leaves_cached_tokens_served_before_the_deadline() {
     let db = TestDb::migrated().await;

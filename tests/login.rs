@@ -807,23 +807,46 @@ async fn slow_commits(client: &tokio_postgres::Client, seconds: f64) {
         .unwrap();
 }
 
+/// The count a `SELECT count(*) …` finds.
+async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
+    client.query_one(sql, &[]).await.unwrap().get(0)
+}
+
 /// Waits (up to 10 s) for a token's COMMIT to have happened (see [`slow_commits`]).
 async fn assert_committed(client: &tokio_postgres::Client) {
     let committed = eventually(Duration::from_secs(10), || async {
-        let n: i64 = client
-            .query_one("SELECT count(*) FROM committed", &[])
-            .await
-            .unwrap()
-            .get(0);
-        n == 1
+        count(client, "SELECT count(*) FROM committed").await == 1
     })
     .await;
     assert!(committed.is_some(), "the token's COMMIT never happened");
 }
 
+/// With COMMITs fast again, the client's retry gets its token: the limit of one token a user
+/// holds nothing left of the failed login.
+async fn assert_retry_logs_in(client: &tokio_postgres::Client, s: &TestServer) {
+    client
+        .batch_execute("DROP TRIGGER slow_commit ON knox_authtoken")
+        .await
+        .unwrap();
+    let retry = login(s, "alice", "alice-pass").await;
+    assert_eq!(retry.status, 200, "{}", retry.body_text());
+}
+
 /// A 1-s request deadline, the login's transaction given far longer, and one token a user.
 const LOGIN_OUTLIVES_ITS_REQUEST: &str = "[server]\nrequest_timeout = \"1s\"\n\
      [sessions]\nhash_queue_timeout = \"500ms\"\n[knox]\ntoken_limit_per_user = 1";
+
+/// User alice, and a server whose logins outlive their requests by far (`statement_timeout`
+/// 5 s: a transaction deadline of 21 s).
+async fn alice_with_logins_outliving_requests() -> (TestDb, tokio_postgres::Client, TestServer) {
+    Fixture::new()
+        .user("alice")
+        .config(&format!(
+            "{LOGIN_OUTLIVES_ITS_REQUEST}\n[postgres]\nstatement_timeout = \"5s\""
+        ))
+        .start()
+        .await
+}
 
 /// A login whose request deadline passes while its COMMIT is on its way (here a deferred
 /// trigger holds the COMMIT 2 s; the deadline is 1 s) is answered 503, and the token that
@@ -831,25 +854,14 @@ const LOGIN_OUTLIVES_ITS_REQUEST: &str = "[server]\nrequest_timeout = \"1s\"\n\
 /// refuse the client's retry.
 #[tokio::test]
 async fn a_login_answered_503_leaves_no_token_behind() {
-    let (_db, client, s) = Fixture::new()
-        .user("alice")
-        .config(&format!(
-            "{LOGIN_OUTLIVES_ITS_REQUEST}\n[postgres]\nstatement_timeout = \"5s\""
-        ))
-        .start()
-        .await;
+    let (_db, client, s) = alice_with_logins_outliving_requests().await;
     let alice = user_id(&client, "alice").await;
     slow_commits(&client, 2.0).await;
     let r = login(&s, "alice", "alice-pass").await;
     assert_eq!(r.status, 503, "{}", r.body_text());
     assert_committed(&client).await;
     assert_rows_become(&client, alice, 0, "the unreceived token deleted").await;
-    client
-        .batch_execute("DROP TRIGGER slow_commit ON knox_authtoken")
-        .await
-        .unwrap();
-    let retry = login(&s, "alice", "alice-pass").await;
-    assert_eq!(retry.status, 200, "{}", retry.body_text());
+    assert_retry_logs_in(&client, &s).await;
     s.stop().await;
 }
 
@@ -858,13 +870,7 @@ async fn a_login_answered_503_leaves_no_token_behind() {
 /// (Its statement still waits on the server until the lock is free or `statement_timeout`.)
 #[tokio::test]
 async fn a_login_answered_503_before_its_commit_is_rolled_back() {
-    let (db, client, s) = Fixture::new()
-        .user("alice")
-        .config(&format!(
-            "{LOGIN_OUTLIVES_ITS_REQUEST}\n[postgres]\nstatement_timeout = \"5s\""
-        ))
-        .start()
-        .await;
+    let (db, client, s) = alice_with_logins_outliving_requests().await;
     let alice = user_id(&client, "alice").await;
     slow_commits(&client, 0.0).await;
     let holder = db.client().await;
@@ -874,30 +880,22 @@ async fn a_login_answered_503_before_its_commit_is_rolled_back() {
         .unwrap();
     let r = login(&s, "alice", "alice-pass").await;
     assert_eq!(r.status, 503, "{}", r.body_text());
-    let waiting: i64 = client
-        .query_one(
-            "SELECT count(*) FROM pg_stat_activity \
-             WHERE datname = current_database() AND wait_event_type = 'Lock'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let waiting = count(
+        &client,
+        "SELECT count(*) FROM pg_stat_activity \
+         WHERE datname = current_database() AND wait_event_type = 'Lock'",
+    )
+    .await;
     assert_eq!(
         waiting, 1,
         "the login's transaction was not waiting for the lock"
     );
     holder.batch_execute("COMMIT").await.unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let committed: i64 = client
-        .query_one("SELECT count(*) FROM committed", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let committed = count(&client, "SELECT count(*) FROM committed").await;
     assert_eq!(committed, 0, "a token was committed after its login's 503");
     assert_eq!(rows_of_user(&client, alice).await, 0);
-    let retry = login(&s, "alice", "alice-pass").await;
-    assert_eq!(retry.status, 200, "{}", retry.body_text());
+    assert_retry_logs_in(&client, &s).await;
     s.stop().await;
 }
 
@@ -910,34 +908,23 @@ async fn a_commit_left_unanswered_is_undone() {
     let client = db.client().await;
     let alice = insert_user(&client, "alice", "alice-pass", true).await;
     let proxy = SlowProxy::start("127.0.0.1:5432".parse().unwrap()).await;
-    let url = db
-        .url
-        .replace("127.0.0.1:5432", &format!("127.0.0.1:{}", proxy.port));
-    assert_ne!(url, db.url, "the database URL goes through the proxy");
     // statement_timeout 2 s: the transaction's deadline is 4 x 2.25 s.
-    let config = format!(
-        "{LOGIN_OUTLIVES_ITS_REQUEST}\n[postgres]\nurl = \"{url}\"\nfeed_url = \"{}\"\n\
-         statement_timeout = \"2s\"\n[redis]\nurl = \"\"",
-        db.url
-    );
-    let s = TestServer::start(&db, &config).await;
+    let s = server_behind_slow_postgres(
+        &db,
+        &proxy,
+        &format!("{LOGIN_OUTLIVES_ITS_REQUEST}\n[postgres]\nstatement_timeout = \"2s\""),
+    )
+    .await;
     // Longer than the request's deadline: the answer is 503 however late the delay below.
     slow_commits(&client, 1.5).await;
     let started = std::time::Instant::now();
     let (r, ()) = tokio::join!(login(&s, "alice", "alice-pass"), async {
         // Once the COMMIT is running, its answer is held for far longer than the deadline.
         let committing = eventually(Duration::from_millis(1400), || async {
-            client
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity \
-                     WHERE datname = current_database() AND query = 'COMMIT' \
-                       AND state = 'active'",
-                    &[],
-                )
-                .await
-                .unwrap()
-                .get::<_, i64>(0)
-                == 1
+            let sql = "SELECT count(*) FROM pg_stat_activity \
+                       WHERE datname = current_database() AND query = 'COMMIT' \
+                         AND state = 'active'";
+            count(&client, sql).await == 1
         })
         .await;
         assert!(committing.is_some(), "no COMMIT seen running");
@@ -964,11 +951,6 @@ async fn a_commit_left_unanswered_is_undone() {
         "deleted after {:?}, before the deadline",
         started.elapsed()
     );
-    client
-        .batch_execute("DROP TRIGGER slow_commit ON knox_authtoken")
-        .await
-        .unwrap();
-    let retry = login(&s, "alice", "alice-pass").await;
-    assert_eq!(retry.status, 200, "{}", retry.body_text());
+    assert_retry_logs_in(&client, &s).await;
     s.stop().await;
 }

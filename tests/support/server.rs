@@ -8,7 +8,7 @@ use knoxgate::{
     config::Config,
 };
 
-use super::{Response, TestDb, http, unique};
+use super::{Response, SlowProxy, TestDb, http, unique};
 
 /// A configuration for tests: loopback listeners on port 0, this database, a fresh Redis key
 /// prefix, cheap password hashing, short timeouts. `extra_toml` overrides single keys.
@@ -151,4 +151,21 @@ impl TestServer {
     pub async fn stop(self) {
         self.running.shutdown().await;
     }
+}
+
+/// Postgres through a proxy that can be made to hang, the feed straight to it, Redis off.
+pub async fn server_behind_slow_postgres(
+    db: &TestDb,
+    proxy: &SlowProxy,
+    extra: &str,
+) -> TestServer {
+    let url = db
+        .url
+        .replace("127.0.0.1:5432", &format!("127.0.0.1:{}", proxy.port));
+    assert_ne!(url, db.url, "the database URL goes through the proxy");
+    let through_proxy = format!(
+        "[postgres]\nurl = \"{url}\"\nfeed_url = \"{}\"\n[redis]\nurl = \"\"",
+        db.url
+    );
+    TestServer::start(db, &merge_toml(&through_proxy, extra)).await
 }
