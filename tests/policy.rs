@@ -411,6 +411,14 @@ async fn login_caches_the_users_flags_and_groups() {
     assert_eq!(r.status, 200, "{}", r.body_text());
     let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
     let token = body["token"].as_str().unwrap();
+    // The login deletes the user's expired tokens after its answer: counted before the snapshot.
+    let cleaned = eventually(Duration::from_secs(5), || async {
+        s.metric("knoxgate_sql_statements_total{statement=\"delete_expired_after_login\"}")
+            .await
+            == 1.0
+    })
+    .await;
+    assert!(cleaned.is_some(), "the login's cleanup never ran");
     let sql = s.metric("knoxgate_sql_statements_total").await;
     let r = get(&s, "/verify?require=staff&group=ops", Some(token)).await;
     assert_eq!(r.status, 200, "{}", r.body_text());
