@@ -224,9 +224,9 @@ def _tls_context() -> ssl.SSLContext:
 
 def _fetch(url: str, timeout: float) -> bytes:
     """GET ``url`` directly (no HTTP(S)_PROXY from the environment, no redirect: anything but
-    200 is a failed fetch), all of it within ``timeout`` seconds: connecting, the status line and
-    headers, the body. Each socket operation waits only for what is left of the deadline, so a
-    source that trickles bytes is given up at the deadline, not per read."""
+    200 is a failed fetch), all of it within ``timeout`` seconds: the name lookup, connecting, the
+    status line and headers, the body. Each socket operation waits only for what is left of the
+    deadline, so a source that trickles bytes is given up at the deadline, not per read."""
     deadline = time.monotonic() + timeout
     parts = urllib.parse.urlsplit(url)
     if parts.username is not None or parts.password is not None:
