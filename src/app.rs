@@ -32,10 +32,13 @@ pub struct Running {
 }
 
 impl Running {
-    /// Stops accepting, drains in-flight requests (bounded by the grace period) and returns.
+    /// Stops accepting, drains in-flight requests and the work logins left running (the
+    /// whole bounded by the grace period) and returns.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
-        join_within(self.tasks, self.app.config.server.shutdown_grace).await;
+        let deadline = tokio::time::Instant::now() + self.app.config.server.shutdown_grace;
+        join_within(self.tasks, deadline).await;
+        self.app.store.postgres().finish_login_work(deadline).await;
         if let Some(redis) = self.app.store.redis() {
             redis.quit().await;
         }
@@ -51,11 +54,11 @@ impl Running {
     }
 }
 
-/// Waits for the tasks told to stop, for `server.shutdown_grace` in all, then stops the ones
-/// still running (a listener still draining, a task waiting on a server that does not answer):
-/// a process told to stop exits within its grace period whatever Postgres and Redis are doing.
-async fn join_within(tasks: Vec<JoinHandle<()>>, grace: Duration) {
-    let deadline = tokio::time::Instant::now() + grace;
+/// Waits for the tasks told to stop until `deadline` (`server.shutdown_grace` from the stop),
+/// then stops the ones still running (a listener still draining, a task waiting on a server
+/// that does not answer): a process told to stop exits within its grace period whatever
+/// Postgres and Redis are doing.
+async fn join_within(tasks: Vec<JoinHandle<()>>, deadline: tokio::time::Instant) {
     for mut task in tasks {
         if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
             tracing::warn!("a task was still running at the end of server.shutdown_grace; stopped");
@@ -202,7 +205,11 @@ pub struct RunningRelay {
 impl RunningRelay {
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
-        join_within(self.tasks, self.shutdown_grace).await;
+        join_within(
+            self.tasks,
+            tokio::time::Instant::now() + self.shutdown_grace,
+        )
+        .await;
         self.publisher.quit().await;
         if let Some(redis) = self.store.redis() {
             redis.quit().await;

@@ -18,11 +18,26 @@ async fn cli(db: &TestDb, prefix: &str, args: &[&str], stdin: Option<&str>) -> C
 
 /// The same with `postgres.url` = `url`.
 async fn cli_at(url: &str, prefix: &str, args: &[&str], stdin: Option<&str>) -> CliOutput {
+    cli_with_env(url, prefix, args, stdin, &[]).await
+}
+
+/// The same with more `KNOXGATE_*` variables.
+async fn cli_with_env(
+    url: &str,
+    prefix: &str,
+    args: &[&str],
+    stdin: Option<&str>,
+    env: &[(&str, &str)],
+) -> CliOutput {
     use std::io::Write;
     use std::process::{Command, Stdio};
     let url = url.to_owned();
     let prefix = prefix.to_owned();
     let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
     let stdin = stdin.map(str::to_owned);
     tokio::task::spawn_blocking(move || {
         let mut child = Command::new(env!("CARGO_BIN_EXE_knoxgate"))
@@ -31,6 +46,7 @@ async fn cli_at(url: &str, prefix: &str, args: &[&str], stdin: Option<&str>) -> 
             .env("KNOXGATE_POSTGRES_URL", &url)
             .env("KNOXGATE_REDIS_KEY_PREFIX", &prefix)
             .env("KNOXGATE_SESSIONS_PASSWORD_ITERATIONS", "1000")
+            .envs(env)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -247,4 +263,51 @@ async fn operator_cli_works_through_pgbouncer_in_transaction_mode() {
         .unwrap()
         .get(0);
     assert_eq!(tokens, 0, "the revoked token's row is gone");
+}
+
+/// `token create` whose COMMIT gets no answer (a proxy holds it past the transaction's
+/// deadline) fails, and deletes the token it may have made before it exits: nobody was shown
+/// it, and under `TOKEN_LIMIT_PER_USER` it would count against the user.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_create_whose_commit_goes_unanswered_deletes_its_token_before_exiting() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    let bob = insert_user(&client, "bob", "bob-pass", true).await;
+    slow_commits(&client, 1.0).await;
+    let proxy = SlowProxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let url = db
+        .url
+        .replace("127.0.0.1:5432", &format!("127.0.0.1:{}", proxy.port));
+    assert_ne!(url, db.url, "the database URL goes through the proxy");
+    let prefix = unique("kgcli");
+    // statement_timeout 1 s: the transaction's deadline is 4 x 1.25 s.
+    let create = ["token", "create", "--user", "bob"];
+    let timeout = [("KNOXGATE_POSTGRES_STATEMENT_TIMEOUT", "1s")];
+    let (out, ()) = tokio::join!(
+        cli_with_env(&url, &prefix, &create, None, &timeout),
+        async {
+            // Once the COMMIT is running, its answer is held for far longer than the deadline.
+            let committing = eventually(Duration::from_secs(20), || async {
+                let sql = "SELECT count(*) FROM pg_stat_activity \
+                           WHERE datname = current_database() AND query = 'COMMIT' \
+                             AND state = 'active'";
+                count(&client, sql).await == 1
+            })
+            .await;
+            assert!(committing.is_some(), "no COMMIT seen running");
+            proxy.set_delay(Duration::from_secs(60));
+            assert_committed(&client).await;
+            // What is sent from now on goes through at once, so the delete can reach Postgres.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            proxy.set_delay(Duration::ZERO);
+        }
+    );
+    assert!(!out.success, "the creation succeeded: {}", out.stdout);
+    assert_eq!(out.stdout, "", "a token was printed");
+    assert_eq!(
+        rows_of_user(&client, bob).await,
+        0,
+        "the token of the unanswered COMMIT outlived the process: {}",
+        out.stderr
+    );
 }

@@ -788,39 +788,6 @@ async fn a_login_is_answered_once_its_token_is_committed() {
     s.stop().await;
 }
 
-/// Makes the COMMIT of every token row take `seconds` longer: a deferred trigger sleeps in it. Its table `committed` gets a row in the token's own transaction, so it shows that the
-/// COMMIT happened.
-async fn slow_commits(client: &tokio_postgres::Client, seconds: f64) {
-    client
-        .batch_execute(&format!(
-            "CREATE TABLE committed (digest text);
-             CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
-             BEGIN
-                 INSERT INTO committed VALUES (NEW.digest);
-                 PERFORM pg_sleep({seconds});
-                 RETURN NULL;
-             END $$;
-             CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON knox_authtoken
-                 DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit();"
-        ))
-        .await
-        .unwrap();
-}
-
-/// The count a `SELECT count(*) …` finds.
-async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
-    client.query_one(sql, &[]).await.unwrap().get(0)
-}
-
-/// Waits (up to 10 s) for a token's COMMIT to have happened (see [`slow_commits`]).
-async fn assert_committed(client: &tokio_postgres::Client) {
-    let committed = eventually(Duration::from_secs(10), || async {
-        count(client, "SELECT count(*) FROM committed").await == 1
-    })
-    .await;
-    assert!(committed.is_some(), "the token's COMMIT never happened");
-}
-
 /// With COMMITs fast again, the client's retry gets its token: the limit of one token a user
 /// holds nothing left of the failed login.
 async fn assert_retry_logs_in(client: &tokio_postgres::Client, s: &TestServer) {
@@ -866,8 +833,9 @@ async fn a_login_answered_503_leaves_no_token_behind() {
 }
 
 /// A login answered 503 before its COMMIT (here it waits for a lock the test holds) rolls its
-/// transaction back: once the lock is free, no token is inserted for a client that is gone.
-/// (Its statement still waits on the server until the lock is free or `statement_timeout`.)
+/// transaction back and cancels the statement it was waiting in: the lock wait ends long before
+/// `statement_timeout` (5 s), and once the lock is free, no token is inserted for a client that
+/// is gone.
 #[tokio::test]
 async fn a_login_answered_503_before_its_commit_is_rolled_back() {
     let (db, client, s) = alice_with_logins_outliving_requests().await;
@@ -878,17 +846,27 @@ async fn a_login_answered_503_before_its_commit_is_rolled_back() {
         .batch_execute("BEGIN; SELECT 1 FROM auth_user WHERE username = 'alice' FOR UPDATE")
         .await
         .unwrap();
-    let r = login(&s, "alice", "alice-pass").await;
+    let lock_waits = "SELECT count(*) FROM pg_stat_activity \
+                      WHERE datname = current_database() AND wait_event_type = 'Lock'";
+    let (r, waited) = tokio::join!(
+        login(&s, "alice", "alice-pass"),
+        eventually(Duration::from_millis(900), || async {
+            count(&client, lock_waits).await == 1
+        })
+    );
     assert_eq!(r.status, 503, "{}", r.body_text());
-    let waiting = count(
-        &client,
-        "SELECT count(*) FROM pg_stat_activity \
-         WHERE datname = current_database() AND wait_event_type = 'Lock'",
-    )
+    assert!(
+        waited.is_some(),
+        "the login's transaction was not seen waiting for the lock"
+    );
+    // Well within the 5 s the statement would otherwise wait, the lock held all along.
+    let released = eventually(Duration::from_secs(2), || async {
+        count(&client, lock_waits).await == 0
+    })
     .await;
-    assert_eq!(
-        waiting, 1,
-        "the login's transaction was not waiting for the lock"
+    assert!(
+        released.is_some(),
+        "the abandoned login still waits for the lock 2 s after its 503"
     );
     holder.batch_execute("COMMIT").await.unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -953,4 +931,40 @@ async fn a_commit_left_unanswered_is_undone() {
     );
     assert_retry_logs_in(&client, &s).await;
     s.stop().await;
+}
+
+/// A login whose transaction outlives its request is awaited when the process is told to stop:
+/// SIGTERM right after the 503 (the COMMIT takes 2 s more), and the process exits only once
+/// that COMMIT has ended and the token it made, which nobody received, is deleted.
+#[tokio::test]
+async fn sigterm_waits_for_a_login_left_running_and_deletes_its_token() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    let alice = insert_user(&client, "alice", "alice-pass", true).await;
+    slow_commits(&client, 2.0).await;
+    let b = Binary::spawn(
+        &db.url,
+        &[
+            ("KNOXGATE_REQUEST_TIMEOUT", "1s".into()),
+            ("KNOXGATE_SESSIONS_HASH_QUEUE_TIMEOUT", "500ms".into()),
+            ("KNOXGATE_KNOX_TOKEN_LIMIT_PER_USER", "1".into()),
+            ("KNOXGATE_POSTGRES_STATEMENT_TIMEOUT", "5s".into()),
+        ],
+    );
+    assert!(b.wait_up(Duration::from_secs(30)).await, "{}", b.log());
+    let auth = basic("alice", "alice-pass");
+    let r = http(b.addr, "POST", LOGIN, &[("Authorization", &auth)], b"").await;
+    assert_eq!(r.status, 503, "{}", r.body_text());
+    let status = b.terminate().await;
+    assert!(status.success(), "{status:?}");
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM committed").await,
+        1,
+        "the process exited before the login's COMMIT had ended"
+    );
+    assert_eq!(
+        rows_of_user(&client, alice).await,
+        0,
+        "the token nobody received outlived the process"
+    );
 }

@@ -9,8 +9,9 @@ use base64::Engine as _;
 use knoxgate::auth::HashAlgorithm;
 
 use crate::support::{
-    PgBouncer, TestDb, eventually, fleet_config, http, insert_default_token, insert_default_tokens,
-    insert_token, insert_user, join_all, readyz_status, start_unready, with_each_token,
+    PgBouncer, TestDb, count, eventually, fleet_config, http, insert_default_token,
+    insert_default_tokens, insert_token, insert_user, join_all, readyz_status, rows_of_user,
+    start_unready, with_each_token,
 };
 
 const ERRORS: &str = "knoxgate_postgres_errors_total";
@@ -301,5 +302,62 @@ async fn an_unset_pgbouncer_key_is_settled_by_probing_the_url() {
     assert!(!s.running.app.config.postgres.pgbouncer);
     let statuses = with_each_token(s.addr(), "GET", "/verify", &tokens[..5]).await;
     assert!(statuses.iter().all(|st| *st == 200), "{statuses:?}");
+    s.stop().await;
+}
+
+/// A login whose request gives up while its statement waits for a lock has that statement
+/// cancelled through PgBouncer too (PgBouncer passes the cancel request on to the server
+/// connection running it): the wait ends long before `statement_timeout` (5 s), while the lock
+/// is still held, and no token is left once it is released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_logins_statement_is_cancelled_through_pgbouncer() {
+    let db = TestDb::migrated().await;
+    let bouncer = PgBouncer::start(5432, &db.name, "transaction", 2).await;
+    let mut cfg = fleet_config(
+        &bouncer.url(&db.name),
+        &format!(
+            "pgbouncer = true\nfeed_url = \"{}\"\nstatement_timeout = \"5s\"",
+            db.url
+        ),
+        "",
+        "token_limit_per_user = 1",
+    );
+    cfg.server.request_timeout = Duration::from_secs(1);
+    cfg.sessions.hash_queue_timeout = Duration::from_millis(500);
+    let s = start_unready(cfg).await;
+    s.wait_ready().await;
+    let client = db.client().await;
+    let alice = insert_user(&client, "alice", "alice-pass", true).await;
+    let holder = db.client().await;
+    holder
+        .batch_execute("BEGIN; SELECT 1 FROM auth_user WHERE username = 'alice' FOR UPDATE")
+        .await
+        .unwrap();
+    let lock_waits = "SELECT count(*) FROM pg_stat_activity \
+                      WHERE datname = current_database() AND wait_event_type = 'Lock'";
+    let auth = basic("alice", "alice-pass");
+    let headers = [("Authorization", auth.as_str())];
+    let (r, waited) = tokio::join!(
+        http(s.addr(), "POST", "/api/auth/login/", &headers, b""),
+        eventually(Duration::from_millis(900), || async {
+            count(&client, lock_waits).await == 1
+        })
+    );
+    assert_eq!(r.status, 503, "{}", r.body_text());
+    assert!(
+        waited.is_some(),
+        "the login's transaction was not seen waiting for the lock"
+    );
+    let released = eventually(Duration::from_secs(2), || async {
+        count(&client, lock_waits).await == 0
+    })
+    .await;
+    assert!(
+        released.is_some(),
+        "the abandoned login still waits for the lock 2 s after its 503: {}",
+        bouncer.log()
+    );
+    holder.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(rows_of_user(&client, alice).await, 0);
     s.stop().await;
 }

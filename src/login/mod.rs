@@ -296,7 +296,7 @@ async fn create_token_unless_abandoned(
 ) -> Result<Option<TokenRow>, StoreError> {
     let (mut hand_over, taken) = tokio::sync::oneshot::channel();
     let creating = Arc::clone(store);
-    tokio::spawn(async move {
+    store.postgres().spawn_login_work(async move {
         let made = creating
             .postgres()
             .create_token(&new, hand_over.closed())

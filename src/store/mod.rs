@@ -21,6 +21,7 @@
 //! - [`feed`] and [`schema`]: the Postgres change feed and the triggers that feed it; [`relay`]:
 //!   the same changes fanned out to a fleet through a Redis stream.
 
+mod cancel;
 pub mod change;
 pub mod epoch;
 pub mod feed;

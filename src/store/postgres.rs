@@ -31,6 +31,7 @@ use tokio_postgres::{
 
 use super::{
     StoreError,
+    cancel::Canceller,
     lookup_batch::{self, BatchId, LookupBatches},
     pg::{classify, classify_pool, pg_config, tls_connector},
 };
@@ -218,6 +219,12 @@ pub struct Postgres {
     born: Instant,
     /// Lookups waiting for a connection, batched ([`super::lookup_batch`]).
     batches: Arc<LookupBatches>,
+    /// What logins leave running past their answers: a transaction whose request gave up, the
+    /// delete of a token nobody received. Awaited before the process exits
+    /// ([`Postgres::finish_login_work`]).
+    login_work: tokio_util::task::TaskTracker,
+    /// Sends the cancel request for an abandoned login's statement ([`Postgres::abandon`]).
+    canceller: Canceller,
 }
 
 /// Why a statement is sent: it decides whether it is counted in
@@ -313,7 +320,9 @@ impl Postgres {
         let mgr_cfg = ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         };
-        let manager = match tls_connector(cfg, &pg)? {
+        let tls = tls_connector(cfg, &pg)?;
+        let canceller = Canceller::new(&pg, tls.clone(), cfg.connect_timeout);
+        let manager = match tls.clone() {
             Some(tls) => Manager::from_config(pg, tls, mgr_cfg),
             None => Manager::from_config(pg, tokio_postgres::NoTls, mgr_cfg),
         };
@@ -346,7 +355,56 @@ impl Postgres {
             last_request: Arc::default(),
             born: Instant::now(),
             batches: Arc::new(LookupBatches::new(cfg.max_lookup_batch)),
+            login_work: tokio_util::task::TaskTracker::new(),
+            canceller,
         })
+    }
+
+    /// Runs `work` on a task of its own, awaited by [`Postgres::finish_login_work`]: a login's
+    /// work that must end the same way whether or not anyone waits for it.
+    pub fn spawn_login_work(&self, work: impl Future<Output = ()> + Send + 'static) {
+        self.login_work.spawn(work);
+    }
+
+    /// Waits, until `deadline`, for the work logins left running ([`Self::spawn_login_work`]),
+    /// so that a process exiting does not leave behind a token nobody received. Whether it
+    /// all finished; what is still running at the deadline is logged and left.
+    pub async fn finish_login_work(&self, deadline: tokio::time::Instant) -> bool {
+        self.login_work.close();
+        let finished = tokio::time::timeout_at(deadline, self.login_work.wait())
+            .await
+            .is_ok();
+        if !finished {
+            tracing::warn!(
+                running = self.login_work.len(),
+                "a login's transaction or the delete of a token nobody received was still \
+                 running at the deadline; a token may remain until it expires or its user logs \
+                 out everywhere"
+            );
+        }
+        finished
+    }
+
+    /// Takes a login's connection, which may be inside its transaction or running one of its
+    /// statements, out of the pool for good: asks the server to cancel what it runs, as
+    /// `pg_cancel_backend` would, rolls back, and closes it. A statement its caller gave up on
+    /// would otherwise run on, holding or awaiting its locks (the user's row, which the user's
+    /// next login needs), until `statement_timeout`.
+    ///
+    /// Done on a task of its own ([`Postgres::spawn_login_work`]). The cancel
+    /// ([`Canceller`]) is best effort, and cancels nothing once the statement is done. The
+    /// connection is closed only once the ROLLBACK queued behind the statement is answered (or
+    /// at the statement deadline), so that behind PgBouncer its server connection goes back
+    /// to PgBouncer's pool rather than being closed. Not used for abandoned lookups, where a
+    /// cancel per request would add connections to a server that is slow already.
+    pub(super) fn abandon(&self, client: Object) {
+        let token = client.cancel_token();
+        let client = Object::take(client);
+        let (canceller, ended) = (self.canceller.clone(), self.statement_deadline);
+        self.spawn_login_work(async move {
+            canceller.cancel(&token).await;
+            let _ = tokio::time::timeout(ended, client.batch_execute("ROLLBACK")).await;
+        });
     }
 
     /// Records that a request used the pool.

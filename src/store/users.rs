@@ -92,7 +92,8 @@ impl Postgres {
     /// reached.
     ///
     /// `abandoned` completes when nobody waits for the answer any more (the login's request
-    /// was answered 503): until COMMIT the transaction is then rolled back. COMMIT itself runs
+    /// was answered 503): until COMMIT the transaction is then rolled back, its running
+    /// statement cancelled ([`Postgres::abandon`]). COMMIT itself runs
     /// to its end; when its outcome cannot be known (no answer within the deadline, or the
     /// connection lost meanwhile), the token, which nobody will receive, is deleted should it
     /// have been committed ([`Postgres::discard_unreceived`]).
@@ -135,8 +136,8 @@ impl Postgres {
             && let Some(client) = client
         {
             // A statement may still be in flight on it, or its session be inside the
-            // transaction: out of the pool.
-            let _ = Object::take(client);
+            // transaction.
+            self.abandon(client);
         }
         Err(match failure {
             Failure::Pool(e) => e,
@@ -229,14 +230,14 @@ impl Postgres {
         Ok(Some((tx, row)))
     }
 
-    /// Deletes, on a task of its own, the token (by its digest) of a login that was not
+    /// Deletes, on a task of its own ([`Postgres::spawn_login_work`]), the token (by its digest) of a login that was not
     /// answered with it. `committed`: its COMMIT is known to have succeeded. Otherwise the
     /// outcome is unknown, and a COMMIT still in progress on the server (waiting for a
     /// synchronous standby) hides the row from a DELETE until it ends: a first delete that
     /// finds nothing, or fails, is tried again one transaction deadline later.
     pub fn discard_unreceived(&self, digest: String, committed: bool) {
         let pg = self.clone();
-        tokio::spawn(async move {
+        self.spawn_login_work(async move {
             let mut failure = None;
             for attempt in 0..2 {
                 if attempt > 0 {

@@ -7,7 +7,7 @@ use std::{
 
 use tokio_postgres::NoTls;
 
-use super::{config_for_url, unique};
+use super::{config_for_url, eventually, unique};
 
 pub const PG_ADMIN: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
@@ -88,4 +88,38 @@ pub async fn connect_retry(url: &str, limit: Duration) -> tokio_postgres::Client
             }
         }
     }
+}
+
+/// Makes the COMMIT of every token row take `seconds` longer: a deferred trigger sleeps in it.
+/// Its table `committed` gets a row in the token's own transaction, so it shows that the
+/// COMMIT happened.
+pub async fn slow_commits(client: &tokio_postgres::Client, seconds: f64) {
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE committed (digest text);
+             CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 INSERT INTO committed VALUES (NEW.digest);
+                 PERFORM pg_sleep({seconds});
+                 RETURN NULL;
+             END $$;
+             CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON knox_authtoken
+                 DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit();"
+        ))
+        .await
+        .unwrap();
+}
+
+/// The count a `SELECT count(*) …` finds.
+pub async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
+    client.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+/// Waits (up to 10 s) for a token's COMMIT to have happened (see [`slow_commits`]).
+pub async fn assert_committed(client: &tokio_postgres::Client) {
+    let committed = eventually(Duration::from_secs(10), || async {
+        count(client, "SELECT count(*) FROM committed").await == 1
+    })
+    .await;
+    assert!(committed.is_some(), "the token's COMMIT never happened");
 }
