@@ -298,11 +298,13 @@ async fn token(cmd: TokenCommand, config: &Config) -> anyhow::Result<()> {
         TokenCommand::Create { user } => create_token(&store, config, &user).await,
         TokenCommand::Revoke { token, all } => revoke_token(&store, config, token, all).await,
     };
-    // A creation whose COMMIT went unanswered deletes the token it may have made: two attempts,
-    // a transaction deadline apart, each bounded by the statement deadline.
-    let login_deadline = config.postgres.login_transaction_deadline();
-    let deletes_done = tokio::time::Instant::now() + login_deadline * 3;
-    store.postgres().finish_login_work(deletes_done).await;
+    // A creation that failed leaves work behind: the delete of a token whose COMMIT went
+    // unanswered (two attempts, a transaction deadline apart, each bounded by the statement
+    // deadline), or the cancel of a statement (bounded by the connect timeout) and a ROLLBACK.
+    let pg = &config.postgres;
+    let work_done =
+        tokio::time::Instant::now() + pg.login_transaction_deadline() * 3 + pg.connect_timeout;
+    store.postgres().finish_login_work(work_done).await;
     if let Some(redis) = store.redis() {
         redis.quit().await;
     }

@@ -273,25 +273,22 @@ async fn token_create_whose_commit_goes_unanswered_deletes_its_token_before_exit
     let db = TestDb::migrated().await;
     let client = db.client().await;
     let bob = insert_user(&client, "bob", "bob-pass", true).await;
-    slow_commits(&client, 1.0).await;
+    slow_commits(&client, 1.5).await;
     let proxy = SlowProxy::start("127.0.0.1:5432".parse().unwrap()).await;
     let url = db
         .url
         .replace("127.0.0.1:5432", &format!("127.0.0.1:{}", proxy.port));
     assert_ne!(url, db.url, "the database URL goes through the proxy");
     let prefix = unique("kgcli");
-    // statement_timeout 1 s: the transaction's deadline is 4 x 1.25 s.
+    // statement_timeout 2 s (longer than the COMMIT): the transaction's deadline is 4 x 2.25 s.
     let create = ["token", "create", "--user", "bob"];
-    let timeout = [("KNOXGATE_POSTGRES_STATEMENT_TIMEOUT", "1s")];
+    let timeout = [("KNOXGATE_POSTGRES_STATEMENT_TIMEOUT", "2s")];
     let (out, ()) = tokio::join!(
         cli_with_env(&url, &prefix, &create, None, &timeout),
         async {
             // Once the COMMIT is running, its answer is held for far longer than the deadline.
             let committing = eventually(Duration::from_secs(20), || async {
-                let sql = "SELECT count(*) FROM pg_stat_activity \
-                           WHERE datname = current_database() AND query = 'COMMIT' \
-                             AND state = 'active'";
-                count(&client, sql).await == 1
+                count(&client, COMMITS_RUNNING).await == 1
             })
             .await;
             assert!(committing.is_some(), "no COMMIT seen running");

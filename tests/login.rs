@@ -838,7 +838,15 @@ async fn a_login_answered_503_leaves_no_token_behind() {
 /// is gone.
 #[tokio::test]
 async fn a_login_answered_503_before_its_commit_is_rolled_back() {
-    let (db, client, s) = alice_with_logins_outliving_requests().await;
+    // A 2-s request deadline: time enough to reach the lock on a loaded machine.
+    let (db, client, s) = Fixture::new()
+        .user("alice")
+        .config(
+            "[server]\nrequest_timeout = \"2s\"\n[sessions]\nhash_queue_timeout = \"500ms\"\n\
+             [knox]\ntoken_limit_per_user = 1\n[postgres]\nstatement_timeout = \"5s\"",
+        )
+        .start()
+        .await;
     let alice = user_id(&client, "alice").await;
     slow_commits(&client, 0.0).await;
     let holder = db.client().await;
@@ -846,27 +854,21 @@ async fn a_login_answered_503_before_its_commit_is_rolled_back() {
         .batch_execute("BEGIN; SELECT 1 FROM auth_user WHERE username = 'alice' FOR UPDATE")
         .await
         .unwrap();
-    let lock_waits = "SELECT count(*) FROM pg_stat_activity \
-                      WHERE datname = current_database() AND wait_event_type = 'Lock'";
-    let (r, waited) = tokio::join!(
-        login(&s, "alice", "alice-pass"),
-        eventually(Duration::from_millis(900), || async {
-            count(&client, lock_waits).await == 1
-        })
-    );
+    let (r, waited) = while_lock_waits_are_watched(&client, login(&s, "alice", "alice-pass")).await;
     assert_eq!(r.status, 503, "{}", r.body_text());
     assert!(
-        waited.is_some(),
+        waited,
         "the login's transaction was not seen waiting for the lock"
     );
-    // Well within the 5 s the statement would otherwise wait, the lock held all along.
-    let released = eventually(Duration::from_secs(2), || async {
-        count(&client, lock_waits).await == 0
+    // Without the cancel the wait lasts until 5 s after the statement began; the lock is held
+    // all along.
+    let released = eventually(Duration::from_millis(1500), || async {
+        count(&client, LOCK_WAITS).await == 0
     })
     .await;
     assert!(
         released.is_some(),
-        "the abandoned login still waits for the lock 2 s after its 503"
+        "the abandoned login still waits for the lock 1.5 s after its 503"
     );
     holder.batch_execute("COMMIT").await.unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -953,9 +955,17 @@ async fn sigterm_waits_for_a_login_left_running_and_deletes_its_token() {
     );
     assert!(b.wait_up(Duration::from_secs(30)).await, "{}", b.log());
     let auth = basic("alice", "alice-pass");
-    let r = http(b.addr, "POST", LOGIN, &[("Authorization", &auth)], b"").await;
+    let (r, committing) = while_watching(
+        &client,
+        COMMITS_RUNNING,
+        http(b.addr, "POST", LOGIN, &[("Authorization", &auth)], b""),
+    )
+    .await;
     assert_eq!(r.status, 503, "{}", r.body_text());
-    let status = b.terminate().await;
+    assert!(committing, "the login's COMMIT was not running at its 503");
+    let status = tokio::time::timeout(Duration::from_secs(30), b.terminate())
+        .await
+        .expect("the process exits within its shutdown grace");
     assert!(status.success(), "{status:?}");
     assert_eq!(
         count(&client, "SELECT count(*) FROM committed").await,

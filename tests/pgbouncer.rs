@@ -9,9 +9,9 @@ use base64::Engine as _;
 use knoxgate::auth::HashAlgorithm;
 
 use crate::support::{
-    PgBouncer, TestDb, count, eventually, fleet_config, http, insert_default_token,
+    LOCK_WAITS, PgBouncer, TestDb, count, eventually, fleet_config, http, insert_default_token,
     insert_default_tokens, insert_token, insert_user, join_all, readyz_status, rows_of_user,
-    start_unready, with_each_token,
+    start_unready, while_lock_waits_are_watched, with_each_token,
 };
 
 const ERRORS: &str = "knoxgate_postgres_errors_total";
@@ -311,18 +311,38 @@ async fn an_unset_pgbouncer_key_is_settled_by_probing_the_url() {
 /// is still held, and no token is left once it is released.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_abandoned_logins_statement_is_cancelled_through_pgbouncer() {
+    abandoned_login_through_pgbouncer(false).await;
+}
+
+/// The same with TLS between knoxgate and PgBouncer: the cancel request waits for PgBouncer to
+/// close its connection, above TLS (a close_notify would end it as early as a close).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_logins_statement_is_cancelled_through_pgbouncer_over_tls() {
+    abandoned_login_through_pgbouncer(true).await;
+}
+
+async fn abandoned_login_through_pgbouncer(tls: bool) {
     let db = TestDb::migrated().await;
-    let bouncer = PgBouncer::start(5432, &db.name, "transaction", 2).await;
+    let bouncer = PgBouncer::start_with(5432, &db.name, "transaction", 2, tls).await;
+    let (url, ca) = if tls {
+        let ca = bouncer.ca_file().display().to_string();
+        (
+            format!("{}?sslmode=require", bouncer.url(&db.name)),
+            format!("ca_file = \"{ca}\""),
+        )
+    } else {
+        (bouncer.url(&db.name), String::new())
+    };
     let mut cfg = fleet_config(
-        &bouncer.url(&db.name),
+        &url,
         &format!(
-            "pgbouncer = true\nfeed_url = \"{}\"\nstatement_timeout = \"5s\"",
+            "pgbouncer = true\nfeed_url = \"{}\"\nstatement_timeout = \"5s\"\n{ca}",
             db.url
         ),
         "",
         "token_limit_per_user = 1",
     );
-    cfg.server.request_timeout = Duration::from_secs(1);
+    cfg.server.request_timeout = Duration::from_secs(2);
     cfg.sessions.hash_queue_timeout = Duration::from_millis(500);
     let s = start_unready(cfg).await;
     s.wait_ready().await;
@@ -333,28 +353,26 @@ async fn an_abandoned_logins_statement_is_cancelled_through_pgbouncer() {
         .batch_execute("BEGIN; SELECT 1 FROM auth_user WHERE username = 'alice' FOR UPDATE")
         .await
         .unwrap();
-    let lock_waits = "SELECT count(*) FROM pg_stat_activity \
-                      WHERE datname = current_database() AND wait_event_type = 'Lock'";
     let auth = basic("alice", "alice-pass");
     let headers = [("Authorization", auth.as_str())];
-    let (r, waited) = tokio::join!(
+    let (r, waited) = while_lock_waits_are_watched(
+        &client,
         http(s.addr(), "POST", "/api/auth/login/", &headers, b""),
-        eventually(Duration::from_millis(900), || async {
-            count(&client, lock_waits).await == 1
-        })
-    );
+    )
+    .await;
     assert_eq!(r.status, 503, "{}", r.body_text());
     assert!(
-        waited.is_some(),
+        waited,
         "the login's transaction was not seen waiting for the lock"
     );
-    let released = eventually(Duration::from_secs(2), || async {
-        count(&client, lock_waits).await == 0
+    // Without the cancel the wait lasts until 5 s after the statement began.
+    let released = eventually(Duration::from_millis(1500), || async {
+        count(&client, LOCK_WAITS).await == 0
     })
     .await;
     assert!(
         released.is_some(),
-        "the abandoned login still waits for the lock 2 s after its 503: {}",
+        "the abandoned login still waits for the lock 1.5 s after its 503: {}",
         bouncer.log()
     );
     holder.batch_execute("COMMIT").await.unwrap();

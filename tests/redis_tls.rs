@@ -5,71 +5,6 @@ use std::{path::Path, process::Command, time::Duration};
 
 use crate::support::*;
 
-/// A CA and a server certificate for 127.0.0.1 signed by it, made with openssl.
-fn make_ca(dir: &Path) {
-    let run = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("openssl on PATH");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=knoxgate test CA",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-    ]);
-    run(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
-        "/CN=127.0.0.1",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-    ]);
-    std::fs::write(
-        dir.join("san.ext"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
-    )
-    .unwrap();
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "1",
-        "-extfile",
-        "san.ext",
-        "-out",
-        "server.pem",
-    ]);
-}
-
 /// redis-server speaking TLS only, on a spare port; killed on drop.
 struct TlsRedis {
     port: u16,
@@ -127,7 +62,7 @@ impl Drop for TlsRedis {
 #[tokio::test]
 async fn a_private_ca_is_trusted_through_redis_ca_file() {
     let dir = tempfile::tempdir().unwrap();
-    make_ca(dir.path());
+    make_test_ca(dir.path());
     let redis = TlsRedis::start(dir.path()).await;
     let db = TestDb::migrated().await;
     let t = user_with_token(&db, "tls").await;
@@ -157,7 +92,7 @@ async fn a_private_ca_is_trusted_through_redis_ca_file() {
 #[tokio::test]
 async fn an_untrusted_certificate_is_logged_with_its_cause_and_answers_come_from_postgres() {
     let dir = tempfile::tempdir().unwrap();
-    make_ca(dir.path());
+    make_test_ca(dir.path());
     let redis = TlsRedis::start(dir.path()).await;
     let db = TestDb::migrated().await;
     let t = user_with_token(&db, "untrusted").await;

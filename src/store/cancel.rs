@@ -1,34 +1,51 @@
 //! Cancel requests sent as libpq sends them: the CancelRequest on a connection of its own, then
 //! waiting for the server to close that connection, which it does once it has handled it.
 //!
-//! tokio-postgres's own `cancel_query` closes its side right after writing. Postgres does not
-//! mind, but PgBouncer passes a cancel on to its server over a connection it opens then, and
-//! (1.18 at least) drops the cancel when its client is gone before that: the statement then
-//! runs on until `statement_timeout`.
+//! tokio-postgres's own `cancel_query` closes its side right after writing (over TLS, with a
+//! close_notify). Postgres does not mind, but PgBouncer passes a cancel on to its server over a
+//! connection it opens then, and drops the cancel when its client is gone before that: the
+//! statement then runs on until `statement_timeout`.
 
 use std::{
     io,
+    net::SocketAddr,
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll, ready},
     time::Duration,
 };
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio_postgres::{CancelToken, NoTls, config::Host, tls::MakeTlsConnect};
+use futures_util::{TryFutureExt, future::MapOk};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+    sync::{OwnedSemaphorePermit, Semaphore},
+};
+use tokio_postgres::{
+    CancelToken, NoTls,
+    config::Host,
+    tls::{ChannelBinding, MakeTlsConnect, TlsConnect, TlsStream},
+};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-/// Where a connection of the pool may have been opened, and how to reach it again.
+/// Cancel requests in flight at once, at most: when many logins give up together (Postgres
+/// slow for everyone), each would otherwise add a connection, and a process, to the server
+/// that is slow already. Beyond it, an abandoned statement runs on until `statement_timeout`.
+const CANCELS_AT_ONCE: usize = 4;
+
+/// Sends cancel requests to wherever the pool's connections may have been opened.
 #[derive(Clone)]
 pub struct Canceller {
-    targets: Vec<Target>,
+    targets: Arc<[Target]>,
     tls: Option<MakeRustlsConnect>,
     /// Bound on one cancel request, connecting included (`postgres.connect_timeout`).
     within: Duration,
+    in_flight: Arc<Semaphore>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
 enum Target {
-    /// Host (or address) and port; the host name is also the one TLS checks.
+    /// Host (or address) and port; the host name is the one TLS checks.
     Tcp {
         connect: String,
         name: String,
@@ -45,17 +62,23 @@ impl Canceller {
         within: Duration,
     ) -> Canceller {
         Canceller {
-            targets: targets(pg),
+            targets: targets(pg).into(),
             tls,
             within,
+            in_flight: Arc::new(Semaphore::new(CANCELS_AT_ONCE)),
         }
     }
 
+    /// A place among the cancel requests in flight, if one is free ([`CANCELS_AT_ONCE`]).
+    pub fn place(&self) -> Option<OwnedSemaphorePermit> {
+        Arc::clone(&self.in_flight).try_acquire_owned().ok()
+    }
+
     /// Asks the server to cancel what the connection of `token` is running. The URL may list
-    /// several hosts and the pool does not say which one a connection reached: each is asked,
-    /// and those that do not know the connection's key ignore the request. Best effort: how
-    /// it went is logged at debug level, since the statement ends at its `statement_timeout`
-    /// anyway.
+    /// several hosts, and a name may resolve to several addresses; the pool does not say which
+    /// one a connection reached, so each is asked, and those that do not know the
+    /// connection's key ignore the request. Best effort: how it went is logged at debug level,
+    /// since the statement ends at its `statement_timeout` anyway.
     pub async fn cancel(&self, token: &CancelToken) {
         let sends = self.targets.iter().map(|target| async move {
             match tokio::time::timeout(self.within, self.send(target, token)).await {
@@ -70,6 +93,7 @@ impl Canceller {
         futures_util::future::join_all(sends).await;
     }
 
+    /// To every address of `target`; fine when one of them handled it.
     async fn send(&self, target: &Target, token: &CancelToken) -> io::Result<()> {
         match target {
             Target::Tcp {
@@ -77,59 +101,77 @@ impl Canceller {
                 name,
                 port,
             } => {
-                let stream = tokio::net::TcpStream::connect((connect.as_str(), *port)).await?;
-                stream.set_nodelay(true)?;
-                self.send_on(CloseWait(stream), name, token).await
+                let addrs: Vec<SocketAddr> = tokio::net::lookup_host((connect.as_str(), *port))
+                    .await?
+                    .collect();
+                let sends = addrs.iter().map(|addr| self.send_tcp(*addr, name, token));
+                let mut failure = None;
+                for sent in futures_util::future::join_all(sends).await {
+                    match sent {
+                        Ok(()) => return Ok(()),
+                        Err(e) => {
+                            failure.get_or_insert(e);
+                        }
+                    }
+                }
+                Err(failure.unwrap_or_else(|| {
+                    io::Error::new(io::ErrorKind::NotFound, "the name resolved to no address")
+                }))
             }
             #[cfg(unix)]
             Target::Unix(path) => {
                 let stream = tokio::net::UnixStream::connect(path).await?;
-                self.send_on(CloseWait(stream), "", token).await
+                let sent = token.cancel_query_raw(CloseWait(stream), NoTls).await;
+                sent.map_err(io::Error::other)
             }
         }
     }
 
-    async fn send_on<S>(&self, stream: S, name: &str, token: &CancelToken) -> io::Result<()>
-    where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
+    async fn send_tcp(&self, addr: SocketAddr, name: &str, token: &CancelToken) -> io::Result<()> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
         let sent = match &self.tls {
+            // The wait sits above TLS: below it, the close_notify TLS sends on shutdown would
+            // end the request as a close does.
             Some(tls) => {
-                let connect = MakeTlsConnect::<S>::make_tls_connect(&mut tls.clone(), name)
+                let connect = MakeTlsConnect::<TcpStream>::make_tls_connect(&mut tls.clone(), name)
                     .map_err(io::Error::other)?;
-                token.cancel_query_raw(stream, connect).await
+                token.cancel_query_raw(stream, WaitForClose(connect)).await
             }
-            None => token.cancel_query_raw(stream, NoTls).await,
+            None => token.cancel_query_raw(CloseWait(stream), NoTls).await,
         };
         sent.map_err(io::Error::other)
     }
 }
 
 /// Every place a connection made with `pg` may have reached, as tokio-postgres's own connect
-/// works them out: `hostaddr` before `host`, one port for all hosts or one each, 5432 by
-/// default.
+/// works them out: `hostaddr` (over TCP) before `host`, one port for all hosts or one each,
+/// 5432 by default.
 fn targets(pg: &tokio_postgres::Config) -> Vec<Target> {
     let (hosts, addrs, ports) = (pg.get_hosts(), pg.get_hostaddrs(), pg.get_ports());
     (0..hosts.len().max(addrs.len()))
         .filter_map(|i| {
             let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+            let name = match hosts.get(i) {
+                Some(Host::Tcp(name)) => name.clone(),
+                _ => String::new(),
+            };
             match (hosts.get(i), addrs.get(i)) {
+                (_, Some(addr)) => Some(Target::Tcp {
+                    connect: addr.to_string(),
+                    name,
+                    port,
+                }),
                 #[cfg(unix)]
-                (Some(Host::Unix(dir)), _) => {
+                (Some(Host::Unix(dir)), None) => {
                     Some(Target::Unix(dir.join(format!(".s.PGSQL.{port}"))))
                 }
-                (host, addr) => {
-                    let name = match host {
-                        Some(Host::Tcp(name)) => name.clone(),
-                        _ => String::new(),
-                    };
-                    let connect = addr.map_or_else(|| name.clone(), ToString::to_string);
-                    (!connect.is_empty()).then_some(Target::Tcp {
-                        connect,
-                        name,
-                        port,
-                    })
-                }
+                (Some(Host::Tcp(host)), None) => Some(Target::Tcp {
+                    connect: host.clone(),
+                    name,
+                    port,
+                }),
+                (None, None) => None,
             }
         })
         .collect()
@@ -162,17 +204,46 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for CloseWait<S> {
         Pin::new(&mut self.0).poll_flush(cx)
     }
 
-    /// Reads (and discards) until the peer closes. A TLS layer above has sent its
-    /// close_notify by now.
+    /// Flushes, then reads (and discards) until the peer closes. A close without TLS's
+    /// close_notify, or a reset, is a close too.
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(Pin::new(&mut self.0).poll_flush(cx))?;
         let mut scratch = [0u8; 64];
         loop {
             let mut buf = ReadBuf::new(&mut scratch);
-            ready!(Pin::new(&mut self.0).poll_read(cx, &mut buf))?;
-            if buf.filled().is_empty() {
-                return Poll::Ready(Ok(()));
+            match ready!(Pin::new(&mut self.0).poll_read(cx, &mut buf)) {
+                Ok(()) if buf.filled().is_empty() => return Poll::Ready(Ok(())),
+                Ok(()) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset
+                    ) =>
+                {
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) => return Poll::Ready(Err(e)),
             }
         }
+    }
+}
+
+impl<S: TlsStream + Unpin> TlsStream for CloseWait<S> {
+    fn channel_binding(&self) -> ChannelBinding {
+        self.0.channel_binding()
+    }
+}
+
+/// A TLS connector whose streams are [`CloseWait`]s.
+struct WaitForClose<T>(T);
+
+impl<S, T: TlsConnect<S>> TlsConnect<S> for WaitForClose<T> {
+    type Stream = CloseWait<T::Stream>;
+    type Error = T::Error;
+    type Future = MapOk<T::Future, fn(T::Stream) -> CloseWait<T::Stream>>;
+
+    fn connect(self, stream: S) -> Self::Future {
+        self.0.connect(stream).map_ok(CloseWait as fn(_) -> _)
     }
 }
 
@@ -218,6 +289,15 @@ mod tests {
         assert_eq!(
             targets_of("hostaddr=10.0.0.7 port=6432 user=u"),
             [tcp("10.0.0.7", "", 6432)]
+        );
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_hostaddr_wins_over_a_unix_socket_as_in_tokio_postgres() {
+        assert_eq!(
+            targets_of("host=/run/postgresql hostaddr=10.0.0.7 user=u"),
+            [tcp("10.0.0.7", "", 5432)]
         );
     }
 

@@ -392,7 +392,8 @@ impl Postgres {
     /// next login needs), until `statement_timeout`.
     ///
     /// Done on a task of its own ([`Postgres::spawn_login_work`]). The cancel
-    /// ([`Canceller`]) is best effort, and cancels nothing once the statement is done. The
+    /// ([`Canceller`]) is best effort, cancels nothing once the statement is done, and is not
+    /// sent when too many are in flight already: the connection is then closed at once. The
     /// connection is closed only once the ROLLBACK queued behind the statement is answered (or
     /// at the statement deadline), so that behind PgBouncer its server connection goes back
     /// to PgBouncer's pool rather than being closed. Not used for abandoned lookups, where a
@@ -400,10 +401,14 @@ impl Postgres {
     pub(super) fn abandon(&self, client: Object) {
         let token = client.cancel_token();
         let client = Object::take(client);
+        let Some(place) = self.canceller.place() else {
+            return;
+        };
         let (canceller, ended) = (self.canceller.clone(), self.statement_deadline);
         self.spawn_login_work(async move {
             canceller.cancel(&token).await;
             let _ = tokio::time::timeout(ended, client.batch_execute("ROLLBACK")).await;
+            drop(place);
         });
     }
 

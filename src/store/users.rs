@@ -40,8 +40,10 @@ enum Failure {
     Postgres(tokio_postgres::Error),
     /// Its caller gave up before COMMIT.
     Abandoned,
-    /// No answer within the transaction deadline.
+    /// No answer within the transaction deadline, before COMMIT.
     Deadline,
+    /// No answer to COMMIT within the transaction deadline: its outcome is unknown.
+    CommitUnanswered,
 }
 
 impl From<tokio_postgres::Error> for Failure {
@@ -125,19 +127,23 @@ impl Postgres {
                     self.discard_unreceived(new.digest.clone(), false);
                     match committed {
                         Ok(Err(e)) => Failure::Postgres(e),
-                        _ => Failure::Deadline,
+                        _ => Failure::CommitUnanswered,
                     }
                 }
                 Ok(None) => return Ok(None),
                 Err(failure) => failure,
             }
         };
-        if matches!(failure, Failure::Abandoned | Failure::Deadline)
-            && let Some(client) = client
-        {
-            // A statement may still be in flight on it, or its session be inside the
-            // transaction.
-            self.abandon(client);
+        if let Some(client) = client {
+            match failure {
+                // A statement may still be in flight on it, or its session be inside the
+                // transaction.
+                Failure::Abandoned | Failure::Deadline => self.abandon(client),
+                // COMMIT runs to its end (a cancel could stop a wait for a synchronous standby
+                // with the commit kept, unreplicated); only its connection leaves the pool.
+                Failure::CommitUnanswered => drop(Object::take(client)),
+                Failure::Pool(_) | Failure::Postgres(_) => {}
+            }
         }
         Err(match failure {
             Failure::Pool(e) => e,
@@ -145,7 +151,7 @@ impl Postgres {
             Failure::Abandoned => StoreError::Timeout(
                 "create_token: its caller gave up before COMMIT; rolled back".into(),
             ),
-            Failure::Deadline => self.fail(StoreError::Timeout(
+            Failure::Deadline | Failure::CommitUnanswered => self.fail(StoreError::Timeout(
                 "create_token: no answer within the transaction deadline".into(),
             )),
         })

@@ -14,7 +14,7 @@ use std::{
 
 use knoxgate::{app, config::Config};
 
-use super::{TestServer, config_for_url, free_port, http, unique};
+use super::{TestServer, config_for_url, free_port, http, make_test_ca, unique};
 
 /// The newest Postgres server binaries installed the Debian way (/usr/lib/postgresql/<v>/bin).
 pub fn pg_bin() -> PathBuf {
@@ -279,9 +279,33 @@ impl PgBouncer {
     /// `pool_mode` (transaction, session) with `pool_size` server connections for `database`
     /// on the Postgres at `pg_port`.
     pub async fn start(pg_port: u16, database: &str, pool_mode: &str, pool_size: u32) -> PgBouncer {
+        Self::start_with(pg_port, database, pool_mode, pool_size, false).await
+    }
+
+    /// The same, with `tls`: clients must speak TLS, with a certificate for 127.0.0.1 signed by
+    /// a CA of its own ([`PgBouncer::ca_file`]).
+    pub async fn start_with(
+        pg_port: u16,
+        database: &str,
+        pool_mode: &str,
+        pool_size: u32,
+        tls: bool,
+    ) -> PgBouncer {
         let dir = temp_dir_for_postgres("knoxgate-pgbouncer");
         let port = free_port();
         let ini = dir.path().join("pgbouncer.ini");
+        let client_tls = if tls {
+            make_test_ca(dir.path());
+            format!(
+                "client_tls_sslmode = require\n\
+                 client_tls_key_file = {key}\n\
+                 client_tls_cert_file = {cert}\n",
+                key = dir.path().join("server.key").display(),
+                cert = dir.path().join("server.pem").display(),
+            )
+        } else {
+            String::new()
+        };
         std::fs::write(
             &ini,
             format!(
@@ -296,7 +320,8 @@ impl PgBouncer {
                  default_pool_size = {pool_size}\n\
                  max_client_conn = 500\n\
                  logfile = {log}\n\
-                 pidfile = {pid}\n",
+                 pidfile = {pid}\n\
+                 {client_tls}",
                 log = dir.path().join("pgbouncer.log").display(),
                 pid = dir.path().join("pgbouncer.pid").display(),
             ),
@@ -328,6 +353,11 @@ impl PgBouncer {
 
     pub fn url(&self, database: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// The CA that signed its certificate, when started with TLS.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
     }
 
     pub fn log(&self) -> String {

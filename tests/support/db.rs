@@ -123,3 +123,40 @@ pub async fn assert_committed(client: &tokio_postgres::Client) {
     .await;
     assert!(committed.is_some(), "the token's COMMIT never happened");
 }
+
+/// Sessions of this database running a COMMIT.
+pub const COMMITS_RUNNING: &str = "SELECT count(*) FROM pg_stat_activity \
+                                   WHERE datname = current_database() AND query = 'COMMIT' \
+                                     AND state = 'active'";
+
+/// Sessions of this database waiting for a lock.
+pub const LOCK_WAITS: &str = "SELECT count(*) FROM pg_stat_activity \
+                              WHERE datname = current_database() AND wait_event_type = 'Lock'";
+
+/// Runs `request` to its end while watching [`LOCK_WAITS`] every 20 ms: its answer, and
+/// whether a session was seen waiting for a lock meanwhile.
+pub async fn while_lock_waits_are_watched<T>(
+    client: &tokio_postgres::Client,
+    request: impl std::future::Future<Output = T>,
+) -> (T, bool) {
+    while_watching(client, LOCK_WAITS, request).await
+}
+
+/// Runs `request` to its end while running `sql` (a count) every 20 ms: its answer, and
+/// whether the count was ever 1 or more meanwhile.
+pub async fn while_watching<T>(
+    client: &tokio_postgres::Client,
+    sql: &str,
+    request: impl std::future::Future<Output = T>,
+) -> (T, bool) {
+    let mut request = std::pin::pin!(request);
+    let mut seen = false;
+    loop {
+        tokio::select! {
+            answer = &mut request => return (answer, seen),
+            () = tokio::time::sleep(Duration::from_millis(20)) => {
+                seen |= count(client, sql).await > 0;
+            }
+        }
+    }
+}

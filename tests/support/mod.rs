@@ -7,6 +7,7 @@
 
 #[cfg(test)]
 mod binary;
+mod certs;
 mod cluster;
 mod db;
 mod django;
@@ -25,6 +26,7 @@ use std::{
 
 #[cfg(test)]
 pub use binary::*;
+pub use certs::*;
 pub use cluster::*;
 pub use db::*;
 pub use django::*;
