@@ -862,13 +862,13 @@ async fn a_login_answered_503_before_its_commit_is_rolled_back() {
     );
     // Without the cancel the wait lasts until 5 s after the statement began; the lock is held
     // all along.
-    let released = eventually(Duration::from_millis(1500), || async {
+    let released = eventually(Duration::from_secs(2), || async {
         count(&client, LOCK_WAITS).await == 0
     })
     .await;
     assert!(
         released.is_some(),
-        "the abandoned login still waits for the lock 1.5 s after its 503"
+        "the abandoned login still waits for the lock 2 s after its 503"
     );
     holder.batch_execute("COMMIT").await.unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -936,18 +936,19 @@ async fn a_commit_left_unanswered_is_undone() {
 }
 
 /// A login whose transaction outlives its request is awaited when the process is told to stop:
-/// SIGTERM right after the 503 (the COMMIT takes 2 s more), and the process exits only once
-/// that COMMIT has ended and the token it made, which nobody received, is deleted.
+/// SIGTERM right after the 503 (the COMMIT takes 3 s; the request deadline is 2 s), and the
+/// process exits only once that COMMIT has ended and the token it made, which nobody received,
+/// is deleted.
 #[tokio::test]
 async fn sigterm_waits_for_a_login_left_running_and_deletes_its_token() {
     let db = TestDb::migrated().await;
     let client = db.client().await;
     let alice = insert_user(&client, "alice", "alice-pass", true).await;
-    slow_commits(&client, 2.0).await;
+    slow_commits(&client, 3.0).await;
     let b = Binary::spawn(
         &db.url,
         &[
-            ("KNOXGATE_REQUEST_TIMEOUT", "1s".into()),
+            ("KNOXGATE_REQUEST_TIMEOUT", "2s".into()),
             ("KNOXGATE_SESSIONS_HASH_QUEUE_TIMEOUT", "500ms".into()),
             ("KNOXGATE_KNOX_TOKEN_LIMIT_PER_USER", "1".into()),
             ("KNOXGATE_POSTGRES_STATEMENT_TIMEOUT", "5s".into()),

@@ -28,9 +28,11 @@ use tokio_postgres::{
 };
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-/// Cancel requests in flight at once, at most: when many logins give up together (Postgres
-/// slow for everyone), each would otherwise add a connection, and a process, to the server
-/// that is slow already. Beyond it, an abandoned statement runs on until `statement_timeout`.
+/// Abandoned logins cancelled and rolled back at once, at most (a place is held from the cancel
+/// request to the end of the ROLLBACK): when many logins give up together (Postgres slow for
+/// everyone), each would otherwise add a connection, and a process, to the server that is slow
+/// already. Beyond it, an abandoned login's connection is closed without a cancel, and its
+/// statement runs on until `statement_timeout`.
 const CANCELS_AT_ONCE: usize = 4;
 
 /// Sends cancel requests to wherever the pool's connections may have been opened.
@@ -101,22 +103,19 @@ impl Canceller {
                 name,
                 port,
             } => {
-                let addrs: Vec<SocketAddr> = tokio::net::lookup_host((connect.as_str(), *port))
+                // Done once one address handled it: another one black-holed must not hold
+                // the abandoned connection (and its place) until the connect timeout.
+                let sends: Vec<_> = tokio::net::lookup_host((connect.as_str(), *port))
                     .await?
+                    .map(|addr| Box::pin(self.send_tcp(addr, name, token)))
                     .collect();
-                let sends = addrs.iter().map(|addr| self.send_tcp(*addr, name, token));
-                let mut failure = None;
-                for sent in futures_util::future::join_all(sends).await {
-                    match sent {
-                        Ok(()) => return Ok(()),
-                        Err(e) => {
-                            failure.get_or_insert(e);
-                        }
-                    }
+                if sends.is_empty() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::NotFound,
+                        "the name resolved to no address",
+                    ));
                 }
-                Err(failure.unwrap_or_else(|| {
-                    io::Error::new(io::ErrorKind::NotFound, "the name resolved to no address")
-                }))
+                futures_util::future::select_ok(sends).await.map(drop)
             }
             #[cfg(unix)]
             Target::Unix(path) => {

@@ -42,8 +42,9 @@ enum Failure {
     Abandoned,
     /// No answer within the transaction deadline, before COMMIT.
     Deadline,
-    /// No answer to COMMIT within the transaction deadline: its outcome is unknown.
-    CommitUnanswered,
+    /// COMMIT was sent, and answered with an error (`Some`) or not within the transaction
+    /// deadline: its outcome is unknown.
+    Commit(Option<tokio_postgres::Error>),
 }
 
 impl From<tokio_postgres::Error> for Failure {
@@ -125,10 +126,7 @@ impl Postgres {
                     // answer may be PgBouncer's (its link to the server lost) rather than
                     // Postgres's rollback. Deleting a token nobody received is harmless anyway.
                     self.discard_unreceived(new.digest.clone(), false);
-                    match committed {
-                        Ok(Err(e)) => Failure::Postgres(e),
-                        _ => Failure::CommitUnanswered,
-                    }
+                    Failure::Commit(committed.ok().and_then(Result::err))
                 }
                 Ok(None) => return Ok(None),
                 Err(failure) => failure,
@@ -140,8 +138,9 @@ impl Postgres {
                 // transaction.
                 Failure::Abandoned | Failure::Deadline => self.abandon(client),
                 // COMMIT runs to its end (a cancel could stop a wait for a synchronous standby
-                // with the commit kept, unreplicated); only its connection leaves the pool.
-                Failure::CommitUnanswered => drop(Object::take(client)),
+                // with the commit kept, unreplicated); only its connection leaves the pool,
+                // which it must also when the error was PgBouncer's, about to close it.
+                Failure::Commit(_) => drop(Object::take(client)),
                 Failure::Pool(_) | Failure::Postgres(_) => {}
             }
         }
@@ -151,7 +150,8 @@ impl Postgres {
             Failure::Abandoned => StoreError::Timeout(
                 "create_token: its caller gave up before COMMIT; rolled back".into(),
             ),
-            Failure::Deadline | Failure::CommitUnanswered => self.fail(StoreError::Timeout(
+            Failure::Commit(Some(e)) => self.failed("create_token", &e),
+            Failure::Deadline | Failure::Commit(None) => self.fail(StoreError::Timeout(
                 "create_token: no answer within the transaction deadline".into(),
             )),
         })
