@@ -322,7 +322,7 @@ impl Postgres {
         };
         let tls = tls_connector(cfg, &pg)?;
         let canceller = Canceller::new(&pg, tls.clone(), cfg.connect_timeout);
-        let manager = match tls.clone() {
+        let manager = match tls {
             Some(tls) => Manager::from_config(pg, tls, mgr_cfg),
             None => Manager::from_config(pg, tokio_postgres::NoTls, mgr_cfg),
         };
@@ -367,14 +367,14 @@ impl Postgres {
     }
 
     /// Waits, until `deadline`, for the work logins left running ([`Self::spawn_login_work`]),
-    /// so that a process exiting does not leave behind a token nobody received. Whether it
-    /// all finished; what is still running at the deadline is logged and left.
-    pub async fn finish_login_work(&self, deadline: tokio::time::Instant) -> bool {
+    /// so that a process exiting does not leave behind a token nobody received. What is still
+    /// running at the deadline is logged and left.
+    pub async fn finish_login_work(&self, deadline: tokio::time::Instant) {
         self.login_work.close();
-        let finished = tokio::time::timeout_at(deadline, self.login_work.wait())
+        if tokio::time::timeout_at(deadline, self.login_work.wait())
             .await
-            .is_ok();
-        if !finished {
+            .is_err()
+        {
             tracing::warn!(
                 running = self.login_work.len(),
                 "a login's transaction or the delete of a token nobody received was still \
@@ -382,7 +382,6 @@ impl Postgres {
                  out everywhere"
             );
         }
-        finished
     }
 
     /// Takes a login's connection, which may be inside its transaction or running one of its
