@@ -13,41 +13,19 @@ const SIGNED: &str = "knoxgate_assertions_signed_total";
 /// A fresh key made by openssl (`ed25519` or `P-256`), written as PEM into `dir`; returns the
 /// private and public key paths.
 fn make_key(dir: &Path, name: &str, kind: &str) -> (String, String) {
-    let private = dir.join(format!("{name}.pem"));
-    let public = dir.join(format!("{name}.pub.pem"));
-    let mut genpkey = Command::new("openssl");
-    genpkey.arg("genpkey");
-    match kind {
-        "ed25519" => genpkey.args(["-algorithm", "ed25519"]),
-        curve => genpkey.args([
-            "-algorithm",
-            "EC",
-            "-pkeyopt",
-            &format!("ec_paramgen_curve:{curve}"),
-        ]),
+    let (private, public) = (format!("{name}.pem"), format!("{name}.pub.pem"));
+    let curve = format!("ec_paramgen_curve:{kind}");
+    let algorithm: &[&str] = match kind {
+        "ed25519" => &["-algorithm", "ed25519"],
+        _ => &["-algorithm", "EC", "-pkeyopt", &curve],
     };
-    let out = genpkey.arg("-out").arg(&private).output().expect("openssl");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    openssl(
+        dir,
+        &[&["genpkey"], algorithm, &["-out", &private]].concat(),
     );
-    let out = Command::new("openssl")
-        .args(["pkey", "-pubout", "-in"])
-        .arg(&private)
-        .arg("-out")
-        .arg(&public)
-        .output()
-        .expect("openssl");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (
-        private.to_string_lossy().into_owned(),
-        public.to_string_lossy().into_owned(),
-    )
+    openssl(dir, &["pkey", "-pubout", "-in", &private, "-out", &public]);
+    let path = |file: &str| dir.join(file).to_string_lossy().into_owned();
+    (path(&private), path(&public))
 }
 
 fn assertion_toml(key_file: &str, extra: &str) -> String {

@@ -849,27 +849,9 @@ async fn a_login_answered_503_before_its_commit_is_rolled_back() {
         .await;
     let alice = user_id(&client, "alice").await;
     slow_commits(&client, 0.0).await;
-    let holder = db.client().await;
-    holder
-        .batch_execute("BEGIN; SELECT 1 FROM auth_user WHERE username = 'alice' FOR UPDATE")
-        .await
-        .unwrap();
-    let (r, waited) = while_lock_waits_are_watched(&client, login(&s, "alice", "alice-pass")).await;
-    assert_eq!(r.status, 503, "{}", r.body_text());
-    assert!(
-        waited,
-        "the login's transaction was not seen waiting for the lock"
-    );
-    // Without the cancel the wait lasts until 5 s after the statement began; the lock is held
-    // all along.
-    let released = eventually(Duration::from_secs(2), || async {
-        count(&client, LOCK_WAITS).await == 0
-    })
-    .await;
-    assert!(
-        released.is_some(),
-        "the abandoned login still waits for the lock 2 s after its 503"
-    );
+    let login = login(&s, "alice", "alice-pass");
+    let holder =
+        assert_abandoned_login_lets_go_of_the_lock(&db, &client, "alice", login, String::new).await;
     holder.batch_execute("COMMIT").await.unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let committed = count(&client, "SELECT count(*) FROM committed").await;

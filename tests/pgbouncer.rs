@@ -9,9 +9,9 @@ use base64::Engine as _;
 use knoxgate::auth::HashAlgorithm;
 
 use crate::support::{
-    LOCK_WAITS, PgBouncer, TestDb, count, eventually, fleet_config, http, insert_default_token,
-    insert_default_tokens, insert_token, insert_user, join_all, readyz_status, rows_of_user,
-    start_unready, while_lock_waits_are_watched, with_each_token,
+    PgBouncer, TestDb, assert_abandoned_login_lets_go_of_the_lock, eventually, fleet_config, http,
+    insert_default_token, insert_default_tokens, insert_token, insert_user, join_all,
+    readyz_status, rows_of_user, start_unready, with_each_token,
 };
 
 const ERRORS: &str = "knoxgate_postgres_errors_total";
@@ -348,33 +348,13 @@ async fn abandoned_login_through_pgbouncer(tls: bool) {
     s.wait_ready().await;
     let client = db.client().await;
     let alice = insert_user(&client, "alice", "alice-pass", true).await;
-    let holder = db.client().await;
-    holder
-        .batch_execute("BEGIN; SELECT 1 FROM auth_user WHERE username = 'alice' FOR UPDATE")
-        .await
-        .unwrap();
     let auth = basic("alice", "alice-pass");
     let headers = [("Authorization", auth.as_str())];
-    let (r, waited) = while_lock_waits_are_watched(
-        &client,
-        http(s.addr(), "POST", "/api/auth/login/", &headers, b""),
-    )
-    .await;
-    assert_eq!(r.status, 503, "{}", r.body_text());
-    assert!(
-        waited,
-        "the login's transaction was not seen waiting for the lock"
-    );
-    // Without the cancel the wait lasts until 5 s after the statement began.
-    let released = eventually(Duration::from_secs(2), || async {
-        count(&client, LOCK_WAITS).await == 0
+    let login = http(s.addr(), "POST", "/api/auth/login/", &headers, b"");
+    let holder = assert_abandoned_login_lets_go_of_the_lock(&db, &client, "alice", login, || {
+        format!(": {}", bouncer.log())
     })
     .await;
-    assert!(
-        released.is_some(),
-        "the abandoned login still waits for the lock 2 s after its 503: {}",
-        bouncer.log()
-    );
     holder.batch_execute("COMMIT").await.unwrap();
     assert_eq!(rows_of_user(&client, alice).await, 0);
     s.stop().await;

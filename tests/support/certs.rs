@@ -5,18 +5,7 @@ use std::{path::Path, process::Command};
 /// A CA (`ca.pem`) and a server certificate for 127.0.0.1 and localhost signed by it
 /// (`server.pem`, `server.key`), made with openssl in `dir`.
 pub fn make_test_ca(dir: &Path) {
-    let run = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("openssl on PATH");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let run = |args: &[&str]| openssl(dir, args);
     run(&[
         "req",
         "-x509",
@@ -66,4 +55,18 @@ pub fn make_test_ca(dir: &Path) {
         "-out",
         "server.pem",
     ]);
+}
+
+/// Runs `openssl args…` in `dir`, failing the test with its message if it fails.
+pub fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl on PATH");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -130,17 +130,8 @@ pub const COMMITS_RUNNING: &str = "SELECT count(*) FROM pg_stat_activity \
                                      AND state = 'active'";
 
 /// Sessions of this database waiting for a lock.
-pub const LOCK_WAITS: &str = "SELECT count(*) FROM pg_stat_activity \
-                              WHERE datname = current_database() AND wait_event_type = 'Lock'";
-
-/// Runs `request` to its end while watching [`LOCK_WAITS`] every 20 ms: its answer, and
-/// whether a session was seen waiting for a lock meanwhile.
-pub async fn while_lock_waits_are_watched<T>(
-    client: &tokio_postgres::Client,
-    request: impl std::future::Future<Output = T>,
-) -> (T, bool) {
-    while_watching(client, LOCK_WAITS, request).await
-}
+const LOCK_WAITS: &str = "SELECT count(*) FROM pg_stat_activity \
+                          WHERE datname = current_database() AND wait_event_type = 'Lock'";
 
 /// Runs `request` to its end while running `sql` (a count) every 20 ms: its answer, and
 /// whether the count was ever 1 or more meanwhile.
@@ -159,4 +150,45 @@ pub async fn while_watching<T>(
             }
         }
     }
+}
+
+/// Sends `login`, a login of `username` whose request deadline is shorter than its
+/// `statement_timeout` (5 s), while the test holds that user's row lock, and asserts that it is
+/// answered 503 while its transaction waits for the lock, and that the wait ends (its
+/// statement cancelled) within 2 s although the lock is still held. Returns the lock's holder,
+/// still inside its transaction, for the caller to end. `context` is added to a failure's
+/// message.
+pub async fn assert_abandoned_login_lets_go_of_the_lock(
+    db: &TestDb,
+    client: &tokio_postgres::Client,
+    username: &str,
+    login: impl std::future::Future<Output = super::Response>,
+    context: impl FnOnce() -> String,
+) -> tokio_postgres::Client {
+    let holder = db.client().await;
+    holder.execute("BEGIN", &[]).await.unwrap();
+    holder
+        .execute(
+            "SELECT 1 FROM auth_user WHERE username = $1 FOR UPDATE",
+            &[&username],
+        )
+        .await
+        .unwrap();
+    let (r, waited) = while_watching(client, LOCK_WAITS, login).await;
+    assert_eq!(r.status, 503, "{}", r.body_text());
+    assert!(
+        waited,
+        "the login's transaction was not seen waiting for the lock"
+    );
+    // Without the cancel the wait lasts until 5 s after the statement began.
+    let released = eventually(Duration::from_secs(2), || async {
+        count(client, LOCK_WAITS).await == 0
+    })
+    .await;
+    assert!(
+        released.is_some(),
+        "the abandoned login still waits for the lock 2 s after its 503{}",
+        context()
+    );
+    holder
 }
