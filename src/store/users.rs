@@ -96,10 +96,10 @@ impl Postgres {
     ///
     /// `abandoned` completes when nobody waits for the answer any more (the login's request
     /// was answered 503): until COMMIT the transaction is then rolled back, its running
-    /// statement cancelled ([`Postgres::abandon`]). COMMIT itself runs
-    /// to its end; when its outcome cannot be known (no answer within the deadline, or the
-    /// connection lost meanwhile), the token, which nobody will receive, is deleted should it
-    /// have been committed ([`Postgres::discard_unreceived`]).
+    /// statement cancelled ([`Postgres::abandon`]). COMMIT itself runs to its end; when its
+    /// outcome cannot be known (no answer within the deadline, or the connection lost
+    /// meanwhile), the token, which nobody will receive, is deleted should it have been
+    /// committed ([`Postgres::discard_unreceived`]).
     pub async fn create_token(
         &self,
         new: &NewToken,
