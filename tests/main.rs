@@ -30,6 +30,7 @@ mod refresh;
 mod relay;
 mod revocation;
 mod startup;
+mod synchronous;
 mod throttle;
 mod tracing;
 mod verify;

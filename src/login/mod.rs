@@ -22,7 +22,7 @@ use crate::{
     error::Error,
     metrics::Metrics,
     password,
-    store::{NewToken, Store, StoreError},
+    store::{Committed, NewToken, Store, StoreError},
 };
 use hash_pool::{HashPool, HashPoolError};
 use throttle::Throttle;
@@ -302,9 +302,11 @@ async fn create_token_unless_abandoned(
             .create_token(&new, hand_over.closed())
             .await;
         if let Err(Ok(Some(row))) = hand_over.send(made) {
-            creating
-                .postgres()
-                .discard_unreceived(row.digest.to_text().into_owned(), true);
+            creating.postgres().discard_unreceived(
+                row.digest.to_text().into_owned(),
+                Committed::Yes,
+                row.expiry,
+            );
         }
     });
     let mut handover = Handover {
@@ -333,9 +335,11 @@ impl Drop for Handover {
         self.taken.close();
         if let Ok(Ok(Some(row))) = self.taken.try_recv() {
             let _entered = self.runtime.enter();
-            self.store
-                .postgres()
-                .discard_unreceived(row.digest.to_text().into_owned(), true);
+            self.store.postgres().discard_unreceived(
+                row.digest.to_text().into_owned(),
+                Committed::Yes,
+                row.expiry,
+            );
         }
     }
 }

@@ -133,12 +133,13 @@ impl Statements {
             ),
             // The new row with its user as it stands under the login's lock (lock_user), not
             // as it was read before the password check: a deactivation or a lost group during
-            // the check is what gets cached.
+            // the check is what gets cached. Last, the transaction's id: should its COMMIT go
+            // unanswered, it tells when the outcome is settled (`Postgres::discard_unreceived`).
             insert_token: format!(
                 "WITH created AS (INSERT INTO {tok} (digest, token_key, created, expiry, user_id) \
                  SELECT $1, $2, $3, $4, u.{id} FROM {usr} u WHERE u.{name} = $5 \
                  RETURNING digest, token_key, user_id, created, expiry) \
-                 SELECT {row_cols} FROM created t JOIN {usr} u ON u.{id} = t.user_id"
+                 SELECT {row_cols}, txid_current() FROM created t JOIN {usr} u ON u.{id} = t.user_id"
             ),
             set_last_login: c
                 .last_login

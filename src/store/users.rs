@@ -47,6 +47,28 @@ enum Failure {
     Commit(Option<tokio_postgres::Error>),
 }
 
+/// What is known of the COMMIT that made a token nobody received.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Committed {
+    /// It succeeded.
+    Yes,
+    /// It was sent and went unanswered: the transaction (its `txid_current()`) may yet end
+    /// either way, and may take long to (a COMMIT waits for a synchronous standby for as long
+    /// as the standby takes).
+    Unknown(i64),
+}
+
+/// Whether a transaction (its `txid_current()`) had ended, committed or not, when this
+/// statement's snapshot was taken; a statement run after it sees its rows, if it committed. A
+/// COMMIT waiting for a synchronous standby has not ended: committed locally, its rows stay
+/// hidden from other sessions until the standby confirms.
+const TRANSACTION_ENDED: &str = "SELECT txid_visible_in_snapshot($1, txid_current_snapshot())";
+
+/// Longest pause between two attempts to delete a token nobody received
+/// ([`Postgres::discard_unreceived`]); the first comes one transaction deadline after the
+/// COMMIT was given up, and each pause doubles up to this.
+const UNRECEIVED_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(60);
+
 impl From<tokio_postgres::Error> for Failure {
     fn from(e: tokio_postgres::Error) -> Failure {
         Failure::Postgres(e)
@@ -96,10 +118,11 @@ impl Postgres {
     ///
     /// `abandoned` completes when nobody waits for the answer any more (the login's request
     /// was answered 503): until COMMIT the transaction is then rolled back, its running
-    /// statement cancelled ([`Postgres::abandon`]). COMMIT itself runs to its end; when its
+    /// statement cancelled ([`Postgres::abandon`]). COMMIT itself is never cancelled (a cancel
+    /// would end a wait for a synchronous standby with the commit kept, unreplicated); when its
     /// outcome cannot be known (no answer within the deadline, or the connection lost
-    /// meanwhile), the token, which nobody will receive, is deleted should it have been
-    /// committed ([`Postgres::discard_unreceived`]).
+    /// meanwhile), the token, which nobody will receive, is deleted should it be committed
+    /// ([`Postgres::discard_unreceived`]).
     pub async fn create_token(
         &self,
         new: &NewToken,
@@ -117,7 +140,7 @@ impl Postgres {
                 () = abandoned => Err(Failure::Abandoned),
             };
             match prepared {
-                Ok(Some((tx, row))) => {
+                Ok(Some((tx, row, xid))) => {
                     let committed = tokio::time::timeout_at(deadline, tx.commit()).await;
                     if let Ok(Ok(())) = committed {
                         return Ok(Some(row));
@@ -125,7 +148,11 @@ impl Postgres {
                     // Any failure once COMMIT was sent leaves its outcome unknown: even an error
                     // answer may be PgBouncer's (its link to the server lost) rather than
                     // Postgres's rollback. Deleting a token nobody received is harmless anyway.
-                    self.discard_unreceived(new.digest.clone(), false);
+                    self.discard_unreceived(
+                        new.digest.clone(),
+                        Committed::Unknown(xid),
+                        new.expiry,
+                    );
                     Failure::Commit(committed.ok().and_then(Result::err))
                 }
                 Ok(None) => return Ok(None),
@@ -157,14 +184,15 @@ impl Postgres {
         })
     }
 
-    /// [`Postgres::create_token`] up to its COMMIT: the transaction, ready to commit, and the
-    /// row it inserted; `None` when the limit is reached (rolled back). The pool's connection
-    /// is left in `slot`, for the caller to take out of the pool should it give up.
+    /// [`Postgres::create_token`] up to its COMMIT: the transaction, ready to commit, the row
+    /// it inserted and the transaction's id; `None` when the limit is reached (rolled back).
+    /// The pool's connection is left in `slot`, for the caller to take out of the pool should
+    /// it give up.
     async fn prepare_token<'c>(
         &self,
         slot: &'c mut Option<Object>,
         new: &NewToken,
-    ) -> Result<Option<(deadpool_postgres::Transaction<'c>, TokenRow)>, Failure> {
+    ) -> Result<Option<(deadpool_postgres::Transaction<'c>, TokenRow, i64)>, Failure> {
         let (sql, metrics, pgbouncer) = (&self.sql, &self.metrics, self.pgbouncer);
         let client = slot.insert(self.client().await.map_err(Failure::Pool)?);
         let tx = client.transaction().await?;
@@ -220,6 +248,7 @@ impl Postgres {
             tx.rollback().await?;
             return Ok(None);
         };
+        let xid: i64 = row.try_get(row.len() - 1)?;
         let row = row_of(row)?;
         if let Some(set_last_login) = &sql.set_last_login {
             metrics.sql("set_last_login");
@@ -233,45 +262,89 @@ impl Postgres {
                 ]
             )?;
         }
-        Ok(Some((tx, row)))
+        Ok(Some((tx, row, xid)))
     }
 
-    /// Deletes, on a task of its own ([`Postgres::spawn_login_work`]), the token (by its digest) of a login that was not
-    /// answered with it. `committed`: its COMMIT is known to have succeeded. Otherwise the
-    /// outcome is unknown, and a COMMIT still in progress on the server (waiting for a
-    /// synchronous standby) hides the row from a DELETE until it ends: a first delete that
-    /// finds nothing, or fails, is tried again one transaction deadline later.
-    pub fn discard_unreceived(&self, digest: String, committed: bool) {
+    /// Deletes, on a task of its own ([`Postgres::spawn_login_work`]), the token (by its
+    /// digest) of a login that was not answered with it. While its COMMIT's outcome is
+    /// [`Committed::Unknown`], the transaction may still be running on the server (a COMMIT
+    /// waiting for a synchronous standby keeps its row hidden from a DELETE until the standby
+    /// confirms, however long that takes): the delete is tried again, at growing intervals
+    /// (one transaction deadline, doubling up to [`UNRECEIVED_RETRY_MAX`]), until it removes
+    /// the row, the transaction is seen to have ended without leaving one, or the token
+    /// expires. A delete that fails is tried again the same way.
+    pub fn discard_unreceived(
+        &self,
+        digest: String,
+        committed: Committed,
+        expiry: Option<OffsetDateTime>,
+    ) {
         let pg = self.clone();
         self.spawn_login_work(async move {
-            let mut failure = None;
-            for attempt in 0..2 {
-                if attempt > 0 {
-                    tokio::time::sleep(pg.login_deadline).await;
-                }
-                match pg.delete_token(&digest).await {
-                    Ok(removed) if !removed.is_empty() => {
-                        tracing::info!(
-                            "a login was answered without its token; the token is deleted"
+            let mut pause = pg.login_deadline;
+            let mut warned = false;
+            loop {
+                match pg.delete_unreceived(&digest, committed).await {
+                    Ok(true) => return,
+                    Ok(false) => {}
+                    Err(e) if !warned => {
+                        warned = true;
+                        tracing::warn!(
+                            error = %e,
+                            "a login was answered without its token, which could not be deleted \
+                             yet; trying again until it expires"
                         );
-                        return;
                     }
-                    // Gone already (deleted since by its user's logout-all, or expired and
-                    // cleaned up).
-                    Ok(_) if committed => return,
-                    Ok(_) => failure = None,
-                    Err(e) => failure = Some(e),
+                    Err(_) => {}
                 }
-            }
-            match failure {
-                Some(e) => tracing::warn!(
-                    error = %e,
-                    "a login was answered without its token, which could not be deleted; it \
-                     stays until it expires or its user logs out everywhere"
-                ),
-                None => tracing::debug!("a token whose COMMIT went unanswered was not committed"),
+                if expiry.is_some_and(|at| at <= OffsetDateTime::now_utc() + pause) {
+                    // Expired by the next attempt: refused everywhere, and removed as any
+                    // expired token is.
+                    tracing::debug!("a token nobody received expired before it could be deleted");
+                    return;
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(UNRECEIVED_RETRY_MAX);
             }
         });
+    }
+
+    /// One attempt of [`Postgres::discard_unreceived`]: whether it is over, the token deleted
+    /// or never to be there.
+    async fn delete_unreceived(
+        &self,
+        digest: &str,
+        committed: Committed,
+    ) -> Result<bool, StoreError> {
+        // Asked before the DELETE: a transaction that had ended by then is one whose row, had
+        // it committed, the DELETE sees.
+        let ended = match committed {
+            Committed::Yes => true,
+            Committed::Unknown(xid) => self.transaction_ended(xid).await?,
+        };
+        if !self.delete_token(digest).await?.is_empty() {
+            tracing::info!("a login was answered without its token; the token is deleted");
+            return Ok(true);
+        }
+        if ended {
+            // Not committed, or deleted since (its user's logout-all, or expired and cleaned up).
+            tracing::debug!("a token nobody received is not in the database");
+        }
+        Ok(ended)
+    }
+
+    /// Whether the transaction `xid` had ended, committed or rolled back, as of now.
+    async fn transaction_ended(&self, xid: i64) -> Result<bool, StoreError> {
+        let rows = self
+            .query(
+                "transaction_ended",
+                TRANSACTION_ENDED,
+                &[(&xid, Type::INT8)],
+            )
+            .await?;
+        rows.first()
+            .map_or(Ok(false), |r| r.try_get(0))
+            .map_err(|e| self.failed("transaction_ended", &e))
     }
 
     /// Re-hashes a password on login: replaces the hash `checked` with `encoded`, but only while
