@@ -299,8 +299,9 @@ async fn token(cmd: TokenCommand, config: &Config) -> anyhow::Result<()> {
         TokenCommand::Revoke { token, all } => revoke_token(&store, config, token, all).await,
     };
     // A creation that failed leaves work behind: the delete of a token whose COMMIT went
-    // unanswered (two attempts, a transaction deadline apart, each bounded by the statement
-    // deadline), or the cancel of a statement (bounded by the connect timeout) and a ROLLBACK.
+    // unanswered (tried at once, then, the process stopping, at every transaction deadline
+    // while that transaction runs), or the cancel of a statement (bounded by the connect
+    // timeout) and a ROLLBACK. What is still running at this deadline is logged and left.
     let pg = &config.postgres;
     let work_done =
         tokio::time::Instant::now() + pg.login_transaction_deadline() * 3 + pg.connect_timeout;

@@ -917,6 +917,40 @@ async fn a_commit_left_unanswered_is_undone() {
     s.stop().await;
 }
 
+/// A COMMIT answered with an error (a deferred trigger raises in it) has an outcome knoxgate
+/// cannot know, as has any failure once COMMIT was sent (the error may be PgBouncer's). Its
+/// token is looked for once: the same statement sees that the login's transaction had ended,
+/// so nothing will ever be there, and it is not looked for again.
+#[tokio::test]
+async fn a_commit_that_failed_has_its_token_looked_for_once() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    let alice = insert_user(&client, "alice", "alice-pass", true).await;
+    client
+        .batch_execute(
+            "CREATE FUNCTION failing_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN RAISE EXCEPTION 'refused at COMMIT'; END $$;
+             CREATE CONSTRAINT TRIGGER failing_commit AFTER INSERT ON knox_authtoken
+                 DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION failing_commit();",
+        )
+        .await
+        .unwrap();
+    // A transaction deadline of 4 x 450 ms: a second attempt would come 1.8 s after the first.
+    let s = TestServer::start(&db, "[postgres]\nstatement_timeout = \"200ms\"").await;
+    let r = login(&s, "alice", "alice-pass").await;
+    assert!(r.status >= 500, "{} {}", r.status, r.body_text());
+    let looked_for = "knoxgate_sql_statements_total{statement=\"delete_unreceived\"}";
+    let once = eventually(Duration::from_secs(2), || async {
+        s.metric(looked_for).await == 1.0
+    })
+    .await;
+    assert!(once.is_some(), "the token was not looked for");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(s.metric(looked_for).await, 1.0, "looked for again");
+    assert_eq!(rows_of_user(&client, alice).await, 0);
+    s.stop().await;
+}
+
 /// A login whose transaction outlives its request is awaited when the process is told to stop:
 /// SIGTERM right after the 503 (the COMMIT takes 3 s; the request deadline is 2 s), and the
 /// process exits only once that COMMIT has ended and the token it made, which nobody received,

@@ -56,6 +56,7 @@ pub(super) struct Statements {
     pub(super) confirm: String,
     pub(super) delete_expired_of_user: String,
     pub(super) delete_token: String,
+    pub(super) delete_unreceived: String,
     pub(super) delete_all_of_user: String,
     pub(super) refresh_expiry: String,
     pub(super) login_user: String,
@@ -110,6 +111,16 @@ impl Statements {
             ),
             delete_token: format!(
                 "DELETE FROM {tok} WHERE digest = $1 RETURNING token_key, user_id::text"
+            ),
+            // The token of a login not answered with it, and whether the transaction $2 (the
+            // login's txid, NULL when its COMMIT is known to have succeeded) had ended,
+            // committed or not, as of the DELETE's own snapshot: if it had, a row it committed
+            // was there to delete. A COMMIT waiting for a synchronous standby has not ended
+            // (committed locally, its row stays hidden until the standby confirms). One row.
+            delete_unreceived: format!(
+                "WITH removed AS (DELETE FROM {tok} WHERE digest = $1 RETURNING token_key) \
+                 SELECT r.token_key, txid_visible_in_snapshot($2, txid_current_snapshot()) \
+                 FROM (SELECT) one LEFT JOIN removed r ON true"
             ),
             delete_all_of_user: format!(
                 "DELETE FROM {tok} WHERE user_id = (SELECT user_id FROM {tok} WHERE digest = $1) \
@@ -224,6 +235,9 @@ pub struct Postgres {
     /// delete of a token nobody received. Awaited before the process exits
     /// ([`Postgres::finish_login_work`]).
     login_work: tokio_util::task::TaskTracker,
+    /// Cancelled when the process begins to stop: that work then hurries, as it is waited for
+    /// only until a deadline.
+    pub(super) stopping: tokio_util::sync::CancellationToken,
     /// Sends the cancel request for an abandoned login's statement ([`Postgres::abandon`]).
     canceller: Canceller,
 }
@@ -234,8 +248,8 @@ pub struct Postgres {
 enum Purpose {
     /// A request's SQL: counted, and the pool is in use.
     Request,
-    /// `/readyz`: counted, but not use.
-    Probe,
+    /// `/readyz`, and what a login leaves to do after its answer: counted, but not use.
+    Background,
     /// The change feed's self-test: neither.
     Feed,
 }
@@ -357,6 +371,7 @@ impl Postgres {
             born: Instant::now(),
             batches: Arc::new(LookupBatches::new(cfg.max_lookup_batch)),
             login_work: tokio_util::task::TaskTracker::new(),
+            stopping: tokio_util::sync::CancellationToken::new(),
             canceller,
         })
     }
@@ -372,6 +387,7 @@ impl Postgres {
     /// running at the deadline is logged and left.
     pub async fn finish_login_work(&self, deadline: tokio::time::Instant) {
         self.login_work.close();
+        self.stopping.cancel();
         if tokio::time::timeout_at(deadline, self.login_work.wait())
             .await
             .is_err()
@@ -482,6 +498,17 @@ impl Postgres {
         params: &[Param<'_>],
     ) -> Result<Vec<Row>, StoreError> {
         Box::pin(self.query_unboxed(label, sql, params, Purpose::Request)).await
+    }
+
+    /// [`Postgres::query`] for work no request waits for: counted, but it does not keep the
+    /// pool's connections open.
+    pub(super) async fn query_in_background(
+        &self,
+        label: &'static str,
+        sql: &str,
+        params: &[Param<'_>],
+    ) -> Result<Vec<Row>, StoreError> {
+        Box::pin(self.query_unboxed(label, sql, params, Purpose::Background)).await
     }
 
     async fn query_unboxed(
@@ -773,7 +800,7 @@ impl Postgres {
 
     /// A round trip, for readiness.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        Box::pin(self.query_unboxed("ping", "SELECT 1", &[], Purpose::Probe))
+        Box::pin(self.query_unboxed("ping", "SELECT 1", &[], Purpose::Background))
             .await
             .map(drop)
     }

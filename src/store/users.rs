@@ -58,12 +58,6 @@ pub enum Committed {
     Unknown(i64),
 }
 
-/// Whether a transaction (its `txid_current()`) had ended, committed or not, when this
-/// statement's snapshot was taken; a statement run after it sees its rows, if it committed. A
-/// COMMIT waiting for a synchronous standby has not ended: committed locally, its rows stay
-/// hidden from other sessions until the standby confirms.
-const TRANSACTION_ENDED: &str = "SELECT txid_visible_in_snapshot($1, txid_current_snapshot())";
-
 /// Longest pause between two attempts to delete a token nobody received
 /// ([`Postgres::discard_unreceived`]); the first comes one transaction deadline after the
 /// COMMIT was given up, and each pause doubles up to this.
@@ -272,7 +266,8 @@ impl Postgres {
     /// confirms, however long that takes): the delete is tried again, at growing intervals
     /// (one transaction deadline, doubling up to [`UNRECEIVED_RETRY_MAX`]), until it removes
     /// the row, the transaction is seen to have ended without leaving one, or the token
-    /// expires. A delete that fails is tried again the same way.
+    /// expires. A delete that fails is tried again the same way. Once the process is stopping,
+    /// which waits for this only until a deadline, it is tried at every transaction deadline.
     pub fn discard_unreceived(
         &self,
         digest: String,
@@ -282,10 +277,18 @@ impl Postgres {
         let pg = self.clone();
         self.spawn_login_work(async move {
             let mut pause = pg.login_deadline;
-            let mut warned = false;
+            let (mut warned, mut told_waiting) = (false, false);
             loop {
                 match pg.delete_unreceived(&digest, committed).await {
                     Ok(true) => return,
+                    Ok(false) if !told_waiting => {
+                        told_waiting = true;
+                        tracing::info!(
+                            "a login's COMMIT went unanswered and its transaction is still \
+                             running (waiting for a synchronous standby?); its token, which \
+                             nobody received, is deleted once it ends"
+                        );
+                    }
                     Ok(false) => {}
                     Err(e) if !warned => {
                         warned = true;
@@ -303,8 +306,14 @@ impl Postgres {
                     tracing::debug!("a token nobody received expired before it could be deleted");
                     return;
                 }
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(UNRECEIVED_RETRY_MAX);
+                if pg.stopping.is_cancelled() {
+                    tokio::time::sleep(pg.login_deadline).await;
+                    continue;
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => pause = (pause * 2).min(UNRECEIVED_RETRY_MAX),
+                    () = pg.stopping.cancelled() => {}
+                }
             }
         });
     }
@@ -316,35 +325,39 @@ impl Postgres {
         digest: &str,
         committed: Committed,
     ) -> Result<bool, StoreError> {
-        // Asked before the DELETE: a transaction that had ended by then is one whose row, had
-        // it committed, the DELETE sees.
-        let ended = match committed {
-            Committed::Yes => true,
-            Committed::Unknown(xid) => self.transaction_ended(xid).await?,
+        let xid = match committed {
+            Committed::Yes => None,
+            Committed::Unknown(xid) => Some(xid),
         };
-        if !self.delete_token(digest).await?.is_empty() {
+        let label = "delete_unreceived";
+        let rows = self
+            .query_in_background(
+                label,
+                &self.sql.delete_unreceived,
+                &[(&digest, Type::TEXT), (&xid, Type::INT8)],
+            )
+            .await?;
+        let (removed, ended) = rows
+            .first()
+            .map_or(Ok((None, None)), |r| {
+                Ok((
+                    r.try_get::<_, Option<&str>>(0)?,
+                    r.try_get::<_, Option<bool>>(1)?,
+                ))
+            })
+            .map_err(|e: tokio_postgres::Error| self.failed(label, &e))?;
+        if removed.is_some() {
             tracing::info!("a login was answered without its token; the token is deleted");
             return Ok(true);
         }
-        if ended {
-            // Not committed, or deleted since (its user's logout-all, or expired and cleaned up).
+        // A COMMIT known to have succeeded, or a transaction that had ended before the DELETE
+        // looked: not committed, or deleted since (its user's logout-all, or expired and
+        // cleaned up).
+        let over = committed == Committed::Yes || ended == Some(true);
+        if over {
             tracing::debug!("a token nobody received is not in the database");
         }
-        Ok(ended)
-    }
-
-    /// Whether the transaction `xid` had ended, committed or rolled back, as of now.
-    async fn transaction_ended(&self, xid: i64) -> Result<bool, StoreError> {
-        let rows = self
-            .query(
-                "transaction_ended",
-                TRANSACTION_ENDED,
-                &[(&xid, Type::INT8)],
-            )
-            .await?;
-        rows.first()
-            .map_or(Ok(false), |r| r.try_get(0))
-            .map_err(|e| self.failed("transaction_ended", &e))
+        Ok(over)
     }
 
     /// Re-hashes a password on login: replaces the hash `checked` with `encoded`, but only while
