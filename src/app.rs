@@ -36,6 +36,7 @@ impl Running {
     /// whole bounded by the grace period) and returns.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
+        self.app.store.postgres().begin_stopping();
         let deadline = tokio::time::Instant::now() + self.app.config.server.shutdown_grace;
         join_within(self.tasks, deadline).await;
         self.app.store.postgres().finish_login_work(deadline).await;

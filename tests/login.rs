@@ -920,7 +920,10 @@ async fn a_commit_left_unanswered_is_undone() {
 /// A COMMIT answered with an error (a deferred trigger raises in it) has an outcome knoxgate
 /// cannot know, as has any failure once COMMIT was sent (the error may be PgBouncer's). Its
 /// token is looked for once: the same statement sees that the login's transaction had ended,
-/// so nothing will ever be there, and it is not looked for again.
+/// so nothing will ever be there, and it is not looked for again. (Postgres sends the error
+/// just before it ends the transaction: a look that came in between would be a retry here.
+/// The 1 s `statement_timeout` leaves the first look plenty of time, and a failed one would
+/// show in the error count.)
 #[tokio::test]
 async fn a_commit_that_failed_has_its_token_looked_for_once() {
     let db = TestDb::migrated().await;
@@ -935,8 +938,10 @@ async fn a_commit_that_failed_has_its_token_looked_for_once() {
         )
         .await
         .unwrap();
-    // A transaction deadline of 4 x 450 ms: a second attempt would come 1.8 s after the first.
-    let s = TestServer::start(&db, "[postgres]\nstatement_timeout = \"200ms\"").await;
+    // A transaction deadline of 4 x 1.25 s: a second attempt would come 5 s after the first.
+    let s = TestServer::start(&db, "[postgres]\nstatement_timeout = \"1s\"").await;
+    let errors = "knoxgate_postgres_errors_total";
+    let errors_before = s.metric(errors).await;
     let r = login(&s, "alice", "alice-pass").await;
     assert!(r.status >= 500, "{} {}", r.status, r.body_text());
     let looked_for = "knoxgate_sql_statements_total{statement=\"delete_unreceived\"}";
@@ -945,8 +950,13 @@ async fn a_commit_that_failed_has_its_token_looked_for_once() {
     })
     .await;
     assert!(once.is_some(), "the token was not looked for");
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    tokio::time::sleep(Duration::from_secs(7)).await;
     assert_eq!(s.metric(looked_for).await, 1.0, "looked for again");
+    assert_eq!(
+        s.metric(errors).await - errors_before,
+        1.0,
+        "Postgres failures other than the COMMIT's"
+    );
     assert_eq!(rows_of_user(&client, alice).await, 0);
     s.stop().await;
 }

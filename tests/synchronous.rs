@@ -150,7 +150,8 @@ async fn a_login_whose_commit_waits_for_a_stopped_standby_leaves_no_token_once_i
     t.assert_no_wait_cancelled();
 
     t.start_the_standby().await;
-    let deleted = eventually(Duration::from_secs(30), || async {
+    // The retries' pauses double (1.8, 3.6, 7.2, 14.4, 28.8 s): the next may be 29 s away.
+    let deleted = eventually(Duration::from_secs(45), || async {
         rows_of_user(&t.admin, t.alice).await == 0
     })
     .await;

@@ -225,8 +225,8 @@ pub struct Postgres {
     pub(super) idle_in_transaction_timeout: Duration,
     idle_timeout: Duration,
     /// When a request last used the pool: milliseconds since `born`, plus one; 0 = never.
-    /// Readiness probes and the feed's self-test do not count, so they cannot keep an
-    /// otherwise idle instance's connections open.
+    /// Readiness probes, the feed's self-test and what logins leave to do after their answers
+    /// do not count, so they cannot keep an otherwise idle instance's connections open.
     last_request: Arc<AtomicU64>,
     born: Instant,
     /// Lookups waiting for a connection, batched ([`super::lookup_batch`]).
@@ -382,12 +382,18 @@ impl Postgres {
         self.login_work.spawn(work);
     }
 
+    /// Tells the work logins left running that the process is stopping: it waits for that
+    /// work only until a deadline, so retries no longer pause long.
+    pub fn begin_stopping(&self) {
+        self.stopping.cancel();
+    }
+
     /// Waits, until `deadline`, for the work logins left running ([`Self::spawn_login_work`]),
     /// so that a process exiting does not leave behind a token nobody received. What is still
     /// running at the deadline is logged and left.
     pub async fn finish_login_work(&self, deadline: tokio::time::Instant) {
+        self.begin_stopping();
         self.login_work.close();
-        self.stopping.cancel();
         if tokio::time::timeout_at(deadline, self.login_work.wait())
             .await
             .is_err()
@@ -448,8 +454,8 @@ impl Postgres {
     }
 
     /// Closes pooled connections unused for `postgres.idle_timeout`, and every idle one once
-    /// no request has used the pool for that long (probes and the feed's self-test would
-    /// otherwise keep one open); returns how many. deadpool never closes idle connections
+    /// no request has used the pool for that long (probes, the feed's self-test and a login's
+    /// leftover work would otherwise keep one open); returns how many. deadpool never closes idle connections
     /// itself: without this a sidecar that served one burst would hold `pool_size` backends
     /// (or PgBouncer client slots) forever.
     pub fn close_idle(&self) -> usize {

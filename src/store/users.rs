@@ -59,8 +59,8 @@ pub enum Committed {
 }
 
 /// Longest pause between two attempts to delete a token nobody received
-/// ([`Postgres::discard_unreceived`]); the first comes one transaction deadline after the
-/// COMMIT was given up, and each pause doubles up to this.
+/// ([`Postgres::discard_unreceived`]): the first attempt is made at once, the first retry one
+/// transaction deadline later, and each pause doubles up to this.
 const UNRECEIVED_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl From<tokio_postgres::Error> for Failure {
@@ -300,18 +300,20 @@ impl Postgres {
                     }
                     Err(_) => {}
                 }
-                if expiry.is_some_and(|at| at <= OffsetDateTime::now_utc() + pause) {
+                let stopping = pg.stopping.is_cancelled();
+                let next = if stopping { pg.login_deadline } else { pause };
+                if expiry.is_some_and(|at| at <= OffsetDateTime::now_utc() + next) {
                     // Expired by the next attempt: refused everywhere, and removed as any
                     // expired token is.
                     tracing::debug!("a token nobody received expired before it could be deleted");
                     return;
                 }
-                if pg.stopping.is_cancelled() {
-                    tokio::time::sleep(pg.login_deadline).await;
+                if stopping {
+                    tokio::time::sleep(next).await;
                     continue;
                 }
                 tokio::select! {
-                    () = tokio::time::sleep(pause) => pause = (pause * 2).min(UNRECEIVED_RETRY_MAX),
+                    () = tokio::time::sleep(next) => pause = (pause * 2).min(UNRECEIVED_RETRY_MAX),
                     () = pg.stopping.cancelled() => {}
                 }
             }
