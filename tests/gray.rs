@@ -769,19 +769,20 @@ async fn an_expired_token_is_refused_before_the_deadline_while_its_delete_is_slo
     let id = insert_user(&client, "expiring", "pw", true).await;
     let soon = Some(Duration::from_secs(2));
     let expiring = insert_token(&client, id, soon, "", HashAlgorithm::Sha512).await;
-    // A 1 s deadline; Postgres answers each round trip 500 ms late: the lookup that finds the
-    // expired row takes one, knox's delete of it two (a statement not yet prepared).
+    // A 2 s deadline; Postgres answers each round trip 800 ms late: the lookup that finds the
+    // expired row takes one (two still fit), knox's delete of it two (a statement not yet
+    // prepared), so lookup and delete together outlast the deadline.
     let s = server_behind_slow_postgres(
         &db,
         &proxy,
-        "[server]\nrequest_timeout = \"1s\"\n[sessions]\nhash_queue_timeout = \"500ms\"\n\
+        "[server]\nrequest_timeout = \"2s\"\n[sessions]\nhash_queue_timeout = \"500ms\"\n\
          [cache]\nconfirm_timeout = \"200ms\"",
     )
     .await;
     assert_eq!(s.verify(&expiring.token).await.status, 200);
     tokio::time::sleep(Duration::from_millis(2_200)).await;
 
-    proxy.set_delay(Duration::from_millis(500));
+    proxy.set_delay(Duration::from_millis(800));
     let started = Instant::now();
     let r = s.verify(&expiring.token).await;
     let took = started.elapsed();
