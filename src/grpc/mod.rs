@@ -39,27 +39,75 @@ use crate::{
 #[derive(Clone)]
 pub struct Check {
     app: Arc<App>,
-    /// Every identity header knoxgate sets, the assertion's even with assertions off, and the
-    /// suggested names of those it does not send, so that an allowed check removes client
-    /// copies: over gRPC no proxy configuration clears them, as the HTTP ones do.
+    /// Every identity header knoxgate sets, the assertion's even with assertions off, the
+    /// suggested names of those it does not send, and each of these spelled with underscores
+    /// for hyphens, so that an allowed check removes client copies: over gRPC no proxy
+    /// configuration clears them, as the HTTP ones do.
     owned: Arc<[HeaderName]>,
 }
 
 impl Check {
     pub fn new(app: Arc<App>) -> Check {
         let assertion = Some(&app.config.assertion.header);
-        let mut owned = http_respond::identity_header_names(&app.config.verify, assertion);
+        let mut names = http_respond::identity_header_names(&app.config.verify, assertion);
         for name in SUGGESTED_IDENTITY_HEADERS {
             let name = HeaderName::from_static(name);
-            if !owned.contains(&name) {
-                owned.push(name);
+            if !names.contains(&name) {
+                names.push(name);
             }
+        }
+        let mut owned = names.clone();
+        for name in &names {
+            let (twins, complete) = underscore_spellings(name);
+            if !complete {
+                tracing::warn!(
+                    header = %name,
+                    "an identity header name with more than {MAX_SPELLED_HYPHENS} hyphens: over \
+                     gRPC only its all-underscore spelling is removed from client requests, not \
+                     the mixed ones; drop underscore headers in the proxy \
+                     (headers_with_underscores_action)"
+                );
+            }
+            owned.extend(twins.into_iter().filter(|twin| !names.contains(twin)));
         }
         Check {
             app,
             owned: owned.into(),
         }
     }
+}
+
+/// Names with up to this many hyphens have every spelling with underscores removed (2^n - 1 of
+/// them); longer ones only the all-underscore one, so that a long configured name cannot make
+/// every answer carry hundreds of names.
+const MAX_SPELLED_HYPHENS: u32 = 5;
+
+/// `name` with some or all of its hyphens written as underscores (`x_auth_user_id`,
+/// `x-auth_user-id`, ...), and whether that is every such spelling. Envoy keeps headers with
+/// underscores unless `headers_with_underscores_action` says otherwise, and a WSGI server that
+/// maps `_` and `-` alike (gunicorn before 22, uWSGI) gives the application each of them as the
+/// identity header's own variable.
+fn underscore_spellings(name: &HeaderName) -> (Vec<HeaderName>, bool) {
+    let text = name.as_str();
+    let hyphens: Vec<usize> = text.match_indices('-').map(|(at, _)| at).collect();
+    let count = u32::try_from(hyphens.len()).unwrap_or(u32::MAX);
+    let spell = |mask: u64| {
+        let mut bytes = text.as_bytes().to_vec();
+        for (bit, &at) in hyphens.iter().enumerate() {
+            if mask & (1 << bit) != 0 {
+                bytes[at] = b'_';
+            }
+        }
+        // Only hyphens became underscores: still a valid (lower-case) header name.
+        HeaderName::from_bytes(&bytes).expect("underscores are token characters")
+    };
+    if count == 0 {
+        return (Vec::new(), true);
+    }
+    if count > MAX_SPELLED_HYPHENS {
+        return (vec![spell(u64::MAX)], false);
+    }
+    ((1..1u64 << count).map(spell).collect(), true)
 }
 
 #[tonic::async_trait]
@@ -273,6 +321,38 @@ mod tests {
             }),
             ..HttpRequest::default()
         }
+    }
+
+    fn spellings(name: &'static str) -> (Vec<String>, bool) {
+        let (twins, complete) = underscore_spellings(&HeaderName::from_static(name));
+        let mut twins: Vec<String> = twins.iter().map(|n| n.as_str().to_owned()).collect();
+        twins.sort();
+        (twins, complete)
+    }
+
+    #[test]
+    fn every_underscore_spelling_of_an_identity_header_is_named() {
+        let (twins, complete) = spellings("x-auth-user-id");
+        assert!(complete);
+        assert_eq!(
+            twins,
+            [
+                "x-auth-user_id",
+                "x-auth_user-id",
+                "x-auth_user_id",
+                "x_auth-user-id",
+                "x_auth-user_id",
+                "x_auth_user-id",
+                "x_auth_user_id",
+            ]
+        );
+        assert_eq!(spellings("authorization"), (vec![], true));
+        // Five hyphens: all 31; six: only the all-underscore one, and said so.
+        assert_eq!(spellings("a-b-c-d-e-f").0.len(), 31);
+        assert_eq!(
+            spellings("a-b-c-d-e-f-g"),
+            (vec!["a_b_c_d_e_f_g".into()], false)
+        );
     }
 
     fn authorization(h: &HeaderMap) -> Vec<&[u8]> {

@@ -2,7 +2,8 @@
 //! statuses: this only maps each kind of status to the shape ext_authz acts on.
 //!
 //! - 2xx: OK, with the identity headers to set upstream (overwriting a client's copy) and
-//!   `headers_to_remove` naming every other identity header knoxgate owns. Envoy applies
+//!   `headers_to_remove` naming every other identity header knoxgate owns (and every one, set
+//!   or not, spelled with underscores for hyphens: see `grpc::Check`). Envoy applies
 //!   removals after sets, so a header being set is not also listed for removal.
 //! - Any other status: a denied `CheckResponse` carrying the status, knox's/DRF's body and
 //!   the headers (`WWW-Authenticate`, an overload's `Retry-After`). Envoy answers a denial
