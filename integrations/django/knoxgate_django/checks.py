@@ -4,6 +4,8 @@ dangerous layout fails or warns at deploy time instead of showing at the first r
 * ``knoxgate_django.E001``: ``KNOXGATE`` is invalid (the message names the setting).
 * ``knoxgate_django.E002``: ``KnoxgateMiddleware`` comes before Django's
   ``AuthenticationMiddleware`` in ``MIDDLEWARE``.
+* ``knoxgate_django.E003``: ``JWKS_FILE`` does not exist, is not a regular file, or cannot be
+  read.
 * ``knoxgate_django.W001``: ``TRUSTED_PROXIES`` holds a network wider than one host while
   ``REQUIRE_ASSERTION`` is off.
 * ``knoxgate_django.W002``: DRF's ``SessionAuthentication`` comes before
@@ -12,6 +14,7 @@ dangerous layout fails or warns at deploy time instead of showing at the first r
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from django.conf import settings
@@ -19,7 +22,7 @@ from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
 
-from knoxgate_django.conf import get_config
+from knoxgate_django.conf import Config, get_config
 
 AUTHENTICATION_MIDDLEWARE = "django.contrib.auth.middleware.AuthenticationMiddleware"
 KNOXGATE_MIDDLEWARE = "knoxgate_django.middleware.KnoxgateMiddleware"
@@ -33,6 +36,37 @@ def check_settings(app_configs=None, **kwargs):
         config = get_config()
     except ImproperlyConfigured as e:
         return [checks.Error(str(e), id="knoxgate_django.E001")]
+    return _check_jwks_file(config) + _check_trusted_proxies(config)
+
+
+def _check_jwks_file(config: Config) -> list[checks.CheckMessage]:
+    """A JWKS_FILE that cannot be read would have every assertion answered 503. Checked here,
+    not in the settings, because the file may be put in place after the settings are read."""
+    if config.jwks_file is None:
+        return []
+    path = Path(config.jwks_file)
+    try:
+        # is_file() first: opening a FIFO would wait for a writer. It raises, rather than
+        # answering False, for a directory on the way that this process may not search.
+        if not path.is_file():
+            problem = "does not exist or is not a regular file"
+        else:
+            with path.open("rb"):
+                return []
+    except OSError as e:
+        problem = f"cannot be read: {e}"
+    return [
+        checks.Error(
+            f"KNOXGATE['JWKS_FILE'] = {config.jwks_file!r} {problem}: no assertion can be "
+            "verified, and each is answered 503.",
+            hint="Point JWKS_FILE at a copy of knoxgate's /.well-known/jwks.json that this "
+            "process can read, or use JWKS_URL.",
+            id="knoxgate_django.E003",
+        )
+    ]
+
+
+def _check_trusted_proxies(config: Config) -> list[checks.CheckMessage]:
     wide = [str(n) for n in config.trusted_proxies if n.prefixlen < n.max_prefixlen]
     if wide and not config.require_assertion:
         everything = [n for n in wide if n.endswith("/0")]

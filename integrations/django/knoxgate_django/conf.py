@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import urllib.parse
 from pathlib import Path
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
@@ -170,6 +171,53 @@ def _address_in(remote_addr: str, networks: tuple[Any, ...]) -> bool:
     return any(addr in net for net in networks)
 
 
+#: Where IPv4-mapped IPv6 addresses (::ffff:a.b.c.d) live.
+_IPV4_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
+
+
+def _as_ipv4_if_mapped(
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network,
+) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """An IPv4-mapped IPv6 network as the IPv4 network it maps: a peer address is compared as
+    IPv4 when it is IPv4-mapped (``_address_in``), so the mapped form would never match. (A
+    mapped network shorter than /96 never gets here: strict parsing refuses it, its ffff bits
+    being host bits.)"""
+    if network.version != 6 or not network.subnet_of(_IPV4_MAPPED):
+        return network
+    return ipaddress.IPv4Network(
+        (network.network_address.ipv4_mapped, network.prefixlen - _IPV4_MAPPED.prefixlen)
+    )
+
+
+def _check_jwks_url(url: str) -> None:
+    """Refuses a JWKS_URL the fetch could not use, or would not use as written."""
+
+    def refuse(problem: str) -> ImproperlyConfigured:
+        return ImproperlyConfigured(f"KNOXGATE['JWKS_URL'] = {url!r}: {problem}")
+
+    # Before urlsplit, which drops tabs and newlines without a word.
+    if any(c.isspace() for c in url):
+        raise refuse("contains whitespace (percent-encode it)")
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in url):
+        raise refuse("contains control characters")
+    if not url.startswith(("http://", "https://")):
+        raise refuse("must be an http:// or https:// URL")
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError as e:  # an unclosed [IPv6 address]
+        raise refuse(f"not a URL ({e})") from None
+    if "@" in parts.netloc:
+        raise refuse("credentials in the URL are not supported")
+    if not parts.hostname:
+        raise refuse("no host")
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise refuse("the port is not a number from 1 to 65535")
+
+
 def _number(key: str, value: Any, minimum: float = 0, maximum: float | None = None) -> float:
     # NaN compares false with everything (a NaN leeway would let every expired assertion
     # through) and an infinite timeout cannot be given to a socket: both are refused.
@@ -213,7 +261,7 @@ def parse(raw: Any) -> Config:
     networks = []
     for cidr in proxies:
         try:
-            networks.append(ipaddress.ip_network(cidr, strict=True))
+            networks.append(_as_ipv4_if_mapped(ipaddress.ip_network(cidr, strict=True)))
         except (TypeError, ValueError) as e:
             raise ImproperlyConfigured(f"KNOXGATE['TRUSTED_PROXIES']: {cidr!r}: {e}") from None
 
@@ -235,8 +283,8 @@ def parse(raw: Any) -> Config:
             )
     if s["JWKS_FILE"] and s["JWKS_URL"]:
         raise ImproperlyConfigured("KNOXGATE: set JWKS_FILE or JWKS_URL, not both")
-    if s["JWKS_URL"] and not s["JWKS_URL"].startswith(("http://", "https://")):
-        raise ImproperlyConfigured("KNOXGATE['JWKS_URL'] must be an http:// or https:// URL")
+    if s["JWKS_URL"]:
+        _check_jwks_url(s["JWKS_URL"])
     if not isinstance(s["ASSERTION_ISSUER"], str) or not s["ASSERTION_ISSUER"]:
         raise ImproperlyConfigured("KNOXGATE['ASSERTION_ISSUER'] must be a non-empty string")
     www_authenticate = s["WWW_AUTHENTICATE"]

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -44,10 +48,27 @@ def test_defaults():
         ({"TRUSTED_PROXIES": "127.0.0.1/32"}, "list of CIDRs"),
         ({"TRUSTED_PROXIES": ["10.0.0.1/8"]}, "host bits"),
         ({"TRUSTED_PROXIES": ["localhost"]}, "localhost"),
+        # An IPv4-mapped network wider than ::ffff:0:0/96 would reach outside the mapped range.
+        ({"TRUSTED_PROXIES": ["::ffff:0:0/95"]}, "host bits"),
         ({"REQUIRE_ASSERTION": True}, "needs JWKS_FILE or JWKS_URL"),
         ({"REQUIRE_ASSERTION": "yes"}, "True or False"),
         ({"JWKS_FILE": "/x", "JWKS_URL": "http://x/"}, "not both"),
         ({"JWKS_URL": "file:///etc/passwd", "ASSERTION_AUDIENCE": "a"}, "http:// or https://"),
+        # What the fetch could never use, or would use other than as written.
+        ({"JWKS_URL": "http:///jwks.json", "ASSERTION_AUDIENCE": "a"}, r"JWKS_URL.*no host"),
+        ({"JWKS_URL": "http://:9090/jwks.json", "ASSERTION_AUDIENCE": "a"}, r"JWKS_URL.*no host"),
+        ({"JWKS_URL": "http://knoxgate:admin/jwks.json", "ASSERTION_AUDIENCE": "a"}, r"JWKS_URL.*port"),
+        ({"JWKS_URL": "http://knoxgate:65536/jwks.json", "ASSERTION_AUDIENCE": "a"}, r"JWKS_URL.*port"),
+        ({"JWKS_URL": "http://knoxgate:0/jwks.json", "ASSERTION_AUDIENCE": "a"}, r"JWKS_URL.*port"),
+        ({"JWKS_URL": "http://[::1/jwks.json", "ASSERTION_AUDIENCE": "a"}, r"JWKS_URL.*not a URL"),
+        ({"JWKS_URL": "http://admin:secret@knoxgate/jwks.json", "ASSERTION_AUDIENCE": "a"}, r"JWKS_URL.*credentials"),
+        ({"JWKS_URL": "http://@knoxgate/jwks.json", "ASSERTION_AUDIENCE": "a"}, r"JWKS_URL.*credentials"),
+        # urlsplit drops tabs and newlines without a word: the URL fetched would not be the one set.
+        ({"JWKS_URL": "http://knox\tgate/jwks.json", "ASSERTION_AUDIENCE": "a"}, r"JWKS_URL.*whitespace"),
+        ({"JWKS_URL": "http://knoxgate/jwks.json\n", "ASSERTION_AUDIENCE": "a"}, r"JWKS_URL.*whitespace"),
+        ({"JWKS_URL": "http://knoxgate/jwks .json", "ASSERTION_AUDIENCE": "a"}, r"JWKS_URL.*whitespace"),
+        ({"JWKS_URL": "http://knoxgate/jwks\x00.json", "ASSERTION_AUDIENCE": "a"}, r"JWKS_URL.*control"),
+        ({"JWKS_URL": "http://knoxgate/jwks\x7f.json", "ASSERTION_AUDIENCE": "a"}, r"JWKS_URL.*control"),
         ({"JWKS_FILE": "/x"}, "ASSERTION_AUDIENCE"),
         ({"ASSERTION_ALGORITHMS": ["HS256"]}, "subset"),
         ({"ASSERTION_ALGORITHMS": []}, "subset"),
@@ -96,6 +117,26 @@ def test_limits_are_accepted_at_their_bounds():
     assert parse({}).www_authenticate == "Token"
 
 
+@pytest.mark.parametrize(
+    "url",
+    ["http://knoxgate:9090/.well-known/jwks.json", "https://[::1]:8443/jwks.json",
+     "http://127.0.0.1/jwks.json?v=1", "https://knoxgate.example/jwks.json"],
+)
+def test_a_jwks_url_the_fetch_can_use_is_accepted_as_written(url):
+    assert parse({"JWKS_URL": url, "ASSERTION_AUDIENCE": "a"}).jwks_url == url
+
+
+def test_ipv4_mapped_trusted_proxies_trust_the_ipv4_peer():
+    """The peer address is compared as IPv4 when it is IPv4-mapped, so a mapped network is
+    turned into its IPv4 equivalent: otherwise it would never match anything."""
+    c = parse({"TRUSTED_PROXIES": ["::ffff:10.0.0.5/128", "::ffff:192.168.7.0/120"]})
+    assert [str(n) for n in c.trusted_proxies] == ["10.0.0.5/32", "192.168.7.0/24"]
+    for peer in ("10.0.0.5", "::ffff:10.0.0.5", "192.168.7.77", "::ffff:192.168.7.77"):
+        assert c.peer_trusted(peer) is True, peer
+    for peer in ("10.0.0.6", "::ffff:10.0.0.6", "192.168.8.1", "::10.0.0.5"):
+        assert c.peer_trusted(peer) is False, peer
+
+
 def _knoxgate_checks():
     return [m for m in checks.run_checks() if m.id.startswith("knoxgate_django")]
 
@@ -123,7 +164,8 @@ def test_a_trusted_network_wider_than_one_host_warns_without_require_assertion(s
 
 
 def test_single_host_trusted_proxies_do_not_warn(settings):
-    settings.KNOXGATE = {"TRUSTED_PROXIES": ["172.18.0.5/32", "fd00::5/128", "127.0.0.1/32"]}
+    settings.KNOXGATE = {"TRUSTED_PROXIES": ["172.18.0.5/32", "fd00::5/128", "127.0.0.1/32",
+                                             "::ffff:10.0.0.5/128"]}
     assert _knoxgate_checks() == []
     settings.KNOXGATE = {"TRUSTED_PROXIES": []}
     assert _knoxgate_checks() == []
@@ -179,6 +221,58 @@ def test_session_authentication_before_knoxgate_authentication_warns(settings):
     for classes in ([knoxgate, session], [knoxgate], [session], []):
         settings.REST_FRAMEWORK = {**base, "DEFAULT_AUTHENTICATION_CLASSES": classes}
         assert _knoxgate_checks() == [], classes
+
+
+def test_a_jwks_file_that_cannot_be_read_is_an_error(settings, tmp_path):
+    """Every assertion would be answered 503 (its keys cannot be read): said at deploy time."""
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text('{"keys": []}')
+    base = {"ASSERTION_AUDIENCE": "app"}
+    settings.KNOXGATE = {**base, "JWKS_FILE": str(jwks)}
+    assert _knoxgate_checks() == []
+    for path in (tmp_path / "missing.json", tmp_path):
+        settings.KNOXGATE = {**base, "JWKS_FILE": str(path)}
+        found = _knoxgate_checks()
+        assert [m.id for m in found] == ["knoxgate_django.E003"], path
+        assert found[0].level == checks.ERROR
+        assert "JWKS_FILE" in found[0].msg and str(path) in found[0].msg
+        assert "not a regular file" in found[0].msg
+
+
+@contextlib.contextmanager
+def _unprivileged():
+    """Run as a user that file permissions apply to: as root, with the effective uid of nobody
+    for the duration (root reads any file)."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.seteuid(65534)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+
+
+def test_a_jwks_file_this_process_may_not_read_is_an_error(settings, tmp_path):
+    # A directory everyone may search, holding a file nobody may read ...
+    shared = Path(tempfile.mkdtemp(prefix="kgdj-jwks-"))
+    try:
+        shared.chmod(0o755)
+        unreadable = shared / "jwks.json"
+        unreadable.write_text('{"keys": []}')
+        unreadable.chmod(0)
+        # ... and a readable file in a directory only its owner may search.
+        hidden = tmp_path / "private" / "jwks.json"
+        hidden.parent.mkdir(mode=0o700)
+        hidden.write_text('{"keys": []}')
+        for path in (unreadable, hidden):
+            settings.KNOXGATE = {"ASSERTION_AUDIENCE": "app", "JWKS_FILE": str(path)}
+            with _unprivileged():
+                found = _knoxgate_checks()
+            assert [m.id for m in found] == ["knoxgate_django.E003"], path
+            assert "cannot be read" in found[0].msg and "Permission denied" in found[0].msg
+    finally:
+        shutil.rmtree(shared)
 
 
 def test_system_check_reports_bad_settings(settings):
