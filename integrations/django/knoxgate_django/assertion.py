@@ -4,7 +4,9 @@ Public keys come from a JWKS document: a file, or knoxgate's admin endpoint
 ``/.well-known/jwks.json``. They are cached for ``JWKS_CACHE_SECONDS``; an assertion signed
 with a key id the cache does not hold triggers a refetch, so that rotation works at once.
 
-A key id not held is judged by one rule: knoxgate publishes a key before it signs with it, so
+Only an assertion whose claims could be good gets as far as its key: one they condemn
+(expired, for another audience, unreadable) is refused whatever its key id. A key id not held
+is judged by one rule: knoxgate publishes a key before it signs with it, so
 a read of the source that began after the assertion arrived holds the key of any genuine
 assertion. A kid that such a read (the reload or the refetch this request made, or another
 thread's read begun after the request asked) does not hold is refused. Otherwise the source is
@@ -58,6 +60,14 @@ MAX_JWKS_BYTES = 1 << 20
 
 #: (kty, crv) -> the only algorithm such a key may verify.
 _KEY_ALGORITHMS = {("OKP", "Ed25519"): "EdDSA", ("EC", "P-256"): "ES256"}
+
+#: The claims every assertion carries.
+_REQUIRED_CLAIMS = ("sub", "iat", "exp", "aud", "iss")
+
+#: What reading an assertion can raise besides PyJWTError, on input anyone can send: PyJWT
+#: 2.13 lets through the TypeError and OverflowError of a time that is a list or Infinity, and
+#: the RecursionError of JSON nested too deep.
+_UNREADABLE = (jwt.exceptions.PyJWTError, ValueError, TypeError, OverflowError, RecursionError)
 
 
 class AssertionRefused(Exception):
@@ -560,7 +570,7 @@ def _verify_uncached(token: str, config: Config) -> tuple[str, PyJWK, dict[str, 
     if parsed is None:
         try:
             header = jwt.get_unverified_header(token)
-        except jwt.exceptions.PyJWTError as e:
+        except _UNREADABLE as e:
             raise AssertionRefused(f"malformed assertion: {e}") from None
         parsed = header.get("alg"), header.get("kid")
     alg, kid = parsed
@@ -568,32 +578,59 @@ def _verify_uncached(token: str, config: Config) -> tuple[str, PyJWK, dict[str, 
         raise AssertionRefused(f"algorithm {alg!r} not allowed")
     if not isinstance(kid, str) or not kid:
         raise AssertionRefused("assertion has no kid")
+    # The claims first, unverified: an assertion they condemn is refused whatever its key. A kid
+    # not held may be answered KeysUnavailable (503, "cannot know yet"), which only an assertion
+    # that could be good deserves.
+    _decode(token, config, alg, key=None)
     key = keyset_for(config).get(kid)
     if key is None:
         raise AssertionRefused(f"unknown key id {kid!r}")
     if key.algorithm_name != alg:
         raise AssertionRefused(f"key {kid!r} is not an {alg} key")
-    try:
-        claims = jwt.decode(
-            token,
-            key=key.key,
-            algorithms=[alg],
-            audience=config.audience,
-            issuer=config.issuer,
-            leeway=config.leeway,
-            options={"require": ["sub", "iat", "exp", "aud", "iss"], "verify_signature": True},
-        )
-    except jwt.exceptions.PyJWTError as e:
-        raise AssertionRefused(f"assertion rejected: {e}") from None
-    # PyJWT checks iss too, but 2.10.0 took a string issuer as a sequence and accepted any
-    # substring of it (CVE-2024-53861): compared here as well, exactly.
-    if claims.get("iss") != config.issuer:
-        raise AssertionRefused("assertion issuer is not the configured one")
-    sub = claims.get("sub")
-    if not isinstance(sub, str) or not USER_ID_RE.match(sub):
-        raise AssertionRefused("assertion subject is not a user id")
+    claims = _decode(token, config, alg, key=key)
     if header_segment not in _headers:
         if len(_headers) >= _HEADERS_REMEMBERED:
             _headers.clear()
         _headers[header_segment] = parsed
     return kid, key, claims
+
+
+def _decode(token: str, config: Config, alg: str, *, key: PyJWK | None) -> dict[str, Any]:
+    """The claims of ``token`` if they are acceptable: all present, ``exp`` and ``iat`` numbers
+    within the leeway, ``aud`` and ``iss`` the configured ones, ``sub`` a user id. With ``key``,
+    the signature is verified too; without, the payload is only read."""
+    try:
+        claims = jwt.decode(
+            token,
+            key=key.key if key is not None else None,
+            algorithms=[alg],
+            audience=config.audience,
+            issuer=config.issuer,
+            leeway=config.leeway,
+            # A new dict each time: PyJWT 2.13 writes defaults into the one it is given. Every
+            # check named, since without the signature PyJWT skips those not named.
+            options={
+                "verify_signature": key is not None,
+                "verify_exp": True,
+                "verify_nbf": True,
+                "verify_iat": True,
+                "verify_aud": True,
+                "verify_iss": True,
+                "require": list(_REQUIRED_CLAIMS),
+            },
+        )
+    except _UNREADABLE as e:
+        raise AssertionRefused(f"assertion rejected: {e}") from None
+    # PyJWT checks iss too, but 2.10.0 took a string issuer as a sequence and accepted any
+    # substring of it (CVE-2024-53861): compared here as well, exactly.
+    if claims.get("iss") != config.issuer:
+        raise AssertionRefused("assertion issuer is not the configured one")
+    # PyJWT takes any value int() takes ("1700000000", true) for a time; a verdict kept in
+    # _verified is later compared with the clock as a number.
+    for name in ("exp", "iat"):
+        if isinstance(claims[name], bool) or not isinstance(claims[name], (int, float)):
+            raise AssertionRefused(f"assertion {name} is not a number")
+    sub = claims.get("sub")
+    if not isinstance(sub, str) or not USER_ID_RE.match(sub):
+        raise AssertionRefused("assertion subject is not a user id")
+    return claims

@@ -99,6 +99,8 @@ def _bad_tokens(ed_key, es_key, uid):
     head, payload, sig = good.split(".")
     forged_payload = b64(json.dumps({"sub": "1", "iat": now, "exp": now + 60, "aud": AUDIENCE, "iss": ISSUER}).encode())
     hs_secret = base64.urlsafe_b64decode(ed_key.jwk()["x"] + "==")
+    # Deeper than the JSON parser's recursion limit (a RecursionError, not a ValueError).
+    nested_header = b64(b'{"a":' + b"[" * 5000)
     return {
         "expired": ed_key.sign(sub, iat=now - 120, exp=now - 30),
         "issued in the future": ed_key.sign(sub, iat=now + 600, exp=now + 660),
@@ -124,6 +126,7 @@ def _bad_tokens(ed_key, es_key, uid):
         "tampered payload": f"{head}.{forged_payload}.{sig}",
         "truncated": good[:-10],
         "garbage": "not.a.jws",
+        "deeply nested header": f"{nested_header}.{payload}.{sig}",
         "oversized": good + "A" * 9000,
     }
 
@@ -146,6 +149,89 @@ def test_bad_assertions_are_refused(client, assertion_settings, alice, ed_key, e
     # the same bad one is still refused.
     assert get(client, **{"X-Auth-Assertion": ed_key.sign(str(alice.pk))}) == ok(alice.pk)
     assert get(client, **{"X-Auth-Assertion": token}) == REFUSED
+
+
+def _assertions_no_key_could_make_good(uid):
+    """Assertions whose claims alone condemn them, each with a kid no JWKS holds."""
+    stranger = new_key("EdDSA")
+    now = int(time.time())
+    sub = str(uid)
+    head = b64(json.dumps({"alg": "EdDSA", "kid": stranger.kid, "typ": "JWT"}).encode())
+    sig = b64(bytes(64))
+
+    def unsigned(payload: bytes) -> str:
+        return f"{head}.{b64(payload)}.{sig}"
+
+    return {
+        "expired": stranger.sign(sub, iat=now - 120, exp=now - 30),
+        "issued in the future": stranger.sign(sub, iat=now + 600, exp=now + 660),
+        "wrong audience": stranger.sign(sub, aud="another-app"),
+        "wrong issuer": stranger.sign(sub, iss="someone-else"),
+        "issuer a part of ours": stranger.sign(sub, iss=ISSUER[:4]),
+        "no exp": stranger.sign(sub, exp=None),
+        "no aud": stranger.sign(sub, aud=None),
+        "no sub": stranger.sign(None),
+        "non-canonical sub": stranger.sign("0" + sub),
+        "exp a numeric string": stranger.sign(sub, exp=str(now + 60)),
+        "payload not JSON": unsigned(b"not json"),
+        "payload not an object": unsigned(b"[1]"),
+        "exp infinite": unsigned(b'{"sub": "%s", "iat": %d, "exp": Infinity, "aud": "%s", "iss": "%s"}'
+                                 % (sub.encode(), now, AUDIENCE.encode(), ISSUER.encode())),
+        "exp a list": unsigned(json.dumps({"sub": sub, "iat": now, "exp": [now + 60],
+                                           "aud": AUDIENCE, "iss": ISSUER}).encode()),
+        "deeply nested payload": unsigned(b"[" * 2500 + b"]" * 2500),
+    }
+
+
+@pytest.mark.parametrize("source", ["refetch used up", "unreachable"])
+@pytest.mark.parametrize("case", list(_assertions_no_key_could_make_good(1)))
+def test_an_assertion_no_key_could_make_good_is_refused_while_its_kid_cannot_be_judged(
+    client, settings, tmp_path, alice, ed_key, source, case
+):
+    """An unknown kid that cannot be looked up now is 503 (it may be a key rotated in since), but
+    only for an assertion that could be good: one whose claims already condemn it (expired, for
+    another audience, unreadable...) is refused, 401, without asking the key source."""
+    if source == "refetch used up":
+        keys = {"JWKS_FILE": str(write_jwks(tmp_path / "jwks.json", ed_key))}
+    else:
+        keys = {"JWKS_URL": f"http://127.0.0.1:{spare_port()}/.well-known/jwks.json"}
+    settings.KNOXGATE = {
+        **settings.KNOXGATE,
+        **keys,
+        "ASSERTION_AUDIENCE": AUDIENCE,
+        "JWKS_CACHE_SECONDS": 3600,
+        "JWKS_REFETCH_INTERVAL": 3600,
+        "JWKS_RETRY_INTERVAL": 3600,
+    }
+    if source == "refetch used up":
+        # The keys are loaded, then the refetch is spent on one forged kid: the next unknown
+        # kid cannot be looked up.
+        assert get(client, **{"X-Auth-Assertion": ed_key.sign(str(alice.pk))}) == ok(alice.pk)
+        assert get(client, **{"X-Auth-Assertion": new_key("EdDSA").sign(str(alice.pk))}) == REFUSED
+    assert get(client, **{"X-Auth-Assertion": new_key("EdDSA").sign(str(alice.pk))}) == UNAVAILABLE
+    keyset = assertion.keyset_for(assertion.get_config())
+    fetches = keyset.fetches
+    token = _assertions_no_key_could_make_good(alice.pk)[case]
+    assert get(client, **{"X-Auth-Assertion": token}) == REFUSED
+    with pytest.raises(assertion.AssertionRefused):
+        assertion.verify(token)
+    assert keyset.fetches == fetches, "the key source was asked about an assertion already condemned"
+
+
+@pytest.mark.parametrize("claim", ["exp", "iat"])
+@pytest.mark.parametrize("kind", ["numeric string", "boolean"])
+def test_exp_and_iat_must_be_json_numbers(client, assertion_settings, alice, ed_key, claim, kind):
+    """PyJWT takes "1700000000" (and true) for a time; the package does not: a verdict kept for
+    such an assertion would compare a string with a number on its next use."""
+    now = int(time.time())
+    value = {"exp": now + 60, "iat": now}[claim]
+    token = ed_key.sign(str(alice.pk), **{claim: str(value) if kind == "numeric string" else True})
+    for _ in range(2):
+        assert get(client, **{"X-Auth-Assertion": token}) == REFUSED
+    # A fractional time is a number: accepted, and answered from the verified cache.
+    token = ed_key.sign(str(alice.pk), **{claim: value + 0.5})
+    for _ in range(2):
+        assert get(client, **{"X-Auth-Assertion": token}) == ok(alice.pk)
 
 
 def test_the_issuer_is_compared_by_the_package_itself(client, assertion_settings, alice, ed_key, monkeypatch):
@@ -575,12 +661,25 @@ def test_a_source_that_trickles_its_answer_is_given_up_after_jwks_timeout(ed_key
         server.join(5)
 
 
+def _count_signature_checks(monkeypatch) -> list:
+    """A list that grows by one at each jwt.decode that verifies a signature (each assertion's
+    claims are also read once without one, before its key is looked up)."""
+    checked = []
+    real_decode = jwt.decode
+
+    def decode(*args, **kwargs):
+        if kwargs.get("options", {}).get("verify_signature", True):
+            checked.append(1)
+        return real_decode(*args, **kwargs)
+
+    monkeypatch.setattr(jwt, "decode", decode)
+    return checked
+
+
 def test_a_key_replaced_under_its_kid_ends_its_cached_verdicts(
     client, settings, tmp_path, alice, ed_key, monkeypatch
 ):
-    decoded = []
-    real_decode = jwt.decode
-    monkeypatch.setattr(jwt, "decode", lambda *a, **k: decoded.append(1) or real_decode(*a, **k))
+    decoded = _count_signature_checks(monkeypatch)
     path = write_jwks(tmp_path / "jwks.json", ed_key)
     settings.KNOXGATE = {
         **settings.KNOXGATE,
@@ -602,9 +701,7 @@ def test_a_key_replaced_under_its_kid_ends_its_cached_verdicts(
 
 
 def test_a_verified_assertion_is_checked_once_until_its_exp(client, assertion_settings, alice, ed_key, monkeypatch):
-    decoded = []
-    real_decode = jwt.decode
-    monkeypatch.setattr(jwt, "decode", lambda *a, **k: decoded.append(1) or real_decode(*a, **k))
+    decoded = _count_signature_checks(monkeypatch)
     now = int(time.time())
     token = ed_key.sign(str(alice.pk), iat=now, exp=now + 60)
     for _ in range(5):
@@ -628,9 +725,7 @@ def test_one_keys_header_is_parsed_once(client, assertion_settings, alice, bob, 
 
 def test_the_cache_keeps_at_most_its_size(client, assertion_settings, alice, ed_key, monkeypatch):
     assertion_settings.KNOXGATE = {**assertion_settings.KNOXGATE, "ASSERTION_CACHE_SIZE": 2}
-    decoded = []
-    real_decode = jwt.decode
-    monkeypatch.setattr(jwt, "decode", lambda *a, **k: decoded.append(1) or real_decode(*a, **k))
+    decoded = _count_signature_checks(monkeypatch)
     now = int(time.time())
     first, second, third = (ed_key.sign(str(alice.pk), iat=now - i) for i in range(3))
     for token in (first, second, third, third, second):
@@ -651,9 +746,7 @@ def test_a_cached_verdict_ends_at_the_assertions_exp(client, assertion_settings,
 
 def test_the_cache_can_be_turned_off(client, assertion_settings, alice, ed_key, monkeypatch):
     assertion_settings.KNOXGATE = {**assertion_settings.KNOXGATE, "ASSERTION_CACHE_SIZE": 0}
-    decoded = []
-    real_decode = jwt.decode
-    monkeypatch.setattr(jwt, "decode", lambda *a, **k: decoded.append(1) or real_decode(*a, **k))
+    decoded = _count_signature_checks(monkeypatch)
     token = ed_key.sign(str(alice.pk))
     for _ in range(3):
         assert get(client, **{"X-Auth-Assertion": token}) == ok(alice.pk)
