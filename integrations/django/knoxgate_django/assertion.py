@@ -61,6 +61,9 @@ MAX_JWKS_BYTES = 1 << 20
 #: (kty, crv) -> the only algorithm such a key may verify.
 _KEY_ALGORITHMS = {("OKP", "Ed25519"): "EdDSA", ("EC", "P-256"): "ES256"}
 
+#: The JWK members this package reads, each a string when present.
+_STRING_MEMBERS = ("kid", "kty", "crv", "alg", "use")
+
 #: The claims every assertion carries.
 _REQUIRED_CLAIMS = ("sub", "iat", "exp", "aud", "iss")
 
@@ -89,9 +92,16 @@ def _parse_jwks(document: bytes) -> dict[str, tuple[PyJWK, str]]:
     for jwk in data["keys"]:
         if not isinstance(jwk, dict):
             continue
+        # A list or an object where a string belongs would otherwise fail the lookup below
+        # (unhashable), and with it the whole document.
+        not_strings = [m for m in _STRING_MEMBERS if m in jwk and not isinstance(jwk[m], str)]
+        if not_strings:
+            logger.warning("knoxgate JWKS: ignoring a key whose %s is not a string",
+                           ", ".join(not_strings))
+            continue
         kid = jwk.get("kid")
         alg = _KEY_ALGORITHMS.get((jwk.get("kty"), jwk.get("crv")))
-        if not isinstance(kid, str) or not kid or alg is None:
+        if not kid or alg is None:
             logger.warning("knoxgate JWKS: ignoring a key without kid or of an unsupported type")
             continue
         if jwk.get("alg", alg) != alg or jwk.get("use", "sig") != "sig" or "d" in jwk:
@@ -99,7 +109,9 @@ def _parse_jwks(document: bytes) -> dict[str, tuple[PyJWK, str]]:
             continue
         try:
             keys[kid] = PyJWK(jwk, algorithm=alg), json.dumps(jwk, sort_keys=True)
-        except jwt.exceptions.PyJWTError as e:
+        except (jwt.exceptions.PyJWTError, ValueError, TypeError, KeyError) as e:
+            # PyJWT 2.13 raises TypeError for a coordinate that is not a string: one bad key
+            # is left out, never the document.
             logger.warning("knoxgate JWKS: ignoring key %r: %s", kid, e)
     return keys
 

@@ -330,6 +330,30 @@ def test_jwks_ignores_unusable_keys(tmp_path, ed_key):
     assert list(keys) == [ed_key.kid]
 
 
+def test_a_malformed_key_leaves_the_rest_of_the_jwks_usable(client, settings, tmp_path, alice, ed_key, caplog):
+    """Members of the wrong JSON type, or values the key's constructor chokes on, put that one
+    key aside (logged); the document's other keys still verify."""
+    good = ed_key.jwk()
+    other = new_key("EdDSA").jwk()
+    malformed = [
+        {**other, "kid": "kty-list", "kty": ["OKP"]},
+        {**other, "kid": "crv-object", "crv": {"name": "Ed25519"}},
+        {**other, "kid": ["kid-list"]},
+        {**other, "kid": "alg-list", "alg": ["EdDSA"]},
+        {**other, "kid": "use-object", "use": {"sig": True}},
+        {**other, "kid": "x-number", "x": 5},
+        {**other, "kid": "x-list", "x": [other["x"]]},
+    ]
+    path = tmp_path / "jwks.json"
+    path.write_text(json.dumps({"keys": [*malformed, good]}))
+    assert list(assertion._parse_jwks(path.read_bytes())) == [ed_key.kid]
+    warnings = [r.getMessage() for r in caplog.records
+                if r.name == "knoxgate_django" and r.levelname == "WARNING"]
+    assert len(warnings) == len(malformed), warnings
+    settings.KNOXGATE = {**settings.KNOXGATE, "JWKS_FILE": str(path), "ASSERTION_AUDIENCE": AUDIENCE}
+    assert get(client, **{"X-Auth-Assertion": ed_key.sign(str(alice.pk))}) == ok(alice.pk)
+
+
 def test_rotation_through_the_file_and_rate_limited_refetch(client, settings, tmp_path, alice, ed_key):
     path = write_jwks(tmp_path / "jwks.json", ed_key)
     settings.KNOXGATE = {
