@@ -46,7 +46,7 @@ import jwt
 from django.core.signals import setting_changed
 from jwt import PyJWK
 
-from knoxgate_django.conf import Config, get_config
+from knoxgate_django.conf import MIN_JWKS_INTERVAL, Config, get_config
 
 logger = logging.getLogger("knoxgate_django")
 
@@ -393,12 +393,12 @@ class KeySet:
         return self._retry_at is None or now >= self._retry_at
 
     def _may_reload(self, now: float) -> bool:
-        """Whether a stale cache may be reloaded now (a cache_seconds shorter than
-        refetch_interval does not make every request read the source; after a failed read,
-        not before the retry is due)."""
+        """Whether a stale cache may be reloaded now: after a failed read, once the retry is
+        due; otherwise once MIN_JWKS_INTERVAL has passed since the last read began, so that a
+        cache_seconds below it (0 included) does not make every request read the source."""
         if self._failing:
             return self._retry_due(now)
-        return self._attempted_at is None or now - self._attempted_at >= self.refetch_interval
+        return self._attempted_at is None or now - self._attempted_at >= MIN_JWKS_INTERVAL
 
     def _may_refetch(self, now: float) -> bool:
         """Whether an unknown kid may have the source reread now."""
@@ -413,11 +413,12 @@ class KeySet:
 
     def get(self, kid: str) -> PyJWK | None:
         """The key with this id, or None when the source, read successfully after this call
-        began, does not hold it. Reads the source when the cache is older than cache_seconds,
-        and for an unknown kid at most once per refetch_interval (after a failed read, once the
-        retry is due: see retry_wait). Raises KeysUnavailable for a kid not held that cannot be
-        looked up now: the source cannot be read, or was read for an unknown kid less than
-        refetch_interval ago, or another thread's read, begun before this call, did not hold it."""
+        began, does not hold it. Reads the source when the cache is older than cache_seconds (at
+        most once per MIN_JWKS_INTERVAL), and for an unknown kid at most once per
+        refetch_interval (after a failed read, once the retry is due: see retry_wait). Raises
+        KeysUnavailable for a kid not held that cannot be looked up now: the source cannot be
+        read, or was read for an unknown kid less than refetch_interval ago, or another thread's
+        read, begun before this call, did not hold it."""
         return self._get(kid, refetch=True)
 
     def _get(self, kid: str, *, refetch: bool) -> PyJWK | None:

@@ -486,6 +486,34 @@ def test_a_key_dropped_by_a_reload_ends_its_verdicts_without_a_refetch(tmp_path,
     assert keyset.fetches == 3
 
 
+def test_a_stale_cache_is_reloaded_after_jwks_cache_seconds_not_the_refetch_interval(tmp_path, ed_key):
+    """The keys are used for JWKS_CACHE_SECONDS from the read that brought them, also when that
+    is shorter than JWKS_REFETCH_INTERVAL; below one second, the source is still read at most
+    once a second, not on every request."""
+    now = [0.0]
+    path = write_jwks(tmp_path / "jwks.json", ed_key)
+    keyset = assertion.KeySet(file=str(path), cache_seconds=5, refetch_interval=30, clock=lambda: now[0])
+    assert keyset.get(ed_key.kid) is not None
+    write_jwks(path, new_key("EdDSA"))  # ed_key retired
+    now[0] = 4.9
+    assert keyset.get(ed_key.kid) is not None
+    assert keyset.fetches == 1
+    now[0] = 5.0
+    assert keyset.get(ed_key.kid) is None, "the reload at JWKS_CACHE_SECONDS dropped the key"
+    assert keyset.fetches == 2
+
+    write_jwks(path, ed_key)
+    keyset = assertion.KeySet(file=str(path), cache_seconds=0, refetch_interval=30, clock=lambda: now[0])
+    now[0] = 100.0
+    for t in (100.0, 100.5, 100.99):
+        now[0] = t
+        assert keyset.get(ed_key.kid) is not None
+    assert keyset.fetches == 1
+    now[0] = 101.0
+    assert keyset.get(ed_key.kid) is not None
+    assert keyset.fetches == 2
+
+
 # --- JWKS from a URL, served by a real HTTP server ---
 
 
