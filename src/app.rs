@@ -290,6 +290,7 @@ pub async fn start(mut config: Config) -> Result<Running, StartError> {
                 cfg.server.demoted_threads.get(),
                 after,
                 app.metrics.connections_demoted.clone(),
+                app.metrics.connections_released.clone(),
             )
             .map_err(StartError::LaneThreads)?,
         ),

@@ -186,6 +186,9 @@ pub struct Metrics {
     /// HTTP/1 connections moved to the demoted lane after `server.demote_after_refusals`
     /// answers of 401 in a row.
     pub connections_demoted: Counter,
+    /// Demoted connections let go (told to close) after as many answers in a row that were not
+    /// 401: their clients reconnect on the main threads.
+    pub connections_released: Counter,
     /// Identity assertions signed (`[assertion]`); hot tokens reuse theirs, so this grows far
     /// slower than allowed answers.
     pub assertions_signed: Counter,
@@ -241,6 +244,7 @@ impl Metrics {
             load_shed: Counter::default(),
             sessions_load_shed: Counter::default(),
             connections_demoted: Counter::default(),
+            connections_released: Counter::default(),
             assertions_signed: Counter::default(),
             feed_connected: Gauge::default(),
             feed_events: Family::default(),
@@ -348,6 +352,11 @@ impl Metrics {
             "connections_demoted",
             "Connections moved to the low-priority lane after answers of 401 in a row",
             m.connections_demoted.clone(),
+        );
+        registry.register(
+            "connections_released",
+            "Demoted connections told to close after as many answers in a row that were not 401",
+            m.connections_released.clone(),
         );
         registry.register(
             "assertions_signed",

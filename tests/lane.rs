@@ -130,6 +130,66 @@ async fn a_connection_refused_again_and_again_moves_to_the_lane_and_is_answered_
         .expect("shutdown with a demoted connection open");
 }
 
+const RELEASED: &str = "knoxgate_connections_released_total";
+
+#[tokio::test]
+async fn a_demoted_connection_answered_as_many_times_in_a_row_without_a_401_is_let_go() {
+    let db = TestDb::migrated().await;
+    let alice = user_with_token(&db, "alice").await;
+    let s = TestServer::start(&db, "[server]\ndemote_after_refusals = 8").await;
+    let alice_auth = format!("Token {}", alice.token);
+
+    let mut conn = Client::connect(s.addr()).await.unwrap();
+    refuse(&mut conn, 8).await;
+    demoted_count_reaches(&s, 1.0).await;
+
+    // Seven valid answers and a refusal: the streak of answers that were not 401 starts over.
+    for _ in 0..7 {
+        let r = conn.get("/verify", Some(&alice_auth)).await.unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("connection"), None);
+    }
+    refuse(&mut conn, 1).await;
+    for _ in 0..7 {
+        assert_eq!(
+            conn.get("/verify", Some(&alice_auth)).await.unwrap().status,
+            200
+        );
+    }
+    assert!(
+        !conn.closed,
+        "let go before 8 answers in a row that were not 401"
+    );
+    assert_eq!(s.metric(RELEASED).await, 0.0);
+
+    // The eighth: answered, and the last on this connection.
+    let r = conn.get("/verify", Some(&alice_auth)).await.unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("x-auth-user-id"),
+        Some(alice.user_id.to_string().as_str())
+    );
+    assert!(
+        conn.closed,
+        "the eighth answer did not close the connection"
+    );
+    assert!(
+        conn.get("/verify", Some(&alice_auth)).await.is_err(),
+        "a request was answered on a connection that was let go"
+    );
+    assert_eq!(s.metric(RELEASED).await, 1.0);
+
+    // The client's new connection starts on the main threads: it takes another eight refusals
+    // in a row to be demoted again.
+    let mut again = Client::connect(s.addr()).await.unwrap();
+    refuse(&mut again, 7).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(s.metric(DEMOTED).await, 1.0);
+    refuse(&mut again, 1).await;
+    demoted_count_reaches(&s, 2.0).await;
+    s.stop().await;
+}
+
 /// Reads from `stream` until `n` whole responses (status line, headers, `Content-Length` body)
 /// have arrived; returns their status codes in order.
 async fn read_responses(stream: &mut TcpStream, n: usize) -> Vec<u16> {

@@ -131,7 +131,8 @@ pub struct ServerConfig {
     /// knoxgate's 503 reaches the caller instead of the caller's own timeout.
     pub grpc_deadline_margin: Duration,
     /// An HTTP/1 connection on the main listener whose last this many answers were all 401 is
-    /// served from then on by the demoted lane's threads (nice 19); `None`: never.
+    /// served by the demoted lane's threads (nice 19) until as many answers in a row were not
+    /// 401, the last of which closes it; `None`: never.
     pub demote_after_refusals: Option<NonZeroU32>,
     /// Threads of the demoted lane.
     pub demoted_threads: NonZeroUsize,

@@ -1,7 +1,11 @@
 //! The demoted lane: an HTTP/1 connection whose last `server.demote_after_refusals` answers
 //! were all 401 — a client cycling through tokens or passwords that do not exist — is moved,
-//! between two requests, to threads of the lowest CPU priority and served there for the rest
-//! of its life.
+//! between two requests, to threads of the lowest CPU priority and served there until as many
+//! answers in a row were not 401. That answer carries `Connection: close`: the client opens a
+//! new connection, which starts on the main threads. A proxy's pooled connection, which
+//! carries a flood and real users alike, is thus served at normal priority again once the
+//! flood is over (a proxy that keeps its connections for hours would otherwise keep it last
+//! for as long).
 //!
 //! Refusing a random token is cheap, but not cheaper than answering a valid one: both cost the
 //! HTTP parsing and the syscalls. A flood that fills the cores would otherwise delay every real
@@ -50,17 +54,43 @@ pub struct Lane {
     /// `Some` until dropped; shut down without waiting, as a drop may happen on a runtime thread.
     runtime: Option<Runtime>,
     handle: Handle,
-    /// Consecutive 401 answers after which a connection is demoted.
+    /// Consecutive 401 answers after which a connection is demoted, and consecutive other
+    /// answers after which a demoted one is let go.
     pub(super) after_refusals: NonZeroU32,
     demoted: Counter,
+    released: Counter,
+}
+
+/// What a connection served on the lane needs: the main runtime its handlers run in, and when
+/// to let it go.
+#[derive(Clone)]
+pub(super) struct OnLane {
+    pub(super) main: Handle,
+    /// Answers in a row that were not 401 after which the connection is let go.
+    pub(super) release_after: u32,
+    released: Counter,
+}
+
+/// Makes `response` the last of its connection (`Connection: close`, which hyper honours by
+/// closing once it is written): a demoted connection that has earned its way back. Closing
+/// in-band, on an answer, rather than once the connection is idle, leaves no moment in which
+/// the client may send a request on a connection being closed under it.
+pub(super) fn release<B>(response: &mut hyper::Response<B>, on: &OnLane) {
+    response.headers_mut().insert(
+        hyper::header::CONNECTION,
+        hyper::header::HeaderValue::from_static("close"),
+    );
+    on.released.inc();
 }
 
 impl Lane {
-    /// Starts `threads` lane threads at nice 19. `demoted` counts the connections moved.
+    /// Starts `threads` lane threads at nice 19. `demoted` counts the connections moved,
+    /// `released` those let go.
     pub fn start(
         threads: usize,
         after_refusals: NonZeroU32,
         demoted: Counter,
+        released: Counter,
     ) -> io::Result<Arc<Lane>> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads.max(1))
@@ -75,7 +105,17 @@ impl Lane {
             runtime: Some(runtime),
             after_refusals,
             demoted,
+            released,
         }))
+    }
+
+    /// For the connections moved here from the runtime of `main`.
+    pub(super) fn on_lane(&self, main: Handle) -> OnLane {
+        OnLane {
+            main,
+            release_after: self.after_refusals.get(),
+            released: self.released.clone(),
+        }
     }
 
     /// Serves the rest of a demoted connection on the lane, beginning with `unread` (bytes

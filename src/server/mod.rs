@@ -93,13 +93,14 @@ enum Protocol {
 }
 
 /// Requests in flight on one connection and when the last one ended, for the idle timeout;
-/// and how many answers in a row were 401, for the demoted lane.
+/// and how many answers in a row were 401, or were not, for the demoted lane.
 struct Activity {
     started: Instant,
     in_flight: AtomicUsize,
     /// Milliseconds after `started` at which the connection last became idle.
     idle_since_ms: AtomicU64,
     refused_in_a_row: AtomicU32,
+    not_refused_in_a_row: AtomicU32,
 }
 
 impl Activity {
@@ -109,15 +110,20 @@ impl Activity {
             in_flight: AtomicUsize::new(0),
             idle_since_ms: AtomicU64::new(0),
             refused_in_a_row: AtomicU32::new(0),
+            not_refused_in_a_row: AtomicU32::new(0),
         })
     }
 
-    /// Counts an answer: a 401 lengthens the streak of refusals, anything else ends it.
-    fn answered(&self, status: StatusCode) {
+    /// Counts an answer: a 401 lengthens the streak of refusals and ends the other streak,
+    /// anything else the reverse. Returns how long the other streak now is (0 after a 401).
+    fn answered(&self, status: StatusCode) -> u32 {
         if status == StatusCode::UNAUTHORIZED {
             self.refused_in_a_row.fetch_add(1, Ordering::Relaxed);
+            self.not_refused_in_a_row.store(0, Ordering::Relaxed);
+            0
         } else {
             self.refused_in_a_row.store(0, Ordering::Relaxed);
+            self.not_refused_in_a_row.fetch_add(1, Ordering::Relaxed) + 1
         }
     }
 
@@ -175,13 +181,14 @@ where
 /// can hand its socket to the lane may poll it).
 type Answering<B> = Pin<Box<dyn Future<Output = Result<Response<B>, Infallible>> + Send>>;
 
-/// The service of one connection: answers with `handler`, keeps `activity`, and when `main`
-/// is given polls the handler in that runtime's context (a connection on the demoted lane).
+/// The service of one connection: answers with `handler` and keeps `activity`; on the demoted
+/// lane (`on_lane`), polls the handler in the main runtime's context and lets the connection go
+/// once it no longer earns its place there.
 fn service<H, B>(
     handler: H,
     peer: SocketAddr,
     activity: Arc<Activity>,
-    main: Option<tokio::runtime::Handle>,
+    on_lane: Option<lane::OnLane>,
 ) -> impl hyper::service::Service<
     Request<Incoming>,
     Response = Response<B>,
@@ -197,16 +204,20 @@ where
         let in_flight = activity.begin();
         let activity = Arc::clone(&activity);
         let answer = handler(req, peer);
+        let releasing = on_lane.clone();
         let answer = async move {
-            let response = answer.await;
-            activity.answered(response.status());
+            let mut response = answer.await;
+            let not_refused = activity.answered(response.status());
+            if let Some(on) = releasing.filter(|on| on.release_after == not_refused) {
+                lane::release(&mut response, &on);
+            }
             drop(in_flight);
             Ok::<_, Infallible>(response)
         };
-        match &main {
+        match &on_lane {
             None => Box::pin(answer),
-            Some(main) => Box::pin(lane::InContext {
-                main: main.clone(),
+            Some(on) => Box::pin(lane::InContext {
+                main: on.main.clone(),
                 future: Box::pin(answer),
             }),
         }
@@ -362,7 +373,8 @@ async fn sleep_until_some(at: Option<tokio::time::Instant>) {
 }
 
 /// An HTTP/1 connection. With a lane, it moves there once its answers have been 401
-/// `after_refusals` times in a row, and is served there to its end.
+/// `after_refusals` times in a row, and is served there until as many answers in a row were
+/// not 401: that one tells the client to close it (see [`lane::release`]).
 async fn http1_connection<H, B>(
     shared: &Connection,
     stream: TcpStream,
@@ -404,12 +416,12 @@ async fn http1_connection<H, B>(
     };
     let parts = conn.into_parts();
     let http1 = Arc::clone(&shared.http1);
-    let main = tokio::runtime::Handle::current();
+    let on_lane = lane.on_lane(tokio::runtime::Handle::current());
     let stream = parts.io.into_inner().into_stream();
     lane.take(stream, parts.read_buf, move |socket| async move {
         let mut conn = http1.serve_connection(
             TokioIo::new(socket),
-            service(handler, peer, Arc::clone(&activity), Some(main)),
+            service(handler, peer, Arc::clone(&activity), Some(on_lane)),
         );
         match serve_http1(&mut conn, &activity, closing, &mut shutdown, None).await {
             Ok(Served::Abandoned) => return,
