@@ -23,7 +23,7 @@ read in the request path. While it fails, the keys already held keep working, st
 an assertion whose key is not held raises ``KeysUnavailable``. One read runs at a time: threads
 that find one running go on with the keys held, or, for a kid not held, wait for that read and
 never start another. A fetch of a URL has ``JWKS_TIMEOUT`` as a whole: name lookup, connecting,
-status line and headers included.
+status line and headers included; so has a read of a file (a stuck network mount).
 """
 
 from __future__ import annotations
@@ -327,6 +327,8 @@ class KeySet:
         #: Guards everything above; never held while the source is read.
         self._lock = threading.Condition(threading.Lock())
         self._reading = False
+        #: The thread of the last read of JWKS_FILE (see _read_file).
+        self._file_reader: threading.Thread | None = None
         #: Reads ended so far (successfully or not): what a thread waiting for a read watches.
         self._reads_ended = 0
         #: How many times the source was read (successfully or not).
@@ -348,9 +350,37 @@ class KeySet:
 
     def _read(self) -> bytes:
         if self.file:
-            with open(self.file, "rb") as f:
-                return f.read(MAX_JWKS_BYTES + 1)
+            return self._read_file()
         return _fetch(self.url, self.timeout)
+
+    def _read_file(self) -> bytes:
+        """JWKS_FILE's content, within JWKS_TIMEOUT. Reading a file can hang (a network mount
+        whose server is gone, a FIFO nobody writes) and takes no timeout of its own: the read
+        runs on a thread of its own, which such a file keeps until it returns. Until that thread
+        returns, later reads fail at once instead of leaving one more thread on the same file
+        per retry."""
+        stuck = self._file_reader
+        if stuck is not None and stuck.is_alive():
+            raise TimeoutError(f"an earlier read of {self.file} has not returned yet")
+        outcome: dict[str, Any] = {}
+        done = threading.Event()
+
+        def read() -> None:
+            try:
+                with open(self.file, "rb") as f:
+                    outcome["document"] = f.read(MAX_JWKS_BYTES + 1)
+            except BaseException as e:  # handed to the caller, which logs it
+                outcome["error"] = e
+            finally:
+                done.set()
+
+        self._file_reader = threading.Thread(target=read, name="knoxgate-jwks-read", daemon=True)
+        self._file_reader.start()
+        if not done.wait(self.timeout):
+            raise TimeoutError(f"{self.file} not read within {self.timeout} s")
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["document"]
 
     def _refresh(self) -> None:
         """Reread the source, with the lock held on entry and on return but released while

@@ -366,6 +366,15 @@ def test_rotation_through_the_file_and_rate_limited_refetch(client, settings, tm
     assert get(client, **{"X-Auth-Assertion": ed_key.sign(str(alice.pk))}) == ok(alice.pk)
     keyset = assertion.keyset_for(assertion.get_config())
     assert keyset.fetches == 1
+    # From here on the key set's clock moves 1 ms each time it is read, and when the test moves
+    # it: twenty requests on a busy machine can take longer than JWKS_REFETCH_INTERVAL.
+    now = [time.monotonic()]
+
+    def tick() -> float:
+        now[0] += 0.001
+        return now[0]
+
+    keyset.clock = tick
 
     new = new_key("ES256")
     write_jwks(path, ed_key, new)
@@ -379,7 +388,7 @@ def test_rotation_through_the_file_and_rate_limited_refetch(client, settings, tm
         assert get(client, **{"X-Auth-Assertion": new_key("EdDSA").sign(str(alice.pk))}) == UNAVAILABLE
     assert keyset.fetches == 2
     assert get(client, **{"X-Auth-Assertion": new.sign(str(alice.pk))}) == ok(alice.pk)
-    time.sleep(1.1)
+    now[0] += 1.1
     # After it: one reread, which does not hold the forged kid: refused.
     assert get(client, **{"X-Auth-Assertion": new_key("EdDSA").sign(str(alice.pk))}) == REFUSED
     assert keyset.fetches == 3
@@ -1003,6 +1012,61 @@ def test_a_hanging_key_source_costs_one_request_its_timeout_not_every_request(
         assert get(client, **{"X-Auth-Assertion": token}) == ok(alice.pk)
     assert jwks_source.requests == 2, "a retry was due at once: the wait was measured from its start"
     assert time.monotonic() - started < 1
+
+
+def test_a_key_file_whose_read_hangs_is_given_up_after_jwks_timeout(tmp_path, ed_key):
+    """JWKS_FILE on a network mount whose server is gone: open() and read() hang and take no
+    timeout. Here a FIFO nobody writes hangs open() the same way. The read is given up after
+    JWKS_TIMEOUT; until the stuck read returns, a due retry fails at once instead of leaving
+    another thread on the file; once it returned, the file is read again."""
+    path = tmp_path / "jwks.json"
+    os.mkfifo(path)
+    now = [0.0]
+    keyset = assertion.KeySet(file=str(path), cache_seconds=300, refetch_interval=30,
+                              retry_interval=5, timeout=0.5, clock=lambda: now[0])
+
+    def judged_within(seconds: float) -> BaseException | None:
+        """get(ed_key.kid) on a thread: what it raised, asserting it ended within ``seconds``."""
+        outcome: list[BaseException | None] = []
+
+        def ask() -> None:
+            try:
+                keyset.get(ed_key.kid)
+                outcome.append(None)
+            except BaseException as e:
+                outcome.append(e)
+
+        asking = threading.Thread(target=ask, daemon=True)
+        asking.start()
+        asking.join(seconds)
+        assert not asking.is_alive(), f"get() still waiting on the file after {seconds} s"
+        return outcome[0]
+
+    started = time.monotonic()
+    assert isinstance(judged_within(5), assertion.KeysUnavailable)
+    assert time.monotonic() - started >= 0.45, "given up before JWKS_TIMEOUT"
+    assert keyset.fetches == 1
+
+    # The retry is due; the first read still hangs: this one fails at once.
+    now[0] += 5
+    started = time.monotonic()
+    assert isinstance(judged_within(5), assertion.KeysUnavailable)
+    assert time.monotonic() - started < 0.3, "a second read queued behind the stuck one"
+    assert keyset.fetches == 2
+    stuck = [t for t in threading.enumerate() if t.name == "knoxgate-jwks-read"]
+    assert len(stuck) == 1, f"{len(stuck)} threads reading the file"
+
+    # The mount comes back: the stuck read returns (what it brought is not used), and the file,
+    # a regular one now, is read at the next retry.
+    with open(path, "wb") as writer:
+        writer.write(b"{}")
+    stuck[0].join(5)
+    assert not stuck[0].is_alive()
+    path.unlink()
+    write_jwks(path, ed_key)
+    now[0] += 10
+    assert judged_within(5) is None
+    assert keyset.get(ed_key.kid) is not None
 
 
 def test_threads_with_an_unknown_kid_wait_for_the_read_running_and_start_no_other(jwks_source, ed_key):
