@@ -52,13 +52,24 @@ pub fn rand_suffix() -> String {
     hex::encode(b)
 }
 
-/// A loopback port nothing listens on (at the time of the call).
+/// A loopback port nothing listens on (at the time of the call), and never handed out before
+/// in this process: a port freed by one test (a Redis master killed in a failover) and given
+/// to another would let the first test's sentinels, which still watch that address, take the
+/// second test's server for their old master and reconfigure it.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+        if !handed_out.contains(&port) {
+            handed_out.push(port);
+            return port;
+        }
+    }
 }
 
 /// Waits until something accepts TCP connections on `port` (at most `limit`).

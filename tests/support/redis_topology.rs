@@ -429,22 +429,35 @@ impl RedisSentinel {
             deployment.sentinels.push(RedisProcess::spawn(port, &args));
         }
         // Every sentinel knows the master, its replica and the two other sentinels.
+        let seen = |s: &RedisProcess| {
+            let master = s.cli(&["SENTINEL", "MASTER", SENTINEL_SERVICE]);
+            let lines: Vec<&str> = master.lines().collect();
+            let field = |name: &str| {
+                lines
+                    .iter()
+                    .position(|l| *l == name)
+                    .and_then(|i| lines.get(i + 1))
+                    .map(|v| v.to_string())
+            };
+            (field("num-slaves"), field("num-other-sentinels"))
+        };
         let known = wait_for(Duration::from_secs(45), || {
             deployment.sentinels.iter().all(|s| {
-                let master = s.cli(&["SENTINEL", "MASTER", SENTINEL_SERVICE]);
-                let lines: Vec<&str> = master.lines().collect();
-                let field = |name: &str| {
-                    lines
-                        .iter()
-                        .position(|l| *l == name)
-                        .and_then(|i| lines.get(i + 1))
-                        .map(|v| v.to_string())
-                };
-                field("num-slaves").as_deref() == Some("1")
-                    && field("num-other-sentinels").as_deref() == Some("2")
+                let (replicas, others) = seen(s);
+                replicas.as_deref() == Some("1") && others.as_deref() == Some("2")
             })
         });
-        assert!(known, "sentinels did not discover the deployment");
+        assert!(
+            known,
+            "sentinels did not discover the deployment within 45 s: (replicas, other sentinels) \
+             seen by each: {:?}; the master's role: {:?}; the replica's link: {:?}",
+            deployment.sentinels.iter().map(seen).collect::<Vec<_>>(),
+            info_field(&redis_cli(ports[0], &["INFO", "replication"]), "role"),
+            info_field(
+                &redis_cli(ports[1], &["INFO", "replication"]),
+                "master_link_status"
+            ),
+        );
         deployment
     }
 
