@@ -14,6 +14,7 @@ use tokio::{
 use crate::support::*;
 
 const DEMOTED: &str = "knoxgate_connections_demoted_total";
+const RELEASED: &str = "knoxgate_connections_released_total";
 
 /// `n` random tokens on `conn`, each answered 401.
 async fn refuse(conn: &mut Client, n: usize) {
@@ -129,8 +130,6 @@ async fn a_connection_refused_again_and_again_moves_to_the_lane_and_is_answered_
         .await
         .expect("shutdown with a demoted connection open");
 }
-
-const RELEASED: &str = "knoxgate_connections_released_total";
 
 #[tokio::test]
 async fn a_demoted_connection_answered_as_many_times_in_a_row_without_a_401_is_let_go() {
