@@ -506,6 +506,14 @@ class KeySet:
             f"arrived (an unknown key id rereads it at most every {self.refetch_interval} s)"
         )
 
+    def fresh(self, kid: str) -> PyJWK | None:
+        """The key with this id if the keys held are fresh (read less than cache_seconds ago)
+        and hold it, else None. Never reads the source nor waits: ``get`` does that."""
+        keys, loaded_at = self._keys, self._loaded_at
+        if loaded_at is not None and self.clock() - loaded_at < self.cache_seconds:
+            return keys.get(kid)
+        return None
+
     def same_key(self, kid: str, key: PyJWK) -> bool:
         """Whether ``kid`` still names ``key`` (for a verdict reached with it). A kid no longer
         held ends the verdict without a refetch or KeysUnavailable: verifying the assertion
@@ -621,13 +629,17 @@ def _verify_uncached(token: str, config: Config) -> tuple[str, PyJWK, dict[str, 
         raise AssertionRefused(f"algorithm {alg!r} not allowed")
     if not isinstance(kid, str) or not kid:
         raise AssertionRefused("assertion has no kid")
-    # The claims first, unverified: an assertion they condemn is refused whatever its key. A kid
-    # not held may be answered KeysUnavailable (503, "cannot know yet"), which only an assertion
-    # that could be good deserves.
-    _decode(token, config, alg, key=None)
-    key = keyset_for(config).get(kid)
+    keyset = keyset_for(config)
+    key = keyset.fresh(kid)
     if key is None:
-        raise AssertionRefused(f"unknown key id {kid!r}")
+        # The claims first, unverified: an assertion they condemn is refused whatever its key.
+        # A kid not held may be answered KeysUnavailable (503, "cannot know yet"), which only
+        # an assertion that could be good deserves. With a fresh key held, the one decode below
+        # checks claims and signature together: it refuses what the claims condemn all the same.
+        _decode(token, config, alg, key=None)
+        key = keyset.get(kid)
+        if key is None:
+            raise AssertionRefused(f"unknown key id {kid!r}")
     if key.algorithm_name != alg:
         raise AssertionRefused(f"key {kid!r} is not an {alg} key")
     claims = _decode(token, config, alg, key=key)

@@ -723,8 +723,8 @@ def test_a_source_that_trickles_its_answer_is_given_up_after_jwks_timeout(ed_key
 
 
 def _count_signature_checks(monkeypatch) -> list:
-    """A list that grows by one at each jwt.decode that verifies a signature (each assertion's
-    claims are also read once without one, before its key is looked up)."""
+    """A list that grows by one at each jwt.decode that verifies a signature (an assertion
+    whose key is not held has its claims read once without one first)."""
     checked = []
     real_decode = jwt.decode
 
@@ -771,6 +771,18 @@ def test_a_verified_assertion_is_checked_once_until_its_exp(client, assertion_se
     # Another audience is another verdict: not answered from the cache.
     assertion_settings.KNOXGATE = {**assertion_settings.KNOXGATE, "ASSERTION_AUDIENCE": "other"}
     assert get(client, **{"X-Auth-Assertion": token}) == REFUSED
+
+
+def test_an_assertion_whose_key_is_held_is_decoded_once(client, assertion_settings, alice, ed_key, monkeypatch):
+    decodes = []
+    real = jwt.decode
+    monkeypatch.setattr(jwt, "decode", lambda *a, **kw: decodes.append(kw["options"]) or real(*a, **kw))
+    now = int(time.time())
+    # The first reads the JWKS: its kid is not held yet, so its claims are read before the key
+    # is looked up; the next, signed with the same key, is checked in one decode.
+    for i in range(2):
+        assert get(client, **{"X-Auth-Assertion": ed_key.sign(str(alice.pk), iat=now - i)}) == ok(alice.pk)
+    assert [o["verify_signature"] for o in decodes] == [False, True, True]
 
 
 def test_one_keys_header_is_parsed_once(client, assertion_settings, alice, bob, ed_key, monkeypatch):
