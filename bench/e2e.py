@@ -23,8 +23,9 @@ warm-up; then
   2. one paced run per configuration at the same fixed rate (half the slowest configuration's
      saturation unless E2E_RATE is set), with Postgres's transaction counter read around it
      after it has settled (SQL per request);
-  3. E2E_ROUNDS interleaved rounds of GET /verify straight to knoxgate on hot tokens, signed
-     assertions on against off.
+  3. E2E_VERIFY_ROUNDS interleaved rounds of GET /verify straight to knoxgate on hot tokens,
+     signed assertions on against off (more and shorter rounds than step 1: at ~80,000 requests/s
+     one 10-s round's neighbour noise moved the ratio between 0.71 and 1.21).
 CPU per request by process comes from /proc/<pid>/stat (utime + stime) read around every run:
 nginx (master and worker), each gunicorn (master and workers), each knoxgate, redis-server, the
 Postgres backends connected to the bench database, and wrk (getrusage of the child).
@@ -53,7 +54,8 @@ def env_int(name, default):
 
 ROUNDS = env_int("BENCH_ROUNDS", 3)
 DURATION = env_int("E2E_DURATION", 10)            # seconds per saturation / fixed-rate run
-VERIFY_DURATION = env_int("E2E_VERIFY_DURATION", 10)
+VERIFY_DURATION = env_int("E2E_VERIFY_DURATION", 5)
+VERIFY_ROUNDS = env_int("E2E_VERIFY_ROUNDS", 8)
 WARM_DURATION = env_int("E2E_WARM_DURATION", 3)
 FIXED_RATE = env_int("E2E_RATE", 0)               # 0 = half the slowest configuration's saturation
 CONNS = env_int("E2E_CONNECTIONS", 64)
@@ -532,13 +534,13 @@ def main():
         x_before = x_after
         save()
 
-    log(f"3. hot /verify, signed assertions on vs off: {ROUNDS} interleaved rounds")
+    log(f"3. hot /verify, signed assertions on vs off: {VERIFY_ROUNDS} interleaved rounds")
     # An unmeasured run on each first: the first measured run after the paced phase was the
     # slowest of the six in most runs, whichever instance it was.
     for label in ("signed", "unsigned"):
         wrk(f"warm-verify2-{label}", kg[label][1], "verify.lua", WARM_DURATION,
             extra_env=dict(wrk_env(), BENCH_PATH="/verify"), quiet=True)
-    for rnd in range(1, ROUNDS + 1):
+    for rnd in range(1, VERIFY_ROUNDS + 1):
         order = ("signed", "unsigned") if rnd % 2 else ("unsigned", "signed")
         for label in order:
             row = run_one(f"verify{rnd}", f"verify-{label}", kg[label][1], VERIFY_DURATION, pids,
@@ -550,6 +552,7 @@ def main():
     from e2e_report import write_report  # noqa: E402  (bench/e2e_report.py)
     md = write_report(STATE, CONFIGS, CONFIG_INFO, {
         "rounds": ROUNDS, "duration": DURATION, "verify_duration": VERIFY_DURATION,
+        "verify_rounds": VERIFY_ROUNDS,
         "conns": CONNS, "rate_conns": RATE_CONNS, "hot_set": HOT_SET,
         "gunicorn": " ".join(GUNICORN_ARGS), "nginx_workers": NGINX_WORKERS, "probe": PROBE,
         "assertion_key": {"p256": "a P-256 key (ES256)", "ed25519": "an Ed25519 key (EdDSA)"}[

@@ -19,13 +19,13 @@
 #   knoxgate           nginx auth_request -> knoxgate (signed) -> Django + knoxgate-django
 #   knoxgate-unsigned  the same without assertions (X-Auth-User-Id only)
 # Then: BENCH_ROUNDS interleaved rounds of wrk at saturation; one paced run per configuration at
-# one fixed rate with Postgres's transaction counter around it (SQL per request); BENCH_ROUNDS
+# one fixed rate with Postgres's transaction counter around it (SQL per request); E2E_VERIFY_ROUNDS
 # interleaved rounds of hot /verify on each knoxgate (assertions on vs off). CPU per request by
 # process from /proc around every run. Method and column meanings: bench/README.md.
 # Output: bench/out/e2e.md (copied to bench/E2E.md on a full run), logs, wrk output and
 # e2e.json in bench/out/e2e/.
 #
-# Knobs: BENCH_ROUNDS=3 E2E_DURATION=10 E2E_VERIFY_DURATION=10 E2E_WARM_DURATION=3
+# Knobs: BENCH_ROUNDS=3 E2E_DURATION=10 E2E_VERIFY_ROUNDS=8 E2E_VERIFY_DURATION=5 E2E_WARM_DURATION=3
 #        E2E_RATE=0 (0: half the slowest configuration's saturation) E2E_CONNECTIONS=64
 #        E2E_RATE_CONNECTIONS=32 E2E_HOT_SET=1000 E2E_NGINX_WORKERS=1
 #        E2E_GUNICORN="--workers 2 --worker-class gthread --threads 8"

@@ -211,7 +211,7 @@ def write_report(state, configs, info, p):
     a("## Hot `/verify`: signed assertions on vs off")
     a("")
     a(f"`wrk -t2 -c{p['conns']}` straight to each knoxgate's `/verify` for "
-      f"{p['verify_duration']} s, the same {p['hot_set']} hot tokens, {p['rounds']} interleaved "
+      f"{p['verify_duration']} s, the same {p['hot_set']} hot tokens, {p['verify_rounds']} interleaved "
       f"rounds (order swapped every round). `signed`: `[assertion]` with {p['assertion_key']} (each "
       "cached token reuses its assertion until it nears expiry); `unsigned`: no `[assertion]`.")
     a("")
