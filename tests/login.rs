@@ -861,6 +861,73 @@ async fn a_login_answered_503_before_its_commit_is_rolled_back() {
     s.stop().await;
 }
 
+/// Abandoned logins are cancelled at most four at a time (`store::cancel`'s cap): beyond it, a
+/// login's connection is closed without a cancel, and its statement runs on until
+/// `statement_timeout`, rather than each cancel adding a connection to a server that is slow
+/// already. Six logins wait for a lock the test holds; once they are waiting, new connections
+/// to Postgres take 3 s to get through (so the first cancels still hold their places when the
+/// last logins are given up); all six are answered 503, and of their six lock waits, the four
+/// cancelled end and two go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_logins_are_cancelled_at_most_four_at_a_time() {
+    const LOGINS: i64 = 6;
+    const CANCELS_AT_ONCE: i64 = 4;
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    insert_user(&client, "alice", "alice-pass", true).await;
+    let proxy = SlowProxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let s = server_behind_slow_postgres(
+        &db,
+        &proxy,
+        "[server]\nrequest_timeout = \"4s\"\n[sessions]\nhash_queue_timeout = \"3s\"\n\
+         [postgres]\npool_size = 8\nstatement_timeout = \"30s\"",
+    )
+    .await;
+    let holder = db.client().await;
+    holder.execute("BEGIN", &[]).await.unwrap();
+    holder
+        .execute(
+            "SELECT 1 FROM auth_user WHERE username = 'alice' FOR UPDATE",
+            &[],
+        )
+        .await
+        .unwrap();
+    let logins =
+        futures_util::future::join_all((0..LOGINS).map(|_| login(&s, "alice", "alice-pass")));
+    let (answers, ()) = tokio::join!(logins, async {
+        let waiting = eventually(Duration::from_millis(3500), || async {
+            count(&client, LOCK_WAITS).await == LOGINS
+        })
+        .await;
+        assert!(
+            waiting.is_some(),
+            "the logins were not all seen waiting for the lock"
+        );
+        proxy.set_connect_delay(Duration::from_secs(3));
+    });
+    for r in &answers {
+        assert_eq!(r.status, 503, "{}", r.body_text());
+    }
+    let left = LOGINS - CANCELS_AT_ONCE;
+    let cancelled = eventually(Duration::from_secs(8), || async {
+        count(&client, LOCK_WAITS).await == left
+    })
+    .await;
+    assert!(
+        cancelled.is_some(),
+        "not {left} lock waits left after the cancels: {}",
+        count(&client, LOCK_WAITS).await
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        count(&client, LOCK_WAITS).await,
+        left,
+        "a login beyond the cap was cancelled after all"
+    );
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    s.stop().await;
+}
+
 /// A COMMIT whose answer never comes (Postgres committed; the reply is held by a proxy until
 /// after the transaction's deadline) leaves the login's outcome unknown to knoxgate: it answers
 /// 503 and deletes the token in case it was committed.

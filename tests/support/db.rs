@@ -130,7 +130,7 @@ pub const COMMITS_RUNNING: &str = "SELECT count(*) FROM pg_stat_activity \
                                      AND state = 'active'";
 
 /// Sessions of this database waiting for a lock.
-const LOCK_WAITS: &str = "SELECT count(*) FROM pg_stat_activity \
+pub const LOCK_WAITS: &str = "SELECT count(*) FROM pg_stat_activity \
                           WHERE datname = current_database() AND wait_event_type = 'Lock'";
 
 /// Runs `request` to its end while running `sql` (a count) every 20 ms: its answer, and
