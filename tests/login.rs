@@ -928,6 +928,44 @@ async fn abandoned_logins_are_cancelled_at_most_four_at_a_time() {
     s.stop().await;
 }
 
+/// `postgres.url` may list several hosts, and the pool does not say which one a connection
+/// reached: an abandoned login's cancel goes to each. Here the URL lists a port that refuses
+/// connections, then Postgres, then one that accepts connections and never answers (a proxy
+/// that holds each one 60 s): the pool's connections are Postgres's, and the lock wait of an
+/// abandoned login ends long before `statement_timeout`, the silent host notwithstanding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_login_is_cancelled_on_whichever_listed_host_has_it() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    insert_user(&client, "alice", "alice-pass", true).await;
+    let silent = SlowProxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    silent.set_connect_delay(Duration::from_secs(60));
+    let refused = free_port();
+    let hosts = format!(
+        "127.0.0.1:{refused},127.0.0.1:5432,127.0.0.1:{}",
+        silent.port
+    );
+    let url = db.url.replace("127.0.0.1:5432", &hosts);
+    assert_ne!(url, db.url, "the URL lists three hosts");
+    let config = format!(
+        "[postgres]\nurl = \"{url}\"\nfeed_url = \"{}\"\nstatement_timeout = \"5s\"\n\
+         [redis]\nurl = \"\"\n[server]\nrequest_timeout = \"2s\"\n\
+         [sessions]\nhash_queue_timeout = \"500ms\"\n[knox]\ntoken_limit_per_user = 1",
+        db.url
+    );
+    let s = TestServer::start(&db, &config).await;
+    let abandoned = login(&s, "alice", "alice-pass");
+    let holder =
+        assert_abandoned_login_lets_go_of_the_lock(&db, &client, "alice", abandoned, || {
+            format!(" (URL hosts {hosts})")
+        })
+        .await;
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    let retry = login(&s, "alice", "alice-pass").await;
+    assert_eq!(retry.status, 200, "{}", retry.body_text());
+    s.stop().await;
+}
+
 /// A COMMIT whose answer never comes (Postgres committed; the reply is held by a proxy until
 /// after the transaction's deadline) leaves the login's outcome unknown to knoxgate: it answers
 /// 503 and deletes the token in case it was committed.
