@@ -374,7 +374,8 @@ class ManageServer:
         self.process.wait(timeout=STOP_TIMEOUT)
 
     def stop(self) -> None:
-        """Ends its input and waits for it to exit; killed if it does not."""
+        """Ends its input and waits for it to exit; killed if it does not. Its pipes are
+        closed either way: the stack that holds it lives as long as the session."""
         if self.process.poll() is None:
             try:
                 assert self.process.stdin is not None
@@ -382,6 +383,12 @@ class ManageServer:
                 self.process.wait(timeout=STOP_TIMEOUT)
             except (BrokenPipeError, subprocess.TimeoutExpired):
                 self.kill()
+        for pipe in (self.process.stdin, self.process.stdout):
+            if pipe is not None:
+                try:
+                    pipe.close()
+                except BrokenPipeError:
+                    pass  # unflushed input to a process that is gone
         self._log_file.close()
 
 
@@ -608,12 +615,13 @@ def migrated_database() -> Callable[[Settings], str]:
     copy of it (`CREATE DATABASE ... TEMPLATE`, ~0.1 s against ~2 s for `migrate`). Dropped at
     the end of the run."""
     made: dict[bool, str] = {}
+    created: list[str] = []
 
     def migrated(settings: Settings) -> str:
         if settings.knox_redis not in made:
             name = f"knoxgate_interop_template_{secrets.token_hex(4)}"
             create_database(name)
-            made[settings.knox_redis] = name
+            created.append(name)
             env = {**base_env(), **settings.django_env(name, f"redis://{REDIS_HOST}:{REDIS_PORT}/{REDIS_DB}")}
             argv = [sys.executable, "manage.py", "migrate", "--no-input", "--verbosity", "0"]
             completed = subprocess.run(
@@ -622,10 +630,13 @@ def migrated_database() -> Callable[[Settings], str]:
             )
             result = CommandResult(argv, completed.returncode, completed.stdout, completed.stderr)
             assert result.returncode == 0, f"Django migrate of {name} failed: {result}"
+            # Only now: after a failed migrate, the next stack tries again (and fails as
+            # plainly) rather than copying a half-migrated template.
+            made[settings.knox_redis] = name
         return made[settings.knox_redis]
 
     yield migrated
-    for name in made.values():
+    for name in created:
         drop_database(name)
 
 

@@ -29,6 +29,12 @@ def run_in_child(args):
             try:
                 os.dup2(out.fileno(), 1)
                 os.dup2(err.fileno(), 2)
+                # Not the protocol pipe: a command that prompts gets end of input at once (as
+                # with `manage.py < /dev/null`), and none can read the next command.
+                devnull = os.open(os.devnull, os.O_RDONLY)
+                os.dup2(devnull, 0)
+                os.close(devnull)
+                sys.stdin = open(0, closefd=False)
                 from django.core.management import execute_from_command_line
 
                 execute_from_command_line(["manage.py", *args])
