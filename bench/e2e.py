@@ -25,7 +25,7 @@ warm-up; then
      after it has settled (SQL per request);
   3. E2E_VERIFY_ROUNDS interleaved rounds of GET /verify straight to knoxgate on hot tokens,
      signed assertions on against off (more and shorter rounds than step 1: at ~80,000 requests/s
-     one 10-s round's neighbour noise moved the ratio between 0.71 and 1.21).
+     one 10-s round's neighbour noise moved the ratio between 0.73 and 1.21).
 CPU per request by process comes from /proc/<pid>/stat (utime + stime) read around every run:
 nginx (master and worker), each gunicorn (master and workers), each knoxgate, redis-server, the
 Postgres backends connected to the bench database, and wrk (getrusage of the child).
