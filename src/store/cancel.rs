@@ -20,6 +20,7 @@ use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::TcpStream,
     sync::{OwnedSemaphorePermit, Semaphore},
+    time::Instant,
 };
 use tokio_postgres::{
     CancelToken, NoTls,
@@ -79,49 +80,45 @@ impl Canceller {
     /// Asks the server to cancel what the connection of `token` is running. The URL may list
     /// several hosts, and a name may resolve to several addresses; the pool does not say which
     /// one a connection reached, so each is asked, and those that do not know the
-    /// connection's key ignore the request. Best effort: how it went is logged at debug level,
-    /// since the statement ends at its `statement_timeout` anyway.
+    /// connection's key ignore the request. All of it within `postgres.connect_timeout`. Best
+    /// effort: how it went is logged at debug level, since the statement ends at its
+    /// `statement_timeout` anyway.
     pub async fn cancel(&self, token: &CancelToken) {
+        let deadline = Instant::now() + self.within;
         let sends = self.targets.iter().map(|target| async move {
-            match tokio::time::timeout(self.within, self.send(target, token)).await {
-                Ok(Ok(())) => tracing::debug!(?target, "cancel request handled"),
-                Ok(Err(e)) => tracing::debug!(?target, error = %e, "cancel request failed"),
-                Err(_) => tracing::debug!(
-                    ?target,
-                    "cancel request not handled within postgres.connect_timeout"
-                ),
+            match self.send(target, token, deadline).await {
+                Ok(()) => tracing::debug!(?target, "cancel request handled"),
+                Err(e) => tracing::debug!(?target, error = %e, "cancel request failed"),
             }
         });
         futures_util::future::join_all(sends).await;
     }
 
-    /// To every address of `target`; fine when one of them handled it.
-    async fn send(&self, target: &Target, token: &CancelToken) -> io::Result<()> {
+    /// To every address of `target` until `deadline`; fine when one of them handled it.
+    async fn send(
+        &self,
+        target: &Target,
+        token: &CancelToken,
+        deadline: Instant,
+    ) -> io::Result<()> {
         match target {
             Target::Tcp {
                 connect,
                 name,
                 port,
             } => {
-                // Done once one address handled it: another one black-holed must not hold
-                // the abandoned connection (and its place) until the connect timeout.
-                let sends: Vec<_> = tokio::net::lookup_host((connect.as_str(), *port))
-                    .await?
-                    .map(|addr| Box::pin(self.send_tcp(addr, name, token)))
-                    .collect();
-                if sends.is_empty() {
-                    return Err(io::Error::new(
-                        io::ErrorKind::NotFound,
-                        "the name resolved to no address",
-                    ));
-                }
-                futures_util::future::select_ok(sends).await.map(drop)
+                let addrs =
+                    by(deadline, tokio::net::lookup_host((connect.as_str(), *port))).await?;
+                any_handled(addrs.map(|addr| by(deadline, self.send_tcp(addr, name, token)))).await
             }
             #[cfg(unix)]
             Target::Unix(path) => {
-                let stream = tokio::net::UnixStream::connect(path).await?;
-                let sent = token.cancel_query_raw(CloseWait(stream), NoTls).await;
-                sent.map_err(io::Error::other)
+                by(deadline, async {
+                    let stream = tokio::net::UnixStream::connect(path).await?;
+                    let sent = token.cancel_query_raw(CloseWait(stream), NoTls).await;
+                    sent.map_err(io::Error::other)
+                })
+                .await
             }
         }
     }
@@ -140,6 +137,37 @@ impl Canceller {
             None => token.cancel_query_raw(CloseWait(stream), NoTls).await,
         };
         sent.map_err(io::Error::other)
+    }
+}
+
+/// `work`, unless `deadline` passes first.
+async fn by<T>(deadline: Instant, work: impl Future<Output = io::Result<T>>) -> io::Result<T> {
+    match tokio::time::timeout_at(deadline, work).await {
+        Ok(done) => done,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "not handled within postgres.connect_timeout",
+        )),
+    }
+}
+
+/// Runs every send to its end, and is fine when one of them succeeded; otherwise the first
+/// error. Not done at the first success: an address that does not know the key closes the
+/// connection at once, while the one that does may hold it longer (PgBouncer, until it has
+/// passed the cancel on to its server) and drops the cancel if its client leaves first.
+async fn any_handled(
+    sends: impl IntoIterator<Item = impl Future<Output = io::Result<()>>>,
+) -> io::Result<()> {
+    let results = futures_util::future::join_all(sends).await;
+    if results.iter().any(Result::is_ok) {
+        return Ok(());
+    }
+    match results.into_iter().find_map(Result::err) {
+        Some(e) => Err(e),
+        None => Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            "the name resolved to no address",
+        )),
     }
 }
 
@@ -307,5 +335,49 @@ mod tests {
             targets_of("host=/run/postgresql port=6432 user=u"),
             [Target::Unix("/run/postgresql/.s.PGSQL.6432".into())]
         );
+    }
+
+    /// The send that answers first does not end the others: the address that has the
+    /// connection may be the slow one (PgBouncer passing the cancel on).
+    #[tokio::test(start_paused = true)]
+    async fn every_send_runs_to_its_end_though_another_answered_first() {
+        let slow_done = std::sync::atomic::AtomicBool::new(false);
+        let fast = async { Ok(()) };
+        let slow = async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            slow_done.store(true, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        };
+        let sends: Vec<std::pin::Pin<Box<dyn Future<Output = io::Result<()>> + Send + '_>>> =
+            vec![Box::pin(fast), Box::pin(slow)];
+        any_handled(sends).await.expect("handled");
+        assert!(slow_done.load(std::sync::atomic::Ordering::SeqCst));
+    }
+
+    #[tokio::test]
+    async fn one_address_that_handled_it_is_enough() {
+        let refused = async { Err(io::Error::from(io::ErrorKind::ConnectionRefused)) };
+        let handled = async { Ok(()) };
+        let sends: Vec<std::pin::Pin<Box<dyn Future<Output = io::Result<()>> + Send>>> =
+            vec![Box::pin(refused), Box::pin(handled)];
+        assert!(any_handled(sends).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn no_address_that_handled_it_is_an_error() {
+        let refused = async { Err(io::Error::from(io::ErrorKind::ConnectionRefused)) };
+        let e = any_handled([refused]).await.expect_err("refused");
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused);
+        let none: [std::future::Ready<io::Result<()>>; 0] = [];
+        let e = any_handled(none).await.expect_err("no address");
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_send_still_running_at_the_deadline_has_timed_out() {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let silent = by(deadline, std::future::pending::<io::Result<()>>());
+        let e = silent.await.expect_err("timed out");
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
     }
 }
