@@ -189,6 +189,48 @@ async fn a_demoted_connection_answered_as_many_times_in_a_row_without_a_401_is_l
     s.stop().await;
 }
 
+/// Answers that were not 401 can pile up before the move: hyper answers on the main threads
+/// every request it has read ahead, the demotion notwithstanding. A connection that reaches
+/// the lane with more of them in a row than it took to demote it is let go at its first
+/// answer there, not kept at nice 19 until a 401 starts the count over.
+#[tokio::test]
+async fn a_connection_that_reaches_the_lane_past_its_streak_is_let_go_at_once() {
+    let db = TestDb::migrated().await;
+    let alice = user_with_token(&db, "alice").await;
+    let s = TestServer::start(&db, "[server]\ndemote_after_refusals = 4").await;
+    let mut stream = TcpStream::connect(s.addr()).await.unwrap();
+    // One write: four refusals (the fourth demotes), then six valid tokens read ahead with
+    // them, answered before the connection moves.
+    let mut batch = String::new();
+    for _ in 0..4 {
+        batch += &verify_request(&generate_token("", 64));
+    }
+    for _ in 0..6 {
+        batch += &verify_request(&alice.token);
+    }
+    stream.write_all(batch.as_bytes()).await.unwrap();
+    assert_eq!(
+        read_responses(&mut stream, 10).await,
+        [401, 401, 401, 401, 200, 200, 200, 200, 200, 200]
+    );
+    demoted_count_reaches(&s, 1.0).await;
+    assert_eq!(s.metric(RELEASED).await, 0.0);
+
+    // The first answer on the lane is the last on this connection.
+    stream
+        .write_all(verify_request(&alice.token).as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(read_responses(&mut stream, 1).await, [200]);
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+        .await
+        .expect("closed within 5 s of its answer");
+    assert!(matches!(closed, Ok(0)), "{closed:?}");
+    assert_eq!(s.metric(RELEASED).await, 1.0);
+    s.stop().await;
+}
+
 /// Reads from `stream` until `n` whole responses (status line, headers, `Content-Length` body)
 /// have arrived; returns their status codes in order.
 async fn read_responses(stream: &mut TcpStream, n: usize) -> Vec<u16> {
