@@ -263,11 +263,12 @@ impl Postgres {
     /// digest) of a login that was not answered with it. While its COMMIT's outcome is
     /// [`Committed::Unknown`], the transaction may still be running on the server (a COMMIT
     /// waiting for a synchronous standby keeps its row hidden from a DELETE until the standby
-    /// confirms, however long that takes): the delete is tried again, at growing intervals
-    /// (one transaction deadline, doubling up to [`UNRECEIVED_RETRY_MAX`]), until it removes
-    /// the row, the transaction is seen to have ended without leaving one, or the token
-    /// expires. A delete that fails is tried again the same way. Once the process is stopping,
-    /// which waits for this only until a deadline, it is tried at every transaction deadline.
+    /// confirms, however long that takes): the delete is tried again every transaction
+    /// deadline while the transaction is seen running, until it removes the row, the
+    /// transaction is seen to have ended without leaving one, or the token expires. A delete
+    /// that fails is tried again at growing intervals (one transaction deadline, doubling up to
+    /// [`UNRECEIVED_RETRY_MAX`]). Once the process is stopping, which waits for this only until
+    /// a deadline, it is tried at every transaction deadline.
     pub fn discard_unreceived(
         &self,
         digest: String,
@@ -279,29 +280,41 @@ impl Postgres {
             let mut pause = pg.login_deadline;
             let (mut warned, mut told_waiting) = (false, false);
             loop {
-                match pg.delete_unreceived(&digest, committed).await {
+                // Seen still running, the transaction is looked at again one transaction
+                // deadline later, not at growing intervals: once its COMMIT lands, the token
+                // counts against `token_limit_per_user` until deleted, and would refuse the
+                // client's retry.
+                let still_running = match pg.delete_unreceived(&digest, committed).await {
                     Ok(true) => return,
-                    Ok(false) if !told_waiting => {
-                        told_waiting = true;
-                        tracing::info!(
-                            "a login's COMMIT went unanswered and its transaction is still \
-                             running (waiting for a synchronous standby?); its token, which \
-                             nobody received, is deleted once it ends"
-                        );
+                    Ok(false) => {
+                        if !told_waiting {
+                            told_waiting = true;
+                            tracing::info!(
+                                "a login's COMMIT went unanswered and its transaction is still \
+                                 running (waiting for a synchronous standby?); its token, which \
+                                 nobody received, is deleted once it ends"
+                            );
+                        }
+                        true
                     }
-                    Ok(false) => {}
-                    Err(e) if !warned => {
-                        warned = true;
-                        tracing::warn!(
-                            error = %e,
-                            "a login was answered without its token, which could not be deleted \
-                             yet; trying again until it expires"
-                        );
+                    Err(e) => {
+                        if !warned {
+                            warned = true;
+                            tracing::warn!(
+                                error = %e,
+                                "a login was answered without its token, which could not be \
+                                 deleted yet; trying again until it expires"
+                            );
+                        }
+                        false
                     }
-                    Err(_) => {}
-                }
+                };
                 let stopping = pg.stopping.is_cancelled();
-                let next = if stopping { pg.login_deadline } else { pause };
+                let next = if stopping || still_running {
+                    pg.login_deadline
+                } else {
+                    pause
+                };
                 if expiry.is_some_and(|at| at <= OffsetDateTime::now_utc() + next) {
                     // Expired by the next attempt: refused everywhere, and removed as any
                     // expired token is.
@@ -313,7 +326,9 @@ impl Postgres {
                     continue;
                 }
                 tokio::select! {
-                    () = tokio::time::sleep(next) => pause = (pause * 2).min(UNRECEIVED_RETRY_MAX),
+                    () = tokio::time::sleep(next) => if !still_running {
+                        pause = (pause * 2).min(UNRECEIVED_RETRY_MAX);
+                    },
                     () = pg.stopping.cancelled() => {}
                 }
             }
