@@ -131,8 +131,8 @@ pub struct ServerConfig {
     /// knoxgate's 503 reaches the caller instead of the caller's own timeout.
     pub grpc_deadline_margin: Duration,
     /// An HTTP/1 connection on the main listener whose last this many answers were all 401 is
-    /// served by the demoted lane's threads (nice 19) until as many answers in a row were not
-    /// 401, the last of which closes it; `None`: never.
+    /// served by the demoted lane's threads (nice 19) until at least as many answers in a row
+    /// were not 401; the lane's answer that sees it so closes the connection. `None`: never.
     pub demote_after_refusals: Option<NonZeroU32>,
     /// Threads of the demoted lane.
     pub demoted_threads: NonZeroUsize,
