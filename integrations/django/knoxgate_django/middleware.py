@@ -71,7 +71,7 @@ def _apply(request: Any) -> JsonResponse | None:
 
 
 class KnoxgateMiddleware:
-    """Sync and async capable: under ASGI no thread is needed, except to fetch a JWKS URL."""
+    """Sync and async capable: under ASGI no thread is needed, except to verify assertions."""
 
     sync_capable = True
     async_capable = True
@@ -89,8 +89,9 @@ class KnoxgateMiddleware:
         return answer if answer is not None else self.get_response(request)
 
     async def __acall__(self, request: Any) -> Any:
-        if get_config().jwks_url:
-            # Verifying may fetch the JWKS over the network: keep that off the event loop.
+        if get_config().verifies_assertions:
+            # Verifying may read the key source (a URL, or a file on a mount that can hang) or
+            # wait for another thread reading it: keep that off the event loop.
             answer = await sync_to_async(_apply, thread_sensitive=False)(request)
         else:
             answer = _apply(request)

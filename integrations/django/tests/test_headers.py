@@ -188,6 +188,36 @@ def test_middleware_runs_natively_in_async_stacks(rf, alice):
     assert sync_mw(rf.get("/", headers={"X-Auth-User-Id": "x"})).is_anonymous
 
 
+def test_under_asgi_assertions_are_verified_off_the_event_loop(rf, alice, assertion_settings, ed_key):
+    """With a JWKS file as with a URL: reading it (a mount that hangs, another thread reading
+    it) must not stall every request of the worker."""
+    import asyncio
+    import threading
+
+    from knoxgate_django import middleware
+
+    threads = {}
+    apply = middleware._apply
+
+    def recording_apply(request):
+        threads["apply"] = threading.get_ident()
+        return apply(request)
+
+    async def view(request):
+        threads["loop"] = threading.get_ident()
+        return request.user
+
+    mw = middleware.KnoxgateMiddleware(view)
+    request = rf.get("/", headers={"X-Auth-Assertion": ed_key.sign(str(alice.pk))})
+    original, middleware._apply = middleware._apply, recording_apply
+    try:
+        user = asyncio.run(mw(request))
+    finally:
+        middleware._apply = original
+    assert user.pk == alice.pk
+    assert threads["apply"] != threads["loop"]
+
+
 def test_refusals_are_logged(client, alice, caplog):
     with caplog.at_level("WARNING", logger="knoxgate_django"):
         client.get("/plain/whoami", headers={"X-Auth-User-Id": "1,2"})
