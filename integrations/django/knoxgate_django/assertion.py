@@ -554,12 +554,14 @@ def reset_keysets() -> None:
 
 
 #: (kid, key, claims) of assertions already verified, by their exact text and the settings the
-#: verdict depends on, oldest first. An entry serves only until the assertion's own ``exp`` (plus
-#: leeway) and while its kid still names the very key that verified it, so a retired key stops
-#: it as soon as the JWKS cache drops the key, and a key replaced under the same kid at once. Read without the lock (a lookup is atomic), so the threads of a
-#: worker do not queue behind each other; changed under it. When full, the oldest entry goes:
-#: knoxgate hands out assertions of one lifetime, so that is the one closest to its exp. (An
-#: OrderedDict, not a dict: taking a dict's first item scans past every slot freed before it.)
+#: verdict depends on, oldest first. An entry serves only until the assertion's own ``exp`` (its
+#: whole second, plus leeway, as PyJWT judges it) and while its kid still names the very key
+#: that verified it, so a retired key stops it as soon as the JWKS cache drops the key, and a
+#: key replaced under the same kid at once. Read without the lock (a lookup is atomic), so the
+#: threads of a worker do not queue behind each other; changed under it. When full, the oldest
+#: entry goes: knoxgate hands out assertions of one lifetime, so that is the one closest to its
+#: exp. (An OrderedDict, not a dict: taking a dict's first item scans past every slot freed
+#: before it.)
 _verified: OrderedDict[tuple, tuple[str, PyJWK, dict[str, Any]]] = OrderedDict()
 _verified_lock = threading.Lock()
 
@@ -597,7 +599,8 @@ def verify(token: str, config: Config | None = None) -> dict[str, Any]:
         hit = _verified.get(key)
         if hit is not None:
             kid, verified_with, claims = hit
-            if (time.time() <= claims["exp"] + config.leeway
+            # As PyJWT judges exp (refused once int(exp) <= now - leeway).
+            if (time.time() < int(claims["exp"]) + config.leeway
                     and keyset_for(config).same_key(kid, verified_with)):
                 return dict(claims)
             with _verified_lock:

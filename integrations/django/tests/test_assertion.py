@@ -817,6 +817,17 @@ def test_a_cached_verdict_ends_at_the_assertions_exp(client, assertion_settings,
     assert get(client, **{"X-Auth-Assertion": token}) == REFUSED
 
 
+def test_a_cached_verdict_ends_when_pyjwt_would_refuse_the_assertion(client, assertion_settings, alice, ed_key):
+    """PyJWT refuses once int(exp) <= now - leeway: a fractional exp ends at its whole second,
+    for a verdict served from the cache as for a new check."""
+    assertion_settings.KNOXGATE = {**assertion_settings.KNOXGATE, "ASSERTION_LEEWAY": 0}
+    whole = int(time.time()) + 2
+    token = ed_key.sign(str(alice.pk), iat=whole - 2, exp=whole + 0.9)
+    assert get(client, **{"X-Auth-Assertion": token}) == ok(alice.pk)
+    time.sleep(whole + 0.1 - time.time())
+    assert get(client, **{"X-Auth-Assertion": token}) == REFUSED
+
+
 def test_the_cache_can_be_turned_off(client, assertion_settings, alice, ed_key, monkeypatch):
     assertion_settings.KNOXGATE = {**assertion_settings.KNOXGATE, "ASSERTION_CACHE_SIZE": 0}
     decoded = _count_signature_checks(monkeypatch)
