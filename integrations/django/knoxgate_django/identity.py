@@ -112,8 +112,19 @@ def _signed_attributes(claims: dict[str, Any]) -> dict[str, Any] | Refused:
         if type(value) is not kind:
             return Refused(f"assertion claim {claim!r} is not a {kind.__name__}")
         targets = targets or _targets()
-        attributes[targets[claim]] = value
+        problem = _set_once(attributes, targets[claim], value)
+        if problem:
+            return Refused(f"assertion claims {problem}")
     return attributes
+
+
+def _set_once(attributes: dict[str, Any], field_name: str, value: Any) -> str | None:
+    """Sets a model field from one attribute; what is wrong if another attribute (a user model
+    whose USERNAME_FIELD is its email field) set it to something else."""
+    if attributes.get(field_name, value) != value:
+        return f"two values for the field {field_name!r}"
+    attributes[field_name] = value
+    return None
 
 
 def _read_attributes(request: Any, config: Config) -> dict[str, Any] | Refused:
@@ -129,12 +140,15 @@ def _read_attributes(request: Any, config: Config) -> dict[str, Any] | Refused:
         if attr in ("is_staff", "is_superuser"):
             if value not in _FLAGS:
                 return Refused(f"header {header.name!r} is not true/false")
-            attributes[targets[attr]] = _FLAGS[value]
-            continue
-        try:
-            attributes[targets[attr]] = _decode(value)
-        except UnicodeError:
-            return Refused(f"header {header.name!r} is not UTF-8")
+            decoded: Any = _FLAGS[value]
+        else:
+            try:
+                decoded = _decode(value)
+            except UnicodeError:
+                return Refused(f"header {header.name!r} is not UTF-8")
+        problem = _set_once(attributes, targets[attr], decoded)
+        if problem:
+            return Refused(f"attribute headers give {problem}")
     return attributes
 
 

@@ -312,6 +312,26 @@ def test_an_attribute_header_must_agree_with_the_signed_one(client, assertion_se
     assert _signed_names(client, token, **{"X-Auth-User-Id": str(alice.pk), "X-Auth-Is-Staff": "true"}) == REFUSED
 
 
+def test_username_and_email_naming_one_field_must_agree(client, assertion_settings, alice, ed_key, monkeypatch):
+    """A user model whose USERNAME_FIELD is its email field: username and email, signed or
+    sent as headers, set the same field, and two different values are refused, not one of
+    them picked."""
+    from knoxgate_django import identity
+
+    monkeypatch.setattr(identity, "_targets", lambda: {
+        "username": "email", "email": "email", "is_staff": "is_staff", "is_superuser": "is_superuser",
+    })
+    same = ed_key.sign(str(alice.pk), username="a@example.com", email="a@example.com")
+    assert _signed_names(client, same)[0] == 200
+    differ = ed_key.sign(str(alice.pk), username="a@example.com", email="b@example.com")
+    assert _signed_names(client, differ) == REFUSED
+    headers = {"X-Auth-User-Id": str(alice.pk), "X-Auth-Username": "a@example.com"}
+    r = client.get("/api/names", headers={**headers, "X-Auth-Email": "a@example.com"})
+    assert r.status_code == 200
+    r = client.get("/api/names", headers={**headers, "X-Auth-Email": "b@example.com"})
+    assert (r.status_code, r.json() if r.status_code == 200 else None) == REFUSED
+
+
 def test_jwks_ignores_unusable_keys(tmp_path, ed_key):
     good = ed_key.jwk()
     private = {**new_key("EdDSA").jwk(), "d": "AAAA", "kid": "private"}
