@@ -413,6 +413,7 @@ class KeySet:
         for kid, (key, text) in parsed.items():
             same = self._jwk_texts.get(kid) == text
             keys[kid] = self._keys[kid] if same else key
+        # The keys before the time: readers without the lock read the time first.
         self._keys = keys
         self._jwk_texts = {kid: text for kid, (_, text) in parsed.items()}
         self._loaded_at = started
@@ -455,8 +456,9 @@ class KeySet:
         asked_at = self.clock()
         # Every request of every thread asks for a key: a fresh key is answered without the lock
         # (a refresh replaces the dict whole, and reading an attribute is atomic), so the threads
-        # of a worker do not queue behind each other.
-        keys, loaded_at = self._keys, self._loaded_at
+        # of a worker do not queue behind each other. The time first: a refresh stores the keys
+        # before it, so keys read after a time are never older than it.
+        loaded_at, keys = self._loaded_at, self._keys
         if loaded_at is not None and asked_at - loaded_at < self.cache_seconds:
             key = keys.get(kid)
             if key is not None:
@@ -509,7 +511,7 @@ class KeySet:
     def fresh(self, kid: str) -> PyJWK | None:
         """The key with this id if the keys held are fresh (read less than cache_seconds ago)
         and hold it, else None. Never reads the source nor waits: ``get`` does that."""
-        keys, loaded_at = self._keys, self._loaded_at
+        loaded_at, keys = self._loaded_at, self._keys  # in this order: see _get
         if loaded_at is not None and self.clock() - loaded_at < self.cache_seconds:
             return keys.get(kid)
         return None
