@@ -338,3 +338,68 @@ async fn with_demotion_off_no_connection_moves() {
     refuse(&mut conn, 1).await;
     s.stop().await;
 }
+
+/// A request whose body knoxgate answers without reading (`/verify` ignores bodies; a login
+/// refused on its credentials never reads one) may complete the streak. The body is still the
+/// client's body, never a request: such a connection is closed by that answer instead of
+/// moving, whether the body came with the head or is still to come. A body earlier in the
+/// streak is hyper's to skip before the next request, and the move waits for that request.
+#[tokio::test]
+async fn a_body_left_unread_by_the_answer_that_demotes_is_never_taken_for_a_request() {
+    let db = TestDb::migrated().await;
+    let alice = user_with_token(&db, "alice").await;
+    let s = TestServer::start(&db, "[server]\ndemote_after_refusals = 4").await;
+    let inner = verify_request(&alice.token);
+    let posted = || {
+        format!(
+            "POST /verify HTTP/1.1\r\nHost: knoxgate\r\nAuthorization: Token {}\r\n\
+             Content-Length: {}\r\n\r\n",
+            generate_token("", 64),
+            inner.len()
+        )
+    };
+    let refusals = |n: usize| -> String {
+        (0..n)
+            .map(|_| verify_request(&generate_token("", 64)))
+            .collect()
+    };
+
+    // The body in the same write as its head.
+    let mut stream = TcpStream::connect(s.addr()).await.unwrap();
+    let batch = refusals(3) + &posted() + &inner;
+    stream.write_all(batch.as_bytes()).await.unwrap();
+    assert_eq!(read_responses(&mut stream, 4).await, [401, 401, 401, 401]);
+    assert_closed(&mut stream).await;
+
+    // The body sent once the answer has come.
+    let mut stream = TcpStream::connect(s.addr()).await.unwrap();
+    let batch = refusals(3) + &posted();
+    stream.write_all(batch.as_bytes()).await.unwrap();
+    assert_eq!(read_responses(&mut stream, 4).await, [401, 401, 401, 401]);
+    let _ = stream.write_all(inner.as_bytes()).await;
+    assert_closed(&mut stream).await;
+    assert_eq!(s.metric(DEMOTED).await, 0.0);
+
+    // A body earlier in the streak: skipped, and the connection moves after the next request.
+    let mut stream = TcpStream::connect(s.addr()).await.unwrap();
+    let batch = refusals(2) + &posted() + &inner + &refusals(1);
+    stream.write_all(batch.as_bytes()).await.unwrap();
+    assert_eq!(read_responses(&mut stream, 4).await, [401, 401, 401, 401]);
+    demoted_count_reaches(&s, 1.0).await;
+    stream.write_all(inner.as_bytes()).await.unwrap();
+    assert_eq!(read_responses(&mut stream, 1).await, [200]);
+    s.stop().await;
+}
+
+/// The connection is closed within a second, with no further response.
+async fn assert_closed(stream: &mut TcpStream) {
+    let mut buf = [0u8; 4096];
+    match tokio::time::timeout(Duration::from_secs(1), stream.read(&mut buf)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => {}
+        Ok(Ok(n)) => panic!(
+            "a response to bytes of a body: {:?}",
+            String::from_utf8_lossy(&buf[..n])
+        ),
+        Err(_) => panic!("still open a second after the answer that completed the streak"),
+    }
+}

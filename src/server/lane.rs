@@ -18,7 +18,9 @@
 //! The move: once the response that completes the streak has been written, hyper gets no more
 //! bytes while no request is in flight; as soon as every answer is flushed and none is in
 //! flight, hyper is no longer polled and gives the socket back with whatever it had read ahead
-//! (pipelined requests, part of one). The socket leaves the main runtime's reactor, joins the
+//! (pipelined requests, part of one). A request with a body moves nothing: where a body left
+//! unread ends is known to hyper alone, so the answer that would demote such a connection
+//! closes it instead. The socket leaves the main runtime's reactor, joins the
 //! lane's, and a new HTTP/1 connection on the lane serves it, starting with those bytes. The
 //! handlers still run in the main runtime's context (tasks they spawn, their timers), so a
 //! demoted connection never drags shared work onto low-priority threads. HTTP/2 and gRPC
@@ -81,6 +83,17 @@ pub(super) fn release<B>(response: &mut hyper::Response<B>, on: &OnLane) {
         hyper::header::HeaderValue::from_static("close"),
     );
     on.released.inc();
+}
+
+/// Makes `response` the last of its connection instead of the one after which it moves: its
+/// request came with a body, which its handler may have left unread, and only hyper knows where
+/// that body ends. Moved with it, the rest of the body would be read on the lane as requests
+/// (a client could smuggle one past a proxy that forwards the body as it is).
+pub(super) fn close_instead_of_moving<B>(response: &mut hyper::Response<B>) {
+    response.headers_mut().insert(
+        hyper::header::CONNECTION,
+        hyper::header::HeaderValue::from_static("close"),
+    );
 }
 
 impl Lane {
@@ -196,16 +209,18 @@ impl Watch {
     }
 
     /// Whether the connection can leave hyper now without losing anything: demoted, every
-    /// answer flushed, no request in flight. What hyper read ahead is in its read buffer, which
-    /// moves with the socket.
+    /// answer flushed, no request in flight, and the last request without a body (hyper reads
+    /// a body left unread to its end, or closes; the answer that demotes such a connection
+    /// closes it: see [`close_instead_of_moving`]). What hyper read ahead is in its read
+    /// buffer, which moves with the socket.
     pub(super) fn may_move(&self) -> bool {
-        self.demoted.load(Ordering::Relaxed)
-            && !self.unflushed.load(Ordering::Relaxed)
-            && self.activity.is_idle()
+        self.holds_reads() && !self.unflushed.load(Ordering::Relaxed)
     }
 
     fn holds_reads(&self) -> bool {
-        self.demoted.load(Ordering::Relaxed) && self.activity.is_idle()
+        self.demoted.load(Ordering::Relaxed)
+            && self.activity.is_idle()
+            && !self.activity.body_sent()
     }
 
     fn wrote(&self, written: &Poll<io::Result<usize>>) {

@@ -14,7 +14,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering},
     },
     task::Poll,
     time::{Duration, Instant},
@@ -101,6 +101,10 @@ struct Activity {
     idle_since_ms: AtomicU64,
     refused_in_a_row: AtomicU32,
     not_refused_in_a_row: AtomicU32,
+    /// The latest request came with a body, which its handler may have left unread (`/verify`
+    /// never reads one): hyper alone knows where that body ends, so the connection must not
+    /// leave hyper before the next request (see [`lane::Watch::may_move`]).
+    body_sent: AtomicBool,
 }
 
 impl Activity {
@@ -111,6 +115,7 @@ impl Activity {
             idle_since_ms: AtomicU64::new(0),
             refused_in_a_row: AtomicU32::new(0),
             not_refused_in_a_row: AtomicU32::new(0),
+            body_sent: AtomicBool::new(false),
         })
     }
 
@@ -134,6 +139,10 @@ impl Activity {
 
     fn refusals_in_a_row(&self) -> u32 {
         self.refused_in_a_row.load(Ordering::Relaxed)
+    }
+
+    fn body_sent(&self) -> bool {
+        self.body_sent.load(Ordering::SeqCst)
     }
 
     fn begin(self: &Arc<Self>) -> InFlight {
@@ -181,14 +190,27 @@ where
 /// can hand its socket to the lane may poll it).
 type Answering<B> = Pin<Box<dyn Future<Output = Result<Response<B>, Infallible>> + Send>>;
 
-/// The service of one connection: answers with `handler` and keeps `activity`; on the demoted
-/// lane (`on_lane`), polls the handler in the main runtime's context and lets the connection go
-/// once it no longer earns its place there.
+/// Where a connection is served, as far as the demoted lane is concerned.
+#[derive(Clone)]
+enum Place {
+    /// Never moves: HTTP/2, or no lane.
+    Fixed,
+    /// HTTP/1 on the main threads, demoted after `after_refusals` answers in a row were 401.
+    Main { after_refusals: u32 },
+    /// On the demoted lane.
+    Lane(lane::OnLane),
+}
+
+/// The service of one connection: answers with `handler` and keeps `activity`. On the main
+/// threads, the answer that demotes a connection whose request came with a body closes it
+/// instead (the body's end is hyper's to find, so the socket cannot move without it being
+/// taken for requests). On the demoted lane, polls the handler in the main runtime's context
+/// and lets the connection go once it no longer earns its place there.
 fn service<H, B>(
     handler: H,
     peer: SocketAddr,
     activity: Arc<Activity>,
-    on_lane: Option<lane::OnLane>,
+    place: Place,
 ) -> impl hyper::service::Service<
     Request<Incoming>,
     Response = Response<B>,
@@ -200,26 +222,41 @@ where
     H: Handler<B>,
     B: hyper::body::Body + Send + 'static,
 {
-    service_fn(move |req| -> Answering<B> {
+    service_fn(move |req: Request<Incoming>| -> Answering<B> {
         let in_flight = activity.begin();
+        let with_body = !hyper::body::Body::is_end_stream(req.body());
+        activity.body_sent.store(with_body, Ordering::SeqCst);
         let activity = Arc::clone(&activity);
         let answer = handler(req, peer);
-        let releasing = on_lane.clone();
+        let place = place.clone();
+        let main = match &place {
+            Place::Lane(on) => Some(on.main.clone()),
+            _ => None,
+        };
         let answer = async move {
             let mut response = answer.await;
             let not_refused = activity.answered(response.status());
-            // At least, not exactly: hyper answers on the main threads what it read ahead,
-            // so a connection may reach the lane with its streak already past the mark.
-            if let Some(on) = releasing.filter(|on| not_refused >= on.release_after) {
-                lane::release(&mut response, &on);
+            match place {
+                Place::Main { after_refusals }
+                    if with_body && activity.refusals_in_a_row() >= after_refusals =>
+                {
+                    lane::close_instead_of_moving(&mut response);
+                }
+                // At least, not exactly: hyper answers on the main threads what it read
+                // ahead, so a connection may reach the lane with its streak already past the
+                // mark.
+                Place::Lane(on) if not_refused >= on.release_after => {
+                    lane::release(&mut response, &on);
+                }
+                _ => {}
             }
             drop(in_flight);
             Ok::<_, Infallible>(response)
         };
-        match &on_lane {
+        match main {
             None => Box::pin(answer),
-            Some(on) => Box::pin(lane::InContext {
-                main: on.main.clone(),
+            Some(main) => Box::pin(lane::InContext {
+                main,
                 future: Box::pin(answer),
             }),
         }
@@ -340,7 +377,7 @@ where
     }
     let conn = shared.builder.serve_connection(
         TokioIo::new(stream),
-        service(handler, peer, Arc::clone(&activity), None),
+        service(handler, peer, Arc::clone(&activity), Place::Fixed),
     );
     let mut conn = std::pin::pin!(conn);
     let mut shutdown = shared.shutdown.clone();
@@ -392,9 +429,15 @@ async fn http1_connection<H, B>(
         .lane
         .as_deref()
         .map(|lane| lane::Watch::new(Arc::clone(&activity), lane));
+    let place = match &shared.lane {
+        Some(lane) => Place::Main {
+            after_refusals: lane.after_refusals.get(),
+        },
+        None => Place::Fixed,
+    };
     let mut conn = shared.http1.serve_connection(
         TokioIo::new(lane::Socket::new(stream, watch.clone())),
-        service(handler.clone(), peer, Arc::clone(&activity), None),
+        service(handler.clone(), peer, Arc::clone(&activity), place),
     );
     let mut shutdown = shared.shutdown.clone();
     let closing = Closing::of(&shared.limits);
@@ -423,7 +466,7 @@ async fn http1_connection<H, B>(
     lane.take(stream, parts.read_buf, move |socket| async move {
         let mut conn = http1.serve_connection(
             TokioIo::new(socket),
-            service(handler, peer, Arc::clone(&activity), Some(on_lane)),
+            service(handler, peer, Arc::clone(&activity), Place::Lane(on_lane)),
         );
         match serve_http1(&mut conn, &activity, closing, &mut shutdown, None).await {
             Ok(Served::Abandoned) => return,
