@@ -12,7 +12,7 @@ use crate::{
     login,
     metrics::Metrics,
     password,
-    store::{NewUser, Store, pg, postgres::Postgres, schema},
+    store::{NewUser, NotCreated, Store, pg, postgres::Postgres, schema},
 };
 
 /// knoxgate: forward-auth for django-rest-knox tokens.
@@ -314,15 +314,19 @@ async fn token(cmd: TokenCommand, config: &Config) -> anyhow::Result<()> {
 
 async fn create_token(store: &Arc<Store>, config: &Config, username: &str) -> anyhow::Result<()> {
     let now = OffsetDateTime::now_utc();
-    // The insert finds the user by name: no row means no such user, or the limit reached.
+    // Checked first for a clearer message; the insert finds the user by name again.
     match store.postgres().login_user(username).await? {
         None => anyhow::bail!("no user named {username}"),
         // Login refuses an inactive user, and /verify would refuse the token.
         Some(user) if !user.is_active => anyhow::bail!("{username} is inactive"),
         Some(_) => {}
     }
-    let Some(issued) = login::issue_token(store, &config.knox, username, now).await? else {
-        anyhow::bail!("{username} already holds the maximum number of tokens");
+    let issued = match login::issue_token(store, &config.knox, username, now).await? {
+        Ok(issued) => issued,
+        Err(NotCreated::LimitReached) => {
+            anyhow::bail!("{username} already holds the maximum number of tokens")
+        }
+        Err(NotCreated::NoSuchUser) => anyhow::bail!("no user named {username}"),
     };
     // Cached in Redis and the user's expired tokens deleted before the process exits.
     let _ = issued.settled.await;

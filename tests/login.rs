@@ -1110,3 +1110,118 @@ async fn sigterm_waits_for_a_login_left_running_and_deletes_its_token() {
         "the token nobody received outlived the process"
     );
 }
+
+/// The backend pids of knoxgate's pooled connections to `database`.
+async fn pooled_backends(client: &tokio_postgres::Client, database: &str) -> Vec<i32> {
+    client
+        .query(
+            "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND application_name = $2",
+            &[&database, &knoxgate::store::pg::APPLICATION_NAME],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
+/// A login refused with a standby's error (here a trigger answers the INSERT with the code a
+/// demoted primary gives, `read_only_sql_transaction`) takes its connection out of the pool, as
+/// every other statement's does: put back, that connection would refuse every login for as long
+/// as it lives, since lookups, which a standby answers, never replace it.
+#[tokio::test]
+async fn a_login_refused_as_by_a_standby_leaves_its_connection_out_of_the_pool() {
+    let (db, client, s) = Fixture::new()
+        .user("alice")
+        .config("[postgres]\npool_size = 1")
+        .start()
+        .await;
+    login_ok(&s, "alice", "alice-pass").await;
+    let pooled = pooled_backends(&client, &db.name).await;
+    assert_eq!(pooled.len(), 1, "{pooled:?}");
+    client
+        .batch_execute(
+            "CREATE FUNCTION refuse_as_a_standby() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN RAISE EXCEPTION 'cannot execute INSERT in a read-only transaction' \
+             USING ERRCODE = 'read_only_sql_transaction'; END $$; \
+             CREATE TRIGGER refuse_as_a_standby BEFORE INSERT ON knox_authtoken \
+             FOR EACH ROW EXECUTE FUNCTION refuse_as_a_standby()",
+        )
+        .await
+        .unwrap();
+    let r = login(&s, "alice", "alice-pass").await;
+    assert_eq!(r.status, 503, "{}", r.body_text());
+    let closed = eventually(Duration::from_secs(5), || async {
+        !pooled_backends(&client, &db.name)
+            .await
+            .contains(&pooled[0])
+    })
+    .await;
+    assert!(
+        closed.is_some(),
+        "the refused login's connection went back to the pool"
+    );
+    client
+        .batch_execute("DROP TRIGGER refuse_as_a_standby ON knox_authtoken")
+        .await
+        .unwrap();
+    login_ok(&s, "alice", "alice-pass").await;
+    s.stop().await;
+}
+
+/// A migration that changes the type of a column a login's statements return ("cached plan
+/// must not change result type") costs one login, not every login on that connection: the
+/// statement cache of the connection is cleared, as every other statement's error does.
+#[tokio::test]
+async fn a_login_after_a_column_type_change_fails_once_then_logs_in() {
+    let (_db, client, s) = Fixture::new()
+        .user("alice")
+        .config("[postgres]\npool_size = 1")
+        .start()
+        .await;
+    login_ok(&s, "alice", "alice-pass").await;
+    client
+        .batch_execute(
+            "ALTER TABLE knox_authtoken ALTER COLUMN created TYPE timestamp(3) with time zone",
+        )
+        .await
+        .unwrap();
+    let first = login(&s, "alice", "alice-pass").await;
+    assert_eq!(first.status, 503, "{}", first.body_text());
+    let second = login(&s, "alice", "alice-pass").await;
+    assert_eq!(second.status, 200, "{}", second.body_text());
+    s.stop().await;
+}
+
+/// A user deleted while their login waits for their row (here the test holds its lock, and
+/// deletes the user under it) is refused as an unknown user, not told that they hold too many
+/// tokens, and no token is made.
+#[tokio::test]
+async fn a_user_deleted_during_their_login_is_refused_as_unknown() {
+    let (db, client, s) = Fixture::new().user("frank").start().await;
+    let holder = db.client().await;
+    holder
+        .batch_execute("BEGIN; SELECT 1 FROM auth_user WHERE username = 'frank' FOR UPDATE")
+        .await
+        .unwrap();
+    let (r, ()) = tokio::join!(login(&s, "frank", "frank-pass"), async {
+        let waiting = eventually(Duration::from_secs(5), || async {
+            count(&client, LOCK_WAITS).await > 0
+        })
+        .await;
+        assert!(
+            waiting.is_some(),
+            "the login never waited for the user's row"
+        );
+        holder
+            .batch_execute("DELETE FROM auth_user WHERE username = 'frank'; COMMIT")
+            .await
+            .unwrap();
+    });
+    assert_login_refused(&r, "Invalid username/password.");
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM knox_authtoken").await,
+        0
+    );
+    s.stop().await;
+}

@@ -22,7 +22,7 @@ use crate::{
     error::Error,
     metrics::Metrics,
     password,
-    store::{Committed, NewToken, Store, StoreError},
+    store::{Committed, NewToken, NotCreated, Store, StoreError},
 };
 use hash_pool::{HashPool, HashPoolError};
 use throttle::Throttle;
@@ -173,12 +173,14 @@ impl Login {
             );
         }
         let now = OffsetDateTime::now_utc();
-        let Some(issued) =
-            issue_token(&self.store, &self.config.knox, &creds.username, now).await?
-        else {
-            return Ok(LoginOutcome::TokenLimit);
-        };
-        Ok(LoginOutcome::Issued(issued))
+        Ok(
+            match issue_token(&self.store, &self.config.knox, &creds.username, now).await? {
+                Ok(issued) => LoginOutcome::Issued(issued),
+                Err(NotCreated::LimitReached) => LoginOutcome::TokenLimit,
+                // Deleted or renamed while its password was checked: as an unknown user.
+                Err(NotCreated::NoSuchUser) => LoginOutcome::Refused,
+            },
+        )
     }
 
     /// Checks a password on the hashing threads, within the configured queueing time.
@@ -242,14 +244,14 @@ impl Login {
 }
 
 /// Creates a token for `username` as knox's `AuthToken.objects.create` does (within
-/// `TOKEN_LIMIT_PER_USER`) and caches it with its user as the insert found them. `Ok(None)`: the
-/// limit is reached.
+/// `TOKEN_LIMIT_PER_USER`) and caches it with its user as the insert found them; or why it
+/// made none.
 pub async fn issue_token(
     store: &Arc<Store>,
     knox: &KnoxConfig,
     username: &str,
     now: OffsetDateTime,
-) -> Result<Option<Issued>, StoreError> {
+) -> Result<Result<Issued, NotCreated>, StoreError> {
     let token = generate_token(&knox.token_prefix, knox.token_character_length);
     let digest = knox.hash_algorithm.digest(token.as_bytes()).to_hex();
     let expiry = knox.token_ttl.map(|ttl| now + ttl);
@@ -264,8 +266,9 @@ pub async fn issue_token(
         expiry,
         limit: knox.token_limit_per_user,
     };
-    let Some(row) = create_token_unless_abandoned(store, new).await? else {
-        return Ok(None);
+    let row = match create_token_unless_abandoned(store, new).await? {
+        Ok(row) => row,
+        Err(not_created) => return Ok(Err(not_created)),
     };
     store.remember_new(&row, epoch);
     let settling = Arc::clone(store);
@@ -276,7 +279,7 @@ pub async fn issue_token(
             tracing::warn!(error = %e, "could not delete the user's expired tokens after a login");
         }
     });
-    Ok(Some(Issued {
+    Ok(Ok(Issued {
         token,
         expiry,
         settled,
@@ -293,7 +296,7 @@ pub async fn issue_token(
 async fn create_token_unless_abandoned(
     store: &Arc<Store>,
     new: NewToken,
-) -> Result<Option<TokenRow>, StoreError> {
+) -> Result<Result<TokenRow, NotCreated>, StoreError> {
     let (mut hand_over, taken) = tokio::sync::oneshot::channel();
     let creating = Arc::clone(store);
     store.postgres().spawn_login_work(async move {
@@ -301,7 +304,7 @@ async fn create_token_unless_abandoned(
             .postgres()
             .create_token(&new, hand_over.closed())
             .await;
-        if let Err(Ok(Some(row))) = hand_over.send(made) {
+        if let Err(Ok(Ok(row))) = hand_over.send(made) {
             creating.postgres().discard_unreceived(
                 row.digest.to_text().into_owned(),
                 Committed::Yes,
@@ -327,13 +330,13 @@ struct Handover {
     /// The runtime the login runs on: a handler dropped on the demoted lane's threads must not
     /// leave the delete to that lane.
     runtime: tokio::runtime::Handle,
-    taken: tokio::sync::oneshot::Receiver<Result<Option<TokenRow>, StoreError>>,
+    taken: tokio::sync::oneshot::Receiver<Result<Result<TokenRow, NotCreated>, StoreError>>,
 }
 
 impl Drop for Handover {
     fn drop(&mut self) {
         self.taken.close();
-        if let Ok(Ok(Some(row))) = self.taken.try_recv() {
+        if let Ok(Ok(Ok(row))) = self.taken.try_recv() {
             let _entered = self.runtime.enter();
             self.store.postgres().discard_unreceived(
                 row.digest.to_text().into_owned(),

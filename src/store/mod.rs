@@ -68,7 +68,7 @@ use outbox::Outbox;
 use postgres::Postgres;
 use redis::RedisTier;
 use tombstones::Tombstones;
-pub use users::{Committed, LoginUser, NewToken, NewUser};
+pub use users::{Committed, LoginUser, NewToken, NewUser, NotCreated};
 
 /// The store could not answer: Postgres is unreachable or failed, and no cache could stand in.
 /// Each variant keeps the cause as Postgres or the driver told it (server message and SQLSTATE).

@@ -484,6 +484,29 @@ impl Postgres {
         self.fail(classify(what, e))
     }
 
+    /// [`Postgres::failed`] for an error answered on `client`, and what it means for that
+    /// connection: its statement cache cleared after a schema change ("cached plan must not
+    /// change result type"), and the connection out of the pool when its server cannot serve
+    /// it again (a standby, e.g. a demoted primary, or a dying server): a new connection finds
+    /// the primary, this one never will.
+    pub(super) fn failed_on(
+        &self,
+        what: &str,
+        client: Object,
+        e: &tokio_postgres::Error,
+    ) -> StoreError {
+        if e.code()
+            .is_some_and(|c| c == &tokio_postgres::error::SqlState::FEATURE_NOT_SUPPORTED)
+        {
+            client.statement_cache.clear();
+        }
+        let error = self.failed(what, e);
+        if matches!(error, StoreError::Unavailable(_)) {
+            let _ = Object::take(client);
+        }
+        error
+    }
+
     pub(super) async fn client(&self) -> Result<Object, StoreError> {
         self.pool
             .get()
@@ -556,21 +579,7 @@ impl Postgres {
         let client = lent.give_back();
         match result {
             Ok(Ok(rows)) => Ok(rows),
-            Ok(Err(e)) => {
-                if e.code()
-                    .is_some_and(|c| c == &tokio_postgres::error::SqlState::FEATURE_NOT_SUPPORTED)
-                {
-                    // "cached plan must not change result type" after a schema change.
-                    client.statement_cache.clear();
-                }
-                let error = self.failed(label, &e);
-                if matches!(error, StoreError::Unavailable(_)) {
-                    // A standby (demoted primary) or a dying server: a new connection finds
-                    // the primary, this one never will.
-                    let _ = Object::take(client);
-                }
-                Err(error)
-            }
+            Ok(Err(e)) => Err(self.failed_on(label, client, &e)),
             Err(_) => {
                 let _ = Object::take(client);
                 Err(self.fail(StoreError::Timeout(format!(

@@ -33,6 +33,15 @@ pub struct NewToken {
     pub limit: Option<u64>,
 }
 
+/// Why a login's transaction made no token (it rolled back).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotCreated {
+    /// The user already holds `TOKEN_LIMIT_PER_USER` live tokens.
+    LimitReached,
+    /// No user of that name: deleted or renamed since its password was checked.
+    NoSuchUser,
+}
+
 /// How a token's transaction ended without its row.
 enum Failure {
     /// No connection from the pool: nothing was sent.
@@ -107,8 +116,7 @@ impl Postgres {
 
     /// Creates a token row for `username` as knox's `AuthToken.objects.create` does, after
     /// checking the per-user limit, and stamps `last_login`, in one transaction.
-    /// Returns the new row, its user as the transaction saw it, or `Ok(None)` when the limit is
-    /// reached.
+    /// Returns the new row with its user as the transaction saw it, or why there is none.
     ///
     /// `abandoned` completes when nobody waits for the answer any more (the login's request
     /// was answered 503): until COMMIT the transaction is then rolled back, its running
@@ -121,7 +129,7 @@ impl Postgres {
         &self,
         new: &NewToken,
         abandoned: impl Future<Output = ()>,
-    ) -> Result<Option<TokenRow>, StoreError> {
+    ) -> Result<Result<TokenRow, NotCreated>, StoreError> {
         self.note_request();
         let deadline = tokio::time::Instant::now() + self.login_deadline;
         let mut client = None;
@@ -134,10 +142,10 @@ impl Postgres {
                 () = abandoned => Err(Failure::Abandoned),
             };
             match prepared {
-                Ok(Some((tx, row, xid))) => {
+                Ok(Ok((tx, row, xid))) => {
                     let committed = tokio::time::timeout_at(deadline, tx.commit()).await;
                     if let Ok(Ok(())) = committed {
-                        return Ok(Some(row));
+                        return Ok(Ok(row));
                     }
                     // Any failure once COMMIT was sent leaves its outcome unknown: even an error
                     // answer may be PgBouncer's (its link to the server lost) rather than
@@ -149,44 +157,60 @@ impl Postgres {
                     );
                     Failure::Commit(committed.ok().and_then(Result::err))
                 }
-                Ok(None) => return Ok(None),
+                Ok(Err(not_created)) => return Ok(Err(not_created)),
                 Err(failure) => failure,
             }
         };
-        if let Some(client) = client {
-            match failure {
-                // A statement may still be in flight on it, or its session be inside the
-                // transaction.
-                Failure::Abandoned | Failure::Deadline => self.abandon(client),
-                // COMMIT runs to its end (a cancel could stop a wait for a synchronous standby
-                // with the commit kept, unreplicated); only its connection leaves the pool,
-                // which it must also when the error was PgBouncer's, about to close it.
-                Failure::Commit(_) => drop(Object::take(client)),
-                Failure::Pool(_) | Failure::Postgres(_) => {}
-            }
-        }
+        const NO_ANSWER: &str = "create_token: no answer within the transaction deadline";
+        // What becomes of the connection, then the error answered.
         Err(match failure {
             Failure::Pool(e) => e,
-            Failure::Postgres(e) => self.failed("create_token", &e),
-            Failure::Abandoned => StoreError::Timeout(
-                "create_token: its caller gave up before COMMIT; rolled back".into(),
-            ),
-            Failure::Commit(Some(e)) => self.failed("create_token", &e),
-            Failure::Deadline | Failure::Commit(None) => self.fail(StoreError::Timeout(
-                "create_token: no answer within the transaction deadline".into(),
-            )),
+            // A standby's refusal (a failover this connection did not follow) takes it out of
+            // the pool: put back, it would refuse every login for as long as it lives, and
+            // lookups, which a standby answers, would never replace it.
+            Failure::Postgres(e) => match client {
+                Some(client) => self.failed_on("create_token", client, &e),
+                None => self.failed("create_token", &e),
+            },
+            // A statement may still be in flight on it, or its session be inside the
+            // transaction.
+            Failure::Abandoned => {
+                if let Some(client) = client {
+                    self.abandon(client);
+                }
+                StoreError::Timeout(
+                    "create_token: its caller gave up before COMMIT; rolled back".into(),
+                )
+            }
+            Failure::Deadline => {
+                if let Some(client) = client {
+                    self.abandon(client);
+                }
+                self.fail(StoreError::Timeout(NO_ANSWER.into()))
+            }
+            // COMMIT runs to its end (a cancel could stop a wait for a synchronous standby
+            // with the commit kept, unreplicated); only its connection leaves the pool, which
+            // it must also when the error was PgBouncer's, about to close it.
+            Failure::Commit(e) => {
+                drop(client.map(Object::take));
+                match e {
+                    Some(e) => self.failed("create_token", &e),
+                    None => self.fail(StoreError::Timeout(NO_ANSWER.into())),
+                }
+            }
         })
     }
 
     /// [`Postgres::create_token`] up to its COMMIT: the transaction, ready to commit, the row
-    /// it inserted and the transaction's id; `None` when the limit is reached (rolled back).
+    /// it inserted and the transaction's id; or, rolled back, why there is no row.
     /// The pool's connection is left in `slot`, for the caller to take out of the pool should
     /// it give up.
     async fn prepare_token<'c>(
         &self,
         slot: &'c mut Option<Object>,
         new: &NewToken,
-    ) -> Result<Option<(deadpool_postgres::Transaction<'c>, TokenRow, i64)>, Failure> {
+    ) -> Result<Result<(deadpool_postgres::Transaction<'c>, TokenRow, i64), NotCreated>, Failure>
+    {
         let (sql, metrics, pgbouncer) = (&self.sql, &self.metrics, self.pgbouncer);
         let client = slot.insert(self.client().await.map_err(Failure::Pool)?);
         let tx = client.transaction().await?;
@@ -222,7 +246,7 @@ impl Postgres {
             };
             if live >= limit as i64 {
                 tx.rollback().await?;
-                return Ok(None);
+                return Ok(Err(NotCreated::LimitReached));
             }
         }
         metrics.sql("insert_token");
@@ -239,8 +263,10 @@ impl Postgres {
             ]
         )?;
         let Some(row) = rows.first() else {
+            // The user locked above was not there: deleted or renamed since its password was
+            // checked.
             tx.rollback().await?;
-            return Ok(None);
+            return Ok(Err(NotCreated::NoSuchUser));
         };
         let xid: i64 = row.try_get(row.len() - 1)?;
         let row = row_of(row)?;
@@ -256,7 +282,7 @@ impl Postgres {
                 ]
             )?;
         }
-        Ok(Some((tx, row, xid)))
+        Ok(Ok((tx, row, xid)))
     }
 
     /// Deletes, on a task of its own ([`Postgres::spawn_login_work`]), the token (by its
