@@ -64,6 +64,9 @@ MAX_LEEWAY = 60
 #: The shortest JWKS_REFETCH_INTERVAL and JWKS_RETRY_INTERVAL accepted (seconds): shorter, a
 #: stream of forged key ids, or an outage, would have every request read the source.
 MIN_JWKS_INTERVAL = 1
+#: The longest JWKS_TIMEOUT accepted (seconds): a request whose kid is not held may wait this
+#: long, and a socket or thread wait takes no more than the platform's time_t allows.
+MAX_JWKS_TIMEOUT = 300
 
 #: The files a ``TRIGGER_SQL_DIR`` must hold (``knoxgate migrate --print-sql`` output).
 TRIGGER_SQL_FILES = ("install.sql", "uninstall.sql")
@@ -206,6 +209,10 @@ def _check_jwks_url(url: str) -> None:
         parts = urllib.parse.urlsplit(url)
     except ValueError as e:  # an unclosed [IPv6 address]
         raise refuse(f"not a URL ({e})") from None
+    if not (parts.path + parts.query).isascii():
+        # The request line is sent as ASCII: such a URL fails at every fetch. (A non-ASCII
+        # host name is fine: it is encoded for DNS, TLS and the Host header.)
+        raise refuse("non-ASCII characters in the path or query (percent-encode them)")
     if "@" in parts.netloc:
         raise refuse("credentials in the URL are not supported")
     if not parts.hostname:
@@ -220,9 +227,13 @@ def _check_jwks_url(url: str) -> None:
 
 def _number(key: str, value: Any, minimum: float = 0, maximum: float | None = None) -> float:
     # NaN compares false with everything (a NaN leeway would let every expired assertion
-    # through) and an infinite timeout cannot be given to a socket: both are refused.
-    if (isinstance(value, bool) or not isinstance(value, (int, float))
-            or not math.isfinite(value) or value < minimum
+    # through) and an infinite timeout cannot be given to a socket: both are refused, as is an
+    # int too large for a float (isfinite raises OverflowError on it).
+    try:
+        finite = isinstance(value, (int, float)) and math.isfinite(value)
+    except OverflowError:
+        finite = False
+    if (isinstance(value, bool) or not finite or value < minimum
             or (maximum is not None and value > maximum)):
         allowed = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
         raise ImproperlyConfigured(
@@ -339,7 +350,8 @@ def parse(raw: Any) -> Config:
                                       minimum=MIN_JWKS_INTERVAL),
         jwks_retry_interval=_number("JWKS_RETRY_INTERVAL", s["JWKS_RETRY_INTERVAL"],
                                     minimum=MIN_JWKS_INTERVAL),
-        jwks_timeout=_number("JWKS_TIMEOUT", s["JWKS_TIMEOUT"], minimum=0.001),
+        jwks_timeout=_number("JWKS_TIMEOUT", s["JWKS_TIMEOUT"], minimum=0.001,
+                             maximum=MAX_JWKS_TIMEOUT),
         audience=s["ASSERTION_AUDIENCE"],
         issuer=s["ASSERTION_ISSUER"],
         algorithms=algorithms,

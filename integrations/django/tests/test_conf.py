@@ -69,6 +69,9 @@ def test_defaults():
         ({"JWKS_URL": "http://knoxgate/jwks .json", "ASSERTION_AUDIENCE": "a"}, r"JWKS_URL.*whitespace"),
         ({"JWKS_URL": "http://knoxgate/jwks\x00.json", "ASSERTION_AUDIENCE": "a"}, r"JWKS_URL.*control"),
         ({"JWKS_URL": "http://knoxgate/jwks\x7f.json", "ASSERTION_AUDIENCE": "a"}, r"JWKS_URL.*control"),
+        # The request line is ASCII: every fetch would fail on the encoding.
+        ({"JWKS_URL": "http://knoxgate/cl\u00e9s.json", "ASSERTION_AUDIENCE": "a"}, r"JWKS_URL.*non-ASCII"),
+        ({"JWKS_URL": "http://knoxgate/jwks.json?v=\u00e9", "ASSERTION_AUDIENCE": "a"}, r"JWKS_URL.*non-ASCII"),
         ({"JWKS_FILE": "/x"}, "ASSERTION_AUDIENCE"),
         ({"ASSERTION_ALGORITHMS": ["HS256"]}, "subset"),
         ({"ASSERTION_ALGORITHMS": []}, "subset"),
@@ -78,6 +81,11 @@ def test_defaults():
         # NaN would compare false with every exp; an infinite timeout no socket takes.
         ({"ASSERTION_LEEWAY": float("nan")}, "finite"),
         ({"JWKS_TIMEOUT": float("inf")}, "finite"),
+        # Past time_t, no socket or thread wait takes it: every fetch would fail.
+        ({"JWKS_TIMEOUT": 1e10}, r"JWKS_TIMEOUT.*from 0.001 to 300"),
+        ({"JWKS_TIMEOUT": 301}, r"JWKS_TIMEOUT.*from 0.001 to 300"),
+        # Too large for a float: refused as E001, not an OverflowError out of the check.
+        ({"JWKS_CACHE_SECONDS": 10**400}, "finite"),
         ({"JWKS_CACHE_SECONDS": float("nan")}, "finite"),
         # An unbounded leeway keeps every expired assertion good; 0 s intervals read the source
         # on every request with an unknown kid, or during an outage.
@@ -111,8 +119,9 @@ def test_bad_settings(raw, message):
 
 def test_limits_are_accepted_at_their_bounds():
     c = parse({"ASSERTION_LEEWAY": 60, "JWKS_REFETCH_INTERVAL": 1, "JWKS_RETRY_INTERVAL": 1,
-               "WWW_AUTHENTICATE": 'Bearer realm="api"'})
+               "JWKS_TIMEOUT": 300, "WWW_AUTHENTICATE": 'Bearer realm="api"'})
     assert c.leeway == 60 and c.jwks_refetch_interval == 1 and c.jwks_retry_interval == 1
+    assert c.jwks_timeout == 300
     assert c.www_authenticate == 'Bearer realm="api"'
     assert parse({}).www_authenticate == "Token"
 
@@ -120,7 +129,8 @@ def test_limits_are_accepted_at_their_bounds():
 @pytest.mark.parametrize(
     "url",
     ["http://knoxgate:9090/.well-known/jwks.json", "https://[::1]:8443/jwks.json",
-     "http://127.0.0.1/jwks.json?v=1", "https://knoxgate.example/jwks.json"],
+     "http://127.0.0.1/jwks.json?v=1", "https://knoxgate.example/jwks.json",
+     "https://kn\u00f6xgate.example/jwks.json", "http://knoxgate/cl%C3%A9s.json"],
 )
 def test_a_jwks_url_the_fetch_can_use_is_accepted_as_written(url):
     assert parse({"JWKS_URL": url, "ASSERTION_AUDIENCE": "a"}).jwks_url == url
