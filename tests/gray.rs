@@ -770,13 +770,15 @@ async fn an_expired_token_is_refused_before_the_deadline_while_its_delete_is_slo
     let soon = Some(Duration::from_secs(2));
     let expiring = insert_token(&client, id, soon, "", HashAlgorithm::Sha512).await;
     // A 2 s deadline; Postgres answers each round trip 800 ms late: the lookup that finds the
-    // expired row takes one (two still fit), knox's delete of it two (a statement not yet
-    // prepared), so lookup and delete together outlast the deadline.
+    // expired row takes one, or two on a pooled connection that has not prepared it yet (the
+    // pool hands out its least recently used one), knox's delete of it two (a statement not yet
+    // prepared), so lookup and delete together outlast the deadline. `statement_timeout` 2 s:
+    // two round trips fit a statement's own deadline (the default 1 s + 250 ms would not).
     let s = server_behind_slow_postgres(
         &db,
         &proxy,
         "[server]\nrequest_timeout = \"2s\"\n[sessions]\nhash_queue_timeout = \"500ms\"\n\
-         [cache]\nconfirm_timeout = \"200ms\"",
+         [cache]\nconfirm_timeout = \"200ms\"\n[postgres]\nstatement_timeout = \"2s\"",
     )
     .await;
     assert_eq!(s.verify(&expiring.token).await.status, 200);
