@@ -1125,18 +1125,25 @@ async fn pooled_backends(client: &tokio_postgres::Client, database: &str) -> Vec
         .collect()
 }
 
-/// A login refused with a standby's error (here a trigger answers the INSERT with the code a
-/// demoted primary gives, `read_only_sql_transaction`) takes its connection out of the pool, as
-/// every other statement's does: put back, that connection would refuse every login for as long
-/// as it lives, since lookups, which a standby answers, never replace it.
-#[tokio::test]
-async fn a_login_refused_as_by_a_standby_leaves_its_connection_out_of_the_pool() {
+/// User alice, logged in once, and a server with one pooled connection (which that login
+/// used).
+async fn alice_logged_in_on_one_connection() -> (TestDb, tokio_postgres::Client, TestServer) {
     let (db, client, s) = Fixture::new()
         .user("alice")
         .config("[postgres]\npool_size = 1")
         .start()
         .await;
     login_ok(&s, "alice", "alice-pass").await;
+    (db, client, s)
+}
+
+/// A login refused with a standby's error (here a trigger answers the INSERT with the code a
+/// demoted primary gives, `read_only_sql_transaction`) takes its connection out of the pool, as
+/// every other statement's does: put back, that connection would refuse every login for as long
+/// as it lives, since lookups, which a standby answers, never replace it.
+#[tokio::test]
+async fn a_login_refused_as_by_a_standby_leaves_its_connection_out_of_the_pool() {
+    let (db, client, s) = alice_logged_in_on_one_connection().await;
     let pooled = pooled_backends(&client, &db.name).await;
     assert_eq!(pooled.len(), 1, "{pooled:?}");
     client
@@ -1174,12 +1181,7 @@ async fn a_login_refused_as_by_a_standby_leaves_its_connection_out_of_the_pool()
 /// statement cache of the connection is cleared, as every other statement's error does.
 #[tokio::test]
 async fn a_login_after_a_column_type_change_fails_once_then_logs_in() {
-    let (_db, client, s) = Fixture::new()
-        .user("alice")
-        .config("[postgres]\npool_size = 1")
-        .start()
-        .await;
-    login_ok(&s, "alice", "alice-pass").await;
+    let (_db, client, s) = alice_logged_in_on_one_connection().await;
     client
         .batch_execute(
             "ALTER TABLE knox_authtoken ALTER COLUMN created TYPE timestamp(3) with time zone",
