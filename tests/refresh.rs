@@ -238,3 +238,38 @@ async fn a_refresh_shares_the_user_postgres_has_not_the_cached_one() {
     );
     s.stop().await;
 }
+
+/// A refresh never brings back a token whose expiry was set into the past (Django's way to end
+/// a token without deleting it) while this instance still had it cached as live (`ttl` mode,
+/// nothing heard): the refresh finds no live row to move and the token ends.
+#[tokio::test]
+async fn a_refresh_never_revives_a_token_expired_unheard() {
+    let (_db, client, s, token) = refreshing_in_ttl_mode("60s").await;
+    client
+        .execute(
+            "UPDATE knox_authtoken SET expiry = now() - interval '1 second' \
+             WHERE token_key = left($1, 15)",
+            &[&token],
+        )
+        .await
+        .unwrap();
+    assert!(
+        refused_while_in_use(&s, &token).await,
+        "a token expired in Postgres stayed allowed through its refreshes"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Gone (a lookup deletes an expired token, as knox does) or still in the past.
+    let row = client
+        .query_opt(
+            "SELECT expiry FROM knox_authtoken WHERE token_key = left($1, 15)",
+            &[&token],
+        )
+        .await
+        .unwrap();
+    let expiry: Option<OffsetDateTime> = row.and_then(|r| r.get(0));
+    assert!(
+        expiry.is_none_or(|e| e < OffsetDateTime::now_utc()),
+        "the refresh moved an expired token's expiry forward: {expiry:?}"
+    );
+    s.stop().await;
+}

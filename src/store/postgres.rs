@@ -127,9 +127,11 @@ impl Statements {
                  RETURNING token_key, user_id::text"
             ),
             // The row as it stands once moved, its user read in the same statement: what a
-            // refresh shares through Redis is never the status cached before it.
+            // refresh shares through Redis is never the status cached before it. Only a live
+            // row moves: an expiry set into the past (or cleared) while the token sat in a
+            // cache is the truth, and no row back means the cached token is wrong.
             refresh_expiry: format!(
-                "WITH moved AS (UPDATE {tok} SET expiry = $2 WHERE digest = $1 \
+                "WITH moved AS (UPDATE {tok} SET expiry = $2 WHERE digest = $1 AND expiry > now() \
                  RETURNING digest, token_key, user_id, created, expiry) \
                  SELECT {row_cols} FROM moved t JOIN {usr} u ON u.{id} = t.user_id"
             ),
