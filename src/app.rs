@@ -318,10 +318,13 @@ pub async fn start(mut config: Config) -> Result<Running, StartError> {
             move |req, _peer| {
                 let (mut service, app) = (service.clone(), Arc::clone(&grpc_app));
                 async move {
-                    match service.call(req).await {
-                        Ok(response) => grpc::answer_refusals_as_denials(&app, response).await,
-                        Err(never) => match never {},
-                    }
+                    let call = async {
+                        match service.call(req).await {
+                            Ok(response) => grpc::answer_refusals_as_denials(&app, response).await,
+                            Err(never) => match never {},
+                        }
+                    };
+                    grpc::within_request_timeout(&app, call).await
                 }
             },
             shutdown_rx.clone(),

@@ -705,3 +705,81 @@ async fn shares_the_connection_cap_and_drains_on_shutdown() {
     );
     assert!(tokio::net::TcpStream::connect(grpc).await.is_err());
 }
+
+/// Opens an HTTP/2 connection to the gRPC listener and starts a Check whose message announces
+/// 100 bytes and never sends them: the call stays open until the server ends it. Returns when
+/// the server answered (its grpc-status, or None for a reset stream) or the connection ended.
+async fn stalled_check(s: &TestServer) -> tokio::task::JoinHandle<Option<String>> {
+    use futures_util::StreamExt as _;
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let stream = tokio::net::TcpStream::connect(s.grpc()).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(conn);
+    // gRPC's length prefix: not compressed, 100 bytes to follow.
+    let prefix = bytes::Bytes::from_static(&[0, 0, 0, 0, 100]);
+    let body = futures_util::stream::iter([Ok::<_, std::convert::Infallible>(Frame::data(prefix))])
+        .chain(futures_util::stream::pending());
+    let req = hyper::Request::post(format!(
+        "http://{}/envoy.service.auth.v3.Authorization/Check",
+        s.grpc()
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(StreamBody::new(body))
+    .unwrap();
+    tokio::spawn(async move {
+        let response = sender.send_request(req).await.ok()?;
+        let head = response.headers().get("grpc-status").cloned();
+        let collected = http_body_util::BodyExt::collect(response.into_body()).await;
+        let trailers = collected.ok().and_then(|c| c.trailers().cloned());
+        head.or_else(|| trailers?.get("grpc-status").cloned())
+            .map(|v| v.to_str().unwrap().to_string())
+    })
+}
+
+/// A check whose message never arrives is answered (a denial, as for any request past its
+/// deadline) within `server.request_timeout`, so such calls cannot hold the connection cap
+/// that `/verify` shares.
+#[tokio::test]
+async fn a_check_whose_message_never_arrives_ends_within_request_timeout() {
+    let db = TestDb::migrated().await;
+    let s = TestServer::start(
+        &db,
+        "[server]\ngrpc_listen = \"127.0.0.1:0\"\nmax_connections = 2\n\
+         request_timeout = \"2s\"\nidle_timeout = \"1s\"\n",
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let stalled = [stalled_check(&s).await, stalled_check(&s).await];
+    for call in stalled {
+        let status = tokio::time::timeout(Duration::from_secs(6), call)
+            .await
+            .expect("a stalled check was still open after 6 s")
+            .unwrap();
+        // OK with a denial in the CheckResponse, as every answer of the listener.
+        assert_eq!(status.as_deref(), Some("0"), "{status:?}");
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(1900),
+        "answered before the timeout: {:?}",
+        started.elapsed()
+    );
+    // Their connections, idle once answered, give their slots back to /verify.
+    let served = eventually(Duration::from_secs(5), || async {
+        get_once(s.addr(), "/verify", None, Duration::from_secs(1))
+            .await
+            .is_ok_and(|r| r.status == 401)
+    })
+    .await;
+    assert!(
+        served.is_some(),
+        "/verify was not served after the stalled checks"
+    );
+    s.stop().await;
+}

@@ -32,6 +32,9 @@ const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// A check request carries the client request's headers (Envoy's own cap on them defaults to
 /// 60 KiB) and a few attributes; four times that is ample and still bounds what one decodes.
 const DEFAULT_GRPC_MAX_MESSAGE_BYTES: u64 = 262_144;
+/// The largest check request knoxgate will decode: gRPC's own default message limit. Each call
+/// in flight may buffer this much, under `server.max_connections` times HTTP/2's streams.
+const MAX_GRPC_MAX_MESSAGE_BYTES: u64 = 4_194_304;
 /// Room kept between knoxgate's answer to a check and the caller's own deadline: Envoy beside
 /// knoxgate (a sidecar, a node-local service) gets the answer back within a few milliseconds.
 const DEFAULT_GRPC_DEADLINE_MARGIN: Duration = Duration::from_millis(50);
@@ -220,10 +223,12 @@ impl TryFrom<ServerFile> for ServerConfig {
                 addr => Some(socket_addr("server.grpc_listen", addr)?),
             },
             grpc_max_message_bytes: {
-                if file.grpc_max_message_bytes < MIN_MAX_HEADER_BYTES {
+                if !(MIN_MAX_HEADER_BYTES..=MAX_GRPC_MAX_MESSAGE_BYTES)
+                    .contains(&file.grpc_max_message_bytes)
+                {
                     return Err(invalid(
                         "server.grpc_max_message_bytes",
-                        "must be at least 8192",
+                        "must be between 8192 and 4194304 (4 MiB)",
                     ));
                 }
                 usize::try_from(file.grpc_max_message_bytes)

@@ -404,6 +404,22 @@ fn a_header_cap_outside_its_range_is_refused() {
 }
 
 #[test]
+fn a_grpc_message_cap_outside_its_range_is_refused() {
+    // Any size was accepted: a cap of gigabytes let each call in flight buffer that much.
+    for bytes in [8_191u64, 4_194_305, 1 << 40] {
+        let err = Config::from_toml_str(&format!("[server]\ngrpc_max_message_bytes = {bytes}"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("server.grpc_max_message_bytes"), "{err}");
+    }
+    for bytes in [8_192u64, 4_194_304] {
+        let c =
+            Config::from_toml_str(&format!("[server]\ngrpc_max_message_bytes = {bytes}")).unwrap();
+        assert_eq!(c.server.grpc_max_message_bytes as u64, bytes);
+    }
+}
+
+#[test]
 fn zero_feed_and_connect_timings_are_refused() {
     // A zero health interval panicked the feed's task at its first connect; a zero echo
     // timeout made the feed deaf for ever; a zero reconnect delay spins through an outage.

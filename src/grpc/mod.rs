@@ -138,6 +138,29 @@ impl Authorization for Check {
     }
 }
 
+/// `call` (tonic's service, the check's message read and answered) within
+/// `server.request_timeout`, counted from the request's head: [`Check::answer`]'s own deadline
+/// starts only once the message has arrived, and a caller that never sends it would otherwise
+/// hold its call, and the connection's slot under `server.max_connections`, for as long as it
+/// likes (an HTTP/2 connection with a call in flight is not idle). Past it, the answer is the
+/// denial of any request past its deadline.
+pub async fn within_request_timeout(
+    app: &App,
+    call: impl Future<Output = hyper::Response<tonic::body::Body>>,
+) -> hyper::Response<tonic::body::Body> {
+    match tokio::time::timeout(app.config.server.request_timeout, call).await {
+        Ok(response) => response,
+        Err(_) => {
+            tracing::debug!(
+                "check request not received and answered within server.request_timeout"
+            );
+            let denial = http_respond::error(&Error::DeadlineExceeded);
+            app.metrics.request(Route::GrpcCheck, denial.status());
+            respond::unary_response(&respond::check_response(denial, &[]).await)
+        }
+    }
+}
+
 /// The check request tonic refused before [`Check::check`] could see it, from the status of its
 /// answer (a response without a body, the status in its headers): one over
 /// `server.grpc_max_message_bytes` (OUT_OF_RANGE), or one that does not decode (INTERNAL: not
