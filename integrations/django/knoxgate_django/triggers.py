@@ -5,6 +5,7 @@ from pathlib import Path
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
+from django.db import migrations
 
 #: The files shipped with the package.
 PACKAGED_SQL_DIR = Path(__file__).resolve().parent / "sql"
@@ -23,3 +24,19 @@ def trigger_sql(name: str) -> str:
             f"knoxgate_django: cannot read the trigger SQL {name} from "
             f"{'TRIGGER_SQL_DIR ' if configured else ''}{directory}: {e}"
         ) from None
+
+
+class RunTriggerSQL(migrations.RunSQL):
+    """``RunSQL`` that runs only on PostgreSQL, the one database knoxgate reads.
+
+    The trigger SQL is PL/pgSQL: on another database (SQLite test settings, say) it would fail
+    the whole ``migrate``. There it does nothing, as there is no knoxgate to tell.
+    """
+
+    def database_forwards(self, app_label, schema_editor, from_state, to_state):
+        if schema_editor.connection.vendor == "postgresql":
+            super().database_forwards(app_label, schema_editor, from_state, to_state)
+
+    def database_backwards(self, app_label, schema_editor, from_state, to_state):
+        if schema_editor.connection.vendor == "postgresql":
+            super().database_backwards(app_label, schema_editor, from_state, to_state)

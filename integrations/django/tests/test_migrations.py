@@ -7,6 +7,7 @@ is unset, failing (never skipping) when it is set and the binary is missing or d
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import uuid
@@ -20,6 +21,11 @@ from django.db import connection
 import knoxgate_django
 
 SQL_DIR = Path(knoxgate_django.__file__).resolve().parent / "sql"
+MIGRATIONS = sorted(p.stem for p in (SQL_DIR.parent / "migrations").glob("0*.py"))
+#: The newest migration and the SHA-256 of the install.sql it was written for. A database
+#: migrated with an earlier copy is brought up to date only by a migration that runs the SQL
+#: again: when install.sql changes, add one (as 0004) and record it here.
+NEWEST_MIGRATION = ("0004_token_trigger_mark", "f8865ba1094d7210f3877fd6d8cf4d32bde341012bc3a42c8911b00b70afc3c4")
 PG = {
     "host": os.environ.get("KGDJ_PG_HOST", "127.0.0.1"),
     "port": int(os.environ.get("KGDJ_PG_PORT", "5432")),
@@ -126,10 +132,71 @@ def test_migration_runs_the_packaged_files_verbatim():
     (op,) = migration.operations
     assert op.sql == [(SQL_DIR / "install.sql").read_text()]
     assert op.reverse_sql == [(SQL_DIR / "uninstall.sql").read_text()]
-    for name in ["0002_reinstall_triggers", "0003_log_inserts"]:
+    for name in MIGRATIONS[1:]:
         reinstall = import_module(f"knoxgate_django.migrations.{name}").Migration
         (op,) = reinstall.operations
         assert op.sql == [(SQL_DIR / "install.sql").read_text()], name
+
+
+def test_every_change_to_install_sql_has_a_migration_that_runs_it_again():
+    digest = hashlib.sha256((SQL_DIR / "install.sql").read_bytes()).hexdigest()
+    assert (MIGRATIONS[-1], digest) == NEWEST_MIGRATION, (
+        "install.sql is not the file the newest migration was written for: databases migrated "
+        "before would keep the old triggers; add a migration that runs it again and record it "
+        "in NEWEST_MIGRATION"
+    )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_install_made_by_0003_from_an_earlier_sql_gets_the_mark_knoxgate_needs():
+    mark = "-- knoxgate token trigger: INSERTs and moved keys logged"
+    install = (SQL_DIR / "install.sql").read_text()
+    assert mark in install
+
+    def marked(c) -> bool:
+        c.execute(
+            "SELECT strpos(p.prosrc, %s) > 0 FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid "
+            "WHERE t.tgrelid = 'knox_authtoken'::regclass AND t.tgname = 'knoxgate_token_changed'",
+            [mark],
+        )
+        return c.fetchone()[0]
+
+    # What 0003 installed from the SQL of its day: the same trigger without the mark.
+    call_command("migrate", "knoxgate_django", "0003", verbosity=0)
+    try:
+        with connection.cursor() as c:
+            c.execute(install.replace(mark, ""))
+            assert not marked(c)
+    finally:
+        call_command("migrate", "knoxgate_django", verbosity=0)
+    with connection.cursor() as c:
+        assert marked(c)
+
+
+def test_migrate_on_a_database_other_than_postgresql_does_nothing_and_succeeds(django_db_blocker):
+    """SQLite test settings: the PL/pgSQL is not run there, and migrate does not fail."""
+    from django.db.migrations.executor import MigrationExecutor
+    from django.db.utils import ConnectionHandler
+
+    sqlite = ConnectionHandler({"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}})["default"]
+    with django_db_blocker.unblock():
+        migrate_and_back(sqlite)
+
+
+def migrate_and_back(sqlite) -> None:
+    from django.db.migrations.executor import MigrationExecutor
+
+    try:
+        executor = MigrationExecutor(sqlite)
+        executor.migrate([("knoxgate_django", MIGRATIONS[-1])])
+        executor.loader.build_graph()
+        assert ("knoxgate_django", MIGRATIONS[-1]) in executor.loader.applied_migrations
+        with sqlite.cursor() as c:
+            c.execute("SELECT count(*) FROM sqlite_master WHERE name LIKE 'knoxgate%'")
+            assert c.fetchone() == (0,)
+        executor.migrate([("knoxgate_django", None)])
+    finally:
+        sqlite.close()
 
 
 @pytest.mark.django_db(transaction=True)

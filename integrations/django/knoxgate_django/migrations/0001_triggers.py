@@ -9,7 +9,7 @@ with the two files generated for other table names (a custom user model).
 from django.conf import settings
 from django.db import migrations
 
-from knoxgate_django.triggers import trigger_sql
+from knoxgate_django.triggers import RunTriggerSQL, trigger_sql
 
 
 class Migration(migrations.Migration):
@@ -22,5 +22,5 @@ class Migration(migrations.Migration):
     operations = [
         # A one-element list: the script runs as one statement batch, as knoxgate runs it
         # (a bare string would be split by sqlparse, which need not understand $$ bodies).
-        migrations.RunSQL(sql=[trigger_sql("install.sql")], reverse_sql=[trigger_sql("uninstall.sql")]),
+        RunTriggerSQL(sql=[trigger_sql("install.sql")], reverse_sql=[trigger_sql("uninstall.sql")]),
     ]

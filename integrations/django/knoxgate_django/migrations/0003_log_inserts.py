@@ -8,12 +8,12 @@ earlier install up to date. Reversing it changes nothing: 0001's reverse removes
 
 from django.db import migrations
 
-from knoxgate_django.triggers import trigger_sql
+from knoxgate_django.triggers import RunTriggerSQL, trigger_sql
 
 
 class Migration(migrations.Migration):
     dependencies = [("knoxgate_django", "0002_reinstall_triggers")]
 
     operations = [
-        migrations.RunSQL(sql=[trigger_sql("install.sql")], reverse_sql=migrations.RunSQL.noop),
+        RunTriggerSQL(sql=[trigger_sql("install.sql")], reverse_sql=migrations.RunSQL.noop),
     ]
