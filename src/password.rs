@@ -221,14 +221,16 @@ pub fn timing_dummy(preferred: &str, iterations: u32) -> String {
 /// none at all. Django does the same: `harden_runtime` runs the missing PBKDF2 iterations, and
 /// since CVE-2024-39329 an unusable password runs the default hasher.
 ///
-/// - unusable (`!`), unknown algorithm, over-long, malformed pbkdf2, `md5`: one check of
-///   `dummy`, the [`timing_dummy`] of the site's preferred hasher (these answered `false` with
-///   next to no work);
+/// - a hash the check never ran (`checked` false: an algorithm the site does not list),
+///   unusable (`!`), unknown algorithm, over-long, malformed or over its cost caps, `md5`, a
+///   plain `bcrypt$` hash with a password it cannot take: one check of `dummy`, the
+///   [`timing_dummy`] of the site's preferred hasher (these answered `false` with next to no
+///   work);
 /// - `pbkdf2_*` with fewer iterations: the difference, with the same hasher and salt;
-/// - `argon2`, `bcrypt*`, `scrypt`: nothing, as in Django (their costs do not compare to
-///   PBKDF2 iterations; Django's own defaults for them are close to its PBKDF2 cost).
-pub fn harden_runtime(password: &str, encoded: &str, iterations: u32, dummy: &str) {
-    match padding(encoded, iterations) {
+/// - `argon2`, `bcrypt*`, `scrypt` that were checked: nothing, as in Django (their costs do not
+///   compare to PBKDF2 iterations; Django's own defaults for them are close to its PBKDF2 cost).
+pub fn harden_runtime(password: &str, encoded: &str, checked: bool, iterations: u32, dummy: &str) {
+    match padding_after(password, encoded, checked, iterations) {
         Padding::Nothing => {}
         Padding::DummyCheck => {
             std::hint::black_box(check_password(password, dummy));
@@ -257,13 +259,43 @@ enum Padding<'a> {
     },
 }
 
-fn padding(encoded: &str, iterations: u32) -> Padding<'_> {
+/// What [`harden_runtime`] adds: a dummy check when the refusal did no hashing at all.
+fn padding_after<'a>(
+    password: &str,
+    encoded: &'a str,
+    checked: bool,
+    iterations: u32,
+) -> Padding<'a> {
+    if checked {
+        padding(password, encoded, iterations)
+    } else {
+        Padding::DummyCheck
+    }
+}
+
+/// What a checked, refused `encoded` needs; `password` only tells whether a plain bcrypt check
+/// could take it.
+fn padding<'a>(password: &str, encoded: &'a str, iterations: u32) -> Padding<'a> {
     let iterations = effective_iterations(iterations);
     if encoded.len() > MAX_ENCODED_LEN || !is_password_usable(encoded) {
         return Padding::DummyCheck;
     }
+    // Each of these refused without hashing.
+    let ran = |did_work: bool| {
+        if did_work {
+            Padding::Nothing
+        } else {
+            Padding::DummyCheck
+        }
+    };
     match Hasher::identify(encoded) {
         None | Some(Hasher::Md5) => Padding::DummyCheck,
+        Some(Hasher::Argon2) => ran(parse_argon2(encoded).is_some()),
+        Some(Hasher::Scrypt) => ran(parse_scrypt(encoded).is_some()),
+        Some(h @ Hasher::BcryptSha256) => ran(parse_bcrypt(encoded, h).is_some()),
+        Some(h @ Hasher::Bcrypt) => {
+            ran(password.len() <= BCRYPT_MAX_PASSWORD_BYTES && parse_bcrypt(encoded, h).is_some())
+        }
         Some(h @ (Hasher::Pbkdf2Sha256 | Hasher::Pbkdf2Sha1)) => match parse_pbkdf2(encoded, h) {
             None => Padding::DummyCheck,
             Some(p) if p.iterations < iterations => Padding::MissingIterations {
@@ -273,7 +305,6 @@ fn padding(encoded: &str, iterations: u32) -> Padding<'_> {
             },
             Some(_) => Padding::Nothing,
         },
-        Some(_) => Padding::Nothing,
     }
 }
 
@@ -287,16 +318,19 @@ mod padding_tests {
         let cheap = make_password("pw", 1_000);
         let salt = cheap.split('$').nth(2).unwrap();
         assert_eq!(
-            padding(&cheap, COST),
+            padding("pw", &cheap, COST),
             Padding::MissingIterations {
                 hasher: Hasher::Pbkdf2Sha256,
                 salt,
                 iterations: COST - 1_000
             }
         );
-        assert_eq!(padding(&make_password("pw", COST), COST), Padding::Nothing);
         assert_eq!(
-            padding(&make_password("pw", COST + 1), COST),
+            padding("pw", &make_password("pw", COST), COST),
+            Padding::Nothing
+        );
+        assert_eq!(
+            padding("pw", &make_password("pw", COST + 1), COST),
             Padding::Nothing
         );
         for answered_at_once in [
@@ -307,11 +341,62 @@ mod padding_tests {
             "pbkdf2_sha256$not-a-number$salt$hash",
         ] {
             assert_eq!(
-                padding(answered_at_once, COST),
+                padding("pw", answered_at_once, COST),
                 Padding::DummyCheck,
                 "{answered_at_once:?}"
             );
         }
+    }
+
+    /// Django's own argon2, bcrypt and scrypt hashes (shared/knox-compat/passwords.json).
+    fn django_hash(algorithm: &str) -> String {
+        let fixtures = crate::knox_compat("passwords.json");
+        let vectors = fixtures["vectors"].as_array().expect("vectors");
+        vectors
+            .iter()
+            .filter(|v| v["algorithm"] == algorithm)
+            .find_map(|v| v["encoded"].as_str())
+            .expect("a hash of the algorithm")
+            .to_string()
+    }
+
+    #[test]
+    fn a_costly_hash_pads_only_when_its_check_did_the_hashing() {
+        const COST: u32 = 300_000;
+        for algorithm in ["argon2", "bcrypt_sha256", "bcrypt", "scrypt"] {
+            let encoded = django_hash(algorithm);
+            // Checked and refused: its own hasher did the work.
+            assert_eq!(
+                padding("pw", &encoded, COST),
+                Padding::Nothing,
+                "{algorithm}"
+            );
+            // Refused without hashing: the site does not list the algorithm (timing told which
+            // users have such a hash), or the string does not parse.
+            assert_eq!(
+                padding_after("pw", &encoded, false, COST),
+                Padding::DummyCheck,
+                "{algorithm} unlisted"
+            );
+            let truncated = &encoded[..algorithm.len() + 4];
+            assert_eq!(
+                padding("pw", truncated, COST),
+                Padding::DummyCheck,
+                "{algorithm} malformed"
+            );
+        }
+        // Over the cost caps: refused before hashing.
+        let bcrypt = django_hash("bcrypt");
+        let costly = bcrypt.replacen("$12$", &format!("${}$", MAX_BCRYPT_COST + 1), 1);
+        assert_ne!(costly, bcrypt);
+        assert_eq!(padding("pw", &costly, COST), Padding::DummyCheck);
+        // A plain bcrypt hash refuses a password longer than bcrypt takes without hashing.
+        let long = "p".repeat(BCRYPT_MAX_PASSWORD_BYTES + 1);
+        assert_eq!(padding(&long, &bcrypt, COST), Padding::DummyCheck);
+        assert_eq!(
+            padding(&long, &django_hash("bcrypt_sha256"), COST),
+            Padding::Nothing
+        );
     }
 }
 

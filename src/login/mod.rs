@@ -195,8 +195,9 @@ impl Login {
             .run_within(self.config.sessions.hash_queue_timeout, move || {
                 let ok = accepted && password::check_password(&password, &encoded);
                 if !ok {
-                    // Unusable, malformed or cheaper hashes cost what a wrong password costs.
-                    password::harden_runtime(&password, &encoded, iterations, &dummy);
+                    // Unlisted, unusable, malformed or cheaper hashes cost what a wrong
+                    // password costs.
+                    password::harden_runtime(&password, &encoded, accepted, iterations, &dummy);
                 }
                 ok
             })
