@@ -280,3 +280,53 @@ async fn a_thousand_silent_connections_under_the_default_caps_do_not_delay_a_rea
     drop(silent);
     s.stop().await;
 }
+
+/// CPU time this thread has run, from the scheduler's own count (nanoseconds). A
+/// `#[tokio::test]` runtime has one thread, and the server's connections run on it.
+fn thread_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/thread-self/schedstat").expect("schedstat");
+    let ns = stat.split_whitespace().next().unwrap().parse().unwrap();
+    Duration::from_nanos(ns)
+}
+
+/// Sockets that stop halfway through the HTTP/2 preface wait for the rest without costing CPU
+/// (each used to be polled every 5 ms until `server.header_read_timeout`), and are closed at it.
+#[tokio::test]
+async fn connections_stalled_in_the_http2_preface_cost_no_cpu_while_they_wait() {
+    const STALLED: usize = 500;
+    ensure_open_files(STALLED as u64 + 256);
+    let (_db, _client, s) = Fixture::new()
+        .config(&format!(
+            "[server]\nmax_connections = {}\nheader_read_timeout = \"4s\"",
+            STALLED + 10
+        ))
+        .start()
+        .await;
+    let mut stalled = Vec::with_capacity(STALLED);
+    for _ in 0..STALLED {
+        let mut sock = TcpStream::connect(s.addr()).await.expect("connect");
+        tokio::io::AsyncWriteExt::write_all(&mut sock, b"PRI * HTTP/2.0\r\n")
+            .await
+            .unwrap();
+        stalled.push(sock);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (cpu, wall) = (thread_cpu(), Instant::now());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let spent = thread_cpu() - cpu;
+    assert!(
+        spent < Duration::from_millis(50),
+        "{STALLED} connections stalled in the preface cost {spent:?} of CPU in {:?}",
+        wall.elapsed()
+    );
+    // Still bounded by the head timeout: each is closed once it has passed.
+    for mut sock in stalled {
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(4), sock.read(&mut buf)).await;
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "stalled socket still open"
+        );
+    }
+    s.stop().await;
+}

@@ -233,21 +233,23 @@ impl Watch {
     }
 }
 
-/// An HTTP/1 connection's socket as hyper reads and writes it: watched for demotion on the main
-/// runtime when there is a lane; on the lane, first the bytes hyper had read ahead there.
+/// A connection's socket as hyper reads and writes it: first the bytes read before hyper took
+/// it; for HTTP/1, watched for demotion on the main runtime when there is a lane.
 pub(super) struct Socket {
     stream: TcpStream,
-    /// Read before the stream: what the main runtime's hyper had buffered.
+    /// Read before the stream: the first bytes that told the protocol, or on the lane what the
+    /// main runtime's hyper had buffered.
     unread: Bytes,
     watch: Option<Arc<Watch>>,
 }
 
 impl Socket {
-    /// A new connection on the main runtime, watched for demotion when there is a lane.
-    pub(super) fn new(stream: TcpStream, watch: Option<Arc<Watch>>) -> Socket {
+    /// A new connection on the main runtime whose first bytes were `read` already, watched
+    /// for demotion when there is a lane.
+    pub(super) fn new(stream: TcpStream, read: Bytes, watch: Option<Arc<Watch>>) -> Socket {
         Socket {
             stream,
-            unread: Bytes::new(),
+            unread: read,
             watch,
         }
     }
@@ -260,8 +262,10 @@ impl Socket {
         }
     }
 
-    pub(super) fn into_stream(self) -> TcpStream {
-        self.stream
+    /// The stream and what was read before it that hyper has not taken yet (nothing, once
+    /// hyper has read a request: its first read takes far more than the protocol's bytes).
+    pub(super) fn into_parts(self) -> (TcpStream, Bytes) {
+        (self.stream, self.unread)
     }
 }
 

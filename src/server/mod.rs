@@ -20,6 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use bytes::Bytes;
 use hyper::{
     Request, Response, StatusCode, body::Incoming, server::conn::http1, service::service_fn,
 };
@@ -28,6 +29,7 @@ use hyper_util::{
     server::conn::auto,
 };
 use tokio::{
+    io::AsyncReadExt as _,
     net::{TcpListener, TcpStream},
     sync::{Semaphore, watch},
     task::JoinSet,
@@ -61,26 +63,28 @@ impl From<&ServerConfig> for Limits {
 /// The HTTP/2 connection preface a prior-knowledge client opens with.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// Waits until the client has sent enough to tell HTTP/1 from HTTP/2. hyper's protocol
-/// detection reads these bytes with no timer of its own, and its HTTP/1 `header_read_timeout`
-/// starts only after it, so without this bound a socket that never sends a byte holds a
-/// connection slot for ever. `None`: the peer closed first.
-async fn first_bytes(stream: &TcpStream) -> std::io::Result<Option<Protocol>> {
+/// Reads until the client has sent enough to tell HTTP/1 from HTTP/2, and returns what it read
+/// for hyper to read first. hyper's protocol detection reads these bytes with no timer of its
+/// own, and its HTTP/1 `header_read_timeout` starts only after it, so without this bound a
+/// socket that never sends a byte holds a connection slot for ever. Read, not peeked: a peek
+/// returns at once while any byte is buffered, so a client stopping halfway through the
+/// HTTP/2 preface could only be polled for the rest. `None`: the peer closed first.
+async fn first_bytes(stream: &mut TcpStream) -> std::io::Result<Option<(Protocol, Bytes)>> {
     let mut buf = [0u8; H2_PREFACE.len()];
+    let mut filled = 0;
     loop {
-        let n = stream.peek(&mut buf).await?;
+        let n = stream.read(&mut buf[filled..]).await?;
         if n == 0 {
             return Ok(None);
         }
-        if buf[..n] != H2_PREFACE[..n] {
-            return Ok(Some(Protocol::Http1));
+        filled += n;
+        let read = || Bytes::copy_from_slice(&buf[..filled]);
+        if buf[..filled] != H2_PREFACE[..filled] {
+            return Ok(Some((Protocol::Http1, read())));
         }
-        if n == buf.len() {
-            return Ok(Some(Protocol::Http2));
+        if filled == buf.len() {
+            return Ok(Some((Protocol::Http2, read())));
         }
-        // Part of the HTTP/2 preface: peek returns at once while bytes are buffered, so poll
-        // gently for the rest (rare, and bounded by the caller's timeout).
-        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
@@ -365,18 +369,19 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let limits = &shared.limits;
-    let protocol =
-        match tokio::time::timeout(limits.header_read_timeout, first_bytes(&stream)).await {
-            Ok(Ok(Some(protocol))) => protocol,
+    let mut stream = stream;
+    let (protocol, read) =
+        match tokio::time::timeout(limits.header_read_timeout, first_bytes(&mut stream)).await {
+            Ok(Ok(Some(first))) => first,
             // Silent for the whole head timeout, closed, or failed: drop it and free the slot.
             _ => return,
         };
     let activity = Activity::new();
     if protocol == Protocol::Http1 {
-        return http1_connection(&shared, stream, peer, handler, activity).await;
+        return http1_connection(&shared, stream, read, peer, handler, activity).await;
     }
     let conn = shared.builder.serve_connection(
-        TokioIo::new(stream),
+        TokioIo::new(lane::Socket::new(stream, read, None)),
         service(handler, peer, Arc::clone(&activity), Place::Fixed),
     );
     let mut conn = std::pin::pin!(conn);
@@ -417,6 +422,7 @@ async fn sleep_until_some(at: Option<tokio::time::Instant>) {
 async fn http1_connection<H, B>(
     shared: &Connection,
     stream: TcpStream,
+    read: Bytes,
     peer: SocketAddr,
     handler: H,
     activity: Arc<Activity>,
@@ -436,7 +442,7 @@ async fn http1_connection<H, B>(
         None => Place::Fixed,
     };
     let mut conn = shared.http1.serve_connection(
-        TokioIo::new(lane::Socket::new(stream, watch.clone())),
+        TokioIo::new(lane::Socket::new(stream, read, watch.clone())),
         service(handler.clone(), peer, Arc::clone(&activity), place),
     );
     let mut shutdown = shared.shutdown.clone();
@@ -462,8 +468,14 @@ async fn http1_connection<H, B>(
     let parts = conn.into_parts();
     let http1 = Arc::clone(&shared.http1);
     let on_lane = lane.on_lane(tokio::runtime::Handle::current());
-    let stream = parts.io.into_inner().into_stream();
-    lane.take(stream, parts.read_buf, move |socket| async move {
+    let (stream, not_taken) = parts.io.into_inner().into_parts();
+    // hyper's read-ahead came first, off the socket: what it never took follows it.
+    let unread = if not_taken.is_empty() {
+        parts.read_buf
+    } else {
+        [parts.read_buf, not_taken].concat().into()
+    };
+    lane.take(stream, unread, move |socket| async move {
         let mut conn = http1.serve_connection(
             TokioIo::new(socket),
             service(handler, peer, Arc::clone(&activity), Place::Lane(on_lane)),
