@@ -642,3 +642,68 @@ async fn a_revocation_behind_a_burst_of_user_changes_is_not_held_up_by_it() {
     assert_eq!(s.verify(&t.token).await.status, 401);
     s.stop().await;
 }
+
+/// A revocation heard while the feed's loop waits on something else (here its prune, held by a
+/// row lock; a slow health check or heartbeat likewise) is not applied until the wait ends, and
+/// until then cached answers are confirmed: the token is refused at once, not once the loop
+/// comes back to its notifications.
+#[tokio::test]
+async fn a_revocation_heard_while_the_feed_waits_on_a_query_is_refused_at_once() {
+    let db = TestDb::migrated().await;
+    let t = user_with_token(&db, "alice").await;
+    let mut locker = db.client().await;
+    // A log row past retention, for the first prune (as soon as the feed is live) to delete,
+    // locked by an open transaction: the prune waits for it.
+    locker
+        .execute(
+            "INSERT INTO knoxgate_revocation_log (logged_at, kind, user_id) \
+             VALUES (now() - interval '30 days', 'u', '0')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let lock = locker.transaction().await.unwrap();
+    lock.execute(
+        "SELECT 1 FROM knoxgate_revocation_log WHERE logged_at < now() - interval '1 day' FOR UPDATE",
+        &[],
+    )
+    .await
+    .unwrap();
+    // The prune's own timeouts, far past the test.
+    let s = TestServer::start(&db, "[postgres]\nstatement_timeout = \"30s\"").await;
+    let client = db.client().await;
+    let waiting = eventually(Duration::from_secs(10), || async {
+        let n: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'knoxgate-feed' \
+                 AND wait_event_type = 'Lock' AND datname = current_database()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        n == 1
+    })
+    .await;
+    assert!(
+        waiting.is_some(),
+        "the feed's prune never waited on the lock"
+    );
+    for _ in 0..3 {
+        assert_eq!(s.verify(&t.token).await.status, 200);
+    }
+    client
+        .execute(
+            "DELETE FROM knox_authtoken WHERE token_key = $1",
+            &[&&t.token[..15]],
+        )
+        .await
+        .unwrap();
+    let refused = refused_within(&s, &t.token).await;
+    lock.rollback().await.unwrap();
+    assert!(
+        refused.is_some(),
+        "a revocation heard while the feed waited was allowed for {BOUND:?}"
+    );
+    s.stop().await;
+}

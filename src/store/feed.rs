@@ -17,7 +17,13 @@
 //! with Postgres. If it starts hearing again it reconnects, to replay what it may have missed.
 //! Its statements are unnamed, so that even through a transaction pooler it gets that far.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use tokio::{
     sync::{mpsc, watch},
@@ -283,7 +289,7 @@ pub async fn run(
         let was_live = store.feed_live();
         store.set_feed_live(false);
         store.set_feed_deaf(false);
-        store.set_feed_behind(false);
+        store.feed_unapplied_dropped();
         match result {
             Ok(()) => return, // shutdown
             Err(e) => outage.failed(was_live, &e),
@@ -292,6 +298,26 @@ pub async fn run(
             _ = tokio::time::sleep(config.cache.feed_reconnect_delay) => {}
             _ = shutdown.changed() => return,
         }
+    }
+}
+
+/// Held while a statement of the feed's own runs on the listening connection: Postgres delivers
+/// no notification to a session inside a transaction, a single statement's included, so what
+/// is revoked meanwhile is heard only once it ends (a prune waiting on a row lock: until its
+/// deadline). Cached answers are confirmed until then, as when a change is heard but not yet
+/// applied.
+struct NotificationsHeldBack(Arc<AtomicUsize>);
+
+impl NotificationsHeldBack {
+    fn new(waiting: &Arc<AtomicUsize>) -> NotificationsHeldBack {
+        waiting.fetch_add(1, Ordering::SeqCst);
+        NotificationsHeldBack(Arc::clone(waiting))
+    }
+}
+
+impl Drop for NotificationsHeldBack {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -352,10 +378,15 @@ where
     };
     // The connection must be polled for notifications to arrive; pooled connections cannot.
     let (events_tx, mut events) = mpsc::unbounded_channel::<String>();
+    let waiting = store.feed_heard();
+    let heard = Arc::clone(&waiting);
     let driver = tokio::spawn(async move {
         loop {
             match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
                 Some(Ok(AsyncMessage::Notification(n))) => {
+                    // Counted before it is queued: cached answers are confirmed from now until
+                    // the loop has applied it, whatever the loop is waiting on meanwhile.
+                    heard.fetch_add(1, Ordering::SeqCst);
                     if events_tx.send(n.payload().to_owned()).is_err() {
                         return;
                     }
@@ -446,11 +477,10 @@ where
                             None => tracing::warn!(payload_len = payload.len(), "unreadable change-feed payload ignored"),
                         }
                     }
-                    // Changes heard but not applied yet (this batch, and whatever arrives or
-                    // waits behind it): until they are, cached answers are confirmed.
-                    store.set_feed_behind(!changes.is_empty() || !events.is_empty());
+                    // Until the batch is applied (and whatever arrives or waits behind it),
+                    // cached answers are confirmed: the driver counted each as it arrived.
                     store.apply_all(&changes).await;
-                    store.set_feed_behind(!events.is_empty());
+                    store.feed_applied(batch.len());
                     for change in &changes {
                         metrics.feed_event_applied(kind_label(change));
                     }
@@ -494,7 +524,9 @@ where
                 }
                 _ = health.tick() => {
                     // A dead peer goes quiet rather than failing: ask it something.
+                    let held = NotificationsHeldBack::new(&waiting);
                     let r = tokio::time::timeout(deadline, client.simple_query("SELECT 1")).await;
+                    drop(held);
                     timed(metrics, "health check", r)?;
                     // Re-checked only while requests use the pool anyway: an idle instance's
                     // self-test must not hold a pooled connection open. A session that heard
@@ -510,7 +542,13 @@ where
                     }
                 }
                 _ = heartbeat.tick(), if publisher.is_some() && vouching.is_none() && matches!(hearing, Hearing::Live) => {
-                    vouching = Some(Box::pin(tokio::time::timeout(deadline, client.simple_query("SELECT 1"))));
+                    let held = NotificationsHeldBack::new(&waiting);
+                    let query = tokio::time::timeout(deadline, client.simple_query("SELECT 1"));
+                    vouching = Some(Box::pin(async move {
+                        let r = query.await;
+                        drop(held);
+                        r
+                    }));
                 }
                 r = async { vouching.as_mut().expect("guarded").await }, if vouching.is_some() => {
                     vouching = None;
@@ -522,7 +560,9 @@ where
                 }
                 // Only once live: a prune must never hold up the echo that makes the feed live.
                 _ = tokio::time::sleep_until(next_prune), if matches!(hearing, Hearing::Live) => {
+                    let held = NotificationsHeldBack::new(&waiting);
                     let more = prune_log(&client, config, metrics).await;
+                    drop(held);
                     next_prune = tokio::time::Instant::now()
                         + if more { PRUNE_BACKLOG_PAUSE } else { PRUNE_INTERVAL };
                 }
@@ -532,6 +572,8 @@ where
     }
     .await;
     driver.abort();
+    // Stopped for good before the caller forgets what it counted.
+    let _ = driver.await;
     result
 }
 

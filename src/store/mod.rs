@@ -46,7 +46,7 @@ use std::{
     collections::HashSet,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -186,8 +186,11 @@ pub struct Store {
     feed_live: AtomicBool,
     /// True while the feed's connection is up but its own NOTIFY does not come back.
     feed_deaf: AtomicBool,
-    /// Changes heard are waiting to be applied (`feed::session`).
-    feed_behind: AtomicBool,
+    /// Notifications the feed's connection has heard and its loop has not applied yet, counted
+    /// as they arrive, and statements of the feed's own running on that connection, during
+    /// which Postgres holds notifications back (`feed::session`): while it is not 0, changes
+    /// may be waiting.
+    feed_unapplied: Arc<AtomicUsize>,
     /// When the feed stops being live unless it is heard from again (`relay::subscribe`: the
     /// last relay heartbeat plus `cache.feed_relay_timeout`), as nanoseconds after `started`;
     /// 0: no such limit. Checked at each use, so that the bound holds while the reader is
@@ -244,7 +247,7 @@ impl Store {
             changes: ChangeWindow::default(),
             feed_live: AtomicBool::new(false),
             feed_deaf: AtomicBool::new(false),
-            feed_behind: AtomicBool::new(false),
+            feed_unapplied: Arc::new(AtomicUsize::new(0)),
             feed_live_until: AtomicU64::new(0),
             started: Instant::now(),
             refreshing: Mutex::default(),
@@ -401,16 +404,27 @@ impl Store {
         self.feed_deaf.load(Ordering::SeqCst)
     }
 
-    /// Marks the change feed as behind (changes heard but still queued) or not.
-    pub fn set_feed_behind(&self, behind: bool) {
-        self.feed_behind.store(behind, Ordering::SeqCst);
+    /// The count of notifications heard and not yet applied, for the task that hears them to
+    /// add to as each arrives (and the feed's statements to hold while they run).
+    pub fn feed_heard(&self) -> Arc<AtomicUsize> {
+        Arc::clone(&self.feed_unapplied)
+    }
+
+    /// `n` heard notifications were applied.
+    pub fn feed_applied(&self, n: usize) {
+        self.feed_unapplied.fetch_sub(n, Ordering::SeqCst);
+    }
+
+    /// Nothing heard is waiting: the connection that heard it is gone, and its task stopped.
+    pub fn feed_unapplied_dropped(&self) {
+        self.feed_unapplied.store(0, Ordering::SeqCst);
     }
 
     /// Whether every change the feed has heard is applied: live, and nothing queued. A burst of
     /// changes (a group renamed: one per member) queues whatever comes behind it, a revocation
     /// too, for as long as it takes to apply.
     fn feed_current(&self) -> bool {
-        self.feed_live() && !self.feed_behind.load(Ordering::SeqCst)
+        self.feed_live() && self.feed_unapplied.load(Ordering::SeqCst) == 0
     }
 
     /// Whether a cached answer must be confirmed with Postgres before use.
