@@ -15,6 +15,17 @@ use crate::support::*;
 /// The bound the tests hold revocation to; the benchmark measures the real latency.
 const BOUND: Duration = Duration::from_secs(2);
 
+/// Deletes `token`'s row by SQL, as Django's logout does.
+async fn delete_token(client: &tokio_postgres::Client, token: &str) {
+    client
+        .execute(
+            "DELETE FROM knox_authtoken WHERE token_key = $1",
+            &[&&token[..15]],
+        )
+        .await
+        .unwrap();
+}
+
 async fn refused_within(s: &TestServer, token: &str) -> Option<Duration> {
     eventually(BOUND, || async { s.verify(token).await.status == 401 }).await
 }
@@ -620,13 +631,7 @@ async fn a_revocation_behind_a_burst_of_user_changes_is_not_held_up_by_it() {
         )
         .await
         .unwrap();
-    client
-        .execute(
-            "DELETE FROM knox_authtoken WHERE token_key = $1",
-            &[&&t.token[..15]],
-        )
-        .await
-        .unwrap();
+    delete_token(&client, &t.token).await;
     let refused = refused_within(&s, &t.token).await;
     assert!(
         refused.is_some(),
@@ -692,13 +697,7 @@ async fn a_revocation_heard_while_the_feed_waits_on_a_query_is_refused_at_once()
     for _ in 0..3 {
         assert_eq!(s.verify(&t.token).await.status, 200);
     }
-    client
-        .execute(
-            "DELETE FROM knox_authtoken WHERE token_key = $1",
-            &[&&t.token[..15]],
-        )
-        .await
-        .unwrap();
+    delete_token(&client, &t.token).await;
     let refused = refused_within(&s, &t.token).await;
     lock.rollback().await.unwrap();
     assert!(
