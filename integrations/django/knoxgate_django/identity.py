@@ -55,12 +55,26 @@ Result = Union[Identity, Refused, Unavailable, _Absent]
 _CACHE_ATTR = "_knoxgate_identity"
 
 
-def _raw_headers(request: Any) -> list[tuple[bytes, bytes]] | None:
-    """The header list as the ASGI server delivered it, or None under WSGI."""
+#: What ``_raw_headers`` answers for an ASGI scope whose headers cannot be read again.
+UNREADABLE = object()
+
+
+def _raw_headers(request: Any) -> list[tuple[bytes, bytes]] | None | object:
+    """The header list as the ASGI server delivered it, None under WSGI, or ``UNREADABLE``
+    when the scope's headers (ASGI allows any iterable) were a one-shot iterator that Django
+    consumed to build META: then nothing is left to check the spellings against."""
     scope = getattr(request, "scope", None)
-    if isinstance(scope, dict) and isinstance(scope.get("headers"), (list, tuple)):
-        return list(scope["headers"])
-    return None
+    if not isinstance(scope, dict) or "headers" not in scope:
+        return None
+    headers = scope["headers"]
+    if isinstance(headers, (list, tuple)):
+        return list(headers)
+    try:
+        if iter(headers) is headers:
+            return UNREADABLE
+        return list(headers)
+    except TypeError:
+        return UNREADABLE
 
 
 def _spelling_problem(raw: list[tuple[bytes, bytes]], header: Header) -> str | None:
@@ -162,6 +176,8 @@ def _resolve(request: Any, config: Config) -> Result:
         return Refused(f"identity headers from an untrusted peer {meta.get('REMOTE_ADDR')!r}")
 
     raw = _raw_headers(request)
+    if raw is UNREADABLE:
+        return Refused("the ASGI scope's headers cannot be read again to check their spelling")
     if raw is not None:
         checked = [config.user_id, config.assertion, *config.attribute_headers.values()]
         for header in checked:

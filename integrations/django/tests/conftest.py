@@ -91,9 +91,12 @@ def spare_port() -> int:
         return s.getsockname()[1]
 
 
-def asgi_get(path: str, headers: list[tuple[bytes, bytes]], client: str = "127.0.0.1") -> tuple[int, dict]:
+def asgi_get(
+    path: str, headers: list[tuple[bytes, bytes]], client: str = "127.0.0.1", headers_as: Any = list
+) -> tuple[int, dict]:
     """One GET through Django's real ASGI handler with exactly these raw headers (no client
-    library in between that would merge or normalise them)."""
+    library in between that would merge or normalise them), in the scope as ``headers_as``
+    makes them (ASGI allows any iterable)."""
     from django.core.asgi import get_asgi_application
 
     app = get_asgi_application()
@@ -107,7 +110,7 @@ def asgi_get(path: str, headers: list[tuple[bytes, bytes]], client: str = "127.0
         "raw_path": path.encode(),
         "query_string": b"",
         "root_path": "",
-        "headers": [(b"host", b"testserver"), *headers],
+        "headers": headers_as([(b"host", b"testserver"), *headers]),
         "client": (client, 40000),
         "server": ("127.0.0.1", 8000),
     }

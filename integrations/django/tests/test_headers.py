@@ -224,3 +224,28 @@ def test_refusals_are_logged(client, alice, caplog):
     assert [r.getMessage() for r in caplog.records if r.name == "knoxgate_django"] == [
         "knoxgate identity refused: header 'x-auth-user-id' is not a single user id"
     ]
+
+
+class _Headers:
+    """An ASGI server's own header container: iterable again and again, not a list."""
+
+    def __init__(self, items):
+        self._items = list(items)
+
+    def __iter__(self):
+        return iter(self._items)
+
+
+@pytest.mark.parametrize("headers_as", [_Headers, lambda items: (item for item in items)], ids=["iterable", "iterator"])
+def test_asgi_headers_in_any_iterable_are_checked_or_refused(alice, headers_as):
+    """ASGI allows any iterable of headers: one that can be read again is checked like a list;
+    one that cannot (Django read it up to build META) leaves nothing to check, so identity
+    headers are refused rather than trusted unchecked."""
+    twin = [(b"x_auth_user_id", str(alice.pk).encode())]
+    assert asgi_get("/plain/whoami", twin, headers_as=headers_as) == (200, {"authenticated": False, "id": None})
+    single = [(b"x-auth-user-id", str(alice.pk).encode())]
+    expected = (200, {"authenticated": True, "id": alice.pk}) if headers_as is _Headers else (
+        200,
+        {"authenticated": False, "id": None},
+    )
+    assert asgi_get("/plain/whoami", single, headers_as=headers_as) == expected
