@@ -301,21 +301,37 @@ pub async fn run(
     }
 }
 
-/// Held while a statement of the feed's own runs on the listening connection: Postgres delivers
-/// no notification to a session inside a transaction, a single statement's included, so what
-/// is revoked meanwhile is heard only once it ends (a prune waiting on a row lock: until its
-/// deadline). Cached answers are confirmed until then, as when a change is heard but not yet
-/// applied.
-struct NotificationsHeldBack(Arc<AtomicUsize>);
+/// How long a statement of the feed's own may run on the listening connection before the
+/// notifications it holds back count as waiting: a health check or an empty prune takes a
+/// millisecond, and answers cached meanwhile stay unconfirmed; one that waits (on a lock, on a
+/// slow server) makes hits confirm from then until it ends. Adds at most this much to the
+/// revocation bound of a change made during such a statement.
+const HOLD_BACK_GRACE: Duration = Duration::from_millis(100);
 
-impl NotificationsHeldBack {
-    fn new(waiting: &Arc<AtomicUsize>) -> NotificationsHeldBack {
-        waiting.fetch_add(1, Ordering::SeqCst);
-        NotificationsHeldBack(Arc::clone(waiting))
+/// Runs `statement`, a statement of the feed's own on the listening connection. Postgres
+/// delivers no notification to a session inside a transaction, a single statement's included,
+/// so what is revoked meanwhile is heard only once it ends (a prune waiting on a row lock:
+/// until its deadline). Past [`HOLD_BACK_GRACE`], it counts in `waiting` until it ends, and
+/// cached answers are confirmed, as when a change is heard but not yet applied.
+async fn holding_back_notifications<F: Future>(
+    waiting: Arc<AtomicUsize>,
+    statement: F,
+) -> F::Output {
+    let mut statement = std::pin::pin!(statement);
+    tokio::select! {
+        done = &mut statement => return done,
+        _ = tokio::time::sleep(HOLD_BACK_GRACE) => {}
     }
+    waiting.fetch_add(1, Ordering::SeqCst);
+    // Given back however this ends, the future dropped included.
+    let _held = Held(waiting);
+    statement.await
 }
 
-impl Drop for NotificationsHeldBack {
+/// Takes one back from `waiting` when dropped.
+struct Held(Arc<AtomicUsize>);
+
+impl Drop for Held {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
     }
@@ -524,9 +540,8 @@ where
                 }
                 _ = health.tick() => {
                     // A dead peer goes quiet rather than failing: ask it something.
-                    let held = NotificationsHeldBack::new(&waiting);
-                    let r = tokio::time::timeout(deadline, client.simple_query("SELECT 1")).await;
-                    drop(held);
+                    let check = tokio::time::timeout(deadline, client.simple_query("SELECT 1"));
+                    let r = holding_back_notifications(Arc::clone(&waiting), check).await;
                     timed(metrics, "health check", r)?;
                     // Re-checked only while requests use the pool anyway: an idle instance's
                     // self-test must not hold a pooled connection open. A session that heard
@@ -542,13 +557,8 @@ where
                     }
                 }
                 _ = heartbeat.tick(), if publisher.is_some() && vouching.is_none() && matches!(hearing, Hearing::Live) => {
-                    let held = NotificationsHeldBack::new(&waiting);
-                    let query = tokio::time::timeout(deadline, client.simple_query("SELECT 1"));
-                    vouching = Some(Box::pin(async move {
-                        let r = query.await;
-                        drop(held);
-                        r
-                    }));
+                    let check = tokio::time::timeout(deadline, client.simple_query("SELECT 1"));
+                    vouching = Some(Box::pin(holding_back_notifications(Arc::clone(&waiting), check)));
                 }
                 r = async { vouching.as_mut().expect("guarded").await }, if vouching.is_some() => {
                     vouching = None;
@@ -560,9 +570,8 @@ where
                 }
                 // Only once live: a prune must never hold up the echo that makes the feed live.
                 _ = tokio::time::sleep_until(next_prune), if matches!(hearing, Hearing::Live) => {
-                    let held = NotificationsHeldBack::new(&waiting);
-                    let more = prune_log(&client, config, metrics).await;
-                    drop(held);
+                    let prune = prune_log(&client, config, metrics);
+                    let more = holding_back_notifications(Arc::clone(&waiting), prune).await;
                     next_prune = tokio::time::Instant::now()
                         + if more { PRUNE_BACKLOG_PAUSE } else { PRUNE_INTERVAL };
                 }
