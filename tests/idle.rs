@@ -22,6 +22,16 @@ fn silent_count() -> usize {
         .unwrap_or(50)
 }
 
+/// Asserts that the server closes `sock` within `limit`: a read gives end-of-file or a reset.
+async fn assert_closed_within(mut sock: TcpStream, limit: Duration, what: &str) {
+    let mut buf = [0u8; 1];
+    let read = tokio::time::timeout(limit, sock.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "{what} socket still open"
+    );
+}
+
 #[tokio::test]
 async fn silent_sockets_at_the_connection_cap_do_not_lock_out_real_clients() {
     let cap = silent_count();
@@ -59,13 +69,8 @@ async fn silent_sockets_at_the_connection_cap_do_not_lock_out_real_clients() {
         opened.elapsed()
     );
     // The server closed them: each reads end-of-file (or a reset), never blocks.
-    for mut sock in silent {
-        let mut buf = [0u8; 1];
-        let read = tokio::time::timeout(Duration::from_secs(2), sock.read(&mut buf)).await;
-        assert!(
-            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
-            "silent socket still open"
-        );
+    for sock in silent {
+        assert_closed_within(sock, Duration::from_secs(2), "silent").await;
     }
     s.stop().await;
 }
@@ -320,13 +325,8 @@ async fn connections_stalled_in_the_http2_preface_cost_no_cpu_while_they_wait() 
         wall.elapsed()
     );
     // Still bounded by the head timeout: each is closed once it has passed.
-    for mut sock in stalled {
-        let mut buf = [0u8; 1];
-        let read = tokio::time::timeout(Duration::from_secs(4), sock.read(&mut buf)).await;
-        assert!(
-            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
-            "stalled socket still open"
-        );
+    for sock in stalled {
+        assert_closed_within(sock, Duration::from_secs(4), "stalled").await;
     }
     s.stop().await;
 }
