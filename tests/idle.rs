@@ -1,4 +1,5 @@
-//! Connections that send nothing hold no connection slot for long: a socket that never sends a
+//! Connections that send nothing hold no connection slot for long: at the connection cap a new
+//! connection evicts the oldest that has not yet sent a request, a socket that never sends a
 //! byte is closed after `server.header_read_timeout`, and an HTTP/2 connection with no request
 //! in flight after `server.idle_timeout`, even when it answers every ping, and then ends within
 //! `server.request_timeout` + `server.header_read_timeout` even when its answers cannot be sent;
@@ -32,46 +33,150 @@ async fn assert_closed_within(mut sock: TcpStream, limit: Duration, what: &str) 
     );
 }
 
+/// Opens `count` sockets to `addr` that send nothing, and waits until the accept loop has
+/// taken them all.
+async fn silent_sockets(addr: std::net::SocketAddr, count: usize) -> Vec<TcpStream> {
+    let mut silent = Vec::with_capacity(count);
+    for _ in 0..count {
+        silent.push(TcpStream::connect(addr).await.expect("connect"));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    silent
+}
+
+/// How many of `socks` the server has closed (a read gives end-of-file or a reset).
+fn closed_count(socks: &[TcpStream]) -> usize {
+    let mut buf = [0u8; 1];
+    socks
+        .iter()
+        .filter(|sock| match sock.try_read(&mut buf) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+        })
+        .count()
+}
+
 #[tokio::test]
-async fn silent_sockets_at_the_connection_cap_do_not_lock_out_real_clients() {
+async fn silent_sockets_at_the_connection_cap_make_room_for_real_clients() {
     let cap = silent_count();
     let (_db, _client, s) = Fixture::new()
         .config(&format!(
-            "[server]\nmax_connections = {cap}\nheader_read_timeout = \"1s\""
+            "[server]\nmax_connections = {cap}\nheader_read_timeout = \"5s\""
         ))
         .start()
         .await;
     let opened = Instant::now();
-    let mut silent = Vec::with_capacity(cap);
-    for _ in 0..cap {
-        silent.push(TcpStream::connect(s.addr()).await.expect("connect"));
-    }
-    // Give the accept loop time to take every one of them.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    // The cap is full: a real client is turned away (this is the attack working).
-    let refused = get_once(s.addr(), "/verify", None, Duration::from_millis(500)).await;
-    assert!(refused.is_err(), "cap not reached: {refused:?}");
-    // Once the head timeout has passed, the silent sockets are closed and real clients served.
-    let served = eventually(Duration::from_secs(4), || async {
-        matches!(
-            get_once(s.addr(), "/verify", None, Duration::from_millis(500)).await,
-            Ok(r) if r.status == 401
-        )
-    })
-    .await;
-    assert!(
-        served.is_some(),
-        "no request served after the silent sockets"
+    let silent = silent_sockets(s.addr(), cap).await;
+    assert_eq!(
+        closed_count(&silent),
+        0,
+        "silent sockets closed under the cap"
     );
+    // The cap is full of sockets that never sent a byte: each real client evicts the oldest
+    // of them and is served at once, long before the head timeout would have freed a slot.
+    for i in 0..3 {
+        let r = get_once(s.addr(), "/verify", None, Duration::from_millis(1000))
+            .await
+            .unwrap_or_else(|e| panic!("real client {i} turned away at the cap: {e}"));
+        assert_eq!(r.status, 401);
+    }
     assert!(
-        opened.elapsed() < Duration::from_secs(4),
+        opened.elapsed() < Duration::from_secs(3),
         "served only after {:?}",
         opened.elapsed()
     );
-    // The server closed them: each reads end-of-file (or a reset), never blocks.
+    // Oldest first, at most one per client (a client that finds the slot its predecessor
+    // left evicts nothing): the sockets that went are the first opened.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let evicted = closed_count(&silent);
+    assert!(
+        (1..=3).contains(&evicted),
+        "{evicted} silent sockets evicted for 3 clients"
+    );
+    assert_eq!(
+        closed_count(&silent[..evicted]),
+        evicted,
+        "the oldest were not the ones evicted"
+    );
+    // The rest are closed by the head timeout: each reads end-of-file (or a reset).
     for sock in silent {
-        assert_closed_within(sock, Duration::from_secs(2), "silent").await;
+        assert_closed_within(sock, Duration::from_secs(6), "silent").await;
     }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn connections_that_have_had_a_request_are_never_evicted() {
+    let cap = 4;
+    let (db, _client, s) = Fixture::new()
+        .config(&format!("[server]\nmax_connections = {cap}"))
+        .start()
+        .await;
+    let token = user_with_token(&db, "kept-at-cap").await;
+    let mut kept = Vec::new();
+    for _ in 0..cap {
+        let stream = TcpStream::connect(s.addr()).await.expect("connect");
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
+        let req = hyper::Request::get("/verify")
+            .header("host", "knoxgate")
+            .header("authorization", format!("Token {}", token.token))
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        assert_eq!(
+            sender.send_request(req).await.expect("answer").status(),
+            200
+        );
+        kept.push(sender);
+    }
+    // Every slot holds a keep-alive connection that has been served: a newcomer is turned
+    // away rather than taking one of them.
+    let refused = get_once(s.addr(), "/verify", None, Duration::from_millis(500)).await;
+    assert!(
+        refused.is_err(),
+        "served past a cap of served connections: {refused:?}"
+    );
+    for sender in &mut kept {
+        sender
+            .ready()
+            .await
+            .expect("a served connection was evicted");
+        let req = hyper::Request::get("/verify")
+            .header("host", "knoxgate")
+            .header("authorization", format!("Token {}", token.token))
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        assert_eq!(
+            sender.send_request(req).await.expect("answer").status(),
+            200
+        );
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn silent_sockets_filling_the_admin_port_do_not_fail_liveness() {
+    // The admin port's cap is 64 and its head timeout the main port's: before eviction, 64
+    // silent sockets failed /healthz for as long.
+    let (_db, _client, s) = Fixture::new()
+        .config("[server]\nheader_read_timeout = \"10s\"")
+        .start()
+        .await;
+    let silent = silent_sockets(s.admin(), 64).await;
+    for _ in 0..5 {
+        let r = get_once(s.admin(), "/healthz", None, Duration::from_millis(1000))
+            .await
+            .expect("liveness probe turned away by silent sockets");
+        assert_eq!(r.status, 200);
+    }
+    let evicted = closed_count(&silent);
+    assert!(
+        (1..=5).contains(&evicted),
+        "{evicted} silent sockets evicted for 5 probes"
+    );
     s.stop().await;
 }
 

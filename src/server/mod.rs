@@ -1,4 +1,5 @@
-//! Listeners: accept loop with a connection cap, hyper HTTP/1.1 + h2c per connection with header
+//! Listeners: accept loop with a connection cap (at which a connection yet to send a request
+//! makes room), hyper HTTP/1.1 + h2c per connection with header
 //! limits and timeouts (a bound on a new connection's first bytes, an idle timeout for every
 //! protocol), a graceful drain on shutdown, and the demoted lane (`lane`) for HTTP/1
 //! connections whose answers keep being 401.
@@ -109,6 +110,8 @@ struct Activity {
     /// never reads one): hyper alone knows where that body ends, so the connection must not
     /// leave hyper before the next request (see [`lane::Watch::may_move`]).
     body_sent: AtomicBool,
+    /// A request has begun on it: until then it may be evicted to make room (see [`Unheard`]).
+    requested: AtomicBool,
 }
 
 impl Activity {
@@ -120,6 +123,7 @@ impl Activity {
             refused_in_a_row: AtomicU32::new(0),
             not_refused_in_a_row: AtomicU32::new(0),
             body_sent: AtomicBool::new(false),
+            requested: AtomicBool::new(false),
         })
     }
 
@@ -150,6 +154,7 @@ impl Activity {
     }
 
     fn begin(self: &Arc<Self>) -> InFlight {
+        self.requested.store(true, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         InFlight(Arc::clone(self))
     }
@@ -161,6 +166,55 @@ impl Activity {
         }
         let since = Duration::from_millis(self.idle_since_ms.load(Ordering::SeqCst));
         Some(self.started + since + limit)
+    }
+}
+
+/// A listener's connections that have not yet begun a request, oldest first: silent sockets,
+/// and clients sending their first request's head slowly or not at all. When the connection
+/// cap is full, a new connection evicts the oldest of them instead of being turned away, so
+/// sockets that send nothing cannot lock clients out until `header_read_timeout` ends them:
+/// a client that sends its request as soon as it connects (a probe, a proxy) takes a slot
+/// and, once its request has begun, keeps it. Connections that have had a request are never
+/// evicted; their idle timeout ends them.
+#[derive(Default)]
+struct Unheard {
+    /// In accept order; entries whose connection has since had a request or ended are dropped
+    /// as they are met.
+    queue: std::collections::VecDeque<(Arc<Activity>, tokio::task::AbortHandle)>,
+}
+
+impl Unheard {
+    /// Above this many entries, stale ones are swept from the whole queue, not only its
+    /// front (bounds it when an old unheard connection stays at the front).
+    const SWEEP_ABOVE: usize = 1024;
+
+    fn is_stale((activity, task): &(Arc<Activity>, tokio::task::AbortHandle)) -> bool {
+        activity.requested.load(Ordering::Relaxed) || task.is_finished()
+    }
+
+    /// Records a new connection; `open` is how many connections the listener holds.
+    fn push(&mut self, activity: Arc<Activity>, task: tokio::task::AbortHandle, open: usize) {
+        while self.queue.front().is_some_and(Self::is_stale) {
+            self.queue.pop_front();
+        }
+        if self.queue.len() > Self::SWEEP_ABOVE.max(2 * open) {
+            self.queue.retain(|entry| !Self::is_stale(entry));
+        }
+        self.queue.push_back((activity, task));
+    }
+
+    /// Ends the oldest connection that has not begun a request; false if there is none.
+    fn evict_oldest(&mut self) -> bool {
+        while let Some(entry) = self.queue.pop_front() {
+            if !Self::is_stale(&entry) {
+                entry.1.abort();
+                tracing::debug!(
+                    "connection cap full: evicted the oldest connection yet to send a request"
+                );
+                return true;
+            }
+        }
+        false
     }
 }
 
@@ -301,6 +355,7 @@ pub async fn serve<H, B>(
         .max_buf_size(limits.max_header_bytes);
     let http1 = Arc::new(http1);
     let mut open = JoinSet::new();
+    let mut unheard = Unheard::default();
     loop {
         // Forget connections that have ended, so the set holds only open ones.
         while open.try_join_next().is_some() {}
@@ -315,12 +370,19 @@ pub async fn serve<H, B>(
                         continue;
                     }
                 };
-                let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
-                    // Over the connection cap: close at once rather than let it queue.
-                    drop(stream);
-                    continue;
+                let permit = match Arc::clone(&connections).try_acquire_owned() {
+                    Ok(permit) => Some(permit),
+                    // At the cap, a connection that has not yet sent a request makes room.
+                    Err(_) if unheard.evict_oldest() => None,
+                    Err(_) => {
+                        // Over the cap with every slot serving: close at once rather than
+                        // let it queue.
+                        drop(stream);
+                        continue;
+                    }
                 };
                 let _ = stream.set_nodelay(true);
+                let activity = Activity::new();
                 let conn = connection(
                     Connection {
                         builder: Arc::clone(&builder),
@@ -332,11 +394,27 @@ pub async fn serve<H, B>(
                     stream,
                     peer,
                     handler.clone(),
+                    Arc::clone(&activity),
                 );
-                open.spawn(async move {
-                    let _permit = permit;
+                let connections = Arc::clone(&connections);
+                let freed_within = limits.header_read_timeout;
+                let task = open.spawn(async move {
+                    let _permit = match permit {
+                        Some(permit) => permit,
+                        // The evicted connection's slot is freed as its task is dropped, which
+                        // the runtime does at once; semaphore waiters are served first come,
+                        // first served, so no later accept takes it meanwhile.
+                        None => {
+                            let freed = connections.acquire_owned();
+                            match tokio::time::timeout(freed_within, freed).await {
+                                Ok(Ok(permit)) => permit,
+                                _ => return,
+                            }
+                        }
+                    };
                     conn.await;
                 });
+                unheard.push(activity, task, open.len());
             }
             _ = shutdown.changed() => break,
         }
@@ -362,8 +440,13 @@ struct Connection {
 
 /// One connection: wait (bounded) for its first bytes, then serve it until it ends, has been
 /// idle for `idle_timeout`, or shutdown begins (then gracefully).
-async fn connection<H, B>(shared: Connection, stream: TcpStream, peer: SocketAddr, handler: H)
-where
+async fn connection<H, B>(
+    shared: Connection,
+    stream: TcpStream,
+    peer: SocketAddr,
+    handler: H,
+    activity: Arc<Activity>,
+) where
     H: Handler<B>,
     B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -376,7 +459,6 @@ where
             // Silent for the whole head timeout, closed, or failed: drop it and free the slot.
             _ => return,
         };
-    let activity = Activity::new();
     if protocol == Protocol::Http1 {
         return http1_connection(&shared, stream, read, peer, handler, activity).await;
     }
