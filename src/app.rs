@@ -93,7 +93,7 @@ async fn check_triggers(config: &Config) -> Result<(), StartError> {
     }
     let attempt = async {
         let client = crate::store::pg::connect_one(&config.postgres).await?;
-        schema::triggers_installed(&client, &config.postgres)
+        schema::triggers_installed(&client, &config.postgres, config.verify.needs_identity())
             .await
             .map_err(|e| crate::store::pg::classify("trigger check", &e))
     };

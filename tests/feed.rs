@@ -706,3 +706,47 @@ async fn a_revocation_heard_while_the_feed_waits_on_a_query_is_refused_at_once()
     );
     s.stop().await;
 }
+
+#[tokio::test]
+async fn a_new_username_or_email_reaches_the_identity_headers_within_the_bound() {
+    let db = TestDb::migrated().await;
+    let t = user_with_token(&db, "before-rename").await;
+    let s = TestServer::start(
+        &db,
+        "[verify]\nusername_header = \"X-Auth-Username\"\nemail_header = \"X-Auth-Email\"",
+    )
+    .await;
+    let r = s.verify(&t.token).await;
+    assert_eq!(r.header("x-auth-username"), Some("before-rename"));
+    let c = db.client().await;
+    for (change, header, now) in [
+        (
+            "username = 'after-rename'",
+            "x-auth-username",
+            "after-rename",
+        ),
+        (
+            "email = 'new@example.com'",
+            "x-auth-email",
+            "new@example.com",
+        ),
+    ] {
+        // Cached now, for up to redis.max_cache_ttl (minutes) but for the feed.
+        assert_eq!(s.verify(&t.token).await.status, 200);
+        c.execute(
+            &format!("UPDATE auth_user SET {change} WHERE id = $1"),
+            &[&t.user_id],
+        )
+        .await
+        .unwrap();
+        let heard = eventually(BOUND, || async {
+            s.verify(&t.token).await.header(header) == Some(now)
+        })
+        .await;
+        assert!(
+            heard.is_some(),
+            "{header} still the old value after {BOUND:?}"
+        );
+    }
+    s.stop().await;
+}

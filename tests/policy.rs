@@ -481,13 +481,35 @@ async fn migrate_creates_the_group_tables_and_checks_every_trigger() {
         .await
         .unwrap();
     assert!(installed(&client, &cfg.postgres).await);
+    // ...and one from before the username and email were watched: enough for a configuration
+    // whose answers do not carry them, not for one whose answers do.
+    client
+        .batch_execute(
+            "DROP TRIGGER knoxgate_user_changed ON auth_user;
+             CREATE TRIGGER knoxgate_user_changed
+                 AFTER UPDATE OF is_active, password, is_staff, is_superuser ON auth_user
+                 FOR EACH ROW EXECUTE FUNCTION knoxgate_user_changed();
+             ALTER TABLE auth_user ENABLE ALWAYS TRIGGER knoxgate_user_changed;",
+        )
+        .await
+        .unwrap();
+    assert!(!installed(&client, &cfg.postgres).await);
+    assert!(
+        knoxgate::store::schema::triggers_installed(&client, &cfg.postgres, false)
+            .await
+            .unwrap()
+    );
+    knoxgate::store::schema::migrate(&mut client, &cfg.postgres, true)
+        .await
+        .unwrap();
+    assert!(installed(&client, &cfg.postgres).await);
     // The printed SQL is what migrate runs, group triggers included.
     let sql = knoxgate::store::schema::install_triggers_sql(&cfg.postgres);
     for needle in [
         "knoxgate_membership_changed",
         "knoxgate_group_renamed",
         "knoxgate_group_deleted",
-        "AFTER UPDATE OF is_active, password, is_staff, is_superuser ON auth_user",
+        "AFTER UPDATE OF is_active, password, is_staff, is_superuser, username, email ON auth_user",
     ] {
         assert!(sql.contains(needle), "{needle}");
     }
@@ -506,8 +528,10 @@ async fn migrate_creates_the_group_tables_and_checks_every_trigger() {
     assert_eq!(left, 0);
 }
 
+/// Installed for a configuration whose answers carry the username and email (the most a
+/// configuration requires).
 async fn installed(c: &tokio_postgres::Client, cfg: &knoxgate::config::PostgresConfig) -> bool {
-    knoxgate::store::schema::triggers_installed(c, cfg)
+    knoxgate::store::schema::triggers_installed(c, cfg, true)
         .await
         .unwrap()
 }

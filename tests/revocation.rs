@@ -412,7 +412,7 @@ async fn older_trigger_installs_are_reported_until_migrate_runs_again() {
     }
     let pg = &cfg.postgres;
     let installed = async |c: &tokio_postgres::Client| -> bool {
-        schema::triggers_installed(c, pg).await.unwrap()
+        schema::triggers_installed(c, pg, true).await.unwrap()
     };
     assert!(installed(&client).await);
     assert_eq!(modes(&client).await, ["A"]);

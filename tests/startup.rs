@@ -55,7 +55,7 @@ async fn migrate_creates_django_schema_once_and_never_alters() {
     assert!(second.created_tables.is_empty());
     assert_eq!(columns(&client).await, cols);
     assert!(
-        knoxgate::store::schema::triggers_installed(&client, &cfg.postgres)
+        knoxgate::store::schema::triggers_installed(&client, &cfg.postgres, true)
             .await
             .unwrap()
     );
@@ -63,7 +63,7 @@ async fn migrate_creates_django_schema_once_and_never_alters() {
         .await
         .unwrap();
     assert!(
-        !knoxgate::store::schema::triggers_installed(&client, &cfg.postgres)
+        !knoxgate::store::schema::triggers_installed(&client, &cfg.postgres, true)
             .await
             .unwrap()
     );

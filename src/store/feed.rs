@@ -415,7 +415,7 @@ where
     });
     let result = async {
         let deadline = config.postgres.feed_query_deadline();
-        if !timed(metrics, "trigger check", tokio::time::timeout(deadline, schema::triggers_installed(&client, &config.postgres)).await)? {
+        if !timed(metrics, "trigger check", tokio::time::timeout(deadline, schema::triggers_installed(&client, &config.postgres, config.verify.needs_identity())).await)? {
             return Err(StoreError::Query("the change-feed triggers are not installed: run `knoxgate migrate`".into()));
         }
         // One simple-query message, so even a pooler runs both on one server connection.

@@ -106,12 +106,27 @@ pub fn insert_logging_statement() -> String {
 }
 
 /// The user columns whose change must evict the user's tokens: active flag and password
-/// (revocation), and the staff and superuser flags (per-route policies).
+/// (revocation), the staff and superuser flags (per-route policies), and the username and
+/// email (answers may carry them, and caches keep what they carried).
 fn watched_user_columns(cols: &UserColumns) -> Vec<&str> {
     let mut watched = vec![cols.is_active.as_str(), cols.password.as_str()];
     watched.extend(cols.is_staff.as_deref());
     watched.extend(cols.is_superuser.as_deref());
+    watched.push(cols.username.as_str());
+    watched.extend(cols.email.as_deref());
     watched
+}
+
+/// The watched columns a running configuration depends on: all but the username and email,
+/// and those too when answers carry them (`identity_in_answers`). An install from before they
+/// were watched thus keeps serving a configuration that does not send them.
+fn required_user_columns(cols: &UserColumns, identity_in_answers: bool) -> Vec<&str> {
+    let mut required = watched_user_columns(cols);
+    if !identity_in_answers {
+        let identity = [Some(cols.username.as_str()), cols.email.as_deref()];
+        required.retain(|c| !identity.contains(&Some(*c)));
+    }
+    required
 }
 
 /// Triggers on the group tables: a membership added, removed or moved, and a group renamed or
@@ -416,10 +431,12 @@ pub async fn uninstall_triggers(
 /// the user trigger watching every column it must and the token trigger logging INSERTs (an
 /// install from before per-route policies does not watch the staff and superuser flags, one from
 /// before the TRUNCATE triggers lacks those and fires only in the origin role, one from before
-/// INSERTs were logged does not log them: `knoxgate migrate` updates it).
+/// INSERTs were logged does not log them, one from before usernames and emails were watched
+/// does not serve answers carrying them (`identity_in_answers`): `knoxgate migrate` updates it).
 pub async fn triggers_installed(
     client: &Client,
     cfg: &PostgresConfig,
+    identity_in_answers: bool,
 ) -> Result<bool, tokio_postgres::Error> {
     use tokio_postgres::types::Type;
     let mut expected = vec![
@@ -465,7 +482,7 @@ pub async fn triggers_installed(
         Some(row) => row.try_get(0)?,
         None => Vec::new(),
     };
-    if !watched_user_columns(&cfg.user_columns)
+    if !required_user_columns(&cfg.user_columns, identity_in_answers)
         .iter()
         .all(|c| watching.iter().any(|w| w == c))
     {
@@ -486,4 +503,45 @@ pub async fn triggers_installed(
         return Ok(false);
     }
     table_exists(client, LOG_TABLE).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_identity_columns_are_watched_always_and_required_only_when_answers_carry_them() {
+        let cols = UserColumns::default();
+        let watched = watched_user_columns(&cols);
+        for c in [
+            "is_active",
+            "password",
+            "is_staff",
+            "is_superuser",
+            "username",
+            "email",
+        ] {
+            assert!(watched.contains(&c), "{c} not watched");
+        }
+        assert_eq!(required_user_columns(&cols, true), watched);
+        assert_eq!(
+            required_user_columns(&cols, false),
+            ["is_active", "password", "is_staff", "is_superuser"]
+        );
+        // A model without an email column watches its username all the same.
+        let no_email = UserColumns {
+            email: None,
+            ..UserColumns::default()
+        };
+        assert_eq!(
+            required_user_columns(&no_email, true),
+            [
+                "is_active",
+                "password",
+                "is_staff",
+                "is_superuser",
+                "username"
+            ]
+        );
+    }
 }

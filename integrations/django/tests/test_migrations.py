@@ -24,8 +24,8 @@ SQL_DIR = Path(knoxgate_django.__file__).resolve().parent / "sql"
 MIGRATIONS = sorted(p.stem for p in (SQL_DIR.parent / "migrations").glob("0*.py"))
 #: The newest migration and the SHA-256 of the install.sql it was written for. A database
 #: migrated with an earlier copy is brought up to date only by a migration that runs the SQL
-#: again: when install.sql changes, add one (as 0004) and record it here.
-NEWEST_MIGRATION = ("0004_token_trigger_mark", "f8865ba1094d7210f3877fd6d8cf4d32bde341012bc3a42c8911b00b70afc3c4")
+#: again: when install.sql changes, add one (as 0005) and record it here.
+NEWEST_MIGRATION = ("0005_watch_username_and_email", "3a138d1d04b1bb0baff6ee6f1c563bab9e57440794c77d65878ed36755cb4f2f")
 PG = {
     "host": os.environ.get("KGDJ_PG_HOST", "127.0.0.1"),
     "port": int(os.environ.get("KGDJ_PG_PORT", "5432")),
@@ -171,6 +171,33 @@ def test_an_install_made_by_0003_from_an_earlier_sql_gets_the_mark_knoxgate_need
         call_command("migrate", "knoxgate_django", verbosity=0)
     with connection.cursor() as c:
         assert marked(c)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_install_from_before_0005_gets_the_username_and_email_watched():
+    install = (SQL_DIR / "install.sql").read_text()
+    before = install.replace(", username, email ON auth_user", " ON auth_user").replace(
+        " OR OLD.username IS DISTINCT FROM NEW.username OR OLD.email IS DISTINCT FROM NEW.email", "")
+    assert before != install
+
+    def watched(c) -> set[str]:
+        c.execute(
+            "SELECT a.attname FROM pg_trigger t JOIN pg_attribute a ON a.attrelid = t.tgrelid "
+            "AND a.attnum = ANY(t.tgattr::int2[]) "
+            "WHERE t.tgrelid = 'auth_user'::regclass AND t.tgname = 'knoxgate_user_changed'"
+        )
+        return {row[0] for row in c.fetchall()}
+
+    # What 0004 installed from the SQL of its day: the user trigger without the two columns.
+    call_command("migrate", "knoxgate_django", "0004", verbosity=0)
+    try:
+        with connection.cursor() as c:
+            c.execute(before)
+            assert watched(c) == {"is_active", "password", "is_staff", "is_superuser"}
+    finally:
+        call_command("migrate", "knoxgate_django", verbosity=0)
+    with connection.cursor() as c:
+        assert {"username", "email"} <= watched(c)
 
 
 def test_migrate_on_a_database_other_than_postgresql_does_nothing_and_succeeds(django_db_blocker):

@@ -51,9 +51,9 @@ CREATE TRIGGER knoxgate_token_changed
 
 DROP TRIGGER IF EXISTS knoxgate_user_changed ON auth_user;
 CREATE TRIGGER knoxgate_user_changed
-    AFTER UPDATE OF is_active, password, is_staff, is_superuser ON auth_user
+    AFTER UPDATE OF is_active, password, is_staff, is_superuser, username, email ON auth_user
     FOR EACH ROW
-    WHEN (OLD.is_active IS DISTINCT FROM NEW.is_active OR OLD.password IS DISTINCT FROM NEW.password OR OLD.is_staff IS DISTINCT FROM NEW.is_staff OR OLD.is_superuser IS DISTINCT FROM NEW.is_superuser)
+    WHEN (OLD.is_active IS DISTINCT FROM NEW.is_active OR OLD.password IS DISTINCT FROM NEW.password OR OLD.is_staff IS DISTINCT FROM NEW.is_staff OR OLD.is_superuser IS DISTINCT FROM NEW.is_superuser OR OLD.username IS DISTINCT FROM NEW.username OR OLD.email IS DISTINCT FROM NEW.email)
     EXECUTE FUNCTION knoxgate_user_changed();
 
 DROP TRIGGER IF EXISTS knoxgate_user_deleted ON auth_user;
