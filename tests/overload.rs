@@ -62,9 +62,24 @@ async fn connections_beyond_the_cap_are_closed_and_admin_stays_reachable() {
     let db = TestDb::migrated().await;
     let t = user_with_token(&db, "alice").await;
     let s = TestServer::start(&db, "[server]\nmax_connections = 4").await;
+    // Four keep-alive connections, each served once (a connection yet to send a request
+    // would be evicted to make room: tests/idle.rs).
     let mut held = Vec::new();
     for _ in 0..4 {
-        held.push(TcpStream::connect(s.addr()).await.unwrap());
+        let mut conn = TcpStream::connect(s.addr()).await.unwrap();
+        conn.write_all(
+            format!(
+                "GET /verify HTTP/1.1\r\nHost: x\r\nAuthorization: Token {}\r\n\r\n",
+                t.token
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut answer = [0u8; 12];
+        conn.read_exact(&mut answer).await.unwrap();
+        assert_eq!(&answer, b"HTTP/1.1 200");
+        held.push(conn);
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
     // The fifth is accepted by the kernel and closed by knoxgate without an answer.
