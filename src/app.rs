@@ -16,6 +16,7 @@ pub use crate::state::{App, StartError};
 use crate::{
     config::{Config, Consistency, FeedSource},
     grpc, http,
+    metrics::{AtCap, CapLabels, Listener, Metrics},
     server::{self, Limits},
     store::{Store, feed, relay, schema},
 };
@@ -134,6 +135,21 @@ const MAX_ADMIN_CONNECTIONS: usize = 64;
 /// How often expired in-process entries are freed and failed Redis deletions retried.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
 
+/// `listener`'s connection cap over `slots`, counting in `metrics` what it does when full.
+fn cap(metrics: &Metrics, slots: Arc<Semaphore>, listener: Listener) -> server::Cap {
+    let counter = |action| {
+        metrics
+            .connections_at_cap
+            .get_or_create(&CapLabels { listener, action })
+            .clone()
+    };
+    server::Cap {
+        slots,
+        evicted: counter(AtCap::Evicted),
+        refused: counter(AtCap::Refused),
+    }
+}
+
 /// Binds `addr`; returns the listener and the address it got (port 0 picks one).
 async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
     let bound = async {
@@ -161,7 +177,11 @@ fn serve_admin(
         listener,
         Limits::from(&app.config.server),
         // Its own cap: a flood on the main port must not starve probes and scrapes.
-        Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS)),
+        cap(
+            &app.metrics,
+            Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS)),
+            Listener::Admin,
+        ),
         move |req, _peer| http::admin::admin_service(Arc::clone(&app), Arc::clone(&probe), req),
         shutdown,
         None,
@@ -300,7 +320,7 @@ pub async fn start(mut config: Config) -> Result<Running, StartError> {
     tasks.push(tokio::spawn(server::serve(
         main_listener,
         limits.clone(),
-        Arc::clone(&connections),
+        cap(&app.metrics, Arc::clone(&connections), Listener::Main),
         move |req, peer| http::main_service(Arc::clone(&main_app), req, peer),
         shutdown_rx.clone(),
         lane,
@@ -314,7 +334,7 @@ pub async fn start(mut config: Config) -> Result<Running, StartError> {
         tasks.push(tokio::spawn(server::serve(
             listener,
             limits.clone(),
-            Arc::clone(&connections),
+            cap(&app.metrics, Arc::clone(&connections), Listener::Grpc),
             move |req, _peer| {
                 let (mut service, app) = (service.clone(), Arc::clone(&grpc_app));
                 async move {

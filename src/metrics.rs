@@ -75,6 +75,27 @@ label_value! {
     }
 }
 
+label_value! {
+    /// A listener of the server.
+    pub enum Listener { Main = "main", Grpc = "grpc", Admin = "admin" }
+}
+
+label_value! {
+    /// What a listener did with a new connection that found its connection cap full.
+    pub enum AtCap {
+        /// Made room by closing the oldest connection yet to send a request.
+        Evicted = "evicted",
+        /// Closed the new one: every slot held a connection that had had a request.
+        Refused = "refused",
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CapLabels {
+    pub listener: Listener,
+    pub action: AtCap,
+}
+
 /// Why a `/verify` request ended as it did.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Reason {
@@ -183,6 +204,8 @@ pub struct Metrics {
     /// Login, logout and logoutall requests refused with 503 because `sessions.max_in_flight`
     /// was reached (apart: a flood of slow logins is not a capacity problem of `/verify`).
     pub sessions_load_shed: Counter,
+    /// New connections that found a listener's connection cap full, by what was done.
+    pub connections_at_cap: Family<CapLabels, Counter>,
     /// HTTP/1 connections moved to the demoted lane after `server.demote_after_refusals`
     /// answers of 401 in a row.
     pub connections_demoted: Counter,
@@ -243,6 +266,7 @@ impl Metrics {
             ),
             load_shed: Counter::default(),
             sessions_load_shed: Counter::default(),
+            connections_at_cap: Family::default(),
             connections_demoted: Counter::default(),
             connections_released: Counter::default(),
             assertions_signed: Counter::default(),
@@ -347,6 +371,12 @@ impl Metrics {
             "sessions_load_shed",
             "Login and logout requests refused because sessions.max_in_flight was reached",
             m.sessions_load_shed.clone(),
+        );
+        registry.register(
+            "connections_at_cap",
+            "New connections that found a listener's connection cap full: the oldest connection \
+             yet to send a request evicted to make room, or the new one closed",
+            m.connections_at_cap.clone(),
         );
         registry.register(
             "connections_demoted",

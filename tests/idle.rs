@@ -99,6 +99,10 @@ async fn silent_sockets_at_the_connection_cap_make_room_for_real_clients() {
         evicted,
         "the oldest were not the ones evicted"
     );
+    let counted = s
+        .metric(r#"knoxgate_connections_at_cap_total{listener="main",action="evicted"}"#)
+        .await;
+    assert_eq!(counted, evicted as f64);
     // The rest are closed by the head timeout: each reads end-of-file (or a reset).
     for sock in silent {
         assert_closed_within(sock, Duration::from_secs(6), "silent").await;
@@ -139,6 +143,14 @@ async fn connections_that_have_had_a_request_are_never_evicted() {
         refused.is_err(),
         "served past a cap of served connections: {refused:?}"
     );
+    let counted = async |action: &str| {
+        s.metric(&format!(
+            r#"knoxgate_connections_at_cap_total{{listener="main",action="{action}"}}"#
+        ))
+        .await
+    };
+    assert_eq!(counted("refused").await, 1.0);
+    assert_eq!(counted("evicted").await, 0.0);
     for sender in &mut kept {
         sender
             .ready()

@@ -29,6 +29,7 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
 };
+use prometheus_client::metrics::counter::Counter;
 use tokio::{
     io::AsyncReadExt as _,
     net::{TcpListener, TcpStream},
@@ -37,6 +38,17 @@ use tokio::{
 };
 
 use crate::config::ServerConfig;
+
+/// A listener's connection cap, and the counts of what it did when a new connection found it
+/// full.
+pub struct Cap {
+    /// The open connections allowed; may be shared between listeners.
+    pub slots: Arc<Semaphore>,
+    /// Connections yet to send a request evicted to make room.
+    pub evicted: Counter,
+    /// New connections closed because every slot held one that had had a request.
+    pub refused: Counter,
+}
 
 /// Per-connection protocol limits.
 #[derive(Debug, Clone)]
@@ -322,13 +334,14 @@ where
 }
 
 /// Serves `listener` until `shutdown` becomes true, then drains open connections for at most
-/// the grace period. `connections` caps open connections (shared between listeners). The
+/// the grace period. `cap` bounds its open connections (see [`Unheard`] for what happens at
+/// the cap). The
 /// handler's body type is free so that the gRPC listener (tonic's bodies) shares this loop.
 /// With a `lane`, HTTP/1 connections whose answers keep being 401 are demoted to it.
 pub async fn serve<H, B>(
     listener: TcpListener,
     limits: Limits,
-    connections: Arc<Semaphore>,
+    cap: Cap,
     handler: H,
     mut shutdown: watch::Receiver<bool>,
     lane: Option<Arc<Lane>>,
@@ -370,13 +383,17 @@ pub async fn serve<H, B>(
                         continue;
                     }
                 };
-                let permit = match Arc::clone(&connections).try_acquire_owned() {
+                let permit = match Arc::clone(&cap.slots).try_acquire_owned() {
                     Ok(permit) => Some(permit),
                     // At the cap, a connection that has not yet sent a request makes room.
-                    Err(_) if unheard.evict_oldest() => None,
+                    Err(_) if unheard.evict_oldest() => {
+                        cap.evicted.inc();
+                        None
+                    }
                     Err(_) => {
                         // Over the cap with every slot serving: close at once rather than
                         // let it queue.
+                        cap.refused.inc();
                         drop(stream);
                         continue;
                     }
@@ -396,7 +413,7 @@ pub async fn serve<H, B>(
                     handler.clone(),
                     Arc::clone(&activity),
                 );
-                let connections = Arc::clone(&connections);
+                let slots = Arc::clone(&cap.slots);
                 let freed_within = limits.header_read_timeout;
                 let task = open.spawn(async move {
                     let _permit = match permit {
@@ -405,7 +422,7 @@ pub async fn serve<H, B>(
                         // the runtime does at once; semaphore waiters are served first come,
                         // first served, so no later accept takes it meanwhile.
                         None => {
-                            let freed = connections.acquire_owned();
+                            let freed = slots.acquire_owned();
                             match tokio::time::timeout(freed_within, freed).await {
                                 Ok(Ok(permit)) => permit,
                                 _ => return,
