@@ -110,6 +110,24 @@ async fn silent_sockets_at_the_connection_cap_make_room_for_real_clients() {
     s.stop().await;
 }
 
+/// The status of a `/verify` with `token` sent on an open HTTP/1 connection.
+async fn verify_on(
+    sender: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+    token: &str,
+) -> u16 {
+    let req = hyper::Request::get("/verify")
+        .header("host", "knoxgate")
+        .header("authorization", format!("Token {token}"))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    sender
+        .send_request(req)
+        .await
+        .expect("answer")
+        .status()
+        .as_u16()
+}
+
 #[tokio::test]
 async fn connections_that_have_had_a_request_are_never_evicted() {
     let cap = 4;
@@ -125,15 +143,7 @@ async fn connections_that_have_had_a_request_are_never_evicted() {
             .await
             .expect("handshake");
         tokio::spawn(conn);
-        let req = hyper::Request::get("/verify")
-            .header("host", "knoxgate")
-            .header("authorization", format!("Token {}", token.token))
-            .body(Empty::<Bytes>::new())
-            .unwrap();
-        assert_eq!(
-            sender.send_request(req).await.expect("answer").status(),
-            200
-        );
+        assert_eq!(verify_on(&mut sender, &token.token).await, 200);
         kept.push(sender);
     }
     // Every slot holds a keep-alive connection that has been served: a newcomer is turned
@@ -156,15 +166,7 @@ async fn connections_that_have_had_a_request_are_never_evicted() {
             .ready()
             .await
             .expect("a served connection was evicted");
-        let req = hyper::Request::get("/verify")
-            .header("host", "knoxgate")
-            .header("authorization", format!("Token {}", token.token))
-            .body(Empty::<Bytes>::new())
-            .unwrap();
-        assert_eq!(
-            sender.send_request(req).await.expect("answer").status(),
-            200
-        );
+        assert_eq!(verify_on(sender, &token.token).await, 200);
     }
     s.stop().await;
 }
