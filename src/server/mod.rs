@@ -1,11 +1,14 @@
-//! Listeners: accept loop with a connection cap (at which a connection yet to send a request
+//! Listeners: accept loop with a connection cap (`cap`: a connection yet to send a request
 //! makes room), hyper HTTP/1.1 + h2c per connection with header
 //! limits and timeouts (a bound on a new connection's first bytes, an idle timeout for every
 //! protocol), a graceful drain on shutdown, and the demoted lane (`lane`) for HTTP/1
 //! connections whose answers keep being 401.
 
+mod cap;
 mod lane;
 
+pub use cap::Cap;
+use cap::Unheard;
 pub use lane::Lane;
 
 use std::{
@@ -29,26 +32,14 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
 };
-use prometheus_client::metrics::counter::Counter;
 use tokio::{
     io::AsyncReadExt as _,
     net::{TcpListener, TcpStream},
-    sync::{Semaphore, watch},
+    sync::watch,
     task::JoinSet,
 };
 
 use crate::config::ServerConfig;
-
-/// A listener's connection cap, and the counts of what it did when a new connection found it
-/// full.
-pub struct Cap {
-    /// The open connections allowed; may be shared between listeners.
-    pub slots: Arc<Semaphore>,
-    /// Connections yet to send a request evicted to make room.
-    pub evicted: Counter,
-    /// New connections closed because every slot held one that had had a request.
-    pub refused: Counter,
-}
 
 /// Per-connection protocol limits.
 #[derive(Debug, Clone)]
@@ -178,55 +169,6 @@ impl Activity {
         }
         let since = Duration::from_millis(self.idle_since_ms.load(Ordering::SeqCst));
         Some(self.started + since + limit)
-    }
-}
-
-/// A listener's connections that have not yet begun a request, oldest first: silent sockets,
-/// and clients sending their first request's head slowly or not at all. When the connection
-/// cap is full, a new connection evicts the oldest of them instead of being turned away, so
-/// sockets that send nothing cannot lock clients out until `header_read_timeout` ends them:
-/// a client that sends its request as soon as it connects (a probe, a proxy) takes a slot
-/// and, once its request has begun, keeps it. Connections that have had a request are never
-/// evicted; their idle timeout ends them.
-#[derive(Default)]
-struct Unheard {
-    /// In accept order; entries whose connection has since had a request or ended are dropped
-    /// as they are met.
-    queue: std::collections::VecDeque<(Arc<Activity>, tokio::task::AbortHandle)>,
-}
-
-impl Unheard {
-    /// Above this many entries, stale ones are swept from the whole queue, not only its
-    /// front (bounds it when an old unheard connection stays at the front).
-    const SWEEP_ABOVE: usize = 1024;
-
-    fn is_stale((activity, task): &(Arc<Activity>, tokio::task::AbortHandle)) -> bool {
-        activity.requested.load(Ordering::Relaxed) || task.is_finished()
-    }
-
-    /// Records a new connection; `open` is how many connections the listener holds.
-    fn push(&mut self, activity: Arc<Activity>, task: tokio::task::AbortHandle, open: usize) {
-        while self.queue.front().is_some_and(Self::is_stale) {
-            self.queue.pop_front();
-        }
-        if self.queue.len() > Self::SWEEP_ABOVE.max(2 * open) {
-            self.queue.retain(|entry| !Self::is_stale(entry));
-        }
-        self.queue.push_back((activity, task));
-    }
-
-    /// Ends the oldest connection that has not begun a request; false if there is none.
-    fn evict_oldest(&mut self) -> bool {
-        while let Some(entry) = self.queue.pop_front() {
-            if !Self::is_stale(&entry) {
-                entry.1.abort();
-                tracing::debug!(
-                    "connection cap full: evicted the oldest connection yet to send a request"
-                );
-                return true;
-            }
-        }
-        false
     }
 }
 
