@@ -13,11 +13,10 @@ use std::{
 };
 
 use base64::Engine as _;
-use knoxgate::auth::token_key_of;
 
 use crate::support::{
-    PrivatePg, connect, eventually, fleet_config, http, insert_default_token, insert_user,
-    readyz_status, run_blocking, start_unready,
+    PrivatePg, connect, delete_token, eventually, fleet_config, http, insert_default_token,
+    insert_user, readyz_status, run_blocking, start_unready,
 };
 
 /// What the load saw.
@@ -85,12 +84,7 @@ async fn promoted_standby_takes_over_under_load_without_a_wrong_answer() {
         assert_eq!(status(t.clone()).await, 200);
     }
     for t in &revoked {
-        old.execute(
-            "DELETE FROM knox_authtoken WHERE token_key = $1",
-            &[&token_key_of(t)],
-        )
-        .await
-        .unwrap();
+        delete_token(&old, t).await;
     }
     for t in &revoked {
         let refused = eventually(Duration::from_secs(2), || async {
@@ -251,12 +245,7 @@ async fn promoted_standby_takes_over_under_load_without_a_wrong_answer() {
         sql_before,
         "hits should be served from cache again once the feed is live"
     );
-    new.execute(
-        "DELETE FROM knox_authtoken WHERE token_key = $1",
-        &[&token_key_of(&victim)],
-    )
-    .await
-    .unwrap();
+    delete_token(&new, &victim).await;
     let refused = eventually(Duration::from_secs(2), || async {
         status(victim.clone()).await == 401
     })

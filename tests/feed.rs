@@ -15,17 +15,6 @@ use crate::support::*;
 /// The bound the tests hold revocation to; the benchmark measures the real latency.
 const BOUND: Duration = Duration::from_secs(2);
 
-/// Deletes `token`'s row by SQL, as Django's logout does.
-async fn delete_token(client: &tokio_postgres::Client, token: &str) {
-    client
-        .execute(
-            "DELETE FROM knox_authtoken WHERE token_key = $1",
-            &[&&token[..15]],
-        )
-        .await
-        .unwrap();
-}
-
 async fn refused_within(s: &TestServer, token: &str) -> Option<Duration> {
     eventually(BOUND, || async { s.verify(token).await.status == 401 }).await
 }

@@ -9,9 +9,9 @@ use base64::Engine as _;
 use knoxgate::auth::HashAlgorithm;
 
 use crate::support::{
-    PgBouncer, TestDb, assert_abandoned_login_lets_go_of_the_lock, eventually, fleet_config, http,
-    insert_default_token, insert_default_tokens, insert_token, insert_user, join_all,
-    readyz_status, rows_of_user, start_unready, with_each_token,
+    PgBouncer, TestDb, assert_abandoned_login_lets_go_of_the_lock, delete_token, eventually,
+    fleet_config, http, insert_default_token, insert_default_tokens, insert_token, insert_user,
+    join_all, readyz_status, rows_of_user, start_unready, with_each_token,
 };
 
 const ERRORS: &str = "knoxgate_postgres_errors_total";
@@ -159,13 +159,7 @@ async fn transaction_pooling_serves_cold_lookups_logins_logouts_and_refresh_with
     // A raw-SQL revocation reaches the feed through feed_url, with no request's help.
     let victim = tokens[0].clone();
     assert_eq!(s.verify(&victim).await.status, 200);
-    client
-        .execute(
-            "DELETE FROM knox_authtoken WHERE token_key = $1",
-            &[&knoxgate::auth::token_key_of(&victim)],
-        )
-        .await
-        .unwrap();
+    delete_token(&client, &victim).await;
     let seen = eventually(Duration::from_secs(2), || async {
         s.verify(&victim).await.status == 401
     })
@@ -216,13 +210,7 @@ async fn a_feed_behind_transaction_pooling_is_reported_deaf_and_answers_are_conf
     // Cached, then revoked by raw SQL: the deaf feed never tells, the confirmation does.
     assert_eq!(s.verify(&t.token).await.status, 200);
     assert_eq!(s.verify(&t.token).await.status, 200);
-    client
-        .execute(
-            "DELETE FROM knox_authtoken WHERE token_key = $1",
-            &[&knoxgate::auth::token_key_of(&t.token)],
-        )
-        .await
-        .unwrap();
+    delete_token(&client, &t.token).await;
     assert_eq!(s.verify(&t.token).await.status, 401);
     // Still deaf a few ticks later: it never flips back to live on its own.
     tokio::time::sleep(Duration::from_secs(1)).await;

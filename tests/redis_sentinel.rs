@@ -6,8 +6,6 @@
 
 use std::time::{Duration, Instant};
 
-use knoxgate::auth::token_key_of;
-
 use crate::support::*;
 
 /// Waits until the entry of `token` is on both data servers (written and replicated).
@@ -45,13 +43,7 @@ async fn the_master_fails_over_under_load_without_a_wrong_answer() {
     }
     let client = db.client().await;
     for t in &revoked_before {
-        client
-            .execute(
-                "DELETE FROM knox_authtoken WHERE token_key = $1",
-                &[&token_key_of(t)],
-            )
-            .await
-            .unwrap();
+        delete_token(&client, t).await;
     }
     for t in &revoked_before {
         let refused = eventually(REVOCATION_BOUND, || async {
@@ -69,13 +61,7 @@ async fn the_master_fails_over_under_load_without_a_wrong_answer() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     for t in &revoked_during {
         load.revoke(t);
-        client
-            .execute(
-                "DELETE FROM knox_authtoken WHERE token_key = $1",
-                &[&token_key_of(t)],
-            )
-            .await
-            .unwrap();
+        delete_token(&client, t).await;
     }
     let promoted = deployment
         .wait_promoted(old, Duration::from_secs(30))

@@ -36,6 +36,17 @@ pub async fn insert_user(
         .get(0)
 }
 
+/// Deletes `token`'s row by SQL, as Django's logout does.
+pub async fn delete_token(client: &tokio_postgres::Client, token: &str) {
+    client
+        .execute(
+            "DELETE FROM knox_authtoken WHERE token_key = $1",
+            &[&token_key_of(token)],
+        )
+        .await
+        .expect("delete token");
+}
+
 /// Inserts a knox token row for `user_id` expiring `ttl` from now (`None`: never).
 pub async fn insert_token(
     client: &tokio_postgres::Client,
