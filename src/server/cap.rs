@@ -5,10 +5,14 @@
 use std::{
     collections::VecDeque,
     sync::{Arc, atomic::Ordering},
+    time::Duration,
 };
 
 use prometheus_client::metrics::counter::Counter;
-use tokio::{sync::Semaphore, task::AbortHandle};
+use tokio::{
+    sync::{OwnedSemaphorePermit, Semaphore},
+    task::AbortHandle,
+};
 
 use super::Activity;
 
@@ -21,6 +25,47 @@ pub struct Cap {
     pub evicted: Counter,
     /// New connections closed because every slot held one that had had a request.
     pub refused: Counter,
+}
+
+impl Cap {
+    /// A slot for a new connection: a free one, else the one the oldest connection yet to send
+    /// a request gives up (counted as evicted); `None` when every slot holds a connection that
+    /// has had a request (counted as refused).
+    pub(super) fn admit(&self, unheard: &mut Unheard) -> Option<Slot> {
+        match Arc::clone(&self.slots).try_acquire_owned() {
+            Ok(permit) => Some(Slot::Free(permit)),
+            Err(_) if unheard.evict_oldest() => {
+                self.evicted.inc();
+                Some(Slot::Freeing(Arc::clone(&self.slots)))
+            }
+            Err(_) => {
+                self.refused.inc();
+                None
+            }
+        }
+    }
+}
+
+/// A new connection's slot, as [`Cap::admit`] found it.
+pub(super) enum Slot {
+    Free(OwnedSemaphorePermit),
+    /// Being given back by an evicted connection.
+    Freeing(Arc<Semaphore>),
+}
+
+impl Slot {
+    /// The slot, once it is free. An evicted connection's slot is freed as its task is
+    /// dropped, which the runtime does at once; semaphore waiters are served first come, first
+    /// served, so no later accept takes it meanwhile. `None` if it is not free `within`.
+    pub(super) async fn taken(self, within: Duration) -> Option<OwnedSemaphorePermit> {
+        match self {
+            Slot::Free(permit) => Some(permit),
+            Slot::Freeing(slots) => tokio::time::timeout(within, slots.acquire_owned())
+                .await
+                .ok()?
+                .ok(),
+        }
+    }
 }
 
 /// A listener's connections that have not yet begun a request, oldest first: silent sockets,

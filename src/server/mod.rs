@@ -276,9 +276,9 @@ where
 }
 
 /// Serves `listener` until `shutdown` becomes true, then drains open connections for at most
-/// the grace period. `cap` bounds its open connections (see [`Unheard`] for what happens at
-/// the cap). The
-/// handler's body type is free so that the gRPC listener (tonic's bodies) shares this loop.
+/// the grace period. `cap` bounds its open connections (see [`Cap::admit`] for what happens
+/// at the cap). The handler's body type is free so that the gRPC listener (tonic's bodies)
+/// shares this loop.
 /// With a `lane`, HTTP/1 connections whose answers keep being 401 are demoted to it.
 pub async fn serve<H, B>(
     listener: TcpListener,
@@ -325,20 +325,11 @@ pub async fn serve<H, B>(
                         continue;
                     }
                 };
-                let permit = match Arc::clone(&cap.slots).try_acquire_owned() {
-                    Ok(permit) => Some(permit),
-                    // At the cap, a connection that has not yet sent a request makes room.
-                    Err(_) if unheard.evict_oldest() => {
-                        cap.evicted.inc();
-                        None
-                    }
-                    Err(_) => {
-                        // Over the cap with every slot serving: close at once rather than
-                        // let it queue.
-                        cap.refused.inc();
-                        drop(stream);
-                        continue;
-                    }
+                let Some(slot) = cap.admit(&mut unheard) else {
+                    // Over the cap with every slot serving: close at once rather than let it
+                    // queue.
+                    drop(stream);
+                    continue;
                 };
                 let _ = stream.set_nodelay(true);
                 let activity = Activity::new();
@@ -355,21 +346,10 @@ pub async fn serve<H, B>(
                     handler.clone(),
                     Arc::clone(&activity),
                 );
-                let slots = Arc::clone(&cap.slots);
                 let freed_within = limits.header_read_timeout;
                 let task = open.spawn(async move {
-                    let _permit = match permit {
-                        Some(permit) => permit,
-                        // The evicted connection's slot is freed as its task is dropped, which
-                        // the runtime does at once; semaphore waiters are served first come,
-                        // first served, so no later accept takes it meanwhile.
-                        None => {
-                            let freed = slots.acquire_owned();
-                            match tokio::time::timeout(freed_within, freed).await {
-                                Ok(Ok(permit)) => permit,
-                                _ => return,
-                            }
-                        }
+                    let Some(_permit) = slot.taken(freed_within).await else {
+                        return;
                     };
                     conn.await;
                 });
