@@ -157,8 +157,9 @@ async fn custom_user_model_columns_are_configurable() {
         .await
         .unwrap();
     let t = insert_token(&client, 41, TEN_HOURS, "", HashAlgorithm::Sha512).await;
+    // Its login is its email too (USERNAME_FIELD = "email"): one column, named once.
     let columns = "[postgres]\nuser_table = \"accounts_member\"\nuser_id_column = \"uid\"\n\
-                   username_column = \"login\"\nemail_column = \"\"\nis_active_column = \"enabled\"\n\
+                   username_column = \"login\"\nemail_column = \"login\"\nis_active_column = \"enabled\"\n\
                    password_column = \"secret\"\nlast_login_column = \"\"\n\
                    is_staff_column = \"\"\nis_superuser_column = \"\"\nuser_groups_table = \"\"";
     let cfg = config_for(&db, "kgx", columns);

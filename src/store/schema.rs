@@ -109,22 +109,26 @@ pub fn insert_logging_statement() -> String {
 /// (revocation), the staff and superuser flags (per-route policies), and the username and
 /// email (answers may carry them, and caches keep what they carried).
 fn watched_user_columns(cols: &UserColumns) -> Vec<&str> {
-    let mut watched = vec![cols.is_active.as_str(), cols.password.as_str()];
-    watched.extend(cols.is_staff.as_deref());
-    watched.extend(cols.is_superuser.as_deref());
-    watched.push(cols.username.as_str());
-    watched.extend(cols.email.as_deref());
-    watched
+    required_user_columns(cols, true)
 }
 
 /// The watched columns a running configuration depends on: all but the username and email,
 /// and those too when answers carry them (`identity_in_answers`). An install from before they
 /// were watched thus keeps serving a configuration that does not send them.
 fn required_user_columns(cols: &UserColumns, identity_in_answers: bool) -> Vec<&str> {
-    let mut required = watched_user_columns(cols);
-    if !identity_in_answers {
-        let identity = [Some(cols.username.as_str()), cols.email.as_deref()];
-        required.retain(|c| !identity.contains(&Some(*c)));
+    let mut required = vec![cols.is_active.as_str(), cols.password.as_str()];
+    required.extend(cols.is_staff.as_deref());
+    required.extend(cols.is_superuser.as_deref());
+    if identity_in_answers {
+        // A model whose USERNAME_FIELD is its email column names that column once.
+        for column in [Some(cols.username.as_str()), cols.email.as_deref()]
+            .into_iter()
+            .flatten()
+        {
+            if !required.contains(&column) {
+                required.push(column);
+            }
+        }
     }
     required
 }
@@ -527,6 +531,15 @@ mod tests {
         assert_eq!(
             required_user_columns(&cols, false),
             ["is_active", "password", "is_staff", "is_superuser"]
+        );
+        // Nor twice a column that is both its username and its email (UPDATE OF refuses it).
+        let email_as_username = UserColumns {
+            username: "email".into(),
+            ..UserColumns::default()
+        };
+        assert_eq!(
+            required_user_columns(&email_as_username, true),
+            ["is_active", "password", "is_staff", "is_superuser", "email"]
         );
         // A model without an email column watches its username all the same.
         let no_email = UserColumns {
