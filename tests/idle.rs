@@ -44,6 +44,14 @@ async fn silent_sockets(addr: std::net::SocketAddr, count: usize) -> Vec<TcpStre
     silent
 }
 
+/// New connections the main listener `evicted` for or `refused` at its connection cap.
+async fn at_main_cap(s: &TestServer, action: &str) -> f64 {
+    s.metric(&format!(
+        r#"knoxgate_connections_at_cap_total{{listener="main",action="{action}"}}"#
+    ))
+    .await
+}
+
 /// How many of `socks` the server has closed (a read gives end-of-file or a reset).
 fn closed_count(socks: &[TcpStream]) -> usize {
     let mut buf = [0u8; 1];
@@ -99,10 +107,7 @@ async fn silent_sockets_at_the_connection_cap_make_room_for_real_clients() {
         evicted,
         "the oldest were not the ones evicted"
     );
-    let counted = s
-        .metric(r#"knoxgate_connections_at_cap_total{listener="main",action="evicted"}"#)
-        .await;
-    assert_eq!(counted, evicted as f64);
+    assert_eq!(at_main_cap(&s, "evicted").await, evicted as f64);
     // The rest are closed by the head timeout: each reads end-of-file (or a reset).
     for sock in silent {
         assert_closed_within(sock, Duration::from_secs(6), "silent").await;
@@ -153,14 +158,8 @@ async fn connections_that_have_had_a_request_are_never_evicted() {
         refused.is_err(),
         "served past a cap of served connections: {refused:?}"
     );
-    let counted = async |action: &str| {
-        s.metric(&format!(
-            r#"knoxgate_connections_at_cap_total{{listener="main",action="{action}"}}"#
-        ))
-        .await
-    };
-    assert_eq!(counted("refused").await, 1.0);
-    assert_eq!(counted("evicted").await, 0.0);
+    assert_eq!(at_main_cap(&s, "refused").await, 1.0);
+    assert_eq!(at_main_cap(&s, "evicted").await, 0.0);
     for sender in &mut kept {
         sender
             .ready()
