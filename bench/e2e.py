@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""End to end: one DRF endpoint behind one nginx, four ways (run through bench/e2e.sh).
+"""End to end: one DRF endpoint behind one nginx, each way of authenticating (run through
+bench/e2e.sh).
 
 Every configuration serves the same view (bench/django/e2e_urls.py, GET /api/whoami/ answering
 the user's id) from its own gunicorn with the same settings, behind one nginx with one server
@@ -13,22 +14,28 @@ block per configuration:
                      (REQUIRE_ASSERTION, keys from knoxgate's JWKS)
   knoxgate-unsigned  the same with a second knoxgate without assertions, Django trusting
                      X-Auth-User-Id from the loopback proxy (an extra, not one of the four)
+  auth-stub          nginx auth_request -> a stub forward-auth server (a second nginx, one
+                     worker, answering 200 to everything) -> Django, no authentication: what
+                     the subrequest and a separate auth process cost before any authentication
 
 Steps: fresh database E2E_DB (Django's and knoxgate's migrations, 10,000 knox tokens seeded with
 SQL over 2,500 users; E2E_HOT_SET of them are requested), a private redis-server, the two
-knoxgate instances, the gunicorns and nginx; a check per configuration (a token reaches the view
-as its user, no token gets 401, a forged X-Auth-User-Id straight to the knoxgate app gets 401);
-warm-up; then
+knoxgate instances, the gunicorns, nginx and the stub; a check per configuration (a token
+reaches the view as its user, no token gets 401, a forged X-Auth-User-Id straight to the
+knoxgate app gets 401); warm-up; then
   1. E2E_ROUNDS interleaved rounds of wrk at saturation, one run per configuration per round;
   2. one paced run per configuration at the same fixed rate (half the slowest configuration's
      saturation unless E2E_RATE is set), with Postgres's transaction counter read around it
-     after it has settled (SQL per request);
+     after it has settled (SQL per request); when the phase could reach the moment the warmed
+     tokens' cache entries expire together (300 s after the warm-up), it first waits for that
+     moment and warms them again;
   3. E2E_VERIFY_ROUNDS interleaved rounds of GET /verify straight to knoxgate on hot tokens,
      signed assertions on against off (more and shorter rounds than step 1: at ~80,000 requests/s
      one 10-s round's neighbour noise moved the ratio between 0.73 and 1.21).
 CPU per request by process comes from /proc/<pid>/stat (utime + stime) read around every run:
-nginx (master and worker), each gunicorn (master and workers), each knoxgate, redis-server, the
-Postgres backends connected to the bench database, and wrk (getrusage of the child).
+nginx (master and worker), the stub's nginx, each gunicorn (master and workers), each knoxgate,
+redis-server, the Postgres backends connected to the bench database, and wrk (getrusage of the
+child).
 E2E_PROBE=1 also loads bench/django/gunicorn_probe.py into every gunicorn: each run then says how
 much of its workers' CPU went to Django's handler, to knoxgate-django and to signature checks
 (a section of its own in the report; the probe's clock reads cost every request a little).
@@ -61,6 +68,9 @@ FIXED_RATE = env_int("E2E_RATE", 0)               # 0 = half the slowest configu
 CONNS = env_int("E2E_CONNECTIONS", 64)
 RATE_CONNS = env_int("E2E_RATE_CONNECTIONS", 32)
 HOT_SET = env_int("E2E_HOT_SET", 1000)
+#: How long the caches hold a token from when it is filled: knoxgate's redis.max_cache_ttl and
+#: knox-redis's MAX_TOKEN_CACHE_TTL, both left at their default.
+CACHE_TTL = 300
 GUNICORN_ARGS = os.environ.get("E2E_GUNICORN",
                                "--workers 2 --worker-class gthread --threads 8").split()
 NGINX_WORKERS = env_int("E2E_NGINX_WORKERS", 1)
@@ -73,7 +83,12 @@ if ASSERTION_KEY not in KEYGEN:
 #: 1: gunicorn runs with bench/django/gunicorn_probe.py, and each run says where its workers'
 #: CPU went (Django's handler, knoxgate-django, signature checks). Costs every request a little.
 PROBE = os.environ.get("E2E_PROBE", "0") == "1"
-CONFIGS = os.environ.get("E2E_CONFIGS", "floor knox knox-redis knoxgate knoxgate-unsigned").split()
+# The order of round 1 (reversed every other round). With the signed path fifth of six, its
+# runs in rounds 1 and 2 start about 30 s apart, under the 45 s after which an assertion is
+# renewed: round 2 meets its assertions as round 1 left them, rounds 1 and 3 meet all 1,000
+# renewed (the report counts the renewals of each round).
+CONFIGS = os.environ.get("E2E_CONFIGS",
+                         "floor auth-stub knox knox-redis knoxgate knoxgate-unsigned").split()
 FINAL = Path(os.environ.get("E2E_FINAL_DIR", HERE / "out"))
 AUDIENCE = "e2e-bench"
 PORT_BASE = env_int("E2E_PORT_BASE", 18780)
@@ -105,13 +120,15 @@ CONFIG_INFO = {
                  "knoxgate", False, "signed"),
     "knoxgate-unsigned": ("nginx auth_request → knoxgate → Django + knoxgate-django "
                           "(X-Auth-User-Id, no assertion)", "knoxgate-unsigned", False, "unsigned"),
+    "auth-stub": ("nginx auth_request → a stub auth server (a second nginx: `return 200`) → "
+                  "Django, no authentication", "none", False, "stub"),
 }
 for c in CONFIGS:
     if c not in CONFIG_INFO:
         sys.exit(f"E2E_CONFIGS: unknown configuration {c!r} (known: {' '.join(CONFIG_INFO)})")
 
 PORTS = {
-    "kg:signed": PORT_BASE, "kg:unsigned": PORT_BASE + 1,
+    "kg:signed": PORT_BASE, "kg:unsigned": PORT_BASE + 1, "kg:stub": PORT_BASE + 2,
     "kgadmin:signed": PORT_BASE + 10, "kgadmin:unsigned": PORT_BASE + 11,
     **{f"nginx:{c}": PORT_BASE + 20 + i for i, c in enumerate(CONFIG_INFO)},
     **{f"app:{c}": PORT_BASE + 30 + i for i, c in enumerate(CONFIG_INFO)},
@@ -292,7 +309,7 @@ def start_nginx():
     d = OUT / "nginx"
     (d / "logs").mkdir(parents=True, exist_ok=True)
     conf = NGINX_HEAD.format(d=d, workers=NGINX_WORKERS)
-    for label in ("signed", "unsigned"):
+    for label in ("signed", "unsigned", "stub"):
         conf += NGINX_KG_UPSTREAM.format(label=label, port=PORTS["kg:" + label])
     for name in CONFIGS:
         kg = CONFIG_INFO[name][3]
@@ -300,9 +317,24 @@ def start_nginx():
         conf += tmpl.format(u=name.replace("-", "_"), app=PORTS["app:" + name],
                             port=PORTS["nginx:" + name], label=kg)
     conf += "}\n"
+    return start_nginx_process("nginx", d, conf)
+
+
+def start_auth_stub():
+    """The forward-auth server of `auth-stub`: a process of its own, as knoxgate is, that
+    answers every /verify with 200 and nothing else."""
+    d = OUT / "auth-stub"
+    (d / "logs").mkdir(parents=True, exist_ok=True)
+    conf = NGINX_HEAD.format(d=d, workers=1)
+    conf += ("    server {\n        listen 127.0.0.1:%d;\n        location / { return 200; }\n"
+             "    }\n}\n" % PORTS["kg:stub"])
+    return start_nginx_process("auth-stub", d, conf)
+
+
+def start_nginx_process(name, d, conf):
     (d / "nginx.conf").write_text(conf)
     procs.run(["nginx", "-t", "-p", str(d), "-c", str(d / "nginx.conf")], timeout=30)
-    return procs.start("nginx", ["nginx", "-p", str(d), "-c", str(d / "nginx.conf")])
+    return procs.start(name, ["nginx", "-p", str(d), "-c", str(d / "nginx.conf")])
 
 
 # --- checks ----------------------------------------------------------------------------------------
@@ -316,12 +348,13 @@ def check(name, ok, detail):
 
 def check_config(name, url, tok, uid):
     status, body = procs.http_get(url + PATH, {"Authorization": f"Token {tok}"}, timeout=10)
-    want = "null" if name == "floor" else str(uid)
+    authenticates = CONFIG_INFO[name][1] != "none"
+    want = str(uid) if authenticates else "null"
     got = json.loads(body).get("user_id") if status == 200 else None
     check(f"{name}: a seeded token through nginx", status == 200 and json.dumps(got) == want,
           f"{status} {body[:120]}")
     status, body = procs.http_get(url + PATH, timeout=10)
-    want_status = 200 if name == "floor" else 401
+    want_status = 401 if authenticates else 200
     check(f"{name}: no token through nginx", status == want_status, f"{status} {body[:120]}")
 
 
@@ -434,6 +467,27 @@ def kg_metrics_sql(admin):
     return counters.metrics(admin)["sql"]
 
 
+def rewarm_after_expiry(urls, filled):
+    """The caches (knoxgate's tiers, knox-redis's) hold a token for CACHE_TTL from when it was
+    filled, however often it is read since, and the warm-up filled all the hot tokens between
+    the two times of `filled`: they expire within as many seconds, and a paced run that met
+    them would count 1,000 reloads in one 10-s window (0.3 SQL per request; spread out in steady
+    traffic, one per token per CACHE_TTL). When the paced phase could reach the first of them
+    (more rounds, more configurations), wait until the last has passed and send every hot
+    token through every configuration again, so that the reloads happen here, unmeasured."""
+    first_filled, last_filled = filled
+    phase = len(CONFIGS) * (DURATION + cfg.PG_SETTLE + 5) + cfg.PG_SETTLE + 5
+    if time.monotonic() + phase < first_filled + CACHE_TTL:
+        return
+    wait = max(0.0, last_filled + CACHE_TTL + 5 - time.monotonic())
+    log(f"  the warmed tokens' cache entries expire within the paced phase: waiting {wait:.0f} s "
+        "for them to expire, then each hot token once more through every configuration")
+    time.sleep(wait)
+    for c in CONFIGS:
+        wrk(f"rewarm-seq-{c}", urls[c], "verify.lua", WARM_DURATION, conns=8,
+            extra_env=wrk_env("seq"), quiet=True)
+
+
 def signed_count(admin):
     return counters.metrics(admin)["detail"].get("assertions_signed", 0)
 
@@ -457,6 +511,7 @@ def main():
     for label, k in (("signed", key), ("unsigned", None)):
         kg[label] = start_knoxgate(label, k)
     apps = {c: start_app(c) for c in CONFIGS}
+    stub_p = start_auth_stub() if "auth-stub" in CONFIGS else None
     nginx_p = start_nginx()
     for c, (p, url) in apps.items():
         procs.wait_http(url + PATH, lambda s: s in (200, 401), timeout=90)
@@ -485,6 +540,8 @@ def main():
     pids = {"nginx": (nginx_p.pid, True), "redis": (redis_p.pid, False)}
     for label, (p, _, _) in kg.items():
         pids[f"knoxgate-{label}"] = (p.pid, False)
+    if stub_p:
+        pids["auth-stub"] = (stub_p.pid, True)
     for c, (p, _) in apps.items():
         pids[f"gunicorn-{c}"] = (p.pid, True)
 
@@ -494,10 +551,12 @@ def main():
     procs.psql("VACUUM ANALYZE")
     procs.psql("CHECKPOINT")
     log("warm-up: each hot token once through every configuration, then a short random run")
+    warm_began = time.monotonic()
     for c in CONFIGS:
         wrk(f"warm-seq-{c}", urls[c], "verify.lua", WARM_DURATION, conns=8,
             extra_env=wrk_env("seq"), quiet=True)
         wrk(f"warm-{c}", urls[c], "verify.lua", WARM_DURATION, extra_env=wrk_env(), quiet=True)
+    filled = (warm_began, time.monotonic())
     for label in kg:
         wrk(f"warm-verify-{label}", kg[label][1], "verify.lua", WARM_DURATION,
             extra_env=dict(wrk_env("seq"), BENCH_PATH="/verify"), quiet=True)
@@ -516,6 +575,7 @@ def main():
     rate = FIXED_RATE or max(10, int(min(sat.values()) * 0.5) // 10 * 10)
     STATE["fixed_rate"] = rate
     log(f"2. fixed rate {rate} req/s, SQL per request from pg_stat_database (settled reads)")
+    rewarm_after_expiry(urls, filled)
     x_before = counters.pg_xacts(settle=True)
     for c in CONFIGS:
         sql0 = {label: kg_metrics_sql(kg[label][2]) for label in kg}

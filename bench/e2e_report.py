@@ -23,12 +23,13 @@ def med(xs):
 
 def cpu_columns(row, config):
     """CPU µs per request of a run, grouped: nginx, gunicorn (this configuration's), knoxgate
-    (the instance this configuration uses), redis, postgres, wrk, other (everything else we
-    started, which should be idle), total."""
+    (the instance this configuration uses; for auth-stub, the stub's nginx), redis, postgres,
+    wrk, other (everything else we started, which should be idle), total."""
     c = row["cpu_us_per_req"]
     own_app = f"gunicorn-{config}"
     own_kg = {"knoxgate": "knoxgate-signed", "knoxgate-unsigned": "knoxgate-unsigned",
-              "verify-signed": "knoxgate-signed", "verify-unsigned": "knoxgate-unsigned"}.get(config)
+              "verify-signed": "knoxgate-signed", "verify-unsigned": "knoxgate-unsigned",
+              "auth-stub": "auth-stub"}.get(config)
     cols = {
         "nginx": c.get("nginx", 0.0),
         "gunicorn": c.get(own_app, 0.0),
@@ -52,7 +53,7 @@ def write_report(state, configs, info, p):
            for c in ("verify-signed", "verify-unsigned")}
     L = []
     a = L.append
-    a("# End to end: one DRF endpoint behind nginx, four ways")
+    a("# End to end: one DRF endpoint behind nginx, each way of authenticating")
     a("")
     a(f"One run of `bench/e2e.sh`, {v.get('date', '?')}, {fmt(p['elapsed'] / 60, 1)} minutes. "
       f"Machine: {v.get('cores', '?')} cores ({v.get('cpu', '?')}), shared: wrk, nginx, the "
@@ -80,7 +81,10 @@ def write_report(state, configs, info, p):
     a("The view is the same everywhere (`bench/django/e2e_urls.py`: `GET /api/whoami/` → "
       "`{\"user_id\": …}`), as are Django's middleware, settings and database connections "
       "(`CONN_MAX_AGE=600`); only `REST_FRAMEWORK`'s authentication class differs "
-      "(`bench/django/e2e_settings.py`). `floor` has none (AllowAny) and answers `null`.")
+      "(`bench/django/e2e_settings.py`). `floor` has none (AllowAny) and answers `null`, as "
+      "does `auth-stub`, which puts a forward-auth server that does nothing in front of it: "
+      "the cost of nginx's subrequest and of a separate process answering it, before any "
+      "authentication.")
     a("")
 
     # --- saturation
@@ -111,7 +115,8 @@ def write_report(state, configs, info, p):
 
     pairs = [("knoxgate", "knox"), ("knoxgate", "floor"), ("knoxgate", "knox-redis"),
              ("knoxgate-unsigned", "floor"), ("knoxgate-unsigned", "knox"), ("knox", "floor"),
-             ("knox-redis", "floor")]
+             ("knox-redis", "floor"), ("auth-stub", "floor"), ("knoxgate", "auth-stub"),
+             ("knoxgate-unsigned", "auth-stub")]
     ratio = {}
     a("Ratios of requests/s within each round:")
     a("")
@@ -163,7 +168,8 @@ def write_report(state, configs, info, p):
     a("## CPU per request, by process")
     a("")
     a("µs of CPU (user + system, `/proc/<pid>/stat`) per request: nginx (master and worker), "
-      "the configuration's gunicorn (master and workers), the knoxgate instance it uses, "
+      "the configuration's gunicorn (master and workers), the knoxgate instance it uses (for "
+      "`auth-stub`: the stub's nginx), "
       "redis-server, the Postgres backends connected to the bench database, and wrk itself "
       "(the load generator, `getrusage`). *other*: every other process started by the run "
       "(idle gunicorns and knoxgate); should be ~0.")
