@@ -27,6 +27,7 @@ fn main() {
         }
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.server.worker_threads.get())
         .enable_all()
         .build()
         .expect("tokio runtime");

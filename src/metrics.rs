@@ -227,6 +227,9 @@ pub struct Metrics {
     pub redis_connected: Gauge,
     /// Entries in the in-process cache (sampled at scrape).
     pub memory_entries: Gauge,
+    /// Worker threads of the runtime that serves the listeners (`server.worker_threads`;
+    /// sampled at scrape).
+    pub runtime_worker_threads: Gauge,
     /// Keys in the filter of existing token keys; 0 while none is current (sampled at scrape).
     pub key_filter_keys: Gauge,
     /// Bytes of that filter (sampled at scrape).
@@ -275,6 +278,7 @@ impl Metrics {
             feed_last_change: Gauge::default(),
             redis_connected: Gauge::default(),
             memory_entries: Gauge::default(),
+            runtime_worker_threads: Gauge::default(),
             key_filter_keys: Gauge::default(),
             key_filter_bytes: Gauge::default(),
             key_filter_loads: Counter::default(),
@@ -417,6 +421,11 @@ impl Metrics {
             "memory_cache_entries",
             "Entries in the in-process cache",
             m.memory_entries.clone(),
+        );
+        registry.register(
+            "runtime_worker_threads",
+            "Worker threads of the runtime that serves the listeners",
+            m.runtime_worker_threads.clone(),
         );
         registry.register(
             "key_filter_keys",

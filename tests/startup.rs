@@ -1,5 +1,6 @@
 //! Startup and process behaviour: refusing to start without triggers or with a bad config,
-//! `migrate`, draining on SIGTERM, and a custom user model's columns.
+//! `migrate`, draining on SIGTERM, the runtime's thread count, and a custom user model's
+//! columns.
 
 use std::time::Duration;
 
@@ -82,6 +83,19 @@ async fn binary_drains_and_exits_zero_on_sigterm() {
         200
     );
     assert_eq!(binary.terminate().await.code(), Some(0));
+}
+
+#[tokio::test]
+async fn the_runtime_has_as_many_worker_threads_as_configured() {
+    let db = TestDb::migrated().await;
+    let cores = std::thread::available_parallelism().unwrap().get();
+    for (setting, want) in [("1", 1), ("3", 3), ("0", cores)] {
+        let binary = Binary::spawn(&db.url, &[("KNOXGATE_WORKER_THREADS", setting.into())]);
+        assert!(binary.wait_up(Duration::from_secs(10)).await);
+        let workers = metric(binary.admin, "knoxgate_runtime_worker_threads ").await;
+        assert_eq!(workers, want as f64, "worker_threads = {setting}");
+        binary.kill().await;
+    }
 }
 
 #[tokio::test]

@@ -41,8 +41,8 @@ const DEFAULT_GRPC_DEADLINE_MARGIN: Duration = Duration::from_millis(50);
 /// A client that presents 32 failing credentials in a row on one connection is not a user who
 /// mistyped; a proxy's pooled connection that carries real users sees a 200 long before that.
 const DEFAULT_DEMOTE_AFTER_REFUSALS: u64 = 32;
-/// More lane threads than this serve nothing a core count would not.
-const MAX_DEMOTED_THREADS: u64 = 1_024;
+/// More threads than this (runtime workers, lane threads) serve nothing a core count would not.
+const MAX_THREADS: u64 = 1_024;
 
 /// `[server]` as written in the file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -72,6 +72,8 @@ pub struct ServerFile {
     pub demote_after_refusals: u64,
     /// 0: as many as the CPUs.
     pub demoted_threads: u64,
+    /// 0: as many as the CPUs.
+    pub worker_threads: u64,
 }
 
 impl Default for ServerFile {
@@ -92,6 +94,7 @@ impl Default for ServerFile {
             grpc_deadline_margin: DEFAULT_GRPC_DEADLINE_MARGIN,
             demote_after_refusals: DEFAULT_DEMOTE_AFTER_REFUSALS,
             demoted_threads: 0,
+            worker_threads: 0,
         }
     }
 }
@@ -139,6 +142,22 @@ pub struct ServerConfig {
     pub demote_after_refusals: Option<NonZeroU32>,
     /// Threads of the demoted lane.
     pub demoted_threads: NonZeroUsize,
+    /// Worker threads of the runtime that serves every listener. One per CPU by default; a
+    /// sidecar that answers one pod's proxy can take one: at a few thousand requests a second
+    /// each request wakes a thread, and with one thread no other is woken to look for work.
+    pub worker_threads: NonZeroUsize,
+}
+
+/// A thread count: `n`, or as many as the CPUs (as the process may use) for 0.
+fn threads(key: &str, n: u64) -> Result<NonZeroUsize, ConfigError> {
+    match n {
+        0 => Ok(std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN)),
+        n if n > MAX_THREADS => Err(invalid(
+            key,
+            "must be at most 1024 (0: as many as the CPUs)",
+        )),
+        n => nonzero(key, n),
+    }
 }
 
 /// Largest `server.max_connections` and `server.max_in_flight`: each is the size of a
@@ -247,16 +266,8 @@ impl TryFrom<ServerFile> for ServerConfig {
                     ));
                 }
             },
-            demoted_threads: match file.demoted_threads {
-                0 => std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN),
-                n if n > MAX_DEMOTED_THREADS => {
-                    return Err(invalid(
-                        "server.demoted_threads",
-                        "must be at most 1024 (0: as many as the CPUs)",
-                    ));
-                }
-                n => nonzero("server.demoted_threads", n)?,
-            },
+            demoted_threads: threads("server.demoted_threads", file.demoted_threads)?,
+            worker_threads: threads("server.worker_threads", file.worker_threads)?,
         };
         server.check_listeners()?;
         Ok(server)

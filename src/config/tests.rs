@@ -213,6 +213,7 @@ fn errors_name_the_key() {
             "server.demote_after_refusals",
         ),
         ("[server]\ndemoted_threads = 1025", "server.demoted_threads"),
+        ("[server]\nworker_threads = 1025", "server.worker_threads"),
     ];
     for (text, key) in cases {
         let err = Config::from_toml_str(text).unwrap_err().to_string();
