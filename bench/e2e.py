@@ -476,6 +476,8 @@ def rewarm_after_expiry(urls, filled):
     (more rounds, more configurations), wait until the last has passed and send every hot
     token through every configuration again, so that the reloads happen here, unmeasured."""
     first_filled, last_filled = filled
+    # Per configuration its run and the settled read after it (PG_SETTLE, then a few 1.5-s
+    # polls), and the settled read before the first.
     phase = len(CONFIGS) * (DURATION + cfg.PG_SETTLE + 5) + cfg.PG_SETTLE + 5
     if time.monotonic() + phase < first_filled + CACHE_TTL:
         return
@@ -484,8 +486,12 @@ def rewarm_after_expiry(urls, filled):
         "for them to expire, then each hot token once more through every configuration")
     time.sleep(wait)
     for c in CONFIGS:
-        wrk(f"rewarm-seq-{c}", urls[c], "verify.lua", WARM_DURATION, conns=8,
-            extra_env=wrk_env("seq"), quiet=True)
+        send_each_hot_token(f"rewarm-seq-{c}", urls[c])
+
+
+def send_each_hot_token(tag, url):
+    """Each hot token once (and round again until WARM_DURATION ends) through `url`."""
+    wrk(tag, url, "verify.lua", WARM_DURATION, conns=8, extra_env=wrk_env("seq"), quiet=True)
 
 
 def signed_count(admin):
@@ -553,8 +559,7 @@ def main():
     log("warm-up: each hot token once through every configuration, then a short random run")
     warm_began = time.monotonic()
     for c in CONFIGS:
-        wrk(f"warm-seq-{c}", urls[c], "verify.lua", WARM_DURATION, conns=8,
-            extra_env=wrk_env("seq"), quiet=True)
+        send_each_hot_token(f"warm-seq-{c}", urls[c])
         wrk(f"warm-{c}", urls[c], "verify.lua", WARM_DURATION, extra_env=wrk_env(), quiet=True)
     filled = (warm_began, time.monotonic())
     for label in kg:
