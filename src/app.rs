@@ -145,6 +145,11 @@ fn cap(metrics: &Metrics, slots: Arc<Semaphore>, listener: Listener) -> server::
     };
     server::Cap {
         slots,
+        // Only the admin port's clients (probes, scrapes) may lose a kept-alive connection.
+        evict: match listener {
+            Listener::Admin => server::Evict::Idle,
+            Listener::Main | Listener::Grpc => server::Evict::Unheard,
+        },
         evicted: counter(AtCap::Evicted),
         refused: counter(AtCap::Refused),
     }

@@ -83,9 +83,10 @@ label_value! {
 label_value! {
     /// What a listener did with a new connection that found its connection cap full.
     pub enum AtCap {
-        /// Made room by closing the oldest connection yet to send a request.
+        /// Made room by closing the oldest connection yet to send a request (on the admin
+        /// port, else the one idle the longest).
         Evicted = "evicted",
-        /// Closed the new one: every slot held a connection that had had a request.
+        /// Closed the new one: no open connection could be evicted.
         Refused = "refused",
     }
 }

@@ -1,5 +1,6 @@
 //! Connections that send nothing hold no connection slot for long: at the connection cap a new
-//! connection evicts the oldest that has not yet sent a request, a socket that never sends a
+//! connection evicts the oldest that has not yet sent a request (on the admin port, else the
+//! one idle the longest), a socket that never sends a
 //! byte is closed after `server.header_read_timeout`, and an HTTP/2 connection with no request
 //! in flight after `server.idle_timeout`, even when it answers every ping, and then ends within
 //! `server.request_timeout` + `server.header_read_timeout` even when its answers cannot be sent;
@@ -190,6 +191,60 @@ async fn silent_sockets_filling_the_admin_port_do_not_fail_liveness() {
         (1..=5).contains(&evicted),
         "{evicted} silent sockets evicted for 5 probes"
     );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn kept_alive_connections_filling_the_admin_port_do_not_fail_liveness() {
+    // 64 clients served once that keep their connections open: on the main port they would
+    // keep their slots (a proxy's pool); on the admin port the one idle the longest makes room.
+    let (_db, _client, s) = Fixture::new().start().await;
+    let mut kept = Vec::new();
+    for _ in 0..64 {
+        let mut client = Client::connect(s.admin()).await.expect("connect");
+        let r = client.get("/healthz", None).await.expect("served");
+        assert_eq!(r.status, 200);
+        assert!(
+            !client.closed,
+            "the admin port did not keep the connection alive"
+        );
+        kept.push(client);
+    }
+    for _ in 0..5 {
+        let r = get_once(s.admin(), "/healthz", None, Duration::from_millis(1000))
+            .await
+            .expect("liveness probe turned away by kept-alive connections");
+        assert_eq!(r.status, 200);
+    }
+    // Read on the connection served last, which is not idle the longest: a scrape on a new
+    // connection could evict one more.
+    let scrape = kept.last_mut().unwrap().get("/metrics", None).await;
+    let metrics = scrape.expect("scrape on a kept connection").body_text();
+    let at_cap = |action: &str| {
+        let line =
+            format!(r#"knoxgate_connections_at_cap_total{{listener="admin",action="{action}"}} "#);
+        let value = metrics.lines().find_map(|l| l.strip_prefix(line.as_str()));
+        value.map_or(0, |v| v.parse::<usize>().expect("a count"))
+    };
+    let evicted = at_cap("evicted");
+    assert!(
+        (1..=5).contains(&evicted),
+        "{evicted} kept-alive connections evicted for 5 probes"
+    );
+    assert_eq!(at_cap("refused"), 0);
+    // The ones that went are those served first (idle the longest); the rest still serve.
+    for (i, client) in kept.iter_mut().enumerate() {
+        let served = client.get("/healthz", None).await.map(|r| r.status);
+        if i < evicted {
+            assert!(served.is_err(), "connection {i} was not the one evicted");
+        } else {
+            assert_eq!(
+                served.expect("a later connection was evicted"),
+                200,
+                "connection {i}"
+            );
+        }
+    }
     s.stop().await;
 }
 

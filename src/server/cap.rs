@@ -1,6 +1,8 @@
 //! The connection cap: what a listener does when a new connection finds every slot taken.
-//! It evicts the oldest connection that has not yet begun a request ([`Unheard`]), or, when
-//! every slot holds one that has, closes the new one; [`Cap`] counts both.
+//! It evicts a connection that may go ([`Evictable`]): the oldest that has not yet begun a
+//! request and, on a listener that allows it ([`Evict::Idle`], the admin port), else the one
+//! idle the longest between requests. When none may go, it closes the new one. [`Cap`] counts
+//! both.
 
 use std::{
     collections::VecDeque,
@@ -21,6 +23,8 @@ use super::Activity;
 pub struct Cap {
     /// The open connections allowed; may be shared between listeners.
     pub slots: Arc<Semaphore>,
+    /// Which open connections a new one may take the place of.
+    pub evict: Evict,
     /// Connections yet to send a request evicted to make room.
     pub evicted: Counter,
     /// New connections closed because every slot held one that had had a request.
@@ -28,13 +32,13 @@ pub struct Cap {
 }
 
 impl Cap {
-    /// A slot for a new connection: a free one, else the one the oldest connection yet to send
-    /// a request gives up (counted as evicted); `None` when every slot holds a connection that
-    /// has had a request (counted as refused).
-    pub(super) fn admit(&self, unheard: &mut Unheard) -> Option<Slot> {
+    /// A slot for a new connection: a free one, else the one an evicted connection gives up
+    /// (counted as evicted); `None` when no open connection may be evicted (counted as
+    /// refused).
+    pub(super) fn admit(&self, evictable: &mut Evictable) -> Option<Slot> {
         match Arc::clone(&self.slots).try_acquire_owned() {
             Ok(permit) => Some(Slot::Free(permit)),
-            Err(_) if unheard.evict_oldest() => {
+            Err(_) if evictable.evict_one() => {
                 self.evicted.inc();
                 Some(Slot::Freeing(Arc::clone(&self.slots)))
             }
@@ -68,51 +72,100 @@ impl Slot {
     }
 }
 
-/// A listener's connections that have not yet begun a request, oldest first: silent sockets,
-/// and clients sending their first request's head slowly or not at all. When the connection
-/// cap is full, a new connection evicts the oldest of them instead of being turned away, so
-/// sockets that send nothing cannot lock clients out until `header_read_timeout` ends them:
-/// a client that sends its request as soon as it connects (a probe, a proxy) takes a slot
-/// and, once its request has begun, keeps it. Connections that have had a request are never
-/// evicted; their idle timeout ends them.
-#[derive(Default)]
-pub(super) struct Unheard {
-    /// In accept order; entries whose connection has since had a request or ended are dropped
-    /// as they are met.
+/// Which open connections a full listener may close to make room for a new one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Evict {
+    /// Only those that have not yet begun a request: silent sockets, and clients sending their
+    /// first request's head slowly or not at all. A connection that has had a request keeps its
+    /// slot until its idle timeout, since on the main port it is a proxy's pooled connection.
+    Unheard,
+    /// Those too, else the connection idle the longest between requests (never one with a
+    /// request in flight). For the admin port, whose clients (probes, scrapes) reconnect when a
+    /// kept-alive connection is closed: whoever reaches it cannot hold every slot with served
+    /// connections and fail liveness probes until the idle timeout.
+    Idle,
+}
+
+/// A listener's open connections that may be evicted when the cap is full, in accept order:
+/// silent sockets, and clients sending their first request's head slowly or not at all, so
+/// that sockets that send nothing cannot lock clients out until `header_read_timeout` ends
+/// them (a client that sends its request as soon as it connects, a probe or a proxy, takes a
+/// slot and keeps it); with [`Evict::Idle`], connections between requests as well.
+pub(super) struct Evictable {
+    policy: Evict,
+    /// In accept order; entries whose connection has ended, or under [`Evict::Unheard`] has
+    /// had a request, are dropped as they are met.
     queue: VecDeque<(Arc<Activity>, AbortHandle)>,
 }
 
-impl Unheard {
+impl Evictable {
     /// Above this many entries, stale ones are swept from the whole queue, not only its
-    /// front (bounds it when an old unheard connection stays at the front).
+    /// front (bounds it when an old connection stays at the front).
     const SWEEP_ABOVE: usize = 1024;
 
-    fn is_stale((activity, task): &(Arc<Activity>, AbortHandle)) -> bool {
-        activity.requested.load(Ordering::Relaxed) || task.is_finished()
+    pub(super) fn new(policy: Evict) -> Evictable {
+        Evictable {
+            policy,
+            queue: VecDeque::new(),
+        }
+    }
+
+    /// Whether an entry's connection can no longer be evicted, ever.
+    fn is_stale(policy: Evict, (activity, task): &(Arc<Activity>, AbortHandle)) -> bool {
+        task.is_finished()
+            || (policy == Evict::Unheard && activity.requested.load(Ordering::Relaxed))
+    }
+
+    /// An entry's connection, unless it has ended.
+    fn live((activity, task): &(Arc<Activity>, AbortHandle)) -> Option<&Activity> {
+        (!task.is_finished()).then_some(activity)
+    }
+
+    fn drop_stale_front(&mut self) {
+        while self
+            .queue
+            .front()
+            .is_some_and(|entry| Self::is_stale(self.policy, entry))
+        {
+            self.queue.pop_front();
+        }
     }
 
     /// Records a new connection; `open` is how many connections the listener holds.
     pub(super) fn push(&mut self, activity: Arc<Activity>, task: AbortHandle, open: usize) {
-        while self.queue.front().is_some_and(Self::is_stale) {
-            self.queue.pop_front();
-        }
+        self.drop_stale_front();
         if self.queue.len() > Self::SWEEP_ABOVE.max(2 * open) {
-            self.queue.retain(|entry| !Self::is_stale(entry));
+            let policy = self.policy;
+            self.queue.retain(|entry| !Self::is_stale(policy, entry));
         }
         self.queue.push_back((activity, task));
     }
 
-    /// Ends the oldest connection that has not begun a request; false if there is none.
-    pub(super) fn evict_oldest(&mut self) -> bool {
-        while let Some(entry) = self.queue.pop_front() {
-            if !Self::is_stale(&entry) {
-                entry.1.abort();
-                tracing::debug!(
-                    "connection cap full: evicted the oldest connection yet to send a request"
-                );
-                return true;
-            }
-        }
-        false
+    /// Ends one connection the policy allows to go: the oldest that has not begun a request,
+    /// else (under [`Evict::Idle`]) the one idle the longest. False if there is none.
+    pub(super) fn evict_one(&mut self) -> bool {
+        self.drop_stale_front();
+        // Under Evict::Unheard the front, now that stale entries have gone from it.
+        let unheard = self.queue.iter().position(|entry| {
+            Self::live(entry).is_some_and(|a| !a.requested.load(Ordering::Relaxed))
+        });
+        let chosen = unheard.or_else(|| match self.policy {
+            Evict::Unheard => None,
+            // A request that begins between this check and the abort is cut short: a probe
+            // or a scrape, which its client retries.
+            Evict::Idle => (self.queue.iter().enumerate())
+                .filter_map(|(i, entry)| Some((i, Self::live(entry)?.idle_since()?)))
+                .min_by_key(|&(_, since)| since)
+                .map(|(i, _)| i),
+        });
+        let Some((activity, task)) = chosen.and_then(|i| self.queue.remove(i)) else {
+            return false;
+        };
+        task.abort();
+        tracing::debug!(
+            requested = activity.requested.load(Ordering::Relaxed),
+            "connection cap full: evicted a connection with no request in flight"
+        );
+        true
     }
 }

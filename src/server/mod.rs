@@ -1,5 +1,5 @@
 //! Listeners: accept loop with a connection cap (`cap`: a connection yet to send a request
-//! makes room), hyper HTTP/1.1 + h2c per connection with header
+//! makes room, and on the admin port one idle between requests), hyper HTTP/1.1 + h2c per connection with header
 //! limits and timeouts (a bound on a new connection's first bytes, an idle timeout for every
 //! protocol), a graceful drain on shutdown, and the demoted lane (`lane`) for HTTP/1
 //! connections whose answers keep being 401.
@@ -8,7 +8,8 @@ mod cap;
 mod lane;
 
 pub use cap::Cap;
-use cap::Unheard;
+pub use cap::Evict;
+use cap::Evictable;
 pub use lane::Lane;
 
 use std::{
@@ -113,7 +114,7 @@ struct Activity {
     /// never reads one): hyper alone knows where that body ends, so the connection must not
     /// leave hyper before the next request (see [`lane::Watch::may_move`]).
     body_sent: AtomicBool,
-    /// A request has begun on it: until then it may be evicted to make room (see [`Unheard`]).
+    /// A request has begun on it: until then it may be evicted to make room (see [`Evictable`]).
     requested: AtomicBool,
 }
 
@@ -162,13 +163,19 @@ impl Activity {
         InFlight(Arc::clone(self))
     }
 
-    /// When the connection will have been idle for `limit`, or `None` while a request runs.
-    fn idle_deadline(&self, limit: Duration) -> Option<Instant> {
+    /// When the connection last became idle (was opened, or ended a request), or `None` while
+    /// a request runs.
+    fn idle_since(&self) -> Option<Instant> {
         if self.in_flight.load(Ordering::SeqCst) > 0 {
             return None;
         }
         let since = Duration::from_millis(self.idle_since_ms.load(Ordering::SeqCst));
-        Some(self.started + since + limit)
+        Some(self.started + since)
+    }
+
+    /// When the connection will have been idle for `limit`, or `None` while a request runs.
+    fn idle_deadline(&self, limit: Duration) -> Option<Instant> {
+        Some(self.idle_since()? + limit)
     }
 }
 
@@ -310,7 +317,7 @@ pub async fn serve<H, B>(
         .max_buf_size(limits.max_header_bytes);
     let http1 = Arc::new(http1);
     let mut open = JoinSet::new();
-    let mut unheard = Unheard::default();
+    let mut evictable = Evictable::new(cap.evict);
     loop {
         // Forget connections that have ended, so the set holds only open ones.
         while open.try_join_next().is_some() {}
@@ -325,7 +332,7 @@ pub async fn serve<H, B>(
                         continue;
                     }
                 };
-                let Some(slot) = cap.admit(&mut unheard) else {
+                let Some(slot) = cap.admit(&mut evictable) else {
                     // Over the cap with every slot serving: close at once rather than let it
                     // queue.
                     drop(stream);
@@ -353,7 +360,7 @@ pub async fn serve<H, B>(
                     };
                     conn.await;
                 });
-                unheard.push(activity, task, open.len());
+                evictable.push(activity, task, open.len());
             }
             _ = shutdown.changed() => break,
         }
