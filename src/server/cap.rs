@@ -169,3 +169,79 @@ impl Evictable {
         true
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::future::pending;
+
+    use tokio::task::JoinHandle;
+
+    use super::*;
+
+    /// A connection task that runs until aborted, with its activity.
+    fn connection() -> (Arc<Activity>, JoinHandle<()>) {
+        (Activity::new(), tokio::spawn(pending::<()>()))
+    }
+
+    /// A connection that has had one request and is now idle.
+    async fn served() -> (Arc<Activity>, JoinHandle<()>) {
+        let (activity, task) = connection();
+        drop(activity.begin());
+        // idle_since has millisecond resolution: the next one served is idle for less.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        (activity, task)
+    }
+
+    fn push(evictable: &mut Evictable, (activity, task): &(Arc<Activity>, JoinHandle<()>)) {
+        evictable.push(Arc::clone(activity), task.abort_handle(), 4);
+    }
+
+    /// Whether `task` was aborted (it never ends otherwise).
+    async fn aborted(task: JoinHandle<()>) -> bool {
+        let ended = tokio::time::timeout(Duration::from_secs(1), task).await;
+        ended.is_ok_and(|r| r.is_err_and(|e| e.is_cancelled()))
+    }
+
+    #[tokio::test]
+    async fn the_main_port_evicts_only_connections_yet_to_send_a_request() {
+        let mut evictable = Evictable::new(Evict::Unheard);
+        let kept = served().await;
+        let unheard = connection();
+        push(&mut evictable, &kept);
+        push(&mut evictable, &unheard);
+        assert!(evictable.evict_one());
+        assert!(aborted(unheard.1).await);
+        assert!(!evictable.evict_one(), "a served connection was evicted");
+        assert!(!kept.1.is_finished());
+    }
+
+    #[tokio::test]
+    async fn the_admin_port_evicts_the_unheard_then_the_longest_idle_never_one_in_flight() {
+        let mut evictable = Evictable::new(Evict::Idle);
+        let idle_longest = served().await;
+        let busy = connection();
+        let _in_flight = busy.0.begin();
+        let idle_shorter = served().await;
+        let unheard = connection();
+        for entry in [&idle_longest, &busy, &idle_shorter, &unheard] {
+            push(&mut evictable, entry);
+        }
+        assert!(evictable.evict_one());
+        assert!(
+            aborted(unheard.1).await,
+            "the unheard connection goes first"
+        );
+        assert!(evictable.evict_one());
+        assert!(
+            aborted(idle_longest.1).await,
+            "then the one idle the longest"
+        );
+        assert!(evictable.evict_one());
+        assert!(aborted(idle_shorter.1).await);
+        assert!(
+            !evictable.evict_one(),
+            "a connection with a request in flight was evicted"
+        );
+        assert!(!busy.1.is_finished());
+    }
+}
