@@ -151,8 +151,10 @@ impl Evictable {
         });
         let chosen = unheard.or_else(|| match self.policy {
             Evict::Unheard => None,
-            // A request that begins between this check and the abort is cut short: a probe
-            // or a scrape, which its client retries.
+            // A request that begins between this check and the abort is cut short, as is an
+            // answer hyper is still writing (a connection counts as idle once its handler has
+            // returned): a probe or a scrape, which its client retries. Such a connection has
+            // been idle the shortest, so it goes only when every other has a request in flight.
             Evict::Idle => (self.queue.iter().enumerate())
                 .filter_map(|(i, entry)| Some((i, Self::live(entry)?.idle_since()?)))
                 .min_by_key(|&(_, since)| since)
