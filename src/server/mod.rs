@@ -1,8 +1,8 @@
 //! Listeners: accept loop with a connection cap (`cap`: a connection yet to send a request
-//! makes room, and on the admin port one idle between requests), hyper HTTP/1.1 + h2c per connection with header
-//! limits and timeouts (a bound on a new connection's first bytes, an idle timeout for every
-//! protocol), a graceful drain on shutdown, and the demoted lane (`lane`) for HTTP/1
-//! connections whose answers keep being 401.
+//! makes room, and on the admin port one idle between requests), hyper HTTP/1.1 + h2c per
+//! connection with header limits and timeouts (a bound on a new connection's first bytes, an
+//! idle timeout for every protocol), a graceful drain on shutdown, and the demoted lane
+//! (`lane`) for HTTP/1 connections whose answers keep being 401.
 
 mod cap;
 mod lane;
