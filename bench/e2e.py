@@ -13,7 +13,8 @@ block per configuration:
                      E2E_ASSERTION_KEY=ed25519) -> Django + knoxgate-django
                      (REQUIRE_ASSERTION, keys from knoxgate's JWKS)
   knoxgate-unsigned  the same with a second knoxgate without assertions, Django trusting
-                     X-Auth-User-Id from the loopback proxy (an extra, not one of the four)
+                     X-Auth-User-Id from the loopback proxy (an extra beside the four the
+                     targets compare)
   auth-stub          nginx auth_request -> a stub forward-auth server (a second nginx, one
                      worker, answering 200 to everything) -> Django, no authentication: what
                      the subrequest and a separate auth process cost before any authentication

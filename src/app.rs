@@ -173,6 +173,10 @@ fn serve_admin(
     listener: TcpListener,
     shutdown: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
+    // Fixed for the process's life (`server.worker_threads`), so set once rather than at each
+    // scrape.
+    let workers = tokio::runtime::Handle::current().metrics().num_workers();
+    app.metrics.runtime_worker_threads.set(workers as i64);
     let app = Arc::clone(app);
     let probe = Arc::new(http::admin::PostgresProbe::new(
         app.config.server.readiness_interval,

@@ -228,8 +228,8 @@ pub struct Metrics {
     pub redis_connected: Gauge,
     /// Entries in the in-process cache (sampled at scrape).
     pub memory_entries: Gauge,
-    /// Worker threads of the runtime that serves the listeners (`server.worker_threads`;
-    /// sampled at scrape).
+    /// Worker threads of the runtime that serves the listeners (`server.worker_threads`; set
+    /// when the admin listener starts).
     pub runtime_worker_threads: Gauge,
     /// Keys in the filter of existing token keys; 0 while none is current (sampled at scrape).
     pub key_filter_keys: Gauge,

@@ -88,8 +88,6 @@ pub async fn admin_service(
                 .set(i64::from(app.store.feed_live()));
             let redis_up = app.store.redis().is_some_and(|r| r.is_connected());
             app.metrics.redis_connected.set(i64::from(redis_up));
-            let workers = tokio::runtime::Handle::current().metrics().num_workers();
-            app.metrics.runtime_worker_threads.set(workers as i64);
             let mut r = Response::new(Full::new(Bytes::from(app.metrics.encode())));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
