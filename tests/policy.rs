@@ -412,13 +412,20 @@ async fn login_caches_the_users_flags_and_groups() {
     let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
     let token = body["token"].as_str().unwrap();
     // The login deletes the user's expired tokens after its answer: counted before the snapshot.
+    // Its INSERT's notification applied too: until then a cached answer is confirmed with SQL.
     let cleaned = eventually(Duration::from_secs(5), || async {
         s.metric("knoxgate_sql_statements_total{statement=\"delete_expired_after_login\"}")
             .await
             == 1.0
+            && s.metric("knoxgate_feed_events_total{kind=\"insert\"}")
+                .await
+                >= 1.0
     })
     .await;
-    assert!(cleaned.is_some(), "the login's cleanup never ran");
+    assert!(
+        cleaned.is_some(),
+        "the login's cleanup or its notification never came"
+    );
     let sql = s.metric("knoxgate_sql_statements_total").await;
     let r = get(&s, "/verify?require=staff&group=ops", Some(token)).await;
     assert_eq!(r.status, 200, "{}", r.body_text());
