@@ -19,6 +19,14 @@ block per configuration:
                      worker, answering 200 to everything) -> Django, no authentication: what
                      the subrequest and a separate auth process cost before any authentication
 
+Two more, only when named in E2E_CONFIGS, take the gap apart further:
+
+  auth-stub-unix     auth-stub with nginx reaching the stub over a unix socket instead of
+                     loopback TCP: what the socket between the two costs
+  knoxgate-floor     nginx auth_request -> knoxgate (the knoxgate-unsigned instance) -> Django,
+                     no authentication: what knoxgate's answer costs before knoxgate-django
+                     reads it
+
 Steps: fresh database E2E_DB (Django's and knoxgate's migrations, 10,000 knox tokens seeded with
 SQL over 2,500 users; E2E_HOT_SET of them are requested), a private redis-server, the two
 knoxgate instances, the gunicorns, nginx and the stub; a check per configuration (a token
@@ -123,7 +131,13 @@ CONFIG_INFO = {
                           "(X-Auth-User-Id, no assertion)", "knoxgate-unsigned", False, "unsigned"),
     "auth-stub": ("nginx auth_request → a stub auth server (a second nginx: `return 200`) → "
                   "Django, no authentication", "none", False, "stub"),
+    "auth-stub-unix": ("`auth-stub` with nginx reaching the stub over a unix socket", "none",
+                       False, "stub_unix"),
+    "knoxgate-floor": ("nginx auth_request → knoxgate (no assertion) → Django, no "
+                       "authentication", "none", False, "unsigned"),
 }
+# Forward-auth servers that refuse a request without a token (the stub lets everything in).
+KNOXGATE_INSTANCES = ("signed", "unsigned")
 for c in CONFIGS:
     if c not in CONFIG_INFO:
         sys.exit(f"E2E_CONFIGS: unknown configuration {c!r} (known: {' '.join(CONFIG_INFO)})")
@@ -135,6 +149,7 @@ PORTS = {
     **{f"app:{c}": PORT_BASE + 30 + i for i, c in enumerate(CONFIG_INFO)},
 }
 PATH = "/api/whoami/"
+STUB_SOCKET = OUT / "auth-stub" / "stub.sock"
 
 STATE = {"runs": [], "checks": [], "notes": [], "failures": [], "versions": {}}
 
@@ -247,7 +262,7 @@ http {{
 # (deploy/nginx/knoxgate.conf: gunicorn's idle timeout is 2 s), the same for every configuration.
 NGINX_KG_UPSTREAM = """
     upstream kg_{label} {{
-        server 127.0.0.1:{port};
+        server {server};
         keepalive 16;
         keepalive_timeout 4s;
         keepalive_requests 1000;
@@ -311,7 +326,8 @@ def start_nginx():
     (d / "logs").mkdir(parents=True, exist_ok=True)
     conf = NGINX_HEAD.format(d=d, workers=NGINX_WORKERS)
     for label in ("signed", "unsigned", "stub"):
-        conf += NGINX_KG_UPSTREAM.format(label=label, port=PORTS["kg:" + label])
+        conf += NGINX_KG_UPSTREAM.format(label=label, server=f"127.0.0.1:{PORTS['kg:' + label]}")
+    conf += NGINX_KG_UPSTREAM.format(label="stub_unix", server=f"unix:{STUB_SOCKET}")
     for name in CONFIGS:
         kg = CONFIG_INFO[name][3]
         tmpl = NGINX_AUTH if kg else NGINX_PLAIN
@@ -322,13 +338,17 @@ def start_nginx():
 
 
 def start_auth_stub():
-    """The forward-auth server of `auth-stub`: a process of its own, as knoxgate is, that
-    answers every /verify with 200 and nothing else."""
+    """The forward-auth server of `auth-stub` (on loopback TCP) and `auth-stub-unix` (on a
+    unix socket): a process of its own, as knoxgate is, that answers every /verify with 200
+    and nothing else."""
     d = OUT / "auth-stub"
     (d / "logs").mkdir(parents=True, exist_ok=True)
+    STUB_SOCKET.unlink(missing_ok=True)  # an earlier run's
     conf = NGINX_HEAD.format(d=d, workers=1)
-    conf += ("    server {\n        listen 127.0.0.1:%d;\n        location / { return 200; }\n"
-             "    }\n}\n" % PORTS["kg:stub"])
+    for listen in (f"127.0.0.1:{PORTS['kg:stub']}", f"unix:{STUB_SOCKET}"):
+        conf += ("    server {\n        listen %s;\n        location / { return 200; }\n"
+                 "    }\n" % listen)
+    conf += "}\n"
     return start_nginx_process("auth-stub", d, conf)
 
 
@@ -355,7 +375,7 @@ def check_config(name, url, tok, uid):
     check(f"{name}: a seeded token through nginx", status == 200 and json.dumps(got) == want,
           f"{status} {body[:120]}")
     status, body = procs.http_get(url + PATH, timeout=10)
-    want_status = 401 if authenticates else 200
+    want_status = 401 if authenticates or CONFIG_INFO[name][3] in KNOXGATE_INSTANCES else 200
     check(f"{name}: no token through nginx", status == want_status, f"{status} {body[:120]}")
 
 
@@ -518,7 +538,8 @@ def main():
     for label, k in (("signed", key), ("unsigned", None)):
         kg[label] = start_knoxgate(label, k)
     apps = {c: start_app(c) for c in CONFIGS}
-    stub_p = start_auth_stub() if "auth-stub" in CONFIGS else None
+    stub_p = (start_auth_stub() if {"auth-stub", "auth-stub-unix"} & set(CONFIGS)
+              else None)
     nginx_p = start_nginx()
     for c, (p, url) in apps.items():
         procs.wait_http(url + PATH, lambda s: s in (200, 401), timeout=90)
@@ -647,8 +668,13 @@ def versions():
         except Exception as e:  # noqa: BLE001
             v[name] = f"? ({e})"
     v["postgres"] = procs.psql("SHOW server_version", db="postgres")
-    v["git"] = procs.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
-                         timeout=10, check=False).stdout.strip()
+    # Marked modified only for changes to what runs: notes written during a run are not.
+    git = ["git", "-C", str(REPO)]
+    v["git"] = procs.run([*git, "describe", "--always"], timeout=10, check=False).stdout.strip()
+    changed = procs.run([*git, "status", "--porcelain", "--untracked-files=no"], timeout=10,
+                        check=False).stdout.splitlines()
+    if any(not line.endswith(".md") for line in changed):
+        v["git"] += "-dirty"
     v["cpu"] = next((line.split(":", 1)[1].strip() for line in
                      Path("/proc/cpuinfo").read_text().splitlines()
                      if line.startswith("model name")), "?")

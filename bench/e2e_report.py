@@ -29,7 +29,8 @@ def cpu_columns(row, config):
     own_app = f"gunicorn-{config}"
     own_kg = {"knoxgate": "knoxgate-signed", "knoxgate-unsigned": "knoxgate-unsigned",
               "verify-signed": "knoxgate-signed", "verify-unsigned": "knoxgate-unsigned",
-              "auth-stub": "auth-stub"}.get(config)
+              "auth-stub": "auth-stub", "auth-stub-unix": "auth-stub",
+              "knoxgate-floor": "knoxgate-unsigned"}.get(config)
     cols = {
         "nginx": c.get("nginx", 0.0),
         "gunicorn": c.get(own_app, 0.0),
@@ -116,7 +117,8 @@ def write_report(state, configs, info, p):
     pairs = [("knoxgate", "knox"), ("knoxgate", "floor"), ("knoxgate", "knox-redis"),
              ("knoxgate-unsigned", "floor"), ("knoxgate-unsigned", "knox"), ("knox", "floor"),
              ("knox-redis", "floor"), ("auth-stub", "floor"), ("knoxgate", "auth-stub"),
-             ("knoxgate-unsigned", "auth-stub")]
+             ("knoxgate-unsigned", "auth-stub"), ("auth-stub-unix", "auth-stub"),
+             ("knoxgate-floor", "auth-stub"), ("knoxgate-unsigned", "knoxgate-floor")]
     ratio = {}
     a("Ratios of requests/s within each round:")
     a("")
