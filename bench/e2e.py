@@ -673,12 +673,8 @@ def versions():
             v[name] = f"? ({e})"
     v["postgres"] = procs.psql("SHOW server_version", db="postgres")
     # Marked modified only for changes to what runs: notes written during a run are not.
-    git = ["git", "-C", str(REPO)]
-    v["git"] = procs.run([*git, "describe", "--always"], timeout=10, check=False).stdout.strip()
-    changed = procs.run([*git, "status", "--porcelain", "--untracked-files=no"], timeout=10,
-                        check=False).stdout.splitlines()
-    if any(not line.endswith(".md") for line in changed):
-        v["git"] += "-dirty"
+    head, modified = procs.source_state(".", ":(exclude)*.md")
+    v["git"] = head + ("-dirty" if modified else "")
     v["cpu"] = next((line.split(":", 1)[1].strip() for line in
                      Path("/proc/cpuinfo").read_text().splitlines()
                      if line.startswith("model name")), "?")

@@ -13,7 +13,7 @@ import time
 import urllib.error
 import urllib.request
 
-from .config import DB, LOGS, PG_HOST, PG_PORT, PG_USER, REDIS_PORT
+from .config import DB, LOGS, PG_HOST, PG_PORT, PG_USER, REDIS_PORT, REPO
 
 
 PROCS = []       # (name, Popen) we started; stopped by pid at exit
@@ -25,6 +25,16 @@ def run(cmd, timeout=120, env=None, cwd=None, check=True, input=None):
     if check and p.returncode != 0:
         raise RuntimeError(f"{cmd[0]} failed ({p.returncode}): {p.stderr.strip()[-2000:]}")
     return p
+
+
+def source_state(*paths):
+    """HEAD's short hash, and whether tracked files under `paths` (git pathspecs) differ from
+    it, i.e. whether what was measured is not exactly that commit."""
+    git = ["git", "-C", str(REPO)]
+    head = run([*git, "rev-parse", "--short", "HEAD"], timeout=10, check=False).stdout.strip()
+    changed = run([*git, "status", "--porcelain", "--untracked-files=no", "--", *paths],
+                  timeout=10, check=False).stdout.strip()
+    return head or "?", bool(changed)
 
 
 def psql(sql, db=DB, timeout=300):

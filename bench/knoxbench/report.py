@@ -13,9 +13,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .config import (COLD_DURATION, CONNS, DB, DJANGO_PICK_DURATION, DURATION, EXTRA_USERS, HOT_SET,
-                     KNOXGATE, MAIN_USERS, OUT, PG_SETTLE, RATE, RATE_CONNS, REDIS_PORT, REPO,
+                     KNOXGATE, MAIN_USERS, OUT, PG_SETTLE, RATE, RATE_CONNS, REDIS_PORT,
                      THREADS, TOKENS_PER_USER, VENV, WARMUP)
-from .procs import psql
+from .procs import psql, source_state
 from .results import FAILURES, NOTES, RATIO_ROUNDS, RESULTS
 from .servers import GUNICORN_SETTINGS
 
@@ -37,13 +37,12 @@ def versions():
                "'| django-rest-knox', m.version('django-rest-knox'), '| django-rest-knox-redis', "
                "m.version('django-rest-knox-redis'), '| gunicorn', m.version('gunicorn'), "
                "'| psycopg', m.version('psycopg'))"])
-    git = out(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
-    dirty = out(["git", "-C", str(REPO), "status", "--porcelain", "--", "src", "Cargo.toml", "Cargo.lock"])
+    git, src_modified = source_state("src", "Cargo.toml", "Cargo.lock")
     return {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{os.cpu_count()} CPUs ({cpu}), {out(['uname', '-sr'])}, "
                    f"{round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30, 1)} GiB RAM",
-        "knoxgate": out([str(KNOXGATE), "--version"]) + f" (git {git}{', src modified' if dirty and not dirty.startswith('?') else ''}, release build)",
+        "knoxgate": out([str(KNOXGATE), "--version"]) + f" (git {git}{', src modified' if src_modified else ''}, release build)",
         "wrk": out(["wrk", "-v"]),
         "nginx": out(["nginx", "-v"], err=True),
         "postgres": psql("SELECT version()", db="postgres").split(" on ")[0],
