@@ -46,8 +46,9 @@ nginx (master and worker), the stub's nginx, each gunicorn (master and workers),
 redis-server, the Postgres backends connected to the bench database, and wrk (getrusage of the
 child).
 E2E_PROBE=1 also loads bench/django/gunicorn_probe.py into every gunicorn: each run then says how
-much of its workers' CPU went to Django's handler, to knoxgate-django and to signature checks
-(a section of its own in the report; the probe's clock reads cost every request a little).
+much of its workers' CPU went to Django's handler, to knoxgate-django, to signature checks and
+to Python's garbage collections (a section of its own in the report; the probe's clock reads
+cost every request a little).
 Output: bench/out/e2e.md (and e2e.json, logs and wrk output in bench/out/e2e/).
 """
 
@@ -422,7 +423,8 @@ def probe_totals(config, at, *, before):
 def probe_row(config, t0, t1):
     """Per request of `config`'s gunicorn over the run from t0 to t1 (widened to the samples
     around it, up to 0.5 s of idle time on each side): CPU µs of the worker processes, of
-    Django's handler and of knoxgate-django, and the signature checks made."""
+    Django's handler and of knoxgate-django, the signature checks made, and Python's garbage
+    collections (all, and the full ones)."""
     a, b = probe_totals(config, t0, before=True), probe_totals(config, t1, before=False)
     d = {k: b.get(k, 0) - a.get(k, 0) for k in b}
     n = d.get("wsgi_n", 0)
@@ -433,7 +435,9 @@ def probe_row(config, t0, t1):
             "wsgi_us": d["wsgi_cpu"] * 1e6 / n,
             "package_us": d.get("resolve_cpu", 0) * 1e6 / n, "checks": checks,
             "check_us": d.get("checks_cpu", 0) * 1e6 / checks if checks else None,
-            "checks_us_per_req": d.get("checks_cpu", 0) * 1e6 / n}
+            "checks_us_per_req": d.get("checks_cpu", 0) * 1e6 / n,
+            "gc_us": d.get("gc_cpu", 0) * 1e6 / n, "gc_full": d.get("gc2_n", 0),
+            "gc_full_us": d.get("gc2_cpu", 0) * 1e6 / n}
 
 
 def run_one(tag, config, url, duration, groups, *, conns=CONNS, rate=0, path=None, pg=True,
@@ -477,7 +481,8 @@ def run_one(tag, config, url, duration, groups, *, conns=CONNS, rate=0, path=Non
         + " ".join(f"{k} {v:.0f}" for k, v in sorted(row["cpu_us_per_req"].items()) if v)
         + (f" | assertions signed {row['assertions_signed']:.0f}" if signer else "")
         + (" | probe: gunicorn {process_us:.0f} µs/req, Django handler {wsgi_us:.0f}, "
-           "knoxgate-django {package_us:.0f}, signature checks {checks} × {check_us_:.0f} µs"
+           "knoxgate-django {package_us:.0f}, signature checks {checks} × {check_us_:.0f} µs, "
+           "gc {gc_us:.0f} µs/req ({gc_full} full, {gc_full_us:.0f} µs/req)"
            .format(**row["probe"], check_us_=row["probe"]["check_us"] or 0)
            if row.get("probe") else ""))
     if r["errors"] or r["non2xx3xx"]:

@@ -39,7 +39,8 @@
 #        KNOXGATE_BIN= (a binary to measure instead of building target/release/knoxgate)
 #        E2E_FINAL_DIR=bench/out
 #        E2E_PROBE=1 (where each gunicorn's CPU goes: Django's handler, knoxgate-django,
-#        signature checks; bench/django/gunicorn_probe.py; a probed run leaves bench/E2E.md alone)
+#        signature checks, garbage collections; bench/django/gunicorn_probe.py; a probed run
+#        leaves bench/E2E.md alone)
 # Needs: Postgres at 127.0.0.1:5432 (trust, user postgres), cargo, python3 with venv, network
 # for pip the first time; wrk, nginx, psql, redis-server and openssl are installed with apt-get
 # when missing (as root; bench/lib.sh).

@@ -202,17 +202,21 @@ def write_report(state, configs, info, p):
           "worker processes' CPU (`os.times`); *Django handler*, the thread CPU of Django's WSGI "
           "handler; *knoxgate-django*, of reading the identity (cached verdict lookup and any "
           "signature check); *checks*, signature checks of assertions the worker had not "
-          "verified before, and their thread CPU each and per request. This run's requests/s "
-          "include the probe's own cost.")
+          "verified before, and their thread CPU each and per request; *gc*, the thread CPU of "
+          "Python's cyclic garbage collections per request, and of the full ones (which walk "
+          "every object a worker holds) with their count; a collection set off inside Django's "
+          "handler counts in both. This run's requests/s include the "
+          "probe's own cost.")
         a("")
         a("| run | configuration | req/s | gunicorn µs | Django handler µs | knoxgate-django µs "
-          "| checks | µs each | checks µs / req |")
-        a("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "| checks | µs each | checks µs / req | gc µs | full gcs | full gc µs |")
+        a("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for r in probed:
             pr = r["probe"]
             a(f"| {r['tag']} | `{r['config']}` | {fmt(r['rps'])} | {fmt(pr['process_us'])} | "
               f"{fmt(pr['wsgi_us'])} | {fmt(pr['package_us'])} | {fmt(pr['checks'])} | "
-              f"{fmt(pr['check_us'])} | {fmt(pr['checks_us_per_req'])} |")
+              f"{fmt(pr['check_us'])} | {fmt(pr['checks_us_per_req'])} | "
+              f"{fmt(pr.get('gc_us'))} | {fmt(pr.get('gc_full'))} | {fmt(pr.get('gc_full_us'))} |")
         a("")
 
     # --- verify

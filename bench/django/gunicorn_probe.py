@@ -9,7 +9,10 @@ work (`time.thread_time`, so waiting for the GIL is not counted):
 * `resolve`: knoxgate-django reading the identity (header checks, the cached-verdict lookup and
   any signature check), per request;
 * `checks`: signature checks, i.e. misses of the verdict cache: an assertion the worker had not
-  verified, or whose verdict expired or was evicted (refused ones included).
+  verified, or whose verdict expired or was evicted (refused ones included);
+* `gc`: Python's cyclic garbage collections, whichever thread they interrupt (`gc.callbacks`),
+  and among them `gc2`, the full ones, which walk every object the worker holds (one set off
+  inside a counted function counts there too).
 
 Every 0.5 s a worker appends its running totals, with the time and its process CPU, as one JSON
 line to `$E2E_PROBE_DIR/<E2E_PROBE_NAME>.<pid>.jsonl`; `bench/e2e.py` takes the difference across
@@ -17,14 +20,31 @@ each measured run. The probe costs every request two clock reads per counted fun
 probed run is not one whose requests/s go in the report's ratios.
 """
 
+import gc
 import json
 import os
 import threading
 import time
 
 _totals = {"wsgi_n": 0, "wsgi_cpu": 0.0, "resolve_n": 0, "resolve_cpu": 0.0,
-           "checks_n": 0, "checks_cpu": 0.0}
-_lock = threading.Lock()
+           "checks_n": 0, "checks_cpu": 0.0, "gc_n": 0, "gc_cpu": 0.0, "gc2_n": 0, "gc2_cpu": 0.0}
+# Reentrant: a collection can start inside `with _lock` (dict(_totals) allocates) and count itself.
+_lock = threading.RLock()
+_gc_started = threading.local()
+
+
+def _count_gc(phase, info):
+    # A collection runs to its end in the thread that set it off, holding the GIL.
+    if phase == "start":
+        _gc_started.at = time.thread_time()
+        return
+    spent = time.thread_time() - getattr(_gc_started, "at", time.thread_time())
+    with _lock:
+        _totals["gc_n"] += 1
+        _totals["gc_cpu"] += spent
+        if info["generation"] == 2:
+            _totals["gc2_n"] += 1
+            _totals["gc2_cpu"] += spent
 
 
 def _counted(fn, name):
@@ -60,6 +80,7 @@ def post_worker_init(worker):
 
         identity._resolve = _counted(identity._resolve, "resolve")
         assertion._verify_uncached = _counted(assertion._verify_uncached, "checks")
+    gc.callbacks.append(_count_gc)
     name = f"{os.environ['E2E_PROBE_NAME']}.{os.getpid()}.jsonl"
     path = os.path.join(os.environ["E2E_PROBE_DIR"], name)
     threading.Thread(target=_sampler, args=(path,), daemon=True, name="e2e-probe").start()
