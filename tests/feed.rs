@@ -8,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use knoxgate::auth::{HashAlgorithm, generate_token};
+use knoxgate::auth::{HashAlgorithm, generate_token, token_key_of};
 
 use crate::support::*;
 
@@ -203,6 +203,52 @@ async fn ttl_mode_runs_without_triggers_and_serves_stale_until_ttl() {
     })
     .await;
     assert!(took.is_some(), "refused once max_cache_ttl passed");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn strict_mode_refuses_a_token_new_under_a_key_in_use_no_longer_than_max_cache_ttl() {
+    // With knox's TOKEN_PREFIX only the characters after it in a token's 15-character key are
+    // random, so tokens share keys. A token made under the key of another that is cached
+    // (a complete entry: every row of the key) is refused until that entry ends; in strict mode
+    // each use of the other token confirms its row, and that must not keep the entry alive.
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    let id = insert_user(&client, "erin", "pw", true).await;
+    let used = insert_default_token(&client, id).await;
+    let s = TestServer::start(
+        &db,
+        "[cache]\nconsistency = \"strict\"\n[redis]\nmax_cache_ttl = \"2s\"",
+    )
+    .await;
+    assert_eq!(s.verify(&used.token).await.status, 200);
+    let new = format!("{}{}", &used.token[..15], &generate_token("", 64)[15..]);
+    assert_eq!(token_key_of(&new), token_key_of(&used.token));
+    client
+        .execute(
+            "INSERT INTO knox_authtoken (digest, created, user_id, expiry, token_key) \
+             VALUES ($1, now(), $2, now() + interval '10 hours', $3)",
+            &[
+                &HashAlgorithm::Sha512.hex_digest(new.as_bytes()),
+                &id,
+                &token_key_of(&new),
+            ],
+        )
+        .await
+        .unwrap();
+    // The documented exposure: the entry made before the new token answers for its key.
+    assert_eq!(s.verify(&new).await.status, 401);
+    let took = eventually(Duration::from_secs(6), || async {
+        assert_eq!(s.verify(&used.token).await.status, 200);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        s.verify(&new).await.status == 200
+    })
+    .await;
+    let took = took.expect("the new token is still refused 6 s on, max_cache_ttl being 2 s");
+    assert!(
+        took < Duration::from_millis(3500),
+        "accepted after {took:?}"
+    );
     s.stop().await;
 }
 

@@ -232,11 +232,32 @@ impl MemoryCache {
     /// an update of what an entry says never lets it answer for longer. Nothing happens when no
     /// live entry is there (evicted meanwhile, say by a revocation: it stays evicted).
     pub fn update(&self, key: &str, with: impl FnOnce(&Entry) -> Arc<Entry>) {
+        self.update_within(key, with, None);
+    }
+
+    /// Puts `entry` in place of the live entry under `key`, as `update` does, and ends it
+    /// sooner if `entry.ttl` from now comes first (a rebuilt entry whose rows say it should not
+    /// be cached that long).
+    pub fn replace(&self, key: &str, entry: Arc<Entry>) {
+        let ttl = entry.ttl;
+        self.update_within(key, |_| entry, Some(ttl));
+    }
+
+    fn update_within(
+        &self,
+        key: &str,
+        with: impl FnOnce(&Entry) -> Arc<Entry>,
+        cap: Option<Duration>,
+    ) {
         let mut shard = self.shard(key);
         let Some(slot) = shard.map.get_mut(key) else {
             return;
         };
-        if slot.expires <= Instant::now() {
+        let now = Instant::now();
+        if let Some(cap) = cap {
+            slot.expires = slot.expires.min(now + cap);
+        }
+        if slot.expires <= now {
             shard.remove(key);
             return;
         }
@@ -358,6 +379,28 @@ mod tests {
         assert!(c.get("a").is_none());
         c.update("a", |_| entry("3", MIN));
         assert!(c.get("a").is_none());
+        assert_eq!(c.weighted_size(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_replacement_keeps_the_deadline_or_ends_sooner_by_its_own_ttl() {
+        let c = MemoryCache::new(1000, 1 << 20);
+        c.insert("a", entry("1", Duration::from_millis(30)));
+        tokio::time::advance(Duration::from_millis(20)).await;
+        c.replace("a", entry("2", MIN));
+        assert_eq!(c.get("a").unwrap().rows[0].user_id, "2");
+        tokio::time::advance(Duration::from_millis(10)).await;
+        assert!(c.get("a").is_none(), "a minute of its own does not renew it");
+        c.replace("a", entry("3", MIN));
+        assert!(c.get("a").is_none(), "nothing to replace: nothing inserted");
+
+        c.insert("b", entry("1", MIN));
+        c.replace("b", entry("2", Duration::from_millis(5)));
+        tokio::time::advance(Duration::from_millis(5)).await;
+        assert!(c.get("b").is_none(), "its own ttl came first");
+        c.insert("c", entry("1", MIN));
+        c.replace("c", entry("2", Duration::ZERO));
+        assert!(c.get("c").is_none());
         assert_eq!(c.weighted_size(), 0);
     }
 

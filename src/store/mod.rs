@@ -470,6 +470,25 @@ impl Store {
     /// not claim every row of its key answers only for the rows it holds, so a token inserted
     /// meanwhile cannot make it wrong: only removals count for it (epoch.rs).
     fn remember(&self, key: &str, entry: Arc<Entry>, epoch: Epoch) {
+        self.remember_by(key, entry, epoch, MemoryCache::insert);
+    }
+
+    /// As `remember`, for an entry rebuilt from the one the tier holds (a hit confirmed with
+    /// Postgres): it takes that entry's place and keeps its deadline. Confirming one row says
+    /// nothing of rows added under the key since, so it must not renew an entry's claim to
+    /// hold every row of its key, which only a load makes: a token made under the key of one
+    /// in steady use would otherwise be refused for as long as that one is used.
+    fn remember_confirmed(&self, key: &str, entry: Arc<Entry>, epoch: Epoch) {
+        self.remember_by(key, entry, epoch, MemoryCache::replace);
+    }
+
+    fn remember_by(
+        &self,
+        key: &str,
+        entry: Arc<Entry>,
+        epoch: Epoch,
+        put: fn(&MemoryCache, &str, Arc<Entry>),
+    ) {
         let still_true = || {
             if entry.complete {
                 self.changes.unchanged_since(epoch)
@@ -482,7 +501,7 @@ impl Store {
             self.memory.remove(key);
             return;
         }
-        self.memory.insert(key, Arc::clone(&entry));
+        put(&self.memory, key, Arc::clone(&entry));
         if !still_true() {
             self.memory.remove(key);
         }

@@ -100,7 +100,7 @@ impl Store {
                     .collect();
                 rows.extend(fresh);
                 let entry = self.entry(rows, cached.complete);
-                self.remember(key, entry.clone(), epoch);
+                self.remember_confirmed(key, entry.clone(), epoch);
                 Ok(Lookup { entry })
             }
             Err(e) if self.settings.stale_if_error => {
