@@ -442,18 +442,19 @@ class KeySet:
         """Whether the source was read successfully at or after ``asked_at``."""
         return self._loaded_at is not None and self._loaded_at >= asked_at
 
-    def get(self, kid: str) -> PyJWK | None:
+    def get(self, kid: str, *, asked_at: float | None = None) -> PyJWK | None:
         """The key with this id, or None when the source, read successfully after this call
-        began, does not hold it. Reads the source when the cache is older than cache_seconds (at
+        began (or after ``asked_at``, on this key set's clock, when given), does not hold it. Reads the source when the cache is older than cache_seconds (at
         most once per MIN_JWKS_INTERVAL), and for an unknown kid at most once per
         refetch_interval (after a failed read, once the retry is due: see retry_wait). Raises
         KeysUnavailable for a kid not held that cannot be looked up now: the source cannot be
         read, or was read for an unknown kid less than refetch_interval ago, or another thread's
         read, begun before this call, did not hold it."""
-        return self._get(kid, refetch=True)
+        return self._get(kid, refetch=True, asked_at=asked_at)
 
-    def _get(self, kid: str, *, refetch: bool) -> PyJWK | None:
-        asked_at = self.clock()
+    def _get(self, kid: str, *, refetch: bool, asked_at: float | None = None) -> PyJWK | None:
+        if asked_at is None:
+            asked_at = self.clock()
         # Every request of every thread asks for a key: a fresh key is answered without the lock
         # (a refresh replaces the dict whole, and reading an attribute is atomic), so the threads
         # of a worker do not queue behind each other. The time first: a refresh stores the keys
@@ -516,11 +517,12 @@ class KeySet:
             return keys.get(kid)
         return None
 
-    def same_key(self, kid: str, key: PyJWK) -> bool:
+    def same_key(self, kid: str, key: PyJWK, *, asked_at: float | None = None) -> bool:
         """Whether ``kid`` still names ``key`` (for a verdict reached with it). A kid no longer
         held ends the verdict without a refetch or KeysUnavailable: verifying the assertion
-        again finds out whether the kid is gone or cannot be judged yet."""
-        return self._get(kid, refetch=False) is key
+        again, with the same ``asked_at``, finds out whether the kid is gone or cannot be
+        judged yet."""
+        return self._get(kid, refetch=False, asked_at=asked_at) is key
 
 
 _keysets: dict[tuple, KeySet] = {}
@@ -597,17 +599,22 @@ def verify(token: str, config: Config | None = None) -> dict[str, Any]:
     # Everything the verdict depends on besides the keys (which only ever remove a verdict).
     key = (token, config.audience, config.issuer, config.algorithms, config.jwks_file,
            config.jwks_url)
+    asked_at = None
     if config.assertion_cache_size and config.verifies_assertions:
         hit = _verified.get(key)
         if hit is not None:
             kid, verified_with, claims = hit
+            keyset = keyset_for(config)
+            # When the verdict ends, the check below is of the same request: a reload that
+            # same_key makes counts as a read made after it arrived.
+            asked_at = keyset.clock()
             # As PyJWT judges exp (refused once int(exp) <= now - leeway).
             if (time.time() < int(claims["exp"]) + config.leeway
-                    and keyset_for(config).same_key(kid, verified_with)):
+                    and keyset.same_key(kid, verified_with, asked_at=asked_at)):
                 return dict(claims)
             with _verified_lock:
                 _verified.pop(key, None)
-    kid, verified_with, claims = _verify_uncached(token, config)
+    kid, verified_with, claims = _verify_uncached(token, config, asked_at)
     if config.assertion_cache_size:
         with _verified_lock:
             _verified[key] = (kid, verified_with, claims)
@@ -616,7 +623,10 @@ def verify(token: str, config: Config | None = None) -> dict[str, Any]:
     return dict(claims)
 
 
-def _verify_uncached(token: str, config: Config) -> tuple[str, PyJWK, dict[str, Any]]:
+def _verify_uncached(token: str, config: Config,
+                     asked_at: float | None = None) -> tuple[str, PyJWK, dict[str, Any]]:
+    """(kid, key, claims) of an assertion checked in full. ``asked_at``: when the request
+    arrived, on the key set's clock, if that was before this call (see ``KeySet.get``)."""
     if not config.verifies_assertions:
         raise AssertionRefused("no JWKS configured")
     if not token or len(token) > MAX_ASSERTION_BYTES or not token.isascii():
@@ -642,7 +652,7 @@ def _verify_uncached(token: str, config: Config) -> tuple[str, PyJWK, dict[str, 
         # an assertion that could be good deserves. With a fresh key held, the one decode below
         # checks claims and signature together: it refuses what the claims condemn all the same.
         _decode(token, config, alg, key=None)
-        key = keyset.get(kid)
+        key = keyset.get(kid, asked_at=asked_at)
         if key is None:
             raise AssertionRefused(f"unknown key id {kid!r}")
     if key.algorithm_name != alg:

@@ -515,6 +515,37 @@ def test_a_key_dropped_by_a_reload_ends_its_verdicts_without_a_refetch(tmp_path,
     assert keyset.fetches == 3
 
 
+def test_a_verdict_whose_key_its_own_reload_dropped_is_refused_with_the_refetch_used(
+        client, settings, tmp_path, alice, ed_key):
+    """A request with a verified assertion whose stale keys it reloads, and whose kid that reload
+    no longer holds, was judged by a read made after it arrived: refused (401), as the same
+    assertion is when not cached, not 503 because a forged kid used the refetch just before."""
+    path = write_jwks(tmp_path / "jwks.json", ed_key)
+    settings.KNOXGATE = {
+        **settings.KNOXGATE,
+        "JWKS_FILE": str(path),
+        "ASSERTION_AUDIENCE": AUDIENCE,
+        "JWKS_CACHE_SECONDS": 5,
+        "JWKS_REFETCH_INTERVAL": 30,
+    }
+    keyset = assertion.keyset_for(assertion.get_config())
+    now = [1000.0]
+
+    def tick() -> float:
+        now[0] += 0.001
+        return now[0]
+
+    keyset.clock = tick
+    signed = ed_key.sign(str(alice.pk))
+    assert get(client, **{"X-Auth-Assertion": signed}) == ok(alice.pk)
+    assert get(client, **{"X-Auth-Assertion": new_key("EdDSA").sign(str(alice.pk))}) == REFUSED
+    assert keyset.fetches == 2, "the forged kid used the refetch"
+    write_jwks(path, new_key("EdDSA"))
+    now[0] += 6  # the keys are stale: the next request reloads them
+    assert get(client, **{"X-Auth-Assertion": signed}) == REFUSED
+    assert keyset.fetches == 3
+
+
 def test_a_stale_cache_is_reloaded_after_jwks_cache_seconds_not_the_refetch_interval(tmp_path, ed_key):
     """The keys are used for JWKS_CACHE_SECONDS from the read that brought them, also when that
     is shorter than JWKS_REFETCH_INTERVAL; below one second, the source is still read at most
