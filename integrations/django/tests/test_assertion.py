@@ -54,6 +54,30 @@ REFUSED = (401, None)
 UNAVAILABLE = (503, None)
 
 
+def use_jwks_file(settings, path, *, cache_seconds, refetch_interval) -> None:
+    """Assertions checked against the JWKS file at ``path``, with these timings."""
+    settings.KNOXGATE = {
+        **settings.KNOXGATE,
+        "JWKS_FILE": str(path),
+        "ASSERTION_AUDIENCE": AUDIENCE,
+        "JWKS_CACHE_SECONDS": cache_seconds,
+        "JWKS_REFETCH_INTERVAL": refetch_interval,
+    }
+
+
+def ticking_clock(keyset, start: float) -> list[float]:
+    """Gives ``keyset`` a clock that moves 1 ms each time it is read, from ``start``, and when the
+    test moves ``now[0]``; returns ``now``."""
+    now = [start]
+
+    def tick() -> float:
+        now[0] += 0.001
+        return now[0]
+
+    keyset.clock = tick
+    return now
+
+
 def b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
@@ -376,25 +400,13 @@ def test_a_malformed_key_leaves_the_rest_of_the_jwks_usable(client, settings, tm
 
 def test_rotation_through_the_file_and_rate_limited_refetch(client, settings, tmp_path, alice, ed_key):
     path = write_jwks(tmp_path / "jwks.json", ed_key)
-    settings.KNOXGATE = {
-        **settings.KNOXGATE,
-        "JWKS_FILE": str(path),
-        "ASSERTION_AUDIENCE": AUDIENCE,
-        "JWKS_CACHE_SECONDS": 3600,
-        "JWKS_REFETCH_INTERVAL": 1.0,
-    }
+    use_jwks_file(settings, path, cache_seconds=3600, refetch_interval=1.0)
     assert get(client, **{"X-Auth-Assertion": ed_key.sign(str(alice.pk))}) == ok(alice.pk)
     keyset = assertion.keyset_for(assertion.get_config())
     assert keyset.fetches == 1
     # From here on the key set's clock moves 1 ms each time it is read, and when the test moves
     # it: twenty requests on a busy machine can take longer than JWKS_REFETCH_INTERVAL.
-    now = [time.monotonic()]
-
-    def tick() -> float:
-        now[0] += 0.001
-        return now[0]
-
-    keyset.clock = tick
+    now = ticking_clock(keyset, time.monotonic())
 
     new = new_key("ES256")
     write_jwks(path, ed_key, new)
@@ -419,13 +431,7 @@ def test_rotation_through_the_file_and_rate_limited_refetch(client, settings, tm
 
 def test_cache_expiry_drops_retired_keys(client, settings, tmp_path, alice, ed_key):
     path = write_jwks(tmp_path / "jwks.json", ed_key)
-    settings.KNOXGATE = {
-        **settings.KNOXGATE,
-        "JWKS_FILE": str(path),
-        "ASSERTION_AUDIENCE": AUDIENCE,
-        "JWKS_CACHE_SECONDS": 1,
-        "JWKS_REFETCH_INTERVAL": 1,
-    }
+    use_jwks_file(settings, path, cache_seconds=1, refetch_interval=1)
     assert get(client, **{"X-Auth-Assertion": ed_key.sign(str(alice.pk))}) == ok(alice.pk)
     write_jwks(path, new_key("EdDSA"))
     time.sleep(1.1)
@@ -521,21 +527,9 @@ def test_a_verdict_whose_key_its_own_reload_dropped_is_refused_with_the_refetch_
     no longer holds, was judged by a read made after it arrived: refused (401), as the same
     assertion is when not cached, not 503 because a forged kid used the refetch just before."""
     path = write_jwks(tmp_path / "jwks.json", ed_key)
-    settings.KNOXGATE = {
-        **settings.KNOXGATE,
-        "JWKS_FILE": str(path),
-        "ASSERTION_AUDIENCE": AUDIENCE,
-        "JWKS_CACHE_SECONDS": 5,
-        "JWKS_REFETCH_INTERVAL": 30,
-    }
+    use_jwks_file(settings, path, cache_seconds=5, refetch_interval=30)
     keyset = assertion.keyset_for(assertion.get_config())
-    now = [1000.0]
-
-    def tick() -> float:
-        now[0] += 0.001
-        return now[0]
-
-    keyset.clock = tick
+    now = ticking_clock(keyset, 1000.0)
     signed = ed_key.sign(str(alice.pk))
     assert get(client, **{"X-Auth-Assertion": signed}) == ok(alice.pk)
     assert get(client, **{"X-Auth-Assertion": new_key("EdDSA").sign(str(alice.pk))}) == REFUSED
@@ -793,13 +787,7 @@ def test_a_key_replaced_under_its_kid_ends_its_cached_verdicts(
 ):
     decoded = _count_signature_checks(monkeypatch)
     path = write_jwks(tmp_path / "jwks.json", ed_key)
-    settings.KNOXGATE = {
-        **settings.KNOXGATE,
-        "JWKS_FILE": str(path),
-        "ASSERTION_AUDIENCE": AUDIENCE,
-        "JWKS_CACHE_SECONDS": 1,
-        "JWKS_REFETCH_INTERVAL": 1,
-    }
+    use_jwks_file(settings, path, cache_seconds=1, refetch_interval=1)
     token = ed_key.sign(str(alice.pk))
     assert get(client, **{"X-Auth-Assertion": token}) == ok(alice.pk)
     # The same key reread: the verdict stands (no second check).
