@@ -444,12 +444,13 @@ class KeySet:
 
     def get(self, kid: str, *, asked_at: float | None = None) -> PyJWK | None:
         """The key with this id, or None when the source, read successfully after this call
-        began (or after ``asked_at``, on this key set's clock, when given), does not hold it. Reads the source when the cache is older than cache_seconds (at
-        most once per MIN_JWKS_INTERVAL), and for an unknown kid at most once per
-        refetch_interval (after a failed read, once the retry is due: see retry_wait). Raises
-        KeysUnavailable for a kid not held that cannot be looked up now: the source cannot be
-        read, or was read for an unknown kid less than refetch_interval ago, or another thread's
-        read, begun before this call, did not hold it."""
+        began (or after ``asked_at``, on this key set's clock, when given), does not hold it.
+        Reads the source when the cache is older than cache_seconds (at most once per
+        MIN_JWKS_INTERVAL), and for an unknown kid at most once per refetch_interval (after a
+        failed read, once the retry is due: see retry_wait). Raises KeysUnavailable for a kid
+        not held that cannot be looked up now: the source cannot be read, or was read for an
+        unknown kid less than refetch_interval ago, or another thread's read, begun before this
+        call, did not hold it."""
         return self._get(kid, refetch=True, asked_at=asked_at)
 
     def _get(self, kid: str, *, refetch: bool, asked_at: float | None = None) -> PyJWK | None:
