@@ -390,7 +390,10 @@ mod tests {
         c.replace("a", entry("2", MIN));
         assert_eq!(c.get("a").unwrap().rows[0].user_id, "2");
         tokio::time::advance(Duration::from_millis(10)).await;
-        assert!(c.get("a").is_none(), "a minute of its own does not renew it");
+        assert!(
+            c.get("a").is_none(),
+            "a minute of its own does not renew it"
+        );
         c.replace("a", entry("3", MIN));
         assert!(c.get("a").is_none(), "nothing to replace: nothing inserted");
 
