@@ -11,7 +11,6 @@ This file is the sequence of steps; the parts are in the knoxbench package next 
 
 import os
 import shutil
-import signal
 import sys
 import time
 import traceback
@@ -19,7 +18,7 @@ import traceback
 from knoxbench.chart import chart
 from knoxbench.config import (BENCH, BUDGET, HOT_SET, LOGS, MAIN_USERS, ONLY, OUT, T0, TOKENS,
                               TOKENS_PER_USER, log, over_budget)
-from knoxbench.procs import stop_all
+from knoxbench.procs import exit_on_term, stop_all
 from knoxbench.report import report, versions
 from knoxbench.results import FAILURES, save_raw
 from knoxbench.seed import setup_db
@@ -102,12 +101,8 @@ def main():
     return 1 if FAILURES else 0
 
 
-def _on_term(signum, frame):
-    raise SystemExit(f"signal {signum}")
-
-
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, _on_term)
+    exit_on_term()
     code = 1
     try:
         code = main()

@@ -689,6 +689,7 @@ def versions():
 
 
 if __name__ == "__main__":
+    procs.exit_on_term()
     try:
         main()
     except Exception as e:  # noqa: BLE001

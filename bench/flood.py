@@ -30,7 +30,6 @@ import json
 import os
 import random
 import secrets
-import signal
 import statistics
 import sys
 import threading
@@ -370,12 +369,8 @@ def main():
     return 0
 
 
-def _on_term(signum, frame):
-    raise SystemExit(f"signal {signum}")
-
-
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, _on_term)
+    procs.exit_on_term()
     code = 1
     try:
         code = main()

@@ -18,7 +18,6 @@ import base64
 import http.client
 import json
 import os
-import signal
 import statistics
 import sys
 import threading
@@ -360,12 +359,8 @@ def main():
     return 1 if any("failure" in r for r in all_res) else 0
 
 
-def _on_term(signum, frame):
-    raise SystemExit(f"signal {signum}")
-
-
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, _on_term)
+    procs.exit_on_term()
     code = 1
     try:
         code = main()

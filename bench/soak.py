@@ -19,7 +19,6 @@ import os
 import random
 import re
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -562,15 +561,11 @@ def report(res, st):
     (FINAL / MD).write_text("\n".join(L))
 
 
-def _on_term(signum, frame):
-    raise SystemExit(f"signal {signum}")
-
-
 if __name__ == "__main__":
     if sys.argv[1:] == ["--report"]:
         report_only()
         sys.exit(0)
-    signal.signal(signal.SIGTERM, _on_term)
+    procs.exit_on_term()
     code = 1
     try:
         code = main()

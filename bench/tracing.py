@@ -13,7 +13,6 @@ Output: bench/out/tracing/tracing.md, tracing.json and logs/ next to it.
 
 import json
 import os
-import signal
 import statistics
 import sys
 import threading
@@ -175,12 +174,8 @@ def main():
     return 1 if bad or exported else 0
 
 
-def _on_term(signum, frame):
-    raise SystemExit(f"signal {signum}")
-
-
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, _on_term)
+    procs.exit_on_term()
     code = 1
     try:
         code = main()

@@ -94,6 +94,21 @@ def stop(p, grace=10):
         p.wait(5)
 
 
+def exit_on_term():
+    """Makes SIGTERM (``timeout``'s, or a user's ``kill``) raise SystemExit in the main thread,
+    so that the caller's ``finally: stop_all()`` runs: Python's default for SIGTERM ends the
+    process at once, leaving every server started here running."""
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+
+
+def _exit_on_signal(signum, frame):
+    # Once: a second SIGTERM (``pkill`` matches ``timeout`` too, which passes its own on) would
+    # otherwise interrupt the cleanup it started. ``stop`` bounds every wait, and SIGKILL
+    # (``timeout --kill-after``) still ends a cleanup that hangs.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise SystemExit(f"signal {signum}")
+
+
 def stop_all():
     for name, p in reversed(PROCS):
         try:
