@@ -63,19 +63,16 @@ fn bad(key: &str, message: &'static str) -> PolicyError {
 impl Policy {
     /// Reads the query string of the verify URL (without the `?`). Percent-escapes and `+` are
     /// decoded as in a form, so `group=Team%20A` and `group=Team+A` name the same group.
+    /// Escapes that do not decode to UTF-8 are a mistake naming their key, as over gRPC,
+    /// rather than a name with U+FFFD in it that no group has.
     pub fn from_query(query: &str) -> Result<Policy, PolicyError> {
-        Policy::from_pairs(form_urlencoded::parse(query.as_bytes()))
-    }
-
-    /// Reads key/value pairs, each key as on the verify URL's query string (already decoded).
-    pub fn from_pairs<K, V>(pairs: impl IntoIterator<Item = (K, V)>) -> Result<Policy, PolicyError>
-    where
-        K: AsRef<str>,
-        V: AsRef<str>,
-    {
         let mut policy = Policy::default();
-        for (key, value) in pairs {
-            policy.apply(key.as_ref(), value.as_ref())?;
+        for pair in query.split('&').filter(|pair| !pair.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let key = form_decoded(key).map_err(|_| bad(key, "a key percent-encoded as UTF-8"))?;
+            let value =
+                form_decoded(value).map_err(|_| bad(&key, "a value percent-encoded as UTF-8"))?;
+            policy.apply(&key, &value)?;
         }
         policy.check()
     }
@@ -171,6 +168,15 @@ impl Policy {
     }
 }
 
+/// One key or value of a form-encoded query: `+` is a space, then percent-escapes are decoded
+/// and must make UTF-8.
+fn form_decoded(raw: &str) -> Result<String, std::str::Utf8Error> {
+    let spaced = raw.replace('+', " ");
+    percent_encoding::percent_decode_str(&spaced)
+        .decode_utf8()
+        .map(|text| text.into_owned())
+}
+
 /// Whether an authenticated, active `user` passes `policy` (DRF's `has_permission`).
 pub fn permits(policy: &Policy, user: &UserInfo) -> bool {
     let role_ok = match policy.require {
@@ -244,6 +250,19 @@ mod tests {
         assert!(both.checks_user());
         // Non-ASCII names, percent-encoded as UTF-8.
         assert_eq!(parse("group=%C3%A9quipe").groups, ["équipe"]);
+        // An escaped `+`, `&` or `=` is part of the name; an escape that is not one is kept.
+        assert_eq!(parse("group=a%2Bb%26c%3Dd%zz").groups, ["a+b&c=d%zz"]);
+        // Only the first `=` splits: the value is `staff=`, not `staff`.
+        assert_eq!(error_key("require=staff="), "require");
+    }
+
+    #[test]
+    fn escapes_that_are_not_utf8_are_a_mistake_not_another_name() {
+        // `équipe` in Latin-1: a lossy decoding would make a name no group has, refusing
+        // every member of the group instead of saying the URL is wrong.
+        assert_eq!(error_key("group=%E9quipe"), "group");
+        assert_eq!(error_key("require=staff&group=ok&group=%FF"), "group");
+        assert_eq!(error_key("gr%FFoup=ops"), "gr%FFoup");
     }
 
     #[test]
