@@ -282,3 +282,32 @@ async fn an_address_limit_throttles_one_client_across_usernames_and_only_that_cl
     assert_eq!(r.status, 200, "{}", r.body_text());
     s.stop().await;
 }
+
+/// A login given up by its request deadline before its password was checked (here Postgres
+/// holds the users table locked, so the user lookup waits past the 1-s deadline, within its
+/// statement timeout) is an outage, answered 503, not a failed guess: however many there are, the right password logs in once Postgres answers
+/// again, where counting them would answer 429 for up to the window.
+#[tokio::test]
+async fn logins_given_up_before_their_password_check_are_not_counted() {
+    let (db, _client, s) = Fixture::new()
+        .user("alice")
+        .config(&format!(
+            "{THROTTLE}\nhash_queue_timeout = \"500ms\"\n[server]\nrequest_timeout = \"1s\"\n\
+             [postgres]\nstatement_timeout = \"5s\""
+        ))
+        .start()
+        .await;
+    let holder = db.client().await;
+    holder
+        .batch_execute("BEGIN; LOCK TABLE auth_user IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    for _ in 0..4 {
+        let r = login(&s, "alice", "alice-pass").await;
+        assert_eq!(r.status, 503, "{}", r.body_text());
+    }
+    holder.batch_execute("COMMIT").await.unwrap();
+    let r = login(&s, "alice", "alice-pass").await;
+    assert_eq!(r.status, 200, "{}", r.body_text());
+    s.stop().await;
+}

@@ -25,7 +25,7 @@ use crate::{
     store::{Committed, NewToken, NotCreated, Store, StoreError},
 };
 use hash_pool::{HashPool, HashPoolError};
-use throttle::Throttle;
+use throttle::{CheckBegun, Throttle};
 
 /// A token just issued: the only time its plain text exists.
 #[derive(Debug)]
@@ -143,13 +143,17 @@ impl Login {
         let encoded = user
             .as_ref()
             .map_or_else(|| self.dummy_hash.clone(), |u| u.password.clone());
-        let password_ok = match self.check_password(creds.password.clone(), encoded).await {
+        let begun = attempt.check_begun();
+        let password_ok = match self
+            .check_password(creds.password.clone(), encoded, begun)
+            .await
+        {
             Ok(ok) => ok,
             Err(Error::Overloaded) => {
                 attempt.release();
                 return Err(Error::Overloaded);
             }
-            // The check may have run (a thread failed afterwards): it stays counted.
+            // Counted if the check began (a thread failed during or after it).
             Err(e) => return Err(e),
         };
         let user = match user {
@@ -183,8 +187,14 @@ impl Login {
         )
     }
 
-    /// Checks a password on the hashing threads, within the configured queueing time.
-    async fn check_password(&self, password: String, encoded: String) -> Result<bool, Error> {
+    /// Checks a password on the hashing threads, within the configured queueing time; marks
+    /// `begun` as the check starts there.
+    async fn check_password(
+        &self,
+        password: String,
+        encoded: String,
+        begun: CheckBegun,
+    ) -> Result<bool, Error> {
         let started = Instant::now();
         let iterations = self.config.sessions.password_iterations;
         // A hash of an algorithm the site does not list is refused, as Django refuses it.
@@ -193,6 +203,7 @@ impl Login {
         let ok = self
             .hashes
             .run_within(self.config.sessions.hash_queue_timeout, move || {
+                begun.mark();
                 let ok = accepted && password::check_password(&password, &encoded);
                 if !ok {
                     // Unlisted, unusable, malformed or cheaper hashes cost what a wrong

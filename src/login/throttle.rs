@@ -25,7 +25,10 @@ use std::{
     collections::HashMap,
     hash::{BuildHasher, RandomState},
     net::IpAddr,
-    sync::Mutex,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -137,14 +140,33 @@ where
     }
 }
 
-/// One login attempt, already counted as a failure. Dropping it leaves it counted (a wrong
-/// password, or a request abandoned while its hash ran); [`Attempt::succeeded`] and
-/// [`Attempt::release`] take it back.
+/// One login attempt, already counted as a failure. [`Attempt::succeeded`] and
+/// [`Attempt::release`] settle it. Dropped unsettled, it stays counted once its password check
+/// has begun (a wrong password, or a request given up while its hash ran: a guess was
+/// checked, and a client that walks away from each one must not get unthrottled hashing), and
+/// is given back before that (a request given up by its deadline or its client while it
+/// waited for Postgres or a hashing thread: an outage, not a guess, so it must never add up
+/// to a 429 for the right password).
 #[must_use = "an attempt counts as a failure unless it is settled"]
 pub struct Attempt<'a> {
     throttle: &'a Throttle,
     /// `None` when the throttle is off.
     key: Option<Counted>,
+    begun: CheckBegun,
+}
+
+/// Marked by the hashing thread as an [`Attempt`]'s password check begins.
+#[derive(Clone, Default)]
+pub struct CheckBegun(Arc<AtomicBool>);
+
+impl CheckBegun {
+    pub fn mark(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    fn marked(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
 }
 
 /// The keys an attempt was counted under, and the windows it was added to.
@@ -157,6 +179,19 @@ struct Counted {
 }
 
 impl Attempt<'_> {
+    fn new(throttle: &Throttle, key: Option<Counted>) -> Attempt<'_> {
+        Attempt {
+            throttle,
+            key,
+            begun: CheckBegun::default(),
+        }
+    }
+
+    /// What the password check marks as it begins (see [`Attempt`]).
+    pub fn check_begun(&self) -> CheckBegun {
+        self.begun.clone()
+    }
+
     /// The password was right: clears this client's failures for the username and the
     /// username's failures from anywhere (not other clients' failures for it). The address's
     /// count only loses this attempt: one right guess must not reset a spray.
@@ -172,11 +207,23 @@ impl Attempt<'_> {
     /// No password was checked (Postgres unreachable, no hashing thread free): the attempt
     /// does not count.
     pub fn release(mut self) {
+        self.give_back();
+    }
+
+    fn give_back(&mut self) {
         if let Some(k) = self.key.take() {
             let mut c = self.throttle.lock();
             unbump(&mut c.addresses, &k.addr, k.address_started);
             unbump(&mut c.users, &k.username, k.user_started);
             unbump(&mut c.pairs, &(k.addr, k.username), k.pair_started);
+        }
+    }
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        if !self.begun.marked() {
+            self.give_back();
         }
     }
 }
@@ -214,10 +261,7 @@ impl Throttle {
         now: Instant,
     ) -> Result<Attempt<'_>, Duration> {
         if self.limit == 0 {
-            return Ok(Attempt {
-                throttle: self,
-                key: None,
-            });
+            return Ok(Attempt::new(self, None));
         }
         let username = self.hasher.hash_one(username);
         let mut c = self.lock();
@@ -237,16 +281,16 @@ impl Throttle {
         } else {
             now
         };
-        Ok(Attempt {
-            throttle: self,
-            key: Some(Counted {
+        Ok(Attempt::new(
+            self,
+            Some(Counted {
                 addr,
                 username,
                 pair_started,
                 user_started,
                 address_started,
             }),
-        })
+        ))
     }
 }
 
@@ -257,8 +301,11 @@ mod tests {
     const A: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1));
     const B: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 2));
 
+    /// A wrong password: the check began, and the attempt is dropped unsettled.
     fn fail(t: &Throttle, user: &str, addr: IpAddr, now: Instant) {
-        drop(t.reserve_at(user, addr, now).expect("not blocked"));
+        let attempt = t.reserve_at(user, addr, now).expect("not blocked");
+        attempt.check_begun().mark();
+        drop(attempt);
     }
 
     #[test]
@@ -309,13 +356,32 @@ mod tests {
         // Held attempts (password checks still running) count against the limit.
         let t = Throttle::new(3, 10, 0, Duration::from_secs(60));
         let t0 = Instant::now();
-        let held: Vec<_> = (0..3)
+        let mut held: Vec<_> = (0..3)
             .map(|_| t.reserve_at("alice", A, t0).expect("under the limit"))
             .collect();
         assert!(t.reserve_at("alice", A, t0).is_err());
         // A released attempt (no password checked) is given back.
-        held.into_iter().next().unwrap().release();
+        held.pop().unwrap().release();
         assert!(t.reserve_at("alice", A, t0).is_ok());
+        drop(held);
+    }
+
+    #[test]
+    fn an_attempt_given_up_counts_only_once_its_check_began() {
+        let t = Throttle::new(2, 10, 0, Duration::from_secs(60));
+        let t0 = Instant::now();
+        // Given up while waiting for Postgres or a hashing thread, any number of times.
+        for _ in 0..5 {
+            drop(t.reserve_at("alice", A, t0).expect("nothing counted"));
+        }
+        // Given up while its hash ran: a guess, counted.
+        for _ in 0..2 {
+            let attempt = t.reserve_at("alice", A, t0).expect("under the limit");
+            let begun = attempt.check_begun();
+            begun.mark();
+            drop(attempt);
+        }
+        assert!(t.reserve_at("alice", A, t0).is_err());
     }
 
     #[test]
