@@ -1175,3 +1175,64 @@ async fn a_token_made_while_the_stream_stalls_is_not_refused_as_unknown() {
     relayed.kill().await;
     s.stop().await;
 }
+
+/// A heartbeat counts from when it was appended, not from when it is read. An instance that
+/// stood still while every relay died reads, once it runs again, the heartbeats they appended
+/// before: those must not make the feed live, or a revocation made after the relays died would
+/// be answered from the cache for as long as the instance stood still, plus the relay timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn heartbeats_read_late_do_not_vouch_for_the_time_since() {
+    let db = TestDb::migrated().await;
+    let redis = PrivateRedis::start().await;
+    let prefix = unique("kglate");
+    let relayed = relay(&db, &redis, &prefix);
+    // A process of its own, so that it can be stopped while the relay dies.
+    let b = Binary::spawn(
+        &db.url,
+        &[
+            ("KNOXGATE_REDIS_URL", redis.url()),
+            ("KNOXGATE_REDIS_KEY_PREFIX", prefix.clone()),
+            ("KNOXGATE_REDIS_RECONNECT_MAX_DELAY", "200ms".into()),
+            ("KNOXGATE_CACHE_FEED", "redis".into()),
+            ("KNOXGATE_CACHE_FEED_HEARTBEAT_INTERVAL", "200ms".into()),
+            ("KNOXGATE_CACHE_FEED_RELAY_TIMEOUT", "800ms".into()),
+            ("KNOXGATE_CACHE_FEED_RECONNECT_DELAY", "100ms".into()),
+        ],
+    );
+    assert_ready(&b, Duration::from_secs(30)).await;
+    let token = user_with_token(&db, "late-heartbeats").await;
+    assert_eq!(b.verify(&token.token).await.status, 200);
+
+    // Stopped mid-read: Redis answers that read with the relay's next heartbeat, which waits
+    // unread in the socket while the relay dies and the token is revoked.
+    b.pause();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    relayed.kill().await;
+    revoke(&db, &token).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    b.resume();
+
+    // The heartbeats it reads now (its read waiting in the socket, or the read after it, which
+    // timed out while the process stood still) are 3 s old and more, past the 800-ms relay
+    // timeout: nothing vouches for the cache. (Only `/readyz` is asked meanwhile: a verify
+    // while the feed is down would be confirmed with Postgres and evict the entry.)
+    let started = std::time::Instant::now();
+    let mut answered_while_live = None;
+    while started.elapsed() < Duration::from_secs(3) {
+        let (_, body) = readyz_of(b.admin).await;
+        if body.contains("\"feed\":\"live\"") {
+            answered_while_live = Some(b.verify(&token.token).await.status);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        answered_while_live,
+        None,
+        "the feed went live on heartbeats appended before the relay died (the revoked token \
+         answered with that status): {}",
+        b.log()
+    );
+    assert_eq!(b.verify(&token.token).await.status, 401);
+    b.kill().await;
+}

@@ -23,7 +23,8 @@
 //! after it was trimmed, it may have missed changes, so it drops its in-process tier and reloads
 //! its key filter (Redis entries are evicted by the relays themselves). A live relay appends a
 //! heartbeat every `cache.feed_heartbeat_interval`; an instance counts its feed as live only
-//! while it reads the stream and has seen a heartbeat within `cache.feed_relay_timeout`, and
+//! while it reads the stream and has read a heartbeat appended within `cache.feed_relay_timeout`
+//! (by Redis's clock: one read late, after the process stood still, is as old as it is), and
 //! confirms cached answers with Postgres otherwise.
 
 use std::{
@@ -269,7 +270,8 @@ impl Publisher {
 struct Reader {
     /// The last entry read; `None` before the first read on a fresh start.
     last_id: Option<String>,
-    /// When a heartbeat was last read while caught up.
+    /// When the newest heartbeat read while caught up was appended (its age by Redis's
+    /// clock, taken from now).
     heartbeat_at: Option<Instant>,
     /// When the last read returned caught up (fewer entries than asked for) on the current
     /// connection. Shortly after that, nothing can have been trimmed past `last_id`, so the next
@@ -453,13 +455,13 @@ async fn read_once(
     // The batch's changes are applied together (a run of removals walks the in-process tier
     // once: `Store::apply_all`), and only then does a heartbeat in it count.
     let mut changes = Vec::new();
-    let mut heartbeat = false;
+    let mut heartbeat = None;
     let mut reload_key_filter = false;
     let mut last_id = None;
     for (id, fields) in entries {
         match fields.get(FIELD).and_then(|p| parse_entry(p)) {
             Some(StreamEntry::Change(change)) => changes.push(change),
-            Some(StreamEntry::Heartbeat) => heartbeat = true,
+            Some(StreamEntry::Heartbeat) => heartbeat = Some(id.clone()),
             Some(StreamEntry::Listening) => {
                 tracing::info!(%id, "change feed: a relay of an earlier version says INSERTs may be missing from the stream; reloading the token key filter");
                 reload_key_filter = true;
@@ -475,14 +477,45 @@ async fn read_once(
     if reload_key_filter {
         store.reload_key_filter();
     }
-    if heartbeat && caught_up {
-        reader.heartbeat_at = Some(Instant::now());
+    if let Some(id) = heartbeat.filter(|_| caught_up) {
+        // As old as its id says, by Redis's clock: a heartbeat read late (this process stood
+        // still, or its reads failed, while the relays died) must not vouch for the time since.
+        let age = age_on_redis(&client, &id).await?;
+        let heard = Instant::now().checked_sub(age);
+        reader.heartbeat_at = reader.heartbeat_at.max(heard);
     }
     if last_id.is_some() {
         reader.last_id = last_id;
     }
     reader.caught_up_at = caught_up.then(Instant::now);
     Ok(())
+}
+
+/// How long ago, by Redis's clock, stream entry `id` was appended: an entry id begins with the
+/// milliseconds of Redis's clock when it was added. Zero for an id ahead of the clock (Redis
+/// keeps ids increasing when its clock steps back).
+async fn age_on_redis(
+    client: &fred::clients::WithOptions<Client>,
+    id: &str,
+) -> Result<Duration, StoreError> {
+    let appended_ms = id
+        .split_once('-')
+        .and_then(|(ms, _)| ms.parse::<u64>().ok())
+        .ok_or_else(|| StoreError::Unavailable(format!("feed stream entry id {id:?}")))?;
+    let time: Vec<String> = client
+        .custom(fred::cmd!("TIME"), Vec::<String>::new())
+        .await
+        .map_err(|e| redis_error("clock read", e))?;
+    let now_ms = match time.as_slice() {
+        [secs, micros] => secs
+            .parse::<u64>()
+            .ok()
+            .zip(micros.parse::<u64>().ok())
+            .map(|(secs, micros)| secs * 1000 + micros / 1000),
+        _ => None,
+    }
+    .ok_or_else(|| StoreError::Unavailable(format!("redis TIME answered {time:?}")))?;
+    Ok(Duration::from_millis(now_ms.saturating_sub(appended_ms)))
 }
 
 /// Whether the stream still holds entry `id`.
