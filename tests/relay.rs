@@ -1236,3 +1236,42 @@ async fn heartbeats_read_late_do_not_vouch_for_the_time_since() {
     assert_eq!(b.verify(&token.token).await.status, 401);
     b.kill().await;
 }
+
+/// A read of the stream that waits its whole `block` and gets nothing (a nil reply) is a read,
+/// not a failure: with reads shorter than the relay's heartbeat interval most of them end so,
+/// and the feed stays live between heartbeats rather than going down after each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reads_that_find_nothing_new_keep_the_feed_live() {
+    let db = TestDb::migrated().await;
+    let redis = PrivateRedis::start().await;
+    let prefix = unique("kgnil");
+    let relayed = relay(&db, &redis, &prefix);
+    // The instance reads for 50 ms at a time, the relay heartbeats every 200 ms.
+    let b = Binary::spawn(
+        &db.url,
+        &[
+            ("KNOXGATE_REDIS_URL", redis.url()),
+            ("KNOXGATE_REDIS_KEY_PREFIX", prefix.clone()),
+            ("KNOXGATE_CACHE_FEED", "redis".into()),
+            ("KNOXGATE_CACHE_FEED_HEARTBEAT_INTERVAL", "50ms".into()),
+            ("KNOXGATE_CACHE_FEED_RELAY_TIMEOUT", "800ms".into()),
+        ],
+    );
+    assert_ready(&b, Duration::from_secs(30)).await;
+    for _ in 0..40 {
+        let (status, body) = readyz_of(b.admin).await;
+        assert!(
+            body.contains("\"feed\":\"live\""),
+            "{status} {body}: {}",
+            b.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        !b.log().contains("cannot read the redis stream"),
+        "{}",
+        b.log()
+    );
+    b.kill().await;
+    relayed.kill().await;
+}

@@ -427,11 +427,19 @@ async fn read_once(
         None => start_at_end(&client, key, store, reader).await?,
     };
     let block_ms = block.as_millis().min(u128::from(u64::MAX)) as u64;
-    let response: XReadResponse<String, String, String, String> = client
-        .xread_map(Some(READ_BATCH), Some(block_ms), key, from.as_str())
+    let reply: fred::types::Value = client
+        .xread(Some(READ_BATCH), Some(block_ms), key, from.as_str())
         .await
         .map_err(|e| redis_error("read", e))?;
-    let entries = response.into_values().next().unwrap_or_default();
+    // Nothing appended within `block`: a nil reply, which fred's map conversion refuses.
+    let entries = if reply.is_null() {
+        Vec::new()
+    } else {
+        let streams: XReadResponse<String, String, String, String> = reply
+            .into_xread_response()
+            .map_err(|e| redis_error("read", e))?;
+        streams.into_values().next().unwrap_or_default()
+    };
     let caught_up = (entries.len() as u64) < READ_BATCH;
     // A read returns what follows `from`, whether or not `from` is still there. A burst of
     // appends during the read (or since the check above) can trim past it: then this batch
