@@ -4,9 +4,11 @@
 
 use std::{net::SocketAddr, sync::Arc};
 
+use hyper::header::{HeaderName, HeaderValue};
 use tokio::sync::Semaphore;
 
 use crate::{
+    auth::owned,
     config::Config,
     login::Login,
     metrics::Metrics,
@@ -24,6 +26,10 @@ pub struct App {
     pub sessions_in_flight: Arc<Semaphore>,
     /// Logging in and issuing tokens (password checks, throttle).
     pub login: Login,
+    /// The identity headers whose client copies an answer has Envoy remove
+    /// (`auth::owned`), and the same as an `x-envoy-auth-headers-to-remove` value.
+    pub owned_identity_headers: Arc<[HeaderName]>,
+    pub envoy_headers_to_remove: HeaderValue,
 }
 
 /// Why knoxgate could not start.
@@ -57,7 +63,10 @@ impl App {
         let config = Arc::new(config);
         let metrics = Arc::new(Metrics::new());
         let store = Arc::new(Store::connect(&config, Arc::clone(&metrics))?);
+        let owned = owned::owned_identity_headers(&config);
         Ok(Arc::new(App {
+            envoy_headers_to_remove: owned::envoy_headers_to_remove(&owned),
+            owned_identity_headers: owned.into(),
             in_flight: Arc::new(Semaphore::new(config.server.max_in_flight.get())),
             sessions_in_flight: Arc::new(Semaphore::new(config.sessions.max_in_flight.get())),
             login: Login::new(

@@ -160,6 +160,50 @@ async fn every_policy_over_http() {
     s.stop().await;
 }
 
+/// A 200 that carries no identity (an anonymous request on an `anonymous=allow` route, a CORS
+/// preflight) names every identity header knoxgate owns, in every spelling, in
+/// `x-envoy-auth-headers-to-remove`: Envoy's HTTP ext_authz overwrites only the headers an
+/// answer carries, so a client's own `X-Auth-User-Id` would otherwise reach the upstream. An
+/// answer with an identity carries its headers instead, and no list.
+#[tokio::test]
+async fn a_200_without_identity_has_envoy_remove_client_identity_headers() {
+    let db = TestDb::migrated().await;
+    let t = member(&db, "envoy", false, false, &[]).await;
+    let s = TestServer::start(&db, "[verify]\nallow_cors_preflight = true").await;
+    let anonymous = get(&s, "/verify?anonymous=allow", None).await;
+    let preflight = http(
+        s.addr(),
+        "OPTIONS",
+        "/verify",
+        &[("Access-Control-Request-Method", "POST")],
+        b"",
+    )
+    .await;
+    for (what, r) in [("anonymous", &anonymous), ("preflight", &preflight)] {
+        assert_eq!(r.status, 200, "{what}");
+        assert_eq!(r.header("X-Auth-User-Id"), None, "{what}");
+        let listed: Vec<&str> = r
+            .header("x-envoy-auth-headers-to-remove")
+            .unwrap_or_else(|| panic!("{what}: no x-envoy-auth-headers-to-remove"))
+            .split(", ")
+            .collect();
+        for name in [
+            "x-auth-user-id",
+            "x_auth_user_id",
+            "x-auth_user-id",
+            "x-auth-username",
+            "x-auth-assertion",
+        ] {
+            assert!(listed.contains(&name), "{what}: {name} not in {listed:?}");
+        }
+    }
+    let allowed = get(&s, "/verify", Some(&t.token)).await;
+    assert_eq!(allowed.status, 200);
+    assert!(allowed.header("X-Auth-User-Id").is_some());
+    assert_eq!(allowed.header("x-envoy-auth-headers-to-remove"), None);
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn default_identity_headers_are_off() {
     let db = TestDb::migrated().await;

@@ -7,6 +7,7 @@ mod basic;
 mod decide;
 mod expiry;
 mod header;
+pub mod owned;
 mod policy;
 mod token;
 

@@ -19,14 +19,13 @@ use envoy_types::ext_authz::v3::pb::{Authorization, CheckRequest, CheckResponse}
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest;
 use hyper::{
     HeaderMap, Method,
-    header::{self, HeaderName, HeaderValue},
+    header::{self, HeaderValue},
 };
 use tonic::{Code, Request, Response, Status};
 use tracing::Instrument as _;
 
 use crate::{
     auth::Policy,
-    config::SUGGESTED_IDENTITY_HEADERS,
     deadline::Deadline,
     error::Error,
     http::{respond as http_respond, verify},
@@ -39,77 +38,12 @@ use crate::{
 #[derive(Clone)]
 pub struct Check {
     app: Arc<App>,
-    /// Every identity header knoxgate sets, the assertion's even with assertions off, the
-    /// suggested names of those it does not send, and each of these spelled with underscores
-    /// for hyphens, so that an allowed check removes client copies: over gRPC no proxy
-    /// configuration clears them, as the HTTP ones do.
-    owned: Arc<[HeaderName]>,
 }
 
 impl Check {
     pub fn new(app: Arc<App>) -> Check {
-        let assertion = Some(&app.config.assertion.header);
-        let mut names = http_respond::identity_header_names(&app.config.verify, assertion);
-        for name in SUGGESTED_IDENTITY_HEADERS {
-            let name = HeaderName::from_static(name);
-            if !names.contains(&name) {
-                names.push(name);
-            }
-        }
-        let mut owned = names.clone();
-        for name in &names {
-            let (twins, complete) = underscore_spellings(name);
-            if !complete {
-                tracing::warn!(
-                    header = %name,
-                    "an identity header name with more than {MAX_SPELLED_HYPHENS} hyphens: over \
-                     gRPC only its all-underscore spelling is removed from client requests, not \
-                     the mixed ones; drop underscore headers in the proxy \
-                     (headers_with_underscores_action)"
-                );
-            }
-            owned.extend(twins.into_iter().filter(|twin| !names.contains(twin)));
-        }
-        Check {
-            app,
-            owned: owned.into(),
-        }
+        Check { app }
     }
-}
-
-/// Names with up to this many hyphens have every spelling with underscores removed (2^n - 1 of
-/// them); longer ones only the all-underscore one, so that a long configured name cannot make
-/// every answer carry hundreds of names.
-const MAX_SPELLED_HYPHENS: u32 = 5;
-
-/// `name` with some or all of its hyphens written as underscores (`x_auth_user_id`,
-/// `x-auth_user-id`, ...), and whether that is every such spelling. Envoy keeps headers with
-/// underscores unless `headers_with_underscores_action` says otherwise, and a WSGI server that
-/// maps `_` and `-` alike (gunicorn before 22, uWSGI) gives the application each of them as the
-/// identity header's own variable.
-fn underscore_spellings(name: &HeaderName) -> (Vec<HeaderName>, bool) {
-    let text = name.as_str();
-    let hyphens: Vec<usize> = text.match_indices('-').map(|(at, _)| at).collect();
-    let count = u32::try_from(hyphens.len()).unwrap_or(u32::MAX);
-    let spell = |mask: u64| {
-        let mut bytes = text.as_bytes().to_vec();
-        for (bit, &at) in hyphens.iter().enumerate() {
-            if mask & (1 << bit) != 0 {
-                bytes[at] = b'_';
-            }
-        }
-        // Only hyphens became underscores: still a valid (lower-case) header name.
-        HeaderName::from_bytes(&bytes).expect("underscores are token characters")
-    };
-    if count == 0 {
-        return (Vec::new(), true);
-    }
-    if count > MAX_SPELLED_HYPHENS {
-        let all = HeaderName::from_bytes(text.replace('-', "_").as_bytes())
-            .expect("underscores are token characters");
-        return (vec![all], false);
-    }
-    ((1..1u64 << count).map(spell).collect(), true)
 }
 
 #[tonic::async_trait]
@@ -133,7 +67,7 @@ impl Authorization for Check {
         self.app.metrics.request(Route::GrpcCheck, status);
         // Every answer is a CheckResponse, outages included (grpc/respond.rs says why).
         Ok(Response::new(
-            respond::check_response(answer, &self.owned).await,
+            respond::check_response(answer, &self.app.owned_identity_headers).await,
         ))
     }
 }
@@ -346,44 +280,6 @@ mod tests {
             }),
             ..HttpRequest::default()
         }
-    }
-
-    fn spellings(name: &'static str) -> (Vec<String>, bool) {
-        let (twins, complete) = underscore_spellings(&HeaderName::from_static(name));
-        let mut twins: Vec<String> = twins.iter().map(|n| n.as_str().to_owned()).collect();
-        twins.sort();
-        (twins, complete)
-    }
-
-    #[test]
-    fn every_underscore_spelling_of_an_identity_header_is_named() {
-        let (twins, complete) = spellings("x-auth-user-id");
-        assert!(complete);
-        assert_eq!(
-            twins,
-            [
-                "x-auth-user_id",
-                "x-auth_user-id",
-                "x-auth_user_id",
-                "x_auth-user-id",
-                "x_auth-user_id",
-                "x_auth_user-id",
-                "x_auth_user_id",
-            ]
-        );
-        assert_eq!(spellings("authorization"), (vec![], true));
-        // Five hyphens: all 31; six: only the all-underscore one, and said so.
-        assert_eq!(spellings("a-b-c-d-e-f").0.len(), 31);
-        assert_eq!(
-            spellings("a-b-c-d-e-f-g"),
-            (vec!["a_b_c_d_e_f_g".into()], false)
-        );
-        // More hyphens than a 64-bit mask has bits.
-        let long = format!("x{}", "-x".repeat(70));
-        let (twins, complete) = underscore_spellings(&HeaderName::try_from(long.as_str()).unwrap());
-        assert!(!complete);
-        assert_eq!(twins.len(), 1);
-        assert_eq!(twins[0].as_str(), long.replace('-', "_"));
     }
 
     fn authorization(h: &HeaderMap) -> Vec<&[u8]> {

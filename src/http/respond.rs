@@ -101,26 +101,6 @@ pub fn allow(
     r
 }
 
-/// Every identity header [`allow`] can set under `cfg`: the headers knoxgate owns, which a
-/// client's copy must never stand in for.
-pub fn identity_header_names(
-    cfg: &VerifyConfig,
-    assertion: Option<&HeaderName>,
-) -> Vec<hyper::header::HeaderName> {
-    let optional = [
-        &cfg.username_header,
-        &cfg.email_header,
-        &cfg.staff_header,
-        &cfg.superuser_header,
-        &cfg.groups_header,
-        &cfg.expiry_header,
-    ];
-    std::iter::once(cfg.user_id_header.clone())
-        .chain(optional.into_iter().flatten().cloned())
-        .chain(assertion.cloned())
-        .collect()
-}
-
 /// 200 for a CORS preflight let through without a token: no identity headers.
 pub fn preflight() -> Response<Body> {
     Response::new(Full::new(Bytes::new()))

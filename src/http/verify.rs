@@ -148,7 +148,7 @@ pub async fn verify(
     deadline: Deadline,
 ) -> Response<Body> {
     let started = std::time::Instant::now();
-    let (response, outcome, reason) = match policy_query.map(Policy::from_query).transpose() {
+    let (mut response, outcome, reason) = match policy_query.map(Policy::from_query).transpose() {
         Ok(policy) => answer(app, method, headers, &policy.unwrap_or_default(), deadline).await,
         Err(e) => {
             let e = Error::from(e);
@@ -159,6 +159,14 @@ pub async fn verify(
             )
         }
     };
+    if matches!(reason, Reason::Anonymous | Reason::CorsPreflight) {
+        // A 200 without identity: Envoy's HTTP ext_authz would otherwise let a client's own
+        // identity headers through (`auth::owned`).
+        response.headers_mut().insert(
+            crate::auth::owned::ENVOY_HEADERS_TO_REMOVE,
+            app.envoy_headers_to_remove.clone(),
+        );
+    }
     app.metrics.verify_outcome(outcome, reason);
     app.metrics
         .verify_duration
