@@ -33,16 +33,31 @@ fn relay_with(
     prefix: &str,
     overrides: &[(&'static str, String)],
 ) -> Binary {
-    let mut env = vec![
-        ("KNOXGATE_REDIS_URL", redis_url.to_owned()),
-        ("KNOXGATE_REDIS_KEY_PREFIX", prefix.to_owned()),
-        ("KNOXGATE_CACHE_FEED_HEARTBEAT_INTERVAL", "200ms".into()),
+    let env = [
         ("KNOXGATE_CACHE_FEED_HEALTH_INTERVAL", "200ms".into()),
         ("KNOXGATE_CACHE_FEED_RECONNECT_DELAY", "100ms".into()),
-        ("KNOXGATE_REDIS_RECONNECT_MAX_DELAY", "200ms".into()),
     ];
-    env.extend_from_slice(overrides);
-    Binary::spawn_command("relay", &db.url, &env)
+    spawn_on("relay", db, redis_url, prefix, &[&env, overrides].concat())
+}
+
+/// `knoxgate <command>` on the Redis at `redis_url` under `prefix`, with the tests' short
+/// heartbeat interval, relay timeout and reconnection delay, then `env` (later values win).
+fn spawn_on(
+    command: &str,
+    db: &TestDb,
+    redis_url: &str,
+    prefix: &str,
+    env: &[(&'static str, String)],
+) -> Binary {
+    let mut all = vec![
+        ("KNOXGATE_REDIS_URL", redis_url.to_owned()),
+        ("KNOXGATE_REDIS_KEY_PREFIX", prefix.to_owned()),
+        ("KNOXGATE_REDIS_RECONNECT_MAX_DELAY", "200ms".into()),
+        ("KNOXGATE_CACHE_FEED_HEARTBEAT_INTERVAL", "200ms".into()),
+        ("KNOXGATE_CACHE_FEED_RELAY_TIMEOUT", "800ms".into()),
+    ];
+    all.extend_from_slice(env);
+    Binary::spawn_command(command, &db.url, &all)
 }
 
 /// A relay whose listener connection (`postgres.feed_url`) goes through a [`SlowProxy`], which
@@ -93,6 +108,18 @@ async fn instance(db: &TestDb, redis: &PrivateRedis, prefix: &str) -> TestServer
 async fn instance_on(db: &TestDb, redis_url: &str, prefix: &str) -> TestServer {
     let extra = format!("[redis]\nurl = \"{redis_url}\"\nreconnect_max_delay = \"200ms\"\n{FEED}");
     TestServer::start_with_prefix(db, prefix, &extra).await
+}
+
+/// An instance in a process of its own (so that it can be stopped while the stream changes
+/// under it), with the tests' short intervals and `overrides` (set after them, so they win).
+fn instance_process(
+    db: &TestDb,
+    redis_url: &str,
+    prefix: &str,
+    overrides: &[(&'static str, String)],
+) -> Binary {
+    let feed = [("KNOXGATE_CACHE_FEED", "redis".into())];
+    spawn_on("serve", db, redis_url, prefix, &[&feed, overrides].concat())
 }
 
 async fn revoke(db: &TestDb, token: &Token) {
@@ -417,18 +444,7 @@ async fn a_revocation_a_redis_failover_loses_from_the_stream_is_appended_again()
         &prefix,
         &[("KNOXGATE_REDIS_COMMAND_TIMEOUT", "60s".into())],
     );
-    // A process of its own, so that it can be stopped while the stream changes under it.
-    let b = Binary::spawn(
-        &db.url,
-        &[
-            ("KNOXGATE_REDIS_URL", url.clone()),
-            ("KNOXGATE_REDIS_KEY_PREFIX", prefix.clone()),
-            ("KNOXGATE_REDIS_RECONNECT_MAX_DELAY", "200ms".into()),
-            ("KNOXGATE_CACHE_FEED", "redis".into()),
-            ("KNOXGATE_CACHE_FEED_HEARTBEAT_INTERVAL", "200ms".into()),
-            ("KNOXGATE_CACHE_FEED_RELAY_TIMEOUT", "800ms".into()),
-        ],
-    );
+    let b = instance_process(&db, &url, &prefix, &[]);
     assert_ready(&b, Duration::from_secs(30)).await;
     let revoked = user_with_token(&db, "failover-lost").await;
     let kept = user_with_token(&db, "failover-kept").await;
@@ -1186,18 +1202,11 @@ async fn heartbeats_read_late_do_not_vouch_for_the_time_since() {
     let redis = PrivateRedis::start().await;
     let prefix = unique("kglate");
     let relayed = relay(&db, &redis, &prefix);
-    // A process of its own, so that it can be stopped while the relay dies.
-    let b = Binary::spawn(
-        &db.url,
-        &[
-            ("KNOXGATE_REDIS_URL", redis.url()),
-            ("KNOXGATE_REDIS_KEY_PREFIX", prefix.clone()),
-            ("KNOXGATE_REDIS_RECONNECT_MAX_DELAY", "200ms".into()),
-            ("KNOXGATE_CACHE_FEED", "redis".into()),
-            ("KNOXGATE_CACHE_FEED_HEARTBEAT_INTERVAL", "200ms".into()),
-            ("KNOXGATE_CACHE_FEED_RELAY_TIMEOUT", "800ms".into()),
-            ("KNOXGATE_CACHE_FEED_RECONNECT_DELAY", "100ms".into()),
-        ],
+    let b = instance_process(
+        &db,
+        &redis.url(),
+        &prefix,
+        &[("KNOXGATE_CACHE_FEED_RECONNECT_DELAY", "100ms".into())],
     );
     assert_ready(&b, Duration::from_secs(30)).await;
     let token = user_with_token(&db, "late-heartbeats").await;
@@ -1247,15 +1256,11 @@ async fn reads_that_find_nothing_new_keep_the_feed_live() {
     let prefix = unique("kgnil");
     let relayed = relay(&db, &redis, &prefix);
     // The instance reads for 50 ms at a time, the relay heartbeats every 200 ms.
-    let b = Binary::spawn(
-        &db.url,
-        &[
-            ("KNOXGATE_REDIS_URL", redis.url()),
-            ("KNOXGATE_REDIS_KEY_PREFIX", prefix.clone()),
-            ("KNOXGATE_CACHE_FEED", "redis".into()),
-            ("KNOXGATE_CACHE_FEED_HEARTBEAT_INTERVAL", "50ms".into()),
-            ("KNOXGATE_CACHE_FEED_RELAY_TIMEOUT", "800ms".into()),
-        ],
+    let b = instance_process(
+        &db,
+        &redis.url(),
+        &prefix,
+        &[("KNOXGATE_CACHE_FEED_HEARTBEAT_INTERVAL", "50ms".into())],
     );
     assert_ready(&b, Duration::from_secs(30)).await;
     for _ in 0..40 {
