@@ -1280,3 +1280,33 @@ async fn reads_that_find_nothing_new_keep_the_feed_live() {
     b.kill().await;
     relayed.kill().await;
 }
+
+/// The relay's appends and the instance's stream reader find the new master when the old one
+/// goes silent instead of closing its connections (stopped, as a host that vanished): their
+/// commands time out on the caller's side only, so each must start a new connection itself, or
+/// the feed stays down (every cached answer confirmed with Postgres) for as long as the old
+/// master's sockets stay open. (Seen failing with either reconnection left out.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_instance_reads_the_stream_from_the_new_master_after_the_old_one_goes_silent() {
+    let db = TestDb::migrated().await;
+    let mut deployment = RedisSentinel::start().await;
+    let url = deployment.url();
+    let prefix = unique("kgsilent");
+    let (relayed, s) = relay_and_instance(&db, &url, &prefix).await;
+    let master = deployment.master_port().expect("a master");
+    deployment.server(master).pause();
+    deployment
+        .wait_promoted(master, Duration::from_secs(40))
+        .await
+        .expect("the sentinels promoted the replica");
+    let live = ready_within(s.admin(), Duration::from_secs(30)).await;
+    deployment.server(master).resume();
+    assert!(
+        live,
+        "the instance never read the stream from the new master: {:?}\nrelay log:\n{}",
+        readyz_of(s.admin()).await,
+        relayed.log()
+    );
+    relayed.kill().await;
+    s.stop().await;
+}

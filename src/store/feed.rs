@@ -294,6 +294,11 @@ pub async fn run(
             Ok(()) => return, // shutdown
             Err(e) => outage.failed(was_live, &e),
         }
+        if let Some(publisher) = publisher {
+            publisher
+                .reconnect_if_connected(config.redis.connect_timeout)
+                .await;
+        }
         tokio::select! {
             _ = tokio::time::sleep(config.cache.feed_reconnect_delay) => {}
             _ = shutdown.changed() => return,

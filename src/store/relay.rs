@@ -261,6 +261,16 @@ impl Publisher {
         self.publish(&format!("b|{}|{seq}", self.relay)).await
     }
 
+    /// After a failed session: a connection fred still holds may be to a server that went
+    /// silent (stopped, or a host gone without a reset while a replica is promoted), which fred
+    /// does not notice by itself once commands have timed out; a new one finds the current
+    /// master. Bounded by `within`.
+    pub async fn reconnect_if_connected(&self, within: Duration) {
+        if self.client.is_connected() {
+            let _ = tokio::time::timeout(within, self.client.force_reconnection()).await;
+        }
+    }
+
     pub async fn quit(&self) {
         let _ = self.client.quit().await;
     }
@@ -385,8 +395,21 @@ pub async fn subscribe(
         store.set_feed_live_until(reader.heartbeat_at.map(|at| at + timeout));
         store.set_feed_live(live);
         if failing {
+            // fred times a command out on the caller's side only: the connection stays, later
+            // commands queue behind the read still waiting on it, and with unresponsive
+            // detection off (above) nothing notices a server that went silent (stopped, or a
+            // host gone without a reset while a replica is promoted). A failure on a
+            // connection fred still holds therefore starts a new one, which finds the current
+            // master; only now, once the feed is no longer counted live (above).
+            let reconnect = async {
+                if client.is_connected() {
+                    let within = config.redis.connect_timeout;
+                    let _ = tokio::time::timeout(within, client.force_reconnection()).await;
+                }
+                tokio::time::sleep(config.cache.feed_reconnect_delay).await;
+            };
             tokio::select! {
-                _ = tokio::time::sleep(config.cache.feed_reconnect_delay) => {}
+                _ = reconnect => {}
                 _ = shutdown.changed() => break,
             }
         }
