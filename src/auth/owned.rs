@@ -53,12 +53,8 @@ pub fn envoy_headers_to_remove(names: &[HeaderName]) -> HeaderValue {
     HeaderValue::try_from(list).expect("header names are valid header value characters")
 }
 
-/// Every identity header `http::respond::allow` can set under `cfg`: the headers knoxgate owns, which a
-/// client's copy must never stand in for.
-pub fn identity_header_names(
-    cfg: &VerifyConfig,
-    assertion: Option<&HeaderName>,
-) -> Vec<hyper::header::HeaderName> {
+/// Every identity header `http::respond::allow` can set under `cfg`, and `assertion`'s.
+fn identity_header_names(cfg: &VerifyConfig, assertion: Option<&HeaderName>) -> Vec<HeaderName> {
     let optional = [
         &cfg.username_header,
         &cfg.email_header,

@@ -375,12 +375,8 @@ mod tests {
             drop(t.reserve_at("alice", A, t0).expect("nothing counted"));
         }
         // Given up while its hash ran: a guess, counted.
-        for _ in 0..2 {
-            let attempt = t.reserve_at("alice", A, t0).expect("under the limit");
-            let begun = attempt.check_begun();
-            begun.mark();
-            drop(attempt);
-        }
+        fail(&t, "alice", A, t0);
+        fail(&t, "alice", A, t0);
         assert!(t.reserve_at("alice", A, t0).is_err());
     }
 

@@ -266,9 +266,7 @@ impl Publisher {
     /// does not notice by itself once commands have timed out; a new one finds the current
     /// master. Bounded by `within`.
     pub async fn reconnect_if_connected(&self, within: Duration) {
-        if self.client.is_connected() {
-            let _ = tokio::time::timeout(within, self.client.force_reconnection()).await;
-        }
+        reconnect_if_connected(&self.client, within).await;
     }
 
     pub async fn quit(&self) {
@@ -402,10 +400,7 @@ pub async fn subscribe(
             // connection fred still holds therefore starts a new one, which finds the current
             // master; only now, once the feed is no longer counted live (above).
             let reconnect = async {
-                if client.is_connected() {
-                    let within = config.redis.connect_timeout;
-                    let _ = tokio::time::timeout(within, client.force_reconnection()).await;
-                }
+                reconnect_if_connected(&client, config.redis.connect_timeout).await;
                 tokio::time::sleep(config.cache.feed_reconnect_delay).await;
             };
             tokio::select! {
@@ -547,6 +542,14 @@ async fn age_on_redis(
     }
     .ok_or_else(|| StoreError::Unavailable(format!("redis TIME answered {time:?}")))?;
     Ok(Duration::from_millis(now_ms.saturating_sub(appended_ms)))
+}
+
+/// Starts a new connection for `client` if fred still counts it as connected (see
+/// [`Publisher::reconnect_if_connected`] and [`subscribe`]), waiting at most `within`.
+async fn reconnect_if_connected(client: &Client, within: Duration) {
+    if client.is_connected() {
+        let _ = tokio::time::timeout(within, client.force_reconnection()).await;
+    }
 }
 
 /// Whether the stream still holds entry `id`.
