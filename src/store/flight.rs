@@ -1,6 +1,8 @@
 //! Single-flight: concurrent misses for one key share one load instead of each querying the
-//! lower tiers. A finished or abandoned load is removed at once, so later requests start a
-//! fresh one rather than reuse an answer that may be stale.
+//! lower tiers. A finished load is removed at once, so later requests start a fresh one rather
+//! than reuse an answer that may be stale. A caller that joined a load and gives up leaves it
+//! to the others and to callers still to come; the caller that started it giving up takes it
+//! out of the map, since whoever runs it on does so under another deadline (below).
 //!
 //! A load runs under the deadline of the caller that started it (a confirmation with a cached
 //! answer to fall back on takes a share of it, `crate::deadline`). A caller whose own deadline
@@ -26,9 +28,16 @@ use crate::deadline::Deadline;
 
 type Flight<T> = Arc<OnceCell<T>>;
 
-/// A load in flight, the deadline it runs under, the epoch it read before it started, and how
-/// many removals had finished by then.
-type Running<T> = (Flight<T>, Deadline, Epoch, u64);
+/// A load in flight.
+struct Running<T> {
+    flight: Flight<T>,
+    /// The deadline it runs under.
+    deadline: Deadline,
+    /// The change window's epoch, read before it started.
+    epoch: Epoch,
+    /// How many removals had finished when it started.
+    removals_finished: u64,
+}
 
 /// The loads in flight, by key.
 pub struct Flights<T> {
@@ -63,15 +72,23 @@ impl<T: Clone> Flights<T> {
             let mut inflight = self.inflight.lock().expect("inflight lock");
             let finished = changes.removals_finished();
             match inflight.get(key) {
-                Some((_, theirs, _, _)) if *theirs > deadline => None,
-                Some((f, _, epoch, then)) if *then == finished => Some((f.clone(), *epoch, false)),
+                Some(running) if running.deadline > deadline => None,
+                Some(running) if running.removals_finished == finished => {
+                    Some((running.flight.clone(), running.epoch, false))
+                }
                 // None, or a load that started before a removal finished: a fresh one, in its
-                // place.
+                // place. The callers of the one it replaces still wait for theirs.
                 _ => {
-                    let f = Flight::default();
+                    let flight = Flight::default();
                     let epoch = changes.current();
-                    inflight.insert(Arc::from(key), (f.clone(), deadline, epoch, finished));
-                    Some((f, epoch, true))
+                    let running = Running {
+                        flight: flight.clone(),
+                        deadline,
+                        epoch,
+                        removals_finished: finished,
+                    };
+                    inflight.insert(Arc::from(key), running);
+                    Some((flight, epoch, true))
                 }
             }
         };
@@ -85,6 +102,7 @@ impl<T: Clone> Flights<T> {
             flights: self,
             key,
             flight: &flight,
+            leader,
         };
         flight.get_or_init(|| load(epoch)).await.clone()
     }
@@ -95,22 +113,31 @@ impl<T: Clone> Flights<T> {
     }
 }
 
-/// Removes a finished or abandoned load from the in-flight map.
+/// Removes a load from the in-flight map once it has finished, or once the caller that started
+/// it gives up.
 struct FlightGuard<'a, T> {
     flights: &'a Flights<T>,
     key: &'a str,
     flight: &'a Flight<T>,
+    /// Whether this caller started the load (and so runs it).
+    leader: bool,
 }
 
 impl<T> Drop for FlightGuard<'_, T> {
     fn drop(&mut self) {
+        // A joiner giving up leaves the load to the others and to callers still to come.
+        if !self.leader && !self.flight.initialized() {
+            return;
+        }
+        // A finished load must not be reused by later requests. An abandoned one must not be
+        // joined either: if its joiners still wait, tokio's `OnceCell` hands the load to one of
+        // them, which runs it under its own, later deadline, and a caller that came now might
+        // have to answer before that.
         let mut inflight = self.flights.inflight.lock().expect("inflight lock");
         if inflight
             .get(self.key)
-            .is_some_and(|(f, _, _, _)| Arc::ptr_eq(f, self.flight))
+            .is_some_and(|running| Arc::ptr_eq(&running.flight, self.flight))
         {
-            // A finished load must not be reused by later requests; an abandoned one (its
-            // callers all cancelled) must not block them either.
             inflight.remove(self.key);
         }
     }
@@ -296,6 +323,71 @@ mod tests {
         leader.gate.notify_one();
         assert_eq!(leader.caller.await.unwrap(), 1);
         assert_eq!(follower.await.unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_joiner_giving_up_leaves_the_load_to_later_callers() {
+        let flights = Arc::new(Flights::<u32>::default());
+        let changes = Arc::new(ChangeWindow::default());
+        let leader = stalled(&flights, &changes, later(), 1);
+        leader.started.notified().await;
+        let gives_up = joined(&flights, &changes, 2).await;
+        gives_up.abort();
+        assert!(gives_up.await.unwrap_err().is_cancelled());
+        // Still the leader's load: a later caller joins it rather than load again.
+        let follower = joined(&flights, &changes, 3).await;
+        leader.gate.notify_one();
+        assert_eq!(leader.caller.await.unwrap(), 1);
+        assert_eq!(follower.await.unwrap(), 1);
+        assert_eq!(flights.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_load_its_starter_gave_up_is_run_on_by_a_joiner_and_joined_by_no_one_new() {
+        let flights = Arc::new(Flights::<u32>::default());
+        let changes = Arc::new(ChangeWindow::default());
+        let leader = stalled(&flights, &changes, later(), 1);
+        leader.started.notified().await;
+        let (joins, follower_started, follower_gate) = (
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(Notify::new()),
+            Arc::new(Notify::new()),
+        );
+        let follower = {
+            let (flights, changes) = (Arc::clone(&flights), Arc::clone(&changes));
+            let (joins, started, gate) = (
+                Arc::clone(&joins),
+                Arc::clone(&follower_started),
+                Arc::clone(&follower_gate),
+            );
+            tokio::spawn(async move {
+                let load = |_| async move {
+                    started.notify_one();
+                    gate.notified().await;
+                    2
+                };
+                let join = || {
+                    joins.fetch_add(1, Ordering::SeqCst);
+                };
+                flights.run("k", later(), &changes, load, join).await
+            })
+        };
+        while joins.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        leader.caller.abort();
+        assert!(leader.caller.await.unwrap_err().is_cancelled());
+        // The joiner runs the load on, under its own deadline: a caller now loads afresh.
+        follower_started.notified().await;
+        let mut joined_it = false;
+        let now = flights.run("k", later(), &changes, |_| async { 3 }, || joined_it = true);
+        let now = tokio::time::timeout(std::time::Duration::from_secs(5), now)
+            .await
+            .expect("answered without waiting for the abandoned load");
+        assert_eq!((now, joined_it), (3, false));
+        follower_gate.notify_one();
+        assert_eq!(follower.await.unwrap(), 2);
+        assert_eq!(flights.len(), 0);
     }
 
     #[tokio::test]
