@@ -18,7 +18,10 @@
 //! A false positive (at most [`FALSE_POSITIVE_RATE`] while the filter is within its capacity) only
 //! costs the lookup that every unknown key cost without a filter. Deleted keys stay in the filter
 //! until the next load; the filter is reloaded, at a new size, once new keys have used its
-//! headroom (a key heard again, as two relays and replays repeat them, uses none).
+//! headroom (a key heard again, as two relays and replays repeat them, uses none). The full one
+//! goes on serving, and learning the keys heard, until the bigger one replaces it: it still has
+//! no false negatives, only a rising false-positive rate, and without it a flood would reach
+//! the stores for as long as the load takes.
 
 use std::{
     sync::{
@@ -70,12 +73,36 @@ impl Admission {
 enum State {
     /// No filter is current: every key is asked.
     Stale,
-    /// A load is running (or is to be retried); keys heard meanwhile wait here.
+    /// A load is running (or is to be retried); keys heard meanwhile wait here. `serving`: a
+    /// filter that is still current while it runs (one past its capacity), learning keys too.
     Loading {
         generation: u64,
         heard: Vec<CompactString>,
+        serving: Option<Filter>,
     },
     Current(Filter),
+}
+
+impl State {
+    /// The filter to consult, if one is current.
+    fn serving(&self) -> Option<&Filter> {
+        match self {
+            State::Current(filter)
+            | State::Loading {
+                serving: Some(filter),
+                ..
+            } => Some(filter),
+            State::Stale | State::Loading { serving: None, .. } => None,
+        }
+    }
+}
+
+/// Whether a load started keeps the filter in use serving until it replaces it: yes when the
+/// filter only grew full (it still holds every key), no when keys may have gone unheard.
+#[derive(Clone, Copy)]
+enum Serving {
+    Keep,
+    Drop,
 }
 
 struct Filter {
@@ -143,11 +170,11 @@ impl KnownKeys {
     /// Whether the stores should be asked for `key`, which the in-process tier does not hold.
     pub fn admit(&self, key: &str) -> Admission {
         let state = self.state.read().unwrap_or_else(|e| e.into_inner());
-        match &*state {
-            State::Current(filter) if filter.bloom.contains(key) => Admission::Known,
-            State::Current(_) if self.budget.take() => Admission::Budgeted,
-            State::Current(_) => Admission::Refused,
-            State::Stale | State::Loading { .. } => Admission::NoFilter,
+        match state.serving() {
+            Some(filter) if filter.bloom.contains(key) => Admission::Known,
+            Some(_) if self.budget.take() => Admission::Budgeted,
+            Some(_) => Admission::Refused,
+            None => Admission::NoFilter,
         }
     }
 
@@ -159,7 +186,7 @@ impl KnownKeys {
         }
         let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
         if live {
-            self.start_loading(&mut state);
+            self.start_loading(&mut state, Serving::Drop);
         } else {
             *state = State::Stale;
         }
@@ -176,7 +203,7 @@ impl KnownKeys {
         }
         let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
         if !matches!(*state, State::Stale) {
-            self.start_loading(&mut state);
+            self.start_loading(&mut state, Serving::Drop);
         }
     }
 
@@ -201,24 +228,39 @@ impl KnownKeys {
         }
         let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
         match &mut *state {
-            State::Loading { heard, .. } if heard.len() < MAX_HEARD_WHILE_LOADING => {
-                heard.push(key.into());
+            State::Loading { heard, serving, .. } => {
+                if let Some(filter) = serving
+                    && !filter.bloom.insert(key)
+                {
+                    filter.keys.fetch_add(1, Ordering::Relaxed);
+                }
+                if heard.len() < MAX_HEARD_WHILE_LOADING {
+                    heard.push(key.into());
+                } else {
+                    self.start_loading(&mut state, Serving::Keep);
+                }
             }
-            State::Loading { .. } => self.start_loading(&mut state),
             // Over capacity: its false-positive rate is rising; load a bigger one. The full one
             // serves until then, and the key just heard is in it.
             State::Current(filter) if filter.keys.load(Ordering::Relaxed) > filter.capacity => {
-                self.start_loading(&mut state);
+                self.start_loading(&mut state, Serving::Keep);
             }
             State::Current(_) | State::Stale => {}
         }
     }
 
-    fn start_loading(&self, state: &mut State) {
+    /// Starts a load, keeping the filter in use serving meanwhile or not.
+    fn start_loading(&self, state: &mut State, keep: Serving) {
         let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        let serving = match (std::mem::replace(state, State::Stale), keep) {
+            (State::Current(filter), Serving::Keep) => Some(filter),
+            (State::Loading { serving, .. }, Serving::Keep) => serving,
+            _ => None,
+        };
         *state = State::Loading {
             generation,
             heard: Vec::new(),
+            serving,
         };
         self.load_wanted.notify_one();
     }
@@ -259,7 +301,10 @@ impl KnownKeys {
     /// holds when it became current.
     pub fn finish(&self, load: Load) -> Option<usize> {
         let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
-        let State::Loading { generation, heard } = &mut *state else {
+        let State::Loading {
+            generation, heard, ..
+        } = &mut *state
+        else {
             return None;
         };
         if *generation != load.generation {
@@ -279,25 +324,25 @@ impl KnownKeys {
         *state = State::Current(filter);
         if over {
             // The statistics were far behind: the filter is already past its capacity.
-            self.start_loading(&mut state);
+            self.start_loading(&mut state, Serving::Keep);
         }
         Some(keys)
     }
 
     /// Keys in the current filter (0 while none is current), for the metrics.
     pub fn current_keys(&self) -> usize {
-        match &*self.state.read().unwrap_or_else(|e| e.into_inner()) {
-            State::Current(filter) => filter.keys.load(Ordering::Relaxed),
-            _ => 0,
-        }
+        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+        state
+            .serving()
+            .map_or(0, |filter| filter.keys.load(Ordering::Relaxed))
     }
 
     /// Bytes of the current filter's bit array (0 while none is current).
     pub fn current_bytes(&self) -> usize {
-        match &*self.state.read().unwrap_or_else(|e| e.into_inner()) {
-            State::Current(filter) => filter.bloom.num_bits() / 8,
-            _ => 0,
-        }
+        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+        state
+            .serving()
+            .map_or(0, |filter| filter.bloom.num_bits() / 8)
     }
 
     /// Asks the loader to try again (after a failed load), if that load is still wanted.
@@ -479,10 +524,23 @@ mod tests {
             known.heard(&format!("{i:015}"));
         }
         let generation = known.pending_load().expect("a bigger load is wanted");
-        // Until the new load is current, every key is asked of the stores.
-        assert_eq!(known.admit("fffffffffffffff"), Admission::NoFilter);
-        let load = known.begin(generation, MIN_CAPACITY + 1);
+        // Until the new load is current, the full filter serves, and learns the keys heard.
+        assert_eq!(known.admit("000000000000000"), Admission::Known);
+        assert_eq!(known.admit("fffffffffffffff"), Admission::Refused);
+        known.heard("heard-while-loading");
+        assert_eq!(known.admit("heard-while-loading"), Admission::Known);
+        let mut load = known.begin(generation, MIN_CAPACITY + 1);
         assert!(load.capacity > MIN_CAPACITY * HEADROOM);
+        load.add("000000000000000");
+        known
+            .finish(load)
+            .expect("the bigger filter becomes current");
+        assert_eq!(known.admit("heard-while-loading"), Admission::Known);
+        assert_eq!(known.pending_load(), None, "the bigger filter is current");
+        // Keys that may have gone unheard stop it serving, as any doubt does.
+        known.heard("heard-while-loading");
+        known.reload();
+        assert_eq!(known.admit("000000000000000"), Admission::NoFilter);
     }
 
     #[test]
