@@ -563,3 +563,64 @@ async fn a_refused_eviction_hands_back_its_own_token_only() {
     );
     tier.quit().await;
 }
+
+/// A user's entries are deleted a batch at a time, however many tokens the user has: every
+/// entry and the index of a user with more tokens than one batch go, a user whose index Redis
+/// refuses to read is handed back with its entries left for the retry, and the users around it
+/// are deleted all the same.
+#[tokio::test]
+async fn users_with_more_tokens_than_a_batch_are_evicted_and_a_refused_one_handed_back() {
+    use std::sync::Arc;
+
+    use knoxgate::{
+        metrics::Metrics,
+        store::redis::{DELETES_IN_FLIGHT, RedisTier},
+    };
+
+    let redis = PrivateRedis::start().await;
+    let prefix = unique("kgusers");
+    let cfg = config_for_url(
+        "postgres://unused@127.0.0.1/unused",
+        &prefix,
+        &format!("[redis]\nurl = \"{}\"", redis.url()),
+    );
+    let tier = RedisTier::connect(&cfg.redis, &redis.url(), false, Arc::new(Metrics::new()))
+        .expect("redis tier");
+    let connected = eventually(Duration::from_secs(5), || async { tier.is_connected() }).await;
+    assert!(connected.is_some(), "never connected");
+    let port = redis.port;
+    // User 8's index is not a set: reading it is refused (WRONGTYPE).
+    redis_cli(
+        port,
+        &["SET", &format!("{prefix}:user:8:tokens"), "not a set"],
+    );
+    let many = 2 * DELETES_IN_FLIGHT + 10;
+    let mut entries = Vec::new();
+    for (user, count) in [("7", many), ("9", 3)] {
+        for i in 0..count {
+            let key = format!("u{user}k{i:012}");
+            let entry = format!("{prefix}:token:{key}");
+            redis_cli(port, &["SET", &entry, "entry"]);
+            redis_cli(
+                port,
+                &["SADD", &format!("{prefix}:user:{user}:tokens"), &key],
+            );
+            entries.push(entry);
+        }
+    }
+    let users: Vec<String> = ["7", "8", "9"].map(String::from).into();
+    assert_eq!(tier.delete_users(&users).await, vec!["8".to_owned()]);
+    let mut exists = vec!["EXISTS"];
+    exists.extend(entries.iter().map(String::as_str));
+    assert_eq!(redis_cli(port, &exists), "0", "every entry deleted");
+    for user in ["7", "9"] {
+        let index = format!("{prefix}:user:{user}:tokens");
+        assert_eq!(redis_cli(port, &["EXISTS", &index]), "0", "{index}");
+    }
+    assert!(tier.delete_user("8").await.is_err());
+    assert!(
+        tier.delete_user("7").await.is_ok(),
+        "nothing left to delete"
+    );
+    tier.quit().await;
+}

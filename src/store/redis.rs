@@ -698,50 +698,36 @@ impl RedisTier {
         })
     }
 
-    /// Removes every entry of `user_id`, found through its user index.
+    /// Removes every entry of `user_id`, found through its user index
+    /// ([`delete_users`](Self::delete_users)).
     pub fn delete_user<'a>(&'a self, user_id: &'a str) -> Boxed<'a, Result<(), RedisError>> {
         Box::pin(async move {
-            self.ensure_available()?;
-            let client = self.pool.with_options(&self.write_options);
-            let user_key = self.user_key(user_id);
-            let members = client.smembers::<Vec<String>, _>(user_key.as_str()).await;
-            let members = self.record("smembers", members)?;
-            // One DEL per key, sent together: keys of one user can live in different slots of a
-            // cluster, where one DEL naming them all would be refused.
-            let deleted = join_all(
-                members
-                    .iter()
-                    .map(|token_key| client.del::<(), _>(self.token_key(token_key))),
-            )
-            .await;
-            let mut first_error = Ok(());
-            for r in deleted {
-                let r = self.record("del", r);
-                first_error = first_error.and(r);
+            let users = [user_id.to_owned()];
+            match self.delete_users(&users).await.is_empty() {
+                true => Ok(()),
+                false => Err(RedisError(format!("entries of user {user_id} remain"))),
             }
-            first_error?;
-            let r = client.del::<(), _>(user_key).await;
-            self.record("del", r)
         })
     }
 
-    /// Removes the entries of these users' tokens ([`delete_user`](Self::delete_user)), up to
-    /// [`DELETES_IN_FLIGHT`] users at a time. Returns the users whose entries may remain: those
-    /// that failed, and every one after a batch in which none succeeded (Redis is down: the
-    /// rest would only wait for their timeouts).
+    /// Removes the entries of these users' tokens, found through their user indexes, and then
+    /// the indexes, in batches of up to [`DELETES_IN_FLIGHT`] users. Within a batch, the
+    /// indexes are read together and the entries they name deleted [`DELETES_IN_FLIGHT`] at a
+    /// time (one DEL per key: keys of one user can live in different slots of a cluster, where
+    /// one DEL naming them all would be refused), so a user with thousands of tokens costs
+    /// round trips, not thousands of commands at once. An index goes only once every entry it
+    /// named has, so a retry finds whatever remains. Returns the users whose entries may
+    /// remain: those a command failed for, and every one after a round of commands in which
+    /// none succeeded (Redis is down or refusing writes: the rest would only wait for their
+    /// timeouts). Each round is logged, and moves the breaker, once.
     pub fn delete_users<'a>(&'a self, users: &'a [String]) -> Boxed<'a, Vec<String>> {
         Box::pin(async move {
             let mut failed = Vec::new();
             let mut batches = users.chunks(DELETES_IN_FLIGHT);
             for batch in batches.by_ref() {
-                let results = join_all(batch.iter().map(|user_id| self.delete_user(user_id))).await;
-                let before = failed.len();
-                for (user_id, r) in batch.iter().zip(results) {
-                    if r.is_err() {
-                        failed.push(user_id.clone());
-                    }
-                }
-                if failed.len() - before == batch.len() {
+                let (batch_failed, go_on) = self.delete_user_batch(batch).await;
+                failed.extend(batch_failed.into_iter().cloned());
+                if !go_on {
                     break;
                 }
             }
@@ -750,6 +736,77 @@ impl RedisTier {
             }
             failed
         })
+    }
+
+    /// One batch of [`delete_users`](Self::delete_users): the users it may have left entries
+    /// of, and whether the next batch is worth sending.
+    async fn delete_user_batch<'u>(&self, users: &'u [String]) -> (Vec<&'u String>, bool) {
+        if self.ensure_available().is_err() {
+            return (users.iter().collect(), false);
+        }
+        let client = self.pool.with_options(&self.write_options);
+        // Whether each user's entries have all gone so far.
+        let mut whole = vec![true; users.len()];
+        let gave_up = |whole: &[bool]| {
+            let failed = users.iter().zip(whole).filter(|(_, ok)| !**ok);
+            (failed.map(|(user, _)| user).collect::<Vec<_>>(), false)
+        };
+
+        let indexes = join_all(
+            users
+                .iter()
+                .map(|user_id| client.smembers::<Vec<String>, _>(self.user_key(user_id))),
+        )
+        .await;
+        // Each token key named, with its user's place in `users`.
+        let mut entries: Vec<(usize, String)> = Vec::new();
+        let mut outcome = BatchOutcome::default();
+        for (i, members) in indexes.into_iter().enumerate() {
+            let members = members.map(|keys| entries.extend(keys.into_iter().map(|k| (i, k))));
+            whole[i] = outcome.count(&self.metrics, "smembers", members);
+        }
+        if !outcome.report(&self.breaker, users.len()) {
+            return (users.iter().collect(), false);
+        }
+
+        let mut rounds = entries.chunks(DELETES_IN_FLIGHT);
+        for round in rounds.by_ref() {
+            let deleted = join_all(
+                round
+                    .iter()
+                    .map(|(_, token_key)| client.del::<(), _>(self.token_key(token_key))),
+            )
+            .await;
+            let mut outcome = BatchOutcome::default();
+            for ((i, _), r) in round.iter().zip(deleted) {
+                if !outcome.count(&self.metrics, "del", r) {
+                    whole[*i] = false;
+                }
+            }
+            if !outcome.report(&self.breaker, round.len()) {
+                for (i, _) in rounds.flatten() {
+                    whole[*i] = false;
+                }
+                return gave_up(&whole);
+            }
+        }
+
+        let emptied: Vec<usize> = (0..users.len()).filter(|i| whole[*i]).collect();
+        let deleted = join_all(
+            emptied
+                .iter()
+                .map(|i| client.del::<(), _>(self.user_key(&users[*i]))),
+        )
+        .await;
+        let mut outcome = BatchOutcome::default();
+        for (i, r) in emptied.iter().zip(deleted) {
+            if !outcome.count(&self.metrics, "del", r) {
+                whole[*i] = false;
+            }
+        }
+        let go_on = emptied.is_empty() || outcome.report(&self.breaker, emptied.len());
+        let (failed, _) = gave_up(&whole);
+        (failed, go_on)
     }
 
     /// Closes the connections.
