@@ -276,6 +276,28 @@ async fn an_idle_http2_connection_that_answers_pings_is_closed() {
 }
 
 #[tokio::test]
+async fn an_http2_connection_is_told_its_stream_limit() {
+    let (_db, _client, s) = Fixture::new()
+        .config("[server]\nhttp2_max_streams = 3")
+        .start()
+        .await;
+    let stream = TcpStream::connect(s.addr()).await.unwrap();
+    let (client, conn) = h2::client::handshake(stream).await.expect("h2 handshake");
+    let conn = tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let req = hyper::Request::get(format!("http://{}/verify", s.addr()))
+        .body(())
+        .unwrap();
+    // An answer comes after the server's SETTINGS.
+    let (answer, _) = client.send_request(req, true).unwrap();
+    assert_eq!(answer.await.unwrap().status(), 401);
+    assert_eq!(client.current_max_send_streams(), 3);
+    drop(client);
+    conn.abort();
+    s.stop().await;
+}
+
+#[tokio::test]
 async fn an_http2_client_that_never_takes_its_answers_is_closed() {
     let (_db, _client, s) = Fixture::new()
         .config("[server]\nidle_timeout = \"1s\"\nheader_read_timeout = \"1s\"")

@@ -43,6 +43,17 @@ const DEFAULT_GRPC_DEADLINE_MARGIN: Duration = Duration::from_millis(50);
 const DEFAULT_DEMOTE_AFTER_REFUSALS: u64 = 32;
 /// More threads than this (runtime workers, lane threads) serve nothing a core count would not.
 const MAX_THREADS: u64 = 1_024;
+/// A proxy multiplexes many clients' checks over one HTTP/2 connection (Envoy's gRPC
+/// ext_authz opens one per worker thread): 256 at once per connection leaves room for bursts
+/// while `server.max_in_flight` still bounds them all together.
+const DEFAULT_HTTP2_MAX_STREAMS: u64 = 256;
+/// More streams at once than HTTP/2 clients ask for: past this a connection is a flood.
+const MAX_HTTP2_MAX_STREAMS: u64 = 65_536;
+/// A peer that vanished without a reset (a node gone, a NAT entry dropped) is found within
+/// interval + timeout rather than by `server.idle_timeout` alone.
+const DEFAULT_HTTP2_PING_INTERVAL: Duration = Duration::from_secs(30);
+/// hyper's own default.
+const DEFAULT_HTTP2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// `[server]` as written in the file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -74,6 +85,12 @@ pub struct ServerFile {
     pub demoted_threads: u64,
     /// 0: as many as the CPUs.
     pub worker_threads: u64,
+    pub http2_max_streams: u64,
+    /// 0: no pings.
+    #[serde(with = "value::duration")]
+    pub http2_ping_interval: Duration,
+    #[serde(with = "value::duration")]
+    pub http2_ping_timeout: Duration,
 }
 
 impl Default for ServerFile {
@@ -95,6 +112,9 @@ impl Default for ServerFile {
             demote_after_refusals: DEFAULT_DEMOTE_AFTER_REFUSALS,
             demoted_threads: 0,
             worker_threads: 0,
+            http2_max_streams: DEFAULT_HTTP2_MAX_STREAMS,
+            http2_ping_interval: DEFAULT_HTTP2_PING_INTERVAL,
+            http2_ping_timeout: DEFAULT_HTTP2_PING_TIMEOUT,
         }
     }
 }
@@ -146,6 +166,13 @@ pub struct ServerConfig {
     /// sidecar that answers one pod's proxy can take one: at a few thousand requests a second
     /// each request wakes a thread, and with one thread no other is woken to look for work.
     pub worker_threads: NonZeroUsize,
+    /// Requests (gRPC checks) one HTTP/2 connection may have open at once; the client is told
+    /// in the connection's SETTINGS and a stream beyond it is refused.
+    pub http2_max_streams: u32,
+    /// An HTTP/2 connection is pinged this often (`None`: never) and closed when a ping is not
+    /// answered within `http2_ping_timeout`.
+    pub http2_ping_interval: Option<Duration>,
+    pub http2_ping_timeout: Duration,
 }
 
 /// A thread count: `n`, or as many as the CPUs (as the process may use) for 0.
@@ -268,6 +295,14 @@ impl TryFrom<ServerFile> for ServerConfig {
             },
             demoted_threads: threads("server.demoted_threads", file.demoted_threads)?,
             worker_threads: threads("server.worker_threads", file.worker_threads)?,
+            http2_max_streams: nonzero_at_most(
+                "server.http2_max_streams",
+                file.http2_max_streams,
+                MAX_HTTP2_MAX_STREAMS,
+            )?
+            .get() as u32,
+            http2_ping_interval: Some(file.http2_ping_interval).filter(|d| !d.is_zero()),
+            http2_ping_timeout: positive("server.http2_ping_timeout", file.http2_ping_timeout)?,
         };
         server.check_listeners()?;
         Ok(server)

@@ -214,6 +214,18 @@ fn errors_name_the_key() {
         ),
         ("[server]\ndemoted_threads = 1025", "server.demoted_threads"),
         ("[server]\nworker_threads = 1025", "server.worker_threads"),
+        (
+            "[server]\nhttp2_max_streams = 0",
+            "server.http2_max_streams",
+        ),
+        (
+            "[server]\nhttp2_max_streams = 65537",
+            "server.http2_max_streams",
+        ),
+        (
+            "[server]\nhttp2_ping_timeout = \"0s\"",
+            "server.http2_ping_timeout",
+        ),
     ];
     for (text, key) in cases {
         let err = Config::from_toml_str(text).unwrap_err().to_string();
@@ -402,6 +414,21 @@ fn a_header_cap_outside_its_range_is_refused() {
         let c = Config::from_toml_str(&format!("[server]\nmax_header_bytes = {bytes}")).unwrap();
         assert_eq!(c.server.max_header_bytes as u64, bytes);
     }
+}
+
+#[test]
+fn http2_streams_and_pings_are_settings() {
+    let c = Config::from_toml_str("").unwrap();
+    assert_eq!(c.server.http2_max_streams, 256);
+    assert_eq!(c.server.http2_ping_interval, Some(Duration::from_secs(30)));
+    assert_eq!(c.server.http2_ping_timeout, Duration::from_secs(20));
+    let c = Config::from_toml_str(
+        "[server]\nhttp2_max_streams = 65536\nhttp2_ping_interval = \"0s\"\nhttp2_ping_timeout = \"1s\"",
+    )
+    .unwrap();
+    assert_eq!(c.server.http2_max_streams, 65_536);
+    assert_eq!(c.server.http2_ping_interval, None, "0s: no pings");
+    assert_eq!(c.server.http2_ping_timeout, Duration::from_secs(1));
 }
 
 #[test]

@@ -51,6 +51,9 @@ pub struct Limits {
     pub request_timeout: Duration,
     pub idle_timeout: Duration,
     pub shutdown_grace: Duration,
+    pub http2_max_streams: u32,
+    pub http2_ping_interval: Option<Duration>,
+    pub http2_ping_timeout: Duration,
 }
 
 impl From<&ServerConfig> for Limits {
@@ -61,6 +64,9 @@ impl From<&ServerConfig> for Limits {
             request_timeout: c.request_timeout,
             idle_timeout: c.idle_timeout,
             shutdown_grace: c.shutdown_grace,
+            http2_max_streams: c.http2_max_streams,
+            http2_ping_interval: c.http2_ping_interval,
+            http2_ping_timeout: c.http2_ping_timeout,
         }
     }
 }
@@ -306,8 +312,9 @@ pub async fn serve<H, B>(
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-        .max_concurrent_streams(256)
-        .keep_alive_interval(Some(Duration::from_secs(30)));
+        .max_concurrent_streams(limits.http2_max_streams)
+        .keep_alive_interval(limits.http2_ping_interval)
+        .keep_alive_timeout(limits.http2_ping_timeout);
     let builder = Arc::new(builder);
     let mut http1 = http1::Builder::new();
     http1
