@@ -585,6 +585,49 @@ async fn login_rehashes_a_password_stored_with_other_iterations() {
     s.stop().await;
 }
 
+/// Django re-hashes whenever the password is right: an inactive user's login (refused as a
+/// wrong password) and a GET with the right credentials (405) rewrite an old hash too.
+#[tokio::test]
+async fn a_right_password_is_rehashed_even_when_the_login_is_refused_after_it() {
+    let (_db, client, s) = Fixture::new().user("inactive").user("getter").start().await;
+    client
+        .execute(
+            "UPDATE auth_user SET is_active = false WHERE username = 'inactive'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut old = Vec::new();
+    for user in ["inactive", "getter"] {
+        let hash = knoxgate::password::make_password(&format!("{user}-pass"), 500);
+        client
+            .execute(
+                "UPDATE auth_user SET password = $1 WHERE username = $2",
+                &[&hash, &user],
+            )
+            .await
+            .unwrap();
+        old.push(hash);
+    }
+    assert_login_refused(
+        &login(&s, "inactive", "inactive-pass").await,
+        "Invalid username/password.",
+    );
+    let auth = basic("getter", "getter-pass");
+    let got = http(s.addr(), "GET", LOGIN, &[("Authorization", &auth)], b"").await;
+    assert_eq!(got.status, 405, "{}", got.body_text());
+    for (user, old) in ["inactive", "getter"].into_iter().zip(old) {
+        let rewritten = eventually(Duration::from_secs(3), || async {
+            stored_password(&client, user).await != old
+        })
+        .await;
+        assert!(rewritten.is_some(), "{user}: password was not re-hashed");
+        let new = stored_password(&client, user).await;
+        assert!(new.starts_with("pbkdf2_sha256$1000$"), "{user}: {new}");
+    }
+    s.stop().await;
+}
+
 /// Median wall time of `n` refused logins as `username`.
 /// How long a refused login of `username` takes.
 async fn refused_login_time(s: &TestServer, username: &str) -> Duration {

@@ -156,25 +156,28 @@ impl Login {
             // Counted if the check began (a thread failed during or after it).
             Err(e) => return Err(e),
         };
-        let user = match user {
-            // Django's ModelBackend refuses inactive users exactly like a wrong password.
-            Some(u) if password_ok && u.is_active => u,
-            // The attempt stays counted as a failure.
-            _ => return Ok(LoginOutcome::Refused),
+        // The attempt stays counted as a failure.
+        let Some(user) = user.filter(|_| password_ok) else {
+            return Ok(LoginOutcome::Refused);
         };
-        attempt.succeeded();
-        // After the password check, as DRF: a wrong password on GET is a 401, not a 405.
-        if !method_allowed {
-            return Ok(LoginOutcome::MethodNotAllowed);
-        }
-        let iterations = self.config.sessions.password_iterations;
+        // Django re-hashes whenever the password is right (`check_password`'s setter): before
+        // its ModelBackend refuses an inactive user, and before DRF answers 405 to a GET.
         if self.config.sessions.rehashes(&user.password) {
             self.rehash_later(
                 creds.username.clone(),
                 creds.password,
                 user.password.clone(),
-                iterations,
+                self.config.sessions.password_iterations,
             );
+        }
+        // Django's ModelBackend refuses inactive users exactly like a wrong password.
+        if !user.is_active {
+            return Ok(LoginOutcome::Refused);
+        }
+        attempt.succeeded();
+        // After the password check, as DRF: a wrong password on GET is a 401, not a 405.
+        if !method_allowed {
+            return Ok(LoginOutcome::MethodNotAllowed);
         }
         let now = OffsetDateTime::now_utc();
         Ok(
