@@ -162,6 +162,11 @@ pub struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AlgorithmLabels {
+    pub algorithm: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
     pub kind: &'static str,
 }
@@ -199,6 +204,9 @@ pub struct Metrics {
     pub logouts: Family<KindLabels, Counter>,
     /// Time spent checking a password hash.
     pub password_check_duration: Histogram,
+    /// Stored password hashes refused unchecked for asking more work than a `sessions.max_*`
+    /// cap allows, by algorithm: users who cannot log in until the cap is raised.
+    pub password_hashes_over_cap: Family<AlgorithmLabels, Counter>,
     /// `/verify` requests and gRPC checks refused with 503 because `server.max_in_flight` was
     /// reached.
     pub load_shed: Counter,
@@ -268,6 +276,7 @@ impl Metrics {
             password_check_duration: Histogram::new(
                 prometheus_client::metrics::histogram::exponential_buckets(0.005, 2.0, 10),
             ),
+            password_hashes_over_cap: Family::default(),
             load_shed: Counter::default(),
             sessions_load_shed: Counter::default(),
             connections_at_cap: Family::default(),
@@ -366,6 +375,11 @@ impl Metrics {
             "password_check_duration_seconds",
             "Time to check a password hash",
             m.password_check_duration.clone(),
+        );
+        registry.register(
+            "password_hashes_over_cap",
+            "Stored password hashes refused unchecked for exceeding a sessions.max_* cost cap",
+            m.password_hashes_over_cap.clone(),
         );
         registry.register(
             "load_shed",

@@ -21,8 +21,9 @@
 //!
 //! Where Django would raise instead of answering (malformed strings, empty salts, bcrypt
 //! passwords over 72 bytes), [`check_password`] answers `false`. It never panics, whatever the
-//! database holds. A stored string's cost parameters are also checked against the `MAX_*` caps
-//! before any work starts, so one poisoned row cannot pin a core or allocate gigabytes.
+//! database holds. A stored string's cost parameters are also checked against caps
+//! ([`CostCaps`], the `sessions.max_*` settings; the `MAX_*` constants by default) before any
+//! work starts, so one poisoned row cannot pin a core or allocate gigabytes.
 //!
 //! Every function that derives a hash is deliberately slow (about 0.1 s for `pbkdf2_sha256` at
 //! 1M iterations, up to a few seconds at the caps). Run it off the async runtime, behind a
@@ -67,8 +68,8 @@ pub const BCRYPT_MAX_PASSWORD_BYTES: usize = 72;
 /// format fits in it; the cap keeps a corrupt row from costing more than the hash itself.
 pub const MAX_ENCODED_LEN: usize = 1024;
 
-// The caps below each allow roughly ten times the work of Django's default parameters, i.e. a
-// second or two of one core, which leaves room for sites that raised their cost settings.
+// The default caps below each allow roughly ten times the work of Django's default parameters,
+// i.e. a second or two of one core, which leaves room for sites that raised their cost settings.
 
 /// Most PBKDF2 iterations accepted from a stored hash (Django 5.2 uses 1,000,000).
 pub const MAX_PBKDF2_ITERATIONS: u32 = 10_000_000;
@@ -90,22 +91,143 @@ pub const MAX_ARGON2_MEMORY_KIB: u32 = 256 << 10;
 /// (Django's `m=102400, t=2` is 204,800).
 pub const MAX_ARGON2_WORK_KIB: u64 = 2 << 20;
 
+/// The most work a stored hash may ask for: one over any of these is refused without being
+/// checked (`sessions.max_pbkdf2_iterations` and the other `sessions.max_*` settings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CostCaps {
+    pub pbkdf2_iterations: u32,
+    pub bcrypt_cost: u32,
+    /// scrypt's `N · r · p`.
+    pub scrypt_work: u64,
+    /// scrypt's `128 · r · (N + p)` bytes.
+    pub scrypt_memory_bytes: u64,
+    pub argon2_memory_kib: u32,
+    /// Argon2's `m · t`, KiB.
+    pub argon2_work_kib: u64,
+}
+
+impl Default for CostCaps {
+    fn default() -> Self {
+        CostCaps {
+            pbkdf2_iterations: MAX_PBKDF2_ITERATIONS,
+            bcrypt_cost: MAX_BCRYPT_COST,
+            scrypt_work: MAX_SCRYPT_WORK,
+            scrypt_memory_bytes: MAX_SCRYPT_MEMORY_BYTES,
+            argon2_memory_kib: MAX_ARGON2_MEMORY_KIB,
+            argon2_work_kib: MAX_ARGON2_WORK_KIB,
+        }
+    }
+}
+
+impl CostCaps {
+    /// No cap at all: what a hash's format alone allows.
+    const NONE: CostCaps = CostCaps {
+        pbkdf2_iterations: u32::MAX,
+        bcrypt_cost: u32::MAX,
+        scrypt_work: u64::MAX,
+        scrypt_memory_bytes: u64::MAX,
+        argon2_memory_kib: u32::MAX,
+        argon2_work_kib: u64::MAX,
+    };
+
+    /// The setting whose cap a well-formed `encoded` exceeds, if one does: a hash Django may
+    /// well accept (a site that raised its hasher's cost) that [`check_password_within`]
+    /// refuses unchecked, which an operator must hear of.
+    #[must_use]
+    pub fn exceeded_by(&self, encoded: &str) -> Option<&'static str> {
+        if !parses_within(encoded, &Self::NONE) || parses_within(encoded, self) {
+            return None;
+        }
+        let none = Self::NONE;
+        let each = [
+            (
+                "sessions.max_pbkdf2_iterations",
+                CostCaps {
+                    pbkdf2_iterations: self.pbkdf2_iterations,
+                    ..none
+                },
+            ),
+            (
+                "sessions.max_bcrypt_cost",
+                CostCaps {
+                    bcrypt_cost: self.bcrypt_cost,
+                    ..none
+                },
+            ),
+            (
+                "sessions.max_scrypt_work",
+                CostCaps {
+                    scrypt_work: self.scrypt_work,
+                    ..none
+                },
+            ),
+            (
+                "sessions.max_scrypt_memory_bytes",
+                CostCaps {
+                    scrypt_memory_bytes: self.scrypt_memory_bytes,
+                    ..none
+                },
+            ),
+            (
+                "sessions.max_argon2_memory_kib",
+                CostCaps {
+                    argon2_memory_kib: self.argon2_memory_kib,
+                    ..none
+                },
+            ),
+            (
+                "sessions.max_argon2_work_kib",
+                CostCaps {
+                    argon2_work_kib: self.argon2_work_kib,
+                    ..none
+                },
+            ),
+        ];
+        each.into_iter()
+            .find(|(_, only)| !parses_within(encoded, only))
+            .map(|(key, _)| key)
+    }
+}
+
+/// Whether `encoded` parses as its hasher's hash within `caps` (an unusable, unknown or md5
+/// string has no cost: `false`).
+fn parses_within(encoded: &str, caps: &CostCaps) -> bool {
+    match Hasher::identify(encoded) {
+        Some(h @ (Hasher::Pbkdf2Sha256 | Hasher::Pbkdf2Sha1)) => {
+            parse_pbkdf2(encoded, h, caps).is_some()
+        }
+        Some(Hasher::Argon2) => parse_argon2(encoded, caps).is_some(),
+        Some(h @ (Hasher::BcryptSha256 | Hasher::Bcrypt)) => {
+            parse_bcrypt(encoded, h, caps).is_some()
+        }
+        Some(Hasher::Scrypt) => parse_scrypt(encoded, caps).is_some(),
+        Some(Hasher::Md5) | None => false,
+    }
+}
+
 /// Length of the salts Django generates (`ceil(128 / log2(62))` characters of [`SALT_CHARS`]).
 const SALT_LEN: usize = 22;
 
 /// Django's `RANDOM_STRING_CHARS`, the alphabet of its salts.
 const SALT_CHARS: &[u8; 62] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
 
-/// Verifies `password` against a hash string stored by Django (`auth_user.password`).
+/// Verifies `password` against a hash string stored by Django (`auth_user.password`), within
+/// the default [`CostCaps`].
 ///
 /// Returns `false` for unusable passwords (`!` prefix), an empty or malformed string, an
-/// algorithm that isn't in [`ALGORITHMS`], costs above the `MAX_*` caps, and a plain `bcrypt$`
+/// algorithm that isn't in [`ALGORITHMS`], costs above the caps, and a plain `bcrypt$`
 /// hash with a password longer than [`BCRYPT_MAX_PASSWORD_BYTES`]. Never panics.
 ///
 /// Note that Django's default `PASSWORD_HASHERS` leaves out `bcrypt` and `md5`; a caller that
 /// wants Django's default behaviour exactly can refuse those via [`algorithm_of`] first.
 #[must_use]
 pub fn check_password(password: &str, encoded: &str) -> bool {
+    check_password_within(password, encoded, &CostCaps::default())
+}
+
+/// [`check_password`] within `caps`.
+#[must_use]
+pub fn check_password_within(password: &str, encoded: &str, caps: &CostCaps) -> bool {
     if encoded.len() > MAX_ENCODED_LEN || !is_password_usable(encoded) {
         return false;
     }
@@ -113,11 +235,11 @@ pub fn check_password(password: &str, encoded: &str) -> bool {
         return false;
     };
     match hasher {
-        Hasher::Pbkdf2Sha256 | Hasher::Pbkdf2Sha1 => check_pbkdf2(password, encoded, hasher),
-        Hasher::Argon2 => check_argon2(password, encoded),
-        Hasher::BcryptSha256 => check_bcrypt_sha256(password, encoded),
-        Hasher::Bcrypt => check_bcrypt(password, encoded),
-        Hasher::Scrypt => check_scrypt(password, encoded),
+        Hasher::Pbkdf2Sha256 | Hasher::Pbkdf2Sha1 => check_pbkdf2(password, encoded, hasher, caps),
+        Hasher::Argon2 => check_argon2(password, encoded, caps),
+        Hasher::BcryptSha256 => check_bcrypt_sha256(password, encoded, caps),
+        Hasher::Bcrypt => check_bcrypt(password, encoded, caps),
+        Hasher::Scrypt => check_scrypt(password, encoded, caps),
         Hasher::Md5 => check_md5(password, encoded),
     }
 }
@@ -126,8 +248,8 @@ pub fn check_password(password: &str, encoded: &str) -> bool {
 /// `pbkdf2_sha256$<iterations>$<22-char random salt>$<base64 of the 32-byte key>`.
 ///
 /// `iterations == 0` means [`DJANGO_DEFAULT_PBKDF2_ITERATIONS`], as in Django's `encode`.
-/// Validate configured counts against [`MAX_PBKDF2_ITERATIONS`]: [`check_password`] refuses
-/// hashes above it. The salt comes from `rand`'s thread-local CSPRNG, seeded by the OS.
+/// Validate configured counts against the PBKDF2 cap: [`check_password_within`] refuses hashes
+/// above it. The salt comes from `rand`'s thread-local CSPRNG, seeded by the OS.
 #[must_use]
 pub fn make_password(password: &str, iterations: u32) -> String {
     let iterations = effective_iterations(iterations);
@@ -182,6 +304,20 @@ const DJANGO_BCRYPT_ROUNDS: u32 = 12;
 /// Django 5.2's `ScryptPasswordHasher` cost: `work_factor` (N), `block_size` (r), `parallelism` (p).
 const DJANGO_SCRYPT_COST: (u64, u32, u32) = (1 << 14, 8, 5);
 
+/// The work Django 5.2's hashers ask for by default, which [`timing_dummy`] asks for too (its
+/// PBKDF2 count aside: the configured one): caps below it would refuse the dummy unchecked.
+pub const DJANGO_DEFAULT_COSTS: CostCaps = {
+    let (n, r, p) = DJANGO_SCRYPT_COST;
+    CostCaps {
+        pbkdf2_iterations: DJANGO_DEFAULT_PBKDF2_ITERATIONS,
+        bcrypt_cost: DJANGO_BCRYPT_ROUNDS,
+        scrypt_work: n * r as u64 * p as u64,
+        scrypt_memory_bytes: 128 * r as u64 * (n + p as u64),
+        argon2_memory_kib: 102_400,
+        argon2_work_kib: 102_400 * 2,
+    }
+};
+
 /// A well-formed hash that no password matches, made with the site's `preferred` hasher (the
 /// first of `sessions.password_hashers`) at the configured PBKDF2 `iterations` or Django's
 /// default cost for the others. Checked when the username is unknown, and by
@@ -229,11 +365,18 @@ pub fn timing_dummy(preferred: &str, iterations: u32) -> String {
 /// - `pbkdf2_*` with fewer iterations: the difference, with the same hasher and salt;
 /// - `argon2`, `bcrypt*`, `scrypt` that were checked: nothing, as in Django (their costs do not
 ///   compare to PBKDF2 iterations; Django's own defaults for them are close to its PBKDF2 cost).
-pub fn harden_runtime(password: &str, encoded: &str, checked: bool, iterations: u32, dummy: &str) {
-    match padding_after(password, encoded, checked, iterations) {
+pub fn harden_runtime(
+    password: &str,
+    encoded: &str,
+    checked: bool,
+    iterations: u32,
+    dummy: &str,
+    caps: &CostCaps,
+) {
+    match padding_after(password, encoded, checked, iterations, caps) {
         Padding::Nothing => {}
         Padding::DummyCheck => {
-            std::hint::black_box(check_password(password, dummy));
+            std::hint::black_box(check_password_within(password, dummy, caps));
         }
         Padding::MissingIterations {
             hasher,
@@ -265,9 +408,10 @@ fn padding_after<'a>(
     encoded: &'a str,
     checked: bool,
     iterations: u32,
+    caps: &CostCaps,
 ) -> Padding<'a> {
     if checked {
-        padding(password, encoded, iterations)
+        padding(password, encoded, iterations, caps)
     } else {
         Padding::DummyCheck
     }
@@ -275,7 +419,7 @@ fn padding_after<'a>(
 
 /// What a checked, refused `encoded` needs; `password` only tells whether a plain bcrypt check
 /// could take it.
-fn padding<'a>(password: &str, encoded: &'a str, iterations: u32) -> Padding<'a> {
+fn padding<'a>(password: &str, encoded: &'a str, iterations: u32, caps: &CostCaps) -> Padding<'a> {
     let iterations = effective_iterations(iterations);
     if encoded.len() > MAX_ENCODED_LEN || !is_password_usable(encoded) {
         return Padding::DummyCheck;
@@ -290,21 +434,24 @@ fn padding<'a>(password: &str, encoded: &'a str, iterations: u32) -> Padding<'a>
     };
     match Hasher::identify(encoded) {
         None | Some(Hasher::Md5) => Padding::DummyCheck,
-        Some(Hasher::Argon2) => ran(parse_argon2(encoded).is_some()),
-        Some(Hasher::Scrypt) => ran(parse_scrypt(encoded).is_some()),
-        Some(h @ Hasher::BcryptSha256) => ran(parse_bcrypt(encoded, h).is_some()),
+        Some(Hasher::Argon2) => ran(parse_argon2(encoded, caps).is_some()),
+        Some(Hasher::Scrypt) => ran(parse_scrypt(encoded, caps).is_some()),
+        Some(h @ Hasher::BcryptSha256) => ran(parse_bcrypt(encoded, h, caps).is_some()),
         Some(h @ Hasher::Bcrypt) => {
-            ran(password.len() <= BCRYPT_MAX_PASSWORD_BYTES && parse_bcrypt(encoded, h).is_some())
+            ran(password.len() <= BCRYPT_MAX_PASSWORD_BYTES
+                && parse_bcrypt(encoded, h, caps).is_some())
         }
-        Some(h @ (Hasher::Pbkdf2Sha256 | Hasher::Pbkdf2Sha1)) => match parse_pbkdf2(encoded, h) {
-            None => Padding::DummyCheck,
-            Some(p) if p.iterations < iterations => Padding::MissingIterations {
-                hasher: h,
-                salt: p.salt,
-                iterations: iterations - p.iterations,
-            },
-            Some(_) => Padding::Nothing,
-        },
+        Some(h @ (Hasher::Pbkdf2Sha256 | Hasher::Pbkdf2Sha1)) => {
+            match parse_pbkdf2(encoded, h, caps) {
+                None => Padding::DummyCheck,
+                Some(p) if p.iterations < iterations => Padding::MissingIterations {
+                    hasher: h,
+                    salt: p.salt,
+                    iterations: iterations - p.iterations,
+                },
+                Some(_) => Padding::Nothing,
+            }
+        }
     }
 }
 
@@ -318,7 +465,7 @@ mod padding_tests {
         let cheap = make_password("pw", 1_000);
         let salt = cheap.split('$').nth(2).unwrap();
         assert_eq!(
-            padding("pw", &cheap, COST),
+            padding("pw", &cheap, COST, &CostCaps::default()),
             Padding::MissingIterations {
                 hasher: Hasher::Pbkdf2Sha256,
                 salt,
@@ -326,11 +473,16 @@ mod padding_tests {
             }
         );
         assert_eq!(
-            padding("pw", &make_password("pw", COST), COST),
+            padding("pw", &make_password("pw", COST), COST, &CostCaps::default()),
             Padding::Nothing
         );
         assert_eq!(
-            padding("pw", &make_password("pw", COST + 1), COST),
+            padding(
+                "pw",
+                &make_password("pw", COST + 1),
+                COST,
+                &CostCaps::default()
+            ),
             Padding::Nothing
         );
         for answered_at_once in [
@@ -341,7 +493,7 @@ mod padding_tests {
             "pbkdf2_sha256$not-a-number$salt$hash",
         ] {
             assert_eq!(
-                padding("pw", answered_at_once, COST),
+                padding("pw", answered_at_once, COST, &CostCaps::default()),
                 Padding::DummyCheck,
                 "{answered_at_once:?}"
             );
@@ -367,20 +519,20 @@ mod padding_tests {
             let encoded = django_hash(algorithm);
             // Checked and refused: its own hasher did the work.
             assert_eq!(
-                padding("pw", &encoded, COST),
+                padding("pw", &encoded, COST, &CostCaps::default()),
                 Padding::Nothing,
                 "{algorithm}"
             );
             // Refused without hashing: the site does not list the algorithm (timing told which
             // users have such a hash), or the string does not parse.
             assert_eq!(
-                padding_after("pw", &encoded, false, COST),
+                padding_after("pw", &encoded, false, COST, &CostCaps::default()),
                 Padding::DummyCheck,
                 "{algorithm} unlisted"
             );
             let truncated = &encoded[..algorithm.len() + 4];
             assert_eq!(
-                padding("pw", truncated, COST),
+                padding("pw", truncated, COST, &CostCaps::default()),
                 Padding::DummyCheck,
                 "{algorithm} malformed"
             );
@@ -389,12 +541,23 @@ mod padding_tests {
         let bcrypt = django_hash("bcrypt");
         let costly = bcrypt.replacen("$12$", &format!("${}$", MAX_BCRYPT_COST + 1), 1);
         assert_ne!(costly, bcrypt);
-        assert_eq!(padding("pw", &costly, COST), Padding::DummyCheck);
+        assert_eq!(
+            padding("pw", &costly, COST, &CostCaps::default()),
+            Padding::DummyCheck
+        );
         // A plain bcrypt hash refuses a password longer than bcrypt takes without hashing.
         let long = "p".repeat(BCRYPT_MAX_PASSWORD_BYTES + 1);
-        assert_eq!(padding(&long, &bcrypt, COST), Padding::DummyCheck);
         assert_eq!(
-            padding(&long, &django_hash("bcrypt_sha256"), COST),
+            padding(&long, &bcrypt, COST, &CostCaps::default()),
+            Padding::DummyCheck
+        );
+        assert_eq!(
+            padding(
+                &long,
+                &django_hash("bcrypt_sha256"),
+                COST,
+                &CostCaps::default()
+            ),
             Padding::Nothing
         );
     }
@@ -455,7 +618,7 @@ struct Pbkdf2Params<'a> {
     salt: &'a str,
 }
 
-fn parse_pbkdf2<'a>(encoded: &'a str, hasher: Hasher) -> Option<Pbkdf2Params<'a>> {
+fn parse_pbkdf2<'a>(encoded: &'a str, hasher: Hasher, caps: &CostCaps) -> Option<Pbkdf2Params<'a>> {
     let mut parts = encoded.splitn(4, '$');
     if parts.next()? != hasher.name() {
         return None;
@@ -464,12 +627,12 @@ fn parse_pbkdf2<'a>(encoded: &'a str, hasher: Hasher) -> Option<Pbkdf2Params<'a>
     let salt = parts.next()?;
     parts.next()?;
     // Django re-encodes `0` iterations as its default, so such a string can never match.
-    let sane = (1..=MAX_PBKDF2_ITERATIONS).contains(&iterations) && !salt.is_empty();
+    let sane = (1..=caps.pbkdf2_iterations).contains(&iterations) && !salt.is_empty();
     sane.then_some(Pbkdf2Params { iterations, salt })
 }
 
-fn check_pbkdf2(password: &str, encoded: &str, hasher: Hasher) -> bool {
-    let Some(params) = parse_pbkdf2(encoded, hasher) else {
+fn check_pbkdf2(password: &str, encoded: &str, hasher: Hasher, caps: &CostCaps) -> bool {
+    let Some(params) = parse_pbkdf2(encoded, hasher, caps) else {
         return false;
     };
     let hash = pbkdf2_b64(hasher, password, params.salt, params.iterations);
@@ -522,7 +685,7 @@ struct Argon2Hash {
 /// Parses the PHC string after Django's `argon2` prefix the way libargon2 (under argon2-cffi)
 /// does: fields in the fixed order `$v=`, `$m=`, `,t=`, `,p=`; a missing `v=` means version
 /// 0x10; salt and hash are unpadded standard base64.
-fn parse_argon2(encoded: &str) -> Option<Argon2Hash> {
+fn parse_argon2(encoded: &str, caps: &CostCaps) -> Option<Argon2Hash> {
     let phc = encoded.strip_prefix("argon2$")?;
     let (algorithm, rest) = if let Some(rest) = phc.strip_prefix("argon2id") {
         (argon2::Algorithm::Argon2id, rest)
@@ -544,7 +707,7 @@ fn parse_argon2(encoded: &str) -> Option<Argon2Hash> {
     let (salt, hash) = rest.strip_prefix('$')?.split_once('$')?;
 
     let work = u64::from(m_cost) * u64::from(t_cost);
-    if m_cost > MAX_ARGON2_MEMORY_KIB || work > MAX_ARGON2_WORK_KIB {
+    if m_cost > caps.argon2_memory_kib || work > caps.argon2_work_kib {
         return None;
     }
     Some(Argon2Hash {
@@ -558,8 +721,8 @@ fn parse_argon2(encoded: &str) -> Option<Argon2Hash> {
     })
 }
 
-fn check_argon2(password: &str, encoded: &str) -> bool {
-    let Some(stored) = parse_argon2(encoded) else {
+fn check_argon2(password: &str, encoded: &str, caps: &CostCaps) -> bool {
+    let Some(stored) = parse_argon2(encoded, caps) else {
         return false;
     };
     // `Params::new` and `hash_password_into` reject what libargon2 rejects: m < 8·p, t = 0,
@@ -582,34 +745,34 @@ fn check_argon2(password: &str, encoded: &str) -> bool {
 
 /// The modular-crypt part of a `bcrypt$` / `bcrypt_sha256$` string (`$2b$12$` + 22 salt
 /// characters + 31 hash characters), after the cost cap was checked.
-fn parse_bcrypt(encoded: &str, hasher: Hasher) -> Option<&str> {
+fn parse_bcrypt<'a>(encoded: &'a str, hasher: Hasher, caps: &CostCaps) -> Option<&'a str> {
     let data = encoded.strip_prefix(hasher.name())?.strip_prefix('$')?;
     if data.len() != 60 || !data.is_ascii() {
         return None;
     }
     let cost = parse_decimal::<u32>(data.get(4..6)?)?;
-    (cost <= MAX_BCRYPT_COST).then_some(data)
+    (cost <= caps.bcrypt_cost).then_some(data)
 }
 
-fn check_bcrypt_sha256(password: &str, encoded: &str) -> bool {
+fn check_bcrypt_sha256(password: &str, encoded: &str, caps: &CostCaps) -> bool {
     // Django pre-hashes so that bcrypt's 72-byte limit never bites; bcrypt sees the 64 ASCII
     // bytes of the lowercase hex digest.
     let prehashed = hex::encode(sha2::Sha256::digest(password.as_bytes()));
-    bcrypt_matches(prehashed.as_bytes(), encoded, Hasher::BcryptSha256)
+    bcrypt_matches(prehashed.as_bytes(), encoded, Hasher::BcryptSha256, caps)
 }
 
-fn check_bcrypt(password: &str, encoded: &str) -> bool {
+fn check_bcrypt(password: &str, encoded: &str, caps: &CostCaps) -> bool {
     // Hashes made with bcrypt < 5 silently used the first 72 bytes. Django 5.2 with bcrypt 5
     // raises here (a 500 at login); truncating would accept passwords the site never had, so
     // refuse. Users with such hashes can still log in with the first 72 bytes.
     password.len() <= BCRYPT_MAX_PASSWORD_BYTES
-        && bcrypt_matches(password.as_bytes(), encoded, Hasher::Bcrypt)
+        && bcrypt_matches(password.as_bytes(), encoded, Hasher::Bcrypt, caps)
 }
 
 /// Django's bcrypt check: `hashpw` with the stored string as salt (pyca/bcrypt, itself built on
 /// the `bcrypt` crate), then a constant-time comparison of the whole re-encoded string.
-fn bcrypt_matches(input: &[u8], encoded: &str, hasher: Hasher) -> bool {
-    let Some(data) = parse_bcrypt(encoded, hasher) else {
+fn bcrypt_matches(input: &[u8], encoded: &str, hasher: Hasher, caps: &CostCaps) -> bool {
+    let Some(data) = parse_bcrypt(encoded, hasher, caps) else {
         return false;
     };
     // pyca/bcrypt's hashpw accepts these three prefixes, not the buggy `$2x$`.
@@ -638,7 +801,7 @@ struct ScryptParams<'a> {
     p: u32,
 }
 
-fn parse_scrypt(encoded: &str) -> Option<ScryptParams<'_>> {
+fn parse_scrypt<'a>(encoded: &'a str, caps: &CostCaps) -> Option<ScryptParams<'a>> {
     let mut parts = encoded.splitn(6, '$');
     if parts.next()? != Hasher::Scrypt.name() {
         return None;
@@ -653,9 +816,13 @@ fn parse_scrypt(encoded: &str) -> Option<ScryptParams<'_>> {
         return None;
     }
     let (r64, p64) = (u64::from(r), u64::from(p));
-    let work = n.checked_mul(r64)?.checked_mul(p64)?;
-    let memory = n.checked_add(p64)?.checked_mul(r64)?.checked_mul(128)?;
-    (work <= MAX_SCRYPT_WORK && memory <= MAX_SCRYPT_MEMORY_BYTES).then_some(ScryptParams {
+    // Saturating: a product past u64 is past any cap but the format's own.
+    let work = n.saturating_mul(r64).saturating_mul(p64);
+    let memory = n
+        .saturating_add(p64)
+        .saturating_mul(r64)
+        .saturating_mul(128);
+    (work <= caps.scrypt_work && memory <= caps.scrypt_memory_bytes).then_some(ScryptParams {
         n,
         salt,
         r,
@@ -663,8 +830,8 @@ fn parse_scrypt(encoded: &str) -> Option<ScryptParams<'_>> {
     })
 }
 
-fn check_scrypt(password: &str, encoded: &str) -> bool {
-    let Some(stored) = parse_scrypt(encoded) else {
+fn check_scrypt(password: &str, encoded: &str, caps: &CostCaps) -> bool {
+    let Some(stored) = parse_scrypt(encoded, caps) else {
         return false;
     };
     let Ok(log_n) = u8::try_from(stored.n.trailing_zeros()) else {

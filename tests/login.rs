@@ -628,6 +628,39 @@ async fn a_right_password_is_rehashed_even_when_the_login_is_refused_after_it() 
     s.stop().await;
 }
 
+/// A stored hash asking for more work than a `sessions.max_*` cap allows is refused unchecked
+/// and counted (the operator's cue to raise the cap); with the cap raised it logs in.
+#[tokio::test]
+async fn a_hash_over_a_cost_cap_is_counted_and_logs_in_once_the_cap_is_raised() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    insert_user(&client, "costly", "costly-pass", true).await;
+    let costly = knoxgate::password::make_password("costly-pass", 3_000);
+    client
+        .execute(
+            "UPDATE auth_user SET password = $1 WHERE username = 'costly'",
+            &[&costly],
+        )
+        .await
+        .unwrap();
+    let capped = TestServer::start(&db, "[sessions]\nmax_pbkdf2_iterations = 2000").await;
+    assert_login_refused(
+        &login(&capped, "costly", "costly-pass").await,
+        "Invalid username/password.",
+    );
+    let counted = "knoxgate_password_hashes_over_cap_total{algorithm=\"pbkdf2_sha256\"}";
+    assert_eq!(capped.metric(counted).await, 1.0);
+    // A wrong password for a user within the caps is not counted.
+    insert_user(&client, "cheap", "cheap-pass", true).await;
+    assert_eq!(login(&capped, "cheap", "wrong").await.status, 401);
+    assert_eq!(capped.metric(counted).await, 1.0);
+    capped.stop().await;
+    let raised = TestServer::start(&db, "[sessions]\nmax_pbkdf2_iterations = 3000").await;
+    login_ok(&raised, "costly", "costly-pass").await;
+    assert_eq!(raised.metric(counted).await, 0.0);
+    raised.stop().await;
+}
+
 /// Median wall time of `n` refused logins as `username`.
 /// How long a refused login of `username` takes.
 async fn refused_login_time(s: &TestServer, username: &str) -> Duration {

@@ -7,6 +7,8 @@ use ipnet::IpNet;
 use jiff::tz::TimeZone;
 use serde::{Deserialize, Serialize};
 
+use crate::password::{self, CostCaps};
+
 use super::{
     ConfigError,
     value::{self, at_most, invalid, nonzero, nonzero_at_most, path_prefix, positive},
@@ -29,6 +31,11 @@ const DEFAULT_THROTTLE_USER_FAILURES: u64 = 50;
 const DEFAULT_THROTTLE_WINDOW: Duration = Duration::from_secs(5 * 60);
 // Django's default TIME_ZONE in a new project (startproject's settings.py).
 const DEFAULT_TIME_ZONE: &str = "UTC";
+
+/// Most memory a cap may allow one hash (scrypt, Argon2): each hashing thread may take it.
+const MAX_HASH_MEMORY_BYTES: u64 = 4 << 30;
+/// bcrypt's own largest cost.
+const MAX_BCRYPT_COST: u64 = 31;
 
 /// Largest `sessions.hash_concurrency`: each slot is a thread started up front.
 pub const MAX_HASH_CONCURRENCY: u64 = 1_024;
@@ -65,6 +72,12 @@ pub struct SessionsFile {
     pub trusted_proxies: Vec<String>,
     pub trust_x_real_ip: bool,
     pub time_zone: String,
+    pub max_pbkdf2_iterations: u64,
+    pub max_bcrypt_cost: u64,
+    pub max_scrypt_work: u64,
+    pub max_scrypt_memory_bytes: u64,
+    pub max_argon2_memory_kib: u64,
+    pub max_argon2_work_kib: u64,
 }
 
 impl Default for SessionsFile {
@@ -86,6 +99,12 @@ impl Default for SessionsFile {
             trusted_proxies: Vec::new(),
             trust_x_real_ip: false,
             time_zone: DEFAULT_TIME_ZONE.into(),
+            max_pbkdf2_iterations: u64::from(password::MAX_PBKDF2_ITERATIONS),
+            max_bcrypt_cost: u64::from(password::MAX_BCRYPT_COST),
+            max_scrypt_work: password::MAX_SCRYPT_WORK,
+            max_scrypt_memory_bytes: password::MAX_SCRYPT_MEMORY_BYTES,
+            max_argon2_memory_kib: u64::from(password::MAX_ARGON2_MEMORY_KIB),
+            max_argon2_work_kib: password::MAX_ARGON2_WORK_KIB,
         }
     }
 }
@@ -133,19 +152,22 @@ pub struct SessionsConfig {
     pub trust_x_real_ip: bool,
     /// Django's `TIME_ZONE`: the login response shows the token's expiry in it, as DRF does.
     pub time_zone: TimeZone,
+    /// The most work a stored hash may ask for; one over them is refused unchecked, logged
+    /// and counted (`knoxgate_password_hashes_over_cap_total`).
+    pub hash_cost_caps: CostCaps,
 }
 
 impl SessionsConfig {
     /// Whether the site accepts hashes of `encoded`'s algorithm.
     pub fn accepts_hash(&self, encoded: &str) -> bool {
-        crate::password::algorithm_of(encoded).is_some_and(|a| self.password_hashers.contains(&a))
+        password::algorithm_of(encoded).is_some_and(|a| self.password_hashers.contains(&a))
     }
 
     /// Whether a login with `encoded` re-hashes it: as Django's rule, and only when the hash
     /// knoxgate writes (`pbkdf2_sha256`) is the site's preferred one.
     pub fn rehashes(&self, encoded: &str) -> bool {
         self.password_hashers.first() == Some(&"pbkdf2_sha256")
-            && crate::password::must_update(encoded, self.password_iterations)
+            && password::must_update(encoded, self.password_iterations)
     }
 
     /// Password checks allowed at once: `hash_concurrency`, or with 0 one core fewer than the
@@ -156,6 +178,64 @@ impl SessionsConfig {
         }
         std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1))
     }
+}
+
+/// The `sessions.max_*` caps. None may be below what the timing dummy of any hasher asks for
+/// (Django's default costs; `password_iterations` for PBKDF2, checked with it): a site
+/// preferring that hasher would then answer unknown users without the work a check costs.
+fn hash_cost_caps(file: &SessionsFile) -> Result<CostCaps, ConfigError> {
+    let within = |key: &str, n: u64, least: u64, most: u64| {
+        if (least..=most).contains(&n) {
+            Ok(n)
+        } else {
+            Err(invalid(
+                key,
+                format!("must be between {least} (Django's default cost) and {most}"),
+            ))
+        }
+    };
+    let dummy = password::DJANGO_DEFAULT_COSTS;
+    Ok(CostCaps {
+        pbkdf2_iterations: u32::try_from(file.max_pbkdf2_iterations)
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| {
+                invalid(
+                    "sessions.max_pbkdf2_iterations",
+                    "must be between 1 and 4294967295",
+                )
+            })?,
+        bcrypt_cost: within(
+            "sessions.max_bcrypt_cost",
+            file.max_bcrypt_cost,
+            u64::from(dummy.bcrypt_cost),
+            MAX_BCRYPT_COST,
+        )? as u32,
+        scrypt_work: within(
+            "sessions.max_scrypt_work",
+            file.max_scrypt_work,
+            dummy.scrypt_work,
+            u64::MAX,
+        )?,
+        scrypt_memory_bytes: within(
+            "sessions.max_scrypt_memory_bytes",
+            file.max_scrypt_memory_bytes,
+            dummy.scrypt_memory_bytes,
+            MAX_HASH_MEMORY_BYTES,
+        )?,
+        argon2_memory_kib: within(
+            "sessions.max_argon2_memory_kib",
+            file.max_argon2_memory_kib,
+            u64::from(dummy.argon2_memory_kib),
+            MAX_HASH_MEMORY_BYTES / 1024,
+        )? as u32,
+        argon2_work_kib: within(
+            "sessions.max_argon2_work_kib",
+            file.max_argon2_work_kib,
+            dummy.argon2_work_kib,
+            u64::MAX,
+        )?,
+    })
 }
 
 /// An address (one host) or a CIDR network.
@@ -190,27 +270,26 @@ impl TryFrom<SessionsFile> for SessionsConfig {
             password_iterations: {
                 let n = nonzero("sessions.password_iterations", file.password_iterations)?.get();
                 // Above the verifier's cap our own hashes (and the timing dummy) would not verify.
-                if n as u64 > u64::from(crate::password::MAX_PBKDF2_ITERATIONS) {
+                if n as u64 > file.max_pbkdf2_iterations {
                     return Err(invalid(
                         "sessions.password_iterations",
-                        format!("at most {}", crate::password::MAX_PBKDF2_ITERATIONS),
+                        format!(
+                            "at most sessions.max_pbkdf2_iterations ({})",
+                            file.max_pbkdf2_iterations
+                        ),
                     ));
                 }
                 n as u32
             },
+            hash_cost_caps: hash_cost_caps(&file)?,
             password_hashers: {
                 let mut names: Vec<&'static str> = Vec::new();
                 for name in &file.password_hashers {
-                    let Some(known) = crate::password::ALGORITHMS
-                        .iter()
-                        .find(|a| **a == name.trim())
+                    let Some(known) = password::ALGORITHMS.iter().find(|a| **a == name.trim())
                     else {
                         return Err(invalid(
                             "sessions.password_hashers",
-                            format!(
-                                "`{name}` is not one of {}",
-                                crate::password::ALGORITHMS.join(", ")
-                            ),
+                            format!("`{name}` is not one of {}", password::ALGORITHMS.join(", ")),
                         ));
                     };
                     if names.contains(known) {

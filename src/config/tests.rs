@@ -226,6 +226,42 @@ fn errors_name_the_key() {
             "[server]\nhttp2_ping_timeout = \"0s\"",
             "server.http2_ping_timeout",
         ),
+        (
+            "[sessions]\nmax_bcrypt_cost = 11",
+            "sessions.max_bcrypt_cost",
+        ),
+        (
+            "[sessions]\nmax_bcrypt_cost = 32",
+            "sessions.max_bcrypt_cost",
+        ),
+        (
+            "[sessions]\nmax_argon2_memory_kib = 102399",
+            "sessions.max_argon2_memory_kib",
+        ),
+        (
+            "[sessions]\nmax_argon2_memory_kib = 4194305",
+            "sessions.max_argon2_memory_kib",
+        ),
+        (
+            "[sessions]\nmax_argon2_work_kib = 1",
+            "sessions.max_argon2_work_kib",
+        ),
+        (
+            "[sessions]\nmax_scrypt_work = 655359",
+            "sessions.max_scrypt_work",
+        ),
+        (
+            "[sessions]\nmax_scrypt_memory_bytes = 16782335",
+            "sessions.max_scrypt_memory_bytes",
+        ),
+        (
+            "[sessions]\nmax_pbkdf2_iterations = 0",
+            "sessions.max_pbkdf2_iterations",
+        ),
+        (
+            "[sessions]\nmax_pbkdf2_iterations = 999999",
+            "sessions.password_iterations",
+        ),
     ];
     for (text, key) in cases {
         let err = Config::from_toml_str(text).unwrap_err().to_string();

@@ -20,7 +20,7 @@ use crate::{
     auth::{LoginCredentials, TokenRow, generate_token, token_key_of},
     config::{Config, KnoxConfig},
     error::Error,
-    metrics::Metrics,
+    metrics::{AlgorithmLabels, Metrics},
     password,
     store::{Committed, NewToken, NotCreated, Store, StoreError},
 };
@@ -200,20 +200,26 @@ impl Login {
     ) -> Result<bool, Error> {
         let started = Instant::now();
         let iterations = self.config.sessions.password_iterations;
+        let caps = self.config.sessions.hash_cost_caps;
         // A hash of an algorithm the site does not list is refused, as Django refuses it.
         let accepted = self.config.sessions.accepts_hash(&encoded);
         let dummy = self.dummy_hash.clone();
-        let ok = self
+        let (ok, over_cap) = self
             .hashes
             .run_within(self.config.sessions.hash_queue_timeout, move || {
                 begun.mark();
-                let ok = accepted && password::check_password(&password, &encoded);
-                if !ok {
-                    // Unlisted, unusable, malformed or cheaper hashes cost what a wrong
-                    // password costs.
-                    password::harden_runtime(&password, &encoded, accepted, iterations, &dummy);
+                let ok = accepted && password::check_password_within(&password, &encoded, &caps);
+                if ok {
+                    return (true, None);
                 }
-                ok
+                // Unlisted, unusable, malformed or cheaper hashes cost what a wrong password
+                // costs.
+                password::harden_runtime(&password, &encoded, accepted, iterations, &dummy, &caps);
+                let over_cap = accepted
+                    .then(|| caps.exceeded_by(&encoded))
+                    .flatten()
+                    .zip(password::algorithm_of(&encoded));
+                (false, over_cap)
             })
             .await
             .map_err(|e| match e {
@@ -223,6 +229,20 @@ impl Login {
         self.metrics
             .password_check_duration
             .observe(started.elapsed().as_secs_f64());
+        if let Some((setting, algorithm)) = over_cap {
+            // Django may well accept this hash (a site that raised its hasher's cost): its
+            // user cannot log in here until the cap is raised.
+            self.metrics
+                .password_hashes_over_cap
+                .get_or_create(&AlgorithmLabels { algorithm })
+                .inc();
+            tracing::warn!(
+                algorithm,
+                setting,
+                "a stored password hash asks for more work than {setting} allows; refused \
+                 unchecked (raise the setting if the site's hashers use that cost)"
+            );
+        }
         Ok(ok)
     }
 

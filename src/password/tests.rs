@@ -330,7 +330,11 @@ fn the_timing_dummy_is_a_hash_of_the_preferred_hasher_at_djangos_cost() {
         assert_eq!(algorithm_of(&dummy), Some(preferred), "{dummy}");
         assert!(dummy.len() <= MAX_ENCODED_LEN);
     }
-    let argon2 = parse_argon2(&timing_dummy("argon2", CHEAP_ITERATIONS)).expect("parses");
+    let argon2 = parse_argon2(
+        &timing_dummy("argon2", CHEAP_ITERATIONS),
+        &CostCaps::default(),
+    )
+    .expect("parses");
     assert_eq!(
         (argon2.m_cost, argon2.t_cost, argon2.p_cost),
         (102_400, 2, 8)
@@ -342,14 +346,14 @@ fn the_timing_dummy_is_a_hash_of_the_preferred_hasher_at_djangos_cost() {
         ("bcrypt", Hasher::Bcrypt),
     ] {
         let dummy = timing_dummy(name, CHEAP_ITERATIONS);
-        let data = parse_bcrypt(&dummy, hasher).expect("parses");
+        let data = parse_bcrypt(&dummy, hasher, &CostCaps::default()).expect("parses");
         let parts = data
             .parse::<bcrypt::HashParts>()
             .expect("the bcrypt crate takes it");
         assert_eq!(parts.get_cost(), 12);
     }
     let scrypt_dummy = timing_dummy("scrypt", CHEAP_ITERATIONS);
-    let scrypt = parse_scrypt(&scrypt_dummy).expect("parses");
+    let scrypt = parse_scrypt(&scrypt_dummy, &CostCaps::default()).expect("parses");
     assert_eq!((scrypt.n, scrypt.r, scrypt.p), (1 << 14, 8, 5));
     assert!(scrypt::Params::new(14, 8, 5).is_ok());
     // The cheap ones are checked for real.
@@ -360,7 +364,7 @@ fn the_timing_dummy_is_a_hash_of_the_preferred_hasher_at_djangos_cost() {
         }
     }
     let sha1 = timing_dummy("pbkdf2_sha1", CHEAP_ITERATIONS);
-    let parsed = parse_pbkdf2(&sha1, Hasher::Pbkdf2Sha1).expect("parses");
+    let parsed = parse_pbkdf2(&sha1, Hasher::Pbkdf2Sha1, &CostCaps::default()).expect("parses");
     assert_eq!(parsed.iterations, CHEAP_ITERATIONS);
 }
 
@@ -606,34 +610,48 @@ fn cost_caps_refuse_before_doing_the_work() {
 #[test]
 fn caps_admit_parameters_up_to_their_limits() {
     let at_cap = format!("pbkdf2_sha256${MAX_PBKDF2_ITERATIONS}$salt$hash");
-    assert!(parse_pbkdf2(&at_cap, Hasher::Pbkdf2Sha256).is_some());
+    assert!(parse_pbkdf2(&at_cap, Hasher::Pbkdf2Sha256, &CostCaps::default()).is_some());
     let over = format!("pbkdf2_sha256${}$salt$hash", MAX_PBKDF2_ITERATIONS + 1);
-    assert!(parse_pbkdf2(&over, Hasher::Pbkdf2Sha256).is_none());
+    assert!(parse_pbkdf2(&over, Hasher::Pbkdf2Sha256, &CostCaps::default()).is_none());
 
     // Django's own defaults are well inside every cap.
-    assert!(parse_scrypt("scrypt$16384$salt$8$5$hash").is_some());
-    assert!(parse_scrypt("scrypt$65536$salt$8$16$hash").is_some());
+    assert!(parse_scrypt("scrypt$16384$salt$8$5$hash", &CostCaps::default()).is_some());
+    assert!(parse_scrypt("scrypt$65536$salt$8$16$hash", &CostCaps::default()).is_some());
     assert!(
-        parse_scrypt("scrypt$65536$salt$8$17$hash").is_none(),
+        parse_scrypt("scrypt$65536$salt$8$17$hash", &CostCaps::default()).is_none(),
         "work"
     );
-    assert!(parse_scrypt("scrypt$32768$salt$16$1$hash").is_some());
+    assert!(parse_scrypt("scrypt$32768$salt$16$1$hash", &CostCaps::default()).is_some());
     assert!(
-        parse_scrypt("scrypt$131072$salt$8$1$hash").is_none(),
+        parse_scrypt("scrypt$131072$salt$8$1$hash", &CostCaps::default()).is_none(),
         "memory"
     );
     let salt = "YWJjZGVmZ2hpamtsbW5vcA";
     let django = format!("argon2$argon2id$v=19$m=102400,t=2,p=8${salt}$aGFzaA");
-    assert!(parse_argon2(&django).is_some());
+    assert!(parse_argon2(&django, &CostCaps::default()).is_some());
     let at_cap = format!("argon2$argon2id$v=19$m={MAX_ARGON2_MEMORY_KIB},t=8,p=8${salt}$aGFzaA");
-    assert!(parse_argon2(&at_cap).is_some());
+    assert!(parse_argon2(&at_cap, &CostCaps::default()).is_some());
     let over = format!("argon2$argon2id$v=19$m={MAX_ARGON2_MEMORY_KIB},t=9,p=8${salt}$aGFzaA");
-    assert!(parse_argon2(&over).is_none());
+    assert!(parse_argon2(&over, &CostCaps::default()).is_none());
     let bcrypt = |cost: u32| {
         format!("bcrypt$$2b${cost:02}$58JZqXWg00rKJ7In8k8SqORqS58tw7UgP9UTxJU6hxbgS2fYjsAx.")
     };
-    assert!(parse_bcrypt(&bcrypt(MAX_BCRYPT_COST), Hasher::Bcrypt).is_some());
-    assert!(parse_bcrypt(&bcrypt(MAX_BCRYPT_COST + 1), Hasher::Bcrypt).is_none());
+    assert!(
+        parse_bcrypt(
+            &bcrypt(MAX_BCRYPT_COST),
+            Hasher::Bcrypt,
+            &CostCaps::default()
+        )
+        .is_some()
+    );
+    assert!(
+        parse_bcrypt(
+            &bcrypt(MAX_BCRYPT_COST + 1),
+            Hasher::Bcrypt,
+            &CostCaps::default()
+        )
+        .is_none()
+    );
 }
 
 #[test]
@@ -668,4 +686,103 @@ fn long_passwords_are_fine_except_for_plain_bcrypt() {
     let prehashed = hex::encode(sha2::Sha256::digest(long.as_bytes()));
     let sha = bcrypt_hash(prehashed.as_bytes(), "bcrypt_sha256", bcrypt::Version::TwoB);
     assert!(check_password(&long, &sha));
+}
+
+#[test]
+fn a_hash_over_a_cap_names_its_setting_and_a_raised_cap_checks_it() {
+    let low = CostCaps {
+        pbkdf2_iterations: 1_000,
+        ..CostCaps::default()
+    };
+    let stored = make_password("pw", 2_000);
+    assert!(!check_password_within("pw", &stored, &low));
+    assert_eq!(
+        low.exceeded_by(&stored),
+        Some("sessions.max_pbkdf2_iterations")
+    );
+    let raised = CostCaps {
+        pbkdf2_iterations: 2_000,
+        ..low
+    };
+    assert!(check_password_within("pw", &stored, &raised));
+    assert_eq!(raised.exceeded_by(&stored), None);
+
+    let caps = CostCaps::default();
+    let salt = "YWJjZGVmZ2hpamtsbW5vcA";
+    let hash = "aGFzaGhhc2hoYXNoaGFzaGhhc2hoYXNoaGFzaGhhc2g";
+    let over = [
+        (
+            format!(
+                "argon2$argon2id$v=19$m={},t=1,p=1${salt}${hash}",
+                MAX_ARGON2_MEMORY_KIB + 1
+            ),
+            "sessions.max_argon2_memory_kib",
+        ),
+        (
+            format!(
+                "argon2$argon2id$v=19$m=1024,t={},p=1${salt}${hash}",
+                u32::MAX
+            ),
+            "sessions.max_argon2_work_kib",
+        ),
+        (
+            format!(
+                "bcrypt_sha256$$2b${}$58JZqXWg00rKJ7In8k8SqORqS58tw7UgP9UTxJU6hxbgS2fYjsAx.",
+                MAX_BCRYPT_COST + 1
+            ),
+            "sessions.max_bcrypt_cost",
+        ),
+        (
+            "scrypt$1048576$salt$8$1$hash".to_owned(),
+            "sessions.max_scrypt_memory_bytes",
+        ),
+        (
+            "scrypt$16384$salt$8$1000$hash".to_owned(),
+            "sessions.max_scrypt_work",
+        ),
+    ];
+    for (encoded, key) in &over {
+        assert_eq!(caps.exceeded_by(encoded), Some(*key), "{encoded}");
+    }
+    // Within the caps, malformed, unusable, unknown or without a cost: nothing to report.
+    for encoded in [
+        make_password("pw", 1_000).as_str(),
+        "pbkdf2_sha256$many$salt$hash",
+        "scrypt$1000$salt$8$1$hash",
+        "!unusable",
+        "sha1$salt$hash",
+        "md5$salt$0123456789abcdef0123456789abcdef",
+        "",
+    ] {
+        assert_eq!(caps.exceeded_by(encoded), None, "{encoded}");
+    }
+}
+
+#[test]
+fn every_timing_dummy_is_within_djangos_default_costs() {
+    // The lowest caps the configuration takes: each dummy must still be checked, not refused.
+    for preferred in ALGORITHMS {
+        let dummy = timing_dummy(preferred, CHEAP_ITERATIONS);
+        let caps = CostCaps {
+            pbkdf2_iterations: CHEAP_ITERATIONS,
+            ..DJANGO_DEFAULT_COSTS
+        };
+        assert_eq!(caps.exceeded_by(&dummy), None, "{dummy}");
+        if preferred != "md5" {
+            assert!(parses_within(&dummy, &caps), "{dummy}");
+        }
+        let lower = CostCaps {
+            bcrypt_cost: caps.bcrypt_cost - 1,
+            scrypt_memory_bytes: caps.scrypt_memory_bytes - 1,
+            argon2_memory_kib: caps.argon2_memory_kib - 1,
+            pbkdf2_iterations: CHEAP_ITERATIONS - 1,
+            ..caps
+        };
+        if preferred != "md5" {
+            assert!(
+                !parses_within(&dummy, &lower),
+                "{dummy} is at the defaults exactly"
+            );
+        }
+    }
 }
