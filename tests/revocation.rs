@@ -624,3 +624,57 @@ async fn users_with_more_tokens_than_a_batch_are_evicted_and_a_refused_one_hande
     );
     tier.quit().await;
 }
+
+/// A command that times out on a connection that stays up (Redis stalled for less than
+/// `redis.unresponsive_timeout`) opens the breaker, and no reconnection comes to close it. The
+/// eviction that failed is retried all the same with no request arriving to probe Redis: a
+/// quiet instance (or a relay, which serves none) does not leave a revoked user's entry in
+/// Redis, where django-rest-knox-redis would still find it.
+#[tokio::test]
+async fn an_eviction_that_timed_out_is_retried_with_no_request_to_probe_redis() {
+    let db = TestDb::migrated().await;
+    let redis = PrivateRedis::start().await;
+    let s = TestServer::start(
+        &db,
+        &format!(
+            "[redis]\nurl = \"{}\"\ncommand_timeout = \"200ms\"\n\
+             unresponsive_timeout = \"60s\"\nbreaker_cooldown = \"200ms\"",
+            redis.url()
+        ),
+    )
+    .await;
+    let client = db.client().await;
+    let t = user_with_token(&db, "stalled_eviction").await;
+    assert_eq!(s.verify(&t.token).await.status, 200);
+    let key = redis_key(&s, &t.token);
+    let cached = eventually(Duration::from_secs(5), || async {
+        redis_cli(redis.port, &["EXISTS", &key]) == "1"
+    })
+    .await;
+    assert!(cached.is_some(), "the entry was never written");
+
+    redis.sigstop();
+    client
+        .execute(
+            "UPDATE auth_user SET is_active = false WHERE id = $1",
+            &[&t.user_id],
+        )
+        .await
+        .unwrap();
+    // The feed hears it; reading the user's index times out.
+    let timed_out = eventually(Duration::from_secs(10), || async {
+        s.metric("knoxgate_redis_errors_total{op=\"smembers\"}")
+            .await
+            >= 1.0
+    })
+    .await;
+    redis.sigcont();
+    assert!(timed_out.is_some(), "the eviction never reached Redis");
+    // No request from here on: nothing but the retry queue can probe Redis.
+    let gone = eventually(Duration::from_secs(10), || async {
+        redis_cli(redis.port, &["EXISTS", &key]) == "0"
+    })
+    .await;
+    assert!(gone.is_some(), "the revoked user's entry is still in Redis");
+    s.stop().await;
+}

@@ -486,11 +486,18 @@ impl RedisTier {
         self.breaker.is_closed() && self.pool.clients().iter().any(|c| c.is_connected())
     }
 
+    /// Whether a pooled connection is up, whatever the breaker says. A command that timed out
+    /// on a connection that stays up opens the breaker with no reconnection to close it: only
+    /// a probe does, and the retry queue of failed evictions sends one even where no request
+    /// would (a quiet instance, a relay).
+    pub fn has_connection(&self) -> bool {
+        self.pool.clients().iter().any(|c| c.is_connected())
+    }
+
     /// Fails at once while Redis is known to be unusable (no connection, or the breaker open and
     /// this request not its probe); such calls are never sent.
     fn ensure_available(&self) -> Result<(), RedisError> {
-        let connected = self.pool.clients().iter().any(|c| c.is_connected());
-        if connected && self.breaker.admit() {
+        if self.has_connection() && self.breaker.admit() {
             Ok(())
         } else {
             Err(RedisError("unavailable".into()))

@@ -187,7 +187,9 @@ impl Store {
     pub async fn retry_pending_redis(&self) -> usize {
         let Some(redis) = &self.redis else { return 0 };
         self.redis_outbox
-            .retry(redis.is_connected(), |due| async move {
+            // Each batch is let through by the breaker (`RedisTier::delete`): while it is open,
+            // once per cool-down, as the probe that closes it.
+            .retry(redis.has_connection(), |due| async move {
                 // Tokens in pipelined batches, as a bulk removal sends them the first time.
                 let mut tokens = Vec::new();
                 let mut others = VecDeque::new();
