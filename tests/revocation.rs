@@ -512,18 +512,16 @@ async fn a_bulk_delete_evicts_every_token_from_every_tier() {
     b.stop().await;
 }
 
-/// A command Redis refuses for one token of a batch of evictions (here `WRONGTYPE`: its user's
-/// index is not a set) costs that token alone a retry: the rest of the batch, before and after
-/// it and across batch boundaries, is evicted, and only the refused tokens are handed back for
-/// the retry queue.
-#[tokio::test]
-async fn a_refused_eviction_hands_back_its_own_token_only() {
+/// A Redis tier of its own, connected, on a private Redis, under a unique key prefix.
+async fn private_redis_tier(
+    prefix: &str,
+) -> (PrivateRedis, knoxgate::store::redis::RedisTier, String) {
     use std::sync::Arc;
 
     use knoxgate::{metrics::Metrics, store::redis::RedisTier};
 
     let redis = PrivateRedis::start().await;
-    let prefix = unique("kgbatch");
+    let prefix = unique(prefix);
     let cfg = config_for_url(
         "postgres://unused@127.0.0.1/unused",
         &prefix,
@@ -533,6 +531,16 @@ async fn a_refused_eviction_hands_back_its_own_token_only() {
         .expect("redis tier");
     let connected = eventually(Duration::from_secs(5), || async { tier.is_connected() }).await;
     assert!(connected.is_some(), "never connected");
+    (redis, tier, prefix)
+}
+
+/// A command Redis refuses for one token of a batch of evictions (here `WRONGTYPE`: its user's
+/// index is not a set) costs that token alone a retry: the rest of the batch, before and after
+/// it and across batch boundaries, is evicted, and only the refused tokens are handed back for
+/// the retry queue.
+#[tokio::test]
+async fn a_refused_eviction_hands_back_its_own_token_only() {
+    let (redis, tier, prefix) = private_redis_tier("kgbatch").await;
     let port = redis.port;
     redis_cli(
         port,
@@ -570,24 +578,9 @@ async fn a_refused_eviction_hands_back_its_own_token_only() {
 /// are deleted all the same.
 #[tokio::test]
 async fn users_with_more_tokens_than_a_batch_are_evicted_and_a_refused_one_handed_back() {
-    use std::sync::Arc;
+    use knoxgate::store::redis::DELETES_IN_FLIGHT;
 
-    use knoxgate::{
-        metrics::Metrics,
-        store::redis::{DELETES_IN_FLIGHT, RedisTier},
-    };
-
-    let redis = PrivateRedis::start().await;
-    let prefix = unique("kgusers");
-    let cfg = config_for_url(
-        "postgres://unused@127.0.0.1/unused",
-        &prefix,
-        &format!("[redis]\nurl = \"{}\"", redis.url()),
-    );
-    let tier = RedisTier::connect(&cfg.redis, &redis.url(), false, Arc::new(Metrics::new()))
-        .expect("redis tier");
-    let connected = eventually(Duration::from_secs(5), || async { tier.is_connected() }).await;
-    assert!(connected.is_some(), "never connected");
+    let (redis, tier, prefix) = private_redis_tier("kgusers").await;
     let port = redis.port;
     // User 8's index is not a set: reading it is refused (WRONGTYPE).
     redis_cli(
