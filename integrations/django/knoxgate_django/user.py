@@ -11,10 +11,12 @@ one query (plain deferred loading would cost one query per field), and rereads w
 vouched for, so that the instance is then the row as it is.
 
 What knoxgate vouched for (``is_active``, and the attributes it sent) was not read from the row:
-``save()`` does not write it back unless code changed it, so saving a knoxgate user (say, a
-profile edit) cannot undo a deactivation or a staff change made meanwhile. A vouched field the
+``save()`` first reads from the row the vouched fields code did not change (one query), so
+saving a knoxgate user (say, a profile edit) cannot undo a deactivation or a staff change made
+meanwhile, and then saves as Django saves any ``.only()`` instance: the model's own ``save()``
+runs, Django works out the fields to write after it, and sends its signals. A vouched field the
 code changed is the code's own value from then on, as on any instance: loading the rest of the
-row does not reread it, and ``save()`` writes it.
+row does not reread it, and ``save()`` writes it; a field written is no longer vouched for.
 
 A copy (``copy.copy``, ``copy.deepcopy``) or a pickle of a knoxgate user is a plain deferred
 instance: the fields the code set or the row gave, the rest (vouched fields the code did not
@@ -89,9 +91,10 @@ class _PlainState:
 
 
 class _SaveRead:
-    """``save`` for a knoxgate user: like saving any ``.only()`` instance (the loaded fields
-    are written), except the vouched fields code did not change, which hold knoxgate's view of
-    the row, not a value read from it or set by the application."""
+    """``save`` for a knoxgate user: the vouched fields the code did not change are read from
+    the row first (they hold knoxgate's view of it, not a value read from it or set by the
+    application); then Django saves it as it saves any ``.only()`` instance. What was written
+    is the row's from then on, no longer knoxgate's view."""
 
     def __init__(self, user: Any) -> None:
         self.user = user
@@ -99,16 +102,22 @@ class _SaveRead:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         user = self.user
         vouched = user.__dict__.get(_VOUCHED)
-        if vouched and not args and kwargs.get("update_fields") is None and not kwargs.get("force_insert"):
-            untouched = {n for n, v in vouched.items() if user.__dict__.get(n, v) == v}
+        update_fields = kwargs.get("update_fields")
+        # Positional arguments (deprecated by Django) and explicit choices are the caller's.
+        implicit = not args and update_fields is None and not kwargs.get("force_insert")
+        if vouched and implicit:
+            untouched = [n for n, v in vouched.items() if user.__dict__.get(n, v) == v]
             if untouched:
-                deferred = user.get_deferred_fields()
-                kwargs["update_fields"] = [
-                    f.attname
-                    for f in user._meta.concrete_fields
-                    if not f.primary_key and f.attname not in deferred and f.attname not in untouched
-                ]
-        return type(user).save(user, *args, **kwargs)
+                user.refresh_from_db(using=kwargs.get("using"), fields=untouched)
+        saved = type(user).save(user, *args, **kwargs)
+        if vouched:
+            if implicit:
+                # Every loaded field was written, the vouched ones among them.
+                vouched.clear()
+            elif update_fields is not None:
+                for name in update_fields:
+                    vouched.pop(name, None)
+        return saved
 
 
 def user_model() -> Any:

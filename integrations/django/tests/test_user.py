@@ -186,10 +186,67 @@ def test_save_does_not_write_back_what_knoxgate_vouched_for(alice):
     u.first_name = "Al"
     with CaptureQueriesContext(connection) as ctx:
         u.save()
-    assert len(ctx.captured_queries) == 1 and ctx.captured_queries[0]["sql"].startswith("UPDATE"), sql_of(ctx)
+    # The vouched fields are read from the row, then the loaded fields written.
+    kinds = [q["sql"].split()[0] for q in ctx.captured_queries]
+    assert kinds == ["SELECT", "UPDATE"], sql_of(ctx)
     row = model.objects.get(pk=alice.pk)
     assert (row.first_name, row.last_name) == ("Al", "Liddell")
     assert (row.is_active, row.is_staff) == (False, True), "the admin's change stands"
+    assert (u.is_active, u.is_staff) == (False, True), "and the instance holds the row's values"
+
+
+def test_a_field_written_is_no_longer_vouched_for(alice):
+    model = get_user_model()
+    u = build_user(alice.pk, {"email": "alice@example.com"})
+    u.is_active = False
+    u.save()
+    u.is_active = True  # knoxgate's value again, but the code's now: written
+    u.save()
+    assert model.objects.get(pk=alice.pk).is_active is True
+    u.email = "new@example.com"
+    u.save()
+    u.email = "alice@example.com"
+    u.save()
+    assert model.objects.get(pk=alice.pk).email == "alice@example.com"
+
+
+def test_save_runs_the_models_own_save_and_sends_its_signals(alice, monkeypatch):
+    from django.db.models.signals import post_save
+
+    model = get_user_model()
+    model_save = model.save
+
+    def save(self, *args, **kwargs):
+        # A common override: what it changes must be written.
+        self.email = self.email.lower()
+        return model_save(self, *args, **kwargs)
+
+    monkeypatch.setattr(model, "save", save)
+    model.objects.filter(pk=alice.pk).update(email="Alice@Example.com")
+    for sent in ({"email": "Alice@Example.com"}, {}):
+        u = build_user(alice.pk, {"username": "alice", **sent})
+        u.first_name = "Al"
+        u.save()
+        row = model.objects.get(pk=alice.pk)
+        assert (row.first_name, row.email) == ("Al", "alice@example.com"), sent
+        model.objects.filter(pk=alice.pk).update(email="Alice@Example.com", first_name="Alice")
+
+
+def test_a_save_with_nothing_changed_writes_and_signals_as_for_any_only_instance(alice):
+    from django.db.models.signals import post_save
+
+    model = get_user_model()
+    seen = []
+
+    def saved(sender, instance, update_fields, **kwargs):
+        seen.append(update_fields)
+
+    post_save.connect(saved, sender=model)
+    try:
+        build_user(alice.pk, {"username": "alice"}).save()
+    finally:
+        post_save.disconnect(saved, sender=model)
+    assert seen and {"username", "is_active"} <= set(seen[0]), seen
 
 
 def test_save_writes_vouched_fields_the_code_changed(alice):
