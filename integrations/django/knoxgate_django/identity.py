@@ -220,6 +220,13 @@ def _resolve(request: Any, config: Config) -> Result:
     attributes = _read_attributes(request, config)
     if isinstance(attributes, Refused):
         return attributes
+    if raw is None:
+        # A WSGI server joins a repeated header with a comma and says nothing: in a username or
+        # email no signature vouches for, a comma may be a client's copy joined to knoxgate's.
+        # (Under ASGI the raw headers were checked for copies above.)
+        for name, value in attributes.items():
+            if isinstance(value, str) and "," in value and name not in signed:
+                return Refused(f"attribute {name!r} holds a comma: a header sent twice, joined")
     for name, value in signed.items():
         if attributes.get(name, value) != value:
             return Refused(f"attribute header for {name!r} differs from the signed assertion")

@@ -289,6 +289,16 @@ def test_required_assertion_ignores_unsigned_attribute_headers(
     assert r.json()["username"] == "alice"
 
 
+def test_a_comma_in_a_signed_attribute_is_the_signed_value(client, assertion_settings, alice, ed_key):
+    # Under WSGI an unsigned email holding a comma is refused (copies joined); signed, it is
+    # the one value knoxgate vouched for.
+    email = '"al,ice"@example.com'
+    # Every attribute the view reads is sent, so that none loads the row (and rereads email).
+    signed = {"username": "alice", "email": email, "is_staff": False, "is_superuser": False}
+    token = ed_key.sign(str(alice.pk), **signed)
+    assert _signed_names(client, token, **{"X-Auth-Email": email}) == (200, signed)
+
+
 def test_assertion_header_without_jwks_is_not_an_identity(client, alice, bob, ed_key):
     # No JWKS configured: an assertion alone cannot be checked, so it names nobody.
     assert get(client, **{"X-Auth-Assertion": ed_key.sign(str(alice.pk))}) == REFUSED

@@ -127,6 +127,17 @@ def test_unknown_user_id_authenticates_but_loading_fails(client, alice):
     assert (status, body) == (200, {"authenticated": True, "id": alice.pk + 1000})
 
 
+def test_wsgi_comma_in_an_unsigned_username_or_email_is_refused(client, alice):
+    # A client's copy and knoxgate's, joined by the WSGI server: the client's comes first.
+    for header, joined in (
+        ("X-Auth-Email", "attacker@evil.example,alice@example.com"),
+        ("X-Auth-Username", "root,alice"),
+    ):
+        headers = {"X-Auth-User-Id": str(alice.pk), header: joined}
+        assert whoami(client, **headers) == (200, {"authenticated": False, "id": None}), header
+        assert client.get("/api/open", headers=headers).status_code == 401, header
+
+
 # --- ASGI: Django merges duplicates with a comma and maps X_Auth_User_Id onto the same key ---
 
 
