@@ -10,6 +10,8 @@ dangerous layout fails or warns at deploy time instead of showing at the first r
   ``REQUIRE_ASSERTION`` is off.
 * ``knoxgate_django.W002``: DRF's ``SessionAuthentication`` comes before
   ``KnoxgateAuthentication`` in ``DEFAULT_AUTHENTICATION_CLASSES``.
+* ``knoxgate_django.W003``: ``TRIGGER_SQL_DIR`` lacks ``install.sql`` or ``uninstall.sql``, so
+  ``migrate`` would fail here (a warning: web processes may run where migrations do not).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
 
-from knoxgate_django.conf import Config, get_config
+from knoxgate_django.conf import TRIGGER_SQL_FILES, Config, get_config
 
 AUTHENTICATION_MIDDLEWARE = "django.contrib.auth.middleware.AuthenticationMiddleware"
 KNOXGATE_MIDDLEWARE = "knoxgate_django.middleware.KnoxgateMiddleware"
@@ -36,7 +38,25 @@ def check_settings(app_configs=None, **kwargs):
         config = get_config()
     except ImproperlyConfigured as e:
         return [checks.Error(str(e), id="knoxgate_django.E001")]
-    return _check_jwks_file(config) + _check_trusted_proxies(config)
+    return _check_jwks_file(config) + _check_trusted_proxies(config) + _check_trigger_sql_dir(config)
+
+
+def _check_trigger_sql_dir(config: Config) -> list[checks.CheckMessage]:
+    """The files ``migrate`` reads. Only a warning: requests never need them, and web processes
+    may well run where they are not (migrations run by a job of their own)."""
+    if config.trigger_sql_dir is None:
+        return []
+    missing = [n for n in TRIGGER_SQL_FILES if not (Path(config.trigger_sql_dir) / n).is_file()]
+    if not missing:
+        return []
+    return [
+        checks.Warning(
+            f"KNOXGATE['TRIGGER_SQL_DIR'] = {config.trigger_sql_dir!r} has no "
+            f"{' or '.join(missing)}: manage.py migrate cannot run here",
+            hint="Put `knoxgate migrate --print-sql` output there, or run migrations where it is.",
+            id="knoxgate_django.W003",
+        )
+    ]
 
 
 def _check_jwks_file(config: Config) -> list[checks.CheckMessage]:

@@ -286,12 +286,8 @@ def parse(raw: Any) -> Config:
     for key in ("JWKS_FILE", "JWKS_URL", "ASSERTION_AUDIENCE", "TRIGGER_SQL_DIR"):
         if s[key] is not None and (not isinstance(s[key], str) or not s[key]):
             raise ImproperlyConfigured(f"KNOXGATE[{key!r}] must be a non-empty string or None")
-    if s["TRIGGER_SQL_DIR"] is not None:
-        missing = [n for n in TRIGGER_SQL_FILES if not (Path(s["TRIGGER_SQL_DIR"]) / n).is_file()]
-        if missing:
-            raise ImproperlyConfigured(
-                f"KNOXGATE['TRIGGER_SQL_DIR'] = {s['TRIGGER_SQL_DIR']!r} has no {' or '.join(missing)}"
-            )
+    # Whether TRIGGER_SQL_DIR holds its files is not checked here: only `migrate` reads them,
+    # and web processes may run where they are not (a migrate job apart). `checks` warns.
     if s["JWKS_FILE"] and s["JWKS_URL"]:
         raise ImproperlyConfigured("KNOXGATE: set JWKS_FILE or JWKS_URL, not both")
     if s["JWKS_URL"]:

@@ -105,7 +105,6 @@ def test_defaults():
         ({"ASSERTION_ALGORITHMS": None}, "subset"),
         ({"ASSERTION_ALGORITHMS": 256}, "subset"),
         ({"ASSERTION_ALGORITHMS": "ES256"}, "subset"),
-        ({"TRIGGER_SQL_DIR": "/nonexistent/knoxgate-sql"}, "has no install.sql or uninstall.sql"),
         # One header read as two things: a user id of 1 would be is_staff=True.
         ({"IS_STAFF_HEADER": "X-Auth-User-Id"}, "name the same header"),
         ({"USERNAME_HEADER": "X-Auth-Name", "EMAIL_HEADER": "x-auth-name"}, "name the same header"),
@@ -333,7 +332,20 @@ def test_a_trigger_sql_dir_with_the_files_is_accepted_and_read(tmp_path, setting
     # Missing files: the migrations read them as Django loads its migration graph, before any
     # check runs; the error names the setting rather than being a bare FileNotFoundError.
     (tmp_path / "uninstall.sql").unlink()
-    with pytest.raises(ImproperlyConfigured, match="uninstall.sql"):
-        parse({"TRIGGER_SQL_DIR": str(tmp_path)})
     with pytest.raises(ImproperlyConfigured, match="TRIGGER_SQL_DIR"):
         trigger_sql("uninstall.sql")
+    # Requests never read them: the settings stand, and the system check warns.
+    from knoxgate_django.checks import check_settings
+
+    assert parse({"TRIGGER_SQL_DIR": str(tmp_path)})
+    warned = [m.id for m in check_settings()]
+    assert warned == ["knoxgate_django.W003"], warned
+
+
+def test_a_missing_trigger_sql_dir_does_not_stop_requests(client, settings, django_user_model):
+    # Web processes may run where the migrations' SQL is not (a migrate job apart).
+    settings.KNOXGATE = {**settings.KNOXGATE, "TRIGGER_SQL_DIR": "/only-in-the-migrate-job"}
+    alice = django_user_model.objects.create_user("alice", "alice@example.com", "pw")
+    assert client.get("/plain/whoami").status_code == 200
+    r = client.get("/plain/whoami", headers={"X-Auth-User-Id": str(alice.pk)})
+    assert r.json() == {"authenticated": True, "id": alice.pk}
