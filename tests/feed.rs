@@ -785,3 +785,42 @@ async fn a_new_username_or_email_reaches_the_identity_headers_within_the_bound()
     }
     s.stop().await;
 }
+
+/// The feed proves it hears by a NOTIFY sent through the pool. One that could not be sent
+/// (the pool's Postgres refused while the feed's own connection was up, as after a restart
+/// behind a PgBouncer still refusing logins) is sent again, with no request to prompt it: an
+/// idle instance, or a relay, which serves none, goes live once the pool reaches Postgres.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_echo_that_could_not_be_sent_is_sent_again_with_no_request() {
+    let db = TestDb::migrated().await;
+    // A port with nothing on it yet: the pool's connections are refused.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let pool_url = db
+        .url
+        .replace("127.0.0.1:5432", &format!("127.0.0.1:{port}"));
+    let cfg = config_for(
+        &db,
+        &unique("kgecho"),
+        &format!(
+            "[postgres]\nurl = \"{pool_url}\"\nfeed_url = \"{}\"\nconnect_timeout = \"300ms\"",
+            db.url
+        ),
+    );
+    let running = knoxgate::app::start(cfg).await.expect("starts");
+    let feed_live = || async { metric(running.admin_addr, "knoxgate_feed_connected").await == 1.0 };
+    // The feed connects and catches up; its first echo cannot be sent.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!feed_live().await, "live without proof that it hears");
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port)).expect("the same port");
+    let _proxy = SlowProxy::start_on(listener, "127.0.0.1:5432".parse().unwrap());
+    let live = eventually(Duration::from_secs(10), feed_live).await;
+    assert!(
+        live.is_some(),
+        "the feed never went live with the pool reachable"
+    );
+    running.shutdown().await;
+}

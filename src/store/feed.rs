@@ -554,9 +554,11 @@ where
                     // (re)connect is the one that catches a transaction pooler. A deaf feed
                     // (its first echo came back late) asks while idle too, and a relay always
                     // is: it would stay deaf, and not ready, for good; but less and less often
-                    // while nothing answers.
+                    // while nothing answers. So does one whose first echo could not be sent
+                    // (the pool's Postgres refused while the feed's own connection was up).
+                    let unanswered = matches!(hearing, Hearing::Deaf | Hearing::Unproven);
                     let asks = !store.postgres().quiet()
-                        || (matches!(hearing, Hearing::Deaf) && idle_deaf_echo.due(Instant::now()));
+                        || (unanswered && idle_deaf_echo.due(Instant::now()));
                     if pending.is_none() && asks {
                         pending = send_echo(store, echo, config).await;
                     }
