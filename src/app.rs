@@ -180,6 +180,7 @@ fn serve_admin(
     let app = Arc::clone(app);
     let probe = Arc::new(http::admin::PostgresProbe::new(
         app.config.server.readiness_interval,
+        app.config.server.readiness_timeout,
         app.config.cache.stale_if_error,
     ));
     tokio::spawn(server::serve(

@@ -1,7 +1,7 @@
 //! `/readyz` under a flood: it answers from the last Postgres probe (at most one probe per
 //! `server.readiness_interval`, one at a time), so probes cannot starve `/verify` of the pool.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::support::*;
 
@@ -167,5 +167,50 @@ async fn an_instance_serving_cached_answers_stays_ready_through_a_postgres_outag
     assert!(noticed.is_some(), "the outage was not reported");
     assert_eq!(r.status, 200, "{}", r.body_text());
     assert_eq!(cached, 200, "the cached token is served meanwhile");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_postgres_that_does_not_answer_does_not_hold_readyz_past_its_timeout() {
+    // A Postgres whose packets go unanswered (a partition, a firewall dropping them) leaves the
+    // probe waiting for its connect or statement timeout; an orchestrator's probe timing out
+    // first would take every instance out of its Service whatever stale_if_error says.
+    let db = TestDb::migrated().await;
+    let t = user_with_token(&db, "hung-ready").await;
+    let proxy = SlowProxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let url = db
+        .url
+        .replace("127.0.0.1:5432", &format!("127.0.0.1:{}", proxy.port));
+    let s = TestServer::start(
+        &db,
+        &format!(
+            "[postgres]\nurl = \"{url}\"\n[cache]\nconsistency = \"ttl\"\n\
+             [server]\nreadiness_interval = \"100ms\"\nreadiness_timeout = \"300ms\""
+        ),
+    )
+    .await;
+    assert_eq!(s.verify(&t.token).await.status, 200);
+    assert_eq!(
+        http(s.admin(), "GET", "/readyz", &[], b"").await.status,
+        200
+    );
+    proxy.set_delay(Duration::from_secs(60));
+    proxy.set_connect_delay(Duration::from_secs(60));
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let started = Instant::now();
+        let r = http(s.admin(), "GET", "/readyz", &[], b"").await;
+        let took = started.elapsed();
+        assert!(took < Duration::from_millis(800), "/readyz took {took:?}");
+        assert_eq!(r.status, 200, "{}", r.body_text());
+    }
+    assert!(s.readyz().await.contains(r#""postgres":"unreachable""#));
+    assert_eq!(
+        s.verify(&t.token).await.status,
+        200,
+        "the cached token is served meanwhile"
+    );
+    proxy.set_delay(Duration::ZERO);
+    proxy.set_connect_delay(Duration::ZERO);
     s.stop().await;
 }

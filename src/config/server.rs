@@ -27,6 +27,9 @@ const MAX_MAX_HEADER_BYTES: u64 = 1_048_576;
 const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const DEFAULT_READINESS_INTERVAL: Duration = Duration::from_secs(1);
+/// Well within the probe timeouts orchestrators use (Kubernetes' default is 1 s; the shipped
+/// manifests use 2 s), so that a Postgres that does not answer fails the probe, not /readyz.
+const DEFAULT_READINESS_TIMEOUT: Duration = Duration::from_millis(500);
 const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// A check request carries the client request's headers (Envoy's own cap on them defaults to
@@ -71,6 +74,8 @@ pub struct ServerFile {
     #[serde(with = "value::duration")]
     pub readiness_interval: Duration,
     #[serde(with = "value::duration")]
+    pub readiness_timeout: Duration,
+    #[serde(with = "value::duration")]
     pub request_timeout: Duration,
     #[serde(with = "value::duration")]
     pub shutdown_grace: Duration,
@@ -104,6 +109,7 @@ impl Default for ServerFile {
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             readiness_interval: DEFAULT_READINESS_INTERVAL,
+            readiness_timeout: DEFAULT_READINESS_TIMEOUT,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             grpc_listen: String::new(),
@@ -142,6 +148,9 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     /// `/readyz` reuses the last Postgres probe for this long; at most one probe runs at once.
     pub readiness_interval: Duration,
+    /// How long `/readyz` waits for its Postgres probe; one unanswered by then counts as
+    /// Postgres not answering.
+    pub readiness_timeout: Duration,
     /// The whole budget of one request; past it the answer is 503.
     pub request_timeout: Duration,
     /// How long in-flight requests may take to finish after SIGTERM.
@@ -262,6 +271,7 @@ impl TryFrom<ServerFile> for ServerConfig {
             header_read_timeout: positive("server.header_read_timeout", file.header_read_timeout)?,
             idle_timeout: positive("server.idle_timeout", file.idle_timeout)?,
             readiness_interval: file.readiness_interval,
+            readiness_timeout: positive("server.readiness_timeout", file.readiness_timeout)?,
             request_timeout: positive("server.request_timeout", file.request_timeout)?,
             shutdown_grace: file.shutdown_grace,
             grpc_listen: match file.grpc_listen.trim() {

@@ -428,7 +428,12 @@ fn confirm_timeout_must_be_under_the_request_deadline_and_above_zero() {
 
 #[test]
 fn zero_timeouts_are_refused() {
-    for key in ["header_read_timeout", "idle_timeout", "request_timeout"] {
+    for key in [
+        "header_read_timeout",
+        "idle_timeout",
+        "request_timeout",
+        "readiness_timeout",
+    ] {
         let err = Config::from_toml_str(&format!("[server]\n{key} = \"0s\""))
             .unwrap_err()
             .to_string();

@@ -23,6 +23,10 @@ use crate::{config::Consistency, state::App};
 /// reused.
 pub struct PostgresProbe {
     interval: Duration,
+    /// A probe unanswered by then counts as failed (`server.readiness_timeout`): a Postgres
+    /// that does not answer (packets dropped) must not hold `/readyz` past the orchestrator's
+    /// own probe timeout, which would fail readiness whatever `rides_out_outage` says.
+    timeout: Duration,
     last: tokio::sync::Mutex<Option<(Instant, bool)>>,
     /// Whether an outage leaves this instance ready (`cache.stale_if_error`: it serves what it
     /// has cached meanwhile).
@@ -32,9 +36,10 @@ pub struct PostgresProbe {
 }
 
 impl PostgresProbe {
-    pub fn new(interval: Duration, rides_out_outages: bool) -> PostgresProbe {
+    pub fn new(interval: Duration, timeout: Duration, rides_out_outages: bool) -> PostgresProbe {
         PostgresProbe {
             interval,
+            timeout,
             last: tokio::sync::Mutex::new(None),
             rides_out_outages,
             reached: AtomicBool::new(false),
@@ -59,7 +64,8 @@ impl PostgresProbe {
         {
             return ok;
         }
-        let ok = app.store.postgres().ping().await.is_ok();
+        let ping = tokio::time::timeout(self.timeout, app.store.postgres().ping()).await;
+        let ok = matches!(ping, Ok(Ok(_)));
         *last = Some((Instant::now(), ok));
         if ok {
             self.reached.store(true, Ordering::Relaxed);
