@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use knoxgate::auth::HashAlgorithm;
+use knoxgate::auth::{HashAlgorithm, generate_token};
 
 use crate::support::*;
 
@@ -298,4 +298,83 @@ async fn an_instance_started_while_postgres_is_down_serves_tokens_redis_holds() 
     assert_eq!(r.status, 503);
     running.shutdown().await;
     drop(db);
+}
+
+/// A user id holding '|' (a text primary key: an email address) is one id in the change feed,
+/// not two fields: deleting the user's token and deactivating the user each reach the cache
+/// at once, as for any user.
+#[tokio::test]
+async fn a_user_id_holding_a_bar_is_revoked_as_any_other() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "CREATE TABLE accounts_member (email varchar(254) PRIMARY KEY, \
+             secret varchar(128) NOT NULL, enabled boolean NOT NULL);
+             CREATE TABLE knox_authtoken (digest varchar(128) PRIMARY KEY, created timestamptz NOT NULL, \
+             user_id varchar(254) NOT NULL REFERENCES accounts_member(email) DEFERRABLE INITIALLY DEFERRED, \
+             expiry timestamptz, token_key varchar(25) NOT NULL);
+             INSERT INTO accounts_member VALUES ('x|y%7C@example.com', '!', true);",
+        )
+        .await
+        .unwrap();
+    let mut tokens = Vec::new();
+    for _ in 0..2 {
+        let token = generate_token("", 64);
+        let digest = HashAlgorithm::Sha512.hex_digest(token.as_bytes());
+        client
+            .execute(
+                "INSERT INTO knox_authtoken VALUES ($1, now(), 'x|y%7C@example.com', \
+                 now() + interval '10 hours', left($2, 15))",
+                &[&digest, &token],
+            )
+            .await
+            .unwrap();
+        tokens.push(token);
+    }
+    let columns = "[postgres]\nuser_table = \"accounts_member\"\nuser_id_column = \"email\"\n\
+                   username_column = \"email\"\nemail_column = \"email\"\nis_active_column = \"enabled\"\n\
+                   password_column = \"secret\"\nlast_login_column = \"\"\n\
+                   is_staff_column = \"\"\nis_superuser_column = \"\"\nuser_groups_table = \"\"";
+    let cfg = config_for(&db, "kgbar", columns);
+    knoxgate::store::schema::migrate(&mut db.client().await, &cfg.postgres, true)
+        .await
+        .unwrap();
+    let s = TestServer::start(&db, columns).await;
+    for t in &tokens {
+        let r = s.verify(t).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("x-auth-user-id"), Some("x|y%7C@example.com"));
+    }
+    let revoked_within = |token: &str| {
+        let (s, token) = (&s, token.to_owned());
+        async move {
+            eventually(Duration::from_secs(2), || async {
+                s.verify(&token).await.status == 401
+            })
+            .await
+            .is_some()
+        }
+    };
+    client
+        .execute(
+            "DELETE FROM knox_authtoken WHERE token_key = left($1, 15)",
+            &[&tokens[0]],
+        )
+        .await
+        .unwrap();
+    assert!(
+        revoked_within(&tokens[0]).await,
+        "the deleted token is still answered"
+    );
+    assert_eq!(s.verify(&tokens[1]).await.status, 200);
+    client
+        .execute("UPDATE accounts_member SET enabled = false", &[])
+        .await
+        .unwrap();
+    assert!(
+        revoked_within(&tokens[1]).await,
+        "the deactivated user's token is still answered"
+    );
+    s.stop().await;
 }

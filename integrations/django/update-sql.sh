@@ -33,5 +33,5 @@ echo "update-sql.sh: wrote $out/install.sql and $out/uninstall.sql"
 # A database migrated before keeps its triggers until a migration runs the new SQL again.
 if ! git -C "$repo" diff --quiet -- "$out/install.sql"; then
     echo "update-sql.sh: install.sql changed: add a migration that runs it again (as" \
-        "migrations/0005_watch_username_and_email.py) and record it in tests/test_migrations.py" >&2
+        "migrations/0006_escape_user_ids.py) and record it in tests/test_migrations.py" >&2
 fi

@@ -33,7 +33,7 @@ use tokio_postgres::{AsyncMessage, Socket, tls::MakeTlsConnect, types::Type};
 
 use super::{
     Change, Store, StoreError,
-    change::{Message, kind_label, parse_message, parse_payload},
+    change::{Message, kind_label, parse_message, parse_payload, payload},
     pg,
     relay::{self, Publisher},
     schema,
@@ -629,7 +629,9 @@ async fn read_log(
         .filter_map(|row| {
             let (kind, user_id, token_key): (String, String, String) =
                 (row.get(0), row.get(1), row.get(2));
-            let payload = format!("{kind}|{user_id}|{token_key}");
+            // Written as the triggers write it (the log keeps user ids as they are), for the
+            // stream, and read back as any payload is.
+            let payload = payload(&kind, &user_id, &token_key);
             parse_payload(&payload).map(|change| (change, payload))
         })
         .collect())

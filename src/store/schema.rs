@@ -96,7 +96,15 @@ CREATE INDEX auth_user_groups_group_id_97559544 ON {ug} USING btree (group_id);"
 /// A comment the token trigger's function carries since it logs INSERTs and reports a row moved
 /// to another key as inserted: [`triggers_installed`] looks for it to tell earlier installs.
 /// Changed whenever that function changes in a way knoxgate depends on.
-pub const TOKEN_TRIGGER_MARK: &str = "-- knoxgate token trigger: INSERTs and moved keys logged";
+pub const TOKEN_TRIGGER_MARK: &str =
+    "-- knoxgate token trigger: INSERTs and moved keys logged, user ids escaped";
+
+/// A user id (an SQL text expression) as a payload carries it: `%` and `|` percent-escaped, so
+/// that an id holding `|` (a text primary key: an email address) cannot be read as two fields
+/// (see [`super::change::parse_message`]). The log keeps ids as they are.
+fn payload_user_id(expr: &str) -> String {
+    format!("replace(replace({expr}, '%', '%25'), '|', '%7C')")
+}
 
 /// The statement by which the token trigger logs an INSERT.
 pub fn insert_logging_statement() -> String {
@@ -142,17 +150,22 @@ fn group_triggers_ddl(groups: &GroupTables) -> String {
         &groups.user_groups_table,
         &groups.user_column,
     );
+    let (old_member, new_member, member) = (
+        payload_user_id(&format!("OLD.{uc}::text")),
+        payload_user_id(&format!("NEW.{uc}::text")),
+        payload_user_id("member"),
+    );
     format!(
         "
 CREATE OR REPLACE FUNCTION knoxgate_membership_changed() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF TG_OP <> 'INSERT' THEN
         INSERT INTO {LOG_TABLE} (kind, user_id) VALUES ('u', OLD.{uc}::text);
-        PERFORM pg_notify('{CHANNEL}', 'u|' || OLD.{uc}::text || '|');
+        PERFORM pg_notify('{CHANNEL}', 'u|' || {old_member} || '|');
     END IF;
     IF TG_OP <> 'DELETE' THEN
         INSERT INTO {LOG_TABLE} (kind, user_id) VALUES ('u', NEW.{uc}::text);
-        PERFORM pg_notify('{CHANNEL}', 'u|' || NEW.{uc}::text || '|');
+        PERFORM pg_notify('{CHANNEL}', 'u|' || {new_member} || '|');
     END IF;
     RETURN NULL;
 END $$;
@@ -165,7 +178,7 @@ BEGIN
     -- this covers renames, and deletes made with SQL while members remain.
     FOR member IN SELECT DISTINCT ug.{uc}::text FROM {ug} ug WHERE ug.group_id = OLD.id LOOP
         INSERT INTO {LOG_TABLE} (kind, user_id) VALUES ('u', member);
-        PERFORM pg_notify('{CHANNEL}', 'u|' || member || '|');
+        PERFORM pg_notify('{CHANNEL}', 'u|' || {member} || '|');
     END LOOP;
     RETURN NULL;
 END $$;
@@ -211,6 +224,11 @@ fn triggers_ddl(tok: &str, usr: &str, cols: &UserColumns, groups: Option<&GroupT
         .join(" OR ");
     let group_triggers = groups.map(group_triggers_ddl).unwrap_or_default();
     let log_insert = insert_logging_statement();
+    let (old_user, new_user, old_id) = (
+        payload_user_id("OLD.user_id::text"),
+        payload_user_id("NEW.user_id::text"),
+        payload_user_id(&format!("OLD.{id}::text")),
+    );
     format!(
         "CREATE TABLE IF NOT EXISTS {LOG_TABLE} (
     id bigserial PRIMARY KEY,
@@ -228,17 +246,17 @@ BEGIN
         -- Logged like a removal, so that a relay's replay brings back the INSERTs its stream
         -- missed and instances' key filters learn them without reloading.
         {log_insert}
-        PERFORM pg_notify('{CHANNEL}', 'i|' || NEW.user_id::text || '|' || NEW.token_key);
+        PERFORM pg_notify('{CHANNEL}', 'i|' || {new_user} || '|' || NEW.token_key);
         RETURN NULL;
     END IF;
     INSERT INTO {LOG_TABLE} (kind, user_id, token_key) VALUES ('t', OLD.user_id::text, OLD.token_key);
-    PERFORM pg_notify('{CHANNEL}', 't|' || OLD.user_id::text || '|' || OLD.token_key);
+    PERFORM pg_notify('{CHANNEL}', 't|' || {old_user} || '|' || OLD.token_key);
     IF TG_OP = 'UPDATE' AND (NEW.token_key IS DISTINCT FROM OLD.token_key OR NEW.user_id IS DISTINCT FROM OLD.user_id) THEN
         INSERT INTO {LOG_TABLE} (kind, user_id, token_key) VALUES ('t', NEW.user_id::text, NEW.token_key);
-        PERFORM pg_notify('{CHANNEL}', 't|' || NEW.user_id::text || '|' || NEW.token_key);
+        PERFORM pg_notify('{CHANNEL}', 't|' || {new_user} || '|' || NEW.token_key);
         -- The row under its new key is, for key filters, a new token.
         {log_insert}
-        PERFORM pg_notify('{CHANNEL}', 'i|' || NEW.user_id::text || '|' || NEW.token_key);
+        PERFORM pg_notify('{CHANNEL}', 'i|' || {new_user} || '|' || NEW.token_key);
     END IF;
     RETURN NULL;
 END $$;
@@ -246,7 +264,7 @@ END $$;
 CREATE OR REPLACE FUNCTION knoxgate_user_changed() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO {LOG_TABLE} (kind, user_id) VALUES ('u', OLD.{id}::text);
-    PERFORM pg_notify('{CHANNEL}', 'u|' || OLD.{id}::text || '|');
+    PERFORM pg_notify('{CHANNEL}', 'u|' || {old_id} || '|');
     RETURN NULL;
 END $$;
 

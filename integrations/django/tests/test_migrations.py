@@ -24,8 +24,8 @@ SQL_DIR = Path(knoxgate_django.__file__).resolve().parent / "sql"
 MIGRATIONS = sorted(p.stem for p in (SQL_DIR.parent / "migrations").glob("0*.py"))
 #: The newest migration and the SHA-256 of the install.sql it was written for. A database
 #: migrated with an earlier copy is brought up to date only by a migration that runs the SQL
-#: again: when install.sql changes, add one (as 0005) and record it here.
-NEWEST_MIGRATION = ("0005_watch_username_and_email", "3a138d1d04b1bb0baff6ee6f1c563bab9e57440794c77d65878ed36755cb4f2f")
+#: again: when install.sql changes, add one (as 0006) and record it here.
+NEWEST_MIGRATION = ("0006_escape_user_ids", "8cd32f176f6c12b4f9804ac832615b919b8cf584fac8535f8949109e584e66b7")
 PG = {
     "host": os.environ.get("KGDJ_PG_HOST", "127.0.0.1"),
     "port": int(os.environ.get("KGDJ_PG_PORT", "5432")),
@@ -149,7 +149,7 @@ def test_every_change_to_install_sql_has_a_migration_that_runs_it_again():
 
 @pytest.mark.django_db(transaction=True)
 def test_an_install_made_by_0003_from_an_earlier_sql_gets_the_mark_knoxgate_needs():
-    mark = "-- knoxgate token trigger: INSERTs and moved keys logged"
+    mark = "-- knoxgate token trigger: INSERTs and moved keys logged, user ids escaped"
     install = (SQL_DIR / "install.sql").read_text()
     assert mark in install
 
@@ -258,7 +258,7 @@ def test_an_install_whose_token_trigger_logs_no_inserts_is_brought_up_to_date(dj
         "INSERT INTO knoxgate_revocation_log (kind, user_id, token_key) "
         "VALUES ('i', NEW.user_id::text, NEW.token_key);"
     )
-    mark = "-- knoxgate token trigger: INSERTs and moved keys logged"
+    mark = "-- knoxgate token trigger: INSERTs and moved keys logged, user ids escaped"
     install = (SQL_DIR / "install.sql").read_text()
     assert log_insert in install and mark in install
     call_command("migrate", "knoxgate_django", "0002", verbosity=0)

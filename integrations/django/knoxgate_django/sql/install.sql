@@ -9,22 +9,22 @@ CREATE INDEX IF NOT EXISTS knoxgate_revocation_log_logged_at ON knoxgate_revocat
 
 CREATE OR REPLACE FUNCTION knoxgate_token_changed() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    -- knoxgate token trigger: INSERTs and moved keys logged
+    -- knoxgate token trigger: INSERTs and moved keys logged, user ids escaped
     IF TG_OP = 'INSERT' THEN
         -- Logged like a removal, so that a relay's replay brings back the INSERTs its stream
         -- missed and instances' key filters learn them without reloading.
         INSERT INTO knoxgate_revocation_log (kind, user_id, token_key) VALUES ('i', NEW.user_id::text, NEW.token_key);
-        PERFORM pg_notify('knoxgate', 'i|' || NEW.user_id::text || '|' || NEW.token_key);
+        PERFORM pg_notify('knoxgate', 'i|' || replace(replace(NEW.user_id::text, '%', '%25'), '|', '%7C') || '|' || NEW.token_key);
         RETURN NULL;
     END IF;
     INSERT INTO knoxgate_revocation_log (kind, user_id, token_key) VALUES ('t', OLD.user_id::text, OLD.token_key);
-    PERFORM pg_notify('knoxgate', 't|' || OLD.user_id::text || '|' || OLD.token_key);
+    PERFORM pg_notify('knoxgate', 't|' || replace(replace(OLD.user_id::text, '%', '%25'), '|', '%7C') || '|' || OLD.token_key);
     IF TG_OP = 'UPDATE' AND (NEW.token_key IS DISTINCT FROM OLD.token_key OR NEW.user_id IS DISTINCT FROM OLD.user_id) THEN
         INSERT INTO knoxgate_revocation_log (kind, user_id, token_key) VALUES ('t', NEW.user_id::text, NEW.token_key);
-        PERFORM pg_notify('knoxgate', 't|' || NEW.user_id::text || '|' || NEW.token_key);
+        PERFORM pg_notify('knoxgate', 't|' || replace(replace(NEW.user_id::text, '%', '%25'), '|', '%7C') || '|' || NEW.token_key);
         -- The row under its new key is, for key filters, a new token.
         INSERT INTO knoxgate_revocation_log (kind, user_id, token_key) VALUES ('i', NEW.user_id::text, NEW.token_key);
-        PERFORM pg_notify('knoxgate', 'i|' || NEW.user_id::text || '|' || NEW.token_key);
+        PERFORM pg_notify('knoxgate', 'i|' || replace(replace(NEW.user_id::text, '%', '%25'), '|', '%7C') || '|' || NEW.token_key);
     END IF;
     RETURN NULL;
 END $$;
@@ -32,7 +32,7 @@ END $$;
 CREATE OR REPLACE FUNCTION knoxgate_user_changed() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO knoxgate_revocation_log (kind, user_id) VALUES ('u', OLD.id::text);
-    PERFORM pg_notify('knoxgate', 'u|' || OLD.id::text || '|');
+    PERFORM pg_notify('knoxgate', 'u|' || replace(replace(OLD.id::text, '%', '%25'), '|', '%7C') || '|');
     RETURN NULL;
 END $$;
 
@@ -81,11 +81,11 @@ CREATE OR REPLACE FUNCTION knoxgate_membership_changed() RETURNS trigger LANGUAG
 BEGIN
     IF TG_OP <> 'INSERT' THEN
         INSERT INTO knoxgate_revocation_log (kind, user_id) VALUES ('u', OLD.user_id::text);
-        PERFORM pg_notify('knoxgate', 'u|' || OLD.user_id::text || '|');
+        PERFORM pg_notify('knoxgate', 'u|' || replace(replace(OLD.user_id::text, '%', '%25'), '|', '%7C') || '|');
     END IF;
     IF TG_OP <> 'DELETE' THEN
         INSERT INTO knoxgate_revocation_log (kind, user_id) VALUES ('u', NEW.user_id::text);
-        PERFORM pg_notify('knoxgate', 'u|' || NEW.user_id::text || '|');
+        PERFORM pg_notify('knoxgate', 'u|' || replace(replace(NEW.user_id::text, '%', '%25'), '|', '%7C') || '|');
     END IF;
     RETURN NULL;
 END $$;
@@ -98,7 +98,7 @@ BEGIN
     -- this covers renames, and deletes made with SQL while members remain.
     FOR member IN SELECT DISTINCT ug.user_id::text FROM auth_user_groups ug WHERE ug.group_id = OLD.id LOOP
         INSERT INTO knoxgate_revocation_log (kind, user_id) VALUES ('u', member);
-        PERFORM pg_notify('knoxgate', 'u|' || member || '|');
+        PERFORM pg_notify('knoxgate', 'u|' || replace(replace(member, '%', '%25'), '|', '%7C') || '|');
     END LOOP;
     RETURN NULL;
 END $$;
