@@ -348,6 +348,22 @@ async fn a_bad_assertion_key_or_setting_stops_startup_with_78() {
             ],
             "assertion.renew_before",
         ),
+        (
+            &[
+                ("KNOXGATE_ASSERTION_KEY_FILE", &good),
+                ("KNOXGATE_ASSERTION_AUDIENCE", "api"),
+                ("KNOXGATE_ASSERTION_RENEW_BEFORE", "0s"),
+            ],
+            "assertion.renew_before",
+        ),
+        (
+            &[
+                ("KNOXGATE_ASSERTION_KEY_FILE", &good),
+                ("KNOXGATE_ASSERTION_AUDIENCE", "api"),
+                ("KNOXGATE_ASSERTION_LIFETIME", "36500d"),
+            ],
+            "assertion.lifetime",
+        ),
     ];
     for (env, expected) in cases {
         let (code, stderr) = check_config(env);

@@ -104,6 +104,9 @@ struct Signed {
     row: usize,
     /// Unix time in milliseconds from which it is signed afresh.
     renew_at_ms: i64,
+    /// Its `iat`, in milliseconds: before it (the clock stepped back) it is not served, as its
+    /// verifiers would take it for one issued in the future.
+    issued_at_ms: i64,
     value: HeaderValue,
 }
 
@@ -211,7 +214,7 @@ impl Signer {
     ) -> Result<HeaderValue, SignError> {
         if let Some(kept) = &*slot.0.load()
             && kept.row == row
-            && now_ms < kept.renew_at_ms
+            && (kept.issued_at_ms..kept.renew_at_ms).contains(&now_ms)
         {
             return Ok(kept.value.clone());
         }
@@ -226,6 +229,7 @@ impl Signer {
         slot.0.store(Some(Arc::new(Signed {
             row,
             renew_at_ms,
+            issued_at_ms: now_ms.div_euclid(1000) * 1000,
             value: value.clone(),
         })));
         Ok(value)

@@ -325,6 +325,27 @@ fn a_kept_assertion_is_reused_until_renew_before_its_expiry() {
 }
 
 #[test]
+fn a_kept_assertion_is_not_served_before_its_iat_after_the_clock_steps_back() {
+    let s = signer(ED_A, &[]);
+    let slot = Slot::default();
+    let at = |now_ms| {
+        s.assertion(&slot, 0, &Subject::id("9"), None, now_ms, || {})
+            .unwrap()
+    };
+    // Signed while the clock was 10 minutes ahead, then asked again once it was put right.
+    let ahead = at(NOW_MS + 600_000);
+    let now = at(NOW_MS);
+    assert_ne!(
+        now, ahead,
+        "an assertion issued in the future is not served"
+    );
+    let seen = verify_with_jwks(s.jwks(), now.to_str().unwrap());
+    assert_eq!(seen.iat, NOW_MS / 1000);
+    // Within the second it was issued in, it is still that one.
+    assert_eq!(at(NOW_MS + 999), now);
+}
+
+#[test]
 fn the_attributes_sent_as_headers_are_signed_beside_the_id() {
     let s = signer(ED_A, &[]);
     let subject = Subject {

@@ -17,6 +17,13 @@ const DEFAULT_HEADER: &str = "X-Auth-Assertion";
 /// Short enough that a leaked assertion is soon worthless; long enough that a hot token is
 /// signed about once a minute.
 const DEFAULT_LIFETIME: Duration = Duration::from_secs(60);
+/// An assertion is a bearer credential the application believes without asking: one captured
+/// on the way is good for its whole lifetime, a revocation notwithstanding. An hour is far
+/// past any reason to keep one (knoxgate renews them as they near expiry).
+const MAX_LIFETIME: Duration = Duration::from_secs(3600);
+/// The least room left on an assertion handed to the application: one with less could lapse
+/// before the application checks it.
+const MIN_RENEW_BEFORE: Duration = Duration::from_secs(1);
 
 /// `[assertion]` as written in the file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -91,14 +98,21 @@ impl TryFrom<AssertionFile> for AssertionConfig {
                 "must be a whole number of seconds, at least 1s (JWT times are in seconds)",
             ));
         }
+        if lifetime > MAX_LIFETIME {
+            return Err(invalid(
+                "assertion.lifetime",
+                "must be at most 1h: a captured assertion is good for its whole lifetime, \
+                 whatever is revoked meanwhile",
+            ));
+        }
         let renew_before = match file.renew_before.trim() {
             "" => lifetime / 4,
             s => value::parse_duration("assertion.renew_before", s)?,
         };
-        if renew_before >= lifetime {
+        if renew_before >= lifetime || renew_before < MIN_RENEW_BEFORE {
             return Err(invalid(
                 "assertion.renew_before",
-                "must be shorter than assertion.lifetime",
+                "must be at least 1s and shorter than assertion.lifetime",
             ));
         }
         let key_id = Some(file.key_id.trim()).filter(|k| !k.is_empty());
