@@ -51,6 +51,7 @@ struct Claims {
     sub: String,
     iat: i64,
     exp: i64,
+    username: Option<String>,
 }
 
 /// Verifies `jws` as a relying party does: key by `kid` from `jwks`, audience, issuer, expiry.
@@ -375,4 +376,47 @@ async fn a_bad_assertion_key_or_setting_stops_startup_with_78() {
         ("KNOXGATE_ASSERTION_AUDIENCE", "api"),
     ]);
     assert_eq!(code, Some(0), "{stderr}");
+}
+
+/// A hit confirmed with Postgres (every hit in strict mode) that finds the row unchanged keeps
+/// the assertion signed for it: the application is not handed a new one, to verify anew, at
+/// every request. A row that changed gets a new one.
+#[tokio::test]
+async fn a_confirmed_hit_keeps_its_assertion_until_the_row_changes() {
+    let keys = tempfile::tempdir().unwrap();
+    let (key, _) = make_key(keys.path(), "active", "prime256v1");
+    let db = TestDb::migrated().await;
+    let s = TestServer::start(
+        &db,
+        &assertion_toml(
+            &key,
+            "[cache]\nconsistency = \"strict\"\n[verify]\nusername_header = \"X-Auth-Username\"",
+        ),
+    )
+    .await;
+    let t = user_with_token(&db, "carol").await;
+    let first = assertion_of(&s.verify(&t.token).await);
+    for _ in 0..19 {
+        assert_eq!(assertion_of(&s.verify(&t.token).await), first);
+    }
+    assert_eq!(s.metric("knoxgate_assertions_signed_total").await, 1.0);
+    db.client()
+        .await
+        .execute(
+            "UPDATE auth_user SET username = 'caroline' WHERE id = $1",
+            &[&t.user_id],
+        )
+        .await
+        .unwrap();
+    let renamed = eventually(Duration::from_secs(5), || async {
+        let r = s.verify(&t.token).await;
+        r.header("x-auth-username") == Some("caroline")
+    })
+    .await;
+    assert!(renamed.is_some(), "the new name never reached the answer");
+    let now = assertion_of(&s.verify(&t.token).await);
+    assert_ne!(now, first);
+    let seen = verified(&served_jwks(&s).await, &now);
+    assert_eq!(seen.username.as_deref(), Some("caroline"));
+    s.stop().await;
 }

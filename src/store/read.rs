@@ -99,7 +99,13 @@ impl Store {
                     .cloned()
                     .collect();
                 rows.extend(fresh);
+                // Confirmed as it was: the assertion kept for it still holds (otherwise every
+                // confirmed hit, as in strict mode, would be signed afresh).
+                let unchanged = rows == cached.rows;
                 let entry = self.entry(rows, cached.complete);
+                if unchanged {
+                    entry.assertion.keep_from(&cached.assertion);
+                }
                 self.remember_confirmed(key, entry.clone(), epoch);
                 Ok(Lookup { entry })
             }
