@@ -160,6 +160,12 @@ fn private_key(pem: &[u8]) -> Result<(Algorithm, EncodingKey, Jwk), String> {
     Err(errors.join("; "))
 }
 
+/// Whether `pem` is a SubjectPublicKeyInfo of a point on P-256.
+fn is_p256_public_key(pem: &[u8]) -> bool {
+    use p256::pkcs8::DecodePublicKey as _;
+    pem::parse(pem).is_ok_and(|doc| p256::PublicKey::from_public_key_der(doc.contents()).is_ok())
+}
+
 /// A public key from PEM (SubjectPublicKeyInfo), as a JWK without `kid`.
 fn public_key(pem: &[u8]) -> Result<(Algorithm, Jwk), String> {
     let mut errors = Vec::new();
@@ -170,12 +176,8 @@ fn public_key(pem: &[u8]) -> Result<(Algorithm, Jwk), String> {
         };
         match key.and_then(|k| Jwk::from_decoding_key(&k, Some(algorithm))) {
             Ok(jwk) => {
-                let on_p256 = match &jwk.algorithm {
-                    jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(p) => {
-                        p.curve == jsonwebtoken::jwk::EllipticCurve::P256
-                    }
-                    _ => true,
-                };
+                // jsonwebtoken labels any EC public key P-256: the key itself must say so.
+                let on_p256 = algorithm != Algorithm::ES256 || is_p256_public_key(pem);
                 if on_p256 {
                     return Ok((algorithm, jwk));
                 }

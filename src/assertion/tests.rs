@@ -40,6 +40,18 @@ MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEpAWqT6/bjW+tcWH+iV3KP5Vo/Wv4
 KTn8Z8fuD0MbLBB4nQCCDiS4twwyv8R/8X7/10YYMsQU82HdC+LeMhdZSw==
 -----END PUBLIC KEY-----
 ";
+/// Public keys on curves other than P-256 (secp256k1, P-384).
+const K1_PUBLIC: &str = "-----BEGIN PUBLIC KEY-----
+MFYwEAYHKoZIzj0CAQYFK4EEAAoDQgAEgUnJrDH3bCoHesGwP7IeSU5y7rWsEGhH
+jzZteHziBMbIzae8iqQMWeBTvt/Ae80BZZMRTqT8TBqGC64K8bQLbw==
+-----END PUBLIC KEY-----
+";
+const P384_PUBLIC: &str = "-----BEGIN PUBLIC KEY-----
+MHYwEAYHKoZIzj0CAQYFK4EEACIDYgAEO5Jk5pLJ0g60mapmBbYmjSphT7Mx84hj
+Pm98yJ5/meMkB94EFAgN25Ynl5Wkf/YmiE3mLM9Kx65Tz7Yq4mp6k5omaYjO3P/Y
+4YViMA99YHI1t8NnU5fYyEBaI/c4dDjY
+-----END PUBLIC KEY-----
+";
 const P384: &str = "-----BEGIN PRIVATE KEY-----
 MIG2AgEAMBAGByqGSM49AgEGBSuBBAAiBIGeMIGbAgEBBDB4CGMLO+5CVcLrPBzK
 boxWTVwfYrUh8+eWcUBkb9HEaHm+ZVwAFaHBj7Shw5z2jRehZANiAAQtPGzyoMw4
@@ -265,9 +277,10 @@ fn unusable_keys_are_refused_with_the_file_named() {
         assert!(e.contains(path(&f)), "{e}");
         assert!(e.contains("Ed25519 or P-256"), "{e}");
     }
-    for bad in [P384, "not a pem"] {
+    for bad in [P384, "not a pem", K1_PUBLIC, P384_PUBLIC] {
         let f = pem_file(bad);
-        assert!(load_published_key(path(&f)).is_err());
+        let e = load_published_key(path(&f)).unwrap_err().to_string();
+        assert!(e.contains(path(&f)), "{e}");
     }
     let e = load_signing_key("/nonexistent/key.pem", None)
         .unwrap_err()
