@@ -339,7 +339,7 @@ async fn a_bad_assertion_key_or_setting_stops_startup_with_78() {
                 ("KNOXGATE_ASSERTION_AUDIENCE", "api"),
                 ("KNOXGATE_ASSERTION_VERIFY_ONLY_KEY_FILES", &good_public),
             ],
-            "used by two keys",
+            "remove it from verify_only_key_files",
         ),
         (
             &[

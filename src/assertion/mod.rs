@@ -57,6 +57,11 @@ pub struct Settings {
 pub enum SignerError {
     #[error("key id `{0}` is used by two keys; every published key needs its own id")]
     DuplicateKid(String),
+    #[error(
+        "key `{0}` is listed twice: once signing (key_file) and once in verify_only_key_files; \
+         the signing key is published anyway, so remove it from verify_only_key_files"
+    )]
+    SigningKeyListed(String),
 }
 
 /// Whom an assertion names: the user id (`sub`) and, signed beside it, the attributes `[verify]`
@@ -138,11 +143,16 @@ impl Signer {
         let mut keys = vec![key.jwk.clone()];
         for jwk in published {
             let kid = jwk.common.key_id.clone().unwrap_or_default();
-            if keys
+            if let Some(same_id) = keys
                 .iter()
-                .any(|k| k.common.key_id.as_deref() == Some(&kid))
+                .find(|k| k.common.key_id.as_deref() == Some(&kid))
             {
-                return Err(SignerError::DuplicateKid(kid));
+                // The next key made active without taking it out of the verify-only list.
+                return Err(if same_id.algorithm == jwk.algorithm {
+                    SignerError::SigningKeyListed(kid)
+                } else {
+                    SignerError::DuplicateKid(kid)
+                });
             }
             keys.push(jwk);
         }

@@ -293,7 +293,19 @@ fn a_key_published_twice_is_refused() {
     let key = load_signing_key(path(&pem_file(ED_A)), None).unwrap();
     let same = load_published_key(path(&pem_file(ED_A_PUBLIC))).unwrap();
     let e = Signer::new(key, vec![same], settings(60, 15)).unwrap_err();
-    assert!(matches!(e, SignerError::DuplicateKid(_)));
+    assert!(matches!(e, SignerError::SigningKeyListed(_)), "{e}");
+    assert!(
+        e.to_string()
+            .contains("remove it from verify_only_key_files"),
+        "{e}"
+    );
+    // Two different keys under one configured id.
+    let key = load_signing_key(path(&pem_file(ED_A)), Some("k")).unwrap();
+    let other = signer(ED_B, &[]).jwks().keys[0].clone();
+    let mut other = other;
+    other.common.key_id = Some("k".into());
+    let e = Signer::new(key, vec![other], settings(60, 15)).unwrap_err();
+    assert!(matches!(e, SignerError::DuplicateKid(_)), "{e}");
 }
 
 #[test]
