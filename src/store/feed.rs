@@ -538,8 +538,8 @@ where
                             timeout = ?config.cache.feed_echo_timeout,
                             "change feed is deaf: its own NOTIFY, sent through the pool, did not come back on the \
                              listener connection within cache.feed_echo_timeout. Likely cause: postgres.feed_url \
-                             goes through PgBouncer in transaction mode (LISTEN needs a direct or session-pooled \
-                             connection). Confirming cached answers with postgres meanwhile"
+                             goes through PgBouncer in transaction mode (LISTEN needs a direct connection). \
+                             Confirming cached answers with postgres meanwhile"
                         );
                     }
                 }
