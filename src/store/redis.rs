@@ -754,9 +754,14 @@ impl RedisTier {
         let client = self.pool.with_options(&self.write_options);
         // Whether each user's entries have all gone so far.
         let mut whole = vec![true; users.len()];
-        let gave_up = |whole: &[bool]| {
-            let failed = users.iter().zip(whole).filter(|(_, ok)| !**ok);
-            (failed.map(|(user, _)| user).collect::<Vec<_>>(), false)
+        // The users some of whose entries may remain.
+        let not_whole = |whole: &[bool]| -> Vec<&'u String> {
+            users
+                .iter()
+                .zip(whole)
+                .filter(|(_, ok)| !**ok)
+                .map(|(user, _)| user)
+                .collect()
         };
 
         let indexes = join_all(
@@ -794,7 +799,7 @@ impl RedisTier {
                 for (i, _) in rounds.flatten() {
                     whole[*i] = false;
                 }
-                return gave_up(&whole);
+                return (not_whole(&whole), false);
             }
         }
 
@@ -812,8 +817,7 @@ impl RedisTier {
             }
         }
         let go_on = emptied.is_empty() || outcome.report(&self.breaker, emptied.len());
-        let (failed, _) = gave_up(&whole);
-        (failed, go_on)
+        (not_whole(&whole), go_on)
     }
 
     /// Closes the connections.
